@@ -1,0 +1,6 @@
+"""Low-rank data structures and their linear algebra (no optimization logic)."""
+
+from .lowrank import LowRankMatrix
+from .tt import TensorTrain, TTMatrix
+
+__all__ = ["LowRankMatrix", "TensorTrain", "TTMatrix"]

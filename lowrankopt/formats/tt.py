@@ -1,0 +1,467 @@
+"""Tensor trains (TT) and TT-matrices.
+
+A :class:`TensorTrain` of shape ``(n_1, ..., n_d)`` has cores ``G_k: (r_{k-1}, n_k, r_k)`` with
+``r_0 = r_d = 1``:
+
+    X[i_1, ..., i_d] = G_1[:, i_1, :] G_2[:, i_2, :] ⋯ G_d[:, i_d, :].
+
+``ranks`` are the d − 1 inner ranks ``(r_1, ..., r_{d-1})``. In costs below ``n = max n_k`` and
+``r = max r_k``. No operation forms the dense tensor except :meth:`TensorTrain.full` and
+:meth:`TensorTrain.from_dense`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .._checks import check_index, check_same, check_scalar, check_tensor
+
+
+def _rank_list(name: str, ranks, d: int) -> list[int]:
+    """Normalize an int or a length-(d-1) sequence of ints to a list of d - 1 inner ranks."""
+    if isinstance(ranks, int) and not isinstance(ranks, bool):
+        ranks = [ranks] * (d - 1)
+    ranks = list(ranks)
+    if len(ranks) != d - 1 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
+        raise ValueError(f"{name} must be a positive int or {d - 1} positive ints, got {ranks!r}")
+    return ranks
+
+
+def _trunc_rank(s: torch.Tensor, delta: float, max_rank: int | None) -> int:
+    """Smallest rank whose discarded tail of singular values ``s`` has 2-norm <= delta."""
+    tail = torch.flip(torch.cumsum(torch.flip(s**2, [0]), 0), [0])  # tail[j] = sum_{i >= j} s_i^2
+    keep = int((tail > delta**2).sum())  # tail is non-increasing
+    keep = max(keep, 1)
+    if max_rank is not None:
+        keep = min(keep, max_rank)
+    return min(keep, s.numel())
+
+
+def left_orthogonalize(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """QR sweep left to right: cores 1..d-1 get orthonormal left unfoldings (``(r_{k-1} n_k, r_k)``
+    with orthonormal columns); the last core carries the norm. Cost ``O(d n r³)``."""
+    cores = list(cores)
+    for k in range(len(cores) - 1):
+        a, n, b = cores[k].shape
+        Q, R = torch.linalg.qr(cores[k].reshape(a * n, b))
+        cores[k] = Q.reshape(a, n, Q.shape[1])
+        cores[k + 1] = torch.tensordot(R, cores[k + 1], dims=1)
+    return cores
+
+
+def right_orthogonalize(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """QR sweep right to left: cores 2..d get orthonormal right unfoldings (``(r_{k-1}, n_k r_k)``
+    with orthonormal rows); the first core carries the norm. Cost ``O(d n r³)``."""
+    cores = list(cores)
+    for k in range(len(cores) - 1, 0, -1):
+        a, n, b = cores[k].shape
+        Q, R = torch.linalg.qr(cores[k].reshape(a, n * b).T)
+        cores[k] = Q.T.reshape(Q.shape[1], n, b)
+        cores[k - 1] = torch.tensordot(cores[k - 1], R.T, dims=1)
+    return cores
+
+
+def _svd_truncate_right_to_left(cores: list[torch.Tensor], max_ranks, eps: float | None) -> list[torch.Tensor]:
+    """Truncated SVD sweep right to left over left-orthogonal cores; returns right-orthogonal cores.
+
+    ``eps=None`` keeps exactly ``max_ranks`` (as far as the core sizes allow).
+
+    With ``delta = eps ‖X‖ / sqrt(d - 1)`` per bond the result satisfies ‖X − X̃‖ <= eps ‖X‖ when
+    no ``max_ranks`` binds (Oseledets 2011, Thm 2.2).
+    """
+    d = len(cores)
+    if eps is not None:
+        delta = eps * float(torch.linalg.vector_norm(cores[-1].detach())) / math.sqrt(max(d - 1, 1))
+    for k in range(d - 1, 0, -1):
+        a, n, b = cores[k].shape
+        U, s, Vh = torch.linalg.svd(cores[k].reshape(a, n * b), full_matrices=False)
+        if eps is None:
+            r = min(max_ranks[k - 1], s.numel())
+        else:
+            r = _trunc_rank(s, delta, None if max_ranks is None else max_ranks[k - 1])
+        cores[k] = Vh[:r].reshape(r, n, b)
+        cores[k - 1] = torch.tensordot(cores[k - 1], U[:, :r] * s[:r], dims=1)
+    return cores
+
+
+class TensorTrain:
+    """A d-dimensional tensor in tensor-train format.
+
+    Args:
+        cores: sequence of d tensors, ``cores[k]: (r_{k-1}, n_k, r_k)`` with ``r_0 = r_d = 1``,
+            one dtype (float32/float64) and one device.
+
+    Storage ``O(d n r²)``. Objects are immutable: every operation returns a new one.
+    """
+
+    __slots__ = ("cores", "_cache")
+
+    def __init__(self, cores: Sequence[torch.Tensor]):
+        cores = list(cores)
+        if not cores:
+            raise ValueError("cores must be a non-empty sequence of 3-D tensors")
+        for k, c in enumerate(cores):
+            check_tensor(f"cores[{k}]", c, 3)
+        check_same("cores", cores)
+        if cores[0].shape[0] != 1 or cores[-1].shape[2] != 1:
+            raise ValueError("cores[0] must have shape (1, n_1, r_1) and cores[-1] shape (r_{d-1}, n_d, 1)")
+        for k in range(len(cores) - 1):
+            if cores[k].shape[2] != cores[k + 1].shape[0]:
+                raise ValueError(
+                    f"cores[{k}] has right rank {cores[k].shape[2]} but cores[{k + 1}] has left rank "
+                    f"{cores[k + 1].shape[0]}"
+                )
+        self._set(cores)
+
+    def _set(self, cores):
+        self.cores = cores
+        self._cache = {}
+
+    @classmethod
+    def _trusted(cls, cores: Sequence[torch.Tensor]) -> TensorTrain:
+        """Internal constructor without validation (cores produced by our own code)."""
+        obj = TensorTrain.__new__(TensorTrain)
+        obj._set(list(cores))
+        return obj
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_dense(cls, A: torch.Tensor, max_rank=None, eps: float | None = None) -> TensorTrain:
+        """TT-SVD of the dense tensor ``A`` (Oseledets 2011).
+
+        Args:
+            A: dense tensor of shape ``(n_1, ..., n_d)``.
+            max_rank: int or d − 1 ints capping the ranks, or None.
+            eps: relative accuracy; the result satisfies ``‖A − X‖ <= eps ‖A‖`` when ``max_rank``
+                does not bind. None (with ``max_rank`` None) keeps every nonzero singular value.
+
+        Cost: ``O(n^{d+1} r)`` dominated by the first SVD.
+        """
+        check_tensor("A", A)
+        if A.dim() < 1:
+            raise ValueError("A must have at least one dimension")
+        shape, d = tuple(A.shape), A.dim()
+        max_ranks = None if max_rank is None else _rank_list("max_rank", max_rank, d)
+        if eps is not None and not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+        eps = 0.0 if eps is None else float(eps)
+        delta = eps * float(torch.linalg.vector_norm(A)) / math.sqrt(max(d - 1, 1))
+        cores, C, r_prev = [], A, 1
+        for k in range(d - 1):
+            C = C.reshape(r_prev * shape[k], -1)
+            U, s, Vh = torch.linalg.svd(C, full_matrices=False)
+            if eps == 0.0 and max_ranks is None:
+                r = max(int((s > 0).sum()), 1)
+            else:
+                r = _trunc_rank(s, delta, None if max_ranks is None else max_ranks[k])
+            cores.append(U[:, :r].reshape(r_prev, shape[k], r))
+            C = s[:r, None] * Vh[:r]
+            r_prev = r
+        cores.append(C.reshape(r_prev, shape[-1], 1))
+        return cls._trusted(cores)
+
+    @classmethod
+    def random(
+        cls,
+        shape: Sequence[int],
+        ranks,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> TensorTrain:
+        """A TT with i.i.d. Gaussian cores scaled by ``1/sqrt(r_{k-1} n_k)`` (so entries are O(1)).
+
+        ``ranks`` is an int or d − 1 ints; ranks above what the shape allows are clipped.
+        Cost ``O(d n r²)``.
+        """
+        shape = [int(n) for n in shape]
+        if not shape or any(n < 1 for n in shape):
+            raise ValueError(f"shape must be a non-empty sequence of positive ints, got {shape!r}")
+        d = len(shape)
+        ranks = [1] + _rank_list("ranks", ranks, d) + [1]
+        for k in range(1, d):  # clip to the maximal ranks from both sides
+            ranks[k] = min(ranks[k], ranks[k - 1] * shape[k - 1])
+        for k in range(d - 1, 0, -1):
+            ranks[k] = min(ranks[k], ranks[k + 1] * shape[k])
+        gdev = generator.device if generator is not None else device
+        cores = [
+            torch.randn(ranks[k], shape[k], ranks[k + 1], dtype=dtype, device=gdev, generator=generator)
+            / math.sqrt(ranks[k] * shape[k])
+            for k in range(d)
+        ]
+        return cls._trusted([c.to(device) for c in cores])
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(c.shape[1] for c in self.cores)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.cores)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The d − 1 inner TT ranks ``(r_1, ..., r_{d-1})``."""
+        return tuple(c.shape[2] for c in self.cores[:-1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cores[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.cores[0].device
+
+    def to(self, *args, **kwargs) -> TensorTrain:
+        """Move/cast every core, as :meth:`torch.Tensor.to`."""
+        return TensorTrain._trusted([c.to(*args, **kwargs) for c in self.cores])
+
+    def __repr__(self) -> str:
+        return f"TensorTrain(shape={self.shape}, ranks={self.ranks}, dtype={self.dtype}, device={self.device})"
+
+    # ----------------------------------------------------------------- canonical forms
+    def orthogonalize(self, direction: str = "left") -> TensorTrain:
+        """Left- (cores 1..d-1 left-orthogonal) or right- (cores 2..d right-orthogonal) canonical form
+        of the same tensor. Cost ``O(d n r³)``."""
+        if direction == "left":
+            return TensorTrain._trusted(left_orthogonalize(self.cores))
+        if direction == "right":
+            return TensorTrain._trusted(right_orthogonalize(self.cores))
+        raise ValueError(f"direction must be 'left' or 'right', got {direction!r}")
+
+    def round(self, max_rank=None, eps: float | None = None) -> TensorTrain:
+        """TT-rounding: recompress to ranks <= ``max_rank`` and/or relative accuracy ``eps``.
+
+        ``‖X − round(X)‖ <= eps ‖X‖`` when ``max_rank`` does not bind; with only ``max_rank`` the
+        error is at most ``sqrt(d − 1)`` times the best approximation error. The result is
+        right-orthogonal. Cost ``O(d n R³)`` for input rank R.
+        """
+        if max_rank is None and eps is None:
+            raise ValueError("give max_rank, eps or both")
+        if eps is not None and not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+        max_ranks = None if max_rank is None else _rank_list("max_rank", max_rank, self.ndim)
+        cores = left_orthogonalize(self.cores)
+        return TensorTrain._trusted(_svd_truncate_right_to_left(cores, max_ranks, eps or 0.0))
+
+    # ----------------------------------------------------------------- evaluation
+    def full(self) -> torch.Tensor:
+        """The dense tensor of shape ``(n_1, ..., n_d)``. Cost ``O(n^d r)``; memory ``O(n^d)``."""
+        res = self.cores[0].reshape(-1, self.cores[0].shape[2])
+        for c in self.cores[1:]:
+            res = (res @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[2])
+        return res.reshape(self.shape)
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Entries at ``index: (N, d)`` (integers), returned as ``(N,)``. Cost ``O(N d r²)``."""
+        return self._gather(check_index("index", index, self.shape, self.device))
+
+    def _gather(self, index: torch.Tensor) -> torch.Tensor:
+        v = self.cores[0][0, index[:, 0], :]
+        for k in range(1, self.ndim):
+            v = torch.bmm(v.unsqueeze(1), self.cores[k].permute(1, 0, 2)[index[:, k]]).squeeze(1)
+        return v[:, 0]
+
+    # ----------------------------------------------------------------- linear algebra
+    def _check_compatible(self, other: TensorTrain) -> None:
+        if other.shape != self.shape:
+            raise ValueError(f"shape mismatch: {self.shape} and {other.shape}")
+        check_same("operands", (self.cores[0], other.cores[0]))
+
+    def inner(self, other: TensorTrain | torch.Tensor) -> torch.Tensor:
+        """Inner product ``<X, Y> = Σ X[i] Y[i]`` with a TensorTrain (cost ``O(d n r_X r_Y (r_X + r_Y))``)
+        or a dense tensor of the same shape (cost ``O(n^d r)``)."""
+        if isinstance(other, TensorTrain):
+            self._check_compatible(other)
+            M = self.cores[0].new_ones(1, 1)  # (rx, ry) interface of the contracted prefix
+            for a, b in zip(self.cores, other.cores):
+                M = torch.tensordot(torch.tensordot(M, a, dims=([0], [0])), b, dims=([0, 1], [0, 1]))
+            return M.reshape(())
+        if isinstance(other, torch.Tensor):
+            if tuple(other.shape) != self.shape:
+                raise ValueError(f"other must have shape {self.shape}, got {tuple(other.shape)}")
+            check_same("operands", (self.cores[0], other))
+            v = other.reshape(1, -1)  # (r_{k-1}, n_k ... n_d)
+            for c in self.cores:
+                a, n, b = c.shape
+                v = c.reshape(a * n, b).T @ v.reshape(a * n, -1)
+            return v.reshape(())
+        raise TypeError(f"other must be a TensorTrain or a tensor, got {type(other).__name__}")
+
+    def norm(self) -> torch.Tensor:
+        """Frobenius norm ``sqrt(<X, X>)`` (no QR, cheap to differentiate). Cost ``O(d n r³)``."""
+        return self.inner(self).clamp_min(0).sqrt()
+
+    def __add__(self, other: TensorTrain) -> TensorTrain:
+        """Sum with ranks ``r_X + r_Y`` (no recompression). Cost ``O(d n (r_X + r_Y)²)``."""
+        if not isinstance(other, TensorTrain):
+            return NotImplemented
+        self._check_compatible(other)
+        a, b = self.cores, other.cores
+        if self.ndim == 1:
+            return TensorTrain._trusted([a[0] + b[0]])
+        cores = [torch.cat([a[0], b[0]], 2)]
+        for x, y in zip(a[1:-1], b[1:-1]):
+            top = torch.cat([x, x.new_zeros(x.shape[0], x.shape[1], y.shape[2])], 2)
+            bottom = torch.cat([y.new_zeros(y.shape[0], y.shape[1], x.shape[2]), y], 2)
+            cores.append(torch.cat([top, bottom], 0))
+        cores.append(torch.cat([a[-1], b[-1]], 0))
+        return TensorTrain._trusted(cores)
+
+    def __neg__(self) -> TensorTrain:
+        return TensorTrain._trusted([-self.cores[0]] + list(self.cores[1:]))
+
+    def __sub__(self, other: TensorTrain) -> TensorTrain:
+        if not isinstance(other, TensorTrain):
+            return NotImplemented
+        return self + (-other)
+
+    def __mul__(self, other) -> TensorTrain:
+        """Scalar multiple (cost ``O(n r²)``) or elementwise (Hadamard) product with a TensorTrain,
+        ranks ``r_X r_Y`` (cost ``O(d n r_X² r_Y²)``)."""
+        if isinstance(other, TensorTrain):
+            self._check_compatible(other)
+            cores = []
+            for x, y in zip(self.cores, other.cores):
+                a, n, b = x.shape
+                c, _, e = y.shape
+                cores.append(torch.einsum("aib,cie->acibe", x, y).reshape(a * c, n, b * e))
+            return TensorTrain._trusted(cores)
+        alpha = check_scalar("alpha", other)
+        return TensorTrain._trusted([self.cores[0] * alpha] + list(self.cores[1:]))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, alpha) -> TensorTrain:
+        return self * (1.0 / check_scalar("alpha", alpha))
+
+
+class TTMatrix:
+    """A linear operator ``(Π n_k) → (Π m_k)`` in TT-matrix format.
+
+    Args:
+        cores: d tensors ``cores[k]: (r_{k-1}, m_k, n_k, r_k)``, ``r_0 = r_d = 1``.
+
+    Row index ``(i_1..i_d)`` and column index ``(j_1..j_d)`` are flattened row-major.
+    """
+
+    __slots__ = ("cores",)
+
+    def __init__(self, cores: Sequence[torch.Tensor]):
+        cores = list(cores)
+        if not cores:
+            raise ValueError("cores must be a non-empty sequence of 4-D tensors")
+        for k, c in enumerate(cores):
+            check_tensor(f"cores[{k}]", c, 4)
+        check_same("cores", cores)
+        if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
+            raise ValueError("cores[0] must have shape (1, m_1, n_1, r_1) and cores[-1] (r_{d-1}, m_d, n_d, 1)")
+        for k in range(len(cores) - 1):
+            if cores[k].shape[3] != cores[k + 1].shape[0]:
+                raise ValueError(f"cores[{k}] and cores[{k + 1}] have mismatched ranks")
+        self.cores = cores
+
+    @classmethod
+    def _trusted(cls, cores) -> TTMatrix:
+        obj = cls.__new__(cls)
+        obj.cores = list(cores)
+        return obj
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return tuple(c.shape[1] for c in self.cores)
+
+    @property
+    def col_shape(self) -> tuple[int, ...]:
+        return tuple(c.shape[2] for c in self.cores)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (math.prod(self.row_shape), math.prod(self.col_shape))
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(c.shape[3] for c in self.cores[:-1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cores[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.cores[0].device
+
+    def to(self, *args, **kwargs) -> TTMatrix:
+        return TTMatrix._trusted([c.to(*args, **kwargs) for c in self.cores])
+
+    def __repr__(self) -> str:
+        return f"TTMatrix(row_shape={self.row_shape}, col_shape={self.col_shape}, ranks={self.ranks})"
+
+    @classmethod
+    def from_dense(cls, A: torch.Tensor, row_shape: Sequence[int], col_shape: Sequence[int],
+                   max_rank=None, eps: float | None = None) -> TTMatrix:
+        """TT-SVD of the dense ``(Π m_k, Π n_k)`` matrix ``A`` with modes ``(m_k, n_k)`` merged.
+        Same accuracy guarantee as :meth:`TensorTrain.from_dense`. Cost ``O((mn)^{d+1} r)``."""
+        check_tensor("A", A, 2)
+        row_shape, col_shape = [int(m) for m in row_shape], [int(n) for n in col_shape]
+        d = len(row_shape)
+        if len(col_shape) != d or tuple(A.shape) != (math.prod(row_shape), math.prod(col_shape)):
+            raise ValueError(f"A of shape {tuple(A.shape)} does not match row_shape {row_shape} and col_shape {col_shape}")
+        T = A.reshape(row_shape + col_shape)
+        T = T.permute([p for k in range(d) for p in (k, d + k)]).reshape([m * n for m, n in zip(row_shape, col_shape)])
+        tt = TensorTrain.from_dense(T, max_rank=max_rank, eps=eps)
+        return cls._trusted([c.reshape(c.shape[0], m, n, c.shape[2]) for c, m, n in zip(tt.cores, row_shape, col_shape)])
+
+    @classmethod
+    def random(cls, row_shape, col_shape, ranks, *, dtype=torch.float64, device=None, generator=None) -> TTMatrix:
+        """Gaussian cores scaled by ``1/sqrt(r_{k-1} n_k)``. Cost ``O(d m n r²)``."""
+        merged = [int(m) * int(n) for m, n in zip(row_shape, col_shape)]
+        tt = TensorTrain.random(merged, ranks, dtype=dtype, device=device, generator=generator)
+        return cls._trusted([c.reshape(c.shape[0], m, n, c.shape[2]) * math.sqrt(m)
+                             for c, m, n in zip(tt.cores, row_shape, col_shape)])
+
+    def full(self) -> torch.Tensor:
+        """The dense ``(Π m_k, Π n_k)`` matrix. Cost ``O((mn)^d r)``."""
+        d = len(self.cores)
+        merged = TensorTrain._trusted([c.reshape(c.shape[0], -1, c.shape[3]) for c in self.cores]).full()
+        T = merged.reshape([s for c in self.cores for s in c.shape[1:3]])
+        T = T.permute([2 * k for k in range(d)] + [2 * k + 1 for k in range(d)])
+        return T.reshape(self.shape)
+
+    def matvec(self, X: torch.Tensor) -> torch.Tensor:
+        """``A`` applied to each row of the dense batch ``X: (B, Π n_k)``, giving ``(B, Π m_k)``.
+
+        Cost ``O(B Σ_k m_1⋯m_k n_k⋯n_d r²)`` (``O(B d N r² max(m, n))`` for square modes, N = Π n_k).
+        """
+        check_tensor("X", X, 2, finite=False)
+        check_same("A and X", (self.cores[0], X))
+        if X.shape[1] != self.shape[1]:
+            raise ValueError(f"X must have shape (B, {self.shape[1]}), got {tuple(X.shape)}")
+        B = X.shape[0]
+        T = X.reshape(B, 1, self.col_shape[0], -1)  # (P, r_{k-1}, n_k, rest)
+        for k, c in enumerate(self.cores):
+            T = torch.einsum("pajq,aijb->pibq", T, c)  # (P, m_k, r_k, rest)
+            P, m, b, q = T.shape
+            nxt = self.col_shape[k + 1] if k + 1 < len(self.cores) else 1
+            T = T.reshape(P * m, b, nxt, q // nxt)
+        return T.reshape(B, -1)
+
+    def __matmul__(self, X: TensorTrain) -> TensorTrain:
+        """``A X`` for a TensorTrain X of shape ``col_shape``: a TT of ranks ``r_A r_X``.
+        Cost ``O(d m n r_A² r_X²)``."""
+        if not isinstance(X, TensorTrain):
+            return NotImplemented
+        if X.shape != self.col_shape:
+            raise ValueError(f"X must have shape {self.col_shape}, got {X.shape}")
+        check_same("A and X", (self.cores[0], X.cores[0]))
+        cores = []
+        for a, x in zip(self.cores, X.cores):
+            ra, m, _, rb = a.shape
+            rc, _, re = x.shape
+            cores.append(torch.einsum("aijb,cje->acibe", a, x).reshape(ra * rc, m, rb * re))
+        return TensorTrain._trusted(cores)

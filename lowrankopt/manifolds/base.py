@@ -1,0 +1,150 @@
+"""What the fixed-rank and fixed-TT-rank manifolds share: tangent-space arithmetic in δ-coordinates
+and the δ-gradient engine (differentiate f at a point through an object linear in δ with detached
+frames; see DESIGN.md, "The delta trick")."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from .tangent import TangentVector
+
+
+def grad_or_zeros(out: torch.Tensor, inputs, create_graph: bool = False, grad_outputs=None) -> list[torch.Tensor]:
+    """torch.autograd.grad that returns zeros for inputs ``out`` does not depend on."""
+    if out.requires_grad:
+        grads = torch.autograd.grad(out, inputs, grad_outputs=grad_outputs, create_graph=create_graph,
+                                    allow_unused=True)
+    else:
+        grads = [None] * len(inputs)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+
+
+def check_scalar_output(val) -> torch.Tensor:
+    if not isinstance(val, torch.Tensor) or val.numel() != 1:
+        raise TypeError(f"f must return a scalar tensor, got {type(val).__name__}"
+                        + (f" of shape {tuple(val.shape)}" if isinstance(val, torch.Tensor) else ""))
+    return val.reshape(())
+
+
+class LowRankManifold(ABC):
+    """Base class: a manifold of fixed-rank objects with δ-coordinate tangent vectors."""
+
+    # ------------------------------------------------------------------ subclass hooks
+    @abstractmethod
+    def _check_point(self, x, name: str = "x") -> None: ...
+
+    @abstractmethod
+    def _coord_shapes(self, x) -> list[tuple[int, ...]]: ...
+
+    @abstractmethod
+    def _gauge(self, x, coords) -> list[torch.Tensor]:
+        """Orthogonal projection of raw coordinates onto the gauge (horizontal) subspace."""
+
+    @abstractmethod
+    def _linearization(self, x, deltas):
+        """The object ``x + T_x(δ)`` (frames detached) on which f is differentiated."""
+
+    @abstractmethod
+    def _second_fundamental(self, x, xi: TangentVector, deltas):
+        """Objects ``(x + Y(η), Y(η))`` with ``Y(η) = D²φ[W(ξ), W(η)]`` (see autodiff.py)."""
+
+    @abstractmethod
+    def to_ambient(self, x, v: TangentVector): ...
+
+    @abstractmethod
+    def retr(self, x, v: TangentVector): ...
+
+    @property
+    @abstractmethod
+    def dim(self) -> int: ...
+
+    def _key(self):
+        return (type(self).__name__,) + tuple(self._dims())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, LowRankManifold) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    # ------------------------------------------------------------------ tangent vectors
+    def _check_tangent(self, x, v, name: str = "v") -> None:
+        if not isinstance(v, TangentVector):
+            raise TypeError(f"{name} must be a TangentVector, got {type(v).__name__}")
+        if v.base is not x:
+            raise ValueError(f"{name} is not a tangent vector at this point x (its base point is another object)")
+
+    def tangent(self, x, coords) -> TangentVector:
+        """The tangent vector with the given raw coordinates after the gauge projection.
+
+        ``coords`` must have the shapes of :meth:`zero_tangent`'s coordinates. Cost ``O(dim · r)``.
+        """
+        self._check_point(x)
+        shapes = self._coord_shapes(x)
+        coords = list(coords)
+        if len(coords) != len(shapes) or any(tuple(c.shape) != s for c, s in zip(coords, shapes)):
+            raise ValueError(f"coords must have shapes {shapes}, got {[tuple(c.shape) for c in coords]}")
+        return TangentVector(self, x, self._gauge(x, coords))
+
+    def zero_tangent(self, x) -> TangentVector:
+        """The zero vector of T_x. Cost ``O(dim)``."""
+        self._check_point(x)
+        return TangentVector(self, x, [torch.zeros(s, dtype=x.dtype, device=x.device) for s in self._coord_shapes(x)])
+
+    def random_tangent(self, x, generator: torch.Generator | None = None) -> TangentVector:
+        """A unit-norm tangent vector with Gaussian (isotropic in T_x) direction. Cost ``O(dim · r)``."""
+        self._check_point(x)
+        gdev = generator.device if generator is not None else x.device
+        raw = [torch.randn(s, dtype=x.dtype, device=gdev, generator=generator).to(x.device)
+               for s in self._coord_shapes(x)]
+        v = TangentVector(self, x, self._gauge(x, raw))
+        return v / v.norm()
+
+    def inner(self, x, u: TangentVector, v: TangentVector) -> torch.Tensor:
+        """Riemannian (Euclidean, induced) inner product; the δ-coordinates are orthonormal so this is
+        the coordinate dot product. Cost ``O(dim)``."""
+        self._check_tangent(x, u, "u")
+        self._check_tangent(x, v, "v")
+        return u.inner(v)
+
+    def norm(self, x, u: TangentVector) -> torch.Tensor:
+        self._check_tangent(x, u, "u")
+        return u.norm()
+
+    # ------------------------------------------------------------------ δ-gradients
+    def _zero_deltas(self, x) -> list[torch.Tensor]:
+        return [torch.zeros(s, dtype=x.dtype, device=x.device, requires_grad=True) for s in self._coord_shapes(x)]
+
+    def _delta_grad(self, x, f, create_graph: bool = False):
+        """``(f(x), ∂f(x + T_x(δ))/∂δ at δ = 0, δ)`` — the raw (un-gauged) δ-gradient."""
+        deltas = self._zero_deltas(x)
+        with torch.enable_grad():
+            val = check_scalar_output(f(self._linearization(x, deltas)))
+            grads = grad_or_zeros(val, deltas, create_graph=create_graph)
+        return val, grads, deltas
+
+    def proj(self, x, z) -> TangentVector:
+        """Orthogonal projection of ``z`` onto T_x.
+
+        ``z`` may be a dense tensor of the ambient shape (cost ``O(N r)``, N = its number of
+        entries), a LowRankMatrix / TensorTrain of rank ``r_z`` (cost ``O((m + n) r r_z)`` /
+        ``O(d n r r_z (r + r_z))``, never densified), or a TangentVector (transported by projection).
+        Computed as the gauged δ-gradient of the linear function ``<z, ·>``.
+        """
+        self._check_point(x)
+        if isinstance(z, TangentVector):
+            return z if z.base is x else self.proj(x, z.manifold.to_ambient(z.base, z))
+        self._check_ambient(z)
+        _, grads, _ = self._delta_grad(x, lambda Y: Y.inner(z))
+        return TangentVector(self, x, self._gauge(x, [g.detach() for g in grads]))
+
+    def transp(self, x, y, v: TangentVector) -> TangentVector:
+        """Vector transport from T_x to T_y by orthogonal projection of the ambient vector."""
+        self._check_tangent(x, v)
+        self._check_point(y, "y")
+        return self.proj(y, self.to_ambient(x, v))
+
+    @abstractmethod
+    def _check_ambient(self, z) -> None: ...

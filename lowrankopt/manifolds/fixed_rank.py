@@ -1,0 +1,115 @@
+"""The manifold of m × n matrices of rank exactly r, embedded in ℝ^{m×n}."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_tensor
+from ..formats.delta import DeltaLowRank, MatrixFamily
+from ..formats.lowrank import LowRankMatrix
+from .base import LowRankManifold
+from .tangent import TangentVector
+
+
+class FixedRankMatrices(LowRankManifold):
+    """Matrices of shape ``(m, n)`` and rank ``rank``; points are :class:`LowRankMatrix` objects.
+
+    Tangent vectors at ``x = U S Vᵀ`` (``U``, ``V`` orthonormal, computed once per point and cached)
+    are ``ξ = A Vᵀ + U Bᵀ`` with ``A: (m, r)`` free and ``B: (n, r)``, ``Vᵀ B = 0``. In Manopt's
+    terms ``M = Uᵀ A``, ``Up = A − U M``, ``Vp = B``. ``dim = (m + n − r) r``.
+    """
+
+    def __init__(self, m: int, n: int, rank: int):
+        for name, val in (("m", m), ("n", n), ("rank", rank)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if rank > min(m, n):
+            raise ValueError(f"rank must be <= min(m, n) = {min(m, n)}, got {rank}")
+        self.m, self.n, self.rank = m, n, rank
+
+    def _dims(self):
+        return (self.m, self.n, self.rank)
+
+    def __repr__(self) -> str:
+        return f"FixedRankMatrices(m={self.m}, n={self.n}, rank={self.rank})"
+
+    @property
+    def dim(self) -> int:
+        return (self.m + self.n - self.rank) * self.rank
+
+    # ------------------------------------------------------------------ points
+    def _check_point(self, x, name: str = "x") -> None:
+        if not isinstance(x, LowRankMatrix):
+            raise TypeError(f"{name} must be a LowRankMatrix, got {type(x).__name__}")
+        if x.shape != (self.m, self.n) or x.rank != self.rank:
+            raise ValueError(f"{name} must have shape ({self.m}, {self.n}) and rank {self.rank}, "
+                             f"got shape {x.shape} and rank {x.rank}")
+
+    def _check_ambient(self, z) -> None:
+        if isinstance(z, LowRankMatrix):
+            shape = z.shape
+        elif isinstance(z, torch.Tensor):
+            check_tensor("z", z)
+            shape = tuple(z.shape)
+        else:
+            raise TypeError(f"z must be a tensor, LowRankMatrix or TangentVector, got {type(z).__name__}")
+        if shape != (self.m, self.n):
+            raise ValueError(f"z must have shape ({self.m}, {self.n}), got {shape}")
+
+    def frames(self, x):
+        """``(U, S, V)`` with orthonormal U, V and ``x = U S Vᵀ``; cached on x. Cost ``O((m + n) r²)``."""
+        self._check_point(x)
+        if "frames" not in x._cache:
+            with torch.no_grad():
+                Qu, Ru = torch.linalg.qr(x.U.detach())
+                Qv, Rv = torch.linalg.qr(x.V.detach())
+                x._cache["frames"] = (Qu, Ru @ x.S.detach() @ Rv.T, Qv)
+        return x._cache["frames"]
+
+    def random_point(self, *, dtype=torch.float64, device=None, generator=None) -> LowRankMatrix:
+        """See :meth:`LowRankMatrix.random`. Cost ``O((m + n) r²)``."""
+        return LowRankMatrix.random(self.m, self.n, self.rank, dtype=dtype, device=device, generator=generator)
+
+    # ------------------------------------------------------------------ tangent space
+    def _coord_shapes(self, x):
+        return [(self.m, self.rank), (self.n, self.rank)]
+
+    def _gauge(self, x, coords):
+        _, _, V = self.frames(x)
+        A, B = coords
+        return [A, B - V @ (V.T @ B)]
+
+    def _linearization(self, x, deltas):
+        U, S, V = self.frames(x)
+        return DeltaLowRank(deltas[0], deltas[1], [MatrixFamily(P=V, Q=U, A0=U @ S)])
+
+    def _second_fundamental(self, x, xi, deltas):
+        # Chart φ(A, B) = (US + A)(V + B S⁻ᵀ)ᵀ: D²φ[ξ, η] = A_η S⁻¹ B_ξᵀ + A_ξ S⁻¹ B_ηᵀ.
+        _, S, _ = self.frames(x)
+        A, B = (c.detach() for c in xi.coords)
+        fam = MatrixFamily(P=torch.linalg.solve(S.T, B, left=False), Q=torch.linalg.solve(S, A, left=False))
+        return DeltaLowRank(deltas[0], deltas[1], [fam], base=x), DeltaLowRank(deltas[0], deltas[1], [fam])
+
+    def to_ambient(self, x, v: TangentVector) -> LowRankMatrix:
+        """ξ = [A U] [V B]ᵀ as a rank-2r LowRankMatrix. Cost ``O((m + n) r)``."""
+        self._check_tangent(x, v)
+        U, _, V = self.frames(x)
+        A, B = v.coords
+        eye = torch.eye(2 * self.rank, dtype=A.dtype, device=A.device)
+        return LowRankMatrix._trusted(torch.cat([A, U], 1), eye, torch.cat([V, B], 1))
+
+    def retr(self, x, v: TangentVector) -> LowRankMatrix:
+        """Metric projection retraction: the best rank-r approximation of ``x + ξ``.
+
+        ``x + ξ = [US + A, U] [V, B]ᵀ``; thin QRs of both ``(·, 2r)`` factors and the SVD of the
+        ``2r × 2r`` core give it in ``O((m + n) r² + r³)``. Second order. The result has orthonormal
+        factors and a diagonal, non-increasing S.
+        """
+        self._check_tangent(x, v)
+        U, S, V = self.frames(x)
+        A, B = v.coords
+        Ql, Rl = torch.linalg.qr(torch.cat([U @ S + A, U], 1))
+        Qr, Rr = torch.linalg.qr(torch.cat([V, B], 1))
+        Uk, s, Vkh = torch.linalg.svd(Rl @ Rr.T)
+        r = self.rank
+        return LowRankMatrix._trusted(Ql @ Uk[:, :r], torch.diag(s[:r]), Qr @ Vkh[:r].T)
