@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .index_plan import IndexPlan
 from .lowrank import LowRankMatrix
 from .tt import TensorTrain
 
@@ -201,45 +202,34 @@ class DeltaTT(TensorTrain):
         return _DeltaTTGather.apply(self, index, *self.deltas)
 
 
-def _gathered(core: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-    """core[:, i, :] as (N, a, b)."""
-    return core.permute(1, 0, 2)[i]
-
-
-def _left_interfaces(fam: TTFamily, index, dtype, upto: int | None = None) -> list[torch.Tensor]:
-    """ℓ_k E_k for k = 0..upto (default d−1), each (N, r_{k-1})."""
-    d, N = index.shape[1], index.shape[0]
-    v = torch.ones(N, 1, dtype=dtype, device=index.device)
+def _left_interfaces(fam: TTFamily, plan: IndexPlan, d: int, dtype, upto: int | None = None):
+    """ℓ_k E_k for k = 0..upto (default d−1), each (N, r_{k-1}) in arrangement k."""
+    v = torch.ones(plan.N, 1, dtype=dtype, device=plan.order[0].device)
     out = []
     for k in range(d if upto is None else upto + 1):
         if k > 0:
-            v = torch.bmm(v.unsqueeze(1), _gathered(fam.left[k - 1], index[:, k - 1])).squeeze(1)
+            v = plan.to_next(plan.times_core(v, fam.left[k - 1], k - 1), k - 1)
         out.append(v if fam.E[k] is None else v @ fam.E[k])
     return out
 
 
-def _right_interfaces(fam: TTFamily, index, dtype) -> list[torch.Tensor]:
-    """ρ_k F_k for k = 0..d−1, each (N, r_k)."""
-    d, N = index.shape[1], index.shape[0]
-    v = torch.ones(N, 1, dtype=dtype, device=index.device)
+def _right_interfaces(fam: TTFamily, plan: IndexPlan, d: int, dtype):
+    """ρ_k F_k for k = 0..d−1, each (N, r_k) in arrangement k."""
+    v = torch.ones(plan.N, 1, dtype=dtype, device=plan.order[0].device)
     out = [None] * d
     for k in range(d - 1, -1, -1):
         if k < d - 1:
-            v = torch.bmm(_gathered(fam.right[k + 1], index[:, k + 1]), v.unsqueeze(2)).squeeze(2)
+            v = plan.to_prev(plan.core_times(fam.right[k + 1], v, k + 1), k + 1)
         out[k] = v if fam.F[k] is None else v @ fam.F[k]
     return out
-
-
-def _contract(left, core, right, i):
-    """Σ_ab left[n, a] core[a, i_n, b] right[n, b]."""
-    return (torch.bmm(left.unsqueeze(1), _gathered(core, i)).squeeze(1) * right).sum(-1)
 
 
 class _DeltaTTGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, obj: DeltaTT, index, *deltas):
-        ctx.obj, ctx.index, ctx.cache = obj, index, {}
         d = len(deltas)
+        plan = IndexPlan(index, obj.shape)
+        ctx.obj, ctx.plan, ctx.cache = obj, plan, {}
         val = obj.base._gather(index) if obj.base is not None else deltas[0].new_zeros(index.shape[0])
         for f, fam in enumerate(obj.families):
             ks = [k for k in range(d) if fam.offsets[k] is not None or not obj.zero]
@@ -247,35 +237,32 @@ class _DeltaTTGather(torch.autograd.Function):
                 continue
             right = _DeltaTTGather._side(ctx, f, "right")
             if ks == [0]:  # the gradient at δ = 0: only the offset at k = 0 (the point) contributes
-                left = _left_interfaces(fam, index, deltas[0].dtype, upto=0)
+                left = _left_interfaces(fam, plan, d, deltas[0].dtype, upto=0)
             else:
                 left = _DeltaTTGather._side(ctx, f, "left")
             for k in ks:
                 D = deltas[k] if fam.offsets[k] is None else (fam.offsets[k] if obj.zero else fam.offsets[k] + deltas[k])
-                val = val + _contract(left[k], D, right[k], index[:, k])
+                val = val + plan.to_natural((plan.times_core(left[k], D, k) * right[k]).sum(-1), k)
         return val
 
     @staticmethod
     def _side(ctx, f, side):
         key = (f, side)
         if key not in ctx.cache:
-            fam, index = ctx.obj.families[f], ctx.index
-            dtype = ctx.obj.deltas[0].dtype
-            ctx.cache[key] = (_left_interfaces(fam, index, dtype) if side == "left"
-                              else _right_interfaces(fam, index, dtype))
+            fam, obj = ctx.obj.families[f], ctx.obj
+            fn = _left_interfaces if side == "left" else _right_interfaces
+            ctx.cache[key] = fn(fam, ctx.plan, obj.ndim, obj.dtype)
         return ctx.cache[key]
 
     @staticmethod
     def backward(ctx, g):
         # Differentiable in g (no once_differentiable), so double backward gives the HVP.
-        obj, index = ctx.obj, ctx.index
-        grads = [None] * len(obj.deltas)
+        obj, plan = ctx.obj, ctx.plan
+        grads = [None] * obj.ndim
         for f in range(len(obj.families)):
             left = _DeltaTTGather._side(ctx, f, "left")
             right = _DeltaTTGather._side(ctx, f, "right")
             for k, delta in enumerate(obj.deltas):
-                outer = (g[:, None] * left[k])[:, :, None] * right[k][:, None, :]  # (N, r_{k-1}, r_k)
-                gk = delta.new_zeros(delta.shape[1], delta.shape[0], delta.shape[2])
-                gk = gk.index_add(0, index[:, k], outer).permute(1, 0, 2)
+                gk = plan.outer_sum(left[k], plan.from_natural(g, k)[:, None] * right[k], k, delta.shape[1])
                 grads[k] = gk if grads[k] is None else grads[k] + gk
         return (None, None, *grads)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from .._checks import check_index, check_same, check_scalar, check_tensor
+from .index_plan import IndexPlan
 
 
 def _rank_list(name: str, ranks, d: int) -> list[int]:
@@ -262,10 +263,13 @@ class TensorTrain:
         return self._gather(check_index("index", index, self.shape, self.device))
 
     def _gather(self, index: torch.Tensor) -> torch.Tensor:
-        v = self.cores[0][0, index[:, 0], :]
-        for k in range(1, self.ndim):
-            v = torch.bmm(v.unsqueeze(1), self.cores[k].permute(1, 0, 2)[index[:, k]]).squeeze(1)
-        return v[:, 0]
+        plan = IndexPlan(index, self.shape)
+        v = self.cores[0].new_ones(index.shape[0], 1)
+        for k, core in enumerate(self.cores):
+            if k:
+                v = plan.to_next(v, k - 1)
+            v = plan.times_core(v, core, k)
+        return plan.to_natural(v[:, 0], self.ndim - 1)
 
     # ----------------------------------------------------------------- linear algebra
     def _check_compatible(self, other: TensorTrain) -> None:

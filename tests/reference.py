@@ -1,0 +1,68 @@
+"""Independent dense references for the tests (never built from the code under test's internals)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def dense_tangent_projector(factor_fn, params) -> torch.Tensor:
+    """Orthogonal projector onto the range of d full(params) / d params (the tangent space of the
+    manifold of the parametrization at this point), from a dense Jacobian and an SVD."""
+    sizes = [p.numel() for p in params]
+
+    def full(flat):
+        parts = torch.split(flat, sizes)
+        return factor_fn([q.reshape(p.shape) for q, p in zip(parts, params)]).reshape(-1)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    J = torch.autograd.functional.jacobian(full, flat, vectorize=True)
+    U, s, _ = torch.linalg.svd(J, full_matrices=False)
+    rank = int((s > s[0] * 1e-10).sum())
+    Q = U[:, :rank]
+    return Q @ Q.T
+
+
+def tt_full(cores) -> torch.Tensor:
+    """Dense tensor from TT cores by explicit contraction (independent of TensorTrain.full)."""
+    res = cores[0]
+    for c in cores[1:]:
+        res = torch.tensordot(res, c, dims=([res.dim() - 1], [0]))
+    return res.squeeze(0).squeeze(-1)
+
+
+def tt_projector(x) -> torch.Tensor:
+    return dense_tangent_projector(tt_full, list(x.cores))
+
+
+def matrix_projector(X: torch.Tensor, rank: int) -> torch.Tensor:
+    """P Z = UUᵀZ + ZVVᵀ − UUᵀZVVᵀ as a dense (mn × mn) matrix, U, V from a dense SVD of X."""
+    U, _, Vh = torch.linalg.svd(X)
+    Pu, Pv = U[:, :rank] @ U[:, :rank].T, Vh[:rank].T @ Vh[:rank]
+    m, n = X.shape
+    Im, In = torch.eye(m, dtype=X.dtype), torch.eye(n, dtype=X.dtype)
+    # vec(A Z B) = (A ⊗ Bᵀ) vec(Z) for row-major vec
+    return torch.kron(Pu, In) + torch.kron(Im, Pv) - torch.kron(Pu, Pv)
+
+
+def dense_grad(f_dense, X: torch.Tensor) -> torch.Tensor:
+    X = X.detach().clone().requires_grad_(True)
+    (G,) = torch.autograd.grad(f_dense(X), X)
+    return G
+
+
+def dense_hvp(f_dense, X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    return torch.autograd.functional.hvp(f_dense, X.detach(), V)[1]
+
+
+def loglog_slope(ts, errs) -> float:
+    """Least-squares slope of log(err) against log(t)."""
+    lt = torch.tensor([math.log(t) for t in ts], dtype=torch.float64)
+    le = torch.tensor([math.log(max(e, 1e-300)) for e in errs], dtype=torch.float64)
+    lt, le = lt - lt.mean(), le - le.mean()
+    return float((lt * le).sum() / (lt * lt).sum())
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))

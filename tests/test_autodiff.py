@@ -1,0 +1,231 @@
+"""Riemannian gradient and Hessian against dense references written here."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import dense_grad, dense_hvp, loglog_slope, matrix_projector, rel, tt_projector
+
+from lowrankopt import (
+    FixedRankMatrices,
+    FixedTTRank,
+    TensorTrain,
+    TTMatrix,
+    riemannian_grad,
+    riemannian_grad_and_hvp,
+    riemannian_hvp,
+)
+
+DT = torch.float64
+MSHAPE, MRANK = (7, 6), 2
+TSHAPE, TRANKS = (3, 4, 3, 4), (2, 3, 2)
+
+
+def matrix_problems(g):
+    m, n = MSHAPE
+    rows, cols = torch.randint(0, m, (40,), generator=g), torch.randint(0, n, (40,), generator=g)
+    vals = torch.randn(40, dtype=DT, generator=g)
+    A = torch.randn(m, m, dtype=DT, generator=g)
+    A = A + A.T
+    a, b = torch.randn(5, m, dtype=DT, generator=g), torch.randn(5, n, dtype=DT, generator=g)
+    y = torch.sign(torch.randn(5, dtype=DT, generator=g))
+    return {
+        # name: (f on the format, the same f on a dense matrix)
+        "completion": (lambda X: 0.5 * ((X.gather(rows, cols) - vals) ** 2).sum(),
+                       lambda X: 0.5 * ((X[rows, cols] - vals) ** 2).sum()),
+        "xAx": (lambda X: X.inner(A @ X), lambda X: (X * (A @ X)).sum()),
+        "sin": (lambda X: torch.sin(2 * X.gather(rows, cols)).sum(), lambda X: torch.sin(2 * X[rows, cols]).sum()),
+        "logistic": (lambda X: F.softplus(-y * ((a @ X) * b).sum(1)).sum(),
+                     lambda X: F.softplus(-y * ((a @ X) * b).sum(1)).sum()),
+        "norm4": (lambda X: X.norm() ** 4, lambda X: torch.linalg.matrix_norm(X) ** 4),
+    }
+
+
+def tt_problems(g):
+    idx = torch.stack([torch.randint(0, n, (60,), generator=g) for n in TSHAPE], 1)
+    vals = torch.randn(60, dtype=DT, generator=g)
+    A = TTMatrix.random(TSHAPE, TSHAPE, 2, generator=g)
+    Ad = A.full()
+    ws = [TensorTrain.random(TSHAPE, 1, generator=g) for _ in range(3)]
+    wd = [w.full() for w in ws]
+    y = torch.tensor([1.0, -1.0, 1.0], dtype=DT)
+
+    def sel(X):
+        return X[tuple(idx.T)]
+
+    return {
+        "completion": (lambda X: 0.5 * ((X.gather(idx) - vals) ** 2).sum(), lambda X: 0.5 * ((sel(X) - vals) ** 2).sum()),
+        "xAx": (lambda X: (A @ X).inner(X), lambda X: X.reshape(-1) @ Ad @ X.reshape(-1)),
+        "sin": (lambda X: torch.sin(3 * X.gather(idx)).sum(), lambda X: torch.sin(3 * sel(X)).sum()),
+        "logistic": (lambda X: F.softplus(-y * torch.stack([X.inner(w) for w in ws]) * 4).sum(),
+                     lambda X: F.softplus(-y * torch.stack([(X * w).sum() for w in wd]) * 4).sum()),
+        "hadamard": (lambda X: (X * X).inner(X * X), lambda X: (X**4).sum()),
+    }
+
+
+def setup(kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "matrix":
+        M = FixedRankMatrices(*MSHAPE, MRANK)
+        x = M.random_point(generator=g)
+        return M, x, lambda: matrix_projector(x.full(), MRANK), matrix_problems(g), g
+    M = FixedTTRank(TSHAPE, TRANKS)
+    x = TensorTrain.random(TSHAPE, list(TRANKS), generator=g)
+    return M, x, lambda: tt_projector(x), tt_problems(g), g
+
+
+CASES = [("matrix", p) for p in matrix_problems(torch.Generator().manual_seed(0))] + [
+    ("tt", p) for p in tt_problems(torch.Generator().manual_seed(0))
+]
+
+
+@pytest.mark.parametrize("kind,name", CASES)
+def test_grad_equals_projected_dense_gradient(kind, name):
+    M, x, P, probs, _ = setup(kind)
+    f, f_dense = probs[name]
+    X = x.full()
+    val, grad = riemannian_grad(f, x, check_invariance=True)
+    assert torch.isclose(val, f_dense(X), rtol=1e-12)
+    ref = P() @ dense_grad(f_dense, X).reshape(-1)
+    assert rel(grad.to_ambient().full().reshape(-1), ref) < 1e-12
+
+
+@pytest.mark.parametrize("kind,name", CASES)
+def test_hvp_without_curvature_equals_dense_projected_hessian(kind, name):
+    M, x, P, probs, g = setup(kind)
+    f, f_dense = probs[name]
+    xi = M.random_tangent(x, generator=g)
+    h = riemannian_hvp(f, x, xi, curvature=False)
+    Xi = xi.to_ambient().full()
+    ref = P() @ dense_hvp(f_dense, x.full(), Xi).reshape(-1)
+    assert rel(h.to_ambient().full().reshape(-1), ref) < 1e-11
+
+
+def dense_projector(kind, y):
+    return matrix_projector(y.full(), MRANK) if kind == "matrix" else tt_projector(y)
+
+
+@pytest.mark.parametrize("kind,name", [("matrix", "completion"), ("matrix", "logistic"), ("tt", "completion"),
+                                       ("tt", "xAx"), ("tt", "sin")])
+def test_exact_hessian_equals_dense_weingarten_formula(kind, name):
+    """Hess f[ξ] = P ∇²f ξ + P (D_ξ P)[∇f], with D_ξ P by central differences of the dense projector."""
+    M, x, P, probs, g = setup(kind)
+    f, f_dense = probs[name]
+    xi = M.random_tangent(x, generator=g)
+    t = 1e-5
+    dP = (dense_projector(kind, M.retr(x, xi * t)) - dense_projector(kind, M.retr(x, xi * -t))) / (2 * t)
+    G = dense_grad(f_dense, x.full()).reshape(-1)
+    Xi = xi.to_ambient().full()
+    P = P()
+    ref = P @ dense_hvp(f_dense, x.full(), Xi).reshape(-1) + P @ (dP @ G)
+    h = riemannian_hvp(f, x, xi, curvature=True)
+    assert rel(h.to_ambient().full().reshape(-1), ref) < 1e-7
+
+
+@pytest.mark.parametrize("kind,name", CASES)
+def test_hvp_taylor_slope_three_along_retraction(kind, name):
+    M, x, _, probs, g = setup(kind, seed=1)
+    f, _ = probs[name]
+    xi = M.random_tangent(x, generator=g)
+    val, grad, h = riemannian_grad_and_hvp(f, x, xi)
+    gx, hx = float(grad.inner(xi)), float(h.inner(xi))
+    ts = [10 ** (-1.5 - 0.25 * k) for k in range(6)]
+    errs = [abs(float(f(M.retr(x, xi * t))) - float(val) - t * gx - 0.5 * t * t * hx) for t in ts]
+    assert loglog_slope(ts, errs) > 2.8
+
+
+def test_taylor_test_detects_a_missing_curvature_term():
+    """The slope test is discriminative: away from critical points P∇²fP alone gives slope 2."""
+    M, x, _, probs, g = setup("tt", seed=1)
+    f, _ = probs["sin"]
+    xi = M.random_tangent(x, generator=g)
+    val, grad, h = riemannian_grad_and_hvp(f, x, xi, curvature=False)
+    ts = [10 ** (-1.5 - 0.25 * k) for k in range(6)]
+    errs = [abs(float(f(M.retr(x, xi * t))) - float(val) - t * float(grad.inner(xi)) - 0.5 * t * t * float(h.inner(xi)))
+            for t in ts]
+    assert loglog_slope(ts, errs) < 2.3
+
+
+@pytest.mark.parametrize("kind", ["matrix", "tt"])
+@pytest.mark.parametrize("curvature", [True, False])
+def test_hvp_is_symmetric_and_linear(kind, curvature):
+    M, x, _, probs, g = setup(kind, seed=2)
+    f, _ = probs["sin"]
+    u, v = M.random_tangent(x, generator=g), M.random_tangent(x, generator=g)
+    Hu = riemannian_hvp(f, x, u, curvature=curvature)
+    Hv = riemannian_hvp(f, x, v, curvature=curvature)
+    scale = float(Hu.norm()) + float(Hv.norm())
+    assert abs(float(Hu.inner(v) - u.inner(Hv))) < 1e-12 * scale
+    Hw = riemannian_hvp(f, x, 2.0 * u - 3.0 * v, curvature=curvature)
+    lin = 2.0 * Hu - 3.0 * Hv
+    assert float((Hw - lin).norm()) < 1e-12 * float(lin.norm())
+
+
+def test_linear_function_has_zero_projected_hessian():
+    M, x, _, _, g = setup("tt")
+    w = TensorTrain.random(TSHAPE, 2, generator=g)
+    xi = M.random_tangent(x, generator=g)
+    assert float(riemannian_hvp(lambda X: X.inner(w), x, xi, curvature=False).norm()) == 0.0
+    assert float(riemannian_hvp(lambda X: X.inner(w), x, xi, curvature=True).norm()) > 0  # curvature remains
+
+
+@pytest.mark.parametrize("kind", ["matrix", "tt"])
+def test_representation_dependence_is_detected(kind):
+    M, x, _, probs, _ = setup(kind)
+
+    def bad(X):
+        return X.U.sum() if kind == "matrix" else sum(c.sum() for c in X.cores)
+
+    with pytest.raises(ValueError, match="not a function of the tensor alone"):
+        riemannian_grad(bad, x, check_invariance=True)
+    riemannian_grad(probs["completion"][0], x, check_invariance=True)  # a proper f passes
+
+
+def completion_on(kind, x, g):
+    """A completion loss whose data follow x's dtype and device."""
+    shape = x.shape
+    idx = torch.stack([torch.randint(0, n, (50,), generator=g) for n in shape], 1).to(x.device)
+    vals = torch.randn(50, dtype=DT, generator=g).to(device=x.device, dtype=x.dtype)
+    if kind == "matrix":
+        return lambda X: 0.5 * ((X.gather(idx[:, 0], idx[:, 1]) - vals) ** 2).sum()
+    return lambda X: 0.5 * ((X.gather(idx) - vals) ** 2).sum()
+
+
+@pytest.mark.parametrize("kind", ["matrix", "tt"])
+def test_float32_agrees_with_float64(kind):
+    M, x, _, _, g = setup(kind)
+    f64 = completion_on(kind, x, torch.Generator().manual_seed(9))
+    f32 = completion_on(kind, x.to(torch.float32), torch.Generator().manual_seed(9))
+    _, g64 = riemannian_grad(f64, x)
+    x32 = x.to(torch.float32)
+    _, g32 = riemannian_grad(f32, x32)
+    xi32 = M.random_tangent(x32, generator=g)
+    xi64 = M.proj(x, xi32.to_ambient().to(DT))
+    h64 = riemannian_hvp(f64, x, xi64)
+    h32 = riemannian_hvp(f32, x32, xi32)
+    assert g32.dtype == torch.float32 and h32.dtype == torch.float32
+    assert rel(g32.to_ambient().full().double(), g64.to_ambient().full()) < 1e-4
+    assert rel(h32.to_ambient().full().double(), h64.to_ambient().full()) < 1e-3
+
+
+def test_f_must_return_a_scalar():
+    M, x, _, _, _ = setup("tt")
+    with pytest.raises(TypeError, match="scalar"):
+        riemannian_grad(lambda X: X.gather(torch.zeros(3, 4, dtype=torch.long)), x)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["matrix", "tt"])
+def test_cuda_matches_cpu(kind):
+    M, x, _, _, g = setup(kind)
+    f_cpu = completion_on(kind, x, torch.Generator().manual_seed(4))
+    xc = x.to("cuda")
+    f_cuda = completion_on(kind, xc, torch.Generator().manual_seed(4))
+    xi = M.random_tangent(x, generator=g)
+    xic = M.proj(xc, xi.to_ambient().to("cuda"))
+    val, grad, h = riemannian_grad_and_hvp(f_cpu, x, xi)
+    valc, gradc, hc = riemannian_grad_and_hvp(f_cuda, xc, xic)
+    assert gradc.device.type == "cuda" and hc.device.type == "cuda"
+    assert torch.isclose(valc.cpu(), val, rtol=1e-12)
+    assert rel(gradc.to_ambient().full().cpu(), grad.to_ambient().full()) < 1e-11
+    assert rel(hc.to_ambient().full().cpu(), h.to_ambient().full()) < 1e-10

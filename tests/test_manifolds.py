@@ -1,0 +1,169 @@
+"""Manifold geometry against dense references (projector from an SVD / a dense Jacobian)."""
+
+import pytest
+import torch
+from reference import loglog_slope, matrix_projector, rel, tt_full, tt_projector
+
+from lowrankopt import FixedRankMatrices, FixedTTRank, LowRankMatrix, TensorTrain
+
+DT = torch.float64
+
+
+def make(kind, g):
+    if kind == "matrix":
+        M = FixedRankMatrices(7, 5, 2)
+        x = M.random_point(generator=g)
+        return M, x, matrix_projector(x.full(), 2), (7, 5)
+    M = FixedTTRank((3, 4, 2, 3), (2, 3, 2))
+    x = TensorTrain.random(M.shape, list(M.ranks), generator=g)  # a generic (non-canonical) representation
+    return M, x, tt_projector(x), M.shape
+
+
+KINDS = ["matrix", "tt"]
+
+
+@pytest.fixture
+def g():
+    return torch.Generator().manual_seed(3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dim_matches_dense_tangent_space(kind, g):
+    M, x, P, _ = make(kind, g)
+    assert M.dim == round(float(torch.trace(P)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_proj_of_dense_equals_dense_projector(kind, g):
+    M, x, P, shape = make(kind, g)
+    Z = torch.randn(shape, dtype=DT, generator=g)
+    v = M.proj(x, Z)
+    assert rel(v.to_ambient().full().reshape(-1), P @ Z.reshape(-1)) < 1e-12
+    # idempotent, self-adjoint (in the ambient inner product)
+    assert rel(M.proj(x, v.to_ambient()).to_ambient().full(), v.to_ambient().full()) < 1e-12
+    W = torch.randn(shape, dtype=DT, generator=g)
+    assert torch.isclose((v.to_ambient().full() * W).sum(), (Z * M.proj(x, W).to_ambient().full()).sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_proj_of_formatted_input_equals_dense(kind, g):
+    M, x, P, shape = make(kind, g)
+    if kind == "matrix":
+        z = LowRankMatrix.random(*shape, 3, generator=g)
+    else:
+        z = TensorTrain.random(shape, 3, generator=g)
+    assert rel(M.proj(x, z).to_ambient().full().reshape(-1), P @ z.full().reshape(-1)) < 1e-12
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_coordinates_are_orthonormal(kind, g):
+    M, x, P, _ = make(kind, g)
+    u, v = M.random_tangent(x, generator=g), M.random_tangent(x, generator=g)
+    U, V = u.to_ambient().full(), v.to_ambient().full()
+    assert torch.isclose(M.inner(x, u, v), (U * V).sum(), rtol=1e-12)
+    assert torch.isclose(M.norm(x, u), torch.tensor(1.0, dtype=DT), rtol=1e-13)
+    assert rel(P @ U.reshape(-1), U.reshape(-1)) < 1e-12  # to_ambient lies in the tangent space
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tangent_arithmetic(kind, g):
+    M, x, _, _ = make(kind, g)
+    u, v = M.random_tangent(x, generator=g), M.random_tangent(x, generator=g)
+    U, V = u.to_ambient().full(), v.to_ambient().full()
+    assert torch.allclose((u + v).to_ambient().full(), U + V, atol=1e-13)
+    assert torch.allclose((u - 2 * v).to_ambient().full(), U - 2 * V, atol=1e-13)
+    assert torch.allclose((-u / 4).to_ambient().full(), -U / 4, atol=1e-13)
+    assert float(M.zero_tangent(x).norm()) == 0.0
+    y = M.random_point(generator=g)
+    w = M.random_tangent(y, generator=g)
+    with pytest.raises(ValueError, match="different base points"):
+        u + w
+    with pytest.raises(ValueError, match="not a tangent vector at this point"):
+        M.inner(x, u, w)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_retraction_is_second_order_and_keeps_ranks(kind, g):
+    M, x, P, shape = make(kind, g)
+    xi = M.random_tangent(x, generator=g)
+    X, Xi = x.full(), xi.to_ambient().full()
+    ts = [1e-1 / 2**k for k in range(5)]
+    first, tangential = [], []
+    for t in ts:
+        y = M.retr(x, xi * t)
+        Y = y.full()
+        if kind == "matrix":
+            assert y.rank == 2 and torch.linalg.matrix_rank(Y) == 2
+        else:
+            assert y.ranks == M.ranks
+            for k in range(1, len(shape)):  # exact TT ranks: ranks of the dense unfoldings
+                unf = Y.reshape(int(torch.tensor(shape[:k]).prod()), -1)
+                assert torch.linalg.matrix_rank(unf) == M.ranks[k - 1]
+        D = (Y - X - t * Xi).reshape(-1)
+        first.append(float(D.norm()))
+        tangential.append(float((P @ D).norm()))
+    assert loglog_slope(ts, first) > 1.8  # a retraction: R(tξ) = x + tξ + O(t²)
+    assert loglog_slope(ts, tangential) > 2.8  # second order: the t² term is normal
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_transport_lands_in_new_tangent_space(kind, g):
+    M, x, _, _ = make(kind, g)
+    xi = M.random_tangent(x, generator=g)
+    y = M.retr(x, xi * 0.3)
+    w = M.transp(x, y, xi)
+    assert w.base is y
+    Py = matrix_projector(y.full(), 2) if kind == "matrix" else tt_projector(y)
+    assert rel(w.to_ambient().full().reshape(-1), Py @ xi.to_ambient().full().reshape(-1)) < 1e-11
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_random_is_reproducible(kind):
+    M, x, _, _ = make(kind, torch.Generator().manual_seed(1))
+    a = M.random_tangent(x, generator=torch.Generator().manual_seed(7))
+    b = M.random_tangent(x, generator=torch.Generator().manual_seed(7))
+    assert all(torch.equal(p, q) for p, q in zip(a.coords, b.coords))
+
+
+def test_tangent_from_coords_applies_the_gauge(g):
+    M, x, P, shape = make("tt", g)
+    raw = [torch.randn(c.shape, dtype=DT, generator=g) for c in M.zero_tangent(x).coords]
+    v = M.tangent(x, raw)
+    again = M.tangent(x, v.coords)
+    assert all(torch.allclose(a, b, atol=1e-14) for a, b in zip(v.coords, again.coords))
+
+
+def test_float32_geometry():
+    g = torch.Generator().manual_seed(0)
+    M = FixedTTRank((4, 5, 4), (3, 3))
+    x = M.random_point(dtype=torch.float32, generator=g)
+    xi = M.random_tangent(x, generator=g)
+    y = M.retr(x, xi * 0.1)
+    assert y.dtype == torch.float32 and y.ranks == (3, 3)
+    assert abs(float(xi.norm()) - 1) < 1e-5
+
+
+def test_bad_input_raises(g):
+    with pytest.raises(ValueError, match="rank must be <="):
+        FixedRankMatrices(3, 4, 5)
+    with pytest.raises(ValueError, match="positive int"):
+        FixedRankMatrices(3, 4, 0)
+    with pytest.raises(ValueError, match=r"ranks\[0\] = 5 is not attainable"):
+        FixedTTRank((2, 3, 4), (5, 2))
+    with pytest.raises(ValueError, match=r"ranks\[0\] = 4 is not attainable"):
+        FixedTTRank((3, 1, 3), (4, 2))  # r_1 <= min(3, 3) fails, and r_1 > n_2 r_2
+    with pytest.raises(ValueError, match="2 positive ints"):
+        FixedTTRank((2, 3, 4), (2,))
+    M = FixedTTRank((3, 4, 3), (2, 2))
+    with pytest.raises(ValueError, match="x must have shape"):
+        M.random_tangent(TensorTrain.random((3, 4, 3), (2, 3), generator=g))
+    with pytest.raises(TypeError, match="x must be a TensorTrain"):
+        M.zero_tangent(LowRankMatrix.random(3, 4, 2))
+    x = M.random_point(generator=g)
+    with pytest.raises(ValueError, match="z must have shape"):
+        M.proj(x, torch.randn(3, 3, 3, dtype=DT))
+    with pytest.raises(ValueError, match="z contains NaN"):
+        M.proj(x, torch.full((3, 4, 3), float("nan"), dtype=DT))
+    with pytest.raises(ValueError, match="coords must have shapes"):
+        M.tangent(x, [torch.zeros(2, dtype=DT)])
+    assert tt_full(x.cores).shape == (3, 4, 3)
