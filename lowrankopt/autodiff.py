@@ -122,8 +122,9 @@ def _weingarten(M: LowRankManifold, f: Callable, x, xi: TangentVector, grad: Tan
     return M._gauge(x, [t.detach() for t in w])
 
 
-def riemannian_grad_and_hvp(f: Callable, x, v: TangentVector, *, curvature: bool = True,
-                            manifold: LowRankManifold | None = None):
+def riemannian_grad_and_hvp(
+    f: Callable, x, v: TangentVector, *, curvature: bool = True, manifold: LowRankManifold | None = None
+):
     """``(f(x), grad f(x), Hess f(x)[v])`` from one forward and a double backward pass; see
     :func:`riemannian_hvp`."""
     M = _resolve(x, manifold if manifold is not None else (v.manifold if isinstance(v, TangentVector) else None))
@@ -139,8 +140,9 @@ def riemannian_grad_and_hvp(f: Callable, x, v: TangentVector, *, curvature: bool
     return val.detach(), grad, TangentVector(M, x, coords)
 
 
-def riemannian_hvp(f: Callable, x, v: TangentVector, *, curvature: bool = True,
-                   manifold: LowRankManifold | None = None) -> TangentVector:
+def riemannian_hvp(
+    f: Callable, x, v: TangentVector, *, curvature: bool = True, manifold: LowRankManifold | None = None
+) -> TangentVector:
     """Riemannian Hessian of ``f`` at ``x`` applied to the tangent vector ``v``.
 
     ``curvature=True`` (default) gives the exact Riemannian Hessian ``P_x ∇²f(x) P_x v`` plus the

@@ -30,12 +30,16 @@ def matrix_problems(g):
     y = torch.sign(torch.randn(5, dtype=DT, generator=g))
     return {
         # name: (f on the format, the same f on a dense matrix)
-        "completion": (lambda X: 0.5 * ((X.gather(rows, cols) - vals) ** 2).sum(),
-                       lambda X: 0.5 * ((X[rows, cols] - vals) ** 2).sum()),
+        "completion": (
+            lambda X: 0.5 * ((X.gather(rows, cols) - vals) ** 2).sum(),
+            lambda X: 0.5 * ((X[rows, cols] - vals) ** 2).sum(),
+        ),
         "xAx": (lambda X: X.inner(A @ X), lambda X: (X * (A @ X)).sum()),
         "sin": (lambda X: torch.sin(2 * X.gather(rows, cols)).sum(), lambda X: torch.sin(2 * X[rows, cols]).sum()),
-        "logistic": (lambda X: F.softplus(-y * ((a @ X) * b).sum(1)).sum(),
-                     lambda X: F.softplus(-y * ((a @ X) * b).sum(1)).sum()),
+        "logistic": (
+            lambda X: F.softplus(-y * ((a @ X) * b).sum(1)).sum(),
+            lambda X: F.softplus(-y * ((a @ X) * b).sum(1)).sum(),
+        ),
         "norm4": (lambda X: X.norm() ** 4, lambda X: torch.linalg.matrix_norm(X) ** 4),
     }
 
@@ -53,11 +57,16 @@ def tt_problems(g):
         return X[tuple(idx.T)]
 
     return {
-        "completion": (lambda X: 0.5 * ((X.gather(idx) - vals) ** 2).sum(), lambda X: 0.5 * ((sel(X) - vals) ** 2).sum()),
+        "completion": (
+            lambda X: 0.5 * ((X.gather(idx) - vals) ** 2).sum(),
+            lambda X: 0.5 * ((sel(X) - vals) ** 2).sum(),
+        ),
         "xAx": (lambda X: (A @ X).inner(X), lambda X: X.reshape(-1) @ Ad @ X.reshape(-1)),
         "sin": (lambda X: torch.sin(3 * X.gather(idx)).sum(), lambda X: torch.sin(3 * sel(X)).sum()),
-        "logistic": (lambda X: F.softplus(-y * torch.stack([X.inner(w) for w in ws]) * 4).sum(),
-                     lambda X: F.softplus(-y * torch.stack([(X * w).sum() for w in wd]) * 4).sum()),
+        "logistic": (
+            lambda X: F.softplus(-y * torch.stack([X.inner(w) for w in ws]) * 4).sum(),
+            lambda X: F.softplus(-y * torch.stack([(X * w).sum() for w in wd]) * 4).sum(),
+        ),
         "hadamard": (lambda X: (X * X).inner(X * X), lambda X: (X**4).sum()),
     }
 
@@ -104,8 +113,9 @@ def dense_projector(kind, y):
     return matrix_projector(y.full(), MRANK) if kind == "matrix" else tt_projector(y)
 
 
-@pytest.mark.parametrize("kind,name", [("matrix", "completion"), ("matrix", "logistic"), ("tt", "completion"),
-                                       ("tt", "xAx"), ("tt", "sin")])
+@pytest.mark.parametrize(
+    "kind,name", [("matrix", "completion"), ("matrix", "logistic"), ("tt", "completion"), ("tt", "xAx"), ("tt", "sin")]
+)
 def test_exact_hessian_equals_dense_weingarten_formula(kind, name):
     """Hess f[ξ] = P ∇²f ξ + P (D_ξ P)[∇f], with D_ξ P by central differences of the dense projector."""
     M, x, P, probs, g = setup(kind)
@@ -140,8 +150,10 @@ def test_taylor_test_detects_a_missing_curvature_term():
     xi = M.random_tangent(x, generator=g)
     val, grad, h = riemannian_grad_and_hvp(f, x, xi, curvature=False)
     ts = [10 ** (-1.5 - 0.25 * k) for k in range(6)]
-    errs = [abs(float(f(M.retr(x, xi * t))) - float(val) - t * float(grad.inner(xi)) - 0.5 * t * t * float(h.inner(xi)))
-            for t in ts]
+    errs = [
+        abs(float(f(M.retr(x, xi * t))) - float(val) - t * float(grad.inner(xi)) - 0.5 * t * t * float(h.inner(xi)))
+        for t in ts
+    ]
     assert loglog_slope(ts, errs) < 2.3
 
 

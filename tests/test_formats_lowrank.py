@@ -30,10 +30,16 @@ def test_random_has_exact_rank_and_is_reproducible():
 
 
 def test_operations_match_dense(g):
-    X = LowRankMatrix(torch.randn(8, 3, dtype=DT, generator=g), torch.randn(3, 3, dtype=DT, generator=g),
-                      torch.randn(6, 3, dtype=DT, generator=g))
-    Y = LowRankMatrix(torch.randn(8, 2, dtype=DT, generator=g), torch.randn(2, dtype=DT, generator=g),
-                      torch.randn(6, 2, dtype=DT, generator=g))
+    X = LowRankMatrix(
+        torch.randn(8, 3, dtype=DT, generator=g),
+        torch.randn(3, 3, dtype=DT, generator=g),
+        torch.randn(6, 3, dtype=DT, generator=g),
+    )
+    Y = LowRankMatrix(
+        torch.randn(8, 2, dtype=DT, generator=g),
+        torch.randn(2, dtype=DT, generator=g),
+        torch.randn(6, 2, dtype=DT, generator=g),
+    )
     Xd, Yd = X.full(), Y.full()
     assert torch.allclose(Xd, X.U @ X.S @ X.V.T)
     rows, cols = torch.randint(0, 8, (20,), generator=g), torch.randint(0, 6, (20,), generator=g)

@@ -91,7 +91,9 @@ def test_tt_svd_meets_its_error_bounds(g):
     assert list(x.ranks) == r
     bound = math.sqrt(sum(unfolding_tail(A, k + 1, rk) ** 2 for k, rk in enumerate(r)))
     assert float(torch.linalg.vector_norm(A - x.full())) <= bound * (1 + 1e-10)
-    assert float(torch.linalg.vector_norm(A - x.full())) >= max(unfolding_tail(A, k + 1, rk) for k, rk in enumerate(r)) * (1 - 1e-10)
+    assert float(torch.linalg.vector_norm(A - x.full())) >= max(
+        unfolding_tail(A, k + 1, rk) for k, rk in enumerate(r)
+    ) * (1 - 1e-10)
 
 
 def test_round_meets_its_error_bounds(g):

@@ -241,7 +241,8 @@ class _DeltaTTGather(torch.autograd.Function):
             else:
                 left = _DeltaTTGather._side(ctx, f, "left")
             for k in ks:
-                D = deltas[k] if fam.offsets[k] is None else (fam.offsets[k] if obj.zero else fam.offsets[k] + deltas[k])
+                off = fam.offsets[k]
+                D = deltas[k] if off is None else (off if obj.zero else off + deltas[k])
                 val = val + plan.to_natural((plan.times_core(left[k], D, k) * right[k]).sum(-1), k)
         return val
 

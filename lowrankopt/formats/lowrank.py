@@ -122,8 +122,9 @@ class LowRankMatrix:
 
     def gather(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Entries ``X[rows[i], cols[i]]`` as an ``(N,)`` tensor. Cost ``O(m r² + N r)``."""
-        idx = check_index("(rows, cols)", torch.stack([torch.as_tensor(rows), torch.as_tensor(cols)], 1),
-                          self.shape, self.device)
+        idx = check_index(
+            "(rows, cols)", torch.stack([torch.as_tensor(rows), torch.as_tensor(cols)], 1), self.shape, self.device
+        )
         return self._gather(idx[:, 0], idx[:, 1])
 
     def _gather(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -407,27 +407,38 @@ class TTMatrix:
         return f"TTMatrix(row_shape={self.row_shape}, col_shape={self.col_shape}, ranks={self.ranks})"
 
     @classmethod
-    def from_dense(cls, A: torch.Tensor, row_shape: Sequence[int], col_shape: Sequence[int],
-                   max_rank=None, eps: float | None = None) -> TTMatrix:
+    def from_dense(
+        cls,
+        A: torch.Tensor,
+        row_shape: Sequence[int],
+        col_shape: Sequence[int],
+        max_rank=None,
+        eps: float | None = None,
+    ) -> TTMatrix:
         """TT-SVD of the dense ``(Π m_k, Π n_k)`` matrix ``A`` with modes ``(m_k, n_k)`` merged.
         Same accuracy guarantee as :meth:`TensorTrain.from_dense`. Cost ``O((mn)^{d+1} r)``."""
         check_tensor("A", A, 2)
         row_shape, col_shape = [int(m) for m in row_shape], [int(n) for n in col_shape]
         d = len(row_shape)
         if len(col_shape) != d or tuple(A.shape) != (math.prod(row_shape), math.prod(col_shape)):
-            raise ValueError(f"A of shape {tuple(A.shape)} does not match row_shape {row_shape} and col_shape {col_shape}")
+            raise ValueError(
+                f"A of shape {tuple(A.shape)} does not match row_shape {row_shape} and col_shape {col_shape}"
+            )
         T = A.reshape(row_shape + col_shape)
         T = T.permute([p for k in range(d) for p in (k, d + k)]).reshape([m * n for m, n in zip(row_shape, col_shape)])
         tt = TensorTrain.from_dense(T, max_rank=max_rank, eps=eps)
-        return cls._trusted([c.reshape(c.shape[0], m, n, c.shape[2]) for c, m, n in zip(tt.cores, row_shape, col_shape)])
+        return cls._trusted(
+            [c.reshape(c.shape[0], m, n, c.shape[2]) for c, m, n in zip(tt.cores, row_shape, col_shape)]
+        )
 
     @classmethod
     def random(cls, row_shape, col_shape, ranks, *, dtype=torch.float64, device=None, generator=None) -> TTMatrix:
         """Gaussian cores scaled by ``1/sqrt(r_{k-1} n_k)``. Cost ``O(d m n r²)``."""
         merged = [int(m) * int(n) for m, n in zip(row_shape, col_shape)]
         tt = TensorTrain.random(merged, ranks, dtype=dtype, device=device, generator=generator)
-        return cls._trusted([c.reshape(c.shape[0], m, n, c.shape[2]) * math.sqrt(m)
-                             for c, m, n in zip(tt.cores, row_shape, col_shape)])
+        return cls._trusted(
+            [c.reshape(c.shape[0], m, n, c.shape[2]) * math.sqrt(m) for c, m, n in zip(tt.cores, row_shape, col_shape)]
+        )
 
     def full(self) -> torch.Tensor:
         """The dense ``(Π m_k, Π n_k)`` matrix. Cost ``O((mn)^d r)``."""

@@ -14,8 +14,9 @@ from .tangent import TangentVector
 def grad_or_zeros(out: torch.Tensor, inputs, create_graph: bool = False, grad_outputs=None) -> list[torch.Tensor]:
     """torch.autograd.grad that returns zeros for inputs ``out`` does not depend on."""
     if out.requires_grad:
-        grads = torch.autograd.grad(out, inputs, grad_outputs=grad_outputs, create_graph=create_graph,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(
+            out, inputs, grad_outputs=grad_outputs, create_graph=create_graph, allow_unused=True
+        )
     else:
         grads = [None] * len(inputs)
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
@@ -23,8 +24,10 @@ def grad_or_zeros(out: torch.Tensor, inputs, create_graph: bool = False, grad_ou
 
 def check_scalar_output(val) -> torch.Tensor:
     if not isinstance(val, torch.Tensor) or val.numel() != 1:
-        raise TypeError(f"f must return a scalar tensor, got {type(val).__name__}"
-                        + (f" of shape {tuple(val.shape)}" if isinstance(val, torch.Tensor) else ""))
+        raise TypeError(
+            f"f must return a scalar tensor, got {type(val).__name__}"
+            + (f" of shape {tuple(val.shape)}" if isinstance(val, torch.Tensor) else "")
+        )
     return val.reshape(())
 
 
@@ -97,8 +100,9 @@ class LowRankManifold(ABC):
         """A unit-norm tangent vector with Gaussian (isotropic in T_x) direction. Cost ``O(dim · r)``."""
         self._check_point(x)
         gdev = generator.device if generator is not None else x.device
-        raw = [torch.randn(s, dtype=x.dtype, device=gdev, generator=generator).to(x.device)
-               for s in self._coord_shapes(x)]
+        raw = [
+            torch.randn(s, dtype=x.dtype, device=gdev, generator=generator).to(x.device) for s in self._coord_shapes(x)
+        ]
         v = TangentVector(self, x, self._gauge(x, raw))
         return v / v.norm()
 

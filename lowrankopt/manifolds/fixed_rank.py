@@ -42,8 +42,10 @@ class FixedRankMatrices(LowRankManifold):
         if not isinstance(x, LowRankMatrix):
             raise TypeError(f"{name} must be a LowRankMatrix, got {type(x).__name__}")
         if x.shape != (self.m, self.n) or x.rank != self.rank:
-            raise ValueError(f"{name} must have shape ({self.m}, {self.n}) and rank {self.rank}, "
-                             f"got shape {x.shape} and rank {x.rank}")
+            raise ValueError(
+                f"{name} must have shape ({self.m}, {self.n}) and rank {self.rank}, "
+                f"got shape {x.shape} and rank {x.rank}"
+            )
 
     def _check_ambient(self, z) -> None:
         if isinstance(z, LowRankMatrix):

@@ -61,8 +61,9 @@ class FixedTTRank(LowRankManifold):
         if not isinstance(x, TensorTrain):
             raise TypeError(f"{name} must be a TensorTrain, got {type(x).__name__}")
         if x.shape != self.shape or x.ranks != self.ranks:
-            raise ValueError(f"{name} must have shape {self.shape} and ranks {self.ranks}, "
-                             f"got shape {x.shape} and ranks {x.ranks}")
+            raise ValueError(
+                f"{name} must have shape {self.shape} and ranks {self.ranks}, got shape {x.shape} and ranks {x.ranks}"
+            )
 
     def _check_ambient(self, z) -> None:
         if isinstance(z, TensorTrain):
@@ -90,8 +91,9 @@ class FixedTTRank(LowRankManifold):
                     Q, Rk = torch.linalg.qr(Y.reshape(a * n, b))
                     U.append(Q.reshape(a, n, b))
                     R.append(Rk)
-                    Rinv.append(torch.linalg.solve_triangular(Rk, torch.eye(b, dtype=Rk.dtype, device=Rk.device),
-                                                              upper=True))
+                    Rinv.append(
+                        torch.linalg.solve_triangular(Rk, torch.eye(b, dtype=Rk.dtype, device=Rk.device), upper=True)
+                    )
                     Y = torch.tensordot(Rk, right[k + 1], dims=1)
                 x._cache["frames"] = {"C": right[0], "V": [None] + right[1:], "U": U, "R": R, "Rinv": Rinv}
         return x._cache["frames"]
