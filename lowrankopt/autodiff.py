@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from .formats.lowrank import LowRankMatrix
+from .formats.shared_work import shared_work
 from .formats.tt import TensorTrain
 from .manifolds.base import LowRankManifold, check_scalar_output, grad_or_zeros
 from .manifolds.fixed_rank import FixedRankMatrices
@@ -129,14 +130,15 @@ def riemannian_grad_and_hvp(
     :func:`riemannian_hvp`."""
     M = _resolve(x, manifold if manifold is not None else (v.manifold if isinstance(v, TangentVector) else None))
     M._check_tangent(x, v)
-    val, g, deltas = M._delta_grad(x, f, create_graph=True)
-    with torch.enable_grad():
-        terms = [(gi * vi).sum() for gi, vi in zip(g, v.coords) if gi.requires_grad]
-        hv = grad_or_zeros(sum(terms), deltas) if terms else [torch.zeros_like(t) for t in deltas]
-    grad = TangentVector(M, x, M._gauge(x, [gi.detach() for gi in g]))
-    coords = M._gauge(x, [h.detach() for h in hv])
-    if curvature:
-        coords = [a + b for a, b in zip(coords, _weingarten(M, f, x, v, grad))]
+    with shared_work():  # the curvature pass reuses index plans, frame interfaces and f's value
+        val, g, deltas = M._delta_grad(x, f, create_graph=True)
+        with torch.enable_grad():
+            terms = [(gi * vi).sum() for gi, vi in zip(g, v.coords) if gi.requires_grad]
+            hv = grad_or_zeros(sum(terms), deltas) if terms else [torch.zeros_like(t) for t in deltas]
+        grad = TangentVector(M, x, M._gauge(x, [gi.detach() for gi in g]))
+        coords = M._gauge(x, [h.detach() for h in hv])
+        if curvature:
+            coords = [a + b for a, b in zip(coords, _weingarten(M, f, x, v, grad))]
     return val.detach(), grad, TangentVector(M, x, coords)
 
 

@@ -16,7 +16,6 @@ import torch
 
 from .autodiff import riemannian_grad
 from .formats.tt import TensorTrain
-from .manifolds.tangent import TangentVector
 from .manifolds.tt import FixedTTRank
 
 __all__ = ["run_tt_completion"]
@@ -30,6 +29,12 @@ def _sample_indices(shape: tuple[int, ...], count: int, generator: torch.Generat
     return torch.stack(cols, dim=1)
 
 
+def _grow_rank(x: TensorTrain, generator: torch.Generator, eps: float = 1e-4) -> TensorTrain:
+    """``x`` plus a random rank-1 TT of relative norm ``eps``: the same tensor up to ``eps``, TT-ranks + 1."""
+    z = TensorTrain.random(x.shape, 1, dtype=x.dtype, generator=generator)
+    return x + z * (eps * x.norm() / z.norm())
+
+
 def run_tt_completion(
     *,
     d: int = 10,
@@ -39,6 +44,7 @@ def run_tt_completion(
     oversampling: float = 20.0,
     test_samples: int = 10_000,
     iters: int = 300,
+    warmup_iters: int = 10,
     tol: float | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
@@ -47,13 +53,17 @@ def run_tt_completion(
 ) -> dict:
     """Complete a random TT-rank-``rank`` tensor of shape ``(n,) * d`` from ``samples`` random entries.
 
+    Rank continuation: CG runs ``warmup_iters`` iterations at TT-rank 1, 2, ..., ``rank − 1`` (each time
+    the iterate is grown by a tiny random rank-1 term), then at TT-rank ``rank`` until convergence.
+
     Args:
         d, n, rank: order, mode size and (uniform) TT-rank of the ground truth and of the iterates.
         samples: number of observed (training) entries; ``None`` means ``oversampling × dim`` where
             ``dim`` is the dimension of the fixed-TT-rank manifold.
         oversampling: used when ``samples`` is ``None``.
         test_samples: number of held-out entries on which the test error is measured.
-        iters: maximum number of CG iterations.
+        iters: maximum total number of CG iterations.
+        warmup_iters: CG iterations at each rank below ``rank`` (0: start at ``rank`` from a random point).
         tol: stop once the relative training residual ``‖P_Ω(X − A)‖ / ‖P_Ω A‖`` is below ``tol``
             (default ``1e-12`` for float64, ``1e-5`` for float32).
         seed: seed of the ``torch.Generator`` that draws the data, the sample sets and the initial point.
@@ -80,45 +90,54 @@ def run_tt_completion(
     vals, test_vals = truth.gather(idx), truth.gather(test_idx)
     vals_norm, test_norm = torch.linalg.vector_norm(vals), torch.linalg.vector_norm(test_vals)
 
-    # Initial point: random direction, scaled to the norm of A estimated from the samples.
-    x = M.random_point(dtype=dtype, generator=g)
-    x = TensorTrain._trusted([x.cores[0] * (vals_norm * math.sqrt(math.prod(M.shape) / samples))] + x.cores[1:])
-
     def loss(Y: TensorTrain) -> torch.Tensor:
         return 0.5 * ((Y.gather(idx) - vals) ** 2).sum()
 
     def test_error(Y: TensorTrain) -> float:
         return float(torch.linalg.vector_norm(Y.gather(test_idx) - test_vals) / test_norm)
 
-    emit(f"TT completion: shape {n}^{d}, TT-rank {rank}, manifold dim {M.dim}, {samples} training / "
-         f"{test_samples} test entries, {str(dtype).replace('torch.', '')}, seed {seed}")
+    emit(
+        f"TT completion: shape {n}^{d}, TT-rank {rank}, manifold dim {M.dim}, {samples} training / "
+        f"{test_samples} test entries, {str(dtype).replace('torch.', '')}, seed {seed}"
+    )
     start = time.perf_counter()
-    val, grad = riemannian_grad(loss, x, manifold=M)
-    eta: TangentVector = -grad
-    it, converged = 0, False
-    while True:
-        train_err = float(torch.sqrt(2 * val) / vals_norm)
-        converged = train_err < tol
-        if converged or it >= iters or it % print_every == 0:
-            emit(f"iter {it:4d}  train {train_err:.3e}  test {test_error(x):.3e}  "
-                 f"|grad| {float(grad.norm()):.3e}  {time.perf_counter() - start:6.2f}s")
-        if converged or it >= iters:
+    # Initial point: random, scaled to the norm of A estimated from the samples.
+    r0 = 1 if warmup_iters > 0 else rank
+    x = FixedTTRank(M.shape, r0).random_point(dtype=dtype, generator=g)
+    x = x * (vals_norm * math.sqrt(math.prod(M.shape) / samples))
+    it, converged, train_err = 0, False, float("nan")
+    for r in range(r0, rank + 1):
+        if r > r0:
+            x = _grow_rank(x, g)
+        Mr = FixedTTRank(M.shape, r)
+        budget = iters - it if r == rank else min(warmup_iters, iters - it)
+        val, grad = riemannian_grad(loss, x, manifold=Mr)
+        eta = -grad
+        for step in range(budget + 1):
+            train_err = float(torch.sqrt(2 * val) / vals_norm)
+            converged = train_err < tol
+            last = converged or step == budget
+            if it % print_every == 0 or (last and r == rank):
+                emit(
+                    f"iter {it:4d}  rank {r}  train {train_err:.3e}  test {test_error(x):.3e}  "
+                    f"|grad| {float(grad.norm()):.3e}  {time.perf_counter() - start:6.2f}s"
+                )
+            if last:
+                break
+            # Exact minimizer of the quadratic loss along the line x + α η (before retraction).
+            alpha = -grad.inner(eta) / (eta.to_ambient().gather(idx) ** 2).sum()
+            x_new = Mr.retr(x, eta * alpha)
+            val, grad_new = riemannian_grad(loss, x_new, manifold=Mr)
+            # Polak–Ribière+ with transport by projection; <g_new, P(g_old)> = <g_new, g_old> in the ambient space.
+            cross = grad_new.to_ambient().inner(grad.to_ambient())
+            beta = torch.clamp((grad_new.inner(grad_new) - cross) / grad.inner(grad), min=0)
+            eta = -grad_new + Mr.transp(x, x_new, eta) * beta
+            if float(grad_new.inner(eta)) >= 0:  # not a descent direction: restart
+                eta = -grad_new
+            x, grad = x_new, grad_new
+            it += 1
+        if converged:
             break
-        # Exact minimizer of the quadratic loss along the line x + α η (before retraction).
-        slope = grad.inner(eta)
-        curv = (eta.to_ambient().gather(idx) ** 2).sum()
-        alpha = -slope / curv
-        x_new = M.retr(x, eta * alpha)
-        val, grad_new = riemannian_grad(loss, x_new, manifold=M)
-        # Polak–Ribière+ with transport by projection; restart when not a descent direction.
-        grad_old = M.transp(x, x_new, grad)
-        eta_old = M.transp(x, x_new, eta)
-        beta = torch.clamp(grad_new.inner(grad_new - grad_old) / grad.inner(grad), min=0)
-        eta = -grad_new + eta_old * beta
-        if float(grad_new.inner(eta)) >= 0:
-            eta = -grad_new
-        x, grad = x_new, grad_new
-        it += 1
     elapsed = time.perf_counter() - start
     result = {
         "train_error": train_err,

@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from .._checks import check_tensor
 from .tangent import TangentVector
 
 
@@ -32,7 +33,12 @@ def check_scalar_output(val) -> torch.Tensor:
 
 
 class LowRankManifold(ABC):
-    """Base class: a manifold of fixed-rank objects with δ-coordinate tangent vectors."""
+    """Base class: a manifold of fixed-rank objects with δ-coordinate tangent vectors.
+
+    Subclasses set ``point_type`` and ``ambient_shape`` and implement the hooks below.
+    """
+
+    point_type: type
 
     # ------------------------------------------------------------------ subclass hooks
     @abstractmethod
@@ -150,5 +156,13 @@ class LowRankManifold(ABC):
         self._check_point(y, "y")
         return self.proj(y, self.to_ambient(x, v))
 
-    @abstractmethod
-    def _check_ambient(self, z) -> None: ...
+    def _check_ambient(self, z) -> None:
+        if isinstance(z, self.point_type):
+            shape = tuple(z.shape)
+        elif isinstance(z, torch.Tensor):
+            check_tensor("z", z)
+            shape = tuple(z.shape)
+        else:
+            raise TypeError(f"z must be a tensor, {self.point_type.__name__} or TangentVector, got {type(z).__name__}")
+        if shape != tuple(self.ambient_shape):
+            raise ValueError(f"z must have shape {tuple(self.ambient_shape)}, got {shape}")

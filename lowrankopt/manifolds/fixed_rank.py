@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_tensor
-from ..formats.delta import DeltaLowRank, MatrixFamily
+from ..formats.delta_lowrank import DeltaLowRank, MatrixFamily
 from ..formats.lowrank import LowRankMatrix
 from .base import LowRankManifold
 from .tangent import TangentVector
@@ -27,8 +26,14 @@ class FixedRankMatrices(LowRankManifold):
             raise ValueError(f"rank must be <= min(m, n) = {min(m, n)}, got {rank}")
         self.m, self.n, self.rank = m, n, rank
 
+    point_type = LowRankMatrix
+
     def _dims(self):
         return (self.m, self.n, self.rank)
+
+    @property
+    def ambient_shape(self) -> tuple[int, int]:
+        return (self.m, self.n)
 
     def __repr__(self) -> str:
         return f"FixedRankMatrices(m={self.m}, n={self.n}, rank={self.rank})"
@@ -47,17 +52,6 @@ class FixedRankMatrices(LowRankManifold):
                 f"got shape {x.shape} and rank {x.rank}"
             )
 
-    def _check_ambient(self, z) -> None:
-        if isinstance(z, LowRankMatrix):
-            shape = z.shape
-        elif isinstance(z, torch.Tensor):
-            check_tensor("z", z)
-            shape = tuple(z.shape)
-        else:
-            raise TypeError(f"z must be a tensor, LowRankMatrix or TangentVector, got {type(z).__name__}")
-        if shape != (self.m, self.n):
-            raise ValueError(f"z must have shape ({self.m}, {self.n}), got {shape}")
-
     def frames(self, x):
         """``(U, S, V)`` with orthonormal U, V and ``x = U S Vᵀ``; cached on x. Cost ``O((m + n) r²)``."""
         self._check_point(x)
@@ -65,7 +59,9 @@ class FixedRankMatrices(LowRankManifold):
             with torch.no_grad():
                 Qu, Ru = torch.linalg.qr(x.U.detach())
                 Qv, Rv = torch.linalg.qr(x.V.detach())
-                x._cache["frames"] = (Qu, Ru @ x.S.detach() @ Rv.T, Qv)
+                S = Ru @ x.S.detach() @ Rv.T
+                x._cache["frames"] = (Qu, S, Qv)
+                x._cache["US"] = Qu @ S
         return x._cache["frames"]
 
     def random_point(self, *, dtype=torch.float64, device=None, generator=None) -> LowRankMatrix:
@@ -82,15 +78,17 @@ class FixedRankMatrices(LowRankManifold):
         return [A, B - V @ (V.T @ B)]
 
     def _linearization(self, x, deltas):
-        U, S, V = self.frames(x)
-        return DeltaLowRank(deltas[0], deltas[1], [MatrixFamily(P=V, Q=U, A0=U @ S)])
+        U, _, V = self.frames(x)
+        return DeltaLowRank(x.shape, [MatrixFamily(P=V, Q=U, A0=x._cache["US"], deltas=tuple(deltas))])
 
     def _second_fundamental(self, x, xi, deltas):
         # Chart φ(A, B) = (US + A)(V + B S⁻ᵀ)ᵀ: D²φ[ξ, η] = A_η S⁻¹ B_ξᵀ + A_ξ S⁻¹ B_ηᵀ.
-        _, S, _ = self.frames(x)
+        U, S, V = self.frames(x)
         A, B = (c.detach() for c in xi.coords)
-        fam = MatrixFamily(P=torch.linalg.solve(S.T, B, left=False), Q=torch.linalg.solve(S, A, left=False))
-        return DeltaLowRank(deltas[0], deltas[1], [fam], base=x), DeltaLowRank(deltas[0], deltas[1], [fam])
+        P, Q = torch.linalg.solve(S.T, B, left=False), torch.linalg.solve(S, A, left=False)
+        curv = MatrixFamily(P=P, Q=Q, deltas=tuple(deltas))
+        point = MatrixFamily(P=V, Q=None, A0=x._cache["US"])  # the constant term x
+        return DeltaLowRank(x.shape, [point, curv]), DeltaLowRank(x.shape, [curv])
 
     def to_ambient(self, x, v: TangentVector) -> LowRankMatrix:
         """ξ = [A U] [V B]ᵀ as a rank-2r LowRankMatrix. Cost ``O((m + n) r)``."""

@@ -6,8 +6,7 @@ import math
 
 import torch
 
-from .._checks import check_tensor
-from ..formats.delta import DeltaTT, TTFamily
+from ..formats.delta_tt import Chain, DeltaTT, TTFamily
 from ..formats.tt import TensorTrain, _svd_truncate_right_to_left, left_orthogonalize, right_orthogonalize
 from .base import LowRankManifold
 from .tangent import TangentVector
@@ -29,6 +28,8 @@ class FixedTTRank(LowRankManifold):
         if not shape or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
             raise ValueError(f"shape must be a non-empty sequence of positive ints, got {shape!r}")
         d = len(shape)
+        if d < 2:
+            raise ValueError(f"shape must have at least 2 modes (a 1-mode tensor is a plain vector), got {shape!r}")
         if isinstance(ranks, int) and not isinstance(ranks, bool):
             ranks = [ranks] * (d - 1)
         ranks = list(ranks)
@@ -45,8 +46,14 @@ class FixedTTRank(LowRankManifold):
                 )
         self.shape, self.ranks = tuple(shape), tuple(ranks)
 
+    point_type = TensorTrain
+
     def _dims(self):
         return (self.shape, self.ranks)
+
+    @property
+    def ambient_shape(self) -> tuple[int, ...]:
+        return self.shape
 
     def __repr__(self) -> str:
         return f"FixedTTRank(shape={self.shape}, ranks={self.ranks})"
@@ -64,17 +71,6 @@ class FixedTTRank(LowRankManifold):
             raise ValueError(
                 f"{name} must have shape {self.shape} and ranks {self.ranks}, got shape {x.shape} and ranks {x.ranks}"
             )
-
-    def _check_ambient(self, z) -> None:
-        if isinstance(z, TensorTrain):
-            shape = z.shape
-        elif isinstance(z, torch.Tensor):
-            check_tensor("z", z)
-            shape = tuple(z.shape)
-        else:
-            raise TypeError(f"z must be a tensor, TensorTrain or TangentVector, got {type(z).__name__}")
-        if shape != self.shape:
-            raise ValueError(f"z must have shape {self.shape}, got {shape}")
 
     def frames(self, x) -> dict:
         """Cached canonical forms of x: ``C`` (first core of the right-orthogonal form), ``V[k]``
@@ -95,7 +91,16 @@ class FixedTTRank(LowRankManifold):
                         torch.linalg.solve_triangular(Rk, torch.eye(b, dtype=Rk.dtype, device=Rk.device), upper=True)
                     )
                     Y = torch.tensordot(Rk, right[k + 1], dims=1)
-                x._cache["frames"] = {"C": right[0], "V": [None] + right[1:], "U": U, "R": R, "Rinv": Rinv}
+                V = [None] + right[1:]
+                x._cache["frames"] = {
+                    "C": right[0],
+                    "V": V,
+                    "U": U,
+                    "R": R,
+                    "Rinv": Rinv,
+                    "left_chain": Chain("left", tuple(U)),
+                    "right_chain": Chain("right", tuple(V)),
+                }
         return x._cache["frames"]
 
     def random_point(self, *, dtype=torch.float64, device=None, generator=None) -> TensorTrain:
@@ -120,51 +125,38 @@ class FixedTTRank(LowRankManifold):
             out.append((D - (D @ W.T) @ W).reshape(a, n, b))
         return out
 
-    def _family(self, x, offset: bool) -> TTFamily:
+    def _family(self, x, deltas, offset: bool) -> TTFamily:
+        """``Σ_k U_{<k} δ_k V_{>k}`` (+ x itself, as the offset C_1 at k = 1, if ``offset``)."""
         fr = self.frames(x)
-        d = len(self.shape)
-        offsets = (fr["C"] if offset else None,) + (None,) * (d - 1)
-        return TTFamily(left=tuple(fr["U"]), right=tuple(fr["V"]), E=(None,) * d, F=(None,) * d, offsets=offsets)
+        offsets = ((fr["C"] if offset else None),) + (None,) * (len(self.shape) - 1)
+        return TTFamily(fr["left_chain"], fr["right_chain"], offsets, tuple(deltas))
 
     def _linearization(self, x, deltas):
-        return DeltaTT(deltas, [self._family(x, offset=True)])
+        return DeltaTT(self.shape, [self._family(x, deltas, offset=True)])
 
     def _second_fundamental(self, x, xi, deltas):
         # Chart φ(W) = TT(C_1 + W_1, V_2 + W_2, ..., V_d + W_d) with W_k = R_k⁻¹ δ_k, so that
         # Dφ[W(δ)] = T_x(δ). D²φ[W(ξ), W(η)] = Σ_{j<k} U_{<j} ξ_j V_{j+1:k-1} R_k⁻¹ η_k V_{>k}
         # (family 1: η at the later slot) + the same with ξ and η swapped (family 2).
         fr = self.frames(x)
-        U, V, Rinv = fr["U"], fr["V"], fr["Rinv"]
+        V, Rinv, d = fr["V"], fr["Rinv"], len(self.shape)
         xi_c = [c.detach() for c in xi.coords]
-        d = len(xi_c)
         none = (None,) * d
-
-        def block(a, b, c):  # [[a, b], [0, c]] along (left rank, right rank)
-            top = torch.cat([a, b], 2)
-            return torch.cat([top, torch.cat([torch.zeros_like(c[:, :, : a.shape[2]]), c], 2)], 0)
-
-        # family 1: left chain states (u: U-prefix, p: prefix holding one ξ_j), enters η_k from p via R_k⁻¹.
-        left1 = [torch.cat([U[0], xi_c[0]], 2)] + [block(U[k], xi_c[k], V[k]) for k in range(1, d - 1)]
-        E1 = [torch.zeros(1, 1, dtype=x.dtype, device=x.device)]
-        E1 += [torch.cat([torch.zeros_like(Rinv[k]), Rinv[k]], 0) for k in range(1, d)]
-        fam1 = TTFamily(left=tuple(left1), right=tuple(V), E=tuple(E1), F=none, offsets=none)
-        # family 2: right chain states (q: one R_j⁻¹ ξ_j still to come, done), η_k exits into q.
+        # family 1: left state p_k = Σ_{j<k} U_{<j} ξ_j V_{j+1:k-1}, entering η_k through R_k⁻¹
+        p_chain = Chain("left", (None, *V[1 : d - 1]), parent=fr["left_chain"], B=tuple(xi_c[: d - 1]))
+        fam1 = TTFamily(p_chain, fr["right_chain"], none, tuple(deltas), E=(None, *Rinv[1:]))
+        # family 2: right state q_k = Σ_{j>k} V_{k+1:j-1} R_j⁻¹ ξ_j V_{>j}
         Rx = [None] + [torch.tensordot(Rinv[k], xi_c[k], dims=1) for k in range(1, d)]
-        right2 = [None] + [block(V[k], Rx[k], V[k]) for k in range(1, d - 1)]
-        right2.append(torch.cat([Rx[d - 1], V[d - 1]], 0))
-        F2 = []
-        for k in range(d - 1):  # select the q block of the (q, done) interface
-            eye = torch.eye(self.ranks[k], dtype=x.dtype, device=x.device)
-            F2.append(torch.cat([eye, torch.zeros_like(eye)], 0))
-        F2.append(torch.zeros(1, 1, dtype=x.dtype, device=x.device))
-        fam2 = TTFamily(left=tuple(U), right=tuple(right2), E=none, F=tuple(F2), offsets=none)
-        return DeltaTT(deltas, [fam1, fam2], base=x), DeltaTT(deltas, [fam1, fam2])
+        q_chain = Chain("right", (None, *V[1 : d - 1], None), parent=fr["right_chain"], B=tuple(Rx))
+        fam2 = TTFamily(fr["left_chain"], q_chain, none, tuple(deltas))
+        point = TTFamily(fr["left_chain"], fr["right_chain"], (fr["C"],) + none[1:])  # the constant term x
+        return DeltaTT(self.shape, [point, fam1, fam2]), DeltaTT(self.shape, [fam1, fam2])
 
     def to_ambient(self, x, v: TangentVector) -> TensorTrain:
         """ξ as a rank-2r TensorTrain with cores ``[δ_1 U_1]``, ``[[V_k 0], [δ_k U_k]]``, ``[V_d; δ_d]``
         (block order as stored). Cost ``O(d n r²)``."""
         self._check_tangent(x, v)
-        return DeltaTT(v.coords, [self._family(x, offset=False)], zero=False).materialize()
+        return DeltaTT(self.shape, [self._family(x, v.coords, offset=False)], zero=False).materialize()
 
     def retr(self, x, v: TangentVector) -> TensorTrain:
         """TT-SVD retraction: ``x + ξ`` is formed as a rank-2r TT in δ layout (first core ``C_1 + δ_1``)
@@ -172,6 +164,6 @@ class FixedTTRank(LowRankManifold):
         (within √(d−1) of the metric projection), second order. The result is right-orthogonal.
         Cost ``O(d n r³)``."""
         self._check_tangent(x, v)
-        y = DeltaTT(v.coords, [self._family(x, offset=True)], zero=False).materialize()
+        y = DeltaTT(self.shape, [self._family(x, v.coords, offset=True)], zero=False).materialize()
         cores = left_orthogonalize(y.cores)
         return TensorTrain._trusted(_svd_truncate_right_to_left(cores, list(self.ranks), None))

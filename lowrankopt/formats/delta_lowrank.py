@@ -1,0 +1,130 @@
+"""Low-rank matrices linear in δ-coordinates, on which autodiff evaluates a user's function.
+
+``Y = base + Σ_families (A0 + A) Pᵀ + Q Bᵀ`` with detached frames ``P: (n, r)``, ``Q: (m, r)``, an
+optional constant offset ``A0: (m, r)`` and the δ-coordinates ``(A, B)`` of the family (a family
+without δ is a constant term ``A0 Pᵀ``). The gradient family at ``x = U S Vᵀ`` is
+``(US + A) Vᵀ + U Bᵀ``.
+
+The class subclasses :class:`LowRankMatrix`: generic ops see concatenated factors (built with
+autograd), and ``gather`` has a native implementation: its forward pass at δ = 0 gathers only the
+offset term, its backward pass one row-gather and one scatter per factor. Internal to autodiff.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .lowrank import LowRankMatrix
+from .shared_work import memo, shared_work
+
+
+@dataclass(frozen=True, eq=False)
+class MatrixFamily:
+    """``(A0 + A) Pᵀ + Q Bᵀ`` with δ = ``deltas = (A, B)``, or the constant ``A0 Pᵀ`` if deltas is None."""
+
+    P: torch.Tensor
+    Q: torch.Tensor | None
+    A0: torch.Tensor | None = None
+    deltas: tuple | None = None
+
+
+class DeltaLowRank(LowRankMatrix):
+    """``base + Σ_families`` of :class:`MatrixFamily` terms; ``zero`` says the δ tensors are zero."""
+
+    __slots__ = ("families", "base", "zero", "_shape", "_factors")
+
+    def __init__(self, shape: tuple[int, int], families, base: LowRankMatrix | None = None, zero: bool = True):
+        self._shape, self.families, self.base, self.zero = tuple(shape), tuple(families), base, zero
+        self._factors = None
+        self._cache = {}
+
+    def _materialize(self):
+        if self._factors is None:
+            us = [] if self.base is None else [self.base.U @ self.base.S]
+            vs = [] if self.base is None else [self.base.V]
+            for fam in self.families:
+                if fam.deltas is None:
+                    us.append(fam.A0)
+                    vs.append(fam.P)
+                    continue
+                A, B = fam.deltas
+                us += [A if fam.A0 is None else fam.A0 + A, fam.Q]
+                vs += [fam.P, B]
+            U, V = torch.cat(us, 1), torch.cat(vs, 1)
+            self._factors = (U, torch.eye(U.shape[1], dtype=U.dtype, device=U.device), V)
+        return self._factors
+
+    U = property(lambda self: self._materialize()[0])
+    S = property(lambda self: self._materialize()[1])
+    V = property(lambda self: self._materialize()[2])
+
+    @property
+    def shape(self):
+        return self._shape
+
+    @property
+    def dtype(self):
+        return self.families[0].P.dtype
+
+    @property
+    def device(self):
+        return self.families[0].P.device
+
+    def _deltas(self) -> list[torch.Tensor]:
+        seen = {}
+        for fam in self.families:
+            for t in fam.deltas or ():
+                seen.setdefault(id(t), t)
+        return list(seen.values())
+
+    def _gather(self, rows, cols):
+        return _DeltaLowRankGather.apply(self, rows, cols, *self._deltas())
+
+
+def _rows(M: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return memo("rows", (M, idx), lambda: M.index_select(0, idx))
+
+
+class _DeltaLowRankGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *args):
+        ctx.memo = {}  # interfaces and gathered frames persist from forward to backward
+        with shared_work(ctx.memo):
+            return _DeltaLowRankGather._forward(ctx, *args)
+
+    @staticmethod
+    def _forward(ctx, obj: DeltaLowRank, rows, cols, *deltas):
+        ctx.obj, ctx.rows, ctx.cols = obj, rows, cols
+        val = obj.base._gather(rows, cols) if obj.base is not None else deltas[0].new_zeros(rows.shape[0])
+        for fam in obj.families:
+            if fam.A0 is not None:
+                val = val + memo(
+                    "offset",
+                    (fam.A0, fam.P, rows, cols),
+                    lambda fam=fam: (_rows(fam.A0, rows) * _rows(fam.P, cols)).sum(-1),
+                )
+            if not obj.zero and fam.deltas is not None:
+                A, B = fam.deltas
+                val = val + (A[rows] * _rows(fam.P, cols)).sum(-1) + (_rows(fam.Q, rows) * B[cols]).sum(-1)
+        return val
+
+    @staticmethod
+    def backward(ctx, g):
+        with shared_work(ctx.memo):
+            return _DeltaLowRankGather._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
+        # Written with differentiable ops in g, so double backward (HVP) works.
+        obj, rows, cols = ctx.obj, ctx.rows, ctx.cols
+        grads = {}
+        for fam in obj.families:
+            if fam.deltas is None:
+                continue
+            A, B = fam.deltas
+            for t, idx, frame, other in ((A, rows, fam.P, cols), (B, cols, fam.Q, rows)):
+                gt = torch.zeros_like(t).index_add(0, idx, g[:, None] * _rows(frame, other))
+                grads[id(t)] = gt if id(t) not in grads else grads[id(t)] + gt
+        return (None, None, None, *(grads.get(id(t)) for t in obj._deltas()))

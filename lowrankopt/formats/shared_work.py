@@ -1,0 +1,40 @@
+"""A scope in which repeated intermediate results are computed once.
+
+One Riemannian HVP evaluates f twice (the δ-pass and the curvature pass) on objects that share the
+index plan of every ``gather``, the interface vectors of the point's frames and f's value at x.
+Inside :func:`shared_work` such results are memoized by the identity of the objects they come from;
+outside it nothing is cached (so timing f alone measures f alone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+_SCOPE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lowrankopt_shared_work", default=None)
+
+
+@contextlib.contextmanager
+def shared_work(store: dict | None = None):
+    """Memoize intermediate results inside this block in ``store`` (a new dict if None). Inside an
+    active block this is a no-op: the outer memo is shared."""
+    if _SCOPE.get() is not None:
+        yield
+        return
+    token = _SCOPE.set({} if store is None else store)
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def memo(tag: str, objs: tuple, compute, extra: tuple = ()):
+    """``compute()``, memoized in the active scope under ``tag``, the identities of ``objs`` and the
+    plain values ``extra``. The objects are kept alive by the memo, so identities cannot be reused."""
+    scope = _SCOPE.get()
+    if scope is None:
+        return compute()
+    key = (tag, tuple(id(o) for o in objs), extra)
+    if key not in scope:
+        scope[key] = (objs, compute())
+    return scope[key][1]
