@@ -1,5 +1,6 @@
 """lowrankopt: Riemannian optimization on low-rank matrix and tensor-train manifolds, in PyTorch."""
 
+from .allocator import tune_cpu_allocator
 from .autodiff import manifold_of, riemannian_grad, riemannian_grad_and_hvp, riemannian_hvp
 from .formats import LowRankMatrix, TensorTrain, TTMatrix
 from .manifolds import FixedRankMatrices, FixedTTRank, TangentVector
@@ -17,4 +18,5 @@ __all__ = [
     "riemannian_grad",
     "riemannian_grad_and_hvp",
     "riemannian_hvp",
+    "tune_cpu_allocator",
 ]

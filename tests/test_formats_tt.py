@@ -162,3 +162,11 @@ def test_bad_input_raises(g):
         TensorTrain.from_dense(torch.randn(3, 4, dtype=DT), max_rank=[1, 2])
     with pytest.raises(ValueError, match="eps"):
         TensorTrain.from_dense(torch.randn(3, 4, dtype=DT), eps=-1.0)
+
+
+def test_tune_cpu_allocator_validates_its_argument():
+    from lowrankopt import tune_cpu_allocator
+
+    with pytest.raises(ValueError, match="cache_bytes"):
+        tune_cpu_allocator(0)
+    assert isinstance(tune_cpu_allocator(), bool)

@@ -57,13 +57,22 @@ class IndexPlan:
 
     def times_core(self, v: torch.Tensor, core: torch.Tensor, k: int) -> torch.Tensor:
         """``v[p] @ core[:, i_k[p], :]`` for v ``(N, a)`` in arrangement k; core ``(a, n_k, b)``."""
-        parts = [v[s:e] @ core[:, j, :] for j, s, e in self._segments(k)]
-        return torch.cat(parts, 0) if parts else v.new_zeros(0, core.shape[2])
+        return self._per_slice(v, core, k, transpose=False)
 
     def core_times(self, core: torch.Tensor, v: torch.Tensor, k: int) -> torch.Tensor:
         """``core[:, i_k[p], :] @ v[p]`` for v ``(N, b)`` in arrangement k; core ``(a, n_k, b)``."""
-        parts = [v[s:e] @ core[:, j, :].T for j, s, e in self._segments(k)]
-        return torch.cat(parts, 0) if parts else v.new_zeros(0, core.shape[0])
+        return self._per_slice(v, core, k, transpose=True)
+
+    def _per_slice(self, v, core, k, transpose):
+        width = core.shape[0] if transpose else core.shape[2]
+        slices = [(s, e, core[:, j, :].T if transpose else core[:, j, :]) for j, s, e in self._segments(k)]
+        if torch.is_grad_enabled() and (v.requires_grad or core.requires_grad):
+            parts = [v[s:e] @ c for s, e, c in slices]  # differentiable
+            return torch.cat(parts, 0) if parts else v.new_zeros(0, width)
+        out = v.new_empty(self.N, width)  # no graph needed: write each block in place, no concatenation
+        for s, e, c in slices:
+            torch.matmul(v[s:e], c, out=out[s:e])
+        return out
 
     def outer_sum(self, left: torch.Tensor, right: torch.Tensor, k: int, n: int) -> torch.Tensor:
         """Core ``(a, n, b)`` with slice j equal to ``Σ_{p: i_k[p] = j} left[p] ⊗ right[p]``."""
