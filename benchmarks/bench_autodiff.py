@@ -110,22 +110,31 @@ def wait_idle(max_wait, threshold=0.1, window=2.0):
     print(f"warning: machine still busy after waiting {max_wait:.0f} s", flush=True)
 
 
-def time_call(fn, repeats, budget, max_wait=0.0, threshold=0.1):
-    """(median, min, repeats used, other-process load): one warm-up call, then up to ``repeats`` timed calls,
-    fewer if the warm-up says they would take longer than ``budget`` seconds (at least 1). With ``max_wait`` > 0,
-    first wait for an idle machine and redo (up to 3 tries) a measurement that other processes disturbed."""
-    for _ in range(3):
-        if max_wait > 0:
-            wait_idle(max_wait, threshold)
-        warm, _ = other_load(fn)
-        k = max(1, min(repeats, int(budget / max(warm, 1e-9))))
-        runs = [other_load(fn) for _ in range(k)]
-        times, loads = [t for t, _ in runs], [x for _, x in runs]
-        load = None if None in loads else sum(t * x for t, x in runs) / sum(times)
-        if max_wait <= 0 or load is None or load < threshold:
-            break
-        print(f"  (other processes used {load:.2f} cores; measuring again)", flush=True)
-    return statistics.median(times), min(times), k, load
+def time_rounds(fns, repeats, budget, max_wait=0.0, threshold=0.1):
+    """Interleaved timing: one warm-up call of each function, then ``repeats`` rounds in which each function is
+    called once (fewer rounds if the warm-ups say a round would take longer than ``budget`` seconds). Interleaving
+    makes a slow spell of the machine hit every function of a round alike, so per-round ratios are robust.
+    With ``max_wait`` > 0 each round first waits for an idle machine and is redone (up to 3 tries) if other
+    processes disturbed it. Returns ``{name: [seconds per round]}``, the rounds used and the mean other-process load.
+    """
+    warm = {name: other_load(fn)[0] for name, fn in fns.items()}
+    k = max(1, min(repeats, int(budget / max(sum(warm.values()), 1e-9))))
+    times, loads = {name: [] for name in fns}, []
+    for _ in range(k):
+        for _try in range(3):
+            if max_wait > 0:
+                wait_idle(max_wait, threshold)
+            rnd = {name: other_load(fn) for name, fn in fns.items()}
+            wall = sum(t for t, _ in rnd.values())
+            load = None if any(x is None for _, x in rnd.values()) else sum(t * x for t, x in rnd.values()) / wall
+            if max_wait <= 0 or load is None or load < threshold:
+                break
+            print(f"  (other processes used {load:.2f} cores; measuring the round again)", flush=True)
+        for name, (t, _) in rnd.items():
+            times[name].append(t)
+        loads.append(load)
+    mean_load = None if None in loads else sum(loads) / len(loads)
+    return times, k, mean_load
 
 
 def run_case(case, params, repeats, budget, max_wait=0.0):
@@ -136,10 +145,13 @@ def run_case(case, params, repeats, budget, max_wait=0.0):
         "hvp": lambda: riemannian_hvp(f, x, xi, curvature=False),
         "hvp_curv": lambda: riemannian_hvp(f, x, xi, curvature=True),
     }
-    med, mins, used, load = {}, {}, {}, {}
-    for name, fn in fns.items():
-        med[name], mins[name], used[name], load[name] = time_call(fn, repeats, budget, max_wait)
-    ratios = {f"{k}/f": med[k] / med["f"] for k in ("grad", "hvp", "hvp_curv")}
+    times, used, load = time_rounds(fns, repeats, budget, max_wait)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    # median over rounds of the per-round ratio (robust to the machine's speed drifting between rounds)
+    ratios = {
+        f"{k}/f": statistics.median(a / b for a, b in zip(times[k], times["f"], strict=True))
+        for k in ("grad", "hvp", "hvp_curv")
+    }
     return {
         "case": case,
         "d": params.get("d"),
@@ -148,8 +160,8 @@ def run_case(case, params, repeats, budget, max_wait=0.0):
         "m": params.get("m"),
         "N": params["N"],
         **{f"t_{k}": v for k, v in med.items()},
-        "mins": mins,
-        "repeats": used,
+        "mins": {name: min(ts) for name, ts in times.items()},
+        "rounds": used,
         "ratios": ratios,
         "other_process_cores": load,  # mean cores kept busy by other processes while timing
         "targets_met": {
@@ -258,13 +270,18 @@ def to_markdown(results) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=7, help="timed calls per measurement after one warm-up (default 7)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=9,
+        help="timed rounds (each calls f, grad, hvp, hvp_curv once) after one warm-up (default 9)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     p.add_argument(
         "--budget",
         type=float,
         default=60.0,
-        help="max seconds per measurement; repeats are reduced to fit (default 60)",
+        help="max seconds for a case's timed rounds; the rounds are reduced to fit (default 60)",
     )
     p.add_argument(
         "--wait-idle",

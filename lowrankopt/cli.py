@@ -43,16 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
         "final relative error on held-out entries.",
     )
     demo.add_argument("--rank", type=_positive_int, default=4, help="TT-rank of the ground truth (default: 4)")
-    demo.add_argument("--samples", type=_positive_int, default=None,
-                      help="number of training entries (default: 20 x the manifold dimension)")
-    demo.add_argument("--iters", type=_nonnegative_int, default=300,
-                      help="maximum number of CG iterations (default: 300)")
+    demo.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=None,
+        help="number of training entries (default: 20 x the manifold dimension)",
+    )
+    demo.add_argument(
+        "--iters", type=_nonnegative_int, default=300, help="maximum number of CG iterations (default: 300)"
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.add_argument("--dtype", choices=sorted(_DTYPES), default="float64",
-                      help="floating-point precision (default: float64)")
-    demo.add_argument("--threads", type=_positive_int, default=1,
-                      help="torch CPU threads (default: 1; the demo's kernels are too small to gain from more, "
-                      "and oversubscribed threads on a busy machine slow it down many times)")
+    demo.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default="float64", help="floating-point precision (default: float64)"
+    )
+    demo.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch CPU threads (default: 1; the demo's kernels are too small to gain from more, "
+        "and oversubscribed threads on a busy machine slow it down many times)",
+    )
     demo.set_defaults(func=_run_demo)
     return parser
 
@@ -61,8 +71,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_tt_completion
 
     torch.set_num_threads(args.threads)
-    run_tt_completion(rank=args.rank, samples=args.samples, iters=args.iters, seed=args.seed,
-                      dtype=_DTYPES[args.dtype])
+    run_tt_completion(rank=args.rank, samples=args.samples, iters=args.iters, seed=args.seed, dtype=_DTYPES[args.dtype])
     return 0
 
 

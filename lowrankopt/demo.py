@@ -33,8 +33,10 @@ def _random_truth(shape: list[int], rank: int, dtype: torch.dtype, generator: to
     """A TT with i.i.d. uniform [0, 2/r_{k-1}) core entries: nonnegative, mean entry 1, TT-ranks ``rank``."""
     d = len(shape)
     ranks = [1] + [rank] * (d - 1) + [1]
-    cores = [torch.rand(ranks[k], n, ranks[k + 1], dtype=torch.float64, generator=generator) * (2 / ranks[k])
-             for k, n in enumerate(shape)]
+    cores = [
+        torch.rand(ranks[k], n, ranks[k + 1], dtype=torch.float64, generator=generator) * (2 / ranks[k])
+        for k, n in enumerate(shape)
+    ]
     return TensorTrain([c.to(dtype) for c in cores])
 
 
@@ -117,8 +119,10 @@ def run_tt_completion(
     def test_error(Y: TensorTrain) -> float:
         return float(torch.linalg.vector_norm(Y.gather(test_idx) - test_vals) / test_norm)
 
-    emit(f"TT completion: shape {n}^{d}, TT-rank {rank}, manifold dim {dim}, {samples} training / "
-         f"{test_samples} test entries, {str(dtype).removeprefix('torch.')}, seed {seed}")
+    emit(
+        f"TT completion: shape {n}^{d}, TT-rank {rank}, manifold dim {dim}, {samples} training / "
+        f"{test_samples} test entries, {str(dtype).removeprefix('torch.')}, seed {seed}"
+    )
     start = time.perf_counter()
     x = TensorTrain([torch.ones(1, n, 1, dtype=dtype) for _ in range(d)]) * vals.mean()
     it, converged, train_err = 0, False, float("nan")
@@ -135,8 +139,10 @@ def run_tt_completion(
             converged = train_err < tol
             last = converged or step == budget or grad_norm == 0
             if it % print_every == 0 or (last and r == rank):
-                emit(f"iter {it:4d}  rank {r}  train {train_err:.3e}  test {test_error(x):.3e}  "
-                     f"|grad| {grad_norm:.3e}  {time.perf_counter() - start:6.2f}s")
+                emit(
+                    f"iter {it:4d}  rank {r}  train {train_err:.3e}  test {test_error(x):.3e}  "
+                    f"|grad| {grad_norm:.3e}  {time.perf_counter() - start:6.2f}s"
+                )
             if last:
                 break
             # Exact minimizer of the quadratic loss along the line x + α η (before retraction).

@@ -241,3 +241,14 @@ def test_cuda_matches_cpu(kind):
     assert torch.isclose(valc.cpu(), val, rtol=1e-12)
     assert rel(gradc.to_ambient().full().cpu(), grad.to_ambient().full()) < 1e-11
     assert rel(hc.to_ambient().full().cpu(), h.to_ambient().full()) < 1e-10
+
+
+def test_curvature_at_a_rank_deficient_point_raises():
+    M, x, _, probs, g = setup("tt")
+    cores = [c.clone() for c in x.cores]
+    cores[0][..., 1] = cores[0][..., 0]  # bond 1 now has rank 1 < 2
+    y = TensorTrain(cores)
+    xi = M.random_tangent(y, generator=g)
+    with pytest.raises(ValueError, match="rank-deficient at bond 1"):
+        riemannian_hvp(probs["completion"][0], y, xi)
+    riemannian_hvp(probs["completion"][0], y, xi, curvature=False)  # the projected Hessian is still defined

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .index_plan import IndexPlan
-from .shared_work import memo, shared_work
+from .shared_work import is_memoized, memo, shared_work
 from .tt import TensorTrain, gather_with_plan
 
 
@@ -50,6 +50,18 @@ class Chain:
     def interfaces(self, plan: IndexPlan, d: int, dtype) -> list[torch.Tensor]:
         """Interface vectors at every position k (``(N, width)`` in arrangement k), memoized."""
         return memo("interfaces", (self, plan), lambda: self._interfaces(plan, d, dtype))
+
+    def stream(self, plan: IndexPlan, d: int, dtype):
+        """The left interfaces one position at a time, without keeping them (plain left chains); the
+        memoized ones when already computed."""
+        if self.parent is not None or self.side != "left" or is_memoized("interfaces", (self, plan)):
+            yield from self.interfaces(plan, d, dtype)
+            return
+        v = torch.ones(plan.N, 1, dtype=dtype, device=plan.order[0].device)
+        for k in range(d):
+            if k:
+                v = plan.to_next(plan.times_core(v, self.cores[k - 1], k - 1), k - 1)
+            yield v
 
     def _interfaces(self, plan, d, dtype):
         fill = torch.ones if self.parent is None else torch.zeros  # an extension's own state starts at 0
@@ -291,10 +303,14 @@ class _DeltaTTGather(torch.autograd.Function):
         for fam in obj.families:
             if fam.deltas is None:
                 continue
-            left = fam.left.interfaces(plan, d, dtype)
+            # A plain gradient (no graph of this backward) streams the left sweep instead of keeping
+            # d interface blocks alive; a double backward reuses them, so then they are memoized.
+            left = (
+                fam.left.stream(plan, d, dtype) if not torch.is_grad_enabled() else fam.left.interfaces(plan, d, dtype)
+            )
             right = fam.right.interfaces(plan, d, dtype)
-            for k, t in enumerate(fam.deltas):
-                G = plan.outer_sum(left[k], g_sorted[k][:, None] * right[k], k, t.shape[1])
+            for k, (t, lk) in enumerate(zip(fam.deltas, left)):
+                G = plan.outer_sum(lk, g_sorted[k][:, None] * right[k], k, t.shape[1])
                 E, F = fam.EF(k)
                 G = _apply_EF_adjoint(E, G, F)
                 grads[id(t)] = G if id(t) not in grads else grads[id(t)] + G

@@ -38,3 +38,8 @@ def memo(tag: str, objs: tuple, compute, extra: tuple = ()):
     if key not in scope:
         scope[key] = (objs, compute())
     return scope[key][1]
+
+
+def is_memoized(tag: str, objs: tuple, extra: tuple = ()) -> bool:
+    scope = _SCOPE.get()
+    return scope is not None and (tag, tuple(id(o) for o in objs), extra) in scope

@@ -140,6 +140,13 @@ class FixedTTRank(LowRankManifold):
         # (family 1: η at the later slot) + the same with ξ and η swapped (family 2).
         fr = self.frames(x)
         V, Rinv, d = fr["V"], fr["Rinv"], len(self.shape)
+        for k in range(1, d):  # R_k⁻¹ appears below: x must have full rank at every bond
+            diag = fr["R"][k].diagonal().abs()
+            if float(diag.min()) <= float(diag.max()) * diag.numel() * torch.finfo(diag.dtype).eps:
+                raise ValueError(
+                    f"x is rank-deficient at bond {k}: the curvature term needs TT-ranks {self.ranks} "
+                    "exactly (use curvature=False, or a point of exact rank)"
+                )
         xi_c = [c.detach() for c in xi.coords]
         none = (None,) * d
         # family 1: left state p_k = Σ_{j<k} U_{<j} ξ_j V_{j+1:k-1}, entering η_k through R_k⁻¹
@@ -153,8 +160,8 @@ class FixedTTRank(LowRankManifold):
         return DeltaTT(self.shape, [point, fam1, fam2]), DeltaTT(self.shape, [fam1, fam2])
 
     def to_ambient(self, x, v: TangentVector) -> TensorTrain:
-        """ξ as a rank-2r TensorTrain with cores ``[δ_1 U_1]``, ``[[V_k 0], [δ_k U_k]]``, ``[V_d; δ_d]``
-        (block order as stored). Cost ``O(d n r²)``."""
+        """ξ as a rank-2r TensorTrain with cores ``[U_1 δ_1]``, ``[[U_k δ_k], [0 V_k]]``, ``[δ_d; V_d]``.
+        Cost ``O(d n r²)``."""
         self._check_tangent(x, v)
         return DeltaTT(self.shape, [self._family(x, v.coords, offset=False)], zero=False).materialize()
 
