@@ -116,9 +116,9 @@ def _weingarten(M: LowRankManifold, f: Callable, x, xi: TangentVector, grad: Tan
     """δ-coordinates of the curvature term W_x(ξ, P^⊥∇f(x)) (see the module docstring)."""
     g_amb = M.to_ambient(x, grad)
     etas = M._zero_deltas(x)
-    with_base, without_base = M._second_fundamental(x, xi, etas)
+    with_point, curvature_only = M._second_fundamental(x, xi, etas)
     with torch.enable_grad():
-        s = check_scalar_output(f(with_base)) - without_base.inner(g_amb)
+        s = check_scalar_output(f(with_point)) - curvature_only.inner(g_amb)
         w = grad_or_zeros(s, etas)
     return M._gauge(x, [t.detach() for t in w])
 

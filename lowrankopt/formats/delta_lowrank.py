@@ -1,6 +1,6 @@
 """Low-rank matrices linear in δ-coordinates, on which autodiff evaluates a user's function.
 
-``Y = base + Σ_families (A0 + A) Pᵀ + Q Bᵀ`` with detached frames ``P: (n, r)``, ``Q: (m, r)``, an
+``Y = Σ_families (A0 + A) Pᵀ + Q Bᵀ`` with detached frames ``P: (n, r)``, ``Q: (m, r)``, an
 optional constant offset ``A0: (m, r)`` and the δ-coordinates ``(A, B)`` of the family (a family
 without δ is a constant term ``A0 Pᵀ``). The gradient family at ``x = U S Vᵀ`` is
 ``(US + A) Vᵀ + U Bᵀ``.
@@ -31,19 +31,18 @@ class MatrixFamily:
 
 
 class DeltaLowRank(LowRankMatrix):
-    """``base + Σ_families`` of :class:`MatrixFamily` terms; ``zero`` says the δ tensors are zero."""
+    """A sum of :class:`MatrixFamily` terms; ``zero`` says that the δ tensors are zero."""
 
-    __slots__ = ("families", "base", "zero", "_shape", "_factors")
+    __slots__ = ("families", "zero", "_shape", "_factors")
 
-    def __init__(self, shape: tuple[int, int], families, base: LowRankMatrix | None = None, zero: bool = True):
-        self._shape, self.families, self.base, self.zero = tuple(shape), tuple(families), base, zero
+    def __init__(self, shape: tuple[int, int], families, zero: bool = True):
+        self._shape, self.families, self.zero = tuple(shape), tuple(families), zero
         self._factors = None
         self._cache = {}
 
     def _materialize(self):
         if self._factors is None:
-            us = [] if self.base is None else [self.base.U @ self.base.S]
-            vs = [] if self.base is None else [self.base.V]
+            us, vs = [], []
             for fam in self.families:
                 if fam.deltas is None:
                     us.append(fam.A0)
@@ -97,7 +96,7 @@ class _DeltaLowRankGather(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, obj: DeltaLowRank, rows, cols, *deltas):
         ctx.obj, ctx.rows, ctx.cols = obj, rows, cols
-        val = obj.base._gather(rows, cols) if obj.base is not None else deltas[0].new_zeros(rows.shape[0])
+        val = obj.families[0].P.new_zeros(rows.shape[0])
         for fam in obj.families:
             if fam.A0 is not None:
                 val = val + memo(

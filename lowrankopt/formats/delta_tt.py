@@ -1,6 +1,6 @@
 """Tensor trains linear in δ-coordinates, on which autodiff evaluates a user's function.
 
-    Y = base + Σ_families Σ_k  ℓ_{<k} · E_k (O_k + δ_k) F_kᵀ · ρ_{>k}
+    Y = Σ_families Σ_k  ℓ_{<k} · E_k (O_k + δ_k) F_kᵀ · ρ_{>k}
 
 ``ℓ_{<k}`` is the left interface of a *left chain* of cores (their product over positions < k),
 ``ρ_{>k}`` the right interface of a *right chain* (positions > k), ``E_k: (a_{k-1}, r_{k-1})`` and
@@ -28,7 +28,7 @@ import torch
 
 from .index_plan import IndexPlan
 from .shared_work import is_memoized, memo, shared_work
-from .tt import TensorTrain, gather_with_plan
+from .tt import TensorTrain
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,12 +185,12 @@ def _family_cores(fam: TTFamily, d: int) -> list[torch.Tensor]:
 
 
 class DeltaTT(TensorTrain):
-    """``base + Σ_families`` of :class:`TTFamily` terms; ``zero`` says that the δ tensors are zero."""
+    """A sum of :class:`TTFamily` terms; ``zero`` says that the δ tensors are zero."""
 
-    __slots__ = ("families", "base", "zero", "_shape", "_cores")
+    __slots__ = ("families", "zero", "_shape", "_cores")
 
-    def __init__(self, shape, families, base: TensorTrain | None = None, zero: bool = True):
-        self._shape, self.families, self.base, self.zero = tuple(shape), tuple(families), base, zero
+    def __init__(self, shape, families, zero: bool = True):
+        self._shape, self.families, self.zero = tuple(shape), tuple(families), zero
         self._cores = None
         self._cache = {}
 
@@ -198,7 +198,7 @@ class DeltaTT(TensorTrain):
     def cores(self):
         if self._cores is None:
             d = len(self._shape)
-            tt = None if self.base is None else TensorTrain._trusted(self.base.cores)
+            tt = None
             for fam in self.families:
                 part = TensorTrain._trusted(_family_cores(fam, d))
                 tt = part if tt is None else tt + part
@@ -272,7 +272,7 @@ class _DeltaTTGather(torch.autograd.Function):
         d, dtype = obj.ndim, obj.dtype
         plan = _plan(index, obj.shape)
         ctx.obj, ctx.plan = obj, plan
-        val = gather_with_plan(obj.base.cores, plan) if obj.base is not None else None
+        val = None
         for fam in obj.families:
             for k in range(d):
                 terms = []
