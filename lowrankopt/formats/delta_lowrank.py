@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .lowrank import LowRankMatrix
-from .shared_work import memo, shared_work
+from .shared_work import memo, memoized_function, unique_deltas
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,11 +72,7 @@ class DeltaLowRank(LowRankMatrix):
         return self.families[0].P.device
 
     def _deltas(self) -> list[torch.Tensor]:
-        seen = {}
-        for fam in self.families:
-            for t in fam.deltas or ():
-                seen.setdefault(id(t), t)
-        return list(seen.values())
+        return unique_deltas(self.families)
 
     def _gather(self, rows, cols):
         return _DeltaLowRankGather.apply(self, rows, cols, *self._deltas())
@@ -86,13 +82,8 @@ def _rows(M: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return memo("rows", (M, idx), lambda: M.index_select(0, idx))
 
 
+@memoized_function
 class _DeltaLowRankGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *args):
-        ctx.memo = {}  # interfaces and gathered frames persist from forward to backward
-        with shared_work(ctx.memo):
-            return _DeltaLowRankGather._forward(ctx, *args)
-
     @staticmethod
     def _forward(ctx, obj: DeltaLowRank, rows, cols, *deltas):
         ctx.obj, ctx.rows, ctx.cols = obj, rows, cols
@@ -108,11 +99,6 @@ class _DeltaLowRankGather(torch.autograd.Function):
                 A, B = fam.deltas
                 val = val + (A[rows] * _rows(fam.P, cols)).sum(-1) + (_rows(fam.Q, rows) * B[cols]).sum(-1)
         return val
-
-    @staticmethod
-    def backward(ctx, g):
-        with shared_work(ctx.memo):
-            return _DeltaLowRankGather._backward(ctx, g)
 
     @staticmethod
     def _backward(ctx, g):

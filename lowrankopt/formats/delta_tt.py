@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .index_plan import IndexPlan
-from .shared_work import is_memoized, memo, shared_work
+from .shared_work import is_memoized, memo, memoized_function, unique_deltas
 from .tt import TensorTrain
 
 
@@ -230,11 +230,7 @@ class DeltaTT(TensorTrain):
         return TensorTrain._trusted(self.cores)
 
     def _deltas(self) -> list[torch.Tensor]:
-        seen = {}
-        for fam in self.families:
-            for t in fam.deltas or ():
-                seen.setdefault(id(t), t)
-        return list(seen.values())
+        return unique_deltas(self.families)
 
     def _gather(self, index):
         return _DeltaTTGather.apply(self, index, *self._deltas())
@@ -260,13 +256,8 @@ def _offset_term(fam: TTFamily, k: int, plan: IndexPlan, d: int, dtype) -> torch
     return memo("offset", (fam.left, fam.right, fam.offsets[k], plan) + fam.EF(k), compute, extra=(k,))
 
 
+@memoized_function
 class _DeltaTTGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *args):
-        ctx.memo = {}  # interfaces and gathered frames persist from forward to backward
-        with shared_work(ctx.memo):
-            return _DeltaTTGather._forward(ctx, *args)
-
     @staticmethod
     def _forward(ctx, obj: DeltaTT, index, *deltas):
         d, dtype = obj.ndim, obj.dtype
@@ -287,11 +278,6 @@ class _DeltaTTGather(torch.autograd.Function):
                 for t in terms:
                     val = t if val is None else val + t
         return val.clone() if val is not None else deltas[0].new_zeros(index.shape[0])
-
-    @staticmethod
-    def backward(ctx, g):
-        with shared_work(ctx.memo):
-            return _DeltaTTGather._backward(ctx, g)
 
     @staticmethod
     def _backward(ctx, g):

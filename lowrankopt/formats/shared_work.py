@@ -43,3 +43,31 @@ def memo(tag: str, objs: tuple, compute, extra: tuple = ()):
 def is_memoized(tag: str, objs: tuple, extra: tuple = ()) -> bool:
     scope = _SCOPE.get()
     return scope is not None and (tag, tuple(id(o) for o in objs), extra) in scope
+
+
+def memoized_function(cls):
+    """Class decorator for a ``torch.autograd.Function`` written as ``_forward(ctx, ...)`` and
+    ``_backward(ctx, grad)``: both run inside one memo kept on ``ctx`` (nested under any active scope),
+    so intermediate results of the forward pass are reused by the backward pass."""
+    fwd, bwd = cls._forward, cls._backward
+
+    def forward(ctx, *args):
+        ctx.memo = {}
+        with shared_work(ctx.memo):
+            return fwd(ctx, *args)
+
+    def backward(ctx, *grads):
+        with shared_work(ctx.memo):
+            return bwd(ctx, *grads)
+
+    cls.forward, cls.backward = staticmethod(forward), staticmethod(backward)
+    return cls
+
+
+def unique_deltas(families) -> list:
+    """The δ tensors of ``families`` (objects with a ``deltas`` tuple or None), each once, in order."""
+    seen = {}
+    for fam in families:
+        for t in fam.deltas or ():
+            seen.setdefault(id(t), t)
+    return list(seen.values())
