@@ -151,9 +151,10 @@ def riemannian_hvp(
     Weingarten (curvature) term; ``curvature=False`` gives ``P_x ∇²f(x) P_x v`` alone (t3f's
     approximation; equal to the exact Hessian at critical points).
 
-    Cost: a double backward pass through f on the linearized object (for ``gather``: about six
-    rank-r sweeps over the indices); the curvature term adds one evaluation and one backward pass on
-    a rank-4r (TT) / rank-3r (matrix) linearized object, ``O(d n r³)`` for the frames and
-    ``R_k⁻¹`` (the term involves inverse singular values, as it must).
+    Cost: a double backward pass through f on the linearized object (for ``gather``: about 4–6 × f,
+    see docs/benchmarks.md). The curvature term adds one evaluation and backward pass of f on a
+    δ-structured object (materialized for generic ops as rank 7r for TT, 3r for matrices; native and
+    sharing the first pass's work for ``gather``: about 2–4 × f more), plus ``O(d n r³)`` for the frames
+    and ``R_k⁻¹`` (the term involves inverse singular values, as it must).
     """
     return riemannian_grad_and_hvp(f, x, v, curvature=curvature, manifold=manifold)[2]
