@@ -240,20 +240,22 @@ def _plan(index, shape) -> IndexPlan:
     return memo("plan", (index,), lambda: IndexPlan(index, shape), extra=(index._version, tuple(shape)))
 
 
+def _slot_term(fam: TTFamily, k: int, core: torch.Tensor, plan: IndexPlan, d: int, dtype) -> torch.Tensor:
+    """``ℓ_{<k} E_k core F_kᵀ ρ_{>k}`` at the plan's indices, in natural order."""
+    E, F = fam.EF(k)
+    core = _apply_EF(E, core, F)
+    if k == 0 and fam.left.parent is None:  # the left interface is the constant 1: skip the sweep
+        left = torch.ones(plan.N, 1, dtype=dtype, device=plan.order[0].device)
+    else:
+        left = fam.left.interfaces(plan, d, dtype)[k]
+    right = fam.right.interfaces(plan, d, dtype)[k]
+    return plan.to_natural((plan.times_core(left, core, k) * right).sum(-1), k)
+
+
 def _offset_term(fam: TTFamily, k: int, plan: IndexPlan, d: int, dtype) -> torch.Tensor:
-    """The contribution of ``E_k O_k F_kᵀ`` at the indices, in natural order (memoized)."""
-
-    def compute():
-        E, F = fam.EF(k)
-        core = _apply_EF(E, fam.offsets[k], F)
-        if k == 0 and fam.left.parent is None:  # the left interface is the constant 1: skip the sweep
-            left = torch.ones(plan.N, 1, dtype=dtype, device=plan.order[0].device)
-        else:
-            left = fam.left.interfaces(plan, d, dtype)[k]
-        right = fam.right.interfaces(plan, d, dtype)[k]
-        return plan.to_natural((plan.times_core(left, core, k) * right).sum(-1), k)
-
-    return memo("offset", (fam.left, fam.right, fam.offsets[k], plan) + fam.EF(k), compute, extra=(k,))
+    """The constant offset's contribution, memoized (the curvature pass reuses the gradient pass's)."""
+    key = (fam.left, fam.right, fam.offsets[k], plan) + fam.EF(k)
+    return memo("offset", key, lambda: _slot_term(fam, k, fam.offsets[k], plan, d, dtype), extra=(k,))
 
 
 @memoized_function
@@ -270,11 +272,7 @@ class _DeltaTTGather(torch.autograd.Function):
                 if fam.offsets[k] is not None:
                     terms.append(_offset_term(fam, k, plan, d, dtype))
                 if not obj.zero and fam.deltas is not None:
-                    E, F = fam.EF(k)
-                    left = fam.left.interfaces(plan, d, dtype)[k]
-                    right = fam.right.interfaces(plan, d, dtype)[k]
-                    core = _apply_EF(E, fam.deltas[k], F)
-                    terms.append(plan.to_natural((plan.times_core(left, core, k) * right).sum(-1), k))
+                    terms.append(_slot_term(fam, k, fam.deltas[k], plan, d, dtype))
                 for t in terms:
                     val = t if val is None else val + t
         return val.clone() if val is not None else deltas[0].new_zeros(index.shape[0])

@@ -88,16 +88,6 @@ def _svd_truncate_right_to_left(cores: list[torch.Tensor], max_ranks, eps: float
     return cores
 
 
-def gather_with_plan(cores: Sequence[torch.Tensor], plan: IndexPlan) -> torch.Tensor:
-    """Entries of the TT with ``cores`` at the plan's indices, natural order. Cost ``O(N d r²)``."""
-    v = cores[0].new_ones(plan.N, 1)
-    for k, core in enumerate(cores):
-        if k:
-            v = plan.to_next(v, k - 1)
-        v = plan.times_core(v, core, k)
-    return plan.to_natural(v[:, 0], len(cores) - 1)
-
-
 class TensorTrain:
     """A d-dimensional tensor in tensor-train format.
 
@@ -273,7 +263,13 @@ class TensorTrain:
         return self._gather(check_index("index", index, self.shape, self.device))
 
     def _gather(self, index: torch.Tensor) -> torch.Tensor:
-        return gather_with_plan(self.cores, IndexPlan(index, self.shape))
+        plan = IndexPlan(index, self.shape)
+        v = self.cores[0].new_ones(plan.N, 1)
+        for k, core in enumerate(self.cores):
+            if k:
+                v = plan.to_next(v, k - 1)
+            v = plan.times_core(v, core, k)
+        return plan.to_natural(v[:, 0], self.ndim - 1)
 
     # ----------------------------------------------------------------- linear algebra
     def _check_compatible(self, other: TensorTrain) -> None:
