@@ -32,7 +32,7 @@ from .manifolds.fixed_rank import FixedRankMatrices
 from .manifolds.tangent import TangentVector
 from .manifolds.tt import FixedTTRank
 
-__all__ = ["riemannian_grad", "riemannian_hvp", "manifold_of"]
+__all__ = ["riemannian_grad", "riemannian_grad_and_hessian", "riemannian_grad_and_hvp", "riemannian_hvp", "manifold_of"]
 
 
 def manifold_of(x) -> LowRankManifold:
@@ -123,23 +123,50 @@ def _weingarten(M: LowRankManifold, f: Callable, x, xi: TangentVector, grad: Tan
     return M._gauge(x, [t.detach() for t in w])
 
 
+def riemannian_grad_and_hessian(
+    f: Callable, x, *, curvature: bool = True, manifold: LowRankManifold | None = None
+) -> tuple[torch.Tensor, TangentVector, Callable[[TangentVector], TangentVector]]:
+    """``(f(x), grad f(x), hess)`` where ``hess(v)`` applies the Riemannian Hessian at x to tangent vectors.
+
+    The forward pass and the first backward pass (kept on the autograd tape) are shared by every call of
+    ``hess``, so each Hessian-vector product costs only the second backward pass (plus the curvature
+    pass if ``curvature``). This is what the trust-region method uses: many HVPs at one point. The tape
+    lives as long as ``hess`` does. See :func:`riemannian_hvp` for the math and the costs.
+    """
+    M = _resolve(x, manifold)
+    store: dict = {}
+    with shared_work(store):  # the curvature passes reuse index plans, frame interfaces and f's value
+        val, g, deltas = M._delta_grad(x, f, create_graph=True)
+    grad = TangentVector(M, x, M._gauge(x, [gi.detach() for gi in g]))
+    live = [(gi, i) for i, gi in enumerate(g) if gi.requires_grad]
+
+    def hess(v: TangentVector) -> TangentVector:
+        M._check_tangent(x, v)
+        # A copy of the memo: what this product adds (its own curvature-pass intermediates) is dropped after.
+        with shared_work(dict(store)):
+            if live:
+                with torch.enable_grad():
+                    s = sum((gi * v.coords[i]).sum() for gi, i in live)
+                hv = grad_or_zeros(s, deltas, retain_graph=True)
+            else:
+                hv = [torch.zeros_like(t) for t in deltas]
+            coords = M._gauge(x, [h.detach() for h in hv])
+            if curvature:
+                coords = [a + b for a, b in zip(coords, _weingarten(M, f, x, v, grad))]
+        return TangentVector(M, x, coords)
+
+    return val.detach(), grad, hess
+
+
 def riemannian_grad_and_hvp(
     f: Callable, x, v: TangentVector, *, curvature: bool = True, manifold: LowRankManifold | None = None
 ):
     """``(f(x), grad f(x), Hess f(x)[v])`` from one forward and a double backward pass; see
     :func:`riemannian_hvp`."""
-    M = _resolve(x, manifold if manifold is not None else (v.manifold if isinstance(v, TangentVector) else None))
-    M._check_tangent(x, v)
-    with shared_work():  # the curvature pass reuses index plans, frame interfaces and f's value
-        val, g, deltas = M._delta_grad(x, f, create_graph=True)
-        with torch.enable_grad():
-            terms = [(gi * vi).sum() for gi, vi in zip(g, v.coords) if gi.requires_grad]
-            hv = grad_or_zeros(sum(terms), deltas) if terms else [torch.zeros_like(t) for t in deltas]
-        grad = TangentVector(M, x, M._gauge(x, [gi.detach() for gi in g]))
-        coords = M._gauge(x, [h.detach() for h in hv])
-        if curvature:
-            coords = [a + b for a, b in zip(coords, _weingarten(M, f, x, v, grad))]
-    return val.detach(), grad, TangentVector(M, x, coords)
+    if manifold is None and isinstance(v, TangentVector):
+        manifold = v.manifold
+    val, grad, hess = riemannian_grad_and_hessian(f, x, curvature=curvature, manifold=manifold)
+    return val, grad, hess(v)
 
 
 def riemannian_hvp(
@@ -149,7 +176,8 @@ def riemannian_hvp(
 
     ``curvature=True`` (default) gives the exact Riemannian Hessian ``P_x ∇²f(x) P_x v`` plus the
     Weingarten (curvature) term; ``curvature=False`` gives ``P_x ∇²f(x) P_x v`` alone (t3f's
-    approximation; equal to the exact Hessian at critical points).
+    approximation; equal to the exact Hessian where the Euclidean gradient ∇f(x) vanishes, not at every
+    Riemannian critical point).
 
     Cost: a double backward pass through f on the linearized object (for ``gather``: about 4–6 × f,
     see docs/benchmarks.md). The curvature term adds one evaluation and backward pass of f on a

@@ -1,26 +1,19 @@
 """Demo: tensor-train completion by Riemannian conjugate gradients on :class:`FixedTTRank`.
 
 The ground truth ``A`` is a random nonnegative tensor of TT-rank r and shape ``n^d`` (i.i.d. uniform
-cores), observed on a random set Ω of entries. We minimize ``f(X) = ½ ‖P_Ω(X − A)‖²`` over TT-rank-r
-tensors with Polak–Ribière+ nonlinear CG (vector transport by projection, exact step size for the
-linearized quadratic loss) and report the relative error on held-out entries.
-
-Initialization matters for d ≫ 2: a random rank-r point is almost orthogonal to A and to its tangent
-space, so the first gradients are dominated by sampling noise and CG stalls. We start instead from the
-best constant tensor (the mean of the observed entries, TT-rank 1) and use rank continuation: a few CG
-iterations at TT-rank 1, 2, ..., r − 1, each stage grown by a tiny random rank-1 term, then CG at TT-rank
-r until the training residual reaches the tolerance.
+cores), observed on a random set Ω of entries. :func:`lowrankopt.complete` minimizes
+``f(X) = ½ ‖P_Ω(X − A)‖²`` over TT-rank-r tensors by Riemannian CG (RTTC) with rank continuation from
+the best constant tensor, and we report the relative error on held-out entries.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 
 import torch
 
-from .autodiff import riemannian_grad
+from .completion import complete, sample_indices
 from .formats.tt import TensorTrain
 from .manifolds.tt import FixedTTRank
 
@@ -38,17 +31,6 @@ def _random_truth(shape: list[int], rank: int, dtype: torch.dtype, generator: to
         for k, n in enumerate(shape)
     ]
     return TensorTrain([c.to(dtype) for c in cores])
-
-
-def _sample_indices(shape: list[int], count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` uniformly random multi-indices, shape ``(count, len(shape))``, int64."""
-    return torch.stack([torch.randint(0, n, (count,), generator=generator) for n in shape], dim=1)
-
-
-def _grow_rank(x: TensorTrain, generator: torch.Generator, eps: float = 1e-4) -> TensorTrain:
-    """``x`` plus a random rank-1 TT of relative norm ``eps``: nearly the same tensor, TT-ranks + 1."""
-    z = TensorTrain.random(x.shape, 1, dtype=torch.float64, generator=generator).to(x.dtype)
-    return x + z * (eps * x.norm() / z.norm())
 
 
 def run_tt_completion(
@@ -108,67 +90,39 @@ def run_tt_completion(
     samples = math.ceil(oversampling * dim) if samples is None else samples
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    samples, test_samples = min(samples, n**d), min(test_samples, n**d)  # distinct entries: at most all of them
     truth = _random_truth(shape, rank, dtype, g)
-    idx, test_idx = _sample_indices(shape, samples, g), _sample_indices(shape, test_samples, g)
+    idx, test_idx = sample_indices(shape, samples, generator=g), sample_indices(shape, test_samples, generator=g)
     vals, test_vals = truth.gather(idx), truth.gather(test_idx)
-    vals_norm, test_norm = torch.linalg.vector_norm(vals), torch.linalg.vector_norm(test_vals)
-
-    def loss(Y: TensorTrain) -> torch.Tensor:
-        return 0.5 * ((Y.gather(idx) - vals) ** 2).sum()
-
-    def test_error(Y: TensorTrain) -> float:
-        return float(torch.linalg.vector_norm(Y.gather(test_idx) - test_vals) / test_norm)
-
     emit(
         f"TT completion: shape {n}^{d}, TT-rank {rank}, manifold dim {dim}, {samples} training / "
         f"{test_samples} test entries, {str(dtype).removeprefix('torch.')}, seed {seed}"
     )
-    start = time.perf_counter()
-    x = TensorTrain([torch.ones(1, n, 1, dtype=dtype) for _ in range(d)]) * vals.mean()
-    it, converged, train_err = 0, False, float("nan")
-    for r in range(1, rank + 1):
-        if r > 1:
-            x = _grow_rank(x, g)
-        M = FixedTTRank(shape, r)
-        budget = iters - it if r == rank else min(warmup_iters, iters - it)
-        val, grad = riemannian_grad(loss, x, manifold=M)
-        eta = -grad
-        for step in range(budget + 1):
-            train_err = float(torch.sqrt(2 * val) / vals_norm)
-            grad_norm = float(grad.norm())
-            converged = train_err < tol
-            last = converged or step == budget or grad_norm == 0
-            if it % print_every == 0 or (last and r == rank):
-                emit(
-                    f"iter {it:4d}  rank {r}  train {train_err:.3e}  test {test_error(x):.3e}  "
-                    f"|grad| {grad_norm:.3e}  {time.perf_counter() - start:6.2f}s"
-                )
-            if last:
-                break
-            # Exact minimizer of the quadratic loss along the line x + α η (before retraction).
-            alpha = -grad.inner(eta) / (eta.to_ambient().gather(idx) ** 2).sum()
-            x_new = M.retr(x, eta * alpha)
-            val, grad_new = riemannian_grad(loss, x_new, manifold=M)
-            # Polak–Ribière+, transport by projection; <g_new, P_new g_old> = <g_new, g_old> in ambient space.
-            cross = grad_new.to_ambient().inner(grad.to_ambient())
-            beta = torch.clamp((grad_new.inner(grad_new) - cross) / grad.inner(grad), min=0)
-            eta = -grad_new + M.transp(x, x_new, eta) * beta
-            if float(grad_new.inner(eta)) >= 0:  # not a descent direction: restart with steepest descent
-                eta = -grad_new
-            x, grad = x_new, grad_new
-            it += 1
-        if converged:
-            break
-    elapsed = time.perf_counter() - start
+    last = [0]
+
+    def progress(res):
+        rec = res.history[-1]
+        if rec["iter"] - last[0] >= print_every or rec["iter"] == 0:
+            last[0] = rec["iter"]
+            emit(
+                f"iter {rec['iter']:4d}  rank {rec['rank']}  train {rec['train_error']:.3e}  "
+                f"test {rec['test_error']:.3e}  |grad| {rec['grad_norm']:.3e}  {rec['solve_time']:6.2f}s"
+            )
+
+    res = complete(
+        idx, vals, shape, rank, test=(test_idx, test_vals), tol=tol, max_iter=iters, warmup_iters=warmup_iters,
+        generator=g, monitor=progress,
+    )
+    converged = res.train_error <= tol
     result = {
-        "train_error": train_err,
-        "test_error": test_error(x),
-        "iterations": it,
+        "train_error": res.train_error,
+        "test_error": res.test_error,
+        "iterations": res.nit,
         "converged": converged,
-        "time": elapsed,
+        "time": res.time,
         "samples": samples,
         "dim": dim,
     }
-    emit(f"{'converged' if converged else 'stopped'} after {it} iterations in {elapsed:.2f}s")
+    emit(f"{'converged' if converged else 'stopped'} after {res.nit} iterations in {res.time:.2f}s")
     emit(f"final test relative error: {result['test_error']:.1e}")
     return result

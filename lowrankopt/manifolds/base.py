@@ -12,11 +12,18 @@ from .._checks import check_tensor
 from .tangent import TangentVector
 
 
-def grad_or_zeros(out: torch.Tensor, inputs, create_graph: bool = False, grad_outputs=None) -> list[torch.Tensor]:
+def grad_or_zeros(
+    out: torch.Tensor, inputs, create_graph: bool = False, grad_outputs=None, retain_graph: bool | None = None
+) -> list[torch.Tensor]:
     """torch.autograd.grad that returns zeros for inputs ``out`` does not depend on."""
     if out.requires_grad:
         grads = torch.autograd.grad(
-            out, inputs, grad_outputs=grad_outputs, create_graph=create_graph, allow_unused=True
+            out,
+            inputs,
+            grad_outputs=grad_outputs,
+            create_graph=create_graph,
+            retain_graph=retain_graph,
+            allow_unused=True,
         )
     else:
         grads = [None] * len(inputs)

@@ -64,6 +64,14 @@ class FixedRankMatrices(LowRankManifold):
                 x._cache["US"] = Qu @ S
         return x._cache["frames"]
 
+    def _point_from_frames(self, U, S, V) -> LowRankMatrix:
+        """The point ``U S Vᵀ`` with orthonormal ``U``, ``V`` taken as its frames as they are (no QR,
+        so tangent coordinates refer to exactly these frames). Cost ``O(m r²)``."""
+        x = LowRankMatrix._trusted(U, S, V)
+        x._cache["frames"] = (U, S, V)
+        x._cache["US"] = U @ S
+        return x
+
     def random_point(self, *, dtype=torch.float64, device=None, generator=None) -> LowRankMatrix:
         """See :meth:`LowRankMatrix.random`. Cost ``O((m + n) r²)``."""
         return LowRankMatrix.random(self.m, self.n, self.rank, dtype=dtype, device=device, generator=generator)
@@ -89,6 +97,19 @@ class FixedRankMatrices(LowRankManifold):
         curv = MatrixFamily(P=P, Q=Q, deltas=tuple(deltas))
         point = MatrixFamily(P=V, Q=None, A0=x._cache["US"])  # the constant term x
         return DeltaLowRank(x.shape, [point, curv]), DeltaLowRank(x.shape, [curv])
+
+    def proj(self, x, z) -> TangentVector:
+        """Orthogonal projection onto T_x (see :meth:`LowRankManifold.proj`). A LowRankMatrix
+        ``z = Z_U Z_S Z_Vᵀ`` of rank ``r_z`` is projected in closed form: ``A = Z_U Z_S (Z_Vᵀ V)``,
+        ``B = (I − V Vᵀ) Z_V Z_Sᵀ (Z_Uᵀ U)``, cost ``O((m + n) r r_z)``."""
+        if not isinstance(z, LowRankMatrix) or isinstance(z, DeltaLowRank):
+            return super().proj(x, z)
+        self._check_point(x)
+        self._check_ambient(z)
+        U, _, V = self.frames(x)
+        A = z.U @ (z.S @ (z.V.T @ V))
+        B = z.V @ (z.S.T @ (z.U.T @ U))
+        return TangentVector(self, x, self._gauge(x, [A.detach(), B.detach()]))
 
     def to_ambient(self, x, v: TangentVector) -> LowRankMatrix:
         """ξ = [A U] [V B]ᵀ as a rank-2r LowRankMatrix. Cost ``O((m + n) r)``."""

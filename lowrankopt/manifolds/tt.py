@@ -79,29 +79,32 @@ class FixedTTRank(LowRankManifold):
         self._check_point(x)
         if "frames" not in x._cache:
             with torch.no_grad():
-                right = right_orthogonalize([c.detach() for c in x.cores])
-                d = len(right)
-                U, R, Rinv, Y = [], [None], [None], right[0]
-                for k in range(d - 1):
-                    a, n, b = Y.shape
-                    Q, Rk = torch.linalg.qr(Y.reshape(a * n, b))
-                    U.append(Q.reshape(a, n, b))
-                    R.append(Rk)
-                    Rinv.append(
-                        torch.linalg.solve_triangular(Rk, torch.eye(b, dtype=Rk.dtype, device=Rk.device), upper=True)
-                    )
-                    Y = torch.tensordot(Rk, right[k + 1], dims=1)
-                V = [None] + right[1:]
-                x._cache["frames"] = {
-                    "C": right[0],
-                    "V": V,
-                    "U": U,
-                    "R": R,
-                    "Rinv": Rinv,
-                    "left_chain": Chain("left", tuple(U)),
-                    "right_chain": Chain("right", tuple(V)),
-                }
+                x._cache["frames"] = self._frames_from_right(right_orthogonalize([c.detach() for c in x.cores]))
         return x._cache["frames"]
+
+    def _frames_from_right(self, right, qr=torch.linalg.qr) -> dict:
+        """The :meth:`frames` dict from right-orthogonal cores ``right`` (cores 2..d right-orthogonal,
+        taken as they are): a left QR sweep with ``qr``. Cost ``O(d n r³)``."""
+        right = list(right)
+        d = len(right)
+        U, R, Rinv, Y = [], [None], [None], right[0]
+        for k in range(d - 1):
+            a, n, b = Y.shape
+            Q, Rk = qr(Y.reshape(a * n, b))
+            U.append(Q.reshape(a, n, b))
+            R.append(Rk)
+            Rinv.append(torch.linalg.solve_triangular(Rk, torch.eye(b, dtype=Rk.dtype, device=Rk.device), upper=True))
+            Y = torch.tensordot(Rk, right[k + 1], dims=1)
+        V = [None] + right[1:]
+        return {
+            "C": right[0],
+            "V": V,
+            "U": U,
+            "R": R,
+            "Rinv": Rinv,
+            "left_chain": Chain("left", tuple(U)),
+            "right_chain": Chain("right", tuple(V)),
+        }
 
     def random_point(self, *, dtype=torch.float64, device=None, generator=None) -> TensorTrain:
         """A Gaussian TT (see :meth:`TensorTrain.random`) in right-orthogonal form, scaled to unit

@@ -1,0 +1,320 @@
+"""Low-rank matrix and tensor-train completion: ``complete(indices, values, shape, rank)``.
+
+Minimizes ``f(X) = ½ ‖P_Ω(X) − values‖²`` over matrices of rank r (:class:`FixedRankMatrices`) or
+tensors of TT-rank r (:class:`FixedTTRank`) with :func:`minimize`. With the defaults this is LRGeomCG
+(Vandereycken 2013) for matrices and RTTC (Steinlechner 2016) for tensor trains: nonlinear CG, vector
+transport by projection, and the exact line search of the linearized problem (the quadratic-model step
+with ``curvature=False``); ``method="trust-region"`` uses the exact Riemannian Hessian instead.
+
+Start points: matrices start from the rank-r truncated SVD of the zero-filled ``P_Ω A`` (LRGeomCG's
+``make_start_x``, computed matrix-free by a randomized range finder on the sparse matrix); tensor trains
+from the best constant tensor with rank continuation (a few iterations at TT-rank 1, 2, …, each stage
+grown by a tiny random rank-1 term), because for d ≫ 2 a random TT-rank-r start is almost orthogonal to
+the target and its tangent space.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from ._checks import check_index, check_tensor
+from .autodiff import manifold_of
+from .formats.lowrank import LowRankMatrix
+from .formats.tt import TensorTrain, _rank_list
+from .manifolds.fixed_rank import FixedRankMatrices
+from .manifolds.tangent import TangentVector
+from .manifolds.tt import FixedTTRank
+from .optim import OptimizeResult, minimize
+
+__all__ = ["complete", "sample_indices", "completion_loss"]
+
+_DEFAULT_TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def sample_indices(
+    shape, count: int, *, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
+    """``count`` distinct multi-indices drawn uniformly at random from a tensor of ``shape``.
+
+    Returns an int64 tensor ``(count, len(shape))`` in random order. Cost ``O(count log count)``: draws
+    linear indices with replacement, keeps the distinct ones and tops up until there are enough, so the
+    ``Π shape`` index space is never materialized.
+    """
+    shape = [int(n) for n in shape]
+    total = math.prod(shape)
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= total:
+        raise ValueError(f"count must be an int in [0, {total}] (the number of entries), got {count!r}")
+    if total >= 2**63:
+        raise ValueError(f"shape {tuple(shape)} has more than 2^63 entries; linear indices would overflow int64")
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    chosen = torch.empty(0, dtype=torch.int64, device=gdev)
+    while chosen.numel() < count:
+        need = count - chosen.numel()
+        draw = torch.randint(0, total, (need + need // 8 + 16,), generator=generator, device=gdev)
+        chosen = torch.unique(torch.cat([chosen, draw]))
+        if total - chosen.numel() < need and count > total // 2:  # dense request: take a permutation
+            chosen = torch.randperm(total, generator=generator, device=gdev)[:count]
+            break
+    chosen = chosen[torch.randperm(chosen.numel(), generator=generator, device=gdev)[:count]]
+    idx = torch.stack(torch.unravel_index(chosen, tuple(shape)), dim=1)
+    return idx.to(device if device is not None else gdev)
+
+
+def completion_loss(indices: torch.Tensor, values: torch.Tensor):
+    """``f(X) = ½ ‖X[indices] − values‖²`` for a LowRankMatrix (indices ``(N, 2)``) or a TensorTrain."""
+    if indices.shape[1] == 2:
+        rows, cols = indices[:, 0], indices[:, 1]
+
+        def loss(X):
+            if isinstance(X, LowRankMatrix):
+                return 0.5 * ((X.gather(rows, cols) - values) ** 2).sum()
+            return 0.5 * ((X.gather(indices) - values) ** 2).sum()
+
+        return loss
+    return lambda X: 0.5 * ((X.gather(indices) - values) ** 2).sum()
+
+
+class _MatrixLeastSquares:
+    """``f(X) = ½ ‖P_Ω X − values‖²`` on fixed-rank matrices in closed form, with the observed pattern
+    held as CSR (and its transpose) so that every product is a sampled dense-dense or a sparse-dense product:
+
+    - ``P_Ω X`` for ``X = (US) Vᵀ``: ``sampled_addmm`` over the pattern, ``O(N r)``;
+    - gradient ``P_x(S)`` with ``S = P_Ω X − values`` (sparse): ``A = S V``, ``B = (I − VVᵀ) Sᵀ U``,
+      two CSR products, ``O(N r + (m + n) r²)``;
+    - Gauss–Newton Hessian ``P_x P_Ω P_x`` applied to ξ (for least squares exactly the Hessian without the
+      curvature term): ``P_Ω ξ`` by ``sampled_addmm`` with the rank-2r factors ``[A U] [V B]ᵀ``, then as above.
+
+    No autograd tape and no ``(N, r)`` gathered temporaries. The residual is cached on the point.
+    """
+
+    def __init__(self, indices, values, shape, manifold):
+        m, n = shape
+        rows, cols = indices[:, 0], indices[:, 1]
+        order = torch.argsort(rows * n + cols)
+        self.vals = values[order]
+        self.M = manifold
+        self.pattern = self._csr(rows[order], cols[order], m, n)
+        t_order = torch.argsort(cols[order] * m + rows[order])  # CSR order of the transpose
+        self.t_perm = t_order
+        self.t_pattern = self._csr(cols[order][t_order], rows[order][t_order], n, m)
+        self.key = ("lsq_residual", id(self))
+
+    def _csr(self, r, c, m, n):
+        crow = torch.zeros(m + 1, dtype=torch.int64, device=r.device)
+        crow[1:] = torch.cumsum(torch.bincount(r, minlength=m), 0)
+        return crow, c
+
+    def _sparse(self, values, transpose=False):
+        crow, col = self.t_pattern if transpose else self.pattern
+        shape = (self.M.n, self.M.m) if transpose else (self.M.m, self.M.n)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the kernels used here are stable
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+    def _sample(self, L, R):
+        """``(L Rᵀ)`` at the pattern, in CSR order."""
+        return torch.sparse.sampled_addmm(self._sparse(torch.zeros_like(self.vals)), L, R.T, beta=0.0).values()
+
+    def _project_sparse(self, x, values):
+        U, _, V = self.M.frames(x)
+        A = self._sparse(values) @ V
+        B = self._sparse(values[self.t_perm], transpose=True) @ U
+        return TangentVector(self.M, x, self.M._gauge(x, [A, B]))
+
+    def residual(self, x):
+        if self.key not in x._cache:
+            _, _, V = self.M.frames(x)
+            x._cache[self.key] = self._sample(x._cache["US"], V) - self.vals
+        return x._cache[self.key]
+
+    def value(self, x):
+        return 0.5 * (self.residual(x) ** 2).sum()
+
+    def grad(self, x):
+        return self._project_sparse(x, self.residual(x))
+
+    def hvp(self, x, v):
+        U, _, V = self.M.frames(x)
+        A, B = v.coords
+        return self._project_sparse(x, self._sample(torch.cat([A, U], 1), torch.cat([V, B], 1)))
+
+
+def _entries(X, indices):
+    if isinstance(X, LowRankMatrix):
+        return X.gather(indices[:, 0], indices[:, 1])
+    return X.gather(indices)
+
+
+def _spectral_start(indices, values, shape, rank, generator, oversample: int = 10, power_iters: int = 4):
+    """Rank-``rank`` truncated SVD of the zero-filled sparse matrix, by a randomized range finder with
+    power iterations (Halko–Martinsson–Tropp). Cost ``O((N + (m + n) q) q · power_iters)``, q = rank +
+    oversample; never forms the dense matrix."""
+    m, n = shape
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the kernels used here are stable
+        warnings.simplefilter("ignore", UserWarning)
+        A = torch.sparse_coo_tensor(indices.T, values, (m, n), check_invariants=False).coalesce().to_sparse_csr()
+        At = torch.sparse_coo_tensor(indices.flip(1).T, values, (n, m), check_invariants=False)
+        At = At.coalesce().to_sparse_csr()
+    q = min(rank + oversample, m, n)
+    gdev = generator.device if generator is not None else values.device
+    omega = torch.randn(n, q, dtype=values.dtype, device=gdev, generator=generator).to(values.device)
+    Q = torch.linalg.qr(A @ omega)[0]
+    for _ in range(power_iters):
+        Q = torch.linalg.qr(A @ torch.linalg.qr(At @ Q)[0])[0]
+    B = (At @ Q).T  # Qᵀ A, shape (q, n)
+    Ub, s, Vh = torch.linalg.svd(B, full_matrices=False)
+    return LowRankMatrix._trusted(Q @ Ub[:, :rank], torch.diag(s[:rank]), Vh[:rank].T)
+
+
+def complete(
+    indices,
+    values: torch.Tensor,
+    shape,
+    rank,
+    *,
+    method: str = "cg",
+    test: tuple | None = None,
+    x0=None,
+    tol: float | None = None,
+    max_iter: int = 1000,
+    warmup_iters: int = 8,
+    curvature: bool = False,
+    generator: torch.Generator | None = None,
+    monitor: Callable | None = None,
+    **options,
+) -> OptimizeResult:
+    """Complete a matrix (``len(shape) == 2``) or a tensor (tensor train) of rank ``rank`` from its
+    entries ``values`` at ``indices``.
+
+    Args:
+        indices: ``(N, d)`` integer tensor of observed positions (Ω; use :func:`sample_indices`).
+        values: ``(N,)`` float32/float64 observed entries.
+        shape: the shape of the full matrix / tensor.
+        rank: matrix rank, or TT-ranks (an int or the d − 1 inner ranks).
+        method: ``"cg"`` (default; LRGeomCG / RTTC), ``"trust-region"`` or ``"sd"`` — see :func:`minimize`.
+        test: optional ``(indices, values)`` of held-out entries Γ; the relative test error
+            ``‖P_Γ(X − A)‖ / ‖P_Γ A‖`` is recorded in the history (its cost is not counted in ``time``).
+        x0: start point (LowRankMatrix / TensorTrain of the target rank); default as in the module doc.
+        tol: stop when the relative training residual ``‖P_Ω X − values‖ / ‖values‖ ≤ tol``
+            (default 1e-12 in float64, 1e-5 in float32).
+        max_iter: iterations at the target rank (the rank-continuation stages take ``warmup_iters``
+            each on top).
+        curvature: Hessian used by the quadratic-model steps and the trust-region method (see
+            :func:`minimize`); the default False gives the exact line search of LRGeomCG / RTTC.
+        generator: for the randomized start (deterministic given it).
+        monitor: ``monitor(intermediate_result)`` after every iteration, once ``history[-1]`` has the
+            errors (e.g. to print progress); its time is not counted in ``solve_time``.
+        **options: passed to :func:`minimize` (``gtol`` defaults to 0 here: ``tol`` decides).
+
+    Returns:
+        The :class:`OptimizeResult` of the final stage, with ``train_error`` and ``test_error`` (final
+        relative errors; test only with ``test``), and ``history`` covering all stages; each record has
+        ``rank``, ``train_error``, ``test_error`` and ``solve_time`` (seconds since the start, without
+        the time spent computing test errors and before the first stage, i.e. the solver's own time).
+    """
+    check_tensor("values", values, 1)
+    shape = [int(n) for n in shape]
+    d = len(shape)
+    if d < 2:
+        raise ValueError(f"shape must have at least 2 modes, got {shape}")
+    indices = check_index("indices", indices, shape, values.device)
+    if indices.shape[0] != values.shape[0]:
+        raise ValueError(f"indices has {indices.shape[0]} rows but values has {values.shape[0]} entries")
+    if values.shape[0] == 0:
+        raise ValueError("values is empty: nothing to complete from")
+    if test is not None:
+        test_idx, test_vals = test
+        check_tensor("test values", test_vals, 1)
+        test_idx = check_index("test indices", test_idx, shape, values.device)
+        if test_idx.shape[0] != test_vals.shape[0] or test_vals.dtype != values.dtype:
+            raise ValueError("test must be (indices (N, d), values (N,)) with the dtype of values")
+        test_norm = float(torch.linalg.vector_norm(test_vals))
+    tol = _DEFAULT_TOL.get(values.dtype, 1e-12) if tol is None else tol
+    options.setdefault("gtol", 0.0)
+    if "callback" in options:
+        raise TypeError("complete() records its own callback; use minimize() with completion_loss() for yours")
+    loss = completion_loss(indices, values)
+    vals_norm = float(torch.linalg.vector_norm(values))
+    t_start, overhead = time.perf_counter(), [0.0]
+    history: list[dict] = []
+    base = {"iter": 0, "nfev": 0, "ngev": 0, "nhev": 0, "time": 0.0, "rank": 0}
+
+    def callback(res):
+        t = time.perf_counter()
+        rec = res.history[-1]
+        for key in ("iter", "nfev", "ngev", "nhev", "time"):  # numbering continues across stages
+            rec[key] += base[key]
+        rec["rank"] = base["rank"]
+        rec["train_error"] = math.sqrt(2 * max(res.fun, 0.0)) / vals_norm
+        if test is not None:
+            with torch.no_grad():
+                err = torch.linalg.vector_norm(_entries(res.x, test_idx) - test_vals)
+            rec["test_error"] = float(err) / test_norm
+        rec["solve_time"] = t - t_start - overhead[0]
+        if monitor is not None:
+            monitor(res)
+        overhead[0] += time.perf_counter() - t
+        return rec["train_error"] <= tol
+
+    def stage(x, r, iters):
+        opts = dict(options)
+        if method == "trust-region" and "max_radius" not in opts:
+            # Manopt's default √dim assumes points of unit scale; completion points have the data's scale.
+            opts["max_radius"] = max(float(x.norm()), math.sqrt(manifold_of(x).dim))
+        base["rank"] = r
+        if d == 2 and not curvature:
+            lsq = _MatrixLeastSquares(indices, values, shape, manifold_of(x))
+            opts.update(grad=lsq.grad, hvp=lsq.hvp, manifold=lsq.M)
+            f = lsq.value
+        else:
+            f = loss
+        res = minimize(f, x, method, max_iter=iters, curvature=curvature, callback=callback, **opts)
+        if "train_error" not in res.history[-1]:  # stopped (gtol, ftol) before the callback saw it
+            callback(res)
+        # a later stage's first record is the grown point, which repeats the previous stage's iteration number
+        history.extend(res.history[1:] if history else res.history)
+        base.update({key: history[-1][key] for key in ("iter", "nfev", "ngev", "nhev", "time")})
+        return res
+
+    if d == 2:
+        x = _spectral_start(indices, values, shape, int(rank), generator) if x0 is None else x0
+        M = FixedRankMatrices(shape[0], shape[1], int(rank)) if x0 is None else manifold_of(x0)
+        M._check_point(x, "x0")
+        res = stage(x, int(rank), max_iter)
+    else:
+        ranks = _rank_list("rank", rank, d)
+        FixedTTRank(shape, ranks)  # validates attainability
+        if x0 is not None:
+            res = stage(x0, max(ranks), max_iter)
+        else:
+            x = TensorTrain([torch.ones(1, n, 1, dtype=values.dtype, device=values.device) for n in shape])
+            x = x * values.mean()
+            res = None
+            for r in range(1, max(ranks) + 1):
+                stage_ranks = [min(r, rk) for rk in ranks]
+                if r > 1:
+                    x = _grow_rank(x, stage_ranks, generator)
+                final = stage_ranks == ranks
+                res = stage(x, r, max_iter if final else warmup_iters)
+                x = res.x
+                if final or res.status < 0 or history[-1]["train_error"] <= tol:
+                    break
+    res.history = history
+    res.nit, res.nfev, res.ngev, res.nhev = (history[-1][k] for k in ("iter", "nfev", "ngev", "nhev"))
+    res.train_error = history[-1]["train_error"]
+    res.test_error = history[-1].get("test_error")
+    res.time = history[-1]["solve_time"]
+    return res
+
+
+def _grow_rank(x: TensorTrain, ranks, generator, eps: float = 1e-4) -> TensorTrain:
+    """``x`` plus a random rank-1 TT of relative norm ``eps``, rounded to TT-ranks ``ranks`` (each one
+    more than x's or equal): nearly the same tensor at the next stage's ranks. Cost ``O(d n r³)``."""
+    z = TensorTrain.random(x.shape, 1, dtype=torch.float64, generator=generator).to(x.dtype)
+    y = x + z * (eps * x.norm() / z.norm())
+    return y if list(y.ranks) == list(ranks) else y.round(max_rank=list(ranks))

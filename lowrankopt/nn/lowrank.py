@@ -1,0 +1,351 @@
+"""Linear layers whose weight lives on a fixed-rank / fixed-TT-rank manifold, trained by geoopt's
+Riemannian optimizers (``RiemannianSGD``, ``RiemannianAdam``) unmodified.
+
+The weight is a ``geoopt.ManifoldParameter`` holding the packed factors (see
+:mod:`lowrankopt.manifolds.geoopt`); ``forward`` uses the straight-through form so that ``.grad`` is
+already in δ-coordinates. Never form the dense weight; use ``weight_decay=0`` for these parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from geoopt import ManifoldParameter
+
+from ..formats.lowrank import LowRankMatrix
+from ..formats.tt import TensorTrain, TTMatrix
+from ..manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank
+
+__all__ = ["LowRankLinear", "TTLinear"]
+
+
+def _positive_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+def _kw(dtype, device):
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype, device
+
+
+def _uniform(shape, bound: float, dtype, device, generator) -> torch.Tensor:
+    gdev = generator.device if generator is not None else device
+    u = torch.rand(shape, dtype=dtype, device=gdev, generator=generator)
+    return ((2 * u - 1) * bound).to(device)
+
+
+def _init_bias(out_features, in_features, bias, dtype, device, generator):
+    if not bias:
+        return None
+    # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    return torch.nn.Parameter(_uniform((out_features,), 1 / math.sqrt(in_features), dtype, device, generator))
+
+
+def _check_input(x, in_features: int, like: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"input must have shape (..., {in_features}), got {tuple(x.shape)}")
+    if x.dtype != like.dtype:
+        raise TypeError(f"input has dtype {x.dtype} but the layer has dtype {like.dtype}")
+    return x.reshape(-1, in_features)
+
+
+def _dense_linear(weight: torch.Tensor, bias) -> torch.nn.Linear:
+    out_f, in_f = weight.shape
+    lin = torch.nn.Linear(in_f, out_f, bias=bias is not None, dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
+class LowRankLinear(torch.nn.Module):
+    """``y = x Wᵀ + b`` with ``W: (out_features, in_features)`` of rank exactly ``rank``.
+
+    The weight is a ``ManifoldParameter`` on :class:`GeooptFixedRank` ``(out_features, in_features,
+    rank)`` packing ``W = U S Vᵀ`` (``U: (out, r)``, ``V: (in, r)`` orthonormal, ``S: (r, r)``);
+    ``numel = (in + out) r + r²``. Train it with ``geoopt.optim.RiemannianSGD`` / ``RiemannianAdam``
+    and ``weight_decay=0`` for the weight.
+
+    Args:
+        in_features, out_features: sizes of the input and output.
+        rank: the rank r, ``1 <= r <= min(in, out)``.
+        bias: learn an additive bias (a plain ``nn.Parameter``).
+        dtype, device: of the parameters (default dtype: ``torch.get_default_dtype()``).
+        generator: for the initialization. ``U``, ``V`` Haar-random, ``S = s I`` with
+            ``s = sqrt(out / (3 r))``, so that the mean squared entry of W is ``1 / (3 in)`` as for
+            ``nn.Linear``'s default; bias ``U(-1/sqrt(in), 1/sqrt(in))``.
+
+    Forward cost ``O(B (in + out) r)`` for a batch of B rows, ``W`` never formed; training doubles it
+    (the straight-through terms).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        *,
+        dtype: torch.dtype | None = None,
+        device=None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        in_features = _positive_int("in_features", in_features)
+        out_features = _positive_int("out_features", out_features)
+        rank = _positive_int("rank", rank)
+        if rank > min(in_features, out_features):
+            raise ValueError(f"rank must be <= min(in_features, out_features) = {min(in_features, out_features)}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        dtype, device = _kw(dtype, device)
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        manifold = GeooptFixedRank(out_features, in_features, rank)
+        gdev = generator.device if generator is not None else device
+        kw = dict(dtype=dtype, device=gdev, generator=generator)
+        U = torch.linalg.qr(torch.randn(out_features, rank, **kw))[0]
+        V = torch.linalg.qr(torch.randn(in_features, rank, **kw))[0]
+        S = math.sqrt(out_features / (3 * rank)) * torch.eye(rank, dtype=dtype, device=gdev)
+        packed = manifold.pack(LowRankMatrix(U, S, V)).to(device)
+        self.weight = ManifoldParameter(packed, manifold=manifold)
+        self.bias = _init_bias(out_features, in_features, bias, dtype, device, generator)
+
+    @property
+    def manifold(self) -> GeooptFixedRank:
+        return self.weight.manifold
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (..., in)`` -> ``(..., out)``. With ``z = p − p.detach()`` split like the factors,
+        ``x Wᵀ = ((x V)(S + z_S)ᵀ + x z_V) Uᵀ + (x V) z_Uᵀ`` (the z terms only when a gradient is needed)."""
+        x2 = _check_input(x, self.in_features, self.weight)
+        p = self.weight
+        U, S, V = self.manifold.unpack_tensor(p.detach())
+        xv = x2 @ V
+        if torch.is_grad_enabled() and p.requires_grad:
+            zU, zS, zV = self.manifold.unpack_tensor(p - p.detach())
+            y = (xv @ (S + zS).T + x2 @ zV) @ U.T + xv @ zU.T
+        else:
+            y = (xv @ S.T) @ U.T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def weight_matrix(self) -> LowRankMatrix:
+        """The weight as a LowRankMatrix (a detached copy, orthonormal ``U``, ``V``). For a
+        differentiable one use ``self.manifold.straight_through(self.weight)``."""
+        return self.manifold.unpack(self.weight)
+
+    def to_dense(self) -> torch.nn.Linear:
+        """An equivalent ``nn.Linear`` (forms the dense weight: ``O(in · out · r)``)."""
+        return _dense_linear(self.weight_matrix().full(), None if self.bias is None else self.bias.detach())
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, rank: int) -> LowRankLinear:
+        """The best rank-``rank`` approximation (truncated SVD) of ``linear``'s weight, and its bias.
+        Cost ``O(in · out · min(in, out))``. The result must have rank exactly ``rank``."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        W = linear.weight.detach()
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            rank,
+            bias=linear.bias is not None,
+            dtype=W.dtype,
+            device=W.device,
+        )
+        with torch.no_grad():
+            X = LowRankMatrix.from_dense(W, rank)
+            s = torch.diagonal(X.S)
+            if float(s[-1]) <= float(s[0]) * max(W.shape) * torch.finfo(W.dtype).eps:
+                raise ValueError(f"linear.weight has rank < {rank}: choose a smaller rank")
+            layer.weight.copy_(layer.manifold.pack(X))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+
+# ---------------------------------------------------------------------- TT-matrix layer
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _balanced_factors(n: int, d: int) -> list[int]:
+    """d positive ints, non-decreasing, with product n, closest to n^(1/d) (least squares in log)."""
+    target = math.log(n) / d
+    best, best_cost = None, math.inf
+    divs = _divisors(n)
+
+    def rec(rem, k, lo, acc, cost):
+        nonlocal best, best_cost
+        if k == 1:
+            if rem >= lo:
+                c = cost + (math.log(rem) - target) ** 2
+                if c < best_cost:
+                    best, best_cost = acc + [rem], c
+            return
+        for f in divs:
+            if f < lo or rem % f or f**k > rem:
+                continue
+            rec(rem // f, k - 1, f, acc + [f], cost + (math.log(f) - target) ** 2)
+
+    rec(n, d, 1, [], 0.0)
+    return best
+
+
+def _factors(name: str, features: int, factors, d: int | None) -> list[int] | None:
+    if factors is None:
+        return None
+    if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence):
+        raise TypeError(f"{name} must be a sequence of positive ints, got {type(factors).__name__}")
+    factors = [_positive_int(f"{name}[{k}]", f) for k, f in enumerate(factors)]
+    if not factors:
+        raise ValueError(f"{name} must not be empty")
+    if math.prod(factors) != features:
+        raise ValueError(f"{name} {factors} has product {math.prod(factors)}, not {features}")
+    if d is not None and len(factors) != d:
+        raise ValueError(f"{name} has {len(factors)} factors but d = {d}")
+    return factors
+
+
+class TTLinear(torch.nn.Module):
+    """``y = x Wᵀ + b`` with ``W: (out, in)`` a TT-matrix of fixed TT-ranks.
+
+    ``W[(i_1..i_d), (j_1..j_d)] = G_1[i_1, j_1] ⋯ G_d[i_d, j_d]`` with cores
+    ``G_k: (r_{k-1}, out_k, in_k, r_k)``, row and column indices flattened row-major
+    (``out = Π out_k``, ``in = Π in_k``; see :class:`TTMatrix`). The weight is stored as the TT
+    tensor of shape ``[out_k · in_k]`` on :class:`GeooptFixedTTRank`, packed in right-orthogonal form.
+
+    Args:
+        in_features, out_features: sizes of the input and output.
+        rank: an int (the maximal TT-rank; each bond is clipped to the largest rank its modes allow)
+            or ``d − 1`` ints (exact ranks; must be attainable).
+        in_factors, out_factors: the mode sizes (products ``in_features`` / ``out_features``). If
+            None they are chosen balanced (as close to ``features^(1/d)`` as the divisors allow),
+            ``in_factors`` non-decreasing and ``out_factors`` non-increasing so that the merged
+            modes ``out_k · in_k`` are balanced too.
+        d: the number of cores, when neither factor list is given (default 3; factors of 1 are allowed).
+        bias: learn an additive bias.
+        dtype, device, generator: as for :class:`LowRankLinear`. Gaussian cores, scaled so that the
+            mean squared entry of W is ``1 / (3 in)`` (``nn.Linear``'s default).
+
+    Forward cost ``O(B Σ_k out_1⋯out_k in_k⋯in_d r²)`` for a batch of B rows; training uses the
+    rank-2r straight-through TT-matrix (about 4×) plus ``O(d n r³)`` for the frames.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank,
+        in_factors: Sequence[int] | None = None,
+        out_factors: Sequence[int] | None = None,
+        bias: bool = True,
+        *,
+        d: int | None = None,
+        dtype: torch.dtype | None = None,
+        device=None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        in_features = _positive_int("in_features", in_features)
+        out_features = _positive_int("out_features", out_features)
+        if d is not None:
+            d = _positive_int("d", d)
+        in_f = _factors("in_factors", in_features, in_factors, d)
+        out_f = _factors("out_factors", out_features, out_factors, d)
+        if in_f is not None and out_f is not None and len(in_f) != len(out_f):
+            raise ValueError(f"in_factors has {len(in_f)} factors but out_factors has {len(out_f)}")
+        d = len(in_f) if in_f is not None else len(out_f) if out_f is not None else (3 if d is None else d)
+        if d < 2:
+            raise ValueError(f"a TT-matrix layer needs d >= 2 cores, got d = {d}")
+        if in_f is None:
+            in_f = _balanced_factors(in_features, d)
+        if out_f is None:
+            out_f = _balanced_factors(out_features, d)[::-1]
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        modes = [o * i for o, i in zip(out_f, in_f)]
+        ranks = self._ranks(rank, modes)
+        dtype, device = _kw(dtype, device)
+        self.in_features, self.out_features = in_features, out_features
+        self.in_factors, self.out_factors = tuple(in_f), tuple(out_f)
+        manifold = GeooptFixedTTRank(modes, ranks)
+        self.ranks = manifold.ranks
+        x = TensorTrain.random(modes, list(ranks), dtype=dtype, device=device, generator=generator)
+        packed = manifold.pack(x)
+        C = manifold.unpack_tensor(packed)[0]  # ‖X‖ = ‖C_1‖ in right-orthogonal form
+        C.mul_(math.sqrt(out_features / 3) / torch.linalg.vector_norm(C))
+        self.weight = ManifoldParameter(packed, manifold=manifold)
+        self.bias = _init_bias(out_features, in_features, bias, dtype, device, generator)
+
+    @staticmethod
+    def _ranks(rank, modes) -> list[int]:
+        d = len(modes)
+        if isinstance(rank, int) and not isinstance(rank, bool):
+            r = _positive_int("rank", rank)
+            full = [1] + [r] * (d - 1) + [1]
+            for k in range(1, d):  # clip to what the modes allow, from both sides
+                full[k] = min(full[k], full[k - 1] * modes[k - 1])
+            for k in range(d - 1, 0, -1):
+                full[k] = min(full[k], full[k + 1] * modes[k])
+            return full[1:-1]
+        if isinstance(rank, (str, bytes)) or not isinstance(rank, Sequence):
+            raise TypeError(f"rank must be an int or {d - 1} ints, got {type(rank).__name__}")
+        ranks = [_positive_int(f"rank[{k}]", r) for k, r in enumerate(rank)]
+        if len(ranks) != d - 1:
+            raise ValueError(f"rank must be an int or {d - 1} ints (one per bond), got {len(ranks)}")
+        return ranks  # attainability is checked by FixedTTRank
+
+    @property
+    def manifold(self) -> GeooptFixedTTRank:
+        return self.weight.manifold
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, in_factors={self.in_factors}, "
+            f"out_factors={self.out_factors}, ranks={self.ranks}, bias={self.bias is not None}"
+        )
+
+    def _tt_matrix(self, cores) -> TTMatrix:
+        return TTMatrix._trusted(
+            [c.reshape(c.shape[0], o, i, c.shape[2]) for c, o, i in zip(cores, self.out_factors, self.in_factors)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (..., in)`` -> ``(..., out)`` by the TT-matrix matvec, W never formed. With a gradient
+        needed, the matvec runs on the straight-through object (materialized at rank 2r)."""
+        x2 = _check_input(x, self.in_features, self.weight)
+        p = self.weight
+        if torch.is_grad_enabled() and p.requires_grad:
+            cores = self.manifold.straight_through(p).materialize().cores
+        else:
+            cores = self.manifold.unpack_tensor(p.detach())
+        y = self._tt_matrix(cores).matvec(x2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def weight_matrix(self) -> TTMatrix:
+        """The weight as a TTMatrix with cores ``(r_{k-1}, out_k, in_k, r_k)`` (a detached copy)."""
+        return self._tt_matrix(self.manifold.unpack(self.weight).cores)
+
+    def to_dense(self) -> torch.nn.Linear:
+        """An equivalent ``nn.Linear`` (forms the dense weight: ``O(in · out · r)``)."""
+        return _dense_linear(self.weight_matrix().full(), None if self.bias is None else self.bias.detach())

@@ -1,0 +1,114 @@
+"""Riemannian steepest descent and nonlinear conjugate gradients with an Armijo backtracking line search.
+
+Initial step (``initial_step="model"``): the minimizer of the quadratic model along the search
+direction, ``α = −⟨g, η⟩ / ⟨η, Hess f(x)[η]⟩``, one Hessian-vector product per iteration. For a
+least-squares loss with ``curvature=False`` this is the exact minimizer of f along the ambient line
+``x + αη`` — the step of LRGeomCG (Vandereycken 2013) and RTTC (Steinlechner 2016). When the model has
+no positive curvature along η, or with ``initial_step="secant"``, the first trial is
+``α = 2 (f_prev − f) / (−⟨g, η⟩)`` (the step that would repeat the last decrease; Nocedal & Wright
+(3.60)), and ``1 / ‖η‖`` at the first iteration.
+
+CG directions: ``η_new = −g_new + β T(η)`` with T the manifold's vector transport and β one of
+
+- ``"fr"``  Fletcher–Reeves  ``‖g_new‖² / ‖g‖²``;
+- ``"pr+"`` Polak–Ribière+   ``max(0, ⟨g_new, g_new − T g⟩ / ‖g‖²)``;
+- ``"hs"``  Hestenes–Stiefel ``max(0, ⟨g_new, y⟩ / ⟨T η, y⟩)``, ``y = g_new − T g``;
+- ``"hz"``  Hager–Zhang      ``⟨y − 2 T η ‖y‖² / ⟨T η, y⟩, g_new⟩ / ⟨T η, y⟩``, bounded below by
+  ``−1 / (‖T η‖ min(0.01, ‖g‖))`` (Hager & Zhang 2005; Manopt's default).
+
+Restarts (β = 0): whenever ``η_new`` is not a descent direction, and — with ``restart_threshold=c`` —
+Powell's test ``|⟨g_new, T g⟩| ≥ c ‖g_new‖²`` (RTTC uses c = 0.1).
+"""
+
+from __future__ import annotations
+
+import math
+
+from . import result as st
+from .objective import Objective
+from .run import Run
+
+BETA_RULES = ("fr", "pr+", "hs", "hz")
+
+
+def _beta(rule: str, M, x, y, loc, new, eta, Tg, threshold) -> float:
+    g2_old, g2_new = loc.grad_norm**2, new.grad_norm**2
+    if threshold is not None and abs(float(M.inner(y, new.grad, Tg))) >= threshold * g2_new:
+        return 0.0
+    if rule == "fr":
+        return g2_new / g2_old
+    if rule == "pr+":
+        return max(0.0, (g2_new - float(M.inner(y, new.grad, Tg))) / g2_old)
+    diff = new.grad - Tg
+    Teta = M.transp(x, y, eta)
+    den = float(M.inner(y, Teta, diff))
+    if den == 0.0:
+        return 0.0
+    num = float(M.inner(y, new.grad, diff))
+    if rule == "hs":
+        return max(0.0, num / den)
+    num -= 2 * float(M.inner(y, diff, diff)) * float(M.inner(y, Teta, new.grad)) / den
+    floor = -1.0 / (float(M.norm(y, Teta)) * min(0.01, loc.grad_norm))
+    return max(num / den, floor)
+
+
+def line_search_descent(
+    obj: Objective,
+    run: Run,
+    x,
+    *,
+    conjugate: bool,
+    beta: str,
+    restart_threshold: float | None,
+    initial_step: str,
+    c1: float,
+    contraction: float,
+    max_backtracks: int,
+) -> None:
+    """Steepest descent (``conjugate=False``) or nonlinear CG from x; reports to ``run``."""
+    M = obj.manifold
+    model = initial_step == "model"
+    loc = obj.local(x, hessian=model)
+    if run.start(loc):
+        return
+    eta, f_prev = -loc.grad, None
+    while True:
+        slope = float(M.inner(x, loc.grad, eta))
+        if not slope < 0:  # not a descent direction (or NaN): restart along −grad
+            eta, slope = -loc.grad, -loc.grad_norm**2
+        alpha, from_model = None, False
+        if model:
+            curv = float(M.inner(x, eta, loc.hess(eta)))
+            if curv > 0 and math.isfinite(curv):
+                alpha, from_model = -slope / curv, True
+        if alpha is None:
+            if f_prev is not None and f_prev > loc.fun:
+                alpha = 2 * (f_prev - loc.fun) / -slope
+            else:
+                alpha = 1.0 / float(M.norm(x, eta))
+        # Armijo backtracking. A model step is nearly always accepted, so its trial point gets the full
+        # evaluation (value, gradient, Hessian tape) at once; other trials get the value first.
+        for k in range(max_backtracks + 1):
+            y = M.retr(x, eta * alpha)
+            new = obj.local(y, hessian=model) if (from_model and k == 0) else None
+            fy = new.fun if new is not None else obj.value(y)
+            if not math.isfinite(fy):
+                run.non_finite_trial(fy)
+                return
+            if fy <= loc.fun + c1 * alpha * slope:
+                break
+            alpha *= contraction
+        else:
+            run.stop(st.NO_PROGRESS, f"line search failed: no sufficient decrease after {max_backtracks} backtracks")
+            return
+        if new is None:
+            new = obj.local(y, hessian=model)
+        if run.accept(new, step_size=alpha * float(M.norm(x, eta)), backtracks=k):
+            return
+        if conjugate:
+            Tg = M.transp(x, y, loc.grad) if (beta != "fr" or restart_threshold is not None) else None
+            b = _beta(beta, M, x, y, loc, new, eta, Tg, restart_threshold)
+            eta = -new.grad + M.transp(x, y, eta) * b if b != 0.0 else -new.grad
+        else:
+            eta = -new.grad
+        x, loc, f_prev = y, new, loc.fun

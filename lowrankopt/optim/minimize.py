@@ -1,0 +1,154 @@
+"""``minimize(f, x0, method=...)``: one entry point for the Riemannian optimizers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from ..autodiff import manifold_of
+from .line_search import BETA_RULES, line_search_descent
+from .objective import Objective
+from .result import OptimizeResult
+from .run import Run
+from .trust_region import trust_region
+
+METHODS = ("sd", "cg", "trust-region")
+
+_COMMON = {"max_iter": 1000, "gtol": 1e-6, "ftol": 0.0, "max_time": math.inf, "callback": None, "verbose": 0}
+_LINE_SEARCH = {"initial_step": "auto", "c1": 1e-4, "contraction": 0.5, "max_backtracks": 25}
+_DEFAULTS = {
+    "sd": _LINE_SEARCH,
+    "cg": {**_LINE_SEARCH, "beta": "hz", "restart_threshold": None},
+    "trust-region": {
+        "max_radius": None,
+        "initial_radius": None,
+        "rho_prime": 0.1,
+        "kappa": 0.1,
+        "theta": 1.0,
+        "min_inner": 1,
+        "max_inner": None,
+        "rho_regularization": 1e3,
+    },
+}
+_COLUMNS = {"sd": ("step_size",), "cg": ("step_size",), "trust-region": ("radius", "rho", "inner_iter", "accepted")}
+
+
+def minimize(
+    f: Callable,
+    x0,
+    method: str = "trust-region",
+    *,
+    manifold=None,
+    grad: Callable | None = None,
+    hvp: Callable | None = None,
+    curvature: bool = True,
+    **options,
+) -> OptimizeResult:
+    """Minimize ``f`` over a manifold of fixed-rank matrices or tensor trains, starting at ``x0``.
+
+    Args:
+        f: scalar function of a point (a LowRankMatrix / TensorTrain), written with the formats' ops
+            so that autodiff gives its Riemannian gradient and Hessian (see :func:`riemannian_grad`).
+        x0: the initial point; its manifold is inferred from its shape and ranks unless ``manifold``
+            is given.
+        method: ``"trust-region"`` (Riemannian trust-region with truncated CG and the exact Riemannian
+            Hessian), ``"cg"`` (nonlinear conjugate gradients) or ``"sd"`` (steepest descent).
+        manifold: any object with ``retr(x, v)``, ``transp(x, y, v)``, ``inner(x, u, v)``,
+            ``norm(x, v)`` and ``dim`` whose tangent vectors support ``+``, ``-`` and scalar ``*``.
+            For manifolds other than lowrankopt's, ``grad`` (and ``hvp``) must be given.
+        grad: ``grad(x) -> tangent vector``, the Riemannian gradient (default: autodiff).
+        hvp: ``hvp(x, v) -> tangent vector``, the Riemannian Hessian applied to v (default: autodiff).
+        curvature: with autodiff, use the exact Riemannian Hessian (True) or ``P_x ∇²f P_x`` without
+            the curvature term (False; t3f's approximation, cheaper; exact where the Euclidean gradient
+            vanishes, e.g. zero-residual least squares at the solution, which keeps local superlinear
+            convergence there, but only linear convergence at other critical points).
+
+    Options common to all methods:
+        max_iter (1000), gtol (1e-6: stop when the gradient norm is ≤ gtol), ftol (0: stop when
+        ``|f_prev − f| ≤ ftol · max(|f_prev|, |f|)`` after an accepted step), max_time (inf, seconds),
+        callback (``callback(intermediate_result) -> bool``; True or ``StopIteration`` stops; it may add
+        entries to ``intermediate_result.history[-1]``), verbose (0; k > 0 prints an iteration table
+        every k iterations and a final line).
+
+    Options of ``"sd"`` and ``"cg"``: ``initial_step`` (``"model"``: one Hessian-vector product per
+    iteration for ``α = −⟨g, η⟩/⟨η, Hη⟩``, the exact line search for least squares with
+    ``curvature=False``; ``"secant"``: no Hessian; ``"auto"``: model when a Hessian is available),
+    ``c1`` (1e-4, Armijo constant), ``contraction`` (0.5), ``max_backtracks`` (25). ``"cg"`` also
+    takes ``beta`` (``"hz"`` default, ``"pr+"``, ``"hs"``, ``"fr"``) and ``restart_threshold`` (None;
+    Powell restart when ``|⟨g_new, T g⟩| ≥ c‖g_new‖²``).
+
+    Options of ``"trust-region"`` (Manopt's defaults): ``max_radius`` (√dim), ``initial_radius``
+    (max_radius / 8), ``rho_prime`` (0.1), ``kappa`` (0.1), ``theta`` (1.0), ``min_inner`` (1),
+    ``max_inner`` (dim), ``rho_regularization`` (1e3).
+
+    Returns:
+        An :class:`OptimizeResult`. If f or its gradient becomes NaN/Inf, the run stops with
+        ``success=False``, ``status=-1`` and the last point where both were finite.
+
+    Cost per iteration: sd/cg one gradient (≈ 2–3 f) plus one Hessian-vector product with model steps,
+    one retraction and (cg) one or two transports; trust-region one gradient and one Hessian-vector
+    product per inner tCG iteration (the first backward pass is shared by all of them).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    allowed = {**_COMMON, **_DEFAULTS[method]}
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options: {sorted(allowed)}")
+    opts = {**allowed, **options}
+    M = manifold_of(x0) if manifold is None else manifold
+    obj = Objective(f, M, grad=grad, hvp=hvp, curvature=curvature)
+    if hasattr(M, "_check_point"):
+        M._check_point(x0, "x0")
+    _validate(method, opts, obj)
+    common = {k: opts.pop(k) for k in _COMMON}
+    run = Run(method, obj, columns=_COLUMNS[method], **common)
+    if method == "trust-region":
+        trust_region(obj, run, x0, **opts)
+    else:
+        if opts["initial_step"] == "auto":
+            opts["initial_step"] = "model" if obj.has_hessian else "secant"
+        line_search_descent(obj, run, x0, conjugate=method == "cg", **{"beta": "fr", "restart_threshold": None, **opts})
+    return run.result()
+
+
+def _validate(method: str, o: dict, obj: Objective) -> None:
+    def number(name, lo=0.0, hi=math.inf, *, open_lo=False, allow_none=False, integer=False):
+        v = o[name]
+        if v is None and allow_none:
+            return
+        ok = not isinstance(v, bool) and isinstance(v, (int,) if integer else (int, float))
+        if not ok or not (lo < v if open_lo else lo <= v) or not v <= hi:
+            kind = "an int" if integer else "a number"
+            raise ValueError(f"option {name} must be {kind} in {'(' if open_lo else '['}{lo}, {hi}], got {v!r}")
+
+    number("max_iter", integer=True)
+    number("gtol")
+    number("ftol")
+    number("max_time", open_lo=True)
+    if o["callback"] is not None and not callable(o["callback"]):
+        raise TypeError(f"option callback must be callable or None, got {type(o['callback']).__name__}")
+    number("verbose", integer=True)
+    if method == "trust-region":
+        number("max_radius", open_lo=True, allow_none=True)
+        number("initial_radius", open_lo=True, allow_none=True)
+        number("rho_prime", hi=0.25)
+        number("kappa", open_lo=True, hi=1.0)
+        number("theta", open_lo=True)
+        number("min_inner", integer=True)
+        number("max_inner", 1, integer=True, allow_none=True)
+        number("rho_regularization")
+        if not obj.has_hessian:
+            raise TypeError("the trust-region method needs Hessian-vector products: pass hvp=")
+        return
+    if o["initial_step"] not in ("auto", "model", "secant"):
+        raise ValueError(f"option initial_step must be 'auto', 'model' or 'secant', got {o['initial_step']!r}")
+    if o["initial_step"] == "model" and not obj.has_hessian:
+        raise TypeError("initial_step='model' needs Hessian-vector products: pass hvp= or use initial_step='secant'")
+    number("c1", open_lo=True, hi=0.5)
+    number("contraction", open_lo=True, hi=0.999)
+    number("max_backtracks", integer=True)
+    if method == "cg":
+        if o["beta"] not in BETA_RULES:
+            raise ValueError(f"option beta must be one of {BETA_RULES}, got {o['beta']!r}")
+        number("restart_threshold", open_lo=True, allow_none=True)

@@ -1,0 +1,86 @@
+"""The function being minimized, with counted evaluations of f, its gradient and Hessian products."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..autodiff import riemannian_grad, riemannian_grad_and_hessian
+from ..manifolds.base import LowRankManifold, check_scalar_output
+
+
+@dataclass
+class Local:
+    """What the optimizers know at one point: ``f(x)``, the Riemannian gradient, its norm and (when
+    asked for) ``hess(v)``, the Riemannian Hessian at x applied to tangent vectors."""
+
+    x: object
+    fun: float
+    grad: object
+    grad_norm: float
+    hess: Callable | None = None
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.fun) and math.isfinite(self.grad_norm)
+
+
+class Objective:
+    """``f`` on ``manifold`` with counters ``nfev``, ``ngev``, ``nhev``.
+
+    On lowrankopt manifolds the gradient and Hessian products come from autodiff (the δ-trick) unless
+    ``grad`` / ``hvp`` are given. On any other manifold (an object with ``retr``, ``transp``, ``inner``,
+    ``norm`` and ``dim`` whose tangent vectors support ``+``, ``-`` and scalar ``*``) they must be given:
+    ``grad(x)`` returns the Riemannian gradient and ``hvp(x, v)`` the Riemannian Hessian applied to v.
+    """
+
+    def __init__(self, f: Callable, manifold, *, grad=None, hvp=None, curvature: bool = True):
+        if not callable(f):
+            raise TypeError(f"f must be callable, got {type(f).__name__}")
+        for name, fn in (("grad", grad), ("hvp", hvp)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+        autodiff = isinstance(manifold, LowRankManifold)
+        if grad is None and not autodiff:
+            raise TypeError(
+                f"manifold {manifold!r} is not a lowrankopt manifold, so autodiff cannot give the gradient: "
+                "pass grad= (and hvp= for the trust-region method and model steps)"
+            )
+        self.f, self.manifold, self.curvature = f, manifold, curvature
+        self._grad, self._hvp = grad, hvp
+        self.has_hessian = hvp is not None or (autodiff and grad is None)
+        self.nfev = self.ngev = self.nhev = 0
+
+    def value(self, x) -> float:
+        """``f(x)`` as a float, without building an autograd tape."""
+        self.nfev += 1
+        with torch.no_grad():
+            return float(check_scalar_output(self.f(x)))
+
+    def local(self, x, *, hessian: bool = False) -> Local:
+        """Value and Riemannian gradient at x, and the Hessian operator at x if ``hessian``."""
+        hess = None
+        if self._grad is not None:
+            fun, g = self.value(x), self._grad(x)
+            if hessian:
+                hess = self._counted(lambda v: self._hvp(x, v))
+        elif hessian:
+            self.nfev += 1
+            val, g, h = riemannian_grad_and_hessian(self.f, x, curvature=self.curvature, manifold=self.manifold)
+            fun, hess = float(val), self._counted(h)
+        else:
+            self.nfev += 1
+            val, g = riemannian_grad(self.f, x, manifold=self.manifold)
+            fun = float(val)
+        self.ngev += 1
+        return Local(x, fun, g, float(self.manifold.norm(x, g)), hess)
+
+    def _counted(self, h: Callable) -> Callable:
+        def hess(v):
+            self.nhev += 1
+            return h(v)
+
+        return hess

@@ -1,0 +1,139 @@
+"""Riemannian trust-region method with truncated CG (Absil, Baker, Gallivan 2007; Manopt's
+``trustregions`` and ``trs_tCG_cached``).
+
+At x the model ``m(η) = f + ⟨g, η⟩ + ½⟨η, Hess f(x)[η]⟩`` is minimized over ``‖η‖ ≤ Δ`` by
+Steihaug–Toint truncated CG, which stops on negative curvature or at the boundary (stepping to it), on
+an increase of the model, or once ``‖r‖ ≤ ‖r₀‖ min(‖r₀‖^θ, κ)`` (superlinear local convergence for
+θ > 0). The candidate ``R_x(η)`` is accepted if ``ρ = (f(x) − f(R_x η)) / (m(0) − m(η)) > ρ′``
+(both regularized by ``max(1, |f|)·eps·rho_regularization``); Δ shrinks 4× when ρ < ¼ and doubles (up
+to Δ̄) when ρ > ¾ and tCG reached the boundary.
+
+Caching: tCG is deterministic given (x, g, Δ) and Δ only changes its boundary test, so the Hessian
+products of the inner iterations are kept for the current x. After a rejected step (Δ smaller, x the
+same) tCG replays them and makes no new Hessian-vector products until it goes past the cached ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+from . import result as st
+from .objective import Objective
+from .run import Run
+
+_NEG_CURVATURE, _EXCEEDED, _LINEAR, _SUPERLINEAR, _MAX_INNER, _MODEL_INCREASED, _NON_FINITE = (
+    "negative curvature",
+    "exceeded trust region",
+    "linear convergence",
+    "superlinear convergence",
+    "max inner iterations",
+    "model increased",
+    "non-finite Hessian product",
+)
+
+
+def truncated_cg(M, x, grad, hess, radius: float, *, kappa, theta, min_inner, max_inner):
+    """Steihaug–Toint tCG for ``min ⟨g, η⟩ + ½⟨η, Hη⟩, ‖η‖ ≤ radius`` (no preconditioner).
+
+    ``hess(j, δ)`` gives H δ at inner iteration j (so that callers can cache). Returns
+    ``(η, Hη, inner_iterations, stop_reason)``.
+    """
+    eta = grad * 0.0
+    Heta = eta
+    r = grad
+    r_r = float(M.inner(x, r, r))
+    r0_norm = math.sqrt(r_r)
+    delta = -r
+    e_Pe, e_Pd, d_Pd = 0.0, 0.0, r_r
+    model = 0.0
+    for j in range(1, max_inner + 1):
+        Hdelta = hess(j - 1, delta)
+        d_Hd = float(M.inner(x, delta, Hdelta))
+        if not math.isfinite(d_Hd):
+            return eta, Heta, j, _NON_FINITE
+        alpha = r_r / d_Hd if d_Hd != 0 else math.inf
+        e_Pe_new = e_Pe + 2.0 * alpha * e_Pd + alpha**2 * d_Pd
+        if d_Hd <= 0 or e_Pe_new >= radius**2:
+            tau = (-e_Pd + math.sqrt(max(e_Pd**2 + d_Pd * (radius**2 - e_Pe), 0.0))) / d_Pd
+            return eta + delta * tau, Heta + Hdelta * tau, j, (_NEG_CURVATURE if d_Hd <= 0 else _EXCEEDED)
+        new_eta, new_Heta = eta + delta * alpha, Heta + Hdelta * alpha
+        new_model = float(M.inner(x, new_eta, grad)) + 0.5 * float(M.inner(x, new_eta, new_Heta))
+        if new_model >= model:
+            return eta, Heta, j, _MODEL_INCREASED
+        eta, Heta, e_Pe, model = new_eta, new_Heta, e_Pe_new, new_model
+        r = r + Hdelta * alpha
+        r_r_old, r_r = r_r, float(M.inner(x, r, r))
+        r_norm = math.sqrt(r_r)
+        if j >= min_inner and r_norm <= r0_norm * min(r0_norm**theta, kappa):
+            return eta, Heta, j, (_LINEAR if kappa < r0_norm**theta else _SUPERLINEAR)
+        beta = r_r / r_r_old
+        delta = -r + delta * beta
+        e_Pd = beta * (e_Pd + alpha * d_Pd)
+        d_Pd = r_r + beta**2 * d_Pd
+    return eta, Heta, max_inner, _MAX_INNER
+
+
+def trust_region(
+    obj: Objective,
+    run: Run,
+    x,
+    *,
+    max_radius: float | None,
+    initial_radius: float | None,
+    rho_prime: float,
+    kappa: float,
+    theta: float,
+    min_inner: int,
+    max_inner: int | None,
+    rho_regularization: float,
+) -> None:
+    """Riemannian trust-region from x (defaults as Manopt: Δ̄ = √dim, Δ₀ = Δ̄/8, ρ′ = 0.1, κ = 0.1, θ = 1)."""
+    M = obj.manifold
+    dim = int(M.dim)
+    max_radius = math.sqrt(dim) if max_radius is None else max_radius
+    radius = max_radius / 8 if initial_radius is None else initial_radius
+    max_inner = dim if max_inner is None else max_inner
+    loc = obj.local(x, hessian=True)
+    if run.start(loc):
+        return
+    cache: list = []
+
+    def cached_hess(j, delta):
+        if j == len(cache):
+            cache.append(loc.hess(delta))
+        return cache[j]
+
+    while True:
+        eta, Heta, inner, why = truncated_cg(
+            M, x, loc.grad, cached_hess, radius, kappa=kappa, theta=theta, min_inner=min_inner, max_inner=max_inner
+        )
+        if why == _NON_FINITE:
+            run.stop(st.NON_FINITE, f"a Hessian-vector product is NaN/Inf at iteration {run.nit + 1}; returning "
+                     "the last point where f and its gradient were finite")
+            return
+        y = M.retr(x, eta)
+        new = obj.local(y, hessian=True)
+        if not math.isfinite(new.fun):
+            run.non_finite_trial(new.fun)
+            return
+        reg = max(1.0, abs(loc.fun)) * 2.220446049250313e-16 * rho_regularization
+        rho_num = loc.fun - new.fun + reg
+        rho_den = -(float(M.inner(x, eta, loc.grad)) + 0.5 * float(M.inner(x, eta, Heta))) + reg
+        model_decreased = rho_den >= 0
+        rho = rho_num / rho_den if rho_den != 0 else math.nan
+        step_radius = radius
+        if rho < 0.25 or not model_decreased or math.isnan(rho):
+            radius /= 4
+        elif rho > 0.75 and why in (_NEG_CURVATURE, _EXCEEDED):
+            radius = min(2 * radius, max_radius)
+        info = dict(radius=step_radius, rho=rho, inner_iter=inner, tcg_stop=why)
+        if model_decreased and rho > rho_prime:
+            if run.accept(new, accepted=True, **info):
+                return
+            x, loc, cache = y, new, []
+        else:
+            if run.reject(accepted=False, **info):
+                return
+            if radius < max_radius * 2.220446049250313e-16:
+                run.stop(st.NO_PROGRESS, f"trust-region radius {radius:.3e} fell below machine precision")
+                return

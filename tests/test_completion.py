@@ -1,0 +1,218 @@
+"""Matrix and tensor-train completion: recovery of exactly low-rank targets, checked on held-out entries
+and on the full dense tensor; sampling of index sets; input validation."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from reference import rel, tt_full
+
+from lowrankopt import FixedTTRank, TensorTrain
+from lowrankopt.completion import complete, completion_loss, sample_indices
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse", category=UserWarning)  # torch's beta notices
+        yield
+    torch.set_num_threads(old)
+
+
+def linear(idx, shape):
+    """Row-major linear indices, computed here."""
+    out = torch.zeros(idx.shape[0], dtype=torch.int64)
+    for k, n in enumerate(shape):
+        out = out * n + idx[:, k]
+    return out
+
+
+def complement(idx, shape):
+    """Every multi-index of ``shape`` not in ``idx`` (a test set disjoint from Ω)."""
+    mask = torch.ones(math.prod(shape), dtype=torch.bool)
+    mask[linear(idx, shape)] = False
+    return torch.stack(torch.unravel_index(torch.nonzero(mask).squeeze(1), shape), 1)
+
+
+# ---------------------------------------------------------------------------------------------- sample_indices
+@pytest.mark.parametrize(
+    "shape,count", [((7, 5), 9), ((7, 5), 30), ((4, 3, 5), 1), ((2, 3, 2, 4), 40), ((50, 60, 70), 2000)]
+)
+def test_sample_indices_are_distinct_and_in_range(shape, count):
+    idx = sample_indices(shape, count, generator=torch.Generator().manual_seed(0))
+    assert idx.shape == (count, len(shape)) and idx.dtype == torch.int64
+    assert bool((idx >= 0).all()) and bool((idx < torch.tensor(shape)).all())
+    assert torch.unique(linear(idx, shape)).numel() == count
+
+
+def test_sample_indices_full_count_is_a_permutation():
+    shape = (3, 4, 2)
+    idx = sample_indices(shape, 24, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(torch.sort(linear(idx, shape)).values, torch.arange(24))
+    assert sample_indices(shape, 0).shape == (0, 3)
+
+
+def test_sample_indices_is_deterministic_given_the_generator():
+    a = sample_indices((20, 30), 100, generator=torch.Generator().manual_seed(5))
+    b = sample_indices((20, 30), 100, generator=torch.Generator().manual_seed(5))
+    c = sample_indices((20, 30), 100, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("count", [3, 9])  # sparse (draw-and-deduplicate) and dense (count > total / 2) regimes
+def test_sample_indices_are_uniform(count):
+    """Each of the 12 entries is chosen with probability count / 12; 5σ binomial bounds over 3000 draws."""
+    shape, reps = (3, 4), 3000
+    g = torch.Generator().manual_seed(2)
+    hits = torch.zeros(12)
+    for _ in range(reps):
+        hits += torch.bincount(linear(sample_indices(shape, count, generator=g), shape), minlength=12)
+    p = count / 12
+    assert float((hits - reps * p).abs().max()) < 5 * math.sqrt(reps * p * (1 - p))
+
+
+@pytest.mark.parametrize("count", [-1, 13, 2.0, True, None])
+def test_sample_indices_bad_count(count):
+    with pytest.raises(ValueError, match="count"):
+        sample_indices((3, 4), count)
+
+
+# ---------------------------------------------------------------------------------------------- completion_loss
+def test_completion_loss_matches_a_dense_formula():
+    g = torch.Generator().manual_seed(0)
+    tt = TensorTrain.random((3, 4, 5), 2, generator=g)
+    idx = sample_indices((3, 4, 5), 20, generator=g)
+    vals = torch.randn(20, dtype=DT, generator=g)
+    dense = tt_full(tt.cores)
+    ref = 0.5 * float(((dense[tuple(idx.T)] - vals) ** 2).sum())
+    assert float(completion_loss(idx, vals)(tt)) == pytest.approx(ref, rel=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------- matrices
+M_SHAPE, M_RANK = (60, 50), 3
+
+
+def matrix_data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m, n = M_SHAPE
+    A = torch.randn(m, M_RANK, dtype=DT, generator=g) @ torch.randn(M_RANK, n, dtype=DT, generator=g)
+    idx = sample_indices(M_SHAPE, 5 * M_RANK * (m + n - M_RANK), generator=g)
+    test = complement(idx, M_SHAPE)
+    return A, idx, A[idx[:, 0], idx[:, 1]], (test, A[test[:, 0], test[:, 1]])
+
+
+@pytest.mark.parametrize("method", ["cg", "trust-region"])
+def test_matrix_completion_recovers_the_target(method):
+    A, idx, vals, test = matrix_data()
+    res = complete(idx, vals, M_SHAPE, M_RANK, method=method, test=test, generator=torch.Generator().manual_seed(1))
+    assert res.success and res.train_error <= 1e-12
+    assert res.test_error < 1e-8
+    X = res.x.full()
+    assert rel(X, A) < 1e-8
+    # the recorded errors are the relative residuals of the returned point, recomputed densely here
+    assert res.train_error == pytest.approx(rel(X[idx[:, 0], idx[:, 1]], vals), rel=1e-6, abs=1e-15)
+    assert res.test_error == pytest.approx(rel(X[test[0][:, 0], test[0][:, 1]], test[1]), rel=1e-6, abs=1e-15)
+    check_history(res, {M_RANK}, vals)
+
+
+def check_history(res, ranks, vals):
+    """Every record has the completion keys; train_error is ‖P_Ω X − values‖ / ‖values‖ = √(2f) / ‖values‖."""
+    h = res.history
+    for rec in h:
+        assert {"train_error", "test_error", "solve_time", "rank", "iter", "fun"} <= rec.keys()
+        expected = math.sqrt(2 * max(rec["fun"], 0.0)) / float(torch.linalg.vector_norm(vals))
+        assert rec["train_error"] == pytest.approx(expected, rel=1e-12, abs=1e-300)
+    assert {rec["rank"] for rec in h} == ranks
+    assert [rec["iter"] for rec in h] == list(range(len(h)))
+    times = [rec["solve_time"] for rec in h]
+    assert all(0 <= a <= b for a, b in zip(times, times[1:]))
+    assert res.nit == h[-1]["iter"] and res.train_error == h[-1]["train_error"]
+    for key in ("nfev", "ngev", "nhev"):
+        counts = [rec[key] for rec in h]
+        assert all(a <= b for a, b in zip(counts, counts[1:])) and res[key] == counts[-1]
+
+
+# ---------------------------------------------------------------------------------------------- tensor trains
+T_SHAPE, T_RANK = (5,) * 5, 2
+
+
+def tt_data(seed=0):
+    """A nonnegative TT (uniform cores as in lowrankopt.demo, built here) observed on 20·dim entries."""
+    g = torch.Generator().manual_seed(seed)
+    full = [1] + [T_RANK] * (len(T_SHAPE) - 1) + [1]
+    cores = [torch.rand(full[k], n, full[k + 1], dtype=DT, generator=g) * (2 / full[k]) for k, n in enumerate(T_SHAPE)]
+    A = tt_full(cores)
+    count = 20 * FixedTTRank(T_SHAPE, T_RANK).dim
+    idx = sample_indices(T_SHAPE, count, generator=g)
+    test = complement(idx, T_SHAPE)
+    return A, idx, A[tuple(idx.T)], (test, A[tuple(test.T)])
+
+
+@pytest.mark.parametrize("method", ["cg", "trust-region"])
+def test_tt_completion_recovers_the_target(method):
+    A, idx, vals, test = tt_data()
+    runs = [
+        complete(idx, vals, T_SHAPE, T_RANK, method=method, test=test, generator=torch.Generator().manual_seed(3))
+        for _ in range(2)
+    ]
+    res = runs[0]
+    assert res.success and res.train_error <= 1e-12 and res.test_error < 1e-8
+    assert res.x.ranks == (T_RANK,) * (len(T_SHAPE) - 1)
+    assert rel(tt_full(res.x.cores), A) < 1e-8
+    check_history(res, {1, T_RANK}, vals)  # rank continuation: a rank-1 stage first
+    # deterministic given the generator
+    assert [h["fun"] for h in runs[1].history] == [h["fun"] for h in res.history]
+    assert torch.equal(tt_full(runs[1].x.cores), tt_full(res.x.cores))
+
+
+def test_tt_completion_without_test_set_and_from_a_given_start():
+    A, idx, vals, _ = tt_data(seed=1)
+    g = torch.Generator().manual_seed(4)
+    x0 = TensorTrain.from_dense(A + 1e-3 * torch.randn(T_SHAPE, dtype=DT, generator=g), max_rank=T_RANK)
+    res = complete(idx, vals, T_SHAPE, T_RANK, x0=x0)
+    assert res.success and res.test_error is None
+    assert {h["rank"] for h in res.history} == {T_RANK}
+    assert rel(tt_full(res.x.cores), A) < 1e-8
+
+
+def test_loose_tol_stops_early():
+    A, idx, vals, test = matrix_data()
+    res = complete(idx, vals, M_SHAPE, M_RANK, tol=1e-3, test=test)
+    assert res.success and res.train_error <= 1e-3
+    assert all(h["train_error"] > 1e-3 for h in res.history[:-1])
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_input_raises():
+    A, idx, vals, _ = matrix_data()
+    bad_idx = idx.clone()
+    bad_idx[0, 1] = M_SHAPE[1]
+    with pytest.raises(ValueError, match="outside"):
+        complete(bad_idx, vals, M_SHAPE, M_RANK)
+    with pytest.raises(ValueError, match="outside"):
+        complete(-idx - 1, vals, M_SHAPE, M_RANK)
+    with pytest.raises(ValueError, match="rows"):
+        complete(idx, vals[:-1], M_SHAPE, M_RANK)
+    with pytest.raises(ValueError, match="empty"):
+        complete(idx[:0], vals[:0], M_SHAPE, M_RANK)
+    nan_vals = vals.clone()
+    nan_vals[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        complete(idx, nan_vals, M_SHAPE, M_RANK)
+    with pytest.raises(TypeError, match="callback"):
+        complete(idx, vals, M_SHAPE, M_RANK, callback=lambda r: False)
+    with pytest.raises(TypeError, match="integer"):
+        complete(idx.double(), vals, M_SHAPE, M_RANK)
+    with pytest.raises(ValueError):
+        complete(idx[:, :1], vals, M_SHAPE, M_RANK)
+    with pytest.raises(ValueError, match="test"):
+        complete(idx, vals, M_SHAPE, M_RANK, test=(idx, vals.float()))
+    with pytest.raises(ValueError):
+        complete(idx, vals, M_SHAPE, M_RANK, test=(idx[:5], vals[:4]))
+    with pytest.raises(ValueError, match="modes"):
+        complete(idx[:, :1], vals, M_SHAPE[:1], M_RANK)

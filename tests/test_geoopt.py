@@ -1,0 +1,487 @@
+"""geoopt bridge: packed manifolds against dense references, and geoopt's optimizers training the
+low-rank layers unmodified."""
+
+import io
+import math
+
+import geoopt
+import pytest
+import torch
+from reference import matrix_projector, rel, tt_full, tt_projector
+
+from lowrankopt import LowRankMatrix, TensorTrain, TTMatrix, riemannian_grad
+from lowrankopt.manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank
+from lowrankopt.nn import LowRankLinear, TTLinear
+
+DT = torch.float64
+KINDS = ["matrix", "tt"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These problems are tiny: with several threads on a loaded machine, OpenMP spinning makes each
+    # step ~100x slower. Restore the setting afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def g():
+    return torch.Generator().manual_seed(3)
+
+
+def make(kind):
+    return GeooptFixedRank(7, 5, 2) if kind == "matrix" else GeooptFixedTTRank((3, 4, 2, 3), (2, 3, 2))
+
+
+def rand_tangent(M, x, g):
+    return M.proju(x, torch.randn(M.numel, dtype=x.dtype, generator=g))
+
+
+# ---------------------------------------------------------------------- independent dense references
+def qr_pos(A):
+    Q, R = torch.linalg.qr(A)
+    s = torch.sign(torch.diagonal(R))
+    return Q * s, R * s[:, None]
+
+
+def dense_point(M, p):
+    """The dense matrix / tensor of a packed point, from the layout alone."""
+    parts = M.unpack_tensor(p)
+    if isinstance(M, GeooptFixedRank):
+        U, S, V = parts
+        return U @ S @ V.T
+    return tt_full(list(parts))
+
+
+def dense_tangent(M, p, u):
+    """ξ from packed coordinates: U M Vᵀ + Up Vᵀ + U Vpᵀ, or Σ_k U_{<k} δ_k V_{>k} with U_k from a
+    positive-diagonal QR sweep of the packed (right-orthogonal) cores."""
+    if isinstance(M, GeooptFixedRank):
+        U, _, V = M.unpack_tensor(p)
+        Up, Mc, Vp = M.unpack_tensor(u)
+        return U @ Mc @ V.T + Up @ V.T + U @ Vp.T
+    cores, deltas = list(M.unpack_tensor(p)), list(M.unpack_tensor(u))
+    d, left, Y = len(cores), [], cores[0]
+    for k in range(d - 1):
+        a, n, b = Y.shape
+        Q, R = qr_pos(Y.reshape(a * n, b))
+        left.append(Q.reshape(a, n, b))
+        Y = torch.tensordot(R, cores[k + 1], dims=1)
+    return sum(tt_full(left[:k] + [deltas[k]] + cores[k + 1 :]) for k in range(d))
+
+
+def projector(M, p):
+    if isinstance(M, GeooptFixedRank):
+        return matrix_projector(dense_point(M, p), M.rank)
+    return tt_projector(M.unpack(p))
+
+
+# ---------------------------------------------------------------------- geometry
+@pytest.mark.parametrize("kind", KINDS)
+def test_random_point_is_on_manifold_and_reproducible(kind):
+    M = make(kind)
+    x = M.random(dtype=DT, generator=torch.Generator().manual_seed(0))
+    assert isinstance(x, geoopt.ManifoldTensor) and x.shape == (M.numel,) and x.dtype == DT
+    assert M.check_point_on_manifold(x, atol=1e-12, rtol=1e-12)
+    assert torch.equal(x, M.random(dtype=DT, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(M.origin(dtype=DT), M.origin(dtype=DT))
+    assert M.random(4, M.numel, dtype=DT).shape == (4, M.numel)
+    assert M.dim == round(float(torch.trace(projector(M, x))))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_proju_is_idempotent_and_tangent(kind, g):
+    M = make(kind)
+    x = M.random(dtype=DT, generator=g)
+    raw = torch.randn(M.numel, dtype=DT, generator=g)
+    u = M.proju(x, raw)
+    assert (M.proju(x, u) - u).abs().max() < 1e-14
+    assert M.check_vector_on_tangent(x, u, atol=1e-13, rtol=1e-13)
+    assert not M.check_vector_on_tangent(x, raw)
+    # orthogonal projection in the coordinates: the residual is orthogonal to every tangent vector
+    w = rand_tangent(M, x, g)
+    assert abs(float(M.inner(x, raw - u, w))) < 1e-13
+    assert torch.equal(M.egrad2rgrad(x, raw), u)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inner_matches_ambient_inner_product(kind, g):
+    M = make(kind)
+    x = M.random(dtype=DT, generator=g)
+    u, v = rand_tangent(M, x, g), rand_tangent(M, x, g)
+    U, V = dense_tangent(M, x, u), dense_tangent(M, x, v)
+    assert torch.isclose(M.inner(x, u, v), (U * V).sum(), rtol=1e-12)
+    assert torch.isclose(M.norm(x, u), U.norm(), rtol=1e-12)
+    assert torch.isclose(M.component_inner(x, u, v).sum(), (U * V).sum(), rtol=1e-12)
+    assert M.inner(x, u, v, keepdim=True).shape == (1,)
+    P = projector(M, x)
+    assert rel(P @ U.reshape(-1), U.reshape(-1)) < 1e-12  # the coordinates describe a tangent vector
+    # and agree with the library's TangentVector at the unpacked point
+    assert rel(M.unpack_tangent(x, u).to_ambient().full(), U) < 1e-12
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pack_unpack_round_trips(kind, g):
+    M = make(kind)
+    x = M.random(dtype=DT, generator=g)
+    xo = M.unpack(x)
+    assert torch.equal(M.pack(xo), x)
+    assert rel(xo.full(), dense_point(M, x)) < 1e-14
+    u = rand_tangent(M, x, g)
+    assert (M.pack_tangent(M.unpack_tangent(x, u)) - u).abs().max() < 1e-14
+    # a generic (non-canonical) representation packs to the same tensor, tangent vectors too
+    if kind == "matrix":
+        A = torch.randn(2, 2, dtype=DT, generator=g) + 3 * torch.eye(2, dtype=DT)
+        other = LowRankMatrix(xo.U @ A, torch.linalg.solve(A, xo.S), xo.V)
+    else:
+        A = torch.randn(2, 2, dtype=DT, generator=g) + 3 * torch.eye(2, dtype=DT)
+        c = list(xo.cores)
+        other = TensorTrain(
+            [torch.tensordot(c[0], A, dims=1), torch.tensordot(torch.linalg.inv(A), c[1], dims=1)] + c[2:]
+        )
+    packed_other = M.pack(other)
+    assert M.check_point_on_manifold(packed_other, atol=1e-13, rtol=1e-13)
+    assert rel(dense_point(M, packed_other), dense_point(M, x)) < 1e-13
+    tv = M.base.random_tangent(other, generator=g)
+    packed = M.pack_tangent(tv)
+    assert rel(dense_tangent(M, packed_other, packed), tv.to_ambient().full()) < 1e-12
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_egrad2rgrad_equals_riemannian_grad(kind, g):
+    M = make(kind)
+    x = M.random(dtype=DT, generator=g)
+    shape = (M.m, M.n) if kind == "matrix" else M.shape
+    A = torch.randn(shape, dtype=DT, generator=g)
+    idx = torch.stack([torch.randint(0, s, (30,), generator=g) for s in shape], 1)
+    w = torch.randn(30, dtype=DT, generator=g)
+
+    def f(X):  # a generic op (inner with a dense tensor) and the δ-structured gather
+        vals = X.gather(idx[:, 0], idx[:, 1]) if kind == "matrix" else X.gather(idx)
+        return 0.5 * X.inner(X) - X.inner(A) + (w * vals**2).sum()
+
+    p = geoopt.ManifoldParameter(x.clone(), manifold=M)
+    f(M.straight_through(p)).backward()
+    rg = M.egrad2rgrad(p, p.grad)
+    expected = M.pack_tangent(riemannian_grad(f, M.unpack(x))[1])
+    assert rel(rg, expected) < 1e-12
+    # independent: the dense projected gradient
+    X = dense_point(M, x).clone().requires_grad_(True)
+    vals = X[tuple(idx.T)]
+    (G,) = torch.autograd.grad(0.5 * (X * X).sum() - (X * A).sum() + (w * vals**2).sum(), X)
+    P = projector(M, x)
+    assert rel(dense_tangent(M, x, rg).reshape(-1), P @ G.reshape(-1)) < 1e-12
+    # and the value of the straight-through object is the point
+    assert rel(M.straight_through(p).full(), dense_point(M, x)) < 1e-14
+
+
+def test_straight_through_grad_layout_for_matrices(g):
+    M = GeooptFixedRank(6, 4, 2)
+    x = M.random(dtype=DT, generator=g)
+    G = torch.randn(6, 4, dtype=DT, generator=g)
+    p = geoopt.ManifoldParameter(x.clone(), manifold=M)
+    M.straight_through(p).inner(G).backward()
+    U, _, V = M.unpack_tensor(x)
+    gU, gS, gV = M.unpack_tensor(p.grad)
+    assert torch.allclose(gU, G @ V, atol=1e-14)
+    assert torch.allclose(gS, U.T @ G @ V, atol=1e-14)
+    assert torch.allclose(gV, G.T @ U, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_retr_lands_on_manifold_and_equals_base_retraction(kind, g):
+    M = make(kind)
+    x = M.random(dtype=DT, generator=g)
+    u = rand_tangent(M, x, g) * 0.3
+    y = M.retr(x, u)
+    assert M.check_point_on_manifold(y, atol=1e-13, rtol=1e-13)
+    xo = M.unpack(x)
+    assert rel(dense_point(M, y), M.base.retr(xo, M.unpack_tangent(xo, u)).full()) < 1e-13
+    assert torch.equal(M.expmap(x, u), y)
+    if kind == "matrix":  # metric projection: the truncated SVD of x + ξ
+        Z = dense_point(M, x) + dense_tangent(M, x, u)
+        Uz, s, Vh = torch.linalg.svd(Z)
+        assert rel(dense_point(M, y), Uz[:, :2] @ torch.diag(s[:2]) @ Vh[:2]) < 1e-12
+    # the frames follow the old ones (closest rotation): a small step moves the packed factors little
+    small = M.retr(x, u * 1e-4)
+    assert (small - x).norm() < 1e-3 * u.norm()
+    # a non-tangent u is projected first
+    raw = torch.randn(M.numel, dtype=DT, generator=g) * 0.1
+    assert (M.retr(x, raw) - M.retr(x, M.proju(x, raw))).abs().max() < 1e-14
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_projx_is_idempotent_and_keeps_the_point(kind, g):
+    M = make(kind)
+    x = M.random(dtype=DT, generator=g)
+    assert (M.projx(x) - x).abs().max() < 1e-14
+    y = M.retr(x, rand_tangent(M, x, g))
+    assert (M.projx(y) - y).abs().max() < 1e-14
+    # a perturbed representation (non-orthonormal frames) of the same point is restored
+    parts = list(M.unpack_tensor(x.clone()))
+    if kind == "matrix":
+        A = torch.eye(2, dtype=DT) + 0.2 * torch.randn(2, 2, dtype=DT, generator=g)
+        parts = [parts[0] @ A, torch.linalg.solve(A, parts[1]), parts[2]]
+    else:
+        A = torch.eye(2, dtype=DT) + 0.2 * torch.randn(2, 2, dtype=DT, generator=g)
+        parts[-1] = torch.tensordot(A, parts[-1], dims=1)
+        parts[-2] = torch.tensordot(parts[-2], torch.linalg.inv(A), dims=1)
+    bent = M.pack_point(*parts)
+    assert not M.check_point_on_manifold(bent)
+    fixed = M.projx(bent)
+    assert M.check_point_on_manifold(fixed, atol=1e-13, rtol=1e-13)
+    assert rel(dense_point(M, fixed), dense_point(M, x)) < 1e-13
+    assert (M.projx(fixed) - fixed).abs().max() < 1e-14
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_transp_is_projection_onto_new_tangent_space(kind, g):
+    M = make(kind)
+    x = M.random(dtype=DT, generator=g)
+    u, v = rand_tangent(M, x, g), rand_tangent(M, x, g)
+    y = M.retr(x, 0.3 * u)
+    w = M.transp(x, y, v)
+    assert M.check_vector_on_tangent(y, w, atol=1e-13, rtol=1e-13)
+    Py = projector(M, y)
+    assert rel(dense_tangent(M, y, w).reshape(-1), Py @ dense_tangent(M, x, v).reshape(-1)) < 1e-12
+    y2, w2 = M.retr_transp(x, 0.3 * u, v)
+    assert torch.equal(y2, y) and (w2 - w).abs().max() < 1e-14
+    assert (M.transp(x, x, v) - v).abs().max() < 1e-13  # identity at the same point
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_tensors(kind, g):
+    M = make(kind)
+    xs = M.random(3, M.numel, dtype=DT, generator=g)
+    us = M.proju(xs, torch.randn(3, M.numel, dtype=DT, generator=g))
+    vs = torch.stack([rand_tangent(M, xs[i], g) for i in range(3)])
+    ys = M.retr(xs, us)
+    ws = M.transp(xs, ys, vs)
+    for i in range(3):
+        assert (us[i] - M.proju(xs[i], us[i])).abs().max() < 1e-14
+        assert (ys[i] - M.retr(xs[i], us[i])).abs().max() < 1e-14
+        assert (ws[i] - M.transp(xs[i], ys[i], vs[i])).abs().max() < 1e-14
+    assert (M.projx(xs) - xs).abs().max() < 1e-14
+    one = torch.randn(M.numel, dtype=DT, generator=g)  # broadcast: batched x, one u
+    assert (M.proju(xs, one)[1] - M.proju(xs[1], one)).abs().max() < 1e-14
+    assert M.inner(xs, us, vs).shape == (3,)
+    assert M.check_point_on_manifold(ys, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"p must be one packed point"):
+        M.straight_through(xs)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="rank must be <="):
+        GeooptFixedRank(5, 3, 4)
+    with pytest.raises(ValueError, match="not attainable"):
+        GeooptFixedTTRank((2, 3, 4), (5, 2))
+    M = GeooptFixedRank(5, 4, 2)
+    x = M.random(dtype=DT)
+    with pytest.raises(ValueError, match="u must have last dimension 22"):
+        M.proju(x, torch.zeros(25, dtype=DT))
+    with pytest.raises(ValueError, match="u has dtype torch.float32"):
+        M.proju(x, torch.zeros(22))
+    with pytest.raises(ValueError, match="x must be float32 or float64"):
+        M.projx(torch.zeros(22, dtype=torch.int64))
+    with pytest.raises(ValueError, match="last dimension 22"):
+        geoopt.ManifoldParameter(torch.zeros(23, dtype=DT), manifold=M)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        geoopt.ManifoldParameter(torch.zeros(22, dtype=torch.int32), manifold=M)
+    with pytest.raises(ValueError, match="must end with shape"):
+        M.pack_point(torch.zeros(5, 2), torch.zeros(2, 2), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="v lives on"):
+        M.pack_tangent(GeooptFixedRank(5, 4, 1).base.random_tangent(LowRankMatrix.random(5, 4, 1)))
+    bad_layers = [
+        lambda: LowRankLinear(0, 3, 1),
+        lambda: LowRankLinear(4, 3, 4),
+        lambda: LowRankLinear(4, 3, True),
+        lambda: LowRankLinear(4, 3, 2, dtype=torch.int64),
+        lambda: TTLinear(12, 6, 2, in_factors=(3, 5)),
+        lambda: TTLinear(12, 6, 2, in_factors=(3, 4), out_factors=(6,)),
+        lambda: TTLinear(12, 6, [2, 2], in_factors=(3, 4), out_factors=(2, 3)),
+        lambda: TTLinear(12, 6, [7], in_factors=(3, 4), out_factors=(2, 3)),
+        lambda: TTLinear(12, 6, 2, d=1),
+        lambda: TTLinear(12, 6, 2, in_factors=(3, 4), d=3),
+    ]
+    for make_layer in bad_layers:
+        with pytest.raises(ValueError):
+            make_layer()
+    with pytest.raises(ValueError, match=r"input must have shape \(\.\.\., 4\)"):
+        LowRankLinear(4, 3, 2, dtype=DT)(torch.zeros(2, 5, dtype=DT))
+
+
+# ---------------------------------------------------------------------- layers
+def test_low_rank_linear_forward_equals_dense(g):
+    layer = LowRankLinear(12, 9, 3, dtype=DT, generator=g)
+    x = torch.randn(2, 5, 12, dtype=DT, generator=g)
+    W = layer.weight_matrix().full()
+    assert W.shape == (9, 12) and torch.linalg.matrix_rank(W) == 3
+    expected = x @ W.T + layer.bias
+    assert rel(layer(x), expected) < 1e-14
+    with torch.no_grad():
+        assert rel(layer(x), expected) < 1e-14
+    dense = layer.to_dense()
+    assert isinstance(dense, torch.nn.Linear) and rel(dense(x), expected) < 1e-14
+    # the hand-written forward gives the same packed gradient as the straight-through object
+    R = torch.randn(2, 5, 9, dtype=DT, generator=g)
+    (layer(x) * R).sum().backward()
+    p = geoopt.ManifoldParameter(layer.weight.detach().clone(), manifold=layer.manifold)
+    ((x.reshape(-1, 12) @ layer.manifold.straight_through(p).T) * R.reshape(-1, 9)).sum().backward()
+    assert rel(layer.weight.grad, p.grad) < 1e-14
+    # init variance: mean squared entry 1 / (3 in), like nn.Linear
+    assert math.isclose(float(W.pow(2).mean()), 1 / 36, rel_tol=1e-12)
+
+
+def test_low_rank_linear_from_linear_is_truncated_svd(g):
+    lin = torch.nn.Linear(10, 7, dtype=DT)
+    layer = LowRankLinear.from_linear(lin, 3)
+    U, s, Vh = torch.linalg.svd(lin.weight.detach())
+    assert rel(layer.weight_matrix().full(), U[:, :3] @ torch.diag(s[:3]) @ Vh[:3]) < 1e-13
+    assert torch.equal(layer.bias.detach(), lin.bias.detach())
+    assert layer.manifold.check_point_on_manifold(layer.weight, atol=1e-13, rtol=1e-13)
+
+
+def test_tt_linear_forward_equals_dense(g):
+    layer = TTLinear(12, 6, 2, in_factors=(3, 4), out_factors=(2, 3), dtype=DT, generator=g)
+    Wt = layer.weight_matrix()
+    assert isinstance(Wt, TTMatrix) and Wt.row_shape == (2, 3) and Wt.col_shape == (3, 4)
+    W = Wt.full()
+    x = torch.randn(3, 2, 12, dtype=DT, generator=g)
+    expected = x @ W.T + layer.bias
+    assert rel(layer(x), expected) < 1e-13
+    with torch.no_grad():
+        assert rel(layer(x), expected) < 1e-13
+    assert rel(layer.to_dense()(x), expected) < 1e-13
+    assert math.isclose(float(W.pow(2).mean()), 1 / 36, rel_tol=1e-12)
+    auto = TTLinear(784, 10, 8, dtype=DT)
+    assert math.prod(auto.in_factors) == 784 and math.prod(auto.out_factors) == 10 and len(auto.in_factors) == 3
+    assert TTLinear(256, 256, 16, dtype=DT).in_factors == (4, 8, 8)
+    assert TTLinear(16, 16, 100, d=2, dtype=DT).ranks == (16,)  # an int rank is clipped
+
+
+def _regression(kind, seed=0, B=64):
+    g = torch.Generator().manual_seed(seed)
+    init = torch.Generator().manual_seed(100 + seed)
+    if kind == "matrix":
+        target = LowRankMatrix.random(9, 12, 3, generator=g).full()
+        layer = LowRankLinear(12, 9, 3, bias=False, dtype=DT, generator=init)
+    else:
+        target = TTMatrix.random((2, 2, 2), (2, 2, 2), 2, generator=g).full()
+        layer = TTLinear(8, 8, 2, bias=False, dtype=DT, generator=init)
+    X = torch.randn(B, target.shape[1], dtype=DT, generator=g)
+    return layer, X, X @ target.T, target
+
+
+def _train(layer, opt, X, Y, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((layer(X) - Y) ** 2).sum() / X.shape[0]
+        loss.backward()
+        opt.step()
+    return loss
+
+
+OPTIMIZERS = {
+    "sgd": (lambda p: geoopt.optim.RiemannianSGD(p, lr=0.2), 200),
+    "momentum": (lambda p: geoopt.optim.RiemannianSGD(p, lr=0.05, momentum=0.9), 400),
+    "nesterov": (lambda p: geoopt.optim.RiemannianSGD(p, lr=0.05, momentum=0.9, nesterov=True), 300),
+    "adam": (lambda p: geoopt.optim.RiemannianAdam(p, lr=0.02, betas=(0.9, 0.99)), 400),
+    "adam-stabilize": (lambda p: geoopt.optim.RiemannianAdam(p, lr=0.02, betas=(0.9, 0.99), stabilize=1), 400),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_geoopt_optimizers_fit_exact_low_rank_map(kind, name):
+    layer, X, Y, target = _regression(kind)
+    make_opt, steps = OPTIMIZERS[name]
+    _train(layer, make_opt(layer.parameters()), X, Y, steps)
+    assert rel(layer.weight_matrix().full(), target) < 1e-6
+    assert layer.manifold.check_point_on_manifold(layer.weight, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["momentum", "adam"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_round_trip_continues_identically(kind, name):
+    layer, X, Y, _ = _regression(kind)
+    make_opt, _ = OPTIMIZERS[name]
+    opt = make_opt(layer.parameters())
+    _train(layer, opt, X, Y, 5)
+    buf = io.BytesIO()
+    torch.save({"model": layer.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)  # weights_only: the packed parameter is a plain tensor in the state dict
+    layer2, _, _, _ = _regression(kind, seed=99)
+    opt2 = make_opt(layer2.parameters())
+    layer2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    assert isinstance(layer2.weight, geoopt.ManifoldParameter) and torch.equal(layer2.weight, layer.weight)
+    _train(layer, opt, X, Y, 5)
+    _train(layer2, opt2, X, Y, 5)
+    assert torch.equal(layer2.weight, layer.weight)
+    for s1, s2 in zip(opt.state.values(), opt2.state.values()):
+        for key in s1:
+            assert torch.equal(torch.as_tensor(s1[key]), torch.as_tensor(s2[key]))
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: geoopt.optim.RiemannianSGD(p, lr=0.1, weight_decay=1e-3),
+        lambda p: geoopt.optim.RiemannianAdam(p, lr=0.1, weight_decay=1e-3),
+        lambda p: torch.optim.AdamW(p, lr=0.1),  # default weight_decay=0.01
+    ],
+)
+def test_weight_decay_on_packed_parameters_raises(make_opt, g):
+    layer = LowRankLinear(6, 5, 2, dtype=DT, generator=g)
+    opt = make_opt(layer.parameters())
+    layer(torch.randn(3, 6, dtype=DT, generator=g)).sum().backward()
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"param group 0 has weight_decay=.*use weight_decay=0 for lowrankopt"):
+        opt.step()
+    assert torch.equal(layer.weight.detach(), before)
+
+
+def test_weight_decay_allowed_on_other_groups(g):
+    layer = LowRankLinear(6, 5, 2, dtype=DT, generator=g)
+    opt = geoopt.optim.RiemannianAdam(
+        [{"params": [layer.weight], "weight_decay": 0.0}, {"params": [layer.bias]}], lr=0.01, weight_decay=0.1
+    )
+    layer(torch.randn(3, 6, dtype=DT, generator=g)).sum().backward()
+    opt.step()
+    assert layer.manifold.check_point_on_manifold(layer.weight, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float32_training(kind):
+    g = torch.Generator().manual_seed(0)
+    if kind == "matrix":
+        layer = LowRankLinear(12, 9, 3, dtype=torch.float32, generator=g)
+        target = LowRankMatrix.random(9, 12, 3, dtype=torch.float32, generator=g).full()
+    else:
+        layer = TTLinear(8, 8, 2, dtype=torch.float32, generator=g)
+        target = TTMatrix.random((2, 2, 2), (2, 2, 2), 2, dtype=torch.float32, generator=g).full()
+    X = torch.randn(64, target.shape[1], generator=g)
+    Y = X @ target.T
+    opt = geoopt.optim.RiemannianAdam(layer.parameters(), lr=0.05)
+    first = float(((layer(X) - Y) ** 2).mean())
+    loss = _train(layer, opt, X, Y, 100)
+    assert layer.weight.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    assert float(loss) / 9 < 1e-2 * first
+    assert layer.manifold.check_point_on_manifold(layer.weight, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_training_matches_cpu(kind):
+    layer, X, Y, _ = _regression(kind)
+    layer_c = _regression(kind)[0].to("cuda")
+    assert layer_c.weight.device.type == "cuda" and isinstance(layer_c.weight, geoopt.ManifoldParameter)
+    make_opt, _ = OPTIMIZERS["momentum"]
+    _train(layer, make_opt(layer.parameters()), X, Y, 20)
+    _train(layer_c, make_opt(layer_c.parameters()), X.cuda(), Y.cuda(), 20)
+    assert rel(layer_c.weight_matrix().full().cpu(), layer.weight_matrix().full()) < 1e-10
