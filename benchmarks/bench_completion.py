@@ -72,7 +72,15 @@ def _ours(name, idx, vals, shape, rank, test, x0, method, max_time, seed):
     torch.manual_seed(seed)
     t = time.perf_counter()
     res = complete(
-        idx, vals, shape, rank, method=method, test=test, x0=x0, max_iter=100_000, max_time=max_time,
+        idx,
+        vals,
+        shape,
+        rank,
+        method=method,
+        test=test,
+        x0=x0,
+        max_iter=100_000,
+        max_time=max_time,
         generator=torch.Generator().manual_seed(seed),
     )
     wall = time.perf_counter() - t
@@ -98,8 +106,22 @@ def _ours(name, idx, vals, shape, rank, test, x0, method, max_time, seed):
 def _pymanopt(P, cost, optimizer, max_time):
     try:
         out = run_pymanopt(
-            P["m"], P["n"], P["k"], P["rows"], P["cols"], P["vals"], P["test_rows"], P["test_cols"], P["test_vals"],
-            P["U0"], P["s0"], P["Vt0"], cost=cost, optimizer=optimizer, max_time=max_time, max_iterations=100_000,
+            P["m"],
+            P["n"],
+            P["k"],
+            P["rows"],
+            P["cols"],
+            P["vals"],
+            P["test_rows"],
+            P["test_cols"],
+            P["test_vals"],
+            P["U0"],
+            P["s0"],
+            P["Vt0"],
+            cost=cost,
+            optimizer=optimizer,
+            max_time=max_time,
+            max_iterations=100_000,
             target_test_error=TARGET,
         )
     except PeerUnavailable as exc:
@@ -118,8 +140,10 @@ def run_matrix(name, spec, max_time, seed):
     vals = torch.from_numpy(P["vals"])
     test = (torch.from_numpy(np.stack([P["test_rows"], P["test_cols"]], 1)), torch.from_numpy(P["test_vals"]))
     x0 = LowRankMatrix(torch.from_numpy(P["U0"]), torch.from_numpy(P["s0"]), torch.from_numpy(P["Vt0"].T.copy()))
-    runs = [_ours(name, idx, vals, (spec["m"], spec["n"]), spec["k"], test, x0, m, max_time, seed)
-            for m in ("cg", "trust-region")]
+    runs = [
+        _ours(name, idx, vals, (spec["m"], spec["n"]), spec["k"], test, x0, m, max_time, seed)
+        for m in ("cg", "trust-region")
+    ]
     big = spec["m"] * spec["n"] > 5e7
     for cost in ("sparse", "dense"):
         if cost == "dense" and big:
@@ -178,10 +202,16 @@ def _fmt(v, spec):
 def markdown(results) -> str:
     lines = []
     for case in results["cases"]:
-        lines += [f"### {case['case']}", "", "| solver | time to 1e-8 (s) | iterations | final test error | "
-                  "pymanopt time / ours (CG, TR) | status |", "|---|---|---|---|---|---|"]
-        ours = [next((r.get("time_to_target") for r in case["runs"] if r["solver"] == f"lowrankopt {m}"), None)
-                for m in ("cg", "trust-region")]
+        lines += [
+            f"### {case['case']}",
+            "",
+            "| solver | time to 1e-8 (s) | iterations | final test error | pymanopt time / ours (CG, TR) | status |",
+            "|---|---|---|---|---|---|",
+        ]
+        ours = [
+            next((r.get("time_to_target") for r in case["runs"] if r["solver"] == f"lowrankopt {m}"), None)
+            for m in ("cg", "trust-region")
+        ]
         for run in case["runs"]:
             if "skipped" in run:
                 lines.append(f"| {run['solver']} | | | | | {run['skipped']} |")
@@ -219,8 +249,13 @@ def main(argv=None) -> int:
     results = {
         "benchmark": "completion",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "threads": args.threads, "torch": torch.__version__, "python": platform.python_version()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
         "target_test_error": TARGET,
         "cases": [],
     }
@@ -228,8 +263,11 @@ def main(argv=None) -> int:
         if name not in MATRIX_CASES and name not in TT_CASES:
             ap.error(f"unknown case {name!r}")
         print(f"== {name}", flush=True)
-        case = run_matrix(name, MATRIX_CASES[name], args.max_time, args.seed) if name in MATRIX_CASES \
+        case = (
+            run_matrix(name, MATRIX_CASES[name], args.max_time, args.seed)
+            if name in MATRIX_CASES
             else run_tt(name, TT_CASES[name], args.max_time, args.seed)
+        )
         case["plot"] = _plot(case, out)
         results["cases"].append(case)
         print(markdown({"cases": [case]}), flush=True)

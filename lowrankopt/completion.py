@@ -36,9 +36,7 @@ __all__ = ["complete", "sample_indices", "completion_loss"]
 _DEFAULT_TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
-def sample_indices(
-    shape, count: int, *, generator: torch.Generator | None = None, device=None
-) -> torch.Tensor:
+def sample_indices(shape, count: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """``count`` distinct multi-indices drawn uniformly at random from a tensor of ``shape``.
 
     Returns an int64 tensor ``(count, len(shape))`` in random order. Cost ``O(count log count)``: draws

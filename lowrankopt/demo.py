@@ -110,8 +110,16 @@ def run_tt_completion(
             )
 
     res = complete(
-        idx, vals, shape, rank, test=(test_idx, test_vals), tol=tol, max_iter=iters, warmup_iters=warmup_iters,
-        generator=g, monitor=progress,
+        idx,
+        vals,
+        shape,
+        rank,
+        test=(test_idx, test_vals),
+        tol=tol,
+        max_iter=iters,
+        warmup_iters=warmup_iters,
+        generator=g,
+        monitor=progress,
     )
     converged = res.train_error <= tol
     result = {

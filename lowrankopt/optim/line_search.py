@@ -75,7 +75,7 @@ def line_search_descent(
     while True:
         slope = float(M.inner(x, loc.grad, eta))
         if not slope < 0:  # not a descent direction (or NaN): restart along −grad
-            eta, slope = -loc.grad, -loc.grad_norm**2
+            eta, slope = -loc.grad, -(loc.grad_norm**2)
         alpha, from_model = None, False
         if model:
             curv = float(M.inner(x, eta, loc.hess(eta)))

@@ -108,8 +108,11 @@ def trust_region(
             M, x, loc.grad, cached_hess, radius, kappa=kappa, theta=theta, min_inner=min_inner, max_inner=max_inner
         )
         if why == _NON_FINITE:
-            run.stop(st.NON_FINITE, f"a Hessian-vector product is NaN/Inf at iteration {run.nit + 1}; returning "
-                     "the last point where f and its gradient were finite")
+            run.stop(
+                st.NON_FINITE,
+                f"a Hessian-vector product is NaN/Inf at iteration {run.nit + 1}; returning "
+                "the last point where f and its gradient were finite",
+            )
             return
         y = M.retr(x, eta)
         new = obj.local(y, hessian=True)
