@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import PeerUnavailable  # noqa: E402
 from peers.pymanopt_completion import make_problem, run_pymanopt  # noqa: E402
 
-from lowrankopt import LowRankMatrix  # noqa: E402
+from lowrankopt import LowRankMatrix, tune_cpu_allocator  # noqa: E402
 from lowrankopt.completion import complete, sample_indices  # noqa: E402
 from lowrankopt.demo import _random_truth  # noqa: E402
 
@@ -195,6 +195,16 @@ def _plot(case, out: Path):
     return path.name
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _fmt(v, spec):
     return "—" if v is None else format(v, spec)
 
@@ -240,9 +250,17 @@ def main(argv=None) -> int:
     ap.add_argument("--max-time", type=float, default=300.0, help="per solver run, seconds (default 300)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--allocator",
+        choices=("default", "tuned"),
+        default="tuned",
+        help="tuned: lowrankopt.tune_cpu_allocator() for the whole process, i.e. for every solver (default)",
+    )
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.allocator == "tuned":
+        tune_cpu_allocator()
     names = args.cases.split(",") if args.cases else DEFAULT_CASES + (["matrix-big"] if args.full else [])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,9 +268,10 @@ def main(argv=None) -> int:
         "benchmark": "completion",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": _cpu_model(),
             "cores": os.cpu_count(),
             "threads": args.threads,
+            "allocator": args.allocator,
             "torch": torch.__version__,
             "python": platform.python_version(),
         },

@@ -1,10 +1,11 @@
 """Low-rank matrix and tensor-train completion: ``complete(indices, values, shape, rank)``.
 
 Minimizes ``f(X) = ½ ‖P_Ω(X) − values‖²`` over matrices of rank r (:class:`FixedRankMatrices`) or
-tensors of TT-rank r (:class:`FixedTTRank`) with :func:`minimize`. With the defaults this is LRGeomCG
+tensors of TT-rank r (:class:`FixedTTRank`) with :func:`minimize`. ``method="cg"`` is LRGeomCG
 (Vandereycken 2013) for matrices and RTTC (Steinlechner 2016) for tensor trains: nonlinear CG, vector
 transport by projection, and the exact line search of the linearized problem (the quadratic-model step
-with ``curvature=False``); ``method="trust-region"`` uses the exact Riemannian Hessian instead.
+with ``curvature=False``). The default ``method="trust-region"`` solves trust-region subproblems with the
+same Hessian (Gauss–Newton); ``curvature=True`` uses the exact Riemannian Hessian.
 
 Start points: matrices start from the rank-r truncated SVD of the zero-filled ``P_Ω A`` (LRGeomCG's
 ``make_start_x``, computed matrix-free by a randomized range finder on the sparse matrix); tensor trains
@@ -175,7 +176,7 @@ def complete(
     shape,
     rank,
     *,
-    method: str = "cg",
+    method: str = "trust-region",
     test: tuple | None = None,
     x0=None,
     tol: float | None = None,
@@ -194,7 +195,10 @@ def complete(
         values: ``(N,)`` float32/float64 observed entries.
         shape: the shape of the full matrix / tensor.
         rank: matrix rank, or TT-ranks (an int or the d − 1 inner ranks).
-        method: ``"cg"`` (default; LRGeomCG / RTTC), ``"trust-region"`` or ``"sd"`` — see :func:`minimize`.
+        method: ``"trust-region"`` (default: Riemannian trust-region on the Hessian without curvature,
+            i.e. Riemannian Gauss–Newton with a trust region), ``"cg"`` (LRGeomCG / RTTC) or ``"sd"`` — see
+            :func:`minimize`. On RTTC's TT setup (|Ω| = 10·d·n·r²) CG stalls from our start where
+            trust-region converges (docs/benchmarks.md).
         test: optional ``(indices, values)`` of held-out entries Γ; the relative test error
             ``‖P_Γ(X − A)‖ / ‖P_Γ A‖`` is recorded in the history (its cost is not counted in ``time``).
         x0: start point (LowRankMatrix / TensorTrain of the target rank); default as in the module doc.

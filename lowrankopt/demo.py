@@ -114,6 +114,7 @@ def run_tt_completion(
         vals,
         shape,
         rank,
+        method="cg",
         test=(test_idx, test_vals),
         tol=tol,
         max_iter=iters,

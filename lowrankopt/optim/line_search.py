@@ -14,7 +14,7 @@ CG directions: ``η_new = −g_new + β T(η)`` with T the manifold's vector tra
 - ``"pr+"`` Polak–Ribière+   ``max(0, ⟨g_new, g_new − T g⟩ / ‖g‖²)``;
 - ``"hs"``  Hestenes–Stiefel ``max(0, ⟨g_new, y⟩ / ⟨T η, y⟩)``, ``y = g_new − T g``;
 - ``"hz"``  Hager–Zhang      ``⟨y − 2 T η ‖y‖² / ⟨T η, y⟩, g_new⟩ / ⟨T η, y⟩``, bounded below by
-  ``−1 / (‖T η‖ min(0.01, ‖g‖))`` (Hager & Zhang 2005; Manopt's default).
+  ``−1 / (‖T η‖ min(0.01, ‖g‖))`` (Hager & Zhang 2005; Manopt's default; the bound is not scale invariant).
 
 Restarts (β = 0): whenever ``η_new`` is not a descent direction, and — with ``restart_threshold=c`` —
 Powell's test ``|⟨g_new, T g⟩| ≥ c ‖g_new‖²`` (RTTC uses c = 0.1).

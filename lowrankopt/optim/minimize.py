@@ -18,7 +18,7 @@ _COMMON = {"max_iter": 1000, "gtol": 1e-6, "ftol": 0.0, "max_time": math.inf, "c
 _LINE_SEARCH = {"initial_step": "auto", "c1": 1e-4, "contraction": 0.5, "max_backtracks": 25}
 _DEFAULTS = {
     "sd": _LINE_SEARCH,
-    "cg": {**_LINE_SEARCH, "beta": "hz", "restart_threshold": None},
+    "cg": {**_LINE_SEARCH, "beta": "pr+", "restart_threshold": None},
     "trust-region": {
         "max_radius": None,
         "initial_radius": None,
@@ -74,8 +74,10 @@ def minimize(
     iteration for ``α = −⟨g, η⟩/⟨η, Hη⟩``, the exact line search for least squares with
     ``curvature=False``; ``"secant"``: no Hessian; ``"auto"``: model when a Hessian is available),
     ``c1`` (1e-4, Armijo constant), ``contraction`` (0.5), ``max_backtracks`` (25). ``"cg"`` also
-    takes ``beta`` (``"hz"`` default, ``"pr+"``, ``"hs"``, ``"fr"``) and ``restart_threshold`` (None;
-    Powell restart when ``|⟨g_new, T g⟩| ≥ c‖g_new‖²``).
+    takes ``beta`` (``"pr+"`` default, ``"hz"``, ``"hs"``, ``"fr"``) and ``restart_threshold`` (None;
+    Powell restart when ``|⟨g_new, T g⟩| ≥ c‖g_new‖²``). Manopt's default is Hager–Zhang, but its lower
+    bound ``−1/(‖η‖ min(0.01, ‖g‖))`` is not scale invariant: on TT completion (gradients ~1e-4) it stalled
+    where PR+ converged (docs/benchmarks.md), so PR+ is ours.
 
     Options of ``"trust-region"`` (Manopt's defaults): ``max_radius`` (√dim), ``initial_radius``
     (max_radius / 8), ``rho_prime`` (0.1), ``kappa`` (0.1), ``theta`` (1.0), ``min_inner`` (1),
