@@ -2,7 +2,6 @@
 and on the full dense tensor; sampling of index sets; input validation."""
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -12,16 +11,6 @@ from lowrankopt import FixedTTRank, TensorTrain
 from lowrankopt.completion import complete, completion_loss, sample_indices
 
 DT = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse", category=UserWarning)  # torch's beta notices
-        yield
-    torch.set_num_threads(old)
 
 
 def linear(idx, shape):

@@ -17,16 +17,6 @@ DT = torch.float64
 KINDS = ["matrix", "tt"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These problems are tiny: with several threads on a loaded machine, OpenMP spinning makes each
-    # step ~100x slower. Restore the setting afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def g():
     return torch.Generator().manual_seed(3)

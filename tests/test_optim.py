@@ -18,14 +18,6 @@ ALL_METHODS = [("sd", {})] + [("cg", {"beta": b}) for b in ("fr", "pr+", "hs", "
 IDS = ["sd", "cg-fr", "cg-pr+", "cg-hs", "cg-hz", "trust-region"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ---------------------------------------------------------------------------------------------- problems
 MSHAPE, MRANK = (30, 20), 3
 
@@ -288,6 +280,8 @@ def test_unknown_option_and_method():
         ("trust-region", {"rho_prime": 0.5}, ValueError),
         ("trust-region", {"initial_radius": 0.0}, ValueError),
         ("trust-region", {"max_inner": 0}, ValueError),
+        ("trust-region", {"gradient_scale": -1.0}, ValueError),
+        ("trust-region", {"gradient_scale": "first"}, ValueError),
         ("cg", {"callback": 3}, TypeError),
         ("trust-region", {"callback": "stop"}, TypeError),
     ],
@@ -296,6 +290,20 @@ def test_bad_option_values(method, opts, exc):
     f, x0, *_ = matrix_problem()
     with pytest.raises(exc, match=next(iter(opts))):
         minimize(f, x0, method, **opts)
+
+
+def test_gradient_scale_makes_trust_region_scale_invariant():
+    """Scaling f by c changes nothing in exact arithmetic except Manopt's θ-test ‖r‖ ≤ ‖r₀‖ min(‖r₀‖^θ, κ);
+    with gradient_scale="initial" the runs for f and c·f take the same inner iterations (until rounding at
+    machine precision sets in), without it they differ."""
+    f, x0, *_ = matrix_problem()
+    runs = {}
+    for scale in (None, "initial"):
+        for c in (1.0, 1e4):
+            res = minimize(lambda X, c=c: c * f(X), x0, "trust-region", gtol=0.0, max_iter=9, gradient_scale=scale)
+            runs[scale, c] = [h.get("inner_iter") for h in res.history]
+    assert runs["initial", 1.0] == runs["initial", 1e4]
+    assert runs[None, 1.0] != runs[None, 1e4]
 
 
 @pytest.mark.parametrize("method", ["sd", "cg", "trust-region"])

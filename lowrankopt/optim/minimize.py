@@ -28,6 +28,7 @@ _DEFAULTS = {
         "min_inner": 1,
         "max_inner": None,
         "rho_regularization": 1e3,
+        "gradient_scale": None,
     },
 }
 _COLUMNS = {"sd": ("step_size",), "cg": ("step_size",), "trust-region": ("radius", "rho", "inner_iter", "accepted")}
@@ -81,7 +82,9 @@ def minimize(
 
     Options of ``"trust-region"`` (Manopt's defaults): ``max_radius`` (√dim), ``initial_radius``
     (max_radius / 8), ``rho_prime`` (0.1), ``kappa`` (0.1), ``theta`` (1.0), ``min_inner`` (1),
-    ``max_inner`` (dim), ``rho_regularization`` (1e3).
+    ``max_inner`` (dim), ``rho_regularization`` (1e3), ``gradient_scale`` (None: Manopt's inner stopping test
+    ``‖r‖ ≤ ‖r₀‖ min(‖r₀‖^θ, κ)``, which depends on the scale of f; a number s, or ``"initial"`` (the gradient
+    norm at x0), uses ``(‖r₀‖/s)^θ`` instead — for problems whose gradients are far from unit size).
 
     Returns:
         An :class:`OptimizeResult`. If f or its gradient becomes NaN/Inf, the run stops with
@@ -140,6 +143,8 @@ def _validate(method: str, o: dict, obj: Objective) -> None:
         number("min_inner", integer=True)
         number("max_inner", 1, integer=True, allow_none=True)
         number("rho_regularization")
+        if o["gradient_scale"] != "initial":
+            number("gradient_scale", open_lo=True, allow_none=True)
         if not obj.has_hessian:
             raise TypeError("the trust-region method needs Hessian-vector products: pass hvp=")
         return

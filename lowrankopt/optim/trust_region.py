@@ -32,11 +32,11 @@ _NEG_CURVATURE, _EXCEEDED, _LINEAR, _SUPERLINEAR, _MAX_INNER, _MODEL_INCREASED, 
 )
 
 
-def truncated_cg(M, x, grad, hess, radius: float, *, kappa, theta, min_inner, max_inner):
+def truncated_cg(M, x, grad, hess, radius: float, *, kappa, theta, min_inner, max_inner, gradient_scale=1.0):
     """Steihaug–Toint tCG for ``min ⟨g, η⟩ + ½⟨η, Hη⟩, ‖η‖ ≤ radius`` (no preconditioner).
 
-    ``hess(j, δ)`` gives H δ at inner iteration j (so that callers can cache). Returns
-    ``(η, Hη, inner_iterations, stop_reason)``.
+    ``hess(j, δ)`` gives H δ at inner iteration j (so that callers can cache). The residual test is
+    ``‖r‖ ≤ ‖r₀‖ min((‖r₀‖ / gradient_scale)^θ, κ)``. Returns ``(η, Hη, inner_iterations, stop_reason)``.
     """
     eta = grad * 0.0
     Heta = eta
@@ -64,8 +64,9 @@ def truncated_cg(M, x, grad, hess, radius: float, *, kappa, theta, min_inner, ma
         r = r + Hdelta * alpha
         r_r_old, r_r = r_r, float(M.inner(x, r, r))
         r_norm = math.sqrt(r_r)
-        if j >= min_inner and r_norm <= r0_norm * min(r0_norm**theta, kappa):
-            return eta, Heta, j, (_LINEAR if kappa < r0_norm**theta else _SUPERLINEAR)
+        target = (r0_norm / gradient_scale) ** theta
+        if j >= min_inner and r_norm <= r0_norm * min(target, kappa):
+            return eta, Heta, j, (_LINEAR if kappa < target else _SUPERLINEAR)
         beta = r_r / r_r_old
         delta = -r + delta * beta
         e_Pd = beta * (e_Pd + alpha * d_Pd)
@@ -86,8 +87,14 @@ def trust_region(
     min_inner: int,
     max_inner: int | None,
     rho_regularization: float,
+    gradient_scale: float | str | None,
 ) -> None:
-    """Riemannian trust-region from x (defaults as Manopt: Δ̄ = √dim, Δ₀ = Δ̄/8, ρ′ = 0.1, κ = 0.1, θ = 1)."""
+    """Riemannian trust-region from x (defaults as Manopt: Δ̄ = √dim, Δ₀ = Δ̄/8, ρ′ = 0.1, κ = 0.1, θ = 1).
+
+    ``gradient_scale``: the θ-test of tCG compares ``‖g‖^θ`` with κ, which is not scale invariant (Manopt's
+    convention, ``None``: scale 1). A number, or ``"initial"`` (the gradient norm at x0), divides ‖g‖ first,
+    so the inner solves tighten only once the gradient is small relative to that scale.
+    """
     M = obj.manifold
     dim = int(M.dim)
     max_radius = math.sqrt(dim) if max_radius is None else max_radius
@@ -96,6 +103,9 @@ def trust_region(
     loc = obj.local(x, hessian=True)
     if run.start(loc):
         return
+    if gradient_scale == "initial":
+        gradient_scale = loc.grad_norm
+    scale = 1.0 if gradient_scale is None else float(gradient_scale)
     cache: list = []
 
     def cached_hess(j, delta):
@@ -105,7 +115,16 @@ def trust_region(
 
     while True:
         eta, Heta, inner, why = truncated_cg(
-            M, x, loc.grad, cached_hess, radius, kappa=kappa, theta=theta, min_inner=min_inner, max_inner=max_inner
+            M,
+            x,
+            loc.grad,
+            cached_hess,
+            radius,
+            kappa=kappa,
+            theta=theta,
+            min_inner=min_inner,
+            max_inner=max_inner,
+            gradient_scale=scale,
         )
         if why == _NON_FINITE:
             run.stop(
