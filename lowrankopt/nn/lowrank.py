@@ -67,7 +67,22 @@ def _dense_linear(weight: torch.Tensor, bias) -> torch.nn.Linear:
     return lin
 
 
-class LowRankLinear(torch.nn.Module):
+class _PackedLinear(torch.nn.Module):
+    """What :class:`LowRankLinear` and :class:`TTLinear` share: ``weight``, a ``ManifoldParameter`` on one of
+    the packed geoopt manifolds, and an optional plain ``bias``."""
+
+    @property
+    def manifold(self):
+        return self.weight.manifold
+
+    def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Add the bias and restore the leading dimensions of ``x``."""
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class LowRankLinear(_PackedLinear):
     """``y = x Wᵀ + b`` with ``W: (out_features, in_features)`` of rank exactly ``rank``.
 
     The weight is a ``ManifoldParameter`` on :class:`GeooptFixedRank` ``(out_features, in_features,
@@ -119,10 +134,6 @@ class LowRankLinear(torch.nn.Module):
         self.weight = ManifoldParameter(packed, manifold=manifold)
         self.bias = _init_bias(out_features, in_features, bias, dtype, device, generator)
 
-    @property
-    def manifold(self) -> GeooptFixedRank:
-        return self.weight.manifold
-
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -141,9 +152,7 @@ class LowRankLinear(torch.nn.Module):
             y = (xv @ (S + zS).T + x2 @ zV) @ U.T + xv @ zU.T
         else:
             y = (xv @ S.T) @ U.T
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self._output(y, x)
 
     def weight_matrix(self) -> LowRankMatrix:
         """The weight as a LowRankMatrix (a detached copy, orthonormal ``U``, ``V``). For a
@@ -224,7 +233,7 @@ def _factors(name: str, features: int, factors, d: int | None) -> list[int] | No
     return factors
 
 
-class TTLinear(torch.nn.Module):
+class TTLinear(_PackedLinear):
     """``y = x Wᵀ + b`` with ``W: (out, in)`` a TT-matrix of fixed TT-ranks.
 
     ``W[(i_1..i_d), (j_1..j_d)] = G_1[i_1, j_1] ⋯ G_d[i_d, j_d]`` with cores
@@ -313,10 +322,6 @@ class TTLinear(torch.nn.Module):
             raise ValueError(f"rank must be an int or {d - 1} ints (one per bond), got {len(ranks)}")
         return ranks  # attainability is checked by FixedTTRank
 
-    @property
-    def manifold(self) -> GeooptFixedTTRank:
-        return self.weight.manifold
-
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, in_factors={self.in_factors}, "
@@ -338,9 +343,7 @@ class TTLinear(torch.nn.Module):
         else:
             cores = self.manifold.unpack_tensor(p.detach())
         y = self._tt_matrix(cores).matvec(x2)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self._output(y, x)
 
     def weight_matrix(self) -> TTMatrix:
         """The weight as a TTMatrix with cores ``(r_{k-1}, out_k, in_k, r_k)`` (a detached copy)."""
