@@ -138,10 +138,17 @@ class _MatrixLeastSquares:
     def grad(self, x):
         return self._project_sparse(x, self.residual(x))
 
-    def hvp(self, x, v):
+    def curvature_along(self, x, v) -> torch.Tensor:
+        """``⟨ξ, P_x P_Ω P_x ξ⟩ = ‖P_Ω ξ‖²``: one sampled product, no projection. Cost ``O(N r)``."""
+        return (self._sample_tangent(x, v) ** 2).sum()
+
+    def _sample_tangent(self, x, v):
         U, _, V = self.M.frames(x)
         A, B = v.coords
-        return self._project_sparse(x, self._sample(torch.cat([A, U], 1), torch.cat([V, B], 1)))
+        return self._sample(torch.cat([A, U], 1), torch.cat([V, B], 1))
+
+    def hvp(self, x, v):
+        return self._project_sparse(x, self._sample_tangent(x, v))
 
 
 def _entries(X, indices):
@@ -272,12 +279,16 @@ def complete(
             opts.setdefault("max_radius", max(float(x.norm()), math.sqrt(manifold_of(x).dim)))
             opts.setdefault("gradient_scale", "initial")
         base["rank"] = r
+        f, curvature_along = loss, None
         if d == 2 and not curvature:
             lsq = _MatrixLeastSquares(indices, values, shape, manifold_of(x))
             opts.update(grad=lsq.grad, hvp=lsq.hvp, manifold=lsq.M)
-            f = lsq.value
-        else:
-            f = loss
+            f, curvature_along = lsq.value, lsq.curvature_along
+        if method != "trust-region" and curvature_along is not None:
+            # the exact line search of the linearized problem, α = −⟨g, η⟩ / ‖P_Ω η‖², without Hessian products.
+            # (For TT the Hessian product is cheaper than a standalone δ-gather: it shares the gradient pass's
+            # index plans and interfaces.)
+            opts.setdefault("initial_step", curvature_along)
         res = minimize(f, x, method, max_iter=iters, curvature=curvature, callback=callback, **opts)
         if "train_error" not in res.history[-1]:  # stopped (gtol, ftol) before the callback saw it
             callback(res)

@@ -292,6 +292,20 @@ def test_bad_option_values(method, opts, exc):
         minimize(f, x0, method, **opts)
 
 
+def test_initial_step_callable_replaces_hessian_products():
+    """For ½‖X − A‖² the Euclidean Hessian is the identity, so ⟨η, P ∇²f P η⟩ = ‖η‖² (closed form)."""
+    f, x0, A, s, fstar, Xstar = matrix_problem()
+    calls = []
+
+    def curvature_along(x, eta):
+        calls.append(1)
+        return float(eta.norm() ** 2)
+
+    res = minimize(f, x0, "cg", initial_step=curvature_along, gtol=1e-10, max_iter=500)
+    assert res.nhev == 0 and len(calls) >= res.nit > 0
+    assert res.fun == pytest.approx(fstar, rel=1e-12)
+
+
 def test_gradient_scale_makes_trust_region_scale_invariant():
     """Scaling f by c changes nothing in exact arithmetic except Manopt's θ-test ‖r‖ ≤ ‖r₀‖ min(‖r₀‖^θ, κ);
     with gradient_scale="initial" the runs for f and c·f take the same inner iterations (until rounding at

@@ -1,7 +1,9 @@
 """Riemannian steepest descent and nonlinear conjugate gradients with an Armijo backtracking line search.
 
 Initial step (``initial_step="model"``): the minimizer of the quadratic model along the search
-direction, ``α = −⟨g, η⟩ / ⟨η, Hess f(x)[η]⟩``, one Hessian-vector product per iteration. For a
+direction, ``α = −⟨g, η⟩ / ⟨η, Hess f(x)[η]⟩``, one Hessian-vector product per iteration. A callable
+``initial_step(x, η)`` returning the curvature ``⟨η, H η⟩`` replaces the Hessian product (e.g.
+``‖P_Ω η‖²`` for completion, which needs no autograd tape at all). For a
 least-squares loss with ``curvature=False`` this is the exact minimizer of f along the ambient line
 ``x + αη`` — the step of LRGeomCG (Vandereycken 2013) and RTTC (Steinlechner 2016). When the model has
 no positive curvature along η, or with ``initial_step="secant"``, the first trial is
@@ -67,7 +69,8 @@ def line_search_descent(
 ) -> None:
     """Steepest descent (``conjugate=False``) or nonlinear CG from x; reports to ``run``."""
     M = obj.manifold
-    model = initial_step == "model"
+    curvature_along = initial_step if callable(initial_step) else None
+    model = initial_step == "model"  # Hessian products needed (a callable supplies the curvature itself)
     loc = obj.local(x, hessian=model)
     if run.start(loc):
         return
@@ -77,8 +80,8 @@ def line_search_descent(
         if not slope < 0:  # not a descent direction (or NaN): restart along −grad
             eta, slope = -loc.grad, -(loc.grad_norm**2)
         alpha, from_model = None, False
-        if model:
-            curv = float(M.inner(x, eta, loc.hess(eta)))
+        if model or curvature_along is not None:
+            curv = float(curvature_along(x, eta) if curvature_along is not None else M.inner(x, eta, loc.hess(eta)))
             if curv > 0 and math.isfinite(curv):
                 alpha, from_model = -slope / curv, True
         if alpha is None:

@@ -73,7 +73,8 @@ def minimize(
 
     Options of ``"sd"`` and ``"cg"``: ``initial_step`` (``"model"``: one Hessian-vector product per
     iteration for ``α = −⟨g, η⟩/⟨η, Hη⟩``, the exact line search for least squares with
-    ``curvature=False``; ``"secant"``: no Hessian; ``"auto"``: model when a Hessian is available),
+    ``curvature=False``; ``"secant"``: no Hessian; ``"auto"``: model when a Hessian is available; a callable
+    ``(x, η) -> ⟨η, Hη⟩``: the model step with a curvature you supply, no Hessian products),
     ``c1`` (1e-4, Armijo constant), ``contraction`` (0.5), ``max_backtracks`` (25). ``"cg"`` also
     takes ``beta`` (``"pr+"`` default, ``"hz"``, ``"hs"``, ``"fr"``) and ``restart_threshold`` (None;
     Powell restart when ``|⟨g_new, T g⟩| ≥ c‖g_new‖²``). Manopt's default is Hager–Zhang, but its lower
@@ -148,8 +149,10 @@ def _validate(method: str, o: dict, obj: Objective) -> None:
         if not obj.has_hessian:
             raise TypeError("the trust-region method needs Hessian-vector products: pass hvp=")
         return
-    if o["initial_step"] not in ("auto", "model", "secant"):
-        raise ValueError(f"option initial_step must be 'auto', 'model' or 'secant', got {o['initial_step']!r}")
+    if not callable(o["initial_step"]) and o["initial_step"] not in ("auto", "model", "secant"):
+        raise ValueError(
+            f"option initial_step must be 'auto', 'model', 'secant' or a callable, got {o['initial_step']!r}"
+        )
     if o["initial_step"] == "model" and not obj.has_hessian:
         raise TypeError("initial_step='model' needs Hessian-vector products: pass hvp= or use initial_step='secant'")
     number("c1", open_lo=True, hi=0.5)
