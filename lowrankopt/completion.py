@@ -66,7 +66,11 @@ def sample_indices(shape, count: int, *, generator: torch.Generator | None = Non
 
 
 def completion_loss(indices: torch.Tensor, values: torch.Tensor):
-    """``f(X) = ½ ‖X[indices] − values‖²`` for a LowRankMatrix (indices ``(N, 2)``) or a TensorTrain."""
+    """``f(X) = ½ ‖X[indices] − values‖²`` for a LowRankMatrix (indices ``(N, 2)``) or a TensorTrain
+    (indices ``(N, d)``). Cost: one ``gather``."""
+    check_tensor("values", values, 1)
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.shape[0] != values.shape[0]:
+        raise ValueError(f"indices must be an (N, d) tensor with N = len(values) = {values.shape[0]}")
     if indices.shape[1] == 2:
         rows, cols = indices[:, 0], indices[:, 1]
 
@@ -89,7 +93,7 @@ class _MatrixLeastSquares:
     - Gauss–Newton Hessian ``P_x P_Ω P_x`` applied to ξ (for least squares exactly the Hessian without the
       curvature term): ``P_Ω ξ`` by ``sampled_addmm`` with the rank-2r factors ``[A U] [V B]ᵀ``, then as above.
 
-    No autograd tape and no ``(N, r)`` gathered temporaries. The residual is cached on the point.
+    No autograd tape and no ``(N, r)`` gathered temporaries. The residual of the last point is kept.
     """
 
     def __init__(self, indices, values, shape, manifold):
@@ -102,7 +106,7 @@ class _MatrixLeastSquares:
         t_order = torch.argsort(cols[order] * m + rows[order])  # CSR order of the transpose
         self.t_perm = t_order
         self.t_pattern = self._csr(cols[order][t_order], rows[order][t_order], n, m)
-        self.key = ("lsq_residual", id(self))
+        self._last = (None, None)  # (point, residual): f and the gradient at one point share it
 
     def _csr(self, r, c, m, n):
         crow = torch.zeros(m + 1, dtype=torch.int64, device=r.device)
@@ -127,10 +131,10 @@ class _MatrixLeastSquares:
         return TangentVector(self.M, x, self.M._gauge(x, [A, B]))
 
     def residual(self, x):
-        if self.key not in x._cache:
+        if self._last[0] is not x:
             _, _, V = self.M.frames(x)
-            x._cache[self.key] = self._sample(x._cache["US"], V) - self.vals
-        return x._cache[self.key]
+            self._last = (x, self._sample(x._cache["US"], V) - self.vals)
+        return self._last[1]
 
     def value(self, x):
         return 0.5 * (self.residual(x) ** 2).sum()
@@ -224,8 +228,10 @@ def complete(
     Returns:
         The :class:`OptimizeResult` of the final stage, with ``train_error`` and ``test_error`` (final
         relative errors; test only with ``test``), and ``history`` covering all stages; each record has
-        ``rank``, ``train_error``, ``test_error`` and ``solve_time`` (seconds since the start, without
-        the time spent computing test errors and before the first stage, i.e. the solver's own time).
+        ``rank``, ``train_error``, ``test_error`` and ``solve_time`` (seconds since the call, including the
+        start-point computation, without the time spent on test errors and ``monitor``). If a
+        rank-continuation stage already reaches ``tol``, its point — of lower TT-rank — is returned (check
+        ``res.x.ranks``): the data are explained by fewer parameters.
     """
     check_tensor("values", values, 1)
     shape = [int(n) for n in shape]
@@ -245,6 +251,14 @@ def complete(
             raise ValueError("test must be (indices (N, d), values (N,)) with the dtype of values")
         test_norm = float(torch.linalg.vector_norm(test_vals))
     tol = _DEFAULT_TOL.get(values.dtype, 1e-12) if tol is None else tol
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be a non-negative number, got {tol!r}")
+    if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or warmup_iters < 0:
+        raise ValueError(f"warmup_iters must be a non-negative int, got {warmup_iters!r}")
+    if monitor is not None and not callable(monitor):
+        raise TypeError(f"monitor must be callable or None, got {type(monitor).__name__}")
+    if x0 is not None and getattr(x0, "dtype", None) != values.dtype:
+        raise TypeError(f"x0 must have the dtype of values ({values.dtype}), got {getattr(x0, 'dtype', None)}")
     options.setdefault("gtol", 0.0)
     if "callback" in options:
         raise TypeError("complete() records its own callback; use minimize() with completion_loss() for yours")
@@ -289,12 +303,15 @@ def complete(
             # (For TT the Hessian product is cheaper than a standalone δ-gather: it shares the gradient pass's
             # index plans and interfaces.)
             opts.setdefault("initial_step", curvature_along)
+        start = dict(base)
         res = minimize(f, x, method, max_iter=iters, curvature=curvature, callback=callback, **opts)
         if "train_error" not in res.history[-1]:  # stopped (gtol, ftol) before the callback saw it
             callback(res)
         # a later stage's first record is the grown point, which repeats the previous stage's iteration number
         history.extend(res.history[1:] if history else res.history)
-        base.update({key: history[-1][key] for key in ("iter", "nfev", "ngev", "nhev", "time")})
+        for key in ("nit", "nfev", "ngev", "nhev"):  # totals over the stages (evaluations after the last record too)
+            res[key] += start["iter" if key == "nit" else key]
+        base.update(iter=res.nit, nfev=res.nfev, ngev=res.ngev, nhev=res.nhev, time=history[-1]["time"])
         return res
 
     if d == 2:
@@ -322,7 +339,6 @@ def complete(
                 if final or res.status < 0 or history[-1]["train_error"] <= tol:
                     break
     res.history = history
-    res.nit, res.nfev, res.ngev, res.nhev = (history[-1][k] for k in ("iter", "nfev", "ngev", "nhev"))
     res.train_error = history[-1]["train_error"]
     if res.status == CALLBACK:
         res.message = f"relative training residual {res.train_error:.3e} <= tol = {tol:g}"
@@ -334,6 +350,6 @@ def complete(
 def _grow_rank(x: TensorTrain, ranks, generator, eps: float = 1e-4) -> TensorTrain:
     """``x`` plus a random rank-1 TT of relative norm ``eps``, rounded to TT-ranks ``ranks`` (each one
     more than x's or equal): nearly the same tensor at the next stage's ranks. Cost ``O(d n r³)``."""
-    z = TensorTrain.random(x.shape, 1, dtype=torch.float64, generator=generator).to(x.dtype)
+    z = TensorTrain.random(x.shape, 1, dtype=torch.float64, device=x.device, generator=generator).to(x.dtype)
     y = x + z * (eps * x.norm() / z.norm())
     return y if list(y.ranks) == list(ranks) else y.round(max_rank=list(ranks))

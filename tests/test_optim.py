@@ -6,7 +6,7 @@ import pytest
 import torch
 from reference import matrix_projector, rel, tt_full, tt_projector
 
-from lowrankopt import FixedRankMatrices, FixedTTRank, LowRankMatrix, TensorTrain
+from lowrankopt import FixedRankMatrices, FixedTTRank, LowRankMatrix, TensorTrain, riemannian_hvp
 from lowrankopt.optim import minimize
 
 DT = torch.float64
@@ -558,3 +558,67 @@ def test_curvature_option(method, curvature):
     assert res.success and res.status == GTOL, res.message
     X = tt_full(res.x.cores)
     assert float(torch.linalg.vector_norm(tt_projector(res.x) @ (X - A).reshape(-1))) <= 2e-9
+
+
+class _Euclidean:
+    """ℝⁿ as a "manifold": identity retraction and transport (to test the CG rules against linear CG)."""
+
+    def __init__(self, n):
+        self.dim = n
+
+    def retr(self, x, v):
+        return x + v
+
+    def transp(self, x, y, v):
+        return v
+
+    def inner(self, x, u, v):
+        return u @ v
+
+    def norm(self, x, v):
+        return torch.linalg.vector_norm(v)
+
+
+def test_cg_rules_with_exact_steps_reproduce_linear_cg_on_a_quadratic():
+    """On ½xᵀAx − bᵀx with exact line searches all four β rules coincide with linear CG (Hestenes–Stiefel
+    1952), iterate by iterate: a hand-written CG below is the reference."""
+    g = torch.Generator().manual_seed(0)
+    n = 30
+    Q = torch.linalg.qr(torch.randn(n, n, dtype=DT, generator=g))[0]
+    A = Q @ torch.diag(torch.logspace(0, 2, n, dtype=DT)) @ Q.T
+    b = torch.randn(n, dtype=DT, generator=g)
+    f = lambda x: 0.5 * x @ A @ x - b @ x  # noqa: E731
+    x, r = torch.zeros(n, dtype=DT), b.clone()
+    p, ref = r.clone(), []
+    for _ in range(12):
+        a = (r @ r) / (p @ A @ p)
+        x = x + a * p
+        r_new = r - a * (A @ p)
+        p, r = r_new + (r_new @ r_new) / (r @ r) * p, r_new
+        ref.append(float(f(x)))
+    for beta in ("fr", "pr+", "hs", "hz"):
+        res = minimize(
+            f,
+            torch.zeros(n, dtype=DT),
+            "cg",
+            manifold=_Euclidean(n),
+            grad=lambda x: A @ x - b,
+            hvp=lambda x, v: A @ v,
+            beta=beta,
+            gtol=0.0,
+            max_iter=12,
+        )
+        got = [h["fun"] for h in res.history[1:]]
+        assert got == pytest.approx(ref, rel=1e-12), beta
+
+
+def test_user_hvp_is_used_with_autodiff_gradients():
+    f, x0, *_ = matrix_problem()
+    calls = []
+
+    def hvp(x, v):
+        calls.append(1)
+        return riemannian_hvp(f, x, v)
+
+    res = minimize(f, x0, "trust-region", hvp=hvp, gtol=1e-10)
+    assert res.success and len(calls) == res.nhev > 0

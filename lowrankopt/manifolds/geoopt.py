@@ -28,7 +28,7 @@ projection (:meth:`proju`); no ``S⁻¹`` and no SVD on the tape. A module that 
 raw factors instead gets factor gradients, for which ``egrad2rgrad`` is **wrong**.
 
 **Weight decay** on packed factors is meaningless (it would shrink orthonormal frames); a global
-optimizer step pre-hook, registered when this module is imported, raises ``ValueError`` for any param
+optimizer step pre-hook, registered when the first of these manifolds is created, raises ``ValueError`` for any param
 group holding one of these parameters with ``weight_decay != 0`` (``torch.optim.AdamW`` defaults to
 0.01: give these parameters their own group with ``weight_decay=0``).
 """
@@ -418,6 +418,7 @@ class GeooptFixedRank(_PackedLowRank):
 
     def __init__(self, m: int, n: int, rank: int):
         super().__init__()
+        _register_step_guard()
         self.base = FixedRankMatrices(m, n, rank)
         self.m, self.n, self.rank = m, n, rank
         self._shapes = [(m, rank), (rank, rank), (n, rank)]
@@ -500,6 +501,7 @@ class GeooptFixedTTRank(_PackedLowRank):
 
     def __init__(self, shape, ranks):
         super().__init__()
+        _register_step_guard()
         self.base = FixedTTRank(shape, ranks)
         self.shape, self.ranks = self.base.shape, self.base.ranks
         full = [1, *self.ranks, 1]
@@ -621,4 +623,12 @@ def _step_pre_hook(optimizer, args, kwargs):
     return None
 
 
-_STEP_PRE_HOOK = register_optimizer_step_pre_hook(_step_pre_hook)
+_STEP_PRE_HOOK = None
+
+
+def _register_step_guard() -> None:
+    """Install the global step pre-hook once, when the first packed manifold is created (so importing
+    lowrankopt does not touch the optimizers of users who never use these parameters)."""
+    global _STEP_PRE_HOOK
+    if _STEP_PRE_HOOK is None:
+        _STEP_PRE_HOOK = register_optimizer_step_pre_hook(_step_pre_hook)

@@ -33,7 +33,9 @@ from .run import Run
 BETA_RULES = ("fr", "pr+", "hs", "hz")
 
 
-def _beta(rule: str, M, x, y, loc, new, eta, Tg, threshold) -> float:
+def _beta(rule: str, M, new, loc, Tg, Teta, threshold) -> float:
+    """β of the CG rule; ``Tg``, ``Teta``: the previous gradient and direction transported to the new point."""
+    y = new.x
     g2_old, g2_new = loc.grad_norm**2, new.grad_norm**2
     if threshold is not None and abs(float(M.inner(y, new.grad, Tg))) >= threshold * g2_new:
         return 0.0
@@ -42,7 +44,6 @@ def _beta(rule: str, M, x, y, loc, new, eta, Tg, threshold) -> float:
     if rule == "pr+":
         return max(0.0, (g2_new - float(M.inner(y, new.grad, Tg))) / g2_old)
     diff = new.grad - Tg
-    Teta = M.transp(x, y, eta)
     den = float(M.inner(y, Teta, diff))
     if den == 0.0:
         return 0.0
@@ -110,8 +111,9 @@ def line_search_descent(
             return
         if conjugate:
             Tg = M.transp(x, y, loc.grad) if (beta != "fr" or restart_threshold is not None) else None
-            b = _beta(beta, M, x, y, loc, new, eta, Tg, restart_threshold)
-            eta = -new.grad + M.transp(x, y, eta) * b if b != 0.0 else -new.grad
+            Teta = M.transp(x, y, eta)
+            b = _beta(beta, M, new, loc, Tg, Teta, restart_threshold)
+            eta = -new.grad + Teta * b if b != 0.0 else -new.grad
         else:
             eta = -new.grad
         x, loc, f_prev = y, new, loc.fun

@@ -66,7 +66,9 @@ def minimize(
 
     Options common to all methods:
         max_iter (1000), gtol (1e-6: stop when the gradient norm is ≤ gtol), ftol (0: stop when
-        ``|f_prev − f| ≤ ftol · max(|f_prev|, |f|)`` after an accepted step), max_time (inf, seconds),
+        ``|f_prev − f| ≤ ftol · max(|f_prev|, |f|, 2⁻⁵²)`` after an accepted step; with 0, a step that
+        leaves f bit-identical still stops, as success: no more progress is possible at this precision),
+        max_time (inf, seconds),
         callback (``callback(intermediate_result) -> bool``; True or ``StopIteration`` stops; it may add
         entries to ``intermediate_result.history[-1]``), verbose (0; k > 0 prints an iteration table
         every k iterations and a final line).

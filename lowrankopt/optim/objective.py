@@ -65,9 +65,7 @@ class Objective:
         hess = None
         if self._grad is not None:
             fun, g = self.value(x), self._grad(x)
-            if hessian:
-                hess = self._counted(lambda v: self._hvp(x, v))
-        elif hessian:
+        elif hessian and self._hvp is None:
             self.nfev += 1
             val, g, h = riemannian_grad_and_hessian(self.f, x, curvature=self.curvature, manifold=self.manifold)
             fun, hess = float(val), self._counted(h)
@@ -75,6 +73,8 @@ class Objective:
             self.nfev += 1
             val, g = riemannian_grad(self.f, x, manifold=self.manifold)
             fun = float(val)
+        if hessian and self._hvp is not None:
+            hess = self._counted(lambda v: self._hvp(x, v))
         self.ngev += 1
         return Local(x, fun, g, float(self.manifold.norm(x, g)), hess)
 

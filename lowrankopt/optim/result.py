@@ -24,7 +24,7 @@ class OptimizeResult(dict):
             change of f ≤ ftol, ``4`` stopped by the callback, ``5`` no further progress possible (line
             search failed, trust region collapsed), ``-1`` f or its gradient became NaN/Inf.
         history: one dict per iteration (``iter``, ``fun``, ``grad_norm``, ``time`` seconds since the
-            start, ``nfev``, ``ngev``, ``nhev``, and method-specific entries such as ``step_size``,
+            start, ``nfev``, ``ngev``, ``nhev``, and method-specific entries such as ``step_size``, ``backtracks``,
             ``radius``, ``rho``, ``accepted``, ``inner_iter``, ``tcg_stop``). A callback may add its own
             entries to ``history[-1]``.
         method, time: the method name and the total wall-clock time in seconds.
