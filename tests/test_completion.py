@@ -255,3 +255,16 @@ def test_reusing_a_start_point_across_calls_gives_each_call_its_own_loss():
         expected = 0.5 * float(((X0[idx[:, 0], idx[:, 1]] - vals) ** 2).sum())
         assert res.history[0]["fun"] == pytest.approx(expected, rel=1e-12)
         gc.collect()
+
+
+@pytest.mark.parametrize("method", ["cg", "trust-region"])
+def test_float32_completion_keeps_the_dtype_and_reaches_its_tolerance(method):
+    g = torch.Generator().manual_seed(0)
+    m, n, r = 60, 50, 3
+    L, R = torch.randn(m, r, generator=g), torch.randn(n, r, generator=g)
+    idx = sample_indices((m, n), 1000, generator=g)
+    test_idx = sample_indices((m, n), 500, generator=g)
+    entries = lambda i: (L[i[:, 0]] * R[i[:, 1]]).sum(1)  # noqa: E731
+    res = complete(idx, entries(idx), (m, n), r, method=method, test=(test_idx, entries(test_idx)), generator=g)
+    assert res.x.dtype == torch.float32 and res.success
+    assert res.train_error <= 1e-5 and res.test_error < 1e-4  # float32 default tol 1e-5
