@@ -1,4 +1,4 @@
-"""Command-line interface: ``lowrankopt demo`` (the ``lowrankopt`` console script)."""
+"""Command-line interface: ``lowrankopt demo`` (the ``lowrankopt`` console script; also ``python -m lowrankopt``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from . import __version__
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+PROBLEM_NAMES = ("tt-completion", "matrix-completion")  # lowrankopt.demo.PROBLEMS, without importing it here
 
 
 def _positive_int(text: str) -> int:
@@ -37,21 +38,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="tensor-train completion of a synthetic 20^10 tensor by Riemannian CG",
-        description="Tensor-train completion of a random nonnegative TT-rank-r tensor of shape 20^10 from "
-        "random entries, by Riemannian conjugate gradients with rank continuation; prints progress and the "
-        "final relative error on held-out entries.",
+        help="solve a built-in completion problem (default: TT completion of a 20^10 tensor)",
+        description="Solve a built-in synthetic completion problem with a progress bar and a final summary: "
+        "tt-completion (a random nonnegative TT-rank-r tensor of shape 20^10, Riemannian CG with rank "
+        "continuation) or matrix-completion (a random 2000 x 2000 matrix of rank r, LRGeomCG-style). The "
+        "relative error on held-out entries is reported.",
     )
-    demo.add_argument("--rank", type=_positive_int, default=4, help="TT-rank of the ground truth (default: 4)")
+    demo.add_argument(
+        "--problem", choices=sorted(PROBLEM_NAMES), default="tt-completion", help="the problem (default: tt-completion)"
+    )
+    demo.add_argument("--method", choices=["cg", "trust-region"], default="cg", help="Riemannian solver (default: cg)")
+    demo.add_argument(
+        "--rank", type=_positive_int, default=None, help="rank of the ground truth (default: 4 for TT, 10 for matrices)"
+    )
     demo.add_argument(
         "--samples",
         type=_positive_int,
         default=None,
-        help="number of training entries (default: 20 x the manifold dimension)",
+        help="number of training entries (default: 20 x the manifold dimension for TT, 5 x for matrices)",
     )
-    demo.add_argument(
-        "--iters", type=_nonnegative_int, default=300, help="maximum number of CG iterations (default: 300)"
-    )
+    demo.add_argument("--iters", type=_nonnegative_int, default=300, help="maximum number of iterations (default: 300)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument(
         "--dtype", choices=sorted(_DTYPES), default="float64", help="floating-point precision (default: float64)"
@@ -63,15 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (default: 1; the demo's kernels are too small to gain from more, "
         "and oversubscribed threads on a busy machine slow it down many times)",
     )
+    demo.add_argument("--no-progress", action="store_true", help="print progress lines instead of a progress bar")
     demo.set_defaults(func=_run_demo)
     return parser
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_tt_completion
+    from .demo import PROBLEMS
 
     torch.set_num_threads(args.threads)
-    run_tt_completion(rank=args.rank, samples=args.samples, iters=args.iters, seed=args.seed, dtype=_DTYPES[args.dtype])
+    kwargs = {"samples": args.samples, "iters": args.iters, "seed": args.seed, "dtype": _DTYPES[args.dtype]}
+    if args.rank is not None:
+        kwargs["rank"] = args.rank
+    PROBLEMS[args.problem](method=args.method, progress=not args.no_progress, **kwargs)
     return 0
 
 

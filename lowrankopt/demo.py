@@ -1,9 +1,14 @@
-"""Demo: tensor-train completion by Riemannian conjugate gradients on :class:`FixedTTRank`.
+"""Built-in demo problems for ``lowrankopt demo``: synthetic completion solved by :func:`lowrankopt.complete`.
 
-The ground truth ``A`` is a random nonnegative tensor of TT-rank r and shape ``n^d`` (i.i.d. uniform
-cores), observed on a random set Ω of entries. :func:`lowrankopt.complete` minimizes
-``f(X) = ½ ‖P_Ω(X − A)‖²`` over TT-rank-r tensors by Riemannian CG (RTTC) with rank continuation from
-the best constant tensor, and we report the relative error on held-out entries.
+- ``tt-completion``: the ground truth is a random nonnegative tensor of TT-rank r and shape ``n^d`` (i.i.d.
+  uniform cores), observed on a random set Ω of entries; Riemannian CG (RTTC) with rank continuation from
+  the best constant tensor.
+- ``matrix-completion``: an m × n matrix ``L Rᵀ`` of rank r with Gaussian factors observed on
+  ``oversampling · r (m + n − r)`` entries (LRGeomCG's setup); Riemannian CG (LRGeomCG) from the rank-r
+  truncated SVD of the zero-filled observations.
+
+Both report the relative error on held-out entries. Progress goes to ``log`` every ``print_every``
+iterations, or to a tqdm progress bar with ``progress=True``.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ import torch
 
 from .completion import complete, sample_indices
 from .formats.tt import TensorTrain
+from .manifolds.fixed_rank import FixedRankMatrices
 from .manifolds.tt import FixedTTRank
 
-__all__ = ["run_tt_completion"]
+__all__ = ["PROBLEMS", "run_matrix_completion", "run_tt_completion"]
 
 _DEFAULT_TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
@@ -33,6 +39,59 @@ def _random_truth(shape: list[int], rank: int, dtype: torch.dtype, generator: to
     return TensorTrain([c.to(dtype) for c in cores])
 
 
+def _check_common(dtype, test_samples, print_every, iters) -> None:
+    if dtype not in _DEFAULT_TOL:
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    for name, value in (("test_samples", test_samples), ("print_every", print_every)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+
+
+def _solve(idx, vals, test, shape, rank, *, method, tol, iters, warmup_iters, generator, print_every, emit, progress):
+    """``complete`` with progress lines (or a tqdm bar) and the final summary; returns the result dict."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=f"{method} (rank {rank})", unit="it", dynamic_ncols=True, mininterval=0.2)
+    last = [0]
+
+    def monitor(res):
+        rec = res.history[-1]
+        if bar is not None:
+            bar.set_postfix(
+                rank=rec["rank"], train=f"{rec['train_error']:.2e}", test=f"{rec['test_error']:.2e}", refresh=False
+            )
+            bar.update(rec["iter"] - bar.n)  # redraws at most every mininterval
+        elif rec["iter"] - last[0] >= print_every or rec["iter"] == 0:
+            last[0] = rec["iter"]
+            emit(
+                f"iter {rec['iter']:4d}  rank {rec['rank']}  train {rec['train_error']:.3e}  "
+                f"test {rec['test_error']:.3e}  |grad| {rec['grad_norm']:.3e}  {rec['solve_time']:6.2f}s"
+            )
+
+    try:
+        res = complete(
+            idx, vals, shape, rank, method=method, test=test, tol=tol, max_iter=iters, warmup_iters=warmup_iters,
+            generator=generator, monitor=monitor,
+        )  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    converged = res.train_error <= tol
+    emit(f"{'converged' if converged else 'stopped'} after {res.nit} iterations in {res.time:.2f}s ({res.message})")
+    emit(f"final test relative error: {res.test_error:.1e}")
+    return {
+        "train_error": res.train_error,
+        "test_error": res.test_error,
+        "iterations": res.nit,
+        "converged": converged,
+        "time": res.time,
+    }
+
+
 def run_tt_completion(
     *,
     d: int = 10,
@@ -43,10 +102,12 @@ def run_tt_completion(
     test_samples: int = 10_000,
     iters: int = 300,
     warmup_iters: int = 8,
+    method: str = "cg",
     tol: float | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     print_every: int = 10,
+    progress: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> dict:
     """Complete a random TT-rank-``rank`` tensor of shape ``(n,) * d`` from ``samples`` random entries.
@@ -57,30 +118,30 @@ def run_tt_completion(
             ``dim`` is the dimension of the TT-rank-``rank`` manifold.
         oversampling: used when ``samples`` is ``None``.
         test_samples: number of held-out entries on which the test error is measured.
-        iters: maximum total number of CG iterations (all ranks together).
-        warmup_iters: CG iterations at each TT-rank below ``rank`` (rank continuation).
+        iters: maximum number of iterations at the target rank; ``warmup_iters`` per lower rank.
+        method: ``"cg"`` or ``"trust-region"`` (see :func:`lowrankopt.complete`).
         tol: stop once the relative training residual ``‖P_Ω(X − A)‖ / ‖P_Ω A‖`` is below ``tol``
             (default ``1e-12`` for float64, ``1e-5`` for float32).
         seed: seed of the ``torch.Generator`` that draws the ground truth, the sample sets and the
             rank-growth terms; the run is deterministic given the seed.
         dtype: ``torch.float64`` or ``torch.float32``.
-        print_every: print a progress line every this many iterations (and at the end).
-        log: where progress lines go (``None``: silent).
+        print_every: print a progress line every this many iterations (without ``progress``).
+        progress: show a tqdm progress bar instead of progress lines.
+        log: where the header, progress lines and summary go (``None``: silent).
 
     Returns:
         A dict with ``train_error`` and ``test_error`` (final relative errors), ``iterations``,
-        ``converged`` (tolerance reached), ``time`` (seconds, excluding data generation), ``samples``
+        ``converged`` (tolerance reached), ``time`` (solver seconds, excluding data generation), ``samples``
         and ``dim``.
     """
-    if dtype not in _DEFAULT_TOL:
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    _check_common(dtype, test_samples, print_every, iters)
     if d < 2:
         raise ValueError(f"d must be >= 2, got {d}")
-    for name, value in (("n", n), ("rank", rank), ("test_samples", test_samples), ("print_every", print_every)):
+    for name, value in (("n", n), ("rank", rank)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    if iters < 0 or warmup_iters < 0:
-        raise ValueError(f"iters and warmup_iters must be >= 0, got {iters} and {warmup_iters}")
+    if warmup_iters < 0:
+        raise ValueError(f"warmup_iters must be >= 0, got {warmup_iters}")
     tol = _DEFAULT_TOL[dtype] if tol is None else tol
     emit = log if log is not None else (lambda _msg: None)
 
@@ -93,45 +154,64 @@ def run_tt_completion(
     samples, test_samples = min(samples, n**d), min(test_samples, n**d)  # distinct entries: at most all of them
     truth = _random_truth(shape, rank, dtype, g)
     idx, test_idx = sample_indices(shape, samples, generator=g), sample_indices(shape, test_samples, generator=g)
-    vals, test_vals = truth.gather(idx), truth.gather(test_idx)
     emit(
         f"TT completion: shape {n}^{d}, TT-rank {rank}, manifold dim {dim}, {samples} training / "
         f"{test_samples} test entries, {str(dtype).removeprefix('torch.')}, seed {seed}"
     )
-    last = [0]
+    result = _solve(
+        idx, truth.gather(idx), (test_idx, truth.gather(test_idx)), shape, rank, method=method, tol=tol,
+        iters=iters, warmup_iters=warmup_iters, generator=g, print_every=print_every, emit=emit, progress=progress,
+    )  # fmt: skip
+    return {**result, "samples": samples, "dim": dim}
 
-    def progress(res):
-        rec = res.history[-1]
-        if rec["iter"] - last[0] >= print_every or rec["iter"] == 0:
-            last[0] = rec["iter"]
-            emit(
-                f"iter {rec['iter']:4d}  rank {rec['rank']}  train {rec['train_error']:.3e}  "
-                f"test {rec['test_error']:.3e}  |grad| {rec['grad_norm']:.3e}  {rec['solve_time']:6.2f}s"
-            )
 
-    res = complete(
-        idx,
-        vals,
-        shape,
-        rank,
-        method="cg",
-        test=(test_idx, test_vals),
-        tol=tol,
-        max_iter=iters,
-        warmup_iters=warmup_iters,
-        generator=g,
-        monitor=progress,
+def run_matrix_completion(
+    *,
+    m: int = 2000,
+    n: int = 2000,
+    rank: int = 10,
+    samples: int | None = None,
+    oversampling: float = 5.0,
+    test_samples: int = 10_000,
+    iters: int = 500,
+    method: str = "cg",
+    tol: float | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    print_every: int = 10,
+    progress: bool = False,
+    log: Callable[[str], None] | None = print,
+) -> dict:
+    """Complete a random rank-``rank`` matrix ``L Rᵀ`` (``L: (m, r)``, ``R: (n, r)`` standard Gaussian)
+    from ``samples`` distinct random entries (default ``oversampling · r (m + n − r)``).
+
+    Arguments as :func:`run_tt_completion`; returns the same dict.
+    """
+    _check_common(dtype, test_samples, print_every, iters)
+    dim = FixedRankMatrices(m, n, rank).dim  # validates m, n, rank
+    tol = _DEFAULT_TOL[dtype] if tol is None else tol
+    emit = log if log is not None else (lambda _msg: None)
+    g = torch.Generator().manual_seed(seed)
+    samples = math.ceil(oversampling * dim) if samples is None else samples
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    samples, test_samples = min(samples, m * n), min(test_samples, m * n)
+    L = torch.randn(m, rank, dtype=torch.float64, generator=g).to(dtype)
+    R = torch.randn(n, rank, dtype=torch.float64, generator=g).to(dtype)
+    idx, test_idx = sample_indices((m, n), samples, generator=g), sample_indices((m, n), test_samples, generator=g)
+
+    def entries(i):
+        return (L[i[:, 0]] * R[i[:, 1]]).sum(1)
+
+    emit(
+        f"matrix completion: {m} x {n}, rank {rank}, manifold dim {dim}, {samples} training / {test_samples} "
+        f"test entries, {str(dtype).removeprefix('torch.')}, seed {seed}"
     )
-    converged = res.train_error <= tol
-    result = {
-        "train_error": res.train_error,
-        "test_error": res.test_error,
-        "iterations": res.nit,
-        "converged": converged,
-        "time": res.time,
-        "samples": samples,
-        "dim": dim,
-    }
-    emit(f"{'converged' if converged else 'stopped'} after {res.nit} iterations in {res.time:.2f}s")
-    emit(f"final test relative error: {result['test_error']:.1e}")
-    return result
+    result = _solve(
+        idx, entries(idx), (test_idx, entries(test_idx)), (m, n), rank, method=method, tol=tol, iters=iters,
+        warmup_iters=0, generator=g, print_every=print_every, emit=emit, progress=progress,
+    )  # fmt: skip
+    return {**result, "samples": samples, "dim": dim}
+
+
+PROBLEMS = {"tt-completion": run_tt_completion, "matrix-completion": run_matrix_completion}

@@ -28,3 +28,35 @@ def test_cli(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["nonsense"])
     assert exc.value.code == 2
+
+
+def test_matrix_completion_demo_recovers_the_matrix():
+    from lowrankopt.demo import run_matrix_completion
+
+    res = run_matrix_completion(m=80, n=60, rank=3, seed=2, log=None)
+    assert res["converged"] and res["test_error"] < 1e-8
+
+
+def _run_module(*args):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    return subprocess.run(
+        [sys.executable, "-m", "lowrankopt", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_python_m_lowrankopt_demo_runs_in_a_subprocess():
+    out = _run_module("demo", "--problem", "matrix-completion", "--rank", "3", "--iters", "200")
+    assert out.returncode == 0, out.stderr
+    assert "matrix completion: 2000 x 2000, rank 3" in out.stdout and "final test relative error" in out.stdout
+    err = float(out.stdout.strip().splitlines()[-1].split()[-1])
+    assert err < 1e-8
+
+
+def test_bad_arguments_give_usage_and_status_2():
+    for args in (["demo", "--problem", "nonsense"], ["demo", "--rank", "0"], ["frobnicate"]):
+        out = _run_module(*args)
+        assert out.returncode == 2 and "usage:" in out.stderr, args
