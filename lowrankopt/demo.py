@@ -49,6 +49,16 @@ def _check_common(dtype, test_samples, print_every, iters) -> None:
         raise ValueError(f"iters must be >= 0, got {iters}")
 
 
+def _prepare(dim, total, *, samples, oversampling, test_samples, tol, dtype, seed, log):
+    """Sample counts (capped at the ``total`` number of entries), tolerance, log function and generator."""
+    samples = math.ceil(oversampling * dim) if samples is None else samples
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    tol = _DEFAULT_TOL[dtype] if tol is None else tol
+    emit = log if log is not None else (lambda _msg: None)
+    return min(samples, total), min(test_samples, total), tol, emit, torch.Generator().manual_seed(seed)
+
+
 def _solve(idx, vals, test, shape, rank, *, method, tol, iters, warmup_iters, generator, print_every, emit, progress):
     """``complete`` with progress lines (or a tqdm bar) and the final summary; returns the result dict."""
     bar = None
@@ -142,16 +152,12 @@ def run_tt_completion(
             raise ValueError(f"{name} must be >= 1, got {value}")
     if warmup_iters < 0:
         raise ValueError(f"warmup_iters must be >= 0, got {warmup_iters}")
-    tol = _DEFAULT_TOL[dtype] if tol is None else tol
-    emit = log if log is not None else (lambda _msg: None)
-
-    g = torch.Generator().manual_seed(seed)
     shape = [n] * d
     dim = FixedTTRank(shape, rank).dim
-    samples = math.ceil(oversampling * dim) if samples is None else samples
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
-    samples, test_samples = min(samples, n**d), min(test_samples, n**d)  # distinct entries: at most all of them
+    samples, test_samples, tol, emit, g = _prepare(
+        dim, n**d, samples=samples, oversampling=oversampling, test_samples=test_samples, tol=tol, dtype=dtype,
+        seed=seed, log=log,
+    )  # fmt: skip
     truth = _random_truth(shape, rank, dtype, g)
     idx, test_idx = sample_indices(shape, samples, generator=g), sample_indices(shape, test_samples, generator=g)
     emit(
@@ -189,13 +195,10 @@ def run_matrix_completion(
     """
     _check_common(dtype, test_samples, print_every, iters)
     dim = FixedRankMatrices(m, n, rank).dim  # validates m, n, rank
-    tol = _DEFAULT_TOL[dtype] if tol is None else tol
-    emit = log if log is not None else (lambda _msg: None)
-    g = torch.Generator().manual_seed(seed)
-    samples = math.ceil(oversampling * dim) if samples is None else samples
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
-    samples, test_samples = min(samples, m * n), min(test_samples, m * n)
+    samples, test_samples, tol, emit, g = _prepare(
+        dim, m * n, samples=samples, oversampling=oversampling, test_samples=test_samples, tol=tol, dtype=dtype,
+        seed=seed, log=log,
+    )  # fmt: skip
     L = torch.randn(m, rank, dtype=torch.float64, generator=g).to(dtype)
     R = torch.randn(n, rank, dtype=torch.float64, generator=g).to(dtype)
     idx, test_idx = sample_indices((m, n), samples, generator=g), sample_indices((m, n), test_samples, generator=g)
