@@ -83,6 +83,15 @@ class _PackedLowRank(geoopt.Manifold):
     reversible = False
     base: FixedRankMatrices | FixedTTRank
 
+    def __init__(self, base: FixedRankMatrices | FixedTTRank):
+        super().__init__()
+        _register_step_guard()
+        self.base = base
+
+    @property
+    def dim(self) -> int:
+        return self.base.dim
+
     # ------------------------------------------------------------------ subclass hooks
     # "parts": the packed factors split and reshaped (leading batch dims kept where noted).
     _shapes: list[tuple[int, ...]]  # shapes of the parts, in packing order
@@ -417,18 +426,12 @@ class GeooptFixedRank(_PackedLowRank):
     name = "FixedRank"
 
     def __init__(self, m: int, n: int, rank: int):
-        super().__init__()
-        _register_step_guard()
-        self.base = FixedRankMatrices(m, n, rank)
+        super().__init__(FixedRankMatrices(m, n, rank))
         self.m, self.n, self.rank = m, n, rank
         self._shapes = [(m, rank), (rank, rank), (n, rank)]
 
     def extra_repr(self) -> str:
         return f"m={self.m}, n={self.n}, rank={self.rank}"
-
-    @property
-    def dim(self) -> int:
-        return self.base.dim
 
     def _frame_parts(self, xo):
         return list(xo._cache["frames"])
@@ -500,19 +503,13 @@ class GeooptFixedTTRank(_PackedLowRank):
     name = "FixedTTRank"
 
     def __init__(self, shape, ranks):
-        super().__init__()
-        _register_step_guard()
-        self.base = FixedTTRank(shape, ranks)
+        super().__init__(FixedTTRank(shape, ranks))
         self.shape, self.ranks = self.base.shape, self.base.ranks
         full = [1, *self.ranks, 1]
         self._shapes = [(full[k], n, full[k + 1]) for k, n in enumerate(self.shape)]
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, ranks={self.ranks}"
-
-    @property
-    def dim(self) -> int:
-        return self.base.dim
 
     def _frame_parts(self, xo):
         fr = xo._cache["frames"]
