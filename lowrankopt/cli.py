@@ -1,4 +1,5 @@
-"""Command-line interface: ``lowrankopt demo`` (the ``lowrankopt`` console script; also ``python -m lowrankopt``)."""
+"""Command-line interface: ``lowrankopt demo`` and ``lowrankopt bench`` (the ``lowrankopt`` console script;
+also ``python -m lowrankopt``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 
@@ -70,7 +78,46 @@ def build_parser() -> argparse.ArgumentParser:
         "and oversubscribed threads on a busy machine slow it down many times)",
     )
     demo.add_argument("--no-progress", action="store_true", help="print progress lines instead of a progress bar")
+    demo.add_argument(
+        "--out", default=None, metavar="FILE", help="also write the settings, summary and history as JSON to FILE"
+    )
     demo.set_defaults(func=_run_demo)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run the registered benchmarks; write results.json, results.md and plots",
+        description="Run the registered benchmarks (all, or those NAMEd; --list lists them) side by side with "
+        "their baselines and peers in this process, print the result tables, and write results.json, "
+        "results.md and PNG plots (convergence curves, scaling plots) to --out. A peer that is not installed "
+        "gives a 'skipped: install X' row. Exit status 1 if a benchmark case raised.",
+    )
+    bench.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all)")
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick", dest="mode", action="store_const", const="quick", help="small sizes, minutes on 2 cores (default)"
+    )
+    size.add_argument("--full", dest="mode", action="store_const", const="full", help="the published problem sizes")
+    bench.set_defaults(mode="quick")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where lowrankopt runs (default: cpu)")
+    bench.add_argument(
+        "--out", default="bench-results", metavar="DIR", help="output directory (default: bench-results)"
+    )
+    bench.add_argument("--list", action="store_true", help="list the registered benchmarks and exit")
+    bench.add_argument(
+        "--repeats", type=_positive_int, default=None, help="timed repeats per measurement (default: per benchmark)"
+    )
+    bench.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch and BLAS threads, the same for every library compared (default: 1)",
+    )
+    bench.add_argument(
+        "--max-time", type=_positive_float, default=None, help="seconds per solver run (default: 60 quick, 300 full)"
+    )
+    bench.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.set_defaults(func=_run_bench, parser=bench)
     return parser
 
 
@@ -81,8 +128,44 @@ def _run_demo(args: argparse.Namespace) -> int:
     kwargs = {"samples": args.samples, "iters": args.iters, "seed": args.seed, "dtype": _DTYPES[args.dtype]}
     if args.rank is not None:
         kwargs["rank"] = args.rank
-    PROBLEMS[args.problem](method=args.method, progress=not args.no_progress, **kwargs)
+    result = PROBLEMS[args.problem](method=args.method, progress=not args.no_progress, **kwargs)
+    if args.out is not None:
+        import json
+        from pathlib import Path
+
+        settings = {k: v for k, v in vars(args).items() if k not in ("func", "parser", "out")}
+        Path(args.out).write_text(json.dumps({"settings": settings, **result}, indent=1))
+        print(f"wrote {args.out}")
     return 0
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .benchmarks import registry, run_benchmarks
+
+    table = registry()
+    if args.list:
+        for name, b in table.items():
+            peers = f" [peers: {', '.join(b.peers)}]" if b.peers else ""
+            print(f"{name:20s} {b.summary}{peers}")
+            print(f"{'':20s} quick: {', '.join(c.name for c in b.quick)}; full: {', '.join(c.name for c in b.full)}")
+        return 0
+    unknown = [n for n in args.names if n not in table]
+    if unknown:
+        args.parser.error(f"unknown benchmark(s): {', '.join(unknown)} (choose from {', '.join(table)})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        args.parser.error("--device cuda: no CUDA device is available to torch")
+    results = run_benchmarks(
+        args.names,
+        mode=args.mode,
+        device=args.device,
+        out=args.out,
+        repeats=args.repeats,
+        threads=args.threads,
+        seed=args.seed,
+        max_time=args.max_time,
+        progress=not args.no_progress,
+    )
+    return 1 if results["errors"] else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -99,6 +99,10 @@ def _solve(idx, vals, test, shape, rank, *, method, tol, iters, warmup_iters, ge
         "iterations": res.nit,
         "converged": converged,
         "time": res.time,
+        "history": [
+            {k: rec.get(k) for k in ("iter", "rank", "train_error", "test_error", "grad_norm", "solve_time")}
+            for rec in res.history
+        ],
     }
 
 
@@ -141,8 +145,8 @@ def run_tt_completion(
 
     Returns:
         A dict with ``train_error`` and ``test_error`` (final relative errors), ``iterations``,
-        ``converged`` (tolerance reached), ``time`` (solver seconds, excluding data generation), ``samples``
-        and ``dim``.
+        ``converged`` (tolerance reached), ``time`` (solver seconds, excluding data generation), ``samples``,
+        ``dim`` and ``history`` (per iteration: ``iter, rank, train_error, test_error, grad_norm, solve_time``).
     """
     _check_common(dtype, test_samples, print_every, iters)
     if d < 2:

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -60,3 +62,12 @@ def test_bad_arguments_give_usage_and_status_2():
     for args in (["demo", "--problem", "nonsense"], ["demo", "--rank", "0"], ["frobnicate"]):
         out = _run_module(*args)
         assert out.returncode == 2 and "usage:" in out.stderr, args
+
+
+def test_demo_writes_its_summary_file(tmp_path):
+    path = tmp_path / "demo.json"
+    run = _run_module("demo", "--problem", "matrix-completion", "--rank", "2", "--iters", "200", "--out", str(path))
+    assert run.returncode == 0, run.stderr
+    res = json.loads(path.read_text())
+    assert res["settings"]["problem"] == "matrix-completion" and res["settings"]["rank"] == 2
+    assert res["history"][-1]["iter"] == res["iterations"] and res["test_error"] < 1e-8

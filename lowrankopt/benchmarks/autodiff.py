@@ -1,0 +1,96 @@
+"""Benchmark ``autodiff``: the cost of the Riemannian gradient and Hessian-vector product relative to f.
+
+For completion losses ``f(X) = ½‖P_Ω(X − A)‖²`` on tensor trains and fixed-rank matrices (float64):
+``f(x)``, ``riemannian_grad(f, x)``, ``riemannian_hvp(f, x, ξ, curvature=False)`` (t3f's ``P ∇²f P``) and
+``curvature=True`` (the exact Riemannian Hessian). The ratios to t_f are the figure of merit of the
+autodiff Riemannian calculus (Novikov–Rakhuba–Oseledets 2022: "at about the cost of evaluating f");
+targets grad/f ≤ 3 and hvp/f ≤ 8. Scaling plots: time vs d, n and r around the published TT size
+(d = 10, n = 20, r = 10, |Ω| = 10⁵).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import FixedRankMatrices, FixedTTRank, riemannian_grad, riemannian_hvp
+from .registry import Benchmark, Case
+from .runner import Context, ratio, timing_row
+
+TARGETS = {"grad": 3.0, "hvp": 8.0}
+
+
+def _tt_cases(base: dict, values: dict[str, tuple[int, ...]]) -> tuple[Case, ...]:
+    """The base TT case and, for each parameter, the cases that vary it alone (names like ``tt-d20``)."""
+    cases = {"tt": dict(kind="tt", **base)}
+    for param, vals in values.items():
+        for v in vals:
+            if v != base[param]:
+                cases[f"tt-{param}{v}"] = dict(kind="tt", **{**base, param: v})
+    return tuple(Case(name, params) for name, params in cases.items())
+
+
+QUICK = _tt_cases(dict(d=6, n=10, r=4, N=20_000), {"d": (4, 6, 10), "n": (5, 10, 20), "r": (2, 4, 8)}) + (
+    Case("matrix", dict(kind="matrix", m=1000, n=800, r=10, N=100_000)),
+)
+FULL = _tt_cases(dict(d=10, n=20, r=10, N=100_000), {"d": (5, 10, 20, 40), "n": (10, 20, 40), "r": (5, 10, 20, 40)}) + (
+    Case("matrix", dict(kind="matrix", m=5000, n=5000, r=20, N=1_000_000)),
+)
+
+
+def _problem(p: dict, ctx: Context):
+    """``(f, x, ξ)``: a completion loss with its data, a random point and a random tangent vector at it."""
+    g, dev = ctx.generator(), ctx.device
+    if p["kind"] == "tt":
+        d, n = p["d"], p["n"]
+        # ranks capped at what each bond allows (r_k <= n^k, n^(d-k))
+        M = FixedTTRank([n] * d, [min(p["r"], n ** min(k, d - k)) for k in range(1, d)])
+        A, x = (M.random_point(dtype=torch.float64, device=dev, generator=g) for _ in range(2))
+        idx = torch.randint(0, n, (p["N"], d), generator=g).to(dev)
+        vals = A.gather(idx)
+        f = lambda Y: 0.5 * ((Y.gather(idx) - vals) ** 2).sum()  # noqa: E731
+    else:
+        M = FixedRankMatrices(p["m"], p["n"], p["r"])
+        A, x = (M.random_point(dtype=torch.float64, device=dev, generator=g) for _ in range(2))
+        rows = torch.randint(0, p["m"], (p["N"],), generator=g).to(dev)
+        cols = torch.randint(0, p["n"], (p["N"],), generator=g).to(dev)
+        vals = A.gather(rows, cols)
+        f = lambda Y: 0.5 * ((Y.gather(rows, cols) - vals) ** 2).sum()  # noqa: E731
+    return f, x, M.random_tangent(x, generator=g)
+
+
+def run(case: Case, ctx: Context) -> dict:
+    f, x, xi = _problem(dict(case.params), ctx)
+    t = ctx.time(
+        {
+            "f": lambda: f(x),
+            "grad": lambda: riemannian_grad(f, x),
+            "hvp": lambda: riemannian_hvp(f, x, xi, curvature=False),
+            "hvp_curv": lambda: riemannian_hvp(f, x, xi, curvature=True),
+        }
+    )
+    labels = {
+        "f": "f(x)",
+        "grad": "riemannian_grad",
+        "hvp": "riemannian_hvp, curvature=False",
+        "hvp_curv": "riemannian_hvp, curvature=True",
+    }
+    rows = [timing_row(labels["f"], t["f"], status="baseline")]
+    for key in ("grad", "hvp", "hvp_curv"):
+        r = ratio(t[key], t["f"])
+        target = TARGETS.get(key)
+        status = "" if target is None else (f"target ≤ {target:g}: " + ("met" if r <= target else "MISSED"))
+        rows.append(timing_row(labels[key], t[key], ratio=r, status=status))
+    return {"rows": rows}
+
+
+BENCHMARK = Benchmark(
+    name="autodiff",
+    summary="Riemannian gradient and HVP by autodiff vs evaluating f (TT and matrix completion losses, float64)",
+    baseline="time of the row / time of f(x), median of per-round ratios (targets: grad ≤ 3, hvp ≤ 8)",
+    figures=("median, min and max seconds of f, grad, hvp, hvp with curvature", "ratios to f"),
+    quick=QUICK,
+    full=FULL,
+    run=run,
+    scaling=("d", "n", "r"),
+    repeats={"quick": 5, "full": 9},
+)

@@ -1,0 +1,158 @@
+"""``lowrankopt bench``: the registry, the runner's timing and output, and the command in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowrankopt.benchmarks import Benchmark, Case, registry, run_benchmarks
+from lowrankopt.benchmarks import runner as runner_mod
+from lowrankopt.benchmarks.runner import Context, Timing, ratio
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_module(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "lowrankopt", *args], capture_output=True, text=True, env=env, timeout=600, cwd=cwd
+    )
+
+
+def test_registry_declarations_are_complete():
+    table = registry()
+    assert {"autodiff", "matrix-completion", "tt-completion"} <= set(table)
+    for name, b in table.items():
+        assert b.name == name and b.summary and b.baseline and b.figures
+        assert b.quick and b.full, name
+        for mode in ("quick", "full"):
+            names = [c.name for c in b.cases(mode)]
+            assert len(names) == len(set(names)), (name, mode)
+            assert b.repeats[mode] >= 1
+    with pytest.raises(ValueError, match="mode"):
+        table["autodiff"].cases("medium")
+
+
+def test_timing_and_per_round_ratios():
+    t = Timing.of([3.0, 1.0, 2.0, 10.0])
+    assert (t.median, t.min, t.max, t.repeats) == (2.5, 1.0, 10.0, 4)
+    a, b = Timing.of([2.0, 4.0, 30.0]), Timing.of([1.0, 1.0, 10.0])
+    assert ratio(a, b) == 3.0  # median of 2, 4, 3 — not 4/1 (ratio of medians)
+
+
+def test_context_time_warms_up_once_and_repeats():
+    calls = {"a": 0, "b": 0}
+
+    def bump(key):
+        calls[key] += 1
+
+    ctx = Context("quick", torch.device("cpu"), repeats=3, seed=0, max_time=1.0)
+    out = ctx.time({"a": lambda: bump("a"), "b": lambda: bump("b")})
+    assert calls == {"a": 4, "b": 4}  # one warm-up + three rounds
+    assert out["a"].repeats == 3 and all(x >= 0 for x in out["a"].rounds)
+
+
+def _fake_benchmarks(monkeypatch):
+    def run(case, ctx):
+        if case.params["n"] == 3:
+            raise RuntimeError("boom")
+        t = ctx.time({"f": lambda: sum(range(100)), "g": lambda: sum(range(300))})
+        return {
+            "rows": [
+                runner_mod.timing_row("f", t["f"], status="baseline"),
+                runner_mod.timing_row("g", t["g"], ratio=ratio(t["g"], t["f"])),
+                {"variant": "peer", "skipped": "skipped: install nothing"},
+            ],
+            "curves": [{"label": "g", "time": [0.1, 0.2], "iter": [0, 1], "error": [1.0, 0.1]}],
+        }
+
+    cases = tuple(Case(f"n{n}", {"n": n, "m": 1}) for n in (1, 2, 3))
+    fake = Benchmark("fake", "a fake benchmark", "time / time of f", ("times",), cases, cases, run, scaling=("n",))
+    monkeypatch.setattr(runner_mod, "registry", lambda: {"fake": fake})
+
+
+def test_runner_records_errors_skips_and_writes_files(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    _fake_benchmarks(monkeypatch)
+    res = run_benchmarks(["fake"], out=tmp_path, repeats=2, progress=False, log=lambda _m: None)
+    assert res["errors"] == 1
+    cases = res["benchmarks"]["fake"]["cases"]
+    assert [c["case"] for c in cases] == ["n1", "n2", "n3"]
+    assert "RuntimeError: boom" in cases[2]["error"]
+    assert cases[0]["rows"][1]["ratio"] > 0 and cases[0]["rows"][1]["repeats"] == 2
+    env = res["environment"]
+    for key in ("torch", "torch_threads", "device", "cpu", "date", "python"):
+        assert env[key] not in (None, ""), key
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["errors"] == 1 and on_disk["benchmarks"]["fake"]["cases"][1]["case"] == "n2"
+    md = (tmp_path / "results.md").read_text()
+    assert "skipped: install nothing" in md and "RuntimeError: boom" in md
+    # two convergence plots (n1, n2) and one scaling plot over n (n3 errored; n1, n2 remain)
+    assert sorted(res["plots"]) == ["fake_n1_convergence.png", "fake_n2_convergence.png", "fake_scaling_n.png"]
+    for p in res["plots"]:
+        assert (tmp_path / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runner_rejects_unknown_names_and_missing_cuda(tmp_path):
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        run_benchmarks(["nonsense"], out=tmp_path)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda"):
+            run_benchmarks(["autodiff"], device="cuda", out=tmp_path)
+
+
+def test_missing_peer_gives_a_skipped_row(monkeypatch):
+    from lowrankopt.benchmarks import completion
+    from lowrankopt.benchmarks.peers.pymanopt_completion import make_problem
+
+    monkeypatch.setitem(sys.modules, "pymanopt", None)  # import pymanopt now raises ImportError
+    P = make_problem(30, 20, 2, 3.0, seed=0)
+    ctx = Context("quick", torch.device("cpu"), repeats=1, seed=0, max_time=5.0)
+    row, curve = completion._pymanopt(ctx, P, "sparse", "cg")
+    assert row["skipped"] == "skipped: install pymanopt" and curve is None
+
+
+def test_bench_list_and_quick_run_in_a_subprocess(tmp_path):
+    pytest.importorskip("matplotlib")
+    listed = _run_module("bench", "--list")
+    assert listed.returncode == 0, listed.stderr
+    for name in ("autodiff", "matrix-completion", "tt-completion"):
+        assert name in listed.stdout
+    out = tmp_path / "res"
+    run = _run_module("bench", "--quick", "autodiff", "--repeats", "1", "--out", str(out), "--no-progress")
+    assert run.returncode == 0, run.stderr
+    assert "riemannian_grad" in run.stdout and "wrote" in run.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["mode"] == "quick" and list(res["benchmarks"]) == ["autodiff"]
+    cases = res["benchmarks"]["autodiff"]["cases"]
+    assert [c["case"] for c in cases] == [c.name for c in registry()["autodiff"].quick]
+    for case in cases:
+        grad = next(r for r in case["rows"] if r["variant"] == "riemannian_grad")
+        assert grad["ratio"] > 0 and grad["time_min"] <= grad["time"] <= grad["time_max"]
+    assert (out / "results.md").read_text().startswith("# lowrankopt bench (quick)")
+    assert {f"autodiff_scaling_{p}.png" for p in "dnr"} <= {p.name for p in out.glob("*.png")}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["bench", "nonsense"],
+        ["bench", "--quick", "--full"],
+        ["bench", "--device", "tpu"],
+        ["bench", "--repeats", "0"],
+        ["bench", "--max-time", "-1"],
+    ],
+)
+def test_bench_bad_arguments_give_usage_and_status_2(args):
+    out = _run_module(*args)
+    assert out.returncode == 2 and "usage:" in out.stderr, (args, out.stderr)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_bench_device_cuda_without_cuda_is_a_usage_error():
+    out = _run_module("bench", "--device", "cuda", "autodiff")
+    assert out.returncode == 2 and "no CUDA device" in out.stderr
