@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-time", type=_positive_float, default=None, help="seconds per solver run (default: 60 quick, 300 full)"
     )
     bench.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    bench.add_argument(
+        "--allocator",
+        choices=["default", "tuned"],
+        default="tuned",
+        help="tuned: lowrankopt.tune_cpu_allocator() for the whole process, i.e. for every library compared "
+        "(default: tuned)",
+    )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=_run_bench, parser=bench)
     return parser
@@ -163,6 +170,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         seed=args.seed,
         max_time=args.max_time,
+        allocator=args.allocator,
         progress=not args.no_progress,
     )
     return 1 if results["errors"] else 0

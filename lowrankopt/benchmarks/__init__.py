@@ -6,6 +6,6 @@ benchmark (:mod:`.autodiff`, :mod:`.completion`); peer libraries are wrapped in 
 """
 
 from .registry import Benchmark, Case, registry
-from .runner import Context, Timing, run_benchmarks
+from .runner import Context, Timing, ratio, run_benchmarks, timing_row
 
-__all__ = ["Benchmark", "Case", "Context", "Timing", "registry", "run_benchmarks"]
+__all__ = ["Benchmark", "Case", "Context", "Timing", "ratio", "registry", "run_benchmarks", "timing_row"]

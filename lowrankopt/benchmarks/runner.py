@@ -186,7 +186,7 @@ def _limited_threads(threads: int):
 
 
 def run_benchmarks(
-    names: Sequence[str] = (),
+    names: Sequence[str | Benchmark] = (),
     *,
     mode: str = "quick",
     device: str | torch.device = "cpu",
@@ -195,22 +195,47 @@ def run_benchmarks(
     threads: int = 1,
     seed: int = 0,
     max_time: float | None = None,
+    allocator: str = "default",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run the named registered benchmarks (all when ``names`` is empty) and write their results to ``out``.
+    """Run benchmarks and write their results to ``out``.
+
+    Args:
+        names: registered benchmark names, or :class:`Benchmark` objects (yours, unregistered); all
+            registered benchmarks when empty.
+        mode: ``"quick"`` or ``"full"`` (which cases each benchmark runs).
+        device: where lowrankopt's tensors go (peers run where they run, usually on the CPU).
+        out: output directory (created).
+        repeats: timed repeats per measurement (default: each benchmark's own, per mode).
+        threads: torch threads, and NumPy/SciPy BLAS threads where threadpoolctl is installed — the same
+            for every library compared.
+        seed: base random seed of the problems.
+        max_time: seconds per solver run (default 60 in quick mode, 300 in full mode).
+        allocator: ``"tuned"`` calls :func:`lowrankopt.tune_cpu_allocator` first (process-wide and
+            irreversible; it applies to every library compared), ``"default"`` leaves malloc alone.
+        progress: show a tqdm progress bar (on stderr).
+        log: where the environment line and the summary go.
 
     Returns the results dict that is also written to ``out/results.json``. A benchmark case that raises
     is recorded with its error (and the others still run); ``results["errors"]`` counts them.
     """
     table = registry()
-    unknown = [n for n in names if n not in table]
+    unknown = [n for n in names if not isinstance(n, Benchmark) and n not in table]
     if unknown:
         raise ValueError(f"unknown benchmark(s) {unknown}; registered: {list(table)}")
+    if mode not in ("quick", "full"):
+        raise ValueError(f"mode must be 'quick' or 'full', got {mode!r}")
+    if allocator not in ("default", "tuned"):
+        raise ValueError(f"allocator must be 'default' or 'tuned', got {allocator!r}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
-    selected = [table[n] for n in (names or table)]
+    selected = [n if isinstance(n, Benchmark) else table[n] for n in (names or table)]
+    if allocator == "tuned":
+        from ..allocator import tune_cpu_allocator
+
+        allocator = "tuned" if tune_cpu_allocator() else "default (tuning needs glibc)"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     max_time = (60.0 if mode == "quick" else 300.0) if max_time is None else max_time
@@ -219,7 +244,7 @@ def run_benchmarks(
     with _limited_threads(threads) as blas_threads:
         results = {
             "mode": mode,
-            "environment": environment(device, threads, blas_threads),
+            "environment": {**environment(device, threads, blas_threads), "allocator": allocator},
             "settings": {"repeats": repeats, "seed": seed, "max_time": max_time},
             "benchmarks": {b.name: _declaration(b, mode) for b in selected},
             "errors": 0,
@@ -235,7 +260,7 @@ def run_benchmarks(
                 result = _run_case(bench, case, ctx)
                 results["benchmarks"][bench.name]["cases"].append(result)
                 results["errors"] += "error" in result
-                bar.write(_case_markdown(bench, result))
+                bar.write(_case_markdown(bench.name, result))
                 bar.update()
                 _write_json(out, results)  # after every case: a long run that is stopped keeps what it measured
         finally:
@@ -291,7 +316,7 @@ def _environment_line(env: dict) -> str:
     return (
         f"lowrankopt {env['lowrankopt']} ({env['git_commit'] or 'installed'}), torch {env['torch']}, "
         f"{env['cpu']} ({env['cpu_count']} cores), {env['torch_threads']} torch thread(s), "
-        f"BLAS threads {env['blas_threads']}, device {env['device']}{gpu}"
+        f"BLAS threads {env['blas_threads']}, {env['allocator']} allocator, device {env['device']}{gpu}"
     )
 
 
@@ -307,9 +332,9 @@ def _fmt(value, spec: str) -> str:
     return str(value)
 
 
-def _case_markdown(bench: Benchmark, case: dict) -> str:
+def _case_markdown(name: str, case: dict) -> str:
     params = ", ".join(f"{k}={v}" for k, v in case["params"].items())
-    lines = [f"#### {bench.name}: {case['case']} ({params})", ""]
+    lines = [f"#### {name}: {case['case']} ({params})", ""]
     if "error" in case:
         return "\n".join([*lines, f"**error**: `{case['error']}`", ""])
     extra = sorted({k for row in case["rows"] for k in row.get("figures", {})})
@@ -344,10 +369,9 @@ def to_markdown(results: dict) -> str:
         f"{env['date']} · {_environment_line(env)}",
         "",
     ]
-    table = registry()
     for name, b in results["benchmarks"].items():
         lines += [f"## {name}", "", b["summary"], "", f"Ratio column: {b['baseline']}", ""]
-        lines += [_case_markdown(table[name], case) for case in b["cases"]]
+        lines += [_case_markdown(name, case) for case in b["cases"]]
         lines += [f"![{p}]({p})\n" for p in results.get("plots", []) if p.startswith(f"{name}_")]
     return "\n".join(lines)
 

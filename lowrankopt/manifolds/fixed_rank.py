@@ -112,7 +112,7 @@ class FixedRankMatrices(LowRankManifold):
         return TangentVector(self, x, self._gauge(x, [A.detach(), B.detach()]))
 
     def to_ambient(self, x, v: TangentVector) -> LowRankMatrix:
-        """ξ = [A U] [V B]ᵀ as a rank-2r LowRankMatrix. Cost ``O((m + n) r)``."""
+        """``ξ = [A U] [V B]ᵀ`` as a rank-2r LowRankMatrix. Cost ``O((m + n) r)``."""
         self._check_tangent(x, v)
         U, _, V = self.frames(x)
         A, B = v.coords

@@ -91,10 +91,12 @@ class LowRankLinear(_PackedLinear):
     and ``weight_decay=0`` for the weight.
 
     Args:
-        in_features, out_features: sizes of the input and output.
+        in_features: size of the input.
+        out_features: size of the output.
         rank: the rank r, ``1 <= r <= min(in, out)``.
         bias: learn an additive bias (a plain ``nn.Parameter``).
-        dtype, device: of the parameters (default dtype: ``torch.get_default_dtype()``).
+        dtype: of the parameters (default: ``torch.get_default_dtype()``).
+        device: of the parameters.
         generator: for the initialization. ``U``, ``V`` Haar-random, ``S = s I`` with
             ``s = sqrt(out / (3 r))``, so that the mean squared entry of W is ``1 / (3 in)`` as for
             ``nn.Linear``'s default; bias ``U(-1/sqrt(in), 1/sqrt(in))``.
@@ -242,17 +244,21 @@ class TTLinear(_PackedLinear):
     tensor of shape ``[out_k · in_k]`` on :class:`GeooptFixedTTRank`, packed in right-orthogonal form.
 
     Args:
-        in_features, out_features: sizes of the input and output.
+        in_features: size of the input.
+        out_features: size of the output.
         rank: an int (the maximal TT-rank; each bond is clipped to the largest rank its modes allow)
             or ``d − 1`` ints (exact ranks; must be attainable).
-        in_factors, out_factors: the mode sizes (products ``in_features`` / ``out_features``). If
-            None they are chosen balanced (as close to ``features^(1/d)`` as the divisors allow),
+        in_factors: the input mode sizes (product ``in_features``). If ``in_factors`` and
+            ``out_factors`` are None they are chosen balanced (as close to ``features^(1/d)`` as the divisors allow),
             ``in_factors`` non-decreasing and ``out_factors`` non-increasing so that the merged
             modes ``out_k · in_k`` are balanced too.
+        out_factors: the output mode sizes (product ``out_features``).
         d: the number of cores, when neither factor list is given (default 3; factors of 1 are allowed).
         bias: learn an additive bias.
-        dtype, device, generator: as for :class:`LowRankLinear`. Gaussian cores, scaled so that the
-            mean squared entry of W is ``1 / (3 in)`` (``nn.Linear``'s default).
+        dtype: as for :class:`LowRankLinear`.
+        device: as for :class:`LowRankLinear`.
+        generator: for the initialization: Gaussian cores, scaled so that the mean squared entry of W
+            is ``1 / (3 in)`` (``nn.Linear``'s default).
 
     Forward cost ``O(B Σ_k out_1⋯out_k in_k⋯in_d r²)`` for a batch of B rows; training uses the
     rank-2r straight-through TT-matrix (about 4×) plus ``O(d n r³)`` for the frames.
