@@ -100,6 +100,12 @@ def test_runner_records_errors_skips_and_writes_files(monkeypatch, tmp_path):
 def test_runner_rejects_unknown_names_and_missing_cuda(tmp_path):
     with pytest.raises(ValueError, match="unknown benchmark"):
         run_benchmarks(["nonsense"], out=tmp_path)
+    for bad in (dict(repeats=0), dict(threads=0), dict(max_time=-1.0), dict(mode="medium"), dict(allocator="x")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            run_benchmarks(["autodiff"], out=tmp_path, **bad)
+    autodiff = registry()["autodiff"]
+    with pytest.raises(ValueError, match="distinct"):
+        run_benchmarks([autodiff, autodiff], out=tmp_path)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cuda"):
             run_benchmarks(["autodiff"], device="cuda", out=tmp_path)

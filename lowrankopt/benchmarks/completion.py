@@ -98,6 +98,12 @@ def _ours(ctx: Context, method: str, idx, vals, shape, rank, test, x0) -> tuple[
     return _row(label, runs, res.message), _curve(label, runs[0]["history"])
 
 
+def _ours_both(ctx: Context, *problem) -> tuple[list[dict], list[dict]]:
+    """Rows and curves of lowrankopt's CG and trust-region on one problem."""
+    runs = [_ours(ctx, method, *problem) for method in OURS]
+    return [row for row, _ in runs], [curve for _, curve in runs]
+
+
 def _curve(label: str, history: list[dict]) -> dict:
     pts = [h for h in history if h.get("test_error") is not None]
     return {
@@ -138,6 +144,17 @@ def _with_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def _result(rows: list[dict], curves: list[dict], **extra) -> dict:
+    return {
+        "rows": _with_ratios(rows),
+        "curves": curves,
+        "target": TARGET,
+        "error_label": "relative test error",
+        "time_label": "time to test error 1e-8 (s)",
+        **extra,
+    }
+
+
 def run_matrix(case: Case, ctx: Context) -> dict:
     p = case.params
     ctx.status("generating data")
@@ -150,12 +167,7 @@ def run_matrix(case: Case, ctx: Context) -> dict:
         torch.from_numpy(P["test_vals"]).to(dev),
     )
     x0 = LowRankMatrix(torch.from_numpy(P["U0"]), torch.from_numpy(P["s0"]), torch.from_numpy(P["Vt0"].T.copy()))
-    x0 = x0.to(dev)
-    rows, curves = [], []
-    for method in OURS:
-        row, curve = _ours(ctx, method, idx, vals, (p["n"], p["n"]), p["k"], test, x0)
-        rows.append(row)
-        curves.append(curve)
+    rows, curves = _ours_both(ctx, idx, vals, (p["n"], p["n"]), p["k"], test, x0.to(dev))
     if p["n"] * p["n"] > PYMANOPT_MAX_ENTRIES:
         reason = "not run: pymanopt's FixedRankEmbedded transport forms dense m×n matrices (GBs at this size)"
         rows.append({"variant": "pymanopt cg", "skipped": reason})
@@ -164,13 +176,7 @@ def run_matrix(case: Case, ctx: Context) -> dict:
             row, curve = _pymanopt(ctx, P, *args)
             rows.append(row)
             curves += [curve] if curve else []
-    return {
-        "rows": _with_ratios(rows),
-        "curves": curves,
-        "target": TARGET,
-        "error_label": "relative test error",
-        "samples": len(P["vals"]),
-    }
+    return _result(rows, curves, samples=len(P["vals"]))
 
 
 def run_tt(case: Case, ctx: Context) -> dict:
@@ -182,23 +188,26 @@ def run_tt(case: Case, ctx: Context) -> dict:
     idx, tidx = sample_indices(shape, N, generator=g), sample_indices(shape, N, generator=g)
     vals, tvals = truth.gather(idx), truth.gather(tidx)
     dev = ctx.device
-    rows, curves = [], []
-    for method in OURS:
-        row, curve = _ours(ctx, method, idx.to(dev), vals.to(dev), shape, r, (tidx.to(dev), tvals.to(dev)), None)
-        rows.append(row)
-        curves.append(curve)
+    rows, curves = _ours_both(ctx, idx.to(dev), vals.to(dev), shape, r, (tidx.to(dev), tvals.to(dev)), None)
     rows.append({"variant": "t3f / TTeMPS", "skipped": "skipped: no Python peer for Riemannian TT completion"})
-    return {"rows": _with_ratios(rows), "curves": curves, "target": TARGET, "error_label": "relative test error"}
+    return _result(rows, curves)
 
 
-_SUMMARY = "time to relative test error 1e-8, lowrankopt CG and trust-region"
-_BASELINE = "time to 1e-8 of the row / time to 1e-8 of lowrankopt CG (> 1: slower than lowrankopt CG)"
-BENCHMARKS = (
-    Benchmark(
-        name="matrix-completion",
-        summary=f"Matrix completion (LRGeomCG data): {_SUMMARY} vs pymanopt (sparse, dense, NumPy-gradient costs)",
-        baseline=_BASELINE,
+def _completion_benchmark(name: str, summary: str, **kwargs) -> Benchmark:
+    return Benchmark(
+        name=name,
+        summary=f"{summary}: time to relative test error 1e-8, lowrankopt CG and trust-region{kwargs.pop('vs', '')}",
+        baseline="time to 1e-8 of the row / time to 1e-8 of lowrankopt CG (> 1: slower than lowrankopt CG)",
         figures=("time to 1e-8 (s)", "iterations to 1e-8", "final test error"),
+        **kwargs,
+    )
+
+
+BENCHMARKS = (
+    _completion_benchmark(
+        "matrix-completion",
+        "Matrix completion (LRGeomCG data)",
+        vs=" vs pymanopt (sparse, dense, NumPy-gradient costs)",
         quick=(Case("n500-k10-os5", dict(n=500, k=10, os=5.0)), Case("n1000-k10-os5", dict(n=1000, k=10, os=5.0))),
         full=(
             Case("n1000-k10-os5", dict(n=1000, k=10, os=5.0)),
@@ -210,11 +219,9 @@ BENCHMARKS = (
         scaling=("n",),
         peers=("pymanopt",),
     ),
-    Benchmark(
-        name="tt-completion",
-        summary=f"TT completion (RTTC setup, d = 10, n = 20): {_SUMMARY}",
-        baseline=_BASELINE,
-        figures=("time to 1e-8 (s)", "iterations to 1e-8", "final test error"),
+    _completion_benchmark(
+        "tt-completion",
+        "TT completion (RTTC setup, d = 10, n = 20)",
         quick=(Case("d10-n20-r2", dict(d=10, n=20, r=2)), Case("d10-n20-r4", dict(d=10, n=20, r=4))),
         full=tuple(Case(f"d10-n20-r{r}", dict(d=10, n=20, r=r)) for r in (4, 6, 8)),
         run=run_tt,

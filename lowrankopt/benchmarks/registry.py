@@ -42,7 +42,8 @@ class Benchmark:
         full: the cases of ``--full`` (the published problem sizes).
         run: ``run(case, ctx) -> dict`` measures one case; the dict has ``rows`` (one per solver or
             operation: ``variant``, times, ratios, or ``skipped``), and may have ``curves`` (for convergence
-            plots: ``label``, ``time``, ``iter``, ``error``) and ``target`` (a horizontal line on them).
+            plots: ``label``, ``time``, ``iter``, ``error``), ``target`` (a horizontal line on them),
+            ``error_label`` and ``time_label`` (axis labels).
         scaling: case parameters to draw time-vs-parameter plots over (log axes), e.g. ``("d", "n", "r")``.
         peers: the peer libraries the benchmark compares with (for ``--list``; a missing one is skipped).
         repeats: timed repeats per measurement, as ``{"quick": k, "full": k}`` (``--repeats`` overrides).

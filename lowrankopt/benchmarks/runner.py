@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -228,10 +229,17 @@ def run_benchmarks(
         raise ValueError(f"mode must be 'quick' or 'full', got {mode!r}")
     if allocator not in ("default", "tuned"):
         raise ValueError(f"allocator must be 'default' or 'tuned', got {allocator!r}")
+    for name, value in (("repeats", repeats), ("threads", threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if max_time is not None and not 0 < max_time < math.inf:
+        raise ValueError(f"max_time must be a positive finite number of seconds, got {max_time!r}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
     selected = [n if isinstance(n, Benchmark) else table[n] for n in (names or table)]
+    if len({b.name for b in selected}) < len(selected):
+        raise ValueError(f"benchmark names must be distinct, got {[b.name for b in selected]}")
     if allocator == "tuned":
         from ..allocator import tune_cpu_allocator
 
@@ -442,7 +450,7 @@ def _scaling_plots(plt, ticker, name: str, cases: list[dict], param: str, out: P
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xticks(sorted({c["params"][param] for c in group}))
         ax.set_xlabel(param)
-        ax.set_ylabel("time (s)")
+        ax.set_ylabel(group[0].get("time_label", "time (s)"))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fixed = ", ".join(f"{k}={v}" for k, v in key)
