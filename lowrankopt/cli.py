@@ -94,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all)")
     size = bench.add_mutually_exclusive_group()
     size.add_argument(
-        "--quick", dest="mode", action="store_const", const="quick", help="small sizes, minutes on 2 cores (default)"
+        "--quick",
+        dest="mode",
+        action="store_const",
+        const="quick",
+        help="small sizes, about a minute on 2 cores (default)",
     )
     size.add_argument("--full", dest="mode", action="store_const", const="full", help="the published problem sizes")
     bench.set_defaults(mode="quick")
@@ -104,18 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--list", action="store_true", help="list the registered benchmarks and exit")
     bench.add_argument(
-        "--repeats", type=_positive_int, default=None, help="timed repeats per measurement (default: per benchmark)"
+        "--repeats",
+        type=_positive_int,
+        default=None,
+        help="timed repeats per measurement, or runs per solver and peer (default: per benchmark)",
     )
     bench.add_argument(
         "--threads",
         type=_positive_int,
         default=1,
-        help="torch and BLAS threads, the same for every library compared (default: 1)",
+        help="torch threads and, with threadpoolctl installed (in the bench extra), NumPy/SciPy BLAS threads: the "
+        "same for every library compared (default: 1)",
     )
     bench.add_argument(
         "--max-time", type=_positive_float, default=None, help="seconds per solver run (default: 60 quick, 300 full)"
     )
-    bench.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    bench.add_argument("--seed", type=_nonnegative_int, default=0, help="random seed (default: 0)")
     bench.add_argument(
         "--allocator",
         choices=["default", "tuned"],
@@ -159,6 +167,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     unknown = [n for n in args.names if n not in table]
     if unknown:
         args.parser.error(f"unknown benchmark(s): {', '.join(unknown)} (choose from {', '.join(table)})")
+    if len(set(args.names)) < len(args.names):
+        args.parser.error(f"benchmark named twice: {' '.join(args.names)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         args.parser.error("--device cuda: no CUDA device is available to torch")
     results = run_benchmarks(

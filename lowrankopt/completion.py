@@ -210,7 +210,7 @@ def complete(
         method: ``"cg"`` (default; LRGeomCG / RTTC: PR+ CG with the exact linearized line search),
             ``"trust-region"`` (Riemannian Gauss–Newton in a trust region, or the exact Hessian with
             ``curvature=True``) or ``"sd"`` — see :func:`minimize`. In docs/benchmarks.md CG was the faster
-            of the two on TT completion and about equal on matrices.
+            of the two, except on the smallest matrix problems where they were equal.
         test: optional ``(indices, values)`` of held-out entries Γ; the relative test error
             ``‖P_Γ(X − A)‖ / ‖P_Γ A‖`` is recorded in the history (its cost is not counted in ``time``).
         x0: start point (LowRankMatrix / TensorTrain of the target rank); default as in the module doc.

@@ -61,16 +61,23 @@ def _fake_benchmarks(monkeypatch):
         if case.params["n"] == 3:
             raise RuntimeError("boom")
         t = ctx.time({"f": lambda: sum(range(100)), "g": lambda: sum(range(300))})
+        # a peer that is missing in one case and timed in another (the scaling plot must cope)
+        peer = (
+            {"variant": "peer", "skipped": "skipped: install nothing"}
+            if case.params["n"] == 1
+            else runner_mod.timing_row("peer", t["g"])
+        )
         return {
             "rows": [
                 runner_mod.timing_row("f", t["f"], status="baseline"),
                 runner_mod.timing_row("g", t["g"], ratio=ratio(t["g"], t["f"])),
-                {"variant": "peer", "skipped": "skipped: install nothing"},
+                peer,
             ],
-            "curves": [{"label": "g", "time": [0.1, 0.2], "iter": [0, 1], "error": [1.0, 0.1]}],
+            "curves": [{"label": "g", "time": [0.1, 0.2], "iter": [0, 1], "error": [1.0, float("nan")]}],
         }
 
-    cases = tuple(Case(f"n{n}", {"n": n, "m": 1}) for n in (1, 2, 3))
+    # two groups over n (m = 1 and m = 2); n = 3 raises
+    cases = tuple(Case(f"n{n}m{m}", {"n": n, "m": m}) for m in (1, 2) for n in (1, 2, 3))
     fake = Benchmark("fake", "a fake benchmark", "time / time of f", ("times",), cases, cases, run, scaling=("n",))
     monkeypatch.setattr(runner_mod, "registry", lambda: {"fake": fake})
 
@@ -78,23 +85,47 @@ def _fake_benchmarks(monkeypatch):
 def test_runner_records_errors_skips_and_writes_files(monkeypatch, tmp_path):
     pytest.importorskip("matplotlib")
     _fake_benchmarks(monkeypatch)
-    res = run_benchmarks(["fake"], out=tmp_path, repeats=2, progress=False, log=lambda _m: None)
-    assert res["errors"] == 1
+    threads = torch.get_num_threads()
+    res = run_benchmarks("fake", out=tmp_path, repeats=3, threads=2, progress=False, log=lambda _m: None)
+    assert torch.get_num_threads() == threads  # restored
+    assert res["errors"] == 2
     cases = res["benchmarks"]["fake"]["cases"]
-    assert [c["case"] for c in cases] == ["n1", "n2", "n3"]
+    assert [c["case"] for c in cases] == ["n1m1", "n2m1", "n3m1", "n1m2", "n2m2", "n3m2"]
     assert "RuntimeError: boom" in cases[2]["error"]
-    assert cases[0]["rows"][1]["ratio"] > 0 and cases[0]["rows"][1]["repeats"] == 2
+    f, g = cases[0]["rows"][:2]
+    # the row's figures recomputed from its rounds
+    assert g["repeats"] == len(g["rounds"]) == 3 and g["time"] == sorted(g["rounds"])[1]
+    assert (g["time_min"], g["time_max"]) == (min(g["rounds"]), max(g["rounds"]))
+    assert g["ratio"] == sorted(a / b for a, b in zip(g["rounds"], f["rounds"], strict=True))[1]
     env = res["environment"]
-    for key in ("torch", "torch_threads", "device", "cpu", "date", "python"):
+    assert env["torch_threads"] == 2 and env["allocator"] == "default"
+    for key in ("torch", "device", "cpu", "date", "python", "blas_threads"):
         assert env[key] not in (None, ""), key
-    on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert on_disk["errors"] == 1 and on_disk["benchmarks"]["fake"]["cases"][1]["case"] == "n2"
+    on_disk = json.loads((tmp_path / "results.json").read_text())  # strict JSON: NaN written as a string
+    assert on_disk["errors"] == 2 and on_disk["benchmarks"]["fake"]["cases"][0]["curves"][0]["error"][1] == "nan"
     md = (tmp_path / "results.md").read_text()
     assert "skipped: install nothing" in md and "RuntimeError: boom" in md
-    # two convergence plots (n1, n2) and one scaling plot over n (n3 errored; n1, n2 remain)
-    assert sorted(res["plots"]) == ["fake_n1_convergence.png", "fake_n2_convergence.png", "fake_scaling_n.png"]
+    expected = [f"fake_n{n}m{m}_convergence.png" for n in (1, 2) for m in (1, 2)]
+    assert sorted(res["plots"]) == sorted(expected + ["fake_scaling_n.png", "fake_scaling_n_1.png"])
     for p in res["plots"]:
         assert (tmp_path / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_completion_rows_and_ratios():
+    from lowrankopt.benchmarks.completion import _row, _with_ratios
+
+    def run(t):
+        return {"time_to_target": t, "iters_to_target": 5, "final_test_error": 1e-9, "history": [{"time": 9.0}]}
+
+    ours = _row("lowrankopt cg", [run(2.0), run(1.0), run(4.0)], "ok")
+    assert (ours["time"], ours["time_min"], ours["time_max"], ours["repeats"]) == (2.0, 1.0, 4.0, 3)
+    slow = _row("peer", [run(7.0)], "ok")
+    missed = _row("peer2", [run(None)], "stopped")
+    crashed = _row("peer3", [run(None)], "RuntimeError", failed=True)
+    rows = _with_ratios([ours, slow, missed, crashed])
+    assert ours["ratio"] == 1.0 and slow["ratio"] == 3.5 and "ratio" not in missed
+    assert missed["status"] == "stopped; 1e-8 not reached in 9 s" and crashed["status"] == "RuntimeError"
+    assert rows[0] is ours
 
 
 def test_runner_rejects_unknown_names_and_missing_cuda(tmp_path):
@@ -137,8 +168,9 @@ def test_bench_list_and_quick_run_in_a_subprocess(tmp_path):
     cases = res["benchmarks"]["autodiff"]["cases"]
     assert [c["case"] for c in cases] == [c.name for c in registry()["autodiff"].quick]
     for case in cases:
-        grad = next(r for r in case["rows"] if r["variant"] == "riemannian_grad")
-        assert grad["ratio"] > 0 and grad["time_min"] <= grad["time"] <= grad["time_max"]
+        f, grad = (next(r for r in case["rows"] if r["variant"] == v) for v in ("f(x)", "riemannian_grad"))
+        assert grad["ratio"] == grad["rounds"][0] / f["rounds"][0]  # --repeats 1: the one round's ratio
+        assert grad["time"] == grad["rounds"][0]
     assert (out / "results.md").read_text().startswith("# lowrankopt bench (quick)")
     assert {f"autodiff_scaling_{p}.png" for p in "dnr"} <= {p.name for p in out.glob("*.png")}
 
@@ -151,6 +183,8 @@ def test_bench_list_and_quick_run_in_a_subprocess(tmp_path):
         ["bench", "--device", "tpu"],
         ["bench", "--repeats", "0"],
         ["bench", "--max-time", "-1"],
+        ["bench", "autodiff", "autodiff"],
+        ["bench", "--seed", "-1"],
     ],
 )
 def test_bench_bad_arguments_give_usage_and_status_2(args):

@@ -38,7 +38,8 @@ class Benchmark:
         summary: one line for ``lowrankopt bench --list``.
         baseline: what every ratio of the benchmark is measured against (run in the same process).
         figures: the figures each row reports.
-        quick: the cases of ``--quick`` (the default; the whole registry's quick run takes minutes on 2 cores).
+        quick: the cases of ``--quick`` (the default; keep the registry's whole quick run to a few minutes
+            on 2 cores).
         full: the cases of ``--full`` (the published problem sizes).
         run: ``run(case, ctx) -> dict`` measures one case; the dict has ``rows`` (one per solver or
             operation: ``variant``, times, ratios, or ``skipped``), and may have ``curves`` (for convergence

@@ -1,10 +1,11 @@
 """The benchmark runner: timing, environment capture, progress and output for ``lowrankopt bench``.
 
 Every benchmark case is measured in this process, baseline included, so each ratio compares two
-measurements taken side by side on the same machine state. Timings: one warm-up call of each
-function, then ``repeats`` interleaved rounds (each round calls every function once, so a slow spell
-of the machine hits a whole round alike); the median, min and max over the rounds are reported, and
-ratios are medians of per-round ratios. Output, in the ``out`` directory: ``results.json`` (everything,
+measurements taken side by side on the same machine state. :meth:`Context.time` makes one warm-up call
+of each function, then ``repeats`` interleaved rounds (each round calls every function once, so a slow
+spell of the machine hits a whole round alike); the median, min and max over the rounds are reported,
+and :func:`ratio` is the median of per-round ratios. Solver benchmarks time whole runs instead (see
+their modules). Output, in the ``out`` directory: ``results.json`` (everything,
 including the environment), ``results.md`` (the tables) and PNG plots: convergence curves (error vs time
 and vs iterations) and scaling plots (time vs a size parameter, log axes).
 """
@@ -27,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .registry import Benchmark, Case, registry
@@ -105,8 +107,16 @@ def ratio(a: Timing, b: Timing) -> float:
 
 
 def timing_row(variant: str, t: Timing, **extra) -> dict:
-    """A result row from a :class:`Timing`."""
-    return {"variant": variant, "time": t.median, "time_min": t.min, "time_max": t.max, "repeats": t.repeats, **extra}
+    """A result row from a :class:`Timing` (with the seconds of every round)."""
+    return {
+        "variant": variant,
+        "time": t.median,
+        "time_min": t.min,
+        "time_max": t.max,
+        "repeats": t.repeats,
+        "rounds": list(t.rounds),
+        **extra,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -125,6 +135,9 @@ def _git_commit() -> str | None:
     root = Path(__file__).resolve().parents[2]
     try:
         run = lambda *cmd: subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=root, timeout=10)  # noqa: E731
+        top = run("rev-parse", "--show-toplevel").stdout.strip()
+        if not top or Path(top).resolve() != root:
+            return None  # an installed copy (site-packages), possibly inside some other repository
         commit = run("rev-parse", "--short", "HEAD").stdout.strip()
         if commit and run("status", "--porcelain", "--", "lowrankopt").stdout.strip():
             commit += "+dirty"
@@ -169,15 +182,18 @@ def environment(device: torch.device, threads: int, blas_threads: str) -> dict:
 @contextlib.contextmanager
 def _limited_threads(threads: int):
     """torch at ``threads`` threads, and NumPy/SciPy's BLAS too where threadpoolctl is installed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
-        yield "not controlled (install threadpoolctl)"
-    else:
-        with threadpool_limits(limits=threads):
-            yield str(threads)
+        threadpool_limits = None
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if threadpool_limits is None:
+            yield "not controlled (install threadpoolctl)"
+        else:
+            with threadpool_limits(limits=threads):
+                yield str(threads)
     finally:
         torch.set_num_threads(before)
 
@@ -211,10 +227,12 @@ def run_benchmarks(
         repeats: timed repeats per measurement (default: each benchmark's own, per mode).
         threads: torch threads, and NumPy/SciPy BLAS threads where threadpoolctl is installed — the same
             for every library compared.
-        seed: base random seed of the problems.
+        seed: base random seed of the problems (non-negative).
         max_time: seconds per solver run (default 60 in quick mode, 300 in full mode).
         allocator: ``"tuned"`` calls :func:`lowrankopt.tune_cpu_allocator` first (process-wide and
-            irreversible; it applies to every library compared), ``"default"`` leaves malloc alone.
+            irreversible; it applies to every library compared), ``"default"`` leaves malloc alone. The
+            ``lowrankopt bench`` command defaults to ``"tuned"``; this function does not change your
+            process unless asked.
         progress: show a tqdm progress bar (on stderr).
         log: where the environment line and the summary go.
 
@@ -222,6 +240,8 @@ def run_benchmarks(
     is recorded with its error (and the others still run); ``results["errors"]`` counts them.
     """
     table = registry()
+    if isinstance(names, str | Benchmark):
+        names = [names]
     unknown = [n for n in names if not isinstance(n, Benchmark) and n not in table]
     if unknown:
         raise ValueError(f"unknown benchmark(s) {unknown}; registered: {list(table)}")
@@ -229,6 +249,8 @@ def run_benchmarks(
         raise ValueError(f"mode must be 'quick' or 'full', got {mode!r}")
     if allocator not in ("default", "tuned"):
         raise ValueError(f"allocator must be 'default' or 'tuned', got {allocator!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     for name, value in (("repeats", repeats), ("threads", threads)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -273,7 +295,12 @@ def run_benchmarks(
                 _write_json(out, results)  # after every case: a long run that is stopped keeps what it measured
         finally:
             bar.close()
-    results["plots"] = _plots(results, out, log)
+    (out / "results.md").write_text(to_markdown(results))
+    try:
+        results["plots"] = _plots(results, out, log)
+    except Exception as exc:  # the measurements are written already; a plotting failure must not lose them
+        log(f"plots failed: {type(exc).__name__}: {exc}")
+        results["plots"] = []
     _write_json(out, results)
     (out / "results.md").write_text(to_markdown(results))
     log(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len(results['plots'])} plot(s)")
@@ -308,15 +335,27 @@ def _progress(total: int, enabled: bool):
 
 
 def _write_json(out: Path, results: dict) -> None:
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable))
+    """Write ``results.json`` atomically (a run stopped mid-write keeps the previous complete file)."""
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(_jsonable(results), indent=1, allow_nan=False))
+    os.replace(tmp, out / "results.json")
 
 
 def _jsonable(obj):
+    """Strict-JSON version of ``obj``: non-finite floats become the strings "nan", "inf", "-inf"."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
     if isinstance(obj, Timing):
-        return asdict(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    return str(obj)
+        return _jsonable(asdict(obj))
+    if isinstance(obj, torch.Tensor | np.ndarray | np.generic):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot write {type(obj).__name__} to results.json")
 
 
 def _environment_line(env: dict) -> str:
@@ -443,8 +482,12 @@ def _scaling_plots(plt, ticker, name: str, cases: list[dict], param: str, out: P
         fig, ax = plt.subplots(figsize=(6, 4.5))
         variants = dict.fromkeys(r["variant"] for c in group for r in c["rows"] if r.get("time") is not None)
         for variant in variants:
-            pts = [(c["params"][param], r["time"]) for c in group for r in c["rows"] if r["variant"] == variant]
-            pts = [(x, t) for x, t in pts if t is not None]
+            pts = [
+                (c["params"][param], r["time"])
+                for c in group
+                for r in c["rows"]
+                if r["variant"] == variant and r.get("time") is not None
+            ]
             ax.loglog(*zip(*pts, strict=True), marker="o", label=variant)
         ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
