@@ -1,5 +1,27 @@
-"""Layers whose weights live on low-rank manifolds (trained with geoopt's Riemannian optimizers)."""
+"""Layers whose weights live on low-rank manifolds: low-rank and TT linear layers (trained with geoopt's
+Riemannian optimizers) and the spectral tensor-train parameterization (STTP) of linear and conv layers."""
 
 from .lowrank import LowRankLinear, TTLinear
+from .sttp import (
+    STTPConv2d,
+    STTPLinear,
+    SVDPConv2d,
+    SVDPLinear,
+    count_parameters,
+    dopt_penalty,
+    sttp_convert,
+    sttp_to_dense,
+)
 
-__all__ = ["LowRankLinear", "TTLinear"]
+__all__ = [
+    "LowRankLinear",
+    "STTPConv2d",
+    "STTPLinear",
+    "SVDPConv2d",
+    "SVDPLinear",
+    "TTLinear",
+    "count_parameters",
+    "dopt_penalty",
+    "sttp_convert",
+    "sttp_to_dense",
+]

@@ -1,0 +1,109 @@
+"""Householder maps onto Stiefel manifolds, batched, and their inverses.
+
+``Q = H_1 H_2 ⋯ H_c I_{n×c}`` with ``H_i = I − τ_i v_i v_iᵀ``, ``v_i = e_i + (entries below row i)`` and
+``τ_i = 2 / ‖v_i‖²``: every product has orthonormal columns, exactly up to rounding, whatever the
+parameters. Two layouts (Obukhov et al., STTP, AISTATS 2021):
+
+- ``"full"``: all entries of ``v_i`` below row i are free: ``n c − c (c + 1) / 2`` parameters, the
+  dimension of the Stiefel manifold ``St(n, c)``.
+- ``"reduced"``: the entries of ``v_i`` in rows ``i+1 … c−1`` are zero, only rows ``c … n−1`` are free:
+  ``(n − c) c`` parameters, the dimension of the Grassmannian. It parameterizes ``St(n, c)`` modulo
+  ``O(c)`` (every orthonormal Q is ``map(h) M`` for some h and an orthogonal M), which is how STTP fixes the
+  gauge of TT cores.
+
+:func:`householder_orthonormal` builds a whole batch with one ``torch.linalg.householder_product``;
+:func:`householder_params` inverts it for one matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["householder_numel", "householder_orthonormal", "householder_params"]
+
+KINDS = ("full", "reduced")
+
+
+def householder_numel(n: int, c: int, kind: str) -> int:
+    """Number of free parameters of an ``n × c`` orthonormal matrix in layout ``kind``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not 0 < c <= n:
+        raise ValueError(f"need 0 < c <= n, got n={n}, c={c}")
+    return n * c - c * (c + 1) // 2 if kind == "full" else (n - c) * c
+
+
+def _reflectors(params: torch.Tensor, n: int, c: int, kind: str) -> torch.Tensor:
+    """The ``(B, n, c)`` matrix whose strictly lower part holds the reflector vectors (zero elsewhere)."""
+    A = params.new_zeros(params.shape[0], n, c)
+    if kind == "reduced":
+        if n > c:
+            A[:, c:, :] = params.view(-1, n - c, c)
+    else:
+        rows, cols = torch.tril_indices(n, c, offset=-1, device=params.device)
+        A[:, rows, cols] = params
+    return A
+
+
+def householder_orthonormal(params: torch.Tensor, n: int, c: int, kind: str) -> torch.Tensor:
+    """``(B, n, c)`` matrices with orthonormal columns from ``(B, householder_numel(n, c, kind))`` parameters.
+
+    One batched ``torch.linalg.householder_product`` (differentiable). Cost ``O(B n c²)``.
+    """
+    if params.dim() != 2 or params.shape[1] != householder_numel(n, c, kind):
+        raise ValueError(f"params must have shape (B, {householder_numel(n, c, kind)}), got {tuple(params.shape)}")
+    A = _reflectors(params, n, c, kind)
+    tau = 2 / (1 + (A * A).sum(dim=1))
+    return torch.linalg.householder_product(A, tau)
+
+
+def _triangularizing_gauge(T: torch.Tensor, flip_det: bool) -> torch.Tensor:
+    """An orthogonal M with ``T M`` upper triangular with a non-positive diagonal (T square); with
+    ``flip_det`` the column of M at the smallest ``|(T M)_jj|`` is negated (det M changes sign)."""
+    J = torch.eye(T.shape[0], dtype=T.dtype, device=T.device).flip(0)
+    Q, _ = torch.linalg.qr(J @ T.T @ J)  # (J Qᵀ J) Tᵀ = J R J is lower triangular
+    M = J @ Q @ J
+    d = torch.diagonal(T @ M)
+    signs = torch.where(d > 0, -1.0, 1.0).to(T.dtype)
+    if flip_det:
+        signs[torch.argmin(d.abs())] *= -1
+    return M * signs
+
+
+def householder_params(
+    Q: torch.Tensor, kind: str, *, allow_sign_flips: bool = False, flip_det: bool = False, tol: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parameters ``h`` and an orthogonal ``G`` with ``householder_orthonormal(h) = Q G``, for one ``n × c`` Q.
+
+    ``"reduced"``: G is the ``O(c)`` gauge that makes the top ``c × c`` block of ``Q G`` upper triangular
+    (with a negative diagonal, which keeps the reflectors bounded; ``flip_det`` negates one column of G,
+    for a caller that needs the other determinant). ``"full"``: ``G = I``, or, with ``allow_sign_flips``,
+    a diagonal of ±1 chosen for stability (the caller absorbs it, e.g. into a learned spectrum); without
+    it a Q outside the map's image (for ``n = c``: ``det Q ≠ (−1)^c``) raises ``ValueError``.
+    Q must have orthonormal columns (to ``tol``; default 1e-4 in float32, 1e-10 in float64). Cost ``O(n c²)``.
+    """
+    n, c = Q.shape
+    eye = torch.eye(c, dtype=Q.dtype, device=Q.device)
+    tol = (1e-4 if Q.dtype == torch.float32 else 1e-10) if tol is None else tol
+    if (Q.T @ Q - eye).abs().max() > tol:
+        raise ValueError("Q must have orthonormal columns")
+    G = _triangularizing_gauge(Q[:c], flip_det) if kind == "reduced" else eye.clone()
+    W = (Q @ G).clone()
+    V = torch.zeros_like(W)
+    for i in range(c):
+        alpha = float(W[i, i])
+        if alpha > 0 and kind == "full" and allow_sign_flips:
+            W[:, i] = -W[:, i]
+            G[:, i] = -G[:, i]
+            alpha = -alpha
+        if alpha > 1 - 1e-6:
+            raise ValueError(f"column {i} is (nearly) e_{i}: not representable by reflections (need sign flips)")
+        v = W[i:, i].clone()
+        v[0] = alpha - 1
+        v = v / (alpha - 1)  # v[0] = 1
+        V[i + 1 :, i] = v[1:]
+        W[i:, i:] -= (2 / (v @ v)) * torch.outer(v, v @ W[i:, i:])
+    if kind == "reduced":
+        return V[c:].reshape(-1), G
+    rows, cols = torch.tril_indices(n, c, offset=-1, device=Q.device)
+    return V[rows, cols], G

@@ -1,0 +1,675 @@
+"""Spectral tensor-train parameterization (STTP) of linear and convolutional layers.
+
+Obukhov, Rakhuba, Liniger, Huang, Georgoulis, Dai, Van Gool, *Spectral Tensor Train Parameterization of
+Deep Learning Layers*, AISTATS 2021 (re-derived; no code copied). A weight ``W: (d_out, d_in)`` (a conv
+kernel reshaped to ``C_out × C_in k_h k_w``) is a compact SVD
+
+    W = U diag(σ) Vᵀ,     U: (d_out, r),  V: (d_in, r)  with orthonormal columns,
+
+and U, V are each a tensor train over a factorization of their rows, ``d = n_1 ⋯ n_D``: cores
+``G_k: (R_{k−1}, n_k, R_k)``, ``R_0 = 1``, ``R_D = r``, ``R_k = min(R, n_1 ⋯ n_k, n_{k+1} ⋯ n_D r)`` (R the
+``rank`` argument, the maximal TT-rank; ``r = min(R, d_out, d_in)``), whose left unfoldings
+``(R_{k−1} n_k) × R_k`` have orthonormal columns — then U has orthonormal columns (STTP's Prop. 1).
+
+**Non-redundant gauge.** Each core is a Householder product (:mod:`.householder`): the *reduced* layout
+(Grassmann, ``(R_{k−1} n_k − R_k) R_k`` parameters) for every core except the two next to σ, which are
+full Stiefel; with ``spectrum="identity"`` the last U core is reduced too (``(U, V) ~ (UQ, VQ)``). The
+parameter count is then exactly
+
+    Σ_k R_{k−1} n_k R_k − Σ_k R_k²          (learned spectrum: the dimension of the TT manifold of W),
+
+minus ``r (r + 1) / 2`` for the identity spectrum (σ = 1 and the O(r) gauge). At maximal ranks this is
+SVDP (``U, V`` single Stiefel factors), :class:`SVDPLinear`.
+
+**Spectrum.** ``"identity"``: σ = 1. ``"learned"``: a parameter s (initialized to 1) and
+``σ = lipschitz · s / max|s|``, so ``‖W‖₂ ≤ lipschitz`` (1 by default: a 1-Lipschitz layer); with
+``lipschitz=None``, ``σ = s`` (unconstrained). ``"learned+dopt"``: as learned, and
+:func:`dopt_penalty` adds the D-optimal regularizer ``−mean log |s / max|s||`` of the layer.
+
+**Two ways to train the same layer** (``parametrization``): ``"householder"`` — Euclidean parameters
+(the reflector entries, exactly the degrees of freedom above), any ``torch.optim`` optimizer, U and V
+orthonormal by construction; ``"stiefel"`` — every core is a point on ``geoopt.EuclideanStiefel`` (QR retraction; a
+``geoopt.ManifoldParameter``, one per group of equally shaped cores; the TT gauge is then free, so the
+parameter count exceeds the formula), trained with ``geoopt.optim.RiemannianSGD`` / ``RiemannianAdam``.
+In both, all cores of one shape are built together: one batched Householder product per shape.
+
+Forward cost: U and V are contracted from their cores (``O(d r Σ R_k)`` for d rows) and applied as
+two thin products, ``O(B (d_in + d_out) r)`` for a batch of B — W is never formed (``to_dense`` forms it
+on request).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import geoopt
+import torch
+import torch.nn.functional as F
+
+from .householder import householder_numel, householder_orthonormal, householder_params
+from .lowrank import _check_input, _dense_linear, _init_bias, _kw, _positive_int
+
+__all__ = [
+    "OrthonormalTT",
+    "STTPConv2d",
+    "STTPLinear",
+    "SVDPConv2d",
+    "SVDPLinear",
+    "count_parameters",
+    "dopt_penalty",
+    "sttp_convert",
+    "sttp_to_dense",
+]
+
+SPECTRA = ("identity", "learned", "learned+dopt")
+PARAMETRIZATIONS = ("householder", "stiefel")
+
+
+def prime_factors(n: int) -> list[int]:
+    """The prime factors of n in non-decreasing order (``[n]`` for n ≤ 3; ``[1]`` for n = 1)."""
+    out, p = [], 2
+    while p * p <= n:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    return out + [n] if n > 1 or not out else out
+
+
+def _random_orthonormal(rows: int, cols: int, generator) -> torch.Tensor:
+    """A Haar-random ``rows × cols`` matrix with orthonormal columns (float64, CPU generator)."""
+    Q, R = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=generator))
+    return Q * torch.sign(torch.diagonal(R))
+
+
+class OrthonormalTT(torch.nn.Module):
+    """A ``d × r`` matrix with orthonormal columns as a tensor train with orthonormal left unfoldings.
+
+    Args:
+        modes: ``n_1, …, n_D`` with ``d = n_1 ⋯ n_D`` (rows are indexed row-major over the modes).
+        rank: the number of columns r (≤ d).
+        max_rank: cap on the TT-ranks (default r).
+        last: layout of the last core, ``"full"`` (Stiefel) or ``"reduced"`` (Grassmann); the other cores are
+            always reduced.
+        parametrization: ``"householder"`` or ``"stiefel"`` (see the module docstring).
+
+    Ranks ``R_k = min(max_rank, n_1 ⋯ n_k, n_{k+1} ⋯ n_D r)``. Cores are random orthonormal (Haar per core) until
+    :meth:`set_cores`. Building them costs one batched Householder product per distinct core shape.
+    """
+
+    def __init__(
+        self,
+        modes: Sequence[int],
+        rank: int,
+        *,
+        max_rank: int | None = None,
+        last: str,
+        parametrization: str,
+        dtype,
+        generator=None,
+    ):
+        super().__init__()
+        self.modes = tuple(modes)
+        self.rank = rank
+        d = math.prod(self.modes)
+        if rank > d:
+            raise ValueError(f"rank {rank} exceeds the number of rows {d}")
+        max_rank = rank if max_rank is None else max_rank
+        # the largest TT-ranks a d × r matrix can have, capped at max_rank
+        bonds = (
+            [1]
+            + [
+                min(max_rank, math.prod(self.modes[: k + 1]), math.prod(self.modes[k + 1 :]) * rank)
+                for k in range(len(self.modes) - 1)
+            ]
+            + [rank]
+        )
+        self.bonds = tuple(bonds)
+        self.kinds = tuple(["reduced"] * (len(self.modes) - 1) + [last])
+        self.parametrization = parametrization
+        # groups of equally shaped cores: (rows, cols, kind) -> core indices
+        groups: dict[tuple[int, int, str], list[int]] = {}
+        for k, (n, kind) in enumerate(zip(self.modes, self.kinds, strict=True)):
+            groups.setdefault((bonds[k] * n, bonds[k + 1], kind), []).append(k)
+        self._groups = list(groups.items())
+        self.params = torch.nn.ParameterList()
+        for (rows, cols, kind), members in self._groups:
+            if parametrization == "householder":
+                self.params.append(
+                    torch.nn.Parameter(torch.zeros(len(members), householder_numel(rows, cols, kind), dtype=dtype))
+                )
+            else:
+                eye = torch.eye(rows, cols, dtype=dtype).expand(len(members), rows, cols).clone()
+                self.params.append(geoopt.ManifoldParameter(eye, manifold=geoopt.EuclideanStiefel()))
+        cores = [
+            _random_orthonormal(bonds[k] * n, bonds[k + 1], generator).view(bonds[k], n, bonds[k + 1])
+            for k, n in enumerate(self.modes)
+        ]
+        self.set_cores(cores, allow_sign_flips=True)
+
+    @property
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """The core shapes ``(R_{k−1}, n_k, R_k)``."""
+        return [(self.bonds[k], n, self.bonds[k + 1]) for k, n in enumerate(self.modes)]
+
+    def dof(self) -> int:
+        """Degrees of freedom of the Householder parameterization (``Σ`` of the per-core counts)."""
+        return sum(
+            householder_numel(r0 * n, r1, kind) for (r0, n, r1), kind in zip(self.shapes, self.kinds, strict=True)
+        )
+
+    def cores(self) -> list[torch.Tensor]:
+        """The cores ``(R_{k−1}, n_k, R_k)`` (differentiable in the parameters). Cost ``O(Σ R_{k−1} n_k R_k²)``."""
+        out: list[torch.Tensor | None] = [None] * len(self.modes)
+        for ((rows, cols, kind), members), p in zip(self._groups, self.params, strict=True):
+            Q = householder_orthonormal(p, rows, cols, kind) if self.parametrization == "householder" else p
+            for j, k in enumerate(members):
+                out[k] = Q[j].view(self.bonds[k], self.modes[k], self.bonds[k + 1])
+        return out
+
+    def matrix(self) -> torch.Tensor:
+        """The ``d × r`` matrix (rows row-major over the modes). Cost ``O(d Σ_k R_{k−1} R_k)``."""
+        M = None
+        for core in self.cores():
+            M = core.reshape(core.shape[1], core.shape[2]) if M is None else (M @ core.reshape(core.shape[0], -1))
+            M = M.reshape(-1, core.shape[2])
+        return M
+
+    @torch.no_grad()
+    def set_cores(
+        self,
+        cores: Sequence[torch.Tensor],
+        *,
+        right: torch.Tensor | None = None,
+        allow_sign_flips: bool = False,
+        flip_det: bool = False,
+    ) -> torch.Tensor:
+        """Represent the TT with the given orthonormal cores (times ``right``, an r × r orthogonal matrix).
+
+        The Householder layout fixes a gauge per core; each gauge is passed into the next core, so the
+        product is unchanged except for the returned r × r orthogonal ``G``: the represented matrix is
+        ``(cores' matrix) @ right @ G``. ``G`` is the last core's gauge (reduced layout), a diagonal of
+        signs (full layout with ``allow_sign_flips``) or the identity. ``flip_det`` asks for the other
+        determinant of a reduced last core's gauge. Cost ``O(Σ R_{k−1} n_k R_k²)``.
+        """
+        if len(cores) != len(self.modes):
+            raise ValueError(f"expected {len(self.modes)} cores, got {len(cores)}")
+        carry = None
+        new = []
+        tol = 1e-4 if any(c.dtype == torch.float32 for c in cores) else 1e-10
+        for k, (core, shape, kind) in enumerate(zip(cores, self.shapes, self.kinds, strict=True)):
+            if tuple(core.shape) != shape:
+                raise ValueError(f"core {k} must have shape {shape}, got {tuple(core.shape)}")
+            core = core.to(torch.float64)
+            if carry is not None:
+                core = torch.einsum("ab,bnc->anc", carry.T, core)
+            Q = core.reshape(-1, shape[2])
+            last = k == len(self.modes) - 1
+            if last and right is not None:
+                Q = Q @ right.to(torch.float64)
+            if self.parametrization == "stiefel":
+                new.append((Q, None))
+                carry = torch.eye(shape[2], dtype=torch.float64)
+                continue
+            h, G = householder_params(
+                Q, kind, allow_sign_flips=allow_sign_flips and last, flip_det=flip_det and last, tol=tol
+            )
+            new.append((Q @ G, h))
+            carry = G
+        for (_, members), p in zip(self._groups, self.params, strict=True):
+            for j, k in enumerate(members):
+                Q, h = new[k]
+                p.data[j] = (Q if h is None else h).to(p.dtype)
+        return carry.to(self.params[0].dtype)
+
+
+def _spectrum(spectrum: str) -> str:
+    if spectrum not in SPECTRA:
+        raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
+    return spectrum
+
+
+class _STTPBase(torch.nn.Module):
+    """What the linear and conv layers share: the factors U (out side), V (in side), σ, and their loading."""
+
+    def _init_factors(
+        self, d_out, d_in, rank, out_modes, in_modes, spectrum, lipschitz, parametrization, dtype, device, generator
+    ):
+        self.spectrum = _spectrum(spectrum)
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
+        self.max_rank = rank
+        rank = min(rank, d_out, d_in)  # the number of singular values
+        if lipschitz is not None and not (isinstance(lipschitz, int | float) and 0 < lipschitz < math.inf):
+            raise ValueError(f"lipschitz must be a positive number or None, got {lipschitz!r}")
+        self.rank, self.lipschitz, self.parametrization = rank, lipschitz, parametrization
+        learned = spectrum != "identity"
+        common = dict(max_rank=self.max_rank, parametrization=parametrization, dtype=dtype, generator=generator)
+        self.U = OrthonormalTT(out_modes, rank, last="full" if learned else "reduced", **common)
+        self.V = OrthonormalTT(in_modes, rank, last="full", **common)
+        self.s = torch.nn.Parameter(torch.ones(rank, dtype=dtype)) if learned else None
+        self.to(device)
+
+    def singular_values(self) -> torch.Tensor:
+        """σ, the diagonal of the compact SVD ``W = U diag(σ) Vᵀ`` (signs may be negative). Cost ``O(r)``."""
+        if self.s is None:
+            return torch.ones(self.rank, dtype=self.U.params[0].dtype, device=self.U.params[0].device)
+        if self.lipschitz is None:
+            return self.s
+        return self.lipschitz * self.s / self.s.abs().max()
+
+    def dopt_penalty(self) -> torch.Tensor:
+        """The D-optimal regularizer ``−mean log |s / max|s||`` (≥ 0; 0 when all singular values are equal)."""
+        if self.s is None:
+            raise ValueError("dopt_penalty needs a learned spectrum")
+        return -torch.log(self.s.abs() / self.s.abs().max()).mean()
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U, σ, V)`` with ``U: (d_out, r)``, ``V: (d_in, r)``. Cost ``O((d_out + d_in) r Σ R_k)``."""
+        return self.U.matrix(), self.singular_values(), self.V.matrix()
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The dense ``(d_out, d_in)`` weight (tests, ``to_dense``). Cost ``O(d_out d_in r)``."""
+        U, s, V = self.factors()
+        return (U * s) @ V.T
+
+    def dof(self) -> int:
+        """Degrees of freedom: ``Σ R_{k−1} n_k R_k − Σ R_k²`` over the TT of W (learned spectrum), minus
+        ``r (r + 1) / 2`` for the identity spectrum. Equals the trainable parameter count with the
+        Householder parameterization."""
+        ranks = list(self.U.bonds[1:]) + list(reversed(self.V.bonds[1:-1]))
+        modes = list(self.U.modes) + list(reversed(self.V.modes))
+        bonds = [1] + ranks + [1]
+        tt_dim = sum(bonds[k] * n * bonds[k + 1] for k, n in enumerate(modes)) - sum(b * b for b in ranks)
+        return tt_dim - (self.rank * (self.rank + 1) // 2 if self.s is None else 0)
+
+    @torch.no_grad()
+    def load_dense(self, weight: torch.Tensor) -> None:
+        """Set U, σ, V from a dense ``(d_out, d_in)`` weight: rank-r truncated SVD, then TT-SVD of U and V
+        (left-orthonormal cores; the last core re-orthonormalized by its polar factor). Exact when the rank
+        is ≥ the weight's rank and the TT ranks are maximal. With ``spectrum="identity"`` only the singular
+        vectors are kept; with ``lipschitz`` set, σ is scaled to max ``lipschitz``. Cost: a dense SVD."""
+        W = weight.detach().to(torch.float64).cpu()
+        if tuple(W.shape) != (math.prod(self.U.modes), math.prod(self.V.modes)):
+            raise ValueError(f"weight must have shape ({math.prod(self.U.modes)}, {math.prod(self.V.modes)})")
+        P, S, Qt = torch.linalg.svd(W, full_matrices=False)
+        P, S, Q = P[:, : self.rank], S[: self.rank], Qt[: self.rank].T
+        u_cores, v_cores = _tt_svd(P, self.U.shapes), _tt_svd(Q, self.V.shapes)
+        if self.s is None:
+            G = self.U.set_cores(u_cores)
+            try:
+                self.V.set_cores(v_cores, right=G)
+            except ValueError:  # square last V core: the other determinant is needed (see householder_params)
+                try:
+                    G = self.U.set_cores(u_cores, flip_det=True)
+                    self.V.set_cores(v_cores, right=G)
+                except ValueError:
+                    raise ValueError(
+                        "spectrum='identity' with square TT cores on both sides reaches only one determinant sign "
+                        "of U Vᵀ, and this weight has the other; use a learned spectrum"
+                    ) from None
+            return
+        du = torch.diagonal(self.U.set_cores(u_cores, allow_sign_flips=True))
+        dv = torch.diagonal(self.V.set_cores(v_cores, allow_sign_flips=True))
+        s = S * du.to(S.dtype) * dv.to(S.dtype)  # U D_u diag(D_u D_v s) (V D_v)ᵀ = U diag(s) Vᵀ
+        self.s.copy_(s.to(self.s.dtype))
+
+    def _factor_modes(self) -> str:
+        return f"out_modes={self.U.modes}, in_modes={self.V.modes}, ranks={self.U.bonds[1:-1]}|{self.V.bonds[1:-1]}"
+
+
+def _tt_svd(M: torch.Tensor, shapes: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+    """Left-orthonormal TT cores of the ``d × r`` matrix M (rows over the modes) with the given shapes;
+    the last core is replaced by its polar factor so that the product has orthonormal columns."""
+    cores, rest = [], M.reshape(1, -1)  # (R_{k-1}, n_k ⋯ n_D r)
+    for k, (r0, n, r1) in enumerate(shapes):
+        rest = rest.reshape(r0 * n, -1)
+        if k == len(shapes) - 1:
+            A, _, Bt = torch.linalg.svd(rest, full_matrices=False)
+            cores.append((A @ Bt).reshape(r0, n, r1))  # polar factor: the nearest orthonormal matrix
+            break
+        A, S, Bt = torch.linalg.svd(rest, full_matrices=False)
+        cores.append(A[:, :r1].reshape(r0, n, r1))
+        rest = S[:r1, None] * Bt[:r1]
+    return cores
+
+
+def _modes(name: str, d: int, given) -> list[int]:
+    if given is None:
+        return prime_factors(d)
+    modes = [_positive_int(f"{name}[{k}]", m) for k, m in enumerate(given)]
+    if math.prod(modes) != d:
+        raise ValueError(f"{name} {modes} has product {math.prod(modes)}, not {d}")
+    return modes
+
+
+def _split_factorization(mode_factorization, default_in_tail=()):
+    if isinstance(mode_factorization, str):
+        if mode_factorization != "auto":
+            raise ValueError(f"mode_factorization must be 'auto' or (out_modes, in_modes), got {mode_factorization!r}")
+        return None, None
+    if not isinstance(mode_factorization, Sequence) or len(mode_factorization) != 2:
+        raise ValueError("mode_factorization must be 'auto' or a pair (out_modes, in_modes)")
+    return mode_factorization
+
+
+class STTPLinear(_STTPBase):
+    """``y = x Wᵀ + b`` with ``W = U diag(σ) Vᵀ`` in STTP form (see the module docstring).
+
+    Args:
+        in_features: size of the input (d_in).
+        out_features: size of the output (d_out).
+        rank: the maximal TT-rank R; the number of singular values is ``r = min(R, in, out)``. Ranks at
+            least as large as every maximal TT-rank give SVDP (any weight is representable).
+        bias: learn an additive bias.
+        mode_factorization: ``"auto"`` (prime factors of d_out and d_in) or ``(out_modes, in_modes)``.
+        spectrum: ``"identity"``, ``"learned"`` or ``"learned+dopt"``.
+        lipschitz: bound on ``‖W‖₂`` for the learned spectra (``None``: unconstrained σ).
+        parametrization: ``"householder"`` (Euclidean, any torch optimizer) or ``"stiefel"`` (geoopt).
+        dtype: of the parameters (default ``torch.get_default_dtype()``).
+        device: of the parameters.
+        generator: for the random orthonormal initialization.
+
+    Forward cost ``O(B (d_in + d_out) r)`` plus building U and V.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        *,
+        mode_factorization="auto",
+        spectrum: str = "learned",
+        lipschitz: float | None = 1.0,
+        parametrization: str = "householder",
+        dtype=None,
+        device=None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        self.in_features = _positive_int("in_features", in_features)
+        self.out_features = _positive_int("out_features", out_features)
+        rank = _positive_int("rank", rank)
+        dtype, device = _kw(dtype, device)
+        out_m, in_m = _split_factorization(mode_factorization)
+        out_m, in_m = _modes("out_modes", out_features, out_m), _modes("in_modes", in_features, in_m)
+        self._init_factors(
+            out_features, in_features, rank, out_m, in_m, spectrum, lipschitz, parametrization, dtype, device, generator
+        )
+        self.bias = _init_bias(out_features, in_features, bias, dtype, device, generator)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"spectrum={self.spectrum!r}, {self._factor_modes()}, bias={self.bias is not None}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        U, s, V = self.factors()
+        y = ((_check_input(x, self.in_features, U) @ V) * s) @ U.T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def to_dense(self) -> torch.nn.Linear:
+        """An ``nn.Linear`` with the same weight and bias."""
+        with torch.no_grad():
+            return _dense_linear(self.weight_matrix(), None if self.bias is None else self.bias.detach())
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, rank: int | None = None, **kwargs) -> STTPLinear:
+        """An STTP layer initialized from a trained ``nn.Linear`` (see :meth:`load_dense`); ``rank``
+        defaults to maximal TT-ranks, and ``lipschitz`` to None here, so that the outputs are reproduced."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        kwargs.setdefault("lipschitz", None)
+        w = linear.weight
+        rank = math.prod(w.shape) if rank is None else rank  # None: every TT-rank maximal
+        layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None, dtype=w.dtype, **kwargs)
+        layer.load_dense(w)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        return layer.to(w.device)
+
+
+class SVDPLinear(STTPLinear):
+    """:class:`STTPLinear` with one core per factor (``U``, ``V`` Householder-parameterized Stiefel
+    matrices): the SVD parameterization, STTP's maximal-rank case. ``rank`` defaults to
+    ``min(in_features, out_features)``."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int | None = None, bias: bool = True, **kwargs):
+        if "mode_factorization" in kwargs:
+            raise TypeError("SVDPLinear has no mode_factorization (it is one mode per side)")
+        rank = min(in_features, out_features) if rank is None else rank
+        super().__init__(
+            in_features, out_features, rank, bias, mode_factorization=([out_features], [in_features]), **kwargs
+        )
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, int) else tuple(v)
+    if len(t) != 2 or not all(isinstance(a, int) and not isinstance(a, bool) for a in t):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return t
+
+
+class STTPConv2d(_STTPBase):
+    """``nn.Conv2d`` with its kernel, reshaped to ``C_out × (C_in k_h k_w)``, in STTP form.
+
+    Arguments as ``nn.Conv2d`` (``groups=1`` only) plus those of :class:`STTPLinear`. ``"auto"`` modes: the
+    prime factors of C_out, and of C_in followed by one mode ``k_h k_w``. Computed as a conv with the r
+    kernels of V (``O(B H W C_in k_h k_w r)``), a scaling by σ, and a 1×1 conv with U (``O(B H' W' r C_out)``);
+    the full kernel is never formed.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        rank: int,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        mode_factorization="auto",
+        spectrum: str = "learned",
+        lipschitz: float | None = 1.0,
+        parametrization: str = "householder",
+        dtype=None,
+        device=None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if groups != 1:
+            raise ValueError(f"STTPConv2d supports groups=1 only, got {groups}")
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.out_channels = _positive_int("out_channels", out_channels)
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+        self.padding = padding if isinstance(padding, str) else _pair(padding, "padding")
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"padding_mode must be zeros, reflect, replicate or circular, got {padding_mode!r}")
+        if padding_mode != "zeros" and isinstance(padding, str):
+            raise ValueError("string padding needs padding_mode='zeros'")
+        self.padding_mode = padding_mode
+        dtype, device = _kw(dtype, device)
+        kk = self.kernel_size[0] * self.kernel_size[1]
+        d_in = in_channels * kk
+        out_m, in_m = _split_factorization(mode_factorization)
+        if in_m is None:
+            in_m = prime_factors(in_channels) + ([kk] if kk > 1 else [])
+        self._init_factors(
+            out_channels, d_in, _positive_int("rank", rank), _modes("out_modes", out_channels, out_m),
+            _modes("in_modes", d_in, in_m), spectrum, lipschitz, parametrization, dtype, device, generator,
+        )  # fmt: skip
+        self.bias = _init_bias(out_channels, d_in, bias, dtype, device, generator)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
+            f"stride={self.stride}, padding={self.padding}, spectrum={self.spectrum!r}, {self._factor_modes()}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        U, s, V = self.factors()
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"input must have shape (B, {self.in_channels}, H, W), got {getattr(x, 'shape', x)}")
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            ph, pw = self.padding
+            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+            padding = 0
+        kv = V.T.reshape(self.rank, self.in_channels, *self.kernel_size)
+        y = F.conv2d(x, kv, None, self.stride, padding, self.dilation)
+        return F.conv2d(y * s[:, None, None], U.reshape(self.out_channels, self.rank, 1, 1), self.bias)
+
+    def weight_kernel(self) -> torch.Tensor:
+        """The dense kernel ``(C_out, C_in, k_h, k_w)``. Cost ``O(C_out C_in k_h k_w r)``."""
+        return self.weight_matrix().reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
+    def to_dense(self) -> torch.nn.Conv2d:
+        """An ``nn.Conv2d`` with the same kernel, bias and geometry."""
+        w = self.weight_kernel().detach()
+        conv = torch.nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+            bias=self.bias is not None, padding_mode=self.padding_mode, dtype=w.dtype, device=w.device,
+        )  # fmt: skip
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    @classmethod
+    def from_conv(cls, conv: torch.nn.Conv2d, rank: int | None = None, **kwargs) -> STTPConv2d:
+        """An STTP conv initialized from a trained ``nn.Conv2d`` (``rank`` defaults to the maximal one,
+        ``lipschitz`` to None)."""
+        if not isinstance(conv, torch.nn.Conv2d):
+            raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
+        kwargs.setdefault("lipschitz", None)
+        w = conv.weight
+        rank = w.numel() if rank is None else rank  # None: every TT-rank maximal
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, rank, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, dtype=w.dtype, **kwargs,
+        )  # fmt: skip
+        layer.load_dense(w.reshape(conv.out_channels, -1))
+        if conv.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(conv.bias)
+        return layer.to(w.device)
+
+
+class SVDPConv2d(STTPConv2d):
+    """:class:`STTPConv2d` with one core per factor (the SVD parameterization); ``rank`` defaults to
+    ``min(C_out, C_in k_h k_w)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int | None = None, *args, **kwargs):
+        if "mode_factorization" in kwargs:
+            raise TypeError("SVDPConv2d has no mode_factorization (it is one mode per side)")
+        kh, kw = _pair(kernel_size, "kernel_size")
+        rank = min(out_channels, in_channels * kh * kw) if rank is None else rank
+        super().__init__(
+            in_channels, out_channels, kernel_size, rank, *args,
+            mode_factorization=([out_channels], [in_channels * kh * kw]), **kwargs,
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------
+# module surgery
+
+
+def _selected(name: str, include, exclude) -> bool:
+    def match(patterns) -> bool:
+        if callable(patterns):
+            return bool(patterns(name))
+        return any(fnmatch.fnmatchcase(name, p) for p in ([patterns] if isinstance(patterns, str) else patterns))
+
+    return (include is None or match(include)) and not (exclude is not None and match(exclude))
+
+
+def sttp_convert(
+    model: torch.nn.Module,
+    rank: int | Callable[[str, torch.nn.Module], int],
+    *,
+    include: str | Iterable[str] | Callable[[str], bool] | None = None,
+    exclude: str | Iterable[str] | Callable[[str], bool] | None = None,
+    svdp: bool = False,
+    **layer_kwargs,
+) -> dict[str, torch.nn.Module]:
+    """Replace the ``nn.Linear`` / ``nn.Conv2d`` (groups = 1) submodules of ``model`` by STTP layers, in place.
+
+    Each new layer is initialized from the dense weight (:meth:`~_STTPBase.load_dense`: truncated SVD, then
+    TT-SVD of U and V), with ``lipschitz=None`` unless given, so that at full rank the outputs are reproduced.
+
+    Args:
+        model: the module to convert (in place).
+        rank: the maximal TT-rank, an int or ``rank(name, module) -> int`` (each layer caps it at what its
+            factors allow).
+        include: names (fnmatch patterns, e.g. ``"features.*"``) or a predicate of the qualified name; None: all.
+        exclude: names or a predicate to leave dense.
+        svdp: use :class:`SVDPLinear` / :class:`SVDPConv2d` instead.
+        **layer_kwargs: passed to the layers (``spectrum``, ``lipschitz``, ``parametrization``, …).
+
+    Returns ``{qualified name: new layer}``. Cost: one dense SVD per converted layer.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if type(m) in (torch.nn.Linear, torch.nn.Conv2d)
+        and (type(m) is torch.nn.Linear or m.groups == 1)
+        and _selected(name, include, exclude)
+    ]
+    converted = {}
+    for name, m in targets:
+        r = _positive_int("rank", rank(name, m) if callable(rank) else rank)
+        if isinstance(m, torch.nn.Linear):
+            new = (SVDPLinear if svdp else STTPLinear).from_linear(m, r, **layer_kwargs)
+        else:
+            new = (SVDPConv2d if svdp else STTPConv2d).from_conv(m, r, **layer_kwargs)
+        _set_submodule(model, name, new)
+        converted[name] = new
+    return converted
+
+
+def sttp_to_dense(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Replace every STTP/SVDP layer of ``model`` by its dense ``nn.Linear`` / ``nn.Conv2d``, in place."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, STTPLinear | STTPConv2d)]
+    out = {}
+    for name, m in found:
+        dense = m.to_dense()
+        _set_submodule(model, name, dense)
+        out[name] = dense
+    return out
+
+
+def _set_submodule(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameter entries of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def dopt_penalty(model: torch.nn.Module) -> torch.Tensor:
+    """Mean of :meth:`~_STTPBase.dopt_penalty` over the layers of ``model`` with ``spectrum="learned+dopt"``
+    (0 if there are none): add ``λ · dopt_penalty(model)`` to the loss."""
+    terms = [m.dopt_penalty() for m in model.modules() if isinstance(m, _STTPBase) and m.spectrum == "learned+dopt"]
+    if not terms:
+        p = next(model.parameters(), None)
+        return torch.zeros((), dtype=p.dtype if p is not None else None)
+    return torch.stack(terms).mean()
