@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: Modules that define a ``BENCHMARK``, in the order ``lowrankopt bench`` runs them.
-MODULES = ("autodiff", "completion")
+MODULES = ("autodiff", "completion", "sttp")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ class Benchmark:
         run: ``run(case, ctx) -> dict`` measures one case; the dict has ``rows`` (one per solver or
             operation: ``variant``, times, ratios, or ``skipped``), and may have ``curves`` (for convergence
             plots: ``label``, ``time``, ``iter``, ``error``), ``target`` (a horizontal line on them),
-            ``error_label`` and ``time_label`` (axis labels).
+            ``error_label`` and ``time_label`` (axis labels), and ``xy`` (other plots: ``title``, ``xlabel``,
+            ``ylabel``, ``xlog``, ``series`` of ``label``, ``x``, ``y``).
         scaling: case parameters to draw time-vs-parameter plots over (log axes), e.g. ``("d", "n", "r")``.
         peers: the peer libraries the benchmark compares with (for ``--list``; a missing one is skipped).
         repeats: timed repeats per measurement, as ``{"quick": k, "full": k}`` (``--repeats`` overrides).

@@ -442,6 +442,8 @@ def _plots(results: dict, out: Path, log: Callable[[str], None]) -> list[str]:
         for case in bench["cases"]:
             if case.get("curves"):
                 written.append(_convergence_plot(plt, name, case, out))
+            for k, spec in enumerate(case.get("xy", [])):
+                written.append(_xy_plot(plt, f"{name}_{case['case']}_{k}.png", spec, out))
         for param in bench["scaling"]:
             written += _scaling_plots(plt, ticker, name, bench["cases"], param, out)
     return written
@@ -462,6 +464,24 @@ def _convergence_plot(plt, name: str, case: dict, out: Path) -> str:
     fig.suptitle(f"{name}: {case['case']}")
     fig.tight_layout()
     path = f"{name}_{case['case']}_convergence.png"
+    fig.savefig(out / path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _xy_plot(plt, path: str, spec: dict, out: Path) -> str:
+    """A plot of labelled series ``{"title", "xlabel", "ylabel", "xlog", "series": [{"label", "x", "y"}]}``."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for series in spec["series"]:
+        ax.plot(series["x"], series["y"], marker="o", label=series["label"])
+    if spec.get("xlog"):
+        ax.set_xscale("log")
+    ax.set_xlabel(spec["xlabel"])
+    ax.set_ylabel(spec["ylabel"])
+    ax.set_title(spec["title"], fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     fig.savefig(out / path, dpi=110)
     plt.close(fig)
     return path

@@ -1,0 +1,177 @@
+"""Benchmark ``sttp``: STTP/SVDP layers against dense ones — accuracy vs parameters, and throughput.
+
+Two kinds of case:
+
+- ``digits-*``: a small CNN (conv 1→32, conv 32→64 stride 2, linear 1024→128, linear 128→10, ReLU) on
+  scikit-learn's bundled 8×8 digits (1797 images; a fixed 80/20 split), trained with Adam (lr 3e-3, batch
+  64) from the same dense initialization. Variants: dense; SVDP (every layer but the first conv, full rank);
+  STTP at several maximal TT-ranks (same layers; initialized from the dense weights by ``sttp_convert``,
+  learned spectrum without a Lipschitz bound, Householder parameters). Reported: test accuracy, % of the
+  dense model's parameters, median train time per epoch. Plot: accuracy vs % parameters.
+- ``linear1024-r*``: forward + backward of a batch of 256 through ``STTPLinear(1024, 1024, r)`` against
+  ``nn.Linear(1024, 1024)`` (float32), interleaved rounds. Scaling plot: time vs r.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ..nn import STTPLinear, count_parameters, sttp_convert
+from .registry import Benchmark, Case
+from .runner import Context, ratio, timing_row
+
+
+def _digits(ctx: Context):
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise _Skip("install scikit-learn") from exc
+    d = load_digits()
+    X = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(y), generator=ctx.generator())
+    n_test = len(y) // 5
+    test, train = perm[:n_test], perm[n_test:]
+    dev = ctx.device
+    return X[train].to(dev), y[train].to(dev), X[test].to(dev), y[test].to(dev)
+
+
+class _Skip(Exception):
+    pass
+
+
+def _cnn(seed: int) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64 * 4 * 4, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 10),
+    )
+
+
+def _train(model, data, epochs: int, ctx: Context, label: str) -> tuple[float, list[float]]:
+    Xtr, ytr, Xte, yte = data
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = ctx.generator(1)
+    epoch_times = []
+    for epoch in range(epochs):
+        ctx.status(f"{label}: epoch {epoch + 1}/{epochs}")
+        perm = torch.randperm(len(ytr), generator=g).to(ctx.device)
+        ctx.sync()
+        t0 = time.perf_counter()
+        for i in range(0, len(perm), 64):
+            idx = perm[i : i + 64]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
+            opt.step()
+        ctx.sync()
+        epoch_times.append(time.perf_counter() - t0)
+    with torch.no_grad():
+        acc = (model(Xte).argmax(1) == yte).float().mean().item()
+    return acc, epoch_times
+
+
+def run_digits(case: Case, ctx: Context) -> dict:
+    try:
+        data = _digits(ctx)
+    except _Skip as exc:
+        return {"rows": [{"variant": "digits CNN", "skipped": f"skipped: {exc}"}]}
+    epochs, ranks = case.params["epochs"], case.params["ranks"]
+    dense_params = count_parameters(_cnn(ctx.seed))
+    variants = [("dense", None)] + [("SVDP (full rank)", "svdp")] + [(f"STTP rank {r}", r) for r in ranks]
+    rows, points = [], []
+    for label, spec in variants:
+        model = _cnn(ctx.seed)
+        if spec is not None:  # every layer but the first conv, from the same dense initialization
+            sttp_convert(model, 10**6 if spec == "svdp" else spec, exclude="0", svdp=spec == "svdp")
+        model = model.to(ctx.device)
+        acc, times = _train(model, data, epochs, ctx, label)
+        share = 100 * count_parameters(model) / dense_params
+        rows.append(
+            {
+                "variant": label,
+                "time": statistics.median(times),
+                "time_min": min(times),
+                "time_max": max(times),
+                "repeats": len(times),
+                "figures": {"test accuracy": acc, "% parameters": share, "parameters": count_parameters(model)},
+                "status": f"{epochs} epochs; time: per epoch",
+            }
+        )
+        points.append((label, share, acc))
+    base = rows[0]["time"]
+    for r in rows:
+        r["ratio"] = r["time"] / base
+    return {
+        "rows": rows,
+        "xy": [
+            {
+                "title": f"digits CNN, {epochs} epochs: test accuracy vs parameters",
+                "xlabel": "% of the dense model's parameters",
+                "ylabel": "test accuracy",
+                "xlog": True,
+                "series": [{"label": lbl, "x": [x], "y": [y]} for lbl, x, y in points],
+            }
+        ],
+    }
+
+
+def run_throughput(case: Case, ctx: Context) -> dict:
+    r, B, n = case.params["r"], case.params["batch"], case.params["n"]
+    g = ctx.generator()
+    dense = torch.nn.Linear(n, n).to(ctx.device)
+    sttp = STTPLinear(n, n, r, generator=g).to(ctx.device)
+    x = torch.randn(B, n, generator=g).to(ctx.device)
+
+    def step(layer):
+        def go():
+            layer.zero_grad(set_to_none=True)
+            layer(x).square().mean().backward()
+
+        return go
+
+    t = ctx.time({"dense": step(dense), "sttp": step(sttp)})
+    return {
+        "rows": [
+            timing_row(
+                "nn.Linear", t["dense"], status=f"forward + backward, batch {B}", figures={"parameters": n * n + n}
+            ),
+            timing_row(
+                f"STTPLinear rank {r}",
+                t["sttp"],
+                ratio=ratio(t["sttp"], t["dense"]),
+                figures={"parameters": count_parameters(sttp)},
+            ),
+        ],
+        "time_label": "seconds per forward + backward",
+    }
+
+
+def run(case: Case, ctx: Context) -> dict:
+    return run_digits(case, ctx) if case.name.startswith("digits") else run_throughput(case, ctx)
+
+
+def _throughput(ranks) -> tuple[Case, ...]:
+    return tuple(Case(f"linear1024-r{r}", dict(n=1024, batch=256, r=r)) for r in ranks)
+
+
+BENCHMARK = Benchmark(
+    name="sttp",
+    summary="STTP/SVDP layers vs dense: digits CNN accuracy vs % parameters; STTPLinear 1024² throughput",
+    baseline="time of the row / time of the dense model (digits: per epoch) or nn.Linear (throughput)",
+    figures=("test accuracy", "% parameters", "train time per epoch", "forward+backward time"),
+    quick=(Case("digits-10ep", dict(epochs=10, ranks=(2, 8))),) + _throughput((8, 32)),
+    full=(Case("digits-40ep", dict(epochs=40, ranks=(1, 2, 4, 8, 16))),) + _throughput((4, 8, 16, 32, 64, 128)),
+    run=run,
+    scaling=("r",),
+    peers=("scikit-learn (data)",),
+    repeats={"quick": 5, "full": 9},
+)
