@@ -168,7 +168,7 @@ BENCHMARK = Benchmark(
     summary="STTP/SVDP layers vs dense: digits CNN accuracy vs % parameters; STTPLinear 1024² throughput",
     baseline="time of the row / time of the dense model (digits: per epoch) or nn.Linear (throughput)",
     figures=("test accuracy", "% parameters", "train time per epoch", "forward+backward time"),
-    quick=(Case("digits-10ep", dict(epochs=10, ranks=(2, 8))),) + _throughput((8, 32)),
+    quick=(Case("digits-5ep", dict(epochs=5, ranks=(2, 8))),) + _throughput((8, 32)),
     full=(Case("digits-40ep", dict(epochs=40, ranks=(1, 2, 4, 8, 16))),) + _throughput((4, 8, 16, 32, 64, 128)),
     run=run,
     scaling=("r",),

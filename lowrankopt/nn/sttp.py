@@ -23,7 +23,9 @@ SVDP (``U, V`` single Stiefel factors), :class:`SVDPLinear`.
 
 **Spectrum.** ``"identity"``: σ = 1. ``"learned"``: a parameter s (initialized to 1) and
 ``σ = lipschitz · s / max|s|``, so ``‖W‖₂ ≤ lipschitz`` (1 by default: a 1-Lipschitz layer); with
-``lipschitz=None``, ``σ = s`` (unconstrained). ``"learned+dopt"``: as learned, and
+``lipschitz=None``, ``σ = s`` (unconstrained). For :class:`STTPConv2d` the bound holds for the reshaped
+kernel matrix (as in spectral normalization, Miyato et al.), not for the conv operator, whose norm can be
+up to ``sqrt(k_h k_w)`` times larger. ``"learned+dopt"``: as learned, and
 :func:`dopt_penalty` adds the D-optimal regularizer ``−mean log |s / max|s||`` of the layer.
 
 **Two ways to train the same layer** (``parametrization``): ``"householder"`` — Euclidean parameters
