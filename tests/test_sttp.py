@@ -218,20 +218,108 @@ def test_conversion_at_full_rank_reproduces_outputs_and_back():
 def test_conversion_include_exclude_and_truncation():
     model = _small_cnn()
     converted = sttp_convert(model, rank=2, include=["2", "4"], exclude="4")
-    assert list(converted) == ["2"] and type(model[4]) is torch.nn.Linear
-    W = model[2].weight_matrix().detach()
-    assert torch.linalg.matrix_rank(W) == 2
-    svdp = sttp_convert(_small_cnn(), rank=lambda name, m: 3, svdp=True, include=lambda n: n == "4")
+    assert list(converted) == ["2"] and type(model[4]) is torch.nn.Linear and model[2].rank == 2
+    dense = _small_cnn()
+    svdp = sttp_convert(dense, rank=lambda name, m: 3, svdp=True, include=lambda n: n == "4")
     assert isinstance(svdp["4"], SVDPLinear) and svdp["4"].rank == 3
+    # SVDP at rank 3 from the dense weight is its best rank-3 approximation (Eckart–Young, by a dense SVD here)
+    P, S, Qt = torch.linalg.svd(_small_cnn()[4].weight.detach())
+    assert torch.allclose(svdp["4"].weight_matrix(), (P[:, :3] * S[:3]) @ Qt[:3], atol=1e-12)
     assert isinstance(SVDPConv2d.from_conv(torch.nn.Conv2d(2, 3, 3).double()), SVDPConv2d)
 
 
-def test_identity_spectrum_square_determinant_is_reported():
-    W = torch.eye(4, dtype=D)
-    W[0, 0] = -1  # det −1: outside the identity-spectrum image at full square rank
-    layer = STTPLinear(4, 4, 4, spectrum="identity", dtype=D)
-    with pytest.raises(ValueError, match="determinant"):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("det", [1.0, -1.0])
+def test_identity_spectrum_loads_partial_isometries_of_both_determinants(dtype, det):
+    g = torch.Generator().manual_seed(7)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for n, layer in [
+        (4, STTPLinear(4, 4, 4, spectrum="identity", dtype=dtype)),
+        (6, SVDPLinear(6, 6, spectrum="identity", dtype=dtype)),
+    ]:
+        W, _ = torch.linalg.qr(torch.randn(n, n, dtype=D, generator=g))
+        W[:, 0] *= torch.sign(torch.det(W)) * det  # an orthogonal matrix of determinant det
         layer.load_dense(W)
+        assert torch.allclose(layer.weight_matrix().to(D), W, atol=tol)
+    U, _ = torch.linalg.qr(torch.randn(16, 8, dtype=D, generator=g))  # a non-square partial isometry
+    layer = SVDPLinear(8, 16, spectrum="identity", dtype=dtype)
+    layer.load_dense(U)
+    assert torch.allclose(layer.weight_matrix().to(D), U, atol=tol)
+
+
+def _jacobian_rank(layer) -> int:
+    """Rank of the Jacobian of the map (trainable parameters) → W, by autograd (exact)."""
+    names = [n for n, p in layer.named_parameters()]
+    values = [p.detach() for p in layer.parameters()]
+    eye = torch.eye(layer.in_features, dtype=D)
+
+    def weight(*tensors):
+        return torch.func.functional_call(layer, dict(zip(names, tensors, strict=True)), (eye,)).reshape(-1)
+
+    J = torch.autograd.functional.jacobian(weight, tuple(values))
+    return torch.linalg.matrix_rank(torch.cat([j.reshape(j.shape[0], -1) for j in J], dim=1)).item()
+
+
+@pytest.mark.parametrize("spectrum", ["learned", "identity"])
+def test_jacobian_rank_equals_the_dof(spectrum):
+    """No redundant parameter: the differential of parameters → W is injective (rank = #parameters = dof)."""
+    layer = STTPLinear(12, 8, 3, bias=False, spectrum=spectrum, lipschitz=None, dtype=D)
+    if spectrum == "learned":  # distinct singular values (at equal ones the SVD itself has an O(r) freedom)
+        with torch.no_grad():
+            layer.s.copy_(torch.tensor([1.0, 0.7, 0.4], dtype=D))
+    assert count_parameters(layer) == layer.dof() == _jacobian_rank(layer)
+    # with a Lipschitz bound the overall scale of s is not identifiable: exactly one direction less
+    bounded = STTPLinear(12, 8, 3, bias=False, dtype=D)
+    with torch.no_grad():
+        bounded.s.copy_(torch.tensor([1.0, 0.7, 0.4], dtype=D))
+    assert _jacobian_rank(bounded) == bounded.dof() - 1
+
+
+def test_householder_without_flips_reaches_one_determinant():
+    g = torch.Generator().manual_seed(8)
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=D, generator=g))
+    for sign in (1.0, -1.0):
+        Q[:, 0] *= torch.sign(torch.det(Q)) * sign
+        if sign == 1.0:  # det = (−1)^4: inside the image of H_1 ⋯ H_4
+            h, G = householder_params(Q, "full")
+            assert torch.equal(G, torch.eye(4, dtype=D))
+            assert torch.allclose(householder_orthonormal(h[None], 4, 4, "full")[0], Q, atol=1e-12)
+        else:
+            from lowrankopt.nn.householder import NotRepresentable
+
+            with pytest.raises(NotRepresentable):
+                householder_params(Q, "full")
+    with pytest.raises(ValueError, match="finite"):
+        householder_params(torch.full((4, 2), float("nan"), dtype=D), "full")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(padding=2, dilation=2),
+        dict(padding="same"),
+        dict(padding="same", padding_mode="circular", dilation=(1, 2)),
+        dict(padding=1, padding_mode="replicate", stride=2),
+        dict(padding="valid", stride=(2, 1)),
+    ],
+)
+def test_conv_conversion_matches_nn_conv2d(kwargs):
+    g = torch.Generator().manual_seed(9)
+    torch.manual_seed(9)
+    conv = torch.nn.Conv2d(3, 5, (3, 2), **kwargs).double()
+    x = torch.randn(2, 3, 9, 8, dtype=D, generator=g)
+    assert torch.allclose(STTPConv2d.from_conv(conv)(x), conv(x), atol=1e-12)
+
+
+def test_shared_modules_are_converted_together_and_failures_change_nothing():
+    lin = torch.nn.Linear(6, 6).double()
+    model = torch.nn.Sequential(lin, torch.nn.Tanh(), lin)
+    converted = sttp_convert(model, rank=100)
+    assert set(converted) == {"0", "2"} and model[0] is model[2]
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6).double(), torch.nn.Linear(6, 6).double())
+    with pytest.raises(ValueError, match="rank"):
+        sttp_convert(model, rank=lambda name, m: 3 if name == "0" else 0)
+    assert all(type(m) is torch.nn.Linear for m in model)
 
 
 def test_bad_arguments():
@@ -245,8 +333,14 @@ def test_bad_arguments():
         STTPLinear(8, 4, 2, mode_factorization=([2, 2], [3, 3]))
     with pytest.raises(ValueError, match="groups"):
         STTPConv2d(4, 4, 3, 2, groups=2)
-    with pytest.raises(ValueError, match="lipschitz"):
-        STTPLinear(8, 4, 2, lipschitz=0)
+    for bad in (0, True, float("inf")):
+        with pytest.raises(ValueError, match="lipschitz"):
+            STTPLinear(8, 4, 2, lipschitz=bad)
+    with pytest.raises(ValueError, match="padding"):
+        STTPConv2d(4, 4, 3, 2, padding="full")
+    with pytest.raises(ValueError, match="stride"):
+        STTPConv2d(4, 4, 3, 2, padding="same", stride=2)
+    assert STTPLinear(8, 4, 2, mode_factorization=(4, [2, 4])).U.modes == (4,)
     layer = STTPLinear(8, 4, 2, dtype=D)
     with pytest.raises(ValueError, match="shape"):
         layer(torch.zeros(3, 7, dtype=D))
@@ -254,3 +348,10 @@ def test_bad_arguments():
         layer(torch.zeros(3, 8, dtype=torch.float32))
     with pytest.raises(ValueError, match="input"):
         STTPConv2d(3, 4, 3, 2, dtype=D)(torch.zeros(1, 2, 5, 5, dtype=D))
+    with pytest.raises(TypeError, match="dtype"):
+        STTPConv2d(3, 4, 3, 2, dtype=D)(torch.zeros(1, 3, 5, 5, dtype=torch.float32))
+    bad = torch.nn.Linear(4, 3).double()
+    with torch.no_grad():
+        bad.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        STTPLinear.from_linear(bad)

@@ -57,37 +57,37 @@ def householder_orthonormal(params: torch.Tensor, n: int, c: int, kind: str) -> 
     return torch.linalg.householder_product(A, tau)
 
 
-def _triangularizing_gauge(T: torch.Tensor, flip_det: bool) -> torch.Tensor:
-    """An orthogonal M with ``T M`` upper triangular with a non-positive diagonal (T square); with
-    ``flip_det`` the column of M at the smallest ``|(T M)_jj|`` is negated (det M changes sign)."""
+class NotRepresentable(ValueError):
+    """The orthonormal matrix is outside the image of the Householder map (it needs sign flips)."""
+
+
+def _triangularizing_gauge(T: torch.Tensor) -> torch.Tensor:
+    """An orthogonal M with ``T M`` upper triangular with a non-positive diagonal (T square)."""
     J = torch.eye(T.shape[0], dtype=T.dtype, device=T.device).flip(0)
     Q, _ = torch.linalg.qr(J @ T.T @ J)  # (J Qᵀ J) Tᵀ = J R J is lower triangular
     M = J @ Q @ J
     d = torch.diagonal(T @ M)
-    signs = torch.where(d > 0, -1.0, 1.0).to(T.dtype)
-    if flip_det:
-        signs[torch.argmin(d.abs())] *= -1
-    return M * signs
+    return M * torch.where(d > 0, -1.0, 1.0).to(T.dtype)
 
 
 def householder_params(
-    Q: torch.Tensor, kind: str, *, allow_sign_flips: bool = False, flip_det: bool = False, tol: float | None = None
+    Q: torch.Tensor, kind: str, *, allow_sign_flips: bool = False, tol: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Parameters ``h`` and an orthogonal ``G`` with ``householder_orthonormal(h) = Q G``, for one ``n × c`` Q.
 
     ``"reduced"``: G is the ``O(c)`` gauge that makes the top ``c × c`` block of ``Q G`` upper triangular
-    (with a negative diagonal, which keeps the reflectors bounded; ``flip_det`` negates one column of G,
-    for a caller that needs the other determinant). ``"full"``: ``G = I``, or, with ``allow_sign_flips``,
-    a diagonal of ±1 chosen for stability (the caller absorbs it, e.g. into a learned spectrum); without
-    it a Q outside the map's image (for ``n = c``: ``det Q ≠ (−1)^c``) raises ``ValueError``.
+    (with a negative diagonal, which keeps the reflectors bounded). ``"full"``: ``G = I``, or, with
+    ``allow_sign_flips``, a diagonal of ±1 chosen for stability (the caller absorbs it, e.g. into the
+    spectrum); without it a Q outside the map's image (for ``n = c``: ``det Q ≠ (−1)^c``) raises
+    :class:`NotRepresentable`.
     Q must have orthonormal columns (to ``tol``; default 1e-4 in float32, 1e-10 in float64). Cost ``O(n c²)``.
     """
     n, c = Q.shape
     eye = torch.eye(c, dtype=Q.dtype, device=Q.device)
     tol = (1e-4 if Q.dtype == torch.float32 else 1e-10) if tol is None else tol
-    if (Q.T @ Q - eye).abs().max() > tol:
-        raise ValueError("Q must have orthonormal columns")
-    G = _triangularizing_gauge(Q[:c], flip_det) if kind == "reduced" else eye.clone()
+    if not (Q.T @ Q - eye).abs().max() <= tol:  # also catches NaN
+        raise ValueError("Q must have finite, orthonormal columns")
+    G = _triangularizing_gauge(Q[:c]) if kind == "reduced" else eye.clone()
     W = (Q @ G).clone()
     V = torch.zeros_like(W)
     for i in range(c):
@@ -97,7 +97,9 @@ def householder_params(
             G[:, i] = -G[:, i]
             alpha = -alpha
         if alpha > 1 - 1e-6:
-            raise ValueError(f"column {i} is (nearly) e_{i}: not representable by reflections (need sign flips)")
+            raise NotRepresentable(
+                f"column {i} is (nearly) e_{i}: not representable by reflections (needs a sign flip)"
+            )
         v = W[i:, i].clone()
         v[0] = alpha - 1
         v = v / (alpha - 1)  # v[0] = 1

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 
 import geoopt
@@ -186,15 +187,13 @@ class OrthonormalTT(torch.nn.Module):
         *,
         right: torch.Tensor | None = None,
         allow_sign_flips: bool = False,
-        flip_det: bool = False,
     ) -> torch.Tensor:
         """Represent the TT with the given orthonormal cores (times ``right``, an r × r orthogonal matrix).
 
         The Householder layout fixes a gauge per core; each gauge is passed into the next core, so the
         product is unchanged except for the returned r × r orthogonal ``G``: the represented matrix is
         ``(cores' matrix) @ right @ G``. ``G`` is the last core's gauge (reduced layout), a diagonal of
-        signs (full layout with ``allow_sign_flips``) or the identity. ``flip_det`` asks for the other
-        determinant of a reduced last core's gauge. Cost ``O(Σ R_{k−1} n_k R_k²)``.
+        signs (full layout with ``allow_sign_flips``) or the identity; float64. Cost ``O(Σ R_{k−1} n_k R_k²)``.
         """
         if len(cores) != len(self.modes):
             raise ValueError(f"expected {len(self.modes)} cores, got {len(cores)}")
@@ -215,16 +214,14 @@ class OrthonormalTT(torch.nn.Module):
                 new.append((Q, None))
                 carry = torch.eye(shape[2], dtype=torch.float64)
                 continue
-            h, G = householder_params(
-                Q, kind, allow_sign_flips=allow_sign_flips and last, flip_det=flip_det and last, tol=tol
-            )
+            h, G = householder_params(Q, kind, allow_sign_flips=allow_sign_flips and last, tol=tol)
             new.append((Q @ G, h))
             carry = G
         for (_, members), p in zip(self._groups, self.params, strict=True):
             for j, k in enumerate(members):
                 Q, h = new[k]
                 p.data[j] = (Q if h is None else h).to(p.dtype)
-        return carry.to(self.params[0].dtype)
+        return carry
 
 
 def _spectrum(spectrum: str) -> str:
@@ -244,7 +241,9 @@ class _STTPBase(torch.nn.Module):
             raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
         self.max_rank = rank
         rank = min(rank, d_out, d_in)  # the number of singular values
-        if lipschitz is not None and not (isinstance(lipschitz, int | float) and 0 < lipschitz < math.inf):
+        if lipschitz is not None and (
+            isinstance(lipschitz, bool) or not (isinstance(lipschitz, int | float) and 0 < lipschitz < math.inf)
+        ):
             raise ValueError(f"lipschitz must be a positive number or None, got {lipschitz!r}")
         self.rank, self.lipschitz, self.parametrization = rank, lipschitz, parametrization
         learned = spectrum != "identity"
@@ -252,21 +251,25 @@ class _STTPBase(torch.nn.Module):
         self.U = OrthonormalTT(out_modes, rank, last="full" if learned else "reduced", **common)
         self.V = OrthonormalTT(in_modes, rank, last="full", **common)
         self.s = torch.nn.Parameter(torch.ones(rank, dtype=dtype)) if learned else None
+        # identity spectrum: fixed signs ±1 (set by load_dense), so that both determinant components of
+        # U Vᵀ are reachable when the Householder maps alone reach one (square last cores)
+        self.register_buffer("signs", None if learned else torch.ones(rank, dtype=dtype))
         self.to(device)
 
     def singular_values(self) -> torch.Tensor:
         """σ, the diagonal of the compact SVD ``W = U diag(σ) Vᵀ`` (signs may be negative). Cost ``O(r)``."""
         if self.s is None:
-            return torch.ones(self.rank, dtype=self.U.params[0].dtype, device=self.U.params[0].device)
+            return self.signs
         if self.lipschitz is None:
             return self.s
-        return self.lipschitz * self.s / self.s.abs().max()
+        return self.lipschitz * self.s / self.s.abs().max().clamp_min(torch.finfo(self.s.dtype).tiny)
 
     def dopt_penalty(self) -> torch.Tensor:
         """The D-optimal regularizer ``−mean log |s / max|s||`` (≥ 0; 0 when all singular values are equal)."""
         if self.s is None:
             raise ValueError("dopt_penalty needs a learned spectrum")
-        return -torch.log(self.s.abs() / self.s.abs().max()).mean()
+        eps = torch.finfo(self.s.dtype).eps
+        return -torch.log((self.s.abs() / self.s.abs().max().clamp_min(eps)).clamp_min(eps)).mean()
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(U, σ, V)`` with ``U: (d_out, r)``, ``V: (d_in, r)``. Cost ``O((d_out + d_in) r Σ R_k)``."""
@@ -294,24 +297,17 @@ class _STTPBase(torch.nn.Module):
         is ≥ the weight's rank and the TT ranks are maximal. With ``spectrum="identity"`` only the singular
         vectors are kept; with ``lipschitz`` set, σ is scaled to max ``lipschitz``. Cost: a dense SVD."""
         W = weight.detach().to(torch.float64).cpu()
+        if not torch.isfinite(W).all():
+            raise ValueError("weight has NaN or Inf entries")
         if tuple(W.shape) != (math.prod(self.U.modes), math.prod(self.V.modes)):
             raise ValueError(f"weight must have shape ({math.prod(self.U.modes)}, {math.prod(self.V.modes)})")
         P, S, Qt = torch.linalg.svd(W, full_matrices=False)
         P, S, Q = P[:, : self.rank], S[: self.rank], Qt[: self.rank].T
         u_cores, v_cores = _tt_svd(P, self.U.shapes), _tt_svd(Q, self.V.shapes)
-        if self.s is None:
+        if self.s is None:  # U G (V G D)ᵀ with signs D: W = U G diag(D) (V G D)ᵀ
             G = self.U.set_cores(u_cores)
-            try:
-                self.V.set_cores(v_cores, right=G)
-            except ValueError:  # square last V core: the other determinant is needed (see householder_params)
-                try:
-                    G = self.U.set_cores(u_cores, flip_det=True)
-                    self.V.set_cores(v_cores, right=G)
-                except ValueError:
-                    raise ValueError(
-                        "spectrum='identity' with square TT cores on both sides reaches only one determinant sign "
-                        "of U Vᵀ, and this weight has the other; use a learned spectrum"
-                    ) from None
+            d = torch.diagonal(self.V.set_cores(v_cores, right=G, allow_sign_flips=True))
+            self.signs.copy_(d.to(self.signs.dtype))
             return
         du = torch.diagonal(self.U.set_cores(u_cores, allow_sign_flips=True))
         dv = torch.diagonal(self.V.set_cores(v_cores, allow_sign_flips=True))
@@ -341,7 +337,10 @@ def _tt_svd(M: torch.Tensor, shapes: list[tuple[int, int, int]]) -> list[torch.T
 def _modes(name: str, d: int, given) -> list[int]:
     if given is None:
         return prime_factors(d)
-    modes = [_positive_int(f"{name}[{k}]", m) for k, m in enumerate(given)]
+    given = [given] if isinstance(given, int) else given
+    if isinstance(given, str | bytes) or not isinstance(given, Sequence):
+        raise TypeError(f"{name} must be a sequence of positive ints, got {type(given).__name__}")
+    modes = [_positive_int(f"{name}[{k}]", operator.index(m)) for k, m in enumerate(given)]
     if math.prod(modes) != d:
         raise ValueError(f"{name} {modes} has product {math.prod(modes)}, not {d}")
     return modes
@@ -497,11 +496,24 @@ class STTPConv2d(_STTPBase):
         self.out_channels = _positive_int("out_channels", out_channels)
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
-        self.padding = padding if isinstance(padding, str) else _pair(padding, "padding")
         if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
             raise ValueError(f"padding_mode must be zeros, reflect, replicate or circular, got {padding_mode!r}")
-        if padding_mode != "zeros" and isinstance(padding, str):
-            raise ValueError("string padding needs padding_mode='zeros'")
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be 'same', 'valid', an int or a pair, got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' needs stride 1 (as nn.Conv2d)")
+            self.padding = padding
+        else:
+            self.padding = _pair(padding, "padding")
+        # explicit (left, right, top, bottom) pads, as nn.Conv2d computes them
+        if self.padding == "valid":
+            self._pads = (0, 0, 0, 0)
+        elif self.padding == "same":
+            tot = [dl * (k - 1) for dl, k in zip(self.dilation, self.kernel_size, strict=True)]
+            self._pads = (tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2)
+        else:
+            self._pads = (self.padding[1], self.padding[1], self.padding[0], self.padding[0])
         self.padding_mode = padding_mode
         dtype, device = _kw(dtype, device)
         kk = self.kernel_size[0] * self.kernel_size[1]
@@ -525,10 +537,11 @@ class STTPConv2d(_STTPBase):
         U, s, V = self.factors()
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"input must have shape (B, {self.in_channels}, H, W), got {getattr(x, 'shape', x)}")
+        if x.dtype != U.dtype:
+            raise TypeError(f"input has dtype {x.dtype} but the layer has dtype {U.dtype}")
         padding = self.padding
         if self.padding_mode != "zeros":
-            ph, pw = self.padding
-            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+            x = F.pad(x, self._pads, mode=self.padding_mode)
             padding = 0
         kv = V.T.reshape(self.rank, self.in_channels, *self.kernel_size)
         y = F.conv2d(x, kv, None, self.stride, padding, self.dilation)
@@ -628,32 +641,36 @@ def sttp_convert(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     targets = [
         (name, m)
-        for name, m in model.named_modules()
+        for name, m in model.named_modules(remove_duplicate=False)  # a shared module is replaced everywhere
         if type(m) in (torch.nn.Linear, torch.nn.Conv2d)
         and (type(m) is torch.nn.Linear or m.groups == 1)
         and _selected(name, include, exclude)
     ]
-    converted = {}
-    for name, m in targets:
+    new_of: dict[int, torch.nn.Module] = {}
+    for name, m in targets:  # build every replacement first: an error leaves the model untouched
+        if id(m) in new_of:
+            continue
         r = _positive_int("rank", rank(name, m) if callable(rank) else rank)
         if isinstance(m, torch.nn.Linear):
-            new = (SVDPLinear if svdp else STTPLinear).from_linear(m, r, **layer_kwargs)
+            new_of[id(m)] = (SVDPLinear if svdp else STTPLinear).from_linear(m, r, **layer_kwargs)
         else:
-            new = (SVDPConv2d if svdp else STTPConv2d).from_conv(m, r, **layer_kwargs)
-        _set_submodule(model, name, new)
-        converted[name] = new
+            new_of[id(m)] = (SVDPConv2d if svdp else STTPConv2d).from_conv(m, r, **layer_kwargs)
+    converted = {}
+    for name, m in targets:
+        _set_submodule(model, name, new_of[id(m)])
+        converted[name] = new_of[id(m)]
     return converted
 
 
 def sttp_to_dense(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Replace every STTP/SVDP layer of ``model`` by its dense ``nn.Linear`` / ``nn.Conv2d``, in place."""
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, STTPLinear | STTPConv2d)]
-    out = {}
+    found = [
+        (name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, STTPLinear | STTPConv2d)
+    ]
+    dense_of = {id(m): m.to_dense() for _, m in found}
     for name, m in found:
-        dense = m.to_dense()
-        _set_submodule(model, name, dense)
-        out[name] = dense
-    return out
+        _set_submodule(model, name, dense_of[id(m)])
+    return {name: dense_of[id(m)] for name, m in found}
 
 
 def _set_submodule(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
