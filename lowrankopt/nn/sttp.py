@@ -21,8 +21,10 @@ parameter count is then exactly
 minus ``r (r + 1) / 2`` for the identity spectrum (σ = 1 and the O(r) gauge). At maximal ranks this is
 SVDP (``U, V`` single Stiefel factors), :class:`SVDPLinear`.
 
-**Spectrum.** ``"identity"``: σ = 1. ``"learned"``: a parameter s (initialized to 1) and
-``σ = lipschitz · s / max|s|``, so ``‖W‖₂ ≤ lipschitz`` (1 by default: a 1-Lipschitz layer); with
+**Spectrum.** ``"identity"``: σ = ±1 (fixed signs, a buffer set by :meth:`~_STTPBase.load_dense`; they make
+both determinant components of ``U Vᵀ`` reachable when the Householder maps alone reach one). ``"learned"``:
+a parameter s (initialized to 1) and ``σ = lipschitz · s / max|s|``, so ``‖W‖₂ = lipschitz`` exactly (1 by
+default: a 1-Lipschitz layer; the overall scale of s is then one redundant parameter); with
 ``lipschitz=None``, ``σ = s`` (unconstrained). For :class:`STTPConv2d` the bound holds for the reshaped
 kernel matrix (as in spectral normalization, Miyato et al.), not for the conv operator, whose norm can be
 up to ``sqrt(k_h k_w)`` times larger. ``"learned+dopt"``: as learned, and
@@ -33,7 +35,8 @@ up to ``sqrt(k_h k_w)`` times larger. ``"learned+dopt"``: as learned, and
 orthonormal by construction; ``"stiefel"`` — every core is a point on ``geoopt.EuclideanStiefel`` (QR retraction; a
 ``geoopt.ManifoldParameter``, one per group of equally shaped cores; the TT gauge is then free, so the
 parameter count exceeds the formula), trained with ``geoopt.optim.RiemannianSGD`` / ``RiemannianAdam``.
-In both, all cores of one shape are built together: one batched Householder product per shape.
+In both, equally shaped cores are built together: one batched Householder product per (core shape, layout)
+of U and of V.
 
 Forward cost: U and V are contracted from their cores (``O(d r Σ R_k)`` for d rows) and applied as
 two thin products, ``O(B (d_in + d_out) r)`` for a batch of B — W is never formed (``to_dense`` forms it
