@@ -76,7 +76,7 @@ def _tt_dim(layer):
     [
         lambda **kw: STTPLinear(24, 12, 4, bias=False, **kw),
         lambda **kw: STTPLinear(64, 30, 5, bias=False, mode_factorization=([5, 6], [4, 4, 4]), **kw),
-        lambda **kw: STTPConv2d(6, 8, 3, 4, bias=False, **kw),
+        lambda **kw: STTPConv2d(6, 8, 3, rank=4, bias=False, **kw),
         lambda **kw: SVDPLinear(20, 9, 6, bias=False, **kw),
     ],
 )
@@ -117,7 +117,9 @@ def test_forward_matches_the_dense_weight(parametrization, dtype):
     ref = x.to(D) @ W.T + lin.bias.to(D)
     assert lin(x).dtype == dtype and lin(x).shape == (2, 5, 10)
     assert torch.allclose(lin(x).to(D), ref, atol=1e-5 if dtype == torch.float32 else 1e-12)
-    conv = STTPConv2d(4, 6, (3, 2), 3, stride=2, padding=1, parametrization=parametrization, dtype=dtype, generator=g)
+    conv = STTPConv2d(
+        4, 6, (3, 2), stride=2, padding=1, rank=3, parametrization=parametrization, dtype=dtype, generator=g
+    )
     xi = torch.randn(2, 4, 9, 8, dtype=dtype, generator=g)
     ref = torch.nn.functional.conv2d(xi.to(D), conv.weight_kernel().to(D), conv.bias.to(D), 2, 1)
     assert torch.allclose(conv(xi).to(D), ref, atol=1e-5 if dtype == torch.float32 else 1e-12)
@@ -167,7 +169,7 @@ def test_orthonormal_after_1000_training_steps(parametrization, dtype, tol):
 def test_learned_spectrum_bounds_the_spectral_norm(lipschitz):
     g = torch.Generator().manual_seed(3)
     lin = STTPLinear(12, 10, 4, lipschitz=lipschitz, dtype=D, generator=g)
-    conv = STTPConv2d(3, 5, 3, 4, lipschitz=lipschitz, dtype=D, generator=g)
+    conv = STTPConv2d(3, 5, 3, rank=4, lipschitz=lipschitz, dtype=D, generator=g)
     for layer in (lin, conv):
         with torch.no_grad():
             layer.s.copy_(torch.randn(4, dtype=D, generator=g) * 10)
@@ -332,14 +334,14 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="product"):
         STTPLinear(8, 4, 2, mode_factorization=([2, 2], [3, 3]))
     with pytest.raises(ValueError, match="groups"):
-        STTPConv2d(4, 4, 3, 2, groups=2)
+        STTPConv2d(4, 4, 3, groups=2, rank=2)
     for bad in (0, True, float("inf")):
         with pytest.raises(ValueError, match="lipschitz"):
             STTPLinear(8, 4, 2, lipschitz=bad)
     with pytest.raises(ValueError, match="padding"):
-        STTPConv2d(4, 4, 3, 2, padding="full")
+        STTPConv2d(4, 4, 3, padding="full", rank=2)
     with pytest.raises(ValueError, match="stride"):
-        STTPConv2d(4, 4, 3, 2, padding="same", stride=2)
+        STTPConv2d(4, 4, 3, padding="same", stride=2, rank=2)
     assert STTPLinear(8, 4, 2, mode_factorization=(4, [2, 4])).U.modes == (4,)
     layer = STTPLinear(8, 4, 2, dtype=D)
     with pytest.raises(ValueError, match="shape"):
@@ -347,9 +349,9 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="dtype"):
         layer(torch.zeros(3, 8, dtype=torch.float32))
     with pytest.raises(ValueError, match="input"):
-        STTPConv2d(3, 4, 3, 2, dtype=D)(torch.zeros(1, 2, 5, 5, dtype=D))
+        STTPConv2d(3, 4, 3, rank=2, dtype=D)(torch.zeros(1, 2, 5, 5, dtype=D))
     with pytest.raises(TypeError, match="dtype"):
-        STTPConv2d(3, 4, 3, 2, dtype=D)(torch.zeros(1, 3, 5, 5, dtype=torch.float32))
+        STTPConv2d(3, 4, 3, rank=2, dtype=D)(torch.zeros(1, 3, 5, 5, dtype=torch.float32))
     bad = torch.nn.Linear(4, 3).double()
     with torch.no_grad():
         bad.weight[0, 0] = float("nan")

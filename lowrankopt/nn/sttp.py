@@ -349,7 +349,7 @@ def _modes(name: str, d: int, given) -> list[int]:
     return modes
 
 
-def _split_factorization(mode_factorization, default_in_tail=()):
+def _split_factorization(mode_factorization):
     if isinstance(mode_factorization, str):
         if mode_factorization != "auto":
             raise ValueError(f"mode_factorization must be 'auto' or (out_modes, in_modes), got {mode_factorization!r}")
@@ -465,7 +465,8 @@ def _pair(v, name: str) -> tuple[int, int]:
 class STTPConv2d(_STTPBase):
     """``nn.Conv2d`` with its kernel, reshaped to ``C_out × (C_in k_h k_w)``, in STTP form.
 
-    Arguments as ``nn.Conv2d`` (``groups=1`` only) plus those of :class:`STTPLinear`. ``"auto"`` modes: the
+    Arguments as ``nn.Conv2d``, in its order (``groups=1`` only), plus the keyword-only ``rank`` and the other
+    keywords of :class:`STTPLinear`. ``"auto"`` modes: the
     prime factors of C_out, and of C_in followed by one mode ``k_h k_w``. Computed as a conv with the r
     kernels of V (``O(B H W C_in k_h k_w r)``), a scaling by σ, and a 1×1 conv with U (``O(B H' W' r C_out)``);
     the full kernel is never formed.
@@ -476,7 +477,6 @@ class STTPConv2d(_STTPBase):
         in_channels: int,
         out_channels: int,
         kernel_size,
-        rank: int,
         stride=1,
         padding=0,
         dilation=1,
@@ -484,6 +484,7 @@ class STTPConv2d(_STTPBase):
         bias: bool = True,
         padding_mode: str = "zeros",
         *,
+        rank: int,
         mode_factorization="auto",
         spectrum: str = "learned",
         lipschitz: float | None = 1.0,
@@ -577,8 +578,8 @@ class STTPConv2d(_STTPBase):
         w = conv.weight
         rank = w.numel() if rank is None else rank  # None: every TT-rank maximal
         layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, rank, conv.stride, conv.padding, conv.dilation,
-            conv.groups, conv.bias is not None, conv.padding_mode, dtype=w.dtype, **kwargs,
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, rank=rank, dtype=w.dtype, **kwargs,
         )  # fmt: skip
         layer.load_dense(w.reshape(conv.out_channels, -1))
         if conv.bias is not None:
@@ -591,13 +592,13 @@ class SVDPConv2d(STTPConv2d):
     """:class:`STTPConv2d` with one core per factor (the SVD parameterization); ``rank`` defaults to
     ``min(C_out, C_in k_h k_w)``."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int | None = None, *args, **kwargs):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, *args, rank: int | None = None, **kwargs):
         if "mode_factorization" in kwargs:
             raise TypeError("SVDPConv2d has no mode_factorization (it is one mode per side)")
         kh, kw = _pair(kernel_size, "kernel_size")
         rank = min(out_channels, in_channels * kh * kw) if rank is None else rank
         super().__init__(
-            in_channels, out_channels, kernel_size, rank, *args,
+            in_channels, out_channels, kernel_size, *args, rank=rank,
             mode_factorization=([out_channels], [in_channels * kh * kw]), **kwargs,
         )  # fmt: skip
 
