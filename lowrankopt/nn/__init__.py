@@ -1,6 +1,8 @@
 """Layers whose weights live on low-rank manifolds: low-rank and TT linear layers (trained with geoopt's
-Riemannian optimizers) and the spectral tensor-train parameterization (STTP) of linear and conv layers."""
+Riemannian optimizers), the spectral tensor-train parameterization (STTP) of linear and conv layers, and
+Group-and-Shuffle (GS) matrices."""
 
+from .gs import GSMatrix, GSOrthogonal, gs_matmul, gs_project
 from .lowrank import LowRankLinear, TTLinear
 from .sttp import (
     STTPConv2d,
@@ -14,6 +16,8 @@ from .sttp import (
 )
 
 __all__ = [
+    "GSMatrix",
+    "GSOrthogonal",
     "LowRankLinear",
     "STTPConv2d",
     "STTPLinear",
@@ -22,6 +26,8 @@ __all__ = [
     "TTLinear",
     "count_parameters",
     "dopt_penalty",
+    "gs_matmul",
+    "gs_project",
     "sttp_convert",
     "sttp_to_dense",
 ]

@@ -1,0 +1,268 @@
+"""Group-and-Shuffle (GS) matrices and GS orthogonal matrices.
+
+Gorbunov, Yudin, Soboleva, Alanov, Naumov, Rakhuba, *Group and Shuffle: Efficient Structured Orthogonal
+Parametrization*, NeurIPS 2024 (re-derived). A GS matrix of order m is
+
+    A = P_m B_m P_{m−1} ⋯ P_1 B_1 P_0,
+
+with block-diagonal factors ``B_j = diag(B_j1, …, B_jk)`` (blocks ``(b1, b2)``, all of one shape per factor)
+and permutations ``P_j``. Definition 3.1 is order 2: ``A = P_L (L P R) P_R``. Permutations are index maps
+(``(P x)_i = x[idx[i]]``, applied by indexing), never dense n × n matrices; the shuffle
+``P_(k, n)``: ``σ(i) = (i mod k)·n/k + ⌊i/k⌋`` is a reshape to ``(k, n/k)`` and a transpose.
+
+Applying A to a batch of B vectors costs ``O(B Σ_j k_j b1_j b2_j)`` — the number of block entries per vector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import geoopt
+import torch
+
+__all__ = ["GSMatrix", "GSOrthogonal", "blockdiag_matmul", "gs_matmul", "gs_project", "shuffle_index"]
+
+MAPS = ("cayley", "exp", "neumann")
+
+
+def shuffle_index(k: int, n: int, *, device=None) -> torch.Tensor:
+    """The index map of the shuffle ``P_(k, n)``: ``σ(i) = (i mod k)·(n/k) + ⌊i/k⌋`` (k must divide n)."""
+    if k < 1 or n % k:
+        raise ValueError(f"k must be a positive divisor of n, got k={k}, n={n}")
+    return torch.arange(n, device=device).reshape(k, n // k).T.reshape(-1)
+
+
+def blockdiag_matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``diag(B_1, …, B_k) x`` along the last dim: ``x: (..., k b2)``, ``blocks: (k, b1, b2)`` → ``(..., k b1)``.
+
+    Cost ``O(k b1 b2)`` per vector.
+    """
+    k, b1, b2 = blocks.shape
+    if x.shape[-1] != k * b2:
+        raise ValueError(f"x must have last dim {k * b2} (= {k} blocks × {b2}), got {x.shape[-1]}")
+    y = torch.einsum("...kj,kij->...ki", x.reshape(*x.shape[:-1], k, b2), blocks)
+    return y.reshape(*x.shape[:-1], k * b1)
+
+
+def _check_perm(name: str, idx, n: int):
+    if idx is None:
+        return None
+    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.shape != (n,):
+        raise ValueError(f"{name} must be None or an int64 index tensor of shape ({n},)")
+    if not torch.equal(torch.sort(idx).values, torch.arange(n, device=idx.device)):
+        raise ValueError(f"{name} is not a permutation of range({n})")
+    return idx
+
+
+class GSMatrix:
+    """``A = P_m B_m ⋯ P_1 B_1 P_0`` (see the module docstring), applied without forming A.
+
+    Args:
+        blocks: ``[B_1, …, B_m]``, each ``(k_j, b1_j, b2_j)``; consecutive sizes must chain:
+            ``k_j b2_j = k_{j−1} b1_{j−1}``.
+        perms: ``[P_0, …, P_m]`` (m + 1 index tensors, or None for the identity). Default: identity outside,
+            and between factors the shuffle ``P_(k_j, ·)`` over the previous factor's blocks, so that
+            consecutive blocks mix.
+
+    Shapes: A is ``(k_m b1_m) × (k_1 b2_1)``.
+    """
+
+    def __init__(self, blocks: Sequence[torch.Tensor], perms: Sequence[torch.Tensor | None] | None = None):
+        blocks = list(blocks)
+        if not blocks or any(not isinstance(b, torch.Tensor) or b.dim() != 3 for b in blocks):
+            raise ValueError("blocks must be a non-empty list of (k, b1, b2) tensors")
+        sizes = [blocks[0].shape[0] * blocks[0].shape[2]] + [b.shape[0] * b.shape[1] for b in blocks]
+        for j in range(1, len(blocks)):
+            if blocks[j].shape[0] * blocks[j].shape[2] != sizes[j]:
+                raise ValueError(
+                    f"blocks[{j}] takes {blocks[j].shape[0] * blocks[j].shape[2]} inputs but blocks[{j - 1}] "
+                    f"gives {sizes[j]} outputs"
+                )
+        if perms is None:
+            perms = [None] + [shuffle_index(blocks[j - 1].shape[0], sizes[j]) for j in range(1, len(blocks))] + [None]
+        if len(perms) != len(blocks) + 1:
+            raise ValueError(f"perms must have {len(blocks) + 1} entries (one more than blocks), got {len(perms)}")
+        self.blocks = blocks
+        self.perms = [_check_perm(f"perms[{j}]", p, sizes[j]) for j, p in enumerate(perms)]
+        self.shape = (sizes[-1], sizes[0])
+
+    @classmethod
+    def order2(cls, L: torch.Tensor, R: torch.Tensor, P=None, P_L=None, P_R=None) -> GSMatrix:
+        """Definition 3.1: ``A = P_L (L P R) P_R``; ``P`` defaults to the shuffle over R's blocks."""
+        n = R.shape[0] * R.shape[1]
+        return cls([R, L], [P_R, shuffle_index(R.shape[0], n) if P is None else P, P_L])
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x`` along the last dim of ``x: (..., n)`` → ``(..., m)``. Cost ``O(Σ_j k_j b1_j b2_j)`` per vector."""
+        if x.shape[-1] != self.shape[1]:
+            raise ValueError(f"x must have last dim {self.shape[1]}, got {x.shape[-1]}")
+        for j, B in enumerate(self.blocks):
+            if self.perms[j] is not None:
+                x = x[..., self.perms[j]]
+            x = blockdiag_matmul(x, B)
+        if self.perms[-1] is not None:
+            x = x[..., self.perms[-1]]
+        return x
+
+    __matmul__ = matmul
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``(m, n)`` matrix (for tests and inspection). Cost ``O(n Σ_j k_j b1_j b2_j)``."""
+        eye = torch.eye(self.shape[1], dtype=self.blocks[0].dtype, device=self.blocks[0].device)
+        return self.matmul(eye).T
+
+    def numel(self) -> int:
+        """Number of block entries (parameters of an unconstrained GS matrix)."""
+        return sum(b.numel() for b in self.blocks)
+
+
+def gs_matmul(x: torch.Tensor, blocks: Sequence[torch.Tensor], perms=None) -> torch.Tensor:
+    """``A x`` along the last dim for the GS matrix ``A = GSMatrix(blocks, perms)`` (functional form)."""
+    return GSMatrix(blocks, perms).matmul(x)
+
+
+def gs_project(A: torch.Tensor, L_shape: Sequence[int], R_shape: Sequence[int], P=None) -> GSMatrix:
+    """The Frobenius-nearest matrix of ``GS(I, P, I)`` (Algorithm 1): ``L P R`` with L, R of the given block
+    shapes ``(k_L, b1_L, b2_L)`` and ``(k_R, b1_R, b2_R)``; ``P`` defaults to the shuffle over R's blocks.
+
+    Block ``(k1, k2)`` of ``L P R`` is a sum of the rank-one terms ``l_t r_{σ(t)}ᵀ`` over the inner indices t
+    joining L-block k1 to R-block k2 (Prop. 1), so the blocks are independent and each is projected by a
+    truncated SVD to that count. Cost: one SVD per ``b1_L × b2_R`` block.
+    """
+    kL, b1L, b2L = L_shape
+    kR, b1R, b2R = R_shape
+    m, n, inner = kL * b1L, kR * b2R, kR * b1R
+    if A.shape != (m, n) or kL * b2L != inner:
+        raise ValueError(f"A must be ({m}, {n}) and k_L b2_L = k_R b1_R, got A {tuple(A.shape)}, {L_shape}, {R_shape}")
+    sigma = shuffle_index(kR, inner, device=A.device) if P is None else _check_perm("P", P, inner)
+    L = A.new_zeros(kL, b1L, b2L)
+    R = A.new_zeros(kR, b1R, b2R)
+    for k1 in range(kL):
+        ts = torch.arange(k1 * b2L, (k1 + 1) * b2L)
+        for k2 in range(kR):
+            joined = ts[(sigma[ts] // b1R) == k2]  # inner L-inputs t whose P-source is in R-block k2
+            if len(joined) == 0:
+                continue
+            block = A[k1 * b1L : (k1 + 1) * b1L, k2 * b2R : (k2 + 1) * b2R]
+            U, S, Vh = torch.linalg.svd(block, full_matrices=False)
+            c = min(len(joined), len(S))
+            root = S[:c].sqrt()
+            for j in range(c):
+                t = int(joined[j])
+                L[k1, :, t - k1 * b2L] = U[:, j] * root[j]
+                src = int(sigma[t])
+                R[k2, src - k2 * b1R, :] = Vh[j] * root[j]
+    return GSMatrix.order2(L, R, sigma)
+
+
+def _skew(params: torch.Tensor, b: int) -> torch.Tensor:
+    """``(k, b(b−1)/2)`` packed strictly-upper entries → skew-symmetric ``(k, b, b)``."""
+    K = params.new_zeros(params.shape[0], b, b)
+    rows, cols = torch.triu_indices(b, b, offset=1, device=params.device)
+    K[:, rows, cols] = params
+    return K - K.transpose(1, 2)
+
+
+def _orthogonal(K: torch.Tensor, kind: str, terms: int) -> torch.Tensor:
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+    if kind == "cayley":  # (I + K)(I − K)⁻¹ = (I − K)⁻¹(I + K)
+        return torch.linalg.solve(eye - K, eye + K)
+    if kind == "exp":
+        return torch.linalg.matrix_exp(K)
+    inv, power = eye.expand_as(K).clone(), eye.expand_as(K)  # (I − K)⁻¹ ≈ Σ_{j ≤ terms} K^j
+    for _ in range(terms):
+        power = power @ K
+        inv = inv + power
+    return (eye + K) @ inv
+
+
+class GSOrthogonal(torch.nn.Module):
+    """An ``n × n`` orthogonal GS matrix ``Q = Pᵀ L P R`` with orthogonal blocks, applied as ``y = Q x``.
+
+    L and R are block-diagonal with ``nblocks`` blocks of size ``b = n / nblocks``; ``P = P_(nblocks, n)``.
+    Every orthogonal matrix of this GS class has such a representation (Theorem 1 of the paper), so
+    orthogonal blocks lose nothing. Initialized at ``Q = I``.
+
+    Args:
+        n: the size.
+        block_size: b (give this or ``nblocks``).
+        nblocks: the number of blocks.
+        map: how blocks are made orthogonal from skew-symmetric parameters K (``b(b−1)/2`` per block):
+            ``"cayley"`` ``(I + K)(I − K)⁻¹`` (exactly orthogonal; never reaches eigenvalue −1), ``"exp"``
+            (``matrix_exp``), ``"neumann"`` (Cayley with ``(I − K)⁻¹`` replaced by ``neumann_terms`` terms of its
+            series: cheaper, orthogonal only up to ``O(‖K‖^{terms+1})``).
+        parametrization: ``"skew"`` (Euclidean parameters, any torch optimizer) or ``"orthogonal"`` (each
+            factor's blocks a ``geoopt.ManifoldParameter`` on the orthogonal group, ``EuclideanStiefel`` with
+            QR retraction, for RiemannianSGD / RiemannianAdam; ``map`` is then unused).
+
+    Parameters: ``n (b − 1)`` with ``"skew"`` (two factors of ``nblocks · b(b−1)/2``), ``2 n b`` stored entries
+    with ``"orthogonal"``. Applying Q costs ``O(B n b)`` for B vectors plus ``O(n b²)`` to build the blocks.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        block_size: int | None = None,
+        *,
+        nblocks: int | None = None,
+        map: str = "cayley",
+        parametrization: str = "skew",
+        neumann_terms: int = 5,
+        dtype=None,
+        device=None,
+    ):
+        super().__init__()
+        if (block_size is None) == (nblocks is None):
+            raise ValueError("give exactly one of block_size and nblocks")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        b = block_size if block_size is not None else (n // nblocks if nblocks and n % nblocks == 0 else 0)
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1 or n % b:
+            raise ValueError(f"the block size must divide n = {n} (block_size={block_size}, nblocks={nblocks})")
+        if map not in MAPS:
+            raise ValueError(f"map must be one of {MAPS}, got {map!r}")
+        if parametrization not in ("skew", "orthogonal"):
+            raise ValueError(f"parametrization must be 'skew' or 'orthogonal', got {parametrization!r}")
+        if isinstance(neumann_terms, bool) or not isinstance(neumann_terms, int) or neumann_terms < 1:
+            raise ValueError(f"neumann_terms must be a positive int, got {neumann_terms!r}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        self.n, self.block_size, self.nblocks = n, b, n // b
+        self.map, self.parametrization, self.neumann_terms = map, parametrization, neumann_terms
+        k = self.nblocks
+        if parametrization == "skew":
+            self.L = torch.nn.Parameter(torch.zeros(k, b * (b - 1) // 2, dtype=dtype, device=device))
+            self.R = torch.nn.Parameter(torch.zeros(k, b * (b - 1) // 2, dtype=dtype, device=device))
+        else:
+            eye = torch.eye(b, dtype=dtype, device=device).expand(k, b, b).clone()
+            self.L = geoopt.ManifoldParameter(eye.clone(), manifold=geoopt.EuclideanStiefel())
+            self.R = geoopt.ManifoldParameter(eye, manifold=geoopt.EuclideanStiefel())
+        self.register_buffer("perm", shuffle_index(k, n, device=device), persistent=False)
+        self.register_buffer("inverse_perm", torch.argsort(self.perm), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, block_size={self.block_size}, map={self.map!r}, parametrization={self.parametrization!r}"
+
+    def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The orthogonal blocks ``(L, R)``, each ``(nblocks, b, b)``. Cost ``O(n b²)``."""
+        if self.parametrization == "orthogonal":
+            return self.L, self.R
+        b = self.block_size
+        return tuple(_orthogonal(_skew(p, b), self.map, self.neumann_terms) for p in (self.L, self.R))
+
+    def gs_matrix(self) -> GSMatrix:
+        """Q as a :class:`GSMatrix` ``Pᵀ L P R``."""
+        L, R = self.blocks()
+        return GSMatrix([R, L], [None, self.perm, self.inverse_perm])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``Q x`` along the last dim of ``x: (..., n)``."""
+        return self.gs_matrix().matmul(x)
+
+    def matrix(self) -> torch.Tensor:
+        """The dense ``n × n`` Q (tests, merging into a weight). Cost ``O(n² b)``."""
+        return self.gs_matrix().to_dense()
+
+    @staticmethod
+    def num_parameters(n: int, block_size: int) -> int:
+        """``n (b − 1)``: the skew parameters of both factors."""
+        return 2 * (n // block_size) * block_size * (block_size - 1) // 2
