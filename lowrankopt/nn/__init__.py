@@ -3,6 +3,17 @@ Riemannian optimizers), the spectral tensor-train parameterization (STTP) of lin
 Group-and-Shuffle (GS) matrices."""
 
 from .gs import GSMatrix, GSOrthogonal, gs_matmul, gs_project
+from .gsoft import (
+    GSOFTConfig,
+    GSOFTLinear,
+    disable_adapters,
+    gsoft_state_dict,
+    inject_gsoft,
+    load_gsoft_state_dict,
+    merge_adapter,
+    merge_and_unload,
+    unmerge_adapter,
+)
 from .lowrank import LowRankLinear, TTLinear
 from .sttp import (
     STTPConv2d,
@@ -17,6 +28,8 @@ from .sttp import (
 
 __all__ = [
     "GSMatrix",
+    "GSOFTConfig",
+    "GSOFTLinear",
     "GSOrthogonal",
     "LowRankLinear",
     "STTPConv2d",
@@ -25,9 +38,16 @@ __all__ = [
     "SVDPLinear",
     "TTLinear",
     "count_parameters",
+    "disable_adapters",
     "dopt_penalty",
     "gs_matmul",
     "gs_project",
+    "gsoft_state_dict",
+    "inject_gsoft",
+    "load_gsoft_state_dict",
+    "merge_adapter",
+    "merge_and_unload",
     "sttp_convert",
     "sttp_to_dense",
+    "unmerge_adapter",
 ]
