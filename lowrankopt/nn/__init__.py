@@ -3,6 +3,7 @@ Riemannian optimizers), the spectral tensor-train parameterization (STTP) of lin
 Group-and-Shuffle (GS) matrices."""
 
 from .gs import GSMatrix, GSOrthogonal, gs_matmul, gs_project
+from .gs_conv import GSOrthogonalConv2d, MaxMinPermuted, SkewOrthogonalConv2d, certified_radius, channel_shuffle
 from .gsoft import (
     GSOFTConfig,
     GSOFTLinear,
@@ -28,15 +29,20 @@ from .sttp import (
 
 __all__ = [
     "GSMatrix",
+    "GSOrthogonalConv2d",
     "GSOFTConfig",
     "GSOFTLinear",
     "GSOrthogonal",
     "LowRankLinear",
+    "MaxMinPermuted",
     "STTPConv2d",
+    "SkewOrthogonalConv2d",
     "STTPLinear",
     "SVDPConv2d",
     "SVDPLinear",
     "TTLinear",
+    "certified_radius",
+    "channel_shuffle",
     "count_parameters",
     "disable_adapters",
     "dopt_penalty",
