@@ -83,3 +83,23 @@ def test_bad_conv_arguments():
     big = SkewOrthogonalConv2d(4, 3, init_scale=50.0, max_terms=5)
     with pytest.raises(RuntimeError, match="max_terms"):
         big(torch.zeros(1, 4, 5, 5))
+
+
+@pytest.mark.parametrize("conv", ["gs", "soc"])
+def test_lipconvnet_is_1_lipschitz(conv):
+    from lowrankopt.nn import LipConvNet, certified_accuracy
+
+    g = torch.Generator().manual_seed(7)
+    net = LipConvNet(1, 10, 8, width=8, depth=1, stages=1, conv=conv, groups=(2, 2), dtype=D, generator=g)
+    with torch.no_grad():  # a head with norm > 1 must be rescaled to 1
+        net.head.weight.mul_(10)
+    x = torch.randn(64, dtype=D, generator=g)
+    J = torch.autograd.functional.jacobian(lambda v: net(v.reshape(1, 1, 8, 8)).reshape(-1), x)
+    assert torch.linalg.matrix_norm(J, 2) <= 1 + 1e-6
+    X = torch.randn(30, 1, 8, 8, dtype=D, generator=g)
+    y = net(X).argmax(1)  # all correct by construction: certified accuracy = share of radii > eps
+    clean, cert = certified_accuracy(net, X, y, 0.05)
+    radius = certified_radius(net(X).detach())
+    assert clean == 1.0 and cert == pytest.approx((radius > 0.05).double().mean().item())
+    with pytest.raises(ValueError, match="conv"):
+        LipConvNet(1, 10, 8, conv="dense")

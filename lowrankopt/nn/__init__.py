@@ -3,7 +3,15 @@ Riemannian optimizers), the spectral tensor-train parameterization (STTP) of lin
 Group-and-Shuffle (GS) matrices."""
 
 from .gs import GSMatrix, GSOrthogonal, gs_matmul, gs_project
-from .gs_conv import GSOrthogonalConv2d, MaxMinPermuted, SkewOrthogonalConv2d, certified_radius, channel_shuffle
+from .gs_conv import (
+    GSOrthogonalConv2d,
+    LipConvNet,
+    MaxMinPermuted,
+    SkewOrthogonalConv2d,
+    certified_accuracy,
+    certified_radius,
+    channel_shuffle,
+)
 from .gsoft import (
     GSOFTConfig,
     GSOFTLinear,
@@ -33,6 +41,7 @@ __all__ = [
     "GSOFTConfig",
     "GSOFTLinear",
     "GSOrthogonal",
+    "LipConvNet",
     "LowRankLinear",
     "MaxMinPermuted",
     "STTPConv2d",
@@ -41,6 +50,7 @@ __all__ = [
     "SVDPConv2d",
     "SVDPLinear",
     "TTLinear",
+    "certified_accuracy",
     "certified_radius",
     "channel_shuffle",
     "count_parameters",

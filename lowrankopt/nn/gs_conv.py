@@ -20,7 +20,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["GSOrthogonalConv2d", "MaxMinPermuted", "SkewOrthogonalConv2d", "certified_radius", "channel_shuffle"]
+__all__ = [
+    "GSOrthogonalConv2d",
+    "LipConvNet",
+    "MaxMinPermuted",
+    "SkewOrthogonalConv2d",
+    "certified_accuracy",
+    "certified_radius",
+    "channel_shuffle",
+]
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -156,3 +164,92 @@ def certified_radius(logits: torch.Tensor, lipschitz: float = 1.0) -> torch.Tens
     ``(top logit − runner-up) / (√2 · lipschitz)``. A sample is certified at ε if its radius exceeds ε."""
     top2 = logits.topk(2, dim=-1).values
     return (top2[..., 0] - top2[..., 1]) / (math.sqrt(2) * lipschitz)
+
+
+class _OrthonormalRowsLinear(torch.nn.Module):
+    """``y = W x + b`` with ``W = V / max(1, ‖V‖₂)``: at most 1-Lipschitz (exact spectral norm, a dense SVD of
+    the small head matrix per forward)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype=None, device=None, generator=None):
+        super().__init__()
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        V = torch.randn(out_features, in_features, dtype=dtype, generator=generator) / math.sqrt(in_features)
+        self.weight = torch.nn.Parameter(V.to(device))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.matrix_norm(self.weight, ord=2)
+        return F.linear(x, self.weight / torch.clamp(norm, min=1.0), self.bias)
+
+
+class LipConvNet(torch.nn.Module):
+    """A 1-Lipschitz convolutional classifier (LipConvNet-style): channels zero-padded to ``width``, then per
+    stage ``depth`` × (orthogonal conv → :class:`MaxMinPermuted`) and an invertible 2×2 space-to-depth
+    (a permutation: width × 4 channels), then a linear head with spectral norm ≤ 1.
+
+    Args:
+        in_channels: input channels.
+        num_classes: outputs.
+        image_size: input height = width (divisible by ``2**stages``).
+        width: channels after the padding.
+        depth: orthogonal convs per stage.
+        stages: downsampling stages.
+        conv: ``"gs"`` (:class:`GSOrthogonalConv2d` with ``groups``) or ``"soc"`` (ungrouped
+            :class:`SkewOrthogonalConv2d`).
+        groups: the GS group counts.
+
+    Every layer is 1-Lipschitz (orthogonal up to the certified truncation tol), so the network is; use
+    :func:`certified_radius` on its logits.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: int,
+        *,
+        width: int = 16,
+        depth: int = 2,
+        stages: int = 2,
+        conv: str = "gs",
+        groups=(4, 4),
+        tol: float = 1e-6,
+        dtype=None,
+        device=None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if conv not in ("gs", "soc"):
+            raise ValueError(f"conv must be 'gs' or 'soc', got {conv!r}")
+        if in_channels > width or image_size % (2**stages):
+            raise ValueError("need in_channels <= width and image_size divisible by 2**stages")
+        self.width = width
+        layers: list[torch.nn.Module] = []
+        c = width
+        kw = dict(tol=tol, dtype=dtype, device=device, generator=generator)
+        for _ in range(stages):
+            for _ in range(depth):
+                layers.append(
+                    GSOrthogonalConv2d(c, 3, groups, **kw) if conv == "gs" else SkewOrthogonalConv2d(c, 3, **kw)
+                )
+                layers.append(MaxMinPermuted())
+            layers.append(torch.nn.PixelUnshuffle(2))
+            c *= 4
+        self.features = torch.nn.Sequential(*layers)
+        side = image_size // 2**stages
+        self.head = _OrthonormalRowsLinear(
+            c * side * side, num_classes, dtype=dtype, device=device, generator=generator
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, 0, 0, 0, 0, self.width - x.shape[1]))  # zero channels: an isometric embedding
+        return self.head(self.features(x).flatten(1))
+
+
+@torch.no_grad()
+def certified_accuracy(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, eps: float) -> tuple[float, float]:
+    """``(clean accuracy, certified accuracy at ℓ₂ radius eps)`` of a 1-Lipschitz classifier: a sample counts as
+    certified when it is classified correctly and its :func:`certified_radius` exceeds ``eps``."""
+    logits = model(X)
+    correct = logits.argmax(1) == y
+    return correct.float().mean().item(), (correct & (certified_radius(logits) > eps)).float().mean().item()
