@@ -171,7 +171,7 @@ def environment(device: torch.device, threads: int, blas_threads: str) -> dict:
         "torch_threads": threads,
         "blas_threads": blas_threads,
         "device": str(device),
-        "peers": {name: _version(name) for name in ("pymanopt", "geoopt", "numpy", "scipy")},
+        "peers": {name: _version(name) for name in ("pymanopt", "geoopt", "peft", "scikit-learn", "numpy", "scipy")},
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
