@@ -10,9 +10,13 @@ matrices; GSOFT keeps index maps), and on CUDA the peak memory of a step.
 
 from __future__ import annotations
 
+import copy
+import statistics
+import time
+
 import torch
 
-from ..nn import GSOFTConfig, inject_gsoft
+from ..nn import GSOFTConfig, LipConvNet, certified_accuracy, inject_gsoft
 from .registry import Benchmark, Case
 from .runner import Context, ratio, timing_row
 
@@ -47,7 +51,152 @@ def _ours(n: int, double: bool, device):
     return model
 
 
+def _digits(ctx: Context):
+    """Digits as ``(X_train, y_train, X_test, y_test)`` in [0, 1], ``(N, 1, 8, 8)``; None without scikit-learn."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        return None
+    d = load_digits()
+    X = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(y), generator=ctx.generator())
+    te, tr = perm[: len(y) // 5], perm[len(y) // 5 :]
+    return X[tr], y[tr], X[te], y[te]
+
+
+def _fit(model, X, y, epochs: int, ctx: Context, label: str, lr: float = 3e-3) -> list[float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    g = ctx.generator(1)
+    times = []
+    for epoch in range(epochs):
+        ctx.status(f"{label}: epoch {epoch + 1}/{epochs}")
+        perm = torch.randperm(len(y), generator=g)
+        t0 = time.perf_counter()
+        for i in range(0, len(y), 64):
+            idx = perm[i : i + 64]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+            opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _accuracy(model, X, y) -> float:
+    with torch.no_grad():
+        return (model(X).argmax(1) == y).float().mean().item()
+
+
+def _mlp() -> torch.nn.Sequential:
+    return torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU(),
+        torch.nn.Linear(128, 5),
+    )  # fmt: skip
+
+
+def run_transfer(case: Case, ctx: Context) -> dict:
+    """Pretrain an MLP on digits 0–4, then adapt its two hidden linears (and train the head) to digits 5–9."""
+    data = _digits(ctx)
+    if data is None:
+        return {"rows": [{"variant": "digits transfer", "skipped": "skipped: install scikit-learn"}]}
+    Xtr, ytr, Xte, yte = data
+    lo_tr, hi_tr, hi_te = ytr < 5, ytr >= 5, yte >= 5
+    torch.manual_seed(ctx.seed)
+    base = _mlp()
+    _fit(base, Xtr[lo_tr], ytr[lo_tr], case.params["pretrain_epochs"], ctx, "pretraining on 0-4")
+    X, y, Xt, yt = Xtr[hi_tr], ytr[hi_tr] - 5, Xte[hi_te], yte[hi_te] - 5
+    targets, head = ["1", "3"], "5"
+    methods: dict[str, object] = {"full fine-tuning": None, "head only": "head"}
+    methods.update({f"PEFT {m}": m for m in ("LoRA r=4", "OFT block 16", "BOFT block 8, 2 factors")})
+    methods.update({"GSOFT block 8": False, "double GSOFT block 8": True})
+    rows = []
+    for label, how in methods.items():
+        model = copy.deepcopy(base)
+        if how == "head":
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith(head + "."))
+        elif isinstance(how, str):
+            model = _peft_model(model, how, targets, [head])
+            if model is None:
+                rows.append({"variant": label, "skipped": "skipped: install peft"})
+                continue
+        elif isinstance(how, bool):
+            inject_gsoft(model, GSOFTConfig(block_size=8, target_modules=targets, double=how, modules_to_save=[head]))
+        times = _fit(model, X, y, case.params["epochs"], ctx, label)
+        rows.append(
+            {
+                "variant": label,
+                "time": statistics.median(times),
+                "time_min": min(times),
+                "time_max": max(times),
+                "repeats": len(times),
+                "figures": {
+                    "accuracy on 5-9": _accuracy(model, Xt, yt),
+                    "trainable parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                },
+                "status": f"time: per epoch; {case.params['epochs']} epochs",
+            }
+        )
+    base_time = rows[0]["time"]
+    for r in rows:
+        if r.get("time") is not None:
+            r["ratio"] = r["time"] / base_time
+    return {"rows": rows}
+
+
+def run_lipschitz(case: Case, ctx: Context) -> dict:
+    """LipConvNet on digits with GS orthogonal convs vs plain skew-orthogonal convs: clean and certified accuracy."""
+    data = _digits(ctx)
+    if data is None:
+        return {"rows": [{"variant": "LipConvNet", "skipped": "skipped: install scikit-learn"}]}
+    Xtr, ytr, Xte, yte = data
+    eps = 36 / 255  # on pixels in [0, 1]
+    rows = []
+    for label, conv in (("LipConvNet, SOC convs", "soc"), ("LipConvNet, GS orthogonal convs (4, 4)", "gs")):
+        torch.manual_seed(ctx.seed)
+        net = LipConvNet(1, 10, 8, width=16, depth=2, stages=1, conv=conv, groups=(4, 4), generator=ctx.generator())
+        times = _fit(net, Xtr, ytr, case.params["epochs"], ctx, label, lr=1e-2)
+        clean, cert = certified_accuracy(net, Xte, yte, eps)
+        rows.append(
+            {
+                "variant": label,
+                "time": statistics.median(times),
+                "time_min": min(times),
+                "time_max": max(times),
+                "repeats": len(times),
+                "figures": {
+                    "clean accuracy": clean,
+                    "certified accuracy (eps 36/255)": cert,
+                    "parameters": sum(p.numel() for p in net.parameters()),
+                },
+                "status": f"time: per epoch; {case.params['epochs']} epochs",
+            }
+        )
+    rows[1]["ratio"] = rows[1]["time"] / rows[0]["time"]
+    return {"rows": rows}
+
+
+def _peft_model(model, method: str, targets, save):
+    try:
+        from peft import BOFTConfig, LoraConfig, OFTConfig, get_peft_model
+    except ImportError:
+        return None
+    cfg = {
+        "LoRA r=4": lambda: LoraConfig(r=4, target_modules=targets, modules_to_save=save),
+        "OFT block 16": lambda: OFTConfig(oft_block_size=16, r=0, target_modules=targets, modules_to_save=save),
+        "BOFT block 8, 2 factors": lambda: BOFTConfig(
+            boft_block_size=8, boft_n_butterfly_factor=2, target_modules=targets, modules_to_save=save
+        ),
+    }[method]()
+    return get_peft_model(model, cfg)
+
+
 def run(case: Case, ctx: Context) -> dict:
+    if case.name.startswith("digits-transfer"):
+        return run_transfer(case, ctx)
+    if case.name.startswith("lipconvnet"):
+        return run_lipschitz(case, ctx)
     n, B = case.params["n"], 256
     torch.manual_seed(ctx.seed)
     x = torch.randn(B, n, generator=ctx.generator()).to(ctx.device)
@@ -91,8 +240,17 @@ BENCHMARK = Benchmark(
     summary="GSOFT vs PEFT's LoRA / OFT / BOFT on one Linear(n, n): forward + backward time, parameters, buffers",
     baseline="time of the row / time of full fine-tuning of the layer (same process, interleaved rounds)",
     figures=("median seconds per step", "trainable parameters", "buffer bytes", "peak memory (CUDA)"),
-    quick=(Case("linear768", dict(n=768)),),
-    full=(Case("linear768", dict(n=768)), Case("linear4096", dict(n=4096))),
+    quick=(
+        Case("linear768", dict(n=768)),
+        Case("digits-transfer", dict(pretrain_epochs=10, epochs=5)),
+        Case("lipconvnet-digits", dict(epochs=2)),
+    ),
+    full=(
+        Case("linear768", dict(n=768)),
+        Case("linear4096", dict(n=4096)),
+        Case("digits-transfer", dict(pretrain_epochs=30, epochs=20)),
+        Case("lipconvnet-digits", dict(epochs=15)),
+    ),
     run=run,
     scaling=("n",),
     peers=("peft",),

@@ -48,6 +48,8 @@ class SkewOrthogonalConv2d(torch.nn.Module):
         groups: channel groups; each gets its own skew conv (a block-diagonal orthogonal operator).
         tol: certified bound on the truncation error of the series, relative to ``‖x‖``.
         max_terms: at most this many terms (a ``RuntimeError`` if the certificate needs more).
+        max_norm: if the bound λ exceeds it, L is scaled by ``max_norm / λ`` (still skew: the map stays
+            orthogonal, and the series short); None: no scaling.
         bias: add a learned bias after the orthogonal map (keeps the layer 1-Lipschitz).
 
     Cost ``O(T B H W C (C / groups) k²)`` for T terms.
@@ -61,6 +63,7 @@ class SkewOrthogonalConv2d(torch.nn.Module):
         *,
         tol: float = 1e-6,
         max_terms: int = 30,
+        max_norm: float | None = 2.0,
         bias: bool = True,
         init_scale: float = 0.1,
         dtype=None,
@@ -74,8 +77,10 @@ class SkewOrthogonalConv2d(torch.nn.Module):
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         if not 0 < tol < 1:
             raise ValueError(f"tol must be in (0, 1), got {tol}")
-        self.channels, self.kernel_size, self.groups, self.tol, self.max_terms = (
-            channels, kernel_size, groups, tol, max_terms,
+        if max_norm is not None and not max_norm > 0:
+            raise ValueError(f"max_norm must be positive or None, got {max_norm}")
+        self.channels, self.kernel_size, self.groups, self.tol, self.max_terms, self.max_norm = (
+            channels, kernel_size, groups, tol, max_terms, max_norm,
         )  # fmt: skip
         dtype = torch.get_default_dtype() if dtype is None else dtype
         c = channels // groups
@@ -84,18 +89,25 @@ class SkewOrthogonalConv2d(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(channels, dtype=dtype, device=device)) if bias else None
 
     def skew_kernel(self) -> torch.Tensor:
-        """The kernel of L: ``M − M*`` per group, ``(C, C/groups, k, k)``."""
+        """The kernel of L: ``M − M*`` per group (scaled down to ``max_norm`` if its bound exceeds it),
+        ``(C, C/groups, k, k)``."""
         g, c, k = self.groups, self.channels // self.groups, self.kernel_size
         M = self.weight.reshape(g, c, c, k, k)
-        adj = M.transpose(1, 2).flip(-1, -2)
-        return (M - adj).reshape(self.channels, c, k, k)
+        K = (M - M.transpose(1, 2).flip(-1, -2)).reshape(self.channels, c, k, k)
+        if self.max_norm is not None:
+            lam = self._bound(K)
+            if lam > self.max_norm:
+                K = K * (self.max_norm / lam)
+        return K
 
     def norm_bound(self, kernel: torch.Tensor | None = None) -> torch.Tensor:
         """``λ ≥ ‖L‖₂``: per group, the sum over taps of the spectral norms of the tap matrices; the max
         over groups."""
-        K = self.skew_kernel() if kernel is None else kernel
+        return self._bound(self.skew_kernel() if kernel is None else kernel).detach()
+
+    def _bound(self, K: torch.Tensor) -> torch.Tensor:
         g, c, k = self.groups, self.channels // self.groups, self.kernel_size
-        taps = K.detach().reshape(g, c, c, k * k).permute(0, 3, 1, 2)  # (g, k², c, c)
+        taps = K.reshape(g, c, c, k * k).permute(0, 3, 1, 2)  # (g, k², c, c)
         return torch.linalg.matrix_norm(taps, ord=2).sum(dim=1).max()
 
     def terms(self, bound: float) -> int:
