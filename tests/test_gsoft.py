@@ -153,3 +153,31 @@ def test_bad_configs():
     inject_gsoft(model, GSOFTConfig(block_size=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="already"):
         inject_gsoft(model, GSOFTConfig(block_size=4, target_modules=["v_proj"]))
+
+
+class Conv1D(torch.nn.Module):
+    """GPT-2's layout: ``y = x W + b`` with ``W: (in, out)``."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n_in, n_out) / n_in**0.5)
+        self.bias = torch.nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def test_fan_in_fan_out_layers():
+    torch.manual_seed(9)
+    model = torch.nn.Sequential(Conv1D(16, 24), torch.nn.ReLU(), Conv1D(24, 8))
+    x = torch.randn(5, 16)
+    ref = model(x)
+    inject_gsoft(model, GSOFTConfig(block_size=8, target_modules=["0", "2"], fan_in_fan_out=True, double=True))
+    assert torch.allclose(model(x), ref, atol=1e-6)  # Q = I
+    randomize_adapters(model, torch.Generator().manual_seed(10))
+    adapted = model(x)
+    w0 = model[0].base_layer.weight.detach().clone()
+    merge_adapter(model)
+    assert torch.allclose(model(x), adapted, atol=1e-5)
+    unmerge_adapter(model)
+    assert (model[0].base_layer.weight - w0).abs().max() < 1e-6

