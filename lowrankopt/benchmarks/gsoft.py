@@ -350,6 +350,87 @@ def run(case: Case, ctx: Context) -> dict:
     return {"rows": rows, "time_label": "seconds per forward + backward (batch 256)"}
 
 
+_METHODS = ("full fine-tuning", "PEFT LoRA r=4", "PEFT OFT block 16", "PEFT BOFT block 8, 2 factors", "GSOFT block 8",
+            "double GSOFT block 8")  # fmt: skip
+
+
+def _build(n: int, method: str, device="cpu"):
+    if method == "full fine-tuning":
+        return _One(n, device)
+    if method.startswith("PEFT "):
+        return _peft(n, method[5:], device)
+    return _ours(n, method.startswith("double"), device)
+
+
+def _peak_step_bytes(n: int, method: str) -> int | None:
+    """Peak resident memory added by 3 forward + backward steps (batch 256) in this process, from Linux's
+    VmHWM after resetting it (``/proc/self/clear_refs``); None where that is unavailable."""
+    import gc
+
+    model = _build(n, method)
+    if model is None:
+        return None
+    x = torch.randn(256, n)
+    gc.collect()
+    try:
+        rss = _status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the peak-RSS counter
+    except OSError:
+        return None
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+    return (_status_kb("VmHWM") - rss) * 1024
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def run_memory(case: Case, ctx: Context) -> dict:
+    """Each method in a fresh subprocess (so no other allocation shares the peak): CPU peak memory of a step."""
+    import json
+    import subprocess
+    import sys
+
+    n, rows = case.params["n"], []
+    code = (
+        "import json, sys, torch; torch.set_num_threads(1); "
+        "from lowrankopt.benchmarks.gsoft import _peak_step_bytes; "
+        "print(json.dumps(_peak_step_bytes(int(sys.argv[1]), sys.argv[2])))"
+    )
+    for method in _METHODS:
+        ctx.status(f"{method}: subprocess")
+        out = subprocess.run([sys.executable, "-c", code, str(n), method], capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            rows.append({"variant": method, "skipped": f"failed: {out.stderr.strip().splitlines()[-1][:120]}"})
+            continue
+        peak = json.loads(out.stdout.strip().splitlines()[-1])
+        if peak is None:
+            reason = "skipped: install peft" if method.startswith("PEFT") else "skipped: needs Linux /proc"
+            rows.append({"variant": method, "skipped": reason})
+            continue
+        rows.append({"variant": method, "figures": {"peak step memory (MB)": peak / 2**20}, "status": "CPU, 3 steps"})
+    return {"rows": rows}
+
+
+MEMORY_BENCHMARK = Benchmark(
+    name="gsoft-memory",
+    summary="GSOFT vs PEFT's LoRA / OFT / BOFT on one Linear(n, n): CPU peak memory of a forward + backward step",
+    baseline="no ratio: absolute peak resident memory added by the steps (each method in a fresh subprocess)",
+    figures=("peak step memory (MB)",),
+    quick=(Case("linear768", dict(n=768)),),
+    full=(Case("linear768", dict(n=768)), Case("linear4096", dict(n=4096))),
+    run=run_memory,
+    peers=("peft",),
+)
+
+
 BENCHMARK = Benchmark(
     name="gsoft",
     summary="GSOFT vs PEFT's LoRA / OFT / BOFT on one Linear(n, n): forward + backward time, parameters, buffers",
@@ -373,3 +454,5 @@ BENCHMARK = Benchmark(
     peers=("peft",),
     repeats={"quick": 3, "full": 5},
 )
+
+BENCHMARKS = (BENCHMARK, MEMORY_BENCHMARK)
