@@ -97,18 +97,20 @@ def test_density_two_factors_with_wide_inner_blocks_span_all_matrices():
 @pytest.mark.parametrize("map", ["cayley", "exp"])
 def test_gs_orthogonal_is_orthogonal_and_identity_at_init(map):
     g = torch.Generator().manual_seed(3)
-    Q = GSOrthogonal(16, 4, map=map, dtype=D)
-    assert torch.equal(Q.matrix(), torch.eye(16, dtype=D))
-    assert sum(p.numel() for p in Q.parameters()) == GSOrthogonal.num_parameters(16, 4) == 16 * 3
+    Q = GSOrthogonal(32, 4, map=map, dtype=D)  # n = 32, b = 4: the shuffle is not its own inverse
+    assert not torch.equal(Q.perm, Q.inverse_perm)
+    assert torch.equal(Q.matrix(), torch.eye(32, dtype=D))
+    assert sum(p.numel() for p in Q.parameters()) == GSOrthogonal.num_parameters(32, 4) == 32 * 3
     with torch.no_grad():
         Q.L.copy_(torch.randn(Q.L.shape, dtype=D, generator=g))
         Q.R.copy_(torch.randn(Q.R.shape, dtype=D, generator=g))
     M = Q.matrix()
-    assert (M.T @ M - torch.eye(16, dtype=D)).abs().max() < 1e-12
-    x = torch.randn(3, 16, dtype=D, generator=g)
+    assert (M.T @ M - torch.eye(32, dtype=D)).abs().max() < 1e-12
+    x = torch.randn(3, 32, dtype=D, generator=g)
     assert torch.allclose(Q(x), x @ M.T, atol=1e-13)
     L, R = Q.blocks()
-    assert torch.allclose(M, torch.block_diag(*L)[torch.argsort(Q.perm)][:, Q.perm] @ torch.block_diag(*R), atol=1e-13)
+    P = dense_perm(shuffle_index(8, 32))  # P_(nblocks, n) as a dense matrix, for this check only
+    assert torch.allclose(M, P.T @ torch.block_diag(*L) @ P @ torch.block_diag(*R), atol=1e-13)
 
 
 def test_neumann_map_converges_to_cayley():
@@ -120,6 +122,11 @@ def test_neumann_map_converges_to_cayley():
         M = Q.matrix()
         errs.append((M.T @ M - torch.eye(8, dtype=D)).abs().max().item())
     assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-6
+    Q = GSOrthogonal(8, nblocks=2, map="neumann", dtype=D)
+    with torch.no_grad():
+        Q.L.fill_(2.0)
+    with pytest.raises(ValueError, match="diverges"):
+        Q.matrix()
 
 
 def test_orthogonal_parametrization_trains_with_riemannian_adam():

@@ -40,6 +40,9 @@ def test_gs_orthogonal_conv_is_orthogonal_and_cheaper():
     assert (J.T @ J - torch.eye(128, dtype=D)).abs().max() < 1e-9
     C, k = 8, 3
     assert sum(p.numel() for p in conv.parameters()) == C * C * k * k // 4 + C * C // 2 + C
+    # the shuffles make every output channel depend on every input channel (groups 4 then 2 still mix)
+    dep = J.reshape(8, 16, 8, 16).abs().sum(dim=(1, 3))
+    assert (dep > 0).all()
     assert sum(p.numel() for p in SkewOrthogonalConv2d(8, 3, bias=False).parameters()) == C * C * k * k
 
 
@@ -103,3 +106,5 @@ def test_lipconvnet_is_1_lipschitz(conv):
     assert clean == 1.0 and cert == pytest.approx((radius > 0.05).double().mean().item())
     with pytest.raises(ValueError, match="conv"):
         LipConvNet(1, 10, 8, conv="dense")
+    with pytest.raises(ValueError, match="input"):
+        net(torch.zeros(1, 3, 8, 8, dtype=D))

@@ -103,17 +103,41 @@ def test_disabled_adapters_give_the_base_model():
 
 def test_state_dict_round_trip():
     a, b = make_model(), make_model()
-    cfg = GSOFTConfig(block_size=4, target_modules=["v_proj"], double=True)
+    cfg = GSOFTConfig(
+        block_size=4, target_modules=["v_proj"], double=True, modules_to_save="2"
+    )  # regex: top-level only
     inject_gsoft(a, cfg)
     inject_gsoft(b, cfg)
     randomize_adapters(a, torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        a[2].weight.add_(1.0)  # a trained head (modules_to_save) must travel with the adapters
     sd = gsoft_state_dict(a)
-    assert sd and all("gsoft_" in k for k in sd)
+    assert "2.weight" in sd and all("gsoft_" in k or k.startswith("2.") for k in sd)
     load_gsoft_state_dict(b, sd)
     x = torch.randn(3, 16, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a(x), b(x))
     with pytest.raises(ValueError, match="mismatch"):
         load_gsoft_state_dict(b, {"nonsense": torch.zeros(1)})
+    merge_adapter(b)
+    with pytest.raises(ValueError, match="unmerge"):
+        load_gsoft_state_dict(b, sd)
+
+
+def test_neumann_merge_unmerge_and_zero_scale():
+    model = make_model(torch.float64)
+    inject_gsoft(model, GSOFTConfig(block_size=4, target_modules=["q_proj"], map="neumann", double=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gsoft_" in name and "scale" not in name:
+                p.copy_(0.1 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(11)))
+    w = model[0].q_proj.base_layer.weight.detach().clone()
+    merge_adapter(model)
+    unmerge_adapter(model)  # Neumann Q is only nearly orthogonal: unmerge must invert, not transpose
+    assert (model[0].q_proj.base_layer.weight - w).abs().max() < 1e-12
+    with torch.no_grad():
+        model[0].q_proj.gsoft_scale[0] = 0.0
+    with pytest.raises(ValueError, match="scale"):
+        merge_adapter(model)
 
 
 def test_training_keeps_the_rotations_orthogonal():
@@ -165,6 +189,14 @@ class Conv1D(torch.nn.Module):
 
     def forward(self, x):
         return x @ self.weight + self.bias
+
+
+def test_fan_in_fan_out_is_ignored_for_nn_linear():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    x = torch.randn(2, 8)
+    ref = model(x)
+    inject_gsoft(model, GSOFTConfig(block_size=4, target_modules=["0"], fan_in_fan_out=True))
+    assert torch.equal(model(x), ref) and not model[0].fan_in_fan_out
 
 
 def test_fan_in_fan_out_layers():

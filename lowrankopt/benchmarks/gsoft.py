@@ -243,7 +243,7 @@ def run_minilm(case: Case, ctx: Context) -> dict:
     rows = []
     for label, how in methods.items():
         torch.manual_seed(ctx.seed)
-        model = _Classifier(AutoModel.from_pretrained(path)).to(ctx.device)
+        model = _Classifier(AutoModel.from_pretrained(path, add_pooling_layer=False)).to(ctx.device)
         if how == "head":
             for name, p in model.named_parameters():
                 p.requires_grad_(name.startswith("head."))
@@ -341,10 +341,11 @@ def run(case: Case, ctx: Context) -> dict:
             "trainable parameters": sum(p.numel() for p in m.parameters() if p.requires_grad),
             "buffer bytes": sum(b.numel() * b.element_size() for b in m.buffers()),
         }
-        if ctx.device.type == "cuda":
+        if ctx.device.type == "cuda":  # the step's own peak, above what is resident (all models' weights)
             torch.cuda.reset_peak_memory_stats(ctx.device)
+            resident = torch.cuda.memory_allocated(ctx.device)
             step(m)()
-            figures["peak memory (MB)"] = torch.cuda.max_memory_allocated(ctx.device) / 2**20
+            figures["peak memory (MB)"] = (torch.cuda.max_memory_allocated(ctx.device) - resident) / 2**20
         extra = {"status": "baseline"} if name == "full fine-tuning" else {"ratio": ratio(t[name], base)}
         rows.append(timing_row(name, t[name], figures=figures, **extra))
     return {"rows": rows, "time_label": "seconds per forward + backward (batch 256)"}

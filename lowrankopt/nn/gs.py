@@ -138,7 +138,7 @@ def gs_project(A: torch.Tensor, L_shape: Sequence[int], R_shape: Sequence[int], 
     L = A.new_zeros(kL, b1L, b2L)
     R = A.new_zeros(kR, b1R, b2R)
     for k1 in range(kL):
-        ts = torch.arange(k1 * b2L, (k1 + 1) * b2L)
+        ts = torch.arange(k1 * b2L, (k1 + 1) * b2L, device=A.device)
         for k2 in range(kR):
             joined = ts[(sigma[ts] // b1R) == k2]  # inner L-inputs t whose P-source is in R-block k2
             if len(joined) == 0:
@@ -169,6 +169,8 @@ def _orthogonal(K: torch.Tensor, kind: str, terms: int) -> torch.Tensor:
         return torch.linalg.solve(eye - K, eye + K)
     if kind == "exp":
         return torch.linalg.matrix_exp(K)
+    if torch.linalg.matrix_norm(K.detach()).max() >= 1:  # the series of (I − K)⁻¹ converges only for ‖K‖ < 1
+        raise ValueError("the Neumann map needs ‖K‖_F < 1 for every block (the series diverges); use map='cayley'")
     inv, power = eye.expand_as(K).clone(), eye.expand_as(K)  # (I − K)⁻¹ ≈ Σ_{j ≤ terms} K^j
     for _ in range(terms):
         power = power @ K

@@ -155,7 +155,7 @@ class GSOrthogonalConv2d(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(channel_shuffle(x, self.g1))
-        return self.conv2(channel_shuffle(x, self.g2))
+        return self.conv2(channel_shuffle(x, self.g1))  # interleave conv1's g1 groups so that conv2's groups mix them
 
 
 class MaxMinPermuted(torch.nn.Module):
@@ -235,7 +235,7 @@ class LipConvNet(torch.nn.Module):
             raise ValueError(f"conv must be 'gs' or 'soc', got {conv!r}")
         if in_channels > width or image_size % (2**stages):
             raise ValueError("need in_channels <= width and image_size divisible by 2**stages")
-        self.width = width
+        self.width, self.in_channels = width, in_channels
         layers: list[torch.nn.Module] = []
         c = width
         kw = dict(tol=tol, dtype=dtype, device=device, generator=generator)
@@ -254,6 +254,8 @@ class LipConvNet(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"input must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         x = F.pad(x, (0, 0, 0, 0, 0, self.width - x.shape[1]))  # zero channels: an isometric embedding
         return self.head(self.features(x).flatten(1))
 

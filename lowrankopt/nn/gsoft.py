@@ -54,7 +54,7 @@ class GSOFTConfig:
         double: also rotate the output side (``Q_out W Q_in``).
         scale: learn a per-output scale s (initialized to 1).
         bias: ``"none"`` (frozen), ``"all"`` (every bias trainable) or ``"gsoft_only"`` (biases of adapted layers).
-        modules_to_save: names (suffixes) of modules left fully trainable (e.g. a new classifier head).
+        modules_to_save: modules left fully trainable (e.g. a new classifier head): suffixes, or a regex string.
         fan_in_fan_out: the base weight is stored ``(in, out)`` (GPT-2's ``Conv1D``).
         map: ``"cayley"``, ``"exp"`` or ``"neumann"`` (see :class:`~.gs.GSOrthogonal`).
         neumann_terms: series terms of the ``"neumann"`` map.
@@ -110,10 +110,11 @@ class GSOFTLinear(torch.nn.Module):
     def __init__(self, base_layer: torch.nn.Module, config: GSOFTConfig, name: str = ""):
         super().__init__()
         w = base_layer.weight
-        out_f, in_f = (w.shape[1], w.shape[0]) if config.fan_in_fan_out else tuple(w.shape)
+        # nn.Linear stores (out, in) whatever the config says (PEFT also ignores fan_in_fan_out for it)
+        self.fan_in_fan_out = config.fan_in_fan_out and not isinstance(base_layer, torch.nn.Linear)
+        out_f, in_f = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else tuple(w.shape)
         kw = dict(map=config.map, neumann_terms=config.neumann_terms, dtype=w.dtype, device=w.device)
         self.base_layer = base_layer
-        self.fan_in_fan_out = config.fan_in_fan_out
         self.gsoft_in = GSOrthogonal(in_f, config.block_for(in_f, name or "layer"), **kw)
         self.gsoft_out = GSOrthogonal(out_f, config.block_for(out_f, name or "layer"), **kw) if config.double else None
         self.gsoft_scale = (
@@ -153,6 +154,8 @@ class GSOFTLinear(torch.nn.Module):
         """Fold the adapter into the base weight (forward then costs what the base layer costs)."""
         if self.merged:
             return
+        if self.gsoft_scale is not None and (self.gsoft_scale.abs() < 1e-12).any():
+            raise ValueError("a scale entry is (nearly) 0: merging could not be undone; adapter left unmerged")
         W = self.delta_weight()
         if not torch.isfinite(W).all():
             raise ValueError("merging would write non-finite values into the weight; adapter left unmerged")
@@ -161,15 +164,18 @@ class GSOFTLinear(torch.nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the base weight: ``W = Q_outᵀ diag(1/s) W' Q_inᵀ`` (orthogonal factors: exact transposes)."""
+        """Restore the base weight: ``W = Q_out⁻¹ diag(1/s) W' Q_in⁻¹`` (by solves: exact also for the
+        approximately orthogonal Neumann map)."""
         if not self.merged:
             return
         W = self._weight()
         if self.gsoft_scale is not None:
             W = W / self.gsoft_scale[:, None]
         if self.gsoft_out is not None:
-            W = self.gsoft_out.matrix().T @ W
-        W = W @ self.gsoft_in.matrix().T
+            W = torch.linalg.solve(self.gsoft_out.matrix(), W)
+        W = torch.linalg.solve(self.gsoft_in.matrix().T, W.T).T
+        if not torch.isfinite(W).all():
+            raise ValueError("unmerging produced non-finite values; the weight is left merged")
         self.base_layer.weight.copy_(W.T if self.fan_in_fan_out else W)
         self.merged = False
 
@@ -194,8 +200,12 @@ def inject_gsoft(model: torch.nn.Module, config: GSOFTConfig) -> dict[str, GSOFT
     all_linear = config.target_modules == "all-linear"
     targets = []
     for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
         linear_like = isinstance(m, torch.nn.Linear) or (
-            config.fan_in_fan_out and getattr(m, "weight", None) is not None
+            config.fan_in_fan_out
+            and isinstance(w, torch.Tensor)
+            and w.dim() == 2
+            and not isinstance(m, torch.nn.Embedding)
         )
         if not linear_like or not name:
             continue
@@ -257,12 +267,16 @@ def disable_adapters(model: torch.nn.Module):
 
 
 def gsoft_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter parameters only (``…gsoft_in.L``, ``…gsoft_scale``, …), detached copies."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if PREFIX in k}
+    """What training changes: the adapter parameters (``…gsoft_in.L``, ``…gsoft_scale``, …) and every other
+    trainable parameter (``modules_to_save``, trainable biases), detached copies."""
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if PREFIX in k or k in trainable}
 
 
 def load_gsoft_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Load adapter parameters saved by :func:`gsoft_state_dict` into a model injected with the same config."""
+    if any(layer.merged for _, layer in _adapted(model)):
+        raise ValueError("unmerge the adapters before loading adapter weights")
     expected = set(gsoft_state_dict(model))
     missing, unexpected = expected - set(state_dict), set(state_dict) - expected
     if missing or unexpected:
