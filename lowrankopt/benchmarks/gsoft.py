@@ -19,14 +19,13 @@ matrices; GSOFT keeps index maps), and on CUDA the peak memory of a step.
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 
 import torch
 
 from ..nn import GSOFTConfig, LipConvNet, certified_accuracy, inject_gsoft
 from .registry import Benchmark, Case
-from .runner import Context, ratio, timing_row
+from .runner import Context, Timing, ratio, timing_row
 
 
 class _One(torch.nn.Module):
@@ -132,20 +131,12 @@ def run_transfer(case: Case, ctx: Context) -> dict:
         elif isinstance(how, bool):
             inject_gsoft(model, GSOFTConfig(block_size=8, target_modules=targets, double=how, modules_to_save=[head]))
         times = _fit(model, X, y, case.params["epochs"], ctx, label)
-        rows.append(
-            {
-                "variant": label,
-                "time": statistics.median(times),
-                "time_min": min(times),
-                "time_max": max(times),
-                "repeats": len(times),
-                "figures": {
-                    "accuracy on 5-9": _accuracy(model, Xt, yt),
-                    "trainable parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                },
-                "status": f"time: per epoch; {case.params['epochs']} epochs",
-            }
-        )
+        figures = {
+            "accuracy on 5-9": _accuracy(model, Xt, yt),
+            "trainable parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        }
+        status = f"time: per epoch; {case.params['epochs']} epochs"
+        rows.append(timing_row(label, Timing.of(times), figures=figures, status=status))
     base_time = rows[0]["time"]
     for r in rows:
         if r.get("time") is not None:
@@ -166,21 +157,13 @@ def run_lipschitz(case: Case, ctx: Context) -> dict:
         net = LipConvNet(1, 10, 8, width=16, depth=2, stages=1, conv=conv, groups=(4, 4), generator=ctx.generator())
         times = _fit(net, Xtr, ytr, case.params["epochs"], ctx, label, lr=1e-2)
         clean, cert = certified_accuracy(net, Xte, yte, eps)
-        rows.append(
-            {
-                "variant": label,
-                "time": statistics.median(times),
-                "time_min": min(times),
-                "time_max": max(times),
-                "repeats": len(times),
-                "figures": {
-                    "clean accuracy": clean,
-                    "certified accuracy (eps 36/255)": cert,
-                    "parameters": sum(p.numel() for p in net.parameters()),
-                },
-                "status": f"time: per epoch; {case.params['epochs']} epochs",
-            }
-        )
+        figures = {
+            "clean accuracy": clean,
+            "certified accuracy (eps 36/255)": cert,
+            "parameters": sum(p.numel() for p in net.parameters()),
+        }
+        status = f"time: per epoch; {case.params['epochs']} epochs"
+        rows.append(timing_row(label, Timing.of(times), figures=figures, status=status))
     rows[1]["ratio"] = rows[1]["time"] / rows[0]["time"]
     return {"rows": rows}
 
@@ -270,20 +253,12 @@ def run_minilm(case: Case, ctx: Context) -> dict:
             times.append(time.perf_counter() - t0)
         with torch.no_grad():
             acc = (model(test_batch).argmax(1).cpu() == test_y).float().mean().item()
-        rows.append(
-            {
-                "variant": label,
-                "time": statistics.median(times[1:]),
-                "time_min": min(times[1:]),
-                "time_max": max(times[1:]),
-                "repeats": len(times) - 1,
-                "figures": {
-                    "test accuracy": acc,
-                    "trainable parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                },
-                "status": f"time: per step (batch 16), first step excluded; {case.params['steps']} steps",
-            }
-        )
+        figures = {
+            "test accuracy": acc,
+            "trainable parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        }
+        status = f"time: per step (batch 16), first step excluded; {case.params['steps']} steps"
+        rows.append(timing_row(label, Timing.of(times[1:]), figures=figures, status=status))
     timed = [r for r in rows if r.get("time") is not None]
     for r in timed:
         r["ratio"] = r["time"] / timed[0]["time"]

@@ -22,7 +22,7 @@ import torch
 
 from ..nn import STTPLinear, count_parameters, sttp_convert
 from .registry import Benchmark, Case
-from .runner import Context, ratio, timing_row
+from .runner import Context, Timing, ratio, timing_row
 
 
 def _digits(ctx: Context):
@@ -96,17 +96,8 @@ def run_digits(case: Case, ctx: Context) -> dict:
         model = model.to(ctx.device)
         acc, times = _train(model, data, epochs, ctx, label)
         share = 100 * count_parameters(model) / dense_params
-        rows.append(
-            {
-                "variant": label,
-                "time": statistics.median(times),
-                "time_min": min(times),
-                "time_max": max(times),
-                "repeats": len(times),
-                "figures": {"test accuracy": acc, "% parameters": share, "parameters": count_parameters(model)},
-                "status": f"{epochs} epochs; time: per epoch",
-            }
-        )
+        figures = {"test accuracy": acc, "% parameters": share, "parameters": count_parameters(model)}
+        rows.append(timing_row(label, Timing.of(times), figures=figures, status=f"{epochs} epochs; time: per epoch"))
         points.append((label, share, acc))
     base = rows[0]["time"]
     for r in rows:
