@@ -24,6 +24,7 @@ import time
 import torch
 
 from ..nn import GSOFTConfig, LipConvNet, certified_accuracy, inject_gsoft
+from .digits import accuracy, digits_split, fit
 from .registry import Benchmark, Case
 from .runner import Context, Timing, ratio, timing_row
 
@@ -58,43 +59,6 @@ def _ours(n: int, double: bool, device):
     return model
 
 
-def _digits(ctx: Context):
-    """Digits as ``(X_train, y_train, X_test, y_test)`` in [0, 1], ``(N, 1, 8, 8)``; None without scikit-learn."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        return None
-    d = load_digits()
-    X = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(y), generator=ctx.generator())
-    te, tr = perm[: len(y) // 5], perm[len(y) // 5 :]
-    return X[tr], y[tr], X[te], y[te]
-
-
-def _fit(model, X, y, epochs: int, ctx: Context, label: str, lr: float = 3e-3) -> list[float]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    g = ctx.generator(1)
-    times = []
-    for epoch in range(epochs):
-        ctx.status(f"{label}: epoch {epoch + 1}/{epochs}")
-        perm = torch.randperm(len(y), generator=g)
-        t0 = time.perf_counter()
-        for i in range(0, len(y), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
-            opt.step()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def _accuracy(model, X, y) -> float:
-    with torch.no_grad():
-        return (model(X).argmax(1) == y).float().mean().item()
-
-
 def _mlp() -> torch.nn.Sequential:
     return torch.nn.Sequential(
         torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU(),
@@ -104,14 +68,14 @@ def _mlp() -> torch.nn.Sequential:
 
 def run_transfer(case: Case, ctx: Context) -> dict:
     """Pretrain an MLP on digits 0–4, then adapt its two hidden linears (and train the head) to digits 5–9."""
-    data = _digits(ctx)
+    data = digits_split(ctx)
     if data is None:
         return {"rows": [{"variant": "digits transfer", "skipped": "skipped: install scikit-learn"}]}
     Xtr, ytr, Xte, yte = data
     lo_tr, hi_tr, hi_te = ytr < 5, ytr >= 5, yte >= 5
     torch.manual_seed(ctx.seed)
     base = _mlp()
-    _fit(base, Xtr[lo_tr], ytr[lo_tr], case.params["pretrain_epochs"], ctx, "pretraining on 0-4")
+    fit(base, Xtr[lo_tr], ytr[lo_tr], case.params["pretrain_epochs"], ctx, "pretraining on 0-4")
     X, y, Xt, yt = Xtr[hi_tr], ytr[hi_tr] - 5, Xte[hi_te], yte[hi_te] - 5
     targets, head = ["1", "3"], "5"
     methods: dict[str, object] = {"full fine-tuning": None, "head only": "head"}
@@ -130,9 +94,9 @@ def run_transfer(case: Case, ctx: Context) -> dict:
                 continue
         elif isinstance(how, bool):
             inject_gsoft(model, GSOFTConfig(block_size=8, target_modules=targets, double=how, modules_to_save=[head]))
-        times = _fit(model, X, y, case.params["epochs"], ctx, label)
+        times = fit(model, X, y, case.params["epochs"], ctx, label)
         figures = {
-            "accuracy on 5-9": _accuracy(model, Xt, yt),
+            "accuracy on 5-9": accuracy(model, Xt, yt),
             "trainable parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         }
         status = f"time: per epoch; {case.params['epochs']} epochs"
@@ -146,7 +110,7 @@ def run_transfer(case: Case, ctx: Context) -> dict:
 
 def run_lipschitz(case: Case, ctx: Context) -> dict:
     """LipConvNet on digits with GS orthogonal convs vs plain skew-orthogonal convs: clean and certified accuracy."""
-    data = _digits(ctx)
+    data = digits_split(ctx)
     if data is None:
         return {"rows": [{"variant": "LipConvNet", "skipped": "skipped: install scikit-learn"}]}
     Xtr, ytr, Xte, yte = data
@@ -155,7 +119,7 @@ def run_lipschitz(case: Case, ctx: Context) -> dict:
     for label, conv in (("LipConvNet, SOC convs", "soc"), ("LipConvNet, GS orthogonal convs (4, 4)", "gs")):
         torch.manual_seed(ctx.seed)
         net = LipConvNet(1, 10, 8, width=16, depth=2, stages=1, conv=conv, groups=(4, 4), generator=ctx.generator())
-        times = _fit(net, Xtr, ytr, case.params["epochs"], ctx, label, lr=1e-2)
+        times = fit(net, Xtr, ytr, case.params["epochs"], ctx, label, lr=1e-2)
         clean, cert = certified_accuracy(net, Xte, yte, eps)
         figures = {
             "clean accuracy": clean,

@@ -16,32 +16,13 @@ Two kinds of case:
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 from ..nn import STTPLinear, count_parameters, sttp_convert
+from .digits import accuracy, digits_split, fit
 from .registry import Benchmark, Case
 from .runner import Context, Timing, ratio, timing_row
-
-
-def _digits(ctx: Context):
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:
-        raise _Skip("install scikit-learn") from exc
-    d = load_digits()
-    X = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(y), generator=ctx.generator())
-    n_test = len(y) // 5
-    test, train = perm[:n_test], perm[n_test:]
-    dev = ctx.device
-    return X[train].to(dev), y[train].to(dev), X[test].to(dev), y[test].to(dev)
-
-
-class _Skip(Exception):
-    pass
 
 
 def _cnn(seed: int) -> torch.nn.Sequential:
@@ -58,33 +39,11 @@ def _cnn(seed: int) -> torch.nn.Sequential:
     )
 
 
-def _train(model, data, epochs: int, ctx: Context, label: str) -> tuple[float, list[float]]:
-    Xtr, ytr, Xte, yte = data
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = ctx.generator(1)
-    epoch_times = []
-    for epoch in range(epochs):
-        ctx.status(f"{label}: epoch {epoch + 1}/{epochs}")
-        perm = torch.randperm(len(ytr), generator=g).to(ctx.device)
-        ctx.sync()
-        t0 = time.perf_counter()
-        for i in range(0, len(perm), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
-            opt.step()
-        ctx.sync()
-        epoch_times.append(time.perf_counter() - t0)
-    with torch.no_grad():
-        acc = (model(Xte).argmax(1) == yte).float().mean().item()
-    return acc, epoch_times
-
-
 def run_digits(case: Case, ctx: Context) -> dict:
-    try:
-        data = _digits(ctx)
-    except _Skip as exc:
-        return {"rows": [{"variant": "digits CNN", "skipped": f"skipped: {exc}"}]}
+    data = digits_split(ctx)
+    if data is None:
+        return {"rows": [{"variant": "digits CNN", "skipped": "skipped: install scikit-learn"}]}
+    Xtr, ytr, Xte, yte = data
     epochs, ranks = case.params["epochs"], case.params["ranks"]
     dense_params = count_parameters(_cnn(ctx.seed))
     variants = [("dense", None)] + [("SVDP (full rank)", "svdp")] + [(f"STTP rank {r}", r) for r in ranks]
@@ -94,7 +53,8 @@ def run_digits(case: Case, ctx: Context) -> dict:
         if spec is not None:  # every layer but the first conv, from the same dense initialization
             sttp_convert(model, 10**6 if spec == "svdp" else spec, exclude="0", svdp=spec == "svdp")
         model = model.to(ctx.device)
-        acc, times = _train(model, data, epochs, ctx, label)
+        times = fit(model, Xtr, ytr, epochs, ctx, label)
+        acc = accuracy(model, Xte, yte)
         share = 100 * count_parameters(model) / dense_params
         figures = {"test accuracy": acc, "% parameters": share, "parameters": count_parameters(model)}
         rows.append(timing_row(label, Timing.of(times), figures=figures, status=f"{epochs} epochs; time: per epoch"))

@@ -1,0 +1,50 @@
+"""scikit-learn's bundled 8×8 digits for the layer benchmarks: a fixed split, a training loop, accuracy."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .runner import Context
+
+
+def digits_split(ctx: Context):
+    """``(X_train, y_train, X_test, y_test)`` on ``ctx.device``: images ``(N, 1, 8, 8)`` in [0, 1], a fixed
+    80/20 split drawn with ``ctx.generator()``; None without scikit-learn."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        return None
+    d = load_digits()
+    X = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(y), generator=ctx.generator())
+    test, train = perm[: len(y) // 5], perm[len(y) // 5 :]
+    return tuple(t.to(ctx.device) for t in (X[train], y[train], X[test], y[test]))
+
+
+def fit(model, X, y, epochs: int, ctx: Context, label: str, lr: float = 3e-3) -> list[float]:
+    """Adam on the trainable parameters, cross-entropy, batches of 64; returns the seconds of each epoch."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    g = ctx.generator(1)
+    times = []
+    for epoch in range(epochs):
+        ctx.status(f"{label}: epoch {epoch + 1}/{epochs}")
+        perm = torch.randperm(len(y), generator=g).to(ctx.device)
+        ctx.sync()
+        t0 = time.perf_counter()
+        for i in range(0, len(perm), 64):
+            idx = perm[i : i + 64]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+            opt.step()
+        ctx.sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def accuracy(model, X, y) -> float:
+    """Share of ``X`` whose arg-max prediction is ``y``."""
+    with torch.no_grad():
+        return (model(X).argmax(1) == y).float().mean().item()
