@@ -1,6 +1,6 @@
 """Layers whose weights live on low-rank manifolds: low-rank and TT linear layers (trained with geoopt's
 Riemannian optimizers), the spectral tensor-train parameterization (STTP) of linear and conv layers, and
-Group-and-Shuffle (GS) matrices."""
+Group-and-Shuffle (GS) matrices, and TT convolutions with exactly controllable singular values."""
 
 from .gs import GSMatrix, GSOrthogonal, gs_matmul, gs_project
 from .gs_conv import (
@@ -34,6 +34,7 @@ from .sttp import (
     sttp_convert,
     sttp_to_dense,
 )
+from .tt_conv import TTConv2d, tt_conv_convert, tt_conv_orthogonalize_, tt_conv_penalty
 
 __all__ = [
     "GSMatrix",
@@ -49,6 +50,7 @@ __all__ = [
     "STTPLinear",
     "SVDPConv2d",
     "SVDPLinear",
+    "TTConv2d",
     "TTLinear",
     "certified_accuracy",
     "certified_radius",
@@ -65,5 +67,8 @@ __all__ = [
     "merge_and_unload",
     "sttp_convert",
     "sttp_to_dense",
+    "tt_conv_convert",
+    "tt_conv_orthogonalize_",
+    "tt_conv_penalty",
     "unmerge_adapter",
 ]

@@ -1,0 +1,469 @@
+"""Convolutions with a 3-core tensor-train kernel whose singular values are those of a small conv.
+
+Senderovich, Bulatova, Obukhov, Rakhuba, *Towards Practical Control of Singular Values of Convolutional
+Layers*, NeurIPS 2022 (re-derived; no code copied). The kernel ``K: (c_out, c_in, k, k)`` of a conv is the
+tensor train
+
+    K[o, i, p, q] = Σ_{α, β} first[i, α] · core[β, α, p, q] · last[o, β],
+
+with ``first: (c_in, r1)``, ``core: (r2, r1, k, k)`` (torch's conv weight layout ``out, in, h, w``),
+``last: (c_out, r2)``, ``r1 = min(c_in, rank)``, ``r2 = min(c_out, rank)``. As a layer it is three convs: a 1×1
+conv with weight ``firstᵀ`` (c_in → r1 channels), the k×k conv ``core`` (with the layer's stride, padding and
+padding mode; r1 → r2 channels) and a 1×1 conv with weight ``last`` (r2 → c_out channels, plus the bias). On
+n×n inputs its linear operator is
+
+    J = (last ⊗ I) · J_core · (firstᵀ ⊗ I),
+
+so when ``first`` and ``last`` have orthonormal columns, ``last ⊗ I`` is an isometry and ``firstᵀ ⊗ I`` a
+co-isometry, and the nonzero singular values of the layer are **exactly** those of the small core conv
+``J_core`` — which, for circular padding, the FFT gives cheaply (:func:`lowrankopt.spectral.conv_singular_values`:
+one ``r2 × r1 s²`` SVD per output frequency). So they can be read (:meth:`TTConv2d.singular_values`) and
+clipped (:meth:`TTConv2d.clip_`) at the cost of the core alone.
+
+**Gauge.** For invertible ``A: r1 × r1`` and ``B: r2 × r2`` the cores ``(first A, B core[:, :, p, q] A⁻ᵀ,
+last B⁻¹)`` give the same kernel. :meth:`TTConv2d.orthogonalize_` uses it
+to make the outer cores orthonormal without changing the function: QR ``first = Q1 R1``, ``last = Q3 R3``,
+then ``first ← Q1``, ``last ← Q3``, ``core[:, :, p, q] ← R3 · core[:, :, p, q] · R1ᵀ``.
+
+**Three ways to keep the outer cores orthonormal** (``orthogonality``):
+
+* ``"gauge"`` — plain parameters, any ``torch.optim`` optimizer; call :meth:`TTConv2d.orthogonalize_` (or
+  :func:`tt_conv_orthogonalize_` for a whole model) after optimizer steps (in place, so optimizer state stays
+  attached to the parameters).
+* ``"stiefel"`` — ``first`` and ``last`` are ``geoopt.ManifoldParameter`` on ``geoopt.EuclideanStiefel``,
+  trained with ``geoopt.optim.RiemannianAdam`` / ``RiemannianSGD``: orthonormal after every step.
+* ``"penalty"`` — plain parameters and the soft constraint :meth:`TTConv2d.orthogonality_penalty` (sum over a
+  model: :func:`tt_conv_penalty`), added as ``λ · penalty`` to the loss. The outer cores then drift off
+  orthonormality, but :meth:`TTConv2d.effective_core` (the core of the gauge-equivalent layer with orthonormal
+  outer cores) still gives the exact singular values.
+
+**Cost.** Forward ``O(B (H W c_in r1 + H' W' (r1 r2 k² + r2 c_out)))`` for a batch of B inputs ``H × W`` and
+outputs ``H' × W'`` (the dense conv: ``O(B H' W' c_in c_out k²)``); parameters
+``c_in r1 + r2 r1 k² + c_out r2`` (+ c_out bias) instead of ``c_out c_in k²``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import geoopt
+import torch
+import torch.nn.functional as F
+
+from .lowrank import _init_bias, _kw, _positive_int
+from .sttp import _random_orthonormal, _selected, _set_submodule
+
+__all__ = ["TTConv2d", "tt_conv_convert", "tt_conv_orthogonalize_", "tt_conv_penalty"]
+
+ORTHOGONALITIES = ("gauge", "stiefel", "penalty")
+PADDING_MODES = ("zeros", "circular")
+
+
+def _spectral():
+    # imported on use: lowrankopt.spectral is independent of lowrankopt.nn and heavier to load
+    from .. import spectral
+
+    return spectral
+
+
+def _int_pair(v, name: str) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
+    if (
+        not isinstance(t, (tuple, list))
+        or len(t) != 2
+        or not all(isinstance(a, int) and not isinstance(a, bool) for a in t)
+    ):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return int(t[0]), int(t[1])
+
+
+def _qr_pos(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduced QR ``A = Q R`` with ``diag(R) ≥ 0`` (Q: (m, r) orthonormal columns, R: (r, r)); A: (m, r), m ≥ r."""
+    Q, R = torch.linalg.qr(A)
+    s = torch.sign(torch.diagonal(R))
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return Q * s, R * s[:, None]
+
+
+def _orthonormal_columns(U: torch.Tensor, r: int) -> torch.Tensor:
+    """The first r columns of an orthonormal basis extending the orthonormal columns of ``U: (m, c)`` (r ≤ m)."""
+    if U.shape[1] >= r:
+        return U[:, :r]
+    Q = torch.linalg.qr(U, mode="complete").Q  # its first c columns span U's range; the rest, the complement
+    return torch.cat([U, Q[:, U.shape[1] : r]], dim=1)
+
+
+class TTConv2d(torch.nn.Module):
+    """A 2-D conv whose kernel is a 3-core tensor train ``K[o, i, p, q] = Σ first[i, α] core[β, α, p, q] last[o, β]``.
+
+    Args:
+        in_channels: c_in.
+        out_channels: c_out.
+        kernel_size: k, an int or a square pair ``(k, k)``.
+        rank: the TT-rank; ``r1 = min(c_in, rank)``, ``r2 = min(c_out, rank)``.
+        stride: an int or a pair (as ``nn.Conv2d``).
+        padding: an int, a pair, ``"same"`` (stride 1 only) or ``"valid"`` (as ``nn.Conv2d``).
+        bias: whether to add a learnable bias ``(c_out,)``.
+        padding_mode: ``"zeros"`` or ``"circular"``.
+        orthogonality: ``"gauge"``, ``"stiefel"`` or ``"penalty"`` (see the module docstring).
+        dtype: float32 or float64 (default: torch's default dtype).
+        device: where the parameters live.
+        generator: a CPU ``torch.Generator`` for the initialization.
+
+    Parameters: ``first (c_in, r1)`` and ``last (c_out, r2)`` (random orthonormal columns at init),
+    ``core (r2, r1, k, k)`` (Gaussian with variance ``c_out / (r1 r2 k²)``, so that the dense kernel has the
+    variance ``1 / (c_in k²)`` of a variance-preserving He init and unit-variance inputs give outputs of about
+    unit variance) and ``bias (c_out,)`` (``nn.Conv2d``'s init). Dilation and groups are not supported.
+
+    Forward: ``(B, c_in, H, W) → (B, c_out, H', W')`` with ``nn.Conv2d``'s output size, in
+    ``O(B (H W c_in r1 + H' W' (r1 r2 k² + r2 c_out)))``; the dense kernel is never formed.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        rank: int,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        orthogonality: str = "gauge",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.out_channels = _positive_int("out_channels", out_channels)
+        kh, kw = _int_pair(kernel_size, "kernel_size")
+        if kh != kw or kh < 1:
+            raise ValueError(f"kernel_size must be a positive int or a square pair (k, k), got {kernel_size!r}")
+        self.kernel_size = (kh, kw)
+        self.rank = _positive_int("rank", rank)
+        self.stride = _int_pair(stride, "stride")
+        if min(self.stride) < 1:
+            raise ValueError(f"stride must be positive, got {stride!r}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be 'zeros' or 'circular', got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' needs stride 1 (as nn.Conv2d)")
+            self.padding: tuple[int, int] | str = padding
+        else:
+            self.padding = _int_pair(padding, "padding")
+            if min(self.padding) < 0:
+                raise ValueError(f"padding must be non-negative, got {padding!r}")
+        # explicit (left, right, top, bottom) pads, as nn.Conv2d computes them (for "same": the extra one, for an
+        # even kernel, on the right / bottom)
+        if self.padding == "valid":
+            self._pads = (0, 0, 0, 0)
+        elif self.padding == "same":
+            t = kh - 1
+            self._pads = (t // 2, t - t // 2, t // 2, t - t // 2)
+        else:
+            self._pads = (self.padding[1], self.padding[1], self.padding[0], self.padding[0])
+        if orthogonality not in ORTHOGONALITIES:
+            raise ValueError(f"orthogonality must be one of {ORTHOGONALITIES}, got {orthogonality!r}")
+        self.orthogonality = orthogonality
+        dtype, device = _kw(dtype, device)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError(f"generator must be a CPU generator, got one on {generator.device}")
+        r1, r2 = min(self.in_channels, self.rank), min(self.out_channels, self.rank)
+        self.ranks = (r1, r2)
+        first = _random_orthonormal(self.in_channels, r1, generator)
+        last = _random_orthonormal(self.out_channels, r2, generator)
+        std = math.sqrt(self.out_channels / (r1 * r2 * kh * kw))
+        core = torch.randn(r2, r1, kh, kw, dtype=torch.float64, generator=generator) * std
+        first, core, last = (t.to(dtype=dtype, device=device) for t in (first, core, last))
+        if orthogonality == "stiefel":
+            self.first = geoopt.ManifoldParameter(first, manifold=geoopt.EuclideanStiefel())
+            self.last = geoopt.ManifoldParameter(last, manifold=geoopt.EuclideanStiefel())
+        else:
+            self.first = torch.nn.Parameter(first)
+            self.last = torch.nn.Parameter(last)
+        self.core = torch.nn.Parameter(core)
+        b = _init_bias(self.out_channels, self.in_channels * kh * kw, bias, dtype, None, generator)
+        self.bias = None if b is None else torch.nn.Parameter(b.detach().to(device))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, "
+            f"ranks={self.ranks}, stride={self.stride}, padding={self.padding}, padding_mode={self.padding_mode!r}, "
+            f"bias={self.bias is not None}, orthogonality={self.orthogonality!r}"
+        )
+
+    # --------------------------------------------------------------------------------------------------------
+    # forward and dense form
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (B, c_in, H, W) → (B, c_out, H', W')``. Cost ``O(B (H W c_in r1 + H' W' (r1 r2 k² + r2 c_out)))``."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"input must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.dtype != self.core.dtype:
+            raise TypeError(f"input has dtype {x.dtype} but the layer has dtype {self.core.dtype}")
+        r1, r2 = self.ranks
+        y = F.conv2d(x, self.first.T.reshape(r1, self.in_channels, 1, 1))
+        left, right, top, bottom = self._pads
+        if self.padding_mode == "circular" or left != right or top != bottom:  # asymmetric: "same", even kernel
+            y = F.pad(y, self._pads, mode="circular" if self.padding_mode == "circular" else "constant")
+            padding = (0, 0)
+        else:
+            padding = (top, left)
+        y = F.conv2d(y, self.core, None, self.stride, padding)
+        return F.conv2d(y, self.last.reshape(self.out_channels, r2, 1, 1), self.bias)
+
+    def weight_kernel(self) -> torch.Tensor:
+        """The dense kernel ``K (c_out, c_in, k, k)`` (differentiable). Cost ``O(c_out c_in k² min(r1, r2))``."""
+        return torch.einsum("ia,bapq,ob->oipq", self.first, self.core, self.last)
+
+    def to_dense(self) -> torch.nn.Conv2d:
+        """An ``nn.Conv2d`` with the kernel :meth:`weight_kernel`, the same bias, stride, padding, padding mode."""
+        w = self.weight_kernel().detach()
+        conv = torch.nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            bias=self.bias is not None, padding_mode=self.padding_mode, dtype=w.dtype, device=w.device,
+        )  # fmt: skip
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    @classmethod
+    def from_conv(cls, conv: torch.nn.Conv2d, rank: int, **kwargs) -> TTConv2d:
+        """A TT conv approximating a dense ``nn.Conv2d`` by TT-SVD of its kernel ``W (c_out, c_in, k, k)``.
+
+        ``M1 = W`` as ``c_in × (k k c_out)`` (index ``[i, (p, q, o)]``): SVD, ``first`` = the r1 leading left singular
+        vectors; ``S1 V1ᵀ`` as ``(r1 k k) × c_out``: SVD, ``last`` = the r2 leading right singular vectors, ``core`` =
+        ``U2 S2`` as ``(r2, r1, k, k)``. ``first`` and ``last`` have orthonormal columns (completed by an orthonormal
+        complement, with zero core slices, when a factor has fewer singular vectors than r1 or r2). Exact when
+        ``rank ≥ max(c_in, c_out)``; otherwise quasi-optimal (error ≤ √2 × the best of these ranks).
+
+        Stride, padding, padding mode, bias, dtype and device are copied; ``kwargs`` go to the constructor
+        (e.g. ``orthogonality``). Cost: two SVDs, ``O(c_in² k² c_out + r1 k² c_out min(r1 k², c_out))``.
+        """
+        if not isinstance(conv, torch.nn.Conv2d):
+            raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise ValueError(f"TTConv2d supports groups=1 only, got conv.groups={conv.groups}")
+        if tuple(conv.dilation) != (1, 1):
+            raise ValueError(f"TTConv2d does not support dilation, got conv.dilation={conv.dilation}")
+        if conv.kernel_size[0] != conv.kernel_size[1]:
+            raise ValueError(f"TTConv2d needs a square kernel, got conv.kernel_size={conv.kernel_size}")
+        if conv.padding_mode not in PADDING_MODES:
+            raise ValueError(f"TTConv2d supports padding_mode 'zeros' or 'circular', got {conv.padding_mode!r}")
+        W = conv.weight.detach()
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, rank, conv.stride, conv.padding,
+            conv.bias is not None, conv.padding_mode, dtype=W.dtype, device=W.device, **kwargs,
+        )  # fmt: skip
+        first, core, last = _tt_svd(W, *layer.ranks)
+        with torch.no_grad():
+            layer.first.copy_(first)
+            layer.core.copy_(core)
+            layer.last.copy_(last)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    # --------------------------------------------------------------------------------------------------------
+    # orthogonality
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """``(‖firstᵀ first − I‖_F² + ‖lastᵀ last − I‖_F²) / (2 rank²)`` (differentiable; ~0 when both are
+        orthonormal, as in the "gauge" and "stiefel" modes). Add ``λ ·`` it to the loss. Cost
+        ``O(c_in r1² + c_out r2²)``."""
+        r1, r2 = self.ranks
+        e1 = self.first.T @ self.first - torch.eye(r1, dtype=self.first.dtype, device=self.first.device)
+        e2 = self.last.T @ self.last - torch.eye(r2, dtype=self.last.dtype, device=self.last.device)
+        return (e1.square().sum() + e2.square().sum()) / (2 * self.rank**2)
+
+    @torch.no_grad()
+    def orthogonalize_(self) -> TTConv2d:
+        """Move to the gauge with orthonormal ``first`` and ``last``, keeping the function exactly.
+
+        ``first = Q1 R1``, ``last = Q3 R3`` (reduced QR, ``diag(R) ≥ 0``); ``first ← Q1``, ``last ← Q3``,
+        ``core[:, :, p, q] ← R3 core[:, :, p, q] R1ᵀ``. In place (``copy_``), so optimizer state stays attached.
+        Cost ``O(c_in r1² + c_out r2² + r1 r2 k² (r1 + r2))``. Returns self.
+        """
+        Q1, R1 = _qr_pos(self.first)
+        Q3, R3 = _qr_pos(self.last)
+        self.core.copy_(torch.einsum("ab,bcpq,dc->adpq", R3, self.core, R1))
+        self.first.copy_(Q1)
+        self.last.copy_(Q3)
+        return self
+
+    def effective_core(self) -> torch.Tensor:
+        """The core ``(r2, r1, k, k)`` of the gauge-equivalent layer with orthonormal outer cores:
+        ``R3 · core[:, :, p, q] · R1ᵀ`` for the R factors of ``first`` and ``last`` (not mutating; differentiable
+        where the QR is). Its conv has exactly the nonzero singular values of the layer, whatever the drift of
+        ``first`` and ``last`` from orthonormality. Cost as :meth:`orthogonalize_`."""
+        _, R1 = _qr_pos(self.first)
+        _, R3 = _qr_pos(self.last)
+        return torch.einsum("ab,bcpq,dc->adpq", R3, self.core, R1)
+
+    # --------------------------------------------------------------------------------------------------------
+    # singular values
+
+    def _square_stride(self) -> int:
+        if self.stride[0] != self.stride[1]:
+            raise ValueError(f"the spectral routines need equal strides, the layer has stride={self.stride}")
+        return self.stride[0]
+
+    def singular_values(self, n: int) -> torch.Tensor:
+        """The singular values of the layer's linear part on ``n × n`` inputs, circular padding semantics.
+
+        ``lowrankopt.spectral.conv_singular_values(self.effective_core(), n, stride)``: shape
+        ``(n', n', min(r2, r1 s²))``, ``n' = n / s`` (n must be divisible by the stride s), sorted descending per
+        frequency. The nonzero singular values of the layer are exactly these (the rest of its
+        ``c_out n'² ∧ c_in n²`` singular values are 0) when ``padding_mode="circular"`` and the output is
+        ``n' × n'`` (e.g. ``padding = k // 2`` for odd k; any such padding is a cyclic shift of the input, an
+        orthogonal map). With zero padding they are those of the circular operator at size n; the zero-padded
+        operator's norm is at most the maximum of ``‖K̂(ω)‖₂`` over all continuous frequencies ω, which the
+        values at the ``n'²`` sampled frequencies approach (from below) as n grows.
+        Cost ``O(n'² (r1 r2 s² k² + r2 r1 s² min(r2, r1 s²)))`` (FFT and one small SVD per frequency).
+        """
+        s = self._square_stride()
+        return _spectral().conv_singular_values(self.effective_core(), n, stride=s)
+
+    @torch.no_grad()
+    def clip_(self, max_sv: float, n: int) -> TTConv2d:
+        """Cap the layer's singular values (circular operator at size n) at ``max_sv``, in place.
+
+        :meth:`orthogonalize_` (so the layer's singular values are the core's), then
+        ``core ← lowrankopt.spectral.clip_singular_values(core, n, max_sv, stride)`` (FFT, clip per frequency,
+        project back to the k×k support, then scale so the circular norm is at most ``max_sv``). Afterwards the
+        circular operator at size n has norm ≤ ``max_sv``; see :meth:`singular_values` for zero padding. Returns
+        self.
+        """
+        s = self._square_stride()
+        self.orthogonalize_()
+        self.core.copy_(_spectral().clip_singular_values(self.core.detach(), n, max_sv, stride=s))
+        return self
+
+
+def _tt_svd(W: torch.Tensor, r1: int, r2: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TT-SVD of a kernel ``W (c_out, c_in, k, k)`` into ``first (c_in, r1)``, ``core (r2, r1, k, k)``, ``last
+    (c_out, r2)`` with orthonormal outer cores (see :meth:`TTConv2d.from_conv`)."""
+    c_out, c_in, kh, kw = W.shape
+    M1 = W.permute(1, 2, 3, 0).reshape(c_in, kh * kw * c_out)  # [i, (p, q, o)]
+    U1, S1, V1h = torch.linalg.svd(M1, full_matrices=False)
+    m1 = min(r1, S1.shape[0])
+    first = _orthonormal_columns(U1[:, :m1], r1)
+    rest = torch.zeros(r1, kh * kw * c_out, dtype=W.dtype, device=W.device)
+    rest[:m1] = S1[:m1, None] * V1h[:m1]  # [α, (p, q, o)]
+    M2 = rest.reshape(r1 * kh * kw, c_out)  # [(α, p, q), o]
+    U2, S2, V2h = torch.linalg.svd(M2, full_matrices=False)
+    m2 = min(r2, S2.shape[0])
+    last = _orthonormal_columns(V2h[:m2].T, r2)
+    core = torch.zeros(r1 * kh * kw, r2, dtype=W.dtype, device=W.device)
+    core[:, :m2] = U2[:, :m2] * S2[:m2]
+    core = core.reshape(r1, kh, kw, r2).permute(3, 0, 1, 2)  # [β, α, p, q]
+    return first, core, last
+
+
+# ------------------------------------------------------------------------------------------------------------
+# model-level helpers
+
+
+def _unsupported(m: torch.nn.Conv2d) -> str | None:
+    """Why ``m`` cannot be a :class:`TTConv2d` (None if it can)."""
+    if m.groups != 1:
+        return f"groups={m.groups}"
+    if tuple(m.dilation) != (1, 1):
+        return f"dilation={m.dilation}"
+    if m.kernel_size[0] != m.kernel_size[1]:
+        return f"non-square kernel_size={m.kernel_size}"
+    if m.padding_mode not in PADDING_MODES:
+        return f"padding_mode={m.padding_mode!r}"
+    return None
+
+
+def tt_conv_convert(
+    model: torch.nn.Module,
+    rank: int | Callable[[str, torch.nn.Module], int],
+    *,
+    include: str | Iterable[str] | Callable[[str], bool] | None = None,
+    exclude: str | Iterable[str] | Callable[[str], bool] | None = None,
+    **layer_kwargs,
+) -> dict[str, TTConv2d]:
+    """Replace the ``nn.Conv2d`` submodules of ``model`` by :class:`TTConv2d` layers (TT-SVD of the kernels,
+    :meth:`TTConv2d.from_conv`), in place.
+
+    Args:
+        model: the module to convert (in place).
+        rank: the TT-rank, an int or ``rank(name, module) -> int``.
+        include: names (fnmatch patterns, e.g. ``"features.*"``) or a predicate of the qualified name; None: every
+            ``nn.Conv2d`` that a TTConv2d can represent (groups 1, no dilation, square kernel, zeros/circular
+            padding; the others are left dense). A conv matched by an explicit ``include`` that a TTConv2d cannot
+            represent is an error.
+        exclude: names or a predicate to leave dense.
+        **layer_kwargs: passed to the layers (``orthogonality``, …).
+
+    All replacements are built before any is installed, so an error leaves the model untouched; a module shared
+    under several names is replaced by one shared TTConv2d. Returns ``{qualified name: new layer}``. Cost: two
+    SVDs per converted layer.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    targets = []
+    for name, m in model.named_modules(remove_duplicate=False):  # a shared module is replaced everywhere
+        if type(m) is not torch.nn.Conv2d or not _selected(name, include, exclude):
+            continue
+        why = _unsupported(m)
+        if why is not None:
+            if include is None:
+                continue
+            raise ValueError(f"cannot convert {name!r} to a TTConv2d: {why} (exclude it)")
+        targets.append((name, m))
+    new_of: dict[int, TTConv2d] = {}
+    for name, m in targets:  # build every replacement first: an error leaves the model untouched
+        if id(m) in new_of:
+            continue
+        r = rank(name, m) if callable(rank) else rank
+        try:
+            r = _positive_int("rank", r)
+        except ValueError as e:
+            raise ValueError(f"{e} (for {name!r})") from None
+        new_of[id(m)] = TTConv2d.from_conv(m, r, **layer_kwargs)
+    converted = {}
+    for name, m in targets:
+        _set_submodule(model, name, new_of[id(m)])
+        converted[name] = new_of[id(m)]
+    return converted
+
+
+def _tt_layers(model: torch.nn.Module) -> list[TTConv2d]:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return [m for m in model.modules() if isinstance(m, TTConv2d)]  # modules() yields a shared layer once
+
+
+def tt_conv_orthogonalize_(model: torch.nn.Module) -> int:
+    """:meth:`TTConv2d.orthogonalize_` on every TT conv of ``model`` (each shared layer once); call it after the
+    optimizer steps in the ``"gauge"`` mode. Returns the number of layers."""
+    layers = _tt_layers(model)
+    for m in layers:
+        m.orthogonalize_()
+    return len(layers)
+
+
+def tt_conv_penalty(model: torch.nn.Module) -> torch.Tensor:
+    """Sum of :meth:`TTConv2d.orthogonality_penalty` over the TT convs of ``model`` (a 0-dim zero if none): add
+    ``λ · tt_conv_penalty(model)`` to the loss in the ``"penalty"`` mode."""
+    layers = _tt_layers(model)
+    if not layers:
+        p = next(model.parameters(), None)
+        return torch.zeros((), dtype=p.dtype if p is not None else None, device=p.device if p is not None else None)
+    return torch.stack([m.orthogonality_penalty() for m in layers]).sum()

@@ -1,0 +1,80 @@
+"""Kernel validation and the polyphase (space-to-depth) reshape shared by the spectral routines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .._checks import as_positive_int, check_tensor
+
+
+def check_kernel(K: object, name: str = "K") -> torch.Tensor:
+    """A float32/float64 finite kernel ``(..., c_out, c_in, h, w)``."""
+    K = check_tensor(name, K)
+    if K.dim() < 4:
+        raise ValueError(f"{name} must have shape (..., c_out, c_in, h, w), got {tuple(K.shape)}")
+    if K.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(K.shape)}")
+    return K
+
+
+def check_stride(stride: object) -> int:
+    """One stride for both spatial axes (an int, or a pair of equal ints)."""
+    if isinstance(stride, (tuple, list)):
+        if len(stride) != 2 or stride[0] != stride[1]:
+            raise ValueError(f"stride must be an int or a pair of equal ints, got {stride!r}")
+        stride = stride[0]
+    return as_positive_int("stride", stride)
+
+
+def check_size(n: object, K: torch.Tensor, stride: int) -> int:
+    """The input size ``n`` (square n × n) of a circular conv: divisible by the stride, and the polyphase
+    kernel must fit in the ``n / stride`` grid (no kernel wraps onto itself)."""
+    n = as_positive_int("n", n)
+    if n % stride:
+        raise ValueError(f"n = {n} must be divisible by stride = {stride} for a circular convolution")
+    h, w = -(-K.shape[-2] // stride), -(-K.shape[-1] // stride)
+    if n // stride < max(h, w):
+        raise ValueError(
+            f"n = {n} is too small for the kernel {tuple(K.shape[-2:])} at stride {stride}: "
+            f"need n / stride ≥ {max(h, w)}"
+        )
+    return n
+
+
+def polyphase_kernel(K: torch.Tensor, stride: int) -> torch.Tensor:
+    """The stride-1 kernel of the same operator on the space-to-depth input.
+
+    A conv of stride s with kernel ``K (..., c_out, c_in, h, w)`` equals, up to the orthogonal permutation
+    ``x[c, s·i + a, s·j + b] → x'[(c, a, b), i, j]`` of its input, the stride-1 conv with kernel
+    ``K'[o, (c, a, b), p, q] = K[o, c, s·p + a, s·q + b]`` (zero outside K), of shape
+    ``(..., c_out, c_in·s², ⌈h/s⌉, ⌈w/s⌉)``. So both have the same singular values. Cost O(|K|).
+    """
+    if stride == 1:
+        return K
+    *batch, co, ci, h, w = K.shape
+    hp, wp = -(-h // stride), -(-w // stride)
+    K = torch.nn.functional.pad(K, (0, wp * stride - w, 0, hp * stride - h))
+    K = K.reshape(*batch, co, ci, hp, stride, wp, stride)  # [..., o, c, p, a, q, b]
+    nb = len(batch)
+    K = K.permute(*range(nb), nb, nb + 1, nb + 3, nb + 5, nb + 2, nb + 4)  # [..., o, c, a, b, p, q]
+    return K.reshape(*batch, co, ci * stride * stride, hp, wp)
+
+
+@dataclass
+class IterationState:
+    """Warm-start state of an iterative estimate (power iteration, HOPM), updated in place by each call.
+
+    Attributes:
+        vectors: the last iterates (None before the first call); the next call starts from them.
+        iterations: iterations run over all calls.
+        converged: whether the last call met its tolerance.
+        value: the last estimate (a float, detached).
+    """
+
+    vectors: list[torch.Tensor] | None = None
+    iterations: int = 0
+    converged: bool = False
+    value: float = float("nan")
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,182 @@
+"""Spectral control of a model's convolutions in training: a bound regularizer and a normalization."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.nn.utils import parametrize
+
+from .._checks import as_positive_int
+from ._kernel import IterationState, check_stride
+from .bounds import fantastic_four_bound, tensor_norm_bound
+from .circular import circular_spectral_norm, gram_iteration_bound
+from .power import conv_spectral_norm
+
+__all__ = ["ConvNormRegularizer", "conv_spectral_normalization"]
+
+METHODS = ("tensor-norm", "fantastic-four", "gram", "circular", "power")
+
+
+def _grouped_kernel(conv: torch.nn.Conv2d, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel of a grouped conv as a batch of per-group kernels ``(g, c_out/g, c_in/g, h, w)``: the operator is
+    block-diagonal over groups, so its norm is the largest of theirs."""
+    if conv.dilation not in ((1, 1), 1):
+        raise ValueError(f"convs with dilation {conv.dilation} are not supported")
+    W = conv.weight if weight is None else weight
+    return W.reshape(conv.groups, W.shape[0] // conv.groups, *W.shape[1:])
+
+
+class ConvNormRegularizer:
+    """A differentiable bound on the spectral norm of every ``nn.Conv2d`` of a model, for use as a penalty.
+
+    ``reg = ConvNormRegularizer(model)``, then ``loss = task_loss + λ · reg()`` each step. ``reg()`` is the sum
+    over the convs of their bounds, or with ``target`` the sum of ``relu(bound − target)²`` (only norms above
+    the target are pushed down). ``reg.bounds()`` gives each conv's value.
+
+    Methods (``method=``):
+
+    - ``"tensor-norm"`` (default): :func:`tensor_norm_bound`, any padding, independent of the input size; a cold
+      start (``cold_iters`` HOPM sweeps, ``restarts`` starts) on the first call, then ``iters`` warm sweeps per
+      call from the last vectors (one :class:`IterationState` per conv).
+    - ``"fantastic-four"``: :func:`fantastic_four_bound`.
+    - ``"gram"`` / ``"circular"``: :func:`gram_iteration_bound` / the exact circular norm at input size ``n``.
+    - ``"power"``: power iteration with the conv's zero padding at input size ``n`` (a lower estimate),
+      ``iters`` warm iterations per call.
+
+    Grouped convs count as the largest norm of their groups; dilated ones are refused. A conv's stride must be
+    equal on both axes. Cost per call: the chosen method's, summed over the convs.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        method: str = "tensor-norm",
+        *,
+        n: int | None = None,
+        target: float | None = None,
+        iters: int = 5,
+        cold_iters: int = 100,
+        restarts: int = 3,
+        include: Callable[[str, torch.nn.Conv2d], bool] | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method in ("gram", "circular", "power") and n is None:
+            raise ValueError(f"method {method!r} needs the input size n")
+        if target is not None and not target > 0:
+            raise ValueError(f"target must be positive or None, got {target}")
+        self.method, self.n, self.target, self.generator = method, n, target, generator
+        self.iters = as_positive_int("iters", iters)
+        self.cold_iters = as_positive_int("cold_iters", cold_iters)
+        self.restarts = as_positive_int("restarts", restarts)
+        self.convs = {
+            name: m
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d) and (include is None or include(name, m))
+        }
+        if not self.convs:
+            raise ValueError("model has no nn.Conv2d to regularize")
+        for name, m in self.convs.items():
+            _grouped_kernel(m)
+            try:
+                check_stride(m.stride)
+            except ValueError as e:
+                raise ValueError(f"conv {name!r}: {e}") from None
+        self.states = {name: IterationState() for name in self.convs}
+
+    def _bound(self, name: str, conv: torch.nn.Conv2d) -> torch.Tensor:
+        K, s, state = _grouped_kernel(conv), conv.stride[0], self.states[name]
+        if self.method == "tensor-norm":
+            warm = bool(state.vectors)
+            b = tensor_norm_bound(
+                K, s, restarts=self.restarts, iters=self.iters if warm else self.cold_iters, state=state,
+                generator=self.generator,
+            )  # fmt: skip
+        elif self.method == "fantastic-four":
+            b = fantastic_four_bound(K, s)
+        elif self.method == "gram":
+            b = gram_iteration_bound(K, self.n, s)
+        elif self.method == "circular":
+            b = circular_spectral_norm(K, self.n, s)
+        else:
+            iters = self.iters if state.vectors else self.cold_iters
+            pad = conv.padding if isinstance(conv.padding, tuple) else None
+            b = conv_spectral_norm(
+                K, self.n, "zeros", s, pad=pad, iters=iters, tol=0.0, state=state, generator=self.generator
+            )  # a fixed number of iterations per call (tol=0): the estimate keeps improving across steps
+        return b.amax()
+
+    def bounds(self) -> dict[str, torch.Tensor]:
+        """``{conv name: bound}`` (differentiable scalars)."""
+        return {name: self._bound(name, m) for name, m in self.convs.items()}
+
+    def __call__(self) -> torch.Tensor:
+        values = torch.stack(list(self.bounds().values()))
+        return values.sum() if self.target is None else torch.relu(values - self.target).square().sum()
+
+
+class _ConvSpectralNorm(torch.nn.Module):
+    def __init__(self, conv: torch.nn.Conv2d, n: int, max_norm: float, iters: int, generator):
+        super().__init__()
+        _grouped_kernel(conv)  # checks the dilation
+        # the conv's attributes, not the conv: a submodule pointing back at its owner would make a cycle
+        self.n, self.max_norm, self.iters, self.groups = n, max_norm, iters, conv.groups
+        self.stride, self.pad, self.circular = conv.stride[0], conv.padding, conv.padding_mode == "circular"
+        if not self.circular:
+            state = IterationState()
+            self._norm(conv.weight.detach(), 50, state, generator)
+            self.register_buffer("v", state.vectors[0])
+
+    def _norm(self, W, iters, state, generator=None):
+        K = W.reshape(self.groups, W.shape[0] // self.groups, *W.shape[1:])
+        if self.circular:
+            return circular_spectral_norm(K, self.n, self.stride).amax()
+        return conv_spectral_norm(
+            K, self.n, "zeros", self.stride, pad=self.pad, iters=iters, tol=0.0, state=state, generator=generator
+        ).amax()
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        if self.circular:
+            sigma = self._norm(W, 0, None)
+        else:
+            state = IterationState(vectors=[self.v])
+            sigma = self._norm(W, self.iters if self.training else 0, state)  # eval: at the stored vector
+            if self.training:
+                self.v.copy_(state.vectors[0])
+        return W * (self.max_norm / sigma).clamp(max=1)
+
+
+def conv_spectral_normalization(
+    conv: torch.nn.Conv2d,
+    n: int,
+    *,
+    max_norm: float = 1.0,
+    iters: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.nn.Conv2d:
+    """Keep the conv's operator norm at most ``max_norm`` on ``n × n`` inputs: ``W ← W · min(1, max_norm / σ)``.
+
+    σ is the conv's norm with its own padding: exact for ``padding_mode="circular"``, else a power iteration
+    with ``conv2d`` / ``conv_transpose2d`` at its zero padding (Gouk et al. 2021's "division", Ryu et al.'s
+    estimate), ``iters`` warm iterations per training forward from a stored input vector (50 at registration),
+    none in eval mode. A ``torch.nn.utils.parametrize`` parametrization of ``conv.weight`` (so
+    ``remove_parametrizations`` bakes it in). Unlike ``torch.nn.utils.spectral_norm``, which normalizes the
+    reshaped ``c_out × c_in h w`` matrix (not a bound on the conv's norm), this uses the conv operator.
+
+    Returns ``conv``. Cost per forward: ``iters + 1`` convs at resolution n (zeros), or the circular norm.
+    """
+    if not isinstance(conv, torch.nn.Conv2d):
+        raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
+    if conv.padding_mode not in ("zeros", "circular") or isinstance(conv.padding, str):
+        raise ValueError("conv must use numeric padding with padding_mode 'zeros' or 'circular'")
+    check_stride(conv.stride)
+    parametrize.register_parametrization(
+        conv,
+        "weight",
+        _ConvSpectralNorm(conv, as_positive_int("n", n), max_norm, as_positive_int("iters", iters), generator),
+    )
+    return conv
