@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -24,8 +25,19 @@ def digits_split(ctx: Context):
     return tuple(t.to(ctx.device) for t in (X[train], y[train], X[test], y[test]))
 
 
-def fit(model, X, y, epochs: int, ctx: Context, label: str, lr: float = 3e-3) -> list[float]:
-    """Adam on the trainable parameters, cross-entropy, batches of 64; returns the seconds of each epoch."""
+def fit(
+    model,
+    X,
+    y,
+    epochs: int,
+    ctx: Context,
+    label: str,
+    lr: float = 3e-3,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[], object] | None = None,
+) -> list[float]:
+    """Adam on the trainable parameters, cross-entropy (``+ penalty()`` if given), batches of 64, ``after_step()``
+    after each step; returns the seconds of each epoch (penalty and hook included)."""
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     g = ctx.generator(1)
     times = []
@@ -37,8 +49,11 @@ def fit(model, X, y, epochs: int, ctx: Context, label: str, lr: float = 3e-3) ->
         for i in range(0, len(perm), 64):
             idx = perm[i : i + 64]
             opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+            loss = torch.nn.functional.cross_entropy(model(X[idx]), y[idx])
+            (loss if penalty is None else loss + penalty()).backward()
             opt.step()
+            if after_step is not None:
+                after_step()
         ctx.sync()
         times.append(time.perf_counter() - t0)
     return times

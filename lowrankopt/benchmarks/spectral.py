@@ -1,0 +1,284 @@
+"""Benchmarks of the conv spectral tools: ``conv-norms``, ``conv-norm-training``, ``tt-conv``.
+
+- ``conv-norms``: He-initialized 3×3 kernels ``c × c`` (c = 64…512, float32) and inputs n = 16…224. Each method's
+  time and value: the exact circular norm (FFT + batched SVD), Gram iteration (circular, t = 6), power iteration
+  with zero padding (50 iterations of conv / conv_transpose), the Fantastic-Four bound, and the tensor-norm bound
+  cold (3 starts, ≤ 100 HOPM sweeps) and warm (5 sweeps from the previous vectors). Ratios: time / time of the
+  exact norm; value / exact norm. The n-independent bounds are re-timed at every n, so their flat line in the
+  time-vs-n plot is measured. A method whose time, extrapolated as n² from the previous n, would exceed
+  ``max_time / 5`` is not run (a row says so).
+- ``conv-norm-training``: a 3-conv CNN on scikit-learn's 8×8 digits, trained with no control, with the
+  tensor-norm regularizer ``λ Σ relu(bound − 1)²`` (λ = 1; 2 warm HOPM sweeps per step), and with
+  power-iteration spectral normalization of each conv to norm ≤ 1 at its input size. Test accuracy, each conv's
+  norm with its zero padding (power iteration to 1e-10) and their product
+  (a bound on the network's conv part), time per epoch.
+- ``tt-conv``: a 3-conv CNN on digits with its 2nd and 3rd convs replaced by :class:`~lowrankopt.nn.TTConv2d` at
+  several ranks (initialized by TT-SVD of the same dense initialization, gauge-orthogonalized after each Adam
+  step), vs the dense model: test accuracy, % parameters, time per epoch, and the layers' largest singular value
+  (exact, circular at the layer's input size, from the core). One more row clips the TT layers' singular values
+  to 1 every 10 steps (:meth:`~lowrankopt.nn.TTConv2d.clip_`) and after the last. Plot: accuracy vs % parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ..nn import TTConv2d, tt_conv_convert
+from ..spectral import (
+    ConvNormRegularizer,
+    IterationState,
+    circular_spectral_norm,
+    conv_spectral_norm,
+    conv_spectral_normalization,
+    fantastic_four_bound,
+    gram_iteration_bound,
+    tensor_norm_bound,
+)
+from .digits import accuracy, digits_split, fit
+from .registry import Benchmark, Case
+from .runner import Context, Timing, timing_row
+
+# ------------------------------------------------------------------------------------------------ conv-norms
+
+_LAST: dict[tuple, tuple[int, float]] = {}  # (c, method) -> (n, seconds) of the last run, to extrapolate
+
+
+def _measure(ctx: Context, fn) -> tuple[Timing, float]:
+    """Time ``fn``: a first timed call; if it took over a second, that call alone, else ``ctx.time`` rounds."""
+    ctx.sync()
+    t0 = time.perf_counter()
+    value = fn()
+    ctx.sync()
+    first = time.perf_counter() - t0
+    timing = Timing.of([first]) if first > 1.0 else ctx.time({"f": fn})["f"]
+    return timing, float(value)
+
+
+def run_norms(case: Case, ctx: Context) -> dict:
+    c, n = case.params["c"], case.params["n"]
+    K = (torch.randn(c, c, 3, 3, generator=ctx.generator(c)) * math.sqrt(2 / (9 * c))).to(ctx.device)
+    warm_state = IterationState()
+    tensor_norm_bound(K, state=warm_state, generator=ctx.generator(1))
+
+    methods = {  # name: (function, grows with n)
+        "exact circular (FFT + SVD)": (lambda: circular_spectral_norm(K, n), True),
+        "Gram iteration t=6 (circular)": (lambda: gram_iteration_bound(K, n), True),
+        "power iteration, zeros (50 it.)": (
+            lambda: conv_spectral_norm(K, n, "zeros", iters=50, tol=0.0, generator=ctx.generator(2)),
+            True,
+        ),
+        "Fantastic Four": (lambda: fantastic_four_bound(K), False),
+        "tensor norm, cold (3 starts)": (lambda: tensor_norm_bound(K, generator=ctx.generator(1)), False),
+        "tensor norm, warm (5 sweeps)": (lambda: tensor_norm_bound(K, state=warm_state, iters=5), False),
+    }
+    budget = ctx.max_time / 5
+    results = {}
+    for name, (fn, grows) in methods.items():
+        last = _LAST.get((c, name, ctx.device.type))
+        estimate = last[1] * (n / last[0]) ** 2 if grows and last and last[0] < n else 0.0
+        if estimate > budget:
+            results[name] = f"not run: about {estimate:.0f} s by the n² trend > max_time / 5 = {budget:.0f} s"
+            continue
+        ctx.status(f"c={c} n={n}: {name}")
+        with torch.no_grad():
+            results[name] = _measure(ctx, fn)
+        _LAST[(c, name, ctx.device.type)] = (n, results[name][0].median)
+    exact = results["exact circular (FFT + SVD)"]
+    rows = []
+    for name, res in results.items():
+        if isinstance(res, str):
+            rows.append({"variant": name, "skipped": res})
+            continue
+        timing, value = res
+        figures = {"value": value}
+        extra = {}
+        if not isinstance(exact, str):
+            figures["value / exact"] = value / exact[1]
+            extra["ratio"] = timing.median / exact[0].median
+        rows.append(timing_row(name, timing, figures=figures, **extra))
+    return {"rows": rows}
+
+
+def _norm_cases(channels, sizes) -> tuple[Case, ...]:
+    return tuple(Case(f"c{c}-n{n}", dict(c=c, n=n)) for c in channels for n in sizes)
+
+
+NORMS = Benchmark(
+    name="conv-norms",
+    summary="conv spectral norm: exact FFT, Gram, power iteration, Fantastic Four, tensor-norm bound vs n and channels",
+    baseline="time of the exact circular norm (FFT + batched SVD) at the same kernel and n; values / its value",
+    figures=("time", "value", "value / exact"),
+    quick=_norm_cases((64,), (16, 32, 64)),
+    full=_norm_cases((64, 128, 256, 512), (16, 32, 64, 128, 224)),
+    run=run_norms,
+    scaling=("n",),
+    repeats={"quick": 3, "full": 5},
+)
+
+# ---------------------------------------------------------------------------------------- conv-norm-training
+
+_SIZES = (8, 8, 4)  # input size of each conv of _cnn on 8×8 digits
+
+
+def _cnn(seed: int, width: int) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    w = width
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, w, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(2 * w * 16, 10),
+    )
+
+
+def _conv_norms(model) -> list[float]:
+    """Each conv's operator norm with its own zero padding at its input size (power iteration to 1e-10)."""
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    out = []
+    with torch.no_grad():
+        for conv, n in zip(convs, _SIZES, strict=True):
+            W = conv.weight.detach().double()
+            norm = conv_spectral_norm(
+                W, n, "zeros", conv.stride[0], pad=conv.padding, iters=20000, tol=1e-10,
+                generator=torch.Generator().manual_seed(0),
+            )  # fmt: skip
+            out.append(float(norm))
+    return out
+
+
+def run_training(case: Case, ctx: Context) -> dict:
+    data = digits_split(ctx)
+    if data is None:
+        return {"rows": [{"variant": "digits CNN", "skipped": "skipped: install scikit-learn"}]}
+    Xtr, ytr, Xte, yte = data
+    epochs, width = case.params["epochs"], case.params["width"]
+    rows = []
+    for label in ("no control", "tensor-norm regularizer (target 1)", "power-iteration normalization (max 1)"):
+        model = _cnn(ctx.seed, width).to(ctx.device)
+        penalty = None
+        if label.startswith("tensor"):
+            reg = ConvNormRegularizer(model, target=1.0, iters=2, generator=ctx.generator(3))
+            penalty = reg
+        elif label.startswith("power"):
+            convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+            for conv, n in zip(convs, _SIZES, strict=True):
+                conv_spectral_normalization(conv, n, max_norm=1.0, generator=ctx.generator(4))
+        model.train()
+        times = fit(model, Xtr, ytr, epochs, ctx, label, penalty=penalty)
+        model.eval()
+        norms = _conv_norms(model)
+        figures = {
+            "test accuracy": accuracy(model, Xte, yte),
+            "conv norms (zeros)": ", ".join(f"{v:.3f}" for v in norms),
+            "product of conv norms": math.prod(norms),
+        }
+        if penalty is not None:
+            figures["tensor-norm bounds"] = ", ".join(f"{float(v.detach()):.3f}" for v in reg.bounds().values())
+        rows.append(timing_row(label, Timing.of(times), figures=figures, status=f"{epochs} epochs; time: per epoch"))
+    for r in rows:
+        r["ratio"] = r["time"] / rows[0]["time"]
+    return {"rows": rows}
+
+
+TRAINING = Benchmark(
+    name="conv-norm-training",
+    summary="digits CNN: no control vs tensor-norm regularizer vs power-iteration spectral normalization",
+    baseline="time per epoch of the row / that of the uncontrolled model",
+    figures=("test accuracy", "conv norms (zeros)", "product of conv norms", "train time per epoch"),
+    quick=(Case("digits-5ep", dict(epochs=5, width=16)),),
+    full=(Case("digits-30ep", dict(epochs=30, width=16)),),
+    run=run_training,
+    peers=("scikit-learn (data)",),
+)
+
+# ------------------------------------------------------------------------------------------------------ tt-conv
+
+
+def run_tt_conv(case: Case, ctx: Context) -> dict:
+    data = digits_split(ctx)
+    if data is None:
+        return {"rows": [{"variant": "digits CNN", "skipped": "skipped: install scikit-learn"}]}
+    Xtr, ytr, Xte, yte = data
+    epochs, width, ranks = case.params["epochs"], case.params["width"], case.params["ranks"]
+
+    def conv_params(model):
+        return sum(
+            p.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d | TTConv2d) for p in m.parameters()
+        )
+
+    dense = _cnn(ctx.seed, width)
+    dense_total, dense_conv = sum(p.numel() for p in dense.parameters()), conv_params(dense)
+    rows, points = [], []
+    clip_rank = max(ranks)
+    for rank, clip in [(None, False)] + [(r, False) for r in ranks] + [(clip_rank, True)]:
+        model = _cnn(ctx.seed, width)
+        label = "dense Conv2d"
+        if rank is not None:
+            tt_conv_convert(model, rank, exclude="0")  # the 1-channel first conv stays dense
+            label = f"TTConv2d rank {rank}" + (", σ ≤ 1 (clip every 10 steps)" if clip else "")
+        model = model.to(ctx.device)
+        tt = [(m, n) for m, n in zip([model[2], model[4]], _SIZES[1:], strict=True) if isinstance(m, TTConv2d)]
+        steps = [0]
+
+        def after_step(tt=tt, clip=clip, steps=steps):
+            steps[0] += 1
+            for m, n in tt:
+                m.clip_(1.0, n) if clip and steps[0] % 10 == 0 else m.orthogonalize_()
+
+        times = fit(model, Xtr, ytr, epochs, ctx, label, after_step=after_step if tt else None)
+        if clip:
+            for m, n in tt:
+                m.clip_(1.0, n)
+        acc = accuracy(model, Xte, yte)
+        share = 100 * sum(p.numel() for p in model.parameters()) / dense_total
+        figures = {
+            "test accuracy": acc,
+            "% parameters": share,
+            "% conv parameters": 100 * conv_params(model) / dense_conv,
+        }
+        if tt:
+            with torch.no_grad():
+                figures["largest σ (exact, circular)"] = max(float(m.singular_values(n).max()) for m, n in tt)
+        else:
+            with torch.no_grad():
+                figures["largest σ (exact, circular)"] = max(
+                    float(circular_spectral_norm(model[i].weight, n, model[i].stride[0]))
+                    for i, n in zip((2, 4), _SIZES[1:], strict=True)
+                )
+        rows.append(timing_row(label, Timing.of(times), figures=figures, status=f"{epochs} epochs; time: per epoch"))
+        points.append((label, share, acc))
+    for r in rows:
+        r["ratio"] = r["time"] / rows[0]["time"]
+    return {
+        "rows": rows,
+        "xy": [
+            {
+                "title": f"digits CNN (width {width}), {epochs} epochs: TTConv2d vs dense",
+                "xlabel": "% of the dense model's parameters",
+                "ylabel": "test accuracy",
+                "xlog": True,
+                "series": [{"label": lbl, "x": [x], "y": [y]} for lbl, x, y in points],
+            }
+        ],
+    }
+
+
+TT_CONV = Benchmark(
+    name="tt-conv",
+    summary="digits CNN with TTConv2d at several ranks vs dense Conv2d: accuracy, % parameters, time per epoch",
+    baseline="time per epoch of the row / that of the dense model",
+    figures=("test accuracy", "% parameters", "% conv parameters", "largest σ", "train time per epoch"),
+    quick=(Case("digits-5ep", dict(epochs=5, width=32, ranks=(4, 16))),),
+    full=(Case("digits-30ep", dict(epochs=30, width=32, ranks=(2, 4, 8, 16, 32))),),
+    run=run_tt_conv,
+    peers=("scikit-learn (data)",),
+)
+
+BENCHMARKS = (NORMS, TRAINING, TT_CONV)
