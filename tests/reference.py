@@ -66,3 +66,13 @@ def loglog_slope(ts, errs) -> float:
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def linear_map_matrix(f, c_in: int, n: int, dtype=torch.float64) -> torch.Tensor:
+    """The dense matrix ``(out numel, c_in n²)`` of the affine map f on ``(B, c_in, n, n)`` inputs, its constant
+    part removed: f applied to every basis image."""
+    N = c_in * n * n
+    X = torch.eye(N, dtype=dtype).reshape(N, c_in, n, n)
+    with torch.no_grad():
+        Y = f(X) - f(torch.zeros(1, c_in, n, n, dtype=dtype))
+    return Y.reshape(N, -1).T

@@ -8,6 +8,7 @@ import geoopt
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import linear_map_matrix
 
 from lowrankopt.nn import TTConv2d, tt_conv_convert, tt_conv_orthogonalize_, tt_conv_penalty
 
@@ -16,15 +17,6 @@ D = torch.float64
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-def jacobian(f, c_in, n, dtype=D):
-    """The dense matrix ``(out numel, c_in n²)`` of the linear map f on ``(B, c_in, n, n)`` inputs."""
-    N = c_in * n * n
-    X = torch.eye(N, dtype=dtype).reshape(N, c_in, n, n)
-    with torch.no_grad():
-        Y = f(X) - f(torch.zeros(1, c_in, n, n, dtype=dtype))
-    return Y.reshape(N, -1).T
 
 
 def svdvals_sorted(A):
@@ -57,7 +49,7 @@ def is_orthonormal(M, tol):
 
 @pytest.mark.parametrize("orthogonality", ["gauge", "stiefel", "penalty"])
 @pytest.mark.parametrize("stride,n", [(1, 6), (2, 8)])
-def test_singular_values_match_dense_jacobian(orthogonality, stride, n):
+def test_singular_values_match_dense_linear_map_matrix(orthogonality, stride, n):
     c_in, c_out, rank, k = 5, 4, 3, 3
     layer = TTConv2d(
         c_in, c_out, k, rank, stride=stride, padding=1, bias=True, padding_mode="circular",
@@ -67,7 +59,7 @@ def test_singular_values_match_dense_jacobian(orthogonality, stride, n):
         perturb_(layer)
         layer.orthogonalize_()
     assert is_orthonormal(layer.first, 1e-13) and is_orthonormal(layer.last, 1e-13)
-    J = jacobian(layer, c_in, n)
+    J = linear_map_matrix(layer, c_in, n)
     m = n // stride
     assert J.shape == (c_out * m * m, c_in * n * n)
     sv = layer_svs(layer, n)
@@ -77,7 +69,7 @@ def test_singular_values_match_dense_jacobian(orthogonality, stride, n):
     torch.testing.assert_close(dense[: sv.numel()], sv, rtol=0, atol=1e-12)
     assert dense[sv.numel() :].abs().max() < 1e-12  # the rest of the layer's singular values are 0
     # and they are those of the small core conv alone
-    core = svdvals_sorted(jacobian(core_conv(layer.core.detach(), stride, layer._pads), r1, n))
+    core = svdvals_sorted(linear_map_matrix(core_conv(layer.core.detach(), stride, layer._pads), r1, n))
     torch.testing.assert_close(core, sv, rtol=0, atol=1e-12)
 
 
@@ -92,10 +84,10 @@ def test_effective_core_gives_exact_singular_values_off_gauge(stride, n):
     before = [p.detach().clone() for p in layer.parameters()]
     sv = layer_svs(layer, n)
     assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))  # effective_core does not mutate
-    dense = svdvals_sorted(jacobian(layer, c_in, n))
+    dense = svdvals_sorted(linear_map_matrix(layer, c_in, n))
     torch.testing.assert_close(dense[: sv.numel()], sv, rtol=0, atol=1e-12)
     # the raw core's spectrum is not the layer's here
-    raw = svdvals_sorted(jacobian(core_conv(layer.core.detach(), stride, layer._pads), layer.ranks[0], n))
+    raw = svdvals_sorted(linear_map_matrix(core_conv(layer.core.detach(), stride, layer._pads), layer.ranks[0], n))
     assert (raw - sv).abs().max() > 1e-3
     # effective_core is the core after orthogonalize_
     torch.testing.assert_close(layer.effective_core(), layer.orthogonalize_().core, rtol=0, atol=1e-13)
@@ -131,11 +123,11 @@ def test_clip_caps_the_norm(stride, n):
     with torch.no_grad():
         layer.core.mul_(10.0)
     x = torch.randn(2, c_in, n, n, dtype=D, generator=gen(8))
-    before = svdvals_sorted(jacobian(layer, c_in, n))[0]
+    before = svdvals_sorted(linear_map_matrix(layer, c_in, n))[0]
     cap = 1.0
     assert before > 3 * cap
     assert layer.clip_(cap, n) is layer
-    after = svdvals_sorted(jacobian(layer, c_in, n))
+    after = svdvals_sorted(linear_map_matrix(layer, c_in, n))
     assert after[0] <= cap * (1 + 1e-10)
     assert after[0] >= cap * (1 - 1e-10)  # the rescaling step makes the cap active
     assert is_orthonormal(layer.first, 1e-13) and is_orthonormal(layer.last, 1e-13)

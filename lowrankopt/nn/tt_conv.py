@@ -113,8 +113,8 @@ class TTConv2d(torch.nn.Module):
 
     Parameters: ``first (c_in, r1)`` and ``last (c_out, r2)`` (random orthonormal columns at init),
     ``core (r2, r1, k, k)`` (Gaussian with variance ``c_out / (r1 r2 k²)``, so that the dense kernel has the
-    variance ``1 / (c_in k²)`` of a variance-preserving He init and unit-variance inputs give outputs of about
-    unit variance) and ``bias (c_out,)`` (``nn.Conv2d``'s init). Dilation and groups are not supported.
+    variance ``1 / (c_in k²)`` of LeCun's init, and unit-variance inputs give outputs of about unit variance)
+    and ``bias (c_out,)`` (``nn.Conv2d``'s init). Dilation and groups are not supported.
 
     Forward: ``(B, c_in, H, W) → (B, c_out, H', W')`` with ``nn.Conv2d``'s output size, in
     ``O(B (H W c_in r1 + H' W' (r1 r2 k² + r2 c_out)))``; the dense kernel is never formed.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -14,7 +14,7 @@ def check_kernel(K: object, name: str = "K") -> torch.Tensor:
     K = check_tensor(name, K)
     if K.dim() < 4:
         raise ValueError(f"{name} must have shape (..., c_out, c_in, h, w), got {tuple(K.shape)}")
-    if K.numel() == 0:
+    if K.numel() == 0:  # an empty batch has no norm to report; refuse rather than return an empty result
         raise ValueError(f"{name} is empty: shape {tuple(K.shape)}")
     return K
 
@@ -62,6 +62,31 @@ def polyphase_kernel(K: torch.Tensor, stride: int) -> torch.Tensor:
     return K.reshape(*batch, co, ci * stride * stride, hp, wp)
 
 
+def unpolyphase_kernel(Kp: torch.Tensor, stride: int, size: tuple[int, int]) -> torch.Tensor:
+    """The inverse of :func:`polyphase_kernel`: ``(..., c_out, c_in·s², h', w') → (..., c_out, c_in, h, w)`` for
+    ``size = (h, w)``; taps of ``Kp`` that fall outside ``h × w`` (the zero padding of the forward map) are
+    dropped, so on any ``Kp`` this is the orthogonal projection onto the kernels of that support. Cost O(|K|)."""
+    if stride == 1:
+        return Kp[..., : size[0], : size[1]]
+    *batch, co, cis, hp, wp = Kp.shape
+    s, nb = stride, len(batch)
+    K = Kp.reshape(*batch, co, cis // (s * s), s, s, hp, wp)  # [..., o, c, a, b, p, q]
+    K = K.permute(*range(nb), nb, nb + 1, nb + 4, nb + 2, nb + 5, nb + 3)  # [..., o, c, p, a, q, b]
+    return K.reshape(*batch, co, cis // (s * s), hp * s, wp * s)[..., : size[0], : size[1]]
+
+
+def complex_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex64 if dtype == torch.float32 else torch.complex128
+
+
+def fourier_vectors(omega: torch.Tensor, taps: int, dtype: torch.dtype) -> torch.Tensor:
+    """``E[f, p] = exp(−i ω_f p)`` for angles ``omega (F,)`` (float64, on the target device), ``p < taps``; complex
+    of the precision of the real ``dtype``. Built in float64, then rounded."""
+    p = torch.arange(taps, dtype=torch.float64, device=omega.device)
+    one = torch.ones((), dtype=torch.float64, device=omega.device)
+    return torch.polar(one, -torch.outer(omega, p)).to(complex_dtype(dtype))
+
+
 @dataclass
 class IterationState:
     """Warm-start state of an iterative estimate (power iteration, HOPM), updated in place by each call.
@@ -69,12 +94,19 @@ class IterationState:
     Attributes:
         vectors: the last iterates (None before the first call); the next call starts from them.
         iterations: iterations run over all calls.
-        converged: whether the last call met its tolerance.
-        value: the last estimate (a float, detached).
+        converged: whether the last call met its tolerance (False when it ran a fixed number of iterations:
+            ``tol=0`` or ``iters=0``).
+        value: the last estimate, a detached tensor of the batch shape (None before the first call).
+
+    The vectors live on the kernel's device in its precision; a call with a kernel of another shape, dtype or
+    device raises (start a new state, or :meth:`reset` this one).
     """
 
     vectors: list[torch.Tensor] | None = None
     iterations: int = 0
     converged: bool = False
-    value: float = float("nan")
-    extra: dict = field(default_factory=dict)
+    value: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the vectors: the next call starts cold."""
+        self.vectors, self.converged, self.value = None, False, None

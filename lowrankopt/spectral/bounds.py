@@ -20,7 +20,7 @@ import math
 import torch
 
 from .._checks import as_positive_int
-from ._kernel import IterationState, check_kernel, check_stride, polyphase_kernel
+from ._kernel import IterationState, check_kernel, check_stride, complex_dtype, fourier_vectors, polyphase_kernel
 
 __all__ = ["fantastic_four_bound", "tensor_norm_bound"]
 
@@ -49,10 +49,6 @@ def fantastic_four_bound(K: torch.Tensor, stride: int = 1) -> torch.Tensor:
     return math.sqrt(h * w) * norms.amin(-1)
 
 
-def _complex(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex64 if dtype == torch.float32 else torch.complex128
-
-
 def _unit(u: torch.Tensor) -> torch.Tensor:
     return u / torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min(torch.finfo(u.real.dtype).tiny)
 
@@ -66,15 +62,9 @@ def _spectral_start(K: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Ten
     """Unit Fourier vectors ``(e^{−iω₁p})/√h, (e^{−iω₂q})/√w`` at the ω of a ``grid × grid`` grid where
     ``‖K̂(ω)‖_F`` is largest, per kernel: ``(B, h), (B, w)``."""
     B, co, ci, h, w = K.shape
-    cdt = _complex(K.dtype)
     omega = 2 * math.pi * torch.arange(grid, dtype=torch.float64, device=K.device) / grid
-
-    def fourier(taps):  # (grid, taps)
-        p = torch.arange(taps, dtype=torch.float64, device=K.device)
-        return (torch.polar(torch.ones((), dtype=torch.float64), -torch.outer(omega, p)) / math.sqrt(taps)).to(cdt)
-
-    E3, E4 = fourier(h), fourier(w)
-    sym = torch.einsum("bochw,fh,gw->bfgoc", K.to(cdt), E3, E4)
+    E3, E4 = fourier_vectors(omega, h, K.dtype) / math.sqrt(h), fourier_vectors(omega, w, K.dtype) / math.sqrt(w)
+    sym = torch.einsum("bochw,fh,gw->bfgoc", K.to(E3.dtype), E3, E4)
     best = torch.linalg.matrix_norm(sym).flatten(1).argmax(1)
     return E3[best // grid], E4[best % grid]
 
@@ -155,15 +145,16 @@ def tensor_norm_bound(
         raise ValueError(f"tol must be non-negative, got {tol}")
     *batch, co, ci, h, w = K.shape
     Kb = K.reshape(-1, co, ci, h, w)
-    B, cdt = Kb.shape[0], _complex(K.dtype)
+    B, cdt = Kb.shape[0], complex_dtype(K.dtype)
     dims = (co, ci, h, w)
     if state is not None and state.vectors:
         us = list(state.vectors)
         expected = [(B, us[0].shape[1], d) for d in dims]
         if [tuple(u.shape) for u in us] != expected or any(u.dtype != cdt or u.device != K.device for u in us):
             raise ValueError(
-                f"state holds vectors of shapes {[tuple(u.shape) for u in us]}, expected {expected} ({cdt}): "
-                "it belongs to another kernel shape or dtype"
+                f"state holds vectors of shapes {[tuple(u.shape) for u in us]} ({us[0].dtype}, {us[0].device}), "
+                f"expected {expected} ({cdt}, {K.device}): it belongs to a kernel of another shape, dtype or device "
+                "(use a new IterationState or state.reset())"
             )
     else:
         us = [_random_unit((B, restarts, d), cdt, K.device, generator) for d in dims]
@@ -178,7 +169,7 @@ def tensor_norm_bound(
                 norm = torch.linalg.vector_norm(g, dim=-1)
                 us[k] = _unit(g)
             value = norm  # after the last update, |K(u₁, u₂, u₃, u₄)| = ‖g‖
-            if last is not None and bool(((value - last).abs() <= tol * value).all()):
+            if tol > 0 and last is not None and bool(((value - last).abs() <= tol * value).all()):
                 converged = True
                 break
             last = value

@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from .._checks import as_positive_int, check_scalar
-from ._kernel import check_kernel, check_size, check_stride, polyphase_kernel
+from .._checks import check_scalar
+from ._kernel import check_kernel, check_size, check_stride, fourier_vectors, polyphase_kernel, unpolyphase_kernel
 
 __all__ = ["circular_spectral_norm", "clip_singular_values", "conv_singular_values", "gram_iteration_bound"]
 
@@ -28,11 +28,8 @@ _BLOCK_ELEMENTS = 1 << 23  # complex entries of the symbol formed at once (128 M
 
 def _dft(m: int, taps: int, freqs: range, dtype: torch.dtype, device) -> torch.Tensor:
     """``E[f, p] = exp(−2πi f p / m)`` for f in ``freqs``, p < taps."""
-    real = torch.float64
-    f = torch.tensor(list(freqs), dtype=real, device=device)
-    p = torch.arange(taps, dtype=real, device=device)
-    E = torch.polar(torch.ones((), dtype=real, device=device), -2 * math.pi * torch.outer(f, p) / m)
-    return E.to(torch.complex64 if dtype == torch.float32 else torch.complex128)
+    f = torch.tensor(list(freqs), dtype=torch.float64, device=device)
+    return fourier_vectors(2 * math.pi * f / m, taps, dtype)
 
 
 def _symbol_blocks(Kp: torch.Tensor, m: int, onesided: bool):
@@ -97,23 +94,27 @@ def gram_iteration_bound(K: torch.Tensor, n: int, stride: int = 1, iters: int = 
 
     Args:
         K: ``(..., c_out, c_in, h, w)``. n: input size (as in :func:`conv_singular_values`).
-        stride: the conv's stride. iters: Gram steps t (6 gives a bound within ~1 % for typical kernels).
+        stride: the conv's stride. iters: Gram steps t ≥ 0 (t = 0 is the Frobenius norm). The bound exceeds
+            σ₁ by at most a factor ``c^{1/2^{t+1}}`` (c = min(c_out, c_in s²)): 1.033 for c = 64 at t = 6, and in
+            practice far less (the benchmark measures it).
 
     Returns ``(...)``. Cost: O(m² c_out c_in (h' + w')) for the symbol, then t products of
     ``c × c`` matrices per frequency, c = min(c_out, c_in s²): O(t m² c³).
     """
     Kp, m = _prepare(K, n, stride)
-    iters = as_positive_int("iters", iters) if iters != 0 else 0
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be a non-negative int, got {iters!r}")
     out = []
     for A in _symbol_blocks(Kp, m, onesided=True):
         G = A if A.shape[-2] >= A.shape[-1] else A.mT  # G_1 = GᴴG is then the smaller Gram matrix
         log_scale = torch.zeros(G.shape[:-2], dtype=Kp.dtype, device=Kp.device)
+        tiny = torch.finfo(Kp.dtype).tiny  # a zero symbol (e.g. a difference kernel at ω = 0) stays 0, not NaN
         for _ in range(iters):
-            norm = torch.linalg.matrix_norm(G)
+            norm = torch.linalg.matrix_norm(G).clamp_min(tiny)
             G = G / norm[..., None, None]
             log_scale = 2 * (log_scale + norm.log())
             G = G.mH @ G
-        log_bound = (log_scale + torch.linalg.matrix_norm(G).log()) / 2**iters
+        log_bound = (log_scale + torch.linalg.matrix_norm(G).clamp_min(tiny).log()) / 2**iters
         out.append(log_bound.flatten(-2).amax(-1))
     return torch.stack(out, -1).amax(-1).exp()
 
@@ -142,7 +143,7 @@ def clip_singular_values(K: torch.Tensor, n: int, max_sv: float, stride: int = 1
     if not max_sv > 0:
         raise ValueError(f"max_sv must be positive, got {max_sv}")
     s = check_stride(stride)
-    *batch, co, ci, h, w = K.shape
+    h, w = K.shape[-2:]
     hp, wp = Kp.shape[-2:]
     full = []
     for A in _symbol_blocks(Kp, m, onesided=False):
@@ -150,12 +151,7 @@ def clip_singular_values(K: torch.Tensor, n: int, max_sv: float, stride: int = 1
         full.append((U * S.clamp(max=max_sv).to(U.dtype)[..., None, :]) @ Vh)
     A = torch.cat(full, dim=-4).movedim(-2, -4).movedim(-1, -3)  # (..., co, ci s², m, m)
     Kp_new = torch.fft.ifft2(A).real[..., :hp, :wp].to(K.dtype)
-    # undo the polyphase reshape and crop the padding taps (an orthogonal projection onto K's support)
-    nb = len(batch)
-    Kp_new = Kp_new.reshape(*batch, co, ci, s, s, hp, wp).permute(
-        *range(nb), nb, nb + 1, nb + 4, nb + 2, nb + 5, nb + 3
-    )
-    K_new = Kp_new.reshape(*batch, co, ci, hp * s, wp * s)[..., :h, :w].contiguous()
+    K_new = unpolyphase_kernel(Kp_new, s, (h, w)).contiguous()  # crop: the projection onto K's support
     if rescale:
         norm = circular_spectral_norm(K_new, n, stride)
         K_new = K_new * (max_sv / norm).clamp(max=1)[..., None, None, None, None]

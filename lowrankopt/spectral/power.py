@@ -97,16 +97,19 @@ def conv_spectral_norm(
     if warm:
         v = state.vectors[0]
         if v.shape != shape or v.dtype != K.dtype or v.device != K.device:
-            raise ValueError(f"state holds a vector of shape {tuple(v.shape)}, expected {shape} ({K.dtype})")
+            raise ValueError(
+                f"state holds a vector of shape {tuple(v.shape)} ({v.dtype}, {v.device}), expected {shape} "
+                f"({K.dtype}, {K.device}): use a new IterationState or state.reset()"
+            )
     else:
         v = torch.randn(shape, dtype=K.dtype, generator=generator).to(K.device)
     with torch.no_grad():
-        v, last, converged, it = unit(v), None, iters == 0, 0
+        v, last, converged, it = unit(v), None, False, 0
         for it in range(1, iters + 1):  # noqa: B007
             u = forward(v)
             sigma = u.reshape(B, -1).norm(dim=1)
             v = unit(adjoint(u))
-            if last is not None and bool(((sigma - last).abs() <= tol * sigma).all()):
+            if tol > 0 and last is not None and bool(((sigma - last).abs() <= tol * sigma).all()):
                 converged = True
                 break
             last = sigma

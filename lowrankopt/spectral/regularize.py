@@ -18,13 +18,29 @@ __all__ = ["ConvNormRegularizer", "conv_spectral_normalization"]
 METHODS = ("tensor-norm", "fantastic-four", "gram", "circular", "power")
 
 
-def _grouped_kernel(conv: torch.nn.Conv2d, weight: torch.Tensor | None = None) -> torch.Tensor:
+def _grouped(W: torch.Tensor, groups: int) -> torch.Tensor:
     """The kernel of a grouped conv as a batch of per-group kernels ``(g, c_out/g, c_in/g, h, w)``: the operator is
     block-diagonal over groups, so its norm is the largest of theirs."""
-    if conv.dilation not in ((1, 1), 1):
+    return W.reshape(groups, W.shape[0] // groups, *W.shape[1:])
+
+
+def _padding(conv: torch.nn.Conv2d) -> str | tuple[int, int]:
+    """``"circular"``, or the zero padding on each side as a pair; refuses what the norms do not cover."""
+    if conv.dilation != (1, 1):
         raise ValueError(f"convs with dilation {conv.dilation} are not supported")
-    W = conv.weight if weight is None else weight
-    return W.reshape(conv.groups, W.shape[0] // conv.groups, *W.shape[1:])
+    check_stride(conv.stride)
+    if conv.padding_mode == "circular":
+        return "circular"
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported (only 'zeros' and 'circular')")
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        h, w = conv.kernel_size
+        if h % 2 == 0 or w % 2 == 0:
+            raise ValueError("padding='same' with an even kernel pads asymmetrically: not supported")
+        return (h // 2, w // 2)
+    return tuple(conv.padding)
 
 
 class ConvNormRegularizer:
@@ -41,11 +57,13 @@ class ConvNormRegularizer:
       call from the last vectors (one :class:`IterationState` per conv).
     - ``"fantastic-four"``: :func:`fantastic_four_bound`.
     - ``"gram"`` / ``"circular"``: :func:`gram_iteration_bound` / the exact circular norm at input size ``n``.
-    - ``"power"``: power iteration with the conv's zero padding at input size ``n`` (a lower estimate),
-      ``iters`` warm iterations per call.
+    - ``"power"``: power iteration with the conv's own zero padding at input size ``n`` (a lower estimate),
+      ``cold_iters`` iterations on the first call, then ``iters`` warm ones per call; a circular conv gets its
+      exact norm instead.
 
-    Grouped convs count as the largest norm of their groups; dilated ones are refused. A conv's stride must be
-    equal on both axes. Cost per call: the chosen method's, summed over the convs.
+    Grouped convs count as the largest norm of their groups. Dilated convs, padding modes other than zeros and
+    circular, ``padding="same"`` with an even kernel, and unequal strides are refused. States follow the model
+    to another device or dtype (they restart cold there). Cost per call: the chosen method's, summed over the convs.
     """
 
     def __init__(
@@ -78,18 +96,20 @@ class ConvNormRegularizer:
         }
         if not self.convs:
             raise ValueError("model has no nn.Conv2d to regularize")
+        self.paddings = {}
         for name, m in self.convs.items():
-            _grouped_kernel(m)
             try:
-                check_stride(m.stride)
+                self.paddings[name] = _padding(m)
             except ValueError as e:
                 raise ValueError(f"conv {name!r}: {e}") from None
         self.states = {name: IterationState() for name in self.convs}
 
     def _bound(self, name: str, conv: torch.nn.Conv2d) -> torch.Tensor:
-        K, s, state = _grouped_kernel(conv), conv.stride[0], self.states[name]
+        K, s, state = _grouped(conv.weight, conv.groups), conv.stride[0], self.states[name]
+        if state.vectors and (state.vectors[0].device != K.device or state.vectors[0].real.dtype != K.dtype):
+            state.reset()  # the model moved to another device or dtype: start cold there
+        warm = bool(state.vectors)
         if self.method == "tensor-norm":
-            warm = bool(state.vectors)
             b = tensor_norm_bound(
                 K, s, restarts=self.restarts, iters=self.iters if warm else self.cold_iters, state=state,
                 generator=self.generator,
@@ -98,14 +118,13 @@ class ConvNormRegularizer:
             b = fantastic_four_bound(K, s)
         elif self.method == "gram":
             b = gram_iteration_bound(K, self.n, s)
-        elif self.method == "circular":
+        elif self.method == "circular" or self.paddings[name] == "circular":
             b = circular_spectral_norm(K, self.n, s)
-        else:
-            iters = self.iters if state.vectors else self.cold_iters
-            pad = conv.padding if isinstance(conv.padding, tuple) else None
+        else:  # a fixed number of iterations per call (tol=0): the estimate keeps improving across steps
             b = conv_spectral_norm(
-                K, self.n, "zeros", s, pad=pad, iters=iters, tol=0.0, state=state, generator=self.generator
-            )  # a fixed number of iterations per call (tol=0): the estimate keeps improving across steps
+                K, self.n, "zeros", s, pad=self.paddings[name], iters=self.iters if warm else self.cold_iters,
+                tol=0.0, state=state, generator=self.generator,
+            )  # fmt: skip
         return b.amax()
 
     def bounds(self) -> dict[str, torch.Tensor]:
@@ -120,17 +139,17 @@ class ConvNormRegularizer:
 class _ConvSpectralNorm(torch.nn.Module):
     def __init__(self, conv: torch.nn.Conv2d, n: int, max_norm: float, iters: int, generator):
         super().__init__()
-        _grouped_kernel(conv)  # checks the dilation
         # the conv's attributes, not the conv: a submodule pointing back at its owner would make a cycle
         self.n, self.max_norm, self.iters, self.groups = n, max_norm, iters, conv.groups
-        self.stride, self.pad, self.circular = conv.stride[0], conv.padding, conv.padding_mode == "circular"
+        self.stride, self.pad = conv.stride[0], _padding(conv)
+        self.circular = self.pad == "circular"
         if not self.circular:
             state = IterationState()
             self._norm(conv.weight.detach(), 50, state, generator)
             self.register_buffer("v", state.vectors[0])
 
     def _norm(self, W, iters, state, generator=None):
-        K = W.reshape(self.groups, W.shape[0] // self.groups, *W.shape[1:])
+        K = _grouped(W, self.groups)
         if self.circular:
             return circular_spectral_norm(K, self.n, self.stride).amax()
         return conv_spectral_norm(
@@ -161,9 +180,10 @@ def conv_spectral_normalization(
     σ is the conv's norm with its own padding: exact for ``padding_mode="circular"``, else a power iteration
     with ``conv2d`` / ``conv_transpose2d`` at its zero padding (Gouk et al. 2021's "division", Ryu et al.'s
     estimate), ``iters`` warm iterations per training forward from a stored input vector (50 at registration),
-    none in eval mode. A ``torch.nn.utils.parametrize`` parametrization of ``conv.weight`` (so
-    ``remove_parametrizations`` bakes it in). Unlike ``torch.nn.utils.spectral_norm``, which normalizes the
-    reshaped ``c_out × c_in h w`` matrix (not a bound on the conv's norm), this uses the conv operator.
+    none in eval mode. Convs that :class:`ConvNormRegularizer` refuses are refused. A
+    ``torch.nn.utils.parametrize`` parametrization of ``conv.weight`` (``remove_parametrizations`` bakes it in).
+    Unlike ``torch.nn.utils.spectral_norm``, which normalizes the reshaped ``c_out × c_in h w`` matrix (not a
+    bound on the conv's norm), this uses the conv operator.
 
     Returns ``conv``. Cost per forward: ``iters + 1`` convs at resolution n (zeros), or the circular norm.
     """
@@ -171,9 +191,6 @@ def conv_spectral_normalization(
         raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
     if not max_norm > 0:
         raise ValueError(f"max_norm must be positive, got {max_norm}")
-    if conv.padding_mode not in ("zeros", "circular") or isinstance(conv.padding, str):
-        raise ValueError("conv must use numeric padding with padding_mode 'zeros' or 'circular'")
-    check_stride(conv.stride)
     parametrize.register_parametrization(
         conv,
         "weight",
