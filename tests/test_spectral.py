@@ -285,6 +285,28 @@ def test_conv_spectral_normalization_caps_the_operator_norm(mode):
     assert torch.allclose(conv.weight, W, rtol=1e-6)
 
 
+def test_tensor_norm_normalization_caps_every_padding_and_size():
+    torch.manual_seed(4)
+    conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(10)
+    conv_spectral_normalization(conv, method="tensor-norm", max_norm=0.5, generator=torch.Generator().manual_seed(0))
+    conv.double()  # the stored complex vectors restart in float64 on the next forward
+    conv.train()
+    W = conv.weight.detach()
+    assert W.dtype == D
+    assert tensor_norm_bound(W, 2, generator=torch.Generator().manual_seed(1)).item() == pytest.approx(0.5, rel=1e-6)
+    for n in (6, 8, 12):  # the bound covers every input size and padding
+        assert top_sv(jacobian(W, n, 2, "zeros", 1)) <= 0.5 * (1 + 1e-9)
+        assert top_sv(jacobian(W, n, 2)) <= 0.5 * (1 + 1e-9)
+    conv.eval()
+    assert torch.allclose(conv.weight, W, rtol=1e-12)  # eval: no update of the vectors
+    with pytest.raises(ValueError, match="method"):
+        conv_spectral_normalization(torch.nn.Conv2d(2, 2, 3), 6, method="sn")
+    with pytest.raises(ValueError, match="n must be"):
+        conv_spectral_normalization(torch.nn.Conv2d(2, 2, 3))
+
+
 def test_bad_input():
     K = torch.randn(2, 2, 3, 3, dtype=D)
     with pytest.raises(ValueError, match="K must have shape"):

@@ -102,6 +102,7 @@ def tensor_norm_bound(
     tol: float = 1e-8,
     grid: int = 8,
     state: IterationState | None = None,
+    refresh: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The tensor-norm bound ``√(hw) · ‖K‖_σ ≥ ‖J‖₂`` of a conv with kernel ``K``, any padding, any input size.
@@ -122,32 +123,38 @@ def tensor_norm_bound(
     - ``state`` (an :class:`IterationState`) warm-starts from the vectors of the previous call, in place of the
       restarts, and stores the best ones after the call: across training steps the kernel moves little, so a
       few iterations (``iters=1…5``) keep tracking the maximum found before, at a fraction of a cold start.
+      But the tracked maximum can stop being the global one as the kernel changes: with ``refresh=True`` the
+      warm vectors run together with ``restarts`` fresh starts and the best is kept (do it every ~100 steps,
+      with more ``iters``; :class:`ConvNormRegularizer` and :func:`conv_spectral_normalization` do).
 
     Complex vectors are required: the real maximum can be smaller than ``sup_ω ‖K̂(ω)‖₂/√(hw)``.
 
     Args:
         K: ``(..., c_out, c_in, h, w)``, float32 or float64; leading dims are a batch of kernels.
         stride: the conv's stride; the bound is then that of the polyphase kernel.
-        restarts: starts of a cold call (≥ 1). iters: HOPM sweeps at most. tol: stop when no start's value
-            changes by more than ``tol`` (relative) in a sweep.
+        restarts: starts of a cold call (≥ 1). iters: HOPM sweeps at most (0 with a warm ``state``: the value at
+            the stored vectors). tol: stop when no start's value changes by more than ``tol`` (relative) in a
+            sweep; ``tol=0`` runs exactly ``iters`` sweeps.
         grid: frequencies per axis searched for the spectral start.
         state: warm-start state (updated in place), or None.
+        refresh: with a warm ``state``, add ``restarts`` fresh starts to the warm one.
         generator: draws the random starts.
 
     Returns ``(...)``. Cost per sweep O(R · c_out c_in h w) for R starts (plus the start, O(grid² c_out c_in h w))
     — independent of the input size n.
     """
     K = polyphase_kernel(check_kernel(K), check_stride(stride))
-    restarts, iters, grid = (
-        as_positive_int(k, v) for k, v in (("restarts", restarts), ("iters", iters), ("grid", grid))
-    )
+    restarts, grid = as_positive_int("restarts", restarts), as_positive_int("grid", grid)
+    warm = state is not None and bool(state.vectors)
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < (0 if warm else 1):
+        raise ValueError(f"iters must be an int ≥ {0 if warm else 1}, got {iters!r}")
     if not tol >= 0:
         raise ValueError(f"tol must be non-negative, got {tol}")
     *batch, co, ci, h, w = K.shape
     Kb = K.reshape(-1, co, ci, h, w)
     B, cdt = Kb.shape[0], complex_dtype(K.dtype)
     dims = (co, ci, h, w)
-    if state is not None and state.vectors:
+    if warm:
         us = list(state.vectors)
         expected = [(B, us[0].shape[1], d) for d in dims]
         if [tuple(u.shape) for u in us] != expected or any(u.dtype != cdt or u.device != K.device for u in us):
@@ -156,13 +163,14 @@ def tensor_norm_bound(
                 f"expected {expected} ({cdt}, {K.device}): it belongs to a kernel of another shape, dtype or device "
                 "(use a new IterationState or state.reset())"
             )
-    else:
-        us = [_random_unit((B, restarts, d), cdt, K.device, generator) for d in dims]
+    if not warm or refresh:
+        cold = [_random_unit((B, restarts, d), cdt, K.device, generator) for d in dims]
         u3, u4 = _spectral_start(Kb.detach(), grid)
-        us[2][:, 0], us[3][:, 0] = u3, u4
+        cold[2][:, 0], cold[3][:, 0] = u3, u4
+        us = [torch.cat([u, c], dim=1) for u, c in zip(us, cold, strict=True)] if warm else cold
     with torch.no_grad():
         Kd = Kb.detach()
-        last, converged, it = None, False, 0
+        last, converged, it, value = None, False, 0, None
         for it in range(1, iters + 1):  # noqa: B007
             for k in range(4):
                 g = _contract(Kd, us, skip=k).conj()
@@ -173,8 +181,9 @@ def tensor_norm_bound(
                 converged = True
                 break
             last = value
-        best = value.argmax(1)
-        us = [u[torch.arange(B, device=K.device), best][:, None] for u in us]
+        if value is not None:  # keep the best start (iters = 0: the warm vectors as they are)
+            best = value.argmax(1)
+            us = [u[torch.arange(B, device=K.device), best][:, None] for u in us]
     f = (_contract(Kb, us, skip=0) * us[0]).sum(-1)[:, 0]  # differentiable in K: one contraction
     bound = math.sqrt(h * w) * f.abs().reshape(batch)
     if state is not None:
