@@ -417,3 +417,20 @@ def test_cuda_matches_cpu():
         assert torch.allclose(fn(Kc).cpu(), fn(K), rtol=1e-8, atol=1e-10)
     reg = ConvNormRegularizer(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).cuda())
     reg().backward()
+
+
+def test_refresh_keeps_the_better_of_warm_and_fresh_starts():
+    g = torch.Generator().manual_seed(14)
+    K = torch.randn(12, 10, 3, 3, dtype=D, generator=g)
+    best = tensor_norm_bound(K, restarts=10, iters=2000, tol=1e-14, generator=torch.Generator().manual_seed(0))
+    # a warm state stuck at a poor point: random vectors evaluated without sweeps
+    state = IterationState()
+    tensor_norm_bound(K, restarts=1, iters=1, state=state, generator=torch.Generator().manual_seed(1))
+    state.vectors = [torch.randn_like(u) for u in state.vectors]
+    stuck = tensor_norm_bound(K, iters=0, state=state).item()
+    refreshed = tensor_norm_bound(
+        K, iters=2000, tol=1e-14, restarts=10, state=state, refresh=True, generator=torch.Generator().manual_seed(0)
+    ).item()
+    assert stuck < 0.9 * best.item()
+    assert refreshed >= best.item() * (1 - 1e-9)  # the fresh starts are the ones that found best
+    assert state.vectors[0].shape == (1, 1, 12)  # the best start is kept, alone

@@ -249,16 +249,22 @@ def regression_problem(layer, seed):
     return lambda: (layer(x) - y).square().mean()
 
 
+def train(objective, opt, steps, after_step=None):
+    for _ in range(steps):
+        opt.zero_grad()
+        objective().backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+
+
 def test_stiefel_training_stays_orthonormal():
     layer = TTConv2d(6, 5, 3, 3, padding=1, orthogonality="stiefel", dtype=D, generator=gen(14))
     assert all(isinstance(p, geoopt.ManifoldParameter) for p in (layer.first, layer.last))
     loss = regression_problem(layer, 15)
     opt = geoopt.optim.RiemannianAdam(layer.parameters(), lr=1e-2)
     l0 = loss().item()
-    for _ in range(200):
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
+    train(loss, opt, 200)
     assert loss().item() < 0.5 * l0
     assert is_orthonormal(layer.first, 1e-10) and is_orthonormal(layer.last, 1e-10)
     assert layer.orthogonality_penalty().item() < 1e-20
@@ -270,11 +276,9 @@ def test_gauge_training_with_orthogonalize():
     loss = regression_problem(layer, 17)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     l0 = loss().item()
-    for _ in range(100):
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
-        assert tt_conv_orthogonalize_(model) == 1
+    counts = []
+    train(loss, opt, 100, after_step=lambda: counts.append(tt_conv_orthogonalize_(model)))
+    assert counts == [1] * 100
     assert loss().item() < 0.5 * l0
     assert is_orthonormal(layer.first, 1e-13) and is_orthonormal(layer.last, 1e-13)
     assert all(p in opt.state for p in layer.parameters())
@@ -292,10 +296,7 @@ def test_penalty_training_reduces_the_penalty():
     loss = regression_problem(layer, 19)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     l0 = loss().item()
-    for _ in range(100):
-        opt.zero_grad()
-        (loss() + 10 * tt_conv_penalty(model)).backward()
-        opt.step()
+    train(lambda: loss() + 10 * tt_conv_penalty(model), opt, 100)
     assert tt_conv_penalty(model).item() < 0.1 * p0
     assert loss().item() < l0
     assert tt_conv_penalty(torch.nn.Linear(2, 2)).item() == 0

@@ -67,6 +67,21 @@ def _dense_linear(weight: torch.Tensor, bias) -> torch.nn.Linear:
     return lin
 
 
+def _dense_conv(layer: torch.nn.Module, kernel: torch.Tensor) -> torch.nn.Conv2d:
+    """An ``nn.Conv2d`` with ``kernel`` and the geometry (stride, padding, dilation, padding mode) and bias of
+    ``layer``."""
+    conv = torch.nn.Conv2d(
+        layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+        getattr(layer, "dilation", 1), bias=layer.bias is not None, padding_mode=layer.padding_mode,
+        dtype=kernel.dtype, device=kernel.device,
+    )  # fmt: skip
+    with torch.no_grad():
+        conv.weight.copy_(kernel)
+        if layer.bias is not None:
+            conv.bias.copy_(layer.bias)
+    return conv
+
+
 class _PackedLinear(torch.nn.Module):
     """What :class:`LowRankLinear` and :class:`TTLinear` share: ``weight``, a ``ManifoldParameter`` on one of
     the packed geoopt manifolds, and an optional plain ``bias``."""

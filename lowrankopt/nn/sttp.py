@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from .householder import householder_numel, householder_orthonormal, householder_params
-from .lowrank import _check_input, _dense_linear, _init_bias, _kw, _positive_int
+from .lowrank import _check_input, _dense_conv, _dense_linear, _init_bias, _kw, _positive_int
 
 __all__ = [
     "OrthonormalTT",
@@ -557,16 +557,7 @@ class STTPConv2d(_STTPBase):
 
     def to_dense(self) -> torch.nn.Conv2d:
         """An ``nn.Conv2d`` with the same kernel, bias and geometry."""
-        w = self.weight_kernel().detach()
-        conv = torch.nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
-            bias=self.bias is not None, padding_mode=self.padding_mode, dtype=w.dtype, device=w.device,
-        )  # fmt: skip
-        with torch.no_grad():
-            conv.weight.copy_(w)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return _dense_conv(self, self.weight_kernel().detach())
 
     @classmethod
     def from_conv(cls, conv: torch.nn.Conv2d, rank: int | None = None, **kwargs) -> STTPConv2d:

@@ -51,7 +51,7 @@ import geoopt
 import torch
 import torch.nn.functional as F
 
-from .lowrank import _init_bias, _kw, _positive_int
+from .lowrank import _dense_conv, _init_bias, _kw, _positive_int
 from .sttp import _random_orthonormal, _selected, _set_submodule
 
 __all__ = ["TTConv2d", "tt_conv_convert", "tt_conv_orthogonalize_", "tt_conv_penalty"]
@@ -229,16 +229,7 @@ class TTConv2d(torch.nn.Module):
 
     def to_dense(self) -> torch.nn.Conv2d:
         """An ``nn.Conv2d`` with the kernel :meth:`weight_kernel`, the same bias, stride, padding, padding mode."""
-        w = self.weight_kernel().detach()
-        conv = torch.nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            bias=self.bias is not None, padding_mode=self.padding_mode, dtype=w.dtype, device=w.device,
-        )  # fmt: skip
-        with torch.no_grad():
-            conv.weight.copy_(w)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return _dense_conv(self, self.weight_kernel().detach())
 
     @classmethod
     def from_conv(cls, conv: torch.nn.Conv2d, rank: int, **kwargs) -> TTConv2d:

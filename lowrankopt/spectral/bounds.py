@@ -155,7 +155,7 @@ def tensor_norm_bound(
     B, cdt = Kb.shape[0], complex_dtype(K.dtype)
     dims = (co, ci, h, w)
     if warm:
-        us = list(state.vectors)
+        us = [_unit(u) for u in state.vectors]  # unit vectors, whatever the state was given
         expected = [(B, us[0].shape[1], d) for d in dims]
         if [tuple(u.shape) for u in us] != expected or any(u.dtype != cdt or u.device != K.device for u in us):
             raise ValueError(
