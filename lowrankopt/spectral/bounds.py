@@ -132,9 +132,10 @@ def tensor_norm_bound(
     Args:
         K: ``(..., c_out, c_in, h, w)``, float32 or float64; leading dims are a batch of kernels.
         stride: the conv's stride; the bound is then that of the polyphase kernel.
-        restarts: starts of a cold call (≥ 1). iters: HOPM sweeps at most (0 with a warm ``state``: the value at
-            the stored vectors). tol: stop when no start's value changes by more than ``tol`` (relative) in a
-            sweep; ``tol=0`` runs exactly ``iters`` sweeps.
+        restarts: starts of a cold call (≥ 1).
+        iters: HOPM sweeps at most (0 with a warm ``state``: the value at the stored vectors).
+        tol: stop when no start's value changes by more than ``tol`` (relative) in a sweep; 0 runs exactly
+            ``iters`` sweeps.
         grid: frequencies per axis searched for the spectral start.
         state: warm-start state (updated in place), or None.
         refresh: with a warm ``state``, add ``restarts`` fresh starts to the warm one.

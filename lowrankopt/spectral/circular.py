@@ -93,8 +93,10 @@ def gram_iteration_bound(K: torch.Tensor, n: int, stride: int = 1, iters: int = 
     Frobenius norm of the whole block-diagonal Gram iterate (the same cost). Differentiable, no SVD.
 
     Args:
-        K: ``(..., c_out, c_in, h, w)``. n: input size (as in :func:`conv_singular_values`).
-        stride: the conv's stride. iters: Gram steps t ≥ 0 (t = 0 is the Frobenius norm). The bound exceeds
+        K: ``(..., c_out, c_in, h, w)``.
+        n: input size (as in :func:`conv_singular_values`).
+        stride: the conv's stride.
+        iters: Gram steps t ≥ 0 (t = 0 is the Frobenius norm). The bound exceeds
             σ₁ by at most a factor ``c^{1/2^{t+1}}`` (c = min(c_out, c_in s²)): 1.033 for c = 64 at t = 6, and in
             practice far less (the benchmark measures it).
 
@@ -131,7 +133,9 @@ def clip_singular_values(K: torch.Tensor, n: int, max_sv: float, stride: int = 1
     unchanged up to rounding (a new tensor).
 
     Args:
-        K: ``(..., c_out, c_in, h, w)``. n, stride: as in :func:`conv_singular_values`.
+        K: ``(..., c_out, c_in, h, w)``.
+        n: input size (as in :func:`conv_singular_values`).
+        stride: the conv's stride.
         max_sv: the cap, > 0.
         rescale: scale down to enforce the cap exactly after the support projection.
 

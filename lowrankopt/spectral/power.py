@@ -55,8 +55,11 @@ def conv_spectral_norm(
         padding: ``"circular"`` or ``"zeros"``.
         stride: the conv's stride (same on both axes).
         pad: zero padding on each side (zeros only).
-        iters, tol, state, generator: the power iteration's (zeros only); ``generator`` draws the start;
-            ``iters=0`` with a warm ``state`` evaluates ``‖J v‖`` at the stored vector.
+        iters: power iterations at most (zeros only); 0 with a warm ``state`` evaluates ``‖J v‖`` at the
+            stored vector.
+        tol: stop when the estimate changes by less than ``tol`` (relative); 0 runs exactly ``iters``.
+        state: an :class:`IterationState` to start from and update (zeros only), or None.
+        generator: draws the start vector of a cold call (zeros only).
 
     Returns ``(...)``. Cost: circular as :func:`conv_singular_values` (half); zeros O(iters · B n² c_out c_in h w).
     """
