@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: Modules that define a ``BENCHMARK``, in the order ``lowrankopt bench`` runs them.
-MODULES = ("autodiff", "completion", "sttp", "gsoft", "spectral")
+MODULES = ("autodiff", "completion", "sttp", "gsoft", "spectral", "covariance")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Benchmark:
             operation: ``variant``, times, ratios, or ``skipped``), and may have ``curves`` (for convergence
             plots: ``label``, ``time``, ``iter``, ``error``), ``target`` (a horizontal line on them),
             ``error_label`` and ``time_label`` (axis labels), and ``xy`` (other plots: ``title``, ``xlabel``,
-            ``ylabel``, ``xlog``, ``series`` of ``label``, ``x``, ``y``).
+            ``ylabel``, ``xlog``, ``ylog``, ``series`` of ``label``, ``x``, ``y``).
         scaling: case parameters to draw time-vs-parameter plots over (log axes), e.g. ``("d", "n", "r")``.
         peers: the peer libraries the benchmark compares with (for ``--list``; a missing one is skipped).
         repeats: timed repeats per measurement, as ``{"quick": k, "full": k}`` (``--repeats`` overrides).

@@ -470,12 +470,14 @@ def _convergence_plot(plt, name: str, case: dict, out: Path) -> str:
 
 
 def _xy_plot(plt, path: str, spec: dict, out: Path) -> str:
-    """A plot of labelled series ``{"title", "xlabel", "ylabel", "xlog", "series": [{"label", "x", "y"}]}``."""
+    """A plot of labelled series ``{"title", "xlabel", "ylabel", "xlog", "ylog", "series": [{"label", "x", "y"}]}``."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for series in spec["series"]:
         ax.plot(series["x"], series["y"], marker="o", label=series["label"])
     if spec.get("xlog"):
         ax.set_xscale("log")
+    if spec.get("ylog"):
+        ax.set_yscale("log")
     ax.set_xlabel(spec["xlabel"])
     ax.set_ylabel(spec["ylabel"])
     ax.set_title(spec["title"], fontsize=9)
