@@ -220,3 +220,24 @@ def test_conv_norms_rows_and_extrapolated_skips():
     assert "value / exact" not in rows["Fantastic Four"]["figures"]  # no exact value to compare with
     assert rows["tensor norm, cold (3 starts)"]["time"] > 0
     spectral._LAST.clear()
+
+
+def test_kronecker_covariance_rows():
+    from lowrankopt.benchmarks import covariance
+
+    ctx = Context("quick", torch.device("cpu"), 1, 0, max_time=60)
+    res = covariance.run_errors(Case("t", dict(p=4, n=(12, 48), reps=2)), ctx)
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert list(rows) == list(covariance.ESTIMATORS)
+    sample = rows["sample covariance"]
+    assert sample["ratio"] == 1.0 and sample["figures"]["error n=  12"] > sample["figures"]["error n=  48"]
+    for r in rows.values():
+        f = r["figures"]
+        slope = math.log(f["error n=  48"] / f["error n=  12"]) / math.log(4)
+        assert f["slope (log error / log n)"] == pytest.approx(slope) == pytest.approx(f["slope, last two n"])
+        assert r["ratio"] == pytest.approx(f["error n=  48"] / sample["figures"]["error n=  48"])
+    assert [s["label"] for s in res["xy"][0]["series"]] == list(covariance.ESTIMATORS)
+    scale = {r["variant"]: r for r in covariance.run_scale(Case("s", dict(p=5, n=20, dense_max=4)), ctx)["rows"]}
+    free = scale["matrix-free (subspace iteration)"]
+    assert free["time"] > 0 and free["figures"]["peak RSS (MB)"] > 10 and free["figures"]["terms"] >= 1
+    assert scale["dense (Ŝ, R(Ŝ), full SVD)"]["skipped"].startswith("not run")

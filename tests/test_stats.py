@@ -57,20 +57,25 @@ def exact_samples(Sigma):
 
 
 def test_exact_kronecker_sum_is_recovered():
-    p, q = 3, 4
+    p, q = 4, 5  # p² = 16 > the 12-vector block: the matrix-free path iterates
     g = gen(1)
     Sigma = torch.kron(spd(p, g), spd(q, g)) + 0.3 * torch.kron(spd(p, g), spd(q, g))
     X = exact_samples(Sigma)
+    sv = torch.linalg.svdvals(rearrange(Sigma, p, q))
     for est in (
         KroneckerCovariance(p, q, "truncated", n_terms=2, assume_centered=True),
-        KroneckerCovariance(p, q, penalty=0.0, assume_centered=True),
-        KroneckerCovariance(p, q, penalty=0.0, assume_centered=True, solver="matrix-free", generator=gen(0)),
+        KroneckerCovariance(p, q, "truncated", n_terms=2, assume_centered=True, solver="matrix-free", generator=gen(0)),
+        KroneckerCovariance(p, q, penalty=1e-9, assume_centered=True),
+        KroneckerCovariance(p, q, penalty=1e-9, assume_centered=True, solver="matrix-free", generator=gen(0)),
     ):
         est.fit(X)
-        assert est.n_terms_ == 2 or est.penalty_ == 0.0
-        assert torch.allclose(est.covariance_, Sigma, atol=1e-12 * Sigma.norm())
+        assert est.n_terms_ == 2
+        assert torch.allclose(est.covariance_, Sigma, atol=1e-9 * Sigma.norm())
+        assert torch.allclose(est.singular_values_[:2], sv[:2], rtol=1e-12)
         assert est.error_norm(Sigma) < 1e-7 * Sigma.norm()  # a difference of squares: √ε accuracy
         assert all(torch.trace(A) >= 0 for A, _ in est.factors_)
+    none = KroneckerCovariance(p, q, penalty=1e6, assume_centered=True).fit(X)
+    assert none.n_terms_ == 0 and none.error_norm(Sigma) == pytest.approx(Sigma.norm().item())
 
 
 def test_prls_equals_a_proximal_gradient_solve():
@@ -230,3 +235,45 @@ def test_bad_input():
     indefinite = KroneckerCovariance(p, q, penalty=0.0).fit(X[:3])  # rank-deficient: not positive definite
     with pytest.raises(ValueError, match="not positive definite"):
         indefinite.score(X)
+
+
+def test_float32_matrix_free_and_flip_flop_converge():
+    p, q = 5, 4
+    X = gaussian(torch.kron(ar1(p, 0.6), ar1(q, 0.4)), 60, gen(11)).float()
+    free = KroneckerCovariance(p, q, "truncated", n_terms=2, solver="matrix-free", generator=gen(0)).fit(X)
+    dense = KroneckerCovariance(p, q, "truncated", n_terms=2, solver="dense").fit(X.double())
+    assert free.covariance_.dtype == torch.float32
+    assert torch.allclose(free.covariance_.double(), dense.covariance_, atol=1e-5 * dense.covariance_.norm())
+    ff = KroneckerCovariance(p, q, "flip-flop").fit(X)
+    ff64 = KroneckerCovariance(p, q, "flip-flop").fit(X.double())
+    assert ff.converged_ and ff64.converged_
+    assert torch.allclose(ff.covariance_.double(), ff64.covariance_, atol=1e-5)
+    assert ff.score(X) == pytest.approx(ff64.score(X.double()), rel=1e-5)
+
+
+def test_matrix_free_cv_matches_dense_cv_where_it_can():
+    p, q, n = 5, 5, 60
+    X = gaussian(
+        torch.kron(ar1(p, 0.7), ar1(q, 0.5)) + 0.5 * torch.kron(torch.eye(p, dtype=D), ar1(q, -0.3)), n, gen(12)
+    )
+    dense = KroneckerCovariance(p, q, penalty="cv", solver="dense", generator=gen(3)).fit(X)
+    free = KroneckerCovariance(p, q, penalty="cv", solver="matrix-free", generator=gen(3)).fit(X)
+    assert torch.allclose(free.cv_grid_, dense.cv_grid_)
+    ok = torch.isfinite(free.cv_errors_)
+    assert 0 < int(ok.sum()) < len(ok)  # the smallest λ need more than 10 terms: not candidates
+    assert torch.allclose(free.cv_errors_[ok], dense.cv_errors_[ok], rtol=1e-9, atol=1e-9)
+    best = int(torch.argmin(dense.cv_errors_))
+    if bool(ok[best]):
+        assert free.penalty_ == pytest.approx(dense.penalty_)
+
+
+def test_chunked_products_equal_one_chunk(monkeypatch):
+    from lowrankopt.stats.kronecker import _RearrangedCovariance
+
+    X = torch.randn(7, 3, 4, dtype=D, generator=gen(13))
+    op = _RearrangedCovariance(X)
+    V, U = torch.randn(16, 3, dtype=D, generator=gen(14)), torch.randn(9, 3, dtype=D, generator=gen(15))
+    M = op.dense()
+    assert torch.allclose(op.matmat(V), M @ V, atol=1e-13) and torch.allclose(op.rmatmat(U), M.T @ U, atol=1e-13)
+    monkeypatch.setattr(_RearrangedCovariance, "_CHUNK_ELEMENTS", 1)  # one sample per chunk
+    assert torch.allclose(op.matmat(V), M @ V, atol=1e-13) and torch.allclose(op.rmatmat(U), M.T @ U, atol=1e-13)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -30,7 +31,8 @@ def top_singular_triplets(
     ``‖M v_j − s_j u_j‖ ≤ tol · s_1`` (checked every 5 iterations) for every j — or, with ``above`` (for
     soft-thresholding at ``above``), ``‖M v_j − s_j u_j‖ (s_j − above) ≤ tol · s_1²`` for every j with ``s_j > above``:
     a triplet enters the thresholded result with weight ``s_j − above``, so those near the threshold need less
-    accuracy, and those below it none (Ritz values approach the singular values from below) — or after
+    accuracy, and those below it none — and the first Ritz value below ``above`` must be certified below it
+    (``s_j + ‖M v_j − s_j u_j‖ ≤ above``: Ritz values approach the singular values from below) — or after
     ``max_iter`` iterations. With ``criterion="value"`` it stops instead when no singular value
     changed by more than ``tol`` (relative to s_1) since the last check: enough for a norm estimate, whose value
     converges about twice as fast as the vectors. When the block spans a whole side of M, one iteration is exact.
@@ -63,7 +65,12 @@ def top_singular_triplets(
             res = torch.linalg.vector_norm(matmat(V) - U * s, dim=0) / s[0].clamp_min(torch.finfo(dtype).tiny)
             if above is not None:  # a triplet enters the result with weight s_j − above: scale its residual so
                 keep = s > above  # that those near the threshold need less accuracy
+                below = (~keep).nonzero()
+                # the first value below the threshold must be certified below it: s_j + residual ≤ above
+                certified = below.numel() == 0 or float(s[below[0, 0]] + res[below[0, 0]] * s[0]) <= above
                 res = res[keep] * (s[keep] - above) / s[0]
+                if not certified:
+                    res = torch.cat([res, res.new_full((1,), math.inf)])
             info["residual"] = float(res.max()) if res.numel() else 0.0
             if b == min(m, n) or info["residual"] <= tol:
                 info["converged"] = True

@@ -56,39 +56,65 @@ def _as_samples(X, p: int, q: int) -> tuple[torch.Tensor, bool]:
 
 
 class _RearrangedCovariance:
-    """``M = Σ_i w_i X_i ⊗ X_i`` (``p² × q²``), applied without forming it; ``w = 1/n`` gives ``R(Ŝ)``."""
+    """``M = Σ_i w_i X_i ⊗ X_i`` (``p² × q²``), applied without forming it; ``w = 1/n`` gives ``R(Ŝ)``.
+
+    Products run over chunks of samples, so that the ``(chunk, b, p, q)`` intermediate stays under
+    ``_CHUNK_ELEMENTS`` entries: memory O(n pq + b (p² + q²) + _CHUNK_ELEMENTS) whatever n and b."""
+
+    _CHUNK_ELEMENTS = 1 << 24
 
     def __init__(self, X: torch.Tensor, w: torch.Tensor | None = None):
         self.X, self.n, (self.p, self.q) = X, X.shape[0], X.shape[1:]
         self.w = torch.full((self.n,), 1 / self.n, dtype=X.dtype, device=X.device) if w is None else w
+        self.Xw = X * self.w[:, None, None]
+
+    def _chunks(self, b: int):
+        size = max(1, self._CHUNK_ELEMENTS // max(1, b * self.p * self.q))
+        for start in range(0, self.n, size):
+            yield slice(start, start + size)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:  # (q², b) -> (p², b): Σ w_i X_i V X_iᵀ
         b = V.shape[1]
-        T = torch.einsum("niq,rqs->nris", self.X, V.T.reshape(b, self.q, self.q))
-        return torch.einsum("nris,njs,n->rij", T, self.X, self.w).reshape(b, -1).T
+        Vs = V.T.reshape(b, self.q, self.q)
+        out = torch.zeros(b, self.p, self.p, dtype=V.dtype, device=V.device)
+        for c in self._chunks(b):
+            T = torch.matmul(self.X[c, None], Vs)  # (chunk, b, p, q): X_i V_r
+            out += torch.einsum("nris,njs->rij", T, self.Xw[c])
+        return out.reshape(b, -1).T
 
     def rmatmat(self, U: torch.Tensor) -> torch.Tensor:  # (p², b) -> (q², b): Σ w_i X_iᵀ U X_i
         b = U.shape[1]
-        T = torch.einsum("nip,rij->nrpj", self.X, U.T.reshape(b, self.p, self.p))
-        return torch.einsum("nrpj,njs,n->rps", T, self.X, self.w).reshape(b, -1).T
+        Us = U.T.reshape(b, self.p, self.p)
+        out = torch.zeros(b, self.q, self.q, dtype=U.dtype, device=U.device)
+        for c in self._chunks(b):
+            T = torch.matmul(self.X[c, None].mT, Us)  # (chunk, b, q, p): X_iᵀ U_r
+            out += torch.einsum("nrpj,njs->rps", T, self.Xw[c])
+        return out.reshape(b, -1).T
 
-    def triplets(self, k, generator=None, tol=1e-12, above=None, max_iter=1000, criterion="residual", oversample=10):
+    def triplets(self, k, generator=None, tol=None, above=None, max_iter=1000, criterion="residual", oversample=10):
         shape = (self.p * self.p, self.q * self.q)
+        tol = _tol(self.X.dtype) if tol is None else tol
         return top_singular_triplets(
             self.matmat, self.rmatmat, shape, k, dtype=self.X.dtype, device=self.X.device, tol=tol,
             max_iter=max_iter, above=above, criterion=criterion, oversample=oversample, generator=generator,
         )  # fmt: skip
 
     def dense(self) -> torch.Tensor:
-        S = torch.einsum("nij,nkl,n->ijkl", self.X, self.X, self.w).reshape(self.p * self.q, -1)
-        return rearrange(S, self.p, self.q)
+        Xf = self.X.reshape(self.n, -1)
+        return rearrange(self.Xw.reshape(self.n, -1).T @ Xf, self.p, self.q)
+
+
+def _tol(dtype: torch.dtype) -> float:
+    """The subspace iteration's residual tolerance: 1e-12, or 100 ε where the precision cannot reach it."""
+    return max(1e-12, 100 * torch.finfo(dtype).eps)
 
 
 class KroneckerCovariance:
     """Covariance estimation under the model ``Σ = Σ_k A_k ⊗ B_k`` (``A_k: p × p``, ``B_k: q × q``), scikit-learn style.
 
     Args:
-        p, q: the sample is a ``p × q`` array (flattened row-major to ``pq`` features).
+        p: rows of each sample, a ``p × q`` array (flattened row-major to ``pq`` features).
+        q: columns of each sample.
         method: ``"prls"`` (penalized permuted least squares, soft-thresholded SVD of ``R(Ŝ)``), ``"truncated"``
             (best ``n_terms``-term approximation of Ŝ) or ``"flip-flop"`` (Gaussian MLE of one ``A ⊗ B``).
         penalty: PRLS's λ — a number ≥ 0, ``"plugin"`` (λ = 2 × a multiplier-bootstrap estimate of
@@ -99,12 +125,18 @@ class KroneckerCovariance:
         assume_centered: if False, the sample mean is subtracted (``location_``); Ŝ always divides by n.
         solver: ``"dense"`` (form ``R(Ŝ)``, full SVD, O(p²q² min(p², q²))), ``"matrix-free"`` (leading triplets by
             block subspace iteration on ``X_i ⊗ X_i`` products, O(n b (p²q + pq²)) per iteration, memory
-            O(n pq + b (p² + q²))), or ``"auto"`` (dense while ``R(Ŝ)`` has at most 4·10⁶ entries).
-        tol, max_iter: flip-flop's stopping rule (relative change of ``A ⊗ B``) and iteration cap.
+            O(n pq + b (p² + q²)) plus a bounded work buffer), or ``"auto"`` (dense while ``R(Ŝ)`` has at most
+            4·10⁶ entries).
+        tol: flip-flop's stopping rule, ``‖ΔA‖_F + ‖ΔB‖_F / ‖B‖_F ≤ tol`` with ``‖A‖_F = 1`` (floored at 100 ε of
+            the data's precision).
+        max_iter: flip-flop's iteration cap.
+        cv_folds: folds of ``penalty="cv"``.
+        bootstrap: draws of ``penalty="plugin"``.
         generator: for the bootstrap, the folds and the subspace iteration's start.
 
     Attributes after :meth:`fit`: ``factors_`` ``[(A_k, B_k)]`` (``Σ̃ = Σ A_k ⊗ B_k``, ``trace A_k ≥ 0``),
-    ``n_terms_``, ``singular_values_`` (the leading singular values of ``R(Ŝ)`` that were computed),
+    ``n_terms_``, ``singular_values_`` (every leading singular value of ``R(Ŝ)`` that was computed: all of them on
+    the dense path, the block's on the matrix-free one, the top ``n_terms`` for truncation; None for flip-flop),
     ``penalty_`` (λ used, PRLS), ``location_``, ``n_samples_``, ``n_iter_`` / ``converged_`` (flip-flop),
     ``covariance_`` (the dense ``pq × pq`` estimate, formed on access: O(p²q² K)).
     """
@@ -201,10 +233,12 @@ class KroneckerCovariance:
                 if k is None or s[-1] <= lam / 2 or s.numel() >= cap:
                     break
                 k *= 2
-            keep = (s > lam / 2).nonzero().numel()
-            U, s, V = U[:, : min(keep, cap)], s[: min(keep, cap)], V[:, : min(keep, cap)]
-            weights, self.penalty_ = s - lam / 2, float(lam)
-        self.singular_values_ = s
+            self.singular_values_ = s
+            keep = min(int((s > lam / 2).sum()), cap)
+            U, V = U[:, :keep], V[:, :keep]
+            weights, self.penalty_ = s[:keep] - lam / 2, float(lam)
+        if self.method == "truncated":
+            self.singular_values_ = s
         self._set_factors(U, weights, V)
 
     def _set_factors(self, U: torch.Tensor, weights: torch.Tensor, V: torch.Tensor) -> None:
@@ -244,25 +278,32 @@ class KroneckerCovariance:
         return float(np.median(values))
 
     def _cv_penalty(self, X: torch.Tensor, cap: int) -> float:
-        """λ minimizing the K-fold error ``Σ_folds ‖Σ̃_λ(train) − Ŝ(test)‖_F²`` over a grid of 30 values, computed in
-        the rearranged space: ``‖M_λ‖² − 2⟨M_λ, R(Ŝ_test)⟩ + const`` with ``⟨u vᵀ, R(Ŝ_test)⟩ = uᵀ R(Ŝ_test) v``."""
+        """λ minimizing the K-fold error ``Σ_folds ‖Σ̃_λ(train) − Ŝ(test)‖_F²`` over a grid of 30 values (geometric,
+        from 10⁻³ to 1 times 2σ₁), computed in the rearranged space: ``‖M_λ‖² − 2⟨M_λ, R(Ŝ_test)⟩ + const`` with
+        ``⟨u vᵀ, R(Ŝ_test)⟩ = uᵀ R(Ŝ_test) v``. Matrix-free, each fold computes its 10 leading terms, and grid values
+        below twice the smallest of them are not candidates (their error is recorded as inf)."""
         n = X.shape[0]
         if n < self.cv_folds:
             raise ValueError(f"penalty='cv' needs at least cv_folds = {self.cv_folds} samples, got {n}")
         perm = torch.randperm(n, generator=self.generator).to(X.device)
         folds = torch.tensor_split(perm, self.cv_folds)
-        fold_fits = []
+        fold_fits, floor = [], 0.0
         for test in folds:
             mask = torch.ones(n, dtype=torch.bool, device=X.device)
             mask[test] = False
             train_op, test_op = _RearrangedCovariance(X[mask]), _RearrangedCovariance(X[test])
             U, s, V = self._triplets(train_op, None if self._dense() else min(cap, 10))
+            if not self._dense() and s.numel() < min(self.p**2, self.q**2):
+                floor = max(floor, 2 * float(s[-1]))  # below this λ a fold would need more than its computed terms
             inner = (U * test_op.matmat(V)).sum(0)  # u_jᵀ R(Ŝ_test) v_j
             fold_fits.append((s, inner))
         top = max(float(s[0]) for s, _ in fold_fits)
         grid = 2 * top * torch.logspace(-3, 0, 30, dtype=torch.float64)
         errors = []
         for lam in grid.tolist():
+            if lam < floor:  # matrix-free: not every kept term was computed; not a candidate
+                errors.append(math.inf)
+                continue
             err = 0.0
             for s, inner in fold_fits:
                 w = (s[:cap] - lam / 2).clamp_min(0)
@@ -295,10 +336,8 @@ class KroneckerCovariance:
             scale = torch.linalg.matrix_norm(A)  # fix the scale: ‖A‖_F = 1 (A ⊗ B is unchanged)
             A, B = A / scale, B * scale
             self.n_iter_ = it
-            change = torch.linalg.matrix_norm(A - A_old) + torch.linalg.matrix_norm(
-                B - B_old
-            ) / torch.linalg.matrix_norm(B)
-            if float(change) <= self.tol:
+            dA, dB = torch.linalg.matrix_norm(A - A_old), torch.linalg.matrix_norm(B - B_old)
+            if float(dA + dB / torch.linalg.matrix_norm(B)) <= max(self.tol, 100 * torch.finfo(X.dtype).eps):
                 self.converged_ = True
                 break
         self.factors_, self.n_terms_, self.penalty_, self.singular_values_ = [(A, B)], 1, None, None
@@ -347,7 +386,7 @@ class KroneckerCovariance:
         X, was_numpy = _as_samples(X, self.p, self.q)
         Z, _ = self._whiten(X.to(self.location_))
         out = Z.square().sum(1)
-        return out.numpy() if was_numpy else out
+        return out.cpu().numpy() if was_numpy else out
 
     def score(self, X) -> float:
         """Mean Gaussian log-likelihood of ``X`` under ``N(location_, Σ̃)`` (scikit-learn's ``score``)."""
@@ -363,6 +402,8 @@ class KroneckerCovariance:
         unit roundoff), plenty for estimation errors. Cost O(p²q² K)."""
         self._check_fitted()
         R = rearrange(Sigma.to(self.location_), self.p, self.q)
+        if not self.factors_:
+            return float(R.norm())
         U = torch.stack([A.reshape(-1) for A, _ in self.factors_], 1)
         V = torch.stack([B.reshape(-1) for _, B in self.factors_], 1)
         sq = R.square().sum() - 2 * (U * (R @ V)).sum() + ((U.T @ U) * (V.T @ V)).sum()
