@@ -476,6 +476,13 @@ def _xy_plot(plt, path: str, spec: dict, out: Path) -> str:
         ax.plot(series["x"], series["y"], marker="o", label=series["label"])
     if spec.get("xlog"):
         ax.set_xscale("log")
+        xs = sorted({x for series in spec["series"] for x in series["x"]})
+        if len(xs) <= 8:  # label the measured x values, not log-axis minor ticks
+            from matplotlib import ticker
+
+            ax.set_xticks(xs)
+            ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     if spec.get("ylog"):
         ax.set_yscale("log")
     ax.set_xlabel(spec["xlabel"])
