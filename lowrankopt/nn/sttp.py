@@ -456,10 +456,11 @@ class SVDPLinear(STTPLinear):
 
 
 def _pair(v, name: str) -> tuple[int, int]:
-    t = (v, v) if isinstance(v, int) else tuple(v)
-    if len(t) != 2 or not all(isinstance(a, int) and not isinstance(a, bool) for a in t):
+    """``v`` or ``(v, v)`` as a pair of ints (as ``nn.Conv2d`` takes sizes); bools and other types refused."""
+    t = (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
+    if not isinstance(t, (tuple, list)) or len(t) != 2 or not all(type(a) is int for a in t):
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return t
+    return int(t[0]), int(t[1])
 
 
 class STTPConv2d(_STTPBase):

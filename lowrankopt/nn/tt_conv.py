@@ -51,39 +51,15 @@ import geoopt
 import torch
 import torch.nn.functional as F
 
+from ..manifolds.geoopt import _qr_pos
+from ..spectral import clip_singular_values, conv_singular_values
 from .lowrank import _dense_conv, _init_bias, _kw, _positive_int
-from .sttp import _random_orthonormal, _selected, _set_submodule
+from .sttp import _pair, _random_orthonormal, _selected, _set_submodule
 
 __all__ = ["TTConv2d", "tt_conv_convert", "tt_conv_orthogonalize_", "tt_conv_penalty"]
 
 ORTHOGONALITIES = ("gauge", "stiefel", "penalty")
 PADDING_MODES = ("zeros", "circular")
-
-
-def _spectral():
-    # imported on use: lowrankopt.spectral is independent of lowrankopt.nn and heavier to load
-    from .. import spectral
-
-    return spectral
-
-
-def _int_pair(v, name: str) -> tuple[int, int]:
-    t = (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
-    if (
-        not isinstance(t, (tuple, list))
-        or len(t) != 2
-        or not all(isinstance(a, int) and not isinstance(a, bool) for a in t)
-    ):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return int(t[0]), int(t[1])
-
-
-def _qr_pos(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reduced QR ``A = Q R`` with ``diag(R) ≥ 0`` (Q: (m, r) orthonormal columns, R: (r, r)); A: (m, r), m ≥ r."""
-    Q, R = torch.linalg.qr(A)
-    s = torch.sign(torch.diagonal(R))
-    s = torch.where(s == 0, torch.ones_like(s), s)
-    return Q * s, R * s[:, None]
 
 
 def _orthonormal_columns(U: torch.Tensor, r: int) -> torch.Tensor:
@@ -139,12 +115,12 @@ class TTConv2d(torch.nn.Module):
         super().__init__()
         self.in_channels = _positive_int("in_channels", in_channels)
         self.out_channels = _positive_int("out_channels", out_channels)
-        kh, kw = _int_pair(kernel_size, "kernel_size")
+        kh, kw = _pair(kernel_size, "kernel_size")
         if kh != kw or kh < 1:
             raise ValueError(f"kernel_size must be a positive int or a square pair (k, k), got {kernel_size!r}")
         self.kernel_size = (kh, kw)
         self.rank = _positive_int("rank", rank)
-        self.stride = _int_pair(stride, "stride")
+        self.stride = _pair(stride, "stride")
         if min(self.stride) < 1:
             raise ValueError(f"stride must be positive, got {stride!r}")
         if padding_mode not in PADDING_MODES:
@@ -157,7 +133,7 @@ class TTConv2d(torch.nn.Module):
                 raise ValueError("padding='same' needs stride 1 (as nn.Conv2d)")
             self.padding: tuple[int, int] | str = padding
         else:
-            self.padding = _int_pair(padding, "padding")
+            self.padding = _pair(padding, "padding")
             if min(self.padding) < 0:
                 raise ValueError(f"padding must be non-negative, got {padding!r}")
         # explicit (left, right, top, bottom) pads, as nn.Conv2d computes them (for "same": the extra one, for an
@@ -326,7 +302,7 @@ class TTConv2d(torch.nn.Module):
         Cost ``O(n'² (r1 r2 s² k² + r2 r1 s² min(r2, r1 s²)))`` (FFT and one small SVD per frequency).
         """
         s = self._square_stride()
-        return _spectral().conv_singular_values(self.effective_core(), n, stride=s)
+        return conv_singular_values(self.effective_core(), n, stride=s)
 
     @torch.no_grad()
     def clip_(self, max_sv: float, n: int) -> TTConv2d:
@@ -340,7 +316,7 @@ class TTConv2d(torch.nn.Module):
         """
         s = self._square_stride()
         self.orthogonalize_()
-        self.core.copy_(_spectral().clip_singular_values(self.core.detach(), n, max_sv, stride=s))
+        self.core.copy_(clip_singular_values(self.core.detach(), n, max_sv, stride=s))
         return self
 
 
