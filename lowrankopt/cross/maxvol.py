@@ -42,7 +42,11 @@ def maxvol(A: torch.Tensor, tol: float = 1.05, max_iters: int = 100) -> tuple[to
     ``max_iters`` stopped it, ``max |B| ≤ tol``. Cost O(n r²) for the LU and O(n r) per swap.
     """
     A = _check(A, tol)
-    max_iters = as_positive_int("max_iters", max_iters)
+    return _maxvol(A, tol, as_positive_int("max_iters", max_iters))
+
+
+def _maxvol(A: torch.Tensor, tol: float, max_iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`maxvol` on checked input (tt_cross calls it on its own orthonormal factors)."""
     n, r = A.shape
     LU, pivots, _ = torch.linalg.lu_factor_ex(A)
     perm = list(range(n))
@@ -53,14 +57,14 @@ def maxvol(A: torch.Tensor, tol: float = 1.05, max_iters: int = 100) -> tuple[to
         raise ValueError("A must have full column rank (its LU factorization has a zero pivot)")
     B = torch.linalg.solve(A[index].T, A.T).T
     for _ in range(max_iters):
-        flat = int(B.abs().argmax())
-        i, j = divmod(flat, r)
-        if float(B[i, j].abs()) <= tol:
+        value, flat = B.abs().view(-1).max(0)
+        if value.item() <= tol:
             break
+        i, j = divmod(flat.item(), r)
         index[j] = i
         row = B[i].clone()
         row[j] -= 1
-        B = B - torch.outer(B[:, j], row) / B[i, j]
+        B.addr_(B[:, j].clone(), row, alpha=-1 / B[i, j].item())
     return index, B
 
 
@@ -95,14 +99,20 @@ def rect_maxvol(
     max_rank = n if max_rank is None else as_positive_int("max_rank", max_rank)
     if not r <= min_rank <= max_rank <= n:
         raise ValueError(f"need r = {r} ≤ min_rank = {min_rank} ≤ max_rank = {max_rank} ≤ n = {n}")
-    index, B = maxvol(A, maxvol_tol, maxvol_iters)
+    return _rect_maxvol(A, tol, min_rank, max_rank, maxvol_tol, as_positive_int("maxvol_iters", maxvol_iters))
+
+
+def _rect_maxvol(A, tol, min_rank, max_rank, maxvol_tol, maxvol_iters) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rect_maxvol` on checked input."""
+    index, B = _maxvol(A, maxvol_tol, maxvol_iters)
     chosen = index.tolist()
     F = B.square().sum(1)
     F[index] = 0
     while len(chosen) < max_rank:
-        i = int(F.argmax())
-        if len(chosen) >= min_rank and float(F[i]) <= tol * tol:
+        value, i = F.max(0)
+        if len(chosen) >= min_rank and value.item() <= tol * tol:
             break
+        i = i.item()
         v = B @ B[i]
         lam = 1 / (1 + v[i])
         B = torch.cat([B - lam * torch.outer(v, B[i]), (lam * v)[:, None]], dim=1)
