@@ -1,0 +1,309 @@
+"""Benchmarks of cross approximation: ``tt-cross`` (against teneva), ``tt-cross-volume`` and ``cpic``.
+
+- ``tt-cross``: the teneva-bm analytic functions Ackley, Alpine, Dixon, Griewank, Rastrigin, Rosenbrock, Schaffer and
+  Schwefel on a uniform grid (d = 7, n = 16, teneva-bm's domains) at evaluation budgets 10³, 10⁴, 10⁵. Both
+  libraries start from a random rank-1 TT and add one rank per core and pass (teneva ``dr_min = dr_max = 1``, its
+  defaults otherwise; ours ``rank_increase=1``); teneva runs without a cache, as in its demos, and gets f written in
+  numpy, we get it in torch. Figures: relative error ``‖Y[I] − A[I]‖ / ‖A[I]‖`` on 10⁴ random entries (median over
+  seeds), evaluations and sweeps used, and the TT rank after rounding at 10⁻⁸; time is one whole call (median over
+  seeds). The ratio column is our time over teneva's for the same function and budget; a teneva row is skipped, with
+  the reason, when teneva is not installed (``pip install teneva``).
+- ``tt-cross-volume``: a float32 volume of side N (512 in ``--full``: 512 MiB) written to a temporary ``.npy`` file
+  and read through a memmap by :class:`~lowrankopt.cross.ArraySource`, tensorized by
+  :class:`~lowrankopt.cross.Quantization` into 3 log₂ N modes of size 2 (both orders). Figures: fraction of voxels
+  read, relative error on 10⁴ random voxels, ranks. Baseline: reading every voxel once (a sum over the memmap).
+- ``cpic``: the differentiable-cross worked example of :mod:`lowrankopt.benchmarks.cpic` (encoder + TT +
+  classifier trained end to end on generated volumes with or without a small blob): test accuracy and the fraction
+  of voxels read. Ablation row: the same with the encoder frozen at its start (only the classifier learns).
+  Reference row: a logistic regression on the largest 7-voxel mean of the whole volume, which reads every voxel.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cross import ArraySource, Quantization, tt_cross
+from . import cpic
+from .registry import Benchmark, Case
+from .runner import Context, Timing, timing_row
+
+# teneva-bm's domains (lower, upper) for each function.
+DOMAINS = {
+    "Ackley": (-32.768, 32.768),
+    "Alpine": (-10.0, 10.0),
+    "Dixon": (-10.0, 10.0),
+    "Griewank": (-100.0, 100.0),
+    "Rastrigin": (-5.12, 5.12),
+    "Rosenbrock": (-2.048, 2.048),
+    "Schaffer": (-100.0, 100.0),
+    "Schwefel": (0.0, 500.0),
+}
+
+
+def benchmark_function(name: str, X, xp):
+    """The function ``name`` at the points ``X (N, d)``; ``xp`` is the array namespace (numpy or torch)."""
+    d = X.shape[1]
+    if name == "Ackley":
+        return -20 * xp.exp(-0.2 * xp.sqrt((X**2).mean(1))) - xp.exp(xp.cos(2 * math.pi * X).mean(1)) + 20 + math.e
+    if name == "Alpine":
+        return abs(X * xp.sin(X) + 0.1 * X).sum(1)
+    if name == "Dixon":
+        i = xp.asarray(list(range(2, d + 1)), dtype=X.dtype)
+        return (X[:, 0] - 1) ** 2 + (i * (2 * X[:, 1:] ** 2 - X[:, :-1]) ** 2).sum(1)
+    if name == "Griewank":
+        i = xp.asarray(list(range(1, d + 1)), dtype=X.dtype)
+        return (X**2).sum(1) / 4000 - xp.cos(X / xp.sqrt(i)).prod(1) + 1
+    if name == "Rastrigin":
+        return 10 * d + (X**2 - 10 * xp.cos(2 * math.pi * X)).sum(1)
+    if name == "Rosenbrock":
+        return (100 * (X[:, 1:] - X[:, :-1] ** 2) ** 2 + (X[:, :-1] - 1) ** 2).sum(1)
+    if name == "Schaffer":
+        Z = X[:, :-1] ** 2 + X[:, 1:] ** 2
+        return (0.5 + (xp.sin(xp.sqrt(Z)) ** 2 - 0.5) / (1 + 0.001 * Z) ** 2).sum(1)
+    if name == "Schwefel":
+        return -(X * xp.sin(xp.sqrt(abs(X)))).sum(1) / d
+    raise ValueError(f"unknown function {name!r}")
+
+
+def _teneva():
+    try:
+        import teneva
+    except ImportError:
+        return None
+    return teneva
+
+
+def _ours(name, grid, d, n, budget, seed):
+    t = torch.from_numpy(grid)
+
+    def f(index):
+        return benchmark_function(name, t[index], torch)
+
+    t0 = time.perf_counter()
+    Y, info = tt_cross(f, (n,) * d, budget=budget, generator=torch.Generator().manual_seed(seed))
+    seconds = time.perf_counter() - t0
+    return seconds, lambda index: Y.gather(torch.from_numpy(index)).numpy(), info.evaluations, info.sweeps, Y
+
+
+def _theirs(teneva, name, grid, d, n, budget, seed):
+    def f(index):
+        return benchmark_function(name, grid[index], np)
+
+    t0 = time.perf_counter()
+    info: dict = {}
+    Y = teneva.cross(f, teneva.rand([n] * d, 1, seed=seed), m=budget, dr_min=1, dr_max=1, info=info)
+    seconds = time.perf_counter() - t0
+    return seconds, lambda index: teneva.get_many(Y, index), info["m"], info["nswp"], Y
+
+
+def run_tt_cross(case: Case, ctx: Context) -> dict:
+    d, n, seeds = case.params["d"], case.params["n"], case.params["seeds"]
+    teneva = _teneva()
+    rng = np.random.default_rng(ctx.seed)
+    probe = rng.integers(0, n, (10_000, d))
+    rows, errors = [], {}
+    for name, (lo, hi) in DOMAINS.items():
+        grid = np.linspace(lo, hi, n)
+        truth = benchmark_function(name, grid[probe], np)
+        for budget in case.params["budgets"]:
+            results = {}
+            for lib in ("lowrankopt", "teneva"):
+                if lib == "teneva" and teneva is None:
+                    continue
+                runs = []
+                for seed in range(seeds):
+                    ctx.status(f"{name}, budget {budget:.0e}: {lib}, seed {seed}")
+                    runner = _ours if lib == "lowrankopt" else lambda *a: _theirs(teneva, *a)
+                    seconds, at, evaluations, sweeps, Y = runner(name, grid, d, n, budget, seed)
+                    error = float(np.linalg.norm(at(probe) - truth) / np.linalg.norm(truth))
+                    rank = _rounded_rank(Y, teneva) if lib == "teneva" else max(Y.round(eps=1e-8).ranks)
+                    runs.append((seconds, error, evaluations, sweeps, rank))
+                results[lib] = runs
+            for lib, runs in results.items():
+                med = [statistics.median(r[j] for r in runs) for j in range(5)]
+                errors[(name, budget, lib)] = med[1]
+                figures = {
+                    "budget": budget,
+                    "error (median)": med[1],
+                    "evaluations": med[2],
+                    "sweeps": med[3],
+                    "rank (rounded 1e-8)": med[4],
+                }
+                row = timing_row(f"{name}, {budget:.0e}: {lib}", Timing.of([r[0] for r in runs]), figures=figures)
+                if lib == "lowrankopt" and "teneva" in results:
+                    row["ratio"] = statistics.median(
+                        a[0] / b[0] for a, b in zip(results["lowrankopt"], results["teneva"], strict=True)
+                    )
+                    ours, theirs = med[1], statistics.median(r[1] for r in results["teneva"])
+                    row["status"] = "error ≤ teneva's" if ours <= max(theirs, 1e-12) else "error > teneva's"
+                rows.append(row)
+            if teneva is None:
+                rows.append({"variant": f"{name}, {budget:.0e}: teneva", "skipped": "teneva is not installed"})
+    libs = ("lowrankopt", "teneva") if teneva is not None else ("lowrankopt",)
+    return {
+        "rows": rows,
+        "xy": [
+            {
+                "title": f"TT-cross, d = {d}, n = {n}: relative error on 10⁴ random entries (median of {seeds} seeds)",
+                "xlabel": "evaluation budget",
+                "ylabel": "relative error",
+                "xlog": True,
+                "ylog": True,
+                "series": [
+                    {
+                        "label": f"{name} ({lib})",
+                        "x": list(case.params["budgets"]),
+                        "y": [max(errors[(name, b, lib)], 1e-16) for b in case.params["budgets"]],
+                    }
+                    for name in ("Ackley", "Schaffer", "Dixon", "Griewank")
+                    for lib in libs
+                ],
+            }
+        ],
+    }
+
+
+def _rounded_rank(Y, teneva) -> int:
+    return max(teneva.ranks(teneva.truncate(Y, 1e-8)))
+
+
+def _write_volume(path: Path, N: int) -> None:
+    """Two Gaussian blobs and a smooth wave on [0, 1]³, written slab by slab (float32)."""
+    volume = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(N, N, N))
+    x = (np.arange(N) + 0.5) / N
+    for i in range(0, N, 32):
+        X, Y, Z = x[i : i + 32, None, None], x[None, :, None], x[None, None, :]
+        volume[i : i + 32] = volume_field(X, Y, Z)
+    volume.flush()
+
+
+def volume_field(X, Y, Z):
+    blobs = np.exp(-((X - 0.3) ** 2 + (Y - 0.5) ** 2 + (Z - 0.6) ** 2) / 0.02)
+    blobs = blobs + 0.5 * np.exp(-((X - 0.7) ** 2 + (Y - 0.3) ** 2 + (Z - 0.4) ** 2) / 0.05)
+    return blobs + 0.2 * np.sin(3 * X) * np.cos(2 * Y + Z)
+
+
+def run_volume(case: Case, ctx: Context) -> dict:
+    N = case.params["N"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "volume.npy"
+        ctx.status(f"writing a {N}³ float32 volume")
+        _write_volume(path, N)
+        array = np.load(path, mmap_mode="r")
+        ctx.status("reading every voxel")
+        t0 = time.perf_counter()
+        float(np.sum(array, dtype=np.float64))
+        full = time.perf_counter() - t0
+        rows.append(timing_row("read every voxel (baseline)", Timing.of([full]), figures={"fraction read": 1.0}))
+        rng = np.random.default_rng(ctx.seed)
+        probe = rng.integers(0, N, (10_000, 3))
+        truth = np.asarray(array[tuple(probe.T)], dtype=np.float64)
+        for order in ("sequential", "interleaved"):
+            ctx.status(f"cross, {order}")
+            source = ArraySource(array)
+            q = Quantization((N, N, N), order=order)
+            t0 = time.perf_counter()
+            Y, info = tt_cross(q.wrap(source), q.shape, eps=1e-5, nswp=case.params["nswp"], generator=ctx.generator())
+            seconds = time.perf_counter() - t0
+            approx = Y.gather(q.to_tensor(torch.from_numpy(probe))).numpy()
+            figures = {
+                "fraction read": source.fraction,
+                "voxels read": source.reads,
+                "error": float(np.linalg.norm(approx - truth) / np.linalg.norm(truth)),
+                "max rank": max(info.ranks),
+                "sweeps": info.sweeps,
+            }
+            row = timing_row(f"tt_cross, {order} quantization", Timing.of([seconds]), figures=figures)
+            row["ratio"], row["status"] = seconds / full, f"stop: {info.stop}"
+            rows.append(row)
+    return {"rows": rows}
+
+
+def run_cpic(case: Case, ctx: Context) -> dict:
+    config = cpic.CPICConfig(**case.params)
+    ctx.status("training encoder + cross + classifier")
+    result = cpic.train_cpic(config, seed=ctx.seed)
+    figures = {
+        "test accuracy": result["test_accuracy"],
+        "train accuracy": result["train_accuracy"],
+        "fraction read (test)": result["test_fraction_read"],
+        "fraction read (train)": result["train_fraction_read"],
+    }
+    rows = [timing_row("C-PIC: encoder + TT cross + classifier", Timing.of([result["seconds"]]), figures=figures)]
+    ctx.status("ablation: encoder frozen at its start")
+    frozen = cpic.train_cpic(cpic.CPICConfig(**{**case.params, "lr": 0.0}), seed=ctx.seed)
+    figures = {
+        "test accuracy": frozen["test_accuracy"],
+        "train accuracy": frozen["train_accuracy"],
+        "fraction read (test)": frozen["test_fraction_read"],
+        "fraction read (train)": frozen["train_fraction_read"],
+    }
+    rows.append(
+        timing_row(
+            "ablation: encoder frozen (only the classifier trains)", Timing.of([frozen["seconds"]]), figures=figures
+        )
+    )
+    ctx.status("dense reference")
+    t0 = time.perf_counter()
+    accuracy = cpic.dense_reference(config, seed=ctx.seed)
+    rows.append(
+        timing_row(
+            "reference: logistic regression on the largest 7-voxel mean (reads every voxel)",
+            Timing.of([time.perf_counter() - t0]),
+            figures={"test accuracy": accuracy, "fraction read (test)": 1.0, "fraction read (train)": 1.0},
+        )
+    )
+    steps = list(range(1, len(result["losses"]) + 1))
+    return {
+        "rows": rows,
+        "xy": [
+            {
+                "title": "C-PIC worked example: training loss",
+                "xlabel": "Adam step",
+                "ylabel": "binary cross-entropy",
+                "series": [{"label": "training loss", "x": steps, "y": result["losses"]}],
+            }
+        ],
+    }
+
+
+FUNCTIONS = Benchmark(
+    name="tt-cross",
+    summary="TT-cross of 8 analytic functions (d = 7, n = 16) at budgets 1e3–1e5: error and time vs teneva",
+    baseline="time: teneva.cross on the same function, budget and kind of start, in the same process",
+    figures=("relative error on 10⁴ random entries", "time", "evaluations", "sweeps", "rank"),
+    quick=(Case("d7n16", dict(d=7, n=16, budgets=(1_000, 10_000), seeds=3)),),
+    full=(Case("d7n16", dict(d=7, n=16, budgets=(1_000, 10_000, 100_000), seeds=5)),),
+    run=run_tt_cross,
+    peers=("teneva",),
+)
+
+VOLUME = Benchmark(
+    name="tt-cross-volume",
+    summary="QTT-cross of a float32 volume on disk (memmap) read entry by entry: fraction read, error, time",
+    baseline="reading every voxel once (a sum over the memmap)",
+    figures=("fraction of voxels read", "relative error on 10⁴ random voxels", "time"),
+    quick=(Case("N256", dict(N=256, nswp=12)),),
+    full=(Case("N512", dict(N=512, nswp=12)),),
+    run=run_volume,
+)
+
+CPIC = Benchmark(
+    name="cpic",
+    summary="differentiable cross (C-PIC): classify volumes with/without a blob reading a few % of the voxels",
+    baseline="accuracy: 0.5 is chance; reference row: a classifier that reads every voxel",
+    figures=("test accuracy", "fraction of voxels read", "time"),
+    quick=(Case("s32", dict(size=32, train=16, test=32, steps=100)),),
+    full=(Case("s32", dict(size=32, train=32, test=64, steps=150)),),
+    run=run_cpic,
+)
+
+BENCHMARKS = (FUNCTIONS, VOLUME, CPIC)
