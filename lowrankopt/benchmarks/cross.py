@@ -2,11 +2,13 @@
 
 - ``tt-cross``: the teneva-bm analytic functions Ackley, Alpine, Dixon, Griewank, Rastrigin, Rosenbrock, Schaffer and
   Schwefel on a uniform grid (d = 7, n = 16, teneva-bm's domains) at evaluation budgets 10³, 10⁴, 10⁵. Both
-  libraries start from a random rank-1 TT and add one rank per core and pass (teneva ``dr_min = dr_max = 1``, its
-  defaults otherwise; ours ``rank_increase=1``); teneva runs without a cache, as in its demos, and gets f written in
-  numpy, we get it in torch. Figures: relative error ``‖Y[I] − A[I]‖ / ‖A[I]‖`` on 10⁴ random entries (median over
-  seeds), evaluations and sweeps used, and the TT rank after rounding at 10⁻⁸; time is one whole call (median over
-  seeds). The ratio column is our time over teneva's for the same function and budget; a teneva row is skipped, with
+  libraries start from the same random rank-1 TT (``teneva.rand``, one per seed) and add one rank per core and pass
+  (teneva ``dr_min = dr_max = 1``, its defaults otherwise; ours ``rank_increase=1``, its defaults otherwise); teneva
+  runs without a cache, as in its demos, and gets f written in numpy, we get it in torch. Figures: relative error
+  ``‖Y[I] − A[I]‖ / ‖A[I]‖`` on 10⁴ random entries (median over seeds), evaluations and sweeps used, and the TT rank
+  after rounding at 10⁻⁸ (neither result is rounded for the error); time is one whole call (median over timed rounds
+  and seeds, interleaved with teneva's). The ratio column is the median of our time over teneva's for the same
+  function, budget and start; a teneva row is skipped, with
   the reason, when teneva is not installed (``pip install teneva``).
 - ``tt-cross-volume``: a float32 volume of side N (512 in ``--full``: 512 MiB) written to a temporary ``.npy`` file
   and read through a memmap by :class:`~lowrankopt.cross.ArraySource`, tensorized by
@@ -30,9 +32,10 @@ import numpy as np
 import torch
 
 from ..cross import ArraySource, Quantization, tt_cross
+from ..formats.tt import TensorTrain
 from . import cpic
 from .registry import Benchmark, Case
-from .runner import Context, Timing, timing_row
+from .runner import Context, Timing, ratio, timing_row
 
 # teneva-bm's domains (lower, upper) for each function.
 DOMAINS = {
@@ -80,78 +83,98 @@ def _teneva():
     return teneva
 
 
-def _ours(name, grid, d, n, budget, seed):
-    t = torch.from_numpy(grid)
+def _start(teneva, d: int, n: int, seed: int) -> list[np.ndarray]:
+    """The random rank-1 TT both libraries start from (teneva's, when it is installed)."""
+    if teneva is not None:
+        return teneva.rand([n] * d, 1, seed=seed)
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((1, n, 1)) for _ in range(d)]
+
+
+def _ours(name, grid, budget, start):
+    t, shape = torch.from_numpy(grid), tuple(c.shape[1] for c in start)
+    init = TensorTrain([torch.from_numpy(c) for c in start])
 
     def f(index):
         return benchmark_function(name, t[index], torch)
 
-    t0 = time.perf_counter()
-    Y, info = tt_cross(f, (n,) * d, budget=budget, generator=torch.Generator().manual_seed(seed))
-    seconds = time.perf_counter() - t0
-    return seconds, lambda index: Y.gather(torch.from_numpy(index)).numpy(), info.evaluations, info.sweeps, Y
+    def run():
+        return tt_cross(f, shape, budget=budget, init=init)
+
+    return run
 
 
-def _theirs(teneva, name, grid, d, n, budget, seed):
+def _theirs(teneva, name, grid, budget, start):
     def f(index):
         return benchmark_function(name, grid[index], np)
 
-    t0 = time.perf_counter()
-    info: dict = {}
-    Y = teneva.cross(f, teneva.rand([n] * d, 1, seed=seed), m=budget, dr_min=1, dr_max=1, info=info)
-    seconds = time.perf_counter() - t0
-    return seconds, lambda index: teneva.get_many(Y, index), info["m"], info["nswp"], Y
+    def run():
+        info: dict = {}
+        return teneva.cross(f, start, m=budget, dr_min=1, dr_max=1, info=info), info
+
+    return run
 
 
 def run_tt_cross(case: Case, ctx: Context) -> dict:
-    d, n, seeds = case.params["d"], case.params["n"], case.params["seeds"]
+    d, n, seeds, budgets = case.params["d"], case.params["n"], case.params["seeds"], case.params["budgets"]
     teneva = _teneva()
-    rng = np.random.default_rng(ctx.seed)
-    probe = rng.integers(0, n, (10_000, d))
+    libs = ("lowrankopt", "teneva") if teneva is not None else ("lowrankopt",)
+    probe = np.random.default_rng(ctx.seed).integers(0, n, (10_000, d))
     rows, errors = [], {}
     for name, (lo, hi) in DOMAINS.items():
         grid = np.linspace(lo, hi, n)
         truth = benchmark_function(name, grid[probe], np)
-        for budget in case.params["budgets"]:
-            results = {}
-            for lib in ("lowrankopt", "teneva"):
-                if lib == "teneva" and teneva is None:
-                    continue
-                runs = []
-                for seed in range(seeds):
-                    ctx.status(f"{name}, budget {budget:.0e}: {lib}, seed {seed}")
-                    runner = _ours if lib == "lowrankopt" else lambda *a: _theirs(teneva, *a)
-                    seconds, at, evaluations, sweeps, Y = runner(name, grid, d, n, budget, seed)
-                    error = float(np.linalg.norm(at(probe) - truth) / np.linalg.norm(truth))
-                    rank = _rounded_rank(Y, teneva) if lib == "teneva" else max(Y.round(eps=1e-8).ranks)
-                    runs.append((seconds, error, evaluations, sweeps, rank))
-                results[lib] = runs
-            for lib, runs in results.items():
-                med = [statistics.median(r[j] for r in runs) for j in range(5)]
-                errors[(name, budget, lib)] = med[1]
+        for budget in budgets:
+            runs: dict[str, list] = {lib: [] for lib in libs}
+            times: dict[str, list[float]] = {lib: [] for lib in libs}
+            ratios = []
+            for seed in range(seeds):
+                ctx.status(f"{name}, budget {budget:.0e}, seed {seed}")
+                start = _start(teneva, d, n, seed)
+                fns = {"lowrankopt": _ours(name, grid, budget, start)}
+                if teneva is not None:
+                    fns["teneva"] = _theirs(teneva, name, grid, budget, start)
+                timing = ctx.time(fns)
+                for lib in libs:
+                    times[lib].append(timing[lib].median)
+                    Y, info = fns[lib]()
+                    if lib == "lowrankopt":
+                        at = Y.gather(torch.from_numpy(probe)).numpy()
+                        used = (info.evaluations, info.sweeps, max(Y.round(eps=1e-8).ranks))
+                    else:
+                        at = teneva.get_many(Y, probe)
+                        used = (info["m"], info["nswp"], max(teneva.ranks(teneva.truncate(Y, 1e-8))))
+                    runs[lib].append((float(np.linalg.norm(at - truth) / np.linalg.norm(truth)), *used))
+                if teneva is not None:
+                    ratios.append(ratio(timing["lowrankopt"], timing["teneva"]))
+            for lib in libs:
+                med = [statistics.median(r[j] for r in runs[lib]) for j in range(4)]
+                errors[(name, budget, lib)] = med[0]
                 figures = {
                     "budget": budget,
-                    "error (median)": med[1],
-                    "evaluations": med[2],
-                    "sweeps": med[3],
-                    "rank (rounded 1e-8)": med[4],
+                    "error (median)": med[0],
+                    "evaluations": med[1],
+                    "sweeps": med[2],
+                    "rank (rounded 1e-8)": med[3],
                 }
-                row = timing_row(f"{name}, {budget:.0e}: {lib}", Timing.of([r[0] for r in runs]), figures=figures)
-                if lib == "lowrankopt" and "teneva" in results:
-                    row["ratio"] = statistics.median(
-                        a[0] / b[0] for a, b in zip(results["lowrankopt"], results["teneva"], strict=True)
-                    )
-                    ours, theirs = med[1], statistics.median(r[1] for r in results["teneva"])
-                    row["status"] = "error ≤ teneva's" if ours <= max(theirs, 1e-12) else "error > teneva's"
+                row = timing_row(f"{name}, {budget:.0e}: {lib}", Timing.of(times[lib]), figures=figures)
+                if lib == "lowrankopt" and teneva is not None:
+                    row["ratio"] = statistics.median(ratios)
+                    worse = sum(a[0] > max(b[0], 1e-12) for a, b in zip(runs["lowrankopt"], runs["teneva"]))
+                    row["status"] = f"error above teneva's in {worse} of {seeds} seeds"
                 rows.append(row)
             if teneva is None:
                 rows.append({"variant": f"{name}, {budget:.0e}: teneva", "skipped": "teneva is not installed"})
-    libs = ("lowrankopt", "teneva") if teneva is not None else ("lowrankopt",)
     return {
         "rows": rows,
         "xy": [
+            _trajectory(name, d, n, probe, case.params["trajectory"], teneva, ctx)
+            for name in ("Ackley", "Schaffer")
+            if case.params.get("trajectory")
+        ]
+        + [
             {
-                "title": f"TT-cross, d = {d}, n = {n}: relative error on 10⁴ random entries (median of {seeds} seeds)",
+                "title": f"TT-cross, d = {d}, n = {n}: relative error on 10⁴ random entries (median of {seeds} starts)",
                 "xlabel": "evaluation budget",
                 "ylabel": "relative error",
                 "xlog": True,
@@ -159,8 +182,8 @@ def run_tt_cross(case: Case, ctx: Context) -> dict:
                 "series": [
                     {
                         "label": f"{name} ({lib})",
-                        "x": list(case.params["budgets"]),
-                        "y": [max(errors[(name, b, lib)], 1e-16) for b in case.params["budgets"]],
+                        "x": list(budgets),
+                        "y": [max(errors[(name, b, lib)], 1e-16) for b in budgets],
                     }
                     for name in ("Ackley", "Schaffer", "Dixon", "Griewank")
                     for lib in libs
@@ -170,8 +193,30 @@ def run_tt_cross(case: Case, ctx: Context) -> dict:
     }
 
 
-def _rounded_rank(Y, teneva) -> int:
-    return max(teneva.ranks(teneva.truncate(Y, 1e-8)))
+def _trajectory(name, d, n, probe, budgets, teneva, ctx) -> dict:
+    """Error vs budget on a fine grid of budgets, one start (seed 0): where each library is at any budget."""
+    grid = np.linspace(*DOMAINS[name], n)
+    truth = benchmark_function(name, grid[probe], np)
+    start = _start(teneva, d, n, 0)
+    series = {lib: [] for lib in (("lowrankopt", "teneva") if teneva is not None else ("lowrankopt",))}
+    for budget in budgets:
+        ctx.status(f"{name}: error at budget {budget}")
+        Y, _ = _ours(name, grid, budget, start)()
+        series["lowrankopt"].append(np.linalg.norm(Y.gather(torch.from_numpy(probe)).numpy() - truth))
+        if teneva is not None:
+            Y, _ = _theirs(teneva, name, grid, budget, start)()
+            series["teneva"].append(np.linalg.norm(teneva.get_many(Y, probe) - truth))
+    return {
+        "title": f"{name} (d = {d}, n = {n}, one start): relative error vs evaluation budget",
+        "xlabel": "evaluation budget",
+        "ylabel": "relative error on 10⁴ random entries",
+        "xlog": True,
+        "ylog": True,
+        "series": [
+            {"label": lib, "x": list(budgets), "y": [max(e / np.linalg.norm(truth), 1e-16) for e in errs]}
+            for lib, errs in series.items()
+        ],
+    }
 
 
 def _write_volume(path: Path, N: int) -> None:
@@ -280,10 +325,22 @@ FUNCTIONS = Benchmark(
     summary="TT-cross of 8 analytic functions (d = 7, n = 16) at budgets 1e3–1e5: error and time vs teneva",
     baseline="time: teneva.cross on the same function, budget and kind of start, in the same process",
     figures=("relative error on 10⁴ random entries", "time", "evaluations", "sweeps", "rank"),
-    quick=(Case("d7n16", dict(d=7, n=16, budgets=(1_000, 10_000), seeds=3)),),
-    full=(Case("d7n16", dict(d=7, n=16, budgets=(1_000, 10_000, 100_000), seeds=5)),),
+    quick=(Case("d7n16", dict(d=7, n=16, budgets=(1_000, 10_000), seeds=3, trajectory=())),),
+    full=(
+        Case(
+            "d7n16",
+            dict(
+                d=7,
+                n=16,
+                budgets=(1_000, 10_000, 100_000),
+                seeds=5,
+                trajectory=tuple(int(b) for b in np.geomspace(1_000, 100_000, 31).round()),
+            ),
+        ),
+    ),
     run=run_tt_cross,
     peers=("teneva",),
+    repeats={"quick": 3, "full": 5},
 )
 
 VOLUME = Benchmark(

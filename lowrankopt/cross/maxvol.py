@@ -45,15 +45,21 @@ def maxvol(A: torch.Tensor, tol: float = 1.05, max_iters: int = 100) -> tuple[to
     return _maxvol(A, tol, as_positive_int("max_iters", max_iters))
 
 
-def _maxvol(A: torch.Tensor, tol: float, max_iters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`maxvol` on checked input (tt_cross calls it on its own orthonormal factors)."""
+def _maxvol(A: torch.Tensor, tol: float, max_iters: int, check_rank: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`maxvol` on checked input. tt_cross calls it with ``check_rank=False`` on orthonormal factors, whose
+    pivoted LU cannot break down."""
     n, r = A.shape
+    if r == 1:  # the entry of largest modulus; B = A / A[i] is dominant with tol 1
+        i = A[:, 0].abs().argmax()
+        if A[i, 0].item() == 0:
+            raise ValueError("A must have full column rank (it is zero)")
+        return i.reshape(1), A / A[i, 0]
     LU, pivots, _ = torch.linalg.lu_factor_ex(A)
     perm = list(range(n))
     for i, p in enumerate((pivots - 1).tolist()):  # LAPACK's sequential row swaps
         perm[i], perm[p] = perm[p], perm[i]
     index = torch.tensor(perm[:r], device=A.device)
-    if bool((LU.diagonal().abs() <= torch.finfo(A.dtype).eps * A.abs().max() * n).any()):
+    if check_rank and bool((LU.diagonal().abs() <= torch.finfo(A.dtype).eps * A.abs().max() * n).any()):
         raise ValueError("A must have full column rank (its LU factorization has a zero pivot)")
     B = torch.linalg.solve(A[index].T, A.T).T
     for _ in range(max_iters):
@@ -102,9 +108,11 @@ def rect_maxvol(
     return _rect_maxvol(A, tol, min_rank, max_rank, maxvol_tol, as_positive_int("maxvol_iters", maxvol_iters))
 
 
-def _rect_maxvol(A, tol, min_rank, max_rank, maxvol_tol, maxvol_iters) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`rect_maxvol` on checked input."""
-    index, B = _maxvol(A, maxvol_tol, maxvol_iters)
+def _rect_maxvol(
+    A, tol, min_rank, max_rank, maxvol_tol, maxvol_iters, check_rank: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rect_maxvol` on checked input (``check_rank`` as for :func:`_maxvol`)."""
+    index, B = _maxvol(A, maxvol_tol, maxvol_iters, check_rank)
     chosen = index.tolist()
     F = B.square().sum(1)
     F[index] = 0

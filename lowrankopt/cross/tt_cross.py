@@ -116,19 +116,33 @@ class _Evaluator:
         if not self.linear:
             return self._call_dict(index)
         keys = index @ self.strides
-        pos = torch.searchsorted(self.keys, keys)
-        found = self.keys[pos.clamp_max(len(self.keys) - 1)] == keys if len(self.keys) else keys < 0
-        values = torch.empty(len(keys), dtype=self.dtype, device=self.device)
-        values[found] = self.values[pos[found]]
+        if not len(self.keys):
+            values = self._call(index)
+            self._insert(keys, values)
+            return values
+        pos = torch.searchsorted(self.keys, keys).clamp_max_(len(self.keys) - 1)
+        found = self.keys[pos] == keys
+        hits = int(found.sum())
+        self.hits += hits
+        if hits == len(keys):
+            return self.values[pos]
+        if hits == 0:
+            values = self._call(index)
+            self._insert(keys, values)
+            return values
+        values = self.values[pos]
         new = ~found
-        if bool(new.any()):
-            values[new] = self._call(index[new])
-            self._insert(keys[new], values[new])
-        self.hits += int(found.sum())
+        values[new] = self._call(index[new])
+        self._insert(keys[new], values[new])
         return values
 
     def _insert(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Merge new keys into the sorted table: O(M + k log k), no re-sort of the M stored keys."""
+        """Add new keys to the sorted table: one sort while it is small, then a merge (O(M + k log k), no re-sort of
+        the M stored keys)."""
+        if len(self.keys) < 4096:
+            self.keys, order = torch.sort(torch.cat([self.keys, keys]))
+            self.values = torch.cat([self.values, values])[order]
+            return
         keys, order = torch.sort(keys)
         slots = torch.searchsorted(self.keys, keys) + torch.arange(len(keys), device=self.device)
         size = len(self.keys) + len(keys)
@@ -183,8 +197,8 @@ def _select(M: torch.Tensor, tol, dr, max_rank, maxvol_tol, maxvol_iters):
         return torch.arange(m, device=M.device), torch.eye(m, dtype=M.dtype, device=M.device)
     hi = min(r + dr[1], m, max(max_rank, r))
     if hi == r:
-        return _maxvol(Q, maxvol_tol, maxvol_iters)
-    return _rect_maxvol(Q, tol, min(r + dr[0], hi), hi, maxvol_tol, maxvol_iters)
+        return _maxvol(Q, maxvol_tol, maxvol_iters, check_rank=False)
+    return _rect_maxvol(Q, tol, min(r + dr[0], hi), hi, maxvol_tol, maxvol_iters, check_rank=False)
 
 
 def _check_function_args(shape, domain, dtype):
@@ -322,7 +336,9 @@ def _sweeps(evaluate: _Evaluator, Y0: TensorTrain, info: CrossInfo, stops, selec
         core = torch.tensordot(Y0.cores[k], carry, 1)
         a, n, b = core.shape
         Q, R = torch.linalg.qr(core.reshape(a, n * b).T)
-        rows, _ = _maxvol(Q, maxvol_tol, maxvol_iters) if Q.shape[0] > Q.shape[1] else (torch.arange(Q.shape[0]), None)
+        rows, _ = (
+            _maxvol(Q, maxvol_tol, maxvol_iters, False) if Q.shape[0] > Q.shape[1] else (torch.arange(Q.shape[0]), None)
+        )
         right[k] = _grow_right(right[k + 1], n, rows)
         carry = (Q[rows] @ R).T
 
