@@ -250,3 +250,19 @@ def test_a_512_cubed_volume_on_disk_is_approximated_reading_under_one_percent(tm
     truth = torch.from_numpy(field(*(x[probe[:, j].numpy()] for j in range(3))).astype(np.float32)).double()
     error = float((Y.gather(q.to_tensor(probe)) - truth).norm() / truth.norm())
     assert error < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    shape = (6, 5, 7, 6)
+    T = TensorTrain.random(shape, 2, generator=_gen(20))
+    Tc = T.to("cuda")
+    Y, info = tt_cross(T.gather, shape, nswp=3, generator=_gen(21))
+    Yc, info_c = tt_cross(Tc.gather, shape, nswp=3, generator=_gen(21), device="cuda")
+    assert Yc.device.type == "cuda" and info_c.evaluations == info.evaluations
+    assert _relative_error(Yc.to("cpu"), Y.full()) < 1e-10
+    Z = cross_forward(info_c, Tc.gather)
+    assert _relative_error(Z.to("cpu"), T.full()) < 1e-10
+    grid = torch.linspace(0, 1, 6, dtype=D)  # a CPU domain is moved to the device
+    Yd, _ = tt_cross(lambda x: x.sum(1), domain=[grid] * 3, nswp=2, device="cuda")
+    assert Yd.device.type == "cuda"

@@ -25,7 +25,8 @@ class ArraySource:
     Args:
         array: a numpy array or ``numpy.memmap`` (or anything with ``shape`` that supports numpy's integer-array
             indexing ``array[i_1, ..., i_m]``), of any real dtype.
-        dtype, device: of the returned values.
+        dtype: of the returned values.
+        device: of the returned values.
 
     Calling ``source(index)`` with an integer ``(N, m)`` tensor returns the ``(N,)`` entries; only those entries are
     read (a memmap touches only the pages that hold them). ``reads`` counts every entry returned (TT-cross's cache
@@ -65,7 +66,7 @@ class Quantization:
     modes of size ``base`` (quantized tensor train, QTT; Oseledets 2010, Khoromskij 2011).
 
     Args:
-        shape: the array's shape; every size a power of ``base``.
+        array_shape: the array's shape; every size a power of ``base``.
         base: the mode size (2 gives the most modes and the fewest reads per sweep).
         order: ``"sequential"`` (default) takes the digits of axis 1 (most significant first), then those of axis 2,
             and so on; ``"interleaved"`` orders the modes level by level, the most significant digit of every axis

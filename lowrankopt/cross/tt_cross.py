@@ -273,9 +273,12 @@ def tt_cross(
             cross) or the rank of a random start (default 1).
         rank_increase: rows rect-maxvol adds per core and pass, ``(min, max)`` or one int for both; 0 keeps the
             ranks fixed (plain maxvol).
-        tol: rect-maxvol's row-norm tolerance τ ≥ 1; maxvol_tol, maxvol_iters: those of :func:`maxvol`.
+        tol: rect-maxvol's row-norm tolerance τ ≥ 1.
+        maxvol_tol: :func:`maxvol`'s dominance tolerance.
+        maxvol_iters: :func:`maxvol`'s swap limit.
         cache: keep every computed entry and never ask f twice for one (the budget counts distinct entries).
-        dtype, device: of the result (f's values are cast to them).
+        dtype: of the result (f's values are cast to it).
+        device: of the result and of the indices f receives (default: the domain's, else CPU).
         generator: for the random start.
 
     At least one of ``budget``, ``eps``, ``nswp`` or ``validation_tol`` must be given.
@@ -302,6 +305,8 @@ def tt_cross(
     if not tol >= 1 or not maxvol_tol >= 1:
         raise ValueError(f"tol and maxvol_tol must be ≥ 1, got {tol}, {maxvol_tol}")
     device = torch.device(device) if device is not None else (domain[0].device if domain else torch.device("cpu"))
+    if domain is not None:
+        domain = [g.to(device) for g in domain]
     if validation is not None:
         val_index = check_index("validation[0]", validation[0], shape, device)
         val_values = check_tensor("validation[1]", validation[1], 1).to(dtype=dtype, device=device)
@@ -337,7 +342,9 @@ def _sweeps(evaluate: _Evaluator, Y0: TensorTrain, info: CrossInfo, stops, selec
         a, n, b = core.shape
         Q, R = torch.linalg.qr(core.reshape(a, n * b).T)
         rows, _ = (
-            _maxvol(Q, maxvol_tol, maxvol_iters, False) if Q.shape[0] > Q.shape[1] else (torch.arange(Q.shape[0]), None)
+            _maxvol(Q, maxvol_tol, maxvol_iters, False)
+            if Q.shape[0] > Q.shape[1]
+            else (torch.arange(Q.shape[0], device=Q.device), None)
         )
         right[k] = _grow_right(right[k + 1], n, rows)
         carry = (Q[rows] @ R).T
