@@ -61,3 +61,10 @@ def test_float32_and_bad_input():
         rect_maxvol(A.double(), tol=0.5)
     with pytest.raises(ValueError, match="min_rank"):
         rect_maxvol(A.double(), min_rank=2)
+
+
+def test_rect_maxvol_never_repeats_a_row_even_when_the_rest_are_zero():
+    A = torch.eye(6, 2, dtype=D)  # rows 2..5 are zero: every unchosen row has zero norm in B
+    I, B = rect_maxvol(A, tol=1.1, min_rank=4)
+    assert len(set(I.tolist())) == 4
+    assert torch.equal(B[I], torch.eye(4, dtype=D)) and torch.allclose(B @ A[I], A)

@@ -117,15 +117,18 @@ def test_validation_stop_and_recorded_errors():
     err = float((Y.gather(index) - values).norm() / values.norm())
     assert info.validation_errors[-1] == pytest.approx(err, rel=1e-10) and err <= 1e-6
     assert len(info.changes) == info.sweeps - 1
-    assert all(c >= 0 for c in info.changes)
 
 
 def test_warm_start_from_a_previous_result_and_float32():
     shape = (6,) * 5
     T = TensorTrain.random(shape, 2, generator=_gen(9))
     Y, _ = tt_cross(T.gather, shape, nswp=1, generator=_gen(10))
-    Y2, info2 = tt_cross(T.gather, shape, nswp=2, init=Y.round(max_rank=2), generator=_gen(11))
-    assert _relative_error(Y2, T.full()) < 1e-12
+    # with fixed ranks the start decides them: a rank-1 start stays rank 1, the previous result's rank-2 rounding
+    # gives rank 2 and the exact tensor
+    Y1, _ = tt_cross(T.gather, shape, nswp=2, rank_increase=0, generator=_gen(11))
+    assert Y1.ranks == (1, 1, 1, 1) and _relative_error(Y1, T.full()) > 1e-3
+    Y2, _ = tt_cross(T.gather, shape, nswp=2, init=Y.round(max_rank=2), rank_increase=0, generator=_gen(11))
+    assert Y2.ranks == (2, 2, 2, 2) and _relative_error(Y2, T.full()) < 1e-12
     T32 = T.to(torch.float32)
     Y32, _ = tt_cross(T32.gather, shape, nswp=3, dtype=torch.float32, generator=_gen(12))
     assert Y32.dtype == torch.float32 and _relative_error(Y32.to(D), T.full()) < 1e-4
@@ -140,12 +143,11 @@ def test_cross_forward_rebuilds_the_result_from_the_same_fibers():
 
     for kwargs in ({"nswp": 2}, {"budget": 700}):  # pivot at the first core, and mid-sweep
         Y, info = tt_cross(f, shape, max_rank=4, generator=_gen(13), **kwargs)
-        Z = cross_forward(info, f)
+        counting = Counting(f)
+        Z = cross_forward(info, counting)
         assert Z.ranks == Y.ranks
         assert _relative_error(Z, Y.full()) < 1e-10
-        assert info.fiber_entries == sum(
-            left.shape[0] * n * right.shape[0] for (left, right), n in zip(info.fibers, shape)
-        )
+        assert counting.count == info.fiber_entries and len(counting.seen) == 1  # one batched call
 
 
 def test_cross_forward_gradient_matches_finite_differences():
@@ -175,6 +177,33 @@ def test_cross_forward_gradient_matches_finite_differences():
         assert theta.grad[j].item() == pytest.approx(fd.item(), rel=1e-6, abs=1e-8)
 
 
+def test_sparse_functions_and_huge_shapes_never_ask_twice():
+    # a δ at the origin: most fiber matrices are zero, rect-maxvol must still add distinct rows
+    delta = Counting(lambda i: (i == 0).all(1).double())
+    Y, info = tt_cross(delta, (5,) * 4, nswp=6, generator=_gen(22))
+    seen = torch.cat(delta.seen)
+    assert len(torch.unique(seen, dim=0)) == len(seen) == info.evaluations
+    assert Y.gather(torch.zeros(1, 4, dtype=torch.long)).item() == pytest.approx(1.0)
+    # 2⁶⁴ entries: the cache keys no longer fit an int64, so it falls back to a dict of index tuples
+    w = torch.linspace(0.5, 1.5, 64, dtype=D)
+    product = Counting(lambda i: (1 + w * i).prod(1))
+    Y, info = tt_cross(product, (2,) * 64, nswp=2, generator=_gen(23))
+    seen = torch.cat(product.seen)
+    assert len(torch.unique(seen, dim=0)) == len(seen) == info.evaluations and info.cache_hits > 0
+    probe = torch.randint(0, 2, (200, 64), generator=_gen(24))
+    assert torch.allclose(Y.gather(probe), (1 + w * probe).prod(1), rtol=1e-12)
+
+
+def test_cross_forward_refuses_fibers_that_are_singular_for_a_new_function():
+    shape = (6,) * 4
+    x = torch.linspace(0, 1, 6, dtype=D)
+    _, info = tt_cross(lambda i: torch.exp(-x[i].sum(1)) / (1 + x[i].sum(1)), shape, max_rank=3, nswp=2)
+    with pytest.raises(ValueError, match="singular"):
+        cross_forward(info, lambda i: torch.zeros(len(i), dtype=D) + (i[:, 0] == 99))
+    with pytest.raises(ValueError, match="non-finite"):
+        cross_forward(info, lambda i: torch.full((len(i),), math.inf, dtype=D))
+
+
 def test_bad_input_is_refused_with_the_argument_named():
     f = lambda i: i.sum(1).double()  # noqa: E731
     with pytest.raises(ValueError, match="stopping rule"):
@@ -199,6 +228,18 @@ def test_bad_input_is_refused_with_the_argument_named():
         tt_cross(f, (3, 3, 3), nswp=1, init=3, max_rank=2)
     with pytest.raises(TypeError, match="CrossInfo"):
         cross_forward(CrossInfo(shape=(3,)), f)
+    with pytest.raises(TypeError, match="real"):
+        tt_cross(lambda i: torch.ones(len(i), dtype=torch.complex128), (3, 3), nswp=1)
+    with pytest.raises(ValueError, match="non-empty"):
+        tt_cross(f, (3, 3), validation=(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, dtype=D)), nswp=1)
+    with pytest.raises(TypeError, match="tol"):
+        tt_cross(f, (3, 3), nswp=1, tol=None)
+    with pytest.raises(ValueError, match="init.cores"):
+        tt_cross(f, (3, 3), nswp=1, init=TensorTrain._trusted([torch.full((1, 3, 1), math.nan, dtype=D)] * 2))
+    Y, _ = tt_cross(f, (3, 3), nswp=1, rank_increase=np.int64(1))  # numpy integers are integers
+    assert Y.shape == (3, 3)
+    with pytest.raises(TypeError, match="real"):
+        ArraySource(np.ones((2, 2), dtype=np.complex64))
 
 
 def test_quantization_maps_are_inverse_and_ordered():
@@ -259,7 +300,7 @@ def test_cuda_matches_cpu():
     Tc = T.to("cuda")
     Y, info = tt_cross(T.gather, shape, nswp=3, generator=_gen(21))
     Yc, info_c = tt_cross(Tc.gather, shape, nswp=3, generator=_gen(21), device="cuda")
-    assert Yc.device.type == "cuda" and info_c.evaluations == info.evaluations
+    assert Yc.device.type == "cuda"  # the pivots may differ from the CPU's in roundoff, the tensor may not
     assert _relative_error(Yc.to("cpu"), Y.full()) < 1e-10
     Z = cross_forward(info_c, Tc.gather)
     assert _relative_error(Z.to("cpu"), T.full()) < 1e-10

@@ -159,9 +159,14 @@ class _Volume:
 def train_cpic(config: CPICConfig = CPICConfig(), *, seed: int = 0) -> dict:
     """Train encoder + cross + classifier on generated volumes; returns the accuracies, the fractions of voxels read,
     the loss history and the time."""
+    with torch.random.fork_rng(devices=[]):  # nn.Linear draws its start from the global generator: seed it, then
+        torch.manual_seed(seed)  # give the caller's global state back
+        return _train(config, seed)
+
+
+def _train(config: CPICConfig, seed: int) -> dict:
     start = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     q = Quantization((config.size,) * 3, order="interleaved")
     train_x, train_y = make_volumes(config.train, config, g)
     test_x, test_y = make_volumes(config.test, config, g)

@@ -9,6 +9,8 @@ Oseledets 2018) adds rows until every row of the coefficient matrix B (``A = B Â
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._checks import as_positive_int, check_tensor
@@ -115,7 +117,7 @@ def _rect_maxvol(
     index, B = _maxvol(A, maxvol_tol, maxvol_iters, check_rank)
     chosen = index.tolist()
     F = B.square().sum(1)
-    F[index] = 0
+    F[index] = -math.inf  # never again: a chosen row must not be picked when every other one has F = 0
     while len(chosen) < max_rank:
         value, i = F.max(0)
         if len(chosen) >= min_rank and value.item() <= tol * tol:
@@ -126,7 +128,7 @@ def _rect_maxvol(
         B = torch.cat([B - lam * torch.outer(v, B[i]), (lam * v)[:, None]], dim=1)
         F = F - lam * v.square()
         chosen.append(i)
-        F[chosen] = 0
+        F[i] = -math.inf
     index = torch.tensor(chosen, device=A.device)
     B[index] = torch.eye(len(chosen), dtype=A.dtype, device=A.device)  # exact in exact arithmetic; clean roundoff
     return index, B

@@ -30,7 +30,7 @@ class ArraySource:
 
     Calling ``source(index)`` with an integer ``(N, m)`` tensor returns the ``(N,)`` entries; only those entries are
     read (a memmap touches only the pages that hold them). ``reads`` counts every entry returned (TT-cross's cache
-    asks for each entry once); ``fraction`` is ``reads`` over the array's size.
+    asks for each entry once); ``fraction`` is ``reads`` over the array's size. Cost: one read per entry.
     """
 
     def __init__(self, array, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None):
@@ -39,6 +39,9 @@ class ArraySource:
             raise TypeError(f"array must be a non-empty array-like with a shape, got {type(array).__name__}")
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        kind = np.dtype(getattr(array, "dtype", np.float64)).kind
+        if kind not in "biuf":
+            raise TypeError(f"array must hold real numbers, got dtype {array.dtype}")
         self.array = array
         self.shape = tuple(int(n) for n in shape)
         self.dtype, self.device = dtype, torch.device(device or "cpu")
@@ -110,7 +113,7 @@ class Quantization:
     def to_array(self, index: torch.Tensor) -> torch.Tensor:
         """Tensor indices ``(N, D)`` (digits) to array indices ``(N, m)``. Cost O(N D m)."""
         index = check_index("index", index, self.shape, _device(index))
-        return index @ self._weights.to(index.device)
+        return (index[:, :, None] * self._weights.to(index.device)).sum(1)  # no int64 matmul: CUDA has none
 
     def to_tensor(self, index: torch.Tensor) -> torch.Tensor:
         """Array indices ``(N, m)`` to tensor indices ``(N, D)``. Cost O(N D)."""

@@ -8,22 +8,24 @@ rows that form the next left set ``I_{≤k}`` (a few more rows than columns, whi
 becomes the interpolation coefficients B (``M = B M[I]``, ``B[I] = I``). The right-to-left pass mirrors it.
 (Oseledets & Tyrtyshnikov 2010; Savostyanov & Oseledets 2011; the rank-adaptive variant of teneva.)
 
-The approximation is the *interpolation* ``left coefficient cores · one fiber block · right coefficient cores``:
-it reproduces A exactly on every fiber it was built from. :func:`cross_forward` rebuilds the same tensor from the
-same fibers of a (possibly new, differentiable) function — the differentiable cross of C-PIC (Usvyatsov et al.,
-ICCV 2021).
+The approximation is the *interpolation* ``left coefficient cores · one fiber block (the pivot) · right coefficient
+cores``: it reproduces A exactly on the pivot's fiber block and, after a complete sweep, on the fiber block of every
+core (a budget stop in mid-sweep leaves the other blocks reproduced only approximately). :func:`cross_forward`
+rebuilds the same tensor from the same fibers of a (possibly new, differentiable) function — the differentiable
+cross of C-PIC (Usvyatsov et al., ICCV 2021).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .._checks import FLOAT_DTYPES, as_positive_int, check_index, check_tensor
+from .._checks import FLOAT_DTYPES, as_positive_int, check_index, check_scalar, check_tensor
 from ..formats.tt import TensorTrain
 from .maxvol import _maxvol, _rect_maxvol
 
@@ -45,7 +47,8 @@ class CrossInfo:
         stop: why it stopped: ``"budget"``, ``"eps"`` (relative change between sweeps), ``"validation"``,
             ``"sweeps"`` or ``"converged"`` (a whole sweep found every entry in the cache: nothing new to learn).
         changes: relative change ``‖Y_s − Y_{s−1}‖ / ‖Y_s‖`` after each sweep.
-        validation_errors: relative error on the validation set after each sweep (when one is given).
+        validation_errors: relative error on the validation set after each sweep, and of the result at a budget stop
+            (when a validation set is given).
         seconds: wall time.
         fibers: per core, ``(I_{<k}, J_{>k})`` as int64 tensors ``(a, k)`` and ``(b, d − k − 1)``: the fiber block the
             core was built from.
@@ -115,7 +118,7 @@ class _Evaluator:
             return self._call(index)
         if not self.linear:
             return self._call_dict(index)
-        keys = index @ self.strides
+        keys = (index * self.strides).sum(1)  # no int64 matmul: CUDA has none
         if not len(self.keys):
             values = self._call(index)
             self._insert(keys, values)
@@ -123,17 +126,17 @@ class _Evaluator:
         pos = torch.searchsorted(self.keys, keys).clamp_max_(len(self.keys) - 1)
         found = self.keys[pos] == keys
         hits = int(found.sum())
-        self.hits += hits
         if hits == len(keys):
-            return self.values[pos]
-        if hits == 0:
+            values = self.values[pos]
+        elif hits == 0:
             values = self._call(index)
             self._insert(keys, values)
-            return values
-        values = self.values[pos]
-        new = ~found
-        values[new] = self._call(index[new])
-        self._insert(keys[new], values[new])
+        else:
+            values = self.values[pos]
+            new = ~found
+            values[new] = self._call(index[new])
+            self._insert(keys[new], values[new])
+        self.hits += hits  # after the call: a block the budget refused serves nothing
         return values
 
     def _insert(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -164,15 +167,26 @@ class _Evaluator:
         return torch.tensor([self.table[r] for r in rows], dtype=self.dtype, device=self.device)
 
 
-def call_function(f, index: torch.Tensor, domain, dtype, device) -> torch.Tensor:
-    """``f(index)`` (or ``f(coordinates)`` on a ``domain``) as a checked ``(N,)`` tensor of ``dtype``."""
-    arg = index if domain is None else torch.stack([g[index[:, k]] for k, g in enumerate(domain)], 1)
-    y = f(arg)
+def _argument(index: torch.Tensor, domain) -> torch.Tensor:
+    """What f receives: the indices, or on a domain the coordinates ``x[:, k] = domain[k][index[:, k]]``."""
+    return index if domain is None else torch.stack([g[index[:, k]] for k, g in enumerate(domain)], 1)
+
+
+def _values(f, index: torch.Tensor, domain) -> torch.Tensor:
+    """``f`` at ``index``, checked: a real ``(N,)`` tensor (arrays are converted)."""
+    y = f(_argument(index, domain))
     if not isinstance(y, torch.Tensor):
         y = torch.as_tensor(y)
     if y.shape != (index.shape[0],):
         raise ValueError(f"f must return shape ({index.shape[0]},) for {index.shape[0]} indices, got {tuple(y.shape)}")
-    return y.to(dtype=dtype, device=device)
+    if y.is_complex():
+        raise TypeError(f"f must return real values, got {y.dtype}")
+    return y
+
+
+def call_function(f, index: torch.Tensor, domain, dtype, device) -> torch.Tensor:
+    """``f(index)`` (or ``f(coordinates)`` on a ``domain``) as a checked ``(N,)`` tensor of ``dtype``."""
+    return _values(f, index, domain).to(dtype=dtype, device=device)
 
 
 def fiber_index(left: torch.Tensor, n: int, right: torch.Tensor) -> torch.Tensor:
@@ -269,8 +283,8 @@ def tt_cross(
         validation: ``(index (N, d), values (N,))``; with ``validation_tol``, stop when the relative error
             ``‖Y[index] − values‖ / ‖values‖`` is at most it. The errors are recorded in either case.
         domain: one 1-D coordinate grid per mode (like tntorch's ``domain=``).
-        init: starting TT (its right-to-left maxvol fibers, no evaluations; e.g. the previous result, to refresh a
-            cross) or the rank of a random start (default 1).
+        init: a starting TT — the first right index sets come from a right-to-left maxvol pass over its cores (no
+            evaluations; e.g. the previous result, to refresh a cross) — or the rank of a random start (default 1).
         rank_increase: rows rect-maxvol adds per core and pass, ``(min, max)`` or one int for both; 0 keeps the
             ranks fixed (plain maxvol).
         tol: rect-maxvol's row-norm tolerance τ ≥ 1.
@@ -283,9 +297,11 @@ def tt_cross(
 
     At least one of ``budget``, ``eps``, ``nswp`` or ``validation_tol`` must be given.
 
-    Returns ``(Y, info)``: the TT and a :class:`CrossInfo`. Cost per sweep: about ``2 Σ_k r_{k−1} n_k r_k`` calls of
-    f, and ``O(d n r³)`` flops for the QRs and maxvols; memory ``O(d n r²)`` plus the cache. Ranks come out a little
-    above what the tensor needs (``Y.round(eps=...)`` recompresses).
+    Returns ``(Y, info)``: the TT and a :class:`CrossInfo`. Cost per sweep: f at about ``2 Σ_k r_{k−1} n_k r_k``
+    entries (in batches of one fiber block), and ``O(d n r³)`` flops for the QRs and maxvols; memory ``O(d n r²)``
+    plus the cache. Every pass adds ``rank_increase`` rows per core, so ranks grow past what the tensor needs while
+    the sweeps go on (``Y.round(eps=...)`` recompresses). ``rank_increase=(0, k)`` adds rows only where some row of
+    the coefficients exceeds ``tol`` — from a rank-1 start that may never happen.
     """
     start = time.perf_counter()
     shape = _check_function_args(shape, domain, dtype)
@@ -299,19 +315,20 @@ def tt_cross(
     if validation_tol is not None and validation is None:
         raise ValueError("validation_tol needs validation=(index, values)")
     maxvol_iters = as_positive_int("maxvol_iters", maxvol_iters)
-    dr = (rank_increase, rank_increase) if isinstance(rank_increase, int) else tuple(rank_increase)
-    if len(dr) != 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in dr) or dr[0] > dr[1]:
-        raise ValueError(f"rank_increase must be an int ≥ 0 or (min, max) with 0 ≤ min ≤ max, got {rank_increase!r}")
-    if not tol >= 1 or not maxvol_tol >= 1:
-        raise ValueError(f"tol and maxvol_tol must be ≥ 1, got {tol}, {maxvol_tol}")
+    dr = _rank_increase(rank_increase)
+    for name, value in (("tol", tol), ("maxvol_tol", maxvol_tol)):
+        if not check_scalar(name, value) >= 1:
+            raise ValueError(f"{name} must be ≥ 1, got {value}")
     device = torch.device(device) if device is not None else (domain[0].device if domain else torch.device("cpu"))
     if domain is not None:
         domain = [g.to(device) for g in domain]
     if validation is not None:
+        if not isinstance(validation, (tuple, list)) or len(validation) != 2:
+            raise TypeError("validation must be a pair (index (N, d), values (N,))")
         val_index = check_index("validation[0]", validation[0], shape, device)
         val_values = check_tensor("validation[1]", validation[1], 1).to(dtype=dtype, device=device)
-        if len(val_values) != len(val_index):
-            raise ValueError("validation index and values differ in length")
+        if len(val_values) != len(val_index) or not len(val_index):
+            raise ValueError("validation index and values must be non-empty and of one length")
     evaluate = _Evaluator(f, shape, domain, budget, cache, dtype, device)
     info = CrossInfo(shape=shape, domain=None if domain is None else list(domain))
     Y0 = _initial(init, shape, max_rank, dtype, device, generator)
@@ -340,7 +357,7 @@ def _sweeps(evaluate: _Evaluator, Y0: TensorTrain, info: CrossInfo, stops, selec
     for k in range(d - 1, 0, -1):
         core = torch.tensordot(Y0.cores[k], carry, 1)
         a, n, b = core.shape
-        Q, R = torch.linalg.qr(core.reshape(a, n * b).T)
+        Q, R = torch.linalg.qr(_right_matrix(core))
         rows, _ = (
             _maxvol(Q, maxvol_tol, maxvol_iters, False)
             if Q.shape[0] > Q.shape[1]
@@ -369,13 +386,13 @@ def _sweeps(evaluate: _Evaluator, Y0: TensorTrain, info: CrossInfo, stops, selec
                         cores[k], info.selected[k] = Z, None
                         continue
                     if forward:
-                        rows, B = _select(Z.reshape(a * n, b), tol, dr, max_rank, maxvol_tol, maxvol_iters)
-                        cores[k] = B.reshape(a, n, -1)
-                        left[k + 1] = torch.cat([left[k][rows // n], (rows % n)[:, None]], 1)
+                        rows, B = _select(_left_matrix(Z), tol, dr, max_rank, maxvol_tol, maxvol_iters)
+                        cores[k] = _left_core(B, a, n)
+                        left[k + 1] = _grow_left(left[k], n, rows)
                     else:
-                        rows, B = _select(Z.reshape(a, n * b).T, tol, dr, max_rank, maxvol_tol, maxvol_iters)
-                        cores[k] = B.T.reshape(-1, n, b)
-                        right[k] = _grow_right(right[k + 1], n, rows, b)
+                        rows, B = _select(_right_matrix(Z), tol, dr, max_rank, maxvol_tol, maxvol_iters)
+                        cores[k] = _right_core(B, n, b)
+                        right[k] = _grow_right(right[k + 1], n, rows)
                     info.selected[k] = rows
             info.pivot = 0
             info.sweeps += 1
@@ -411,10 +428,42 @@ def _sweeps(evaluate: _Evaluator, Y0: TensorTrain, info: CrossInfo, stops, selec
     return Y
 
 
-def _grow_right(right: torch.Tensor, n: int, rows: torch.Tensor, b: int | None = None) -> torch.Tensor:
-    """``J_{≥k}``: the chosen rows of ``[n] × J_{>k}`` (row = i·b + j)."""
-    b = right.shape[0] if b is None else b
+def _rank_increase(value) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, numbers.Integral) else value
+    ok = isinstance(pair, (tuple, list)) and len(pair) == 2
+    ok = ok and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0 for x in pair)
+    if not ok or pair[0] > pair[1]:
+        raise ValueError(f"rank_increase must be an int ≥ 0 or (min, max) with 0 ≤ min ≤ max, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+# Fiber matrices: the block ``(a, n, b)`` as ``(a n, b)`` (rows ``α·n + i``) for a left core and as ``(n b, a)``
+# (rows ``i·b + β``) for a right one.
+def _left_matrix(Z: torch.Tensor) -> torch.Tensor:
+    return Z.reshape(-1, Z.shape[2])
+
+
+def _left_core(B: torch.Tensor, a: int, n: int) -> torch.Tensor:
+    return B.reshape(a, n, -1)
+
+
+def _grow_left(left: torch.Tensor, n: int, rows: torch.Tensor) -> torch.Tensor:
+    """``I_{≤k}``: the chosen rows ``α·n + i`` of ``I_{<k} × [n]``."""
+    return torch.cat([left[rows // n], (rows % n)[:, None]], 1)
+
+
+def _right_matrix(Z: torch.Tensor) -> torch.Tensor:
+    return Z.reshape(Z.shape[0], -1).T
+
+
+def _right_core(B: torch.Tensor, n: int, b: int) -> torch.Tensor:
+    return B.T.reshape(-1, n, b)
+
+
+def _grow_right(right: torch.Tensor, n: int, rows: torch.Tensor) -> torch.Tensor:
+    """``J_{≥k}``: the chosen rows ``i·b + β`` of ``[n] × J_{>k}``."""
     rows = rows.to(right.device)
+    b = right.shape[0]
     return torch.cat([(rows // b)[:, None], right[rows % b]], 1)
 
 
@@ -424,6 +473,8 @@ def _initial(init, shape, max_rank, dtype, device, generator) -> TensorTrain:
             raise ValueError(f"init has shape {init.shape}, expected {tuple(shape)}")
         if max(init.ranks, default=1) > max_rank:
             raise ValueError(f"init has ranks {init.ranks} above max_rank = {max_rank}")
+        for k, core in enumerate(init.cores):
+            check_tensor(f"init.cores[{k}]", core.detach())
         return TensorTrain._trusted([c.detach().to(dtype=dtype, device=device) for c in init.cores])
     rank = as_positive_int("init", init)
     if rank > max_rank:
@@ -445,6 +496,12 @@ def _relative_error(Y: TensorTrain, index: torch.Tensor, values: torch.Tensor) -
     return float((Y._gather(index) - values).norm() / values.norm().clamp_min(torch.finfo(values.dtype).tiny))
 
 
+def _singular(R: torch.Tensor) -> bool:
+    """Is the triangular factor R numerically singular (relative to its largest diagonal entry)?"""
+    diag = R.detach().diagonal().abs()
+    return bool((diag <= torch.finfo(R.dtype).eps * R.shape[-1] * diag.max()).any())
+
+
 def _interpolation_core(M: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``X = Q Q[rows]⁺`` for an orthonormal basis Q of the fiber matrix M, with ``X[rows] = I``: the coefficients
     ``M = X M[rows]`` that :func:`tt_cross` computes (equal to ``M M[rows]⁺`` when M has full column rank, and
@@ -452,14 +509,17 @@ def _interpolation_core(M: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     if len(rows) == M.shape[0]:  # every row is selected: the identity
         return torch.eye(len(rows), dtype=M.dtype, device=M.device)
     Q, R = torch.linalg.qr(M)
-    if M.requires_grad:  # QR's derivative divides by R's diagonal
-        diag = R.detach().diagonal().abs()
-        if bool((diag <= torch.finfo(M.dtype).eps * M.shape[1] * diag.max()).any()):
-            raise ValueError(
-                "a fiber matrix is numerically rank-deficient, so the cross has no derivative there: f has lower "
-                "rank than the cross; rerun tt_cross with a smaller max_rank (or rank_increase=0)"
-            )
+    if M.requires_grad and _singular(R):  # QR's derivative divides by R's diagonal
+        raise ValueError(
+            "a fiber matrix is numerically rank-deficient, so the cross has no derivative there: f has lower "
+            "rank than the cross; rerun tt_cross with a smaller max_rank (or rank_increase=0)"
+        )
     Qs, Rs = torch.linalg.qr(Q[rows])
+    if _singular(Rs):
+        raise ValueError(
+            "the selected rows of a fiber matrix are singular for this f (they were picked for another one): "
+            "refresh the fibers with tt_cross(f, ..., init=...)"
+        )
     X = torch.linalg.solve_triangular(Rs, Q, upper=True, left=False) @ Qs.T
     eye = torch.eye(len(rows), dtype=M.dtype, device=M.device)
     return X.index_put((rows.to(M.device),), eye)
@@ -486,12 +546,11 @@ def cross_forward(info: CrossInfo, f: Callable[[torch.Tensor], torch.Tensor]) ->
         raise TypeError("info must be the CrossInfo returned by tt_cross")
     blocks = [fiber_index(left, n, right) for (left, right), n in zip(info.fibers, info.shape)]
     index = torch.cat(blocks)
-    arg = index if info.domain is None else torch.stack([g[index[:, k]] for k, g in enumerate(info.domain)], 1)
-    y = f(arg)
-    if not isinstance(y, torch.Tensor) or y.shape != (index.shape[0],):
-        raise ValueError(f"f must return a tensor of shape ({index.shape[0]},), got {getattr(y, 'shape', type(y))}")
+    y = _values(f, index, info.domain)
     if y.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"f must return float32 or float64 values, got {y.dtype}")
+        raise TypeError(f"f must return a float32 or float64 tensor (it carries the gradient), got {y.dtype}")
+    if not bool(torch.isfinite(y.detach()).all()):
+        raise ValueError("f returned a non-finite value on the fibers")
     cores = []
     for k, (V, ((left, right), n)) in enumerate(zip(y.split([len(b) for b in blocks]), zip(info.fibers, info.shape))):
         a, b = left.shape[0], right.shape[0]
@@ -499,7 +558,7 @@ def cross_forward(info: CrossInfo, f: Callable[[torch.Tensor], torch.Tensor]) ->
         if k == info.pivot:
             cores.append(V.reshape(a, n, b))
         elif k < info.pivot:
-            cores.append(_interpolation_core(V.reshape(a * n, b), rows).reshape(a, n, -1))
+            cores.append(_left_core(_interpolation_core(_left_matrix(V.reshape(a, n, b)), rows), a, n))
         else:
-            cores.append(_interpolation_core(V.reshape(a, n * b).T, rows).T.reshape(-1, n, b))
+            cores.append(_right_core(_interpolation_core(_right_matrix(V.reshape(a, n, b)), rows), n, b))
     return TensorTrain(cores)
