@@ -105,7 +105,7 @@ class _Evaluator:
     def _call(self, index: torch.Tensor) -> torch.Tensor:
         if self.budget is not None and self.evaluations + index.shape[0] > self.budget:
             raise _Budget
-        y = call_function(self.f, index, self.domain, self.dtype, self.device)
+        y = _values(self.f, index, self.domain).to(dtype=self.dtype, device=self.device)
         if not bool(torch.isfinite(y).all()):
             bad = index[~torch.isfinite(y)][0].tolist()
             raise ValueError(f"f returned a non-finite value (first at index {bad})")
@@ -182,11 +182,6 @@ def _values(f, index: torch.Tensor, domain) -> torch.Tensor:
     if y.is_complex():
         raise TypeError(f"f must return real values, got {y.dtype}")
     return y
-
-
-def call_function(f, index: torch.Tensor, domain, dtype, device) -> torch.Tensor:
-    """``f(index)`` (or ``f(coordinates)`` on a ``domain``) as a checked ``(N,)`` tensor of ``dtype``."""
-    return _values(f, index, domain).to(dtype=dtype, device=device)
 
 
 def fiber_index(left: torch.Tensor, n: int, right: torch.Tensor) -> torch.Tensor:
