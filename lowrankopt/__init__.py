@@ -9,7 +9,7 @@ from .autodiff import (
     riemannian_hvp,
 )
 from .completion import complete, completion_loss, sample_indices
-from .formats import LowRankMatrix, TensorTrain, TTMatrix
+from .formats import LowRankMatrix, TensorRing, TensorTrain, TTMatrix
 from .manifolds import FixedRankMatrices, FixedTTRank, TangentVector
 from .manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank
 from .optim import OptimizeResult, minimize
@@ -25,6 +25,7 @@ __all__ = [
     "OptimizeResult",
     "TTMatrix",
     "TangentVector",
+    "TensorRing",
     "TensorTrain",
     "complete",
     "completion_loss",

@@ -1,0 +1,212 @@
+"""Tensor rings (TR): tensor trains closed by a trace.
+
+A :class:`TensorRing` of shape ``(n_1, ..., n_d)`` has cores ``G_k: (r_k, n_k, r_{k+1})`` with ``r_{d+1} = r_1``:
+
+    X[i_1, ..., i_d] = Tr( G_1[:, i_1, :] G_2[:, i_2, :] ⋯ G_d[:, i_d, :] ).
+
+A tensor train is the case ``r_1 = 1``. In costs below ``n = max n_k`` and ``r = max r_k``. No operation forms the
+dense tensor except :meth:`TensorRing.full` and :meth:`TensorRing.from_dense` (Zhao, Zhou, Xie, Zhang & Cichocki,
+"Tensor ring decomposition", 2016).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .._checks import check_index, check_same, check_tensor
+from .tt import _trunc_rank
+
+__all__ = ["TensorRing"]
+
+
+class TensorRing:
+    """A d-dimensional tensor in tensor-ring format.
+
+    Args:
+        cores: sequence of d tensors, ``cores[k]: (r_k, n_k, r_{k+1})`` with the last core's right rank equal to the
+            first core's left rank (the ring closes), one dtype (float32/float64) and one device.
+
+    Storage ``O(d n r²)``. Objects are immutable: every operation returns a new one.
+    """
+
+    __slots__ = ("cores",)
+
+    def __init__(self, cores: Sequence[torch.Tensor]):
+        cores = list(cores)
+        if not cores:
+            raise ValueError("cores must be a non-empty sequence of 3-D tensors")
+        for k, c in enumerate(cores):
+            check_tensor(f"cores[{k}]", c, 3)
+        check_same("cores", cores)
+        d = len(cores)
+        for k in range(d):
+            if cores[k].shape[2] != cores[(k + 1) % d].shape[0]:
+                raise ValueError(
+                    f"cores[{k}] has right rank {cores[k].shape[2]} but cores[{(k + 1) % d}] has left rank "
+                    f"{cores[(k + 1) % d].shape[0]} (a ring closes: the last right rank is the first left rank)"
+                )
+        self.cores = cores
+
+    @classmethod
+    def _trusted(cls, cores: Sequence[torch.Tensor]) -> TensorRing:
+        obj = TensorRing.__new__(TensorRing)
+        obj.cores = list(cores)
+        return obj
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def random(
+        cls,
+        shape: Sequence[int],
+        rank: int,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> TensorRing:
+        """A TR with every rank ``rank`` and i.i.d. Gaussian cores scaled by ``1/sqrt(r n_k)`` (entries O(1)).
+        Cost ``O(d n r²)``."""
+        shape = [int(n) for n in shape]
+        if not shape or any(n < 1 for n in shape):
+            raise ValueError(f"shape must be a non-empty sequence of positive ints, got {shape!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        gdev = generator.device if generator is not None else device
+        cores = [
+            torch.randn(rank, n, rank, dtype=dtype, device=gdev, generator=generator) / math.sqrt(rank * n)
+            for n in shape
+        ]
+        return cls._trusted([c.to(device) for c in cores])
+
+    @classmethod
+    def from_dense(cls, A: torch.Tensor, max_rank: int | None = None, eps: float | None = None) -> TensorRing:
+        """TR-SVD of the dense tensor ``A (n_1, ..., n_d)`` (Zhao et al. 2016, Algorithm 1).
+
+        The first unfolding ``(n_1, n_2 ⋯ n_d)`` is truncated to a rank ``R = r_1 r_2`` split as evenly as its
+        divisors allow; the rest is a TT-SVD whose last core carries the ring rank ``r_1``.
+
+        Args:
+            A: dense tensor, ``d ≥ 2`` dimensions.
+            max_rank: cap on every rank (the first split keeps ``r_1, r_2 ≤ max_rank``).
+            eps: relative accuracy: ``‖A − X‖ ≤ eps ‖A‖`` when ``max_rank`` does not bind (per-step thresholds
+                ``√2 eps ‖A‖ / √d`` for the first SVD and ``eps ‖A‖ / √d`` after). None keeps every nonzero
+                singular value (with ``max_rank`` None: exact up to roundoff).
+
+        Cost: ``O(n^{d+1} r²)``, dominated by the first SVD.
+        """
+        check_tensor("A", A)
+        if A.dim() < 2:
+            raise ValueError("A must have at least two dimensions")
+        if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
+            raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
+        if eps is not None and not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+        shape, d = tuple(A.shape), A.dim()
+        norm = float(torch.linalg.vector_norm(A))
+        tiny = torch.finfo(A.dtype).eps * norm  # "nonzero" singular values when eps is None
+        delta = tiny if eps is None else max(eps * norm / math.sqrt(d), tiny)
+        U, s, Vh = torch.linalg.svd(A.reshape(shape[0], -1), full_matrices=False)
+        cap = None if max_rank is None else max_rank * max_rank
+        R = _trunc_rank(s, math.sqrt(2) * delta, cap)
+        r1, r2 = _split(R, max_rank)
+        R = r1 * r2
+        cores = [U[:, :R].reshape(shape[0], r1, r2).permute(1, 0, 2)]
+        # the rest (r1, r2, n_2, ..., n_d) with r1 moved last: a TT-SVD from (r2, n_2) to (.., n_d, r1)
+        C = (s[:R, None] * Vh[:R]).reshape(r1, r2, -1).permute(1, 2, 0).reshape(r2, *shape[1:], r1)
+        left = r2
+        for k in range(1, d - 1):
+            M = C.reshape(left * shape[k], -1)
+            U, s, Vh = torch.linalg.svd(M, full_matrices=False)
+            r = _trunc_rank(s, delta, max_rank)
+            cores.append(U[:, :r].reshape(left, shape[k], r))
+            C = s[:r, None] * Vh[:r]
+            left = r
+        cores.append(C.reshape(left, shape[-1], r1))
+        return cls._trusted(cores)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(c.shape[1] for c in self.cores)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.cores)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The d ranks ``(r_1, ..., r_d)``: ``r_k`` is the left rank of core k (``r_1`` closes the ring)."""
+        return tuple(c.shape[0] for c in self.cores)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cores[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.cores[0].device
+
+    def to(self, *args, **kwargs) -> TensorRing:
+        """Move/cast every core, as :meth:`torch.Tensor.to`."""
+        return TensorRing._trusted([c.to(*args, **kwargs) for c in self.cores])
+
+    def __repr__(self) -> str:
+        return f"TensorRing(shape={self.shape}, ranks={self.ranks}, dtype={self.dtype}, device={self.device})"
+
+    # ----------------------------------------------------------------- evaluation
+    def full(self) -> torch.Tensor:
+        """The dense tensor ``(n_1, ..., n_d)``. Cost ``O(n^d r²)``; memory ``O(n^d r²)``."""
+        r1 = self.cores[0].shape[0]
+        res = self.cores[0].reshape(r1, -1)  # (r_1, n_1 r_2): the ring index stays in front
+        for c in self.cores[1:]:
+            res = (res.reshape(-1, c.shape[0]) @ c.reshape(c.shape[0], -1)).reshape(r1, -1)
+        # res: (r_1, n_1 ⋯ n_d r_1): trace over the two ring indices
+        return res.reshape(r1, -1, r1).diagonal(dim1=0, dim2=2).sum(-1).reshape(self.shape)
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Entries at ``index: (N, d)`` (integers), returned as ``(N,)``. Cost ``O(N d r³)``."""
+        index = check_index("index", index, self.shape, self.device)
+        M = self.cores[0][:, index[:, 0], :].permute(1, 0, 2)  # (N, r_1, r_2)
+        for k, c in enumerate(self.cores[1:], start=1):
+            M = torch.bmm(M, c[:, index[:, k], :].permute(1, 0, 2))
+        return M.diagonal(dim1=1, dim2=2).sum(-1)
+
+    # ----------------------------------------------------------------- linear algebra
+    def inner(self, other: TensorRing | torch.Tensor) -> torch.Tensor:
+        """``<X, Y> = Σ_i X[i] Y[i]`` with a TensorRing (cost ``O(d n r_X² r_Y² (r_X + r_Y))``: the transfer
+        products ``Σ_i X_k[i] ⊗ Y_k[i]`` applied to a running ``(r_X r_Y) × (r_X r_Y)`` matrix) or with a dense tensor
+        of the same shape (cost ``O(n^d r²)``)."""
+        if isinstance(other, TensorRing):
+            if other.shape != self.shape:
+                raise ValueError(f"shapes differ: {self.shape} and {other.shape}")
+            check_same("operands", (self.cores[0], other.cores[0]))
+            a, b = self.cores[0].shape[0], other.cores[0].shape[0]
+            # M[(α, β), (α', β')] over the ring's start (α, β) and the current bond (α', β')
+            M = torch.eye(a * b, dtype=self.dtype, device=self.device).reshape(a * b, a, b)
+            for x, y in zip(self.cores, other.cores):
+                T = torch.tensordot(M, x, dims=([1], [0]))  # (ab, β, i, α'): O(n r_X² r_Y² r_X)
+                M = torch.tensordot(T, y, dims=([1, 2], [0, 1]))  # (ab, α', β'): O(n r_X² r_Y² r_Y)
+            return M.reshape(a * b, a * b).trace()
+        if isinstance(other, torch.Tensor):
+            if tuple(other.shape) != self.shape:
+                raise ValueError(f"other must have shape {self.shape}, got {tuple(other.shape)}")
+            check_same("operands", (self.cores[0], other))
+            return (self.full() * other).sum()
+        raise TypeError(f"other must be a TensorRing or a tensor, got {type(other).__name__}")
+
+    def norm(self) -> torch.Tensor:
+        """Frobenius norm ``sqrt(<X, X>)``. Cost ``O(d n r⁵)`` (:meth:`inner`)."""
+        return self.inner(self).clamp_min(0).sqrt()
+
+
+def _split(R: int, max_rank: int | None) -> tuple[int, int]:
+    """``(r_1, r_2)``, ``r_1 ≤ r_2``: the most even factorization of the largest ``total ≤ R`` whose factors are at
+    most ``max_rank`` (for one total the most even factorization has the smallest larger factor)."""
+    for total in range(R, 0, -1):
+        a = next(a for a in range(math.isqrt(total), 0, -1) if total % a == 0)
+        if max_rank is None or total // a <= max_rank:
+            return a, total // a
+    return 1, 1
