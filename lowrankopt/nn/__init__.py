@@ -1,6 +1,7 @@
 """Layers whose weights live on low-rank manifolds: low-rank and TT linear layers (trained with geoopt's
-Riemannian optimizers), the spectral tensor-train parameterization (STTP) of linear and conv layers, and
-Group-and-Shuffle (GS) matrices, and TT convolutions with exactly controllable singular values."""
+Riemannian optimizers), the spectral tensor-train parameterization (STTP) of linear and conv layers,
+Group-and-Shuffle (GS) matrices, TT convolutions with exactly controllable singular values, and T-Basis (all
+weights of a network as tensor rings over one shared basis)."""
 
 from .gs import GSMatrix, GSOrthogonal, gs_matmul, gs_project
 from .gs_conv import (
@@ -34,9 +35,27 @@ from .sttp import (
     sttp_convert,
     sttp_to_dense,
 )
+from .tbasis import (
+    TBasis,
+    TBasisConv2d,
+    TBasisFactory,
+    TBasisLinear,
+    Tensorization,
+    tbasis_convert,
+    tbasis_parameter_count,
+    tbasis_penalty,
+)
 from .tt_conv import TTConv2d, tt_conv_convert, tt_conv_orthogonalize_, tt_conv_penalty
 
 __all__ = [
+    "TBasis",
+    "TBasisConv2d",
+    "TBasisFactory",
+    "TBasisLinear",
+    "Tensorization",
+    "tbasis_convert",
+    "tbasis_parameter_count",
+    "tbasis_penalty",
     "GSMatrix",
     "GSOrthogonalConv2d",
     "GSOFTConfig",

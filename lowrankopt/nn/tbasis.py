@@ -1,0 +1,353 @@
+"""T-Basis (Obukhov et al., ICML 2020): every weight of a network as a tensor ring over one shared basis of cores.
+
+A weight ``W (c_out, c_in, k_h, k_w)`` (or ``(c_out, c_in)``) is padded to the envelope ``(n^d, n^d, n^s, n^s)``
+— ``d`` base-n digits for the channel pair, ``s`` for the kernel pair — and its digits are interleaved, so that
+mode j of the tensor joins the j-th output and input digits (``i_j n + o_j``, size ``N = n²``): a tensor of
+``m = d + s`` modes of size N. That tensor is a tensor ring
+
+    W[i_1, ..., i_m] = Tr( ρ_1 C_1[:, i_1, :] ρ_2 C_2[:, i_2, :] ⋯ ρ_m C_m[:, i_m, :] ),
+
+    C_k = Σ_β α_{kβ} B_β,  B_β ∈ R^{R × N × R} shared by all layers,  ρ_k = diag(exp(λ_k)) > 0,
+
+so a layer owns only its coefficients ``α (m, B)`` and rank adapters ``λ (m, R)``: ``m (B + R)`` numbers. The
+:class:`TBasisFactory` holds the basis and every layer's coefficients and decompresses all weights in one batched pass
+per forward (layers with the same m contract together), after which ordinary ``F.linear`` / ``F.conv2d`` run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .sttp import _selected
+
+__all__ = [
+    "TBasis",
+    "TBasisFactory",
+    "TBasisLinear",
+    "TBasisConv2d",
+    "Tensorization",
+    "tbasis_convert",
+    "tbasis_penalty",
+    "tbasis_parameter_count",
+]
+
+
+def _digits(size: int, n: int) -> int:
+    """Base-n digits needed for indices ``0..size-1`` (at least 1)."""
+    d = 1
+    while n**d < size:
+        d += 1
+    return d
+
+
+@dataclass(frozen=True)
+class Tensorization:
+    """The map between a weight of ``shape`` ``(c_out, c_in)`` or ``(c_out, c_in, k_h, k_w)`` and a tensor of
+    ``modes`` modes of size ``n²`` (padding to the envelope, interleaving, cropping)."""
+
+    shape: tuple[int, ...]
+    n: int
+
+    @property
+    def channel_digits(self) -> int:
+        return max(_digits(self.shape[0], self.n), _digits(self.shape[1], self.n))
+
+    @property
+    def kernel_digits(self) -> int:
+        return max(_digits(k, self.n) for k in self.shape[2:]) if len(self.shape) > 2 else 0
+
+    @property
+    def modes(self) -> int:
+        return self.channel_digits + self.kernel_digits
+
+    @property
+    def envelope(self) -> tuple[int, ...]:
+        d, s = self.channel_digits, self.kernel_digits
+        return (self.n**d, self.n**d) + ((self.n**s, self.n**s) if len(self.shape) > 2 else ())
+
+    def to_weight(self, flat: torch.Tensor) -> torch.Tensor:
+        """``(..., N^m)`` ring entries (mode j = output digit · n + input digit) → cropped weights ``(..., *shape)``.
+        Cost O(N^m)."""
+        d, s, n = self.channel_digits, self.kernel_digits, self.n
+        lead = flat.shape[:-1]
+        t = flat.reshape(*lead, *([n] * (2 * (d + s))))
+        L = len(lead)
+        outs = [L + 2 * j for j in range(d)]
+        ins = [L + 2 * j + 1 for j in range(d)]
+        rows = [L + 2 * (d + j) for j in range(s)]
+        cols = [L + 2 * (d + j) + 1 for j in range(s)]
+        t = t.permute(*range(L), *outs, *ins, *rows, *cols).reshape(*lead, *self.envelope)
+        crop = tuple(slice(0, k) for k in self.shape)
+        return t[(..., *crop)]
+
+
+class TBasis(nn.Module):
+    """The shared basis: ``B`` cores ``(R, N, R)``, initialized i.i.d. ``N(0, 1/(B R))`` (the paper's choice: a core
+    ``Σ_β α_β B_β`` with ``α ~ N(0, σ²)`` then has entries of variance ``σ² / R``).
+
+    Args:
+        basis_size: B.
+        rank: R.
+        mode_size: N, a perfect square n² (4 for linear layers, 9 for nets of 3×3 convs).
+        dtype: of the basis (default: torch's default dtype).
+        generator: for the initialization.
+    """
+
+    def __init__(
+        self, basis_size: int, rank: int, mode_size: int, *, dtype=None, generator: torch.Generator | None = None
+    ):
+        super().__init__()
+        for name, v in (("basis_size", basis_size), ("rank", rank), ("mode_size", mode_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        n = math.isqrt(mode_size)
+        if n * n != mode_size or n < 2:
+            raise ValueError(f"mode_size must be a square n² with n ≥ 2 (4, 9, 16, ...), got {mode_size}")
+        self.basis_size, self.rank, self.mode_size, self.n = basis_size, rank, mode_size, n
+        b = torch.randn(
+            basis_size, rank, mode_size, rank, dtype=dtype or torch.get_default_dtype(), generator=generator
+        )
+        self.basis = nn.Parameter(b / math.sqrt(basis_size * rank))
+
+    def extra_repr(self) -> str:
+        return f"basis_size={self.basis_size}, rank={self.rank}, mode_size={self.mode_size}"
+
+
+class TBasisFactory(nn.Module):
+    """The basis, every layer's coefficients ``α (m, B)`` and log rank adapters ``λ (m, R)``, and the batched
+    decompression of all weights.
+
+    ``weight(key)`` returns layer ``key``'s decompressed, cropped weight. All weights are decompressed together on
+    the first request and kept until :meth:`refresh` (the model that :func:`tbasis_convert` converted calls it
+    before every forward) or until a parameter changes in place (an optimizer step). Cost of one decompression:
+    ``O(Σ_ℓ N^{m_ℓ} R²)`` — the padded weights times R² — plus ``O(Σ_ℓ m_ℓ B N R²)`` for the cores.
+
+    Args:
+        basis: a :class:`TBasis`, or None for plain tensor rings: every layer then owns its cores ``(m, R, N, R)``
+            (the no-sharing baseline).
+        rank: of the plain rings when ``basis`` is None.
+        mode_size: of the plain rings when ``basis`` is None.
+        dtype: of the plain rings' cores (default: torch's default dtype).
+    """
+
+    def __init__(self, basis: TBasis | None, *, rank: int | None = None, mode_size: int | None = None, dtype=None):
+        super().__init__()
+        self.tbasis = basis
+        if basis is not None:
+            rank, mode_size, dtype = basis.rank, basis.mode_size, basis.basis.dtype
+        elif rank is None or mode_size is None or math.isqrt(mode_size) ** 2 != mode_size:
+            raise ValueError("without a basis give rank and a square mode_size")
+        self.dtype = dtype or torch.get_default_dtype()
+        self.rank, self.mode_size, self.n = rank, mode_size, math.isqrt(mode_size)
+        self.coefficients = nn.ParameterDict()
+        self.log_adapters = nn.ParameterDict()
+        self.plans: dict[str, Tensorization] = {}
+        self._cache: dict[str, torch.Tensor] | None = None
+        self._versions: tuple[int, ...] = ()
+
+    def add(self, key: str, shape: tuple[int, ...], std: float, generator: torch.Generator | None = None) -> None:
+        """Register a weight of ``shape`` whose decompressed entries get standard deviation ``std`` (variance
+        matching: ``α ~ N(0, std^{2/m})``, then α is rescaled by ``(std / actual)^{1/m}``)."""
+        plan = Tensorization(tuple(shape), self.n)
+        m, R, dtype = plan.modes, self.rank, self.dtype
+        if self.tbasis is not None:
+            B = self.tbasis.basis_size
+            alpha = torch.randn(m, B, dtype=dtype, generator=generator) * std ** (1 / m)
+        else:  # plain rings: cores with entries of variance std^{2/m} / R
+            alpha = (
+                torch.randn(m, R, self.mode_size, R, dtype=dtype, generator=generator) * std ** (1 / m) / math.sqrt(R)
+            )
+        self.coefficients[key] = nn.Parameter(alpha)
+        self.log_adapters[key] = nn.Parameter(torch.zeros(m, R, dtype=dtype))
+        self.plans[key] = plan
+        self._cache = None
+        with torch.no_grad():  # the per-layer variance correction
+            actual = float(self._decompress([key])[key].std())
+            if actual > 0:
+                self.coefficients[key].mul_((std / actual) ** (1 / m))
+        self._cache = None
+
+    def __getstate__(self):  # copies and pickles carry the parameters, not the decompressed weights (graph nodes)
+        state = super().__getstate__()
+        return {**state, "_cache": None, "_versions": ()}
+
+    def refresh(self) -> None:
+        """Forget the decompressed weights (the next :meth:`weight` decompresses all layers again)."""
+        self._cache = None
+
+    def _parameter_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.parameters())
+
+    def weight(self, key: str) -> torch.Tensor:
+        """Layer ``key``'s weight, decompressed with all others in one pass when needed."""
+        versions = self._parameter_versions()
+        if self._cache is None or versions != self._versions:
+            self._cache = self._decompress(list(self.plans))
+            self._versions = versions
+        return self._cache[key]
+
+    def cores(self, key: str) -> torch.Tensor:
+        """Layer ``key``'s ring cores ``(m, R, N, R)``, rank adapters applied (``ρ_k C_k``)."""
+        return self._cores([key])[0]
+
+    def _cores(self, keys: list[str]) -> torch.Tensor:
+        alpha = torch.stack([self.coefficients[k] for k in keys])
+        rho = torch.stack([self.log_adapters[k] for k in keys]).exp()
+        if self.tbasis is not None:
+            cores = torch.einsum("lmb,brns->lmrns", alpha, self.tbasis.basis)
+        else:
+            cores = alpha
+        return cores * rho[..., None, None]  # ρ_k on the left rank index
+
+    def _decompress(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        groups: dict[int, list[str]] = {}
+        for k in keys:
+            groups.setdefault(self.plans[k].modes, []).append(k)
+        out = {}
+        for m, group in groups.items():
+            cores = self._cores(group)  # (L, m, R, N, R)
+            L, _, R, N, _ = cores.shape
+            res = cores[:, 0]  # (L, R, N^j, R)
+            for j in range(1, m):
+                res = torch.einsum("lanb,lbmc->lanmc", res, cores[:, j]).reshape(L, R, -1, R)
+            flat = res.diagonal(dim1=1, dim2=3).sum(-1)  # trace: (L, N^m)
+            for i, key in enumerate(group):
+                out[key] = self.plans[key].to_weight(flat[i])
+        return out
+
+    def penalty(self) -> torch.Tensor:
+        """``Σ_ℓ ‖W_ℓ‖²`` over the decompressed weights (the paper's L2 penalty, needed to keep the norms in check;
+        add ``λ · penalty()`` to the loss)."""
+        return sum(self.weight(k).square().sum() for k in self.plans)
+
+
+class _TBasisLayer(nn.Module):
+    def __init__(self, factory: TBasisFactory, key: str, bias: torch.Tensor | None, owner: bool = False):
+        super().__init__()
+        if owner:  # one layer registers the shared factory, so that it appears once among the model's modules
+            self.factory = factory
+        else:
+            object.__setattr__(self, "factory", factory)
+        self.key = key
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.factory.weight(self.key)
+
+
+class TBasisLinear(_TBasisLayer):
+    """``nn.Linear`` whose weight is decompressed from the factory. Forward cost: that of ``nn.Linear`` (plus the
+    factory's one decompression per model forward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class TBasisConv2d(_TBasisLayer):
+    """``nn.Conv2d`` (groups = 1) whose weight is decompressed from the factory."""
+
+    def __init__(self, factory: TBasisFactory, key: str, conv: nn.Conv2d, owner: bool = False):
+        super().__init__(factory, key, conv.bias, owner)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.padding_mode = conv.padding_mode
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"only zero padding is supported, got padding_mode={conv.padding_mode!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+
+def tbasis_convert(
+    model: nn.Module,
+    basis_size: int | None,
+    rank: int,
+    *,
+    mode_size: int | None = None,
+    include: str | Iterable[str] | Callable[[str], bool] | None = None,
+    exclude: str | Iterable[str] | Callable[[str], bool] | None = None,
+    generator: torch.Generator | None = None,
+) -> TBasisFactory:
+    """Replace the ``nn.Linear`` and ``nn.Conv2d`` (groups = 1) submodules of ``model`` by T-Basis layers, in place.
+
+    Args:
+        model: the network; the factory becomes a submodule of the first converted layer (``<name>.factory``; the
+            others refer to it) and a forward pre-hook on ``model`` refreshes the decompressed weights before every
+            forward.
+        basis_size: B; None converts to plain tensor rings with no shared basis (each layer owns its cores).
+        rank: R.
+        mode_size: N = n²; default 9 when a converted conv has a 3×3 kernel, else 4.
+        include: glob patterns (or a predicate) on submodule names to convert, as in :func:`sttp_convert`.
+        exclude: glob patterns (or a predicate) on submodule names to leave dense (e.g. the first conv).
+        generator: for the basis and the coefficients.
+
+    Each converted layer's decompressed weight gets the standard deviation of the weight it replaces (variance
+    matching); biases are kept. Returns the factory (``factory.penalty()`` is the decompressed-weight L2 penalty).
+    """
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if name
+        and isinstance(m, (nn.Linear, nn.Conv2d))
+        and _selected(name, include, exclude)
+        and not (isinstance(m, nn.Conv2d) and m.groups != 1)
+    ]
+    if not targets:
+        raise ValueError("no nn.Linear or nn.Conv2d (groups = 1) submodule matches include/exclude")
+    if mode_size is None:
+        mode_size = 9 if any(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for _, m in targets) else 4
+    dtype = targets[0][1].weight.dtype
+    if basis_size is None:
+        factory = TBasisFactory(None, rank=rank, mode_size=mode_size, dtype=dtype)
+    else:
+        factory = TBasisFactory(TBasis(basis_size, rank, mode_size, dtype=dtype, generator=generator))
+    for j, (name, m) in enumerate(targets):
+        std = float(m.weight.detach().std()) or 1 / math.sqrt(3 * m.weight[0].numel())
+        key = name.replace(".", "/")
+        factory.add(key, tuple(m.weight.shape), std, generator=generator)
+        if isinstance(m, nn.Conv2d):
+            new = TBasisConv2d(factory, key, m, owner=j == 0)
+        else:
+            new = TBasisLinear(factory, key, m.bias, owner=j == 0)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    model.register_forward_pre_hook(_refresh_factories)
+    return factory
+
+
+def _refresh_factories(module: nn.Module, args) -> None:
+    """Forward pre-hook: decompress afresh in this forward (looked up at call time, so copies of the model work)."""
+    for m in module.modules():
+        if isinstance(m, TBasisFactory):
+            m.refresh()
+
+
+def tbasis_penalty(model: nn.Module) -> torch.Tensor:
+    """The decompressed-weight L2 penalty ``Σ_ℓ ‖W_ℓ‖²`` of every T-Basis factory in ``model``."""
+    return sum(m.penalty() for m in model.modules() if isinstance(m, TBasisFactory))
+
+
+def tbasis_parameter_count(model: nn.Module) -> dict[str, int]:
+    """Parameter counts of a converted model: ``total``; ``basis`` (B N R², shared); ``layers`` (Σ_ℓ m_ℓ (B + R),
+    or Σ_ℓ m_ℓ (N R² + R) for plain rings); ``other`` (biases and unconverted layers); ``without_basis`` = total −
+    basis (the paper's "% params without basis": a basis shipped once with the code)."""
+    factories = [m for m in model.modules() if isinstance(m, TBasisFactory)]
+    total = sum(p.numel() for p in model.parameters())
+    basis = sum(f.tbasis.basis.numel() for f in factories if f.tbasis is not None)
+    layers = 0
+    for f in factories:
+        per_mode = (f.tbasis.basis_size if f.tbasis is not None else f.mode_size * f.rank**2) + f.rank
+        layers += per_mode * sum(plan.modes for plan in f.plans.values())
+    return {
+        "total": total,
+        "basis": basis,
+        "layers": layers,
+        "other": total - basis - layers,
+        "without_basis": total - basis,
+    }
