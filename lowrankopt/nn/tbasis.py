@@ -126,7 +126,8 @@ class TBasisFactory(nn.Module):
     ``weight(key)`` returns layer ``key``'s decompressed, cropped weight. All weights are decompressed together on
     the first request and kept until :meth:`refresh` (the model that :func:`tbasis_convert` converted calls it
     before every forward) or until a parameter changes in place (an optimizer step). Cost of one decompression:
-    ``O(Σ_ℓ N^{m_ℓ} R²)`` — the padded weights times R² — plus ``O(Σ_ℓ m_ℓ B N R²)`` for the cores.
+    ``O(Σ_ℓ N^{m_ℓ} R²)`` flops — the padded weights times R² — plus ``O(Σ_ℓ m_ℓ B N R²)`` for the cores; memory
+    ``O(Σ_ℓ N^{m_ℓ})`` (each ring is closed by one contraction of its two halves).
 
     Args:
         basis: a :class:`TBasis`, or None for plain tensor rings: every layer then owns its cores ``(m, R, N, R)``
@@ -212,11 +213,13 @@ class TBasisFactory(nn.Module):
         out = {}
         for m, group in groups.items():
             cores = self._cores(group)  # (L, m, R, N, R)
-            L, _, R, N, _ = cores.shape
-            res = cores[:, 0]  # (L, R, N^j, R)
-            for j in range(1, m):
-                res = torch.einsum("lanb,lbmc->lanmc", res, cores[:, j]).reshape(L, R, -1, R)
-            flat = res.diagonal(dim1=1, dim2=3).sum(-1)  # trace: (L, N^m)
+            # two halves, then one contraction that also closes the ring: memory O(N^m), not O(N^m R²)
+            h = (m + 1) // 2
+            left = _chain(cores[:, :h])
+            if m == 1:
+                flat = left.diagonal(dim1=1, dim2=3).sum(-1)
+            else:
+                flat = torch.einsum("laib,lbja->lij", left, _chain(cores[:, h:])).reshape(len(group), -1)
             for i, key in enumerate(group):
                 out[key] = self.plans[key].to_weight(flat[i])
         return out
@@ -225,6 +228,15 @@ class TBasisFactory(nn.Module):
         """``Σ_ℓ ‖W_ℓ‖²`` over the decompressed weights (the paper's L2 penalty, needed to keep the norms in check;
         add ``λ · penalty()`` to the loss)."""
         return sum(self.weight(k).square().sum() for k in self.plans)
+
+
+def _chain(cores: torch.Tensor) -> torch.Tensor:
+    """``(L, j, R, N, R)`` → the products ``(L, R, N^j, R)`` of the j cores (mode indices in C order)."""
+    L, _, R, _, _ = cores.shape
+    res = cores[:, 0]
+    for k in range(1, cores.shape[1]):
+        res = torch.einsum("lanb,lbmc->lanmc", res, cores[:, k]).reshape(L, R, -1, R)
+    return res
 
 
 class _TBasisLayer(nn.Module):
