@@ -144,3 +144,17 @@ def test_plain_rings_without_a_basis_and_bad_input():
         TBasis(4, 2, 5)
     with pytest.raises(ValueError, match="no nn.Linear"):
         tbasis_convert(nn.Sequential(nn.ReLU()), 4, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    torch.manual_seed(1)
+    cpu = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
+    gpu = copy.deepcopy(cpu).cuda()
+    tbasis_convert(cpu, 4, 3, generator=_gen(11))
+    factory = tbasis_convert(gpu, 4, 3, generator=_gen(11))
+    assert factory.tbasis.basis.device.type == "cuda"
+    x = torch.randn(2, 1, 6, 6, dtype=D, generator=_gen(12))
+    assert torch.allclose(gpu(x.cuda()).cpu(), cpu(x), rtol=1e-10, atol=1e-12)
+    X = TensorRing.random((3, 4, 5), 2, generator=_gen(13))
+    assert torch.allclose(X.to("cuda").full().cpu(), X.full(), atol=1e-12)

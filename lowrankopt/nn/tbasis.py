@@ -96,11 +96,19 @@ class TBasis(nn.Module):
         rank: R.
         mode_size: N, a perfect square n² (4 for linear layers, 9 for nets of 3×3 convs).
         dtype: of the basis (default: torch's default dtype).
+        device: of the basis (drawn on the CPU generator, then moved).
         generator: for the initialization.
     """
 
     def __init__(
-        self, basis_size: int, rank: int, mode_size: int, *, dtype=None, generator: torch.Generator | None = None
+        self,
+        basis_size: int,
+        rank: int,
+        mode_size: int,
+        *,
+        dtype=None,
+        device=None,
+        generator: torch.Generator | None = None,
     ):
         super().__init__()
         for name, v in (("basis_size", basis_size), ("rank", rank), ("mode_size", mode_size)):
@@ -113,7 +121,7 @@ class TBasis(nn.Module):
         b = torch.randn(
             basis_size, rank, mode_size, rank, dtype=dtype or torch.get_default_dtype(), generator=generator
         )
-        self.basis = nn.Parameter(b / math.sqrt(basis_size * rank))
+        self.basis = nn.Parameter((b / math.sqrt(basis_size * rank)).to(device))
 
     def extra_repr(self) -> str:
         return f"basis_size={self.basis_size}, rank={self.rank}, mode_size={self.mode_size}"
@@ -135,16 +143,25 @@ class TBasisFactory(nn.Module):
         rank: of the plain rings when ``basis`` is None.
         mode_size: of the plain rings when ``basis`` is None.
         dtype: of the plain rings' cores (default: torch's default dtype).
+        device: of the plain rings' cores (default: CPU).
     """
 
-    def __init__(self, basis: TBasis | None, *, rank: int | None = None, mode_size: int | None = None, dtype=None):
+    def __init__(
+        self,
+        basis: TBasis | None,
+        *,
+        rank: int | None = None,
+        mode_size: int | None = None,
+        dtype=None,
+        device=None,
+    ):
         super().__init__()
         self.tbasis = basis
         if basis is not None:
-            rank, mode_size, dtype = basis.rank, basis.mode_size, basis.basis.dtype
+            rank, mode_size, dtype, device = basis.rank, basis.mode_size, basis.basis.dtype, basis.basis.device
         elif rank is None or mode_size is None or math.isqrt(mode_size) ** 2 != mode_size:
             raise ValueError("without a basis give rank and a square mode_size")
-        self.dtype = dtype or torch.get_default_dtype()
+        self.dtype, self.device = dtype or torch.get_default_dtype(), torch.device(device or "cpu")
         self.rank, self.mode_size, self.n = rank, mode_size, math.isqrt(mode_size)
         self.coefficients = nn.ParameterDict()
         self.log_adapters = nn.ParameterDict()
@@ -164,8 +181,8 @@ class TBasisFactory(nn.Module):
             alpha = (
                 torch.randn(m, R, self.mode_size, R, dtype=dtype, generator=generator) * std ** (1 / m) / math.sqrt(R)
             )
-        self.coefficients[key] = nn.Parameter(alpha)
-        self.log_adapters[key] = nn.Parameter(torch.zeros(m, R, dtype=dtype))
+        self.coefficients[key] = nn.Parameter(alpha.to(self.device))
+        self.log_adapters[key] = nn.Parameter(torch.zeros(m, R, dtype=dtype, device=self.device))
         self.plans[key] = plan
         self._cache = None
         with torch.no_grad():  # the per-layer variance correction
@@ -314,11 +331,11 @@ def tbasis_convert(
         raise ValueError("no nn.Linear or nn.Conv2d (groups = 1) submodule matches include/exclude")
     if mode_size is None:
         mode_size = 9 if any(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for _, m in targets) else 4
-    dtype = targets[0][1].weight.dtype
+    dtype, device = targets[0][1].weight.dtype, targets[0][1].weight.device
     if basis_size is None:
-        factory = TBasisFactory(None, rank=rank, mode_size=mode_size, dtype=dtype)
+        factory = TBasisFactory(None, rank=rank, mode_size=mode_size, dtype=dtype, device=device)
     else:
-        factory = TBasisFactory(TBasis(basis_size, rank, mode_size, dtype=dtype, generator=generator))
+        factory = TBasisFactory(TBasis(basis_size, rank, mode_size, dtype=dtype, device=device, generator=generator))
     for j, (name, m) in enumerate(targets):
         std = float(m.weight.detach().std()) or 1 / math.sqrt(3 * m.weight[0].numel())
         key = name.replace(".", "/")
