@@ -158,3 +158,54 @@ def test_cuda_matches_cpu():
     assert torch.allclose(gpu(x.cuda()).cpu(), cpu(x), rtol=1e-10, atol=1e-12)
     X = TensorRing.random((3, 4, 5), 2, generator=_gen(13))
     assert torch.allclose(X.to("cuda").full().cpu(), X.full(), atol=1e-12)
+
+
+def test_the_decompressed_weights_follow_every_change_they_depend_on():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    factory = tbasis_convert(model, 3, 2, generator=_gen(14))
+    x = torch.randn(4, 6)
+    # the penalty before the forward, two accumulation steps without an optimizer step
+    for _ in range(2):
+        (1e-2 * tbasis_penalty(model) + model(x).square().sum()).backward()
+    # a fused Adam step (it bumps no version) after the backward is seen by the next read
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    w = factory.weight("0")
+    before = w.detach().clone()
+    (w.sum() + model(x).sum()).backward()
+    opt.step()
+    assert not torch.allclose(factory.weight("0"), before)
+    # a no-grad evaluation does not leave gradient-free weights behind
+    with torch.no_grad():
+        model(x)
+    assert tbasis_penalty(model).requires_grad
+    # dtype changes reach the weights
+    model.double()
+    assert factory.weight("0").dtype == D and model(x.double()).dtype == D
+
+
+def test_tied_modules_stay_tied_and_every_layer_reaches_the_factory():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 2))
+    factory = tbasis_convert(model, 3, 2, generator=_gen(15))
+    assert model[0] is model[2] and len(factory.plans) == 2
+    model[0] = model[2] = nn.Identity()  # the first converted layer leaves: the factory stays with the others
+    assert sum(p.numel() for p in model.parameters()) == tbasis_parameter_count(model)["total"] > 0
+    assert factory.tbasis.basis in set(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    assert factory.tbasis.basis.grad is not None
+
+
+def test_invalid_sizes_are_refused_instead_of_hanging():
+    with pytest.raises(ValueError, match="mode_size"):
+        TBasisFactory(None, rank=2, mode_size=1)
+    with pytest.raises(ValueError, match="rank"):
+        TBasisFactory(None, rank=0, mode_size=4)
+    with pytest.raises(ValueError, match="n must be"):
+        Tensorization((5, 7), 1)
+    with pytest.raises(ValueError, match="come from the basis"):
+        TBasisFactory(TBasis(2, 2, 4), rank=3)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        tbasis_convert(nn.Sequential(nn.Linear(3, 3).half()), 2, 2)
+    with pytest.raises(ValueError, match="grouped"):
+        tbasis_convert(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), 2, 2)

@@ -102,8 +102,8 @@ class TensorRing:
             raise ValueError("A must have at least two dimensions")
         if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
             raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
-        if eps is not None and not (isinstance(eps, (int, float)) and eps >= 0):
-            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf):
+            raise ValueError(f"eps must be a non-negative finite number, got {eps!r}")
         shape, d = tuple(A.shape), A.dim()
         norm = float(torch.linalg.vector_norm(A))
         tiny = torch.finfo(A.dtype).eps * norm  # "nonzero" singular values when eps is None
@@ -111,7 +111,7 @@ class TensorRing:
         U, s, Vh = torch.linalg.svd(A.reshape(shape[0], -1), full_matrices=False)
         cap = None if max_rank is None else max_rank * max_rank
         R = _trunc_rank(s, math.sqrt(2) * delta, cap)
-        r1, r2 = _split(R, max_rank)
+        r1, r2 = _split(R, max_rank, s.numel())
         R = r1 * r2
         cores = [U[:, :R].reshape(shape[0], r1, r2).permute(1, 0, 2)]
         # the rest (r1, r2, n_2, ..., n_d) with r1 moved last: a TT-SVD from (r2, n_2) to (.., n_d, r1)
@@ -202,11 +202,18 @@ class TensorRing:
         return self.inner(self).clamp_min(0).sqrt()
 
 
-def _split(R: int, max_rank: int | None) -> tuple[int, int]:
-    """``(r_1, r_2)``, ``r_1 ≤ r_2``: the most even factorization of the largest ``total ≤ R`` whose factors are at
-    most ``max_rank`` (for one total the most even factorization has the smallest larger factor)."""
-    for total in range(R, 0, -1):
+def _split(R: int, max_rank: int | None, limit: int) -> tuple[int, int]:
+    """``(r_1, r_2)``, ``r_1 ≤ r_2 ≤ max_rank``, the most even factorization of the smallest total ``≥ R`` (at most
+    ``limit``, the number of singular values) that has one — so the accuracy the rank R was chosen for is kept —
+    else of the largest total below R. (For one total the most even factorization has the smallest larger
+    factor.)"""
+
+    def even(total: int) -> tuple[int, int]:
         a = next(a for a in range(math.isqrt(total), 0, -1) if total % a == 0)
-        if max_rank is None or total // a <= max_rank:
-            return a, total // a
+        return a, total // a
+
+    for total in [*range(R, limit + 1), *range(R - 1, 0, -1)]:
+        a, b = even(total)
+        if max_rank is None or b <= max_rank:
+            return a, b
     return 1, 1

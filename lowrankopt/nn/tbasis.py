@@ -2,7 +2,7 @@
 
 A weight ``W (c_out, c_in, k_h, k_w)`` (or ``(c_out, c_in)``) is padded to the envelope ``(n^d, n^d, n^s, n^s)``
 — ``d`` base-n digits for the channel pair, ``s`` for the kernel pair — and its digits are interleaved, so that
-mode j of the tensor joins the j-th output and input digits (``i_j n + o_j``, size ``N = n²``): a tensor of
+mode j of the tensor joins the j-th output and input digits (``o_j n + i_j``, size ``N = n²``): a tensor of
 ``m = d + s`` modes of size N. That tensor is a tensor ring
 
     W[i_1, ..., i_m] = Tr( ρ_1 C_1[:, i_1, :] ρ_2 C_2[:, i_2, :] ⋯ ρ_m C_m[:, i_m, :] ),
@@ -38,6 +38,10 @@ __all__ = [
 ]
 
 
+def _gen_device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def _digits(size: int, n: int) -> int:
     """Base-n digits needed for indices ``0..size-1`` (at least 1)."""
     d = 1
@@ -53,6 +57,14 @@ class Tensorization:
 
     shape: tuple[int, ...]
     n: int
+
+    def __post_init__(self):
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 2:
+            raise ValueError(f"n must be an int ≥ 2, got {self.n!r}")
+        if len(self.shape) not in (2, 4) or any(not isinstance(k, int) or k < 1 for k in self.shape):
+            raise ValueError(
+                f"shape must be (c_out, c_in) or (c_out, c_in, k_h, k_w) of positive ints, got {self.shape}"
+            )
 
     @property
     def channel_digits(self) -> int:
@@ -119,7 +131,13 @@ class TBasis(nn.Module):
             raise ValueError(f"mode_size must be a square n² with n ≥ 2 (4, 9, 16, ...), got {mode_size}")
         self.basis_size, self.rank, self.mode_size, self.n = basis_size, rank, mode_size, n
         b = torch.randn(
-            basis_size, rank, mode_size, rank, dtype=dtype or torch.get_default_dtype(), generator=generator
+            basis_size,
+            rank,
+            mode_size,
+            rank,
+            dtype=dtype or torch.get_default_dtype(),
+            generator=generator,
+            device=_gen_device(generator),
         )
         self.basis = nn.Parameter((b / math.sqrt(basis_size * rank)).to(device))
 
@@ -133,9 +151,13 @@ class TBasisFactory(nn.Module):
 
     ``weight(key)`` returns layer ``key``'s decompressed, cropped weight. All weights are decompressed together on
     the first request and kept until :meth:`refresh` (the model that :func:`tbasis_convert` converted calls it
-    before every forward) or until a parameter changes in place (an optimizer step). Cost of one decompression:
-    ``O(Σ_ℓ N^{m_ℓ} R²)`` flops — the padded weights times R² — plus ``O(Σ_ℓ m_ℓ B N R²)`` for the cores; memory
-    ``O(Σ_ℓ N^{m_ℓ})`` (each ring is closed by one contraction of its two halves).
+    before every forward), until a backward pass runs through them, or until the grad mode or a parameter
+    (identity, in-place version, dtype, device) changes.
+
+    Cost of one decompression: ``O(Σ_ℓ N^{m_ℓ} R²)`` flops — the padded weights times R² — plus
+    ``O(Σ_ℓ m_ℓ B N R²)`` for the cores; memory ``O(Σ_ℓ N^{m_ℓ})`` (each ring is closed by one contraction of its
+    two halves). The envelope is square in the channels: a rectangular layer pays for ``n^{2d}`` entries (a
+    1024 → 10 linear layer with n = 3: 2187² ≈ 4.8·10⁶ for 10⁴ weights).
 
     Args:
         basis: a :class:`TBasis`, or None for plain tensor rings: every layer then owns its cores ``(m, R, N, R)``
@@ -158,16 +180,24 @@ class TBasisFactory(nn.Module):
         super().__init__()
         self.tbasis = basis
         if basis is not None:
+            if rank not in (None, basis.rank) or mode_size not in (None, basis.mode_size):
+                raise ValueError("rank and mode_size come from the basis; do not give other values")
             rank, mode_size, dtype, device = basis.rank, basis.mode_size, basis.basis.dtype, basis.basis.device
-        elif rank is None or mode_size is None or math.isqrt(mode_size) ** 2 != mode_size:
-            raise ValueError("without a basis give rank and a square mode_size")
+        else:
+            for name, v in (("rank", rank), ("mode_size", mode_size)):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ValueError(f"without a basis give {name} as a positive int, got {v!r}")
+            if math.isqrt(mode_size) ** 2 != mode_size or mode_size < 4:
+                raise ValueError(f"mode_size must be a square n² with n ≥ 2 (4, 9, 16, ...), got {mode_size}")
+        if dtype is not None and dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         self.dtype, self.device = dtype or torch.get_default_dtype(), torch.device(device or "cpu")
         self.rank, self.mode_size, self.n = rank, mode_size, math.isqrt(mode_size)
         self.coefficients = nn.ParameterDict()
         self.log_adapters = nn.ParameterDict()
         self.plans: dict[str, Tensorization] = {}
         self._cache: dict[str, torch.Tensor] | None = None
-        self._versions: tuple[int, ...] = ()
+        self._versions: tuple | None = None
 
     def add(self, key: str, shape: tuple[int, ...], std: float, generator: torch.Generator | None = None) -> None:
         """Register a weight of ``shape`` whose decompressed entries get standard deviation ``std`` (variance
@@ -176,10 +206,12 @@ class TBasisFactory(nn.Module):
         m, R, dtype = plan.modes, self.rank, self.dtype
         if self.tbasis is not None:
             B = self.tbasis.basis_size
-            alpha = torch.randn(m, B, dtype=dtype, generator=generator) * std ** (1 / m)
+            alpha = torch.randn(m, B, dtype=dtype, generator=generator, device=_gen_device(generator)) * std ** (1 / m)
         else:  # plain rings: cores with entries of variance std^{2/m} / R
             alpha = (
-                torch.randn(m, R, self.mode_size, R, dtype=dtype, generator=generator) * std ** (1 / m) / math.sqrt(R)
+                torch.randn(m, R, self.mode_size, R, dtype=dtype, generator=generator, device=_gen_device(generator))
+                * std ** (1 / m)
+                / math.sqrt(R)
             )
         self.coefficients[key] = nn.Parameter(alpha.to(self.device))
         self.log_adapters[key] = nn.Parameter(torch.zeros(m, R, dtype=dtype, device=self.device))
@@ -191,23 +223,37 @@ class TBasisFactory(nn.Module):
                 self.coefficients[key].mul_((std / actual) ** (1 / m))
         self._cache = None
 
+    def _apply(self, fn, recurse=True):  # .to(), .double(), .cuda(): follow the parameters, decompress afresh
+        out = super()._apply(fn, recurse)
+        ref = next(self.parameters(), None)
+        if ref is not None:
+            self.dtype, self.device = ref.dtype, ref.device
+        self.refresh()
+        return out
+
     def __getstate__(self):  # copies and pickles carry the parameters, not the decompressed weights (graph nodes)
         state = super().__getstate__()
-        return {**state, "_cache": None, "_versions": ()}
+        return {**state, "_cache": None, "_versions": None}
 
     def refresh(self) -> None:
         """Forget the decompressed weights (the next :meth:`weight` decompresses all layers again)."""
         self._cache = None
 
-    def _parameter_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.parameters())
+    def _state(self) -> tuple:
+        """What the decompressed weights depend on: grad mode and every parameter's identity, version, dtype, device."""
+        params = tuple((id(p), p._version, p.dtype, p.device) for p in self.parameters())
+        return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), params)
 
     def weight(self, key: str) -> torch.Tensor:
-        """Layer ``key``'s weight, decompressed with all others in one pass when needed."""
-        versions = self._parameter_versions()
-        if self._cache is None or versions != self._versions:
+        """Layer ``key``'s weight, decompressed with all others in one pass when needed.
+
+        The weights are reused while nothing they depend on changes (grad mode, parameter identity, in-place
+        version, dtype, device) and until a backward pass runs through them (so an optimizer step, fused or not,
+        and the next accumulation step see fresh ones)."""
+        state = self._state()
+        if self._cache is None or state != self._versions:
             self._cache = self._decompress(list(self.plans))
-            self._versions = versions
+            self._versions = state
         return self._cache[key]
 
     def cores(self, key: str) -> torch.Tensor:
@@ -237,9 +283,14 @@ class TBasisFactory(nn.Module):
                 flat = left.diagonal(dim1=1, dim2=3).sum(-1)
             else:
                 flat = torch.einsum("laib,lbja->lij", left, _chain(cores[:, h:])).reshape(len(group), -1)
+            if flat.requires_grad:  # a backward through these weights ends their use
+                flat.register_hook(self._forget)
             for i, key in enumerate(group):
                 out[key] = self.plans[key].to_weight(flat[i])
         return out
+
+    def _forget(self, grad: torch.Tensor) -> None:
+        self._cache = None
 
     def penalty(self) -> torch.Tensor:
         """``Σ_ℓ ‖W_ℓ‖²`` over the decompressed weights (the paper's L2 penalty, needed to keep the norms in check;
@@ -257,12 +308,13 @@ def _chain(cores: torch.Tensor) -> torch.Tensor:
 
 
 class _TBasisLayer(nn.Module):
-    def __init__(self, factory: TBasisFactory, key: str, bias: torch.Tensor | None, owner: bool = False):
+    def __init__(self, factory: TBasisFactory, key: str, bias: torch.Tensor | None):
         super().__init__()
-        if owner:  # one layer registers the shared factory, so that it appears once among the model's modules
-            self.factory = factory
-        else:
-            object.__setattr__(self, "factory", factory)
+        if key not in factory.plans:
+            raise KeyError(f"the factory has no layer {key!r}")
+        # every layer registers the shared factory: modules() and parameters() list it once, and no layer's
+        # removal loses it (state_dict lists it under each layer, as for tied weights)
+        self.factory = factory
         self.key = key
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
@@ -282,8 +334,10 @@ class TBasisLinear(_TBasisLayer):
 class TBasisConv2d(_TBasisLayer):
     """``nn.Conv2d`` (groups = 1) whose weight is decompressed from the factory."""
 
-    def __init__(self, factory: TBasisFactory, key: str, conv: nn.Conv2d, owner: bool = False):
-        super().__init__(factory, key, conv.bias, owner)
+    def __init__(self, factory: TBasisFactory, key: str, conv: nn.Conv2d):
+        if conv.groups != 1:
+            raise ValueError(f"only groups = 1 convolutions are supported, got groups={conv.groups}")
+        super().__init__(factory, key, conv.bias)
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         self.padding_mode = conv.padding_mode
         if conv.padding_mode != "zeros":
@@ -306,9 +360,9 @@ def tbasis_convert(
     """Replace the ``nn.Linear`` and ``nn.Conv2d`` (groups = 1) submodules of ``model`` by T-Basis layers, in place.
 
     Args:
-        model: the network; the factory becomes a submodule of the first converted layer (``<name>.factory``; the
-            others refer to it) and a forward pre-hook on ``model`` refreshes the decompressed weights before every
-            forward.
+        model: the network; the factory becomes a submodule of every converted layer (``<name>.factory``, one
+            object) and a forward pre-hook on ``model`` refreshes the decompressed weights before every forward. A
+            module used at several places (tied) becomes one T-Basis layer used at all of them.
         basis_size: B; None converts to plain tensor rings with no shared basis (each layer owns its cores).
         rank: R.
         mode_size: N = n²; default 9 when a converted conv has a 3×3 kernel, else 4.
@@ -319,33 +373,37 @@ def tbasis_convert(
     Each converted layer's decompressed weight gets the standard deviation of the weight it replaces (variance
     matching); biases are kept. Returns the factory (``factory.penalty()`` is the decompressed-weight L2 penalty).
     """
-    targets = [
-        (name, m)
-        for name, m in model.named_modules()
-        if name
-        and isinstance(m, (nn.Linear, nn.Conv2d))
-        and _selected(name, include, exclude)
-        and not (isinstance(m, nn.Conv2d) and m.groups != 1)
-    ]
-    if not targets:
-        raise ValueError("no nn.Linear or nn.Conv2d (groups = 1) submodule matches include/exclude")
+    locations: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for name, m in model.named_modules(remove_duplicate=False):  # a tied module is converted at every location
+        if name and isinstance(m, (nn.Linear, nn.Conv2d)) and _selected(name, include, exclude):
+            if isinstance(m, nn.Conv2d) and m.groups != 1:
+                raise ValueError(f"{name} is a grouped convolution (groups={m.groups}); exclude it")
+            locations.setdefault(id(m), []).append(name)
+            modules[id(m)] = m
+    if not modules:
+        raise ValueError("no nn.Linear or nn.Conv2d submodule matches include/exclude")
+    first = next(iter(modules.values())).weight
+    if first.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"the model must be float32 or float64, got {first.dtype}")
     if mode_size is None:
-        mode_size = 9 if any(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for _, m in targets) else 4
-    dtype, device = targets[0][1].weight.dtype, targets[0][1].weight.device
+        mode_size = 9 if any(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in modules.values()) else 4
+    dtype, device = first.dtype, first.device
     if basis_size is None:
         factory = TBasisFactory(None, rank=rank, mode_size=mode_size, dtype=dtype, device=device)
     else:
         factory = TBasisFactory(TBasis(basis_size, rank, mode_size, dtype=dtype, device=device, generator=generator))
-    for j, (name, m) in enumerate(targets):
-        std = float(m.weight.detach().std()) or 1 / math.sqrt(3 * m.weight[0].numel())
-        key = name.replace(".", "/")
+    for ident, m in modules.items():
+        names = locations[ident]
+        std = float(m.weight.detach().std()) if m.weight.numel() > 1 else 0.0
+        if not std > 0:  # a constant (or one-entry) weight: PyTorch's default scale 1/sqrt(3 fan_in)
+            std = 1 / math.sqrt(3 * m.weight[0].numel())
+        key = names[0].replace(".", "/")
         factory.add(key, tuple(m.weight.shape), std, generator=generator)
-        if isinstance(m, nn.Conv2d):
-            new = TBasisConv2d(factory, key, m, owner=j == 0)
-        else:
-            new = TBasisLinear(factory, key, m.bias, owner=j == 0)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        new = TBasisConv2d(factory, key, m) if isinstance(m, nn.Conv2d) else TBasisLinear(factory, key, m.bias)
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     model.register_forward_pre_hook(_refresh_factories)
     return factory
 
