@@ -17,12 +17,12 @@ from collections.abc import Sequence
 import torch
 
 from .._checks import check_index, check_same, check_tensor
-from .tt import _trunc_rank
+from .tt import _CoreList, _trunc_rank
 
 __all__ = ["TensorRing"]
 
 
-class TensorRing:
+class TensorRing(_CoreList):
     """A d-dimensional tensor in tensor-ring format.
 
     Args:
@@ -129,32 +129,9 @@ class TensorRing:
 
     # ----------------------------------------------------------------- properties
     @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(c.shape[1] for c in self.cores)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.cores)
-
-    @property
     def ranks(self) -> tuple[int, ...]:
         """The d ranks ``(r_1, ..., r_d)``: ``r_k`` is the left rank of core k (``r_1`` closes the ring)."""
         return tuple(c.shape[0] for c in self.cores)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.cores[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.cores[0].device
-
-    def to(self, *args, **kwargs) -> TensorRing:
-        """Move/cast every core, as :meth:`torch.Tensor.to`."""
-        return TensorRing._trusted([c.to(*args, **kwargs) for c in self.cores])
-
-    def __repr__(self) -> str:
-        return f"TensorRing(shape={self.shape}, ranks={self.ranks}, dtype={self.dtype}, device={self.device})"
 
     # ----------------------------------------------------------------- evaluation
     def full(self) -> torch.Tensor:

@@ -88,7 +88,38 @@ def _svd_truncate_right_to_left(cores: list[torch.Tensor], max_ranks, eps: float
     return cores
 
 
-class TensorTrain:
+class _CoreList:
+    """What the core-list formats (:class:`TensorTrain`, :class:`~lowrankopt.formats.tr.TensorRing`) share: cores
+    ``(r, n_k, r')``, hence ``shape``, ``ndim``, ``dtype``, ``device``, ``to`` and ``repr``."""
+
+    __slots__ = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(c.shape[1] for c in self.cores)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.cores)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cores[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.cores[0].device
+
+    def to(self, *args, **kwargs):
+        """Move/cast every core, as :meth:`torch.Tensor.to`."""
+        return type(self)._trusted([c.to(*args, **kwargs) for c in self.cores])
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"{name}(shape={self.shape}, ranks={self.ranks}, dtype={self.dtype}, device={self.device})"
+
+
+class TensorTrain(_CoreList):
     """A d-dimensional tensor in tensor-train format.
 
     Args:
@@ -198,32 +229,9 @@ class TensorTrain:
 
     # ----------------------------------------------------------------- properties
     @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(c.shape[1] for c in self.cores)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.cores)
-
-    @property
     def ranks(self) -> tuple[int, ...]:
         """The d − 1 inner TT ranks ``(r_1, ..., r_{d-1})``."""
         return tuple(c.shape[2] for c in self.cores[:-1])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.cores[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.cores[0].device
-
-    def to(self, *args, **kwargs) -> TensorTrain:
-        """Move/cast every core, as :meth:`torch.Tensor.to`."""
-        return TensorTrain._trusted([c.to(*args, **kwargs) for c in self.cores])
-
-    def __repr__(self) -> str:
-        return f"TensorTrain(shape={self.shape}, ranks={self.ranks}, dtype={self.dtype}, device={self.device})"
 
     # ----------------------------------------------------------------- canonical forms
     def orthogonalize(self, direction: str = "left") -> TensorTrain:
