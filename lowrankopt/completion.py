@@ -161,10 +161,13 @@ def _entries(X, indices):
     return X.gather(indices)
 
 
-def _spectral_start(indices, values, shape, rank, generator, oversample: int = 10, power_iters: int = 4):
+def _spectral_start(
+    indices, values, shape, rank, generator, oversample: int = 10, power_iters: int = 4, reduce=lambda t: t
+):
     """Rank-``rank`` truncated SVD of the zero-filled sparse matrix, by a randomized range finder with
     power iterations (Halko–Martinsson–Tropp). Cost ``O((N + (m + n) q) q · power_iters)``, q = rank +
-    oversample; never forms the dense matrix."""
+    oversample; never forms the dense matrix. ``reduce`` sums each sparse product over the processes that hold
+    the other shards of the entries (identity in one process)."""
     m, n = shape
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the kernels used here are stable
         warnings.simplefilter("ignore", UserWarning)
@@ -174,10 +177,10 @@ def _spectral_start(indices, values, shape, rank, generator, oversample: int = 1
     q = min(rank + oversample, m, n)
     gdev = generator.device if generator is not None else values.device
     omega = torch.randn(n, q, dtype=values.dtype, device=gdev, generator=generator).to(values.device)
-    Q = torch.linalg.qr(A @ omega)[0]
+    Q = torch.linalg.qr(reduce(A @ omega))[0]
     for _ in range(power_iters):
-        Q = torch.linalg.qr(A @ torch.linalg.qr(At @ Q)[0])[0]
-    B = (At @ Q).T  # Qᵀ A, shape (q, n)
+        Q = torch.linalg.qr(reduce(A @ torch.linalg.qr(reduce(At @ Q))[0]))[0]
+    B = reduce(At @ Q).T  # Qᵀ A, shape (q, n)
     Ub, s, Vh = torch.linalg.svd(B, full_matrices=False)
     return LowRankMatrix._trusted(Q @ Ub[:, :rank], torch.diag(s[:rank]), Vh[:rank].T)
 
@@ -197,6 +200,9 @@ def complete(
     curvature: bool = False,
     generator: torch.Generator | None = None,
     monitor: Callable | None = None,
+    distributed: bool = False,
+    group=None,
+    check_every: int = 10,
     **options,
 ) -> OptimizeResult:
     """Complete a matrix (``len(shape) == 2``) or a tensor (tensor train) of rank ``rank`` from its
@@ -223,6 +229,14 @@ def complete(
         generator: for the randomized start (deterministic given it).
         monitor: ``monitor(intermediate_result)`` after every iteration, once ``history[-1]`` has the
             errors (e.g. to print progress); its time is not counted in ``solve_time``.
+        distributed: each process of ``group`` (default: the default process group of ``torch.distributed``)
+            passes its own shard of the observed entries (and of ``test``); f, its gradient, Hessian products and
+            the line-search scalar are sums over the shards, all-reduced in δ-coordinates (``O((m + n) r)`` or
+            ``O(d n r²)`` numbers per reduction, independent of the number of entries). Every process gets the same
+            result; give every process the same ``generator`` seed and ``x0``.
+        group: the process group (``distributed=True``).
+        check_every: with ``distributed``, compare a checksum of the point across processes every this many
+            iterations (``RuntimeError`` if they differ).
         **options: passed to :func:`minimize` (``gtol`` defaults to 0 here: ``tol`` decides).
 
     Returns:
@@ -262,8 +276,16 @@ def complete(
     options.setdefault("gtol", 0.0)
     if "callback" in options:
         raise TypeError("complete() records its own callback; use minimize() with completion_loss() for yours")
+    if distributed:
+        from . import distributed as dist_helpers
+
+        reduce, reduce_tangent = dist_helpers.reducers(group)
+        if test is not None:
+            test_norm = math.sqrt(float(reduce(test_vals.square().sum())))
+    else:
+        reduce, reduce_tangent = (lambda t: t), (lambda v: v)
     loss = completion_loss(indices, values)
-    vals_norm = float(torch.linalg.vector_norm(values))
+    vals_norm = math.sqrt(float(reduce(values.square().sum())))
     t_start, overhead = time.perf_counter(), [0.0]
     history: list[dict] = []
     base = {"iter": 0, "nfev": 0, "ngev": 0, "nhev": 0, "time": 0.0, "rank": 0}
@@ -277,8 +299,10 @@ def complete(
         rec["train_error"] = math.sqrt(2 * max(res.fun, 0.0)) / vals_norm
         if test is not None:
             with torch.no_grad():
-                err = torch.linalg.vector_norm(_entries(res.x, test_idx) - test_vals)
-            rec["test_error"] = float(err) / test_norm
+                err = math.sqrt(float(reduce((_entries(res.x, test_idx) - test_vals).square().sum())))
+            rec["test_error"] = err / test_norm
+        if distributed and rec["iter"] % check_every == 0:
+            dist_helpers.check_identical(res.x, group=group)
         rec["solve_time"] = t - t_start - overhead[0]
         if monitor is not None:
             monitor(res)
@@ -296,8 +320,16 @@ def complete(
         f, curvature_along = loss, None
         if d == 2 and not curvature:
             lsq = _MatrixLeastSquares(indices, values, shape, manifold_of(x))
-            opts.update(grad=lsq.grad, hvp=lsq.hvp, manifold=lsq.M)
-            f, curvature_along = lsq.value, lsq.curvature_along
+            opts.update(
+                grad=lambda x: reduce_tangent(lsq.grad(x)),
+                hvp=lambda x, v: reduce_tangent(lsq.hvp(x, v)),
+                manifold=lsq.M,
+            )
+            f = lambda x: reduce(lsq.value(x))  # noqa: E731
+            curvature_along = lambda x, v: reduce(lsq.curvature_along(x, v))  # noqa: E731
+        elif distributed:
+            f, grad, hvp = dist_helpers.sharded_objective(loss, curvature=curvature, group=group)
+            opts.update(grad=grad, hvp=hvp, manifold=manifold_of(x))
         if method != "trust-region" and curvature_along is not None:
             # the exact line search of the linearized problem, α = −⟨g, η⟩ / ‖P_Ω η‖², without Hessian products.
             # (For TT the Hessian product is cheaper than a standalone δ-gather: it shares the gradient pass's
@@ -316,7 +348,7 @@ def complete(
 
     if d == 2:
         M = FixedRankMatrices(shape[0], shape[1], rank)  # validates rank
-        x = _spectral_start(indices, values, shape, rank, generator) if x0 is None else x0
+        x = _spectral_start(indices, values, shape, rank, generator, reduce=reduce) if x0 is None else x0
         M._check_point(x, "x0")
         res = stage(x, rank, max_iter)
     else:
@@ -327,7 +359,7 @@ def complete(
             res = stage(x0, max(ranks), max_iter)
         else:
             x = TensorTrain([torch.ones(1, n, 1, dtype=values.dtype, device=values.device) for n in shape])
-            x = x * values.mean()
+            x = x * (reduce(values.sum()) / reduce(torch.tensor(float(len(values)), dtype=values.dtype)))
             res = None
             for r in range(1, max(ranks) + 1):
                 stage_ranks = [min(r, rk) for rk in ranks]

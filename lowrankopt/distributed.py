@@ -16,10 +16,10 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from .autodiff import riemannian_grad
+from .autodiff import riemannian_grad, riemannian_grad_and_hessian
 from .manifolds.tangent import TangentVector
 
-__all__ = ["all_reduce_tangent", "sharded_grad", "check_identical", "shard"]
+__all__ = ["all_reduce_tangent", "sharded_grad", "sharded_objective", "check_identical", "shard"]
 
 
 def _flat(tensors) -> torch.Tensor:
@@ -54,6 +54,46 @@ def sharded_grad(f_shard: Callable, x, *, group=None, manifold=None) -> tuple[fl
     flat = torch.cat([val.reshape(1).to(g.dtype), _flat(g.coords)])
     dist.all_reduce(flat, group=group)
     return float(flat[0]), TangentVector(g.manifold, g.base, _unflat(flat[1:], g.coords))
+
+
+def reducers(group=None):
+    """``(reduce, reduce_tangent)``: sums over the ranks of ``group`` of a tensor (a new tensor) and of a tangent
+    vector. Raises ``RuntimeError`` when no process group is initialized."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("distributed=True needs torch.distributed.init_process_group(...) first")
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    return reduce, lambda v: all_reduce_tangent(v, group=group)
+
+
+def sharded_objective(f_shard: Callable, *, curvature: bool = True, group=None):
+    """``(f, grad, hvp)`` for :func:`~lowrankopt.minimize` on ``Σ_ranks f_shard``: ``f(x)`` all-reduces the shard
+    values; ``grad(x)`` differentiates the shard once (gradient and Hessian operator, δ-trick) and all-reduces
+    value and δ-coordinates in one collective; ``hvp(x, v)`` applies the shard's Hessian at the last ``grad`` point
+    (recomputed for another point) and all-reduces it."""
+    reduce, reduce_tangent = reducers(group)
+    last: dict = {}
+
+    def f(x):
+        return reduce(f_shard(x).detach())
+
+    def _local(x):
+        if last.get("x") is not x:
+            _, g, h = riemannian_grad_and_hessian(f_shard, x, curvature=curvature)
+            last.update(x=x, g=g, h=h)
+        return last
+
+    def grad(x):
+        return reduce_tangent(_local(x)["g"])
+
+    def hvp(x, v):
+        return reduce_tangent(_local(x)["h"](v))
+
+    return f, grad, hvp
 
 
 def check_identical(x, *, group=None, name: str = "x") -> None:

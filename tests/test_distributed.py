@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lowrankopt import LowRankMatrix, TensorTrain, completion_loss, riemannian_grad
+from lowrankopt import LowRankMatrix, TensorTrain, complete, completion_loss, riemannian_grad, sample_indices
 from lowrankopt.distributed import all_reduce_tangent, check_identical, shard, sharded_grad
 
 D = torch.float64
@@ -75,3 +75,103 @@ def test_shard_covers_every_entry_once():
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
     with pytest.raises(ValueError, match="rank"):
         shard(5, 2, 2)
+
+
+def _completion_problems():
+    g = torch.Generator().manual_seed(3)
+    T = TensorTrain.random((8, 7, 8, 6), 2, generator=g)
+    idx = sample_indices(T.shape, 1500, generator=g)
+    A = LowRankMatrix.random(30, 25, 3, generator=g)
+    idx_m = sample_indices((30, 25), 400, generator=g)
+    return [
+        ("tt", idx, T.gather(idx), T.shape, 2),
+        ("matrix", idx_m, A.gather(idx_m[:, 0], idx_m[:, 1]), (30, 25), 3),
+    ]
+
+
+def _complete_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        for name, idx, vals, shape, r in _completion_problems():
+            part = shard(len(vals), rank, world)
+            res = complete(
+                idx[part],
+                vals[part],
+                shape,
+                r,
+                distributed=True,
+                max_iter=300,
+                generator=torch.Generator().manual_seed(5),
+            )
+            cores = [res.x.U, res.x.S, res.x.V] if name == "matrix" else list(res.x.cores)
+            torch.save(
+                {"cores": cores, "nit": res.nit, "err": res.train_error}, os.path.join(out_dir, f"{name}-{rank}.pt")
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_sharded_completion_on_two_gloo_processes_equals_the_single_process_run():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_complete_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        for name, idx, vals, shape, r in _completion_problems():
+            single = complete(idx, vals, shape, r, max_iter=300, generator=torch.Generator().manual_seed(5))
+            full = single.x.full()
+            outs = [torch.load(os.path.join(tmp, f"{name}-{k}.pt")) for k in range(2)]
+            for a, b in zip(outs[0]["cores"], outs[1]["cores"]):
+                assert torch.equal(a, b)  # both ranks hold one point
+            x = LowRankMatrix(*outs[0]["cores"]) if name == "matrix" else TensorTrain(outs[0]["cores"])
+            assert outs[0]["err"] <= 1e-12 and single.train_error <= 1e-12
+            assert float((x.full() - full).norm() / full.norm()) < 1e-10
+
+
+def test_distributed_without_a_process_group_is_refused():
+    idx, vals, shape, r = _completion_problems()[0][1:]
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        complete(idx, vals, shape, r, distributed=True)
+
+
+def _ddp_data():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(16, 12, dtype=D, generator=g), torch.randn(16, 6, dtype=D, generator=g)
+
+
+def _train(model, X, y, steps=5):
+    import geoopt
+
+    opt = geoopt.optim.RiemannianSGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(X), y).backward()
+        opt.step()
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    from lowrankopt.nn import TTLinear
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        layer = TTLinear(12, 6, 2, dtype=D, generator=torch.Generator().manual_seed(8))
+        model = torch.nn.parallel.DistributedDataParallel(layer)
+        X, y = _ddp_data()
+        part = shard(len(X), rank, world)  # equal halves: the mean of the two means is the full-batch mean
+        _train(model, X[part], y[part])
+        torch.save(layer.weight.detach().clone(), os.path.join(out_dir, f"ddp-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ddp_training_of_a_tt_layer_with_a_geoopt_optimizer_equals_the_single_process_run():
+    from lowrankopt.nn import TTLinear
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        layer = TTLinear(12, 6, 2, dtype=D, generator=torch.Generator().manual_seed(8))
+        _train(layer, *_ddp_data())
+        for rank in range(2):
+            w = torch.load(os.path.join(tmp, f"ddp-{rank}.pt"))
+            assert torch.allclose(w, layer.weight.detach(), rtol=1e-10, atol=1e-12)
