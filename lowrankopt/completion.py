@@ -243,7 +243,8 @@ def complete(
         The :class:`OptimizeResult` of the final stage, with ``train_error`` and ``test_error`` (final
         relative errors; test only with ``test``), and ``history`` covering all stages; each record has
         ``rank``, ``train_error``, ``test_error`` and ``solve_time`` (seconds since the call, including the
-        start-point computation, without the time spent on test errors and ``monitor``). If a
+        start-point computation, without the time spent on test errors and ``monitor``). With ``distributed``,
+        ``communication`` holds the ``bytes`` all-reduced by this process and the number of ``calls``. If a
         rank-continuation stage already reaches ``tol``, its point — of lower TT-rank — is returned (check
         ``res.x.ranks``): the data are explained by fewer parameters.
     """
@@ -279,7 +280,8 @@ def complete(
     if distributed:
         from . import distributed as dist_helpers
 
-        reduce, reduce_tangent = dist_helpers.reducers(group)
+        traffic: dict = {}
+        reduce, reduce_tangent = dist_helpers.reducers(group, traffic)
         if test is not None:
             test_norm = math.sqrt(float(reduce(test_vals.square().sum())))
     else:
@@ -328,7 +330,7 @@ def complete(
             f = lambda x: reduce(lsq.value(x))  # noqa: E731
             curvature_along = lambda x, v: reduce(lsq.curvature_along(x, v))  # noqa: E731
         elif distributed:
-            f, grad, hvp = dist_helpers.sharded_objective(loss, curvature=curvature, group=group)
+            f, grad, hvp = dist_helpers.sharded_objective(loss, curvature=curvature, group=group, traffic=traffic)
             opts.update(grad=grad, hvp=hvp, manifold=manifold_of(x))
         if method != "trust-region" and curvature_along is not None:
             # the exact line search of the linearized problem, α = −⟨g, η⟩ / ‖P_Ω η‖², without Hessian products.
@@ -376,6 +378,8 @@ def complete(
         res.message = f"relative training residual {res.train_error:.3e} <= tol = {tol:g}"
     res.test_error = history[-1].get("test_error")
     res.time = history[-1]["solve_time"]
+    if distributed:
+        res.communication = dict(traffic)  # bytes and all-reduce calls of this process, all stages
     return res
 
 

@@ -56,26 +56,37 @@ def sharded_grad(f_shard: Callable, x, *, group=None, manifold=None) -> tuple[fl
     return float(flat[0]), TangentVector(g.manifold, g.base, _unflat(flat[1:], g.coords))
 
 
-def reducers(group=None):
+def reducers(group=None, traffic: dict | None = None):
     """``(reduce, reduce_tangent)``: sums over the ranks of ``group`` of a tensor (a new tensor) and of a tangent
-    vector. Raises ``RuntimeError`` when no process group is initialized."""
+    vector. ``traffic`` (a dict), if given, accumulates ``"bytes"`` (payload all-reduced by this rank) and
+    ``"calls"``. Raises ``RuntimeError`` when no process group is initialized."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("distributed=True needs torch.distributed.init_process_group(...) first")
+    traffic = {} if traffic is None else traffic
+    traffic.setdefault("bytes", 0)
+    traffic.setdefault("calls", 0)
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t, group=group)
+        traffic["bytes"] += t.numel() * t.element_size()
+        traffic["calls"] += 1
         return t
 
-    return reduce, lambda v: all_reduce_tangent(v, group=group)
+    def reduce_tangent(v: TangentVector) -> TangentVector:
+        traffic["bytes"] += sum(c.numel() * c.element_size() for c in v.coords)
+        traffic["calls"] += 1
+        return all_reduce_tangent(v, group=group)
+
+    return reduce, reduce_tangent
 
 
-def sharded_objective(f_shard: Callable, *, curvature: bool = True, group=None):
+def sharded_objective(f_shard: Callable, *, curvature: bool = True, group=None, traffic: dict | None = None):
     """``(f, grad, hvp)`` for :func:`~lowrankopt.minimize` on ``Σ_ranks f_shard``: ``f(x)`` all-reduces the shard
     values; ``grad(x)`` differentiates the shard once (gradient and Hessian operator, δ-trick) and all-reduces
     value and δ-coordinates in one collective; ``hvp(x, v)`` applies the shard's Hessian at the last ``grad`` point
     (recomputed for another point) and all-reduces it."""
-    reduce, reduce_tangent = reducers(group)
+    reduce, reduce_tangent = reducers(group, traffic)
     last: dict = {}
 
     def f(x):
