@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="mode",
         action="store_const",
         const="quick",
-        help="small sizes, under 5 minutes on 2 cores (default)",
+        help="small sizes, about 5 minutes on 2 cores (default)",
     )
     size.add_argument("--full", dest="mode", action="store_const", const="full", help="the published problem sizes")
     bench.set_defaults(mode="quick")
