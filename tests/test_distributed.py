@@ -148,30 +148,38 @@ def _train(model, X, y, steps=5):
         opt.step()
 
 
-def _ddp_worker(rank, world, init_file, out_dir):
-    from lowrankopt.nn import TTLinear
+def _layers():
+    from lowrankopt.nn import LowRankLinear, TTLinear
 
+    return {
+        "tt": TTLinear(12, 6, 2, dtype=D, generator=torch.Generator().manual_seed(8)),
+        "lowrank": LowRankLinear(12, 6, 2, dtype=D, generator=torch.Generator().manual_seed(9)),
+    }
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        layer = TTLinear(12, 6, 2, dtype=D, generator=torch.Generator().manual_seed(8))
-        model = torch.nn.parallel.DistributedDataParallel(layer)
         X, y = _ddp_data()
         part = shard(len(X), rank, world)  # equal halves: the mean of the two means is the full-batch mean
-        _train(model, X[part], y[part])
-        torch.save(layer.weight.detach().clone(), os.path.join(out_dir, f"ddp-{rank}.pt"))
+        for name, layer in _layers().items():
+            _train(torch.nn.parallel.DistributedDataParallel(layer), X[part], y[part])
+            state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+            torch.save(state, os.path.join(out_dir, f"ddp-{name}-{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_ddp_training_of_a_tt_layer_with_a_geoopt_optimizer_equals_the_single_process_run():
-    from lowrankopt.nn import TTLinear
-
+def test_ddp_training_of_manifold_layers_with_a_geoopt_optimizer_equals_the_single_process_run():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        layer = TTLinear(12, 6, 2, dtype=D, generator=torch.Generator().manual_seed(8))
-        _train(layer, *_ddp_data())
-        for rank in range(2):
-            w = torch.load(os.path.join(tmp, f"ddp-{rank}.pt"))
-            assert torch.allclose(w, layer.weight.detach(), rtol=1e-10, atol=1e-12)
+        for name, layer in _layers().items():
+            start = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+            _train(layer, *_ddp_data())
+            for rank in range(2):
+                state = torch.load(os.path.join(tmp, f"ddp-{name}-{rank}.pt"))
+                for key, value in layer.state_dict().items():
+                    assert torch.allclose(state[key], value, rtol=1e-10, atol=1e-12), (name, key)
+            assert not torch.allclose(layer.state_dict()["weight"], start["weight"])  # the steps moved it
