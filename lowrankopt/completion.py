@@ -248,44 +248,63 @@ def complete(
         rank-continuation stage already reaches ``tol``, its point — of lower TT-rank — is returned (check
         ``res.x.ranks``): the data are explained by fewer parameters.
     """
-    check_tensor("values", values, 1)
-    shape = [int(n) for n in shape]
-    d = len(shape)
-    if d < 2:
-        raise ValueError(f"shape must have at least 2 modes, got {shape}")
-    indices = check_index("indices", indices, shape, values.device)
-    if indices.shape[0] != values.shape[0]:
-        raise ValueError(f"indices has {indices.shape[0]} rows but values has {values.shape[0]} entries")
-    if values.shape[0] == 0:
-        raise ValueError("values is empty: nothing to complete from")
-    if test is not None:
-        test_idx, test_vals = test
-        check_tensor("test values", test_vals, 1)
-        test_idx = check_index("test indices", test_idx, shape, values.device)
-        if test_idx.shape[0] != test_vals.shape[0] or test_vals.dtype != values.dtype:
-            raise ValueError("test must be (indices (N, d), values (N,)) with the dtype of values")
-        test_norm = float(torch.linalg.vector_norm(test_vals))
-    tol = _DEFAULT_TOL.get(values.dtype, 1e-12) if tol is None else tol
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"tol must be a non-negative number, got {tol!r}")
-    if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or warmup_iters < 0:
-        raise ValueError(f"warmup_iters must be a non-negative int, got {warmup_iters!r}")
-    if monitor is not None and not callable(monitor):
-        raise TypeError(f"monitor must be callable or None, got {type(monitor).__name__}")
-    if x0 is not None and getattr(x0, "dtype", None) != values.dtype:
-        raise TypeError(f"x0 must have the dtype of values ({values.dtype}), got {getattr(x0, 'dtype', None)}")
-    options.setdefault("gtol", 0.0)
-    if "callback" in options:
-        raise TypeError("complete() records its own callback; use minimize() with completion_loss() for yours")
+    error = None
+    try:  # with distributed, a rank that rejects its input must not leave the others waiting in a collective
+        check_tensor("values", values, 1)
+        shape = [int(n) for n in shape]
+        d = len(shape)
+        if d < 2:
+            raise ValueError(f"shape must have at least 2 modes, got {shape}")
+        indices = check_index("indices", indices, shape, values.device)
+        if indices.shape[0] != values.shape[0]:
+            raise ValueError(f"indices has {indices.shape[0]} rows but values has {values.shape[0]} entries")
+        if values.shape[0] == 0 and not distributed:  # with distributed, the total count is checked below
+            raise ValueError("values is empty: nothing to complete from")
+        if test is not None:
+            test_idx, test_vals = test
+            check_tensor("test values", test_vals, 1)
+            test_idx = check_index("test indices", test_idx, shape, values.device)
+            if test_idx.shape[0] != test_vals.shape[0] or test_vals.dtype != values.dtype:
+                raise ValueError("test must be (indices (N, d), values (N,)) with the dtype of values")
+            test_norm = float(torch.linalg.vector_norm(test_vals))
+        tol = _DEFAULT_TOL.get(values.dtype, 1e-12) if tol is None else tol
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+            raise ValueError(f"tol must be a non-negative number, got {tol!r}")
+        if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or warmup_iters < 0:
+            raise ValueError(f"warmup_iters must be a non-negative int, got {warmup_iters!r}")
+        if monitor is not None and not callable(monitor):
+            raise TypeError(f"monitor must be callable or None, got {type(monitor).__name__}")
+        if x0 is not None and getattr(x0, "dtype", None) != values.dtype:
+            raise TypeError(f"x0 must have the dtype of values ({values.dtype}), got {getattr(x0, 'dtype', None)}")
+        options.setdefault("gtol", 0.0)
+        if distributed and "max_time" in options:
+            raise ValueError("max_time would stop the processes at different iterations; use max_iter with distributed")
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every must be a positive int, got {check_every!r}")
+        if distributed and generator is None:
+            raise ValueError("distributed=True needs a generator, seeded the same on every process")
+        if "callback" in options:
+            raise TypeError("complete() records its own callback; use minimize() with completion_loss() for yours")
+    except (TypeError, ValueError) as exc:
+        if not distributed:
+            raise
+        error = exc
     if distributed:
         from . import distributed as dist_helpers
 
+        call = (test is not None, str(getattr(values, "dtype", None)), tuple(int(n) for n in shape), str(rank))
+        call += (method, max_iter, warmup_iters, curvature, check_every, tol, x0 is not None)
+        dist_helpers.agree(error, call, group=group)  # raises on every process, or on none
         traffic: dict = {}
         reduce, reduce_tangent = dist_helpers.reducers(group, traffic)
+        quiet, _ = dist_helpers.reducers(group)  # test errors: not part of the solve's traffic
+        if int(quiet(torch.tensor([len(values)], device=values.device))) == 0:
+            raise ValueError("values is empty on every process: nothing to complete from")
         if test is not None:
-            test_norm = math.sqrt(float(reduce(test_vals.square().sum())))
+            test_norm = math.sqrt(float(quiet(test_vals.square().sum())))
     else:
         reduce, reduce_tangent = (lambda t: t), (lambda v: v)
+        quiet = reduce
     loss = completion_loss(indices, values)
     vals_norm = math.sqrt(float(reduce(values.square().sum())))
     t_start, overhead = time.perf_counter(), [0.0]
@@ -301,7 +320,7 @@ def complete(
         rec["train_error"] = math.sqrt(2 * max(res.fun, 0.0)) / vals_norm
         if test is not None:
             with torch.no_grad():
-                err = math.sqrt(float(reduce((_entries(res.x, test_idx) - test_vals).square().sum())))
+                err = math.sqrt(float(quiet((_entries(res.x, test_idx) - test_vals).square().sum())))
             rec["test_error"] = err / test_norm
         if distributed and rec["iter"] % check_every == 0:
             dist_helpers.check_identical(res.x, group=group)
@@ -361,7 +380,9 @@ def complete(
             res = stage(x0, max(ranks), max_iter)
         else:
             x = TensorTrain([torch.ones(1, n, 1, dtype=values.dtype, device=values.device) for n in shape])
-            x = x * (reduce(values.sum()) / reduce(torch.tensor(float(len(values)), dtype=values.dtype)))
+            count = torch.tensor(float(len(values)), dtype=torch.float64, device=values.device)
+            total = reduce(torch.stack([values.sum().to(torch.float64), count]))  # one collective, on the data's device
+            x = x * (total[0] / total[1]).to(values.dtype)
             res = None
             for r in range(1, max(ranks) + 1):
                 stage_ranks = [min(r, rk) for rk in ranks]
@@ -379,6 +400,7 @@ def complete(
     res.test_error = history[-1].get("test_error")
     res.time = history[-1]["solve_time"]
     if distributed:
+        dist_helpers.check_identical(res.x, group=group)
         res.communication = dict(traffic)  # bytes and all-reduce calls of this process, all stages
     return res
 

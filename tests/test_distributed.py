@@ -183,3 +183,47 @@ def test_ddp_training_of_manifold_layers_with_a_geoopt_optimizer_equals_the_sing
                 for key, value in layer.state_dict().items():
                     assert torch.allclose(state[key], value, rtol=1e-10, atol=1e-12), (name, key)
             assert not torch.allclose(layer.state_dict()["weight"], start["weight"])  # the steps moved it
+
+
+def _mismatch_worker(rank, world, init_file, out_dir):
+    import datetime
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        torch.set_num_threads(1)
+        name, idx, vals, shape, r = _completion_problems()[0]
+        part = shard(len(vals), rank, world)
+        outcomes = []
+        cases = [
+            {"test": (idx[:10], vals[:10])} if rank == 0 else {},  # a test set on one process only
+            {"indices": idx[part] + (100 if rank == 1 else 0)},  # one process's indices out of range
+            {"max_iter": 5 + rank},  # different options
+        ]
+        for case in cases:
+            kwargs = {"indices": idx[part], "max_iter": 5, **case}
+            try:
+                complete(
+                    kwargs.pop("indices"),
+                    vals[part],
+                    shape,
+                    r,
+                    distributed=True,
+                    generator=torch.Generator().manual_seed(0),
+                    **kwargs,
+                )
+                outcomes.append("ran")
+            except ValueError:
+                outcomes.append("refused")
+        torch.save(outcomes, os.path.join(out_dir, f"mismatch-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_a_process_that_rejects_its_input_stops_all_of_them():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_mismatch_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        for rank in range(2):
+            assert torch.load(os.path.join(tmp, f"mismatch-{rank}.pt")) == ["refused"] * 3
