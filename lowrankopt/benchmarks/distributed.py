@@ -79,17 +79,17 @@ def run(case: Case, ctx: Context) -> dict:
     base = res.time / res.nit
     rows = [
         timing_row(
-            f"1 process, plain complete(), |Ω| = {entries}",
+            f"1 process, plain complete(), {entries} entries",
             Timing.of([base]),
             figures={"iterations": res.nit, "train error": res.train_error},
             status="time: per iteration",
         )
     ]
     runs = [
-        (f"strong: 1 process, |Ω| = {entries}", 1, entries),
-        (f"strong: 2 processes, |Ω| = {entries} ({entries // 2} each)", 2, entries),
-        (f"weak: 1 process, |Ω| = {entries // 2}", 1, entries // 2),
-        (f"weak: 2 processes, |Ω| = {entries} ({entries // 2} each)", 2, entries),
+        (f"strong: 1 process, {entries} entries", 1, entries),
+        (f"strong: 2 processes, {entries} entries ({entries // 2} each)", 2, entries),
+        (f"weak: 1 process, {entries // 2} entries", 1, entries // 2),
+        (f"weak: 2 processes, {entries} entries ({entries // 2} each)", 2, entries),
     ]
     for label, world, n_entries in runs:
         ctx.status(label)
