@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from .._checks import check_index, check_same, check_tensor
-from .tt import _CoreList, _trunc_rank
+from .tt import _checked_cores, _CoreList, _trunc_rank
 
 __all__ = ["TensorRing"]
 
@@ -35,12 +35,7 @@ class TensorRing(_CoreList):
     __slots__ = ("cores",)
 
     def __init__(self, cores: Sequence[torch.Tensor]):
-        cores = list(cores)
-        if not cores:
-            raise ValueError("cores must be a non-empty sequence of 3-D tensors")
-        for k, c in enumerate(cores):
-            check_tensor(f"cores[{k}]", c, 3)
-        check_same("cores", cores)
+        cores = _checked_cores(cores, 3)
         d = len(cores)
         for k in range(d):
             if cores[k].shape[2] != cores[(k + 1) % d].shape[0]:

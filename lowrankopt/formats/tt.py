@@ -88,6 +88,18 @@ def _svd_truncate_right_to_left(cores: list[torch.Tensor], max_ranks, eps: float
     return cores
 
 
+def _checked_cores(cores: Sequence[torch.Tensor], ndim: int) -> list[torch.Tensor]:
+    """``cores`` as a list, checked: non-empty, each a finite float32/float64 tensor of ``ndim`` dims, one dtype and
+    one device."""
+    cores = list(cores)
+    if not cores:
+        raise ValueError(f"cores must be a non-empty sequence of {ndim}-D tensors")
+    for k, c in enumerate(cores):
+        check_tensor(f"cores[{k}]", c, ndim)
+    check_same("cores", cores)
+    return cores
+
+
 class _CoreList:
     """What the core-list formats (:class:`TensorTrain`, :class:`~lowrankopt.formats.tr.TensorRing`) share: cores
     ``(r, n_k, r')``, hence ``shape``, ``ndim``, ``dtype``, ``device``, ``to`` and ``repr``."""
@@ -132,12 +144,7 @@ class TensorTrain(_CoreList):
     __slots__ = ("cores", "_cache")
 
     def __init__(self, cores: Sequence[torch.Tensor]):
-        cores = list(cores)
-        if not cores:
-            raise ValueError("cores must be a non-empty sequence of 3-D tensors")
-        for k, c in enumerate(cores):
-            check_tensor(f"cores[{k}]", c, 3)
-        check_same("cores", cores)
+        cores = _checked_cores(cores, 3)
         if cores[0].shape[0] != 1 or cores[-1].shape[2] != 1:
             raise ValueError("cores[0] must have shape (1, n_1, r_1) and cores[-1] shape (r_{d-1}, n_d, 1)")
         for k in range(len(cores) - 1):
@@ -365,12 +372,7 @@ class TTMatrix:
     __slots__ = ("cores",)
 
     def __init__(self, cores: Sequence[torch.Tensor]):
-        cores = list(cores)
-        if not cores:
-            raise ValueError("cores must be a non-empty sequence of 4-D tensors")
-        for k, c in enumerate(cores):
-            check_tensor(f"cores[{k}]", c, 4)
-        check_same("cores", cores)
+        cores = _checked_cores(cores, 4)
         if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
             raise ValueError("cores[0] must have shape (1, m_1, n_1, r_1) and cores[-1] (r_{d-1}, m_d, n_d, 1)")
         for k in range(len(cores) - 1):
