@@ -6,19 +6,43 @@ names the argument, instead of producing a wrong answer deep inside a contractio
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def _dtype_error(name: str, dtype: object) -> TypeError:
+    """The one error for a dtype outside FLOAT_DTYPES, with the reason for the common cases."""
+    why = ""
+    if dtype in (torch.float16, torch.bfloat16):
+        why = (
+            " (half precision is not supported: the QR, SVD and solves of the formats and manifolds have no "
+            "float16/bfloat16 kernels on every device, and their accuracy needs float32 at least; keep the "
+            "points in float32 and use torch.autocast around the layers)"
+        )
+    elif isinstance(dtype, torch.dtype) and dtype.is_complex:
+        why = " (complex tensors are not supported: the manifolds are real, with a real inner product)"
+    return TypeError(f"{name} must be float32 or float64, got {dtype}{why}")
+
+
+def check_dtype(name: str, dtype: object) -> torch.dtype:
+    """``dtype`` if it is float32 or float64, else a TypeError that names ``name`` (and says why half precision
+    and complex dtypes are refused)."""
+    if dtype not in FLOAT_DTYPES:
+        raise _dtype_error(name, dtype)
+    return dtype
 
 
 def check_tensor(name: str, t: object, ndim: int | None = None, finite: bool = True) -> torch.Tensor:
     """Check that ``t`` is a floating tensor (float32/float64) with ``ndim`` dims and finite entries."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+    check_dtype(name, t.dtype)
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if finite and not bool(torch.isfinite(t).all()):
@@ -55,10 +79,95 @@ def check_index(name: str, idx: object, bounds: Sequence[int], device: torch.dev
     return idx
 
 
-def as_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+def as_int(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` as a Python int ``>= minimum``.
+
+    Python ints and numpy / torch integer scalars are accepted (converted with ``operator.index``); bools, floats
+    (even integral ones: a size is not a measurement) and tensors with more than one element are refused with a
+    ValueError that names ``name``.
+    """
+    what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    is_bool = isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+    if is_bool or (isinstance(value, torch.Tensor) and value.dim() != 0):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
     return value
+
+
+def as_positive_int(name: str, value: object) -> int:
+    """``value`` as a Python int ``>= 1`` (see :func:`as_int`)."""
+    return as_int(name, value, 1)
+
+
+def as_shape(name: str, shape: object) -> tuple[int, ...]:
+    """A non-empty sequence of positive ints (each entry as in :func:`as_int`) as a tuple of Python ints."""
+    if isinstance(shape, (str, bytes)) or not _is_sequence(shape) or not list(shape):
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {shape!r}")
+    return tuple(as_positive_int(f"{name}[{k}]", n) for k, n in enumerate(shape))
+
+
+def as_rank_list(name: str, ranks: object, d: int) -> list[int]:
+    """An int-like or a sequence of ``d - 1`` int-likes as the list of the ``d - 1`` inner ranks (positive ints)."""
+    what = f"a positive int or {d - 1} positive ints"
+    if isinstance(ranks, (str, bytes)) or not _is_sequence(ranks):
+        try:
+            return [as_positive_int(name, ranks)] * (d - 1)
+        except ValueError:
+            raise ValueError(f"{name} must be {what}, got {ranks!r}") from None
+    ranks = list(ranks)
+    if len(ranks) != d - 1:
+        raise ValueError(f"{name} must be {what}, got {ranks!r}")
+    return [as_positive_int(f"{name}[{k}]", r) for k, r in enumerate(ranks)]
+
+
+def _is_sequence(value: object) -> bool:
+    """Whether ``value`` iterates (a 0-dim tensor or array has ``__iter__`` but refuses)."""
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
+
+
+def as_tolerance(name: str, value: object) -> float:
+    """A finite number ``>= 0`` (bools refused) as a Python float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    if not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    return float(value)
+
+
+def check_random_options(
+    dtype: object, device: object, generator: object
+) -> tuple[torch.dtype, torch.device | None, torch.device | None]:
+    """The checked ``(dtype, device, draw_device)`` of a random factory: ``dtype`` float32/float64, ``device`` None or
+    a valid torch device, ``generator`` None or a ``torch.Generator``; ``draw_device`` is where the generator draws
+    (its own device; ``device`` without one)."""
+    check_dtype("dtype", dtype)
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(
+                f"device must be a torch.device or a device string such as 'cpu', got {device!r}"
+            ) from None
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return dtype, device, (generator.device if generator is not None else device)
+
+
+def cast_all(tensors: Sequence[torch.Tensor], *args, **kwargs) -> list[torch.Tensor]:
+    """``[t.to(*args, **kwargs) for t in tensors]`` for the ``to`` of a format: a cast to a dtype other than
+    float32/float64 is refused (TypeError naming ``dtype``) after converting the first tensor only."""
+    first = tensors[0].to(*args, **kwargs)
+    check_dtype("dtype", first.dtype)
+    return [first] + [t.to(*args, **kwargs) for t in tensors[1:]]
 
 
 def check_scalar(name: str, value: object) -> float | torch.Tensor:
@@ -66,6 +175,8 @@ def check_scalar(name: str, value: object) -> float | torch.Tensor:
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
             raise TypeError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if value.is_complex():  # would turn a real format complex
+            raise TypeError(f"{name} must be real, got a tensor of dtype {value.dtype}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._checks import check_index, check_tensor
+from ._checks import as_int, as_shape, check_index, check_tensor
 from .autodiff import manifold_of
 from .formats.lowrank import LowRankMatrix
 from .formats.tt import TensorTrain, _rank_list
@@ -43,11 +43,12 @@ def sample_indices(shape, count: int, *, generator: torch.Generator | None = Non
 
     Returns an int64 tensor ``(count, len(shape))`` in random order. Cost ``O(count log count)``: draws
     linear indices with replacement, keeps the distinct ones and tops up until there are enough, so the
-    ``Π shape`` index space is never materialized.
+    ``Π shape`` index space is never materialized. ``shape`` and ``count`` take Python or numpy/torch integers.
     """
-    shape = [int(n) for n in shape]
+    shape = as_shape("shape", shape)
     total = math.prod(shape)
-    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= total:
+    count = as_int("count", count, minimum=0)
+    if count > total:
         raise ValueError(f"count must be an int in [0, {total}] (the number of entries), got {count!r}")
     if total >= 2**63:
         raise ValueError(f"shape {tuple(shape)} has more than 2^63 entries; linear indices would overflow int64")

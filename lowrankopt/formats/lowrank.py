@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_index, check_same, check_scalar, check_tensor
+from .._checks import (
+    as_positive_int,
+    cast_all,
+    check_index,
+    check_random_options,
+    check_same,
+    check_scalar,
+    check_tensor,
+)
 
 
 class LowRankMatrix:
@@ -59,9 +67,7 @@ class LowRankMatrix:
         Cost: one SVD, ``O(m n min(m, n))``.
         """
         check_tensor("A", A, 2)
-        m, n = A.shape
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
-            raise ValueError(f"rank must be an int in [1, {min(m, n)}] for a {m}x{n} matrix, got {rank!r}")
+        rank = _checked_rank(rank, *A.shape)
         U, s, Vh = torch.linalg.svd(A, full_matrices=False)
         return cls._trusted(U[:, :rank], torch.diag(s[:rank]), Vh[:rank].T)
 
@@ -77,13 +83,12 @@ class LowRankMatrix:
         generator: torch.Generator | None = None,
     ) -> LowRankMatrix:
         """A random rank-``rank`` matrix: Haar-like orthonormal ``U``, ``V`` and ``S = diag(s)`` with
-        ``s`` sorted decreasingly in ``[1, 2)``. Cost ``O((m + n) r²)``.
+        ``s`` sorted decreasingly in ``[1, 2)``. Sizes take Python or numpy/torch integers; ``dtype`` float32 or
+        float64. Cost ``O((m + n) r²)``.
         """
-        if not (isinstance(m, int) and isinstance(n, int) and m >= 1 and n >= 1):
-            raise ValueError(f"m and n must be positive ints, got {m!r}, {n!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
-            raise ValueError(f"rank must be an int in [1, {min(m, n)}] for a {m}x{n} matrix, got {rank!r}")
-        gdev = generator.device if generator is not None else device
+        dtype, device, gdev = check_random_options(dtype, device, generator)
+        m, n = as_positive_int("m", m), as_positive_int("n", n)
+        rank = _checked_rank(rank, m, n)
         kw = dict(dtype=dtype, device=gdev, generator=generator)
         U = torch.linalg.qr(torch.randn(m, rank, **kw))[0]
         V = torch.linalg.qr(torch.randn(n, rank, **kw))[0]
@@ -109,8 +114,8 @@ class LowRankMatrix:
         return self.U.device
 
     def to(self, *args, **kwargs) -> LowRankMatrix:
-        """Move/cast the factors, as :meth:`torch.Tensor.to`."""
-        return LowRankMatrix._trusted(*(t.to(*args, **kwargs) for t in (self.U, self.S, self.V)))
+        """Move/cast the factors, as :meth:`torch.Tensor.to` (to float32 or float64 only)."""
+        return LowRankMatrix._trusted(*cast_all((self.U, self.S, self.V), *args, **kwargs))
 
     def __repr__(self) -> str:
         return f"LowRankMatrix(shape={self.shape}, rank={self.rank}, dtype={self.dtype}, device={self.device})"
@@ -121,9 +126,15 @@ class LowRankMatrix:
         return (self.U @ self.S) @ self.V.T
 
     def gather(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Entries ``X[rows[i], cols[i]]`` as an ``(N,)`` tensor. Cost ``O(m r² + N r)``."""
+        """Entries ``X[rows[i], cols[i]]`` as an ``(N,)`` tensor; ``rows``, ``cols``: ``(N,)`` integers.
+        Cost ``O(m r² + N r)``."""
+        rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
+        if rows.dim() != 1 or rows.shape != cols.shape:
+            raise ValueError(
+                f"rows and cols must be 1-D of one length N, got shapes {tuple(rows.shape)} and {tuple(cols.shape)}"
+            )
         idx = check_index(
-            "(rows, cols)", torch.stack([torch.as_tensor(rows), torch.as_tensor(cols)], 1), self.shape, self.device
+            "(rows, cols)", torch.stack([rows.to(self.device), cols.to(self.device)], 1), self.shape, self.device
         )
         return self._gather(idx[:, 0], idx[:, 1])
 
@@ -205,3 +216,11 @@ class LowRankMatrix:
     def T(self) -> LowRankMatrix:
         """The transpose ``V Sᵀ Uᵀ``. Cost ``O(1)`` (a view)."""
         return LowRankMatrix._trusted(self.V, self.S.T, self.U)
+
+
+def _checked_rank(rank: object, m: int, n: int) -> int:
+    """``rank`` as a Python int in ``[1, min(m, n)]`` (numpy/torch integers accepted)."""
+    rank = as_positive_int("rank", rank)
+    if rank > min(m, n):
+        raise ValueError(f"rank must be an int in [1, {min(m, n)}] for a {m}x{n} matrix, got {rank!r}")
+    return rank

@@ -16,7 +16,15 @@ from collections.abc import Sequence
 
 import torch
 
-from .._checks import check_index, check_same, check_tensor
+from .._checks import (
+    as_positive_int,
+    as_shape,
+    as_tolerance,
+    check_index,
+    check_random_options,
+    check_same,
+    check_tensor,
+)
 from .tt import _checked_cores, _CoreList, _trunc_rank
 
 __all__ = ["TensorRing"]
@@ -63,13 +71,10 @@ class TensorRing(_CoreList):
         generator: torch.Generator | None = None,
     ) -> TensorRing:
         """A TR with every rank ``rank`` and i.i.d. Gaussian cores scaled by ``1/sqrt(r n_k)`` (entries O(1)).
+        ``shape`` and ``rank`` take Python or numpy/torch integers; ``dtype`` float32 or float64.
         Cost ``O(d n r²)``."""
-        shape = [int(n) for n in shape]
-        if not shape or any(n < 1 for n in shape):
-            raise ValueError(f"shape must be a non-empty sequence of positive ints, got {shape!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
-        gdev = generator.device if generator is not None else device
+        dtype, device, gdev = check_random_options(dtype, device, generator)
+        shape, rank = as_shape("shape", shape), as_positive_int("rank", rank)
         cores = [
             torch.randn(rank, n, rank, dtype=dtype, device=gdev, generator=generator) / math.sqrt(rank * n)
             for n in shape
@@ -95,10 +100,8 @@ class TensorRing(_CoreList):
         check_tensor("A", A)
         if A.dim() < 2:
             raise ValueError("A must have at least two dimensions")
-        if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
-            raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
-        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf):
-            raise ValueError(f"eps must be a non-negative finite number, got {eps!r}")
+        max_rank = None if max_rank is None else as_positive_int("max_rank", max_rank)
+        eps = None if eps is None else as_tolerance("eps", eps)
         shape, d = tuple(A.shape), A.dim()
         norm = float(torch.linalg.vector_norm(A))
         tiny = torch.finfo(A.dtype).eps * norm  # "nonzero" singular values when eps is None

@@ -17,18 +17,20 @@ from collections.abc import Sequence
 
 import torch
 
-from .._checks import check_index, check_same, check_scalar, check_tensor
+from .._checks import (
+    as_rank_list,
+    as_shape,
+    as_tolerance,
+    cast_all,
+    check_index,
+    check_random_options,
+    check_same,
+    check_scalar,
+    check_tensor,
+)
 from .index_plan import IndexPlan
 
-
-def _rank_list(name: str, ranks, d: int) -> list[int]:
-    """Normalize an int or a length-(d-1) sequence of ints to a list of d - 1 inner ranks."""
-    if isinstance(ranks, int) and not isinstance(ranks, bool):
-        ranks = [ranks] * (d - 1)
-    ranks = list(ranks)
-    if len(ranks) != d - 1 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
-        raise ValueError(f"{name} must be a positive int or {d - 1} positive ints, got {ranks!r}")
-    return ranks
+_rank_list = as_rank_list  # the name completion.py imports
 
 
 def _trunc_rank(s: torch.Tensor, delta: float, max_rank: int | None) -> int:
@@ -124,7 +126,7 @@ class _CoreList:
 
     def to(self, *args, **kwargs):
         """Move/cast every core, as :meth:`torch.Tensor.to`."""
-        return type(self)._trusted([c.to(*args, **kwargs) for c in self.cores])
+        return type(self)._trusted(cast_all(self.cores, *args, **kwargs))
 
     def __repr__(self) -> str:
         name = type(self).__name__
@@ -183,10 +185,8 @@ class TensorTrain(_CoreList):
         if A.dim() < 1:
             raise ValueError("A must have at least one dimension")
         shape, d = tuple(A.shape), A.dim()
-        max_ranks = None if max_rank is None else _rank_list("max_rank", max_rank, d)
-        if eps is not None and not (isinstance(eps, (int, float)) and eps >= 0):
-            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-        eps = 0.0 if eps is None else float(eps)
+        max_ranks = None if max_rank is None else as_rank_list("max_rank", max_rank, d)
+        eps = 0.0 if eps is None else as_tolerance("eps", eps)
         delta = eps * float(torch.linalg.vector_norm(A)) / math.sqrt(max(d - 1, 1))
         cores, C, r_prev = [], A, 1
         for k in range(d - 1):
@@ -214,19 +214,17 @@ class TensorTrain(_CoreList):
     ) -> TensorTrain:
         """A TT with i.i.d. Gaussian cores scaled by ``1/sqrt(r_{k-1} n_k)`` (so entries are O(1)).
 
-        ``ranks`` is an int or d − 1 ints; ranks above what the shape allows are clipped.
-        Cost ``O(d n r²)``.
+        ``shape`` and ``ranks`` (an int or d − 1 ints) take Python or numpy/torch integers; ranks above what the
+        shape allows are clipped. ``dtype`` float32 or float64. Cost ``O(d n r²)``.
         """
-        shape = [int(n) for n in shape]
-        if not shape or any(n < 1 for n in shape):
-            raise ValueError(f"shape must be a non-empty sequence of positive ints, got {shape!r}")
+        dtype, device, gdev = check_random_options(dtype, device, generator)
+        shape = list(as_shape("shape", shape))
         d = len(shape)
-        ranks = [1] + _rank_list("ranks", ranks, d) + [1]
+        ranks = [1] + as_rank_list("ranks", ranks, d) + [1]
         for k in range(1, d):  # clip to the maximal ranks from both sides
             ranks[k] = min(ranks[k], ranks[k - 1] * shape[k - 1])
         for k in range(d - 1, 0, -1):
             ranks[k] = min(ranks[k], ranks[k + 1] * shape[k])
-        gdev = generator.device if generator is not None else device
         cores = [
             torch.randn(ranks[k], shape[k], ranks[k + 1], dtype=dtype, device=gdev, generator=generator)
             / math.sqrt(ranks[k] * shape[k])
@@ -259,11 +257,10 @@ class TensorTrain(_CoreList):
         """
         if max_rank is None and eps is None:
             raise ValueError("give max_rank, eps or both")
-        if eps is not None and not (isinstance(eps, (int, float)) and eps >= 0):
-            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-        max_ranks = None if max_rank is None else _rank_list("max_rank", max_rank, self.ndim)
+        eps = 0.0 if eps is None else as_tolerance("eps", eps)
+        max_ranks = None if max_rank is None else as_rank_list("max_rank", max_rank, self.ndim)
         cores = left_orthogonalize(self.cores)
-        return TensorTrain._trusted(_svd_truncate_right_to_left(cores, max_ranks, eps or 0.0))
+        return TensorTrain._trusted(_svd_truncate_right_to_left(cores, max_ranks, eps))
 
     # ----------------------------------------------------------------- evaluation
     def full(self) -> torch.Tensor:
@@ -411,7 +408,8 @@ class TTMatrix:
         return self.cores[0].device
 
     def to(self, *args, **kwargs) -> TTMatrix:
-        return TTMatrix._trusted([c.to(*args, **kwargs) for c in self.cores])
+        """Move/cast every core, as :meth:`torch.Tensor.to` (to float32 or float64 only)."""
+        return TTMatrix._trusted(cast_all(self.cores, *args, **kwargs))
 
     def __repr__(self) -> str:
         return f"TTMatrix(row_shape={self.row_shape}, col_shape={self.col_shape}, ranks={self.ranks})"
@@ -428,9 +426,9 @@ class TTMatrix:
         """TT-SVD of the dense ``(Π m_k, Π n_k)`` matrix ``A`` with modes ``(m_k, n_k)`` merged.
         Same accuracy guarantee as :meth:`TensorTrain.from_dense`. Cost ``O((mn)^{d+1} r)``."""
         check_tensor("A", A, 2)
-        row_shape, col_shape = [int(m) for m in row_shape], [int(n) for n in col_shape]
+        row_shape, col_shape = _mode_shapes(row_shape, col_shape)
         d = len(row_shape)
-        if len(col_shape) != d or tuple(A.shape) != (math.prod(row_shape), math.prod(col_shape)):
+        if tuple(A.shape) != (math.prod(row_shape), math.prod(col_shape)):
             raise ValueError(
                 f"A of shape {tuple(A.shape)} does not match row_shape {row_shape} and col_shape {col_shape}"
             )
@@ -443,8 +441,10 @@ class TTMatrix:
 
     @classmethod
     def random(cls, row_shape, col_shape, ranks, *, dtype=torch.float64, device=None, generator=None) -> TTMatrix:
-        """Gaussian cores scaled by ``1/sqrt(r_{k-1} n_k)``. Cost ``O(d m n r²)``."""
-        merged = [int(m) * int(n) for m, n in zip(row_shape, col_shape)]
+        """Gaussian cores scaled by ``1/sqrt(r_{k-1} n_k)``; arguments as in :meth:`TensorTrain.random`.
+        Cost ``O(d m n r²)``."""
+        row_shape, col_shape = _mode_shapes(row_shape, col_shape)
+        merged = [m * n for m, n in zip(row_shape, col_shape)]
         tt = TensorTrain.random(merged, ranks, dtype=dtype, device=device, generator=generator)
         return cls._trusted(
             [c.reshape(c.shape[0], m, n, c.shape[2]) * math.sqrt(m) for c, m, n in zip(tt.cores, row_shape, col_shape)]
@@ -490,3 +490,14 @@ class TTMatrix:
             rc, _, re = x.shape
             cores.append(torch.einsum("aijb,cje->acibe", a, x).reshape(ra * rc, m, rb * re))
         return TensorTrain._trusted(cores)
+
+
+def _mode_shapes(row_shape, col_shape) -> tuple[list[int], list[int]]:
+    """The checked mode sizes of a TT-matrix: two sequences of positive ints of one length."""
+    row_shape, col_shape = list(as_shape("row_shape", row_shape)), list(as_shape("col_shape", col_shape))
+    if len(row_shape) != len(col_shape):
+        raise ValueError(
+            f"row_shape and col_shape must have one entry per mode each, got {len(row_shape)} and "
+            f"{len(col_shape)} entries ({row_shape} and {col_shape})"
+        )
+    return row_shape, col_shape

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import as_positive_int
 from ..formats.delta_lowrank import DeltaLowRank, MatrixFamily
 from ..formats.lowrank import LowRankMatrix
 from .base import LowRankManifold
@@ -19,9 +20,7 @@ class FixedRankMatrices(LowRankManifold):
     """
 
     def __init__(self, m: int, n: int, rank: int):
-        for name, val in (("m", m), ("n", n), ("rank", rank)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        m, n, rank = as_positive_int("m", m), as_positive_int("n", n), as_positive_int("rank", rank)
         if rank > min(m, n):
             raise ValueError(f"rank must be <= min(m, n) = {min(m, n)}, got {rank}")
         self.m, self.n, self.rank = m, n, rank

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .._checks import as_rank_list, as_shape
 from ..formats.delta_tt import Chain, DeltaTT, TTFamily
 from ..formats.tt import TensorTrain, _svd_truncate_right_to_left, left_orthogonalize, right_orthogonalize
 from .base import LowRankManifold
@@ -24,17 +25,11 @@ class FixedTTRank(LowRankManifold):
     """
 
     def __init__(self, shape, ranks):
-        shape = list(shape)
-        if not shape or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
-            raise ValueError(f"shape must be a non-empty sequence of positive ints, got {shape!r}")
+        shape = list(as_shape("shape", shape))
         d = len(shape)
         if d < 2:
             raise ValueError(f"shape must have at least 2 modes (a 1-mode tensor is a plain vector), got {shape!r}")
-        if isinstance(ranks, int) and not isinstance(ranks, bool):
-            ranks = [ranks] * (d - 1)
-        ranks = list(ranks)
-        if len(ranks) != d - 1 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
-            raise ValueError(f"ranks must be {d - 1} positive ints (the inner TT ranks), got {ranks!r}")
+        ranks = as_rank_list("ranks", ranks, d)
         full = [1] + ranks + [1]
         for k in range(1, d):
             lo, hi = math.prod(shape[:k]), math.prod(shape[k:])
