@@ -417,20 +417,24 @@ def test_state_dict_round_trip_continues_identically(kind, name):
             assert torch.equal(torch.as_tensor(s1[key]), torch.as_tensor(s2[key]))
 
 
+WEIGHT_DECAY = r"param group 0 has weight_decay=.*use weight_decay=0 for lowrankopt"
+
+
 @pytest.mark.parametrize(
-    "make_opt",
+    "make_opt,error,message",
     [
-        lambda p: geoopt.optim.RiemannianSGD(p, lr=0.1, weight_decay=1e-3),
-        lambda p: geoopt.optim.RiemannianAdam(p, lr=0.1, weight_decay=1e-3),
-        lambda p: torch.optim.AdamW(p, lr=0.1),  # default weight_decay=0.01
+        (lambda p: geoopt.optim.RiemannianSGD(p, lr=0.1, weight_decay=1e-3), ValueError, WEIGHT_DECAY),
+        (lambda p: geoopt.optim.RiemannianAdam(p, lr=0.1, weight_decay=1e-3), ValueError, WEIGHT_DECAY),
+        # default weight_decay=0.01, but first of all a Euclidean optimizer
+        (lambda p: torch.optim.AdamW(p, lr=0.1), TypeError, r"AdamW is not a Riemannian optimizer"),
     ],
 )
-def test_weight_decay_on_packed_parameters_raises(make_opt, g):
+def test_weight_decay_on_packed_parameters_raises(make_opt, error, message, g):
     layer = LowRankLinear(6, 5, 2, dtype=DT, generator=g)
     opt = make_opt(layer.parameters())
     layer(torch.randn(3, 6, dtype=DT, generator=g)).sum().backward()
     before = layer.weight.detach().clone()
-    with pytest.raises(ValueError, match=r"param group 0 has weight_decay=.*use weight_decay=0 for lowrankopt"):
+    with pytest.raises(error, match=message):
         opt.step()
     assert torch.equal(layer.weight.detach(), before)
 
@@ -475,3 +479,107 @@ def test_cuda_training_matches_cpu(kind):
     _train(layer, make_opt(layer.parameters()), X, Y, 20)
     _train(layer_c, make_opt(layer_c.parameters()), X.cuda(), Y.cuda(), 20)
     assert rel(layer_c.weight_matrix().full().cpu(), layer.weight_matrix().full()) < 1e-10
+
+
+# ---------------------------------------------------------------------- the step guard: Euclidean optimizers
+def _manifold_layers():
+    """Every layer of the library with manifold parameters, with an input; float64."""
+    from lowrankopt.nn import GSOrthogonal, STTPLinear, SVDPConv2d, TTConv2d
+
+    g = torch.Generator().manual_seed(5)
+    return {
+        "LowRankLinear": (LowRankLinear(6, 5, 2, dtype=DT, generator=g), (6,)),
+        "TTLinear": (TTLinear(8, 8, 2, dtype=DT, generator=g), (8,)),
+        "STTPLinear": (STTPLinear(8, 6, 3, parametrization="stiefel", dtype=DT, generator=g), (8,)),
+        "SVDPConv2d": (SVDPConv2d(2, 3, 3, padding=1, parametrization="stiefel", dtype=DT, generator=g), (2, 4, 4)),
+        "GSOrthogonal": (GSOrthogonal(8, 2, parametrization="orthogonal", dtype=DT), (8,)),
+        "TTConv2d": (TTConv2d(4, 6, 3, 2, padding=1, orthogonality="stiefel", dtype=DT, generator=g), (4, 5, 5)),
+    }
+
+
+def _loss(layer, shape, seed=0):
+    x = torch.randn(3, *shape, dtype=DT, generator=torch.Generator().manual_seed(seed))
+    return (layer(x) ** 2).sum() + layer(x).sum()
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [lambda p: torch.optim.SGD(p, lr=0.1), lambda p: torch.optim.Adam(p, lr=0.1)],
+    ids=["SGD", "Adam"],
+)
+@pytest.mark.parametrize("name", list(_manifold_layers()))
+def test_euclidean_optimizer_on_a_manifold_parameter_raises_naming_it(name, make_opt):
+    layer, shape = _manifold_layers()[name]
+    opt = make_opt(layer.parameters())
+    _loss(layer, shape).backward()
+    before = [p.detach().clone() for p in layer.parameters()]
+    with pytest.raises(TypeError, match=rf"param group 0, parameter \d+ .*is {name}\(.*RiemannianSGD.*RiemannianAdam"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(layer.parameters(), before))  # nothing moved
+
+
+def test_the_guard_survives_copies_and_names_the_euclidean_alternative():
+    import copy
+
+    layer, shape = _manifold_layers()["STTPLinear"]
+    twin = copy.deepcopy(layer)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    _loss(twin, shape).backward()
+    with pytest.raises(TypeError, match=r"STTPLinear\(.*\)\.U\.params\[0\].*parametrization='householder'"):
+        opt.step()
+
+
+@pytest.mark.parametrize("name", list(_manifold_layers()))
+def test_riemannian_optimizers_with_euclidean_ones_schedulers_and_swa_are_not_refused(name):
+    """The documented pattern — a Riemannian optimizer for the manifold parameters, any optimizer for the plain
+    ones — with an LR scheduler, geoopt's stabilize and momentum, and SWA, trains and stays on the manifold."""
+    layer, shape = _manifold_layers()[name]
+    manifold_params = [p for p in layer.parameters() if isinstance(p, geoopt.ManifoldParameter)]
+    plain = [p for p in layer.parameters() if not isinstance(p, geoopt.ManifoldParameter)]
+    riem = [
+        geoopt.optim.RiemannianAdam(manifold_params, lr=1e-2, stabilize=2),
+        geoopt.optim.RiemannianSGD(manifold_params, lr=1e-2, momentum=0.9, stabilize=2),
+    ]
+    swa = torch.optim.swa_utils.AveragedModel(layer)
+    for riemannian in riem:
+        opts = [riemannian] + ([torch.optim.Adam(plain, lr=1e-2)] if plain else [])
+        scheds = [torch.optim.lr_scheduler.StepLR(o, 2) for o in opts] + [torch.optim.swa_utils.SWALR(opts[0], 1e-3)]
+        first = float(_loss(layer, shape))
+        for _ in range(4):
+            for o in opts:
+                o.zero_grad()
+            _loss(layer, shape).backward()
+            for o in opts:
+                o.step()
+            for s in scheds:
+                s.step()
+            swa.update_parameters(layer)
+        assert float(_loss(layer, shape)) < first
+        for p in manifold_params:
+            assert p.manifold.check_point_on_manifold(p, atol=1e-12, rtol=1e-12)
+
+
+def test_the_guard_is_installed_by_layers_without_packed_manifolds():
+    """Layers whose only manifold parameters are geoopt.EuclideanStiefel ones install the guard themselves."""
+    from lowrankopt.manifolds import geoopt as bridge
+    from lowrankopt.nn import STTPLinear
+
+    if bridge._STEP_PRE_HOOK is not None:  # as in a fresh process where no packed manifold was ever made
+        bridge._STEP_PRE_HOOK.remove()
+        bridge._STEP_PRE_HOOK = None
+    layer = STTPLinear(8, 6, 3, parametrization="stiefel", dtype=DT)
+    assert bridge._STEP_PRE_HOOK is not None
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    _loss(layer, (8,)).backward()
+    with pytest.raises(TypeError, match="STTPLinear"):
+        opt.step()
+
+
+def test_frozen_manifold_parameters_do_not_trip_the_guard():
+    """A Euclidean optimizer given a whole model whose manifold layer is frozen (no gradient) steps nothing off."""
+    layer = LowRankLinear(6, 5, 2, dtype=DT)
+    layer.weight.requires_grad_(False)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1)
+    _loss(layer, (6,)).backward()
+    opt.step()
+    assert layer.manifold.check_point_on_manifold(layer.weight, atol=1e-12, rtol=1e-12)

@@ -27,10 +27,18 @@ detached frames: for matrices ``X = U (S + z_S) Vᵀ + z_U Vᵀ + U z_Vᵀ``, fo
 projection (:meth:`proju`); no ``S⁻¹`` and no SVD on the tape. A module that builds its object from the
 raw factors instead gets factor gradients, for which ``egrad2rgrad`` is **wrong**.
 
-**Weight decay** on packed factors is meaningless (it would shrink orthonormal frames); a global
-optimizer step pre-hook, registered when the first of these manifolds is created, raises ``ValueError`` for any param
-group holding one of these parameters with ``weight_decay != 0`` (``torch.optim.AdamW`` defaults to
-0.01: give these parameters their own group with ``weight_decay=0``).
+**The step guard.** A global optimizer step pre-hook, registered when the library creates its first manifold
+parameter (a packed one, or a ``geoopt.EuclideanStiefel`` one of the ``nn`` layers, made by
+:func:`manifold_parameter`), raises
+
+* ``TypeError`` when an optimizer that is not one of geoopt's Riemannian optimizers (``torch.optim.Adam``,
+  ``SGD``, ...) is about to step such a parameter that has a gradient: a Euclidean step would leave the
+  manifold silently. The message names the parameter (its layer and attribute, param group and position).
+  Plain parameters can stay with any optimizer; give the manifold parameters to ``RiemannianSGD`` /
+  ``RiemannianAdam``.
+* ``ValueError`` for any param group holding a packed parameter with ``weight_decay != 0``: decaying packed
+  factors is meaningless (it would shrink orthonormal frames; ``torch.optim.AdamW`` defaults to 0.01: give
+  these parameters their own group with ``weight_decay=0``).
 """
 
 from __future__ import annotations
@@ -587,36 +595,76 @@ class GeooptFixedTTRank(_PackedLowRank):
 
 
 # ---------------------------------------------------------------------- optimizer step guard
+OWNER = "lowrankopt_owner"  # on the manifold (deep copies and pickles keep it): who made the parameter
+HINT = "lowrankopt_hint"  # on the manifold: a Euclidean way to train the same layer, if there is one
+
+
+def manifold_parameter(
+    data: torch.Tensor, manifold: geoopt.Manifold, owner: str, hint: str | None = None
+) -> geoopt.ManifoldParameter:
+    """A ``geoopt.ManifoldParameter`` created by the library: the optimizer step guard is installed and the
+    parameter is marked as guarded, with ``owner`` (e.g. ``"TTConv2d(4, 6, kernel_size=3, rank=2).first"``) and
+    ``hint`` (a Euclidean alternative) for the guard's error messages. ``manifold`` must be a fresh instance
+    (the marks live on it)."""
+    _register_step_guard()
+    setattr(manifold, OWNER, owner)
+    setattr(manifold, HINT, hint)
+    return geoopt.ManifoldParameter(data, manifold=manifold)
+
+
 def _is_ours(p) -> bool:
-    return isinstance(p, ManifoldTensor) and isinstance(getattr(p, "manifold", None), _PackedLowRank)
+    """A parameter the guard protects: on a packed manifold, or made by :func:`manifold_parameter`."""
+    m = getattr(p, "manifold", None) if isinstance(p, ManifoldTensor) else None
+    return isinstance(m, _PackedLowRank) or getattr(m, OWNER, None) is not None
+
+
+def _is_riemannian(optimizer) -> bool:
+    """geoopt's Riemannian optimizers (RiemannianSGD, RiemannianAdam, their sparse versions, the line search)
+    share ``OptimMixin``; they step a ManifoldTensor by its manifold's retraction."""
+    return isinstance(optimizer, geoopt.optim.mixin.OptimMixin)
+
+
+def _euclidean_step_error(optimizer, i: int, j: int, p) -> TypeError:
+    owner = getattr(p.manifold, OWNER, None) or f"a parameter on {p.manifold!r}"
+    hint = getattr(p.manifold, HINT, None)
+    return TypeError(
+        f"{type(optimizer).__name__} is not a Riemannian optimizer, but param group {i}, parameter {j} "
+        f"(shape {tuple(p.shape)}) is {owner}, a lowrankopt manifold parameter: a Euclidean step would move it off "
+        "its manifold (its orthonormal factors would stop being orthonormal). Train manifold parameters with "
+        "geoopt.optim.RiemannianSGD or geoopt.optim.RiemannianAdam (plain parameters can keep any torch optimizer: "
+        "give the manifold parameters to a Riemannian one)" + (f"; or {hint}" if hint else "") + "."
+    )
 
 
 def _step_pre_hook(optimizer, args, kwargs):
-    """Global optimizer step pre-hook for packed lowrankopt parameters.
+    """Global optimizer step pre-hook for the manifold parameters of lowrankopt (:func:`_is_ours`).
 
-    * Weight decay on them is an error (``ValueError``).
-    * ``torch.optim.Adam.__setstate__`` (run by ``load_state_dict``) turns geoopt's integer
-      ``state["step"]`` into a float32 tensor, so ``RiemannianAdam``'s bias corrections would change
-      after a checkpoint round trip; turn it back into the int geoopt keeps, so that training resumes
-      bit-identically.
+    * A step of a non-Riemannian optimizer (``torch.optim.Adam``, ``SGD``, ...) on one of them, with a gradient,
+      is an error (``TypeError``, naming the parameter): it would leave the manifold silently.
+    * Weight decay on packed parameters is an error (``ValueError``).
+    * ``torch.optim.Adam.__setstate__`` (run by ``load_state_dict``) turns geoopt's integer ``state["step"]``
+      into a float32 tensor, so ``RiemannianAdam``'s bias corrections would change after a checkpoint round
+      trip; turn it back into the int geoopt keeps (for every parameter of the optimizer), so that training
+      resumes bit-identically.
     """
+    riemannian = _is_riemannian(optimizer)
     for i, group in enumerate(optimizer.param_groups):
-        ours = [p for p in group["params"] if _is_ours(p)]
-        if not ours:
-            continue
+        for j, p in enumerate(group["params"]):
+            if not riemannian and p.grad is not None and _is_ours(p):
+                raise _euclidean_step_error(optimizer, i, j, p)
+        packed = [p for p in group["params"] if _is_ours(p) and isinstance(p.manifold, _PackedLowRank)]
         wd = group.get("weight_decay", 0)
-        if wd:
+        if packed and wd:
             raise ValueError(
                 f"{type(optimizer).__name__}: param group {i} has weight_decay={wd} but holds a lowrankopt "
-                f"manifold parameter (on {ours[0].manifold!r}); decaying packed factors is meaningless and breaks "
+                f"manifold parameter (on {packed[0].manifold!r}); decaying packed factors is meaningless and breaks "
                 "their orthonormality: use weight_decay=0 for lowrankopt manifold parameters (put them in their "
                 "own param group)."
             )
-        if isinstance(optimizer, geoopt.optim.RiemannianAdam):
-            for p in ours:
-                state = optimizer.state.get(p)
-                if state and isinstance(state.get("step"), torch.Tensor):
-                    state["step"] = int(state["step"].item())
+    if isinstance(optimizer, geoopt.optim.RiemannianAdam):
+        for state in optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = int(state["step"].item())
     return None
 
 
@@ -624,8 +672,8 @@ _STEP_PRE_HOOK = None
 
 
 def _register_step_guard() -> None:
-    """Install the global step pre-hook once, when the first packed manifold is created (so importing
-    lowrankopt does not touch the optimizers of users who never use these parameters)."""
+    """Install the global step pre-hook once, when the first manifold parameter of the library is created (so
+    importing lowrankopt does not touch the optimizers of users who never use these parameters)."""
     global _STEP_PRE_HOOK
     if _STEP_PRE_HOOK is None:
         _STEP_PRE_HOOK = register_optimizer_step_pre_hook(_step_pre_hook)

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import geoopt
 import torch
 
+from ..manifolds.geoopt import manifold_parameter
+
 __all__ = ["GSMatrix", "GSOrthogonal", "blockdiag_matmul", "gs_matmul", "gs_project", "shuffle_index"]
 
 MAPS = ("cayley", "exp", "neumann")
@@ -164,6 +166,8 @@ def _skew(params: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def _orthogonal(K: torch.Tensor, kind: str, terms: int) -> torch.Tensor:
+    if K.dtype in (torch.float16, torch.bfloat16):  # no half LU / matrix_exp kernels: map in float32, round once
+        return _orthogonal(K.float(), kind, terms).to(K.dtype)
     eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
     if kind == "cayley":  # (I + K)(I − K)⁻¹ = (I − K)⁻¹(I + K)
         return torch.linalg.solve(eye - K, eye + K)
@@ -236,8 +240,9 @@ class GSOrthogonal(torch.nn.Module):
             self.R = torch.nn.Parameter(torch.zeros(k, b * (b - 1) // 2, dtype=dtype, device=device))
         else:
             eye = torch.eye(b, dtype=dtype, device=device).expand(k, b, b).clone()
-            self.L = geoopt.ManifoldParameter(eye.clone(), manifold=geoopt.EuclideanStiefel())
-            self.R = geoopt.ManifoldParameter(eye, manifold=geoopt.EuclideanStiefel())
+            name, hint = f"GSOrthogonal(n={n}, block_size={b})", "use parametrization='skew' (any torch optimizer)"
+            self.L = manifold_parameter(eye.clone(), geoopt.EuclideanStiefel(), f"{name}.L", hint)
+            self.R = manifold_parameter(eye, geoopt.EuclideanStiefel(), f"{name}.R", hint)
         self.register_buffer("perm", shuffle_index(k, n, device=device), persistent=False)
         self.register_buffer("inverse_perm", torch.argsort(self.perm), persistent=False)
 

@@ -12,11 +12,10 @@ import math
 from collections.abc import Sequence
 
 import torch
-from geoopt import ManifoldParameter
 
 from ..formats.lowrank import LowRankMatrix
 from ..formats.tt import TensorTrain, TTMatrix
-from ..manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank
+from ..manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank, manifold_parameter
 
 __all__ = ["LowRankLinear", "TTLinear"]
 
@@ -90,6 +89,10 @@ class _PackedLinear(torch.nn.Module):
     def manifold(self):
         return self.weight.manifold
 
+    def _name(self) -> str:
+        """The layer as error messages name it."""
+        return f"{type(self).__name__}(in_features={self.in_features}, out_features={self.out_features})"
+
     def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Add the bias and restore the leading dimensions of ``x``."""
         if self.bias is not None:
@@ -148,7 +151,7 @@ class LowRankLinear(_PackedLinear):
         V = torch.linalg.qr(torch.randn(in_features, rank, **kw))[0]
         S = math.sqrt(out_features / (3 * rank)) * torch.eye(rank, dtype=dtype, device=gdev)
         packed = manifold.pack(LowRankMatrix(U, S, V)).to(device)
-        self.weight = ManifoldParameter(packed, manifold=manifold)
+        self.weight = manifold_parameter(packed, manifold, f"{self._name()}.weight")
         self.bias = _init_bias(out_features, in_features, bias, dtype, device, generator)
 
     def extra_repr(self) -> str:
@@ -322,7 +325,7 @@ class TTLinear(_PackedLinear):
         packed = manifold.pack(x)
         C = manifold.unpack_tensor(packed)[0]  # ‖X‖ = ‖C_1‖ in right-orthogonal form
         C.mul_(math.sqrt(out_features / 3) / torch.linalg.vector_norm(C))
-        self.weight = ManifoldParameter(packed, manifold=manifold)
+        self.weight = manifold_parameter(packed, manifold, f"{self._name()}.weight")
         self.bias = _init_bias(out_features, in_features, bias, dtype, device, generator)
 
     @staticmethod

@@ -54,6 +54,7 @@ import geoopt
 import torch
 import torch.nn.functional as F
 
+from ..manifolds.geoopt import manifold_parameter
 from .householder import householder_numel, householder_orthonormal, householder_params
 from .lowrank import _check_input, _dense_conv, _dense_linear, _init_bias, _kw, _positive_int
 
@@ -100,6 +101,7 @@ class OrthonormalTT(torch.nn.Module):
         last: layout of the last core, ``"full"`` (Stiefel) or ``"reduced"`` (Grassmann); the other cores are
             always reduced.
         parametrization: ``"householder"`` or ``"stiefel"`` (see the module docstring).
+        owner: how error messages name this factor (e.g. ``"STTPLinear(in_features=8, out_features=6).U"``).
 
     Ranks ``R_k = min(max_rank, n_1 ⋯ n_k, n_{k+1} ⋯ n_D r)``. Cores are random orthonormal (Haar per core) until
     :meth:`set_cores`. Building them costs one batched Householder product per distinct core shape.
@@ -115,6 +117,7 @@ class OrthonormalTT(torch.nn.Module):
         parametrization: str,
         dtype,
         generator=None,
+        owner: str = "OrthonormalTT",
     ):
         super().__init__()
         self.modes = tuple(modes)
@@ -141,14 +144,16 @@ class OrthonormalTT(torch.nn.Module):
             groups.setdefault((bonds[k] * n, bonds[k + 1], kind), []).append(k)
         self._groups = list(groups.items())
         self.params = torch.nn.ParameterList()
-        for (rows, cols, kind), members in self._groups:
+        for i, ((rows, cols, kind), members) in enumerate(self._groups):
             if parametrization == "householder":
                 self.params.append(
                     torch.nn.Parameter(torch.zeros(len(members), householder_numel(rows, cols, kind), dtype=dtype))
                 )
             else:
                 eye = torch.eye(rows, cols, dtype=dtype).expand(len(members), rows, cols).clone()
-                self.params.append(geoopt.ManifoldParameter(eye, manifold=geoopt.EuclideanStiefel()))
+                name = f"{owner}.params[{i}] ({len(members)} core(s) with orthonormal {rows} x {cols} unfoldings)"
+                hint = "build the layer with parametrization='householder' (any torch optimizer)"
+                self.params.append(manifold_parameter(eye, geoopt.EuclideanStiefel(), name, hint))
         cores = [
             _random_orthonormal(bonds[k] * n, bonds[k + 1], generator).view(bonds[k], n, bonds[k + 1])
             for k, n in enumerate(self.modes)
@@ -251,8 +256,9 @@ class _STTPBase(torch.nn.Module):
         self.rank, self.lipschitz, self.parametrization = rank, lipschitz, parametrization
         learned = spectrum != "identity"
         common = dict(max_rank=self.max_rank, parametrization=parametrization, dtype=dtype, generator=generator)
-        self.U = OrthonormalTT(out_modes, rank, last="full" if learned else "reduced", **common)
-        self.V = OrthonormalTT(in_modes, rank, last="full", **common)
+        name = f"{type(self).__name__}(d_out={d_out}, d_in={d_in}, rank={self.max_rank})"
+        self.U = OrthonormalTT(out_modes, rank, last="full" if learned else "reduced", owner=f"{name}.U", **common)
+        self.V = OrthonormalTT(in_modes, rank, last="full", owner=f"{name}.V", **common)
         self.s = torch.nn.Parameter(torch.ones(rank, dtype=dtype)) if learned else None
         # identity spectrum: fixed signs ±1 (set by load_dense), so that both determinant components of
         # U Vᵀ are reachable when the Householder maps alone reach one (square last cores)

@@ -51,7 +51,7 @@ import geoopt
 import torch
 import torch.nn.functional as F
 
-from ..manifolds.geoopt import _qr_pos
+from ..manifolds.geoopt import _qr_pos, manifold_parameter
 from ..spectral import clip_singular_values, conv_singular_values
 from .lowrank import _dense_conv, _init_bias, _kw, _positive_int
 from .sttp import _pair, _random_orthonormal, _selected, _set_submodule
@@ -161,8 +161,10 @@ class TTConv2d(torch.nn.Module):
         core = torch.randn(r2, r1, kh, kw, dtype=torch.float64, generator=generator) * std
         first, core, last = (t.to(dtype=dtype, device=device) for t in (first, core, last))
         if orthogonality == "stiefel":
-            self.first = geoopt.ManifoldParameter(first, manifold=geoopt.EuclideanStiefel())
-            self.last = geoopt.ManifoldParameter(last, manifold=geoopt.EuclideanStiefel())
+            name = f"TTConv2d({self.in_channels}, {self.out_channels}, kernel_size={kh}, rank={self.rank})"
+            hint = "build the layer with orthogonality='gauge' (any torch optimizer, then tt_conv_orthogonalize_)"
+            self.first = manifold_parameter(first, geoopt.EuclideanStiefel(), f"{name}.first", hint)
+            self.last = manifold_parameter(last, geoopt.EuclideanStiefel(), f"{name}.last", hint)
         else:
             self.first = torch.nn.Parameter(first)
             self.last = torch.nn.Parameter(last)
