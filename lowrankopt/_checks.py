@@ -60,6 +60,23 @@ def check_same(name: str, tensors: Sequence[torch.Tensor]) -> None:
         raise ValueError(f"{name} live on different devices {sorted(map(str, devices))}")
 
 
+def check_like(name: str, value: object, ref_name: str, ref: object) -> None:
+    """``value`` has the dtype and the device of ``ref`` (tensors, formats or tangent vectors: anything with
+    ``dtype`` and ``device``): a TypeError / ValueError naming both otherwise."""
+    if value.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {value.dtype} but {ref_name} has {ref.dtype}; cast one with .to()")
+    if value.device != ref.device:
+        raise ValueError(f"{name} is on {value.device} but {ref_name} on {ref.device}; move one with .to()")
+
+
+def check_finite(named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Every tensor of the ``(name, tensor)`` pairs is finite: one reduction per tensor and one host sync (the
+    offending name is looked up only on failure)."""
+    if named and not bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
+        name = next(name for name, t in named if not bool(torch.isfinite(t).all()))
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
 def check_index(name: str, idx: object, bounds: Sequence[int], device: torch.device) -> torch.Tensor:
     """Check an integer index tensor of shape (N, len(bounds)) (or (N,) when one bound) in range."""
     if not isinstance(idx, torch.Tensor):

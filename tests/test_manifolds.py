@@ -4,7 +4,7 @@ import pytest
 import torch
 from reference import loglog_slope, matrix_projector, rel, tt_full, tt_projector
 
-from lowrankopt import FixedRankMatrices, FixedTTRank, LowRankMatrix, TensorTrain
+from lowrankopt import FixedRankMatrices, FixedTTRank, LowRankMatrix, TangentVector, TensorTrain
 
 DT = torch.float64
 
@@ -167,3 +167,47 @@ def test_bad_input_raises(g):
     with pytest.raises(ValueError, match="coords must have shapes"):
         M.tangent(x, [torch.zeros(2, dtype=DT)])
     assert tt_full(x.cores).shape == (3, 4, 3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tangent_inputs_of_another_dtype_or_device_or_not_finite_are_refused(kind, g):
+    """Issue 18: these failed with torch's matmul dtype error, or were accepted and then failed in linalg.svd."""
+    M, x, _, shape = make(kind, g)
+    x32 = x.to(torch.float32)
+    coords = [torch.randn(c.shape, dtype=DT, generator=g) for c in M.zero_tangent(x).coords]
+    with pytest.raises(TypeError, match=r"coords\[0\] has dtype torch.float64 but x has torch.float32"):
+        M.tangent(x32, coords)
+    with pytest.raises(ValueError, match=r"coords\[1\] is on meta but x on cpu"):
+        M.tangent(x, [coords[0]] + [c.to("meta") for c in coords[1:]])
+    with pytest.raises(TypeError, match=r"coords\[0\] must be float32 or float64"):
+        M.tangent(x, [coords[0].to(torch.complex128)] + coords[1:])
+    bad = [c.clone() for c in coords]
+    bad[-1].view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=rf"coords\[{len(bad) - 1}\] contains NaN or Inf"):
+        M.tangent(x, bad)
+    with pytest.raises(TypeError, match="z has dtype torch.float64 but x has torch.float32"):
+        M.proj(x32, torch.randn(shape, dtype=DT, generator=g))
+    z = LowRankMatrix.random(*shape, 3, generator=g) if kind == "matrix" else TensorTrain.random(shape, 2, generator=g)
+    with pytest.raises(TypeError, match="z has dtype torch.float64 but x has torch.float32"):
+        M.proj(x32, z)
+    v = M.tangent(x, coords)
+    y32 = M.random_point(dtype=torch.float32, generator=g)
+    with pytest.raises(TypeError, match="y has dtype torch.float32 but x has torch.float64"):
+        M.transp(x, y32, v)
+    with pytest.raises(TypeError, match="z has dtype torch.float64 but x has torch.float32"):
+        M.proj(y32, v)  # a transport by projection, across dtypes
+    overflowed = v * 1e300 * 1e300  # finite factors, infinite coordinates
+    with pytest.raises(ValueError, match=r"v.coords\[0\] contains NaN or Inf"):
+        M.retr(x, overflowed)
+    with pytest.raises(ValueError, match=r"v.coords\[0\] contains NaN or Inf"):
+        M.transp(x, M.random_point(generator=g), overflowed)
+    hand_built = TangentVector(M, x, [c.float() for c in v.coords])  # the low-level constructor does not check
+    for call in (lambda: M.inner(x, v, hand_built), lambda: M.retr(x, hand_built), lambda: v + hand_built):
+        with pytest.raises(TypeError, match="float32"):
+            call()
+    with pytest.raises(TypeError, match="generator"):
+        M.random_tangent(x, generator=3)
+    # the same operations in one dtype are unchanged: float32 tangent coordinates at a float32 point
+    w = M.tangent(x32, [c.float() for c in coords])
+    assert w.dtype == torch.float32 and M.retr(x32, w * 0.1).dtype == torch.float32
+    assert rel(w.to_ambient().full().double(), v.to_ambient().full()) < 1e-5

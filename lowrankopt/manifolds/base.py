@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from .._checks import check_tensor
+from .._checks import check_finite, check_like, check_random_options, check_tensor
 from .tangent import TangentVector
 
 
@@ -86,22 +86,35 @@ class LowRankManifold(ABC):
         return hash(self._key())
 
     # ------------------------------------------------------------------ tangent vectors
-    def _check_tangent(self, x, v, name: str = "v") -> None:
+    def _check_tangent(self, x, v, name: str = "v", finite: bool = False) -> None:
+        """``v`` is a TangentVector at ``x`` whose coordinates have x's dtype and device; with ``finite``, also
+        finite (one reduction over the coordinates: for the operations that move to another point, where NaN/Inf
+        would otherwise fail deep inside a QR or an SVD)."""
         if not isinstance(v, TangentVector):
             raise TypeError(f"{name} must be a TangentVector, got {type(v).__name__}")
         if v.base is not x:
             raise ValueError(f"{name} is not a tangent vector at this point x (its base point is another object)")
+        for i, c in enumerate(v.coords):
+            check_like(f"{name}.coords[{i}]", c, "x", x)
+        if finite:
+            check_finite([(f"{name}.coords[{i}]", c) for i, c in enumerate(v.coords)])
 
     def tangent(self, x, coords) -> TangentVector:
         """The tangent vector with the given raw coordinates after the gauge projection.
 
-        ``coords`` must have the shapes of :meth:`zero_tangent`'s coordinates. Cost ``O(dim · r)``.
+        ``coords`` must have the shapes of :meth:`zero_tangent`'s coordinates, x's dtype and device, and finite
+        entries (else ``ValueError``/``TypeError`` naming the coordinate). Cost ``O(dim · r)``.
         """
         self._check_point(x)
         shapes = self._coord_shapes(x)
         coords = list(coords)
+        for i, c in enumerate(coords):
+            check_tensor(f"coords[{i}]", c, finite=False)
         if len(coords) != len(shapes) or any(tuple(c.shape) != s for c, s in zip(coords, shapes)):
             raise ValueError(f"coords must have shapes {shapes}, got {[tuple(c.shape) for c in coords]}")
+        for i, c in enumerate(coords):
+            check_like(f"coords[{i}]", c, "x", x)
+        check_finite([(f"coords[{i}]", c) for i, c in enumerate(coords)])
         return TangentVector(self, x, self._gauge(x, coords))
 
     def zero_tangent(self, x) -> TangentVector:
@@ -112,7 +125,7 @@ class LowRankManifold(ABC):
     def random_tangent(self, x, generator: torch.Generator | None = None) -> TangentVector:
         """A unit-norm tangent vector with Gaussian (isotropic in T_x) direction. Cost ``O(dim · r)``."""
         self._check_point(x)
-        gdev = generator.device if generator is not None else x.device
+        _, _, gdev = check_random_options(x.dtype, x.device, generator)
         raw = [
             torch.randn(s, dtype=x.dtype, device=gdev, generator=generator).to(x.device) for s in self._coord_shapes(x)
         ]
@@ -148,28 +161,32 @@ class LowRankManifold(ABC):
         ``z`` may be a dense tensor of the ambient shape (cost ``O(N r)``, N = its number of
         entries), a LowRankMatrix / TensorTrain of rank ``r_z`` (cost ``O((m + n) r r_z)`` /
         ``O(d n r r_z (r + r_z))``, never densified), or a TangentVector (transported by projection).
-        Computed as the gauged δ-gradient of the linear function ``<z, ·>``.
+        Computed as the gauged δ-gradient of the linear function ``<z, ·>``. ``z`` must have x's dtype and device
+        and finite entries.
         """
         self._check_point(x)
         if isinstance(z, TangentVector):
-            return z if z.base is x else self.proj(x, z.manifold.to_ambient(z.base, z))
-        self._check_ambient(z)
+            if z.base is x:
+                return z
+            z.manifold._check_tangent(z.base, z, "z", finite=True)
+            return self.proj(x, z.manifold.to_ambient(z.base, z))
+        self._check_ambient(x, z)
         _, grads, _ = self._delta_grad(x, lambda Y: Y.inner(z))
         return TangentVector(self, x, self._gauge(x, [g.detach() for g in grads]))
 
     def transp(self, x, y, v: TangentVector) -> TangentVector:
         """Vector transport from T_x to T_y by orthogonal projection of the ambient vector."""
-        self._check_tangent(x, v)
+        self._check_tangent(x, v, finite=True)
         self._check_point(y, "y")
+        check_like("y", y, "x", x)
         return self.proj(y, self.to_ambient(x, v))
 
-    def _check_ambient(self, z) -> None:
-        if isinstance(z, self.point_type):
-            shape = tuple(z.shape)
-        elif isinstance(z, torch.Tensor):
+    def _check_ambient(self, x, z) -> None:
+        """``z`` is a dense tensor or a point-format object of the ambient shape, with x's dtype and device."""
+        if isinstance(z, torch.Tensor):
             check_tensor("z", z)
-            shape = tuple(z.shape)
-        else:
+        elif not isinstance(z, self.point_type):
             raise TypeError(f"z must be a tensor, {self.point_type.__name__} or TangentVector, got {type(z).__name__}")
-        if shape != tuple(self.ambient_shape):
-            raise ValueError(f"z must have shape {tuple(self.ambient_shape)}, got {shape}")
+        if tuple(z.shape) != tuple(self.ambient_shape):
+            raise ValueError(f"z must have shape {tuple(self.ambient_shape)}, got {tuple(z.shape)}")
+        check_like("z", z, "x", x)

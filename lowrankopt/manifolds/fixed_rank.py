@@ -104,7 +104,7 @@ class FixedRankMatrices(LowRankManifold):
         if not isinstance(z, LowRankMatrix) or isinstance(z, DeltaLowRank):
             return super().proj(x, z)
         self._check_point(x)
-        self._check_ambient(z)
+        self._check_ambient(x, z)
         U, _, V = self.frames(x)
         A = z.U @ (z.S @ (z.V.T @ V))
         B = z.V @ (z.S.T @ (z.U.T @ U))
@@ -123,9 +123,9 @@ class FixedRankMatrices(LowRankManifold):
 
         ``x + ξ = [US + A, U] [V, B]ᵀ``; thin QRs of both ``(·, 2r)`` factors and the SVD of the
         ``2r × 2r`` core give it in ``O((m + n) r² + r³)``. Second order. The result has orthonormal
-        factors and a diagonal, non-increasing S.
+        factors and a diagonal, non-increasing S. ``v`` must be finite.
         """
-        self._check_tangent(x, v)
+        self._check_tangent(x, v, finite=True)
         U, S, V = self.frames(x)
         A, B = v.coords
         Ql, Rl = torch.linalg.qr(torch.cat([U @ S + A, U], 1))

@@ -15,6 +15,10 @@ class TangentVector:
     ``δ_k V_kᵀ = 0`` (right unfoldings) for k ≥ 2.
     The coordinates are orthonormal: ``<ξ, η> = Σ <coords_ξ, coords_η>``. Arithmetic costs
     ``O(#coordinates)``; combining vectors at different base points raises ``ValueError``.
+
+    This constructor does not check its arguments (it is on every hot path); build vectors from raw coordinates
+    with the manifold's ``tangent(x, coords)``, which checks shapes, dtype, device and finiteness. The manifolds'
+    operations check that a vector's coordinates have its base point's dtype and device.
     """
 
     __slots__ = ("manifold", "base", "coords")
@@ -28,6 +32,11 @@ class TangentVector:
         if other.base is not self.base:
             raise ValueError(
                 f"cannot {op} tangent vectors at different base points; move one with manifold.transp first"
+            )
+        if other.dtype != self.dtype or other.device != self.device:  # only hand-built vectors can differ
+            raise TypeError(
+                f"cannot {op} tangent vectors of dtypes/devices {self.dtype}/{self.device} and "
+                f"{other.dtype}/{other.device}"
             )
 
     def _new(self, coords) -> TangentVector:

@@ -167,8 +167,8 @@ class FixedTTRank(LowRankManifold):
         """TT-SVD retraction: ``x + ξ`` is formed as a rank-2r TT in δ layout (first core ``C_1 + δ_1``)
         and rounded back to ``ranks`` (left QR sweep, right-to-left truncated SVDs). Quasi-optimal
         (within √(d−1) of the metric projection), second order. The result is right-orthogonal.
-        Cost ``O(d n r³)``."""
-        self._check_tangent(x, v)
+        Cost ``O(d n r³)``. ``v`` must be finite."""
+        self._check_tangent(x, v, finite=True)
         y = DeltaTT(self.shape, [self._family(x, v.coords, offset=True)], zero=False).materialize()
         cores = left_orthogonalize(y.cores)
         return TensorTrain._trusted(_svd_truncate_right_to_left(cores, list(self.ranks), None))
