@@ -8,6 +8,7 @@ from reference import dense_grad, dense_hvp, loglog_slope, matrix_projector, rel
 from lowrankopt import (
     FixedRankMatrices,
     FixedTTRank,
+    LowRankMatrix,
     TensorTrain,
     TTMatrix,
     riemannian_grad,
@@ -252,3 +253,20 @@ def test_curvature_at_a_rank_deficient_point_raises():
     with pytest.raises(ValueError, match="rank-deficient at bond 1"):
         riemannian_hvp(probs["completion"][0], y, xi)
     riemannian_hvp(probs["completion"][0], y, xi, curvature=False)  # the projected Hessian is still defined
+
+
+@pytest.mark.parametrize("small", [0.0, 1e-17])
+def test_curvature_at_a_rank_deficient_matrix_point_raises(small):
+    """Issue 18: was torch.linalg.solve's "singular" error (small = 0), or a silently huge curvature term (1e-17)."""
+    M, x, _, probs, g = setup("matrix")
+    U, _, V = M.frames(x)
+    y = LowRankMatrix(U, torch.tensor([1.0, small], dtype=DT), V)
+    xi = M.random_tangent(y, generator=g)
+    with pytest.raises(ValueError, match=r"rank-deficient.*rank 2.*curvature=False"):
+        riemannian_hvp(probs["completion"][0], y, xi)
+    # the projected Hessian is still defined: P_y ∇²f P_y ξ, against the dense projector
+    f, f_dense = probs["xAx"]
+    h = riemannian_hvp(f, y, xi, curvature=False)
+    Y, Xi = y.full(), xi.to_ambient().full()
+    P = matrix_projector(Y + 1e-3 * U[:, 1:] @ V[:, 1:].T, MRANK)  # y's tangent space: the frames U, V of y
+    assert rel(h.to_ambient().full().reshape(-1), P @ dense_hvp(f_dense, Y, Xi).reshape(-1)) < 1e-12

@@ -39,6 +39,18 @@ def check_scalar_output(val) -> torch.Tensor:
     return val.reshape(())
 
 
+def check_full_rank(scales: torch.Tensor, where: str, needed: str) -> None:
+    """Refuse a point whose ``scales`` (singular values of S, or ``|diag R_k|`` at a TT bond) are not all clearly
+    nonzero (the smallest ≤ largest · count · eps): the curvature term of the exact Hessian divides by them, so it
+    does not exist there (and would be garbage or a "singular" error from deep inside torch)."""
+    scales = scales.detach().abs()
+    if float(scales.min()) <= float(scales.max()) * scales.numel() * torch.finfo(scales.dtype).eps:
+        raise ValueError(
+            f"x is rank-deficient{where}: the curvature term needs {needed} exactly "
+            "(use curvature=False, or a point of exact rank)"
+        )
+
+
 class LowRankManifold(ABC):
     """Base class: a manifold of fixed-rank objects with δ-coordinate tangent vectors.
 

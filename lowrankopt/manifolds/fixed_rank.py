@@ -7,7 +7,7 @@ import torch
 from .._checks import as_positive_int
 from ..formats.delta_lowrank import DeltaLowRank, MatrixFamily
 from ..formats.lowrank import LowRankMatrix
-from .base import LowRankManifold
+from .base import LowRankManifold, check_full_rank
 from .tangent import TangentVector
 
 
@@ -91,6 +91,7 @@ class FixedRankMatrices(LowRankManifold):
     def _second_fundamental(self, x, xi, deltas):
         # Chart φ(A, B) = (US + A)(V + B S⁻ᵀ)ᵀ: D²φ[ξ, η] = A_η S⁻¹ B_ξᵀ + A_ξ S⁻¹ B_ηᵀ.
         U, S, V = self.frames(x)
+        check_full_rank(torch.linalg.svdvals(S), "", f"rank {self.rank}")  # S⁻¹ appears below; O(r³)
         A, B = (c.detach() for c in xi.coords)
         P, Q = torch.linalg.solve(S.T, B, left=False), torch.linalg.solve(S, A, left=False)
         curv = MatrixFamily(P=P, Q=Q, deltas=tuple(deltas))

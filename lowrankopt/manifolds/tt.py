@@ -9,7 +9,7 @@ import torch
 from .._checks import as_rank_list, as_shape
 from ..formats.delta_tt import Chain, DeltaTT, TTFamily
 from ..formats.tt import TensorTrain, _svd_truncate_right_to_left, left_orthogonalize, right_orthogonalize
-from .base import LowRankManifold
+from .base import LowRankManifold, check_full_rank
 from .tangent import TangentVector
 
 
@@ -139,12 +139,7 @@ class FixedTTRank(LowRankManifold):
         fr = self.frames(x)
         V, Rinv, d = fr["V"], fr["Rinv"], len(self.shape)
         for k in range(1, d):  # R_k⁻¹ appears below: x must have full rank at every bond
-            diag = fr["R"][k].diagonal().abs()
-            if float(diag.min()) <= float(diag.max()) * diag.numel() * torch.finfo(diag.dtype).eps:
-                raise ValueError(
-                    f"x is rank-deficient at bond {k}: the curvature term needs TT-ranks {self.ranks} "
-                    "exactly (use curvature=False, or a point of exact rank)"
-                )
+            check_full_rank(fr["R"][k].diagonal(), f" at bond {k}", f"TT-ranks {self.ranks}")
         xi_c = [c.detach() for c in xi.coords]
         none = (None,) * d
         # family 1: left state p_k = Σ_{j<k} U_{<j} ξ_j V_{j+1:k-1}, entering η_k through R_k⁻¹
