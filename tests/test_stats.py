@@ -277,3 +277,21 @@ def test_chunked_products_equal_one_chunk(monkeypatch):
     assert torch.allclose(op.matmat(V), M @ V, atol=1e-13) and torch.allclose(op.rmatmat(U), M.T @ U, atol=1e-13)
     monkeypatch.setattr(_RearrangedCovariance, "_CHUNK_ELEMENTS", 1)  # one sample per chunk
     assert torch.allclose(op.matmat(V), M @ V, atol=1e-13) and torch.allclose(op.rmatmat(U), M.T @ U, atol=1e-13)
+
+
+def test_flip_flop_on_degenerate_data_names_the_cause():
+    """Issue 18: constant data were blamed on the sample size."""
+    p, q, n = 2, 3, 40  # n is far above max(p/q, q/p) + 1: the sample size is not the problem
+    est = KroneckerCovariance(p, q, method="flip-flop")
+    with pytest.raises(ValueError, match=r"X is constant.*sample covariance is zero"):
+        est.fit(torch.full((n, p * q), 3.0, dtype=D))
+    X = torch.randn(n, p, q, dtype=D, generator=gen(4))
+    X[:, 1, :] = 7.0  # row 1 of every sample is the same: the row covariance A is singular
+    with pytest.raises(ValueError, match=r"row 1 of the 2 × 3 samples of X is constant"):
+        est.fit(X)
+    X = torch.randn(n, p, q, dtype=D, generator=gen(4))
+    X[:, :, 2] = X[:, :, 0]  # column 2 repeats column 0: the column covariance B is singular
+    with pytest.raises(ValueError, match=r"singular.*X"):
+        est.fit(X)
+    with pytest.raises(ValueError, match=r"n = 2 samples"):  # too few samples is still reported as such
+        KroneckerCovariance(6, 1, method="flip-flop").fit(torch.randn(2, 6, dtype=D, generator=gen(5)))

@@ -329,10 +329,7 @@ class KroneckerCovariance:
                 Z = Ai @ X
                 B = torch.einsum("npi,npj->ij", Z, Z) / (n * p)
             except torch.linalg.LinAlgError:
-                raise ValueError(
-                    f"the flip-flop iterate became singular: with n = {n} samples of {p} × {q}, the MLE may not "
-                    f"exist (it needs roughly n ≥ max(p/q, q/p) + 1)"
-                ) from None
+                raise self._singular_flip_flop(X) from None
             scale = torch.linalg.matrix_norm(A)  # fix the scale: ‖A‖_F = 1 (A ⊗ B is unchanged)
             A, B = A / scale, B * scale
             self.n_iter_ = it
@@ -341,6 +338,36 @@ class KroneckerCovariance:
                 self.converged_ = True
                 break
         self.factors_, self.n_terms_, self.penalty_, self.singular_values_ = [(A, B)], 1, None, None
+
+    def _singular_flip_flop(self, X: torch.Tensor) -> ValueError:
+        """Why the flip-flop iterate became singular for the (centered) samples ``X: (n, p, q)``, most specific
+        cause first: constant data, a constant row or column of the samples, too few samples, else a singular
+        sample covariance in general. Cost ``O(n p q)`` (only on failure)."""
+        n, p, q = X.shape
+        constant = "zero in every sample" if self.assume_centered else "constant (the same in every sample)"
+        tiny = float(X.abs().max()) * 100 * torch.finfo(X.dtype).eps  # what centering leaves of a constant
+        if tiny == 0:
+            return ValueError(
+                f"X is {'zero' if self.assume_centered else 'constant: every sample equals the mean'}, so the "
+                "sample covariance is zero and the flip-flop MLE does not exist"
+            )
+        for dims, name in (((0, 2), "row"), ((0, 1), "column")):
+            flat = torch.nonzero(X.abs().amax(dim=dims) <= tiny).flatten()
+            if flat.numel():
+                return ValueError(
+                    f"{name} {int(flat[0])} of the {p} × {q} samples of X is {constant}: the sample covariance is "
+                    f"singular, so the flip-flop MLE does not exist; drop that {name} or use method='prls'"
+                )
+        if n < max(p / q, q / p) + 1:
+            return ValueError(
+                f"the flip-flop iterate became singular: with n = {n} samples of {p} × {q}, the MLE may not exist "
+                f"(it needs roughly n ≥ max(p/q, q/p) + 1)"
+            )
+        return ValueError(
+            f"the flip-flop iterate became singular: the sample covariance of X (n = {n} samples of {p} × {q}) is "
+            "singular in a Kronecker direction (a row or a column of the samples is a combination of the others), "
+            "so the flip-flop MLE does not exist; use method='prls' or 'truncated'"
+        )
 
     # --------------------------------------------------------------------------------------------- the model
 
