@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import math
 
-from . import result as st
 from .objective import Objective
+from .precision import Floor, f_tolerance
 from .run import Run
 
 BETA_RULES = ("fr", "pr+", "hs", "hz")
@@ -51,8 +51,8 @@ def _beta(rule: str, M, new, loc, Tg, Teta, threshold) -> float:
     if rule == "hs":
         return max(0.0, num / den)
     num -= 2 * float(M.inner(y, diff, diff)) * float(M.inner(y, Teta, new.grad)) / den
-    floor = -1.0 / (float(M.norm(y, Teta)) * min(0.01, loc.grad_norm))
-    return max(num / den, floor)
+    lower = -1.0 / (float(M.norm(y, Teta)) * min(0.01, loc.grad_norm))
+    return max(num / den, lower)
 
 
 def line_search_descent(
@@ -75,7 +75,8 @@ def line_search_descent(
     loc = obj.local(x, hessian=model)
     if run.start(loc):
         return
-    eta, f_prev = -loc.grad, None
+    eta, f_prev, last_step = -loc.grad, None, None
+    floor = Floor(obj)
     while True:
         slope = float(M.inner(x, loc.grad, eta))
         if not slope < 0:  # not a descent direction (or NaN): restart along −grad
@@ -86,12 +87,18 @@ def line_search_descent(
             if curv > 0 and math.isfinite(curv):
                 alpha, from_model = -slope / curv, True
         if alpha is None:
-            if f_prev is not None and f_prev > loc.fun:
+            if f_prev is not None and f_prev - loc.fun > f_tolerance(x, f_prev, loc.fun):
                 alpha = 2 * (f_prev - loc.fun) / -slope
+            elif last_step is not None:  # f's last decrease is rounding: repeat the last step's slope decrease
+                alpha = last_step[0] * last_step[1] / slope  # (Nocedal & Wright (3.59))
             else:
                 alpha = 1.0 / float(M.norm(x, eta))
         # Armijo backtracking. A model step is nearly always accepted, so its trial point gets the full
         # evaluation (value, gradient, Hessian tape) at once; other trials get the value first.
+        # Near the floating-point floor the change of f is rounding: there the rounding noise at x is measured
+        # (once per point); a gradient at that noise level ends the run as converged, and otherwise the
+        # sufficient decrease is checked on the derivative along the step, which is still accurate
+        # (Hager & Zhang's approximate Wolfe condition φ'(α) ≤ (2 c1 − 1) φ'(0), exact for quadratics).
         for k in range(max_backtracks + 1):
             y = M.retr(x, eta * alpha)
             new = obj.local(y, hessian=model) if (from_model and k == 0) else None
@@ -99,11 +106,27 @@ def line_search_descent(
             if not math.isfinite(fy):
                 run.non_finite_trial(fy)
                 return
-            if fy <= loc.fun + c1 * alpha * slope:
+            decrease = loc.fun - fy
+            sufficient = decrease > 0 and decrease >= -c1 * alpha * slope
+            if floor.suspect(loc, fy, predicted=-0.5 * alpha * slope):  # the quadratic model's decrease
+                if floor.reached(loc):
+                    run.stop_at_floor(floor.noise(loc))
+                    return
+                if not sufficient and floor.unresolved(loc, fy):
+                    new = new or obj.local(y, hessian=model)
+                    if not new.finite:
+                        run.accept(new)  # stops with the non-finite status and keeps x
+                        return
+                    sufficient = float(M.inner(y, new.grad, M.transp(x, y, eta))) <= (2 * c1 - 1) * slope
+            if sufficient:
                 break
             alpha *= contraction
         else:
-            run.stop(st.NO_PROGRESS, f"line search failed: no sufficient decrease after {max_backtracks} backtracks")
+            run.stop_no_progress(
+                floor.noise(loc),
+                f"line search failed: no sufficient decrease after {max_backtracks} backtracks",
+                f_resolved=not floor.unresolved(loc, fy),
+            )
             return
         if new is None:
             new = obj.local(y, hessian=model)
@@ -116,4 +139,4 @@ def line_search_descent(
             eta = -new.grad + Teta * b if b != 0.0 else -new.grad
         else:
             eta = -new.grad
-        x, loc, f_prev = y, new, loc.fun
+        x, loc, f_prev, last_step = y, new, loc.fun, (alpha, slope)

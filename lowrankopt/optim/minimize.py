@@ -65,10 +65,8 @@ def minimize(
             convergence there, but only linear convergence at other critical points).
 
     Options common to all methods:
-        max_iter (1000), gtol (1e-6: stop when the gradient norm is ≤ gtol), ftol (0: stop when
-        ``|f_prev − f| ≤ ftol · max(|f_prev|, |f|, 2⁻⁵²)`` after an accepted step; with 0, a step that
-        leaves f bit-identical still stops, as success: no more progress is possible at this precision),
-        max_time (inf, seconds),
+        max_iter (1000), gtol (1e-6: stop when the gradient norm is ≤ gtol), ftol (0: off; ``ftol > 0`` stops
+        when ``|f_prev − f| ≤ ftol · max(|f_prev|, |f|, 2⁻⁵²)`` after an accepted step), max_time (inf, seconds),
         callback (``callback(intermediate_result) -> bool``; True or ``StopIteration`` stops; it may add
         entries to ``intermediate_result.history[-1]``), verbose (0; k > 0 prints an iteration table
         every k iterations and a final line).
@@ -88,6 +86,16 @@ def minimize(
     ``max_inner`` (dim), ``rho_regularization`` (1e3), ``gradient_scale`` (None: Manopt's inner stopping test
     ``‖r‖ ≤ ‖r₀‖ min(‖r₀‖^θ, κ)``, which depends on the scale of f; a number s, or ``"initial"`` (the gradient
     norm at x0), uses ``(‖r₀‖/s)^θ`` instead — for problems whose gradients are far from unit size).
+
+    The floating-point floor: when a change of f is at its rounding level, the method measures the rounding
+    noise of f and of the gradient at the current point (f and its gradient at another factorization of the same
+    point: one more gradient evaluation, counted in ``ngev``, made only there). A gradient at that noise ends the
+    run as converged (status 6, ``success=True``: gtol is below what the precision resolves). Otherwise the run
+    goes on: the line search checks sufficient decrease on the derivative along the step (Hager–Zhang's
+    approximate Wolfe condition), which stays accurate where f's differences are rounding (e.g.
+    ``f = 1e8 + loss`` reaches gtol), and the trust region never accepts a step that raises f above the run's
+    lowest value by more than rounding. A method that cannot move at a point that is not stationary stops with
+    status 5 and ``success=False``, saying why.
 
     Returns:
         An :class:`OptimizeResult`. If f or its gradient becomes NaN/Inf, the run stops with

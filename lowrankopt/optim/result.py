@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 # Status codes: >= 0 are normal terminations, < 0 errors. ``success`` is True for the ones that mean
-# "the requested accuracy was reached" (or the caller asked to stop).
-GTOL, MAX_ITER, MAX_TIME, FTOL, CALLBACK, NO_PROGRESS = 0, 1, 2, 3, 4, 5
+# "the requested accuracy was reached, or the best this precision allows" (or the caller asked to stop).
+GTOL, MAX_ITER, MAX_TIME, FTOL, CALLBACK, NO_PROGRESS, PRECISION = 0, 1, 2, 3, 4, 5, 6
 NON_FINITE = -1
-SUCCESS = {GTOL, FTOL, CALLBACK}
+SUCCESS = {GTOL, FTOL, CALLBACK, PRECISION}
 
 
 class OptimizeResult(dict):
@@ -21,8 +21,11 @@ class OptimizeResult(dict):
             gradient and of Hessian-vector products.
         success, status, message: whether the requested accuracy was reached; status codes are
             ``0`` gradient norm ≤ gtol, ``1`` max_iter reached, ``2`` max_time reached, ``3`` relative
-            change of f ≤ ftol, ``4`` stopped by the callback, ``5`` no further progress possible (line
-            search failed, trust region collapsed), ``-1`` f or its gradient became NaN/Inf.
+            change of f ≤ ftol (only when ``ftol > 0``), ``4`` stopped by the callback, ``5`` no progress at a
+            point that is not stationary (the line search failed or the trust region collapsed while the gradient
+            is above gtol and above its rounding noise: not a success), ``6`` converged to the floating-point floor
+            (f cannot decrease further and the gradient is at its own rounding noise, measured at the final
+            point — gtol is below what this precision can resolve), ``-1`` f or its gradient became NaN/Inf.
         history: one dict per iteration (``iter``, ``fun``, ``grad_norm``, ``time`` seconds since the
             start, ``nfev``, ``ngev``, ``nhev``, and method-specific entries such as ``step_size``, ``backtracks``,
             ``radius``, ``rho``, ``accepted``, ``inner_iter``, ``tcg_stop``). A callback may add its own

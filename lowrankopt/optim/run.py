@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from . import result as st
 from .objective import Local, Objective
+from .precision import Noise, at_floor
 from .result import OptimizeResult
 
 
@@ -74,6 +75,34 @@ class Run:
         self.status, self.message = status, message
         return True
 
+    def stop_at_floor(self, noise: Noise) -> bool:
+        """f cannot decrease further and the gradient at the current point is rounding noise: converged."""
+        return self.stop(
+            st.PRECISION,
+            f"converged to the floating-point floor: the gradient norm {self.local.grad_norm:.3e} is at the level "
+            f"of its rounding noise ({noise.grad:.3e}, measured at another factorization of x), so gtol = "
+            f"{self.gtol:g} is below what {_dtype_name(self.local.x)} resolves here",
+        )
+
+    def stop_no_progress(self, noise: Noise | None, reason: str, *, f_resolved: bool) -> bool:
+        """The method cannot move from the current point: converged if the gradient is rounding noise there,
+        otherwise a stall at a non-stationary point (not a success). ``f_resolved``: whether the last change of
+        f that was tried is above f's rounding (then f went up, not sideways, along the model's descent)."""
+        if at_floor(self.local, noise):
+            return self.stop_at_floor(noise)
+        g = f"gradient norm {self.local.grad_norm:.3e} > gtol = {self.gtol:g}"
+        if noise is None:
+            g += " (its rounding noise cannot be measured on this manifold)"
+        else:
+            g += f", above its rounding noise {noise.grad:.1e}"
+        if f_resolved:
+            why = "f increases along the descent direction: is the gradient f's (grad=, and f a function of the point)?"
+        else:
+            why = (
+                "f changes only at its rounding level here: if f carries a large constant, subtract it, or use float64"
+            )
+        return self.stop(st.NO_PROGRESS, f"{reason}, at a point that is not stationary ({g}); {why}")
+
     # ------------------------------------------------------------------ internals
     def _record(self, local: Local, *, accepted: bool, extra: dict) -> bool:
         previous = self.local
@@ -92,7 +121,7 @@ class Run:
         self._print(rec)
         if accepted and local.grad_norm <= self.gtol:
             return self.stop(st.GTOL, f"gradient norm {local.grad_norm:.3e} <= gtol = {self.gtol:g}")
-        if accepted and previous is not None and self.nit > 0:
+        if accepted and self.ftol > 0 and previous is not None and self.nit > 0:
             change = abs(previous.fun - local.fun)
             if change <= self.ftol * max(abs(previous.fun), abs(local.fun), math.ulp(1.0)):
                 return self.stop(st.FTOL, f"relative change of f {change:.3e} <= ftol = {self.ftol:g}")
@@ -137,6 +166,10 @@ class Run:
             if self.verbose:
                 print(f"{self.method}: {self.message} ({self.nit} iterations, {res.time:.2f} s)")
         return res
+
+
+def _dtype_name(x) -> str:
+    return str(getattr(x, "dtype", "this precision")).replace("torch.", "")
 
 
 def _cell(value) -> str:

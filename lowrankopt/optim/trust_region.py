@@ -19,6 +19,7 @@ import math
 
 from . import result as st
 from .objective import Objective
+from .precision import Floor, eps_of
 from .run import Run
 
 _NEG_CURVATURE, _EXCEEDED, _LINEAR, _SUPERLINEAR, _MAX_INNER, _MODEL_INCREASED, _NON_FINITE = (
@@ -107,6 +108,7 @@ def trust_region(
         gradient_scale = loc.grad_norm
     scale = 1.0 if gradient_scale is None else float(gradient_scale)
     cache: list = []
+    floor = Floor(obj)
 
     def cached_hess(j, delta):
         if j == len(cache):
@@ -140,24 +142,38 @@ def trust_region(
         if not math.isfinite(new.fun):
             run.non_finite_trial(new.fun)
             return
-        reg = max(1.0, abs(loc.fun)) * 2.220446049250313e-16 * rho_regularization
+        # Manopt's regularization of ρ (both terms at the rounding level of f make ρ ≈ 1), in x's precision.
+        reg = max(1.0, abs(loc.fun)) * eps_of(x) * rho_regularization
+        model_decrease = -(float(M.inner(x, eta, loc.grad)) + 0.5 * float(M.inner(x, eta, Heta)))
+        # Near the floating-point floor f's change is rounding and ρ says nothing: stop there if the gradient is
+        # at its own rounding noise (measured once per point, only when the change looks like rounding).
+        if floor.suspect(loc, new.fun, predicted=model_decrease) and floor.reached(loc):
+            run.stop_at_floor(floor.noise(loc))
+            return
         rho_num = loc.fun - new.fun + reg
-        rho_den = -(float(M.inner(x, eta, loc.grad)) + 0.5 * float(M.inner(x, eta, Heta))) + reg
+        rho_den = model_decrease + reg
         model_decreased = rho_den >= 0
         rho = rho_num / rho_den if rho_den != 0 else math.nan
+        # The regularization makes ρ ≈ 1 for any step whose changes are below reg, uphill ones included: a step
+        # that increases f by more than its rounding (over the run's lowest f) is rejected whatever ρ says.
+        uphill = floor.rises(loc, new.fun)
         step_radius = radius
-        if rho < 0.25 or not model_decreased or math.isnan(rho):
+        if rho < 0.25 or not model_decreased or math.isnan(rho) or uphill:
             radius /= 4
         elif rho > 0.75 and why in (_NEG_CURVATURE, _EXCEEDED):
             radius = min(2 * radius, max_radius)
         info = dict(radius=step_radius, rho=rho, inner_iter=inner, tcg_stop=why)
-        if model_decreased and rho > rho_prime:
+        if model_decreased and rho > rho_prime and not uphill:
             if run.accept(new, accepted=True, **info):
                 return
             x, loc, cache = y, new, []
         else:
             if run.reject(accepted=False, **info):
                 return
-            if radius < max_radius * 2.220446049250313e-16:
-                run.stop(st.NO_PROGRESS, f"trust-region radius {radius:.3e} fell below machine precision")
+            if radius < max_radius * eps_of(x):
+                run.stop_no_progress(
+                    floor.noise(loc),
+                    f"the trust-region radius {radius:.3e} fell below machine precision",
+                    f_resolved=not floor.unresolved(loc, new.fun),
+                )
                 return
