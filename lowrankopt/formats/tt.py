@@ -467,14 +467,14 @@ class TTMatrix:
         check_same("A and X", (self.cores[0], X))
         if X.shape[1] != self.shape[1]:
             raise ValueError(f"X must have shape (B, {self.shape[1]}), got {tuple(X.shape)}")
-        B = X.shape[0]
-        T = X.reshape(B, 1, self.col_shape[0], -1)  # (P, r_{k-1}, n_k, rest)
+        B = X.shape[0]  # explicit sizes below, no -1: B may be 0
+        T = X.reshape(B, 1, self.col_shape[0], self.shape[1] // self.col_shape[0])  # (P, r_{k-1}, n_k, rest)
         for k, c in enumerate(self.cores):
             T = torch.einsum("pajq,aijb->pibq", T, c)  # (P, m_k, r_k, rest)
             P, m, b, q = T.shape
             nxt = self.col_shape[k + 1] if k + 1 < len(self.cores) else 1
             T = T.reshape(P * m, b, nxt, q // nxt)
-        return T.reshape(B, -1)
+        return T.reshape(B, self.shape[0])
 
     def __matmul__(self, X: TensorTrain) -> TensorTrain:
         """``A X`` for a TensorTrain X of shape ``col_shape``: a TT of ranks ``r_A r_X``.

@@ -21,6 +21,7 @@ import geoopt
 import torch
 
 from ..manifolds.geoopt import manifold_parameter
+from .lowrank import _full_precision, _refuse_half
 
 __all__ = ["GSMatrix", "GSOrthogonal", "blockdiag_matmul", "gs_matmul", "gs_project", "shuffle_index"]
 
@@ -262,8 +263,13 @@ class GSOrthogonal(torch.nn.Module):
         return GSMatrix([R, L], [None, self.perm, self.inverse_perm])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``Q x`` along the last dim of ``x: (..., n)``."""
-        return self.gs_matrix().matmul(x)
+        """``Q x`` along the last dim of ``x: (..., n)``. The blocks are built with autocast off (in the
+        parameters' dtype); only the products with ``x`` autocast."""
+        if self.parametrization == "orthogonal":
+            _refuse_half(self, self.L.dtype, "its blocks are retracted onto the orthogonal group by QR")
+        with _full_precision(x):
+            Q = self.gs_matrix()
+        return Q.matmul(x)
 
     def matrix(self) -> torch.Tensor:
         """The dense ``n × n`` Q (tests, merging into a weight). Cost ``O(n² b)``."""

@@ -20,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .lowrank import _autocast_output, _check_dtype, _full_precision, _refuse_half
+
 __all__ = [
     "GSOrthogonalConv2d",
     "LipConvNet",
@@ -120,15 +122,21 @@ class SkewOrthogonalConv2d(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"input must have shape (B, {self.channels}, H, W), got {tuple(x.shape)}")
-        K = self.skew_kernel()
+        """``exp(L) x`` for ``x: (B, C, H, W)``. Under autocast the convs autocast, the kernel and its bound are
+        computed in the parameters' dtype, and the output has the autocast dtype (as ``nn.Conv2d``'s)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"input must have shape (B, {self.channels}, H, W), got {tuple(getattr(x, 'shape', ()))}")
+        _refuse_half(self, self.weight.dtype, "its certified series needs the spectral norms of its taps (SVD)")
+        _check_dtype(x, self.weight)
+        with _full_precision(x):
+            K = self.skew_kernel()
+            terms = self.terms(float(self.norm_bound(K)))
         pad = self.kernel_size // 2
         term, out = x, x
-        for i in range(1, self.terms(float(self.norm_bound(K))) + 1):
+        for i in range(1, terms + 1):
             term = F.conv2d(term, K, padding=pad, groups=self.groups) / i
             out = out + term
-        return out if self.bias is None else out + self.bias[:, None, None]
+        return _autocast_output(out if self.bias is None else out + self.bias[:, None, None])
 
 
 class GSOrthogonalConv2d(torch.nn.Module):
@@ -154,6 +162,7 @@ class GSOrthogonalConv2d(torch.nn.Module):
         self.conv2 = SkewOrthogonalConv2d(channels, 1, g2, tol=tol, bias=bias, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _refuse_half(self, self.conv1.weight.dtype, "its certified series need the spectral norms of their taps (SVD)")
         x = self.conv1(channel_shuffle(x, self.g1))
         return self.conv2(channel_shuffle(x, self.g1))  # interleave conv1's g1 groups so that conv2's groups mix them
 

@@ -46,14 +46,50 @@ def _init_bias(out_features, in_features, bias, dtype, device, generator):
     return torch.nn.Parameter(_uniform((out_features,), 1 / math.sqrt(in_features), dtype, device, generator))
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _refuse_half(layer: torch.nn.Module, dtype: torch.dtype, needs: str) -> None:
+    """The one error of the layers that do not run in half precision (checked at every forward; cost O(1))."""
+    if dtype in HALF:
+        raise TypeError(
+            f"{type(layer).__name__} does not support {dtype} parameters: {needs}, which torch does not implement "
+            "in half precision. Keep the layer in float32 (or float64) and run it under torch.autocast for mixed "
+            "precision."
+        )
+
+
+def _autocasting(x: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(x.device.type)
+
+
+def _full_precision(x: torch.Tensor):
+    """A context with autocast off on ``x``'s device: the layers build their factors (QR, Householder products,
+    solves, norm bounds) in the parameters' dtype there; only the products with the input run under autocast."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _autocast_output(y: torch.Tensor) -> torch.Tensor:
+    """``y`` in the dtype ``nn.Linear`` / ``nn.Conv2d`` would return under the active autocast (float32 results
+    of a layer that accumulates in float32 are cast once, at the end)."""
+    if _autocasting(y) and y.dtype == torch.float32:
+        return y.to(torch.get_autocast_dtype(y.device.type))
+    return y
+
+
 def _check_input(x, in_features: int, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"input must have shape (..., {in_features}), got {tuple(x.shape)}")
-    if x.dtype != like.dtype:
-        raise TypeError(f"input has dtype {x.dtype} but the layer has dtype {like.dtype}")
+    _check_dtype(x, like)
     return x.reshape(-1, in_features)
+
+
+def _check_dtype(x: torch.Tensor, like: torch.Tensor) -> None:
+    """The input's dtype must be the layer's, except under autocast (which casts the products, as for nn.Linear)."""
+    if x.dtype != like.dtype and not _autocasting(x):
+        raise TypeError(f"input has dtype {x.dtype} but the layer has dtype {like.dtype}")
 
 
 def _dense_linear(weight: torch.Tensor, bias) -> torch.nn.Linear:
@@ -93,10 +129,15 @@ class _PackedLinear(torch.nn.Module):
         """The layer as error messages name it."""
         return f"{type(self).__name__}(in_features={self.in_features}, out_features={self.out_features})"
 
+    def _weight(self) -> torch.Tensor:
+        """The packed weight, refused in half precision (the packed manifolds need QR and SVD)."""
+        _refuse_half(self, self.weight.dtype, "its packed weight lives on a manifold whose retraction needs QR and SVD")
+        return self.weight
+
     def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Add the bias and restore the leading dimensions of ``x``."""
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(y.dtype)  # a no-op but under autocast, where y has the autocast dtype
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -163,7 +204,7 @@ class LowRankLinear(_PackedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (..., in)`` -> ``(..., out)``. With ``z = p − p.detach()`` split like the factors,
         ``x Wᵀ = ((x V)(S + z_S)ᵀ + x z_V) Uᵀ + (x V) z_Uᵀ`` (the z terms only when a gradient is needed)."""
-        x2 = _check_input(x, self.in_features, self.weight)
+        x2 = _check_input(x, self.in_features, self._weight())
         p = self.weight
         U, S, V = self.manifold.unpack_tensor(p.detach())
         xv = x2 @ V
@@ -360,14 +401,16 @@ class TTLinear(_PackedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (..., in)`` -> ``(..., out)`` by the TT-matrix matvec, W never formed. With a gradient
         needed, the matvec runs on the straight-through object (materialized at rank 2r)."""
-        x2 = _check_input(x, self.in_features, self.weight)
+        x2 = _check_input(x, self.in_features, self._weight())
         p = self.weight
-        if torch.is_grad_enabled() and p.requires_grad:
-            cores = self.manifold.straight_through(p).materialize().cores
-        else:
-            cores = self.manifold.unpack_tensor(p.detach())
-        y = self._tt_matrix(cores).matvec(x2)
-        return self._output(y, x)
+        with _full_precision(x2):  # the frames (QR) in the parameters' dtype
+            if torch.is_grad_enabled() and p.requires_grad:
+                cores = self.manifold.straight_through(p).materialize().cores
+            else:
+                cores = self.manifold.unpack_tensor(p.detach())
+        # under autocast: the matvec in the parameters' dtype (its einsums do not autocast), the output cast once
+        y = self._tt_matrix(cores).matvec(x2.to(p.dtype))
+        return self._output(_autocast_output(y), x)
 
     def weight_matrix(self) -> TTMatrix:
         """The weight as a TTMatrix with cores ``(r_{k-1}, out_k, in_k, r_k)`` (a detached copy)."""

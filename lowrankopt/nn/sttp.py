@@ -56,7 +56,17 @@ import torch.nn.functional as F
 
 from ..manifolds.geoopt import manifold_parameter
 from .householder import householder_numel, householder_orthonormal, householder_params
-from .lowrank import _check_input, _dense_conv, _dense_linear, _init_bias, _kw, _positive_int
+from .lowrank import (
+    _check_dtype,
+    _check_input,
+    _dense_conv,
+    _dense_linear,
+    _full_precision,
+    _init_bias,
+    _kw,
+    _positive_int,
+    _refuse_half,
+)
 
 __all__ = [
     "OrthonormalTT",
@@ -284,6 +294,14 @@ class _STTPBase(torch.nn.Module):
         """``(U, σ, V)`` with ``U: (d_out, r)``, ``V: (d_in, r)``. Cost ``O((d_out + d_in) r Σ R_k)``."""
         return self.U.matrix(), self.singular_values(), self.V.matrix()
 
+    def _forward_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`factors` for a forward on ``x``: refused in half precision, built with autocast off (in the
+        parameters' dtype; only the products with ``x`` autocast)."""
+        needs = "its orthonormal factors need QR (Householder products, Stiefel retractions)"
+        _refuse_half(self, self.U.params[0].dtype, needs)
+        with _full_precision(x):
+            return self.factors()
+
     def weight_matrix(self) -> torch.Tensor:
         """The dense ``(d_out, d_in)`` weight (tests, ``to_dense``). Cost ``O(d_out d_in r)``."""
         U, s, V = self.factors()
@@ -419,11 +437,17 @@ class STTPLinear(_STTPBase):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        U, s, V = self.factors()
-        y = ((_check_input(x, self.in_features, U) @ V) * s) @ U.T
-        if self.bias is not None:
-            y = y + self.bias
+        U, s, V = self._forward_factors(x)
+        # σ folded into U: under autocast both products give the autocast dtype, as nn.Linear does
+        y = F.linear(F.linear(_check_input(x, self.in_features, U), V.T), U * s, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight ``(out_features, in_features)``, read-only and differentiable, for code that reads
+        ``.weight`` instead of calling the layer (torch's transformer fast path reads ``linear1.weight``). Each
+        read forms it: ``O(d_out d_in r)``; ``forward`` never does."""
+        return self.weight_matrix()
 
     def to_dense(self) -> torch.nn.Linear:
         """An ``nn.Linear`` with the same weight and bias."""
@@ -545,18 +569,25 @@ class STTPConv2d(_STTPBase):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        U, s, V = self.factors()
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"input must have shape (B, {self.in_channels}, H, W), got {getattr(x, 'shape', x)}")
-        if x.dtype != U.dtype:
-            raise TypeError(f"input has dtype {x.dtype} but the layer has dtype {U.dtype}")
+        U, s, V = self._forward_factors(x)
+        _check_dtype(x, U)
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._pads, mode=self.padding_mode)
             padding = 0
         kv = V.T.reshape(self.rank, self.in_channels, *self.kernel_size)
         y = F.conv2d(x, kv, None, self.stride, padding, self.dilation)
-        return F.conv2d(y * s[:, None, None], U.reshape(self.out_channels, self.rank, 1, 1), self.bias)
+        # σ folded into the 1×1 kernel: under autocast both convs give the autocast dtype, as nn.Conv2d does
+        return F.conv2d(y, (U * s).reshape(self.out_channels, self.rank, 1, 1), self.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense kernel ``(C_out, C_in, k_h, k_w)``, read-only and differentiable, for code that reads
+        ``.weight`` instead of calling the layer. Each read forms it: ``O(C_out C_in k_h k_w r)``; ``forward``
+        never does."""
+        return self.weight_kernel()
 
     def weight_kernel(self) -> torch.Tensor:
         """The dense kernel ``(C_out, C_in, k_h, k_w)``. Cost ``O(C_out C_in k_h k_w r)``."""

@@ -252,7 +252,10 @@ class TBasisFactory(nn.Module):
         and the next accumulation step see fresh ones)."""
         state = self._state()
         if self._cache is None or state != self._versions:
-            self._cache = self._decompress(list(self.plans))
+            # autocast off: the weights in the parameters' dtype whatever the caller's autocast (the layers' products
+            # autocast), so a cache filled under autocast serves calls without it
+            with torch.autocast(self.device.type, enabled=False):
+                self._cache = self._decompress(list(self.plans))
             self._versions = state
         return self._cache[key]
 

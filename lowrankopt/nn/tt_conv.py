@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from ..manifolds.geoopt import _qr_pos, manifold_parameter
 from ..spectral import clip_singular_values, conv_singular_values
-from .lowrank import _dense_conv, _init_bias, _kw, _positive_int
+from .lowrank import _check_dtype, _dense_conv, _init_bias, _kw, _positive_int, _refuse_half
 from .sttp import _pair, _random_orthonormal, _selected, _set_submodule
 
 __all__ = ["TTConv2d", "tt_conv_convert", "tt_conv_orthogonalize_", "tt_conv_penalty"]
@@ -188,8 +188,9 @@ class TTConv2d(torch.nn.Module):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"input must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        if x.dtype != self.core.dtype:
-            raise TypeError(f"input has dtype {x.dtype} but the layer has dtype {self.core.dtype}")
+        needs = "its outer cores are kept orthonormal by QR (orthogonalize_, the Stiefel retraction)"
+        _refuse_half(self, self.core.dtype, needs)
+        _check_dtype(x, self.core)
         r1, r2 = self.ranks
         y = F.conv2d(x, self.first.T.reshape(r1, self.in_channels, 1, 1))
         left, right, top, bottom = self._pads
