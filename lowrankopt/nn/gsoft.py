@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .gs import MAPS, GSOrthogonal
+from .gs import MAPS, GSMatrix, GSOrthogonal
 
 __all__ = [
     "GSOFTConfig",
@@ -103,9 +103,38 @@ def _matches(name: str, spec) -> bool:
     return any(name == s or name.endswith("." + s) for s in spec)
 
 
+def _q_form(q: GSOrthogonal, L: torch.Tensor, R: torch.Tensor) -> GSMatrix:
+    """``Pᵀ L P R`` with ``q``'s shuffle P: Q itself (``q``'s blocks) or ``Q⁻ᵀ`` (blocks ``L⁻ᵀ, R⁻ᵀ``)."""
+    return GSMatrix([R, L], [None, q.perm, q.inverse_perm])
+
+
+def _reversed_form(q: GSOrthogonal, L: torch.Tensor, R: torch.Tensor) -> GSMatrix:
+    """``R Pᵀ L P`` with ``q``'s shuffle P: ``Qᵀ`` (blocks ``Lᵀ, Rᵀ``) or ``Q⁻¹`` (blocks ``L⁻¹, R⁻¹``)."""
+    return GSMatrix([L, R], [q.perm, q.inverse_perm, None])
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    """Merging and unmerging compute in float64 (where the device has it) and round once, at the end: the round
+    trip then restores a float32 weight to about one rounding (computing in float32 costs a few)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class GSOFTLinear(torch.nn.Module):
     """A frozen linear layer with a GSOFT adapter (see the module docstring). ``base_layer`` keeps the
-    original module; :meth:`merge` folds the adapter into its weight, :meth:`unmerge` takes it out again."""
+    original module; :meth:`merge` folds the adapter into its weight, :meth:`unmerge` takes it out again.
+
+    ``weight`` and ``bias`` read like those of the base layer, for code that reads them directly instead of
+    calling the layer (``nn.MultiheadAttention`` reads ``out_proj.weight``; torch's transformer fast path
+    reads ``linear1.weight``): ``weight`` is the adapted weight ``diag(s) Q_out W Q_in`` in the base layer's
+    layout, differentiable in the adapter (cost ``O(n_out n_in b)`` per read).
+
+    The merge state is part of the ``state_dict``: ``merged_flag`` (a 0-dim bool, whether
+    ``base_layer.weight`` holds the adapted weight) and ``merged_*``, the exact orthogonal blocks and scale
+    that were folded in (``2 n b`` entries per rotation + ``n_out``). A checkpoint saved merged loads merged,
+    one saved unmerged loads unmerged, whatever state the receiving model was in. :meth:`unmerge` undoes the
+    recorded blocks, so the adapter may change while merged (an optimizer step, loaded adapter weights) without
+    corrupting the base weight; the changed adapter takes effect when unmerged.
+    """
 
     def __init__(self, base_layer: torch.nn.Module, config: GSOFTConfig, name: str = ""):
         super().__init__()
@@ -114,70 +143,190 @@ class GSOFTLinear(torch.nn.Module):
         self.fan_in_fan_out = config.fan_in_fan_out and not isinstance(base_layer, torch.nn.Linear)
         out_f, in_f = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else tuple(w.shape)
         kw = dict(map=config.map, neumann_terms=config.neumann_terms, dtype=w.dtype, device=w.device)
+        self.layer_name = name or "layer"
         self.base_layer = base_layer
-        self.gsoft_in = GSOrthogonal(in_f, config.block_for(in_f, name or "layer"), **kw)
-        self.gsoft_out = GSOrthogonal(out_f, config.block_for(out_f, name or "layer"), **kw) if config.double else None
+        self.gsoft_in = GSOrthogonal(in_f, config.block_for(in_f, self.layer_name), **kw)
+        self.gsoft_out = GSOrthogonal(out_f, config.block_for(out_f, self.layer_name), **kw) if config.double else None
         self.gsoft_scale = (
             torch.nn.Parameter(torch.ones(out_f, dtype=w.dtype, device=w.device)) if config.scale else None
         )
-        self.merged = False
         self.disabled = False
+        self.register_buffer("merged_flag", torch.tensor(False, device=w.device))
+        self._merged = False  # the flag as a Python bool: reading the buffer in forward would sync a GPU
+        for side, q in self._rotations():
+            blocks = torch.eye(q.block_size, dtype=w.dtype, device=w.device).expand(q.nblocks, -1, -1)
+            self.register_buffer(f"merged_{side}_L", blocks.clone())
+            self.register_buffer(f"merged_{side}_R", blocks.clone())
+        if self.gsoft_scale is not None:
+            self.register_buffer("merged_scale", torch.ones(out_f, dtype=w.dtype, device=w.device))
+
+    @property
+    def merged(self) -> bool:
+        """Whether the adapter is folded into ``base_layer.weight``."""
+        return self._merged
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight in effect, in the base layer's layout: the adapted ``diag(s) Q_out W Q_in``, differentiable
+        in the adapter (cost ``O(n_out n_in b)``), or the base layer's weight when merged or disabled. Read-only."""
+        self._check_not_disabled_while_merged()
+        if self.merged or self.disabled:
+            return self.base_layer.weight
+        W = self._adapt(self._weight(), self._adapter())
+        return W.T if self.fan_in_fan_out else W
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (the adapter leaves it as it is)."""
+        return getattr(self.base_layer, "bias", None)
+
+    def _rotations(self) -> Iterator[tuple[str, GSOrthogonal]]:
+        yield "in", self.gsoft_in
+        if self.gsoft_out is not None:
+            yield "out", self.gsoft_out
 
     def _weight(self) -> torch.Tensor:
         w = self.base_layer.weight
         return w.T if self.fan_in_fan_out else w
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_not_disabled_while_merged(self) -> None:
         if self.disabled and self.merged:
             raise RuntimeError("cannot disable a merged adapter; unmerge it first")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_not_disabled_while_merged()
         if self.disabled or self.merged:
             return self.base_layer(x)
         y = F.linear(self.gsoft_in(x), self._weight())
         if self.gsoft_out is not None:
             y = self.gsoft_out(y)
+        # under autocast y has F.linear's dtype, as nn.Linear's output would: the scale and bias follow it
         if self.gsoft_scale is not None:
-            y = y * self.gsoft_scale
-        bias = getattr(self.base_layer, "bias", None)
-        return y if bias is None else y + bias
+            y = y * self.gsoft_scale.to(y.dtype)
+        bias = self.bias
+        return y if bias is None else y + bias.to(y.dtype)
 
-    @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """The adapted weight ``diag(s) Q_out W Q_in`` (dense, ``(out, in)``). Cost ``O(n_out n_in (n_in + n_out))``
-        at most — forming the dense Q factors."""
-        W = self._weight() @ self.gsoft_in.matrix()
+    def _adapter(self) -> dict[str, torch.Tensor]:
+        """The adapter now: the rotations' orthogonal blocks (``in_L``, ``in_R``, ``out_L``, ``out_R``) and the
+        scale, keyed as the ``merged_*`` buffers that record them."""
+        adapter = {}
+        for side, q in self._rotations():
+            adapter[f"{side}_L"], adapter[f"{side}_R"] = q.blocks()
+        if self.gsoft_scale is not None:
+            adapter["scale"] = self.gsoft_scale
+        return adapter
+
+    def _adapt(self, W: torch.Tensor, a: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``diag(s) Q_out W Q_in`` for ``W: (out, in)``, one GS factor at a time: ``O(n_out n_in b)``."""
+        W = _reversed_form(self.gsoft_in, a["in_L"].mT, a["in_R"].mT).matmul(W)  # row i: w_iᵀ Q_in = (Q_inᵀ w_i)ᵀ
         if self.gsoft_out is not None:
-            W = self.gsoft_out.matrix() @ W
-        return W if self.gsoft_scale is None else self.gsoft_scale[:, None] * W
+            W = _q_form(self.gsoft_out, a["out_L"], a["out_R"]).matmul(W.T).T  # column j: Q_out w_j
+        return W if "scale" not in a else a["scale"][:, None] * W
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the adapter into the base weight (forward then costs what the base layer costs)."""
-        if self.merged:
-            return
-        if self.gsoft_scale is not None and (self.gsoft_scale.abs() < 1e-12).any():
-            raise ValueError("a scale entry is (nearly) 0: merging could not be undone; adapter left unmerged")
-        W = self.delta_weight()
-        if not torch.isfinite(W).all():
-            raise ValueError("merging would write non-finite values into the weight; adapter left unmerged")
-        self.base_layer.weight.copy_(W.T if self.fan_in_fan_out else W)
-        self.merged = True
+    def _unadapt(self, W: torch.Tensor, a: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The inverse of :meth:`_adapt` for the same blocks and scale, ``Q_out⁻¹ diag(s)⁻¹ W Q_in⁻¹``, by inverses
+        of the ``b × b`` blocks (exact also for the nearly orthogonal Neumann map): ``O(n_out n_in b)``."""
+        if "scale" in a:
+            W = W / a["scale"][:, None]
+        if self.gsoft_out is not None:
+            inverse = _reversed_form(self.gsoft_out, torch.linalg.inv(a["out_L"]), torch.linalg.inv(a["out_R"]))
+            W = inverse.matmul(W.T).T  # column j: Q_out⁻¹ w_j
+        inverse_t = _q_form(self.gsoft_in, torch.linalg.inv(a["in_L"]).mT, torch.linalg.inv(a["in_R"]).mT)
+        return inverse_t.matmul(W)  # row i: w_iᵀ Q_in⁻¹ = (Q_in⁻ᵀ w_i)ᵀ
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore the base weight: ``W = Q_out⁻¹ diag(1/s) W' Q_in⁻¹`` (by solves: exact also for the
-        approximately orthogonal Neumann map)."""
-        if not self.merged:
-            return
+    def _in_compute_dtype(self, fn, a: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``fn(W, a)`` on the base weight, in float64 and outside autocast, rounded to the weight's dtype."""
         W = self._weight()
-        if self.gsoft_scale is not None:
-            W = W / self.gsoft_scale[:, None]
-        if self.gsoft_out is not None:
-            W = torch.linalg.solve(self.gsoft_out.matrix(), W)
-        W = torch.linalg.solve(self.gsoft_in.matrix().T, W.T).T
+        dtype = _compute_dtype(W.device)
+        with torch.autocast(W.device.type, enabled=False):
+            return fn(W.to(dtype), {k: v.to(dtype) for k, v in a.items()}).to(W.dtype)
+
+    @torch.no_grad()
+    def _merge_result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The merged weight ``(out, in)`` and the adapter it folds in, checked; nothing is written."""
+        a = {k: v.detach().clone() for k, v in self._adapter().items()}
+        if "scale" in a and (a["scale"].abs() < 1e-12).any():
+            raise ValueError(
+                f"{self.layer_name}: a scale entry is (nearly) 0: merging could not be undone; nothing was merged"
+            )
+        W = self._in_compute_dtype(self._adapt, a)
         if not torch.isfinite(W).all():
-            raise ValueError("unmerging produced non-finite values; the weight is left merged")
+            raise ValueError(
+                f"{self.layer_name}: merging would write non-finite values into the weight; nothing was merged"
+            )
+        return W, a
+
+    @torch.no_grad()
+    def _unmerge_result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The base weight ``(out, in)`` recovered from the recorded (merged) blocks and scale, checked."""
+        recorded = {key: getattr(self, f"merged_{key}") for key in self._adapter_keys()}
+        W = self._in_compute_dtype(self._unadapt, recorded)
+        if not torch.isfinite(W).all():
+            raise ValueError(f"{self.layer_name}: unmerging produced non-finite values; nothing was unmerged")
+        return W, {}
+
+    def _adapter_keys(self) -> list[str]:
+        return [f"{side}_{f}" for side, _ in self._rotations() for f in "LR"] + (
+            ["scale"] if self.gsoft_scale is not None else []
+        )
+
+    @torch.no_grad()
+    def _write(self, W: torch.Tensor, record: dict[str, torch.Tensor], merged: bool) -> None:
         self.base_layer.weight.copy_(W.T if self.fan_in_fan_out else W)
-        self.merged = False
+        for key, value in record.items():
+            getattr(self, f"merged_{key}").copy_(value)
+        self.merged_flag.fill_(merged)
+        self._merged = merged
+
+    def merge(self) -> None:
+        """Fold the adapter into the base weight (forward then costs what the base layer costs) and record the
+        blocks and scale folded in. Cost ``O(n_out n_in b)``. Raises ``ValueError`` (nothing changed) if a scale
+        entry is (nearly) 0 or the merged weight would not be finite."""
+        _merge_all([self], merge=True)
+
+    def unmerge(self) -> None:
+        """Restore the base weight, ``Q_out⁻¹ diag(s)⁻¹ W' Q_in⁻¹`` with the recorded (merged) blocks and scale —
+        to rounding (about 1e-7 relative in float32), whatever the adapter became since. Cost ``O(n_out n_in b)``."""
+        _merge_all([self], merge=False)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # the base weight and the merge flag only make sense together; refuse what could load an inconsistent state
+        name = prefix.rstrip(".") or self.layer_name
+        flag, weight = prefix + "merged_flag", prefix + "base_layer.weight"
+        if (flag in state_dict) != (weight in state_dict):
+            raise ValueError(
+                f"{name}: the state dict must hold both {weight!r} and {flag!r} (whether that weight has the adapter "
+                "merged in) or neither; a state dict saved before the merge state was saved needs "
+                f"state_dict[{flag!r}] = torch.tensor(False) (unmerged) added"
+            )
+        if flag in state_dict and bool(state_dict[flag]):
+            absent = [prefix + f"merged_{k}" for k in self._adapter_keys() if prefix + f"merged_{k}" not in state_dict]
+            if absent:
+                raise ValueError(f"{name}: a merged state needs the record of what was merged; missing {absent}")
+        if flag not in state_dict and self.merged and any(k.startswith(prefix + PREFIX) for k in state_dict):
+            raise ValueError(
+                f"{name}: the adapter is merged; loading adapter parameters alone would not change the merged "
+                "weight: unmerge first (or load a full state dict)"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._merged = bool(self.merged_flag)
+
+
+def _merge_all(layers: Sequence[GSOFTLinear], merge: bool) -> None:
+    """Merge (or unmerge) every layer or none: each result is computed and checked before any weight is written.
+    With several layers the results are computed again to be written rather than held, so that the extra memory
+    stays one weight."""
+    todo = [layer for layer in layers if layer.merged != merge]
+    result = GSOFTLinear._merge_result if merge else GSOFTLinear._unmerge_result
+    if len(todo) > 1:
+        for layer in todo:
+            result(layer)
+    for layer in todo:
+        layer._write(*result(layer), merged=merge)
 
 
 def _adapted(model: torch.nn.Module) -> Iterator[tuple[str, GSOFTLinear]]:
@@ -233,21 +382,20 @@ def inject_gsoft(model: torch.nn.Module, config: GSOFTConfig) -> dict[str, GSOFT
 
 
 def merge_adapter(model: torch.nn.Module) -> None:
-    """Merge every GSOFT adapter into its base weight."""
-    for _, layer in _adapted(model):
-        layer.merge()
+    """Merge every GSOFT adapter into its base weight, all or none: if one cannot be merged (``ValueError``: a
+    (nearly) zero scale entry, a non-finite result), no weight has changed."""
+    _merge_all([layer for _, layer in _adapted(model)], merge=True)
 
 
 def unmerge_adapter(model: torch.nn.Module) -> None:
-    """Undo :func:`merge_adapter`."""
-    for _, layer in _adapted(model):
-        layer.unmerge()
+    """Undo :func:`merge_adapter` (all or none), restoring the base weights to rounding."""
+    _merge_all([layer for _, layer in _adapted(model)], merge=False)
 
 
 def merge_and_unload(model: torch.nn.Module) -> torch.nn.Module:
-    """Merge the adapters and put the plain base layers back (in place); returns ``model``."""
+    """Merge the adapters (all or none) and put the plain base layers back (in place); returns ``model``."""
+    merge_adapter(model)
     for name, layer in list(_adapted(model)):
-        layer.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
     return model
@@ -266,19 +414,49 @@ def disable_adapters(model: torch.nn.Module):
             layer.disabled = False
 
 
+def _key(module_name: str, leaf: str) -> str:
+    return f"{module_name}.{leaf}" if module_name else leaf
+
+
+def _adapter_entries(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State-dict key → live tensor of what training changes: the adapter parameters and every trainable one."""
+    keys = {k for k, p in model.named_parameters() if p.requires_grad}
+    for name, layer in _adapted(model):
+        keys.update(_key(name, k) for k, _ in layer.named_parameters() if k.startswith(PREFIX))
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if k in keys}
+
+
 def gsoft_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What training changes: the adapter parameters (``…gsoft_in.L``, ``…gsoft_scale``, …) and every other
-    trainable parameter (``modules_to_save``, trainable biases), detached copies."""
-    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if PREFIX in k or k in trainable}
+    trainable parameter (``modules_to_save``, trainable biases), detached copies. The same whether the model is
+    merged or not (the merge state stays out: the adapter file is applied to unmerged base weights); raises
+    ``ValueError`` if a trainable base weight holds a merged weight (unmerge first)."""
+    entries = _adapter_entries(model)
+    for name, layer in _adapted(model):
+        if layer.merged and _key(name, "base_layer.weight") in entries:
+            raise ValueError(
+                f"{_key(name, 'base_layer.weight')} is trainable and holds the merged weight: saved, it would apply "
+                "the adapter twice when loaded; unmerge the adapters first"
+            )
+    return {k: v.detach().clone() for k, v in entries.items()}
 
 
 def load_gsoft_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load adapter parameters saved by :func:`gsoft_state_dict` into a model injected with the same config."""
-    if any(layer.merged for _, layer in _adapted(model)):
+    """Load adapter parameters saved by :func:`gsoft_state_dict` into an unmerged model injected with the same
+    config. Raises ``ValueError`` (nothing loaded) if the model is merged or keys or shapes differ."""
+    adapted = list(_adapted(model))
+    if any(layer.merged for _, layer in adapted):
         raise ValueError("unmerge the adapters before loading adapter weights")
-    expected = set(gsoft_state_dict(model))
-    missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+    expected = _adapter_entries(model)
+    missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
     if missing or unexpected:
         raise ValueError(f"adapter state mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor) or v.shape != expected[k].shape:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"adapter state mismatch: {k} must have shape {tuple(expected[k].shape)}, got {got}")
+    state_dict = dict(state_dict)
+    for name, _ in adapted:  # a trainable base weight in the file is an unmerged one (gsoft_state_dict saw to it)
+        if _key(name, "base_layer.weight") in state_dict:
+            state_dict[_key(name, "merged_flag")] = torch.tensor(False)
     model.load_state_dict(state_dict, strict=False)
