@@ -243,16 +243,20 @@ def complete(
     Returns:
         The :class:`OptimizeResult` of the final stage, with ``train_error`` and ``test_error`` (final
         relative errors; test only with ``test``), and ``history`` covering all stages; each record has
-        ``rank``, ``train_error``, ``test_error`` and ``solve_time`` (seconds since the call, including the
+        ``rank``, ``train_error``, ``test_error`` (+inf when the held-out values are all zero and X is not there)
+        and ``solve_time`` (seconds since the call, including the
         start-point computation, without the time spent on test errors and ``monitor``). With ``distributed``,
         ``communication`` holds the ``bytes`` all-reduced by this process and the number of ``calls``. If a
         rank-continuation stage already reaches ``tol``, its point — of lower TT-rank — is returned (check
-        ``res.x.ranks``): the data are explained by fewer parameters.
+        ``res.x.ranks``): the data are explained by fewer parameters. If all ``values`` are zero, the answer is
+        the zero tensor, returned at once (``nit == 0``, success, the message says so) in the format of rank
+        ``rank`` with a zero ``S`` / first core: it has rank 0, so it is not a point of the fixed-rank manifold
+        (its exact Hessian is undefined); ``x0`` is then only checked.
     """
     error = None
     try:  # with distributed, a rank that rejects its input must not leave the others waiting in a collective
         check_tensor("values", values, 1)
-        shape = [int(n) for n in shape]
+        shape = list(as_shape("shape", shape))
         d = len(shape)
         if d < 2:
             raise ValueError(f"shape must have at least 2 modes, got {shape}")
@@ -308,6 +312,8 @@ def complete(
         quiet = reduce
     loss = completion_loss(indices, values)
     vals_norm = math.sqrt(float(reduce(values.square().sum())))
+    if vals_norm == 0:  # the fit is the zero tensor: start there, where f and its gradient vanish (x0 only checked)
+        x0 = _zero_point(shape, rank, values, x0, distributed)
     t_start, overhead = time.perf_counter(), [0.0]
     history: list[dict] = []
     base = {"iter": 0, "nfev": 0, "ngev": 0, "nhev": 0, "time": 0.0, "rank": 0}
@@ -318,11 +324,11 @@ def complete(
         for key in ("iter", "nfev", "ngev", "nhev", "time"):  # numbering continues across stages
             rec[key] += base[key]
         rec["rank"] = base["rank"]
-        rec["train_error"] = math.sqrt(2 * max(res.fun, 0.0)) / vals_norm
+        rec["train_error"] = _relative(math.sqrt(2 * max(res.fun, 0.0)), vals_norm)
         if test is not None:
             with torch.no_grad():
                 err = math.sqrt(float(quiet((_entries(res.x, test_idx) - test_vals).square().sum())))
-            rec["test_error"] = err / test_norm
+            rec["test_error"] = _relative(err, test_norm)
         if distributed and rec["iter"] % check_every == 0:
             dist_helpers.check_identical(res.x, group=group)
         rec["solve_time"] = t - t_start - overhead[0]
@@ -398,12 +404,49 @@ def complete(
     res.train_error = history[-1]["train_error"]
     if res.status == CALLBACK:
         res.message = f"relative training residual {res.train_error:.3e} <= tol = {tol:g}"
+    if vals_norm == 0:
+        res.message = (
+            "all observed values are zero, so the completion is the zero tensor: rank 0, returned in the format of the "
+            f"requested rank with a zero {'S' if d == 2 else 'first core'} (not a point of the fixed-rank manifold); "
+            + res.message
+        )
     res.test_error = history[-1].get("test_error")
     res.time = history[-1]["solve_time"]
     if distributed:
         dist_helpers.check_identical(res.x, group=group)
         res.communication = dict(traffic)  # bytes and all-reduce calls of this process, all stages
     return res
+
+
+def _relative(err: float, norm: float) -> float:
+    """``err / norm``, with the limits of a zero reference: 0 for a perfect fit of zero data, +inf otherwise."""
+    if norm > 0:
+        return err / norm
+    return 0.0 if err == 0 else math.inf
+
+
+def _zero_point(shape, rank, values: torch.Tensor, x0, distributed: bool):
+    """The zero matrix / tensor in the format of rank ``rank``, with orthonormal frames (matrices ``U = I[:, :r]``,
+    ``S = 0``, ``V = I[:, :r]``; TT: right-orthogonal cores ``I[:r_{k-1}, :n_k r_k]`` after a zero first core), on
+    values' dtype and device: the least-squares fit of all-zero values. Checks ``rank`` and ``x0`` (then unused)."""
+    if not distributed and bool(values.any()):  # (with distributed, the processes could disagree on this)
+        raise ValueError(
+            f"values are nonzero but their squares underflow to 0 in {values.dtype}: rescale them or use float64"
+        )
+    kw = dict(dtype=values.dtype, device=values.device)
+    if len(shape) == 2:
+        M = FixedRankMatrices(shape[0], shape[1], rank)
+        r = M.rank
+        x = LowRankMatrix._trusted(torch.eye(M.m, r, **kw), torch.zeros(r, r, **kw), torch.eye(M.n, r, **kw))
+    else:
+        M = FixedTTRank(shape, _rank_list("rank", rank, len(shape)))
+        full = [1, *M.ranks, 1]
+        cores = [torch.eye(a, n * b, **kw).reshape(a, n, b) for a, n, b in zip(full, shape, full[1:])]
+        cores[0] = torch.zeros_like(cores[0])
+        x = TensorTrain._trusted(cores)
+    if x0 is not None:
+        M._check_point(x0, "x0")
+    return x
 
 
 def _grow_rank(x: TensorTrain, ranks, generator, eps: float = 1e-4) -> TensorTrain:

@@ -13,7 +13,7 @@ import torch
 from reference import tt_full
 
 from lowrankopt import FixedRankMatrices, FixedTTRank, LowRankMatrix, TensorRing, TensorTrain, TTMatrix
-from lowrankopt.completion import sample_indices
+from lowrankopt.completion import complete, sample_indices
 
 DT = torch.float64
 UNSUPPORTED = [torch.float16, torch.bfloat16, torch.complex64, torch.complex128, torch.int64]
@@ -65,6 +65,7 @@ def test_ttmatrix_random_refuses_row_and_col_shapes_of_different_lengths():
         (lambda: TTMatrix.random([2, 3.5], [2, 3], 2), r"row_shape\[1\]"),
         (lambda: TTMatrix.from_dense(torch.randn(6, 6, dtype=DT), [2, 3], [2.0, 3]), r"col_shape\[0\]"),
         (lambda: sample_indices([10.7, 10], 5), r"shape\[0\]"),
+        (lambda: complete(torch.tensor([[0, 0], [5, 4]]), torch.ones(2, dtype=DT), [6.9, 5], 1), r"shape\[0\]"),
         (lambda: LowRankMatrix.random(4.0, 3, 2), "m"),
         (lambda: FixedRankMatrices(4, 3.0, 2), "n"),
         (lambda: FixedTTRank([4.9, 3], 2), r"shape\[0\]"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from reference import rel, tt_full
 
-from lowrankopt import FixedTTRank, TensorTrain
+from lowrankopt import FixedTTRank, LowRankMatrix, TensorTrain
 from lowrankopt.completion import complete, completion_loss, sample_indices
 
 DT = torch.float64
@@ -268,3 +268,48 @@ def test_float32_completion_keeps_the_dtype_and_reaches_its_tolerance(method):
     res = complete(idx, entries(idx), (m, n), r, method=method, test=(test_idx, entries(test_idx)), generator=g)
     assert res.x.dtype == torch.float32 and res.success
     assert res.train_error <= 1e-5 and res.test_error < 1e-4  # float32 default tol 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- zero data
+@pytest.mark.parametrize("method", ["cg", "trust-region"])
+@pytest.mark.parametrize("shape,rank", [((6, 5), 2), ((3, 4, 3), [2, 3])])
+def test_all_zero_values_complete_to_the_zero_tensor(shape, rank, method):
+    """Issue 18: was a ZeroDivisionError. The least-squares fit of zero data is the zero tensor; it has rank 0, so
+    it is returned in the rank-r format with a zero S / first core, at once, whatever x0."""
+    g = torch.Generator().manual_seed(0)
+    idx = sample_indices(shape, 12, generator=g)
+    test_idx = complement(idx, shape)
+    test_vals = torch.randn(len(test_idx), dtype=DT, generator=g)
+    zeros = torch.zeros(12, dtype=DT)
+    x0 = FixedTTRank(shape, rank).random_point(generator=g) if len(shape) > 2 else None
+    res = complete(idx, zeros, shape, rank, method=method, test=(test_idx, test_vals), x0=x0, generator=g)
+    assert res.success and res.nit == 0 and "all observed values are zero" in res.message
+    assert torch.equal(res.x.full(), torch.zeros(shape, dtype=DT))
+    assert res.fun == 0.0 and res.grad_norm == 0.0 and res.train_error == 0.0
+    assert res.test_error == 1.0  # ‖P_Γ(0 − A)‖ / ‖P_Γ A‖
+    if len(shape) == 2:
+        assert res.x.rank == rank and torch.allclose(res.x.U.T @ res.x.U, torch.eye(rank, dtype=DT))
+    else:
+        assert res.x.ranks == tuple(rank)
+    res32 = complete(idx, zeros.float(), shape, rank, test=(test_idx, torch.zeros(len(test_idx))))
+    assert res32.success and res32.x.dtype == torch.float32 and res32.test_error == 0.0  # 0 / 0: a perfect fit
+
+
+def test_all_zero_values_still_check_the_rank_and_x0():
+    idx = sample_indices((6, 5), 12, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="rank"):
+        complete(idx, torch.zeros(12, dtype=DT), (6, 5), 6)
+    with pytest.raises(ValueError, match="x0"):
+        complete(idx, torch.zeros(12, dtype=DT), (6, 5), 2, x0=LowRankMatrix.random(6, 5, 3))
+    with pytest.raises(ValueError, match="underflow"):
+        complete(idx, torch.full((12,), 1e-30), (6, 5), 2)  # nonzero, but their squares are 0 in float32
+
+
+def test_zero_test_values_give_an_infinite_relative_test_error():
+    """‖P_Γ(X − 0)‖ / ‖P_Γ 0‖ is +inf when X is nonzero on Γ (was a ZeroDivisionError)."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(6, 1, dtype=DT, generator=g) @ torch.randn(1, 5, dtype=DT, generator=g)
+    idx = sample_indices((6, 5), 20, generator=g)
+    test_idx = complement(idx, (6, 5))
+    res = complete(idx, A[idx[:, 0], idx[:, 1]], (6, 5), 1, test=(test_idx, torch.zeros(10, dtype=DT)), max_iter=3)
+    assert res.test_error == math.inf and all(h["test_error"] == math.inf for h in res.history)
