@@ -23,6 +23,10 @@ from lowrankopt.nn import (
     TBasisLinear,
     TTConv2d,
     TTLinear,
+    sttp_convert,
+    tbasis_convert,
+    tt_conv_convert,
+    tt_conv_orthogonalize_,
 )
 
 D = torch.float64
@@ -182,3 +186,170 @@ def test_half_precision_is_supported_or_refused_up_front(name, dtype):
     assert (y.float() - exact).norm() <= 0.05 * exact.norm()
     y.float().square().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == dtype for p in layer.parameters())
+
+
+# ------------------------------------------------------------------------------------ torch reading .weight
+def _riemannian_or_adam(params, lr=1e-2):
+    """RiemannianAdam when there are manifold parameters (it steps plain ones as Adam), else torch's Adam."""
+    params = list(params)
+    if any(isinstance(p, geoopt.ManifoldParameter) for p in params):
+        return geoopt.optim.RiemannianAdam(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr)
+
+
+CONVERTERS = {
+    "sttp": lambda m: sttp_convert(m, 3),
+    "svdp-stiefel": lambda m: sttp_convert(m, 100, svdp=True, parametrization="stiefel"),
+    "tbasis": lambda m: tbasis_convert(m, 4, 2, generator=_gen(3)),
+}
+
+
+@pytest.mark.parametrize("convert", list(CONVERTERS))
+def test_a_converted_transformer_layer_evaluates_like_it_trains(convert, monkeypatch):
+    """torch's TransformerEncoderLayer reads ``linear1.weight`` (its eval fast path) and MultiheadAttention reads
+    ``out_proj.weight``: converted layers serve those reads, and eval equals train mode (no dropout)."""
+    fast_path = []
+    fused = torch._transformer_encoder_layer_fwd
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", lambda *a: fast_path.append(1) or fused(*a))
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, dtype=D)
+    CONVERTERS[convert](model)
+    assert not isinstance(model.linear1, nn.Linear)
+    opt = _riemannian_or_adam(model.parameters())
+    x = _x((5, 8), 3)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    trained = model(x).detach()
+    model.eval()
+    assert torch.allclose(model(x), trained, rtol=0, atol=1e-12)  # grad enabled: the layers' own forward
+    with torch.no_grad():
+        assert torch.allclose(model(x), trained, rtol=0, atol=1e-12)  # the fast path, from .weight
+    # tbasis_convert's forward pre-hook (the refresh) turns the fast path off; MHA still reads out_proj.weight
+    assert fast_path or convert == "tbasis"
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: STTPLinear(8, 6, 3, dtype=D), lambda: SVDPConv2d(2, 4, 3, padding=1, dtype=D)]
+)
+def test_sttp_weight_reads_as_the_dense_weight_and_is_differentiable(make):
+    layer = _perturbed(make(), 4)
+    dense = layer.to_dense()
+    assert torch.equal(layer.weight, dense.weight.detach())
+    x = _x((8,) if isinstance(layer, STTPLinear) else (2, 5, 5), 2)
+    assert torch.allclose(dense(x), layer(x), rtol=0, atol=1e-13)
+    # d<R, weight>/dθ against central differences along a random direction of the Householder parameters
+    R = torch.randn(layer.weight.shape, dtype=D, generator=_gen(5))
+    (layer.weight * R).sum().backward()
+    params = [p for p in layer.parameters() if p.grad is not None]
+    dirs = [torch.randn(p.shape, dtype=D, generator=_gen(6 + k)) for k, p in enumerate(params)]
+    h = 1e-6
+    with torch.no_grad():
+        values = []
+        for sign in (1, -1):
+            for p, d in zip(params, dirs):
+                p.add_(sign * h * d)
+            values.append(float((layer.weight * R).sum()))
+            for p, d in zip(params, dirs):
+                p.sub_(sign * h * d)
+    fd = (values[0] - values[1]) / (2 * h)
+    analytic = sum(float((p.grad * d).sum()) for p, d in zip(params, dirs))
+    assert abs(fd - analytic) <= 1e-7 * max(1.0, abs(analytic))
+    with pytest.raises(AttributeError):
+        layer.weight = dense.weight.detach()  # read-only
+
+
+# --------------------------------------------------------------------------------- checkpoints (weights_only)
+def _optimizers(model, kind):
+    """``"riemannian"``: one RiemannianAdam for everything (it steps plain parameters as Adam); ``"mixed"``: the
+    documented split, RiemannianSGD with momentum for the manifold parameters and torch's Adam for the rest."""
+    params = list(model.parameters())
+    if kind == "riemannian":
+        return [geoopt.optim.RiemannianAdam(params, lr=1e-2)]
+    manifold = [p for p in params if isinstance(p, geoopt.ManifoldParameter)]
+    plain = [p for p in params if not isinstance(p, geoopt.ManifoldParameter)]
+    opts = [geoopt.optim.RiemannianSGD(manifold, lr=1e-2, momentum=0.9)] if manifold else []
+    return opts + ([torch.optim.Adam(plain, lr=1e-2)] if plain else [])
+
+
+def _train(model, opts, x, steps, after_step=None):
+    for _ in range(steps):
+        for o in opts:
+            o.zero_grad()
+        y = model(x)
+        (y.square().mean() + y.mean()).backward()
+        for o in opts:
+            o.step()
+        if after_step is not None:
+            after_step(model)
+
+
+def _assert_round_trip_continues_identically(make, x, kind, path, after_step=None):
+    """Train, save model and optimizer state mid-training, load both (weights_only) into a fresh, differently
+    initialized instance: identical outputs now and after more training, identical parameters."""
+    a = make(1)
+    opts_a = _optimizers(a, kind)
+    _train(a, opts_a, x, 3, after_step)
+    torch.save({"model": a.state_dict(), "opts": [o.state_dict() for o in opts_a]}, path)
+    b = make(2)
+    opts_b = _optimizers(b, kind)
+    saved = torch.load(path, weights_only=True)
+    b.load_state_dict(saved["model"])
+    for o, state in zip(opts_b, saved["opts"], strict=True):
+        o.load_state_dict(state)
+    assert torch.equal(b(x), a(x))
+    _train(a, opts_a, x, 3, after_step)
+    _train(b, opts_b, x, 3, after_step)
+    assert torch.equal(b(x), a(x))
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+
+
+# layers with manifold parameters: also trained by one RiemannianAdam for all parameters
+ON_MANIFOLDS = {"LowRankLinear", "TTLinear", "STTPLinear-stiefel", "TTConv2d-stiefel", "GSOrthogonal-orthogonal"}
+
+
+@pytest.mark.parametrize(
+    "name,kind", [(n, "mixed") for n in LAYERS] + [(n, "riemannian") for n in LAYERS if n in ON_MANIFOLDS]
+)
+def test_every_layer_round_trips_a_checkpoint_mid_training(name, kind, tmp_path):
+    make, shape = LAYERS[name]
+    _assert_round_trip_continues_identically(lambda seed: make(D, seed), _x(shape, 4), kind, tmp_path / "ckpt.pt")
+
+
+def _mlp(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 4)).double()
+
+
+def _cnn(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, 6, 3, padding=1), nn.Flatten(), nn.Linear(96, 5)
+    ).double()
+
+
+CONVERTED = {
+    "sttp": (lambda m, s: sttp_convert(m, 3), None),
+    "sttp-stiefel": (lambda m, s: sttp_convert(m, 4, parametrization="stiefel"), None),
+    "svdp": (lambda m, s: sttp_convert(m, 100, svdp=True), None),
+    "tt_conv": (lambda m, s: tt_conv_convert(m, 3), tt_conv_orthogonalize_),
+    "tt_conv-stiefel": (lambda m, s: tt_conv_convert(m, 3, orthogonality="stiefel"), None),
+    "tbasis": (lambda m, s: tbasis_convert(m, 4, 2, generator=_gen(s)), None),
+}
+
+
+@pytest.mark.parametrize(
+    "convert,model", [(c, m) for c in CONVERTED for m in ("mlp", "cnn") if m == "cnn" or not c.startswith("tt_conv")]
+)
+def test_every_converted_model_round_trips_a_checkpoint_mid_training(convert, model, tmp_path):
+    dense, shape = (_mlp, (8,)) if model == "mlp" else (_cnn, (3, 4, 4))
+    conversion, after_step = CONVERTED[convert]
+
+    def make(seed):
+        m = dense(seed)
+        conversion(m, seed)
+        return m
+
+    _assert_round_trip_continues_identically(make, _x(shape, 4), "mixed", tmp_path / "ckpt.pt", after_step)
