@@ -235,6 +235,9 @@ def complete(
             the line-search scalar are sums over the shards, all-reduced in δ-coordinates (``O((m + n) r)`` or
             ``O(d n r²)`` numbers per reduction, independent of the number of entries). Every process gets the same
             result; give every process the same ``generator`` seed and ``x0``.
+            An exception on one process (in ``monitor``, or in its shard's loss) stops every process at the same
+            iteration and is raised on all of them: the original where it happened, a ``RuntimeError`` naming that
+            process elsewhere (one all-reduce of ``world_size`` integers per iteration agrees on it).
         group: the process group (``distributed=True``).
         check_every: with ``distributed``, compare a checksum of the point across processes every this many
             iterations (``RuntimeError`` if they differ).
@@ -301,6 +304,8 @@ def complete(
         call += (method, max_iter, warmup_iters, curvature, check_every, tol, x0 is not None)
         dist_helpers.agree(error, call, group=group)  # raises on every process, or on none
         traffic: dict = {}
+        failures = dist_helpers.Failures(group)  # an exception on one process ends the run on all of them
+        guard = failures.guard
         reduce, reduce_tangent = dist_helpers.reducers(group, traffic)
         quiet, _ = dist_helpers.reducers(group)  # test errors: not part of the solve's traffic
         if int(quiet(torch.tensor([len(values)], device=values.device))) == 0:
@@ -310,6 +315,7 @@ def complete(
     else:
         reduce, reduce_tangent = (lambda t: t), (lambda v: v)
         quiet = reduce
+        guard = _unguarded
     loss = completion_loss(indices, values)
     vals_norm = math.sqrt(float(reduce(values.square().sum())))
     if vals_norm == 0:  # the fit is the zero tensor: start there, where f and its gradient vanish (x0 only checked)
@@ -327,15 +333,19 @@ def complete(
         rec["train_error"] = _relative(math.sqrt(2 * max(res.fun, 0.0)), vals_norm)
         if test is not None:
             with torch.no_grad():
-                err = math.sqrt(float(quiet((_entries(res.x, test_idx) - test_vals).square().sum())))
+                sq = guard(lambda: (_entries(res.x, test_idx) - test_vals).square().sum(), lambda: _nan(values))
+                err = math.sqrt(float(quiet(sq)))
             rec["test_error"] = _relative(err, test_norm)
         if distributed and rec["iter"] % check_every == 0:
             dist_helpers.check_identical(res.x, group=group)
         rec["solve_time"] = t - t_start - overhead[0]
         if monitor is not None:
-            monitor(res)
+            guard(lambda: monitor(res), lambda: None)
+        stop = rec["train_error"] <= tol
+        if distributed and failures.any():  # one collective per iteration: every process stops here together
+            stop = True
         overhead[0] += time.perf_counter() - t
-        return rec["train_error"] <= tol
+        return stop
 
     def stage(x, r, iters):
         opts = dict(options)
@@ -348,15 +358,18 @@ def complete(
         f, curvature_along = loss, None
         if d == 2 and not curvature:
             lsq = _MatrixLeastSquares(indices, values, shape, manifold_of(x))
+            # guard: a shard that raises adds NaN to the sums instead of leaving the others in the collective
             opts.update(
-                grad=lambda x: reduce_tangent(lsq.grad(x)),
-                hvp=lambda x, v: reduce_tangent(lsq.hvp(x, v)),
+                grad=lambda x: reduce_tangent(guard(lambda: lsq.grad(x), lambda: lsq.M.zero_tangent(x) * math.nan)),
+                hvp=lambda x, v: reduce_tangent(guard(lambda: lsq.hvp(x, v), lambda: lsq.M.zero_tangent(x) * math.nan)),
                 manifold=lsq.M,
             )
-            f = lambda x: reduce(lsq.value(x))  # noqa: E731
-            curvature_along = lambda x, v: reduce(lsq.curvature_along(x, v))  # noqa: E731
+            f = lambda x: reduce(guard(lambda: lsq.value(x), lambda: _nan(values)))  # noqa: E731
+            curvature_along = lambda x, v: reduce(guard(lambda: lsq.curvature_along(x, v), lambda: _nan(values)))  # noqa: E731
         elif distributed:
-            f, grad, hvp = dist_helpers.sharded_objective(loss, curvature=curvature, group=group, traffic=traffic)
+            f, grad, hvp = dist_helpers.sharded_objective(
+                loss, curvature=curvature, group=group, traffic=traffic, failures=failures
+            )
             opts.update(grad=grad, hvp=hvp, manifold=manifold_of(x))
         if method != "trust-region" and curvature_along is not None:
             # the exact line search of the linearized problem, α = −⟨g, η⟩ / ‖P_Ω η‖², without Hessian products.
@@ -400,6 +413,8 @@ def complete(
                 x = res.x
                 if final or res.status < 0 or history[-1]["train_error"] <= tol:
                     break
+    if distributed:
+        failures.raise_if_any()  # on every process, or on none
     res.history = history
     res.train_error = history[-1]["train_error"]
     if res.status == CALLBACK:
@@ -416,6 +431,14 @@ def complete(
         dist_helpers.check_identical(res.x, group=group)
         res.communication = dict(traffic)  # bytes and all-reduce calls of this process, all stages
     return res
+
+
+def _unguarded(fn, fallback):
+    return fn()
+
+
+def _nan(like: torch.Tensor) -> torch.Tensor:
+    return torch.full((), math.nan, dtype=like.dtype, device=like.device)
 
 
 def _relative(err: float, norm: float) -> float:

@@ -11,6 +11,7 @@ GPU) or an explicit ``group``.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable
 
@@ -20,7 +21,15 @@ import torch.distributed as dist
 from .autodiff import riemannian_grad, riemannian_grad_and_hessian
 from .manifolds.tangent import TangentVector
 
-__all__ = ["agree", "all_reduce_tangent", "sharded_grad", "sharded_objective", "check_identical", "shard"]
+__all__ = [
+    "Failures",
+    "agree",
+    "all_reduce_tangent",
+    "check_identical",
+    "shard",
+    "sharded_grad",
+    "sharded_objective",
+]
 
 
 def _flat(tensors) -> torch.Tensor:
@@ -81,16 +90,24 @@ def reducers(group=None, traffic: dict | None = None):
     return reduce, reduce_tangent
 
 
-def sharded_objective(f_shard: Callable, *, curvature: bool = True, group=None, traffic: dict | None = None):
+def sharded_objective(
+    f_shard: Callable,
+    *,
+    curvature: bool = True,
+    group=None,
+    traffic: dict | None = None,
+    failures: Failures | None = None,
+):
     """``(f, grad, hvp)`` for :func:`~lowrankopt.minimize` on ``Σ_ranks f_shard``: ``f(x)`` all-reduces the shard
     values; ``grad(x)`` differentiates the shard once (gradient and Hessian operator, δ-trick) and all-reduces the
     δ-coordinates; ``hvp(x, v)`` applies the shard's Hessian at the last ``grad`` point (recomputed for another
-    point) and all-reduces it. (f and the gradient are separate passes: about 1.4× the single-process cost.)"""
-    reduce, reduce_tangent = reducers(group, traffic)
-    last: dict = {}
+    point) and all-reduces it. (f and the gradient are separate passes: about 1.4× the single-process cost.)
 
-    def f(x):
-        return reduce(f_shard(x).detach())
+    With ``failures``, an exception in this process's shard is kept there and NaN takes the shard's place in the
+    sum, so that every process sees the same non-finite value and stops (see :class:`Failures`)."""
+    reduce, reduce_tangent = reducers(group, traffic)
+    guard = failures.guard if failures is not None else (lambda fn, fallback: fn())
+    last: dict = {}
 
     def _local(x):
         if last.get("x") is not x:
@@ -98,13 +115,85 @@ def sharded_objective(f_shard: Callable, *, curvature: bool = True, group=None, 
             last.update(x=x, g=g, h=h)
         return last
 
+    def f(x):
+        return reduce(guard(lambda: f_shard(x).detach().reshape(()), lambda: _nan_scalar(x)))
+
     def grad(x):
-        return reduce_tangent(_local(x)["g"])
+        return reduce_tangent(guard(lambda: _local(x)["g"], lambda: _nan_tangent(x)))
 
     def hvp(x, v):
-        return reduce_tangent(_local(x)["h"](v))
+        return reduce_tangent(guard(lambda: _local(x)["h"](v), lambda: _nan_tangent(x)))
 
     return f, grad, hvp
+
+
+def _nan_scalar(x) -> torch.Tensor:
+    return torch.full((), math.nan, dtype=x.dtype, device=x.device)
+
+
+def _nan_tangent(x) -> TangentVector:
+    """A tangent vector at x whose coordinates are all NaN (the stand-in for a shard that failed)."""
+    from .autodiff import manifold_of
+
+    return manifold_of(x).zero_tangent(x) * math.nan
+
+
+class Failures:
+    """Exceptions of this process, agreed on by every process of ``group`` so that none is left waiting.
+
+    :meth:`guard` runs a local computation (a shard's loss, a user's callback); if it raises, the exception is
+    kept and a stand-in is returned (NaN for a value that is about to be all-reduced), so that this process still
+    joins the collectives the others are in. The NaN stops every process's optimizer at the same iteration
+    (a non-finite f). :meth:`any` (one all-reduce of ``world_size`` integers) tells every process whether some
+    process failed — call it at the same point on every process, once per iteration; :meth:`raise_if_any` then
+    raises on every process: the original exception where it happened, a ``RuntimeError`` naming the process and
+    its error elsewhere.
+    """
+
+    def __init__(self, group=None):
+        _require_group()
+        self.group = group
+        self.error: BaseException | None = None
+
+    def guard(self, fn: Callable, fallback: Callable):
+        """``fn()``, or ``fallback()`` if it raises (or if an earlier guarded call of this process did)."""
+        if self.error is not None:
+            return fallback()
+        try:
+            return fn()
+        except Exception as exc:  # kept, and re-raised by raise_if_any on every process
+            self.error = exc
+            return fallback()
+
+    def failed_ranks(self) -> list[int]:
+        """The ranks that have failed so far (one collective; the same list on every process)."""
+        flags = torch.zeros(dist.get_world_size(self.group), dtype=torch.int64, device=_collective_device(self.group))
+        flags[dist.get_rank(self.group)] = int(self.error is not None)
+        dist.all_reduce(flags, group=self.group)
+        return [r for r, flag in enumerate(flags.tolist()) if flag]
+
+    def any(self) -> bool:
+        """Whether some process has failed (one collective)."""
+        return bool(self.failed_ranks())
+
+    def raise_if_any(self) -> None:
+        """Raise on every process if some process failed (collectives; call it on every process)."""
+        failed = self.failed_ranks()
+        if not failed:
+            return
+        messages: list = [None] * dist.get_world_size(self.group)
+        mine = None if self.error is None else f"{type(self.error).__name__}: {self.error}"
+        dist.all_gather_object(messages, mine, group=self.group)
+        if self.error is not None:
+            raise self.error
+        first = failed[0]
+        raise RuntimeError(f"process {first} raised {messages[first]}; this process stops too (failed: {failed})")
+
+
+def _collective_device(group) -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    )
 
 
 def _require_group() -> None:
@@ -118,9 +207,7 @@ def agree(error: Exception | None, call: tuple, *, group=None) -> None:
     every process if any rejected its input or the calls differ."""
     _require_group()
     digest = zlib.crc32(repr(call).encode())  # not hash(): string hashing differs between processes
-    local = torch.tensor([0 if error is None else 1, digest], dtype=torch.int64)
-    if dist.get_backend(group) == "nccl":
-        local = local.cuda()
+    local = torch.tensor([0 if error is None else 1, digest], dtype=torch.int64, device=_collective_device(group))
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
     failed = [r for r, t in enumerate(gathered) if t[0]]

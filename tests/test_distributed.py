@@ -14,6 +14,30 @@ from lowrankopt.distributed import all_reduce_tangent, check_identical, shard, s
 D = torch.float64
 
 
+def _init(rank, world, init_file):
+    """Join the test's gloo group; a peer that never arrives fails the test in 2 minutes, not gloo's 30."""
+    import datetime
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
+    torch.set_num_threads(1)
+
+
+def _shutdown():
+    """End a worker's process group cleanly: wait for every process first, then destroy. (Destroying while a peer
+    still uses the gloo connections — or with a DDP wrapper's reducer alive — aborted ~1 run in 6 with SIGABRT
+    "terminate called without an active exception" at teardown.)"""
+    import gc
+
+    gc.collect()  # DDP reducers hold the group's communication threads until collected
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def _problems():
     g = torch.Generator().manual_seed(0)
     T = TensorTrain.random((6, 5, 7, 4), 3, generator=g)
@@ -26,9 +50,8 @@ def _problems():
 
 
 def _worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    _init(rank, world, init_file)
     try:
-        torch.set_num_threads(1)
         for name, x, idx, vals in _problems():
             part = shard(len(vals), rank, world)
             val, grad = sharded_grad(completion_loss(idx[part], vals[part]), x)
@@ -49,7 +72,7 @@ def _worker(rank, world, init_file, out_dir):
             caught = True
         torch.save(caught, os.path.join(out_dir, f"caught-{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _shutdown()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -90,9 +113,8 @@ def _completion_problems():
 
 
 def _complete_worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    _init(rank, world, init_file)
     try:
-        torch.set_num_threads(1)
         for name, idx, vals, shape, r in _completion_problems():
             part = shard(len(vals), rank, world)
             res = complete(
@@ -109,7 +131,7 @@ def _complete_worker(rank, world, init_file, out_dir):
                 {"cores": cores, "nit": res.nit, "err": res.train_error}, os.path.join(out_dir, f"{name}-{rank}.pt")
             )
     finally:
-        dist.destroy_process_group()
+        _shutdown()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -158,17 +180,18 @@ def _layers():
 
 
 def _ddp_worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    _init(rank, world, init_file)
     try:
-        torch.set_num_threads(1)
         X, y = _ddp_data()
         part = shard(len(X), rank, world)  # equal halves: the mean of the two means is the full-batch mean
         for name, layer in _layers().items():
-            _train(torch.nn.parallel.DistributedDataParallel(layer), X[part], y[part])
+            ddp = torch.nn.parallel.DistributedDataParallel(layer)
+            _train(ddp, X[part], y[part])
+            del ddp  # release the reducer (and its hooks on the group) before the group goes
             state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
             torch.save(state, os.path.join(out_dir, f"ddp-{name}-{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _shutdown()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -186,13 +209,8 @@ def test_ddp_training_of_manifold_layers_with_a_geoopt_optimizer_equals_the_sing
 
 
 def _mismatch_worker(rank, world, init_file, out_dir):
-    import datetime
-
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
-    )
+    _init(rank, world, init_file)
     try:
-        torch.set_num_threads(1)
         name, idx, vals, shape, r = _completion_problems()[0]
         part = shard(len(vals), rank, world)
         outcomes = []
@@ -218,7 +236,7 @@ def _mismatch_worker(rank, world, init_file, out_dir):
                 outcomes.append("refused")
         torch.save(outcomes, os.path.join(out_dir, f"mismatch-{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _shutdown()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -227,3 +245,68 @@ def test_a_process_that_rejects_its_input_stops_all_of_them():
         mp.spawn(_mismatch_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
         for rank in range(2):
             assert torch.load(os.path.join(tmp, f"mismatch-{rank}.pt")) == ["refused"] * 3
+
+
+class _Boom(Exception):
+    pass
+
+
+def _failing_worker(rank, world, init_file, out_dir, where):
+    """Rank 1 raises at its 4th iteration — in ``monitor`` or in its shard's loss — and stays alive."""
+    from lowrankopt import completion
+
+    _init(rank, world, init_file)
+    try:
+        name, idx, vals, shape, r = _completion_problems()[1]  # the matrix problem
+        part = shard(len(vals), rank, world)
+        seen = []
+
+        def monitor(res):
+            seen.append(res.history[-1]["iter"])
+            if where == "monitor" and rank == 1 and len(seen) == 4:
+                raise _Boom("monitor failed on rank 1")
+
+        if where == "loss" and rank == 1:
+            value, calls = completion._MatrixLeastSquares.value, [0]
+
+            def failing_value(self, x):
+                calls[0] += 1
+                if calls[0] == 5:
+                    raise _Boom("shard loss failed on rank 1")
+                return value(self, x)
+
+            completion._MatrixLeastSquares.value = failing_value
+        try:
+            complete(
+                idx[part],
+                vals[part],
+                shape,
+                r,
+                distributed=True,
+                max_iter=50,
+                monitor=monitor,
+                generator=torch.Generator().manual_seed(5),
+                initial_step="secant",
+            )
+            outcome = "returned"
+        except _Boom:
+            outcome = "own error"
+        except RuntimeError as exc:
+            outcome = "peer error" if "process 1 raised _Boom" in str(exc) else f"other: {exc}"
+        torch.save({"outcome": outcome, "seen": seen}, os.path.join(out_dir, f"fail-{rank}.pt"))
+    finally:
+        _shutdown()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("where", ["monitor", "loss"])
+def test_an_exception_on_one_process_is_raised_on_every_process_within_one_iteration(where):
+    """Before: rank 1 left complete() with its exception and rank 0 waited in the next all-reduce until the
+    process group's timeout (30 minutes with gloo's default; 2 minutes here, then the test failed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_failing_worker, args=(2, os.path.join(tmp, "init"), tmp, where), nprocs=2, join=True)
+        out = [torch.load(os.path.join(tmp, f"fail-{k}.pt")) for k in range(2)]
+        assert out[1]["outcome"] == "own error" and out[0]["outcome"] == "peer error", out
+        assert out[0]["seen"] == out[1]["seen"]  # both stopped after the same iteration
+        if where == "monitor":
+            assert len(out[0]["seen"]) == 4
