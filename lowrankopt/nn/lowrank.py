@@ -3,7 +3,8 @@ Riemannian optimizers (``RiemannianSGD``, ``RiemannianAdam``) unmodified.
 
 The weight is a ``geoopt.ManifoldParameter`` holding the packed factors (see
 :mod:`lowrankopt.manifolds.geoopt`); ``forward`` uses the straight-through form so that ``.grad`` is
-already in δ-coordinates. Never form the dense weight; use ``weight_decay=0`` for these parameters.
+already in δ-coordinates. Never form the dense weight; use ``weight_decay=0`` for these parameters. A step of a
+Euclidean optimizer (``torch.optim.Adam``, ...) on the weight raises ``TypeError`` (it would leave the manifold).
 """
 
 from __future__ import annotations
