@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
+
 from ..autodiff import manifold_of
 from .line_search import BETA_RULES, line_search_descent
 from .objective import Objective
@@ -129,14 +131,17 @@ def minimize(
 
 
 def _validate(method: str, o: dict, obj: Objective) -> None:
-    def number(name, lo=0.0, hi=math.inf, *, open_lo=False, allow_none=False, integer=False):
+    def number(name, lo=0.0, hi=math.inf, *, open_lo=False, open_hi=False, allow_none=False, integer=False):
         v = o[name]
+        if isinstance(v, np.generic):  # numpy scalars as the Python numbers they hold (np.bool_ becomes a bool)
+            v = o[name] = v.item()
         if v is None and allow_none:
             return
         ok = not isinstance(v, bool) and isinstance(v, (int,) if integer else (int, float))
-        if not ok or not (lo < v if open_lo else lo <= v) or not v <= hi:
+        if not ok or not (lo < v if open_lo else lo <= v) or not (v < hi if open_hi else v <= hi):
             kind = "an int" if integer else "a number"
-            raise ValueError(f"option {name} must be {kind} in {'(' if open_lo else '['}{lo}, {hi}], got {v!r}")
+            interval = f"{'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}"
+            raise ValueError(f"option {name} must be {kind} in {interval}, got {v!r}")
 
     number("max_iter", integer=True)
     number("gtol")
@@ -146,14 +151,14 @@ def _validate(method: str, o: dict, obj: Objective) -> None:
         raise TypeError(f"option callback must be callable or None, got {type(o['callback']).__name__}")
     number("verbose", integer=True)
     if method == "trust-region":
-        number("max_radius", open_lo=True, allow_none=True)
-        number("initial_radius", open_lo=True, allow_none=True)
+        number("max_radius", open_lo=True, open_hi=True, allow_none=True)
+        number("initial_radius", open_lo=True, open_hi=True, allow_none=True)
         number("rho_prime", hi=0.25)
         number("kappa", open_lo=True, hi=1.0)
         number("theta", open_lo=True)
         number("min_inner", integer=True)
         number("max_inner", 1, integer=True, allow_none=True)
-        number("rho_regularization")
+        number("rho_regularization", open_hi=True)
         if o["gradient_scale"] != "initial":
             number("gradient_scale", open_lo=True, allow_none=True)
         if not obj.has_hessian:

@@ -47,6 +47,10 @@ def truncated_cg(M, x, grad, hess, radius: float, *, kappa, theta, min_inner, ma
     delta = -r
     e_Pe, e_Pd, d_Pd = 0.0, 0.0, r_r
     model = 0.0
+    try:
+        target = (r0_norm / gradient_scale) ** theta
+    except OverflowError:  # a huge θ: the superlinear test never binds, κ decides
+        target = math.inf
     for j in range(1, max_inner + 1):
         Hdelta = hess(j - 1, delta)
         d_Hd = float(M.inner(x, delta, Hdelta))
@@ -65,7 +69,6 @@ def truncated_cg(M, x, grad, hess, radius: float, *, kappa, theta, min_inner, ma
         r = r + Hdelta * alpha
         r_r_old, r_r = r_r, float(M.inner(x, r, r))
         r_norm = math.sqrt(r_r)
-        target = (r0_norm / gradient_scale) ** theta
         if j >= min_inner and r_norm <= r0_norm * min(target, kappa):
             return eta, Heta, j, (_LINEAR if kappa < target else _SUPERLINEAR)
         beta = r_r / r_r_old
