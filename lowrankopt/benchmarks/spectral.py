@@ -38,7 +38,7 @@ from ..spectral import (
     conv_spectral_normalization,
     fantastic_four_bound,
     gram_iteration_bound,
-    tensor_norm_bound,
+    tensor_norm_estimate,
 )
 from .digits import accuracy, digits_split, fit
 from .registry import Benchmark, Case
@@ -64,7 +64,7 @@ def run_norms(case: Case, ctx: Context) -> dict:
     c, n = case.params["c"], case.params["n"]
     K = (torch.randn(c, c, 3, 3, generator=ctx.generator(c)) * math.sqrt(2 / (9 * c))).to(ctx.device)
     warm_state = IterationState()
-    tensor_norm_bound(K, state=warm_state, generator=ctx.generator(1))
+    tensor_norm_estimate(K, state=warm_state, generator=ctx.generator(1))
     v0 = torch.randn(1, c, n, n, generator=ctx.generator(2)).to(ctx.device)  # drawn once, outside the timing
 
     methods = {  # name: (function, grows with n)
@@ -75,8 +75,8 @@ def run_norms(case: Case, ctx: Context) -> dict:
             True,
         ),
         "Fantastic Four": (lambda: fantastic_four_bound(K), False),
-        "tensor norm, cold (3 starts)": (lambda: tensor_norm_bound(K, generator=ctx.generator(1)), False),
-        "tensor norm, warm (5 sweeps)": (lambda: tensor_norm_bound(K, state=warm_state, iters=5), False),
+        "tensor norm, cold (3 starts)": (lambda: tensor_norm_estimate(K, generator=ctx.generator(1)), False),
+        "tensor norm, warm (5 sweeps)": (lambda: tensor_norm_estimate(K, state=warm_state, iters=5), False),
     }
     budget = ctx.max_time / 5
     results = {}
@@ -155,7 +155,7 @@ def _conv_norms(model) -> tuple[list[float], list[float]]:
                 W, n, "zeros", conv.stride[0], pad=conv.padding, iters=20000, tol=1e-10, generator=g
             )
             norms.append(float(norm))
-            bounds.append(float(tensor_norm_bound(W, conv.stride[0], restarts=10, iters=1000, generator=g)))
+            bounds.append(float(tensor_norm_estimate(W, conv.stride[0], restarts=10, iters=1000, generator=g)))
     return norms, bounds
 
 

@@ -9,7 +9,7 @@ from torch.nn.utils import parametrize
 
 from .._checks import as_positive_int
 from ._kernel import IterationState, check_stride
-from .bounds import fantastic_four_bound, tensor_norm_bound
+from .bounds import fantastic_four_bound, tensor_norm_estimate
 from .circular import circular_spectral_norm, gram_iteration_bound
 from .power import conv_spectral_norm
 
@@ -29,43 +29,55 @@ def _padding(conv: torch.nn.Conv2d) -> str | tuple[int, int]:
     if conv.dilation != (1, 1):
         raise ValueError(f"convs with dilation {conv.dilation} are not supported")
     check_stride(conv.stride)
-    if conv.padding_mode == "circular":
-        return "circular"
-    if conv.padding_mode != "zeros":
+    if conv.padding_mode not in ("zeros", "circular"):
         raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported (only 'zeros' and 'circular')")
+    h, w = conv.kernel_size
     if conv.padding == "valid":
-        return (0, 0)
-    if conv.padding == "same":
-        h, w = conv.kernel_size
+        pad = (0, 0)
+    elif conv.padding == "same":
         if h % 2 == 0 or w % 2 == 0:
             raise ValueError("padding='same' with an even kernel pads asymmetrically: not supported")
-        return (h // 2, w // 2)
-    return tuple(conv.padding)
+        pad = (h // 2, w // 2)
+    else:
+        pad = tuple(conv.padding)
+    if conv.padding_mode == "zeros":
+        return pad
+    if 2 * pad[0] > h - 1 or 2 * pad[1] > w - 1:  # then output rows repeat: not a circular convolution
+        raise ValueError(
+            f"circular padding {pad} is larger than 'same' for the kernel {(h, w)}: its output repeats input rows, "
+            "and neither the circular norm nor any bound here covers it (2·padding ≤ kernel_size − 1 needed)"
+        )
+    return "circular"
 
 
 class ConvNormRegularizer:
-    """A differentiable bound on the spectral norm of every ``nn.Conv2d`` of a model, for use as a penalty.
+    """A differentiable estimate or bound of the spectral norm of every ``nn.Conv2d`` of a model, for a penalty.
 
     ``reg = ConvNormRegularizer(model)``, then ``loss = task_loss + λ · reg()`` each step. ``reg()`` is the sum
-    over the convs of their bounds, or with ``target`` the sum of ``relu(bound − target)²`` (only norms above
-    the target are pushed down). ``reg.bounds()`` gives each conv's value.
+    over the convs of their values, or with ``target`` the sum of ``relu(value − target)²`` (only norms above
+    the target are pushed down). ``reg.bounds()`` gives each conv's value — an *estimate* for ``"tensor-norm"``
+    and ``"power"`` (for a penalty, a value a little low is harmless; to certify a trained model's norms use
+    :func:`~lowrankopt.spectral.symbol_norm_bound` or :func:`~lowrankopt.spectral.tensor_norm_bound`).
 
     Methods (``method=``):
 
-    - ``"tensor-norm"`` (default): :func:`tensor_norm_bound`, any padding, independent of the input size; a cold
-      start (``cold_iters`` HOPM sweeps, ``restarts`` starts) on the first call, then ``iters`` warm sweeps per
-      call from the last vectors (one :class:`IterationState` per conv), and every ``refresh_every`` calls a
-      refresh (the warm vectors and ``restarts`` fresh starts, ``cold_iters`` sweeps) so that the tracked
-      maximum does not get stuck at a local one as the weights move.
-    - ``"fantastic-four"``: :func:`fantastic_four_bound`.
+    - ``"tensor-norm"`` (default): :func:`tensor_norm_estimate`, the HOPM estimate of the tensor-norm bound,
+      independent of the input size; a cold start (``cold_iters`` HOPM sweeps, ``restarts`` starts) on the first
+      call, then ``iters`` warm sweeps per call from the last vectors (one :class:`IterationState` per conv), and
+      every ``refresh_every`` calls a refresh (the warm vectors and ``restarts`` fresh starts, ``cold_iters``
+      sweeps) so that the tracked maximum does not get stuck at a local one as the weights move.
+    - ``"fantastic-four"``: :func:`fantastic_four_bound` (a guaranteed bound).
     - ``"gram"`` / ``"circular"``: :func:`gram_iteration_bound` / the exact circular norm at input size ``n``.
     - ``"power"``: power iteration with the conv's own zero padding at input size ``n`` (a lower estimate),
       ``cold_iters`` iterations on the first call, then ``iters`` warm ones per call; a circular conv gets its
       exact norm instead.
 
     Grouped convs count as the largest norm of their groups. Dilated convs, padding modes other than zeros and
-    circular, ``padding="same"`` with an even kernel, and unequal strides are refused. States follow the model
-    to another device or dtype (they restart cold there). Cost per call: the chosen method's, summed over the convs.
+    circular, circular padding larger than "same" (its output repeats input rows), ``padding="same"`` with an
+    even kernel, and unequal strides are refused. A circular conv of stride s > 1 is a circular convolution,
+    covered by these values, on input sizes divisible by s only (the methods that take ``n`` check it). States
+    follow the model to another device or dtype (they restart cold there). Cost per call: the chosen method's,
+    summed over the convs.
     """
 
     def __init__(
@@ -116,7 +128,7 @@ class ConvNormRegularizer:
         warm = bool(state.vectors)
         if self.method == "tensor-norm":
             refresh = warm and self.calls % self.refresh_every == 0
-            b = tensor_norm_bound(
+            b = tensor_norm_estimate(
                 K, s, restarts=self.restarts, iters=self.iters if warm and not refresh else self.cold_iters,
                 tol=0.0 if warm and not refresh else 1e-8, state=state, refresh=refresh, generator=self.generator,
             )  # fmt: skip
@@ -167,7 +179,7 @@ class _ConvSpectralNorm(torch.nn.Module):
         if self.exact:
             return circular_spectral_norm(K, self.n, self.stride).amax()
         if self.method == "tensor-norm":
-            return tensor_norm_bound(
+            return tensor_norm_estimate(
                 K, self.stride, iters=iters, tol=1e-8 if refresh else 0.0, state=state, refresh=refresh,
                 generator=generator,
             ).amax()  # fmt: skip
@@ -214,17 +226,19 @@ def conv_spectral_normalization(
       ``padding_mode="circular"``, else a power iteration with ``conv2d`` / ``conv_transpose2d`` at its zero
       padding (Gouk et al. 2021's "division", Ryu et al.'s estimate). The estimate approaches σ from below, so
       the normalized norm can exceed ``max_norm`` a little.
-    - ``method="tensor-norm"``: σ is the tensor-norm bound (:func:`tensor_norm_bound`), an upper bound for every
-      padding and input size (``n`` is not needed), so the normalized conv's norm is at most ``max_norm`` on any
-      input — up to the shortfall of the HOPM value below the maximum (it approaches from below; see
-      :func:`tensor_norm_bound` on local maxima). On the digits benchmark (``conv-norm-training``) the tracked
-      value lagged a careful cold start by up to half a percent, while the convs' actual norms stayed below
-      ``max_norm``.
+    - ``method="tensor-norm"``: σ is the HOPM estimate of the tensor-norm bound (:func:`tensor_norm_estimate`),
+      independent of the padding and input size (``n`` is not needed). It is usually above the conv's norm, so
+      the normalized norm usually stays below ``max_norm`` on any input, but that is **not guaranteed**: the
+      estimate approaches from below and can stop at a local maximum under the conv's norm (see
+      :func:`tensor_norm_estimate`). On the digits benchmark (``conv-norm-training``) the tracked value lagged
+      a careful cold start by up to half a percent, while the convs' actual norms stayed below ``max_norm``.
+      To certify the result, bound the normalized weight afterwards
+      (:func:`~lowrankopt.spectral.symbol_norm_bound`).
 
     The vectors are warm-started: a cold start at registration (50 power iterations / 100 HOPM sweeps), then
     ``iters`` per training forward (default 1 power iteration, 5 HOPM sweeps: HOPM converges slowly, and one
     sweep per step lags behind the moving kernel), none in eval mode (tensor-norm: every ``refresh_every``
-    training forwards a refresh, the warm vectors and 3 fresh starts, 100 sweeps; see :func:`tensor_norm_bound`).
+    training forwards a refresh, the warm vectors and 3 fresh starts, 100 sweeps; see :func:`tensor_norm_estimate`).
     They are buffers (saved, moved with the module; a cast or move restarts them cold). Convs that
     :class:`ConvNormRegularizer` refuses are refused. A ``torch.nn.utils.parametrize`` parametrization of
     ``conv.weight`` (``remove_parametrizations`` bakes it in).
