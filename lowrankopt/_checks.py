@@ -21,9 +21,8 @@ def _dtype_error(name: str, dtype: object) -> TypeError:
     why = ""
     if dtype in (torch.float16, torch.bfloat16):
         why = (
-            " (half precision is not supported: the QR, SVD and solves of the formats and manifolds have no "
-            "float16/bfloat16 kernels on every device, and their accuracy needs float32 at least; keep the "
-            "points in float32 and use torch.autocast around the layers)"
+            " (half precision is not supported: the factorizations used here (QR, SVD, solves) have no "
+            "float16/bfloat16 kernels on every device, and need the accuracy of float32 at least)"
         )
     elif isinstance(dtype, torch.dtype) and dtype.is_complex:
         why = " (complex tensors are not supported: the manifolds are real, with a real inner product)"
@@ -77,15 +76,23 @@ def check_finite(named: Sequence[tuple[str, torch.Tensor]]) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
+def as_index_tensor(idx: object) -> torch.Tensor:
+    """``idx`` as a tensor: tensors as they are, anything else through ``torch.as_tensor`` — int64 when empty (an
+    empty list would otherwise become a float tensor)."""
+    if isinstance(idx, torch.Tensor):
+        return idx
+    idx = torch.as_tensor(idx)
+    return idx.long() if idx.numel() == 0 else idx
+
+
 def check_index(name: str, idx: object, bounds: Sequence[int], device: torch.device) -> torch.Tensor:
     """Check an integer index tensor of shape (N, len(bounds)) (or (N,) when one bound) in range."""
-    if not isinstance(idx, torch.Tensor):
-        idx = torch.as_tensor(idx)
+    idx = as_index_tensor(idx)
     if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"{name} must be an integer tensor, got {idx.dtype}")
     d = len(bounds)
-    if d == 1 and idx.dim() == 1:
-        idx = idx[:, None]
+    if idx.dim() == 1 and (d == 1 or idx.numel() == 0):  # (N,) with one bound; an empty list for any number
+        idx = idx.reshape(-1, d)
     if idx.dim() != 2 or idx.shape[1] != d:
         raise ValueError(f"{name} must have shape (N, {d}), got {tuple(idx.shape)}")
     idx = idx.to(device=device, dtype=torch.int64)
@@ -160,6 +167,14 @@ def as_tolerance(name: str, value: object) -> float:
     return float(value)
 
 
+def as_device(device: object) -> torch.device:
+    """``device`` (a torch.device, a string such as ``"cpu"`` or ``"cuda:0"``, or an index) as a torch.device."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be a torch.device or a device string such as 'cpu', got {device!r}") from None
+
+
 def check_random_options(
     dtype: object, device: object, generator: object
 ) -> tuple[torch.dtype, torch.device | None, torch.device | None]:
@@ -167,13 +182,7 @@ def check_random_options(
     a valid torch device, ``generator`` None or a ``torch.Generator``; ``draw_device`` is where the generator draws
     (its own device; ``device`` without one)."""
     check_dtype("dtype", dtype)
-    if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError, ValueError):
-            raise ValueError(
-                f"device must be a torch.device or a device string such as 'cpu', got {device!r}"
-            ) from None
+    device = None if device is None else as_device(device)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     return dtype, device, (generator.device if generator is not None else device)
@@ -181,7 +190,11 @@ def check_random_options(
 
 def cast_all(tensors: Sequence[torch.Tensor], *args, **kwargs) -> list[torch.Tensor]:
     """``[t.to(*args, **kwargs) for t in tensors]`` for the ``to`` of a format: a cast to a dtype other than
-    float32/float64 is refused (TypeError naming ``dtype``) after converting the first tensor only."""
+    float32/float64 is refused (TypeError naming ``dtype``) after converting the first tensor only; a string that is
+    no device (``x.to("float64")``) is refused naming ``device``."""
+    for arg in (*args, kwargs.get("device")):
+        if isinstance(arg, str):
+            as_device(arg)
     first = tensors[0].to(*args, **kwargs)
     check_dtype("dtype", first.dtype)
     return [first] + [t.to(*args, **kwargs) for t in tensors[1:]]

@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 
 from .._checks import (
+    as_index_tensor,
     as_positive_int,
     cast_all,
     check_index,
+    check_like,
     check_random_options,
     check_same,
     check_scalar,
@@ -128,7 +130,7 @@ class LowRankMatrix:
     def gather(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Entries ``X[rows[i], cols[i]]`` as an ``(N,)`` tensor; ``rows``, ``cols``: ``(N,)`` integers.
         Cost ``O(m r² + N r)``."""
-        rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
+        rows, cols = as_index_tensor(rows), as_index_tensor(cols)
         if rows.dim() != 1 or rows.shape != cols.shape:
             raise ValueError(
                 f"rows and cols must be 1-D of one length N, got shapes {tuple(rows.shape)} and {tuple(cols.shape)}"
@@ -170,6 +172,7 @@ class LowRankMatrix:
         if isinstance(other, torch.Tensor):
             if tuple(other.shape) != self.shape:
                 raise ValueError(f"other must have shape {self.shape}, got {tuple(other.shape)}")
+            check_like("other", other, "X", self)
             return ((other @ self.V) * (self.U @ self.S)).sum()
         raise TypeError(f"other must be a LowRankMatrix or a tensor, got {type(other).__name__}")
 
