@@ -206,19 +206,23 @@ def test_conv_norms_rows_and_extrapolated_skips():
     spectral._LAST.clear()
     ctx = Context("quick", torch.device("cpu"), 1, 0, max_time=1e-9)  # no budget: only first measurements run
     rows = {r["variant"]: r for r in spectral.run_norms(Case("a", dict(c=8, n=8)), ctx)["rows"]}
-    assert len(rows) == 6 and not any("skipped" in r for r in rows.values())
+    assert len(rows) == 7 and not any("skipped" in r for r in rows.values())
     K = torch.randn(8, 8, 3, 3, generator=ctx.generator(8)) * math.sqrt(2 / 72)
     exact = rows["exact circular (FFT + SVD)"]
     assert exact["figures"]["value"] == pytest.approx(circular_spectral_norm(K, 8).item(), rel=1e-6)
     assert exact["figures"]["value / exact"] == 1 and exact["ratio"] == pytest.approx(1)
     assert rows["Fantastic Four"]["figures"]["value"] == pytest.approx(fantastic_four_bound(K).item(), rel=1e-6)
-    for name in ("tensor norm, cold (3 starts)", "tensor norm, warm (5 sweeps)", "Gram iteration t=6 (circular)"):
+    for name in (spectral.COLD, "tensor-norm estimate, warm (5 sweeps)", "Gram iteration t=6 (circular)"):
         assert 1 - 1e-5 <= rows[name]["figures"]["value / exact"] <= rows["Fantastic Four"]["figures"]["value / exact"]
+    certified = rows[spectral.CERTIFIED]["figures"]
+    assert 1 <= certified["value / exact"] <= rows["Fantastic Four"]["figures"]["value / exact"]
+    estimate = rows[spectral.COLD]["figures"]["value"]
+    assert certified["certified / estimate"] == pytest.approx(certified["value"] / estimate)
     rows = {r["variant"]: r for r in spectral.run_norms(Case("b", dict(c=8, n=16)), ctx)["rows"]}
     growing = ("exact circular (FFT + SVD)", "Gram iteration t=6 (circular)", "power iteration, zeros (50 it.)")
     assert all(rows[v]["skipped"].startswith("not run: about") for v in growing)
     assert "value / exact" not in rows["Fantastic Four"]["figures"]  # no exact value to compare with
-    assert rows["tensor norm, cold (3 starts)"]["time"] > 0
+    assert rows[spectral.COLD]["time"] > 0
     spectral._LAST.clear()
 
 

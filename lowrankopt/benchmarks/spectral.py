@@ -1,20 +1,28 @@
-"""Benchmarks of the conv spectral tools: ``conv-norms``, ``conv-norm-training``, ``tt-conv``.
+"""Benchmarks of the conv spectral tools: ``conv-norms``, ``conv-bound-tightness``, ``conv-norm-training``,
+``tt-conv``.
 
 - ``conv-norms``: He-initialized 3×3 kernels ``c × c`` (c = 64…512, float32) and inputs n = 16…224. Each method's
   time and value: the exact circular norm (FFT + batched SVD), Gram iteration (circular, t = 6), power iteration
-  with zero padding (50 iterations of conv / conv_transpose), the Fantastic-Four bound, and the tensor-norm bound
-  cold (3 starts, ≤ 100 HOPM sweeps) and warm (5 sweeps from the previous vectors). Ratios: time / time of the
-  exact norm; value / exact norm. The n-independent bounds are re-timed at every n, so their flat line in the
-  time-vs-n plot is measured. A method whose time, extrapolated as n² from the previous n, would exceed
-  ``max_time / 5`` is not run (a row says so). On CUDA, float32 convs may run in TF32
-  (``torch.backends.cudnn.allow_tf32``), so the power-iteration value is then good to about 1e-3.
+  with zero padding (50 iterations of conv / conv_transpose), the Fantastic-Four bound, the certified
+  tensor-norm bound (seven unfoldings) and the tensor-norm *estimate* (HOPM) cold (3 starts, ≤ 100 sweeps) and
+  warm (5 sweeps from the previous vectors). Ratios: time / time of the exact norm; value / exact norm; the
+  certified row's "certified / estimate" is its value over the cold estimate's. The n-independent methods are
+  re-timed at every n, so their flat line in the time-vs-n plot is measured. A method whose time, extrapolated
+  as n² from the previous n, would exceed ``max_time / 5`` is not run (a row says so). On CUDA, float32 convs
+  may run in TF32 (``torch.backends.cudnn.allow_tf32``), so the power-iteration value is then good to about 1e-3.
 - ``conv-norm-training``: a 3-conv CNN on scikit-learn's 8×8 digits, trained with no control, with the
-  tensor-norm regularizer ``λ Σ relu(bound − 1)²`` (λ = 1; 5 warm HOPM sweeps per step), and with
+  tensor-norm regularizer ``λ Σ relu(estimate − 1)²`` (λ = 1; 5 warm HOPM sweeps per step), and with
   normalization of each conv to norm ≤ 1 (``W · min(1, 1/σ)``) with σ from a power iteration at its input size
-  (1 warm iteration per step) or from the tensor-norm bound (5 warm sweeps per step). Test accuracy, each conv's
-  norm with its zero padding (power iteration to 1e-10), its tensor-norm bound (a cold start: 10 starts, ≤ 1000
-  sweeps) and the product of the norms
-  (a bound on the network's conv part), time per epoch.
+  (1 warm iteration per step) or from the tensor-norm estimate (5 warm sweeps per step). Test accuracy, each
+  conv's norm with its zero padding (power iteration to 1e-10), its tensor-norm estimate (a careful cold start:
+  10 starts, ≤ 1000 sweeps), its certified n-independent bound (:func:`~lowrankopt.spectral.symbol_norm_bound`,
+  rtol 1e-3), the product of the norms (a bound on the network's conv part), time per epoch.
+- ``conv-bound-tightness``: per kernel (random He-initialized of several shapes and strides, a kernel built so
+  that HOPM stops at a local maximum, and the three convs of the digits CNN after training without control),
+  the n-independent norm ``sup_ω ‖K̂(ω)‖₂`` to 0.1 % (the certified interval of
+  :func:`~lowrankopt.spectral.symbol_norm_bound`), the HOPM estimate at its defaults and at 20 starts ×
+  1000 sweeps, the certified tensor-norm bound (unfoldings) and the certified symbol bound, their ratios
+  ("certified / estimate": how much the guarantee costs against the HOPM value) and their times.
 - ``tt-conv``: a 3-conv CNN on digits with its 2nd and 3rd convs replaced by :class:`~lowrankopt.nn.TTConv2d` at
   several ranks (initialized by TT-SVD of the same dense initialization, gauge-orthogonalized after each Adam
   step), vs the dense model: test accuracy, % parameters, time per epoch, and the layers' largest singular value
@@ -38,6 +46,8 @@ from ..spectral import (
     conv_spectral_normalization,
     fantastic_four_bound,
     gram_iteration_bound,
+    symbol_norm_bound,
+    tensor_norm_bound,
     tensor_norm_estimate,
 )
 from .digits import accuracy, digits_split, fit
@@ -47,6 +57,8 @@ from .runner import Context, Timing, timing_row
 # ------------------------------------------------------------------------------------------------ conv-norms
 
 _LAST: dict[tuple, tuple[int, float]] = {}  # (c, method) -> (n, seconds) of the last run, to extrapolate
+CERTIFIED = "tensor-norm bound (certified, 7 unfoldings)"
+COLD = "tensor-norm estimate, cold (HOPM, 3 starts)"
 
 
 def _measure(ctx: Context, fn) -> tuple[Timing, float]:
@@ -75,8 +87,9 @@ def run_norms(case: Case, ctx: Context) -> dict:
             True,
         ),
         "Fantastic Four": (lambda: fantastic_four_bound(K), False),
-        "tensor norm, cold (3 starts)": (lambda: tensor_norm_estimate(K, generator=ctx.generator(1)), False),
-        "tensor norm, warm (5 sweeps)": (lambda: tensor_norm_estimate(K, state=warm_state, iters=5), False),
+        CERTIFIED: (lambda: tensor_norm_bound(K), False),
+        COLD: (lambda: tensor_norm_estimate(K, generator=ctx.generator(1)), False),
+        "tensor-norm estimate, warm (5 sweeps)": (lambda: tensor_norm_estimate(K, state=warm_state, iters=5), False),
     }
     budget = ctx.max_time / 5
     results = {}
@@ -102,6 +115,8 @@ def run_norms(case: Case, ctx: Context) -> dict:
         if not isinstance(exact, str):
             figures["value / exact"] = value / exact[1]
             extra["ratio"] = timing.median / exact[0].median
+        if name == CERTIFIED and not isinstance(results[COLD], str):
+            figures["certified / estimate"] = value / results[COLD][1]
         rows.append(timing_row(name, timing, figures=figures, **extra))
     return {"rows": rows}
 
@@ -112,7 +127,8 @@ def _norm_cases(channels, sizes) -> tuple[Case, ...]:
 
 NORMS = Benchmark(
     name="conv-norms",
-    summary="conv spectral norm: exact FFT, Gram, power iteration, Fantastic Four, tensor-norm bound vs n and channels",
+    summary="conv spectral norm: exact FFT, Gram, power iteration, Fantastic Four, tensor-norm bound and estimate "
+    "vs n and channels",
     baseline="time of the exact circular norm (FFT + batched SVD) at the same kernel and n; values / its value",
     figures=("time", "value", "value / exact"),
     quick=_norm_cases((64,), (16, 32, 64)),
@@ -142,11 +158,12 @@ def _cnn(seed: int, width: int) -> torch.nn.Sequential:
     )
 
 
-def _conv_norms(model) -> tuple[list[float], list[float]]:
-    """Each conv's operator norm with its own zero padding at its input size (power iteration to 1e-10), and its
-    tensor-norm bound from a careful cold start (10 starts, ≤ 1000 sweeps) — not the tracked training value."""
+def _conv_norms(model) -> tuple[list[float], list[float], list[float]]:
+    """Each conv's operator norm with its own zero padding at its input size (power iteration to 1e-10), its
+    tensor-norm estimate from a careful cold start (10 starts, ≤ 1000 sweeps) — not the tracked training value —
+    and its certified bound for every input size (symbol search, rtol 1e-3)."""
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    norms, bounds = [], []
+    norms, bounds, certified = [], [], []
     with torch.no_grad():
         for conv, n in zip(convs, _SIZES, strict=True):
             W = conv.weight.detach().double()
@@ -156,7 +173,8 @@ def _conv_norms(model) -> tuple[list[float], list[float]]:
             )
             norms.append(float(norm))
             bounds.append(float(tensor_norm_estimate(W, conv.stride[0], restarts=10, iters=1000, generator=g)))
-    return norms, bounds
+            certified.append(float(symbol_norm_bound(W, conv.stride[0])))
+    return norms, bounds, certified
 
 
 def run_training(case: Case, ctx: Context) -> dict:
@@ -185,11 +203,12 @@ def run_training(case: Case, ctx: Context) -> dict:
         model.train()
         times = fit(model, Xtr, ytr, epochs, ctx, label, penalty=penalty)
         model.eval()
-        norms, bounds = _conv_norms(model)
+        norms, bounds, certified = _conv_norms(model)
         figures = {
             "test accuracy": accuracy(model, Xte, yte),
             "conv norms (zeros)": ", ".join(f"{v:.3f}" for v in norms),
-            "tensor-norm bounds": ", ".join(f"{v:.4f}" for v in bounds),
+            "tensor-norm estimates": ", ".join(f"{v:.4f}" for v in bounds),
+            "certified bounds (every n)": ", ".join(f"{v:.4f}" for v in certified),
             "product of conv norms": math.prod(norms),
         }
         rows.append(timing_row(label, Timing.of(times), figures=figures, status=f"{epochs} epochs; time: per epoch"))
@@ -202,10 +221,127 @@ TRAINING = Benchmark(
     name="conv-norm-training",
     summary="digits CNN: no control vs tensor-norm regularizer vs normalization by power iteration / tensor norm",
     baseline="time per epoch of the row / that of the uncontrolled model",
-    figures=("test accuracy", "conv norms (zeros)", "tensor-norm bounds", "product of conv norms", "time per epoch"),
+    figures=(
+        "test accuracy",
+        "conv norms (zeros)",
+        "tensor-norm estimates",
+        "certified bounds (every n)",
+        "product of conv norms",
+        "time per epoch",
+    ),
     quick=(Case("digits-5ep", dict(epochs=5, width=16)),),
     full=(Case("digits-30ep", dict(epochs=30, width=16)),),
     run=run_training,
+    peers=("scikit-learn (data)",),
+)
+
+# ------------------------------------------------------------------------------------------- conv-bound-tightness
+
+
+def _two_mode_kernel(c: int = 8, beta: float = 0.7) -> torch.Tensor:
+    """Channel 0: a rank-one term with flat taps (symbol norm 3 at ω = 0); channels 1…c−1: β·Q ⊗ alternating taps
+    (3β at ω = π, with the larger ‖K̂(ω)‖_F that the spectral start follows). The conv's norm is 3; HOPM from the
+    second block stops at the local maximum 3β (as in the tests)."""
+    e0 = torch.zeros(c, dtype=torch.float64)
+    e0[0] = 1
+    flat = torch.ones(3, dtype=torch.float64) / math.sqrt(3)
+    alternating = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64) / math.sqrt(3)
+    Q = torch.zeros(c, c, dtype=torch.float64)
+    Q[1:, 1:] = torch.linalg.qr(
+        torch.randn(c - 1, c - 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    )[0]
+    return torch.einsum("o,c,p,q->ocpq", e0, e0, flat, flat) + beta * torch.einsum(
+        "oc,p,q->ocpq", Q, alternating, alternating
+    )
+
+
+def _tightness_kernels(case: Case, ctx: Context) -> list[tuple[str, torch.Tensor, int]]:
+    """(label, float64 kernel, stride): random He-initialized, the two-mode kernel, and the trained digits convs."""
+    kernels = []
+    for co, ci, k, s, seeds in case.params["random"]:
+        for seed in range(seeds):
+            g = ctx.generator(1000 * co + 10 * ci + k + seed)
+            K = torch.randn(co, ci, k, k, generator=g, dtype=torch.float64) * math.sqrt(2 / (ci * k * k))
+            label = f"random {co}×{ci}×{k}×{k}" + (f", stride {s}" if s > 1 else "") + f" #{seed}"
+            kernels.append((label, K, s))
+    kernels.append(("two-mode (HOPM trap) 8×8×3×3", _two_mode_kernel(), 1))
+    data = digits_split(ctx)
+    if data is not None:
+        model = _cnn(ctx.seed, 16)
+        fit(model, data[0], data[1], case.params["epochs"], ctx, "digits CNN, no control")
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        for i, conv in enumerate(convs):
+            W = conv.weight.detach().double()
+            shape = "×".join(map(str, W.shape))
+            kernels.append((f"digits conv {i + 1} {shape}, stride {conv.stride[0]} (trained)", W, conv.stride[0]))
+    return kernels
+
+
+def _timed(ctx: Context, fn):
+    ctx.sync()
+    t0 = time.perf_counter()
+    value = fn()
+    ctx.sync()
+    return value, time.perf_counter() - t0
+
+
+def run_tightness(case: Case, ctx: Context) -> dict:
+    rows = []
+    for label, K, s in _tightness_kernels(case, ctx):
+        K = K.to(ctx.device)
+        ctx.status(label)
+        with torch.no_grad():
+            (lower, upper), t_symbol = _timed(ctx, lambda K=K, s=s: symbol_norm_bound(K, s, return_lower=True))
+            certified, t_unfold = _timed(ctx, lambda K=K, s=s: tensor_norm_bound(K, s))
+            estimate, t_hopm = _timed(ctx, lambda K=K, s=s: tensor_norm_estimate(K, s, generator=ctx.generator(1)))
+            best = tensor_norm_estimate(K, s, restarts=20, iters=1000, generator=ctx.generator(2))
+        lower, upper, certified, estimate, best = map(float, (lower, upper, certified, estimate, best))
+        figures = {
+            "norm, every n (sup ‖K̂‖, ±0.1 %)": upper,
+            "estimate (HOPM defaults)": estimate,
+            "estimate / norm": estimate / lower,
+            "estimate / best of 20 starts": estimate / best,
+            "certified (unfoldings)": certified,
+            "certified / estimate": certified / estimate,
+            "symbol bound / estimate": upper / estimate,
+            "time: unfoldings (s)": t_unfold,
+            "time: HOPM (s)": t_hopm,
+        }
+        status = "time: the symbol search (rtol 1e-3)"
+        rows.append(timing_row(label, Timing.of([t_symbol]), figures=figures, status=status))
+    return {"rows": rows}
+
+
+TIGHTNESS = Benchmark(
+    name="conv-bound-tightness",
+    summary="certified conv-norm bounds vs the HOPM tensor-norm estimate on random, adversarial and trained kernels",
+    baseline="none (times in seconds; ratios in the figures: certified / estimate, estimate / norm)",
+    figures=(
+        "norm, every n",
+        "estimate (HOPM defaults)",
+        "estimate / norm",
+        "certified (unfoldings)",
+        "certified / estimate",
+        "symbol bound / estimate",
+    ),
+    quick=(Case("quick", dict(random=((16, 16, 3, 1, 2), (64, 32, 3, 1, 2)), epochs=5)),),
+    full=(
+        Case(
+            "full",
+            dict(
+                random=(
+                    (16, 16, 3, 1, 3),
+                    (64, 32, 3, 1, 5),
+                    (64, 64, 3, 1, 3),
+                    (64, 64, 5, 1, 2),
+                    (64, 32, 3, 2, 2),
+                    (128, 128, 3, 1, 2),
+                ),
+                epochs=30,
+            ),
+        ),
+    ),
+    run=run_tightness,
     peers=("scikit-learn (data)",),
 )
 
@@ -292,4 +428,4 @@ TT_CONV = Benchmark(
     peers=("scikit-learn (data)",),
 )
 
-BENCHMARKS = (NORMS, TRAINING, TT_CONV)
+BENCHMARKS = (NORMS, TIGHTNESS, TRAINING, TT_CONV)
