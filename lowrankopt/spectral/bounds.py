@@ -8,9 +8,10 @@ for **zero padding** of any amount (symmetric or not, "same" included) at any in
 sits in a larger periodic grid, where the conv is circular; J is that circular conv with input and output
 coordinates restricted, and the circular norm is a max of ``‖K̂(ω)‖₂`` over a grid), and for **circular
 padding** when ``2·pad ≤ k − 1`` on each axis (at most "same") and the input size is divisible by the stride:
-then J's rows are distinct rows of the periodic conv. Other circular convs repeat input pixels in their
-output, and their norm can exceed the bound (by 79 % for a 3×3 kernel with circular padding 2; by 28 % with
-stride 2 on a 5 × 5 input; the tests show both): no bound here covers them, nor reflect or replicate padding.
+then J's rows are distinct rows of the periodic conv. Other circular convs (which the paper's "arbitrary
+padding" would include) repeat input pixels in their output, and their norm can exceed the bound (the all-ones 3×3 kernel: by 43 % with circular padding 2 on 6 × 6
+inputs, by 15 % with stride 2 on 5 × 5 inputs; in the tests): no bound here covers them, nor reflect or
+replicate padding.
 A stride s is handled on the polyphase kernel (:func:`~lowrankopt.spectral.polyphase_kernel`):
 ``h, w → ⌈h/s⌉, ⌈w/s⌉``.
 
