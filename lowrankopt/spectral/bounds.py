@@ -9,9 +9,9 @@ sits in a larger periodic grid, where the conv is circular; J is that circular c
 coordinates restricted, and the circular norm is a max of ``‖K̂(ω)‖₂`` over a grid), and for **circular
 padding** when ``2·pad ≤ k − 1`` on each axis (at most "same") and the input size is divisible by the stride:
 then J's rows are distinct rows of the periodic conv. Other circular convs (which the paper's "arbitrary
-padding" would include) repeat input pixels in their output, and their norm can exceed the bound (the all-ones 3×3 kernel: by 43 % with circular padding 2 on 6 × 6
-inputs, by 15 % with stride 2 on 5 × 5 inputs; in the tests): no bound here covers them, nor reflect or
-replicate padding.
+padding" would include) repeat input pixels in their output, and their norm can exceed the bound (the
+all-ones 3×3 kernel: by 43 % with circular padding 2 on 6 × 6 inputs, by 15 % with stride 2 on 5 × 5 inputs;
+in the tests): no bound here covers them, nor reflect or replicate padding.
 A stride s is handled on the polyphase kernel (:func:`~lowrankopt.spectral.polyphase_kernel`):
 ``h, w → ⌈h/s⌉, ⌈w/s⌉``.
 
