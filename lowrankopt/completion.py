@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._checks import as_int, as_shape, check_index, check_tensor
+from ._checks import as_int, as_shape, check_index, check_random_options, check_tensor
 from .autodiff import manifold_of
 from .formats.lowrank import LowRankMatrix
 from .formats.tt import TensorTrain, _rank_list
@@ -46,6 +46,7 @@ def sample_indices(shape, count: int, *, generator: torch.Generator | None = Non
     ``Π shape`` index space is never materialized. ``shape`` and ``count`` take Python or numpy/torch integers.
     """
     shape = as_shape("shape", shape)
+    _, device, _ = check_random_options(torch.float64, device, generator)  # (checks the device and the generator)
     total = math.prod(shape)
     count = as_int("count", count, minimum=0)
     if count > total:
@@ -72,16 +73,7 @@ def completion_loss(indices: torch.Tensor, values: torch.Tensor):
     check_tensor("values", values, 1)
     if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.shape[0] != values.shape[0]:
         raise ValueError(f"indices must be an (N, d) tensor with N = len(values) = {values.shape[0]}")
-    if indices.shape[1] == 2:
-        rows, cols = indices[:, 0], indices[:, 1]
-
-        def loss(X):
-            if isinstance(X, LowRankMatrix):
-                return 0.5 * ((X.gather(rows, cols) - values) ** 2).sum()
-            return 0.5 * ((X.gather(indices) - values) ** 2).sum()
-
-        return loss
-    return lambda X: 0.5 * ((X.gather(indices) - values) ** 2).sum()
+    return lambda X: 0.5 * ((_entries(X, indices) - values) ** 2).sum()
 
 
 class _MatrixLeastSquares:
@@ -95,19 +87,31 @@ class _MatrixLeastSquares:
       curvature term): ``P_Ω ξ`` by ``sampled_addmm`` with the rank-2r factors ``[A U] [V B]ᵀ``, then as above.
 
     No autograd tape and no ``(N, r)`` gathered temporaries. The residual of the last point is kept.
+
+    Repeated positions (a CSR pattern must not repeat one): the ``c`` observations ``v_t`` of one entry are kept as
+    one, with weight c and their mean ``v̄``, since ``½ Σ_t (x − v_t)² = ½ c (x − v̄)² + ½ Σ_t (v_t − v̄)²`` (the last
+    sum, a constant, is added to f).
     """
 
     def __init__(self, indices, values, shape, manifold):
         m, n = shape
-        rows, cols = indices[:, 0], indices[:, 1]
-        order = torch.argsort(rows * n + cols)
-        self.vals = values[order]
+        # distinct positions in row-major (CSR) order, with their counts and the mean of their values
+        keys, inverse, counts = torch.unique(indices[:, 0] * n + indices[:, 1], return_inverse=True, return_counts=True)
+        rows, cols = keys // n, keys % n
+        self.vals = torch.zeros(len(keys), dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
+        self.vals /= counts
+        self.weights = None if len(keys) == len(values) else counts.to(values.dtype)
+        self.offset = 0.0 if self.weights is None else 0.5 * ((values - self.vals[inverse]) ** 2).sum()
         self.M = manifold
-        self.pattern = self._csr(rows[order], cols[order], m, n)
-        t_order = torch.argsort(cols[order] * m + rows[order])  # CSR order of the transpose
+        self.pattern = self._csr(rows, cols, m, n)
+        t_order = torch.argsort(cols * m + rows)  # CSR order of the transpose
         self.t_perm = t_order
-        self.t_pattern = self._csr(cols[order][t_order], rows[order][t_order], n, m)
+        self.t_pattern = self._csr(cols[t_order], rows[t_order], n, m)
         self._last = (None, None)  # (point, residual): f and the gradient at one point share it
+
+    def _weighted(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (values at the distinct positions) times the number of observations of each position."""
+        return t if self.weights is None else t * self.weights
 
     def _csr(self, r, c, m, n):
         crow = torch.zeros(m + 1, dtype=torch.int64, device=r.device)
@@ -138,14 +142,16 @@ class _MatrixLeastSquares:
         return self._last[1]
 
     def value(self, x):
-        return 0.5 * (self.residual(x) ** 2).sum()
+        r = self.residual(x)
+        return 0.5 * (self._weighted(r) * r).sum() + self.offset
 
     def grad(self, x):
-        return self._project_sparse(x, self.residual(x))
+        return self._project_sparse(x, self._weighted(self.residual(x)))
 
     def curvature_along(self, x, v) -> torch.Tensor:
         """``⟨ξ, P_x P_Ω P_x ξ⟩ = ‖P_Ω ξ‖²``: one sampled product, no projection. Cost ``O(N r)``."""
-        return (self._sample_tangent(x, v) ** 2).sum()
+        s = self._sample_tangent(x, v)
+        return (self._weighted(s) * s).sum()
 
     def _sample_tangent(self, x, v):
         U, _, V = self.M.frames(x)
@@ -153,12 +159,17 @@ class _MatrixLeastSquares:
         return self._sample(torch.cat([A, U], 1), torch.cat([V, B], 1))
 
     def hvp(self, x, v):
-        return self._project_sparse(x, self._sample_tangent(x, v))
+        return self._project_sparse(x, self._weighted(self._sample_tangent(x, v)))
 
 
 def _entries(X, indices):
+    """The entries of a LowRankMatrix / TensorTrain at ``indices (N, d)`` (named errors for anything else)."""
     if isinstance(X, LowRankMatrix):
+        if indices.shape[1] != 2:
+            raise ValueError(f"indices must have 2 columns for a LowRankMatrix, got shape {tuple(indices.shape)}")
         return X.gather(indices[:, 0], indices[:, 1])
+    if isinstance(X, torch.Tensor) or not hasattr(X, "gather"):
+        raise TypeError(f"the point must be a LowRankMatrix or a TensorTrain, got {type(X).__name__}")
     return X.gather(indices)
 
 
@@ -210,7 +221,8 @@ def complete(
     entries ``values`` at ``indices``.
 
     Args:
-        indices: ``(N, d)`` integer tensor of observed positions (Ω; use :func:`sample_indices`).
+        indices: ``(N, d)`` integer tensor of observed positions (Ω; use :func:`sample_indices`). A position given
+            k times is k observations: each counts in the least-squares loss.
         values: ``(N,)`` float32/float64 observed entries.
         shape: the shape of the full matrix / tensor.
         rank: matrix rank, or TT-ranks (an int or the d − 1 inner ranks).
@@ -269,6 +281,8 @@ def complete(
         if values.shape[0] == 0 and not distributed:  # with distributed, the total count is checked below
             raise ValueError("values is empty: nothing to complete from")
         if test is not None:
+            if not isinstance(test, (tuple, list)) or len(test) != 2:
+                raise TypeError(f"test must be a pair (indices (N, d), values (N,)), got {type(test).__name__}")
             test_idx, test_vals = test
             check_tensor("test values", test_vals, 1)
             test_idx = check_index("test indices", test_idx, shape, values.device)
@@ -280,6 +294,7 @@ def complete(
             raise ValueError(f"tol must be a non-negative number, got {tol!r}")
         if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or warmup_iters < 0:
             raise ValueError(f"warmup_iters must be a non-negative int, got {warmup_iters!r}")
+        check_random_options(values.dtype, None, generator)  # (checks the generator)
         if monitor is not None and not callable(monitor):
             raise TypeError(f"monitor must be callable or None, got {type(monitor).__name__}")
         if x0 is not None and getattr(x0, "dtype", None) != values.dtype:

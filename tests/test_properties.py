@@ -20,9 +20,9 @@ import pytest
 import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from reference import matrix_projector
+from reference import matrix_projector, tt_full
 
-from lowrankopt import FixedRankMatrices, minimize
+from lowrankopt import FixedRankMatrices, TensorTrain, complete, completion_loss, minimize, sample_indices
 
 DT = torch.float64
 # Status codes as documented in OptimizeResult (written out here, not imported from the code under test).
@@ -249,3 +249,307 @@ def test_minimize_callback_and_result_fields(method, stop_at, how, seed):
         assert res.status in (0, 1, 6) and (how == "never" or res.nit <= stop_at)
         if res.success:
             assert res.fun == pytest.approx(fstar, rel=1e-9)
+
+
+# ============================================================================================== completion
+def low_rank(m, n, r, seed, dtype=DT):
+    g = gen(seed)
+    return (torch.randn(m, r, dtype=DT, generator=g) @ torch.randn(r, n, dtype=DT, generator=g)).to(dtype)
+
+
+def entries(A, idx):
+    return A[tuple(idx.T)]
+
+
+def test_complete_names_a_test_argument_that_is_not_a_pair():
+    """Was: ``test=idx`` (or a triple) gave "too many values to unpack (expected 2)"."""
+    A = low_rank(6, 5, 2, 0)
+    idx = sample_indices((6, 5), 20, generator=gen(1))
+    for test in (idx, (idx, entries(A, idx), entries(A, idx)), "held-out"):
+        with pytest.raises((TypeError, ValueError), match="test"):
+            complete(idx, entries(A, idx), (6, 5), 2, test=test)
+
+
+def test_complete_and_sample_indices_refuse_a_generator_that_is_not_one():
+    """Was: ``generator=3`` gave AttributeError "'int' object has no attribute 'device'" (and ``device="foo"``
+    torch's RuntimeError in sample_indices)."""
+    A = low_rank(6, 5, 2, 0)
+    idx = sample_indices((6, 5), 20, generator=gen(1))
+    with pytest.raises(TypeError, match="generator"):
+        complete(idx, entries(A, idx), (6, 5), 2, generator=3)
+    with pytest.raises(TypeError, match="generator"):
+        sample_indices((6, 5), 3, generator=3)
+    with pytest.raises(ValueError, match="device"):
+        sample_indices((6, 5), 3, device="foo")
+
+
+def test_completion_loss_names_indices_that_do_not_fit_the_point():
+    """Was: (N, 3) indices with a matrix gave "gather() missing 1 required positional argument: 'cols'", and a
+    dense tensor point torch's gather error."""
+    X = FixedRankMatrices(6, 5, 2).random_point(generator=gen(0))
+    idx3 = torch.zeros(4, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="indices"):
+        completion_loss(idx3, torch.zeros(4, dtype=DT))(X)
+    with pytest.raises(TypeError, match="LowRankMatrix"):
+        completion_loss(idx3[:, :2], torch.zeros(4, dtype=DT))(X.full())
+
+
+def test_matrix_completion_with_repeated_entries_is_their_least_squares_fit():
+    """Was: repeated positions in ``indices`` gave torch's "copy_: only sparse compressed tensors with the same number
+    of specified elements are supported" (the matrix path's CSR pattern had duplicate entries). Repeated
+    observations of one entry are a least-squares fit of all of them: at the result, f is ½‖X[idx] − values‖² over
+    every row of idx, and the Riemannian gradient of that sum — P_X of the dense Euclidean gradient, which adds up
+    the residuals of repeated positions — vanishes (up to its rounding)."""
+    m, n, r = 5, 4, 2
+    A = low_rank(m, n, r, 0)
+    idx = sample_indices((m, n), 16, generator=gen(1))
+    idx = torch.cat([idx, idx[:6], idx[:2]])
+    vals = entries(A, idx) + 0.1 * torch.randn(len(idx), dtype=DT, generator=gen(2))  # inconsistent repeats
+    res = complete(idx, vals, (m, n), r, tol=0.0, max_iter=500, generator=gen(3))
+    X = res.x.full()
+    assert res.fun == pytest.approx(0.5 * float(((entries(X, idx) - vals) ** 2).sum()), rel=1e-12)
+    G = torch.zeros(m, n, dtype=DT).index_put_(tuple(idx.T), entries(X, idx) - vals, accumulate=True)
+    riemannian = matrix_projector(X, r) @ G.reshape(-1)
+    assert float(torch.linalg.vector_norm(riemannian)) <= 1e-9
+    assert res.grad_norm == pytest.approx(float(torch.linalg.vector_norm(riemannian)), rel=1e-3, abs=1e-12)
+    exact = complete(idx, entries(A, idx), (m, n), r, generator=gen(3))  # consistent repeats: exact recovery
+    assert exact.success and float(torch.linalg.matrix_norm(exact.x.full() - A)) <= 1e-9 * float(A.norm())
+
+
+def completion_tolerance(dtype):
+    """Absolute tolerance on relative errors recomputed here: rounding of the residual, not of its square."""
+    return 1e3 * torch.finfo(dtype).eps
+
+
+def check_completion(res, idx, vals, tol, test=None):
+    """The documented fields of complete()'s result against dense references (in float64, from res.x's factors)."""
+    X = res.x.full().double()
+    vals64 = vals.double()
+    norm = float(torch.linalg.vector_norm(vals64))
+    resid = float(torch.linalg.vector_norm(entries(X, idx) - vals64))
+    eps = completion_tolerance(vals.dtype)
+    assert res.success == (res.status in SUCCESS_STATUSES) and res.status in DOCUMENTED_STATUSES
+    assert abs(math.sqrt(2 * max(res.fun, 0.0)) - resid) <= (eps + 1e-6) * max(norm, resid)
+    if norm == 0:  # documented: relative errors against zero data are 0 for a perfect fit
+        assert res.train_error == 0.0 and resid == 0.0
+        return
+    ref = resid / norm
+    assert abs(res.train_error - ref) <= eps + 1e-6 * ref
+    assert res.history[-1]["train_error"] == res.train_error
+    if res.status == 4:
+        assert res.train_error <= tol
+    if test is not None:
+        t_vals = test[1].double()
+        t_ref = float(torch.linalg.vector_norm(entries(X, test[0]) - t_vals) / torch.linalg.vector_norm(t_vals))
+        assert abs(res.test_error - t_ref) <= eps + 1e-6 * t_ref
+
+
+INDEX_VARIANTS = {  # name -> (function of valid int64 indices, whether valid)
+    "int64": (lambda i: i, True),
+    "int32": (lambda i: i.int(), True),
+    "list": (lambda i: i.tolist(), True),
+    "float": (lambda i: i.double(), False),
+    "bool": (lambda i: i > 0, False),
+    "out of range": (lambda i: i + 100, False),
+    "negative": (lambda i: -i - 1, False),
+    "3 columns": (lambda i: torch.cat([i, i[:, :1]], 1), False),
+    "transposed": (lambda i: i.T, False),
+}
+VALUE_VARIANTS = {
+    "float64": (lambda v: v, True),
+    "float32": (lambda v: v.float(), True),
+    "zero": (lambda v: torch.zeros_like(v), True),
+    "nan": (lambda v: torch.cat([v[:-1], v[-1:] * math.nan]), False),
+    "inf": (lambda v: torch.cat([v[:-1], v[-1:] + math.inf]), False),
+    "int": (lambda v: v.long(), False),
+    "half": (lambda v: v.half(), False),
+    "2-D": (lambda v: v[:, None], False),
+    "one short": (lambda v: v[:-1], False),
+    "list": (lambda v: v.tolist(), False),
+}
+
+
+@examples(80)
+@given(
+    m=st.integers(2, 7),
+    n=st.integers(2, 7),
+    rank=mostly(st.integers(1, 3), st.sampled_from([0, -1, 9, 2.0, True, "2", None])),
+    fraction=st.sampled_from([0.5, 0.8, 1.0]),
+    index=mostly(st.sampled_from(["int64", "int32", "list"]), st.sampled_from(sorted(INDEX_VARIANTS))),
+    value=mostly(st.sampled_from(["float64", "float32", "zero"]), st.sampled_from(sorted(VALUE_VARIANTS))),
+    shape=mostly(st.just("ok"), st.sampled_from(["float entry", "one mode", "too small"])),
+    tol=mostly(st.sampled_from([None, 0.0, 1e-10, 1e-3]), st.sampled_from([-1.0, math.nan, "a", True])),
+    max_iter=mostly(st.sampled_from([0, 3, 40]), st.sampled_from([-1, 2.5, None])),
+    method=mostly(st.sampled_from(["cg", "sd", "trust-region"]), st.just("newton")),
+    test=mostly(st.sampled_from([None, "ok"]), st.sampled_from(["short", "float32", "not a pair", "out of range"])),
+    generator=mostly(st.just("ok"), st.sampled_from([3, "seed"])),
+    seed=st.integers(0, 10),
+)
+def test_complete_matrix_arguments(m, n, rank, fraction, index, value, shape, tol, max_iter, method, test, generator,
+                                   seed):  # fmt: skip
+    """Any arguments of matrix completion: a consistent result (train/test errors recomputed densely; all-zero
+    values give the zero matrix) or a named error; indices and values are never modified."""
+    true_rank = min(2, m, n)
+    A = low_rank(m, n, true_rank, seed)
+    idx = sample_indices((m, n), max(1, round(fraction * m * n)), generator=gen(seed + 1))
+    idx_arg, idx_ok = INDEX_VARIANTS[index][0](idx), INDEX_VARIANTS[index][1]
+    vals_arg, vals_ok = VALUE_VARIANTS[value][0](entries(A, idx)), VALUE_VARIANTS[value][1]
+    shape_arg = {"ok": (m, n), "float entry": (float(m), n), "one mode": (m,), "too small": (1, 1)}[shape]
+    rank_ok = isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= min(m, n)
+    held = sample_indices((m, n), min(5, m * n), generator=gen(seed + 2))
+    test_arg = {
+        None: None,
+        "ok": (held, entries(A, held)),
+        "short": (held, entries(A, held)[:-1]),
+        "float32": (held, entries(A, held).float()),
+        "not a pair": held,
+        "out of range": (held + 50, entries(A, held)),
+    }[test]
+    problems = [name for name, ok in (("indices", idx_ok), ("values", vals_ok), ("rank", rank_ok)) if not ok]
+    if shape != "ok":
+        problems += ["shape", "indices", "modes"]
+    if not (tol is None or (isinstance(tol, float) and tol >= 0)):
+        problems.append("tol")
+    if not (isinstance(max_iter, int) and max_iter >= 0):
+        problems.append("max_iter")
+    if method == "newton":
+        problems.append("method")
+    if test not in (None, "ok") or (test == "ok" and value == "float32"):
+        problems.append("test")
+    if generator != "ok":
+        problems.append("generator")
+    before = [t.clone() if isinstance(t, torch.Tensor) else t for t in (idx_arg, vals_arg)]
+    call = lambda: complete(  # noqa: E731
+        idx_arg, vals_arg, shape_arg, rank, tol=tol, max_iter=max_iter, method=method, test=test_arg,
+        generator=gen(seed) if generator == "ok" else generator,
+    )  # fmt: skip
+    res = check_outcome(call, problems)
+    for a, b in zip(before, (idx_arg, vals_arg)):
+        assert not isinstance(a, torch.Tensor) or torch.equal(a, b), "complete() changed its input"
+    if res is None:
+        return
+    dtype = vals_arg.dtype
+    assert res.x.dtype == dtype and res.x.shape == (m, n) and res.x.rank == rank
+    check_completion(res, idx, vals_arg, tol if tol is not None else {DT: 1e-12}.get(dtype, 1e-5), test_arg)
+    if value == "zero":
+        assert torch.equal(res.x.full(), torch.zeros(m, n, dtype=dtype)) and res.success and res.nit == 0
+
+
+@examples(40)
+@given(
+    m=st.integers(3, 10),
+    n=st.integers(3, 10),
+    rank=st.integers(1, 3),
+    fraction=st.sampled_from([0.7, 0.85, 1.0]),
+    duplicates=st.sampled_from([0, 5]),
+    method=st.sampled_from(["cg", "trust-region"]),
+    seed=st.integers(0, 20),
+)
+def test_complete_recovers_exact_low_rank_matrices(m, n, rank, fraction, duplicates, method, seed):
+    """Exact rank-r data observed at enough entries (1.5 times the manifold dimension, every row and column seen at
+    least r + 1 times; repeated entries allowed) are recovered: the dense completion equals the matrix."""
+    rank = min(rank, m - 1, n - 1)
+    A = low_rank(m, n, rank, seed)
+    idx = sample_indices((m, n), round(fraction * m * n), generator=gen(seed + 1))
+    idx = torch.cat([idx, idx[:duplicates]])
+    rows, cols = torch.bincount(idx[:, 0], minlength=m), torch.bincount(idx[:, 1], minlength=n)
+    enough = len(idx) >= 1.5 * rank * (m + n - rank) and rows.min() > rank and cols.min() > rank
+    event("enough samples" if enough else "too few samples")
+    res = complete(idx, entries(A, idx), (m, n), rank, method=method, generator=gen(seed), max_iter=300)
+    check_completion(res, idx, entries(A, idx), 1e-12)
+    if enough:
+        assert res.success, res.message
+        assert float(torch.linalg.matrix_norm(res.x.full() - A) / torch.linalg.matrix_norm(A)) < 1e-8
+
+
+@examples(20)
+@given(
+    shape=st.lists(st.integers(2, 4), min_size=3, max_size=3),
+    true_rank=st.integers(1, 2),
+    rank=mostly(st.sampled_from(["same", "list"]), st.sampled_from(["short list", 0, 2.5, "huge"])),
+    fraction=st.sampled_from([0.6, 1.0]),
+    seed=st.integers(0, 10),
+)
+def test_complete_tensor_trains(shape, true_rank, rank, fraction, seed):
+    """TT completion of an exact TT-rank-r tensor: from every entry the completion is the tensor (dense reference);
+    from fewer, a consistent result; a bad rank is named."""
+    truth = TensorTrain.random(shape, true_rank, dtype=DT, generator=gen(seed))
+    A = tt_full(truth.cores)
+    total = math.prod(shape)
+    idx = sample_indices(shape, max(1, round(fraction * total)), generator=gen(seed + 1))
+    named = {"same": true_rank, "list": [true_rank, true_rank], "short list": [true_rank], "huge": 50}
+    rank_arg = named.get(rank, rank)
+    problems = ["rank"] if rank not in ("same", "list") else []
+    max_iter = 200 if fraction == 1.0 else 30  # (underdetermined runs may go on slowly: a few iterations suffice)
+    call = lambda: complete(idx, entries(A, idx), shape, rank_arg, generator=gen(seed), max_iter=max_iter)  # noqa: E731
+    res = check_outcome(call, problems)
+    if res is None:
+        return
+    check_completion(res, idx, entries(A, idx), 1e-12)
+    assert res.x.shape == tuple(shape) and max(res.x.ranks) <= true_rank
+    if fraction == 1.0:
+        assert res.success, res.message
+        assert float(torch.linalg.vector_norm(res.x.full() - A) / torch.linalg.vector_norm(A)) < 1e-8
+
+
+@examples(40)
+@given(
+    shape=st.lists(mostly(st.integers(1, 6), st.sampled_from([0, -1, 2.5, True, "3"])), min_size=1, max_size=4),
+    count=st.integers(-1, 40) | st.sampled_from([2.0, True, None, np.int64(3)]),
+    generator=mostly(st.sampled_from(["seeded", None]), st.just(3)),
+    device=mostly(st.sampled_from([None, "cpu"]), st.just("foo")),
+)
+def test_sample_indices(shape, count, generator, device):
+    """``count`` distinct in-range int64 multi-indices, the same for the same seed; or a named error."""
+    total = math.prod(n for n in shape if isinstance(n, int))
+    problems = [f"shape[{k}]" for k, n in enumerate(shape) if not (type(n) is int and n >= 1)]
+    count_ok = isinstance(count, (int, np.integer)) and not isinstance(count, bool) and 0 <= count <= total
+    problems += [] if count_ok or problems else ["count"]
+    problems += ["generator"] if generator == 3 else []
+    problems += ["device"] if device == "foo" else []
+
+    def call(seed=0):
+        g = gen(seed) if generator == "seeded" else generator
+        return sample_indices(shape, count, generator=g, device=device)
+
+    idx = check_outcome(call, problems)
+    if idx is None:
+        return
+    assert idx.dtype == torch.int64 and idx.shape == (count, len(shape))
+    assert bool((idx >= 0).all()) and bool((idx < torch.tensor(shape)).all())
+    assert len({tuple(row) for row in idx.tolist()}) == count
+    if generator == "seeded":
+        assert torch.equal(idx, call())
+
+
+@examples(40)
+@given(
+    kind=st.sampled_from(["matrix", "tt"]),
+    n_entries=st.integers(0, 12),
+    index=mostly(st.just("ok"), st.sampled_from(["columns", "float", "out of range", "short"])),
+    point=mostly(st.just("format"), st.just("dense")),
+    seed=st.integers(0, 10),
+)
+def test_completion_loss(kind, n_entries, index, point, seed):
+    """``completion_loss(indices, values)(X)`` is ½‖X[indices] − values‖² (dense reference), or a named error."""
+    g = gen(seed)
+    if kind == "matrix":
+        shape, X = (5, 4), FixedRankMatrices(5, 4, 2).random_point(generator=g)
+    else:
+        shape, X = (3, 4, 2), TensorTrain.random([3, 4, 2], 2, dtype=DT, generator=g)
+    idx = torch.stack([torch.randint(0, k, (n_entries,), generator=g) for k in shape], 1)
+    vals = torch.randn(n_entries, dtype=DT, generator=g)
+    idx_arg = {
+        "ok": idx,
+        "columns": torch.cat([idx, idx[:, :1]], 1),
+        "float": idx.double(),
+        "out of range": idx + 10,
+        "short": idx[:-1] if n_entries else idx[:, :0],
+    }[index]
+    problems = [] if index == "ok" or (index == "out of range" and n_entries == 0) else ["indices", "index", "rows"]
+    if point == "dense":
+        problems.append("LowRankMatrix")
+    value = check_outcome(lambda: completion_loss(idx_arg, vals)(X if point == "format" else X.full()), problems)
+    if value is not None:
+        D = X.full() if kind == "matrix" else tt_full(X.cores)
+        assert float(value) == pytest.approx(0.5 * float(((entries(D, idx) - vals) ** 2).sum()), rel=1e-12, abs=1e-300)
