@@ -200,16 +200,17 @@ def cast_all(tensors: Sequence[torch.Tensor], *args, **kwargs) -> list[torch.Ten
     return [first] + [t.to(*args, **kwargs) for t in tensors[1:]]
 
 
-def check_scalar(name: str, value: object) -> float | torch.Tensor:
-    """A Python number or a 0-dim tensor, finite."""
+def check_scalar(name: str, value: object, nonzero: bool = False) -> float | torch.Tensor:
+    """A Python number or a real 0-dim tensor, finite (Python numbers) and, with ``nonzero``, not zero (a divisor)."""
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
             raise TypeError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         if value.is_complex():  # would turn a real format complex
             raise TypeError(f"{name} must be real, got a tensor of dtype {value.dtype}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if value != value or value in (float("inf"), float("-inf")):
+    elif value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{name} must be finite, got {value}")
+    if nonzero and bool(value == 0):
+        raise ValueError(f"{name} must be nonzero (a divisor), got {value}")
     return value

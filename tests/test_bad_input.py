@@ -152,6 +152,23 @@ def test_found_by_the_property_tests():
         x.to("float64")  # a string is a device for Tensor.to; was torch's "Invalid device string"
 
 
+def test_division_by_zero_and_by_tiny_scalars():
+    """Found by the property tests: x / 0 was a ZeroDivisionError, and x / 1e-310 was refused ("alpha must be
+    finite, got inf": the reciprocal overflowed) even where the quotient is representable."""
+    g = gen(2)
+    M = FixedTTRank([3, 4], 2)
+    y = M.random_point(generator=g)
+    objects = [LowRankMatrix.random(5, 4, 2, generator=g), TensorTrain.random([3, 4], 2, generator=g)]
+    for x in [*objects, M.random_tangent(y, generator=g)]:
+        for zero in (0, 0.0, torch.tensor(0.0, dtype=DT)):
+            with pytest.raises(ValueError, match="alpha must be nonzero"):
+                x / zero
+    for x in objects:
+        tiny = x * 1e-300
+        quotient = (tiny / 1e-310).full()
+        assert torch.isfinite(quotient).all() and torch.allclose(quotient, x.full() * 1e10, rtol=1e-12)
+
+
 # -------------------------------------------------------------------------------------------- half precision
 def points():
     g = gen(1)
@@ -626,3 +643,104 @@ def test_property_to_keeps_the_value_or_refuses_the_dtype(kind, dtype):
     y = check_outcome(lambda: x.to(dtype), [] if dtype_ok(dtype) else ["dtype", "device"])  # a string: a device
     if y is not None:
         assert y.dtype == dtype and torch.allclose(y.full().double(), x.full(), rtol=tol(dtype), atol=tol(dtype))
+
+
+@examples(50)
+@given(
+    shape=st.lists(st.integers(1, 3), min_size=1, max_size=4),
+    other=st.sampled_from(["same", "same", "same", "other shape", "float32", "dense", "dense float32"]),
+    alpha=mostly(st.floats(-2, 2), st.sampled_from([math.nan, -math.inf, "2", torch.tensor(1j), None]), 4),
+    index=st.sampled_from(["ok", "ok", "out of range", "float", "wrong width", "list"]),
+    max_rank=mostly(st.integers(1, 3), st.sampled_from([0, 1.5, True, "2"]), 4),
+    seed=st.integers(0, 999),
+)
+def test_property_tensor_train_operations(shape, other, alpha, index, max_rank, seed):
+    g = gen(seed)
+    x = TensorTrain.random(shape, 2, generator=g)
+    X = tt_full(x.cores)
+    d = len(shape)
+    if other.startswith("dense"):
+        y = torch.randn(shape, dtype=DT, generator=g)
+        Y = y
+    else:
+        y = TensorTrain.random(shape if other != "other shape" else [*shape[:-1], shape[-1] + 1], 2, generator=g)
+        Y = tt_full(y.cores)
+    if other.endswith("float32"):
+        y = y.to(torch.float32)
+    compatible = other in ("same", "dense")
+    for op, ref in (("inner", lambda: (X * Y).sum()), ("+", lambda: X + Y), ("-", lambda: X - Y), ("*", lambda: X * Y)):
+        if op != "inner" and other.startswith("dense"):
+            continue  # the arithmetic is between tensor trains
+        call = {"inner": lambda: x.inner(y), "+": lambda: x + y, "-": lambda: x - y, "*": lambda: x * y}[op]
+        out = check_outcome(call, [] if compatible else ["shape", "other", "operands"])
+        if out is not None:
+            got = out if op == "inner" else tt_full(out.cores)
+            assert torch.allclose(got, ref(), atol=1e-12)
+    alpha_ok = type(alpha) is float and math.isfinite(alpha)
+    out = check_outcome(lambda: x * alpha, [] if alpha_ok else ["alpha"])
+    if out is not None:
+        assert torch.allclose(tt_full(out.cores), X * alpha, atol=1e-12)
+    out = check_outcome(lambda: x / alpha, [] if alpha_ok and alpha != 0 else ["alpha"])
+    if out is not None and torch.isfinite(X / alpha).all():  # (a tiny alpha may overflow, as for a tensor)
+        assert torch.allclose(tt_full(out.cores), X / alpha, rtol=1e-12, atol=1e-12)
+    idx = torch.stack([torch.randint(0, n, (7,), generator=g) for n in shape], 1)
+    ok = index in ("ok", "list")
+    if index == "out of range":
+        idx[3, -1] = shape[-1]
+    elif index == "float":
+        idx = idx.double()
+    elif index == "wrong width":
+        idx = idx[:, :-1] if d > 1 else torch.zeros(7, 2, dtype=torch.long)
+    elif index == "list":
+        idx = idx.tolist()
+    vals = check_outcome(lambda: x.gather(idx), [] if ok else ["index"])
+    if vals is not None:
+        assert torch.allclose(vals, X[tuple(torch.as_tensor(idx).T)], atol=1e-12)
+    rank_ok = type(max_rank) is int and max_rank >= 1
+    rounded = check_outcome(lambda: (x + x).round(max_rank=max_rank), [] if rank_ok else ["max_rank"])
+    if rounded is not None:  # within √(d−1) of the best at those ranks: at most the TT-SVD bound of 2X
+        assert all(r <= max_rank for r in rounded.ranks)
+        err = float((tt_full(rounded.cores) - 2 * X).norm())
+        assert err <= math.sqrt(max(d - 1, 1)) * unfolding_tails(2 * X, rounded.ranks) + 1e-10
+
+
+@examples(40)
+@given(
+    m=st.integers(1, 5),
+    n=st.integers(1, 5),
+    operand=st.sampled_from(["vector", "matrix", "wrong length", "float32", "3-D", "list"]),
+    side=st.sampled_from(["left", "right"]),
+    other=st.sampled_from(["same", "same", "other shape", "float32"]),
+    seed=st.integers(0, 999),
+)
+def test_property_low_rank_matrix_algebra(m, n, operand, side, other, seed):
+    g = gen(seed)
+    r = min(m, n, 2)
+    x = LowRankMatrix.random(m, n, r, generator=g)
+    X = x.U @ x.S @ x.V.T
+    k = n if side == "right" else m  # the length the product needs
+    B = {
+        "vector": lambda: torch.randn(k, dtype=DT, generator=g),
+        "matrix": lambda: torch.randn(k, 3, dtype=DT, generator=g) if side == "right" else torch.randn(3, k, dtype=DT),
+        "wrong length": lambda: torch.randn(k + 1, dtype=DT, generator=g),
+        "float32": lambda: torch.randn(k, generator=g),
+        "3-D": lambda: torch.randn(2, k, k, dtype=DT, generator=g),
+        "list": lambda: [1.0] * k,
+    }[operand]()
+    ok = operand in ("vector", "matrix")
+    if side == "right":
+        out = check_outcome(lambda: x @ B, [] if ok else ["B", "X and B", "unsupported operand"])
+        ref = lambda: X @ B  # noqa: E731
+    else:
+        out = check_outcome(lambda: B @ x, [] if ok else ["B", "X and B", "unsupported operand"])
+        ref = lambda: B @ X  # noqa: E731
+    if out is not None:
+        assert torch.allclose(out, ref(), atol=1e-12)
+    y = LowRankMatrix.random(m + (other == "other shape"), n, 1, generator=g)
+    if other == "float32":
+        y = y.to(torch.float32)
+    s = check_outcome(lambda: x - y, [] if other == "same" else ["shape", "operands"])
+    if s is not None:
+        Y = y.U @ y.S @ y.V.T
+        assert torch.allclose(s.full(), X - Y, atol=1e-12) and torch.allclose(s.T.full(), (X - Y).T, atol=1e-12)
+        assert math.isclose(float(s.norm()), float((X - Y).norm()), rel_tol=1e-10, abs_tol=1e-12)

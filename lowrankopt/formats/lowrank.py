@@ -213,7 +213,8 @@ class LowRankMatrix:
     __rmul__ = __mul__
 
     def __truediv__(self, alpha) -> LowRankMatrix:
-        return self * (1.0 / check_scalar("alpha", alpha))
+        """``X / alpha`` (alpha nonzero). Cost ``O(r²)``."""
+        return LowRankMatrix._trusted(self.U, self.S / check_scalar("alpha", alpha, nonzero=True), self.V)
 
     @property
     def T(self) -> LowRankMatrix:

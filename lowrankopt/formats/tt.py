@@ -354,7 +354,9 @@ class TensorTrain(_CoreList):
     __rmul__ = __mul__
 
     def __truediv__(self, alpha) -> TensorTrain:
-        return self * (1.0 / check_scalar("alpha", alpha))
+        """``X / alpha`` (alpha nonzero). Cost ``O(n r²)``."""
+        alpha = check_scalar("alpha", alpha, nonzero=True)
+        return TensorTrain._trusted([self.cores[0] / alpha] + list(self.cores[1:]))
 
 
 class TTMatrix:

@@ -62,7 +62,8 @@ class TangentVector:
     __rmul__ = __mul__
 
     def __truediv__(self, alpha) -> TangentVector:
-        return self * (1.0 / check_scalar("alpha", alpha))
+        alpha = check_scalar("alpha", alpha, nonzero=True)
+        return self._new(a / alpha for a in self.coords)
 
     def inner(self, other: TangentVector) -> torch.Tensor:
         """Riemannian inner product with a vector at the same base point."""
