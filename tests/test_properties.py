@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from reference import matrix_projector, tt_full
 
 from lowrankopt import FixedRankMatrices, TensorTrain, complete, completion_loss, minimize, sample_indices
+from lowrankopt.cross import maxvol, rect_maxvol, tt_cross
 
 DT = torch.float64
 # Status codes as documented in OptimizeResult (written out here, not imported from the code under test).
@@ -553,3 +554,192 @@ def test_completion_loss(kind, n_entries, index, point, seed):
     if value is not None:
         D = X.full() if kind == "matrix" else tt_full(X.cores)
         assert float(value) == pytest.approx(0.5 * float(((entries(D, idx) - vals) ** 2).sum()), rel=1e-12, abs=1e-300)
+
+
+# ============================================================================================== cross
+def test_maxvol_names_a_tolerance_that_is_not_a_number():
+    """Was: ``tol="a"`` / ``tol=None`` gave "'>=' not supported between instances of 'str' and 'int'"; rect_maxvol
+    took any ``maxvol_tol`` (0.5: every swap loop ran to ``maxvol_iters``; NaN; a string gave the same message)."""
+    A = torch.randn(8, 3, dtype=DT, generator=gen(0))
+    for bad in ("a", None, [1.5]):
+        with pytest.raises((TypeError, ValueError), match="tol"):
+            maxvol(A, tol=bad)
+        with pytest.raises((TypeError, ValueError), match="tol"):
+            rect_maxvol(A, tol=bad)
+    for bad in (0.5, math.nan, "a"):
+        with pytest.raises((TypeError, ValueError), match="maxvol_tol"):
+            rect_maxvol(A, maxvol_tol=bad)
+
+
+def test_tt_cross_names_a_bad_function_and_device():
+    """Was: a function that is not callable gave "'int' object is not callable", one returning None torch's
+    RuntimeError "Could not infer dtype of NoneType" (a string: "new(): invalid data type 'str'"), and
+    ``device="foo"`` torch's RuntimeError."""
+    with pytest.raises(TypeError, match="f must be callable"):
+        tt_cross(3, (4, 5), nswp=1)
+    for value in (None, "x", object()):
+        with pytest.raises(TypeError, match="f must return"):
+            tt_cross(lambda i, v=value: v, (4, 5), nswp=1)
+    with pytest.raises(ValueError, match="device"):
+        tt_cross(lambda i: i.sum(1).double(), (4, 5), nswp=1, device="foo")
+
+
+def test_tt_cross_takes_numpy_sizes_and_counts():
+    """Was: ``nswp=np.int64(2)`` ("nswp must be a positive number") and a numpy array shape were refused, while numpy
+    integers are accepted as sizes everywhere else."""
+    f = lambda i: (i.double() + 1).prod(1)  # noqa: E731  (TT-rank 1)
+    Y, info = tt_cross(f, np.array([3, 4]), nswp=np.int64(2), max_rank=np.int64(2), budget=np.int64(100))
+    assert Y.shape == (3, 4) and info.sweeps <= 2
+    assert torch.allclose(Y.full(), torch.outer(torch.arange(1.0, 4, dtype=DT), torch.arange(1.0, 5, dtype=DT)))
+
+
+A_VARIANTS = {  # name -> (function of a random tall (n, r) float64 matrix, whether valid)
+    "float64": (lambda A: A, True),
+    "float32": (lambda A: A.float(), True),
+    "wide": (lambda A: A.T if A.shape[0] > A.shape[1] else A[:0], False),
+    "nan": (lambda A: A * math.nan, False),
+    "int": (lambda A: A.long(), False),
+    "1-D": (lambda A: A[:, 0], False),
+    "3-D": (lambda A: A[None], False),
+    "numpy": (lambda A: A.numpy(), False),
+    "repeated column": (lambda A: torch.cat([A, A[:, :1]], 1) if A.shape[0] > A.shape[1] else A[:0], False),
+}
+TOLERANCES = mostly(st.sampled_from([1.0, 1.05, 1.5, 3.0]), st.sampled_from([0.5, math.nan, math.inf, "a", None]))
+
+
+def tolerance_ok(tol):
+    return isinstance(tol, float) and 1 <= tol < math.inf
+
+
+@examples(60)
+@given(
+    n=st.integers(1, 12),
+    r=st.integers(1, 5),
+    variant=mostly(st.sampled_from(["float64", "float32"]), st.sampled_from(sorted(A_VARIANTS))),
+    tol=TOLERANCES,
+    seed=st.integers(0, 20),
+)
+def test_maxvol(n, r, variant, tol, seed):
+    """r distinct rows I with ``B = A A[I]⁻¹`` (a dense solve), ``B[I] = I`` and ``max |B| ≤ tol``; or a named
+    error (A not tall, not finite, not float, rank-deficient; tol not a number ≥ 1). A is never modified."""
+    r = min(r, n)
+    A0 = torch.randn(n, r, dtype=DT, generator=gen(seed))
+    A, ok = A_VARIANTS[variant][0](A0), A_VARIANTS[variant][1]
+    problems = ([] if ok else ["A"]) + ([] if tolerance_ok(tol) else ["tol"])
+    before = A.clone() if isinstance(A, torch.Tensor) else None
+    out = check_outcome(lambda: maxvol(A, tol=tol), problems)
+    if before is not None:
+        assert torch.equal(before, A) or bool(torch.isnan(before).any())
+    if out is None:
+        return
+    I, B = out
+    eps = 1e-10 if A.dtype == DT else 1e-3
+    assert I.dtype == torch.int64 and I.shape == (r,) and len(set(I.tolist())) == r
+    reference = torch.linalg.solve(A0[I].T, A0.T).T
+    assert float((B.double() - reference).abs().max()) <= eps * max(1.0, float(reference.abs().max()))
+    assert torch.allclose(B[I].double(), torch.eye(r, dtype=DT), atol=eps)
+    assert float(B.abs().max()) <= tol * (1 + eps)
+
+
+@examples(60)
+@given(
+    n=st.integers(1, 12),
+    r=st.integers(1, 4),
+    tol=TOLERANCES,
+    min_extra=mostly(st.sampled_from([None, 0, 1, 3]), st.sampled_from([-1, 20, 2.5])),
+    max_extra=mostly(st.sampled_from([None, 0, 2, 20]), st.sampled_from([-1, 2.5, True])),
+    seed=st.integers(0, 20),
+)
+def test_rect_maxvol(n, r, tol, min_extra, max_extra, seed):
+    """k rows I, ``min_rank ≤ k ≤ max_rank``, with ``A = B A[I]`` (dense), ``B[I] = I`` and every row of B of norm
+    ``≤ tol`` unless max_rank stopped it; or a named error."""
+    r = min(r, n)
+    A = torch.randn(n, r, dtype=DT, generator=gen(seed))
+    min_rank = None if min_extra is None else (min_extra if isinstance(min_extra, float) else r + min_extra)
+    max_rank = None if max_extra is None else (max_extra if not isinstance(max_extra, int) else min(n, r + max_extra))
+    if isinstance(max_extra, bool):
+        max_rank = True
+    lo, hi = (r if min_rank is None else min_rank), (n if max_rank is None else max_rank)
+    problems = [] if tolerance_ok(tol) else ["tol"]
+    for name, v in (("min_rank", min_rank), ("max_rank", max_rank)):
+        if v is not None and (type(v) is not int or v < 1):
+            problems.append(name)
+    if not problems and not r <= lo <= hi <= n:
+        problems += ["min_rank", "max_rank"]
+    out = check_outcome(lambda: rect_maxvol(A, tol=tol, min_rank=min_rank, max_rank=max_rank), problems)
+    if out is None:
+        return
+    I, B = out
+    k = len(I)
+    assert lo <= k <= hi and len(set(I.tolist())) == k and B.shape == (n, k)
+    assert torch.equal(B[I], torch.eye(k, dtype=DT))
+    assert float(torch.linalg.matrix_norm(A - B @ A[I])) <= 1e-10 * float(torch.linalg.matrix_norm(A))
+    if k < hi:
+        assert float(torch.linalg.vector_norm(B, dim=1).max()) <= tol * (1 + 1e-10)
+
+
+def separable_function(kind, tables, tables2):
+    """f(i) = Σ_k g_k(i_k) (TT-rank 2), Π_k g_k(i_k) (rank 1) or Π g_k + Π h_k (rank ≤ 2), and its dense tensor."""
+    d = len(tables)
+
+    def f(i):
+        if kind == "sum":
+            return sum(tables[k][i[:, k]] for k in range(d))
+        product = math.prod(tables[k][i[:, k]] for k in range(d))
+        return product if kind == "product" else product + math.prod(tables2[k][i[:, k]] for k in range(d))
+
+    grids = torch.meshgrid(*[torch.arange(len(t)) for t in tables], indexing="ij")
+    return f, f(torch.stack([x.reshape(-1) for x in grids], 1)).reshape([len(t) for t in tables])
+
+
+TT_CROSS_BAD = {  # option -> invalid values
+    "budget": [0, -5, 2.5, True],
+    "max_rank": [0, 1.5],
+    "eps": [0, math.nan, -1.0, "a"],
+    "nswp": [0, True, 1.5],
+    "init": [0, "x", -1],
+    "rank_increase": [-1, (2, 1), 1.5],
+    "tol": [0.5, math.nan, "a"],
+    "dtype": [torch.float16, torch.int64, "float64"],
+    "device": ["foo"],
+    "generator": [3],
+}
+
+
+@examples(50)
+@given(
+    shape=st.lists(st.integers(2, 5), min_size=2, max_size=4),
+    kind=st.sampled_from(["sum", "product", "two products"]),
+    stop=st.sampled_from([{"nswp": 1}, {"nswp": 3}, {"eps": 1e-10, "nswp": 5}, {"budget": 60}]),
+    on_domain=st.booleans(),
+    bad=mostly(st.just(None), st.sampled_from([(k, v) for k, vs in sorted(TT_CROSS_BAD.items()) for v in vs]), 2),
+    seed=st.integers(0, 20),
+)
+def test_tt_cross_reproduces_low_rank_functions(shape, kind, stop, on_domain, bad, seed):
+    """Functions of known TT-rank ≤ 2 (sums and products of 1-D functions), on indices or on a coordinate domain: a
+    cross with at least one sweep reproduces the dense tensor to rounding; a budget is never exceeded; a bad option
+    is named."""
+    g = gen(seed)
+    tables = [torch.randn(n, dtype=DT, generator=g) for n in shape]
+    tables2 = [torch.randn(n, dtype=DT, generator=g) for n in shape]
+    f, full = separable_function(kind, tables, tables2)
+    kwargs = dict(stop, generator=gen(seed))
+    if on_domain:  # f of coordinates x_k = k-th grid: the grids are the indices as floats here
+        domain = [torch.arange(n, dtype=DT) for n in shape]
+        kwargs["domain"] = domain
+        fun = lambda x: f(x.long())  # noqa: E731
+    else:
+        fun = f
+    problems = []
+    if bad is not None:
+        kwargs[bad[0]] = bad[1]
+        problems = [bad[0]]
+    res = check_outcome(lambda: tt_cross(fun, None if on_domain else shape, **kwargs), problems)
+    if res is None:
+        return
+    Y, info = res
+    assert Y.shape == tuple(shape) and info.ranks == Y.ranks
+    if "budget" in stop:
+        assert info.evaluations <= stop["budget"]
+    if info.sweeps >= 1:
+        assert float(torch.linalg.vector_norm(Y.full() - full)) <= 1e-9 * float(torch.linalg.vector_norm(full))

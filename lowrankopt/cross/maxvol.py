@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .._checks import as_positive_int, check_tensor
+from .._checks import as_positive_int, check_scalar, check_tensor
 
 __all__ = ["maxvol", "rect_maxvol"]
 
@@ -23,9 +23,14 @@ def _check(A: object, tol: float, name: str = "A") -> torch.Tensor:
     n, r = A.shape
     if r < 1 or n < r:
         raise ValueError(f"{name} must be tall, (n, r) with n ≥ r ≥ 1, got {tuple(A.shape)}")
-    if not tol >= 1:
-        raise ValueError(f"tol must be ≥ 1, got {tol}")
+    _check_tolerance("tol", tol)
     return A
+
+
+def _check_tolerance(name: str, value: object) -> None:
+    """A finite number ≥ 1 (a dominance or row-norm tolerance), else an error naming ``name``."""
+    if not check_scalar(name, value) >= 1:
+        raise ValueError(f"{name} must be ≥ 1, got {value}")
 
 
 def maxvol(A: torch.Tensor, tol: float = 1.05, max_iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +107,7 @@ def rect_maxvol(
     rows I₀ (so ``B = C C[I]⁺`` there). Cost O(n r²) for maxvol plus O(n k) per added row.
     """
     A = _check(A, tol)
+    _check_tolerance("maxvol_tol", maxvol_tol)
     n, r = A.shape
     min_rank = r if min_rank is None else as_positive_int("min_rank", min_rank)
     max_rank = n if max_rank is None else as_positive_int("max_rank", max_rank)

@@ -23,9 +23,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from .._checks import FLOAT_DTYPES, as_positive_int, check_index, check_scalar, check_tensor
+from .._checks import (
+    FLOAT_DTYPES,
+    as_positive_int,
+    as_shape,
+    check_index,
+    check_random_options,
+    check_scalar,
+    check_tensor,
+)
 from ..formats.tt import TensorTrain
 from .maxvol import _maxvol, _rect_maxvol
 
@@ -176,7 +185,10 @@ def _values(f, index: torch.Tensor, domain) -> torch.Tensor:
     """``f`` at ``index``, checked: a real ``(N,)`` tensor (arrays are converted)."""
     y = f(_argument(index, domain))
     if not isinstance(y, torch.Tensor):
-        y = torch.as_tensor(y)
+        try:
+            y = torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"f must return a tensor or an array of numbers, got {type(y).__name__}") from None
     if y.shape != (index.shape[0],):
         raise ValueError(f"f must return shape ({index.shape[0]},) for {index.shape[0]} indices, got {tuple(y.shape)}")
     if y.is_complex():
@@ -223,11 +235,7 @@ def _check_function_args(shape, domain, dtype):
         shape = grid_shape
     if shape is None:
         raise ValueError("give shape or domain")
-    if isinstance(shape, torch.Size):
-        shape = tuple(shape)
-    if not isinstance(shape, Sequence) or not shape:
-        raise ValueError(f"shape must be a non-empty sequence of positive ints, got {shape!r}")
-    shape = tuple(as_positive_int(f"shape[{k}]", n) for k, n in enumerate(shape))
+    shape = as_shape("shape", shape)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     return shape
@@ -236,6 +244,8 @@ def _check_function_args(shape, domain, dtype):
 def _optional_positive(name, value, kind=float):
     if value is None:
         return None
+    if isinstance(value, np.generic):  # numpy scalars as the Python numbers they hold (np.bool_ becomes a bool)
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     if kind is int:
@@ -299,7 +309,10 @@ def tt_cross(
     the coefficients exceeds ``tol`` — from a rank-1 start that may never happen.
     """
     start = time.perf_counter()
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
     shape = _check_function_args(shape, domain, dtype)
+    _, device, _ = check_random_options(dtype, device, generator)
     budget = _optional_positive("budget", budget, int)
     max_rank = _optional_positive("max_rank", max_rank, int) or math.inf
     eps = _optional_positive("eps", eps)
@@ -314,7 +327,7 @@ def tt_cross(
     for name, value in (("tol", tol), ("maxvol_tol", maxvol_tol)):
         if not check_scalar(name, value) >= 1:
             raise ValueError(f"{name} must be ≥ 1, got {value}")
-    device = torch.device(device) if device is not None else (domain[0].device if domain else torch.device("cpu"))
+    device = device if device is not None else (domain[0].device if domain else torch.device("cpu"))
     if domain is not None:
         domain = [g.to(device) for g in domain]
     if validation is not None:
