@@ -125,7 +125,7 @@ class _CoreList:
         return self.cores[0].device
 
     def to(self, *args, **kwargs):
-        """Move/cast every core, as :meth:`torch.Tensor.to`."""
+        """Move/cast every core, as :meth:`torch.Tensor.to` (to float32 or float64 only)."""
         return type(self)._trusted(cast_all(self.cores, *args, **kwargs))
 
     def __repr__(self) -> str:
