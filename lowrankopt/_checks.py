@@ -16,8 +16,11 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
-def _dtype_error(name: str, dtype: object) -> TypeError:
-    """The one error for a dtype outside FLOAT_DTYPES, with the reason for the common cases."""
+def check_dtype(name: str, dtype: object) -> torch.dtype:
+    """``dtype`` if it is float32 or float64, else the one TypeError for every entry point, naming ``name`` (and
+    saying why half precision and complex dtypes are refused)."""
+    if dtype in FLOAT_DTYPES:
+        return dtype
     why = ""
     if dtype in (torch.float16, torch.bfloat16):
         why = (
@@ -26,15 +29,7 @@ def _dtype_error(name: str, dtype: object) -> TypeError:
         )
     elif isinstance(dtype, torch.dtype) and dtype.is_complex:
         why = " (complex tensors are not supported: the manifolds are real, with a real inner product)"
-    return TypeError(f"{name} must be float32 or float64, got {dtype}{why}")
-
-
-def check_dtype(name: str, dtype: object) -> torch.dtype:
-    """``dtype`` if it is float32 or float64, else a TypeError that names ``name`` (and says why half precision
-    and complex dtypes are refused)."""
-    if dtype not in FLOAT_DTYPES:
-        raise _dtype_error(name, dtype)
-    return dtype
+    raise TypeError(f"{name} must be float32 or float64, got {dtype}{why}")
 
 
 def check_tensor(name: str, t: object, ndim: int | None = None, finite: bool = True) -> torch.Tensor:
@@ -137,7 +132,7 @@ def as_shape(name: str, shape: object) -> tuple[int, ...]:
 
 def as_rank_list(name: str, ranks: object, d: int) -> list[int]:
     """An int-like or a sequence of ``d - 1`` int-likes as the list of the ``d - 1`` inner ranks (positive ints)."""
-    what = f"a positive int or {d - 1} positive ints"
+    what = f"a positive int or {d - 1} positive ints" if d > 1 else "a positive int or [] (one mode has no inner rank)"
     if isinstance(ranks, (str, bytes)) or not _is_sequence(ranks):
         try:
             return [as_positive_int(name, ranks)] * (d - 1)
