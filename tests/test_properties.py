@@ -24,6 +24,7 @@ from reference import matrix_projector, tt_full
 
 from lowrankopt import FixedRankMatrices, TensorTrain, complete, completion_loss, minimize, sample_indices
 from lowrankopt.cross import maxvol, rect_maxvol, tt_cross
+from lowrankopt.stats import KroneckerCovariance
 
 DT = torch.float64
 # Status codes as documented in OptimizeResult (written out here, not imported from the code under test).
@@ -743,3 +744,186 @@ def test_tt_cross_reproduces_low_rank_functions(shape, kind, stop, on_domain, ba
         assert info.evaluations <= stop["budget"]
     if info.sweeps >= 1:
         assert float(torch.linalg.vector_norm(Y.full() - full)) <= 1e-9 * float(torch.linalg.vector_norm(full))
+
+
+# ============================================================================================== stats
+def kronecker_samples(n, p, q, seed, dtype=DT):
+    """n Gaussian samples (n, p, q) with covariance A ⊗ B (A, B random SPD)."""
+    g = gen(seed)
+    La = torch.randn(p, p, dtype=DT, generator=g) / p**0.5 + torch.eye(p, dtype=DT)
+    Lb = torch.randn(q, q, dtype=DT, generator=g) / q**0.5 + torch.eye(q, dtype=DT)
+    return (La @ torch.randn(n, p, q, dtype=DT, generator=g) @ Lb.T).to(dtype)
+
+
+def test_kronecker_covariance_names_bad_tol_generator_and_assume_centered():
+    """Was: ``tol="a"`` / ``tol=None`` gave "'>' not supported between instances of 'str' and 'int'", ``generator=3``
+    torch's randint argument error at fit, and ``assume_centered="no"`` was taken as True."""
+    for kwargs, name in (({"tol": "a"}, "tol"), ({"tol": None}, "tol"), ({"generator": 3}, "generator"),
+                         ({"assume_centered": "no"}, "assume_centered")):  # fmt: skip
+        with pytest.raises((TypeError, ValueError), match=name):
+            KroneckerCovariance(3, 4, **kwargs)
+
+
+def test_flip_flop_is_scale_equivariant_and_extreme_scales_are_named():
+    """Was: flip-flop on X·1e77 or X·1e-100 (covariances 1e154, 1e-200: representable) failed with "the flip-flop
+    iterate became singular ... a row or a column of the samples is a combination of the others"; X·1e200 made
+    PRLS fail in linalg.svd ("input matrix contained non-finite values") and X·1e-170 gave a zero estimate. The MLE is
+    equivariant: fit(c X) has covariance c² fit(X); data whose covariance is not representable are refused."""
+    X = kronecker_samples(30, 3, 4, 0)
+    reference = KroneckerCovariance(3, 4, "flip-flop").fit(X).covariance_
+    for c in (2.0**-330, 2.0**255):  # powers of two: c X and c² Σ are exact
+        scaled = KroneckerCovariance(3, 4, "flip-flop").fit(c * X).covariance_
+        assert torch.allclose(scaled / c**2, reference, rtol=1e-12, atol=0)
+    for method in ("prls", "flip-flop"):
+        for c in (1e200, 1e-170):
+            with pytest.raises(ValueError, match="rescale X"):
+                KroneckerCovariance(3, 4, method).fit(c * X)
+
+
+def test_kronecker_covariance_score_and_error_norm_arguments():
+    """Was: score / mahalanobis of zero samples gave torch's reshape error, error_norm of a numpy array an
+    AttributeError and of a NaN matrix a NaN."""
+    X = kronecker_samples(30, 3, 4, 0)
+    est = KroneckerCovariance(3, 4, "flip-flop").fit(X)
+    assert est.mahalanobis(X[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="X"):
+        est.score(X[:0])
+    with pytest.raises(TypeError, match="Sigma"):
+        est.error_norm(np.eye(12))
+    with pytest.raises(ValueError, match="Sigma"):
+        est.error_norm(torch.full((12, 12), math.nan, dtype=DT))
+
+
+def rearranged(S, p, q):
+    """R(S): ``R[i p + j, k q + l] = S[i q + k, j q + l]`` (the block (i, j) of S, q × q, flattened as row i p + j), so
+    that ``R(A ⊗ B) = vec(A) vec(B)ᵀ`` (written here, independently of lowrankopt.stats.rearrange)."""
+    return S.reshape(p, q, p, q).permute(0, 2, 1, 3).reshape(p * p, q * q)
+
+
+def kron_sum(U, w, V, p, q):
+    """``Σ_j w_j mat(u_j) ⊗ mat(v_j)`` as a dense pq × pq matrix."""
+    out = torch.zeros(p * q, p * q, dtype=U.dtype)
+    for j in range(len(w)):
+        out += w[j] * torch.kron(U[:, j].reshape(p, p), V[:, j].reshape(q, q))
+    return out
+
+
+KC_BAD_ARGS = {
+    "p": [0, 2.0, True],
+    "method": ["mle"],
+    "penalty": [-1.0, math.nan, math.inf, "x", None],
+    "n_terms": [0, 1.5],
+    "solver": ["lanczos"],
+    "cv_folds": [1, 2.5],
+    "bootstrap": [0],
+    "tol": [0.0, "a", math.nan],
+    "max_iter": [0, 2.5],
+    "generator": [3],
+    "assume_centered": ["no", 1],
+}
+DATA_VARIANTS = {  # name -> (function of samples (n, p, q), whether valid)
+    "(n, p, q)": (lambda X: X, True),
+    "(n, pq)": (lambda X: X.reshape(len(X), -1), True),
+    "numpy": (lambda X: X.numpy(), True),
+    "float32": (lambda X: X.float(), True),
+    "constant": (lambda X: torch.ones_like(X), True),
+    "nan": (lambda X: X * math.nan, False),
+    "one sample": (lambda X: X[:1], False),
+    "wrong shape": (lambda X: X[:, :, :-1] if X.shape[2] > 1 else X[:, :, :0], False),
+    "bool": (lambda X: X > 0, False),
+    "list": (lambda X: X.tolist(), False),
+    "1e200": (lambda X: X * 1e200, False),
+}
+
+
+@examples(100)
+@given(
+    p=st.integers(1, 3),
+    q=st.integers(1, 3),
+    n=st.integers(2, 14),
+    method=st.sampled_from(["prls", "truncated", "flip-flop"]),
+    solver=st.sampled_from(["dense", "matrix-free"]),
+    penalty=st.sampled_from([0.0, 0.3, "plugin", "cv"]),
+    n_terms=st.sampled_from([None, 1, 2]),
+    data=mostly(
+        st.sampled_from(["(n, p, q)", "(n, pq)", "numpy", "float32", "constant"]),
+        st.sampled_from(sorted(DATA_VARIANTS)),
+    ),  # fmt: skip
+    bad=mostly(st.just(None), st.sampled_from([(k, v) for k, vs in sorted(KC_BAD_ARGS.items()) for v in vs]), 5),
+    seed=st.integers(0, 20),
+)
+def test_kronecker_covariance(p, q, n, method, solver, penalty, n_terms, data, bad, seed):
+    """The estimate against dense references computed here from the sample covariance Ŝ: truncation = the top
+    n_terms SVD terms of R(Ŝ); PRLS = its soft-thresholded SVD at the reported λ; flip-flop = a fixed point of the
+    MLE equations ``A ∝ Σ X_i B⁻¹ X_iᵀ``, ``B ∝ Σ X_iᵀ A⁻¹ X_i``; score and mahalanobis = the dense Gaussian formulas.
+    Or a named error (bad constructor arguments, bad data)."""
+    if method == "truncated" and n_terms is None:
+        n_terms = 2
+    if penalty == "cv" and n < 5:
+        penalty = 0.3
+    kwargs = dict(method=method, penalty=penalty, n_terms=n_terms, solver=solver, generator=gen(seed))
+    problems = []
+    if bad is not None:
+        kwargs[bad[0]] = bad[1]
+        problems.append(bad[0])
+    X0 = kronecker_samples(n, p, q, seed)
+    X, data_ok = DATA_VARIANTS[data][0](X0), DATA_VARIANTS[data][1]
+    if not problems and not data_ok:
+        problems += ["X", "sample"]
+    if not problems and method == "flip-flop" and (data == "constant" or n <= p * q):
+        problems += ["X", "MLE"]  # constant data, or a singular Ŝ: the MLE may not exist (a named refusal)
+        if data != "constant" and n > max(p / q, q / p) + 1:
+            event("flip-flop: MLE may or may not exist")
+            try:
+                est = KroneckerCovariance(p, q, **kwargs).fit(X)
+            except ValueError as exc:
+                assert "MLE" in str(exc) or "X" in str(exc)
+                return
+            check_kronecker_estimate(est, X0.double() if data != "float32" else X0.float().double(), p, q)
+            return
+    est = check_outcome(lambda: KroneckerCovariance(p, q, **kwargs).fit(X), problems)
+    if est is None:
+        return
+    Xd = X0.float().double() if data == "float32" else (torch.ones_like(X0) if data == "constant" else X0)
+    check_kronecker_estimate(est, Xd, p, q)
+
+
+def check_kronecker_estimate(est, X, p, q):
+    n = len(X)
+    tol = 1e-4 if est.location_.dtype == torch.float32 else 1e-8
+    Xc = (X - X.mean(0)).reshape(n, -1)
+    S = Xc.T @ Xc / n
+    Sigma = est.covariance_.double()
+    scale = max(float(torch.linalg.matrix_norm(S)), 1e-300)
+    if est.method == "flip-flop":
+        A, B = (f.double() for f in est.factors_[0])
+        Xs = Xc.reshape(n, p, q)
+        A1 = torch.einsum("nij,jk,nlk->il", Xs, torch.linalg.inv(B), Xs) / (n * q)
+        B1 = torch.einsum("nji,jk,nkl->il", Xs, torch.linalg.inv(A1), Xs) / (n * p)
+        assert float(torch.linalg.matrix_norm(torch.kron(A1, B1) - Sigma)) <= 1e2 * tol * scale
+    else:
+        U, s, Vh = torch.linalg.svd(rearranged(S, p, q), full_matrices=False)
+        k = min(est.n_terms or s.numel(), s.numel())
+        if est.method == "truncated":
+            reference = kron_sum(U[:, :k], s[:k], Vh[:k].T, p, q)
+            if k < s.numel() and float(s[k - 1] - s[k]) <= 1e-6 * scale:
+                return  # a tie at the cut: the truncation is not unique
+        else:
+            w = (s - est.penalty_ / 2).clamp_min(0)[:k]
+            reference = kron_sum(U[:, :k], w, Vh[:k].T, p, q)
+        assert float(torch.linalg.matrix_norm(Sigma - reference)) <= 1e2 * tol * scale
+    other = S + torch.eye(p * q, dtype=DT)  # error_norm: ‖Σ̃ − Σ‖_F to about √ε ‖Σ‖ (a difference of squares)
+    error = float(torch.linalg.matrix_norm(Sigma - other))
+    size = float(torch.linalg.matrix_norm(other)) + float(torch.linalg.matrix_norm(Sigma))
+    assert abs(est.error_norm(other.to(est.location_)) - error) <= 1e2 * math.sqrt(tol) * size
+    Y = X.to(est.location_)
+    evals = torch.linalg.eigvalsh(Sigma)
+    if not float(evals.min()) > 1e-6 * float(evals.abs().max()):
+        event("estimate not positive definite")
+        return  # no Gaussian likelihood to compare with
+    diff = (X - est.location_.double()).reshape(n, -1)
+    maha = (diff @ torch.linalg.solve(Sigma, diff.T)).diagonal()
+    assert torch.allclose(est.mahalanobis(Y).double(), maha, rtol=1e2 * tol, atol=1e2 * tol)
+    loglik = -0.5 * (p * q * math.log(2 * math.pi) + float(torch.logdet(Sigma)) + float(maha.mean()))
+    assert est.score(Y) == pytest.approx(loglik, rel=1e2 * tol, abs=1e2 * tol)
+    event("likelihood compared")

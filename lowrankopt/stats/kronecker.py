@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from .._checks import as_positive_int
+from .._checks import as_positive_int, check_random_options, check_scalar, check_tensor
 from ._svd import top_singular_triplets
 from .rearrange import rearrange
 
@@ -104,6 +104,19 @@ class _RearrangedCovariance:
         return rearrange(self.Xw.reshape(self.n, -1).T @ Xf, self.p, self.q)
 
 
+def _check_scale(X: torch.Tensor) -> None:
+    """Refuse (centered) samples whose covariance, of the size of ``max |X|²``, is not representable in X's dtype with
+    full precision: it would overflow, or fall among the subnormal numbers. Zero data pass (they are diagnosed where
+    they matter)."""
+    info, largest = torch.finfo(X.dtype), float(X.abs().max())
+    size = largest * largest
+    if largest > 0 and not info.tiny / info.eps <= size <= info.max / (4 * X.shape[1] * X.shape[2]):
+        raise ValueError(
+            f"X has entries up to {largest:.1e}: its sample covariance (entries up to {size:.1e}) is not representable "
+            f"in {X.dtype} with full precision; rescale X (the covariance scales with the square of X)"
+        )
+
+
 def _tol(dtype: torch.dtype) -> float:
     """The subspace iteration's residual tolerance: 1e-12, or 100 ε where the precision cannot reach it."""
     return max(1e-12, 100 * torch.finfo(dtype).eps)
@@ -176,19 +189,23 @@ class KroneckerCovariance:
             raise ValueError("method='truncated' needs n_terms")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        self.method, self.penalty, self.n_terms, self.assume_centered = method, penalty, n_terms, assume_centered
+        if not isinstance(assume_centered, (bool, np.bool_)):
+            raise TypeError(f"assume_centered must be a bool, got {assume_centered!r}")
+        check_random_options(torch.float64, None, generator)  # (checks the generator)
+        self.method, self.penalty, self.n_terms, self.assume_centered = method, penalty, n_terms, bool(assume_centered)
         self.solver, self.generator = solver, generator
         self.cv_folds, self.bootstrap = as_positive_int("cv_folds", cv_folds), as_positive_int("bootstrap", bootstrap)
         if self.cv_folds < 2:
             raise ValueError(f"cv_folds must be at least 2, got {cv_folds}")
-        if not tol > 0:
+        if not check_scalar("tol", tol) > 0:
             raise ValueError(f"tol must be positive, got {tol}")
         self.tol, self.max_iter = tol, as_positive_int("max_iter", max_iter)
 
     # ------------------------------------------------------------------------------------------------ fitting
 
     def fit(self, X) -> KroneckerCovariance:
-        """Estimate Σ from the samples ``X``: ``(n, pq)`` or ``(n, p, q)``, numpy or torch (n ≥ 2)."""
+        """Estimate Σ from the samples ``X``: ``(n, pq)`` or ``(n, p, q)``, numpy or torch (n ≥ 2). Samples whose
+        covariance would overflow or be subnormal in their dtype are refused (``ValueError``: rescale them)."""
         X, _ = _as_samples(X, self.p, self.q)
         n = X.shape[0]
         if n < 2:
@@ -197,6 +214,7 @@ class KroneckerCovariance:
         if not self.assume_centered:
             self.location_ = X.mean(0)
             X = X - self.location_
+        _check_scale(X)
         self.n_samples_ = n
         if self.method == "flip-flop":
             self._fit_flip_flop(X)
@@ -316,6 +334,10 @@ class KroneckerCovariance:
 
     def _fit_flip_flop(self, X: torch.Tensor) -> None:
         n, p, q = X.shape
+        # the MLE is equivariant (c X gives A ⊗ c² B): iterate on X / s, s a power of two near max |X| (exact), so
+        # that no intermediate over- or underflows whatever the data's scale
+        s = 2.0 ** math.frexp(float(X.abs().max()))[1] if bool(X.any()) else 1.0
+        X = X / s
         A = torch.eye(p, dtype=X.dtype, device=X.device)
         B = torch.eye(q, dtype=X.dtype, device=X.device)
         self.converged_, self.n_iter_ = False, 0
@@ -337,7 +359,7 @@ class KroneckerCovariance:
             if float(dA + dB / torch.linalg.matrix_norm(B)) <= max(self.tol, 100 * torch.finfo(X.dtype).eps):
                 self.converged_ = True
                 break
-        self.factors_, self.n_terms_, self.penalty_, self.singular_values_ = [(A, B)], 1, None, None
+        self.factors_, self.n_terms_, self.penalty_, self.singular_values_ = [(A, B * s * s)], 1, None, None
 
     def _singular_flip_flop(self, X: torch.Tensor) -> ValueError:
         """Why the flip-flop iterate became singular for the (centered) samples ``X: (n, p, q)``, most specific
@@ -394,9 +416,9 @@ class KroneckerCovariance:
             Z = torch.linalg.solve_triangular(La, Xc, upper=False)
             Z = torch.linalg.solve_triangular(Lb, Z.mT, upper=False).mT
             logdet = 2 * (self.q * La.diagonal().log().sum() + self.p * Lb.diagonal().log().sum())
-            return Z.reshape(X.shape[0], -1), logdet
+            return Z.reshape(X.shape[0], self.p * self.q), logdet
         L = self._cholesky(self.covariance_, "the covariance estimate")
-        Z = torch.linalg.solve_triangular(L, Xc.reshape(X.shape[0], -1).T, upper=False).T
+        Z = torch.linalg.solve_triangular(L, Xc.reshape(X.shape[0], self.p * self.q).T, upper=False).T
         return Z, 2 * L.diagonal().log().sum()
 
     @staticmethod
@@ -419,6 +441,8 @@ class KroneckerCovariance:
         """Mean Gaussian log-likelihood of ``X`` under ``N(location_, Σ̃)`` (scikit-learn's ``score``)."""
         self._check_fitted()
         X, _ = _as_samples(X, self.p, self.q)
+        if X.shape[0] == 0:
+            raise ValueError("X has no samples: the mean log-likelihood of none is undefined")
         Z, logdet = self._whiten(X.to(self.location_))
         d = self.p * self.q
         return float(-0.5 * (d * math.log(2 * math.pi) + logdet + Z.square().sum(1).mean()))
@@ -428,6 +452,9 @@ class KroneckerCovariance:
         in the rearranged space. A difference of squares: accurate to about ``√ε ‖Σ‖`` in absolute terms (ε the
         unit roundoff), plenty for estimation errors. Cost O(p²q² K)."""
         self._check_fitted()
+        d = self.p * self.q
+        if check_tensor("Sigma", Sigma, 2).shape != (d, d):
+            raise ValueError(f"Sigma must have shape ({d}, {d}), got {tuple(Sigma.shape)}")
         R = rearrange(Sigma.to(self.location_), self.p, self.q)
         if not self.factors_:
             return float(R.norm())
