@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from reference import matrix_projector, tt_full
 
 from lowrankopt import FixedRankMatrices, TensorTrain, complete, completion_loss, minimize, sample_indices
+from lowrankopt import nn as lnn
 from lowrankopt.cross import maxvol, rect_maxvol, tt_cross
 from lowrankopt.stats import KroneckerCovariance
 
@@ -927,3 +928,117 @@ def check_kronecker_estimate(est, X, p, q):
     loglik = -0.5 * (p * q * math.log(2 * math.pi) + float(torch.logdet(Sigma)) + float(maha.mean()))
     assert est.score(Y) == pytest.approx(loglik, rel=1e2 * tol, abs=1e2 * tol)
     event("likelihood compared")
+
+
+# ============================================================================================== nn layers
+def test_layers_name_a_bad_generator_or_device():
+    """Was: ``generator=3`` gave AttributeError "'int' object has no attribute 'device'" (LowRankLinear, T-Basis) or
+    torch's randn argument error (STTP/SVDP, SOC), and ``device="foo"`` torch's RuntimeError in every layer."""
+    makers = [
+        lambda **kw: lnn.LowRankLinear(6, 5, 2, **kw),
+        lambda **kw: lnn.TTLinear(8, 6, 2, **kw),
+        lambda **kw: lnn.STTPLinear(8, 6, 2, **kw),
+        lambda **kw: lnn.SVDPConv2d(4, 6, 3, **kw),
+        lambda **kw: lnn.TTConv2d(4, 6, 3, 2, **kw),
+        lambda **kw: lnn.SkewOrthogonalConv2d(4, 3, **kw),
+        lambda **kw: lnn.TBasis(3, 2, 4, **kw),
+    ]
+    for make in makers:
+        with pytest.raises(TypeError, match="generator"):
+            make(generator=3)
+        with pytest.raises(ValueError, match="device"):
+            make(device="foo")
+    for make in (lambda: lnn.GSOrthogonal(8, 2, device="foo"), lambda: lnn.TBasisFactory(None, rank=2, mode_size=4,
+                                                                                         device="foo")):  # fmt: skip
+        with pytest.raises(ValueError, match="device"):
+            make()
+
+
+def test_skew_orthogonal_convs_name_bad_arguments():
+    """Was: channels=0 gave ZeroDivisionError, kernel_size=-1 / channels=-1 torch's "negative dimension", groups=0
+    "integer modulo by zero", channels=2.0 torch's randn error, tol="a" / max_norm="3" / init_scale=None comparisons
+    of str and int, and max_terms=0, init_scale=nan, dtype=int64 (a NotImplementedError later) and bias="yes" were
+    accepted; GSOrthogonalConv2d's groups=2.0 gave "cannot unpack non-iterable float object"."""
+    bad = {
+        "channels": [0, -1, 2.0, None],
+        "kernel_size": [-1, 2, (3, 2), "3"],
+        "groups": [0, 2.0, (2, 3)],
+        "tol": ["a", None, 0.0, 1.0],
+        "max_terms": [0, 2.5],
+        "max_norm": ["3", 0.0, math.nan],
+        "init_scale": [None, math.nan, -1.0],
+        "bias": ["yes", 1],
+        "dtype": [torch.int64, torch.complex64],
+    }
+    for name, values in bad.items():
+        for value in values:
+            with pytest.raises((TypeError, ValueError), match=name):
+                lnn.SkewOrthogonalConv2d(**{"channels": 4, "kernel_size": 3, name: value})
+    for groups in (2.0, None, "3", (2,), 0):
+        with pytest.raises((TypeError, ValueError), match="groups"):
+            lnn.GSOrthogonalConv2d(8, 3, groups)
+
+
+def test_factorized_layers_name_bad_sizes_bias_and_geometry():
+    """Was: SVDPLinear(None, 6) gave "'<' not supported between instances of 'int' and 'NoneType'"; STTP layers and
+    TTConv2d took any bias (bias="no" made one); STTPConv2d took kernel_size=-1, stride=0, dilation=0 and padding=-1
+    (torch's conv errors at forward) and called kernel_size=0 a bad in_modes; a float mode gave "'float' object cannot
+    be interpreted as an integer"; numpy sizes and ranks were refused by LowRankLinear, TTLinear and STTPLinear."""
+    with pytest.raises(ValueError, match="in_features"):
+        lnn.SVDPLinear(None, 6)
+    with pytest.raises(ValueError, match="in_channels"):
+        lnn.SVDPConv2d(None, 6, 3)
+    for make in (lambda b: lnn.STTPLinear(8, 6, 2, bias=b), lambda b: lnn.STTPConv2d(4, 6, 3, rank=2, bias=b),
+                 lambda b: lnn.TTConv2d(4, 6, 3, 2, bias=b)):  # fmt: skip
+        with pytest.raises(TypeError, match="bias"):
+            make("no")
+    for name, value in (("kernel_size", -1), ("kernel_size", 0), ("stride", 0), ("dilation", 0), ("padding", -1)):
+        with pytest.raises(ValueError, match=name):
+            lnn.STTPConv2d(4, 6, **{"kernel_size": 3, "rank": 2, name: value})
+    with pytest.raises(ValueError, match=r"out_modes\[0\]"):
+        lnn.STTPLinear(8, 6, 2, mode_factorization=([2.0, 3], [2, 4]))
+    n = np.int64
+    assert lnn.LowRankLinear(n(6), n(5), n(2)).rank == 2
+    assert lnn.TTLinear(n(8), n(6), n(2)).weight_matrix().full().shape == (6, 8)
+    assert lnn.STTPLinear(n(8), n(6), n(2)).weight_matrix().shape == (6, 8)
+
+
+def test_layers_name_inputs_of_the_wrong_kind():
+    """Was: STTPLinear / SVDPLinear of a numpy array or a list gave AttributeError ("'str' object has no attribute
+    'type'"); GSOrthogonal of a 0-d tensor an IndexError, of another dtype torch's "expected scalar type"; STTPConv2d
+    and SkewOrthogonalConv2d called a numpy array a bad shape; GSOrthogonalConv2d of a 3-D or 5-D input gave "not
+    enough values to unpack"."""
+    for layer in (lnn.STTPLinear(8, 6, 2), lnn.SVDPLinear(8, 6), lnn.GSOrthogonal(8, 2)):
+        for x in (np.ones((3, 8), dtype=np.float32), [[1.0] * 8]):
+            with pytest.raises(TypeError, match="input"):
+                layer(x)
+    q = lnn.GSOrthogonal(8, 2)
+    with pytest.raises(ValueError, match="input"):
+        q(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="dtype"):
+        q(torch.randn(3, 8, dtype=DT))
+    for layer in (lnn.STTPConv2d(4, 6, 3, rank=2), lnn.SkewOrthogonalConv2d(4, 3)):
+        with pytest.raises(TypeError, match="input"):
+            layer(np.ones((2, 4, 5, 5), dtype=np.float32))
+    gso = lnn.GSOrthogonalConv2d(8, 3, 2)
+    for x in (torch.randn(8, 5, 5), torch.randn(1, 2, 8, 5, 5), np.ones((2, 8, 5, 5), dtype=np.float32)):
+        with pytest.raises((TypeError, ValueError), match="input"):
+            gso(x)
+
+
+def test_gs_tbasis_and_gsoft_name_bad_types():
+    """Was: GSOrthogonal(dtype=int64) gave torch's "Only Tensors of floating point ... can require gradients" (complex
+    was accepted), TBasis(dtype=int64) a NotImplementedError, TBasisFactory(basis=3) "'int' object has no attribute
+    'rank'", and GSOFTConfig took target_modules=3 (inject_gsoft then: "'int' object is not iterable"), double="yes"
+    and neumann_terms=0."""
+    for dtype in (torch.int64, torch.complex64):
+        with pytest.raises(TypeError, match="dtype"):
+            lnn.GSOrthogonal(8, 2, dtype=dtype)
+        with pytest.raises(TypeError, match="dtype"):
+            lnn.TBasis(3, 2, 4, dtype=dtype)
+    with pytest.raises(TypeError, match="basis"):
+        lnn.TBasisFactory(3)
+    for name, value in (("target_modules", 3), ("exclude_modules", 3), ("modules_to_save", [1]), ("double", "yes"),
+                        ("scale", None), ("fan_in_fan_out", 1), ("neumann_terms", 0)):  # fmt: skip
+        with pytest.raises((TypeError, ValueError), match=name):
+            lnn.GSOFTConfig(block_size=2, **{"target_modules": "all-linear", name: value})

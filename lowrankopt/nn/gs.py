@@ -20,8 +20,9 @@ from collections.abc import Sequence
 import geoopt
 import torch
 
+from .._checks import as_device
 from ..manifolds.geoopt import manifold_parameter
-from .lowrank import _full_precision, _refuse_half
+from .lowrank import HALF_OR_FULL, _check_input, _full_precision, _refuse_half
 
 __all__ = ["GSMatrix", "GSOrthogonal", "blockdiag_matmul", "gs_matmul", "gs_project", "shuffle_index"]
 
@@ -233,6 +234,9 @@ class GSOrthogonal(torch.nn.Module):
         if isinstance(neumann_terms, bool) or not isinstance(neumann_terms, int) or neumann_terms < 1:
             raise ValueError(f"neumann_terms must be a positive int, got {neumann_terms!r}")
         dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in HALF_OR_FULL:
+            raise TypeError(f"dtype must be one of {HALF_OR_FULL}, got {dtype}")
+        device = None if device is None else as_device(device)
         self.n, self.block_size, self.nblocks = n, b, n // b
         self.map, self.parametrization, self.neumann_terms = map, parametrization, neumann_terms
         k = self.nblocks
@@ -267,6 +271,7 @@ class GSOrthogonal(torch.nn.Module):
         parameters' dtype); only the products with ``x`` autocast."""
         if self.parametrization == "orthogonal":
             _refuse_half(self, self.L.dtype, "its blocks are retracted onto the orthogonal group by QR")
+        _check_input(x, self.n, self.L)
         with _full_precision(x):
             Q = self.gs_matrix()
         return Q.matmul(x)

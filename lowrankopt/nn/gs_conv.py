@@ -20,7 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .lowrank import _autocast_output, _check_dtype, _full_precision, _refuse_half
+from .._checks import as_positive_int, check_scalar
+from .lowrank import _autocast_output, _check_dtype, _check_image, _full_precision, _kw, _refuse_half
 
 __all__ = [
     "GSOrthogonalConv2d",
@@ -73,18 +74,25 @@ class SkewOrthogonalConv2d(torch.nn.Module):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
-        if channels % groups or groups < 1:
+        channels, groups = as_positive_int("channels", channels), as_positive_int("groups", groups)
+        if channels % groups:
             raise ValueError(f"channels {channels} must be divisible by groups {groups}")
+        kernel_size = as_positive_int("kernel_size", kernel_size)
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-        if not 0 < tol < 1:
+        if not 0 < check_scalar("tol", tol) < 1:
             raise ValueError(f"tol must be in (0, 1), got {tol}")
-        if max_norm is not None and not max_norm > 0:
+        max_terms = as_positive_int("max_terms", max_terms)
+        if max_norm is not None and not check_scalar("max_norm", max_norm) > 0:
             raise ValueError(f"max_norm must be positive or None, got {max_norm}")
+        if not check_scalar("init_scale", init_scale) >= 0:
+            raise ValueError(f"init_scale must be ≥ 0, got {init_scale}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
         self.channels, self.kernel_size, self.groups, self.tol, self.max_terms, self.max_norm = (
             channels, kernel_size, groups, tol, max_terms, max_norm,
         )  # fmt: skip
-        dtype = torch.get_default_dtype() if dtype is None else dtype
+        dtype, device = _kw(dtype, device, generator)
         c = channels // groups
         M = torch.randn(channels, c, kernel_size, kernel_size, dtype=dtype, generator=generator)
         self.weight = torch.nn.Parameter((init_scale / math.sqrt(c * kernel_size**2) * M).to(device))
@@ -124,8 +132,7 @@ class SkewOrthogonalConv2d(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``exp(L) x`` for ``x: (B, C, H, W)``. Under autocast the convs autocast, the kernel and its bound are
         computed in the parameters' dtype, and the output has the autocast dtype (as ``nn.Conv2d``'s)."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"input must have shape (B, {self.channels}, H, W), got {tuple(getattr(x, 'shape', ()))}")
+        _check_image(x, self.channels)
         _refuse_half(self, self.weight.dtype, "its certified series needs the spectral norms of its taps (SVD)")
         _check_dtype(x, self.weight)
         with _full_precision(x):
@@ -156,12 +163,18 @@ class GSOrthogonalConv2d(torch.nn.Module):
         self, channels: int, kernel_size: int = 3, groups=(4, 4), *, tol: float = 1e-6, bias: bool = True, **kw
     ):
         super().__init__()
-        g1, g2 = (groups, groups) if isinstance(groups, int) else groups
-        self.g1, self.g2 = g1, g2
+        if isinstance(groups, (tuple, list)) and len(groups) == 2:
+            g1, g2 = groups
+        elif isinstance(groups, (tuple, list, str)):
+            raise ValueError(f"groups must be an int or a pair (g1, g2) of ints, got {groups!r}")
+        else:  # one count for both factors (checked by them)
+            g1 = g2 = groups
         self.conv1 = SkewOrthogonalConv2d(channels, kernel_size, g1, tol=tol, bias=False, **kw)
         self.conv2 = SkewOrthogonalConv2d(channels, 1, g2, tol=tol, bias=bias, **kw)
+        self.g1, self.g2 = self.conv1.groups, self.conv2.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_image(x, self.conv1.channels)
         _refuse_half(self, self.conv1.weight.dtype, "its certified series need the spectral norms of their taps (SVD)")
         x = self.conv1(channel_shuffle(x, self.g1))
         return self.conv2(channel_shuffle(x, self.g1))  # interleave conv1's g1 groups so that conv2's groups mix them

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .._checks import as_positive_int
 from .gs import MAPS, GSMatrix, GSOrthogonal
 
 __all__ = [
@@ -83,6 +84,15 @@ class GSOFTConfig:
             raise ValueError(f"bias must be 'none', 'all' or 'gsoft_only', got {self.bias!r}")
         if self.target_modules is None:
             raise ValueError("target_modules is required (names, a regex, or 'all-linear')")
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            spec = getattr(self, name)
+            names = isinstance(spec, Sequence) and all(isinstance(s, str) for s in spec)
+            if spec is not None and not isinstance(spec, str) and not names:
+                raise TypeError(f"{name} must be a regex string or a sequence of names (strings), got {spec!r}")
+        for name in ("double", "scale", "fan_in_fan_out"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        as_positive_int("neumann_terms", self.neumann_terms)
         if self.map not in MAPS:
             raise ValueError(f"map must be one of {MAPS}, got {self.map!r}")
 

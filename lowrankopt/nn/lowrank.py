@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._checks import as_positive_int, check_random_options
 from ..formats.lowrank import LowRankMatrix
 from ..formats.tt import TensorTrain, TTMatrix
 from ..manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank, manifold_parameter
@@ -21,16 +22,13 @@ from ..manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank, manifold_para
 __all__ = ["LowRankLinear", "TTLinear"]
 
 
-def _positive_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
-
-
-def _kw(dtype, device):
+def _kw(dtype, device, generator=None):
+    """The parameters' dtype (float32 or float64; default: torch's default dtype) and device, checked, and the
+    generator checked (a ``torch.Generator`` or None)."""
     dtype = torch.get_default_dtype() if dtype is None else dtype
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    _, device, _ = check_random_options(dtype, device, generator)
     return dtype, device
 
 
@@ -41,6 +39,8 @@ def _uniform(shape, bound: float, dtype, device, generator) -> torch.Tensor:
 
 
 def _init_bias(out_features, in_features, bias, dtype, device, generator):
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
     if not bias:
         return None
     # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
@@ -48,6 +48,7 @@ def _init_bias(out_features, in_features, bias, dtype, device, generator):
 
 
 HALF = (torch.float16, torch.bfloat16)
+HALF_OR_FULL = (*HALF, torch.float32, torch.float64)  # the parameter dtypes of the layers that support half precision
 
 
 def _refuse_half(layer: torch.nn.Module, dtype: torch.dtype, needs: str) -> None:
@@ -85,6 +86,14 @@ def _check_input(x, in_features: int, like: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"input must have shape (..., {in_features}), got {tuple(x.shape)}")
     _check_dtype(x, like)
     return x.reshape(-1, in_features)
+
+
+def _check_image(x, channels: int) -> None:
+    """A conv layer's input: a ``(B, channels, H, W)`` tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"input must have shape (B, {channels}, H, W), got {tuple(x.shape)}")
 
 
 def _check_dtype(x: torch.Tensor, like: torch.Tensor) -> None:
@@ -177,14 +186,12 @@ class LowRankLinear(_PackedLinear):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
-        in_features = _positive_int("in_features", in_features)
-        out_features = _positive_int("out_features", out_features)
-        rank = _positive_int("rank", rank)
+        in_features = as_positive_int("in_features", in_features)
+        out_features = as_positive_int("out_features", out_features)
+        rank = as_positive_int("rank", rank)
         if rank > min(in_features, out_features):
             raise ValueError(f"rank must be <= min(in_features, out_features) = {min(in_features, out_features)}")
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
-        dtype, device = _kw(dtype, device)
+        dtype, device = _kw(dtype, device, generator)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         manifold = GeooptFixedRank(out_features, in_features, rank)
         gdev = generator.device if generator is not None else device
@@ -285,7 +292,7 @@ def _factors(name: str, features: int, factors, d: int | None) -> list[int] | No
         return None
     if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence):
         raise TypeError(f"{name} must be a sequence of positive ints, got {type(factors).__name__}")
-    factors = [_positive_int(f"{name}[{k}]", f) for k, f in enumerate(factors)]
+    factors = [as_positive_int(f"{name}[{k}]", f) for k, f in enumerate(factors)]
     if not factors:
         raise ValueError(f"{name} must not be empty")
     if math.prod(factors) != features:
@@ -339,10 +346,10 @@ class TTLinear(_PackedLinear):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
-        in_features = _positive_int("in_features", in_features)
-        out_features = _positive_int("out_features", out_features)
+        in_features = as_positive_int("in_features", in_features)
+        out_features = as_positive_int("out_features", out_features)
         if d is not None:
-            d = _positive_int("d", d)
+            d = as_positive_int("d", d)
         in_f = _factors("in_factors", in_features, in_factors, d)
         out_f = _factors("out_factors", out_features, out_factors, d)
         if in_f is not None and out_f is not None and len(in_f) != len(out_f):
@@ -354,11 +361,9 @@ class TTLinear(_PackedLinear):
             in_f = _balanced_factors(in_features, d)
         if out_f is None:
             out_f = _balanced_factors(out_features, d)[::-1]
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
         modes = [o * i for o, i in zip(out_f, in_f)]
         ranks = self._ranks(rank, modes)
-        dtype, device = _kw(dtype, device)
+        dtype, device = _kw(dtype, device, generator)
         self.in_features, self.out_features = in_features, out_features
         self.in_factors, self.out_factors = tuple(in_f), tuple(out_f)
         manifold = GeooptFixedTTRank(modes, ranks)
@@ -373,17 +378,17 @@ class TTLinear(_PackedLinear):
     @staticmethod
     def _ranks(rank, modes) -> list[int]:
         d = len(modes)
-        if isinstance(rank, int) and not isinstance(rank, bool):
-            r = _positive_int("rank", rank)
+        if isinstance(rank, (str, bytes)):
+            raise TypeError(f"rank must be an int or {d - 1} ints, got {type(rank).__name__}")
+        if not isinstance(rank, Sequence):  # one maximal rank (a Python, numpy or torch integer)
+            r = as_positive_int("rank", rank)
             full = [1] + [r] * (d - 1) + [1]
             for k in range(1, d):  # clip to what the modes allow, from both sides
                 full[k] = min(full[k], full[k - 1] * modes[k - 1])
             for k in range(d - 1, 0, -1):
                 full[k] = min(full[k], full[k + 1] * modes[k])
             return full[1:-1]
-        if isinstance(rank, (str, bytes)) or not isinstance(rank, Sequence):
-            raise TypeError(f"rank must be an int or {d - 1} ints, got {type(rank).__name__}")
-        ranks = [_positive_int(f"rank[{k}]", r) for k, r in enumerate(rank)]
+        ranks = [as_positive_int(f"rank[{k}]", r) for k, r in enumerate(rank)]
         if len(ranks) != d - 1:
             raise ValueError(f"rank must be an int or {d - 1} ints (one per bond), got {len(ranks)}")
         return ranks  # attainability is checked by FixedTTRank

@@ -47,24 +47,24 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import operator
 from collections.abc import Callable, Iterable, Sequence
 
 import geoopt
 import torch
 import torch.nn.functional as F
 
+from .._checks import as_positive_int
 from ..manifolds.geoopt import manifold_parameter
 from .householder import householder_numel, householder_orthonormal, householder_params
 from .lowrank import (
     _check_dtype,
+    _check_image,
     _check_input,
     _dense_conv,
     _dense_linear,
     _full_precision,
     _init_bias,
     _kw,
-    _positive_int,
     _refuse_half,
 )
 
@@ -367,7 +367,7 @@ def _modes(name: str, d: int, given) -> list[int]:
     given = [given] if isinstance(given, int) else given
     if isinstance(given, str | bytes) or not isinstance(given, Sequence):
         raise TypeError(f"{name} must be a sequence of positive ints, got {type(given).__name__}")
-    modes = [_positive_int(f"{name}[{k}]", operator.index(m)) for k, m in enumerate(given)]
+    modes = [as_positive_int(f"{name}[{k}]", m) for k, m in enumerate(given)]
     if math.prod(modes) != d:
         raise ValueError(f"{name} {modes} has product {math.prod(modes)}, not {d}")
     return modes
@@ -419,10 +419,10 @@ class STTPLinear(_STTPBase):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
-        self.in_features = _positive_int("in_features", in_features)
-        self.out_features = _positive_int("out_features", out_features)
-        rank = _positive_int("rank", rank)
-        dtype, device = _kw(dtype, device)
+        self.in_features = as_positive_int("in_features", in_features)
+        self.out_features = as_positive_int("out_features", out_features)
+        rank = as_positive_int("rank", rank)
+        dtype, device = _kw(dtype, device, generator)
         out_m, in_m = _split_factorization(mode_factorization)
         out_m, in_m = _modes("out_modes", out_features, out_m), _modes("in_modes", in_features, in_m)
         self._init_factors(
@@ -437,9 +437,10 @@ class STTPLinear(_STTPBase):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _check_input(x, self.in_features, self.U.params[0])
         U, s, V = self._forward_factors(x)
         # σ folded into U: under autocast both products give the autocast dtype, as nn.Linear does
-        y = F.linear(F.linear(_check_input(x, self.in_features, U), V.T), U * s, self.bias)
+        y = F.linear(F.linear(x2, V.T), U * s, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @property
@@ -479,17 +480,22 @@ class SVDPLinear(STTPLinear):
     def __init__(self, in_features: int, out_features: int, rank: int | None = None, bias: bool = True, **kwargs):
         if "mode_factorization" in kwargs:
             raise TypeError("SVDPLinear has no mode_factorization (it is one mode per side)")
+        in_features = as_positive_int("in_features", in_features)
+        out_features = as_positive_int("out_features", out_features)
         rank = min(in_features, out_features) if rank is None else rank
         super().__init__(
             in_features, out_features, rank, bias, mode_factorization=([out_features], [in_features]), **kwargs
         )
 
 
-def _pair(v, name: str) -> tuple[int, int]:
-    """``v`` or ``(v, v)`` as a pair of ints (as ``nn.Conv2d`` takes sizes); bools and other types refused."""
+def _pair(v, name: str, minimum: int | None = None) -> tuple[int, int]:
+    """``v`` or ``(v, v)`` as a pair of ints (as ``nn.Conv2d`` takes sizes), each ``≥ minimum`` if given; bools and
+    other types refused."""
     t = (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
     if not isinstance(t, (tuple, list)) or len(t) != 2 or not all(type(a) is int for a in t):
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if minimum is not None and min(t) < minimum:
+        raise ValueError(f"{name} must be an int ≥ {minimum} or a pair of them, got {v!r}")
     return int(t[0]), int(t[1])
 
 
@@ -527,10 +533,10 @@ class STTPConv2d(_STTPBase):
         super().__init__()
         if groups != 1:
             raise ValueError(f"STTPConv2d supports groups=1 only, got {groups}")
-        self.in_channels = _positive_int("in_channels", in_channels)
-        self.out_channels = _positive_int("out_channels", out_channels)
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride, self.dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+        self.in_channels = as_positive_int("in_channels", in_channels)
+        self.out_channels = as_positive_int("out_channels", out_channels)
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.stride, self.dilation = _pair(stride, "stride", 1), _pair(dilation, "dilation", 1)
         if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
             raise ValueError(f"padding_mode must be zeros, reflect, replicate or circular, got {padding_mode!r}")
         if isinstance(padding, str):
@@ -540,7 +546,7 @@ class STTPConv2d(_STTPBase):
                 raise ValueError("padding='same' needs stride 1 (as nn.Conv2d)")
             self.padding = padding
         else:
-            self.padding = _pair(padding, "padding")
+            self.padding = _pair(padding, "padding", 0)
         # explicit (left, right, top, bottom) pads, as nn.Conv2d computes them
         if self.padding == "valid":
             self._pads = (0, 0, 0, 0)
@@ -550,14 +556,14 @@ class STTPConv2d(_STTPBase):
         else:
             self._pads = (self.padding[1], self.padding[1], self.padding[0], self.padding[0])
         self.padding_mode = padding_mode
-        dtype, device = _kw(dtype, device)
+        dtype, device = _kw(dtype, device, generator)
         kk = self.kernel_size[0] * self.kernel_size[1]
         d_in = in_channels * kk
         out_m, in_m = _split_factorization(mode_factorization)
         if in_m is None:
             in_m = prime_factors(in_channels) + ([kk] if kk > 1 else [])
         self._init_factors(
-            out_channels, d_in, _positive_int("rank", rank), _modes("out_modes", out_channels, out_m),
+            out_channels, d_in, as_positive_int("rank", rank), _modes("out_modes", out_channels, out_m),
             _modes("in_modes", d_in, in_m), spectrum, lipschitz, parametrization, dtype, device, generator,
         )  # fmt: skip
         self.bias = _init_bias(out_channels, d_in, bias, dtype, device, generator)
@@ -569,8 +575,7 @@ class STTPConv2d(_STTPBase):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"input must have shape (B, {self.in_channels}, H, W), got {getattr(x, 'shape', x)}")
+        _check_image(x, self.in_channels)
         U, s, V = self._forward_factors(x)
         _check_dtype(x, U)
         padding = self.padding
@@ -624,7 +629,9 @@ class SVDPConv2d(STTPConv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, *args, rank: int | None = None, **kwargs):
         if "mode_factorization" in kwargs:
             raise TypeError("SVDPConv2d has no mode_factorization (it is one mode per side)")
-        kh, kw = _pair(kernel_size, "kernel_size")
+        kh, kw = _pair(kernel_size, "kernel_size", 1)
+        in_channels = as_positive_int("in_channels", in_channels)
+        out_channels = as_positive_int("out_channels", out_channels)
         rank = min(out_channels, in_channels * kh * kw) if rank is None else rank
         super().__init__(
             in_channels, out_channels, kernel_size, *args, rank=rank,
@@ -683,7 +690,7 @@ def sttp_convert(
     for name, m in targets:  # build every replacement first: an error leaves the model untouched
         if id(m) in new_of:
             continue
-        r = _positive_int("rank", rank(name, m) if callable(rank) else rank)
+        r = as_positive_int("rank", rank(name, m) if callable(rank) else rank)
         if isinstance(m, torch.nn.Linear):
             new_of[id(m)] = (SVDPLinear if svdp else STTPLinear).from_linear(m, r, **layer_kwargs)
         else:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import as_device, check_random_options
+from .lowrank import HALF_OR_FULL
 from .sttp import _selected
 
 __all__ = [
@@ -129,13 +131,17 @@ class TBasis(nn.Module):
         n = math.isqrt(mode_size)
         if n * n != mode_size or n < 2:
             raise ValueError(f"mode_size must be a square n² with n ≥ 2 (4, 9, 16, ...), got {mode_size}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in HALF_OR_FULL:
+            raise TypeError(f"dtype must be one of {HALF_OR_FULL}, got {dtype}")
+        _, device, _ = check_random_options(torch.float32, device, generator)  # (the device and the generator)
         self.basis_size, self.rank, self.mode_size, self.n = basis_size, rank, mode_size, n
         b = torch.randn(
             basis_size,
             rank,
             mode_size,
             rank,
-            dtype=dtype or torch.get_default_dtype(),
+            dtype=dtype,
             generator=generator,
             device=_gen_device(generator),
         )
@@ -178,6 +184,8 @@ class TBasisFactory(nn.Module):
         device=None,
     ):
         super().__init__()
+        if basis is not None and not isinstance(basis, TBasis):
+            raise TypeError(f"basis must be a TBasis or None, got {type(basis).__name__}")
         self.tbasis = basis
         if basis is not None:
             if rank not in (None, basis.rank) or mode_size not in (None, basis.mode_size):
@@ -191,7 +199,7 @@ class TBasisFactory(nn.Module):
                 raise ValueError(f"mode_size must be a square n² with n ≥ 2 (4, 9, 16, ...), got {mode_size}")
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        self.dtype, self.device = dtype or torch.get_default_dtype(), torch.device(device or "cpu")
+        self.dtype, self.device = dtype or torch.get_default_dtype(), as_device(device or "cpu")
         self.rank, self.mode_size, self.n = rank, mode_size, math.isqrt(mode_size)
         self.coefficients = nn.ParameterDict()
         self.log_adapters = nn.ParameterDict()

@@ -51,9 +51,10 @@ import geoopt
 import torch
 import torch.nn.functional as F
 
+from .._checks import as_positive_int
 from ..manifolds.geoopt import _qr_pos, manifold_parameter
 from ..spectral import clip_singular_values, conv_singular_values
-from .lowrank import _check_dtype, _dense_conv, _init_bias, _kw, _positive_int, _refuse_half
+from .lowrank import _check_dtype, _check_image, _dense_conv, _init_bias, _kw, _refuse_half
 from .sttp import _pair, _random_orthonormal, _selected, _set_submodule
 
 __all__ = ["TTConv2d", "tt_conv_convert", "tt_conv_orthogonalize_", "tt_conv_penalty"]
@@ -113,13 +114,13 @@ class TTConv2d(torch.nn.Module):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
-        self.in_channels = _positive_int("in_channels", in_channels)
-        self.out_channels = _positive_int("out_channels", out_channels)
+        self.in_channels = as_positive_int("in_channels", in_channels)
+        self.out_channels = as_positive_int("out_channels", out_channels)
         kh, kw = _pair(kernel_size, "kernel_size")
         if kh != kw or kh < 1:
             raise ValueError(f"kernel_size must be a positive int or a square pair (k, k), got {kernel_size!r}")
         self.kernel_size = (kh, kw)
-        self.rank = _positive_int("rank", rank)
+        self.rank = as_positive_int("rank", rank)
         self.stride = _pair(stride, "stride")
         if min(self.stride) < 1:
             raise ValueError(f"stride must be positive, got {stride!r}")
@@ -148,9 +149,7 @@ class TTConv2d(torch.nn.Module):
         if orthogonality not in ORTHOGONALITIES:
             raise ValueError(f"orthogonality must be one of {ORTHOGONALITIES}, got {orthogonality!r}")
         self.orthogonality = orthogonality
-        dtype, device = _kw(dtype, device)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        dtype, device = _kw(dtype, device, generator)
         if generator is not None and generator.device.type != "cpu":
             raise ValueError(f"generator must be a CPU generator, got one on {generator.device}")
         r1, r2 = min(self.in_channels, self.rank), min(self.out_channels, self.rank)
@@ -184,10 +183,7 @@ class TTConv2d(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (B, c_in, H, W) → (B, c_out, H', W')``. Cost ``O(B (H W c_in r1 + H' W' (r1 r2 k² + r2 c_out)))``."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"input must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        _check_image(x, self.in_channels)
         needs = "its outer cores are kept orthonormal by QR (orthogonalize_, the Stiefel retraction)"
         _refuse_half(self, self.core.dtype, needs)
         _check_dtype(x, self.core)
@@ -403,7 +399,7 @@ def tt_conv_convert(
             continue
         r = rank(name, m) if callable(rank) else rank
         try:
-            r = _positive_int("rank", r)
+            r = as_positive_int("rank", r)
         except ValueError as e:
             raise ValueError(f"{e} (for {name!r})") from None
         new_of[id(m)] = TTConv2d.from_conv(m, r, **layer_kwargs)
