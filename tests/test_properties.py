@@ -1007,7 +1007,7 @@ def test_layers_name_inputs_of_the_wrong_kind():
     """Was: STTPLinear / SVDPLinear of a numpy array or a list gave AttributeError ("'str' object has no attribute
     'type'"); GSOrthogonal of a 0-d tensor an IndexError, of another dtype torch's "expected scalar type"; STTPConv2d
     and SkewOrthogonalConv2d called a numpy array a bad shape; GSOrthogonalConv2d of a 3-D or 5-D input gave "not
-    enough values to unpack"."""
+    enough values to unpack"; T-Basis layers gave torch's shape and dtype errors."""
     for layer in (lnn.STTPLinear(8, 6, 2), lnn.SVDPLinear(8, 6), lnn.GSOrthogonal(8, 2)):
         for x in (np.ones((3, 8), dtype=np.float32), [[1.0] * 8]):
             with pytest.raises(TypeError, match="input"):
@@ -1024,6 +1024,17 @@ def test_layers_name_inputs_of_the_wrong_kind():
     for x in (torch.randn(8, 5, 5), torch.randn(1, 2, 8, 5, 5), np.ones((2, 8, 5, 5), dtype=np.float32)):
         with pytest.raises((TypeError, ValueError), match="input"):
             gso(x)
+    # T-Basis layers (was: torch's "mat1 and mat2 shapes cannot be multiplied" / conv2d's RuntimeError)
+    factory = lnn.TBasisFactory(lnn.TBasis(3, 2, 9, generator=gen(0)))
+    factory.add("fc", (5, 6), 0.3, generator=gen(1))
+    factory.add("conv", (4, 3, 3, 3), 0.3, generator=gen(2))
+    linear = lnn.TBasisLinear(factory, "fc", None)
+    conv = lnn.TBasisConv2d(factory, "conv", torch.nn.Conv2d(3, 4, 3))
+    for layer, bad_shape, ok_shape in ((linear, (2, 7), (2, 6)), (conv, (2, 4, 5, 5), (2, 3, 5, 5))):
+        with pytest.raises(ValueError, match="input"):
+            layer(torch.randn(bad_shape))
+        with pytest.raises(TypeError, match="dtype"):
+            layer(torch.randn(ok_shape, dtype=DT))
 
 
 def test_gs_tbasis_and_gsoft_name_bad_types():
@@ -1042,3 +1053,452 @@ def test_gs_tbasis_and_gsoft_name_bad_types():
                         ("scale", None), ("fan_in_fan_out", 1), ("neumann_terms", 0)):  # fmt: skip
         with pytest.raises((TypeError, ValueError), match=name):
             lnn.GSOFTConfig(block_size=2, **{"target_modules": "all-linear", name: value})
+
+
+def dense_tt_matrix(cores):
+    """``W[(i_1..i_d), (j_1..j_d)] = G_1[i_1, j_1] ⋯ G_d[i_d, j_d]`` for cores ``(r, out_k, in_k, r')``, written out."""
+    W = cores[0][0]  # (out_1, in_1, r_1)
+    for G in cores[1:]:
+        W = torch.einsum("ijr,rklt->ikjlt", W, G)
+        W = W.reshape(W.shape[0] * W.shape[1], W.shape[2] * W.shape[3], W.shape[4])
+    return W[..., 0]
+
+
+def dense_weight(layer):
+    """A linear layer's dense ``(out, in)`` weight, assembled here from its factors (never from its own dense form)."""
+    if isinstance(layer, lnn.LowRankLinear):
+        X = layer.weight_matrix()
+        return X.U @ X.S @ X.V.T
+    if isinstance(layer, lnn.TTLinear):
+        return dense_tt_matrix(layer.weight_matrix().cores)
+    U, s, V = layer.factors()
+    return (U * s) @ V.T
+
+
+LINEAR_KINDS = {
+    "LowRankLinear": lambda i, o, r, **kw: lnn.LowRankLinear(i, o, r, **kw),
+    "TTLinear": lambda i, o, r, **kw: lnn.TTLinear(i, o, r, **kw),
+    "STTPLinear": lambda i, o, r, **kw: lnn.STTPLinear(i, o, r, **kw),
+    "SVDPLinear": lambda i, o, r, **kw: lnn.SVDPLinear(i, o, r, **kw),
+    "STTPLinear-stiefel": lambda i, o, r, **kw: lnn.STTPLinear(i, o, r, parametrization="stiefel", **kw),
+    "STTPLinear-identity": lambda i, o, r, **kw: lnn.STTPLinear(i, o, r, spectrum="identity", **kw),
+}
+SIZE = mostly(st.integers(1, 12), st.sampled_from([0, -2, 2.0, True, None, "4"]), 10)
+LAYER_RANK = mostly(st.integers(1, 13) | st.sampled_from([np.int64(2)]), st.sampled_from([0, -1, 2.5, True, "2"]), 8)
+LAYER_DTYPE = mostly(st.sampled_from([torch.float32, torch.float64]), st.sampled_from(["float32", torch.int64]), 10)
+
+
+def max_abs(t):
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
+def positive(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+
+
+def perturb_(module, seed, scale=0.3):
+    """Move the plain (Euclidean) parameters off their initial values, which are often special (identity, zero)."""
+    g = gen(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if type(p) is torch.nn.Parameter:
+                p.add_(scale * torch.randn(p.shape, dtype=torch.float64, generator=g).to(p.dtype))
+    return module
+
+
+@examples(80)
+@given(
+    kind=st.sampled_from(sorted(LINEAR_KINDS)),
+    in_f=SIZE,
+    out_f=SIZE,
+    rank=LAYER_RANK,
+    dtype=LAYER_DTYPE,
+    bias=mostly(st.booleans(), st.sampled_from(["yes", None])),
+    batch=st.sampled_from([(), (0,), (3,), (2, 3)]),
+    x_kind=mostly(st.just("ok"), st.sampled_from(["last dim", "dtype", "numpy"])),
+    seed=st.integers(0, 20),
+)
+def test_linear_layers(kind, in_f, out_f, rank, dtype, bias, batch, x_kind, seed):
+    """Any sizes, ranks, dtypes and inputs: a layer whose forward is ``x Wᵀ + b`` with W assembled here from its
+    factors (STTP: U, V with orthonormal columns, ‖W‖₂ = 1 at the default lipschitz), or a named error."""
+    problems = [name for name, v in (("in_features", in_f), ("out_features", out_f)) if not positive(v)]
+    if not positive(rank):
+        problems.append("rank")
+    elif kind == "LowRankLinear" and not problems and rank > min(in_f, out_f):
+        problems.append("rank")
+    if dtype not in (torch.float32, torch.float64):
+        problems.append("dtype")
+    if not isinstance(bias, bool):
+        problems.append("bias")
+    kwargs = dict(bias=bias, dtype=dtype, generator=gen(seed))
+    layer = check_outcome(lambda: LINEAR_KINDS[kind](in_f, out_f, rank, **kwargs), problems)
+    if layer is None:
+        return
+    if "stiefel" not in kind:
+        perturb_(layer, seed + 1)
+    in_f, out_f = int(in_f), int(out_f)
+    x = torch.randn(*batch, in_f, dtype=torch.float64, generator=gen(seed + 2)).to(dtype)
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    x_arg = {"ok": x, "last dim": x[..., :-1], "dtype": x.to(other), "numpy": x.numpy()}[x_kind]
+    y = check_outcome(lambda: layer(x_arg), [] if x_kind == "ok" else ["input"])
+    if y is None:
+        return
+    with torch.no_grad():
+        W = dense_weight(layer).double()
+        reference = x.double() @ W.T + (0 if layer.bias is None else layer.bias.double())
+    assert y.shape == (*batch, out_f) and y.dtype == dtype
+    eps = 1e-12 if dtype == torch.float64 else 1e-5
+    assert max_abs(y.double() - reference) <= eps * (1 + max_abs(reference))
+    if kind.startswith(("STTP", "SVDP")):
+        U, s, V = (t.double() for t in layer.factors())
+        r = U.shape[1]
+        assert r == min(int(rank), in_f, out_f)
+        for F_ in (U, V):
+            assert torch.allclose(F_.T @ F_, torch.eye(r, dtype=DT), atol=1e2 * eps)
+        if kind != "STTPLinear-identity":
+            assert float(s.abs().max()) == pytest.approx(1.0, rel=1e2 * eps)  # lipschitz = 1: ‖W‖₂ = max |σ| = 1
+
+
+def dense_kernel(layer):
+    """A conv layer's dense kernel ``(c_out, c_in, k_h, k_w)``, assembled here from its factors."""
+    if isinstance(layer, lnn.TTConv2d):  # K[o, i, p, q] = Σ first[i, α] core[β, α, p, q] last[o, β]
+        return torch.einsum("ia,bapq,ob->oipq", layer.first, layer.core, layer.last)
+    U, s, V = layer.factors()
+    return ((U * s) @ V.T).reshape(layer.out_channels, layer.in_channels, *layer.kernel_size)
+
+
+CONV_KINDS = {
+    "STTPConv2d": lambda ci, co, k, r, **kw: lnn.STTPConv2d(ci, co, k, rank=r, **kw),
+    "SVDPConv2d": lambda ci, co, k, r, **kw: lnn.SVDPConv2d(ci, co, k, rank=r, **kw),
+    "TTConv2d": lambda ci, co, k, r, **kw: lnn.TTConv2d(ci, co, k, r, **kw),
+}
+
+
+@examples(60)
+@given(
+    kind=st.sampled_from(sorted(CONV_KINDS)),
+    c_in=mostly(st.integers(1, 5), st.sampled_from([0, 2.0])),
+    c_out=mostly(st.integers(1, 5), st.sampled_from([0, None])),
+    kernel=mostly(st.sampled_from([1, 2, 3]), st.sampled_from([0, -1, (3, 2)])),
+    rank=LAYER_RANK,
+    stride=mostly(st.sampled_from([1, 2]), st.sampled_from([0, (1, 1, 1)])),
+    padding=mostly(st.sampled_from([0, 1, "same", "valid"]), st.sampled_from([-1, "full"])),
+    padding_mode=mostly(st.sampled_from(["zeros", "circular"]), st.sampled_from(["reflect", "mirror"])),
+    size=st.integers(3, 6),
+    seed=st.integers(0, 20),
+)
+def test_conv_layers(kind, c_in, c_out, kernel, rank, stride, padding, padding_mode, size, seed):
+    """Any geometry: a conv whose forward equals ``nn.Conv2d`` with the kernel assembled here from the layer's factors
+    (same stride, padding, padding mode, bias), or a named error."""
+    problems = [name for name, v in (("in_channels", c_in), ("out_channels", c_out), ("rank", rank)) if not positive(v)]
+    if kernel in (0, -1) or (kernel == (3, 2) and kind == "TTConv2d"):
+        problems.append("kernel_size")
+    if stride != 1 and stride != 2:
+        problems.append("stride")
+    if padding in (-1, "full"):
+        problems.append("padding")
+    if padding == "same" and stride == 2:
+        problems.append("padding")  # as nn.Conv2d: "same" needs stride 1
+    if padding_mode == "mirror" or (padding_mode == "reflect" and kind == "TTConv2d"):
+        problems.append("padding_mode")
+    kwargs = dict(stride=stride, padding=padding, padding_mode=padding_mode, generator=gen(seed), dtype=DT)
+    layer = check_outcome(lambda: CONV_KINDS[kind](c_in, c_out, kernel, rank, **kwargs), problems)
+    if layer is None:
+        return
+    perturb_(layer, seed + 1)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = torch.randn(2, c_in, size + kh, size + kw, dtype=DT, generator=gen(seed + 2))
+    if padding_mode == "reflect" and padding == 1 and min(x.shape[-2:]) <= 1:
+        return
+    reference = torch.nn.Conv2d(c_in, c_out, (kh, kw), stride, padding, padding_mode=padding_mode, dtype=DT,
+                                bias=layer.bias is not None)  # fmt: skip
+    with torch.no_grad():
+        reference.weight.copy_(dense_kernel(layer))
+        if layer.bias is not None:
+            reference.bias.copy_(layer.bias)
+        y, expected = layer(x), reference(x)
+    assert y.shape == expected.shape
+    assert max_abs(y - expected) <= 1e-12 * (1 + max_abs(expected))
+    with pytest.raises((TypeError, ValueError), match="input"):
+        layer(x[:, :0] if c_in > 1 else x[0])
+
+
+def conv_operator(kernel, groups, shape):
+    """The dense matrix of ``x ↦ conv2d(x, kernel, padding="same", groups)`` on images ``shape = (C, H, W)``, by
+    applying the conv to every basis image."""
+    n = math.prod(shape)
+    basis = torch.eye(n, dtype=kernel.dtype).reshape(n, *shape)
+    k = kernel.shape[-1]
+    return torch.nn.functional.conv2d(basis, kernel, padding=k // 2, groups=groups).reshape(n, n).T
+
+
+@examples(30)
+@given(
+    channels=st.sampled_from([2, 4, 6]),
+    kernel=st.sampled_from([1, 3]),
+    groups=st.sampled_from([1, 2]),
+    max_norm=st.sampled_from([None, 0.5, 2.0]),
+    tol=st.sampled_from([1e-3, 1e-6, 1e-10]),
+    init_scale=st.sampled_from([0.0, 0.1, 1.0]),
+    size=st.integers(1, 4),
+    seed=st.integers(0, 20),
+)
+def test_skew_orthogonal_conv_is_the_exponential_of_its_skew_conv(channels, kernel, groups, max_norm, tol,
+                                                                  init_scale, size, seed):  # fmt: skip
+    """``y = exp(L) x + b``: against the matrix exponential of the dense operator of L (built here from the skew kernel
+    by convolving basis images), within the certified truncation tol; L is skew, so ``‖y − b‖ = ‖x‖``."""
+    layer = lnn.SkewOrthogonalConv2d(channels, kernel, groups, tol=tol, max_norm=max_norm, init_scale=init_scale,
+                                     dtype=DT, generator=gen(seed))  # fmt: skip
+    perturb_(layer, seed + 1, scale=0.05)
+    x = torch.randn(3, channels, size, size, dtype=DT, generator=gen(seed + 2))
+    with torch.no_grad():
+        L = conv_operator(layer.skew_kernel(), groups, (channels, size, size))
+        assert torch.allclose(L, -L.T, atol=1e-12)
+        y = (layer(x) - layer.bias[:, None, None]).reshape(3, -1)
+    expected = x.reshape(3, -1) @ torch.linalg.matrix_exp(L).T
+    xn = torch.linalg.vector_norm(x.reshape(3, -1), dim=1)
+    assert bool((torch.linalg.vector_norm(y - expected, dim=1) <= tol * xn + 1e-12 * xn).all())
+    assert torch.allclose(torch.linalg.vector_norm(y, dim=1), xn, rtol=tol + 1e-12)
+
+
+@examples(25)
+@given(
+    channels=st.sampled_from([4, 8]),
+    kernel=st.sampled_from([1, 3]),
+    groups=st.sampled_from([1, 2, 4, (2, 4), (4, 1)]),
+    size=st.integers(1, 4),
+    seed=st.integers(0, 20),
+)
+def test_gs_orthogonal_conv_is_orthogonal(channels, kernel, groups, size, seed):
+    """Without bias the GS orthogonal conv preserves inner products: ``⟨y₁, y₂⟩ = ⟨x₁, x₂⟩`` (to its certified tol)."""
+    layer = lnn.GSOrthogonalConv2d(channels, kernel, groups, tol=1e-10, bias=False, dtype=DT, generator=gen(seed))
+    perturb_(layer, seed + 1, scale=0.05)
+    x = torch.randn(4, channels, size, size, dtype=DT, generator=gen(seed + 2))
+    with torch.no_grad():
+        y = layer(x).reshape(4, -1)
+    X = x.reshape(4, -1)
+    assert torch.allclose(y @ y.T, X @ X.T, atol=1e-8 * float((X * X).sum()))
+
+
+def shuffle_matrix(k, n):
+    """P_(k, n) as a dense matrix: ``(P x)_i = x[σ(i)]``, ``σ(i) = (i mod k)·(n/k) + ⌊i/k⌋`` (the documented map)."""
+    P = torch.zeros(n, n, dtype=DT)
+    for i in range(n):
+        P[i, (i % k) * (n // k) + i // k] = 1.0
+    return P
+
+
+@examples(40)
+@given(
+    n=st.integers(1, 12),
+    block=mostly(st.integers(1, 12), st.sampled_from([0, 2.0, None])),
+    by_count=st.booleans(),
+    map_=st.sampled_from(["cayley", "exp", "neumann"]),
+    parametrization=st.sampled_from(["skew", "orthogonal"]),
+    batch=st.sampled_from([(), (0,), (3,), (2, 2)]),
+    seed=st.integers(0, 20),
+)
+def test_gs_orthogonal(n, block, by_count, map_, parametrization, batch, seed):
+    """``Q = Pᵀ L P R`` with P the shuffle and L, R block-diagonal (assembled here from the layer's blocks): the forward
+    is ``Q x``, the blocks orthogonal (except the Neumann map's, approximately); or a named error when the blocks do
+    not divide n."""
+    kwargs = {"nblocks" if by_count else "block_size": block}
+    ok = positive(block) and n % block == 0
+    layer = check_outcome(
+        lambda: lnn.GSOrthogonal(n, map=map_, parametrization=parametrization, dtype=DT, **kwargs),
+        [] if ok else ["block", "nblocks"],
+    )
+    if layer is None:
+        return
+    perturb_(layer, seed, scale=0.2 if map_ != "neumann" else 0.02)  # (the Neumann series needs ‖K‖_F < 1)
+    b = layer.block_size
+    k = n // b
+    with torch.no_grad():
+        Lb, Rb = layer.blocks()
+        L, R = torch.block_diag(*Lb), torch.block_diag(*Rb)
+        P = shuffle_matrix(k, n)
+        Q = P.T @ L @ P @ R
+        x = torch.randn(*batch, n, dtype=DT, generator=gen(seed + 1))
+        y = layer(x)
+    assert y.shape == x.shape
+    assert max_abs(y - x @ Q.T) <= 1e-12 * (1 + max_abs(x))
+    if map_ != "neumann" or parametrization == "orthogonal":
+        assert torch.allclose(Q.T @ Q, torch.eye(n, dtype=DT), atol=1e-12)
+
+
+def gs_matrix_dense(q):
+    """A GSOrthogonal's Q = Pᵀ L P R, assembled here from its blocks."""
+    Lb, Rb = q.blocks()
+    P = shuffle_matrix(q.nblocks, q.n)
+    return P.T @ torch.block_diag(*Lb) @ P @ torch.block_diag(*Rb)
+
+
+@examples(40)
+@given(
+    sizes=st.lists(st.sampled_from([2, 3, 4, 6, 8]), min_size=3, max_size=3),
+    block=st.sampled_from([{"block_size": 1}, {"block_size": 2}, {"block_size": 4}, {"r": 2}, {"r": 1}]),
+    double=st.booleans(),
+    scale=st.booleans(),
+    targets=st.sampled_from(["all-linear", ["0"], ["2"], ["3"], r"[02]"]),
+    seed=st.integers(0, 20),
+)
+def test_gsoft_inject_merge_unmerge(sizes, block, double, scale, targets, seed):
+    """inject_gsoft on a small MLP: the model is unchanged at injection; after adapter steps each adapted layer
+    computes ``diag(s) Q_out W Q_in x + b`` (Q assembled here from the blocks); merging gives the same outputs with that
+    weight written into the base layer, unmerging restores the base weight; and a config that does not fit the model
+    raises a named error and leaves the model as it was (same outputs, nothing frozen, nothing wrapped)."""
+    a, b, c = sizes
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(a, b), torch.nn.Tanh(), torch.nn.Linear(b, c)).double()
+    x = torch.randn(5, a, dtype=DT, generator=gen(seed))
+    with torch.no_grad():
+        base_out = model(x)
+    names = [n for n in ("0", "2") if targets == "all-linear" or n in targets or (isinstance(targets, str)
+             and targets != "all-linear")]  # fmt: skip
+    config = lnn.GSOFTConfig(target_modules=targets, double=double, scale=scale, **block)
+    fits = all(config_block_fits(block, n) for name in names for n in layer_sizes(model, name, double))
+    problems = []
+    if not names:
+        problems.append("target_modules")
+    elif not fits:
+        problems += ["block_size", "r", "divisible"]
+    wrapped = check_outcome(lambda: lnn.inject_gsoft(model, config), problems)
+    if wrapped is None:
+        assert not any(isinstance(m, lnn.GSOFTLinear) for m in model.modules())
+        assert all(p.requires_grad for p in model.parameters())
+        assert torch.equal(model(x), base_out)
+        return
+    assert sorted(wrapped) == names
+    assert all(p.requires_grad == (".gsoft_" in f".{n}") for n, p in model.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(model(x), base_out, rtol=0, atol=1e-12)
+        perturb_(model, seed + 1, scale=0.2)  # (only the adapters are trainable; the frozen weights move too here)
+        adapted = {}
+        for name in names:
+            layer = wrapped[name]
+            W = layer.base_layer.weight
+            Wp = W @ gs_matrix_dense(layer.gsoft_in)
+            if layer.gsoft_out is not None:
+                Wp = gs_matrix_dense(layer.gsoft_out) @ Wp
+            adapted[name] = Wp * (layer.gsoft_scale[:, None] if layer.gsoft_scale is not None else 1)
+        h = x
+        for name in ("0", "1", "2"):
+            module = model.get_submodule(name)
+            if name in adapted:
+                h = h @ adapted[name].T + module.base_layer.bias
+            else:
+                h = module(h) if name == "1" else h @ module.weight.T + module.bias
+        assert torch.allclose(model(x), h, rtol=1e-12, atol=1e-12)
+        frozen = {name: wrapped[name].base_layer.weight.clone() for name in names}
+        lnn.merge_adapter(model)
+        for name in names:
+            assert torch.allclose(wrapped[name].base_layer.weight, adapted[name], rtol=1e-12, atol=1e-12)
+        assert torch.allclose(model(x), h, rtol=1e-12, atol=1e-12)
+        lnn.unmerge_adapter(model)
+        for name in names:
+            assert torch.allclose(wrapped[name].base_layer.weight, frozen[name], rtol=1e-12, atol=1e-13)
+
+
+def layer_sizes(model, name, double):
+    linear = model.get_submodule(name)
+    return [linear.in_features] + ([linear.out_features] if double else [])
+
+
+def config_block_fits(block, n):
+    size = block["block_size"] if "block_size" in block else (n // block["r"] if n % block["r"] == 0 else 0)
+    return size >= 1 and n % size == 0
+
+
+def ring_weight(factory, key, c_out, c_in):
+    """A T-Basis linear weight from the definition: ``W[o, i] = Tr(Π_k ρ_k C_k[:, o_k n + i_k, :])`` with
+    ``C_k = Σ_β α_kβ B_β``, ``ρ_k = diag(exp λ_k)`` and ``o_k``, ``i_k`` the k-th base-n digits (most significant
+    first) of o and i."""
+    n = factory.n
+    alpha, lam = factory.coefficients[key].double(), factory.log_adapters[key].double()
+    cores = torch.einsum("kb,brns->krns", alpha, factory.tbasis.basis.double()) * lam.exp()[:, :, None, None]
+    m = len(cores)
+    W = torch.zeros(c_out, c_in, dtype=DT)
+    for o in range(c_out):
+        for i in range(c_in):
+            prod = torch.eye(factory.rank, dtype=DT)
+            for k in range(m):
+                ok, ik = (o // n ** (m - 1 - k)) % n, (i // n ** (m - 1 - k)) % n
+                prod = prod @ cores[k, :, ok * n + ik, :]
+            W[o, i] = torch.trace(prod)
+    return W
+
+
+@examples(20)
+@given(
+    c_out=st.integers(1, 6),
+    c_in=st.integers(1, 6),
+    basis_size=st.integers(1, 4),
+    rank=st.integers(1, 3),
+    mode_size=st.sampled_from([4, 9]),
+    seed=st.integers(0, 20),
+)
+def test_tbasis_linear_is_the_tensor_ring_of_its_definition(c_out, c_in, basis_size, rank, mode_size, seed):
+    """The decompressed weight of a T-Basis linear layer equals the ring traces of the definition (computed here entry
+    by entry), and the layer computes ``x Wᵀ + b``."""
+    factory = lnn.TBasisFactory(lnn.TBasis(basis_size, rank, mode_size, dtype=DT, generator=gen(seed)))
+    factory.add("fc", (c_out, c_in), 0.5, generator=gen(seed + 1))
+    perturb_(factory, seed + 2, scale=0.1)
+    bias = torch.randn(c_out, dtype=DT, generator=gen(seed + 3))
+    layer = lnn.TBasisLinear(factory, "fc", bias)
+    x = torch.randn(3, c_in, dtype=DT, generator=gen(seed + 4))
+    with torch.no_grad():
+        W = ring_weight(factory, "fc", c_out, c_in)
+        assert torch.allclose(layer.weight, W, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(layer(x), x @ W.T + bias, rtol=1e-10, atol=1e-12)
+
+
+def test_converters_check_the_rank_even_with_nothing_to_convert():
+    """Was: ``tt_conv_convert(mlp, 0)`` (no conv in the model) and ``sttp_convert(model_without_linears, "x")``
+    returned {} without a word: the bad rank surfaced only once a model had a layer to convert."""
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="rank"):
+        lnn.tt_conv_convert(mlp, 0)
+    with pytest.raises(ValueError, match="rank"):
+        lnn.sttp_convert(torch.nn.Sequential(torch.nn.ReLU()), "x")
+
+
+def small_net(kind, seed):
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3)).double(), (5, 6)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1, stride=2))
+    return conv.double(), (2, 3, 5, 5)
+
+
+@examples(20)
+@given(
+    kind=st.sampled_from(["mlp", "cnn"]),
+    converter=st.sampled_from(["sttp", "svdp", "tt_conv", "tbasis"]),
+    rank=mostly(st.just(64), st.sampled_from([0, 2.5, "full"])),
+    seed=st.integers(0, 20),
+)
+def test_converted_models(kind, converter, rank, seed):
+    """Converters at full rank reproduce the model's outputs (STTP / SVDP, TT conv); T-Basis keeps each converted
+    weight's standard deviation (its variance matching); a bad rank is named and leaves the model unchanged."""
+    model, shape = small_net(kind, seed)
+    x = torch.randn(*shape, dtype=DT, generator=gen(seed))
+    with torch.no_grad():
+        before = model(x)
+        stds = {name: float(m.weight.std()) for name, m in model.named_children() if hasattr(m, "weight")}
+    convert = {
+        "sttp": lambda: lnn.sttp_convert(model, rank),
+        "svdp": lambda: lnn.sttp_convert(model, rank, svdp=True),
+        "tt_conv": lambda: lnn.tt_conv_convert(model, rank),
+        "tbasis": lambda: lnn.tbasis_convert(model, 3, rank if rank != 64 else 2, generator=gen(seed)),
+    }[converter]
+    out = check_outcome(convert, [] if positive(rank) else ["rank"])
+    with torch.no_grad():
+        after = model(x)
+    if out is None or (converter == "tt_conv" and kind == "mlp"):  # (no conv to convert: the model is unchanged)
+        assert torch.equal(after, before)
+        return
+    if converter == "tbasis":
+        for name, std in stds.items():
+            assert float(model.get_submodule(name).weight.std()) == pytest.approx(std, rel=1e-6)
+        return
+    assert torch.allclose(after, before, rtol=1e-10, atol=1e-12)

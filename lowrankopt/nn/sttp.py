@@ -679,6 +679,8 @@ def sttp_convert(
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(rank):  # checked even when nothing is converted
+        as_positive_int("rank", rank)
     targets = [
         (name, m)
         for name, m in model.named_modules(remove_duplicate=False)  # a shared module is replaced everywhere

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import as_device, check_random_options
-from .lowrank import HALF_OR_FULL
+from .lowrank import HALF_OR_FULL, _check_dtype, _check_image, _check_input
 from .sttp import _selected
 
 __all__ = [
@@ -339,7 +339,9 @@ class TBasisLinear(_TBasisLayer):
     factory's one decompression per model forward)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        W = self.weight
+        _check_input(x, W.shape[1], W)
+        return F.linear(x, W, self.bias)
 
 
 class TBasisConv2d(_TBasisLayer):
@@ -355,7 +357,10 @@ class TBasisConv2d(_TBasisLayer):
             raise ValueError(f"only zero padding is supported, got padding_mode={conv.padding_mode!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        W = self.weight
+        _check_image(x, W.shape[1])
+        _check_dtype(x, W)
+        return F.conv2d(x, W, self.bias, self.stride, self.padding, self.dilation)
 
 
 def tbasis_convert(

@@ -383,6 +383,8 @@ def tt_conv_convert(
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(rank):  # checked even when nothing is converted
+        as_positive_int("rank", rank)
     targets = []
     for name, m in model.named_modules(remove_duplicate=False):  # a shared module is replaced everywhere
         if type(m) is not torch.nn.Conv2d or not _selected(name, include, exclude):
