@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from ._checks import as_int, as_tolerance
 from .completion import complete, sample_indices
 from .formats.tt import TensorTrain
 from .manifolds.fixed_rank import FixedRankMatrices
@@ -42,18 +43,20 @@ def _random_truth(shape: list[int], rank: int, dtype: torch.dtype, generator: to
 def _check_common(dtype, test_samples, print_every, iters) -> None:
     if dtype not in _DEFAULT_TOL:
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    for name, value in (("test_samples", test_samples), ("print_every", print_every)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
+    as_int("test_samples", test_samples)
+    as_int("print_every", print_every)
+    as_int("iters", iters, 0)
 
 
 def _prepare(dim, total, *, samples, oversampling, test_samples, tol, dtype, seed, log):
     """Sample counts (capped at the ``total`` number of entries), tolerance, log function and generator."""
-    samples = math.ceil(oversampling * dim) if samples is None else samples
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+    if samples is None:
+        if not as_tolerance("oversampling", oversampling) > 0:
+            raise ValueError(f"oversampling must be a positive finite number, got {oversampling!r}")
+        samples = math.ceil(oversampling * dim)
+    samples = as_int("samples", samples)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
     tol = _DEFAULT_TOL[dtype] if tol is None else tol
     emit = log if log is not None else (lambda _msg: None)
     return min(samples, total), min(test_samples, total), tol, emit, torch.Generator().manual_seed(seed)
@@ -149,13 +152,8 @@ def run_tt_completion(
         ``dim`` and ``history`` (per iteration: ``iter, rank, train_error, test_error, grad_norm, solve_time``).
     """
     _check_common(dtype, test_samples, print_every, iters)
-    if d < 2:
-        raise ValueError(f"d must be >= 2, got {d}")
-    for name, value in (("n", n), ("rank", rank)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if warmup_iters < 0:
-        raise ValueError(f"warmup_iters must be >= 0, got {warmup_iters}")
+    d, n, rank = as_int("d", d, 2), as_int("n", n), as_int("rank", rank)
+    as_int("warmup_iters", warmup_iters, 0)
     shape = [n] * d
     dim = FixedTTRank(shape, rank).dim
     samples, test_samples, tol, emit, g = _prepare(

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from ._checks import as_int
 from .autodiff import riemannian_grad, riemannian_grad_and_hessian
 from .manifolds.tangent import TangentVector
 
@@ -238,7 +239,8 @@ def check_identical(x, *, group=None, name: str = "x") -> None:
 
 def shard(n: int, rank: int, world_size: int) -> slice:
     """The contiguous slice of ``range(n)`` that rank ``rank`` of ``world_size`` holds (sizes differ by ≤ 1)."""
-    if not 0 <= rank < world_size:
+    n, world_size, rank = as_int("n", n, 0), as_int("world_size", world_size), as_int("rank", rank, 0)
+    if not rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)

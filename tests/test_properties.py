@@ -22,9 +22,10 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from reference import matrix_projector, tt_full
 
-from lowrankopt import FixedRankMatrices, TensorTrain, complete, completion_loss, minimize, sample_indices
+from lowrankopt import FixedRankMatrices, TensorTrain, complete, completion_loss, demo, minimize, sample_indices
 from lowrankopt import nn as lnn
 from lowrankopt.cross import maxvol, rect_maxvol, tt_cross
+from lowrankopt.distributed import shard
 from lowrankopt.stats import KroneckerCovariance
 
 DT = torch.float64
@@ -1502,3 +1503,46 @@ def test_converted_models(kind, converter, rank, seed):
             assert float(model.get_submodule(name).weight.std()) == pytest.approx(std, rel=1e-6)
         return
     assert torch.allclose(after, before, rtol=1e-10, atol=1e-12)
+
+
+# ============================================================================================== distributed, demo
+def test_shard_and_demo_name_bad_arguments():
+    """Was: ``shard(5, 0.5, 2)`` returned ``slice(1.5, 4.5)``, ``shard(2.5, 0, 2)`` a float slice, ``shard(5, 0, 0)``
+    blamed the rank and ``shard(5, None, 2)`` compared int and None; ``run_tt_completion(d=2.5)`` gave "can't multiply
+    sequence by non-int", ``seed=2.5`` torch's RuntimeError from manual_seed and ``oversampling=nan`` "cannot convert
+    float NaN to integer"."""
+    for args, name in (((5, 0.5, 2), "rank"), ((2.5, 0, 2), "n"), ((5, 0, 0), "world_size"), ((5, None, 2), "rank"),
+                       ((5, 0, 2.0), "world_size"), ((-1, 0, 2), "n")):  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            shard(*args)
+    small = dict(d=3, n=4, rank=2, iters=1, test_samples=10, log=None)
+    for kwargs, name in (({"d": 2.5}, "d"), ({"seed": 2.5}, "seed"), ({"seed": None}, "seed"),
+                         ({"oversampling": math.nan}, "oversampling"), ({"print_every": 2.5}, "print_every"),
+                         ({"warmup_iters": -1}, "warmup_iters")):  # fmt: skip
+        with pytest.raises((TypeError, ValueError), match=name):
+            demo.run_tt_completion(**{**small, **kwargs})
+
+
+@examples(60)
+@given(
+    n=mostly(st.integers(0, 30), st.sampled_from([-1, 2.5, None])),
+    world=mostly(st.integers(1, 7), st.sampled_from([0, 1.0, True])),
+    rank=mostly(st.integers(0, 7), st.sampled_from([-1, 0.5, None])),
+)
+def test_shard(n, world, rank):
+    """The shards of ``range(n)`` over ``world`` ranks are contiguous, disjoint, cover it and differ in size by at most
+    one; or a named error."""
+    problems = []
+    if not (type(n) is int and n >= 0):
+        problems.append("n")
+    if not (type(world) is int and world >= 1):
+        problems.append("world_size")
+    if not (type(rank) is int and rank >= 0 and (type(world) is not int or rank < world)):
+        problems.append("rank")
+    part = check_outcome(lambda: shard(n, rank, world), problems)
+    if part is None:
+        return
+    parts = [range(n)[shard(n, r, world)] for r in range(world)]
+    assert [i for p in parts for i in p] == list(range(n))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert range(n)[part] == parts[rank]
