@@ -585,6 +585,8 @@ def test_tt_cross_names_a_bad_function_and_device():
             tt_cross(lambda i, v=value: v, (4, 5), nswp=1)
     with pytest.raises(ValueError, match="device"):
         tt_cross(lambda i: i.sum(1).double(), (4, 5), nswp=1, device="foo")
+    with pytest.raises(TypeError, match="cache"):  # was: any truthy value (cache="no" kept the cache)
+        tt_cross(lambda i: i.sum(1).double(), (4, 5), nswp=1, cache="no")
 
 
 def test_tt_cross_takes_numpy_sizes_and_counts():

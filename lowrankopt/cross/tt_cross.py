@@ -323,6 +323,8 @@ def tt_cross(
     if validation_tol is not None and validation is None:
         raise ValueError("validation_tol needs validation=(index, values)")
     maxvol_iters = as_positive_int("maxvol_iters", maxvol_iters)
+    if not isinstance(cache, bool):
+        raise TypeError(f"cache must be a bool, got {cache!r}")
     dr = _rank_increase(rank_increase)
     for name, value in (("tol", tol), ("maxvol_tol", maxvol_tol)):
         if not check_scalar(name, value) >= 1:
