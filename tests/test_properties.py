@@ -255,6 +255,35 @@ def test_minimize_callback_and_result_fields(method, stop_at, how, seed):
             assert res.fun == pytest.approx(fstar, rel=1e-9)
 
 
+@examples(20)
+@given(
+    method=st.sampled_from(["sd", "cg", "trust-region"]),
+    level=st.floats(0.0, 1.0),
+    value=st.sampled_from([math.nan, math.inf, -math.inf]),
+    seed=st.integers(0, 5),
+)
+def test_minimize_stops_at_the_last_finite_point(method, level, value, seed):
+    """f becomes NaN/±Inf once it would fall below a level between f* and f(x0): the run stops with status −1, not a
+    success, at a point where f is finite (and equal to f there, recomputed) and recorded as the last history entry."""
+    f, x0, A, fstar = matrix_problem(seed)
+    threshold = fstar + level * (float(f(x0)) - fstar)
+
+    def g(X):
+        v = f(X)
+        return v if float(v) >= threshold else v * 0 + value
+
+    res = minimize(g, x0, method, max_iter=200, gtol=1e-10)
+    if float(f(x0)) < threshold:  # (level = 1 can put x0 itself below the level by rounding)
+        return
+    assert res.status in DOCUMENTED_STATUSES and res.success == (res.status in SUCCESS_STATUSES)
+    event(f"status {res.status}")
+    if res.status == -1:
+        assert not res.success
+    X = res.x.full()
+    assert math.isfinite(res.fun) and res.fun == pytest.approx(0.5 * float(((X - A) ** 2).sum()), rel=1e-12)
+    assert res.fun >= threshold and res.history[-1]["fun"] == res.fun
+
+
 # ============================================================================================== completion
 def low_rank(m, n, r, seed, dtype=DT):
     g = gen(seed)
