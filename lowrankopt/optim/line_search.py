@@ -99,7 +99,11 @@ def line_search_descent(
         # (once per point); a gradient at that noise level ends the run as converged, and otherwise the
         # sufficient decrease is checked on the derivative along the step, which is still accurate
         # (Hager & Zhang's approximate Wolfe condition φ'(α) ≤ (2 c1 − 1) φ'(0), exact for quadratics).
+        eta_norm, fy = float(M.norm(x, eta)), math.inf
         for k in range(max_backtracks + 1):
+            if not math.isfinite(alpha * eta_norm):  # a step too long to represent (a tiny slope): shorten it
+                alpha *= contraction
+                continue
             y = M.retr(x, eta * alpha)
             new = obj.local(y, hessian=model) if (from_model and k == 0) else None
             fy = new.fun if new is not None else obj.value(y)
@@ -130,7 +134,7 @@ def line_search_descent(
             return
         if new is None:
             new = obj.local(y, hessian=model)
-        if run.accept(new, step_size=alpha * float(M.norm(x, eta)), backtracks=k):
+        if run.accept(new, step_size=alpha * eta_norm, backtracks=k):
             return
         if conjugate:
             Tg = M.transp(x, y, loc.grad) if (beta != "fr" or restart_threshold is not None) else None
