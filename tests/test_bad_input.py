@@ -10,8 +10,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import event, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from outcome import check_outcome
 from reference import matrix_projector, tt_full, tt_projector
 
 from lowrankopt import FixedRankMatrices, FixedTTRank, LowRankMatrix, TangentVector, TensorRing, TensorTrain, TTMatrix
@@ -300,18 +301,6 @@ def dtype_ok(dtype):
 
 def tol(dtype):
     return 1e-4 if dtype == torch.float32 else 1e-11
-
-
-def check_outcome(call, problems):
-    """``call()`` when ``problems`` (names of the invalid arguments) is empty; else assert that it raises a
-    ValueError / TypeError naming one of them (any other exception propagates: the test fails)."""
-    event("valid input" if not problems else "invalid input")  # shown by --hypothesis-show-statistics
-    if not problems:
-        return call()
-    with pytest.raises((ValueError, TypeError)) as info:
-        call()
-    assert any(name in str(info.value) for name in problems), f"{info.value!r} names none of {problems}"
-    return None
 
 
 def invalid(**args):

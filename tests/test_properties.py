@@ -20,6 +20,7 @@ import pytest
 import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from outcome import check_outcome
 from reference import matrix_projector, tt_full
 
 from lowrankopt import FixedRankMatrices, TensorTrain, complete, completion_loss, demo, minimize, sample_indices
@@ -40,18 +41,6 @@ def examples(n):
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-def check_outcome(call, problems):
-    """``call()`` when ``problems`` (names of the invalid arguments) is empty; else assert that it raises a
-    ValueError / TypeError naming one of them (any other exception propagates: the test fails)."""
-    event("valid input" if not problems else "invalid input")  # shown by --hypothesis-show-statistics
-    if not problems:
-        return call()
-    with pytest.raises((ValueError, TypeError)) as info:
-        call()
-    assert any(name in str(info.value) for name in problems), f"{info.value!r} names none of {problems}"
-    return None
 
 
 def mostly(valid, bad, one_in=6):

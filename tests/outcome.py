@@ -1,0 +1,18 @@
+"""The property-test verdict shared by tests/test_bad_input.py and tests/test_properties.py."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import event
+
+
+def check_outcome(call, problems):
+    """``call()`` when ``problems`` (names of the invalid arguments) is empty; else assert that it raises a
+    ValueError / TypeError naming one of them (any other exception propagates: the test fails)."""
+    event("valid input" if not problems else "invalid input")  # shown by --hypothesis-show-statistics
+    if not problems:
+        return call()
+    with pytest.raises((ValueError, TypeError)) as info:
+        call()
+    assert any(name in str(info.value) for name in problems), f"{info.value!r} names none of {problems}"
+    return None
