@@ -583,3 +583,86 @@ def test_frozen_manifold_parameters_do_not_trip_the_guard():
     _loss(layer, (6,)).backward()
     opt.step()
     assert layer.manifold.check_point_on_manifold(layer.weight, atol=1e-12, rtol=1e-12)
+
+
+# The fresh process: nothing of lowrankopt imported before the first load; between objects the guard is removed
+# again, so that each object must install it by itself. Each object gets a gradient and one torch.optim.SGD step.
+_FRESH_PROCESS_SCRIPT = r"""
+import pickle, sys
+import torch
+
+def check(path, what):
+    with open(path, "rb") as f:
+        obj = pickle.load(f) if path.endswith(".pkl") else torch.load(f, weights_only=False)
+    params = [obj] if isinstance(obj, torch.Tensor) else list(obj.parameters())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    try:
+        torch.optim.SGD(params, lr=0.1).step()
+    except TypeError as e:
+        assert what in str(e) and "RiemannianSGD" in str(e), str(e)
+        print("refused", what)
+    else:
+        print("STEPPED", what)
+
+files = sys.argv[1:]
+for k in range(0, len(files), 2):
+    if k:
+        from lowrankopt.manifolds import geoopt as bridge
+        if bridge._STEP_PRE_HOOK is not None:
+            bridge._STEP_PRE_HOOK.remove()
+            bridge._STEP_PRE_HOOK = None
+    check(files[k], files[k + 1])
+"""
+
+
+def test_the_guard_is_installed_when_pickled_manifold_parameters_are_loaded_in_a_fresh_process(tmp_path):
+    """Was: the guard was registered by constructors only, so a layer saved with torch.save (or pickled to a spawned
+    worker) and loaded in a new process had none, and torch.optim.SGD stepped its packed weight off the manifold."""
+    import pickle
+    import subprocess
+    import sys
+
+    from lowrankopt.nn import STTPLinear
+
+    g = torch.Generator().manual_seed(6)
+    packed = GeooptFixedRank(6, 5, 2)
+    objects = {  # file -> what the error names
+        "lowrank.pt": (LowRankLinear(6, 5, 2, dtype=DT, generator=g), "LowRankLinear(in_features=6"),
+        "sttp.pt": (STTPLinear(8, 6, 3, parametrization="stiefel", dtype=DT, generator=g), "STTPLinear("),
+        "stiefel_param.pt": (STTPLinear(8, 6, 3, parametrization="stiefel", dtype=DT).U.params[0], "STTPLinear("),
+        "user_packed.pt": (geoopt.ManifoldParameter(packed.random(dtype=DT, generator=g), manifold=packed), "on "),
+        "ttlinear.pkl": (TTLinear(8, 8, 2, dtype=DT, generator=g), "TTLinear("),  # as sent to a spawned worker
+    }
+    args = []
+    for name, (obj, what) in objects.items():
+        path = tmp_path / name
+        if name.endswith(".pkl"):
+            path.write_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        else:
+            torch.save(obj, path)
+        args += [str(path), what]
+    res = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_SCRIPT, *args], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:-1] == [f"refused {what}" for _, what in objects.values()], res.stdout
+
+
+def test_load_state_dict_into_a_fresh_layer_keeps_the_guard():
+    """The state-dict route: a freshly constructed layer (which installs the guard) loads the saved weights and still
+    refuses a Euclidean step."""
+    from lowrankopt.manifolds import geoopt as bridge
+
+    g = torch.Generator().manual_seed(7)
+    saved = LowRankLinear(6, 5, 2, dtype=DT, generator=g)
+    buf = io.BytesIO()
+    torch.save(saved.state_dict(), buf)
+    buf.seek(0)
+    if bridge._STEP_PRE_HOOK is not None:
+        bridge._STEP_PRE_HOOK.remove()
+        bridge._STEP_PRE_HOOK = None
+    layer = LowRankLinear(6, 5, 2, dtype=DT)
+    layer.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(layer.weight, saved.weight)
+    _loss(layer, (6,)).backward()
+    with pytest.raises(TypeError, match=r"LowRankLinear\(in_features=6"):
+        torch.optim.SGD(layer.parameters(), lr=0.1).step()

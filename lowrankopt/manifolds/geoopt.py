@@ -27,9 +27,9 @@ detached frames: for matrices ``X = U (S + z_S) Vᵀ + z_U Vᵀ + U z_Vᵀ``, fo
 projection (:meth:`proju`); no ``S⁻¹`` and no SVD on the tape. A module that builds its object from the
 raw factors instead gets factor gradients, for which ``egrad2rgrad`` is **wrong**.
 
-**The step guard.** A global optimizer step pre-hook, registered when the library creates its first manifold
-parameter (a packed one, or a ``geoopt.EuclideanStiefel`` one of the ``nn`` layers, made by
-:func:`manifold_parameter`), raises
+**The step guard.** A global optimizer step pre-hook, registered when the library creates or loads (unpickles: a
+``torch.load`` in a new process, a model sent to a spawned worker) its first manifold parameter (a packed one, or a
+``geoopt.EuclideanStiefel`` one of the ``nn`` layers, made by :func:`manifold_parameter`), raises
 
 * ``TypeError`` when an optimizer that is not one of geoopt's Riemannian optimizers (``torch.optim.Adam``,
   ``SGD``, ...) is about to step such a parameter that has a gradient: a Euclidean step would leave the
@@ -95,6 +95,11 @@ class _PackedLowRank(geoopt.Manifold):
         super().__init__()
         _register_step_guard()
         self.base = base
+
+    def __setstate__(self, state) -> None:
+        # unpickling (torch.load, a spawned worker) skips __init__: the guard must still be installed
+        super().__setstate__(state)
+        _register_step_guard()
 
     @property
     def dim(self) -> int:
@@ -595,8 +600,21 @@ class GeooptFixedTTRank(_PackedLowRank):
 
 
 # ---------------------------------------------------------------------- optimizer step guard
-OWNER = "lowrankopt_owner"  # on the manifold (deep copies and pickles keep it): who made the parameter
+OWNER = "lowrankopt_owner"  # on the manifold (deep copies and pickles keep it): who made the parameter, an _Owner
 HINT = "lowrankopt_hint"  # on the manifold: a Euclidean way to train the same layer, if there is one
+
+
+class _Owner(str):
+    """The owner mark of a guarded parameter (a str naming it). Creating one installs the step guard — also when a
+    pickle holding one is loaded, in any process: a ``geoopt.EuclideanStiefel`` parameter (a geoopt class, which
+    runs no code of ours when unpickled) carries the guard with it through ``torch.load`` and spawned workers."""
+
+    def __new__(cls, owner: str):
+        _register_step_guard()
+        return super().__new__(cls, owner)
+
+    def __reduce__(self):
+        return type(self), (str(self),)
 
 
 def manifold_parameter(
@@ -606,8 +624,7 @@ def manifold_parameter(
     parameter is marked as guarded, with ``owner`` (e.g. ``"TTConv2d(4, 6, kernel_size=3, rank=2).first"``) and
     ``hint`` (a Euclidean alternative) for the guard's error messages. ``manifold`` must be a fresh instance
     (the marks live on it)."""
-    _register_step_guard()
-    setattr(manifold, OWNER, owner)
+    setattr(manifold, OWNER, _Owner(owner))  # installs the guard, here and wherever the parameter is unpickled
     setattr(manifold, HINT, hint)
     return geoopt.ManifoldParameter(data, manifold=manifold)
 
