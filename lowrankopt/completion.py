@@ -23,10 +23,10 @@ from collections.abc import Callable
 
 import torch
 
-from ._checks import as_int, as_shape, check_index, check_random_options, check_tensor
+from ._checks import as_int, as_rank_list, as_shape, check_index, check_random_options, check_tensor
 from .autodiff import manifold_of
 from .formats.lowrank import LowRankMatrix
-from .formats.tt import TensorTrain, _rank_list
+from .formats.tt import TensorTrain
 from .manifolds.fixed_rank import FixedRankMatrices
 from .manifolds.tangent import TangentVector
 from .manifolds.tt import FixedTTRank
@@ -183,9 +183,12 @@ def _spectral_start(
     m, n = shape
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the kernels used here are stable
         warnings.simplefilter("ignore", UserWarning)
-        A = torch.sparse_coo_tensor(indices.T, values, (m, n), check_invariants=False).coalesce().to_sparse_csr()
-        At = torch.sparse_coo_tensor(indices.flip(1).T, values, (n, m), check_invariants=False)
-        At = At.coalesce().to_sparse_csr()
+        # a repeated position enters with the mean of its observations (coalesce sums them: divide by the count)
+        A = torch.sparse_coo_tensor(indices.T, values, (m, n), check_invariants=False).coalesce()
+        counts = torch.sparse_coo_tensor(indices.T, torch.ones_like(values), (m, n), check_invariants=False)
+        A = torch.sparse_coo_tensor(A.indices(), A.values() / counts.coalesce().values(), (m, n)).coalesce()
+        At = A.t().coalesce().to_sparse_csr()
+        A = A.to_sparse_csr()
     q = min(rank + oversample, m, n)
     gdev = generator.device if generator is not None else values.device
     omega = torch.randn(n, q, dtype=values.dtype, device=gdev, generator=generator).to(values.device)
@@ -317,10 +320,11 @@ def complete(
 
         call = (test is not None, str(getattr(values, "dtype", None)), tuple(int(n) for n in shape), str(rank))
         call += (method, max_iter, warmup_iters, curvature, check_every, tol, x0 is not None)
+        call += tuple(sorted((k, _option_digest(v)) for k, v in options.items()))  # they choose the collectives
         dist_helpers.agree(error, call, group=group)  # raises on every process, or on none
         traffic: dict = {}
         failures = dist_helpers.Failures(group)  # an exception on one process ends the run on all of them
-        guard = failures.guard
+        guard, value, tangent = failures.guard, failures.value, failures.tangent
         reduce, reduce_tangent = dist_helpers.reducers(group, traffic)
         quiet, _ = dist_helpers.reducers(group)  # test errors: not part of the solve's traffic
         if int(quiet(torch.tensor([len(values)], device=values.device))) == 0:
@@ -330,14 +334,14 @@ def complete(
     else:
         reduce, reduce_tangent = (lambda t: t), (lambda v: v)
         quiet = reduce
-        guard = _unguarded
+        guard, value, tangent = _unguarded, _as_is, _as_is
     loss = completion_loss(indices, values)
     vals_norm = math.sqrt(float(reduce(values.square().sum())))
     if vals_norm == 0:  # the fit is the zero tensor: start there, where f and its gradient vanish (x0 only checked)
         x0 = _zero_point(shape, rank, values, x0, distributed)
     t_start, overhead = time.perf_counter(), [0.0]
     history: list[dict] = []
-    base = {"iter": 0, "nfev": 0, "ngev": 0, "nhev": 0, "time": 0.0, "rank": 0}
+    base = {"iter": 0, "nfev": 0, "ngev": 0, "nhev": 0, "time": 0.0, "rank": 0, "failed": False}
 
     def callback(res):
         t = time.perf_counter()
@@ -348,7 +352,7 @@ def complete(
         rec["train_error"] = _relative(math.sqrt(2 * max(res.fun, 0.0)), vals_norm)
         if test is not None:
             with torch.no_grad():
-                sq = guard(lambda: (_entries(res.x, test_idx) - test_vals).square().sum(), lambda: _nan(values))
+                sq = value(lambda x: (_entries(x, test_idx) - test_vals).square().sum())(res.x)
                 err = math.sqrt(float(quiet(sq)))
             rec["test_error"] = _relative(err, test_norm)
         if distributed and rec["iter"] % check_every == 0:
@@ -358,7 +362,7 @@ def complete(
             guard(lambda: monitor(res), lambda: None)
         stop = rec["train_error"] <= tol
         if distributed and failures.any():  # one collective per iteration: every process stops here together
-            stop = True
+            stop = base["failed"] = True
         overhead[0] += time.perf_counter() - t
         return stop
 
@@ -373,14 +377,15 @@ def complete(
         f, curvature_along = loss, None
         if d == 2 and not curvature:
             lsq = _MatrixLeastSquares(indices, values, shape, manifold_of(x))
-            # guard: a shard that raises adds NaN to the sums instead of leaving the others in the collective
+            # value/tangent: with distributed, a shard that raises adds NaN to the sums instead of leaving the other
+            # processes in the collective
             opts.update(
-                grad=lambda x: reduce_tangent(guard(lambda: lsq.grad(x), lambda: lsq.M.zero_tangent(x) * math.nan)),
-                hvp=lambda x, v: reduce_tangent(guard(lambda: lsq.hvp(x, v), lambda: lsq.M.zero_tangent(x) * math.nan)),
+                grad=lambda x: reduce_tangent(tangent(lsq.grad)(x)),
+                hvp=lambda x, v: reduce_tangent(tangent(lsq.hvp)(x, v)),
                 manifold=lsq.M,
             )
-            f = lambda x: reduce(guard(lambda: lsq.value(x), lambda: _nan(values)))  # noqa: E731
-            curvature_along = lambda x, v: reduce(guard(lambda: lsq.curvature_along(x, v), lambda: _nan(values)))  # noqa: E731
+            f = lambda x: reduce(value(lsq.value)(x))  # noqa: E731
+            curvature_along = lambda x, v: reduce(value(lsq.curvature_along)(x, v))  # noqa: E731
         elif distributed:
             f, grad, hvp = dist_helpers.sharded_objective(
                 loss, curvature=curvature, group=group, traffic=traffic, failures=failures
@@ -408,7 +413,7 @@ def complete(
         M._check_point(x, "x0")
         res = stage(x, rank, max_iter)
     else:
-        ranks = _rank_list("rank", rank, d)
+        ranks = as_rank_list("rank", rank, d)
         M = FixedTTRank(shape, ranks)  # validates attainability
         if x0 is not None:
             M._check_point(x0, "x0")
@@ -426,7 +431,7 @@ def complete(
                 final = stage_ranks == ranks
                 res = stage(x, r, max_iter if final else warmup_iters)
                 x = res.x
-                if final or res.status < 0 or history[-1]["train_error"] <= tol:
+                if final or res.status < 0 or base["failed"] or history[-1]["train_error"] <= tol:
                     break
     if distributed:
         failures.raise_if_any()  # on every process, or on none
@@ -448,12 +453,19 @@ def complete(
     return res
 
 
+def _option_digest(value) -> str:
+    """What must agree across processes of an option: callables by name (their identity differs per process)."""
+    if callable(value):
+        return f"callable {getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    return repr(value)
+
+
 def _unguarded(fn, fallback):
     return fn()
 
 
-def _nan(like: torch.Tensor) -> torch.Tensor:
-    return torch.full((), math.nan, dtype=like.dtype, device=like.device)
+def _as_is(fn):
+    return fn
 
 
 def _relative(err: float, norm: float) -> float:
@@ -477,7 +489,7 @@ def _zero_point(shape, rank, values: torch.Tensor, x0, distributed: bool):
         r = M.rank
         x = LowRankMatrix._trusted(torch.eye(M.m, r, **kw), torch.zeros(r, r, **kw), torch.eye(M.n, r, **kw))
     else:
-        M = FixedTTRank(shape, _rank_list("rank", rank, len(shape)))
+        M = FixedTTRank(shape, as_rank_list("rank", rank, len(shape)))
         full = [1, *M.ranks, 1]
         cores = [torch.eye(a, n * b, **kw).reshape(a, n, b) for a, n, b in zip(full, shape, full[1:])]
         cores[0] = torch.zeros_like(cores[0])

@@ -107,7 +107,7 @@ def sharded_objective(
     With ``failures``, an exception in this process's shard is kept there and NaN takes the shard's place in the
     sum, so that every process sees the same non-finite value and stops (see :class:`Failures`)."""
     reduce, reduce_tangent = reducers(group, traffic)
-    guard = failures.guard if failures is not None else (lambda fn, fallback: fn())
+    value, tangent = (failures.value, failures.tangent) if failures is not None else (_as_is, _as_is)
     last: dict = {}
 
     def _local(x):
@@ -117,26 +117,33 @@ def sharded_objective(
         return last
 
     def f(x):
-        return reduce(guard(lambda: f_shard(x).detach().reshape(()), lambda: _nan_scalar(x)))
+        return reduce(value(lambda x: f_shard(x).detach().reshape(()))(x))
 
     def grad(x):
-        return reduce_tangent(guard(lambda: _local(x)["g"], lambda: _nan_tangent(x)))
+        return reduce_tangent(tangent(lambda x: _local(x)["g"])(x))
 
     def hvp(x, v):
-        return reduce_tangent(guard(lambda: _local(x)["h"](v), lambda: _nan_tangent(x)))
+        return reduce_tangent(tangent(lambda x, v: _local(x)["h"](v))(x, v))
 
     return f, grad, hvp
 
 
-def _nan_scalar(x) -> torch.Tensor:
-    return torch.full((), math.nan, dtype=x.dtype, device=x.device)
+def _as_is(fn: Callable) -> Callable:
+    return fn
+
+
+def _nan_scalar(like) -> torch.Tensor:
+    """A 0-dim NaN of ``like``'s dtype and device (the stand-in for a shard's value that failed)."""
+    return torch.full((), math.nan, dtype=like.dtype, device=like.device)
 
 
 def _nan_tangent(x) -> TangentVector:
-    """A tangent vector at x whose coordinates are all NaN (the stand-in for a shard that failed)."""
+    """The tangent vector at x whose coordinates are all NaN (the stand-in for a shard's vector that failed).
+    Built directly: tangent-vector arithmetic refuses non-finite scalars."""
     from .autodiff import manifold_of
 
-    return manifold_of(x).zero_tangent(x) * math.nan
+    M = manifold_of(x)
+    return TangentVector(M, x, [torch.full_like(c, math.nan) for c in M.zero_tangent(x).coords])
 
 
 class Failures:
@@ -165,6 +172,14 @@ class Failures:
         except Exception as exc:  # kept, and re-raised by raise_if_any on every process
             self.error = exc
             return fallback()
+
+    def value(self, fn: Callable) -> Callable:
+        """``fn(x, ...)`` (a scalar tensor about to be all-reduced) guarded, with NaN standing in."""
+        return lambda x, *args: self.guard(lambda: fn(x, *args), lambda: _nan_scalar(x))
+
+    def tangent(self, fn: Callable) -> Callable:
+        """``fn(x, ...)`` (a tangent vector at x about to be all-reduced) guarded, with NaN standing in."""
+        return lambda x, *args: self.guard(lambda: fn(x, *args), lambda: _nan_tangent(x))
 
     def failed_ranks(self) -> list[int]:
         """The ranks that have failed so far (one collective; the same list on every process)."""

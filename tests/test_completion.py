@@ -313,3 +313,17 @@ def test_zero_test_values_give_an_infinite_relative_test_error():
     test_idx = complement(idx, (6, 5))
     res = complete(idx, A[idx[:, 0], idx[:, 1]], (6, 5), 1, test=(test_idx, torch.zeros(10, dtype=DT)), max_iter=3)
     assert res.test_error == math.inf and all(h["test_error"] == math.inf for h in res.history)
+
+
+def test_the_spectral_start_takes_repeated_observations_at_their_mean():
+    """A position observed three times enters the start's sparse matrix once, at the mean of its observations
+    (coalescing summed them, so the start fitted 3× the value): with all entries of an exact rank-2 matrix, and
+    some repeated, the start is that matrix."""
+    from lowrankopt.completion import _spectral_start
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(8, 2, dtype=torch.float64, generator=g) @ torch.randn(2, 6, dtype=torch.float64, generator=g)
+    idx = torch.cartesian_prod(torch.arange(8), torch.arange(6))
+    rep = torch.cat([idx, idx[:10], idx[:10]])
+    x = _spectral_start(rep, A[rep[:, 0], rep[:, 1]], (8, 6), 2, torch.Generator().manual_seed(1))
+    assert float(torch.linalg.vector_norm(x.full() - A) / torch.linalg.vector_norm(A)) < 1e-12

@@ -251,62 +251,91 @@ class _Boom(Exception):
     pass
 
 
-def _failing_worker(rank, world, init_file, out_dir, where):
-    """Rank 1 raises at its 4th iteration — in ``monitor`` or in its shard's loss — and stays alive."""
+# (problem, where rank 1 fails, at which call): a user's monitor, each shard-local computation of the matrix path
+# (the value at the start point and later, the gradient, the line-search curvature) and of the TT path (the
+# shard's loss; a monitor in a rank-continuation warm-up stage).
+FAILURES = [
+    ("matrix", "monitor", 4),
+    ("matrix", "value", 1),
+    ("matrix", "value", 3),
+    ("matrix", "grad", 2),
+    ("matrix", "curvature_along", 2),
+    ("tt", "loss", 4),
+    ("tt", "monitor", 2),
+]
+
+
+def _count_then_raise(fn, at):
+    calls = [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == at:
+            raise _Boom(f"failed at call {at} on rank 1")
+        return fn(*args, **kwargs)
+
+    return failing
+
+
+def _failing_worker(rank, world, init_file, out_dir):
+    """For each case, rank 1 raises once — and stays alive — at the given call."""
     from lowrankopt import completion
 
     _init(rank, world, init_file)
     try:
-        name, idx, vals, shape, r = _completion_problems()[1]  # the matrix problem
-        part = shard(len(vals), rank, world)
-        seen = []
+        problems = {p[0]: p for p in _completion_problems()}
+        outcomes = []
+        for kind, where, at in FAILURES:
+            _, idx, vals, shape, r = problems[kind]
+            part = shard(len(vals), rank, world)
+            seen = []
 
-        def monitor(res):
-            seen.append(res.history[-1]["iter"])
-            if where == "monitor" and rank == 1 and len(seen) == 4:
-                raise _Boom("monitor failed on rank 1")
+            def monitor(res, seen=seen, where=where, at=at):
+                seen.append(res.history[-1]["iter"])
+                if where == "monitor" and rank == 1 and len(seen) == at:
+                    raise _Boom("monitor failed on rank 1")
 
-        if where == "loss" and rank == 1:
-            value, calls = completion._MatrixLeastSquares.value, [0]
-
-            def failing_value(self, x):
-                calls[0] += 1
-                if calls[0] == 5:
-                    raise _Boom("shard loss failed on rank 1")
-                return value(self, x)
-
-            completion._MatrixLeastSquares.value = failing_value
-        try:
-            complete(
-                idx[part],
-                vals[part],
-                shape,
-                r,
-                distributed=True,
-                max_iter=50,
-                monitor=monitor,
-                generator=torch.Generator().manual_seed(5),
-                initial_step="secant",
-            )
-            outcome = "returned"
-        except _Boom:
-            outcome = "own error"
-        except RuntimeError as exc:
-            outcome = "peer error" if "process 1 raised _Boom" in str(exc) else f"other: {exc}"
-        torch.save({"outcome": outcome, "seen": seen}, os.path.join(out_dir, f"fail-{rank}.pt"))
+            saved = completion._MatrixLeastSquares.__dict__.copy(), completion.completion_loss
+            if rank == 1 and where in ("value", "grad", "curvature_along"):
+                setattr(completion._MatrixLeastSquares, where, _count_then_raise(saved[0][where], at))
+            if rank == 1 and where == "loss":
+                completion.completion_loss = lambda *a, at=at, make=saved[1]: _count_then_raise(make(*a), at)
+            try:
+                complete(
+                    idx[part],
+                    vals[part],
+                    shape,
+                    r,
+                    distributed=True,
+                    max_iter=50,
+                    monitor=monitor,
+                    generator=torch.Generator().manual_seed(5),
+                )
+                outcome = "returned"
+            except _Boom:
+                outcome = "own error"
+            except RuntimeError as exc:
+                outcome = "peer error" if "process 1 raised _Boom" in str(exc) else f"other: {exc}"
+            finally:
+                for name in ("value", "grad", "curvature_along"):
+                    setattr(completion._MatrixLeastSquares, name, saved[0][name])
+                completion.completion_loss = saved[1]
+            outcomes.append({"outcome": outcome, "seen": seen})
+        torch.save(outcomes, os.path.join(out_dir, f"fail-{rank}.pt"))
     finally:
         _shutdown()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("where", ["monitor", "loss"])
-def test_an_exception_on_one_process_is_raised_on_every_process_within_one_iteration(where):
+def test_an_exception_on_one_process_is_raised_on_every_process_within_one_iteration():
     """Before: rank 1 left complete() with its exception and rank 0 waited in the next all-reduce until the
     process group's timeout (30 minutes with gloo's default; 2 minutes here, then the test failed)."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_failing_worker, args=(2, os.path.join(tmp, "init"), tmp, where), nprocs=2, join=True)
+        mp.spawn(_failing_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
         out = [torch.load(os.path.join(tmp, f"fail-{k}.pt")) for k in range(2)]
-        assert out[1]["outcome"] == "own error" and out[0]["outcome"] == "peer error", out
-        assert out[0]["seen"] == out[1]["seen"]  # both stopped after the same iteration
-        if where == "monitor":
-            assert len(out[0]["seen"]) == 4
+        for case, peer, own in zip(FAILURES, out[0], out[1]):
+            assert (own["outcome"], peer["outcome"]) == ("own error", "peer error"), (case, own, peer)
+            # both stopped within one iteration (a failed process no longer calls its own monitor)
+            assert peer["seen"][: len(own["seen"])] == own["seen"] and len(peer["seen"]) - len(own["seen"]) <= 1, case
+            if case[1] == "monitor":
+                assert len(own["seen"]) == case[2], case

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 
+from . import result as st
 from .objective import Objective
 from .precision import Floor, f_tolerance
 from .run import Run
@@ -126,10 +127,14 @@ def line_search_descent(
                 break
             alpha *= contraction
         else:
+            if not math.isfinite(fy):  # every trial step overflowed (a direction of norm ~0 with a huge first step)
+                run.stop(st.NO_PROGRESS, f"line search failed: every trial step overflows (|eta| = {eta_norm:.3e})")
+                return
             run.stop_no_progress(
                 floor.noise(loc),
                 f"line search failed: no sufficient decrease after {max_backtracks} backtracks",
                 f_resolved=not floor.unresolved(loc, fy),
+                inconsistent=floor.inconsistent,
             )
             return
         if new is None:

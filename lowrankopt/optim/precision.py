@@ -8,7 +8,7 @@ is needed, by evaluating f and its gradient at a second factorization of the sam
 by a fixed orthogonal matrix: ``U S Vᵀ = (UQ)(QᵀSR)(VR)ᵀ``; TT cores ``G_k → Q_{k-1}ᵀ G_k Q_k``). Both
 evaluations are equally valid at this precision, so they differ by the rounding error of the whole computation
 of f, the gradient and the frames — whatever f is, without a model of its arithmetic. The comparison
-``‖g − P_x g'‖`` (``g'`` transported to x by projection) is a sample of twice that noise.
+``‖g − P_x g'‖`` (``g'`` transported to x by projection) is a sample of √2 times that noise.
 
 Decisions made from it have wide margins (``FLOOR_RATIO``), so that a run classified as converged on one
 machine is not classified as stalled on another whose BLAS rounds differently.
@@ -20,6 +20,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from ..autodiff import _regauged
+from ..manifolds.base import LowRankManifold
 
 # The gradient is rounding noise when ‖g‖ ≤ FLOOR_RATIO · ‖g − P_x g'‖. For pure noise the ratio is about
 # 1/√2; 10 leaves room for the sampling error of one comparison and for a gradient a few times its noise,
@@ -48,48 +51,19 @@ def f_tolerance(x, *values: float, f_noise: float = 0.0) -> float:
     return max(F_ULPS * eps_of(x) * max([abs(v) for v in values] + [math.ulp(0.0)]), 4 * f_noise)
 
 
-def _rotation(r: int, dtype, device, seed: int) -> torch.Tensor:
-    """A fixed orthogonal ``r × r`` matrix (QR of a seeded Gaussian in float64): deterministic everywhere."""
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(r, r, dtype=torch.float64, generator=g))
-    return Q.to(dtype=dtype, device=device)
-
-
-def equivalent_point(x, seed: int = 1):
-    """Another factorization of the same matrix / tensor train (``None`` for other point types); ``seed``
-    picks the rotations.
-
-    Cost ``O((m + n) r²)`` for a LowRankMatrix, ``O(d n r³)`` for a TensorTrain.
-    """
-    from ..formats.lowrank import LowRankMatrix
-    from ..formats.tt import TensorTrain
-
-    with torch.no_grad():
-        if type(x) is LowRankMatrix:
-            Q, R = (_rotation(x.rank, x.dtype, x.device, 2 * seed + k) for k in (0, 1))
-            return LowRankMatrix(x.U @ Q, Q.T @ x.S @ R, x.V @ R)
-        if type(x) is TensorTrain:
-            cores = [c.detach() for c in x.cores]
-            for k in range(len(cores) - 1):
-                Q = _rotation(cores[k].shape[-1], x.dtype, x.device, 1000 * seed + k)
-                cores[k] = torch.tensordot(cores[k], Q, dims=1)
-                cores[k + 1] = torch.tensordot(Q.T, cores[k + 1], dims=1)
-            return TensorTrain(cores)
-    return None
-
-
 def measure_noise(obj, loc) -> Noise | None:
     """The rounding noise of f and of the Riemannian gradient at ``loc.x`` (a :class:`~.objective.Local`).
 
     f and its gradient at a second factorization x' give the gradient's noise ``‖g − P_x g'‖``; f at a third
     one x'' too, because two values of f can round to the same number by chance: f's noise is the largest of
-    the three differences. Cost: one evaluation of f and its gradient and one of f (counted in ``obj``'s
-    counters), one transport. ``None`` when the points have no second factorization (a user's manifold).
+    the three differences. Cost: two evaluations of f and one of its gradient (counted in ``obj``'s counters),
+    two re-factorizations (``O((m + n) r²)`` / ``O(d n r³)``) and one transport. ``None`` on a manifold that is
+    not lowrankopt's (its points have no known second factorization).
     """
     M = obj.manifold
-    y, z = equivalent_point(loc.x, 1), equivalent_point(loc.x, 2)
-    if y is None or not hasattr(M, "transp"):
+    if not isinstance(M, LowRankManifold):
         return None
+    y, z = _regauged(loc.x, 1), _regauged(loc.x, 2)
     other, f_z = obj.local(y), obj.value(z)
     if not (other.finite and math.isfinite(f_z)):
         return None
@@ -115,14 +89,27 @@ class Floor:
         self._noise: Noise | None = None
         self._f_noise = 0.0  # the largest noise of f measured in this run (a conservative estimate later on)
         self._best = math.inf  # the lowest f at the points seen: steps "within rounding" must not creep above it
+        self._f_max = self._g_max = 0.0  # the largest |f| and gradient norm seen: the scales rounding is relative to
+        self.inconsistent: Noise | None = None  # a measurement far above rounding (f or grad reads the factors)
 
     def noise(self, loc) -> Noise | None:
         """The noise measured at ``loc`` (measures it unless it was measured there already)."""
         if self._point is not loc:
-            self._point, self._noise = loc, measure_noise(self.obj, loc)
-            if self._noise is not None:
-                self._f_noise = max(self._f_noise, self._noise.fun)
+            self._see(loc)
+            noise = measure_noise(self.obj, loc)
+            if noise is not None and not self._plausible(loc, noise):
+                # Two factorizations of one point disagree by more than any rounding: f (or grad=) depends on the
+                # factors, not only on the point. No floor can be claimed; the run's stop will say so.
+                self.inconsistent, noise = noise, None
+            self._point, self._noise = loc, noise
+            if noise is not None:
+                self._f_noise = max(self._f_noise, noise.fun)
         return self._noise
+
+    def _plausible(self, loc, noise: Noise) -> bool:
+        """Rounding stays below √eps of the largest |f| and gradient norm of the run (it is ~eps of them)."""
+        root = math.sqrt(eps_of(loc.x))
+        return noise.grad <= root * self._g_max and noise.fun <= root * self._f_max
 
     @property
     def f_noise(self) -> float:
@@ -134,6 +121,8 @@ class Floor:
 
     def _see(self, loc) -> None:
         self._best = min(self._best, loc.fun)
+        self._f_max = max(self._f_max, abs(loc.fun))
+        self._g_max = max(self._g_max, loc.grad_norm)
 
     def suspect(self, loc, f_new: float, predicted: float) -> bool:
         """Whether the change from ``loc.fun`` to ``f_new`` may be rounding: below √eps relative to |f| and off

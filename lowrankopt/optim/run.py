@@ -43,8 +43,9 @@ class Run:
     # ------------------------------------------------------------------ reporting points
     def start(self, local: Local) -> bool:
         """The initial point (iteration 0)."""
-        if not local.finite:
+        if not local.finite:  # recorded (history[0] always exists), but no stopping test or callback sees it
             self.local = local
+            self.history.append(self._row(local, {}))
             return self.stop(st.NON_FINITE, "f or its gradient is NaN/Inf at the initial point")
         return self._record(local, accepted=True, extra={})
 
@@ -84,13 +85,23 @@ class Run:
             f"{self.gtol:g} is below what {_dtype_name(self.local.x)} resolves here",
         )
 
-    def stop_no_progress(self, noise: Noise | None, reason: str, *, f_resolved: bool) -> bool:
+    def stop_no_progress(
+        self, noise: Noise | None, reason: str, *, f_resolved: bool, inconsistent: Noise | None = None
+    ) -> bool:
         """The method cannot move from the current point: converged if the gradient is rounding noise there,
         otherwise a stall at a non-stationary point (not a success). ``f_resolved``: whether the last change of
-        f that was tried is above f's rounding (then f went up, not sideways, along the model's descent)."""
+        f that was tried is above f's rounding (then f went up, not sideways, along the model's descent).
+        ``inconsistent``: a noise measurement that was far above rounding (f or grad depends on the factors)."""
         if at_floor(self.local, noise):
             return self.stop_at_floor(noise)
         g = f"gradient norm {self.local.grad_norm:.3e} > gtol = {self.gtol:g}"
+        if inconsistent is not None:
+            why = (
+                f"f or its gradient differ between two factorizations of the same point (by {inconsistent.fun:.1e} "
+                f"and {inconsistent.grad:.1e}), far more than rounding: f (or grad=) reads the factors rather than "
+                "the point (riemannian_grad(f, x, check_invariance=True) checks f)"
+            )
+            return self.stop(st.NO_PROGRESS, f"{reason}, at a point that is not stationary ({g}); {why}")
         if noise is None:
             g += " (its rounding noise cannot be measured on this manifold)"
         else:
@@ -104,10 +115,8 @@ class Run:
         return self.stop(st.NO_PROGRESS, f"{reason}, at a point that is not stationary ({g}); {why}")
 
     # ------------------------------------------------------------------ internals
-    def _record(self, local: Local, *, accepted: bool, extra: dict) -> bool:
-        previous = self.local
-        self.local = local
-        rec = {
+    def _row(self, local: Local, extra: dict) -> dict:
+        return {
             "iter": self.nit,
             "fun": local.fun,
             "grad_norm": local.grad_norm,
@@ -117,6 +126,11 @@ class Run:
             "nhev": self.obj.nhev,
             **extra,
         }
+
+    def _record(self, local: Local, *, accepted: bool, extra: dict) -> bool:
+        previous = self.local
+        self.local = local
+        rec = self._row(local, extra)
         self.history.append(rec)
         self._print(rec)
         if accepted and local.grad_norm <= self.gtol:

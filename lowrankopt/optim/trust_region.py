@@ -178,5 +178,6 @@ def trust_region(
                     floor.noise(loc),
                     f"the trust-region radius {radius:.3e} fell below machine precision",
                     f_resolved=not floor.unresolved(loc, new.fun),
+                    inconsistent=floor.inconsistent,
                 )
                 return
