@@ -5,6 +5,8 @@ frames; see DESIGN.md, "The delta trick")."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -49,6 +51,20 @@ def check_full_rank(scales: torch.Tensor, where: str, needed: str) -> None:
             f"x is rank-deficient{where}: the curvature term needs {needed} exactly "
             "(use curvature=False, or a point of exact rank)"
         )
+
+
+@contextmanager
+def naming_non_finite(v: TangentVector, name: str = "v") -> Iterator[None]:
+    """Run the factorizations (QR, SVD) of a step from ``x`` along ``v``; if one fails (``torch.linalg.LinAlgError``,
+    as an SVD of NaN does) and ``v`` has NaN/Inf coordinates, raise the ValueError that names the coordinate instead.
+    ``v`` is looked at only after a failure, so finite input costs nothing (no reduction, no host read per step)."""
+    try:
+        yield
+    except torch.linalg.LinAlgError as err:
+        for i, c in enumerate(v.coords):
+            if not bool(torch.isfinite(c).all()):
+                raise ValueError(f"{name}.coords[{i}] contains NaN or Inf") from err
+        raise
 
 
 class LowRankManifold(ABC):
@@ -98,18 +114,16 @@ class LowRankManifold(ABC):
         return hash(self._key())
 
     # ------------------------------------------------------------------ tangent vectors
-    def _check_tangent(self, x, v, name: str = "v", finite: bool = False) -> None:
-        """``v`` is a TangentVector at ``x`` whose coordinates have x's dtype and device; with ``finite``, also
-        finite (one reduction over the coordinates: for the operations that move to another point, where NaN/Inf
-        would otherwise fail deep inside a QR or an SVD)."""
+    def _check_tangent(self, x, v, name: str = "v") -> None:
+        """``v`` is a TangentVector at ``x`` whose coordinates have x's dtype and device (metadata only: no reduction,
+        no host read, as this runs on every step; finiteness is checked where vectors are built, :meth:`tangent`, and
+        named by :func:`naming_non_finite` where a retraction fails on it)."""
         if not isinstance(v, TangentVector):
             raise TypeError(f"{name} must be a TangentVector, got {type(v).__name__}")
         if v.base is not x:
             raise ValueError(f"{name} is not a tangent vector at this point x (its base point is another object)")
         for i, c in enumerate(v.coords):
             check_like(f"{name}.coords[{i}]", c, "x", x)
-        if finite:
-            check_finite([(f"{name}.coords[{i}]", c) for i, c in enumerate(v.coords)])
 
     def tangent(self, x, coords) -> TangentVector:
         """The tangent vector with the given raw coordinates after the gauge projection.
@@ -172,23 +186,28 @@ class LowRankManifold(ABC):
 
         ``z`` may be a dense tensor of the ambient shape (cost ``O(N r)``, N = its number of
         entries), a LowRankMatrix / TensorTrain of rank ``r_z`` (cost ``O((m + n) r r_z)`` /
-        ``O(d n r r_z (r + r_z))``, never densified), or a TangentVector (transported by projection).
-        Computed as the gauged δ-gradient of the linear function ``<z, ·>``. ``z`` must have x's dtype and device
-        and finite entries.
+        ``O(d n r r_z (r + r_z))``, never densified), or a TangentVector (transported by projection, as
+        :meth:`transp`: not checked for NaN/Inf, which a linear map carries over to the result).
+        Computed as the gauged δ-gradient of the linear function ``<z, ·>``. ``z`` must have x's dtype and device;
+        a dense ``z`` must have finite entries.
         """
         self._check_point(x)
         if isinstance(z, TangentVector):
             if z.base is x:
                 return z
-            z.manifold._check_tangent(z.base, z, "z", finite=True)
+            z.manifold._check_tangent(z.base, z, "z")
             return self.proj(x, z.manifold.to_ambient(z.base, z))
         self._check_ambient(x, z)
         _, grads, _ = self._delta_grad(x, lambda Y: Y.inner(z))
         return TangentVector(self, x, self._gauge(x, [g.detach() for g in grads]))
 
     def transp(self, x, y, v: TangentVector) -> TangentVector:
-        """Vector transport from T_x to T_y by orthogonal projection of the ambient vector."""
-        self._check_tangent(x, v, finite=True)
+        """Vector transport from T_x to T_y by orthogonal projection of the ambient vector.
+
+        A linear map of v, computed without a factorization: coordinates with NaN/Inf give a vector with NaN/Inf
+        coordinates (not checked: a check would cost a reduction and a host read per step; :meth:`tangent` refuses
+        such coordinates and :meth:`retr` names them)."""
+        self._check_tangent(x, v)
         self._check_point(y, "y")
         check_like("y", y, "x", x)
         return self.proj(y, self.to_ambient(x, v))

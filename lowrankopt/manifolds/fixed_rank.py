@@ -7,7 +7,7 @@ import torch
 from .._checks import as_positive_int
 from ..formats.delta_lowrank import DeltaLowRank, MatrixFamily
 from ..formats.lowrank import LowRankMatrix
-from .base import LowRankManifold, check_full_rank
+from .base import LowRankManifold, check_full_rank, naming_non_finite
 from .tangent import TangentVector
 
 
@@ -124,13 +124,15 @@ class FixedRankMatrices(LowRankManifold):
 
         ``x + ξ = [US + A, U] [V, B]ᵀ``; thin QRs of both ``(·, 2r)`` factors and the SVD of the
         ``2r × 2r`` core give it in ``O((m + n) r² + r³)``. Second order. The result has orthonormal
-        factors and a diagonal, non-increasing S. ``v`` must be finite.
+        factors and a diagonal, non-increasing S. NaN/Inf coordinates of ``v`` raise ``ValueError`` naming them (found
+        where the SVD fails on them: nothing is checked before).
         """
-        self._check_tangent(x, v, finite=True)
+        self._check_tangent(x, v)
         U, S, V = self.frames(x)
         A, B = v.coords
-        Ql, Rl = torch.linalg.qr(torch.cat([U @ S + A, U], 1))
-        Qr, Rr = torch.linalg.qr(torch.cat([V, B], 1))
-        Uk, s, Vkh = torch.linalg.svd(Rl @ Rr.T)
+        with naming_non_finite(v):
+            Ql, Rl = torch.linalg.qr(torch.cat([U @ S + A, U], 1))
+            Qr, Rr = torch.linalg.qr(torch.cat([V, B], 1))
+            Uk, s, Vkh = torch.linalg.svd(Rl @ Rr.T)
         r = self.rank
         return LowRankMatrix._trusted(Ql @ Uk[:, :r], torch.diag(s[:r]), Qr @ Vkh[:r].T)

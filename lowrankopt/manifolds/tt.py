@@ -9,7 +9,7 @@ import torch
 from .._checks import as_rank_list, as_shape
 from ..formats.delta_tt import Chain, DeltaTT, TTFamily
 from ..formats.tt import TensorTrain, _svd_truncate_right_to_left, left_orthogonalize, right_orthogonalize
-from .base import LowRankManifold, check_full_rank
+from .base import LowRankManifold, check_full_rank, naming_non_finite
 from .tangent import TangentVector
 
 
@@ -162,8 +162,10 @@ class FixedTTRank(LowRankManifold):
         """TT-SVD retraction: ``x + ξ`` is formed as a rank-2r TT in δ layout (first core ``C_1 + δ_1``)
         and rounded back to ``ranks`` (left QR sweep, right-to-left truncated SVDs). Quasi-optimal
         (within √(d−1) of the metric projection), second order. The result is right-orthogonal.
-        Cost ``O(d n r³)``. ``v`` must be finite."""
-        self._check_tangent(x, v, finite=True)
+        Cost ``O(d n r³)``. NaN/Inf coordinates of ``v`` raise ``ValueError`` naming them (found where an SVD of the
+        sweep fails on them: nothing is checked before)."""
+        self._check_tangent(x, v)
         y = DeltaTT(self.shape, [self._family(x, v.coords, offset=True)], zero=False).materialize()
-        cores = left_orthogonalize(y.cores)
-        return TensorTrain._trusted(_svd_truncate_right_to_left(cores, list(self.ranks), None))
+        with naming_non_finite(v):
+            cores = _svd_truncate_right_to_left(left_orthogonalize(y.cores), list(self.ranks), None)
+        return TensorTrain._trusted(cores)
