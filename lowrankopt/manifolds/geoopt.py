@@ -44,6 +44,7 @@ raw factors instead gets factor gradients, for which ``egrad2rgrad`` is **wrong*
 from __future__ import annotations
 
 import math
+import weakref
 
 import geoopt
 import torch
@@ -653,6 +654,49 @@ def _euclidean_step_error(optimizer, i: int, j: int, p) -> TypeError:
     )
 
 
+class _GuardPlan:
+    """What the guard must look at in one optimizer, found by one scan of its parameters: the guarded parameters
+    ``(group index, position, parameter)``, the groups holding packed ones ``(group index, group, a packed
+    parameter)``, and the ``state`` whose ``"step"`` entries were last made ints (``RiemannianAdam``).
+
+    Valid while the optimizer's groups are the same objects with the same param lists of the same lengths — what
+    ``add_param_group`` (a new group), ``load_state_dict`` (new group dicts) and assigning ``group["params"]``
+    change; checking that costs ``O(#groups)``. The plan holds the groups and lists it was made from, so their
+    ids cannot be reused while it lives."""
+
+    __slots__ = ("groups", "lists", "lengths", "guarded", "packed_groups", "state")
+
+    def __init__(self, optimizer):
+        self.groups = list(optimizer.param_groups)
+        self.lists = [g["params"] for g in self.groups]
+        self.lengths = [len(ps) for ps in self.lists]
+        self.guarded = [(i, j, p) for i, ps in enumerate(self.lists) for j, p in enumerate(ps) if _is_ours(p)]
+        self.packed_groups = {}
+        for i, _, p in self.guarded:
+            if isinstance(p.manifold, _PackedLowRank):
+                self.packed_groups.setdefault(i, (i, self.groups[i], p))
+        self.packed_groups = list(self.packed_groups.values())
+        self.state = None
+
+    def fits(self, optimizer) -> bool:
+        groups = optimizer.param_groups
+        return len(groups) == len(self.groups) and all(
+            g is h and g["params"] is ps and len(ps) == n
+            for g, h, ps, n in zip(groups, self.groups, self.lists, self.lengths)
+        )
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> _GuardPlan
+
+
+def _plan(optimizer) -> _GuardPlan:
+    """The optimizer's :class:`_GuardPlan`, made again when its param groups changed."""
+    plan = _PLANS.get(optimizer)
+    if plan is None or not plan.fits(optimizer):
+        plan = _PLANS[optimizer] = _GuardPlan(optimizer)
+    return plan
+
+
 def _step_pre_hook(optimizer, args, kwargs):
     """Global optimizer step pre-hook for the manifold parameters of lowrankopt (:func:`_is_ours`).
 
@@ -663,25 +707,30 @@ def _step_pre_hook(optimizer, args, kwargs):
       into a float32 tensor, so ``RiemannianAdam``'s bias corrections would change after a checkpoint round
       trip; turn it back into the int geoopt keeps (for every parameter of the optimizer), so that training
       resumes bit-identically.
+
+    Cost per step: ``O(#groups + #guarded parameters)`` — the scan of all parameters is cached per optimizer
+    (:class:`_GuardPlan`) and redone only when its param groups change; the ``"step"`` entries are converted once
+    per ``optimizer.state`` object (``load_state_dict`` makes a new one).
     """
-    riemannian = _is_riemannian(optimizer)
-    for i, group in enumerate(optimizer.param_groups):
-        for j, p in enumerate(group["params"]):
-            if not riemannian and p.grad is not None and _is_ours(p):
+    plan = _plan(optimizer)
+    if not _is_riemannian(optimizer):
+        for i, j, p in plan.guarded:
+            if p.grad is not None:
                 raise _euclidean_step_error(optimizer, i, j, p)
-        packed = [p for p in group["params"] if _is_ours(p) and isinstance(p.manifold, _PackedLowRank)]
+    for i, group, p in plan.packed_groups:
         wd = group.get("weight_decay", 0)
-        if packed and wd:
+        if wd:
             raise ValueError(
                 f"{type(optimizer).__name__}: param group {i} has weight_decay={wd} but holds a lowrankopt "
-                f"manifold parameter (on {packed[0].manifold!r}); decaying packed factors is meaningless and breaks "
+                f"manifold parameter (on {p.manifold!r}); decaying packed factors is meaningless and breaks "
                 "their orthonormality: use weight_decay=0 for lowrankopt manifold parameters (put them in their "
                 "own param group)."
             )
-    if isinstance(optimizer, geoopt.optim.RiemannianAdam):
+    if isinstance(optimizer, geoopt.optim.RiemannianAdam) and plan.state is not optimizer.state:
         for state in optimizer.state.values():
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = int(state["step"].item())
+        plan.state = optimizer.state
     return None
 
 
