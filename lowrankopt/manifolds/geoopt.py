@@ -661,8 +661,9 @@ class _GuardPlan:
 
     Valid while the optimizer's groups are the same objects with the same param lists of the same lengths — what
     ``add_param_group`` (a new group), ``load_state_dict`` (new group dicts) and assigning ``group["params"]``
-    change; checking that costs ``O(#groups)``. The plan holds the groups and lists it was made from, so their
-    ids cannot be reused while it lives."""
+    change; checking that costs ``O(#groups)`` (replacing one element of a param list in place, which no torch API
+    does, is not seen). The plan holds the groups and lists it was made from, so they cannot be freed and their
+    ids reused while it lives."""
 
     __slots__ = ("groups", "lists", "lengths", "guarded", "packed_groups", "state")
 
@@ -671,11 +672,11 @@ class _GuardPlan:
         self.lists = [g["params"] for g in self.groups]
         self.lengths = [len(ps) for ps in self.lists]
         self.guarded = [(i, j, p) for i, ps in enumerate(self.lists) for j, p in enumerate(ps) if _is_ours(p)]
-        self.packed_groups = {}
+        first_packed = {}  # group index -> its first packed parameter (named by the weight-decay error)
         for i, _, p in self.guarded:
             if isinstance(p.manifold, _PackedLowRank):
-                self.packed_groups.setdefault(i, (i, self.groups[i], p))
-        self.packed_groups = list(self.packed_groups.values())
+                first_packed.setdefault(i, p)
+        self.packed_groups = [(i, self.groups[i], p) for i, p in first_packed.items()]
         self.state = None
 
     def fits(self, optimizer) -> bool:
