@@ -35,13 +35,14 @@ import torch
 from .._checks import as_positive_int
 from ._kernel import (
     IterationState,
+    certified_matrix_norm,
     check_kernel,
     check_stride,
     complex_dtype,
     fourier_vectors,
     polyphase_kernel,
     round_up,
-    svd_error_bound,
+    trim_zero_taps,
 )
 
 __all__ = ["fantastic_four_bound", "tensor_norm_bound", "tensor_norm_estimate"]
@@ -60,18 +61,18 @@ _FANTASTIC_FOUR = (((0, 2), (1, 3)), ((0, 3), (1, 2)), ((0,), (1, 2, 3)), ((1,),
 
 
 def _unfolding_bound(K: torch.Tensor, unfoldings) -> torch.Tensor:
-    """``√(hw) · min`` over ``unfoldings`` of their spectral norms, for ``K (..., c_out, c_in, h, w)``: exact SVDs in
-    float64, each plus its rounding bound, the product rounded up into K's dtype — a guaranteed upper bound on
-    ``√(hw)‖K‖_σ`` in floating point. Differentiable (through the SVD of the smallest)."""
+    """``√(hw) · min`` over ``unfoldings`` of their spectral norms, for ``K (..., c_out, c_in, h, w)``: each norm
+    certified after its float64 SVD (:func:`~lowrankopt.spectral._kernel.certified_matrix_norm`), the product
+    rounded up into K's dtype — a guaranteed upper bound on ``√(hw)‖K‖_σ`` in floating point. Differentiable
+    (through the SVD of the smallest)."""
     *batch, co, ci, h, w = K.shape
-    K64 = K.to(torch.float64)
-    fro = torch.linalg.vector_norm(K64.detach().flatten(len(batch)), dim=-1)
+    K64 = K.to(torch.float64)  # exact
     nb, dims = len(batch), (co, ci, h, w)
     norms = []
     for rows, cols in unfoldings:
-        m, n = math.prod(dims[i] for i in rows), math.prod(dims[i] for i in cols)
-        A = K64.permute(*range(nb), *(nb + i for i in rows + cols)).reshape(*batch, m, n)
-        norms.append(torch.linalg.matrix_norm(A, ord=2) + svd_error_bound(fro, m, n))
+        m = math.prod(dims[i] for i in rows)
+        A = K64.permute(*range(nb), *(nb + i for i in rows + cols)).reshape(*batch, m, -1)
+        norms.append(certified_matrix_norm(A))
     bound = math.sqrt(h * w) * torch.stack(norms, -1).amin(-1)
     return round_up(bound * (1 + 4 * torch.finfo(torch.float64).eps), K.dtype)  # and the rounding of √(hw)·
 
@@ -80,10 +81,10 @@ def fantastic_four_bound(K: torch.Tensor, stride: int = 1) -> torch.Tensor:
     """Singla & Feizi's bound ``√(hw) · min(‖R₁‖₂, ‖R₂‖₂, ‖R₃‖₂, ‖R₄‖₂)`` on the conv's ``‖J‖₂``.
 
     The unfoldings of ``K (…, c_out, c_in, h, w)``: ``R₁ (c_out h) × (c_in w)``, ``R₂ (c_out w) × (c_in h)``,
-    ``R₃ c_out × (c_in h w)``, ``R₄ (c_out h w) × c_in``. Their norms are computed exactly (Singla & Feizi use a
-    power iteration, which approaches from below) and rounded up, so the value is a guaranteed upper bound for the
-    paddings and sizes of the module docstring. :func:`tensor_norm_bound` is never larger. Differentiable.
-    Returns ``(...)``, in K's dtype.
+    ``R₃ c_out × (c_in h w)``, ``R₄ (c_out h w) × c_in``. Their norms are SVDs in float64 certified after the fact
+    (Singla & Feizi use a power iteration, which approaches from below; see :func:`tensor_norm_bound`) and rounded
+    up, so the value is a guaranteed upper bound for the paddings and sizes of the module docstring.
+    :func:`tensor_norm_bound` is never larger. Differentiable. Returns ``(...)``, in K's dtype.
 
     Cost: four SVDs of matrices with ``c_out c_in h w`` entries, O(c_out c_in h w · min side), in float64.
     """
@@ -98,8 +99,12 @@ def tensor_norm_bound(K: torch.Tensor, stride: int = 1, **removed: object) -> to
     two against two, three ways). Why it is guaranteed: for complex unit vectors,
     ``|K(u₁, u₂, u₃, u₄)| = |xᵀ M y|`` with ``x, y`` the Kronecker products of the u's on M's row and column
     modes, unit vectors too, so ``|K(u₁, u₂, u₃, u₄)| ≤ ‖M‖₂`` and ``‖K‖_σ ≤ ‖M‖₂``; the constant √(hw) is the
-    paper's (module docstring). Each ``‖M‖₂`` is an exact SVD in float64 (not a power iteration, which would
-    approach from below) plus a bound on its rounding error, and the result is rounded up into K's dtype.
+    paper's (module docstring), with ``h × w`` the (polyphase) kernel without its border rows and columns of zero
+    taps: dropping them shifts the kernel, which multiplies ``K̂(ω)`` by a unit scalar and changes neither
+    ``sup_ω ‖K̂(ω)‖₂`` nor ``‖K‖_σ`` (a zero-padded kernel has the bound of the unpadded one). Each ``‖M‖₂`` is an
+    SVD in float64 (not a power iteration, which would approach from below) certified after the fact by Weyl's
+    inequality with its computed residual (:func:`~lowrankopt.spectral._kernel.certified_matrix_norm`: it rests
+    on IEEE float64 arithmetic, not on the SVD's accuracy), and the result is rounded up into K's dtype.
 
     It holds for zero padding of any amount and any input size, and for circular padding up to "same" on
     input sizes divisible by the stride (module docstring); not for larger circular padding.
@@ -117,8 +122,8 @@ def tensor_norm_bound(K: torch.Tensor, stride: int = 1, **removed: object) -> to
             :func:`tensor_norm_estimate`: a call that asked for the HOPM value must not silently get another.
 
     Returns ``(...)``, in K's dtype; differentiable in K (through the SVD of the smallest matricization).
-    Cost: seven SVDs of matrices with ``c_out c_in h w`` entries in float64, O(c_out c_in h w · min side);
-    independent of the input size.
+    Cost: seven SVDs (with vectors, and three residual products each) of matrices with ``c_out c_in h w``
+    entries in float64, O(c_out c_in h w · min side); independent of the input size.
     """
     if removed:
         raise TypeError(
@@ -126,7 +131,7 @@ def tensor_norm_bound(K: torch.Tensor, stride: int = 1, **removed: object) -> to
             "(exact SVDs, no iterations). For the HOPM value, a lower estimate of the bound (for a penalty or "
             "tracking in training), call tensor_norm_estimate(K, stride, ...) with the same options"
         )
-    K = polyphase_kernel(check_kernel(K), check_stride(stride))
+    K = trim_zero_taps(polyphase_kernel(check_kernel(K), check_stride(stride)))
     return _unfolding_bound(K, _ALL_UNFOLDINGS)
 
 
@@ -193,8 +198,10 @@ def tensor_norm_estimate(
 
     ``‖K‖_σ`` is approached by the complex higher-order power method (HOPM, alternating maximization of
     ``|K(u₁, u₂, u₃, u₄)|``): each ``u_k ← conj(K(…, ·, …))/‖·‖`` given the others, which never decreases the
-    value. The returned value is ``√(hw) |K(u₁, u₂, u₃, u₄)|`` at the final unit vectors — a value of the
-    maximized function, so at most ``√(hw)‖K‖_σ`` and at most :func:`tensor_norm_bound` — differentiable in K;
+    value. The returned value is ``√(hw) |K(u₁, u₂, u₃, u₄)|`` at the final unit vectors (``h × w`` without the
+    border rows and columns of zero taps, as in :func:`tensor_norm_bound`; the vectors still span every tap) — a
+    value of the maximized function, so at most ``√(hw)‖K‖_σ`` and at most :func:`tensor_norm_bound` —
+    differentiable in K;
     at a stationary point its gradient ``√(hw) Re(e^{−iφ} u₁⊗u₂⊗u₃⊗u₄)`` is the exact gradient of the
     maximum it found (envelope theorem), so it costs one contraction, no SVD.
 
@@ -274,6 +281,7 @@ def tensor_norm_estimate(
             best = value.argmax(1)
             us = [u[torch.arange(B, device=K.device), best][:, None] for u in us]
     f = (_contract(Kb, us, skip=0) * us[0]).sum(-1)[:, 0]  # differentiable in K: one contraction
+    h, w = trim_zero_taps(K).shape[-2:]  # the vectors span every tap (stable state shapes), the constant not
     bound = math.sqrt(h * w) * f.abs().reshape(batch)
     if state is not None:
         state.vectors, state.converged, state.value = us, converged, bound.detach()

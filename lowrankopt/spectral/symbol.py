@@ -19,8 +19,12 @@ axis without taps to vary; only the half ``ω₂ ∈ [0, π]`` since ``K̂(−ω
 holding ω* has a center with ``‖K̂‖₂ ≥ M(1 − θ²/2) ≥ L(1 − θ²/2)`` for the best value L found so far, so the
 cells below that are dropped, the others split in 2 × 2 with half the widths, until ``1/(1 − θ²/2) ≤ 1 + rtol``.
 At every level ``max ‖K̂‖₂ / (1 − θ²/2)`` over the kept centers is a bound; the smallest is returned.
-Each ``‖K̂(ω)‖₂`` is an exact SVD in float64, with a bound on its rounding error added (and allowed for when
-cells are dropped), and the result is rounded up into K's dtype.
+Each ``‖K̂(ω)‖₂`` is an SVD in float64 with an allowance for its error added (and allowed for when cells are
+dropped), and the result is rounded up into K's dtype. The allowance is LAPACK's documented error bound
+``p(m, n)·ε·‖A‖₂`` for singular values, with its unspecified "modestly growing" ``p(m, n)`` taken as ``8(m + n)``
+(:func:`~lowrankopt.spectral._kernel.svd_error_bound`): the bound is **guaranteed up to that constant**, an
+assumption on the SVD — unlike :func:`~lowrankopt.spectral.tensor_norm_bound`, whose SVDs are certified after the
+fact (doing the same at every frequency would cost about four times the search).
 """
 
 from __future__ import annotations
@@ -124,17 +128,23 @@ def symbol_norm_bound(
     The certified frequency search of the module docstring on the polyphase kernel (border rows and columns of
     zero taps dropped: a shift), one kernel at a time. The value is at most ``(1 + rtol)`` times the sup (plus
     rounding) unless ``max_evals`` stops the refinement first — on kernels whose ``‖K̂(ω)‖₂`` is nearly flat over
-    large regions (orthogonal convs), where most cells stay in the search — and is a guaranteed bound either way.
+    large regions (orthogonal convs), where most cells stay in the search — and is a bound either way
+    (guaranteed up to the SVD error constant of the module docstring); stopped, it is at most the sup (plus
+    rounding) over ``1 − θ²/2`` for the θ of the last level done, 1.083 after the first grid.
     It holds for zero padding of any amount and any input size, and for circular padding up to "same" on input
-    sizes divisible by the stride (:mod:`lowrankopt.spectral.bounds`). It is never above
-    ``(1 + rtol)·√(hw)·‖K‖_σ``, so up to ``rtol`` at least as tight as the tensor-norm bound of Grishina et al.,
-    and unlike the HOPM value (:func:`~lowrankopt.spectral.tensor_norm_estimate`) it is certified.
+    sizes divisible by the stride (:mod:`lowrankopt.spectral.bounds`). When the search reaches ``rtol`` it is at
+    most ``(1 + rtol)·√(hw)·‖K‖_σ`` (plus rounding; ``h × w`` as in :func:`~lowrankopt.spectral.tensor_norm_bound`),
+    so up to ``rtol`` at least as tight as the tensor-norm bound of Grishina et al., and unlike the HOPM value
+    (:func:`~lowrankopt.spectral.tensor_norm_estimate`) it is certified.
 
     Args:
         K: ``(..., c_out, c_in, h, w)``, float32 or float64; leading dims are a batch of kernels.
         stride: the conv's stride.
         rtol: target relative gap to the sup, > 0 (1e-3: five levels of cells for a 3×3 kernel).
         max_evals: symbol norms (SVDs) per kernel at most; the search stops before a level that would exceed it.
+            The first grid is evaluated whatever ``max_evals``: ``8(h − 1)·(4(w − 1) + 1)`` frequencies for the
+            trimmed polyphase kernel's ``h, w > 1`` (144 for 3 × 3, 544 for 5 × 5), ``4(t − 1) + 1`` for a
+            1 × t or t × 1 kernel, 1 for 1 × 1.
         return_lower: also return a lower end: ``‖K̂(ω)‖₂`` at the best frequency found (minus its rounding
             bound), so ``lower ≤ sup ≤ upper``.
 
