@@ -5,7 +5,7 @@ frames; see DESIGN.md, "The delta trick")."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -41,16 +41,22 @@ def check_scalar_output(val) -> torch.Tensor:
     return val.reshape(())
 
 
-def check_full_rank(scales: torch.Tensor, where: str, needed: str) -> None:
-    """Refuse a point whose ``scales`` (singular values of S, or ``|diag R_k|`` at a TT bond) are not all clearly
-    nonzero (the smallest ≤ largest · count · eps): the curvature term of the exact Hessian divides by them, so it
-    does not exist there (and would be garbage or a "singular" error from deep inside torch)."""
-    scales = scales.detach().abs()
-    if float(scales.min()) <= float(scales.max()) * scales.numel() * torch.finfo(scales.dtype).eps:
-        raise ValueError(
-            f"x is rank-deficient{where}: the curvature term needs {needed} exactly "
-            "(use curvature=False, or a point of exact rank)"
-        )
+def check_full_rank(x, bond_scales: Callable[[], Iterable[tuple[str, torch.Tensor]]], needed: str) -> None:
+    """Refuse a point ``x`` at which the curvature term of the exact Hessian does not exist: it divides by the
+    ``scales`` of each ``(where, scales)`` pair of ``bond_scales()`` (singular values of S, or ``|diag R_k|`` at TT bond
+    k), so they must all be clearly nonzero (the smallest > largest · count · eps); otherwise the term would be garbage
+    or a "singular" error from deep inside torch. Checked once per point: a pass is kept in x's cache, next to its
+    frames, so Hessian-vector products at x (many per trust-region step) pay no SVD and no host read."""
+    if x._cache.get("full_rank"):
+        return
+    for where, scales in bond_scales():
+        scales = scales.detach().abs()
+        if float(scales.min()) <= float(scales.max()) * scales.numel() * torch.finfo(scales.dtype).eps:
+            raise ValueError(
+                f"x is rank-deficient{where}: the curvature term needs {needed} exactly "
+                "(use curvature=False, or a point of exact rank)"
+            )
+    x._cache["full_rank"] = True
 
 
 @contextmanager

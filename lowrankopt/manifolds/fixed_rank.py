@@ -90,13 +90,22 @@ class FixedRankMatrices(LowRankManifold):
 
     def _second_fundamental(self, x, xi, deltas):
         # Chart φ(A, B) = (US + A)(V + B S⁻ᵀ)ᵀ: D²φ[ξ, η] = A_η S⁻¹ B_ξᵀ + A_ξ S⁻¹ B_ηᵀ.
-        U, S, V = self.frames(x)
-        check_full_rank(torch.linalg.svdvals(S), "", f"rank {self.rank}")  # S⁻¹ appears below; O(r³)
+        _, _, V = self.frames(x)
+        Sinv = self._core_inverse(x)
         A, B = (c.detach() for c in xi.coords)
-        P, Q = torch.linalg.solve(S.T, B, left=False), torch.linalg.solve(S, A, left=False)
+        P, Q = B @ Sinv.T, A @ Sinv
         curv = MatrixFamily(P=P, Q=Q, deltas=tuple(deltas))
         point = MatrixFamily(P=V, Q=None, A0=x._cache["US"])  # the constant term x
         return DeltaLowRank(x.shape, [point, curv]), DeltaLowRank(x.shape, [curv])
+
+    def _core_inverse(self, x) -> torch.Tensor:
+        """``S⁻¹`` of x's frames, once x is checked to have rank r exactly; cached on x, so the Hessian-vector products
+        at x (many per trust-region step) take no SVD, no solve and no host read. Cost ``O(r³)`` once per point."""
+        if "Sinv" not in x._cache:
+            S = self.frames(x)[1].detach()
+            check_full_rank(x, lambda: [("", torch.linalg.svdvals(S))], f"rank {self.rank}")
+            x._cache["Sinv"] = torch.linalg.inv(S)
+        return x._cache["Sinv"]
 
     def proj(self, x, z) -> TangentVector:
         """Orthogonal projection onto T_x (see :meth:`LowRankManifold.proj`). A LowRankMatrix

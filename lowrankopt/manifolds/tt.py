@@ -138,8 +138,10 @@ class FixedTTRank(LowRankManifold):
         # (family 1: η at the later slot) + the same with ξ and η swapped (family 2).
         fr = self.frames(x)
         V, Rinv, d = fr["V"], fr["Rinv"], len(self.shape)
-        for k in range(1, d):  # R_k⁻¹ appears below: x must have full rank at every bond
-            check_full_rank(fr["R"][k].diagonal(), f" at bond {k}", f"TT-ranks {self.ranks}")
+        # R_k⁻¹ appears below: x must have full rank at every bond
+        check_full_rank(
+            x, lambda: [(f" at bond {k}", fr["R"][k].diagonal()) for k in range(1, d)], f"TT-ranks {self.ranks}"
+        )
         xi_c = [c.detach() for c in xi.coords]
         none = (None,) * d
         # family 1: left state p_k = Σ_{j<k} U_{<j} ξ_j V_{j+1:k-1}, entering η_k through R_k⁻¹
