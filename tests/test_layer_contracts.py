@@ -353,3 +353,29 @@ def test_every_converted_model_round_trips_a_checkpoint_mid_training(convert, mo
         return m
 
     _assert_round_trip_continues_identically(make, _x(shape, 4), "mixed", tmp_path / "ckpt.pt", after_step)
+
+
+# ---------------------------------------------------------------------------------------------- dtype errors
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.complex64, torch.int64], ids=str)
+@pytest.mark.parametrize("name", [n for n in LAYERS if n != "GSMatrix"])
+def test_a_dtype_no_layer_supports_is_one_type_error(name, dtype):
+    """Was: LowRankLinear / TTLinear / STTP / SVDP / TTConv2d / the orthogonal convs (dtype=torch.float16) raised a
+    ValueError without the half-precision explanation, where TensorTrain.random(dtype=torch.float16) raised a
+    TypeError with it, and GSOrthogonal(parametrization='orthogonal', dtype=torch.float16) was built and failed at
+    its first forward. Every layer refuses a dtype it cannot hold with a TypeError naming dtype — the message of the
+    formats where the layer takes float32/float64 only; half precision only where the layer has no support for it."""
+    from lowrankopt import TensorTrain
+
+    if dtype in (torch.float16, torch.bfloat16) and name in HALF_SUPPORTED:
+        pytest.skip("supported in half precision")
+    with pytest.raises(TypeError) as formats_error:
+        TensorTrain.random((2, 3), 1, dtype=dtype)
+    assert str(formats_error.value).startswith(f"dtype must be float32 or float64, got {dtype}")
+    why = {torch.float16: "half precision", torch.bfloat16: "half precision", torch.complex64: "complex"}
+    assert why.get(dtype, "dtype") in str(formats_error.value)
+    make, _ = LAYERS[name]
+    with pytest.raises(TypeError, match="dtype") as layer_error:
+        make(dtype, 1)
+    if name.split("-")[0] in ("LowRankLinear", "TTLinear", "STTPLinear", "STTPConv2d", "TTConv2d", "SVDPLinear",
+                              "SVDPConv2d", "SkewOrthogonalConv2d", "GSOrthogonalConv2d"):  # fmt: skip
+        assert str(layer_error.value) == str(formats_error.value)

@@ -327,7 +327,7 @@ def test_bad_inputs():
         TTConv2d(4, 4, 3, 2, padding_mode="reflect")
     with pytest.raises(ValueError, match="orthogonality"):
         TTConv2d(4, 4, 3, 2, orthogonality="cayley")
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(TypeError, match="dtype"):
         TTConv2d(4, 4, 3, 2, dtype=torch.float16)
     layer = TTConv2d(4, 4, 3, 2, padding=1, dtype=D)
     with pytest.raises(ValueError, match=r"input must have shape \(B, 4, H, W\)"):

@@ -22,7 +22,7 @@ import torch
 
 from .._checks import as_device
 from ..manifolds.geoopt import manifold_parameter
-from .lowrank import HALF_OR_FULL, _check_input, _full_precision, _refuse_half
+from .lowrank import HALF, HALF_OR_FULL, _check_input, _full_precision, _refuse_half
 
 __all__ = ["GSMatrix", "GSOrthogonal", "blockdiag_matmul", "gs_matmul", "gs_project", "shuffle_index"]
 
@@ -184,6 +184,9 @@ def _orthogonal(K: torch.Tensor, kind: str, terms: int) -> torch.Tensor:
     return (eye + K) @ inv
 
 
+_QR_RETRACTION = "its blocks are retracted onto the orthogonal group by QR"  # why half precision is refused
+
+
 class GSOrthogonal(torch.nn.Module):
     """An ``n × n`` orthogonal GS matrix ``Q = Pᵀ L P R`` with orthogonal blocks, applied as ``y = Q x``.
 
@@ -236,6 +239,11 @@ class GSOrthogonal(torch.nn.Module):
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if dtype not in HALF_OR_FULL:
             raise TypeError(f"dtype must be one of {HALF_OR_FULL}, got {dtype}")
+        if parametrization == "orthogonal" and dtype in HALF:  # refused here already, not only at the first forward
+            raise TypeError(
+                f"dtype must be float32 or float64 with parametrization='orthogonal', got {dtype}: {_QR_RETRACTION}, "
+                "which torch does not implement in half precision (parametrization='skew' supports it)"
+            )
         device = None if device is None else as_device(device)
         self.n, self.block_size, self.nblocks = n, b, n // b
         self.map, self.parametrization, self.neumann_terms = map, parametrization, neumann_terms
@@ -270,7 +278,7 @@ class GSOrthogonal(torch.nn.Module):
         """``Q x`` along the last dim of ``x: (..., n)``. The blocks are built with autocast off (in the
         parameters' dtype); only the products with ``x`` autocast."""
         if self.parametrization == "orthogonal":
-            _refuse_half(self, self.L.dtype, "its blocks are retracted onto the orthogonal group by QR")
+            _refuse_half(self, self.L.dtype, _QR_RETRACTION)
         _check_input(x, self.n, self.L)
         with _full_precision(x):
             Q = self.gs_matrix()

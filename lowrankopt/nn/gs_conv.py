@@ -92,7 +92,7 @@ class SkewOrthogonalConv2d(torch.nn.Module):
         self.channels, self.kernel_size, self.groups, self.tol, self.max_terms, self.max_norm = (
             channels, kernel_size, groups, tol, max_terms, max_norm,
         )  # fmt: skip
-        dtype, device = _kw(dtype, device, generator)
+        dtype, device, _ = _kw(dtype, device, generator)
         c = channels // groups
         M = torch.randn(channels, c, kernel_size, kernel_size, dtype=dtype, generator=generator)
         self.weight = torch.nn.Parameter((init_scale / math.sqrt(c * kernel_size**2) * M).to(device))

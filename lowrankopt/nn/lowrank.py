@@ -22,19 +22,16 @@ from ..manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank, manifold_para
 __all__ = ["LowRankLinear", "TTLinear"]
 
 
-def _kw(dtype, device, generator=None):
-    """The parameters' dtype (float32 or float64; default: torch's default dtype) and device, checked, and the
-    generator checked (a ``torch.Generator`` or None)."""
-    dtype = torch.get_default_dtype() if dtype is None else dtype
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-    _, device, _ = check_random_options(dtype, device, generator)
-    return dtype, device
+def _kw(dtype, device, generator=None) -> tuple[torch.dtype, torch.device | None, torch.device | None]:
+    """``(dtype, device, draw_device)`` of a layer's parameters, checked by :func:`check_random_options` (the one
+    TypeError of the package for a dtype other than float32/float64): ``dtype`` defaults to torch's default dtype;
+    ``draw_device`` is where ``generator`` draws."""
+    return check_random_options(torch.get_default_dtype() if dtype is None else dtype, device, generator)
 
 
 def _uniform(shape, bound: float, dtype, device, generator) -> torch.Tensor:
-    gdev = generator.device if generator is not None else device
-    u = torch.rand(shape, dtype=dtype, device=gdev, generator=generator)
+    _, _, draw_device = check_random_options(dtype, device, generator)
+    u = torch.rand(shape, dtype=dtype, device=draw_device, generator=generator)
     return ((2 * u - 1) * bound).to(device)
 
 
@@ -191,10 +188,9 @@ class LowRankLinear(_PackedLinear):
         rank = as_positive_int("rank", rank)
         if rank > min(in_features, out_features):
             raise ValueError(f"rank must be <= min(in_features, out_features) = {min(in_features, out_features)}")
-        dtype, device = _kw(dtype, device, generator)
+        dtype, device, gdev = _kw(dtype, device, generator)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         manifold = GeooptFixedRank(out_features, in_features, rank)
-        gdev = generator.device if generator is not None else device
         kw = dict(dtype=dtype, device=gdev, generator=generator)
         U = torch.linalg.qr(torch.randn(out_features, rank, **kw))[0]
         V = torch.linalg.qr(torch.randn(in_features, rank, **kw))[0]
@@ -363,7 +359,7 @@ class TTLinear(_PackedLinear):
             out_f = _balanced_factors(out_features, d)[::-1]
         modes = [o * i for o, i in zip(out_f, in_f)]
         ranks = self._ranks(rank, modes)
-        dtype, device = _kw(dtype, device, generator)
+        dtype, device, _ = _kw(dtype, device, generator)
         self.in_features, self.out_features = in_features, out_features
         self.in_factors, self.out_factors = tuple(in_f), tuple(out_f)
         manifold = GeooptFixedTTRank(modes, ranks)

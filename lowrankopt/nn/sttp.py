@@ -422,7 +422,7 @@ class STTPLinear(_STTPBase):
         self.in_features = as_positive_int("in_features", in_features)
         self.out_features = as_positive_int("out_features", out_features)
         rank = as_positive_int("rank", rank)
-        dtype, device = _kw(dtype, device, generator)
+        dtype, device, _ = _kw(dtype, device, generator)
         out_m, in_m = _split_factorization(mode_factorization)
         out_m, in_m = _modes("out_modes", out_features, out_m), _modes("in_modes", in_features, in_m)
         self._init_factors(
@@ -556,7 +556,7 @@ class STTPConv2d(_STTPBase):
         else:
             self._pads = (self.padding[1], self.padding[1], self.padding[0], self.padding[0])
         self.padding_mode = padding_mode
-        dtype, device = _kw(dtype, device, generator)
+        dtype, device, _ = _kw(dtype, device, generator)
         kk = self.kernel_size[0] * self.kernel_size[1]
         d_in = in_channels * kk
         out_m, in_m = _split_factorization(mode_factorization)

@@ -149,7 +149,7 @@ class TTConv2d(torch.nn.Module):
         if orthogonality not in ORTHOGONALITIES:
             raise ValueError(f"orthogonality must be one of {ORTHOGONALITIES}, got {orthogonality!r}")
         self.orthogonality = orthogonality
-        dtype, device = _kw(dtype, device, generator)
+        dtype, device, _ = _kw(dtype, device, generator)
         if generator is not None and generator.device.type != "cpu":
             raise ValueError(f"generator must be a CPU generator, got one on {generator.device}")
         r1, r2 = min(self.in_channels, self.rank), min(self.out_channels, self.rank)
