@@ -1,9 +1,15 @@
-"""The property-test verdict shared by tests/test_bad_input.py and tests/test_properties.py."""
+"""What tests/test_bad_input.py and tests/test_properties.py share: the settings and the verdict."""
 
 from __future__ import annotations
 
 import pytest
-from hypothesis import event
+from hypothesis import event, settings
+
+
+def examples(n):
+    """Hypothesis settings for ``n`` examples: derandomized (the same examples on every run: CI is deterministic),
+    no deadline, nothing written to the tree."""
+    return settings(max_examples=n, deadline=None, derandomize=True, database=None)
 
 
 def check_outcome(call, problems):

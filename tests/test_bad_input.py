@@ -10,9 +10,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from outcome import check_outcome
+from outcome import check_outcome, examples
 from reference import matrix_projector, tt_full, tt_projector
 
 from lowrankopt import FixedRankMatrices, FixedTTRank, LowRankMatrix, TangentVector, TensorRing, TensorTrain, TTMatrix
@@ -215,10 +215,6 @@ def test_half_precision_is_refused_with_one_message_everywhere(dtype):
 # code) and then asserts: no invalid argument -> a result equal to a dense reference computed here; some invalid
 # argument -> a ValueError / TypeError whose message names one of them. Any other exception fails the test.
 # derandomize: the same examples on every run (CI is deterministic); database=None: nothing written to the tree.
-def examples(n):
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None)
-
-
 def valid_size(lo=1, hi=4):
     """``(value, int)``: an int in [lo, hi] as a Python, numpy or torch integer."""
     kinds = (int, np.int64, np.int32, torch.tensor)

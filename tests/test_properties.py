@@ -18,9 +18,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
-from outcome import check_outcome
+from outcome import check_outcome, examples
 from reference import matrix_projector, tt_full
 
 from lowrankopt import FixedRankMatrices, TensorTrain, complete, completion_loss, demo, minimize, sample_indices
@@ -33,10 +33,6 @@ DT = torch.float64
 # Status codes as documented in OptimizeResult (written out here, not imported from the code under test).
 SUCCESS_STATUSES = {0, 3, 4, 6}
 DOCUMENTED_STATUSES = {-1, 0, 1, 2, 3, 4, 5, 6}
-
-
-def examples(n):
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None)
 
 
 def gen(seed=0):

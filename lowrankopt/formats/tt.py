@@ -30,8 +30,6 @@ from .._checks import (
 )
 from .index_plan import IndexPlan
 
-_rank_list = as_rank_list  # the name completion.py imports
-
 
 def _trunc_rank(s: torch.Tensor, delta: float, max_rank: int | None) -> int:
     """Smallest rank whose discarded tail of singular values ``s`` has 2-norm <= delta."""
