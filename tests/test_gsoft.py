@@ -532,3 +532,72 @@ def test_save_load_in_every_state_with_optimizer(state, tmp_path):
     for sd in continued:
         assert sd.keys() == a.state_dict().keys()
         assert all(torch.equal(v, sd[k]) for k, v in a.state_dict().items())
+
+
+def _counting(monkeypatch, name):
+    """Count the calls of GSOFTLinear.<name> (the O(n_out n_in b) merge or unmerge of one weight)."""
+    calls, original = [], getattr(GSOFTLinear, name)
+
+    def counted(self, *args):
+        calls.append(self)
+        return original(self, *args)
+
+    monkeypatch.setattr(GSOFTLinear, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_merging_many_layers_computes_each_weight_once(double, monkeypatch):
+    """Was: merge_adapter / unmerge_adapter computed every layer's result twice (once to check it, once to write it):
+    two O(n_out n_in b) passes per layer. Now a cheap bound proves the results finite first and each is computed
+    once; the merged weights are the adapted linear maps (read off the unmerged forward) and unmerging restores the
+    base weights."""
+    model = injected(double)
+    expected = {id(m): dense_adapted_weight(m) for m in layers(model)}
+    pristine = base_weights(model)
+    merges, unmerges = _counting(monkeypatch, "_adapt"), _counting(monkeypatch, "_unadapt")
+    merge_adapter(model)
+    assert merges == layers(model)  # each layer once, in order
+    assert all(rel(m.base_layer.weight, expected[id(m)]) < 1e-13 for m in layers(model))
+    unmerge_adapter(model)
+    assert unmerges == layers(model)
+    assert all(rel(w, pristine[n]) < 1e-14 for n, w in base_weights(model).items())
+
+
+@pytest.mark.parametrize("overflows", [False, True])
+def test_merging_near_the_largest_float_is_exact_or_changes_nothing(overflows):
+    """Where the bound cannot prove every result finite (a float32 base weight near the largest float32), every
+    result is checked before any weight is written: a merge that fits is the adapted map, unmerged to rounding; one
+    that overflows raises and leaves every layer as it was."""
+    model = injected(dtype=torch.float32)
+    last = layers(model)[-1]
+    with torch.no_grad():
+        last.base_layer.weight[0] = 0.0
+        last.base_layer.weight[0, 0] = 1e38  # row norm 1e38: finite after any rotation, ×1e3 not
+        last.gsoft_scale[0] = 1e3 if overflows else 1.0
+    expected = {id(m): dense_adapted_weight(m) for m in layers(model)}
+    pristine = base_weights(model)
+    if overflows:
+        with pytest.raises(ValueError, match="non-finite"):
+            merge_adapter(model)
+        assert not any(m.merged for m in layers(model))
+        assert all(torch.equal(w, pristine[n]) for n, w in base_weights(model).items())
+        return
+    merge_adapter(model)
+    assert all(rel(m.base_layer.weight.double(), expected[id(m)].double()) < 1e-6 for m in layers(model))
+    unmerge_adapter(model)
+    assert all(rel(w.double(), pristine[n].double()) < 1e-6 for n, w in base_weights(model).items())
+
+
+def test_a_singular_record_of_what_was_merged_is_refused_by_name():
+    """Was: torch.linalg.inv's 'singular' error from deep inside unmerge_adapter when a (corrupted) checkpoint's record
+    of the merged blocks holds a singular block. Now a ValueError naming the layer and the buffer; nothing unmerged."""
+    model = injected()
+    merge_adapter(model)
+    merged = base_weights(model)
+    with torch.no_grad():
+        layers(model)[-1].merged_in_R[1] = 0.0
+    with pytest.raises(ValueError, match=r"^2: .*merged_in_R.*singular.*nothing was unmerged"):
+        unmerge_adapter(model)
+    assert all(m.merged for m in layers(model))
+    assert all(torch.equal(w, merged[n]) for n, w in base_weights(model).items())

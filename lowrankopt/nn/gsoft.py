@@ -236,13 +236,27 @@ class GSOFTLinear(torch.nn.Module):
     def _unadapt(self, W: torch.Tensor, a: dict[str, torch.Tensor]) -> torch.Tensor:
         """The inverse of :meth:`_adapt` for the same blocks and scale, ``Q_out⁻¹ diag(s)⁻¹ W Q_in⁻¹``, by inverses
         of the ``b × b`` blocks (exact also for the nearly orthogonal Neumann map): ``O(n_out n_in b)``."""
+        inv = self._inverted_blocks(a)
         if "scale" in a:
             W = W / a["scale"][:, None]
         if self.gsoft_out is not None:
-            inverse = _reversed_form(self.gsoft_out, torch.linalg.inv(a["out_L"]), torch.linalg.inv(a["out_R"]))
-            W = inverse.matmul(W.T).T  # column j: Q_out⁻¹ w_j
-        inverse_t = _q_form(self.gsoft_in, torch.linalg.inv(a["in_L"]).mT, torch.linalg.inv(a["in_R"]).mT)
+            W = _reversed_form(self.gsoft_out, inv["out_L"], inv["out_R"]).matmul(W.T).T  # column j: Q_out⁻¹ w_j
+        inverse_t = _q_form(self.gsoft_in, inv["in_L"].mT, inv["in_R"].mT)
         return inverse_t.matmul(W)  # row i: w_iᵀ Q_in⁻¹ = (Q_in⁻ᵀ w_i)ᵀ
+
+    def _inverted_blocks(self, a: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverses of the ``b × b`` blocks of ``a`` (``O(n b²)``); a singular one (a corrupted record of what
+        was merged) is refused with a ValueError."""
+        inverses = {}
+        for key, blocks in a.items():
+            if key != "scale":
+                inverses[key], info = torch.linalg.inv_ex(blocks)
+                if bool((info != 0).any()):
+                    raise ValueError(
+                        f"{self.layer_name}: the record of what was merged (merged_{key}) has a singular block; "
+                        "nothing was unmerged"
+                    )
+        return inverses
 
     def _in_compute_dtype(self, fn, a: dict[str, torch.Tensor]) -> torch.Tensor:
         """``fn(W, a)`` on the base weight, in float64 and outside autocast, rounded to the weight's dtype."""
@@ -252,13 +266,45 @@ class GSOFTLinear(torch.nn.Module):
             return fn(W.to(dtype), {k: v.to(dtype) for k, v in a.items()}).to(W.dtype)
 
     @torch.no_grad()
-    def _merge_result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The merged weight ``(out, in)`` and the adapter it folds in, checked; nothing is written."""
+    def _merge_record(self) -> dict[str, torch.Tensor]:
+        """The adapter to fold in (detached copies of its blocks and scale), refused (ValueError) if a scale entry is
+        (nearly) 0: the merge could not be undone."""
         a = {k: v.detach().clone() for k, v in self._adapter().items()}
         if "scale" in a and (a["scale"].abs() < 1e-12).any():
             raise ValueError(
                 f"{self.layer_name}: a scale entry is (nearly) 0: merging could not be undone; nothing was merged"
             )
+        return a
+
+    def _recorded(self) -> dict[str, torch.Tensor]:
+        """The record of what was merged (the ``merged_*`` buffers), keyed as :meth:`_adapter`."""
+        return {key: getattr(self, f"merged_{key}") for key in self._adapter_keys()}
+
+    @torch.no_grad()
+    def _surely_finite(self, merge: bool) -> bool:
+        """Whether merging (``merge=True``; unmerging otherwise) is proven to give a finite weight, without computing
+        it. Every entry of the result and of every intermediate is at most
+        ``‖W‖_F · max(1, s) · Π_B max(1, max_i ‖B_i‖_F)``, with ``s`` the largest |scale| entry (unmerging: the
+        inverse of the smallest) and ``B`` the four (two) block factors applied (unmerging: their inverses): each
+        factor is block diagonal up to a permutation, so its 2-norm is ``max_i ‖B_i‖₂ ≤ max_i ‖B_i‖_F``. Below half
+        the largest float of the weight's dtype no rounding reaches infinity. False (not proven) also when a value is
+        not finite. Cost ``O(n_out n_in)`` (the norm of W) + ``O(n b²)`` (the blocks, or their inverses). Raises what
+        :meth:`_merge_record` and :meth:`_inverted_blocks` raise."""
+        a = self._merge_record() if merge else self._recorded()
+        W = self._weight()
+        dtype = _compute_dtype(W.device)
+        a = {k: v.to(dtype) for k, v in a.items()}
+        blocks = [v for k, v in a.items() if k != "scale"] if merge else list(self._inverted_blocks(a).values())
+        growth = [torch.linalg.matrix_norm(B).amax() for B in blocks]
+        if "scale" in a:
+            growth.append(a["scale"].abs().amax() if merge else 1 / a["scale"].abs().amin())
+        bound = torch.linalg.vector_norm(W, dtype=dtype) * torch.stack(growth).clamp_min(1).prod()
+        return bool(bound < min(torch.finfo(W.dtype).max, torch.finfo(dtype).max) / 2)
+
+    @torch.no_grad()
+    def _merge_result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The merged weight ``(out, in)`` and the adapter it folds in, checked; nothing is written."""
+        a = self._merge_record()
         W = self._in_compute_dtype(self._adapt, a)
         if not torch.isfinite(W).all():
             raise ValueError(
@@ -269,8 +315,7 @@ class GSOFTLinear(torch.nn.Module):
     @torch.no_grad()
     def _unmerge_result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The base weight ``(out, in)`` recovered from the recorded (merged) blocks and scale, checked."""
-        recorded = {key: getattr(self, f"merged_{key}") for key in self._adapter_keys()}
-        W = self._in_compute_dtype(self._unadapt, recorded)
+        W = self._in_compute_dtype(self._unadapt, self._recorded())
         if not torch.isfinite(W).all():
             raise ValueError(f"{self.layer_name}: unmerging produced non-finite values; nothing was unmerged")
         return W, {}
@@ -327,14 +372,22 @@ class GSOFTLinear(torch.nn.Module):
 
 
 def _merge_all(layers: Sequence[GSOFTLinear], merge: bool) -> None:
-    """Merge (or unmerge) every layer or none: each result is computed and checked before any weight is written.
-    With several layers the results are computed again to be written rather than held, so that the extra memory
-    stays one weight."""
+    """Merge (or unmerge) every layer or none, each new weight computed once where it can be.
+
+    First every layer is checked cheaply (``O(n_out n_in + n b²)`` each), before any weight is written: what
+    cannot be merged is refused (a (nearly) zero scale, a singular record) and a bound proves the result finite
+    (:meth:`GSOFTLinear._surely_finite`). Then each weight is computed and written in one ``O(n_out n_in b)`` pass.
+    A result the bound does not prove finite (weights near the largest float, non-finite values) is computed and
+    checked before any weight is written, and computed again to be written — a second pass for those layers only,
+    since holding the results instead would cost one weight per layer; the extra memory stays one weight.
+    """
     todo = [layer for layer in layers if layer.merged != merge]
+    proven = [layer._surely_finite(merge) for layer in todo]  # every layer, before any write
     result = GSOFTLinear._merge_result if merge else GSOFTLinear._unmerge_result
     if len(todo) > 1:
-        for layer in todo:
-            result(layer)
+        for layer, ok in zip(todo, proven):
+            if not ok:
+                result(layer)  # raises (nothing written yet) if the result is not finite
     for layer in todo:
         layer._write(*result(layer), merged=merge)
 
@@ -393,17 +446,21 @@ def inject_gsoft(model: torch.nn.Module, config: GSOFTConfig) -> dict[str, GSOFT
 
 def merge_adapter(model: torch.nn.Module) -> None:
     """Merge every GSOFT adapter into its base weight, all or none: if one cannot be merged (``ValueError``: a
-    (nearly) zero scale entry, a non-finite result), no weight has changed."""
+    (nearly) zero scale entry, a non-finite result), no weight has changed. Cost per layer: one ``O(n_out n_in b)``
+    pass (two for a weight near the largest float, whose result cannot be proven finite beforehand) plus
+    ``O(n_out n_in + n b²)`` of checks; extra memory: one weight."""
     _merge_all([layer for _, layer in _adapted(model)], merge=True)
 
 
 def unmerge_adapter(model: torch.nn.Module) -> None:
-    """Undo :func:`merge_adapter` (all or none), restoring the base weights to rounding."""
+    """Undo :func:`merge_adapter` (all or none), restoring the base weights to rounding. Cost as
+    :func:`merge_adapter`'s."""
     _merge_all([layer for _, layer in _adapted(model)], merge=False)
 
 
 def merge_and_unload(model: torch.nn.Module) -> torch.nn.Module:
-    """Merge the adapters (all or none) and put the plain base layers back (in place); returns ``model``."""
+    """Merge the adapters (all or none) and put the plain base layers back (in place); returns ``model``. Cost as
+    :func:`merge_adapter`'s."""
     merge_adapter(model)
     for name, layer in list(_adapted(model)):
         parent_name, _, child = name.rpartition(".")
