@@ -734,3 +734,20 @@ def test_the_cached_guard_follows_changes_of_the_param_groups(g):
             opt.step()
             assert opt.state[layer.weight]["step"] == expected_step + 1
             assert type(opt.state[layer.weight]["step"]) is int
+
+
+def test_the_guard_works_for_optimizers_that_cannot_be_cached(g):
+    """An optimizer class that is unhashable (it defines __eq__) cannot key the per-optimizer cache: it is scanned at
+    every step instead, and still refused."""
+
+    class ComparableSGD(torch.optim.SGD):
+        def __eq__(self, other):
+            return self is other
+
+    layer = LowRankLinear(6, 5, 2, dtype=DT, generator=g)
+    _loss(layer, (6,)).backward()
+    opt = ComparableSGD([layer.bias], lr=0.1)
+    opt.step()
+    opt.add_param_group({"params": [layer.weight]})
+    with pytest.raises(TypeError, match="LowRankLinear"):
+        opt.step()

@@ -691,10 +691,14 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> 
 
 
 def _plan(optimizer) -> _GuardPlan:
-    """The optimizer's :class:`_GuardPlan`, made again when its param groups changed."""
-    plan = _PLANS.get(optimizer)
-    if plan is None or not plan.fits(optimizer):
-        plan = _PLANS[optimizer] = _GuardPlan(optimizer)
+    """The optimizer's :class:`_GuardPlan`, made again when its param groups changed (at every step for an optimizer
+    that cannot be a weak dictionary key: unhashable, or without weak references)."""
+    try:
+        plan = _PLANS.get(optimizer)
+        if plan is None or not plan.fits(optimizer):
+            plan = _PLANS[optimizer] = _GuardPlan(optimizer)
+    except TypeError:
+        plan = _GuardPlan(optimizer)
     return plan
 
 
