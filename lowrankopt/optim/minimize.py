@@ -90,14 +90,14 @@ def minimize(
     norm at x0), uses ``(‖r₀‖/s)^θ`` instead — for problems whose gradients are far from unit size).
 
     The floating-point floor: when a change of f is at its rounding level, the method measures the rounding
-    noise of f and of the gradient at the current point (f and its gradient at another factorization of the same
-    point: one more gradient evaluation, counted in ``ngev``, made only there). A gradient at that noise ends the
-    run as converged (status 6, ``success=True``: gtol is below what the precision resolves). Otherwise the run
-    goes on: the line search checks sufficient decrease on the derivative along the step (Hager–Zhang's
-    approximate Wolfe condition), which stays accurate where f's differences are rounding (e.g.
-    ``f = 1e8 + loss`` reaches gtol), and the trust region never accepts a step that raises f above the run's
-    lowest value by more than rounding. A method that cannot move at a point that is not stationary stops with
-    status 5 and ``success=False``, saying why.
+    noise of f and of the gradient at the current point (f and its gradient at other factorizations of the same
+    point: one more gradient and two more values of f, counted in ``ngev`` / ``nfev``, made only there). A
+    gradient at that noise ends the run as converged (status 6, ``success=True``: gtol is below what the
+    precision resolves). Otherwise the run goes on: the line search checks sufficient decrease on the derivative
+    along the step (Hager–Zhang's approximate Wolfe condition), which stays accurate where f's differences are
+    rounding (e.g. ``f = 1e8 + loss`` reaches gtol), and the trust region never accepts a step that raises f
+    above the run's lowest value by more than rounding. A method that cannot move at a point that is not
+    stationary stops with status 5 and ``success=False``, saying why.
 
     Returns:
         An :class:`OptimizeResult`. If f or its gradient becomes NaN/Inf, the run stops with

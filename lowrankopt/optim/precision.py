@@ -81,7 +81,7 @@ class Floor:
     """The floor tests of one run. The noise is measured only when a change of f looks like rounding, so runs
     far from the floor pay nothing; it varies slowly along a run, so the last measurement serves as the
     estimate at later points, and a new one is made only to confirm a stop (or at a point's first doubt).
-    Each measurement costs one evaluation of f and its gradient."""
+    Each measurement costs two evaluations of f and one of its gradient (see :func:`measure_noise`)."""
 
     def __init__(self, obj):
         self.obj = obj
