@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from outcome import check_outcome, examples
+from lro_testing import check_outcome, examples
 from reference import matrix_projector, tt_full, tt_projector
 
 from lowrankopt import FixedRankMatrices, FixedTTRank, LowRankMatrix, TangentVector, TensorRing, TensorTrain, TTMatrix

@@ -20,7 +20,7 @@ import pytest
 import torch
 from hypothesis import event, given
 from hypothesis import strategies as st
-from outcome import check_outcome, examples
+from lro_testing import check_outcome, examples
 from reference import matrix_projector, tt_full
 
 from lowrankopt import FixedRankMatrices, TensorTrain, complete, completion_loss, demo, minimize, sample_indices
