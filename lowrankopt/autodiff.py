@@ -24,58 +24,74 @@ from collections.abc import Callable
 
 import torch
 
-from .formats.lowrank import LowRankMatrix
 from .formats.shared_work import shared_work
-from .formats.tt import TensorTrain
-from .manifolds.base import LowRankManifold, check_scalar_output, grad_or_zeros
-from .manifolds.fixed_rank import FixedRankMatrices
+from .manifolds.base import LowRankManifold, manifold_of
 from .manifolds.tangent import TangentVector
-from .manifolds.tt import FixedTTRank
 
-__all__ = ["riemannian_grad", "riemannian_grad_and_hessian", "riemannian_grad_and_hvp", "riemannian_hvp", "manifold_of"]
+__all__ = [
+    "check_scalar_output",
+    "delta_grad",
+    "grad_or_zeros",
+    "manifold_of",
+    "riemannian_grad",
+    "riemannian_grad_and_hessian",
+    "riemannian_grad_and_hvp",
+    "riemannian_hvp",
+]
 
 
-def manifold_of(x) -> LowRankManifold:
-    """The manifold a LowRankMatrix / TensorTrain point lives on (its shape and ranks)."""
-    if isinstance(x, LowRankMatrix):
-        return FixedRankMatrices(x.shape[0], x.shape[1], x.rank)
-    if isinstance(x, TensorTrain):
-        return FixedTTRank(x.shape, list(x.ranks))
-    raise TypeError(f"x must be a LowRankMatrix or a TensorTrain, got {type(x).__name__}")
+def grad_or_zeros(
+    out: torch.Tensor, inputs, create_graph: bool = False, grad_outputs=None, retain_graph: bool | None = None
+) -> list[torch.Tensor]:
+    """torch.autograd.grad that returns zeros for inputs ``out`` does not depend on."""
+    if out.requires_grad:
+        grads = torch.autograd.grad(
+            out,
+            inputs,
+            grad_outputs=grad_outputs,
+            create_graph=create_graph,
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+    else:
+        grads = [None] * len(inputs)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
 
 
-def _resolve(x, manifold):
+def check_scalar_output(val) -> torch.Tensor:
+    """``val`` as a 0-dim tensor; ``TypeError`` unless it is a one-element tensor (what f must return)."""
+    if not isinstance(val, torch.Tensor) or val.numel() != 1:
+        raise TypeError(
+            f"f must return a scalar tensor, got {type(val).__name__}"
+            + (f" of shape {tuple(val.shape)}" if isinstance(val, torch.Tensor) else "")
+        )
+    return val.reshape(())
+
+
+def delta_grad(M: LowRankManifold, x, f: Callable, create_graph: bool = False):
+    """The δ-trick: ``(f(x), ∂f(x + T_x(δ))/∂δ at δ = 0, δ)`` — the raw (un-gauged) δ-gradient, from one evaluation
+    of f on ``M.linearization(x, δ)`` and one backward pass (kept on the tape with ``create_graph``)."""
+    deltas = M.zero_deltas(x, requires_grad=True)
+    with torch.enable_grad():
+        val = check_scalar_output(f(M.linearization(x, deltas)))
+        grads = grad_or_zeros(val, deltas, create_graph=create_graph)
+    return val, grads, deltas
+
+
+def _resolve(x, manifold) -> LowRankManifold:
     M = manifold_of(x) if manifold is None else manifold
-    M._check_point(x)
+    M.check_point(x)
     return M
 
 
-def _regauged(x, seed: int = 0):
-    """The same tensor in another representation (random orthogonal bond transforms)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def orth(r):
-        q = torch.linalg.qr(torch.randn(r, r, dtype=torch.float64, generator=g))[0]
-        return q.to(dtype=x.dtype, device=x.device)
-
-    if isinstance(x, LowRankMatrix):
-        q1, q2 = orth(x.U.shape[1]), orth(x.V.shape[1])
-        return LowRankMatrix._trusted(x.U @ q1, q1.T @ x.S @ q2, x.V @ q2)
-    cores, q_prev = [], None
-    for k, c in enumerate(x.cores):
-        if q_prev is not None:
-            c = torch.tensordot(q_prev.T, c, dims=1)
-        if k < len(x.cores) - 1:
-            q_prev = orth(c.shape[2])
-            c = torch.tensordot(c, q_prev, dims=1)
-        cores.append(c)
-    return TensorTrain._trusted(cores)
-
-
-def _check_invariance(f, x, val: torch.Tensor) -> None:
+def _check_invariance(M: LowRankManifold, f, x, val: torch.Tensor) -> None:
     rtol = math.sqrt(torch.finfo(x.dtype).eps)
+    others = [("x as given", x)]
+    y = M.regauge(x)
+    if y is not None:
+        others.append(("a re-gauged representation of x", y))
     with torch.no_grad():
-        for name, y in (("x as given", x), ("a re-gauged representation of x", _regauged(x))):
+        for name, y in others:
             other = check_scalar_output(f(y)).detach()
             if not torch.isclose(other, val.detach(), rtol=rtol, atol=rtol * 1e-3):
                 raise ValueError(
@@ -106,21 +122,21 @@ def riemannian_grad(
     frames of x (cached on x).
     """
     M = _resolve(x, manifold)
-    val, grads, _ = M._delta_grad(x, f)
+    val, grads, _ = delta_grad(M, x, f)
     if check_invariance:
-        _check_invariance(f, x, val)
-    return val.detach(), TangentVector(M, x, M._gauge(x, [g.detach() for g in grads]))
+        _check_invariance(M, f, x, val)
+    return val.detach(), TangentVector(M, x, M.gauge(x, [g.detach() for g in grads]))
 
 
 def _weingarten(M: LowRankManifold, f: Callable, x, xi: TangentVector, grad: TangentVector) -> list[torch.Tensor]:
     """δ-coordinates of the curvature term W_x(ξ, P^⊥∇f(x)) (see the module docstring)."""
     g_amb = M.to_ambient(x, grad)
-    etas = M._zero_deltas(x)
-    with_point, curvature_only = M._second_fundamental(x, xi, etas)
+    etas = M.zero_deltas(x, requires_grad=True)
+    with_point, curvature_only = M.second_fundamental(x, xi, etas)
     with torch.enable_grad():
-        s = check_scalar_output(f(with_point)) - curvature_only.inner(g_amb)
+        s = check_scalar_output(f(with_point)) - M.ambient_inner(curvature_only, g_amb)
         w = grad_or_zeros(s, etas)
-    return M._gauge(x, [t.detach() for t in w])
+    return M.gauge(x, [t.detach() for t in w])
 
 
 def riemannian_grad_and_hessian(
@@ -136,12 +152,12 @@ def riemannian_grad_and_hessian(
     M = _resolve(x, manifold)
     store: dict = {}
     with shared_work(store):  # the curvature passes reuse index plans, frame interfaces and f's value
-        val, g, deltas = M._delta_grad(x, f, create_graph=True)
-    grad = TangentVector(M, x, M._gauge(x, [gi.detach() for gi in g]))
+        val, g, deltas = delta_grad(M, x, f, create_graph=True)
+    grad = TangentVector(M, x, M.gauge(x, [gi.detach() for gi in g]))
     live = [(gi, i) for i, gi in enumerate(g) if gi.requires_grad]
 
     def hess(v: TangentVector) -> TangentVector:
-        M._check_tangent(x, v)
+        M.check_tangent(x, v)
         # A copy of the memo: what this product adds (its own curvature-pass intermediates) is dropped after.
         with shared_work(dict(store)):
             if live:
@@ -150,7 +166,7 @@ def riemannian_grad_and_hessian(
                 hv = grad_or_zeros(s, deltas, retain_graph=True)
             else:
                 hv = [torch.zeros_like(t) for t in deltas]
-            coords = M._gauge(x, [h.detach() for h in hv])
+            coords = M.gauge(x, [h.detach() for h in hv])
             if curvature:
                 coords = [a + b for a, b in zip(coords, _weingarten(M, f, x, v, grad))]
         return TangentVector(M, x, coords)

@@ -20,9 +20,9 @@ def objects(kind, g):
         M = FixedTTRank((3, 4, 3, 2), (2, 3, 2))
     x = M.random_point(generator=g)
     xi = M.random_tangent(x, generator=g)
-    deltas = [torch.randn(s, dtype=DT, generator=g).requires_grad_(True) for s in M._coord_shapes(x)]
-    lin = M._linearization(x, deltas)
-    with_base, without = M._second_fundamental(x, xi, deltas)
+    deltas = [torch.randn(s, dtype=DT, generator=g).requires_grad_(True) for s in M.coord_shapes]
+    lin = M.linearization(x, deltas)
+    with_base, without = M.second_fundamental(x, xi, deltas)
     return x, deltas, [lin, with_base, without]
 
 

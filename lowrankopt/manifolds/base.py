@@ -1,62 +1,46 @@
-"""What the fixed-rank and fixed-TT-rank manifolds share: tangent-space arithmetic in δ-coordinates
-and the δ-gradient engine (differentiate f at a point through an object linear in δ with detached
-frames; see DESIGN.md, "The delta trick")."""
+"""The manifold protocol: what a manifold of lowrankopt provides, and what every manifold gets for free.
+
+A manifold here is an embedded submanifold of a Euclidean space (the *ambient* space: dense tensors of
+``ambient_shape``) whose points are stored in a factored format (``point_type``) and whose tangent vectors are
+stored in *orthonormal coordinates* (:class:`TangentVector`, a list of tensors of :attr:`coord_shapes`): the
+inner product of two tangent vectors is the dot product of their coordinates. A subclass implements
+
+* **points**: :meth:`check_point`, :attr:`dim`, :meth:`random_point`, :meth:`frames` (the canonical data of a
+  point: orthonormal frames, computed once and cached on the point) and :meth:`from_frames` (a point built from
+  frames taken as they are, so that coordinates refer to exactly those frames);
+* **the gauge**: :meth:`gauge` (the orthogonal projection of raw coordinates onto the coordinates of tangent
+  vectors; for factored points, the horizontal space that fixes the factorization's freedom) and, where a point has
+  more than one factorization, :meth:`regauge` (another factorization of the same point);
+* **the chart**: :meth:`linearization` (``x + T_x(δ)``, an object linear in δ with detached frames, on which
+  autodiff evaluates f: its δ-gradient at 0, gauge-projected, is the Riemannian gradient) and
+  :meth:`second_fundamental` (``Y(η) = D²φ[W(ξ), W(η)]`` of the chart φ whose differential is ``T_x``: the
+  curvature term of the exact Riemannian Hessian);
+* **steps**: :meth:`to_ambient` (ξ as an ambient object), :meth:`retr` (a retraction);
+* **flat parameters**: :meth:`point_parts` (a canonical factorization whose factors have the coordinate shapes)
+  and :meth:`point_from_parts`; with these :meth:`pack_point` / :meth:`unpack_point` / :meth:`pack_tangent` /
+  :meth:`unpack_tangent` turn points and tangent vectors into one flat tensor of :attr:`numel` entries each, in the
+  same coordinates, which is what the geoopt bridge (:class:`~lowrankopt.manifolds.geoopt.GeooptManifold`) needs.
+
+Everything else — tangent-vector construction and arithmetic, inner products, projection of ambient objects,
+transport by projection, packing — is written once, here, in terms of those methods; autodiff
+(:mod:`lowrankopt.autodiff`) uses only the public methods. ``docs/writing-a-manifold.md`` adds a manifold in one
+class.
+"""
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
-from .._checks import check_finite, check_like, check_random_options, check_tensor
+from .._checks import FLOAT_DTYPES, check_finite, check_like, check_random_options, check_tensor
 from .tangent import TangentVector
 
-
-def grad_or_zeros(
-    out: torch.Tensor, inputs, create_graph: bool = False, grad_outputs=None, retain_graph: bool | None = None
-) -> list[torch.Tensor]:
-    """torch.autograd.grad that returns zeros for inputs ``out`` does not depend on."""
-    if out.requires_grad:
-        grads = torch.autograd.grad(
-            out,
-            inputs,
-            grad_outputs=grad_outputs,
-            create_graph=create_graph,
-            retain_graph=retain_graph,
-            allow_unused=True,
-        )
-    else:
-        grads = [None] * len(inputs)
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
-
-
-def check_scalar_output(val) -> torch.Tensor:
-    if not isinstance(val, torch.Tensor) or val.numel() != 1:
-        raise TypeError(
-            f"f must return a scalar tensor, got {type(val).__name__}"
-            + (f" of shape {tuple(val.shape)}" if isinstance(val, torch.Tensor) else "")
-        )
-    return val.reshape(())
-
-
-def check_full_rank(x, bond_scales: Callable[[], Iterable[tuple[str, torch.Tensor]]], needed: str) -> None:
-    """Refuse a point ``x`` at which the curvature term of the exact Hessian does not exist: it divides by the
-    ``scales`` of each ``(where, scales)`` pair of ``bond_scales()`` (singular values of S, or ``|diag R_k|`` at TT bond
-    k), so they must all be clearly nonzero (the smallest > largest · count · eps); otherwise the term would be garbage
-    or a "singular" error from deep inside torch. Checked once per point: a pass is kept in x's cache, next to its
-    frames, so Hessian-vector products at x (many per trust-region step) pay no SVD and no host read."""
-    if x._cache.get("full_rank"):
-        return
-    for where, scales in bond_scales():
-        scales = scales.detach().abs()
-        if float(scales.min()) <= float(scales.max()) * scales.numel() * torch.finfo(scales.dtype).eps:
-            raise ValueError(
-                f"x is rank-deficient{where}: the curvature term needs {needed} exactly "
-                "(use curvature=False, or a point of exact rank)"
-            )
-    x._cache["full_rank"] = True
+Coords = list[torch.Tensor]
 
 
 @contextmanager
@@ -73,45 +57,139 @@ def naming_non_finite(v: TangentVector, name: str = "v") -> Iterator[None]:
         raise
 
 
-class LowRankManifold(ABC):
-    """Base class: a manifold of fixed-rank objects with δ-coordinate tangent vectors.
+def qr_positive(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR (batched) with ``R`` having a non-negative diagonal: unique for full column rank, and ``(A, I)`` up to
+    rounding when ``A`` has orthonormal columns (so re-orthonormalizing is idempotent). Cost ``O(m r²)``."""
+    Q, R = torch.linalg.qr(A)
+    s = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return Q * s[..., None, :], R * s[..., :, None]
 
-    Subclasses set ``point_type`` and ``ambient_shape`` and implement the hooks below.
-    """
+
+def polar(M: torch.Tensor) -> torch.Tensor:
+    """The orthogonal factor of the square ``M`` (the closest orthogonal matrix). Cost ``O(r³)``."""
+    W, _, Zh = torch.linalg.svd(M)
+    return W @ Zh
+
+
+_REGISTRY: list[type] = []  # manifold classes that can infer themselves from a point (see manifold_of)
+
+
+def manifold_of(x) -> LowRankManifold:
+    """The manifold a point lives on, inferred from the point (a LowRankMatrix: its shape and rank; a TensorTrain:
+    its shape and TT-ranks). A manifold class takes part by defining the classmethod ``of(x)``. Points of manifolds
+    that cannot be inferred (a plain tensor on a sphere) need ``manifold=`` where this is used."""
+    for cls in reversed(_REGISTRY):
+        if isinstance(x, cls.point_type):
+            return cls.of(x)
+    kinds = " or ".join(sorted({c.point_type.__name__ for c in _REGISTRY}))
+    raise TypeError(f"x must be a {kinds} (or pass manifold=), got {type(x).__name__}")
+
+
+class LowRankManifold(ABC):
+    """The manifold protocol (see the module docstring); subclasses set :attr:`point_type` and
+    :attr:`ambient_shape` and implement the abstract methods."""
 
     point_type: type
+    ambient_shape: tuple[int, ...]
 
-    # ------------------------------------------------------------------ subclass hooks
-    @abstractmethod
-    def _check_point(self, x, name: str = "x") -> None: ...
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "of" in cls.__dict__:
+            _REGISTRY.append(cls)
 
+    # ------------------------------------------------------------------ the protocol: points
     @abstractmethod
-    def _coord_shapes(self, x) -> list[tuple[int, ...]]: ...
-
-    @abstractmethod
-    def _gauge(self, x, coords) -> list[torch.Tensor]:
-        """Orthogonal projection of raw coordinates onto the gauge (horizontal) subspace."""
-
-    @abstractmethod
-    def _linearization(self, x, deltas):
-        """The object ``x + T_x(δ)`` (frames detached) on which f is differentiated."""
-
-    @abstractmethod
-    def _second_fundamental(self, x, xi: TangentVector, deltas):
-        """Objects ``(x + Y(η), Y(η))`` with ``Y(η) = D²φ[W(ξ), W(η)]`` (see autodiff.py)."""
-
-    @abstractmethod
-    def to_ambient(self, x, v: TangentVector): ...
-
-    @abstractmethod
-    def retr(self, x, v: TangentVector): ...
+    def check_point(self, x, name: str = "x") -> None:
+        """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``x`` is a point of this manifold (type, shape,
+        ranks; metadata only, ``O(1)``)."""
 
     @property
     @abstractmethod
-    def dim(self) -> int: ...
+    def dim(self) -> int:
+        """The dimension of the manifold."""
 
-    def _key(self):
-        return (type(self).__name__,) + tuple(self._dims())
+    @property
+    @abstractmethod
+    def coord_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The shapes of a tangent vector's coordinates (and of the factors :meth:`point_parts` returns)."""
+
+    @abstractmethod
+    def random_point(self, *, dtype: torch.dtype | None = None, device=None, generator: torch.Generator | None = None):
+        """A random point (dtype defaults to ``torch.get_default_dtype()``)."""
+
+    @abstractmethod
+    def frames(self, x) -> Any:
+        """The canonical data of ``x`` (orthonormal frames) that coordinates refer to, computed once and cached on x."""
+
+    @abstractmethod
+    def from_frames(self, frames) -> Any:
+        """A point whose frames are ``frames``, taken as they are (no re-orthogonalization): coordinates at the
+        result refer to exactly these frames. The inverse of :meth:`frames`."""
+
+    # ------------------------------------------------------------------ the protocol: gauge and chart
+    @abstractmethod
+    def gauge(self, x, coords: Sequence[torch.Tensor]) -> Coords:
+        """The orthogonal projection of raw coordinates (of :attr:`coord_shapes`) onto the coordinates of tangent
+        vectors at x. Linear and idempotent."""
+
+    def regauge(self, x, seed: int = 0):
+        """``x`` in another factorization (the same point; ``None`` if points have only one), with random bond
+        rotations drawn from ``seed``: what :mod:`lowrankopt.optim.precision` compares to measure rounding noise.
+        Default: ``None``."""
+        return None
+
+    @abstractmethod
+    def linearization(self, x, deltas: Sequence[torch.Tensor]):
+        """The object ``x + T_x(δ)`` (frames detached, linear in the δ of :attr:`coord_shapes`) on which autodiff
+        evaluates f: ``∂f(x + T_x(δ))/∂δ`` at δ = 0, gauge-projected, is the Riemannian gradient."""
+
+    @abstractmethod
+    def second_fundamental(self, x, xi: TangentVector, deltas: Sequence[torch.Tensor]) -> tuple[Any, Any]:
+        """``(x + Y(η), Y(η))`` with ``Y(η) = D²φ[W(ξ), W(η)]`` linear in ``η = deltas`` (φ: the chart whose
+        differential at 0 is ``T_x``). Autodiff's curvature term is the δ-gradient in η of
+        ``f(x + Y(η)) − <P_x ∇f(x), Y(η)>`` (see :mod:`lowrankopt.autodiff`)."""
+
+    def ambient_inner(self, a, b) -> torch.Tensor:
+        """``<a, b>`` of two ambient objects (format objects: their ``inner``; tensors: the sum of products)."""
+        return a.inner(b) if hasattr(a, "inner") else (a * b).sum()
+
+    # ------------------------------------------------------------------ the protocol: steps
+    @abstractmethod
+    def to_ambient(self, x, v: TangentVector):
+        """ξ as an ambient object (a format object of small rank, or a tensor)."""
+
+    @abstractmethod
+    def retr(self, x, v: TangentVector):
+        """A retraction: a point near ``x + ξ``."""
+
+    def rank_defect(self, x) -> str | None:
+        """Why ``x``'s chart is singular (``" at bond k"``-style reason: a rank lower than the manifold's), or
+        ``None``. Default: never."""
+        return None
+
+    # ------------------------------------------------------------------ the protocol: flat parameters
+    @abstractmethod
+    def point_parts(self, x, like: Sequence[torch.Tensor] | None = None) -> Coords:
+        """A canonical factorization of ``x`` whose factors have the :attr:`coord_shapes` (detached), such that
+        :meth:`point_from_parts` gives x back with tangent coordinates in the frames of these factors. With
+        ``like`` (the parts of a nearby point), the factorization closest to ``like`` (rotated within the gauge), so
+        that coordinates of consecutive iterates stay comparable."""
+
+    @abstractmethod
+    def point_from_parts(self, parts: Sequence[torch.Tensor]):
+        """The point with the factors ``parts`` (as :meth:`point_parts` returns them, taken as they are)."""
+
+    def canonical_parts(self, parts: Sequence[torch.Tensor]) -> Coords:
+        """Parts of any factorization (e.g. with non-orthonormal frames) brought to the canonical one of the same
+        point. Default: through :meth:`point_parts` of the point of :meth:`point_from_parts`."""
+        return self.point_parts(self.point_from_parts(parts))
+
+    def _key(self) -> tuple:
+        return (type(self).__name__, *self._dims())
+
+    def _dims(self) -> tuple:
+        return (self.ambient_shape,)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, LowRankManifold) and self._key() == other._key()
@@ -119,8 +197,8 @@ class LowRankManifold(ABC):
     def __hash__(self) -> int:
         return hash(self._key())
 
-    # ------------------------------------------------------------------ tangent vectors
-    def _check_tangent(self, x, v, name: str = "v") -> None:
+    # ------------------------------------------------------------------ tangent vectors (generic)
+    def check_tangent(self, x, v, name: str = "v") -> None:
         """``v`` is a TangentVector at ``x`` whose coordinates have x's dtype and device (metadata only: no reduction,
         no host read, as this runs on every step; finiteness is checked where vectors are built, :meth:`tangent`, and
         named by :func:`naming_non_finite` where a retraction fails on it)."""
@@ -131,90 +209,87 @@ class LowRankManifold(ABC):
         for i, c in enumerate(v.coords):
             check_like(f"{name}.coords[{i}]", c, "x", x)
 
-    def tangent(self, x, coords) -> TangentVector:
+    def tangent(self, x, coords: Sequence[torch.Tensor]) -> TangentVector:
         """The tangent vector with the given raw coordinates after the gauge projection.
 
-        ``coords`` must have the shapes of :meth:`zero_tangent`'s coordinates, x's dtype and device, and finite
-        entries (else ``ValueError``/``TypeError`` naming the coordinate). Cost ``O(dim · r)``.
+        ``coords`` must have the :attr:`coord_shapes`, x's dtype and device, and finite entries (else
+        ``ValueError``/``TypeError`` naming the coordinate). Cost: one :meth:`gauge` (``O(dim · r)``).
         """
-        self._check_point(x)
-        shapes = self._coord_shapes(x)
+        self.check_point(x)
+        shapes = self.coord_shapes
         coords = list(coords)
         for i, c in enumerate(coords):
             check_tensor(f"coords[{i}]", c, finite=False)
         if len(coords) != len(shapes) or any(tuple(c.shape) != s for c, s in zip(coords, shapes)):
-            raise ValueError(f"coords must have shapes {shapes}, got {[tuple(c.shape) for c in coords]}")
+            raise ValueError(f"coords must have shapes {list(shapes)}, got {[tuple(c.shape) for c in coords]}")
         for i, c in enumerate(coords):
             check_like(f"coords[{i}]", c, "x", x)
         check_finite([(f"coords[{i}]", c) for i, c in enumerate(coords)])
-        return TangentVector(self, x, self._gauge(x, coords))
+        return TangentVector(self, x, self.gauge(x, coords))
+
+    def zero_deltas(self, x, requires_grad: bool = False) -> Coords:
+        """Zero coordinates of :attr:`coord_shapes` with x's dtype and device. Cost ``O(numel)``."""
+        return [
+            torch.zeros(s, dtype=x.dtype, device=x.device, requires_grad=requires_grad) for s in self.coord_shapes
+        ]
 
     def zero_tangent(self, x) -> TangentVector:
-        """The zero vector of T_x. Cost ``O(dim)``."""
-        self._check_point(x)
-        return TangentVector(self, x, [torch.zeros(s, dtype=x.dtype, device=x.device) for s in self._coord_shapes(x)])
+        """The zero vector of T_x. Cost ``O(numel)``."""
+        self.check_point(x)
+        return TangentVector(self, x, self.zero_deltas(x))
 
     def random_tangent(self, x, generator: torch.Generator | None = None) -> TangentVector:
-        """A unit-norm tangent vector with Gaussian (isotropic in T_x) direction. Cost ``O(dim · r)``."""
-        self._check_point(x)
+        """A unit-norm tangent vector with Gaussian (isotropic in T_x) direction. Cost: one :meth:`gauge`."""
+        self.check_point(x)
         _, _, gdev = check_random_options(x.dtype, x.device, generator)
-        raw = [
-            torch.randn(s, dtype=x.dtype, device=gdev, generator=generator).to(x.device) for s in self._coord_shapes(x)
-        ]
-        v = TangentVector(self, x, self._gauge(x, raw))
+        raw = [torch.randn(s, dtype=x.dtype, device=gdev, generator=generator).to(x.device) for s in self.coord_shapes]
+        v = TangentVector(self, x, self.gauge(x, raw))
         return v / v.norm()
 
     def inner(self, x, u: TangentVector, v: TangentVector) -> torch.Tensor:
-        """Riemannian (Euclidean, induced) inner product; the δ-coordinates are orthonormal so this is
-        the coordinate dot product. Cost ``O(dim)``."""
-        self._check_tangent(x, u, "u")
-        self._check_tangent(x, v, "v")
+        """Riemannian (Euclidean, induced) inner product; the coordinates are orthonormal so this is the coordinate
+        dot product. Cost ``O(numel)``."""
+        self.check_tangent(x, u, "u")
+        self.check_tangent(x, v, "v")
         return u.inner(v)
 
     def norm(self, x, u: TangentVector) -> torch.Tensor:
-        self._check_tangent(x, u, "u")
+        """``‖u‖``. Cost ``O(numel)``."""
+        self.check_tangent(x, u, "u")
         return u.norm()
-
-    # ------------------------------------------------------------------ δ-gradients
-    def _zero_deltas(self, x) -> list[torch.Tensor]:
-        return [torch.zeros(s, dtype=x.dtype, device=x.device, requires_grad=True) for s in self._coord_shapes(x)]
-
-    def _delta_grad(self, x, f, create_graph: bool = False):
-        """``(f(x), ∂f(x + T_x(δ))/∂δ at δ = 0, δ)`` — the raw (un-gauged) δ-gradient."""
-        deltas = self._zero_deltas(x)
-        with torch.enable_grad():
-            val = check_scalar_output(f(self._linearization(x, deltas)))
-            grads = grad_or_zeros(val, deltas, create_graph=create_graph)
-        return val, grads, deltas
 
     def proj(self, x, z) -> TangentVector:
         """Orthogonal projection of ``z`` onto T_x.
 
-        ``z`` may be a dense tensor of the ambient shape (cost ``O(N r)``, N = its number of
-        entries), a LowRankMatrix / TensorTrain of rank ``r_z`` (cost ``O((m + n) r r_z)`` /
-        ``O(d n r r_z (r + r_z))``, never densified), or a TangentVector (transported by projection, as
-        :meth:`transp`: not checked for NaN/Inf, which a linear map carries over to the result).
-        Computed as the gauged δ-gradient of the linear function ``<z, ·>``. ``z`` must have x's dtype and device;
-        a dense ``z`` must have finite entries.
+        ``z`` may be a dense tensor of the ambient shape, an object of the point format (never densified), or a
+        TangentVector (transported by projection, as :meth:`transp`: not checked for NaN/Inf, which a linear map
+        carries over to the result). ``z`` must have x's dtype and device; a dense ``z`` must have finite entries.
+        Computed as the gauged δ-gradient of the linear function ``<z, x + T_x(δ)>`` (one backward pass through
+        :meth:`linearization`: for a format object of rank ``r_z`` ``O((m + n) r r_z)`` / ``O(d n r r_z (r + r_z))``,
+        for a dense one ``O(N r)``, N its number of entries).
         """
-        self._check_point(x)
+        self.check_point(x)
         if isinstance(z, TangentVector):
             if z.base is x:
                 return z
-            z.manifold._check_tangent(z.base, z, "z")
+            z.manifold.check_tangent(z.base, z, "z")
             return self.proj(x, z.manifold.to_ambient(z.base, z))
         self._check_ambient(x, z)
-        _, grads, _ = self._delta_grad(x, lambda Y: Y.inner(z))
-        return TangentVector(self, x, self._gauge(x, [g.detach() for g in grads]))
+        deltas = self.zero_deltas(x, requires_grad=True)
+        with torch.enable_grad():
+            s = self.ambient_inner(self.linearization(x, deltas), z)
+            grads = torch.autograd.grad(s, deltas, allow_unused=True) if s.requires_grad else [None] * len(deltas)
+        coords = [torch.zeros_like(d) if g is None else g.detach() for g, d in zip(grads, deltas)]
+        return TangentVector(self, x, self.gauge(x, coords))
 
     def transp(self, x, y, v: TangentVector) -> TangentVector:
-        """Vector transport from T_x to T_y by orthogonal projection of the ambient vector.
+        """Vector transport from T_x to T_y by orthogonal projection of the ambient vector (see :meth:`proj`).
 
         A linear map of v, computed without a factorization: coordinates with NaN/Inf give a vector with NaN/Inf
         coordinates (not checked: a check would cost a reduction and a host read per step; :meth:`tangent` refuses
         such coordinates and :meth:`retr` names them)."""
-        self._check_tangent(x, v)
-        self._check_point(y, "y")
+        self.check_tangent(x, v)
+        self.check_point(y, "y")
         check_like("y", y, "x", x)
         return self.proj(y, self.to_ambient(x, v))
 
@@ -227,3 +302,91 @@ class LowRankManifold(ABC):
         if tuple(z.shape) != tuple(self.ambient_shape):
             raise ValueError(f"z must have shape {tuple(self.ambient_shape)}, got {tuple(z.shape)}")
         check_like("z", z, "x", x)
+
+    def check_full_rank(self, x, needed: str) -> None:
+        """Refuse a point at which the chart is singular (:meth:`rank_defect`): the curvature term of the exact
+        Hessian divides by what vanishes there. Checked once per point: a pass is kept in x's cache, next to its
+        frames, so Hessian-vector products at x (many per trust-region step) pay no factorization and no host read."""
+        cache = getattr(x, "_cache", None)
+        if cache is not None and cache.get("full_rank"):
+            return
+        reason = self.rank_defect(x)
+        if reason is not None:
+            raise ValueError(
+                f"x is rank-deficient{reason}: the curvature term needs {needed} exactly "
+                "(use curvature=False, or a point of exact rank)"
+            )
+        if cache is not None:
+            cache["full_rank"] = True
+
+    # ------------------------------------------------------------------ flat parameters (generic)
+    @property
+    def numel(self) -> int:
+        """Entries of a packed point and of a packed tangent vector (``Σ`` of the :attr:`coord_shapes`)."""
+        return sum(math.prod(s) for s in self.coord_shapes)
+
+    def split(self, flat: torch.Tensor) -> Coords:
+        """A flat tensor ``(..., numel)`` as views of :attr:`coord_shapes` (leading dims kept). ``O(1)``."""
+        lead, parts, pos = flat.shape[:-1], [], 0
+        for s in self.coord_shapes:
+            k = math.prod(s)
+            parts.append(flat[..., pos : pos + k].reshape(*lead, *s))
+            pos += k
+        return parts
+
+    def join(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Parts of :attr:`coord_shapes` (common leading dims broadcast) as one flat tensor ``(..., numel)``."""
+        shapes = self.coord_shapes
+        lead = torch.broadcast_shapes(*(p.shape[: p.dim() - len(s)] for p, s in zip(parts, shapes)))
+        return torch.cat([p.expand(*lead, *s).reshape(*lead, -1) for p, s in zip(parts, shapes)], -1)
+
+    def pack_point(self, x) -> torch.Tensor:
+        """``x`` as one flat tensor of :attr:`numel` entries: its canonical factors (:meth:`point_parts`; a point
+        from :meth:`unpack_point` round-trips exactly). Detached."""
+        self.check_point(x)
+        return self.join(self.point_parts(x))
+
+    def unpack_point(self, flat: torch.Tensor):
+        """The point of a packed tensor, with frames built from the packed factors as they are (a copy)."""
+        self._check_flat("flat", flat)
+        return self.point_from_parts([p.clone() for p in self.split(flat.detach())])
+
+    def pack_tangent(self, v: TangentVector) -> torch.Tensor:
+        """A tangent vector's coordinates as one flat tensor (at a point from :meth:`unpack_point`: in the frames
+        of the packed factors). Detached; ``O(numel)``."""
+        if not isinstance(v, TangentVector):
+            raise TypeError(f"v must be a TangentVector, got {type(v).__name__}")
+        if v.manifold != self:
+            raise ValueError(f"v lives on {v.manifold!r}, not on {self!r}")
+        return self.join([c.detach() for c in v.coords])
+
+    def unpack_tangent(self, x, flat: torch.Tensor) -> TangentVector:
+        """The tangent vector at ``x`` with the packed coordinates ``flat`` (projected onto the gauge)."""
+        self.check_point(x)
+        self._check_flat("flat", flat)
+        check_like("flat", flat, "x", x)
+        return TangentVector(self, x, self.gauge(x, self.split(flat.detach())))
+
+    def _check_flat(self, name: str, t) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32 or float64, got {t.dtype}")
+        if tuple(t.shape) != (self.numel,):
+            raise ValueError(f"{name} must have shape ({self.numel},) (packed {self!r}), got {tuple(t.shape)}")
+
+    # ------------------------------------------------------------------ deprecated private names (0.1)
+    def _check_point(self, x, name: str = "x") -> None:
+        self.check_point(x, name)
+
+    def _check_tangent(self, x, v, name: str = "v") -> None:
+        self.check_tangent(x, v, name)
+
+    def _gauge(self, x, coords) -> Coords:
+        return self.gauge(x, coords)
+
+
+def default_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """``dtype``, or torch's default dtype when None (as torch's factories do)."""
+    return torch.get_default_dtype() if dtype is None else dtype
+

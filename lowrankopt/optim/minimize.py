@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..autodiff import manifold_of
+from ..manifolds import LowRankManifold, manifold_of
 from .line_search import BETA_RULES, line_search_descent
 from .objective import Objective
 from .result import OptimizeResult
@@ -116,8 +116,8 @@ def minimize(
     opts = {**allowed, **options}
     M = manifold_of(x0) if manifold is None else manifold
     obj = Objective(f, M, grad=grad, hvp=hvp, curvature=curvature)
-    if hasattr(M, "_check_point"):
-        M._check_point(x0, "x0")
+    if isinstance(M, LowRankManifold):
+        M.check_point(x0, "x0")
     _validate(method, opts, obj)
     common = {k: opts.pop(k) for k in _COMMON}
     run = Run(method, obj, columns=_COLUMNS[method], **common)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..autodiff import riemannian_grad, riemannian_grad_and_hessian
-from ..manifolds.base import LowRankManifold, check_scalar_output
+from ..autodiff import check_scalar_output, riemannian_grad, riemannian_grad_and_hessian
+from ..manifolds.base import LowRankManifold
 
 
 @dataclass

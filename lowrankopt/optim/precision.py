@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..autodiff import _regauged
 from ..manifolds.base import LowRankManifold
 
 # The gradient is rounding noise when ‖g‖ ≤ FLOOR_RATIO · ‖g − P_x g'‖. For pure noise the ratio is about
@@ -58,12 +57,15 @@ def measure_noise(obj, loc) -> Noise | None:
     one x'' too, because two values of f can round to the same number by chance: f's noise is the largest of
     the three differences. Cost: two evaluations of f and one of its gradient (counted in ``obj``'s counters),
     two re-factorizations (``O((m + n) r²)`` / ``O(d n r³)``) and one transport. ``None`` on a manifold that is
-    not lowrankopt's (its points have no known second factorization).
+    not lowrankopt's, or whose points have one factorization only (:meth:`~lowrankopt.manifolds.LowRankManifold.regauge`
+    gives None).
     """
     M = obj.manifold
     if not isinstance(M, LowRankManifold):
         return None
-    y, z = _regauged(loc.x, 1), _regauged(loc.x, 2)
+    y, z = M.regauge(loc.x, 1), M.regauge(loc.x, 2)
+    if y is None:
+        return None
     other, f_z = obj.local(y), obj.value(z)
     if not (other.finite and math.isfinite(f_z)):
         return None
