@@ -1,4 +1,16 @@
-"""lowrankopt: Riemannian optimization on low-rank matrix and tensor-train manifolds, in PyTorch."""
+"""lowrankopt: Riemannian optimization on low-rank matrix and tensor-train manifolds, in PyTorch.
+
+The core (formats, manifolds, autodiff, optim, completion) is imported with the package. The other subpackages
+(``lowrankopt.nn``, ``.spectral``, ``.stats``, ``.cross``, ``.distributed``, ``.benchmarks``) and the geoopt bridge
+(:class:`GeooptFixedRank`, :class:`GeooptFixedTTRank`, which import geoopt) are loaded on first attribute access
+(PEP 562), so ``import lowrankopt as lro; lro.nn.STTPLinear`` works and ``import lowrankopt`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
 
 from .allocator import tune_cpu_allocator
 from .autodiff import (
@@ -11,8 +23,11 @@ from .autodiff import (
 from .completion import complete, completion_loss, sample_indices
 from .formats import LowRankMatrix, TensorRing, TensorTrain, TTMatrix
 from .manifolds import FixedRankMatrices, FixedTTRank, TangentVector
-from .manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank
 from .optim import OptimizeResult, minimize
+
+if TYPE_CHECKING:  # what __getattr__ loads lazily, spelled out for type checkers and IDEs
+    from . import benchmarks, cross, distributed, formats, manifolds, nn, optim, spectral, stats
+    from .manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank
 
 __version__ = "0.1.0"
 
@@ -38,3 +53,29 @@ __all__ = [
     "sample_indices",
     "tune_cpu_allocator",
 ]
+
+# Subpackages reachable as attributes (``lro.nn``) without an explicit import; the first access imports them (the
+# core ones, formats/manifolds/optim, are already loaded by the imports above and never reach __getattr__).
+_SUBMODULES = frozenset(
+    {"benchmarks", "cross", "distributed", "formats", "manifolds", "nn", "optim", "spectral", "stats"}
+)
+# Names of __all__ defined in a module loaded on first access: name -> module (relative to this package).
+_LAZY_NAMES = {
+    "GeooptFixedRank": ".manifolds.geoopt",  # geoopt costs ~0.7 s at import, a third of `import lowrankopt`
+    "GeooptFixedTTRank": ".manifolds.geoopt",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Module attribute fallback (PEP 562), called only for names not already in the module's namespace."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # the import also binds it in globals()
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)
+        globals()[name] = value  # later accesses skip __getattr__
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}", name=name, obj=sys.modules[__name__])
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _SUBMODULES | set(_LAZY_NAMES))
