@@ -25,8 +25,16 @@ from .formats import LowRankMatrix, TensorRing, TensorTrain, TTMatrix
 from .manifolds import FixedRankMatrices, FixedTTRank, TangentVector
 from .optim import OptimizeResult, minimize
 
-if TYPE_CHECKING:  # what __getattr__ loads lazily, spelled out for type checkers and IDEs
-    from . import benchmarks, cross, distributed, formats, manifolds, nn, optim, spectral, stats
+if TYPE_CHECKING:  # what __getattr__ loads lazily, for type checkers and IDEs (`import x as x`: an explicit re-export)
+    from . import benchmarks as benchmarks
+    from . import cross as cross
+    from . import distributed as distributed
+    from . import formats as formats
+    from . import manifolds as manifolds
+    from . import nn as nn
+    from . import optim as optim
+    from . import spectral as spectral
+    from . import stats as stats
     from .manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank
 
 __version__ = "0.1.0"
