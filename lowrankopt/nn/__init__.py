@@ -1,7 +1,10 @@
 """Layers whose weights live on low-rank manifolds: low-rank and TT linear layers (trained with geoopt's
 Riemannian optimizers), the spectral tensor-train parameterization (STTP) of linear and conv layers,
 Group-and-Shuffle (GS) matrices, TT convolutions with exactly controllable singular values, and T-Basis (all
-weights of a network as tensor rings over one shared basis)."""
+weights of a network as tensor rings over one shared basis).
+
+Every converter (``convert_to_sttp``, ``convert_to_tt_conv``, ``convert_to_tbasis``, ``convert_to_gsoft``) selects
+and replaces modules through :mod:`lowrankopt.nn.surgery` (PEFT's ``target_modules`` / ``exclude_modules``)."""
 
 from .gs import GSMatrix, GSOrthogonal, gs_matmul, gs_project
 from .gs_conv import (
@@ -16,12 +19,14 @@ from .gs_conv import (
 from .gsoft import (
     GSOFTConfig,
     GSOFTLinear,
+    convert_to_gsoft,
     disable_adapters,
     gsoft_state_dict,
     inject_gsoft,
     load_gsoft_state_dict,
     merge_adapter,
     merge_and_unload,
+    unload,
     unmerge_adapter,
 )
 from .lowrank import LowRankLinear, TTLinear
@@ -30,10 +35,17 @@ from .sttp import (
     STTPLinear,
     SVDPConv2d,
     SVDPLinear,
-    count_parameters,
+    convert_to_sttp,
     dopt_penalty,
     sttp_convert,
     sttp_to_dense,
+)
+from .surgery import (
+    convert_to_dense,
+    count_parameters,
+    replace_modules,
+    restore_modules,
+    select_modules,
 )
 from .tbasis import (
     TBasis,
@@ -41,11 +53,12 @@ from .tbasis import (
     TBasisFactory,
     TBasisLinear,
     Tensorization,
+    convert_to_tbasis,
     tbasis_convert,
     tbasis_parameter_count,
     tbasis_penalty,
 )
-from .tt_conv import TTConv2d, tt_conv_convert, tt_conv_orthogonalize_, tt_conv_penalty
+from .tt_conv import TTConv2d, convert_to_tt_conv, tt_conv_convert, tt_conv_orthogonalize_, tt_conv_penalty
 
 __all__ = [
     "TBasis",
@@ -74,6 +87,11 @@ __all__ = [
     "certified_accuracy",
     "certified_radius",
     "channel_shuffle",
+    "convert_to_dense",
+    "convert_to_gsoft",
+    "convert_to_sttp",
+    "convert_to_tbasis",
+    "convert_to_tt_conv",
     "count_parameters",
     "disable_adapters",
     "dopt_penalty",
@@ -84,10 +102,14 @@ __all__ = [
     "load_gsoft_state_dict",
     "merge_adapter",
     "merge_and_unload",
+    "replace_modules",
+    "restore_modules",
+    "select_modules",
     "sttp_convert",
     "sttp_to_dense",
     "tt_conv_convert",
     "tt_conv_orthogonalize_",
     "tt_conv_penalty",
+    "unload",
     "unmerge_adapter",
 ]

@@ -6,9 +6,9 @@ A frozen linear layer ``y = W x + b`` becomes ``y = s ⊙ (Q_out W Q_in x) + b``
 model at injection. One-sided GSOFT rotates the input side (the right singular vectors of W); double GSOFT
 also rotates the output side (Gorbunov et al., NeurIPS 2024).
 
-API in PEFT's style: :class:`GSOFTConfig`, :func:`inject_gsoft` (in place, freezes everything but the adapters),
-:func:`merge_adapter` / :func:`unmerge_adapter`, :func:`merge_and_unload`, :func:`disable_adapters` (a context
-manager), :func:`gsoft_state_dict` / :func:`load_gsoft_state_dict`.
+API in PEFT's style: :class:`GSOFTConfig`, :func:`convert_to_gsoft` (in place, freezes everything but the
+adapters), :func:`merge_adapter` / :func:`unmerge_adapter`, :func:`merge_and_unload` / :func:`unload`,
+:func:`disable_adapters` (a context manager), :func:`gsoft_state_dict` / :func:`load_gsoft_state_dict`.
 
 Cost per adapted layer and vector: ``O(n_in b)`` (+ ``O(n_out b)`` double) on top of the frozen ``W x``;
 parameters ``n_in (b − 1)`` (+ ``n_out (b − 1)``) + ``n_out`` (scale).
@@ -17,7 +17,6 @@ parameters ``n_in (b − 1)`` (+ ``n_out (b − 1)``) + ``n_out`` (scale).
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -25,17 +24,21 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import as_positive_int
+from ._common import _deprecated_alias
 from .gs import MAPS, GSMatrix, GSOrthogonal
+from .surgery import Targets, replace_modules, restore_modules, select_modules, tied_parameters
 
 __all__ = [
     "GSOFTConfig",
     "GSOFTLinear",
+    "convert_to_gsoft",
     "disable_adapters",
     "gsoft_state_dict",
     "inject_gsoft",
     "load_gsoft_state_dict",
     "merge_adapter",
     "merge_and_unload",
+    "unload",
     "unmerge_adapter",
 ]
 
@@ -49,9 +52,11 @@ class GSOFTConfig:
     Attributes:
         block_size: b, the GS block size (give this or ``r``); it must divide the adapted sizes.
         r: the number of blocks (``block_size = n / r`` per layer).
-        target_modules: qualified-name suffixes (``"q_proj"`` matches ``"layer.0.attn.q_proj"``), a regex
-            string matched against the whole name, or ``"all-linear"``.
-        exclude_modules: the same forms, for names to leave alone.
+        target_modules: which layers, as PEFT selects them (:func:`~lowrankopt.nn.surgery.select_modules`):
+            qualified-name suffixes on whole components (``"q_proj"`` matches ``"layer.0.attn.q_proj"``), a regex
+            string matched against the whole name, ``"all-linear"`` (every linear layer but the output layer a
+            Hugging Face model names) or a predicate ``fn(name, module) -> bool``.
+        exclude_modules: the same forms, for layers to leave alone.
         double: also rotate the output side (``Q_out W Q_in``).
         scale: learn a per-output scale s (initialized to 1).
         bias: ``"none"`` (frozen), ``"all"`` (every bias trainable) or ``"gsoft_only"`` (biases of adapted layers).
@@ -63,8 +68,8 @@ class GSOFTConfig:
 
     block_size: int | None = None
     r: int | None = None
-    target_modules: str | Sequence[str] | None = None
-    exclude_modules: str | Sequence[str] | None = None
+    target_modules: Targets | None = None
+    exclude_modules: Targets | None = None
     double: bool = False
     scale: bool = True
     bias: str = "none"
@@ -83,12 +88,16 @@ class GSOFTConfig:
         if self.bias not in ("none", "all", "gsoft_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'gsoft_only', got {self.bias!r}")
         if self.target_modules is None:
-            raise ValueError("target_modules is required (names, a regex, or 'all-linear')")
+            raise ValueError("target_modules is required (names, a regex, 'all-linear' or a predicate)")
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             spec = getattr(self, name)
             names = isinstance(spec, Sequence) and all(isinstance(s, str) for s in spec)
-            if spec is not None and not isinstance(spec, str) and not names:
-                raise TypeError(f"{name} must be a regex string or a sequence of names (strings), got {spec!r}")
+            predicate = callable(spec) and name != "modules_to_save"
+            if spec is not None and not isinstance(spec, str) and not names and not predicate:
+                forms = "a regex string or a sequence of names (strings)" + (
+                    ", or a predicate" if name[0] != "m" else ""
+                )
+                raise TypeError(f"{name} must be {forms}, got {spec!r}")
         for name in ("double", "scale", "fan_in_fan_out"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -103,14 +112,6 @@ class GSOFTConfig:
                 f"{name}: size {n} is not divisible into blocks (block_size={self.block_size}, r={self.r})"
             )
         return b
-
-
-def _matches(name: str, spec) -> bool:
-    if spec is None:
-        return False
-    if isinstance(spec, str):
-        return spec != "all-linear" and re.fullmatch(spec, name) is not None
-    return any(name == s or name.endswith("." + s) for s in spec)
 
 
 def _q_form(q: GSOrthogonal, L: torch.Tensor, R: torch.Tensor) -> GSMatrix:
@@ -396,52 +397,70 @@ def _adapted(model: torch.nn.Module) -> Iterator[tuple[str, GSOFTLinear]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, GSOFTLinear))
 
 
-def inject_gsoft(model: torch.nn.Module, config: GSOFTConfig) -> dict[str, GSOFTLinear]:
-    """Wrap the targeted linear layers of ``model`` with GSOFT adapters, in place, and freeze all other
-    parameters (except biases per ``config.bias`` and ``config.modules_to_save``).
+def _gsoft_eligible(config: GSOFTConfig):
+    """What GSOFT adapts: ``nn.Linear``; with ``fan_in_fan_out``, also any module with a 2-D ``(in, out)`` weight but an
+    embedding (GPT-2's ``Conv1D``)."""
 
-    Targets: ``nn.Linear`` modules (and, with ``fan_in_fan_out``, any module with an ``(in, out)`` weight)
-    whose qualified name matches ``target_modules`` and not ``exclude_modules``. Raises ``ValueError`` if
-    nothing matches or a size is not divisible by the block size (the model is then unchanged).
-    Returns ``{name: adapter layer}``.
-    """
-    if not isinstance(config, GSOFTConfig):
-        raise TypeError(f"config must be a GSOFTConfig, got {type(config).__name__}")
-    if any(True for _ in _adapted(model)):
-        raise ValueError("model already has GSOFT adapters")
-    all_linear = config.target_modules == "all-linear"
-    targets = []
-    for name, m in model.named_modules():
+    def eligible(m: torch.nn.Module) -> bool:
         w = getattr(m, "weight", None)
-        linear_like = isinstance(m, torch.nn.Linear) or (
+        return isinstance(m, torch.nn.Linear) or (
             config.fan_in_fan_out
             and isinstance(w, torch.Tensor)
             and w.dim() == 2
             and not isinstance(m, torch.nn.Embedding)
         )
-        if not linear_like or not name:
-            continue
-        if (all_linear or _matches(name, config.target_modules)) and not _matches(name, config.exclude_modules):
-            targets.append((name, m))
+
+    return eligible
+
+
+def convert_to_gsoft(model: torch.nn.Module, config: GSOFTConfig) -> dict[str, GSOFTLinear]:
+    """Wrap the targeted linear layers of ``model`` with GSOFT adapters, in place, and freeze all other
+    parameters (except biases per ``config.bias`` and ``config.modules_to_save``).
+
+    Targets: ``nn.Linear`` modules (and, with ``fan_in_fan_out``, any module with an ``(in, out)`` weight) selected by
+    ``target_modules`` and not by ``exclude_modules`` (:func:`~lowrankopt.nn.surgery.select_modules`, PEFT's forms).
+    Raises ``ValueError`` if nothing matches or a size is not divisible by the block size (the model is then
+    unchanged: :func:`~lowrankopt.nn.surgery.replace_modules`). A layer used at several places gets one adapter, used
+    at all of them; the base layers keep their parameters, so tied weights stay tied (:func:`merge_adapter` refuses
+    to merge into a tied weight). Returns ``{name: adapter layer}``. Cost: building the adapters (``O(n b)`` each).
+    """
+    if not isinstance(config, GSOFTConfig):
+        raise TypeError(f"config must be a GSOFTConfig, got {type(config).__name__}")
+    if any(True for _ in _adapted(model)):
+        raise ValueError("model already has GSOFT adapters")
+    targets = select_modules(model, config.target_modules, config.exclude_modules, eligible=_gsoft_eligible(config))
     if not targets:
         raise ValueError(f"no module matches target_modules={config.target_modules!r}")
-    wrapped = {name: GSOFTLinear(m, config, name) for name, m in targets}  # all built before any swap
+    wrapped = replace_modules(model, targets, lambda name, m: GSOFTLinear(m, config, name))
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, layer in wrapped.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    for layer in wrapped.values():
         for pname, p in layer.named_parameters():
             p.requires_grad_(pname.startswith(PREFIX) or (config.bias == "gsoft_only" and pname == "base_layer.bias"))
     if config.bias == "all":
         for pname, p in model.named_parameters():
             if pname.endswith("bias"):
                 p.requires_grad_(True)
-    for name, m in model.named_modules():
-        if _matches(name, config.modules_to_save):
+    if config.modules_to_save is not None:
+        for m in select_modules(model, config.modules_to_save).values():
             for p in m.parameters():
                 p.requires_grad_(True)
     return wrapped
+
+
+inject_gsoft = _deprecated_alias(convert_to_gsoft, "inject_gsoft")
+
+
+def _refuse_tied(model: torch.nn.Module, layers: list[tuple[str, GSOFTLinear]]) -> None:
+    """Merging writes the base weight in place: refused (``ValueError``, before any write) for a base weight tied to
+    another place of the model, which would change there too. Cost ``O(modules + parameters)`` per layer."""
+    for name, layer in layers:
+        others = tied_parameters(model, layer).get("base_layer.weight")
+        if others:
+            raise ValueError(
+                f"{name}.base_layer.weight is tied to {others[0]}: merging would change it there too; nothing was "
+                "merged (untie the weights first)"
+            )
 
 
 def merge_adapter(model: torch.nn.Module) -> None:
@@ -449,7 +468,9 @@ def merge_adapter(model: torch.nn.Module) -> None:
     (nearly) zero scale entry, a non-finite result), no weight has changed. Cost per layer: one ``O(n_out n_in b)``
     pass (two for a weight near the largest float, whose result cannot be proven finite beforehand) plus
     ``O(n_out n_in + n b²)`` of checks; extra memory: one weight."""
-    _merge_all([layer for _, layer in _adapted(model)], merge=True)
+    adapted = list(_adapted(model))
+    _refuse_tied(model, [(n, layer) for n, layer in adapted if not layer.merged])
+    _merge_all([layer for _, layer in adapted], merge=True)
 
 
 def unmerge_adapter(model: torch.nn.Module) -> None:
@@ -459,12 +480,19 @@ def unmerge_adapter(model: torch.nn.Module) -> None:
 
 
 def merge_and_unload(model: torch.nn.Module) -> torch.nn.Module:
-    """Merge the adapters (all or none) and put the plain base layers back (in place); returns ``model``. Cost as
-    :func:`merge_adapter`'s."""
+    """Merge the adapters (all or none) and put the plain base layers back at every place (in place,
+    :func:`~lowrankopt.nn.surgery.restore_modules`); returns ``model``. Cost as :func:`merge_adapter`'s."""
     merge_adapter(model)
-    for name, layer in list(_adapted(model)):
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+    restore_modules(model, GSOFTLinear, lambda name, layer: layer.base_layer)
+    return model
+
+
+def unload(model: torch.nn.Module) -> torch.nn.Module:
+    """Remove the adapters without merging them: merged ones are unmerged first (all or none), then the plain base
+    layers are put back at every place (in place); returns ``model``, the base model again (to rounding where a
+    layer was merged). Cost as :func:`unmerge_adapter`'s."""
+    unmerge_adapter(model)
+    restore_modules(model, GSOFTLinear, lambda name, layer: layer.base_layer)
     return model
 
 

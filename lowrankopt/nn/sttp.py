@@ -45,9 +45,8 @@ on request).
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import geoopt
 import torch
@@ -55,18 +54,23 @@ import torch.nn.functional as F
 
 from .._checks import as_positive_int
 from ..manifolds.geoopt import manifold_parameter
-from .householder import householder_numel, householder_orthonormal, householder_params
-from .lowrank import (
+from ._common import (
     _check_dtype,
     _check_image,
     _check_input,
     _dense_conv,
     _dense_linear,
+    _deprecated_alias,
     _full_precision,
     _init_bias,
     _kw,
+    _legacy_selection,
+    _pair,
+    _random_orthonormal,
     _refuse_half,
 )
+from .householder import householder_numel, householder_orthonormal, householder_params
+from .surgery import Targets, convert_to_dense, count_parameters, replace_modules, select_modules
 
 __all__ = [
     "OrthonormalTT",
@@ -74,6 +78,7 @@ __all__ = [
     "STTPLinear",
     "SVDPConv2d",
     "SVDPLinear",
+    "convert_to_sttp",
     "count_parameters",
     "dopt_penalty",
     "sttp_convert",
@@ -93,12 +98,6 @@ def prime_factors(n: int) -> list[int]:
             n //= p
         p += 1
     return out + [n] if n > 1 or not out else out
-
-
-def _random_orthonormal(rows: int, cols: int, generator) -> torch.Tensor:
-    """A Haar-random ``rows × cols`` matrix with orthonormal columns (float64, CPU generator)."""
-    Q, R = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=generator))
-    return Q * torch.sign(torch.diagonal(R))
 
 
 class OrthonormalTT(torch.nn.Module):
@@ -488,17 +487,6 @@ class SVDPLinear(STTPLinear):
         )
 
 
-def _pair(v, name: str, minimum: int | None = None) -> tuple[int, int]:
-    """``v`` or ``(v, v)`` as a pair of ints (as ``nn.Conv2d`` takes sizes), each ``≥ minimum`` if given; bools and
-    other types refused."""
-    t = (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
-    if not isinstance(t, (tuple, list)) or len(t) != 2 or not all(type(a) is int for a in t):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    if minimum is not None and min(t) < minimum:
-        raise ValueError(f"{name} must be an int ≥ {minimum} or a pair of them, got {v!r}")
-    return int(t[0]), int(t[1])
-
-
 class STTPConv2d(_STTPBase):
     """``nn.Conv2d`` with its kernel, reshaped to ``C_out × (C_in k_h k_w)``, in STTP form.
 
@@ -643,87 +631,71 @@ class SVDPConv2d(STTPConv2d):
 # module surgery
 
 
-def _selected(name: str, include, exclude) -> bool:
-    def match(patterns) -> bool:
-        if callable(patterns):
-            return bool(patterns(name))
-        return any(fnmatch.fnmatchcase(name, p) for p in ([patterns] if isinstance(patterns, str) else patterns))
-
-    return (include is None or match(include)) and not (exclude is not None and match(exclude))
+def _sttp_eligible(m: torch.nn.Module) -> bool:
+    """What the STTP converter replaces: plain ``nn.Linear`` and ``nn.Conv2d`` with ``groups = 1`` (subclasses, which
+    may be read differently by their owners, are left alone)."""
+    return type(m) is torch.nn.Linear or (type(m) is torch.nn.Conv2d and m.groups == 1)
 
 
-def sttp_convert(
+def convert_to_sttp(
     model: torch.nn.Module,
     rank: int | Callable[[str, torch.nn.Module], int],
     *,
-    include: str | Iterable[str] | Callable[[str], bool] | None = None,
-    exclude: str | Iterable[str] | Callable[[str], bool] | None = None,
+    target_modules: Targets | None = None,
+    exclude_modules: Targets | None = None,
     svdp: bool = False,
+    include=None,
+    exclude=None,
     **layer_kwargs,
 ) -> dict[str, torch.nn.Module]:
     """Replace the ``nn.Linear`` / ``nn.Conv2d`` (groups = 1) submodules of ``model`` by STTP layers, in place.
 
     Each new layer is initialized from the dense weight (:meth:`~_STTPBase.load_dense`: truncated SVD, then
     TT-SVD of U and V), with ``lipschitz=None`` unless given, so that at full rank the outputs are reproduced.
+    The replacement is :func:`~lowrankopt.nn.surgery.replace_modules`': all or nothing (an error, e.g. a bad rank for
+    one layer, leaves the model untouched), a module used at several places becomes one STTP layer used at all of
+    them, and a weight tied to another place is refused rather than silently untied.
 
     Args:
         model: the module to convert (in place).
         rank: the maximal TT-rank, an int or ``rank(name, module) -> int`` (each layer caps it at what its
             factors allow).
-        include: names (fnmatch patterns, e.g. ``"features.*"``) or a predicate of the qualified name; None: all.
-        exclude: names or a predicate to leave dense.
+        target_modules: which layers (:func:`~lowrankopt.nn.surgery.select_modules`: module-name suffixes, a regex,
+            ``"all-linear"``, a predicate ``fn(name, module)``); None: all.
+        exclude_modules: the same forms, for layers to leave dense.
         svdp: use :class:`SVDPLinear` / :class:`SVDPConv2d` instead.
+        include: deprecated (fnmatch patterns or a predicate of the name); use ``target_modules``.
+        exclude: deprecated; use ``exclude_modules``.
         **layer_kwargs: passed to the layers (``spectrum``, ``lipschitz``, ``parametrization``, …).
 
     Returns ``{qualified name: new layer}``. Cost: one dense SVD per converted layer.
     """
+    target_modules, exclude_modules = _legacy_selection(target_modules, exclude_modules, include, exclude)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(rank):  # checked even when nothing is converted
         as_positive_int("rank", rank)
-    targets = [
-        (name, m)
-        for name, m in model.named_modules(remove_duplicate=False)  # a shared module is replaced everywhere
-        if type(m) in (torch.nn.Linear, torch.nn.Conv2d)
-        and (type(m) is torch.nn.Linear or m.groups == 1)
-        and _selected(name, include, exclude)
-    ]
-    new_of: dict[int, torch.nn.Module] = {}
-    for name, m in targets:  # build every replacement first: an error leaves the model untouched
-        if id(m) in new_of:
-            continue
+    targets = select_modules(model, target_modules, exclude_modules, eligible=_sttp_eligible)
+
+    def build(name: str, m: torch.nn.Module) -> torch.nn.Module:
         r = as_positive_int("rank", rank(name, m) if callable(rank) else rank)
         if isinstance(m, torch.nn.Linear):
-            new_of[id(m)] = (SVDPLinear if svdp else STTPLinear).from_linear(m, r, **layer_kwargs)
-        else:
-            new_of[id(m)] = (SVDPConv2d if svdp else STTPConv2d).from_conv(m, r, **layer_kwargs)
-    converted = {}
-    for name, m in targets:
-        _set_submodule(model, name, new_of[id(m)])
-        converted[name] = new_of[id(m)]
-    return converted
+            return (SVDPLinear if svdp else STTPLinear).from_linear(m, r, **layer_kwargs)
+        return (SVDPConv2d if svdp else STTPConv2d).from_conv(m, r, **layer_kwargs)
+
+    return replace_modules(model, targets, build)
 
 
-def sttp_to_dense(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+sttp_convert = _deprecated_alias(convert_to_sttp, "sttp_convert")
+
+
+def _sttp_to_dense(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Replace every STTP/SVDP layer of ``model`` by its dense ``nn.Linear`` / ``nn.Conv2d``, in place."""
-    found = [
-        (name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, STTPLinear | STTPConv2d)
-    ]
-    dense_of = {id(m): m.to_dense() for _, m in found}
-    for name, m in found:
-        _set_submodule(model, name, dense_of[id(m)])
-    return {name: dense_of[id(m)] for name, m in found}
+    return convert_to_dense(model, (STTPLinear, STTPConv2d))
 
 
-def _set_submodule(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int:
-    """Number of (trainable) parameter entries of ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+_sttp_to_dense.__name__ = "convert_to_dense"  # the replacement the deprecation warning names
+sttp_to_dense = _deprecated_alias(_sttp_to_dense, "sttp_to_dense")
 
 
 def dopt_penalty(model: torch.nn.Module) -> torch.Tensor:

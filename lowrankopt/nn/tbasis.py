@@ -17,7 +17,6 @@ per forward (layers with the same m contract together), after which ordinary ``F
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import as_device, check_random_options
-from .lowrank import HALF_OR_FULL, _check_dtype, _check_image, _check_input
-from .sttp import _selected
+from ._common import HALF_OR_FULL, _check_dtype, _check_image, _check_input, _deprecated_alias, _legacy_selection
+from .surgery import Targets, count_parameters, replace_modules, select_modules
 
 __all__ = [
     "TBasis",
@@ -34,6 +33,7 @@ __all__ = [
     "TBasisLinear",
     "TBasisConv2d",
     "Tensorization",
+    "convert_to_tbasis",
     "tbasis_convert",
     "tbasis_penalty",
     "tbasis_parameter_count",
@@ -363,65 +363,73 @@ class TBasisConv2d(_TBasisLayer):
         return F.conv2d(x, W, self.bias, self.stride, self.padding, self.dilation)
 
 
-def tbasis_convert(
+def convert_to_tbasis(
     model: nn.Module,
     basis_size: int | None,
     rank: int,
     *,
     mode_size: int | None = None,
-    include: str | Iterable[str] | Callable[[str], bool] | None = None,
-    exclude: str | Iterable[str] | Callable[[str], bool] | None = None,
+    target_modules: Targets | None = None,
+    exclude_modules: Targets | None = None,
     generator: torch.Generator | None = None,
+    include=None,
+    exclude=None,
 ) -> TBasisFactory:
     """Replace the ``nn.Linear`` and ``nn.Conv2d`` (groups = 1) submodules of ``model`` by T-Basis layers, in place.
 
     Args:
         model: the network; the factory becomes a submodule of every converted layer (``<name>.factory``, one
             object) and a forward pre-hook on ``model`` refreshes the decompressed weights before every forward. A
-            module used at several places (tied) becomes one T-Basis layer used at all of them.
+            module used at several places becomes one T-Basis layer used at all of them.
         basis_size: B; None converts to plain tensor rings with no shared basis (each layer owns its cores).
         rank: R.
         mode_size: N = n²; default 9 when a converted conv has a 3×3 kernel, else 4.
-        include: glob patterns (or a predicate) on submodule names to convert, as in :func:`sttp_convert`.
-        exclude: glob patterns (or a predicate) on submodule names to leave dense (e.g. the first conv).
+        target_modules: which layers (:func:`~lowrankopt.nn.surgery.select_modules`: module-name suffixes, a regex,
+            ``"all-linear"``, a predicate ``fn(name, module)``); None: all. A selected grouped conv is an error.
+        exclude_modules: the same forms, for layers to leave dense (e.g. the first conv: ``exclude_modules=["0"]``).
         generator: for the basis and the coefficients.
+        include: deprecated (fnmatch patterns or a predicate of the name); use ``target_modules``.
+        exclude: deprecated; use ``exclude_modules``.
 
     Each converted layer's decompressed weight gets the standard deviation of the weight it replaces (variance
-    matching); biases are kept. Returns the factory (``factory.penalty()`` is the decompressed-weight L2 penalty).
+    matching); biases are kept. All or nothing (:func:`~lowrankopt.nn.surgery.replace_modules`): an error leaves the
+    model untouched, and a weight tied to another place is refused rather than silently untied. Returns the factory
+    (``factory.penalty()`` is the decompressed-weight L2 penalty). Cost: one decompression per converted layer (the
+    variance correction).
     """
-    locations: dict[int, list[str]] = {}
-    modules: dict[int, nn.Module] = {}
-    for name, m in model.named_modules(remove_duplicate=False):  # a tied module is converted at every location
-        if name and isinstance(m, (nn.Linear, nn.Conv2d)) and _selected(name, include, exclude):
-            if isinstance(m, nn.Conv2d) and m.groups != 1:
-                raise ValueError(f"{name} is a grouped convolution (groups={m.groups}); exclude it")
-            locations.setdefault(id(m), []).append(name)
-            modules[id(m)] = m
-    if not modules:
-        raise ValueError("no nn.Linear or nn.Conv2d submodule matches include/exclude")
-    first = next(iter(modules.values())).weight
+    target_modules, exclude_modules = _legacy_selection(target_modules, exclude_modules, include, exclude)
+    targets = select_modules(model, target_modules, exclude_modules, eligible=(nn.Linear, nn.Conv2d))
+    for name, m in targets.items():
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            raise ValueError(f"{name} is a grouped convolution (groups={m.groups}); exclude it")
+    if not targets:
+        raise ValueError("no nn.Linear or nn.Conv2d submodule matches target_modules/exclude_modules")
+    modules = list(targets.values())
+    first = modules[0].weight
     if first.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"the model must be float32 or float64, got {first.dtype}")
     if mode_size is None:
-        mode_size = 9 if any(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in modules.values()) else 4
+        mode_size = 9 if any(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in modules) else 4
     dtype, device = first.dtype, first.device
     if basis_size is None:
         factory = TBasisFactory(None, rank=rank, mode_size=mode_size, dtype=dtype, device=device)
     else:
         factory = TBasisFactory(TBasis(basis_size, rank, mode_size, dtype=dtype, device=device, generator=generator))
-    for ident, m in modules.items():
-        names = locations[ident]
+
+    def build(name: str, m: nn.Module) -> nn.Module:
         std = float(m.weight.detach().std()) if m.weight.numel() > 1 else 0.0
         if not std > 0:  # a constant (or one-entry) weight: PyTorch's default scale 1/sqrt(3 fan_in)
             std = 1 / math.sqrt(3 * m.weight[0].numel())
-        key = names[0].replace(".", "/")
+        key = name.replace(".", "/")
         factory.add(key, tuple(m.weight.shape), std, generator=generator)
-        new = TBasisConv2d(factory, key, m) if isinstance(m, nn.Conv2d) else TBasisLinear(factory, key, m.bias)
-        for name in names:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        return TBasisConv2d(factory, key, m) if isinstance(m, nn.Conv2d) else TBasisLinear(factory, key, m.bias)
+
+    replace_modules(model, targets, build)
     model.register_forward_pre_hook(_refresh_factories)
     return factory
+
+
+tbasis_convert = _deprecated_alias(convert_to_tbasis, "tbasis_convert")
 
 
 def _refresh_factories(module: nn.Module, args) -> None:
@@ -436,21 +444,23 @@ def tbasis_penalty(model: nn.Module) -> torch.Tensor:
     return sum(m.penalty() for m in model.modules() if isinstance(m, TBasisFactory))
 
 
-def tbasis_parameter_count(model: nn.Module) -> dict[str, int]:
+def _tbasis_parameter_count(model: nn.Module) -> dict[str, int]:
     """Parameter counts of a converted model: ``total``; ``basis`` (B N R², shared); ``layers`` (Σ_ℓ m_ℓ (B + R),
     or Σ_ℓ m_ℓ (N R² + R) for plain rings); ``other`` (biases and unconverted layers); ``without_basis`` = total −
-    basis (the paper's "% params without basis": a basis shipped once with the code)."""
+    basis. Now ``count_parameters(model, False)`` and ``count_parameters(model, False, exclude_modules=...)``."""
     factories = [m for m in model.modules() if isinstance(m, TBasisFactory)]
-    total = sum(p.numel() for p in model.parameters())
-    basis = sum(f.tbasis.basis.numel() for f in factories if f.tbasis is not None)
-    layers = 0
-    for f in factories:
-        per_mode = (f.tbasis.basis_size if f.tbasis is not None else f.mode_size * f.rank**2) + f.rank
-        layers += per_mode * sum(plan.modes for plan in f.plans.values())
+    total = count_parameters(model, trainable_only=False)
+    without_basis = count_parameters(model, trainable_only=False, exclude_modules=lambda name, m: isinstance(m, TBasis))
+    layers = sum(p.numel() for f in factories for d in (f.coefficients, f.log_adapters) for p in d.values())
+    basis = total - without_basis
     return {
         "total": total,
         "basis": basis,
         "layers": layers,
         "other": total - basis - layers,
-        "without_basis": total - basis,
+        "without_basis": without_basis,
     }
+
+
+_tbasis_parameter_count.__name__ = "count_parameters"  # the replacement the deprecation warning names
+tbasis_parameter_count = _deprecated_alias(_tbasis_parameter_count, "tbasis_parameter_count")

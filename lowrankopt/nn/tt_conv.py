@@ -45,19 +45,31 @@ outputs ``H' × W'`` (the dense conv: ``O(B H' W' c_in c_out k²)``); parameters
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import geoopt
 import torch
 import torch.nn.functional as F
 
 from .._checks import as_positive_int
-from ..manifolds.geoopt import _qr_pos, manifold_parameter
+from ..manifolds.base import qr_positive
+from ..manifolds.geoopt import manifold_parameter
 from ..spectral import clip_singular_values, conv_singular_values
-from .lowrank import _check_dtype, _check_image, _dense_conv, _init_bias, _kw, _refuse_half
-from .sttp import _pair, _random_orthonormal, _selected, _set_submodule
+from ._common import (
+    _check_dtype,
+    _check_image,
+    _dense_conv,
+    _deprecated_alias,
+    _init_bias,
+    _kw,
+    _legacy_selection,
+    _pair,
+    _random_orthonormal,
+    _refuse_half,
+)
+from .surgery import Targets, replace_modules, select_modules
 
-__all__ = ["TTConv2d", "tt_conv_convert", "tt_conv_orthogonalize_", "tt_conv_penalty"]
+__all__ = ["TTConv2d", "convert_to_tt_conv", "tt_conv_convert", "tt_conv_orthogonalize_", "tt_conv_penalty"]
 
 ORTHOGONALITIES = ("gauge", "stiefel", "penalty")
 PADDING_MODES = ("zeros", "circular")
@@ -263,8 +275,8 @@ class TTConv2d(torch.nn.Module):
         ``core[:, :, p, q] ← R3 core[:, :, p, q] R1ᵀ``. In place (``copy_``), so optimizer state stays attached.
         Cost ``O(c_in r1² + c_out r2² + r1 r2 k² (r1 + r2))``. Returns self.
         """
-        Q1, R1 = _qr_pos(self.first)
-        Q3, R3 = _qr_pos(self.last)
+        Q1, R1 = qr_positive(self.first)
+        Q3, R3 = qr_positive(self.last)
         self.core.copy_(torch.einsum("ab,bcpq,dc->adpq", R3, self.core, R1))
         self.first.copy_(Q1)
         self.last.copy_(Q3)
@@ -275,8 +287,8 @@ class TTConv2d(torch.nn.Module):
         ``R3 · core[:, :, p, q] · R1ᵀ`` for the R factors of ``first`` and ``last`` (not mutating; differentiable
         where the QR is). Its conv has exactly the nonzero singular values of the layer, whatever the drift of
         ``first`` and ``last`` from orthonormality. Cost as :meth:`orthogonalize_`."""
-        _, R1 = _qr_pos(self.first)
-        _, R3 = _qr_pos(self.last)
+        _, R1 = qr_positive(self.first)
+        _, R3 = qr_positive(self.last)
         return torch.einsum("ab,bcpq,dc->adpq", R3, self.core, R1)
 
     # --------------------------------------------------------------------------------------------------------
@@ -356,12 +368,14 @@ def _unsupported(m: torch.nn.Conv2d) -> str | None:
     return None
 
 
-def tt_conv_convert(
+def convert_to_tt_conv(
     model: torch.nn.Module,
     rank: int | Callable[[str, torch.nn.Module], int],
     *,
-    include: str | Iterable[str] | Callable[[str], bool] | None = None,
-    exclude: str | Iterable[str] | Callable[[str], bool] | None = None,
+    target_modules: Targets | None = None,
+    exclude_modules: Targets | None = None,
+    include=None,
+    exclude=None,
     **layer_kwargs,
 ) -> dict[str, TTConv2d]:
     """Replace the ``nn.Conv2d`` submodules of ``model`` by :class:`TTConv2d` layers (TT-SVD of the kernels,
@@ -370,46 +384,47 @@ def tt_conv_convert(
     Args:
         model: the module to convert (in place).
         rank: the TT-rank, an int or ``rank(name, module) -> int``.
-        include: names (fnmatch patterns, e.g. ``"features.*"``) or a predicate of the qualified name; None: every
-            ``nn.Conv2d`` that a TTConv2d can represent (groups 1, no dilation, square kernel, zeros/circular
-            padding; the others are left dense). A conv matched by an explicit ``include`` that a TTConv2d cannot
-            represent is an error.
-        exclude: names or a predicate to leave dense.
+        target_modules: which convs (:func:`~lowrankopt.nn.surgery.select_modules`: module-name suffixes, a regex, a
+            predicate ``fn(name, module)``); None: every ``nn.Conv2d`` that a TTConv2d can represent (groups 1, no
+            dilation, square kernel, zeros/circular padding; the others are left dense). A conv selected by an
+            explicit ``target_modules`` that a TTConv2d cannot represent is an error.
+        exclude_modules: the same forms, for convs to leave dense.
+        include: deprecated (fnmatch patterns or a predicate of the name); use ``target_modules``.
+        exclude: deprecated; use ``exclude_modules``.
         **layer_kwargs: passed to the layers (``orthogonality``, …).
 
     All replacements are built before any is installed, so an error leaves the model untouched; a module shared
-    under several names is replaced by one shared TTConv2d. Returns ``{qualified name: new layer}``. Cost: two
-    SVDs per converted layer.
+    under several names is replaced by one shared TTConv2d; a kernel tied to another place is refused rather than
+    silently untied (:func:`~lowrankopt.nn.surgery.replace_modules`). Returns ``{qualified name: new layer}``. Cost:
+    two SVDs per converted layer.
     """
+    target_modules, exclude_modules = _legacy_selection(target_modules, exclude_modules, include, exclude)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(rank):  # checked even when nothing is converted
         as_positive_int("rank", rank)
-    targets = []
-    for name, m in model.named_modules(remove_duplicate=False):  # a shared module is replaced everywhere
-        if type(m) is not torch.nn.Conv2d or not _selected(name, include, exclude):
-            continue
+    explicit = target_modules is not None
+    convs = select_modules(model, target_modules, exclude_modules, eligible=lambda m: type(m) is torch.nn.Conv2d)
+    targets = {}
+    for name, m in convs.items():
         why = _unsupported(m)
-        if why is not None:
-            if include is None:
-                continue
+        if why is None:
+            targets[name] = m
+        elif explicit:
             raise ValueError(f"cannot convert {name!r} to a TTConv2d: {why} (exclude it)")
-        targets.append((name, m))
-    new_of: dict[int, TTConv2d] = {}
-    for name, m in targets:  # build every replacement first: an error leaves the model untouched
-        if id(m) in new_of:
-            continue
+
+    def build(name: str, m: torch.nn.Module) -> TTConv2d:
         r = rank(name, m) if callable(rank) else rank
         try:
             r = as_positive_int("rank", r)
         except ValueError as e:
             raise ValueError(f"{e} (for {name!r})") from None
-        new_of[id(m)] = TTConv2d.from_conv(m, r, **layer_kwargs)
-    converted = {}
-    for name, m in targets:
-        _set_submodule(model, name, new_of[id(m)])
-        converted[name] = new_of[id(m)]
-    return converted
+        return TTConv2d.from_conv(m, r, **layer_kwargs)
+
+    return replace_modules(model, targets, build)
+
+
+tt_conv_convert = _deprecated_alias(convert_to_tt_conv, "tt_conv_convert")
 
 
 def _tt_layers(model: torch.nn.Module) -> list[TTConv2d]:

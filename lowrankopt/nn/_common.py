@@ -1,0 +1,194 @@
+"""What the layers of :mod:`lowrankopt.nn` share: dtype and device defaults, input checks, autocast and half-precision
+handling, dense equivalents, size arguments, random orthonormal initializations, deprecation aliases.
+
+Private to the package: every family (``manifold``, ``orthogonal``, ``spectral``, ``compression``) imports these from
+here, never from one another.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+import torch
+
+from .._checks import check_random_options
+
+
+def _kw(dtype, device, generator=None) -> tuple[torch.dtype, torch.device | None, torch.device | None]:
+    """``(dtype, device, draw_device)`` of a layer's parameters, checked by :func:`check_random_options` (the one
+    TypeError of the package for a dtype other than float32/float64): ``dtype`` defaults to torch's default dtype;
+    ``draw_device`` is where ``generator`` draws."""
+    return check_random_options(torch.get_default_dtype() if dtype is None else dtype, device, generator)
+
+
+def _uniform(shape, bound: float, dtype, device, generator) -> torch.Tensor:
+    _, _, draw_device = check_random_options(dtype, device, generator)
+    u = torch.rand(shape, dtype=dtype, device=draw_device, generator=generator)
+    return ((2 * u - 1) * bound).to(device)
+
+
+def _init_bias(out_features, in_features, bias, dtype, device, generator):
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+    if not bias:
+        return None
+    # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    return torch.nn.Parameter(_uniform((out_features,), 1 / math.sqrt(in_features), dtype, device, generator))
+
+
+HALF = (torch.float16, torch.bfloat16)
+HALF_OR_FULL = (*HALF, torch.float32, torch.float64)  # the parameter dtypes of the layers that support half precision
+
+
+def _refuse_half(layer: torch.nn.Module, dtype: torch.dtype, needs: str) -> None:
+    """The one error of the layers that do not run in half precision (checked at every forward; cost O(1))."""
+    if dtype in HALF:
+        raise TypeError(
+            f"{type(layer).__name__} does not support {dtype} parameters: {needs}, which torch does not implement "
+            "in half precision. Keep the layer in float32 (or float64) and run it under torch.autocast for mixed "
+            "precision."
+        )
+
+
+def _autocasting(x: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(x.device.type)
+
+
+def _full_precision(x: torch.Tensor):
+    """A context with autocast off on ``x``'s device: the layers build their factors (QR, Householder products,
+    solves, norm bounds) in the parameters' dtype there; only the products with the input run under autocast."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _autocast_output(y: torch.Tensor) -> torch.Tensor:
+    """``y`` in the dtype ``nn.Linear`` / ``nn.Conv2d`` would return under the active autocast (float32 results
+    of a layer that accumulates in float32 are cast once, at the end)."""
+    if _autocasting(y) and y.dtype == torch.float32:
+        return y.to(torch.get_autocast_dtype(y.device.type))
+    return y
+
+
+def _check_input(x, in_features: int, like: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"input must have shape (..., {in_features}), got {tuple(x.shape)}")
+    _check_dtype(x, like)
+    return x.reshape(-1, in_features)
+
+
+def _check_image(x, channels: int) -> None:
+    """A conv layer's input: a ``(B, channels, H, W)`` tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"input must have shape (B, {channels}, H, W), got {tuple(x.shape)}")
+
+
+def _check_dtype(x: torch.Tensor, like: torch.Tensor) -> None:
+    """The input's dtype must be the layer's, except under autocast (which casts the products, as for nn.Linear)."""
+    if x.dtype != like.dtype and not _autocasting(x):
+        raise TypeError(f"input has dtype {x.dtype} but the layer has dtype {like.dtype}")
+
+
+def _dense_linear(weight: torch.Tensor, bias) -> torch.nn.Linear:
+    out_f, in_f = weight.shape
+    lin = torch.nn.Linear(in_f, out_f, bias=bias is not None, dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
+def _dense_conv(layer: torch.nn.Module, kernel: torch.Tensor) -> torch.nn.Conv2d:
+    """An ``nn.Conv2d`` with ``kernel`` and the geometry (stride, padding, dilation, padding mode) and bias of
+    ``layer``."""
+    conv = torch.nn.Conv2d(
+        layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+        getattr(layer, "dilation", 1), bias=layer.bias is not None, padding_mode=layer.padding_mode,
+        dtype=kernel.dtype, device=kernel.device,
+    )  # fmt: skip
+    with torch.no_grad():
+        conv.weight.copy_(kernel)
+        if layer.bias is not None:
+            conv.bias.copy_(layer.bias)
+    return conv
+
+
+def _pair(v, name: str, minimum: int | None = None) -> tuple[int, int]:
+    """``v`` or ``(v, v)`` as a pair of ints (as ``nn.Conv2d`` takes sizes), each ``≥ minimum`` if given; bools and
+    other types refused."""
+    t = (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
+    if not isinstance(t, (tuple, list)) or len(t) != 2 or not all(type(a) is int for a in t):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if minimum is not None and min(t) < minimum:
+        raise ValueError(f"{name} must be an int ≥ {minimum} or a pair of them, got {v!r}")
+    return int(t[0]), int(t[1])
+
+
+def _random_orthonormal(rows: int, cols: int, generator) -> torch.Tensor:
+    """A Haar-random ``rows × cols`` matrix with orthonormal columns (float64, CPU generator)."""
+    Q, R = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=generator))
+    return Q * torch.sign(torch.diagonal(R))
+
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def _deprecated_alias(new: _F, old_name: str) -> _F:
+    """``new`` under its old name ``old_name``, for one release: each call emits a ``DeprecationWarning`` naming the
+    replacement, then calls ``new`` (same arguments, same result). Cost O(1) per call."""
+
+    @functools.wraps(new)
+    def alias(*args, **kwargs):
+        warnings.warn(
+            f"{old_name} is deprecated and will be removed in the next release; use {new.__name__} instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return new(*args, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = old_name
+    alias.__doc__ = f"Deprecated alias of :func:`{new.__name__}` (removed in the next release)."
+    return alias  # type: ignore[return-value]
+
+
+def _legacy_selection(target_modules, exclude_modules, include, exclude) -> tuple:
+    """``(target_modules, exclude_modules)`` with the deprecated ``include`` / ``exclude`` of the converters (fnmatch
+    patterns, or a predicate of the qualified name) translated into predicates ``fn(name, module)``; a
+    ``DeprecationWarning`` when either is given. Giving both a new and an old argument is a ``TypeError``."""
+    if include is None and exclude is None:
+        return target_modules, exclude_modules
+    warnings.warn(
+        "include=/exclude= (fnmatch patterns or a predicate of the name) are deprecated and will be removed in the "
+        "next release; use target_modules=/exclude_modules= (module-name suffixes, a regex, 'all-linear' or a "
+        "predicate fn(name, module))",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    for old, new, name in ((include, target_modules, "target_modules"), (exclude, exclude_modules, "exclude_modules")):
+        if old is not None and new is not None:
+            raise TypeError(f"give {name} or the deprecated {'include' if name == 'target_modules' else 'exclude'}, "
+                            "not both")  # fmt: skip
+    return (
+        target_modules if include is None else _glob("include", include),
+        exclude_modules if exclude is None else _glob("exclude", exclude),
+    )
+
+
+def _glob(arg: str, spec) -> Callable[[str, torch.nn.Module], bool]:
+    """The old converters' selection: a predicate of the name, or fnmatch patterns (one string or several)."""
+    if callable(spec):
+        return lambda name, m: bool(spec(name))
+    if isinstance(spec, str):
+        spec = [spec]
+    if not isinstance(spec, Iterable) or not all(isinstance(s, str) for s in spec):
+        raise TypeError(f"{arg} must be fnmatch patterns (strings) or a predicate of the name, got {spec!r}")
+    patterns = list(spec)
+    return lambda name, m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
