@@ -42,18 +42,18 @@ def dense_point(M, p):
     """The dense matrix / tensor of a packed point, from the layout alone."""
     parts = M.unpack_tensor(p)
     if isinstance(M, GeooptFixedRank):
-        U, S, V = parts
-        return U @ S @ V.T
+        C, V = parts
+        return C @ V.T
     return tt_full(list(parts))
 
 
 def dense_tangent(M, p, u):
-    """ξ from packed coordinates: U M Vᵀ + Up Vᵀ + U Vpᵀ, or Σ_k U_{<k} δ_k V_{>k} with U_k from a
-    positive-diagonal QR sweep of the packed (right-orthogonal) cores."""
+    """ξ from packed coordinates: A Vᵀ + U Bᵀ with U from a positive-diagonal QR of C, or Σ_k U_{<k} δ_k V_{>k} with
+    U_k from a positive-diagonal QR sweep of the packed (right-orthogonal) cores."""
     if isinstance(M, GeooptFixedRank):
-        U, _, V = M.unpack_tensor(p)
-        Up, Mc, Vp = M.unpack_tensor(u)
-        return U @ Mc @ V.T + Up @ V.T + U @ Vp.T
+        C, V = M.unpack_tensor(p)
+        A, B = M.unpack_tensor(u)
+        return A @ V.T + qr_pos(C)[0] @ B.T
     cores, deltas = list(M.unpack_tensor(p)), list(M.unpack_tensor(u))
     d, left, Y = len(cores), [], cores[0]
     for k in range(d - 1):
@@ -175,11 +175,10 @@ def test_straight_through_grad_layout_for_matrices(g):
     G = torch.randn(6, 4, dtype=DT, generator=g)
     p = geoopt.ManifoldParameter(x.clone(), manifold=M)
     M.straight_through(p).inner(G).backward()
-    U, _, V = M.unpack_tensor(x)
-    gU, gS, gV = M.unpack_tensor(p.grad)
-    assert torch.allclose(gU, G @ V, atol=1e-14)
-    assert torch.allclose(gS, U.T @ G @ V, atol=1e-14)
-    assert torch.allclose(gV, G.T @ U, atol=1e-14)
+    C, V = M.unpack_tensor(x)
+    gA, gB = M.unpack_tensor(p.grad)
+    assert torch.allclose(gA, G @ V, atol=1e-14)  # the raw δ-gradient: (G V, Gᵀ U), U the orthonormal factor of C
+    assert torch.allclose(gB, G.T @ qr_pos(C)[0], atol=1e-14)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -215,7 +214,7 @@ def test_projx_is_idempotent_and_keeps_the_point(kind, g):
     parts = list(M.unpack_tensor(x.clone()))
     if kind == "matrix":
         A = torch.eye(2, dtype=DT) + 0.2 * torch.randn(2, 2, dtype=DT, generator=g)
-        parts = [parts[0] @ A, torch.linalg.solve(A, parts[1]), parts[2]]
+        parts = [parts[0] @ A, parts[1] @ torch.linalg.inv(A).T]
     else:
         A = torch.eye(2, dtype=DT) + 0.2 * torch.randn(2, 2, dtype=DT, generator=g)
         parts[-1] = torch.tensordot(A, parts[-1], dims=1)
@@ -271,18 +270,18 @@ def test_bad_arguments_raise():
         GeooptFixedTTRank((2, 3, 4), (5, 2))
     M = GeooptFixedRank(5, 4, 2)
     x = M.random(dtype=DT)
-    with pytest.raises(ValueError, match="u must have last dimension 22"):
+    with pytest.raises(ValueError, match="u must have last dimension 18"):
         M.proju(x, torch.zeros(25, dtype=DT))
     with pytest.raises(ValueError, match="u has dtype torch.float32"):
-        M.proju(x, torch.zeros(22))
+        M.proju(x, torch.zeros(18))
     with pytest.raises(ValueError, match="x must be float32 or float64"):
-        M.projx(torch.zeros(22, dtype=torch.int64))
-    with pytest.raises(ValueError, match="last dimension 22"):
-        geoopt.ManifoldParameter(torch.zeros(23, dtype=DT), manifold=M)
+        M.projx(torch.zeros(18, dtype=torch.int64))
+    with pytest.raises(ValueError, match="last dimension 18"):
+        geoopt.ManifoldParameter(torch.zeros(19, dtype=DT), manifold=M)
     with pytest.raises(ValueError, match="float32 or float64"):
-        geoopt.ManifoldParameter(torch.zeros(22, dtype=torch.int32), manifold=M)
+        geoopt.ManifoldParameter(torch.zeros(18, dtype=torch.int32), manifold=M)
     with pytest.raises(ValueError, match="must end with shape"):
-        M.pack_point(torch.zeros(5, 2), torch.zeros(2, 2), torch.zeros(3, 2))
+        M.pack_point(torch.zeros(5, 2), torch.zeros(3, 2))
     with pytest.raises(ValueError, match="v lives on"):
         M.pack_tangent(GeooptFixedRank(5, 4, 1).base.random_tangent(LowRankMatrix.random(5, 4, 1)))
     bad_layers = [
@@ -563,7 +562,7 @@ def test_riemannian_optimizers_with_euclidean_ones_schedulers_and_swa_are_not_re
 
 def test_the_guard_is_installed_by_layers_without_packed_manifolds():
     """Layers whose only manifold parameters are geoopt.EuclideanStiefel ones install the guard themselves."""
-    from lowrankopt.manifolds import geoopt as bridge
+    from lowrankopt.manifolds import step_guard as bridge
     from lowrankopt.nn import STTPLinear
 
     if bridge._STEP_PRE_HOOK is not None:  # as in a fresh process where no packed manifold was ever made
@@ -610,7 +609,7 @@ def check(path, what):
 files = sys.argv[1:]
 for k in range(0, len(files), 2):
     if k:
-        from lowrankopt.manifolds import geoopt as bridge
+        from lowrankopt.manifolds import step_guard as bridge
         if bridge._STEP_PRE_HOOK is not None:
             bridge._STEP_PRE_HOOK.remove()
             bridge._STEP_PRE_HOOK = None
@@ -657,7 +656,7 @@ def test_the_guard_is_installed_when_pickled_manifold_parameters_are_loaded_in_a
 def test_load_state_dict_into_a_fresh_layer_keeps_the_guard():
     """The state-dict route: a freshly constructed layer (which installs the guard) loads the saved weights and still
     refuses a Euclidean step."""
-    from lowrankopt.manifolds import geoopt as bridge
+    from lowrankopt.manifolds import step_guard as bridge
 
     g = torch.Generator().manual_seed(7)
     saved = LowRankLinear(6, 5, 2, dtype=DT, generator=g)
@@ -679,7 +678,7 @@ def test_the_guard_scans_an_optimizers_parameters_once_not_at_every_step(monkeyp
     """Was: the global step hook looked at every parameter of every optimizer at every step (about 1 ms per step of
     torch.optim.SGD on 2,000 plain parameters). Now the scan is cached per optimizer: later steps look at no
     parameter until the param groups change."""
-    from lowrankopt.manifolds import geoopt as bridge
+    from lowrankopt.manifolds import step_guard as bridge
 
     LowRankLinear(3, 3, 1)  # the guard is installed
     params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2000)]
@@ -751,3 +750,50 @@ def test_the_guard_works_for_optimizers_that_cannot_be_cached(g):
     opt.add_param_group({"params": [layer.weight]})
     with pytest.raises(TypeError, match="LowRankLinear"):
         opt.step()
+
+
+# ---------------------------------------------------------------------- issue 19: one layout, old files still load
+def test_packed_tangents_are_the_delta_coordinates_of_tangent_vectors(g):
+    """The packed tangent of a point is exactly the coordinate list of the library's TangentVector there."""
+    for M in (make("matrix"), make("tt")):
+        x = M.random(dtype=DT, generator=g)
+        xo = M.unpack(x)
+        v = M.base.random_tangent(xo, generator=g)
+        u = M.pack_tangent(v)
+        assert torch.equal(u, torch.cat([c.reshape(-1) for c in v.coords]))
+        back = M.unpack_tangent(xo, u)  # projected onto the gauge again: equal up to rounding
+        assert all((a - b).abs().max() < 1e-15 for a, b in zip(back.coords, v.coords))
+
+
+def test_a_state_dict_of_the_old_matrix_layout_loads(g):
+    """lowrankopt 0.1 packed LowRankLinear's weight as [U | S | V] ((in + out) r + r² entries); such a state dict still
+    loads, into the same matrix."""
+    U = torch.linalg.qr(torch.randn(5, 2, dtype=DT, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(6, 2, dtype=DT, generator=g))[0]
+    S = torch.tensor([[2.0, 0.3], [0.0, 0.7]], dtype=DT)
+    old = {"weight": torch.cat([U.reshape(-1), S.reshape(-1), V.reshape(-1)]), "bias": torch.randn(5, dtype=DT)}
+    layer = LowRankLinear(6, 5, 2, dtype=DT)
+    layer.load_state_dict(old)
+    assert layer.weight.shape == (22,)
+    assert rel(layer.weight_matrix().full(), U @ S @ V.T) < 1e-14
+    assert layer.manifold.check_point_on_manifold(layer.weight, atol=1e-13, rtol=1e-13)
+    x = torch.randn(3, 6, dtype=DT, generator=g)
+    assert rel(layer(x), x @ (U @ S @ V.T).T + old["bias"]) < 1e-14
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        layer.load_state_dict({**old, "weight": old["weight"][:-1]})
+
+
+def test_optimizer_state_of_another_layout_is_refused(g):
+    layer = LowRankLinear(6, 5, 2, dtype=DT, generator=g)
+    opt = geoopt.optim.RiemannianAdam([layer.weight], lr=1e-2)
+    _loss(layer, (6,)).backward()
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg"] = torch.zeros(26, dtype=DT)  # an optimizer checkpoint of the old [U | S | V] layout
+    sd["state"][0]["exp_avg_sq"] = torch.zeros(26, dtype=DT)
+    opt2 = geoopt.optim.RiemannianAdam([layer.weight], lr=1e-2)
+    opt2.load_state_dict(sd)
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="'exp_avg' of param group 0, parameter 0 has shape"):
+        opt2.step()
+    assert torch.equal(layer.weight, before)

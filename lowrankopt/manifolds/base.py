@@ -180,10 +180,10 @@ class LowRankManifold(ABC):
     def point_from_parts(self, parts: Sequence[torch.Tensor]):
         """The point with the factors ``parts`` (as :meth:`point_parts` returns them, taken as they are)."""
 
+    @abstractmethod
     def canonical_parts(self, parts: Sequence[torch.Tensor]) -> Coords:
-        """Parts of any factorization (e.g. with non-orthonormal frames) brought to the canonical one of the same
-        point. Default: through :meth:`point_parts` of the point of :meth:`point_from_parts`."""
-        return self.point_parts(self.point_from_parts(parts))
+        """Factors of :attr:`coord_shapes` of any factorization (e.g. with frames no longer orthonormal) brought to
+        the canonical one of the same point; idempotent up to rounding (the geoopt bridge's ``projx``)."""
 
     def _key(self) -> tuple:
         return (type(self).__name__, *self._dims())
@@ -229,9 +229,7 @@ class LowRankManifold(ABC):
 
     def zero_deltas(self, x, requires_grad: bool = False) -> Coords:
         """Zero coordinates of :attr:`coord_shapes` with x's dtype and device. Cost ``O(numel)``."""
-        return [
-            torch.zeros(s, dtype=x.dtype, device=x.device, requires_grad=requires_grad) for s in self.coord_shapes
-        ]
+        return [torch.zeros(s, dtype=x.dtype, device=x.device, requires_grad=requires_grad) for s in self.coord_shapes]
 
     def zero_tangent(self, x) -> TangentVector:
         """The zero vector of T_x. Cost ``O(numel)``."""
@@ -389,4 +387,3 @@ class LowRankManifold(ABC):
 def default_dtype(dtype: torch.dtype | None) -> torch.dtype:
     """``dtype``, or torch's default dtype when None (as torch's factories do)."""
     return torch.get_default_dtype() if dtype is None else dtype
-

@@ -92,7 +92,8 @@ class FixedRankMatrices(LowRankManifold):
         return LowRankMatrix.random(self.m, self.n, self.rank, dtype=dtype, device=device, generator=generator)
 
     def regauge(self, x: LowRankMatrix, seed: int = 0) -> LowRankMatrix:
-        """``(U Q₁)(Q₁ᵀ S Q₂)(V Q₂)ᵀ`` with random orthogonal ``Q₁``, ``Q₂`` (float64 draws from ``seed``). ``O((m + n) r²)``."""
+        """``(U Q₁)(Q₁ᵀ S Q₂)(V Q₂)ᵀ`` with random orthogonal ``Q₁``, ``Q₂`` (float64 draws from ``seed``).
+        Cost ``O((m + n) r²)``."""
         g = torch.Generator().manual_seed(seed)
         q1, q2 = (_random_orthogonal(x.rank, g, x) for _ in range(2))
         return LowRankMatrix._trusted(x.U @ q1, q1.T @ x.S @ q2, x.V @ q2)
@@ -188,6 +189,13 @@ class FixedRankMatrices(LowRankManifold):
             Q = polar(V.T @ like[1])
             C, V = C @ Q, V @ Q
         return [C.detach(), V.detach()]
+
+    def canonical_parts(self, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``[C, V] ↦ [C Rᵀ, Q]`` with ``V = Q R`` (QR with a positive diagonal): the same ``C Vᵀ``.
+        Cost ``O((m + n) r²)``."""
+        C, V = parts
+        Q, R = qr_positive(V)
+        return [C @ R.mT, Q]
 
     def point_from_parts(self, parts: Sequence[torch.Tensor]) -> LowRankMatrix:
         """The point ``C Vᵀ`` with frames ``U, S = qr(C)`` (positive diagonal) and ``V`` as given. ``O(m r²)``."""

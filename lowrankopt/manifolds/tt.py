@@ -216,6 +216,10 @@ class FixedTTRank(LowRankManifold):
         cores[0] = torch.tensordot(cores[0], Q, dims=1)
         return cores
 
+    def canonical_parts(self, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The right-orthogonal sweep (QRs with positive diagonals) of any cores. ``O(d n r³)``."""
+        return _right_orthogonal(parts)
+
     def point_from_parts(self, parts: Sequence[torch.Tensor]) -> TensorTrain:
         """The TT with right-orthogonal cores ``parts`` taken as they are (its frames are built lazily). ``O(d)``."""
         x = TensorTrain._trusted(list(parts))
