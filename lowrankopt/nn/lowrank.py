@@ -17,6 +17,7 @@ import torch
 from .._checks import as_positive_int
 from ..formats.lowrank import LowRankMatrix
 from ..formats.tt import TensorTrain, TTMatrix
+from ..manifolds.base import qr_positive
 from ..manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank, manifold_parameter
 from ._common import _autocast_output, _check_input, _dense_linear, _full_precision, _init_bias, _kw, _refuse_half
 
@@ -51,8 +52,9 @@ class LowRankLinear(_PackedLinear):
     """``y = x Wᵀ + b`` with ``W: (out_features, in_features)`` of rank exactly ``rank``.
 
     The weight is a ``ManifoldParameter`` on :class:`GeooptFixedRank` ``(out_features, in_features,
-    rank)`` packing ``W = U S Vᵀ`` (``U: (out, r)``, ``V: (in, r)`` orthonormal, ``S: (r, r)``);
-    ``numel = (in + out) r + r²``. Train it with ``geoopt.optim.RiemannianSGD`` / ``RiemannianAdam``
+    rank)`` packing ``W = C Vᵀ`` (``C: (out, r)``, ``V: (in, r)`` orthonormal); ``numel = (in + out) r``.
+    (lowrankopt 0.1 packed ``[U | S | V]``: such state dicts are converted when loaded.)
+    Train it with ``geoopt.optim.RiemannianSGD`` / ``RiemannianAdam``
     and ``weight_decay=0`` for the weight.
 
     Args:
@@ -94,7 +96,7 @@ class LowRankLinear(_PackedLinear):
         U = torch.linalg.qr(torch.randn(out_features, rank, **kw))[0]
         V = torch.linalg.qr(torch.randn(in_features, rank, **kw))[0]
         S = math.sqrt(out_features / (3 * rank)) * torch.eye(rank, dtype=dtype, device=gdev)
-        packed = manifold.pack(LowRankMatrix(U, S, V)).to(device)
+        packed = manifold.pack(LowRankMatrix._trusted(U, S, V)).to(device)
         self.weight = manifold_parameter(packed, manifold, f"{self._name()}.weight")
         self.bias = _init_bias(out_features, in_features, bias, dtype, device, generator)
 
@@ -105,18 +107,31 @@ class LowRankLinear(_PackedLinear):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: (..., in)`` -> ``(..., out)``. With ``z = p − p.detach()`` split like the factors,
-        ``x Wᵀ = ((x V)(S + z_S)ᵀ + x z_V) Uᵀ + (x V) z_Uᵀ`` (the z terms only when a gradient is needed)."""
+        """``x: (..., in)`` -> ``(..., out)``: ``x Wᵀ = (x V) Cᵀ``. When a gradient is needed, the straight-through
+        form of the manifold's linearization ``(C + z_C) Vᵀ + U z_Vᵀ`` (``z = p − p.detach()`` split like the
+        factors, ``U`` the orthonormal factor of C), so that ``weight.grad`` is the δ-gradient:
+        ``(x V)(C + z_C)ᵀ + (x z_V) Uᵀ`` (one more ``O(out r²)`` QR per training step)."""
         x2 = _check_input(x, self.in_features, self._weight())
         p = self.weight
-        U, S, V = self.manifold.unpack_tensor(p.detach())
+        C, V = self.manifold.unpack_tensor(p.detach())
         xv = x2 @ V
         if torch.is_grad_enabled() and p.requires_grad:
-            zU, zS, zV = self.manifold.unpack_tensor(p - p.detach())
-            y = (xv @ (S + zS).T + x2 @ zV) @ U.T + xv @ zU.T
+            zC, zV = self.manifold.unpack_tensor(p - p.detach())
+            U = qr_positive(C)[0]  # the frame the manifold's coordinates refer to
+            y = xv @ (C + zC).T + (x2 @ zV) @ U.T
         else:
-            y = (xv @ S.T) @ U.T
+            y = xv @ C.T
         return self._output(y, x)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Convert a weight packed by lowrankopt 0.1 (``[U | S | V]``, ``(in + out) r + r²`` entries) to ``[C | V]``."""
+        key, r = prefix + "weight", self.rank
+        w = state_dict.get(key)
+        if isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() == (self.in_features + self.out_features + r) * r:
+            m, n = self.out_features, self.in_features
+            U, S, V = w[: m * r].reshape(m, r), w[m * r : m * r + r * r].reshape(r, r), w[m * r + r * r :].reshape(n, r)
+            state_dict[key] = self.manifold.pack(LowRankMatrix._trusted(U, S, V)).to(w.dtype)  # torch's own copy
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def weight_matrix(self) -> LowRankMatrix:
         """The weight as a LowRankMatrix (a detached copy, orthonormal ``U``, ``V``). For a
