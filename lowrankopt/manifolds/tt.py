@@ -9,7 +9,7 @@ import torch
 
 from .._checks import as_rank_list, as_shape
 from ..formats.delta_tt import Chain, DeltaTT, TTFamily
-from ..formats.tt import TensorTrain, _svd_truncate_right_to_left, left_orthogonalize
+from ..formats.tt import TensorTrain, left_orthogonalize, truncate_right_to_left
 from .base import LowRankManifold, naming_non_finite, polar, qr_positive
 from .tangent import TangentVector
 
@@ -190,7 +190,7 @@ class FixedTTRank(LowRankManifold):
         self.check_tangent(x, v)
         y = DeltaTT(self.shape, [self._family(x, v.coords, offset=True)], zero=False).materialize()
         with naming_non_finite(v):
-            cores = _svd_truncate_right_to_left(left_orthogonalize(y.cores), list(self.ranks), None)
+            cores = truncate_right_to_left(left_orthogonalize(y.cores), list(self.ranks), None)
         return TensorTrain._trusted(cores)
 
     # ------------------------------------------------------------------ flat parameters
