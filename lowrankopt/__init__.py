@@ -2,7 +2,7 @@
 
 The core (formats, manifolds, autodiff, optim, completion) is imported with the package. The other subpackages
 (``lowrankopt.nn``, ``.spectral``, ``.stats``, ``.cross``, ``.distributed``, ``.benchmarks``) and the geoopt bridge
-(:class:`GeooptFixedRank`, :class:`GeooptFixedTTRank`, which import geoopt) are loaded on first attribute access
+(:class:`GeooptManifold`, :class:`GeooptFixedRank`, :class:`GeooptFixedTTRank`, which import geoopt) are loaded on first attribute access
 (PEP 562), so ``import lowrankopt as lro; lro.nn.STTPLinear`` works and ``import lowrankopt`` stays light.
 """
 
@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from .allocator import tune_cpu_allocator
 from .autodiff import (
-    manifold_of,
     riemannian_grad,
     riemannian_grad_and_hessian,
     riemannian_grad_and_hvp,
@@ -22,7 +21,7 @@ from .autodiff import (
 )
 from .completion import complete, completion_loss, sample_indices
 from .formats import LowRankMatrix, TensorRing, TensorTrain, TTMatrix
-from .manifolds import FixedRankMatrices, FixedTTRank, TangentVector
+from .manifolds import FixedRankMatrices, FixedTTRank, LowRankManifold, TangentVector, manifold_of
 from .optim import OptimizeResult, minimize
 
 if TYPE_CHECKING:  # what __getattr__ loads lazily, for type checkers and IDEs (`import x as x`: an explicit re-export)
@@ -35,7 +34,7 @@ if TYPE_CHECKING:  # what __getattr__ loads lazily, for type checkers and IDEs (
     from . import optim as optim
     from . import spectral as spectral
     from . import stats as stats
-    from .manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank
+    from .manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank, GeooptManifold
 
 __version__ = "0.1.0"
 
@@ -44,6 +43,8 @@ __all__ = [
     "FixedTTRank",
     "GeooptFixedRank",
     "GeooptFixedTTRank",
+    "GeooptManifold",
+    "LowRankManifold",
     "LowRankMatrix",
     "OptimizeResult",
     "TTMatrix",
@@ -71,6 +72,7 @@ _SUBMODULES = frozenset(
 _LAZY_NAMES = {
     "GeooptFixedRank": ".manifolds.geoopt",  # geoopt costs ~0.7 s at import, a third of `import lowrankopt`
     "GeooptFixedTTRank": ".manifolds.geoopt",
+    "GeooptManifold": ".manifolds.geoopt",
 }
 
 
