@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -183,7 +184,7 @@ def check_random_options(
     return dtype, device, (generator.device if generator is not None else device)
 
 
-def cast_all(tensors: Sequence[torch.Tensor], *args, **kwargs) -> list[torch.Tensor]:
+def cast_all(tensors: Sequence[torch.Tensor], *args: Any, **kwargs: Any) -> list[torch.Tensor]:
     """``[t.to(*args, **kwargs) for t in tensors]`` for the ``to`` of a format: a cast to a dtype other than
     float32/float64 is refused (TypeError naming ``dtype``) after converting the first tensor only; a string that is
     no device (``x.to("float64")``) is refused naming ``device``."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,9 @@ class ArraySource:
     asks for each entry once); ``fraction`` is ``reads`` over the array's size. Cost: one read per entry.
     """
 
-    def __init__(self, array, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None):
+    def __init__(
+        self, array: Any, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+    ) -> None:
         shape = getattr(array, "shape", None)
         if shape is None or len(shape) < 1 or any(int(n) < 1 for n in shape):
             raise TypeError(f"array must be a non-empty array-like with a shape, got {type(array).__name__}")
@@ -80,7 +83,7 @@ class Quantization:
     function on array indices into one on tensor indices, for :func:`~lowrankopt.cross.tt_cross`.
     """
 
-    def __init__(self, array_shape: Sequence[int], base: int = 2, order: str = "sequential"):
+    def __init__(self, array_shape: Sequence[int], base: int = 2, order: str = "sequential") -> None:
         base = as_positive_int("base", base)
         if base < 2:
             raise ValueError(f"base must be at least 2, got {base}")

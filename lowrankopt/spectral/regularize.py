@@ -93,7 +93,7 @@ class ConvNormRegularizer:
         refresh_every: int = 100,
         include: Callable[[str, torch.nn.Conv2d], bool] | None = None,
         generator: torch.Generator | None = None,
-    ):
+    ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if method in ("gram", "circular", "power") and n is None:

@@ -30,6 +30,7 @@ fact (doing the same at every frequency would cost about four times the search).
 from __future__ import annotations
 
 import math
+from typing import Literal, overload
 
 import torch
 
@@ -113,6 +114,29 @@ def _search(K: torch.Tensor, rtol: float, max_evals: int, error: float):
             break  # the bound of the levels done holds; only the tolerance is not met
         centers = children
     return upper[1], upper[2], upper[3], best_at
+
+
+@overload
+def symbol_norm_bound(
+    K: torch.Tensor,
+    stride: int = 1,
+    *,
+    rtol: float = 1e-3,
+    max_evals: int = 20_000,
+    return_lower: Literal[False] = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def symbol_norm_bound(
+    K: torch.Tensor, stride: int = 1, *, rtol: float = 1e-3, max_evals: int = 20_000, return_lower: Literal[True]
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def symbol_norm_bound(
+    K: torch.Tensor, stride: int = 1, *, rtol: float = 1e-3, max_evals: int = 20_000, return_lower: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def symbol_norm_bound(

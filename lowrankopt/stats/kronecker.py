@@ -19,6 +19,7 @@ b vectors cost ``O(n b (p²q + pq²))``, and the leading singular triplets come 
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import numpy as np
 import torch
@@ -169,7 +170,7 @@ class KroneckerCovariance:
         tol: float = 1e-10,
         max_iter: int = 1000,
         generator: torch.Generator | None = None,
-    ):
+    ) -> None:
         self.p, self.q = as_positive_int("p", p), as_positive_int("q", q)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -203,7 +204,7 @@ class KroneckerCovariance:
 
     # ------------------------------------------------------------------------------------------------ fitting
 
-    def fit(self, X) -> KroneckerCovariance:
+    def fit(self, X: torch.Tensor | np.ndarray) -> KroneckerCovariance:
         """Estimate Σ from the samples ``X``: ``(n, pq)`` or ``(n, p, q)``, numpy or torch (n ≥ 2). Samples whose
         covariance would overflow or be subnormal in their dtype are refused (``ValueError``: rescale them)."""
         X, _ = _as_samples(X, self.p, self.q)
@@ -279,7 +280,7 @@ class KroneckerCovariance:
             return 2 * self.noise_norm(X)
         return self._cv_penalty(X, cap)
 
-    def noise_norm(self, X) -> float:
+    def noise_norm(self, X: torch.Tensor | np.ndarray) -> float:
         """A multiplier-bootstrap estimate of ``‖R(Ŝ − Σ)‖_op`` for centered samples ``X``: the median over
         ``bootstrap`` Rademacher draws ε of ``‖Σ_i (ε_i − ε̄)/n · X_i ⊗ X_i‖_op``, each the leading singular value by
         subspace iteration until it changes by less than 1e-3 (relative) between checks. Cost: ``bootstrap``
@@ -428,7 +429,13 @@ class KroneckerCovariance:
             raise ValueError(f"{what} is not positive definite: no Gaussian likelihood (try a smaller penalty)")
         return L
 
-    def mahalanobis(self, X):
+    @overload
+    def mahalanobis(self, X: np.ndarray) -> np.ndarray: ...
+
+    @overload
+    def mahalanobis(self, X: torch.Tensor) -> torch.Tensor: ...
+
+    def mahalanobis(self, X: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         """Squared Mahalanobis distances ``(x_i − μ)ᵀ Σ̃⁻¹ (x_i − μ)``, shape ``(n,)`` (numpy in, numpy out).
         Cost O(n pq (p + q)) for one term, O((pq)³ + n (pq)²) otherwise."""
         self._check_fitted()
@@ -437,7 +444,7 @@ class KroneckerCovariance:
         out = Z.square().sum(1)
         return out.cpu().numpy() if was_numpy else out
 
-    def score(self, X) -> float:
+    def score(self, X: torch.Tensor | np.ndarray) -> float:
         """Mean Gaussian log-likelihood of ``X`` under ``N(location_, Σ̃)`` (scikit-learn's ``score``)."""
         self._check_fitted()
         X, _ = _as_samples(X, self.p, self.q)
