@@ -74,8 +74,14 @@ class DeltaLowRank(LowRankMatrix):
     def _deltas(self) -> list[torch.Tensor]:
         return unique_deltas(self.families)
 
-    def _gather(self, rows, cols):
-        return _DeltaLowRankGather.apply(self, rows, cols, *self._deltas())
+    def _gather(self, index):
+        return _DeltaLowRankGather.apply(self, index, *self._deltas())
+
+
+def _split(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row and column indices of an ``(N, 2)`` index, memoized by its identity (so that the passes of one HVP
+    that gather at one index share the row gathers below)."""
+    return memo("split", (index,), lambda: (index[:, 0], index[:, 1]), extra=(index._version,))
 
 
 def _rows(M: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -85,7 +91,8 @@ def _rows(M: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 @memoized_function
 class _DeltaLowRankGather(torch.autograd.Function):
     @staticmethod
-    def _forward(ctx, obj: DeltaLowRank, rows, cols, *deltas):
+    def _forward(ctx, obj: DeltaLowRank, index, *deltas):
+        rows, cols = _split(index)
         ctx.obj, ctx.rows, ctx.cols = obj, rows, cols
         val = obj.families[0].P.new_zeros(rows.shape[0])
         for fam in obj.families:
@@ -113,4 +120,4 @@ class _DeltaLowRankGather(torch.autograd.Function):
                 # index_put with accumulate: deterministic on CPU and ~2x faster than index_add here
                 gt = torch.zeros_like(t).index_put((idx,), g[:, None] * _rows(frame, other), accumulate=True)
                 grads[id(t)] = gt if id(t) not in grads else grads[id(t)] + gt
-        return (None, None, None, *(grads.get(id(t)) for t in obj._deltas()))
+        return (None, None, *(grads.get(id(t)) for t in obj._deltas()))

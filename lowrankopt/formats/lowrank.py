@@ -127,21 +127,31 @@ class LowRankMatrix:
         """The dense ``(m, n)`` matrix. Cost ``O(m n r)``; memory ``O(m n)``."""
         return (self.U @ self.S) @ self.V.T
 
-    def gather(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Entries ``X[rows[i], cols[i]]`` as an ``(N,)`` tensor; ``rows``, ``cols``: ``(N,)`` integers.
-        Cost ``O(m r² + N r)``."""
-        rows, cols = as_index_tensor(rows), as_index_tensor(cols)
-        if rows.dim() != 1 or rows.shape != cols.shape:
-            raise ValueError(
-                f"rows and cols must be 1-D of one length N, got shapes {tuple(rows.shape)} and {tuple(cols.shape)}"
-            )
-        idx = check_index(
-            "(rows, cols)", torch.stack([rows.to(self.device), cols.to(self.device)], 1), self.shape, self.device
-        )
-        return self._gather(idx[:, 0], idx[:, 1])
+    def gather(self, index: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """Entries at ``index: (N, 2)`` integer ``(row, column)`` pairs, as an ``(N,)`` tensor:
+        ``X[index[i, 0], index[i, 1]]`` — the ``(N, d)`` convention of every format's ``gather``, here with d = 2.
 
-    def _gather(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return ((self.U @ self.S)[rows] * self.V[cols]).sum(-1)
+        ``gather(rows, cols)`` with two ``(N,)`` integer tensors is a convenience for ``gather(torch.stack([rows,
+        cols], 1))`` (one code path). Indices may be any integer dtype (or lists); out-of-range entries, other shapes
+        and non-integer dtypes are errors naming the argument. Differentiable in the factors.
+
+        Cost ``O(m r² + N r)`` (the product ``U S`` once, then one row of each factor per entry).
+        """
+        if cols is None:
+            index = check_index("index", index, self.shape, self.device)
+        else:
+            rows, cols = as_index_tensor(index), as_index_tensor(cols)
+            if rows.dim() != 1 or rows.shape != cols.shape:
+                raise ValueError(
+                    f"rows and cols must be 1-D of one length N, got shapes {tuple(rows.shape)} and {tuple(cols.shape)}"
+                )
+            both = torch.stack([rows.to(self.device), cols.to(self.device)], 1)
+            index = check_index("(rows, cols)", both, self.shape, self.device)
+        return self._gather(index)
+
+    def _gather(self, index: torch.Tensor) -> torch.Tensor:
+        """:meth:`gather` at a checked int64 ``(N, 2)`` index on the factors' device."""
+        return ((self.U @ self.S)[index[:, 0]] * self.V[index[:, 1]]).sum(-1)
 
     def __matmul__(self, B: torch.Tensor) -> torch.Tensor:
         """``X @ B`` for a dense ``(n,)`` vector or ``(n, k)`` matrix. Cost ``O((m + n) r k)``."""

@@ -25,9 +25,9 @@ from .._checks import (
     check_same,
     check_tensor,
 )
-from .tt import _checked_cores, _CoreList, _trunc_rank
+from .tt import _checked_cores, _CoreList, _trunc_rank, _tt_svd
 
-__all__ = ["TensorRing"]
+__all__ = ["TensorRing", "tr_full", "tr_svd"]
 
 
 class TensorRing(_CoreList):
@@ -83,47 +83,8 @@ class TensorRing(_CoreList):
 
     @classmethod
     def from_dense(cls, A: torch.Tensor, max_rank: int | None = None, eps: float | None = None) -> TensorRing:
-        """TR-SVD of the dense tensor ``A (n_1, ..., n_d)`` (Zhao et al. 2016, Algorithm 1).
-
-        The first unfolding ``(n_1, n_2 ⋯ n_d)`` is truncated to a rank ``R = r_1 r_2`` split as evenly as its
-        divisors allow; the rest is a TT-SVD whose last core carries the ring rank ``r_1``.
-
-        Args:
-            A: dense tensor, ``d ≥ 2`` dimensions.
-            max_rank: cap on every rank (the first split keeps ``r_1, r_2 ≤ max_rank``).
-            eps: relative accuracy: ``‖A − X‖ ≤ eps ‖A‖`` when ``max_rank`` does not bind (per-step thresholds
-                ``√2 eps ‖A‖ / √d`` for the first SVD and ``eps ‖A‖ / √d`` after). None keeps every nonzero
-                singular value (with ``max_rank`` None: exact up to roundoff).
-
-        Cost: ``O(n^{d+1} r²)``, dominated by the first SVD.
-        """
-        check_tensor("A", A)
-        if A.dim() < 2:
-            raise ValueError("A must have at least two dimensions")
-        max_rank = None if max_rank is None else as_positive_int("max_rank", max_rank)
-        eps = None if eps is None else as_tolerance("eps", eps)
-        shape, d = tuple(A.shape), A.dim()
-        norm = float(torch.linalg.vector_norm(A))
-        tiny = torch.finfo(A.dtype).eps * norm  # "nonzero" singular values when eps is None
-        delta = tiny if eps is None else max(eps * norm / math.sqrt(d), tiny)
-        U, s, Vh = torch.linalg.svd(A.reshape(shape[0], -1), full_matrices=False)
-        cap = None if max_rank is None else max_rank * max_rank
-        R = _trunc_rank(s, math.sqrt(2) * delta, cap)
-        r1, r2 = _split(R, max_rank, s.numel())
-        R = r1 * r2
-        cores = [U[:, :R].reshape(shape[0], r1, r2).permute(1, 0, 2)]
-        # the rest (r1, r2, n_2, ..., n_d) with r1 moved last: a TT-SVD from (r2, n_2) to (.., n_d, r1)
-        C = (s[:R, None] * Vh[:R]).reshape(r1, r2, -1).permute(1, 2, 0).reshape(r2, *shape[1:], r1)
-        left = r2
-        for k in range(1, d - 1):
-            M = C.reshape(left * shape[k], -1)
-            U, s, Vh = torch.linalg.svd(M, full_matrices=False)
-            r = _trunc_rank(s, delta, max_rank)
-            cores.append(U[:, :r].reshape(left, shape[k], r))
-            C = s[:r, None] * Vh[:r]
-            left = r
-        cores.append(C.reshape(left, shape[-1], r1))
-        return cls._trusted(cores)
+        """TR-SVD of the dense tensor ``A (n_1, ..., n_d)``: :func:`tr_svd` (arguments, accuracy and cost there)."""
+        return cls._trusted(tr_svd(A, max_rank, eps))
 
     # ----------------------------------------------------------------- properties
     @property
@@ -133,13 +94,9 @@ class TensorRing(_CoreList):
 
     # ----------------------------------------------------------------- evaluation
     def full(self) -> torch.Tensor:
-        """The dense tensor ``(n_1, ..., n_d)``. Cost ``O(n^d r²)``; memory ``O(n^d r²)``."""
-        r1 = self.cores[0].shape[0]
-        res = self.cores[0].reshape(r1, -1)  # (r_1, n_1 r_2): the ring index stays in front
-        for c in self.cores[1:]:
-            res = (res.reshape(-1, c.shape[0]) @ c.reshape(c.shape[0], -1)).reshape(r1, -1)
-        # res: (r_1, n_1 ⋯ n_d r_1): trace over the two ring indices
-        return res.reshape(r1, -1, r1).diagonal(dim1=0, dim2=2).sum(-1).reshape(self.shape)
+        """The dense tensor ``(n_1, ..., n_d)``: :func:`tr_full` of the cores. Cost ``O(n^d r²)``; memory ``O(n^d)``
+        beyond the two half products (``O(n^{⌈d/2⌉} r²)``)."""
+        return tr_full(self.cores)
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """Entries at ``index: (N, d)`` (integers), returned as ``(N,)``. Cost ``O(N d r³)``."""
@@ -175,6 +132,87 @@ class TensorRing(_CoreList):
     def norm(self) -> torch.Tensor:
         """Frobenius norm ``sqrt(<X, X>)``. Cost ``O(d n r⁵)`` (:meth:`inner`)."""
         return self.inner(self).clamp_min(0).sqrt()
+
+
+def tr_svd(A: torch.Tensor, max_rank: int | None = None, eps: float | None = None) -> list[torch.Tensor]:
+    """TR-SVD (Zhao et al. 2016, Algorithm 1): the ring cores ``(r_k, n_k, r_{k+1})`` of the dense tensor
+    ``A (n_1, ..., n_d)``.
+
+    The first unfolding ``(n_1, n_2 ⋯ n_d)`` is truncated to a rank ``R = r_1 r_2`` split as evenly as its
+    divisors allow; the rest, with ``r_2`` joined to ``n_2`` and ``r_1`` to ``n_d``, is the left-to-right TT-SVD of
+    :func:`~lowrankopt.formats.tt.tt_svd`, so its last core carries the ring rank ``r_1``.
+
+    Args:
+        A: dense float32/float64 tensor, ``d ≥ 2`` dimensions.
+        max_rank: cap on every rank (the first split keeps ``r_1, r_2 ≤ max_rank``).
+        eps: relative accuracy: ``‖A − X‖ ≤ eps ‖A‖`` when ``max_rank`` does not bind (per-step thresholds
+            ``√2 eps ‖A‖ / √d`` for the first SVD and ``eps ‖A‖ / √d`` after). None keeps every nonzero
+            singular value (with ``max_rank`` None: exact up to roundoff).
+
+    Returns:
+        The d cores, in ``A``'s dtype and on its device (differentiable: SVDs and products).
+
+    Cost: ``O(n^{d+1} r²)``, dominated by the first SVD.
+    """
+    check_tensor("A", A)
+    if A.dim() < 2:
+        raise ValueError("A must have at least two dimensions")
+    max_rank = None if max_rank is None else as_positive_int("max_rank", max_rank)
+    eps = None if eps is None else as_tolerance("eps", eps)
+    shape, d = tuple(A.shape), A.dim()
+    norm = float(torch.linalg.vector_norm(A))
+    tiny = torch.finfo(A.dtype).eps * norm  # "nonzero" singular values when eps is None
+    delta = tiny if eps is None else max(eps * norm / math.sqrt(d), tiny)
+    U, s, Vh = torch.linalg.svd(A.reshape(shape[0], -1), full_matrices=False)
+    cap = None if max_rank is None else max_rank * max_rank
+    R = _trunc_rank(s, math.sqrt(2) * delta, cap)
+    r1, r2 = _split(R, max_rank, s.numel())
+    R = r1 * r2
+    first = U[:, :R].reshape(shape[0], r1, r2).permute(1, 0, 2)
+    # the rest (r1, r2, n_2, ..., n_d) with r1 moved last: a TT-SVD of (r2 n_2, n_3, ..., n_{d-1}, n_d r1)
+    C = (s[:R, None] * Vh[:R]).reshape(r1, r2, -1).permute(1, 2, 0)
+    if d == 2:
+        return [first, C.reshape(r2, shape[1], r1)]
+    C = C.reshape(r2 * shape[1], *shape[2:-1], shape[-1] * r1)
+    rest = _tt_svd(C, None if max_rank is None else [max_rank] * (d - 2), delta, d - 2)
+    rest[0] = rest[0].reshape(r2, shape[1], rest[0].shape[2])
+    rest[-1] = rest[-1].reshape(rest[-1].shape[0], shape[-1], r1)
+    return [first, *rest]
+
+
+def tr_full(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The dense tensor of a ring, or of a batch of rings of one shape: ``cores[k]: (*batch, r_k, n_k, r_{k+1})``
+    (the last right rank equal to the first left rank; batch dimensions shared by all cores) give
+    ``(*batch, n_1, ..., n_d)`` with ``X[i_1, ..., i_d] = Tr(G_1[:, i_1, :] ⋯ G_d[:, i_d, :])``.
+
+    The products of the first ``⌈d/2⌉`` and of the last ``⌊d/2⌋`` cores are formed separately and closed by one
+    contraction over both ring bonds, so no ``(n^d, r²)`` intermediate exists. No validation (a building block for
+    :meth:`TensorRing.full` and for batched weights, e.g. :mod:`lowrankopt.nn.tbasis`): differentiable, any float
+    dtype. Cost ``O(n^d r²)`` flops (plus ``O(n^{⌈d/2⌉} r³)`` for the halves); memory ``O(n^d + n^{⌈d/2⌉} r²)``
+    per ring.
+    """
+    cores = list(cores)
+    if not cores:
+        raise ValueError("cores must be a non-empty sequence of (*batch, r_k, n_k, r_{k+1}) tensors")
+    batch = cores[0].shape[:-3]
+    modes = [c.shape[-2] for c in cores]
+    h = (len(cores) + 1) // 2
+    left = _chain(cores[:h])
+    if len(cores) == 1:
+        flat = left.diagonal(dim1=-3, dim2=-1).sum(-1)
+    else:
+        flat = torch.einsum("...aib,...bja->...ij", left, _chain(cores[h:]))
+    return flat.reshape(*batch, *modes)
+
+
+def _chain(cores: list[torch.Tensor]) -> torch.Tensor:
+    """``(*batch, r, n_k, r')`` cores → their product ``(*batch, r_first, Π n_k, r_last)`` (mode indices in C order).
+    Cost ``O(n^j r³)`` for j cores."""
+    res = cores[0]
+    for c in cores[1:]:
+        res = torch.einsum("...anb,...bmc->...anmc", res, c)
+        res = res.reshape(*res.shape[:-4], res.shape[-4], -1, res.shape[-1])
+    return res
 
 
 def _split(R: int, max_rank: int | None, limit: int) -> tuple[int, int]:

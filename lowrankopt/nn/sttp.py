@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import as_positive_int
+from ..formats.tt import tt_svd
 from ..manifolds.geoopt import manifold_parameter
 from ._common import (
     _check_dtype,
@@ -345,18 +346,14 @@ class _STTPBase(torch.nn.Module):
 
 
 def _tt_svd(M: torch.Tensor, shapes: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-    """Left-orthonormal TT cores of the ``d × r`` matrix M (rows over the modes) with the given shapes;
-    the last core is replaced by its polar factor so that the product has orthonormal columns."""
-    cores, rest = [], M.reshape(1, -1)  # (R_{k-1}, n_k ⋯ n_D r)
-    for k, (r0, n, r1) in enumerate(shapes):
-        rest = rest.reshape(r0 * n, -1)
-        if k == len(shapes) - 1:
-            A, _, Bt = torch.linalg.svd(rest, full_matrices=False)
-            cores.append((A @ Bt).reshape(r0, n, r1))  # polar factor: the nearest orthonormal matrix
-            break
-        A, S, Bt = torch.linalg.svd(rest, full_matrices=False)
-        cores.append(A[:, :r1].reshape(r0, n, r1))
-        rest = S[:r1, None] * Bt[:r1]
+    """Left-orthonormal TT cores of the ``d × r`` matrix M (rows over the modes) with the given shapes: the TT-SVD
+    (:func:`lowrankopt.formats.tt_svd`, exact ranks) of M as a tensor ``(n_1, …, n_{D−1}, n_D r)``; the last core is
+    replaced by its polar factor so that the product has orthonormal columns."""
+    modes, r = [n for _, n, _ in shapes], shapes[-1][2]
+    cores = tt_svd(M.reshape(*modes[:-1], modes[-1] * r), [r1 for _, _, r1 in shapes[:-1]], exact=True)
+    r0, n, _ = shapes[-1]
+    A, _, Bt = torch.linalg.svd(cores[-1].reshape(r0 * n, r), full_matrices=False)
+    cores[-1] = (A @ Bt).reshape(r0, n, r)  # polar factor: the nearest orthonormal matrix
     return cores
 
 

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import as_positive_int
+from ..formats.tt import tt_svd
 from ..manifolds.base import qr_positive
 from ..manifolds.geoopt import manifold_parameter
 from ..spectral import clip_singular_values, conv_singular_values
@@ -73,14 +74,6 @@ __all__ = ["TTConv2d", "convert_to_tt_conv", "tt_conv_convert", "tt_conv_orthogo
 
 ORTHOGONALITIES = ("gauge", "stiefel", "penalty")
 PADDING_MODES = ("zeros", "circular")
-
-
-def _orthonormal_columns(U: torch.Tensor, r: int) -> torch.Tensor:
-    """The first r columns of an orthonormal basis extending the orthonormal columns of ``U: (m, c)`` (r ≤ m)."""
-    if U.shape[1] >= r:
-        return U[:, :r]
-    Q = torch.linalg.qr(U, mode="complete").Q  # its first c columns span U's range; the rest, the complement
-    return torch.cat([U, Q[:, U.shape[1] : r]], dim=1)
 
 
 class TTConv2d(torch.nn.Module):
@@ -333,22 +326,13 @@ class TTConv2d(torch.nn.Module):
 
 def _tt_svd(W: torch.Tensor, r1: int, r2: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TT-SVD of a kernel ``W (c_out, c_in, k, k)`` into ``first (c_in, r1)``, ``core (r2, r1, k, k)``, ``last
-    (c_out, r2)`` with orthonormal outer cores (see :meth:`TTConv2d.from_conv`)."""
+    (c_out, r2)`` with orthonormal outer cores (see :meth:`TTConv2d.from_conv`): :func:`lowrankopt.formats.tt_svd`
+    of ``W[i, (p, q), o]`` with exact ranks and the norm in the middle core."""
     c_out, c_in, kh, kw = W.shape
-    M1 = W.permute(1, 2, 3, 0).reshape(c_in, kh * kw * c_out)  # [i, (p, q, o)]
-    U1, S1, V1h = torch.linalg.svd(M1, full_matrices=False)
-    m1 = min(r1, S1.shape[0])
-    first = _orthonormal_columns(U1[:, :m1], r1)
-    rest = torch.zeros(r1, kh * kw * c_out, dtype=W.dtype, device=W.device)
-    rest[:m1] = S1[:m1, None] * V1h[:m1]  # [α, (p, q, o)]
-    M2 = rest.reshape(r1 * kh * kw, c_out)  # [(α, p, q), o]
-    U2, S2, V2h = torch.linalg.svd(M2, full_matrices=False)
-    m2 = min(r2, S2.shape[0])
-    last = _orthonormal_columns(V2h[:m2].T, r2)
-    core = torch.zeros(r1 * kh * kw, r2, dtype=W.dtype, device=W.device)
-    core[:, :m2] = U2[:, :m2] * S2[:m2]
+    T = W.permute(1, 2, 3, 0).reshape(c_in, kh * kw, c_out)  # [i, (p, q), o]
+    first, core, last = tt_svd(T, [r1, r2], exact=True, center=1)
     core = core.reshape(r1, kh, kw, r2).permute(3, 0, 1, 2)  # [β, α, p, q]
-    return first, core, last
+    return first.reshape(c_in, r1), core, last.reshape(r2, c_out).T
 
 
 # ------------------------------------------------------------------------------------------------------------
