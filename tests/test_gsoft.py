@@ -6,9 +6,9 @@ import torch
 from lowrankopt.nn import (
     GSOFTConfig,
     GSOFTLinear,
+    convert_to_gsoft,
     disable_adapters,
     gsoft_state_dict,
-    inject_gsoft,
     load_gsoft_state_dict,
     merge_adapter,
     merge_and_unload,
@@ -48,7 +48,7 @@ def test_injection_targets_exactly_and_starts_at_the_base_model(double):
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
     ref = model(x)
     cfg = GSOFTConfig(block_size=4, target_modules=["q_proj", "mlp.0"], exclude_modules=r"1\.q_proj", double=double)
-    wrapped = inject_gsoft(model, cfg)
+    wrapped = convert_to_gsoft(model, cfg)
     assert sorted(wrapped) == ["0.mlp.0", "0.q_proj", "1.mlp.0"]
     assert isinstance(model[0].q_proj, GSOFTLinear) and not isinstance(model[1].q_proj, GSOFTLinear)
     assert torch.equal(model(x), ref)  # Q = I, s = 1
@@ -62,7 +62,7 @@ def test_injection_targets_exactly_and_starts_at_the_base_model(double):
 
 def test_all_linear_bias_and_modules_to_save():
     model = make_model()
-    inject_gsoft(model, GSOFTConfig(r=4, target_modules="all-linear", bias="gsoft_only", modules_to_save=["2"]))
+    convert_to_gsoft(model, GSOFTConfig(r=4, target_modules="all-linear", bias="gsoft_only", modules_to_save=["2"]))
     assert sum(isinstance(m, GSOFTLinear) for m in model.modules()) == 9
     assert model[2].base_layer.weight.requires_grad and model[0].q_proj.base_layer.bias.requires_grad
     assert not model[0].q_proj.base_layer.weight.requires_grad
@@ -71,7 +71,7 @@ def test_all_linear_bias_and_modules_to_save():
 @pytest.mark.parametrize("double", [False, True])
 def test_merge_unmerge_round_trip_and_merge_and_unload(double):
     model = make_model()
-    inject_gsoft(model, GSOFTConfig(block_size=4, target_modules="all-linear", double=double))
+    convert_to_gsoft(model, GSOFTConfig(block_size=4, target_modules="all-linear", double=double))
     randomize_adapters(model, torch.Generator().manual_seed(2))
     x = torch.randn(7, 16, generator=torch.Generator().manual_seed(3))
     adapted = model(x)
@@ -94,7 +94,7 @@ def test_disabled_adapters_give_the_base_model():
     model = make_model(torch.float64)
     x = torch.randn(4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     ref = model(x)
-    inject_gsoft(model, GSOFTConfig(block_size=8, target_modules="all-linear", exclude_modules=["2"], double=True))
+    convert_to_gsoft(model, GSOFTConfig(block_size=8, target_modules="all-linear", exclude_modules=["2"], double=True))
     randomize_adapters(model, torch.Generator().manual_seed(5))
     with disable_adapters(model):
         assert torch.equal(model(x), ref)
@@ -106,8 +106,8 @@ def test_state_dict_round_trip():
     cfg = GSOFTConfig(
         block_size=4, target_modules=["v_proj"], double=True, modules_to_save="2"
     )  # regex: top-level only
-    inject_gsoft(a, cfg)
-    inject_gsoft(b, cfg)
+    convert_to_gsoft(a, cfg)
+    convert_to_gsoft(b, cfg)
     randomize_adapters(a, torch.Generator().manual_seed(6))
     with torch.no_grad():
         a[2].weight.add_(1.0)  # a trained head (modules_to_save) must travel with the adapters
@@ -125,7 +125,7 @@ def test_state_dict_round_trip():
 
 def test_neumann_merge_unmerge_and_zero_scale():
     model = make_model(torch.float64)
-    inject_gsoft(model, GSOFTConfig(block_size=4, target_modules=["q_proj"], map="neumann", double=True))
+    convert_to_gsoft(model, GSOFTConfig(block_size=4, target_modules=["q_proj"], map="neumann", double=True))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "gsoft_" in name and "scale" not in name:
@@ -142,7 +142,7 @@ def test_neumann_merge_unmerge_and_zero_scale():
 
 def test_training_keeps_the_rotations_orthogonal():
     model = make_model(torch.float64)
-    inject_gsoft(model, GSOFTConfig(block_size=4, target_modules="all-linear", double=True))
+    convert_to_gsoft(model, GSOFTConfig(block_size=4, target_modules="all-linear", double=True))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     g = torch.Generator().manual_seed(8)
     x, y = torch.randn(32, 16, dtype=torch.float64, generator=g), torch.randn(32, 4, dtype=torch.float64, generator=g)
@@ -170,13 +170,13 @@ def test_bad_configs():
         GSOFTConfig(block_size=4)
     model = make_model()
     with pytest.raises(ValueError, match="no module"):
-        inject_gsoft(model, GSOFTConfig(block_size=4, target_modules=["k_proj"]))
+        convert_to_gsoft(model, GSOFTConfig(block_size=4, target_modules=["k_proj"]))
     with pytest.raises(ValueError, match="divisible"):
-        inject_gsoft(model, GSOFTConfig(block_size=5, target_modules=["q_proj"]))
+        convert_to_gsoft(model, GSOFTConfig(block_size=5, target_modules=["q_proj"]))
     assert not any(isinstance(m, GSOFTLinear) for m in model.modules())  # unchanged after the failure
-    inject_gsoft(model, GSOFTConfig(block_size=4, target_modules=["q_proj"]))
+    convert_to_gsoft(model, GSOFTConfig(block_size=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="already"):
-        inject_gsoft(model, GSOFTConfig(block_size=4, target_modules=["v_proj"]))
+        convert_to_gsoft(model, GSOFTConfig(block_size=4, target_modules=["v_proj"]))
 
 
 class Conv1D(torch.nn.Module):
@@ -195,7 +195,7 @@ def test_fan_in_fan_out_is_ignored_for_nn_linear():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
     x = torch.randn(2, 8)
     ref = model(x)
-    inject_gsoft(model, GSOFTConfig(block_size=4, target_modules=["0"], fan_in_fan_out=True))
+    convert_to_gsoft(model, GSOFTConfig(block_size=4, target_modules=["0"], fan_in_fan_out=True))
     assert torch.equal(model(x), ref) and not model[0].fan_in_fan_out
 
 
@@ -204,7 +204,7 @@ def test_fan_in_fan_out_layers():
     model = torch.nn.Sequential(Conv1D(16, 24), torch.nn.ReLU(), Conv1D(24, 8))
     x = torch.randn(5, 16)
     ref = model(x)
-    inject_gsoft(model, GSOFTConfig(block_size=8, target_modules=["0", "2"], fan_in_fan_out=True, double=True))
+    convert_to_gsoft(model, GSOFTConfig(block_size=8, target_modules=["0", "2"], fan_in_fan_out=True, double=True))
     assert torch.allclose(model(x), ref, atol=1e-6)  # Q = I
     randomize_adapters(model, torch.Generator().manual_seed(10))
     adapted = model(x)
@@ -221,7 +221,7 @@ def test_fan_in_fan_out_layers():
 def injected(double=False, dtype=torch.float64, seed=2):
     """make_model with GSOFT on every linear layer and random (non-identity) adapters."""
     model = make_model(dtype)
-    inject_gsoft(model, GSOFTConfig(block_size=4, target_modules="all-linear", double=double))
+    convert_to_gsoft(model, GSOFTConfig(block_size=4, target_modules="all-linear", double=double))
     randomize_adapters(model, torch.Generator().manual_seed(seed))
     return model
 
@@ -366,7 +366,7 @@ def test_gsoft_state_dict_is_independent_of_the_merge_state():
     assert (b(x) - adapted).abs().max() < 1e-12
     # a trainable (modules_to_save) base weight that holds a merged weight would apply the adapter twice
     c = make_model(torch.float64)
-    inject_gsoft(c, GSOFTConfig(block_size=4, target_modules=["q_proj"], modules_to_save=["0"]))
+    convert_to_gsoft(c, GSOFTConfig(block_size=4, target_modules=["q_proj"], modules_to_save=["0"]))
     merge_adapter(c)
     with pytest.raises(ValueError, match="unmerge"):
         gsoft_state_dict(c)
@@ -403,7 +403,7 @@ def encoder_layer(batch_first, dtype=torch.float64):
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_transformer_encoder_layer_trains_evaluates_and_merges(batch_first, double, monkeypatch):
     model = encoder_layer(batch_first)
-    wrapped = inject_gsoft(model, GSOFTConfig(block_size=4, target_modules="all-linear", double=double))
+    wrapped = convert_to_gsoft(model, GSOFTConfig(block_size=4, target_modules="all-linear", double=double))
     assert set(wrapped) == {"self_attn.out_proj", "linear1", "linear2"}  # out_proj is read directly by MHA
     g = torch.Generator().manual_seed(17)
     x = torch.randn(3, 5, 16, dtype=torch.float64, generator=g)

@@ -23,9 +23,9 @@ from lowrankopt.nn import (
     TBasisLinear,
     TTConv2d,
     TTLinear,
-    sttp_convert,
-    tbasis_convert,
-    tt_conv_convert,
+    convert_to_sttp,
+    convert_to_tbasis,
+    convert_to_tt_conv,
     tt_conv_orthogonalize_,
 )
 
@@ -198,9 +198,9 @@ def _riemannian_or_adam(params, lr=1e-2):
 
 
 CONVERTERS = {
-    "sttp": lambda m: sttp_convert(m, 3),
-    "svdp-stiefel": lambda m: sttp_convert(m, 100, svdp=True, parametrization="stiefel"),
-    "tbasis": lambda m: tbasis_convert(m, 4, 2, generator=_gen(3)),
+    "sttp": lambda m: convert_to_sttp(m, 3),
+    "svdp-stiefel": lambda m: convert_to_sttp(m, 100, svdp=True, parametrization="stiefel"),
+    "tbasis": lambda m: convert_to_tbasis(m, 4, 2, generator=_gen(3)),
 }
 
 
@@ -226,7 +226,7 @@ def test_a_converted_transformer_layer_evaluates_like_it_trains(convert, monkeyp
     assert torch.allclose(model(x), trained, rtol=0, atol=1e-12)  # grad enabled: the layers' own forward
     with torch.no_grad():
         assert torch.allclose(model(x), trained, rtol=0, atol=1e-12)  # the fast path, from .weight
-    # tbasis_convert's forward pre-hook (the refresh) turns the fast path off; MHA still reads out_proj.weight
+    # convert_to_tbasis's forward pre-hook (the refresh) turns the fast path off; MHA still reads out_proj.weight
     assert fast_path or convert == "tbasis"
 
 
@@ -331,12 +331,12 @@ def _cnn(seed):
 
 
 CONVERTED = {
-    "sttp": (lambda m, s: sttp_convert(m, 3), None),
-    "sttp-stiefel": (lambda m, s: sttp_convert(m, 4, parametrization="stiefel"), None),
-    "svdp": (lambda m, s: sttp_convert(m, 100, svdp=True), None),
-    "tt_conv": (lambda m, s: tt_conv_convert(m, 3), tt_conv_orthogonalize_),
-    "tt_conv-stiefel": (lambda m, s: tt_conv_convert(m, 3, orthogonality="stiefel"), None),
-    "tbasis": (lambda m, s: tbasis_convert(m, 4, 2, generator=_gen(s)), None),
+    "sttp": (lambda m, s: convert_to_sttp(m, 3), None),
+    "sttp-stiefel": (lambda m, s: convert_to_sttp(m, 4, parametrization="stiefel"), None),
+    "svdp": (lambda m, s: convert_to_sttp(m, 100, svdp=True), None),
+    "tt_conv": (lambda m, s: convert_to_tt_conv(m, 3), tt_conv_orthogonalize_),
+    "tt_conv-stiefel": (lambda m, s: convert_to_tt_conv(m, 3, orthogonality="stiefel"), None),
+    "tbasis": (lambda m, s: convert_to_tbasis(m, 4, 2, generator=_gen(s)), None),
 }
 
 

@@ -1360,7 +1360,7 @@ def gs_matrix_dense(q):
     seed=st.integers(0, 20),
 )
 def test_gsoft_inject_merge_unmerge(sizes, block, double, scale, targets, seed):
-    """inject_gsoft on a small MLP: the model is unchanged at injection; after adapter steps each adapted layer
+    """convert_to_gsoft on a small MLP: the model is unchanged at injection; after adapter steps each adapted layer
     computes ``diag(s) Q_out W Q_in x + b`` (Q assembled here from the blocks); merging gives the same outputs with that
     weight written into the base layer, unmerging restores the base weight; and a config that does not fit the model
     raises a named error and leaves the model as it was (same outputs, nothing frozen, nothing wrapped)."""
@@ -1379,7 +1379,7 @@ def test_gsoft_inject_merge_unmerge(sizes, block, double, scale, targets, seed):
         problems.append("target_modules")
     elif not fits:
         problems += ["block_size", "r", "divisible"]
-    wrapped = check_outcome(lambda: lnn.inject_gsoft(model, config), problems)
+    wrapped = check_outcome(lambda: lnn.convert_to_gsoft(model, config), problems)
     if wrapped is None:
         assert not any(isinstance(m, lnn.GSOFTLinear) for m in model.modules())
         assert all(p.requires_grad for p in model.parameters())
@@ -1474,9 +1474,9 @@ def test_converters_check_the_rank_even_with_nothing_to_convert():
     returned {} without a word: the bad rank surfaced only once a model had a layer to convert."""
     mlp = torch.nn.Sequential(torch.nn.Linear(4, 3))
     with pytest.raises(ValueError, match="rank"):
-        lnn.tt_conv_convert(mlp, 0)
+        lnn.convert_to_tt_conv(mlp, 0)
     with pytest.raises(ValueError, match="rank"):
-        lnn.sttp_convert(torch.nn.Sequential(torch.nn.ReLU()), "x")
+        lnn.convert_to_sttp(torch.nn.Sequential(torch.nn.ReLU()), "x")
 
 
 def small_net(kind, seed):
@@ -1503,10 +1503,10 @@ def test_converted_models(kind, converter, rank, seed):
         before = model(x)
         stds = {name: float(m.weight.std()) for name, m in model.named_children() if hasattr(m, "weight")}
     convert = {
-        "sttp": lambda: lnn.sttp_convert(model, rank),
-        "svdp": lambda: lnn.sttp_convert(model, rank, svdp=True),
-        "tt_conv": lambda: lnn.tt_conv_convert(model, rank),
-        "tbasis": lambda: lnn.tbasis_convert(model, 3, rank if rank != 64 else 2, generator=gen(seed)),
+        "sttp": lambda: lnn.convert_to_sttp(model, rank),
+        "svdp": lambda: lnn.convert_to_sttp(model, rank, svdp=True),
+        "tt_conv": lambda: lnn.convert_to_tt_conv(model, rank),
+        "tbasis": lambda: lnn.convert_to_tbasis(model, 3, rank if rank != 64 else 2, generator=gen(seed)),
     }[converter]
     out = check_outcome(convert, [] if positive(rank) else ["rank"])
     with torch.no_grad():

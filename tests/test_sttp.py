@@ -12,10 +12,10 @@ from lowrankopt.nn import (
     STTPLinear,
     SVDPConv2d,
     SVDPLinear,
+    convert_to_dense,
+    convert_to_sttp,
     count_parameters,
     dopt_penalty,
-    sttp_convert,
-    sttp_to_dense,
 )
 from lowrankopt.nn.householder import householder_numel, householder_orthonormal, householder_params
 
@@ -209,20 +209,20 @@ def test_conversion_at_full_rank_reproduces_outputs_and_back():
     model = _small_cnn()
     x = torch.randn(3, 1, 8, 8, dtype=D, generator=torch.Generator().manual_seed(6))
     ref = model(x)
-    converted = sttp_convert(model, rank=1000)
+    converted = convert_to_sttp(model, rank=1000)
     assert sorted(converted) == ["0", "2", "4"]
     assert isinstance(model[2], STTPConv2d) and isinstance(model[4], STTPLinear)
     assert torch.allclose(model(x), ref, atol=1e-12)
-    sttp_to_dense(model)
+    convert_to_dense(model)
     assert type(model[2]) is torch.nn.Conv2d and torch.allclose(model(x), ref, atol=1e-12)
 
 
 def test_conversion_include_exclude_and_truncation():
     model = _small_cnn()
-    converted = sttp_convert(model, rank=2, include=["2", "4"], exclude="4")
+    converted = convert_to_sttp(model, rank=2, target_modules=["2", "4"], exclude_modules=["4"])
     assert list(converted) == ["2"] and type(model[4]) is torch.nn.Linear and model[2].rank == 2
     dense = _small_cnn()
-    svdp = sttp_convert(dense, rank=lambda name, m: 3, svdp=True, include=lambda n: n == "4")
+    svdp = convert_to_sttp(dense, rank=lambda name, m: 3, svdp=True, target_modules=lambda n, m: n == "4")
     assert isinstance(svdp["4"], SVDPLinear) and svdp["4"].rank == 3
     # SVDP at rank 3 from the dense weight is its best rank-3 approximation (Eckart–Young, by a dense SVD here)
     P, S, Qt = torch.linalg.svd(_small_cnn()[4].weight.detach())
@@ -316,11 +316,11 @@ def test_conv_conversion_matches_nn_conv2d(kwargs):
 def test_shared_modules_are_converted_together_and_failures_change_nothing():
     lin = torch.nn.Linear(6, 6).double()
     model = torch.nn.Sequential(lin, torch.nn.Tanh(), lin)
-    converted = sttp_convert(model, rank=100)
+    converted = convert_to_sttp(model, rank=100)
     assert set(converted) == {"0", "2"} and model[0] is model[2]
     model = torch.nn.Sequential(torch.nn.Linear(6, 6).double(), torch.nn.Linear(6, 6).double())
     with pytest.raises(ValueError, match="rank"):
-        sttp_convert(model, rank=lambda name, m: 3 if name == "0" else 0)
+        convert_to_sttp(model, rank=lambda name, m: 3 if name == "0" else 0)
     assert all(type(m) is torch.nn.Linear for m in model)
 
 

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from lowrankopt import TensorRing
-from lowrankopt.nn.tbasis import (
+from lowrankopt.nn import (
     TBasis,
     TBasisFactory,
     Tensorization,
-    tbasis_convert,
-    tbasis_parameter_count,
+    convert_to_tbasis,
+    count_parameters,
     tbasis_penalty,
 )
 
@@ -22,6 +22,15 @@ D = torch.float64
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
+
+
+def _counts(model):
+    """The T-Basis storage, split by ``count_parameters``: the shared basis (modules named ``tbasis``), the layers'
+    coefficients and rank adapters, and the rest (biases, dense layers)."""
+    total = count_parameters(model, trainable_only=False)
+    without_basis = count_parameters(model, trainable_only=False, exclude_modules=["tbasis"])
+    rest = count_parameters(model, trainable_only=False, exclude_modules=["tbasis", "coefficients", "log_adapters"])
+    return {"total": total, "basis": total - without_basis, "layers": without_basis - rest, "other": rest}
 
 
 @pytest.mark.parametrize("shape,n", [((5, 7), 2), ((6, 4, 3, 3), 3), ((3, 5, 3, 2), 2)])
@@ -76,7 +85,7 @@ def test_a_converted_model_equals_the_dense_model_of_its_decompressed_weights():
     ).double()
     dense = copy.deepcopy(model)
     stds = [m.weight.std().item() for m in model if isinstance(m, (nn.Conv2d, nn.Linear))]
-    factory = tbasis_convert(model, 8, 4, generator=_gen(6))
+    factory = convert_to_tbasis(model, 8, 4, generator=_gen(6))
     assert factory.mode_size == 9  # 3×3 convs present
     weights = [factory.weight(k) for k in factory.plans]
     for w, std in zip(weights, stds):
@@ -91,7 +100,7 @@ def test_a_converted_model_equals_the_dense_model_of_its_decompressed_weights():
     assert torch.allclose(twin(x), dense(x), rtol=1e-12, atol=1e-13)
     # the penalty is Σ ‖W‖², and parameters are counted by the storage formula
     assert tbasis_penalty(model).item() == pytest.approx(sum(w.square().sum().item() for w in weights), rel=1e-12)
-    counts = tbasis_parameter_count(model)
+    counts = _counts(model)
     B, R, N = 8, 4, 9
     modes = sum(p.modes for p in factory.plans.values())
     biases = sum(m.bias.numel() for m in dense if isinstance(m, (nn.Conv2d, nn.Linear)))
@@ -101,7 +110,7 @@ def test_a_converted_model_equals_the_dense_model_of_its_decompressed_weights():
 
 def test_a_training_step_changes_the_weights_and_gradients_match_finite_differences():
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    factory = tbasis_convert(model, 3, 2, generator=_gen(8))
+    factory = convert_to_tbasis(model, 3, 2, generator=_gen(8))
     x = torch.randn(4, 6, dtype=D, generator=_gen(9))
     params = [factory.tbasis.basis, *factory.coefficients.values(), *factory.log_adapters.values()]
     base = [p.detach().clone() for p in params]
@@ -135,15 +144,15 @@ def test_a_training_step_changes_the_weights_and_gradients_match_finite_differen
 
 def test_plain_rings_without_a_basis_and_bad_input():
     model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3)).double()
-    factory = tbasis_convert(model, None, 2, generator=_gen(10))
+    factory = convert_to_tbasis(model, None, 2, generator=_gen(10))
     assert factory.tbasis is None
-    counts = tbasis_parameter_count(model)
+    counts = _counts(model)
     assert counts["basis"] == 0 and counts["layers"] == sum(p.modes for p in factory.plans.values()) * (4 * 4 + 2)
     assert model(torch.randn(2, 6, dtype=D)).shape == (2, 3)
     with pytest.raises(ValueError, match="mode_size"):
         TBasis(4, 2, 5)
     with pytest.raises(ValueError, match="no nn.Linear"):
-        tbasis_convert(nn.Sequential(nn.ReLU()), 4, 2)
+        convert_to_tbasis(nn.Sequential(nn.ReLU()), 4, 2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -151,8 +160,8 @@ def test_cuda_matches_cpu():
     torch.manual_seed(1)
     cpu = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
     gpu = copy.deepcopy(cpu).cuda()
-    tbasis_convert(cpu, 4, 3, generator=_gen(11))
-    factory = tbasis_convert(gpu, 4, 3, generator=_gen(11))
+    convert_to_tbasis(cpu, 4, 3, generator=_gen(11))
+    factory = convert_to_tbasis(gpu, 4, 3, generator=_gen(11))
     assert factory.tbasis.basis.device.type == "cuda"
     x = torch.randn(2, 1, 6, 6, dtype=D, generator=_gen(12))
     assert torch.allclose(gpu(x.cuda()).cpu(), cpu(x), rtol=1e-10, atol=1e-12)
@@ -163,7 +172,7 @@ def test_cuda_matches_cpu():
 def test_the_decompressed_weights_follow_every_change_they_depend_on():
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-    factory = tbasis_convert(model, 3, 2, generator=_gen(14))
+    factory = convert_to_tbasis(model, 3, 2, generator=_gen(14))
     x = torch.randn(4, 6)
     # the penalty before the forward, two accumulation steps without an optimizer step
     for _ in range(2):
@@ -187,10 +196,10 @@ def test_the_decompressed_weights_follow_every_change_they_depend_on():
 def test_tied_modules_stay_tied_and_every_layer_reaches_the_factory():
     shared = nn.Linear(4, 4)
     model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 2))
-    factory = tbasis_convert(model, 3, 2, generator=_gen(15))
+    factory = convert_to_tbasis(model, 3, 2, generator=_gen(15))
     assert model[0] is model[2] and len(factory.plans) == 2
     model[0] = model[2] = nn.Identity()  # the first converted layer leaves: the factory stays with the others
-    assert sum(p.numel() for p in model.parameters()) == tbasis_parameter_count(model)["total"] > 0
+    assert sum(p.numel() for p in model.parameters()) == _counts(model)["total"] > 0
     assert factory.tbasis.basis in set(model.parameters())
     model(torch.randn(3, 4)).sum().backward()
     assert factory.tbasis.basis.grad is not None
@@ -206,6 +215,6 @@ def test_invalid_sizes_are_refused_instead_of_hanging():
     with pytest.raises(ValueError, match="come from the basis"):
         TBasisFactory(TBasis(2, 2, 4), rank=3)
     with pytest.raises(TypeError, match="float32 or float64"):
-        tbasis_convert(nn.Sequential(nn.Linear(3, 3).half()), 2, 2)
+        convert_to_tbasis(nn.Sequential(nn.Linear(3, 3).half()), 2, 2)
     with pytest.raises(ValueError, match="grouped"):
-        tbasis_convert(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), 2, 2)
+        convert_to_tbasis(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), 2, 2)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from reference import linear_map_matrix
 
-from lowrankopt.nn import TTConv2d, tt_conv_convert, tt_conv_orthogonalize_, tt_conv_penalty
+from lowrankopt.nn import TTConv2d, convert_to_tt_conv, tt_conv_orthogonalize_, tt_conv_penalty
 
 D = torch.float64
 
@@ -211,27 +211,27 @@ def test_convert():
     x = torch.randn(2, 3, 6, 6, dtype=D, generator=gen(13))
     y = model(x)
     names = []
-    out = tt_conv_convert(model, lambda name, m: (names.append(name), 4)[1], exclude="5.*")
+    out = convert_to_tt_conv(model, lambda name, m: (names.append(name), 4)[1], exclude_modules=r"5\..*")
     assert sorted(out) == ["0", "1", "3"] and sorted(set(names)) == ["0", "1"]
     assert model[1] is model[3] and isinstance(model[1], TTConv2d) and out["1"] is out["3"]
     assert type(model[4]) is torch.nn.Conv2d and type(model[5][0]) is torch.nn.Conv2d
     torch.testing.assert_close(model(x), y, rtol=0, atol=1e-12)  # full rank: the function is kept
     assert len({id(m) for m in model.modules() if isinstance(m, TTConv2d)}) == 2
     # include: only the nested conv
-    out = tt_conv_convert(model, 1, include="5.*", orthogonality="penalty")
+    out = convert_to_tt_conv(model, 1, target_modules=r"5\..*", orthogonality="penalty")
     assert list(out) == ["5.0"] and out["5.0"].orthogonality == "penalty" and out["5.0"].ranks == (1, 1)
     # errors leave the model untouched: a grouped conv explicitly selected, or a bad rank for a later layer
     m2 = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3, groups=2))
     before = list(m2)
     with pytest.raises(ValueError, match="groups"):
-        tt_conv_convert(m2, 2, include=["0", "1"])
+        convert_to_tt_conv(m2, 2, target_modules=["0", "1"])
     m3 = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3))
     before3 = list(m3)
     with pytest.raises(ValueError, match="rank"):
-        tt_conv_convert(m3, lambda name, m: 2 if name == "0" else 0)
+        convert_to_tt_conv(m3, lambda name, m: 2 if name == "0" else 0)
     assert list(m2) == before and list(m3) == before3
     with pytest.raises(TypeError, match="model"):
-        tt_conv_convert("not a model", 2)
+        convert_to_tt_conv("not a model", 2)
 
 
 # ------------------------------------------------------------------------------------------------------------

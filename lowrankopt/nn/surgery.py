@@ -241,10 +241,10 @@ def replace_modules(
         for key, (m, names) in places.items():
             for name in names:
                 parent, child = _parent(model, name)
-                done.append((parent, child, m))
                 setattr(parent, child, new_of[key])
+                done.append((parent, child, m))
     except BaseException:
-        for parent, child, old in reversed(done):
+        for parent, child, old in reversed(done):  # put back what was installed
             setattr(parent, child, old)
         raise
     return {name: new_of[key] for key, (_, names) in places.items() for name in names}
