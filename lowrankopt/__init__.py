@@ -2,8 +2,9 @@
 
 The core (formats, manifolds, autodiff, optim, completion) is imported with the package. The other subpackages
 (``lowrankopt.nn``, ``.spectral``, ``.stats``, ``.cross``, ``.distributed``, ``.benchmarks``) and the geoopt bridge
-(:class:`GeooptManifold`, :class:`GeooptFixedRank`, :class:`GeooptFixedTTRank`, which import geoopt) are loaded on first attribute access
-(PEP 562), so ``import lowrankopt as lro; lro.nn.STTPLinear`` works and ``import lowrankopt`` stays light.
+(:class:`GeooptManifold`, :class:`GeooptFixedRank`, :class:`GeooptFixedTTRank`, which import geoopt) are loaded on
+first attribute access (PEP 562), so ``import lowrankopt as lro; lro.nn.STTPLinear`` works and ``import lowrankopt``
+stays light.
 """
 
 from __future__ import annotations

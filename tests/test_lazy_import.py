@@ -14,6 +14,7 @@ import lowrankopt
 LAZY_SUBMODULES = ("benchmarks", "cross", "distributed", "nn", "spectral", "stats")
 HEAVY = ("lowrankopt.nn", "lowrankopt.spectral", "lowrankopt.stats", "lowrankopt.cross", "lowrankopt.distributed")
 HEAVY += ("lowrankopt.benchmarks", "lowrankopt.manifolds.geoopt", "geoopt")
+GEOOPT_NAMES = ("GeooptFixedRank", "GeooptFixedTTRank", "GeooptManifold")  # the bridge, loaded on first access
 
 
 def _fresh(code: str) -> str:
@@ -53,8 +54,9 @@ import sys, lowrankopt as lro
 assert "geoopt" not in sys.modules
 M = lro.GeooptFixedRank(5, 4, 2)
 assert "geoopt" in sys.modules and isinstance(M, sys.modules["geoopt"].Manifold)
-from lowrankopt.manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank
+from lowrankopt.manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank, GeooptManifold
 assert lro.GeooptFixedRank is GeooptFixedRank and lro.GeooptFixedTTRank is GeooptFixedTTRank
+assert lro.GeooptManifold is GeooptManifold and isinstance(M, GeooptManifold)
 print("ok")
 """
     assert _fresh(code).split() == ["ok"]
@@ -75,11 +77,11 @@ print("ok")
 def test_dir_lists_the_lazy_submodules_and_names():
     names = dir(lowrankopt)
     assert names == sorted(names)
-    for name in (*LAZY_SUBMODULES, "formats", "manifolds", "optim", "GeooptFixedRank", "GeooptFixedTTRank"):
+    for name in (*LAZY_SUBMODULES, "formats", "manifolds", "optim", *GEOOPT_NAMES):
         assert name in names, name
     assert set(lowrankopt.__all__) <= set(names)
     out = _fresh("import lowrankopt, json; print(json.dumps(dir(lowrankopt)))")  # before anything was loaded
-    assert set(LAZY_SUBMODULES) | {"GeooptFixedRank", "GeooptFixedTTRank"} <= set(json.loads(out))
+    assert set(LAZY_SUBMODULES) | set(GEOOPT_NAMES) <= set(json.loads(out))
 
 
 def test_unknown_attribute_raises_the_usual_attribute_error():
