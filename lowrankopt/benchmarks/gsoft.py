@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from ..nn import GSOFTConfig, LipConvNet, certified_accuracy, inject_gsoft
+from ..nn import GSOFTConfig, LipConvNet, certified_accuracy, convert_to_gsoft
 from .digits import accuracy, digits_split, fit
 from .registry import Benchmark, Case
 from .runner import Context, Timing, ratio, timing_row
@@ -55,7 +55,7 @@ def _peft(n: int, method: str, device):
 
 def _ours(n: int, double: bool, device):
     model = _One(n, device)
-    inject_gsoft(model, GSOFTConfig(block_size=8, target_modules=["lin"], double=double))
+    convert_to_gsoft(model, GSOFTConfig(block_size=8, target_modules=["lin"], double=double))
     return model
 
 
@@ -93,7 +93,9 @@ def run_transfer(case: Case, ctx: Context) -> dict:
                 rows.append({"variant": label, "skipped": "skipped: install peft"})
                 continue
         elif isinstance(how, bool):
-            inject_gsoft(model, GSOFTConfig(block_size=8, target_modules=targets, double=how, modules_to_save=[head]))
+            convert_to_gsoft(
+                model, GSOFTConfig(block_size=8, target_modules=targets, double=how, modules_to_save=[head])
+            )
         times = fit(model, X, y, case.params["epochs"], ctx, label)
         figures = {
             "accuracy on 5-9": accuracy(model, Xt, yt),
@@ -200,7 +202,7 @@ def run_minilm(case: Case, ctx: Context) -> dict:
                 rows.append({"variant": label, "skipped": "skipped: install peft"})
                 continue
         else:
-            inject_gsoft(model, GSOFTConfig(block_size=8, target_modules=targets, double=how, modules_to_save=save))
+            convert_to_gsoft(model, GSOFTConfig(block_size=8, target_modules=targets, double=how, modules_to_save=save))
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=case.params["lr"])
         g = ctx.generator(2)
         times = []

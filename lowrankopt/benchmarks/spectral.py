@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from ..nn import TTConv2d, tt_conv_convert
+from ..nn import TTConv2d, convert_to_tt_conv
 from ..spectral import (
     ConvNormRegularizer,
     IterationState,
@@ -368,7 +368,7 @@ def run_tt_conv(case: Case, ctx: Context) -> dict:
         model = _cnn(ctx.seed, width)
         label = "dense Conv2d"
         if rank is not None:
-            tt_conv_convert(model, rank, exclude="0")  # the 1-channel first conv stays dense
+            convert_to_tt_conv(model, rank, exclude_modules=["0"])  # the 1-channel first conv stays dense
             label = f"TTConv2d rank {rank}" + (", σ ≤ 1 (clip every 10 steps)" if clip else "")
         model = model.to(ctx.device)
         tt = [(m, n) for m, n in zip([model[2], model[4]], _SIZES[1:], strict=True) if isinstance(m, TTConv2d)]

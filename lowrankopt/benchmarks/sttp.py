@@ -5,7 +5,7 @@ Two kinds of case:
 - ``digits-*``: a small CNN (conv 1→32, conv 32→64 stride 2, linear 1024→128, linear 128→10, ReLU) on
   scikit-learn's bundled 8×8 digits (1797 images; a fixed 80/20 split), trained with Adam (lr 3e-3, batch
   64) from the same dense initialization. Variants: dense; SVDP (every layer but the first conv, full rank);
-  STTP at several maximal TT-ranks (same layers; initialized from the dense weights by ``sttp_convert``,
+  STTP at several maximal TT-ranks (same layers; initialized from the dense weights by ``convert_to_sttp``,
   learned spectrum without a Lipschitz bound, Householder parameters). Reported: test accuracy, % of the
   dense model's parameters, median train time per epoch. Plot: accuracy vs % parameters.
 - ``linear1024-r*``: forward + backward of a batch of 256 through ``STTPLinear(1024, 1024, r)`` against
@@ -19,7 +19,7 @@ import statistics
 
 import torch
 
-from ..nn import STTPLinear, count_parameters, sttp_convert
+from ..nn import STTPLinear, convert_to_sttp, count_parameters
 from .digits import accuracy, digits_split, fit
 from .registry import Benchmark, Case
 from .runner import Context, Timing, ratio, timing_row
@@ -51,7 +51,7 @@ def run_digits(case: Case, ctx: Context) -> dict:
     for label, spec in variants:
         model = _cnn(ctx.seed)
         if spec is not None:  # every layer but the first conv, from the same dense initialization
-            sttp_convert(model, 10**6 if spec == "svdp" else spec, exclude="0", svdp=spec == "svdp")
+            convert_to_sttp(model, 10**6 if spec == "svdp" else spec, exclude_modules=["0"], svdp=spec == "svdp")
         model = model.to(ctx.device)
         times = fit(model, Xtr, ytr, epochs, ctx, label)
         acc = accuracy(model, Xte, yte)

@@ -2,7 +2,7 @@
 
 The CNN has three 3×3 convs (1→32, 32→64 stride 2, 64→64 stride 2) and a linear layer 256→10 (58k parameters),
 trained with Adam (lr 3·10⁻³, batches of 64) on scikit-learn's 8×8 digits. Every layer but the first conv (kept
-dense, as in the paper) becomes a tensor ring of 5 modes (the linear layer: 6) of size N = 9 (``tbasis_convert``,
+dense, as in the paper) becomes a tensor ring of 5 modes (the linear layer: 6) of size N = 9 (``convert_to_tbasis``,
 variance-matching start):
 
 - T-Basis at (B, R) ∈ {(4, 4), (8, 8), (16, 16), (32, 16)}: one shared basis, per layer only coefficients and rank
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..nn import count_parameters, tbasis_convert, tbasis_parameter_count, tbasis_penalty
+from ..nn import TBasis, convert_to_tbasis, count_parameters, tbasis_penalty
 from .digits import accuracy, digits_split, fit
 from .registry import Benchmark, Case
 from .runner import Context, Timing, timing_row
@@ -53,13 +53,13 @@ def run(case: Case, ctx: Context) -> dict:
         model = _cnn(ctx.seed)
         extra = None
         if spec is not None:
-            tbasis_convert(model, spec[0], spec[1], exclude="0", generator=ctx.generator(2))
+            convert_to_tbasis(model, spec[0], spec[1], exclude_modules=["0"], generator=ctx.generator(2))
             extra = lambda model=model: penalty * tbasis_penalty(model)  # noqa: E731
         model = model.to(ctx.device)
         times = fit(model, Xtr, ytr, epochs, ctx, label, penalty=extra)
         acc = accuracy(model, Xte, yte)
         total = count_parameters(model)
-        without = tbasis_parameter_count(model)["without_basis"] if spec is not None else total
+        without = count_parameters(model, exclude_modules=lambda name, m: isinstance(m, TBasis))
         figures = {
             "test accuracy": acc,
             "% parameters": 100 * total / dense_params,
