@@ -132,6 +132,23 @@ def _pair(v, name: str, minimum: int | None = None) -> tuple[int, int]:
     return int(t[0]), int(t[1])
 
 
+def _conv_padding(padding, stride: tuple[int, int], kernel_size: tuple[int, int], dilation=(1, 1)) -> tuple:
+    """``(padding, pads)``: ``padding`` as ``nn.Conv2d`` takes it (``"same"``, stride 1 only; ``"valid"``; an int or a
+    pair of non-negative ints), checked, and the explicit ``(left, right, top, bottom)`` pads ``nn.Conv2d`` computes
+    from it (for ``"same"`` with an odd total, the extra one on the right / bottom)."""
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+        if padding == "same" and tuple(stride) != (1, 1):
+            raise ValueError("padding='same' needs stride 1 (as nn.Conv2d)")
+        if padding == "valid":
+            return padding, (0, 0, 0, 0)
+        th, tw = (d * (k - 1) for d, k in zip(dilation, kernel_size, strict=True))
+        return padding, (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    p = _pair(padding, "padding", 0)
+    return p, (p[1], p[1], p[0], p[0])
+
+
 def _random_orthonormal(rows: int, cols: int, generator) -> torch.Tensor:
     """A Haar-random ``rows × cols`` matrix with orthonormal columns (float64, CPU generator)."""
     Q, R = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=generator))

@@ -59,6 +59,7 @@ from ._common import (
     _check_dtype,
     _check_image,
     _check_input,
+    _conv_padding,
     _dense_conv,
     _dense_linear,
     _deprecated_alias,
@@ -524,22 +525,8 @@ class STTPConv2d(_STTPBase):
         self.stride, self.dilation = _pair(stride, "stride", 1), _pair(dilation, "dilation", 1)
         if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
             raise ValueError(f"padding_mode must be zeros, reflect, replicate or circular, got {padding_mode!r}")
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"padding must be 'same', 'valid', an int or a pair, got {padding!r}")
-            if padding == "same" and self.stride != (1, 1):
-                raise ValueError("padding='same' needs stride 1 (as nn.Conv2d)")
-            self.padding = padding
-        else:
-            self.padding = _pair(padding, "padding", 0)
         # explicit (left, right, top, bottom) pads, as nn.Conv2d computes them
-        if self.padding == "valid":
-            self._pads = (0, 0, 0, 0)
-        elif self.padding == "same":
-            tot = [dl * (k - 1) for dl, k in zip(self.dilation, self.kernel_size, strict=True)]
-            self._pads = (tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2)
-        else:
-            self._pads = (self.padding[1], self.padding[1], self.padding[0], self.padding[0])
+        self.padding, self._pads = _conv_padding(padding, self.stride, self.kernel_size, self.dilation)
         self.padding_mode = padding_mode
         dtype, device, _ = _kw(dtype, device, generator)
         kk = self.kernel_size[0] * self.kernel_size[1]

@@ -59,6 +59,7 @@ from ..spectral import clip_singular_values, conv_singular_values
 from ._common import (
     _check_dtype,
     _check_image,
+    _conv_padding,
     _dense_conv,
     _deprecated_alias,
     _init_bias,
@@ -132,25 +133,9 @@ class TTConv2d(torch.nn.Module):
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be 'zeros' or 'circular', got {padding_mode!r}")
         self.padding_mode = padding_mode
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
-            if padding == "same" and self.stride != (1, 1):
-                raise ValueError("padding='same' needs stride 1 (as nn.Conv2d)")
-            self.padding: tuple[int, int] | str = padding
-        else:
-            self.padding = _pair(padding, "padding")
-            if min(self.padding) < 0:
-                raise ValueError(f"padding must be non-negative, got {padding!r}")
         # explicit (left, right, top, bottom) pads, as nn.Conv2d computes them (for "same": the extra one, for an
         # even kernel, on the right / bottom)
-        if self.padding == "valid":
-            self._pads = (0, 0, 0, 0)
-        elif self.padding == "same":
-            t = kh - 1
-            self._pads = (t // 2, t - t // 2, t // 2, t - t // 2)
-        else:
-            self._pads = (self.padding[1], self.padding[1], self.padding[0], self.padding[0])
+        self.padding, self._pads = _conv_padding(padding, self.stride, self.kernel_size)
         if orthogonality not in ORTHOGONALITIES:
             raise ValueError(f"orthogonality must be one of {ORTHOGONALITIES}, got {orthogonality!r}")
         self.orthogonality = orthogonality
