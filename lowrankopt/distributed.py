@@ -20,10 +20,12 @@ import torch.distributed as dist
 
 from ._checks import as_int
 from .autodiff import riemannian_grad, riemannian_grad_and_hessian
+from .manifolds import manifold_of
 from .manifolds.tangent import TangentVector
 
 __all__ = [
     "Failures",
+    "ShardedRun",
     "agree",
     "all_reduce_tangent",
     "check_identical",
@@ -140,8 +142,6 @@ def _nan_scalar(like) -> torch.Tensor:
 def _nan_tangent(x) -> TangentVector:
     """The tangent vector at x whose coordinates are all NaN (the stand-in for a shard's vector that failed).
     Built directly: tangent-vector arithmetic refuses non-finite scalars."""
-    from .autodiff import manifold_of
-
     M = manifold_of(x)
     return TangentVector(M, x, [torch.full_like(c, math.nan) for c in M.zero_tangent(x).coords])
 
@@ -233,6 +233,74 @@ def agree(error: Exception | None, call: tuple, *, group=None) -> None:
         raise ValueError(f"process(es) {failed} rejected their input; see their error")
     if len({int(t[1]) for t in gathered}) > 1:
         raise ValueError("the processes called with different sizes or options (shape, rank, method, max_iter, ...)")
+
+
+def _option_digest(value) -> str:
+    """What must agree across processes of an option: callables by name (their identity differs per process)."""
+    if callable(value):
+        return f"callable {getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    return repr(value)
+
+
+class ShardedRun:
+    """The collectives of one solve whose data are sharded over the processes of ``group``, as
+    :func:`~lowrankopt.complete` (``distributed=True``) uses them.
+
+    Construction is the agreement (:func:`agree`): every process passes the error its input checks raised (or None),
+    ``call`` (the sizes that must match: shape, rank, method, ...; None where the checks failed) and ``options`` (the
+    keyword options passed on to the optimizer: they choose the collectives, so they must match too; callables compare
+    by qualified name). Every process raises ``ValueError`` together, or none does. Then:
+
+    - :attr:`reduce` / :attr:`reduce_tangent`: sums over the processes of a tensor / a tangent vector, counted in
+      :attr:`traffic` (``bytes`` all-reduced by this process and ``calls``); :attr:`quiet`: a sum not counted (held-out
+      errors are not part of the solve);
+    - :attr:`value` / :attr:`tangent` / :meth:`guard`: shard-local computations guarded by :class:`Failures` (an
+      exception is kept and NaN stands in, so that every process still joins the collectives);
+    - :meth:`objective`: ``(f, grad, hvp)`` of a sum of shard losses (:func:`sharded_objective`);
+    - :meth:`check` (every ``check_every`` iterations, :func:`check_identical`), :meth:`stop_all` (one collective:
+      did some process fail?) and :meth:`finish` (raise on every process if one failed, check the final point,
+      record the traffic).
+
+    Cost: construction is one all-gather of ``2 world_size`` integers; each method's collective is stated there.
+    """
+
+    def __init__(
+        self, error: Exception | None, call: tuple | None, options: dict, *, group=None, check_every: int = 10
+    ) -> None:
+        call = (call, tuple(sorted((k, _option_digest(v)) for k, v in options.items())))
+        agree(error, call, group=group)  # raises on every process, or on none
+        self.group, self.check_every = group, check_every
+        self.traffic: dict = {}
+        self.failures = Failures(group)  # an exception on one process ends the run on all of them
+        self.reduce, self.reduce_tangent = reducers(group, self.traffic)
+        self.quiet, _ = reducers(group)
+        self.value, self.tangent, self.guard = self.failures.value, self.failures.tangent, self.failures.guard
+
+    def norm(self, t: torch.Tensor) -> float:
+        """``‖t‖`` of the vector that the processes' ``t`` together make (one uncounted all-reduce of a scalar)."""
+        return math.sqrt(float(self.quiet(t.square().sum())))
+
+    def objective(self, f_shard: Callable, curvature: bool):
+        """``(f, grad, hvp)`` of ``Σ_processes f_shard`` (see :func:`sharded_objective`), counted in the traffic."""
+        return sharded_objective(
+            f_shard, curvature=curvature, group=self.group, traffic=self.traffic, failures=self.failures
+        )
+
+    def check(self, x, iteration: int) -> None:
+        """:func:`check_identical` at every ``check_every``-th iteration (``RuntimeError`` if the points differ)."""
+        if iteration % self.check_every == 0:
+            check_identical(x, group=self.group)
+
+    def stop_all(self) -> bool:
+        """Whether some process has failed (one collective: call it on every process at the same point)."""
+        return self.failures.any()
+
+    def finish(self, res) -> None:
+        """At the end of the solve: raise on every process if one failed (:meth:`Failures.raise_if_any`), check that
+        ``res.x`` is one point, and record this process's traffic in ``res.communication``."""
+        self.failures.raise_if_any()
+        check_identical(res.x, group=self.group)
+        res.communication = dict(self.traffic)  # bytes and all-reduce calls of this process, all stages
 
 
 def check_identical(x, *, group=None, name: str = "x") -> None:

@@ -1,0 +1,159 @@
+"""Low-rank matrix and tensor-train completion: ``complete(indices, values, shape, rank)``.
+
+Minimizes ``f(X) = ½ ‖P_Ω(X) − values‖²`` over matrices of rank r (:class:`FixedRankMatrices`) or
+tensors of TT-rank r (:class:`FixedTTRank`) with :func:`minimize`. ``method="cg"`` is LRGeomCG
+(Vandereycken 2013) for matrices and RTTC (Steinlechner 2016) for tensor trains: nonlinear CG, vector
+transport by projection, and the exact line search of the linearized problem (the quadratic-model step
+with ``curvature=False``), the default. ``method="trust-region"`` solves trust-region subproblems with the
+same Hessian (Gauss–Newton); ``curvature=True`` uses the exact Riemannian Hessian.
+
+Start points: matrices start from the rank-r truncated SVD of the zero-filled ``P_Ω A`` (LRGeomCG's
+``make_start_x``, computed matrix-free by a randomized range finder on the sparse matrix); tensor trains
+from the best constant tensor with rank continuation (a few iterations at TT-rank 1, 2, …, each stage
+grown by a tiny random rank-1 term), because for d ≫ 2 a random TT-rank-r start is almost orthogonal to
+the target and its tangent space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..optim import OptimizeResult
+from .checks import check_arguments
+from .continuation import Stages
+from .history import History
+from .problem import CompletionProblem, HeldOut, MatrixLeastSquares, SingleProcess, completion_loss
+from .sampling import sample_indices
+from .start import constant_start, matrix_start, spectral_start, tt_ranks, zero_message, zero_point
+
+__all__ = ["complete", "sample_indices", "completion_loss"]
+
+# earlier private names of the pieces (tests reach them)
+_MatrixLeastSquares = MatrixLeastSquares
+_spectral_start = spectral_start
+
+
+def complete(
+    indices,
+    values: torch.Tensor,
+    shape,
+    rank,
+    *,
+    method: str = "cg",
+    test: tuple | None = None,
+    x0=None,
+    tol: float | None = None,
+    max_iter: int = 1000,
+    warmup_iters: int = 8,
+    curvature: bool = False,
+    generator: torch.Generator | None = None,
+    monitor: Callable | None = None,
+    distributed: bool = False,
+    group=None,
+    check_every: int = 10,
+    **options,
+) -> OptimizeResult:
+    """Complete a matrix (``len(shape) == 2``) or a tensor (tensor train) of rank ``rank`` from its
+    entries ``values`` at ``indices``.
+
+    Args:
+        indices: ``(N, d)`` integer tensor of observed positions (Ω; use :func:`sample_indices`). A position given
+            k times is k observations: each counts in the least-squares loss.
+        values: ``(N,)`` float32/float64 observed entries.
+        shape: the shape of the full matrix / tensor.
+        rank: matrix rank, or TT-ranks (an int or the d − 1 inner ranks).
+        method: ``"cg"`` (default; LRGeomCG / RTTC: PR+ CG with the exact linearized line search),
+            ``"trust-region"`` (Riemannian Gauss–Newton in a trust region, or the exact Hessian with
+            ``curvature=True``) or ``"sd"`` — see :func:`minimize`. In docs/benchmarks.md CG was the faster
+            of the two, except on the smallest matrix problems where they were equal.
+        test: optional ``(indices, values)`` of held-out entries Γ; the relative test error
+            ``‖P_Γ(X − A)‖ / ‖P_Γ A‖`` is recorded in the history (its cost is not counted in ``time``).
+        x0: start point (LowRankMatrix / TensorTrain of the target rank); default as in the module doc.
+        tol: stop when the relative training residual ``‖P_Ω X − values‖ / ‖values‖ ≤ tol``
+            (default 1e-12 in float64, 1e-5 in float32).
+        max_iter: iterations at the target rank (the rank-continuation stages take ``warmup_iters``
+            each on top).
+        curvature: Hessian used by the quadratic-model steps and the trust-region method (see
+            :func:`minimize`); the default False gives the exact line search of LRGeomCG / RTTC.
+        generator: for the randomized start (deterministic given it).
+        monitor: ``monitor(intermediate_result)`` after every iteration, once ``history[-1]`` has the
+            errors (e.g. to print progress); its time is not counted in ``solve_time``.
+        distributed: each process of ``group`` (default: the default process group of ``torch.distributed``)
+            passes its own shard of the observed entries (and of ``test``); f, its gradient, Hessian products and
+            the line-search scalar are sums over the shards, all-reduced in δ-coordinates (``O((m + n) r)`` or
+            ``O(d n r²)`` numbers per reduction, independent of the number of entries). Every process gets the same
+            result; give every process the same ``generator`` seed and ``x0``.
+            An exception on one process (in ``monitor``, or in its shard's loss) stops every process at the same
+            iteration and is raised on all of them: the original where it happened, a ``RuntimeError`` naming that
+            process elsewhere (one all-reduce of ``world_size`` integers per iteration agrees on it).
+        group: the process group (``distributed=True``).
+        check_every: with ``distributed``, compare a checksum of the point across processes every this many
+            iterations (``RuntimeError`` if they differ).
+        **options: passed to :func:`minimize` (``gtol`` defaults to 0 here: ``tol`` decides).
+
+    Returns:
+        The :class:`OptimizeResult` of the final stage, with ``train_error`` and ``test_error`` (final
+        relative errors; test only with ``test``), and ``history`` covering all stages; each record has
+        ``rank``, ``train_error``, ``test_error`` (+inf when the held-out values are all zero and X is not there)
+        and ``solve_time`` (seconds since the call, including the
+        start-point computation, without the time spent on test errors and ``monitor``). With ``distributed``,
+        ``communication`` holds the ``bytes`` all-reduced by this process and the number of ``calls``. If a
+        rank-continuation stage already reaches ``tol``, its point — of lower TT-rank — is returned (check
+        ``res.x.ranks``): the data are explained by fewer parameters. If all ``values`` are zero, the answer is
+        the zero tensor, returned at once (``nit == 0``, success, the message says so) in the format of rank
+        ``rank`` with a zero ``S`` / first core: it has rank 0, so it is not a point of the fixed-rank manifold
+        (its exact Hessian is undefined); ``x0`` is then only checked.
+    """
+    error, args = None, None
+    try:  # with distributed, a process that rejects its input must not leave the others waiting in a collective
+        args = check_arguments(
+            indices, values, shape, test=test, x0=x0, tol=tol, warmup_iters=warmup_iters, check_every=check_every,
+            generator=generator, monitor=monitor, distributed=distributed, options=options,
+        )  # fmt: skip
+    except (TypeError, ValueError) as exc:
+        if not distributed:
+            raise
+        error = exc
+    run = SingleProcess()
+    if distributed:  # the processes agree on the call (or all raise), then sum over their shards
+        settings = (str(rank), method, max_iter, warmup_iters, curvature, check_every, x0 is not None)
+        run = _sharded_run(error, args, values, settings, group=group, check_every=check_every)
+    indices, shape, test, tol, options = args
+    held_out = None if test is None else HeldOut(*test, run)
+    problem = CompletionProblem(indices, values, shape, completion_loss(indices, values), curvature=curvature, run=run)
+    if problem.norm == 0:  # the fit is the zero tensor: start there, where f and its gradient vanish (x0 only checked)
+        x0 = zero_point(shape, rank, values, x0, distributed)
+    history = History(norm=problem.norm, tol=tol, held_out=held_out, run=run, monitor=monitor)
+    stages = Stages(problem, history, method=method, curvature=curvature, options=options)
+    if len(shape) == 2:
+        res = stages(matrix_start(problem, rank, x0, generator), rank, max_iter)
+    else:
+        ranks = tt_ranks(shape, rank, x0)
+        if x0 is not None:
+            res = stages(x0, max(ranks), max_iter)
+        else:
+            res = stages.continuation(
+                constant_start(problem), ranks, generator=generator, warmup_iters=warmup_iters, max_iter=max_iter
+            )
+    run.finish(res)  # with distributed: raises on every process or on none, checks that they hold one point
+    history.finish(res)
+    if problem.norm == 0:
+        res.message = zero_message(len(shape)) + res.message
+    return res
+
+
+def _sharded_run(error, args, values: torch.Tensor, settings: tuple, *, group, check_every: int):
+    """The :class:`~lowrankopt.distributed.ShardedRun` of a call with ``distributed``, once every process agrees on
+    the call (``settings``, the sizes and ``args.options``) or all have raised (``args`` is None where this
+    process's checks raised ``error``). One more collective: the number of entries over every process."""
+    from ..distributed import ShardedRun
+
+    call = None  # (with an error, every process raises in the agreement, whatever the calls)
+    if args is not None:
+        call = (*settings, args.test is not None, str(values.dtype), tuple(int(n) for n in args.shape), args.tol)
+    run = ShardedRun(error, call, {} if args is None else args.options, group=group, check_every=check_every)
+    if int(run.quiet(torch.tensor([len(values)], device=values.device))) == 0:
+        raise ValueError("values is empty on every process: nothing to complete from")
+    return run
