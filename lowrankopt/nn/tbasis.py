@@ -11,7 +11,8 @@ mode j of the tensor joins the j-th output and input digits (``o_j n + i_j``, si
 
 so a layer owns only its coefficients ``α (m, B)`` and rank adapters ``λ (m, R)``: ``m (B + R)`` numbers. The
 :class:`TBasisFactory` holds the basis and every layer's coefficients and decompresses all weights in one batched pass
-per forward (layers with the same m contract together), after which ordinary ``F.linear`` / ``F.conv2d`` run.
+per forward (layers with the same m contract together, by :func:`lowrankopt.formats.tr_full`, the ring
+contraction of :class:`~lowrankopt.formats.TensorRing`), after which ordinary ``F.linear`` / ``F.conv2d`` run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import as_device, check_random_options
+from ..formats.tr import TensorRing, tr_full
 from ._common import HALF_OR_FULL, _check_dtype, _check_image, _check_input, _deprecated_alias, _legacy_selection
 from .surgery import Targets, count_parameters, replace_modules, select_modules
 
@@ -271,6 +273,13 @@ class TBasisFactory(nn.Module):
         """Layer ``key``'s ring cores ``(m, R, N, R)``, rank adapters applied (``ρ_k C_k``)."""
         return self._cores([key])[0]
 
+    def ring(self, key: str) -> TensorRing:
+        """Layer ``key``'s tensor ring as a :class:`~lowrankopt.formats.TensorRing` (cores ``ρ_k C_k``, float32 or
+        float64): ``ring(key).full()`` is the padded, tensorized weight (``m`` modes of size N) that :meth:`weight`
+        crops; ``gather``, ``norm`` and ``inner`` work on it without forming it. Differentiable in the parameters.
+        Cost ``O(m B N R²)`` (the cores) and one finiteness check."""
+        return TensorRing(list(self.cores(key).unbind(0)))
+
     def _cores(self, keys: list[str]) -> torch.Tensor:
         alpha = torch.stack([self.coefficients[k] for k in keys])
         rho = torch.stack([self.log_adapters[k] for k in keys]).exp()
@@ -285,15 +294,11 @@ class TBasisFactory(nn.Module):
         for k in keys:
             groups.setdefault(self.plans[k].modes, []).append(k)
         out = {}
-        for m, group in groups.items():
+        for group in groups.values():
             cores = self._cores(group)  # (L, m, R, N, R)
-            # two halves, then one contraction that also closes the ring: memory O(N^m), not O(N^m R²)
-            h = (m + 1) // 2
-            left = _chain(cores[:, :h])
-            if m == 1:
-                flat = left.diagonal(dim1=1, dim2=3).sum(-1)
-            else:
-                flat = torch.einsum("laib,lbja->lij", left, _chain(cores[:, h:])).reshape(len(group), -1)
+            # the L rings' dense tensors in one batched TensorRing contraction (two halves, then one contraction
+            # that also closes the ring: memory O(N^m), not O(N^m R²))
+            flat = tr_full(cores.unbind(1)).reshape(len(group), -1)
             if flat.requires_grad:  # a backward through these weights ends their use
                 flat.register_hook(self._forget)
             for i, key in enumerate(group):
@@ -307,15 +312,6 @@ class TBasisFactory(nn.Module):
         """``Σ_ℓ ‖W_ℓ‖²`` over the decompressed weights (the paper's L2 penalty, needed to keep the norms in check;
         add ``λ · penalty()`` to the loss)."""
         return sum(self.weight(k).square().sum() for k in self.plans)
-
-
-def _chain(cores: torch.Tensor) -> torch.Tensor:
-    """``(L, j, R, N, R)`` → the products ``(L, R, N^j, R)`` of the j cores (mode indices in C order)."""
-    L, _, R, _, _ = cores.shape
-    res = cores[:, 0]
-    for k in range(1, cores.shape[1]):
-        res = torch.einsum("lanb,lbmc->lanmc", res, cores[:, k]).reshape(L, R, -1, R)
-    return res
 
 
 class _TBasisLayer(nn.Module):
