@@ -151,8 +151,9 @@ class LowRankManifold(ABC):
         ``f(x + Y(η)) − <P_x ∇f(x), Y(η)>`` (see :mod:`lowrankopt.autodiff`)."""
 
     def ambient_inner(self, a, b) -> torch.Tensor:
-        """``<a, b>`` of two ambient objects (format objects: their ``inner``; tensors: the sum of products)."""
-        return a.inner(b) if hasattr(a, "inner") else (a * b).sum()
+        """``<a, b>`` of two ambient objects (format objects: their ``inner``; tensors: the sum of products — not
+        ``torch.Tensor.inner``, which contracts only the last dimension)."""
+        return (a * b).sum() if isinstance(a, torch.Tensor) or not hasattr(a, "inner") else a.inner(b)
 
     # ------------------------------------------------------------------ the protocol: steps
     @abstractmethod

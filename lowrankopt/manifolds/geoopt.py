@@ -117,10 +117,21 @@ class GeooptManifold(geoopt.Manifold):
         return torch.stack(outs).reshape(*lead, N)
 
     def _point(self, x1: torch.Tensor):
-        """The point of one packed tensor, its frames the packed factors (views of ``x1``)."""
+        """The point of one packed tensor, its frames the packed factors (views of ``x1``); marked as such in its cache
+        when it has one (a point that is a plain tensor, e.g. on a sphere, has none: see :meth:`_is_packed_point`)."""
         xo = self.base.point_from_parts(self.base.split(x1))
-        xo._cache[_PACKED] = self
+        cache = getattr(xo, "_cache", None)
+        if cache is not None:
+            cache[_PACKED] = self
         return xo
+
+    def _is_packed_point(self, xo) -> bool:
+        """``xo`` came from :meth:`_point` (its frames are packed factors of this bridge). Points without a cache (plain
+        tensors) cannot be marked: :meth:`pack_tangent` / :meth:`unpack_tangent` treat them as points of the base
+        manifold and move vectors to / from the packed frames by a projection — exact, and a no-op in value for points
+        that are their own packed factors (a tensor on a sphere)."""
+        cache = getattr(xo, "_cache", None)
+        return cache is not None and cache.get(_PACKED) == self
 
     def _tangent(self, xo, u1: torch.Tensor) -> TangentVector:
         return TangentVector(self.base, xo, self.base.gauge(xo, self.base.split(u1)))
@@ -277,23 +288,37 @@ class GeooptManifold(geoopt.Manifold):
             raise TypeError(f"v must be a TangentVector, got {type(v).__name__}")
         if v.manifold != self.base:
             raise ValueError(f"v lives on {v.manifold!r}, not on {self.base!r}")
-        if v.base._cache.get(_PACKED) != self:
+        if not self._is_packed_point(v.base):
             v = self.base.proj(self._point(self.pack(v.base)), self.base.to_ambient(v.base, v))
         return self.base.pack_tangent(v)
 
     def unpack_tangent(self, x, u: torch.Tensor) -> TangentVector:
-        """The packed tangent vector ``u`` at ``x`` (a packed point, or an object returned by :meth:`unpack`) as a
-        :class:`TangentVector` at ``unpack(x)`` (resp. ``x``); ``u`` is projected onto the gauge first."""
-        if isinstance(x, torch.Tensor):
-            xo = self.unpack(x)
-        elif getattr(x, "_cache", {}).get(_PACKED) == self:
+        """The packed tangent vector ``u`` at ``x`` as a :class:`TangentVector`: at ``x`` if ``x`` is an object returned
+        by :meth:`unpack` or another point of the base manifold (then ξ is moved from the packed frames to x's by one
+        :meth:`~LowRankManifold.proj`, exact: the tangent space is the same), else at ``unpack(x)`` for a packed point
+        tensor. ``u`` is projected onto the gauge first. (Points that are plain tensors, e.g. on a sphere, carry no
+        mark of :meth:`unpack`: they are taken as points of the base manifold when they are ones.)"""
+        at = None  # the point to move the vector to, when it is not the packed point itself
+        if self._is_packed_point(x):
             xo = x
+        elif self._is_base_point(x):
+            xo, at = self._point(self.pack(x)), x
+        elif isinstance(x, torch.Tensor):
+            xo = self.unpack(x)
         else:
-            raise TypeError("x must be a packed point tensor or an object returned by unpack()")
+            raise TypeError(f"x must be a packed point tensor or a point of {self.base!r}, got {type(x).__name__}")
         self._check_packed("u", u, batched=False)
         if u.dtype != xo.dtype:
             raise ValueError(f"u has dtype {u.dtype} but x has dtype {xo.dtype}")
-        return self._tangent(xo, u.detach())
+        v = self._tangent(xo, u.detach())
+        return v if at is None else self.base.proj(at, self.base.to_ambient(xo, v))
+
+    def _is_base_point(self, x) -> bool:
+        try:
+            self.base.check_point(x)
+        except (TypeError, ValueError):
+            return False
+        return True
 
     def straight_through(self, p: torch.Tensor):
         """The user-facing object of the parameter ``p`` with straight-through zeros, so that ``p.grad`` comes out in
