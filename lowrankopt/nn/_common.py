@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import importlib
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -209,3 +210,27 @@ def _glob(arg: str, spec) -> Callable[[str, torch.nn.Module], bool]:
         raise TypeError(f"{arg} must be fnmatch patterns (strings) or a predicate of the name, got {spec!r}")
     patterns = list(spec)
     return lambda name, m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _forward_module(old: str, *homes: str) -> tuple[Callable, Callable]:
+    """``(__getattr__, __dir__)`` for the deprecated module path ``old`` (a module of lowrankopt 0.1 that moved): every
+    name, public or private, is looked up in the modules ``homes`` in order, so that code and pickles that name
+    ``old.X`` keep working for one release. Called at the import of ``old``, it warns (``DeprecationWarning``, once:
+    modules are imported once). Cost: one import of each home, then O(1) per lookup."""
+    warnings.warn(
+        f"{old} is deprecated and will be removed in the next release; import from {homes[0]} (or lowrankopt.nn)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+    def __getattr__(name: str):
+        for home in homes:
+            module = importlib.import_module(home)
+            if hasattr(module, name):
+                return getattr(module, name)
+        raise AttributeError(f"module {old!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted(set().union(*(dir(importlib.import_module(home)) for home in homes)))
+
+    return __getattr__, __dir__
