@@ -87,3 +87,29 @@ def test_bad_input_raises(g):
         X + LowRankMatrix.random(4, 5, 2)
     with pytest.raises(ValueError, match="alpha must be finite"):
         X * float("inf")
+
+
+def test_gather_takes_an_n_by_2_index_and_rows_cols_forward_to_it(g):
+    X = LowRankMatrix.random(8, 6, 3, generator=g)
+    Xd = X.U @ X.S @ X.V.T  # dense, from the factors
+    index = torch.stack([torch.randint(0, 8, (30,), generator=g), torch.randint(0, 6, (30,), generator=g)], 1)
+    want = Xd[index[:, 0], index[:, 1]]
+    assert torch.allclose(X.gather(index), want, atol=1e-14)
+    assert torch.equal(X.gather(index[:, 0], index[:, 1]), X.gather(index))  # one code path
+    assert torch.equal(X.gather(index.int()), X.gather(index)) and torch.equal(
+        X.gather(index.tolist()), X.gather(index)
+    )
+    assert X.gather([]).shape == (0,) and X.gather(index[:0]).shape == (0,)
+    U = X.U.clone().requires_grad_(True)  # differentiable in the factors
+    w = torch.randn(30, dtype=DT, generator=g)
+    (grad,) = torch.autograd.grad((LowRankMatrix(U, X.S, X.V).gather(index) * w).sum(), U)
+    (ref,) = torch.autograd.grad(((U @ X.S @ X.V.T)[index[:, 0], index[:, 1]] * w).sum(), U)
+    assert torch.allclose(grad, ref, atol=1e-14)
+    with pytest.raises(ValueError, match=r"index must have shape \(N, 2\)"):
+        X.gather(index[:, 0])  # rows alone
+    with pytest.raises(ValueError, match=r"index must have shape \(N, 2\)"):
+        X.gather(torch.zeros(4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="index has entries outside the shape"):
+        X.gather(torch.tensor([[0, 6]]))
+    with pytest.raises(TypeError, match="index must be an integer tensor"):
+        X.gather(index.double())

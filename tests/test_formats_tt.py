@@ -5,6 +5,8 @@ import torch
 from reference import tt_full
 
 from lowrankopt import TensorTrain, TTMatrix
+from lowrankopt.formats import truncate_right_to_left, tt_svd
+from lowrankopt.formats.tt import _svd_truncate_right_to_left, left_orthogonalize
 
 DT = torch.float64
 
@@ -170,3 +172,122 @@ def test_tune_cpu_allocator_validates_its_argument():
     with pytest.raises(ValueError, match="cache_bytes"):
         tune_cpu_allocator(0)
     assert isinstance(tune_cpu_allocator(), bool)
+
+
+# ----------------------------------------------------------------------------------------------------- tt_svd
+
+
+def _left_orthonormal(c, tol=1e-13):
+    L = c.reshape(-1, c.shape[2])
+    return torch.allclose(L.T @ L, torch.eye(L.shape[1], dtype=c.dtype), atol=tol)
+
+
+def _right_orthonormal(c, tol=1e-13):
+    R = c.reshape(c.shape[0], -1)
+    return torch.allclose(R @ R.T, torch.eye(R.shape[0], dtype=c.dtype), atol=tol)
+
+
+@pytest.mark.parametrize("center", [0, 1, 2, 3, -1, -3])
+def test_tt_svd_is_mixed_canonical_at_every_center_and_meets_its_bounds(g, center):
+    A = torch.randn(3, 4, 5, 2, dtype=DT, generator=g)
+    c = center % 4
+    cores = tt_svd(A, center=center)
+    assert [k.shape[2] for k in cores[:-1]] == [3, 10, 2]  # the full unfolding ranks min(Π left, Π right)
+    assert torch.allclose(tt_full(cores), A, atol=1e-13)
+    assert all(_left_orthonormal(k) for k in cores[:c]) and all(_right_orthonormal(k) for k in cores[c + 1 :])
+    assert float(torch.linalg.vector_norm(cores[c])) == pytest.approx(float(A.norm()), rel=1e-13)  # the norm
+    for eps in (0.4, 0.1):
+        X = tt_full(tt_svd(A, eps=eps, center=center))
+        assert float((A - X).norm()) <= eps * float(A.norm()) * (1 + 1e-12)
+    r = [2, 3, 2]
+    cores = tt_svd(A, max_rank=r, center=center)
+    assert [k.shape[2] for k in cores[:-1]] == r
+    err = float((A - tt_full(cores)).norm())
+    tails = [unfolding_tail(A, k + 1, rk) for k, rk in enumerate(r)]
+    assert max(tails) * (1 - 1e-10) <= err <= math.sqrt(sum(t * t for t in tails)) * (1 + 1e-10)
+    # the default center is the classical TT-SVD of TensorTrain.from_dense; left and right sweeps agree in value
+    assert all(torch.equal(a, b) for a, b in zip(tt_svd(A, eps=0.1), TensorTrain.from_dense(A, eps=0.1).cores))
+
+
+def test_tt_svd_exact_ranks_complete_with_orthonormal_vectors_and_zeros(g):
+    # a rank-1 tensor: every unfolding has one nonzero singular value, and (4, 2) gives two singular vectors only
+    a, b, c = (torch.randn(n, dtype=DT, generator=g) for n in (4, 3, 2))
+    A = torch.einsum("i,j,k->ijk", a, b, c)
+    assert [k.shape[2] for k in tt_svd(A, eps=1e-12)[:-1]] == [1, 1]  # truncated: rank 1
+    for center, ranks in ((2, [3, 2]), (0, [2, 2]), (1, [4, 2])):
+        cores = tt_svd(A, [ranks[0], ranks[1]], exact=True, center=center)
+        assert [k.shape[2] for k in cores[:-1]] == ranks
+        assert torch.allclose(tt_full(cores), A, atol=1e-13)  # the padding does not change the tensor
+        assert all(_left_orthonormal(k) for k in cores[:center])
+        assert all(_right_orthonormal(k) for k in cores[center + 1 :])
+    # (4, 2): the first unfolding has two singular vectors; the rank-3 core is completed to orthonormal columns
+    B = torch.randn(4, 2, dtype=DT, generator=g)
+    first, last = tt_svd(B, 3, exact=True)
+    assert first.shape == (1, 4, 3) and _left_orthonormal(first) and torch.allclose(tt_full([first, last]), B)
+    assert torch.equal(last[2], torch.zeros_like(last[2]))  # the completion meets zero rows
+    first, last = tt_svd(B.T.contiguous(), 3, exact=True, center=0)  # the mirror: right-orthonormal rows
+    assert last.shape == (3, 4, 1) and _right_orthonormal(last) and torch.allclose(tt_full([first, last]), B.T)
+    with pytest.raises(ValueError, match=r"max_rank\[0\] = 5 exceeds 4"):
+        tt_svd(B, 5, exact=True)
+    with pytest.raises(ValueError, match="exact=True needs max_rank"):
+        tt_svd(B, exact=True)
+    with pytest.raises(ValueError, match="exact=True needs max_rank"):
+        tt_svd(B, 2, eps=0.1, exact=True)
+
+
+def test_tt_svd_float32_gradients_and_bad_input(g):
+    A = torch.randn(3, 4, 5, dtype=DT, generator=g)
+    cores = tt_svd(A.float(), max_rank=2)
+    assert all(c.dtype == torch.float32 for c in cores)
+    assert float((tt_full(cores).double() - tt_full(tt_svd(A, max_rank=2))).norm()) < 1e-5 * float(A.norm())
+    X = A.clone().requires_grad_(True)  # differentiable: at full rank the reconstruction is the identity map
+    W = torch.randn(3, 4, 5, dtype=DT, generator=g)
+    (grad,) = torch.autograd.grad((tt_full(tt_svd(X)) * W).sum(), X)
+    assert torch.allclose(grad, W, atol=1e-10)
+    with pytest.raises(TypeError, match="A must be a torch.Tensor"):
+        tt_svd([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="A contains NaN"):
+        tt_svd(torch.full((2, 2), math.nan, dtype=DT))
+    with pytest.raises(ValueError, match="center must be an int in"):
+        tt_svd(A, center=3)
+    with pytest.raises(ValueError, match="max_rank"):
+        tt_svd(A, max_rank=[2])
+    with pytest.raises(ValueError, match="eps"):
+        tt_svd(A, eps=math.inf)
+    with pytest.raises(TypeError, match="exact must be a bool"):
+        tt_svd(A, 2, exact=1)
+
+
+def test_truncate_right_to_left_is_the_rounding_sweep(g):
+    x = random_tt([3, 4, 3, 4], [3, 4, 3], g) + random_tt([3, 4, 3, 4], [2, 2, 2], g)
+    X = tt_full(x.cores)
+    left = left_orthogonalize(x.cores)
+    before = [c.clone() for c in left]
+    cores = truncate_right_to_left(left, [2, 3, 2])
+    assert all(torch.equal(a, b) for a, b in zip(left, before))  # the input list and cores are not modified
+    assert [c.shape[2] for c in cores[:-1]] == [2, 3, 2] and all(_right_orthonormal(c) for c in cores[1:])
+    bound = math.sqrt(sum(unfolding_tail(X, k + 1, rk) ** 2 for k, rk in enumerate([2, 3, 2])))
+    assert float((X - tt_full(cores)).norm()) <= bound * (1 + 1e-10)
+    cores = truncate_right_to_left(left, eps=0.2)
+    assert float((X - tt_full(cores)).norm()) <= 0.2 * float(X.norm()) * (1 + 1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(truncate_right_to_left(left, 2), x.round(max_rank=2).cores))
+    assert _svd_truncate_right_to_left is truncate_right_to_left  # the former private name
+    with pytest.raises(ValueError, match="give max_rank, eps or both"):
+        truncate_right_to_left(left)
+    with pytest.raises(ValueError, match="max_rank"):
+        truncate_right_to_left(left, [2, 2])
+
+
+def test_ttmatrix_gather_takes_row_column_pairs(g):
+    A = TTMatrix.random([2, 3, 2], [3, 2, 4], [2, 3], generator=g)
+    D = A.full()
+    index = torch.stack([torch.randint(0, 12, (40,), generator=g), torch.randint(0, 24, (40,), generator=g)], 1)
+    assert torch.allclose(A.gather(index), D[index[:, 0], index[:, 1]], atol=1e-13)
+    assert torch.allclose(A.gather(index.int()), D[index[:, 0], index[:, 1]], atol=1e-13)
+    assert A.gather([]).shape == (0,)
+    with pytest.raises(ValueError, match=r"index must have shape \(N, 2\)"):
+        A.gather(torch.zeros(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="index has entries outside the shape"):
+        A.gather(torch.tensor([[12, 0]]))
+    with pytest.raises(TypeError, match="index must be an integer tensor"):
+        A.gather(torch.zeros(3, 2))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lowrankopt import TensorRing, TensorTrain
+from lowrankopt.formats import tr_full, tr_svd
 
 D = torch.float64
 
@@ -82,3 +83,39 @@ def test_float32_and_bad_input():
         X.inner(TensorRing.random((3, 4, 4), 2, dtype=torch.float32))
     with pytest.raises(ValueError, match="max_rank"):
         TensorRing.from_dense(torch.ones(2, 2, dtype=D), max_rank=0)
+
+
+def test_tr_svd_is_from_dense_and_exact_in_two_dimensions():
+    B = torch.randn(5, 6, 4, dtype=D, generator=_gen(7))
+    assert all(torch.equal(a, b) for a, b in zip(tr_svd(B, eps=0.2), TensorRing.from_dense(B, eps=0.2).cores))
+    M = torch.randn(6, 4, dtype=D, generator=_gen(8))  # d = 2: one split of the first unfolding, no TT-SVD steps
+    cores = tr_svd(M)
+    assert torch.allclose(dense(cores), M, atol=1e-13)
+    assert cores[0].shape[0] == cores[1].shape[2] and cores[0].shape[0] * cores[0].shape[2] == 4
+    Y = TensorRing.from_dense(M, max_rank=1)  # R = 1: the best rank-1 approximation (Eckart–Young)
+    s = torch.linalg.svdvals(M)
+    assert float((Y.full() - M).norm()) == pytest.approx(float(s[1:].norm()), rel=1e-12)
+
+
+@pytest.mark.parametrize("shape,ranks", [((4, 5, 3), (2, 3, 4)), ((3, 2, 4, 2, 3), (2, 1, 3, 2, 2)), ((5,), (3,))])
+def test_tr_full_of_a_batch_of_rings_and_its_gradient_against_dense(shape, ranks):
+    g = _gen(9)
+    d = len(shape)
+    batch = (2, 3)
+    cores = [
+        torch.randn(*batch, ranks[k], shape[k], ranks[(k + 1) % d], dtype=D, generator=g).requires_grad_(True)
+        for k in range(d)
+    ]
+    got = tr_full(cores)
+    assert got.shape == (*batch, *shape)
+    want = torch.stack([torch.stack([dense([c[i, j] for c in cores]) for j in range(3)]) for i in range(2)])
+    assert torch.allclose(got, want, rtol=1e-13, atol=1e-13)
+    W = torch.randn(got.shape, dtype=D, generator=g)
+    grads = torch.autograd.grad((got * W).sum(), cores)
+    refs = torch.autograd.grad((want * W).sum(), cores)
+    for a, b in zip(grads, refs):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-13)
+    X = TensorRing([c[1, 2].detach() for c in cores])  # TensorRing.full is the unbatched case
+    assert torch.allclose(X.full(), want[1, 2], rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="cores must be a non-empty sequence"):
+        tr_full([])

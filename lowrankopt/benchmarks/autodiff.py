@@ -51,10 +51,11 @@ def _problem(p: dict, ctx: Context):
     else:
         M = FixedRankMatrices(p["m"], p["n"], p["r"])
         A, x = (M.random_point(dtype=torch.float64, device=dev, generator=g) for _ in range(2))
-        rows = torch.randint(0, p["m"], (p["N"],), generator=g).to(dev)
-        cols = torch.randint(0, p["n"], (p["N"],), generator=g).to(dev)
-        vals = A.gather(rows, cols)
-        f = lambda Y: 0.5 * ((Y.gather(rows, cols) - vals) ** 2).sum()  # noqa: E731
+        rows = torch.randint(0, p["m"], (p["N"],), generator=g)
+        cols = torch.randint(0, p["n"], (p["N"],), generator=g)
+        idx = torch.stack([rows, cols], 1).to(dev)  # the (N, 2) index of every format's gather
+        vals = A.gather(idx)
+        f = lambda Y: 0.5 * ((Y.gather(idx) - vals) ** 2).sum()  # noqa: E731
     return f, x, M.random_tangent(x, generator=g)
 
 
