@@ -14,14 +14,19 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ._checks import as_int
 from .autodiff import riemannian_grad, riemannian_grad_and_hessian
-from .manifolds import manifold_of
+from .formats import LowRankMatrix, TensorTrain
+from .manifolds import LowRankManifold, manifold_of
 from .manifolds.tangent import TangentVector
+from .optim import OptimizeResult
+
+Point = LowRankMatrix | TensorTrain  # a point of a manifold
 
 __all__ = [
     "Failures",
@@ -47,7 +52,7 @@ def _unflat(flat: torch.Tensor, like) -> list[torch.Tensor]:
     return out
 
 
-def all_reduce_tangent(v: TangentVector, group=None) -> TangentVector:
+def all_reduce_tangent(v: TangentVector, group: dist.ProcessGroup | None = None) -> TangentVector:
     """The sum of ``v`` over the ranks of ``group``: its δ-coordinates flattened into one buffer and all-reduced
     (one collective of ``#coordinates`` numbers). Every rank must hold a vector at the same point."""
     if not isinstance(v, TangentVector):
@@ -57,7 +62,9 @@ def all_reduce_tangent(v: TangentVector, group=None) -> TangentVector:
     return TangentVector(v.manifold, v.base, _unflat(flat, v.coords))
 
 
-def sharded_grad(f_shard: Callable, x, *, group=None, manifold=None) -> tuple[float, TangentVector]:
+def sharded_grad(
+    f_shard: Callable, x: Point, *, group: dist.ProcessGroup | None = None, manifold: LowRankManifold | None = None
+) -> tuple[float, TangentVector]:
     """Value and Riemannian gradient of ``f = Σ_ranks f_shard`` at ``x``: each rank differentiates its own
     shard (δ-trick autodiff), then values and δ-coordinates are all-reduced together in one collective.
 
@@ -69,7 +76,7 @@ def sharded_grad(f_shard: Callable, x, *, group=None, manifold=None) -> tuple[fl
     return float(flat[0]), TangentVector(g.manifold, g.base, _unflat(flat[1:], g.coords))
 
 
-def reducers(group=None, traffic: dict | None = None):
+def reducers(group: dist.ProcessGroup | None = None, traffic: dict | None = None) -> tuple[Callable, Callable]:
     """``(reduce, reduce_tangent)``: sums over the ranks of ``group`` of a tensor (a new tensor) and of a tangent
     vector. ``traffic`` (a dict), if given, accumulates ``"bytes"`` (payload all-reduced by this rank) and
     ``"calls"``. Raises ``RuntimeError`` when no process group is initialized."""
@@ -97,10 +104,10 @@ def sharded_objective(
     f_shard: Callable,
     *,
     curvature: bool = True,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     traffic: dict | None = None,
     failures: Failures | None = None,
-):
+) -> tuple[Callable, Callable, Callable]:
     """``(f, grad, hvp)`` for :func:`~lowrankopt.minimize` on ``Σ_ranks f_shard``: ``f(x)`` all-reduces the shard
     values; ``grad(x)`` differentiates the shard once (gradient and Hessian operator, δ-trick) and all-reduces the
     δ-coordinates; ``hvp(x, v)`` applies the shard's Hessian at the last ``grad`` point (recomputed for another
@@ -158,12 +165,12 @@ class Failures:
     its error elsewhere.
     """
 
-    def __init__(self, group=None):
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         _require_group()
         self.group = group
         self.error: BaseException | None = None
 
-    def guard(self, fn: Callable, fallback: Callable):
+    def guard(self, fn: Callable, fallback: Callable) -> Any:
         """``fn()``, or ``fallback()`` if it raises (or if an earlier guarded call of this process did)."""
         if self.error is not None:
             return fallback()
@@ -217,7 +224,7 @@ def _require_group() -> None:
         raise RuntimeError("distributed=True needs torch.distributed.init_process_group(...) first")
 
 
-def agree(error: Exception | None, call: tuple, *, group=None) -> None:
+def agree(error: Exception | None, call: Any, *, group: dist.ProcessGroup | None = None) -> None:
     """Make every process of ``group`` raise together or not at all: all-gathers whether each rejected its input
     (``error``) and a digest of its call (``call``: sizes and options that must match). Raises ``ValueError`` on
     every process if any rejected its input or the calls differ."""
@@ -265,7 +272,13 @@ class ShardedRun:
     """
 
     def __init__(
-        self, error: Exception | None, call: tuple | None, options: dict, *, group=None, check_every: int = 10
+        self,
+        error: Exception | None,
+        call: tuple | None,
+        options: dict,
+        *,
+        group: dist.ProcessGroup | None = None,
+        check_every: int = 10,
     ) -> None:
         call = (call, tuple(sorted((k, _option_digest(v)) for k, v in options.items())))
         agree(error, call, group=group)  # raises on every process, or on none
@@ -280,13 +293,13 @@ class ShardedRun:
         """``‖t‖`` of the vector that the processes' ``t`` together make (one uncounted all-reduce of a scalar)."""
         return math.sqrt(float(self.quiet(t.square().sum())))
 
-    def objective(self, f_shard: Callable, curvature: bool):
+    def objective(self, f_shard: Callable, curvature: bool) -> tuple[Callable, Callable, Callable]:
         """``(f, grad, hvp)`` of ``Σ_processes f_shard`` (see :func:`sharded_objective`), counted in the traffic."""
         return sharded_objective(
             f_shard, curvature=curvature, group=self.group, traffic=self.traffic, failures=self.failures
         )
 
-    def check(self, x, iteration: int) -> None:
+    def check(self, x: Point, iteration: int) -> None:
         """:func:`check_identical` at every ``check_every``-th iteration (``RuntimeError`` if the points differ)."""
         if iteration % self.check_every == 0:
             check_identical(x, group=self.group)
@@ -295,7 +308,7 @@ class ShardedRun:
         """Whether some process has failed (one collective: call it on every process at the same point)."""
         return self.failures.any()
 
-    def finish(self, res) -> None:
+    def finish(self, res: OptimizeResult) -> None:
         """At the end of the solve: raise on every process if one failed (:meth:`Failures.raise_if_any`), check that
         ``res.x`` is one point, and record this process's traffic in ``res.communication``."""
         self.failures.raise_if_any()
@@ -303,7 +316,7 @@ class ShardedRun:
         res.communication = dict(self.traffic)  # bytes and all-reduce calls of this process, all stages
 
 
-def check_identical(x, *, group=None, name: str = "x") -> None:
+def check_identical(x: Point, *, group: dist.ProcessGroup | None = None, name: str = "x") -> None:
     """Raise ``RuntimeError`` unless every rank holds the same factors/cores of ``x`` (compared by a checksum:
     two weighted sums per factor, all-gathered; cost O(#parameters) and a few numbers of communication)."""
     tensors = [x.U, x.S, x.V] if hasattr(x, "U") else list(x.cores)

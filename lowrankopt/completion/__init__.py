@@ -16,15 +16,19 @@ the target and its tangent space.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+import torch.distributed as dist  # (loaded by torch already; lowrankopt.distributed is loaded by the first use)
 
+from ..formats.lowrank import LowRankMatrix
+from ..formats.tt import TensorTrain
 from ..optim import OptimizeResult
-from .checks import check_arguments
+from .checks import Arguments, check_arguments
 from .continuation import Stages
 from .history import History
-from .problem import CompletionProblem, HeldOut, MatrixLeastSquares, SingleProcess, completion_loss
+from .problem import Collectives, CompletionProblem, HeldOut, MatrixLeastSquares, SingleProcess, completion_loss
 from .sampling import sample_indices
 from .start import constant_start, matrix_start, spectral_start, tt_ranks, zero_message, zero_point
 
@@ -36,14 +40,14 @@ _spectral_start = spectral_start
 
 
 def complete(
-    indices,
+    indices: torch.Tensor,
     values: torch.Tensor,
-    shape,
-    rank,
+    shape: Sequence[int],
+    rank: int | Sequence[int],
     *,
     method: str = "cg",
-    test: tuple | None = None,
-    x0=None,
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    x0: LowRankMatrix | TensorTrain | None = None,
     tol: float | None = None,
     max_iter: int = 1000,
     warmup_iters: int = 8,
@@ -51,9 +55,9 @@ def complete(
     generator: torch.Generator | None = None,
     monitor: Callable | None = None,
     distributed: bool = False,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     check_every: int = 10,
-    **options,
+    **options: Any,
 ) -> OptimizeResult:
     """Complete a matrix (``len(shape) == 2``) or a tensor (tensor train) of rank ``rank`` from its
     entries ``values`` at ``indices``.
@@ -144,7 +148,15 @@ def complete(
     return res
 
 
-def _sharded_run(error, args, values: torch.Tensor, settings: tuple, *, group, check_every: int):
+def _sharded_run(
+    error: Exception | None,
+    args: Arguments | None,
+    values: torch.Tensor,
+    settings: tuple,
+    *,
+    group: dist.ProcessGroup | None,
+    check_every: int,
+) -> Collectives:
     """The :class:`~lowrankopt.distributed.ShardedRun` of a call with ``distributed``, once every process agrees on
     the call (``settings``, the sizes and ``args.options``) or all have raised (``args`` is None where this
     process's checks raised ``error``). One more collective: the number of entries over every process."""

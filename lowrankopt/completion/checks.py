@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -25,17 +26,17 @@ class Arguments(NamedTuple):
 
 
 def check_arguments(
-    indices,
-    values,
-    shape,
+    indices: Any,
+    values: Any,
+    shape: Sequence[int],
     *,
-    test,
-    x0,
-    tol,
-    warmup_iters,
-    check_every,
-    generator,
-    monitor,
+    test: Any,
+    x0: Any,
+    tol: float | None,
+    warmup_iters: int,
+    check_every: int,
+    generator: torch.Generator | None,
+    monitor: Callable | None,
     distributed: bool,
     options: dict,
 ) -> Arguments:
@@ -73,7 +74,7 @@ def check_arguments(
     return Arguments(indices, shape, test, tol, options)
 
 
-def _check_test(test, shape, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_test(test: Any, shape: list[int], values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(test, (tuple, list)) or len(test) != 2:
         raise TypeError(f"test must be a pair (indices (N, d), values (N,)), got {type(test).__name__}")
     test_idx, test_vals = test

@@ -5,6 +5,7 @@ rank-1 term)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -12,7 +13,7 @@ from ..formats.tt import TensorTrain
 from ..manifolds import manifold_of
 from ..optim import OptimizeResult, minimize
 from .history import History
-from .problem import CompletionProblem
+from .problem import CompletionProblem, Point
 
 __all__ = ["Stages", "continuation_ranks", "grow_rank"]
 
@@ -23,7 +24,9 @@ def continuation_ranks(ranks: list[int]) -> list[list[int]]:
     return [[min(r, rk) for rk in ranks] for r in range(1, max(ranks) + 1)]
 
 
-def grow_rank(x: TensorTrain, ranks, generator: torch.Generator | None, eps: float = 1e-4) -> TensorTrain:
+def grow_rank(
+    x: TensorTrain, ranks: Sequence[int], generator: torch.Generator | None, eps: float = 1e-4
+) -> TensorTrain:
     """``x`` plus a random rank-1 TT of relative norm ``eps``, rounded to TT-ranks ``ranks`` (each one
     more than x's or equal): nearly the same tensor at the next stage's ranks. Cost ``O(d n r³)``."""
     z = TensorTrain.random(x.shape, 1, dtype=torch.float64, device=x.device, generator=generator).to(x.dtype)
@@ -41,7 +44,7 @@ class Stages:
         self.problem, self.history = problem, history
         self.method, self.curvature, self.options = method, curvature, options
 
-    def __call__(self, x, rank: int, iters: int) -> OptimizeResult:
+    def __call__(self, x: Point, rank: int, iters: int) -> OptimizeResult:
         """One stage: at most ``iters`` iterations from ``x``, recorded with ``rank``."""
         opts = dict(self.options)
         if self.method == "trust-region":

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from ..optim import OptimizeResult
 from ..optim.result import CALLBACK
-from .problem import HeldOut, relative
+from .problem import Collectives, HeldOut, relative
 
 __all__ = ["History"]
 
@@ -27,7 +27,9 @@ class History:
     Cost per record: O(1), plus a held-out error (one gather) and ``run``'s checks.
     """
 
-    def __init__(self, *, norm: float, tol: float, held_out: HeldOut | None, run, monitor: Callable | None) -> None:
+    def __init__(
+        self, *, norm: float, tol: float, held_out: HeldOut | None, run: Collectives, monitor: Callable | None
+    ) -> None:
         self.norm, self.tol, self.held_out, self.run, self.monitor = norm, tol, held_out, run, monitor
         self.records: list[dict] = []
         self.base = {"iter": 0, "nfev": 0, "ngev": 0, "nhev": 0, "time": 0.0, "rank": 0}

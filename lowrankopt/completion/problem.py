@@ -5,17 +5,30 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 
 from .._checks import check_tensor
 from ..formats.lowrank import LowRankMatrix
+from ..formats.tt import TensorTrain
 from ..manifolds import manifold_of
 from ..manifolds.fixed_rank import FixedRankMatrices
 from ..manifolds.tangent import TangentVector
 
-__all__ = ["CompletionProblem", "HeldOut", "MatrixLeastSquares", "SingleProcess", "completion_loss", "entries"]
+__all__ = [
+    "Collectives",
+    "CompletionProblem",
+    "HeldOut",
+    "MatrixLeastSquares",
+    "Point",
+    "SingleProcess",
+    "completion_loss",
+    "entries",
+]
+
+Point = LowRankMatrix | TensorTrain  # a point of a completion problem (a matrix, or a tensor train)
 
 
 def completion_loss(indices: torch.Tensor, values: torch.Tensor) -> Callable:
@@ -27,7 +40,7 @@ def completion_loss(indices: torch.Tensor, values: torch.Tensor) -> Callable:
     return lambda X: 0.5 * ((entries(X, indices) - values) ** 2).sum()
 
 
-def entries(X, indices: torch.Tensor) -> torch.Tensor:
+def entries(X: Point, indices: torch.Tensor) -> torch.Tensor:
     """The entries ``(N,)`` of a LowRankMatrix / TensorTrain at ``indices (N, d)`` (a TypeError for anything else:
     a dense tensor's ``gather`` is torch's, with another meaning). Cost: one ``gather``."""
     if isinstance(X, torch.Tensor) or not hasattr(X, "gather"):
@@ -127,58 +140,85 @@ class MatrixLeastSquares:
         return self._project_sparse(x, self._weighted(self._sample_tangent(x, v)))
 
 
+class Collectives(Protocol):
+    """What the pieces of :func:`~lowrankopt.complete` need from the processes that hold the shards of the data:
+    :class:`SingleProcess` (one process, every method the identity or a no-op) or
+    :class:`~lowrankopt.distributed.ShardedRun` (see there for what each does and costs)."""
+
+    traffic: dict | None
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor: ...
+    def reduce_tangent(self, v: TangentVector) -> TangentVector: ...
+    def quiet(self, t: torch.Tensor) -> torch.Tensor: ...
+    def value(self, fn: Callable) -> Callable: ...
+    def tangent(self, fn: Callable) -> Callable: ...
+    def guard(self, fn: Callable, fallback: Callable) -> Any: ...
+    def norm(self, t: torch.Tensor) -> float: ...
+    def objective(self, f_shard: Callable, curvature: bool) -> tuple[Callable, Callable, Callable] | None: ...
+    def check(self, x: Point, iteration: int) -> None: ...
+    def stop_all(self) -> bool: ...
+    def finish(self, res: Any) -> None: ...
+
+
 class SingleProcess:
-    """The sums over processes of one process: what :class:`~lowrankopt.distributed.ShardedRun` does for sharded
-    data, with nothing to reduce, guard or check (every method is the identity or a no-op, cost O(1))."""
+    """The :class:`Collectives` of one process: sums over one shard are the values themselves, nothing to agree on,
+    guard or check (every method is the identity or a no-op, cost O(1))."""
 
     traffic = None
 
     @staticmethod
-    def reduce(t):
+    def reduce(t: Any) -> Any:
+        """``t`` (a tensor, or a tangent vector for :meth:`reduce_tangent`)."""
         return t
 
     reduce_tangent = quiet = reduce
 
     @staticmethod
     def value(fn: Callable) -> Callable:
+        """``fn`` itself (nothing to guard); also :meth:`tangent`."""
         return fn
 
     tangent = value
 
     @staticmethod
-    def guard(fn: Callable, fallback: Callable):
+    def guard(fn: Callable, fallback: Callable) -> Any:
+        """``fn()``: an exception propagates (no other process to warn)."""
         return fn()
 
     @staticmethod
     def norm(t: torch.Tensor) -> float:
+        """``‖t‖``."""
         return float(torch.linalg.vector_norm(t))
 
     @staticmethod
-    def objective(f: Callable, curvature: bool) -> None:
-        return None  # minimize differentiates f itself
+    def objective(f_shard: Callable, curvature: bool) -> None:
+        """None: :func:`~lowrankopt.minimize` differentiates ``f_shard`` itself."""
+        return None
 
     @staticmethod
-    def check(x, iteration: int) -> None:
-        return None
+    def check(x: Point, iteration: int) -> None:
+        """Nothing to compare."""
 
     @staticmethod
     def stop_all() -> bool:
+        """False: no other process can fail."""
         return False
 
     @staticmethod
-    def finish(res) -> None:
-        return None
+    def finish(res: Any) -> None:
+        """Nothing to agree on or record."""
 
 
 class HeldOut:
     """Held-out entries Γ (this process's shard of them): :meth:`error` is ``‖P_Γ(X − A)‖ / ‖P_Γ A‖`` (+inf when
     the held-out values are all zero and X is not there). Cost: one ``gather`` (and one uncounted all-reduce)."""
 
-    def __init__(self, indices: torch.Tensor, values: torch.Tensor, run) -> None:
+    def __init__(self, indices: torch.Tensor, values: torch.Tensor, run: Collectives) -> None:
         self.indices, self.values, self.run = indices, values, run
         self.norm = run.norm(values)
 
-    def error(self, x) -> float:
+    def error(self, x: Point) -> float:
+        """The relative held-out error of ``x`` (over every process's held-out entries)."""
         with torch.no_grad():
             sq = self.run.value(lambda x: (entries(x, self.indices) - self.values).square().sum())(x)
             return relative(math.sqrt(float(self.run.quiet(sq))), self.norm)
@@ -193,7 +233,8 @@ def relative(err: float, norm: float) -> float:
 
 class CompletionProblem:
     """``f(X) = ½ ‖P_Ω X − values‖²`` over this process's observed entries (``indices (N, d)``, ``values (N,)``),
-    summed over the processes by ``run`` (:class:`SingleProcess` or :class:`~lowrankopt.distributed.ShardedRun`).
+    summed over the processes by ``run`` (:class:`Collectives`: :class:`SingleProcess` or
+    :class:`~lowrankopt.distributed.ShardedRun`); :attr:`norm` is ``‖values‖`` over every process.
 
     :meth:`objective` gives :func:`~lowrankopt.minimize` its ``f`` and options at a point's manifold: for matrices
     with the Gauss–Newton Hessian (``curvature=False``), the closed forms of :class:`MatrixLeastSquares` (value,
@@ -203,12 +244,21 @@ class CompletionProblem:
     processes in a collective.
     """
 
-    def __init__(self, indices: torch.Tensor, values: torch.Tensor, shape, loss: Callable, *, curvature: bool, run):
+    def __init__(
+        self,
+        indices: torch.Tensor,
+        values: torch.Tensor,
+        shape: Sequence[int],
+        loss: Callable,
+        *,
+        curvature: bool,
+        run: Collectives,
+    ) -> None:
         self.indices, self.values, self.shape = indices, values, list(shape)
         self.loss, self.curvature, self.run = loss, curvature, run
         self.norm = math.sqrt(float(run.reduce(values.square().sum())))  # ‖values‖ over every process
 
-    def objective(self, x, method: str, options: dict) -> tuple[Callable, dict]:
+    def objective(self, x: Point, method: str, options: dict) -> tuple[Callable, dict]:
         """``(f, options)`` for :func:`~lowrankopt.minimize` from ``x`` with ``method``: ``options`` with the
         problem's ``grad``, ``hvp`` and ``manifold`` (and a default ``initial_step``) where it provides them."""
         options = dict(options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -11,7 +12,13 @@ from .._checks import as_int, as_shape, check_random_options
 __all__ = ["sample_indices"]
 
 
-def sample_indices(shape, count: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def sample_indices(
+    shape: Sequence[int],
+    count: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """``count`` distinct multi-indices drawn uniformly at random from a tensor of ``shape``.
 
     Returns an int64 tensor ``(count, len(shape))`` in random order. Cost ``O(count log count)``: draws

@@ -4,7 +4,7 @@ trains (the first stage of the rank continuation), and the zero tensor when all 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -13,6 +13,7 @@ from ..formats.lowrank import LowRankMatrix
 from ..formats.tt import TensorTrain
 from ..manifolds.fixed_rank import FixedRankMatrices
 from ..manifolds.tt import FixedTTRank
+from .problem import CompletionProblem, Point
 
 __all__ = ["constant_start", "matrix_start", "spectral_start", "tt_ranks", "zero_message", "zero_point"]
 
@@ -24,7 +25,7 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 def spectral_start(
     indices: torch.Tensor,
     values: torch.Tensor,
-    shape,
+    shape: Sequence[int],
     rank: int,
     generator: torch.Generator | None,
     oversample: int = 10,
@@ -55,7 +56,9 @@ def spectral_start(
     return LowRankMatrix._trusted(Q @ Ub[:, :rank], torch.diag(s[:rank]), Vh[:rank].T)
 
 
-def matrix_start(problem, rank, x0, generator: torch.Generator | None) -> LowRankMatrix:
+def matrix_start(
+    problem: CompletionProblem, rank: int, x0: LowRankMatrix | None, generator: torch.Generator | None
+) -> LowRankMatrix:
     """``x0``, checked against the manifold of rank ``rank`` (which checks ``rank``), or the spectral start of the
     problem's entries (all processes' entries: its products are summed by the problem's ``run``)."""
     M = FixedRankMatrices(problem.shape[0], problem.shape[1], rank)  # validates rank
@@ -66,7 +69,7 @@ def matrix_start(problem, rank, x0, generator: torch.Generator | None) -> LowRan
     return x0
 
 
-def tt_ranks(shape, rank, x0) -> list[int]:
+def tt_ranks(shape: Sequence[int], rank: int | Sequence[int], x0: TensorTrain | None) -> list[int]:
     """The ``d − 1`` TT-ranks ``rank`` stands for (checked attainable for ``shape``), and ``x0`` checked on them."""
     ranks = as_rank_list("rank", rank, len(shape))
     M = FixedTTRank(shape, ranks)  # validates attainability
@@ -75,7 +78,7 @@ def tt_ranks(shape, rank, x0) -> list[int]:
     return ranks
 
 
-def constant_start(problem) -> TensorTrain:
+def constant_start(problem: CompletionProblem) -> TensorTrain:
     """The best constant tensor (TT-rank 1): the mean of all processes' values, in every entry. One collective."""
     values = problem.values
     x = TensorTrain([torch.ones(1, n, 1, dtype=values.dtype, device=values.device) for n in problem.shape])
@@ -84,7 +87,9 @@ def constant_start(problem) -> TensorTrain:
     return x * (total[0] / total[1]).to(values.dtype)
 
 
-def zero_point(shape, rank, values: torch.Tensor, x0, distributed: bool):
+def zero_point(
+    shape: Sequence[int], rank: int | Sequence[int], values: torch.Tensor, x0: Point | None, distributed: bool
+) -> Point:
     """The zero matrix / tensor in the format of rank ``rank``, with orthonormal frames (matrices ``U = I[:, :r]``,
     ``S = 0``, ``V = I[:, :r]``; TT: right-orthogonal cores ``I[:r_{k-1}, :n_k r_k]`` after a zero first core), on
     values' dtype and device: the least-squares fit of all-zero values. Checks ``rank`` and ``x0`` (then unused)."""
