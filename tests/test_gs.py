@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lowrankopt.nn import GSMatrix, GSOrthogonal, gs_matmul, gs_project
-from lowrankopt.nn.gs import blockdiag_matmul, shuffle_index
+from lowrankopt.nn.orthogonal.gs import blockdiag_matmul, shuffle_index
 
 D = torch.float64
 

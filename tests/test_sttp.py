@@ -17,7 +17,7 @@ from lowrankopt.nn import (
     count_parameters,
     dopt_penalty,
 )
-from lowrankopt.nn.householder import householder_numel, householder_orthonormal, householder_params
+from lowrankopt.nn.orthogonal.householder import householder_numel, householder_orthonormal, householder_params
 
 D = torch.float64
 
@@ -287,7 +287,7 @@ def test_householder_without_flips_reaches_one_determinant():
             assert torch.equal(G, torch.eye(4, dtype=D))
             assert torch.allclose(householder_orthonormal(h[None], 4, 4, "full")[0], Q, atol=1e-12)
         else:
-            from lowrankopt.nn.householder import NotRepresentable
+            from lowrankopt.nn.orthogonal.householder import NotRepresentable
 
             with pytest.raises(NotRepresentable):
                 householder_params(Q, "full")

@@ -3,11 +3,26 @@ Riemannian optimizers), the spectral tensor-train parameterization (STTP) of lin
 Group-and-Shuffle (GS) matrices, TT convolutions with exactly controllable singular values, and T-Basis (all
 weights of a network as tensor rings over one shared basis).
 
-Every converter (``convert_to_sttp``, ``convert_to_tt_conv``, ``convert_to_tbasis``, ``convert_to_gsoft``) selects
-and replaces modules through :mod:`lowrankopt.nn.surgery` (PEFT's ``target_modules`` / ``exclude_modules``)."""
+One sub-package per family — :mod:`.manifold` (layers on fixed-rank / TT manifolds), :mod:`.orthogonal` (orthogonal
+parametrizations and adapters), :mod:`.spectral` (layers with controlled singular values), :mod:`.compression`
+(T-Basis) — and every public name here. Every converter (``convert_to_sttp``, ``convert_to_tt_conv``,
+``convert_to_tbasis``, ``convert_to_gsoft``) selects and replaces modules through :mod:`lowrankopt.nn.surgery`
+(PEFT's ``target_modules`` / ``exclude_modules``); the layers' shared private helpers are in ``nn/_common.py``."""
 
-from .gs import GSMatrix, GSOrthogonal, gs_matmul, gs_project
-from .gs_conv import (
+from .compression.tbasis import (
+    TBasis,
+    TBasisConv2d,
+    TBasisFactory,
+    TBasisLinear,
+    Tensorization,
+    convert_to_tbasis,
+    tbasis_convert,
+    tbasis_parameter_count,
+    tbasis_penalty,
+)
+from .manifold.lowrank import LowRankLinear, TTLinear
+from .orthogonal.gs import GSMatrix, GSOrthogonal, gs_matmul, gs_project
+from .orthogonal.gs_conv import (
     GSOrthogonalConv2d,
     LipConvNet,
     MaxMinPermuted,
@@ -16,7 +31,7 @@ from .gs_conv import (
     certified_radius,
     channel_shuffle,
 )
-from .gsoft import (
+from .orthogonal.gsoft import (
     GSOFTConfig,
     GSOFTLinear,
     convert_to_gsoft,
@@ -29,8 +44,7 @@ from .gsoft import (
     unload,
     unmerge_adapter,
 )
-from .lowrank import LowRankLinear, TTLinear
-from .sttp import (
+from .spectral.sttp import (
     STTPConv2d,
     STTPLinear,
     SVDPConv2d,
@@ -40,6 +54,7 @@ from .sttp import (
     sttp_convert,
     sttp_to_dense,
 )
+from .spectral.tt_conv import TTConv2d, convert_to_tt_conv, tt_conv_convert, tt_conv_orthogonalize_, tt_conv_penalty
 from .surgery import (
     convert_to_dense,
     count_parameters,
@@ -47,18 +62,6 @@ from .surgery import (
     restore_modules,
     select_modules,
 )
-from .tbasis import (
-    TBasis,
-    TBasisConv2d,
-    TBasisFactory,
-    TBasisLinear,
-    Tensorization,
-    convert_to_tbasis,
-    tbasis_convert,
-    tbasis_parameter_count,
-    tbasis_penalty,
-)
-from .tt_conv import TTConv2d, convert_to_tt_conv, tt_conv_convert, tt_conv_orthogonalize_, tt_conv_penalty
 
 __all__ = [
     "TBasis",

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import as_device, check_random_options
-from ..formats.tr import TensorRing, tr_full
-from ._common import HALF_OR_FULL, _check_dtype, _check_image, _check_input, _deprecated_alias, _legacy_selection
-from .surgery import Targets, count_parameters, replace_modules, select_modules
+from ..._checks import as_device, check_random_options
+from ...formats.tr import TensorRing, tr_full
+from .._common import HALF_OR_FULL, _check_dtype, _check_image, _check_input, _deprecated_alias, _legacy_selection
+from ..surgery import Targets, count_parameters, replace_modules, select_modules
 
 __all__ = [
     "TBasis",

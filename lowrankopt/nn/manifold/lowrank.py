@@ -14,12 +14,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .._checks import as_positive_int
-from ..formats.lowrank import LowRankMatrix
-from ..formats.tt import TensorTrain, TTMatrix
-from ..manifolds.base import qr_positive
-from ..manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank, manifold_parameter
-from ._common import _autocast_output, _check_input, _dense_linear, _full_precision, _init_bias, _kw, _refuse_half
+from ..._checks import as_positive_int
+from ...formats.lowrank import LowRankMatrix
+from ...formats.tt import TensorTrain, TTMatrix
+from ...manifolds.base import qr_positive
+from ...manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank, manifold_parameter
+from .._common import _autocast_output, _check_input, _dense_linear, _full_precision, _init_bias, _kw, _refuse_half
 
 __all__ = ["LowRankLinear", "TTLinear"]
 

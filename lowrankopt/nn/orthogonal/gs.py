@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import geoopt
 import torch
 
-from .._checks import as_device
-from ..manifolds.geoopt import manifold_parameter
-from ._common import HALF, HALF_OR_FULL, _check_input, _full_precision, _refuse_half
+from ..._checks import as_device
+from ...manifolds.geoopt import manifold_parameter
+from .._common import HALF, HALF_OR_FULL, _check_input, _full_precision, _refuse_half
 
 __all__ = ["GSMatrix", "GSOrthogonal", "blockdiag_matmul", "gs_matmul", "gs_project", "shuffle_index"]
 

@@ -20,8 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._checks import as_positive_int, check_scalar
-from ._common import _autocast_output, _check_dtype, _check_image, _full_precision, _kw, _refuse_half
+from ..._checks import as_positive_int, check_scalar
+from .._common import _autocast_output, _check_dtype, _check_image, _full_precision, _kw, _refuse_half
 
 __all__ = [
     "GSOrthogonalConv2d",

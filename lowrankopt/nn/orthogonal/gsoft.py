@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .._checks import as_positive_int
-from ._common import _deprecated_alias
+from ..._checks import as_positive_int
+from .._common import _deprecated_alias
+from ..surgery import Targets, replace_modules, restore_modules, select_modules, tied_parameters
 from .gs import MAPS, GSMatrix, GSOrthogonal
-from .surgery import Targets, replace_modules, restore_modules, select_modules, tied_parameters
 
 __all__ = [
     "GSOFTConfig",

@@ -11,10 +11,10 @@ and U, V are each a tensor train over a factorization of their rows, ``d = n_1 �
 ``rank`` argument, the maximal TT-rank; ``r = min(R, d_out, d_in)``), whose left unfoldings
 ``(R_{k−1} n_k) × R_k`` have orthonormal columns — then U has orthonormal columns (STTP's Prop. 1).
 
-**Non-redundant gauge.** Each core is a Householder product (:mod:`.householder`): the *reduced* layout
-(Grassmann, ``(R_{k−1} n_k − R_k) R_k`` parameters) for every core except the two next to σ, which are
-full Stiefel; with ``spectrum="identity"`` the last U core is reduced too (``(U, V) ~ (UQ, VQ)``). The
-parameter count is then exactly
+**Non-redundant gauge.** Each core is a Householder product (:mod:`lowrankopt.nn.orthogonal.householder`): the
+*reduced* layout (Grassmann, ``(R_{k−1} n_k − R_k) R_k`` parameters) for every core except the two next to σ, which
+are full Stiefel; with ``spectrum="identity"`` the last U core is reduced too (``(U, V) ~ (UQ, VQ)``). The parameter
+count is then exactly
 
     Σ_k R_{k−1} n_k R_k − Σ_k R_k²          (learned spectrum: the dimension of the TT manifold of W),
 
@@ -52,10 +52,10 @@ import geoopt
 import torch
 import torch.nn.functional as F
 
-from .._checks import as_positive_int
-from ..formats.tt import tt_svd
-from ..manifolds.geoopt import manifold_parameter
-from ._common import (
+from ..._checks import as_positive_int
+from ...formats.tt import tt_svd
+from ...manifolds.geoopt import manifold_parameter
+from .._common import (
     _check_dtype,
     _check_image,
     _check_input,
@@ -71,8 +71,8 @@ from ._common import (
     _random_orthonormal,
     _refuse_half,
 )
-from .householder import householder_numel, householder_orthonormal, householder_params
-from .surgery import Targets, convert_to_dense, count_parameters, replace_modules, select_modules
+from ..orthogonal.householder import householder_numel, householder_orthonormal, householder_params
+from ..surgery import Targets, convert_to_dense, count_parameters, replace_modules, select_modules
 
 __all__ = [
     "OrthonormalTT",

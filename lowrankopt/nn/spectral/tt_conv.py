@@ -51,12 +51,12 @@ import geoopt
 import torch
 import torch.nn.functional as F
 
-from .._checks import as_positive_int
-from ..formats.tt import tt_svd
-from ..manifolds.base import qr_positive
-from ..manifolds.geoopt import manifold_parameter
-from ..spectral import clip_singular_values, conv_singular_values
-from ._common import (
+from ..._checks import as_positive_int
+from ...formats.tt import tt_svd
+from ...manifolds.base import qr_positive
+from ...manifolds.geoopt import manifold_parameter
+from ...spectral import clip_singular_values, conv_singular_values
+from .._common import (
     _check_dtype,
     _check_image,
     _conv_padding,
@@ -69,7 +69,7 @@ from ._common import (
     _random_orthonormal,
     _refuse_half,
 )
-from .surgery import Targets, replace_modules, select_modules
+from ..surgery import Targets, replace_modules, select_modules
 
 __all__ = ["TTConv2d", "convert_to_tt_conv", "tt_conv_convert", "tt_conv_orthogonalize_", "tt_conv_penalty"]
 
