@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from lowrankopt import TensorRing
-from lowrankopt.nn import STTPLinear, TTConv2d
-from lowrankopt.nn.tbasis import TBasis, TBasisFactory
+from lowrankopt.nn import STTPLinear, TBasis, TBasisFactory, TTConv2d
 
 D = torch.float64
 
