@@ -9,6 +9,14 @@ parametrizations and adapters), :mod:`.spectral` (layers with controlled singula
 ``convert_to_tbasis``, ``convert_to_gsoft``) selects and replaces modules through :mod:`lowrankopt.nn.surgery`
 (PEFT's ``target_modules`` / ``exclude_modules``); the layers' shared private helpers are in ``nn/_common.py``."""
 
+from ._deprecated import (  # the 0.1 names, for one release
+    inject_gsoft,
+    sttp_convert,
+    sttp_to_dense,
+    tbasis_convert,
+    tbasis_parameter_count,
+    tt_conv_convert,
+)
 from .compression.tbasis import (
     TBasis,
     TBasisConv2d,
@@ -16,12 +24,10 @@ from .compression.tbasis import (
     TBasisLinear,
     Tensorization,
     convert_to_tbasis,
-    tbasis_convert,
-    tbasis_parameter_count,
     tbasis_penalty,
 )
 from .manifold.lowrank import LowRankLinear, TTLinear
-from .orthogonal.gs import GSMatrix, GSOrthogonal, gs_matmul, gs_project
+from .orthogonal.gs import GSMatrix, GSOrthogonal, blockdiag_matmul, gs_matmul, gs_project, shuffle_index
 from .orthogonal.gs_conv import (
     GSOrthogonalConv2d,
     LipConvNet,
@@ -37,24 +43,23 @@ from .orthogonal.gsoft import (
     convert_to_gsoft,
     disable_adapters,
     gsoft_state_dict,
-    inject_gsoft,
     load_gsoft_state_dict,
     merge_adapter,
     merge_and_unload,
     unload,
     unmerge_adapter,
 )
+from .orthogonal.householder import householder_numel, householder_orthonormal, householder_params
 from .spectral.sttp import (
+    OrthonormalTT,
     STTPConv2d,
     STTPLinear,
     SVDPConv2d,
     SVDPLinear,
     convert_to_sttp,
     dopt_penalty,
-    sttp_convert,
-    sttp_to_dense,
 )
-from .spectral.tt_conv import TTConv2d, convert_to_tt_conv, tt_conv_convert, tt_conv_orthogonalize_, tt_conv_penalty
+from .spectral.tt_conv import TTConv2d, convert_to_tt_conv, tt_conv_orthogonalize_, tt_conv_penalty
 from .surgery import (
     convert_to_dense,
     count_parameters,
@@ -64,6 +69,12 @@ from .surgery import (
 )
 
 __all__ = [
+    "OrthonormalTT",
+    "blockdiag_matmul",
+    "householder_numel",
+    "householder_orthonormal",
+    "householder_params",
+    "shuffle_index",
     "TBasis",
     "TBasisConv2d",
     "TBasisFactory",

@@ -159,21 +159,23 @@ def _random_orthonormal(rows: int, cols: int, generator) -> torch.Tensor:
 _F = TypeVar("_F", bound=Callable)
 
 
-def _deprecated_alias(new: _F, old_name: str) -> _F:
+def _deprecated_alias(new: _F, old_name: str, replacement: str | None = None) -> _F:
     """``new`` under its old name ``old_name``, for one release: each call emits a ``DeprecationWarning`` naming the
-    replacement, then calls ``new`` (same arguments, same result). Cost O(1) per call."""
+    replacement (``replacement``, default ``new``'s name), then calls ``new`` (same arguments, same result). Cost O(1)
+    per call."""
+    replacement = new.__name__ if replacement is None else replacement
 
     @functools.wraps(new)
     def alias(*args, **kwargs):
         warnings.warn(
-            f"{old_name} is deprecated and will be removed in the next release; use {new.__name__} instead",
+            f"{old_name} is deprecated and will be removed in the next release; use {replacement} instead",
             DeprecationWarning,
             stacklevel=2,
         )
         return new(*args, **kwargs)
 
     alias.__name__ = alias.__qualname__ = old_name
-    alias.__doc__ = f"Deprecated alias of :func:`{new.__name__}` (removed in the next release)."
+    alias.__doc__ = f"Deprecated: use ``{replacement}`` (removed in the next release)."
     return alias  # type: ignore[return-value]
 
 

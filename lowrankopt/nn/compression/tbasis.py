@@ -26,8 +26,8 @@ from torch import nn
 
 from ..._checks import as_device, check_random_options
 from ...formats.tr import TensorRing, tr_full
-from .._common import HALF_OR_FULL, _check_dtype, _check_image, _check_input, _deprecated_alias, _legacy_selection
-from ..surgery import Targets, count_parameters, replace_modules, select_modules
+from .._common import HALF_OR_FULL, _check_dtype, _check_image, _check_input, _legacy_selection
+from ..surgery import Targets, replace_modules, select_modules
 
 __all__ = [
     "TBasis",
@@ -36,9 +36,7 @@ __all__ = [
     "TBasisConv2d",
     "Tensorization",
     "convert_to_tbasis",
-    "tbasis_convert",
     "tbasis_penalty",
-    "tbasis_parameter_count",
 ]
 
 
@@ -425,9 +423,6 @@ def convert_to_tbasis(
     return factory
 
 
-tbasis_convert = _deprecated_alias(convert_to_tbasis, "tbasis_convert")
-
-
 def _refresh_factories(module: nn.Module, args) -> None:
     """Forward pre-hook: decompress afresh in this forward (looked up at call time, so copies of the model work)."""
     for m in module.modules():
@@ -438,25 +433,3 @@ def _refresh_factories(module: nn.Module, args) -> None:
 def tbasis_penalty(model: nn.Module) -> torch.Tensor:
     """The decompressed-weight L2 penalty ``Σ_ℓ ‖W_ℓ‖²`` of every T-Basis factory in ``model``."""
     return sum(m.penalty() for m in model.modules() if isinstance(m, TBasisFactory))
-
-
-def _tbasis_parameter_count(model: nn.Module) -> dict[str, int]:
-    """Parameter counts of a converted model: ``total``; ``basis`` (B N R², shared); ``layers`` (Σ_ℓ m_ℓ (B + R),
-    or Σ_ℓ m_ℓ (N R² + R) for plain rings); ``other`` (biases and unconverted layers); ``without_basis`` = total −
-    basis. Now ``count_parameters(model, False)`` and ``count_parameters(model, False, exclude_modules=...)``."""
-    factories = [m for m in model.modules() if isinstance(m, TBasisFactory)]
-    total = count_parameters(model, trainable_only=False)
-    without_basis = count_parameters(model, trainable_only=False, exclude_modules=lambda name, m: isinstance(m, TBasis))
-    layers = sum(p.numel() for f in factories for d in (f.coefficients, f.log_adapters) for p in d.values())
-    basis = total - without_basis
-    return {
-        "total": total,
-        "basis": basis,
-        "layers": layers,
-        "other": total - basis - layers,
-        "without_basis": without_basis,
-    }
-
-
-_tbasis_parameter_count.__name__ = "count_parameters"  # the replacement the deprecation warning names
-tbasis_parameter_count = _deprecated_alias(_tbasis_parameter_count, "tbasis_parameter_count")

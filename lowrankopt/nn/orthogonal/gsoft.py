@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from ..._checks import as_positive_int
-from .._common import _deprecated_alias
 from ..surgery import Targets, replace_modules, restore_modules, select_modules, tied_parameters
 from .gs import MAPS, GSMatrix, GSOrthogonal
 
@@ -34,7 +33,6 @@ __all__ = [
     "convert_to_gsoft",
     "disable_adapters",
     "gsoft_state_dict",
-    "inject_gsoft",
     "load_gsoft_state_dict",
     "merge_adapter",
     "merge_and_unload",
@@ -446,9 +444,6 @@ def convert_to_gsoft(model: torch.nn.Module, config: GSOFTConfig) -> dict[str, G
             for p in m.parameters():
                 p.requires_grad_(True)
     return wrapped
-
-
-inject_gsoft = _deprecated_alias(convert_to_gsoft, "inject_gsoft")
 
 
 def _refuse_tied(model: torch.nn.Module, layers: list[tuple[str, GSOFTLinear]]) -> None:

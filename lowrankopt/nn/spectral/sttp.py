@@ -62,7 +62,6 @@ from .._common import (
     _conv_padding,
     _dense_conv,
     _dense_linear,
-    _deprecated_alias,
     _full_precision,
     _init_bias,
     _kw,
@@ -72,7 +71,7 @@ from .._common import (
     _refuse_half,
 )
 from ..orthogonal.householder import householder_numel, householder_orthonormal, householder_params
-from ..surgery import Targets, convert_to_dense, count_parameters, replace_modules, select_modules
+from ..surgery import Targets, replace_modules, select_modules
 
 __all__ = [
     "OrthonormalTT",
@@ -81,10 +80,7 @@ __all__ = [
     "SVDPConv2d",
     "SVDPLinear",
     "convert_to_sttp",
-    "count_parameters",
     "dopt_penalty",
-    "sttp_convert",
-    "sttp_to_dense",
 ]
 
 SPECTRA = ("identity", "learned", "learned+dopt")
@@ -668,18 +664,6 @@ def convert_to_sttp(
         return (SVDPConv2d if svdp else STTPConv2d).from_conv(m, r, **layer_kwargs)
 
     return replace_modules(model, targets, build)
-
-
-sttp_convert = _deprecated_alias(convert_to_sttp, "sttp_convert")
-
-
-def _sttp_to_dense(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Replace every STTP/SVDP layer of ``model`` by its dense ``nn.Linear`` / ``nn.Conv2d``, in place."""
-    return convert_to_dense(model, (STTPLinear, STTPConv2d))
-
-
-_sttp_to_dense.__name__ = "convert_to_dense"  # the replacement the deprecation warning names
-sttp_to_dense = _deprecated_alias(_sttp_to_dense, "sttp_to_dense")
 
 
 def dopt_penalty(model: torch.nn.Module) -> torch.Tensor:

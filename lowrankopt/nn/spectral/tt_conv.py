@@ -61,7 +61,6 @@ from .._common import (
     _check_image,
     _conv_padding,
     _dense_conv,
-    _deprecated_alias,
     _init_bias,
     _kw,
     _legacy_selection,
@@ -71,7 +70,7 @@ from .._common import (
 )
 from ..surgery import Targets, replace_modules, select_modules
 
-__all__ = ["TTConv2d", "convert_to_tt_conv", "tt_conv_convert", "tt_conv_orthogonalize_", "tt_conv_penalty"]
+__all__ = ["TTConv2d", "convert_to_tt_conv", "tt_conv_orthogonalize_", "tt_conv_penalty"]
 
 ORTHOGONALITIES = ("gauge", "stiefel", "penalty")
 PADDING_MODES = ("zeros", "circular")
@@ -391,9 +390,6 @@ def convert_to_tt_conv(
         return TTConv2d.from_conv(m, r, **layer_kwargs)
 
     return replace_modules(model, targets, build)
-
-
-tt_conv_convert = _deprecated_alias(convert_to_tt_conv, "tt_conv_convert")
 
 
 def _tt_layers(model: torch.nn.Module) -> list[TTConv2d]:

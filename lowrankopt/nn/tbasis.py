@@ -1,0 +1,22 @@
+"""Deprecated module path of lowrankopt 0.1, moved to :mod:`lowrankopt.nn.compression.tbasis` (public names: also in
+:mod:`lowrankopt.nn`). Importing it warns once; every name, public or private, is forwarded, so that code and pickles
+(``torch.save`` of a whole model) naming ``lowrankopt.nn.tbasis.X`` keep working for one release."""
+
+# ruff: noqa: F822 (the names of __all__ are forwarded by __getattr__)
+
+from ._common import _forward_module
+
+__all__ = [
+    "TBasis",
+    "TBasisFactory",
+    "TBasisLinear",
+    "TBasisConv2d",
+    "Tensorization",
+    "tbasis_convert",
+    "tbasis_penalty",
+    "tbasis_parameter_count",
+]
+
+__getattr__, __dir__ = _forward_module(
+    __name__, "lowrankopt.nn.compression.tbasis", "lowrankopt.nn._deprecated", "lowrankopt.nn.surgery"
+)
