@@ -25,7 +25,8 @@ from .._checks import (
     check_same,
     check_tensor,
 )
-from .tt import _checked_cores, _CoreList, _trunc_rank, _tt_svd
+from .decompositions import _trunc_rank, _tt_svd
+from .tt import _checked_cores, _CoreList
 
 __all__ = ["TensorRing", "tr_full", "tr_svd"]
 
@@ -140,7 +141,7 @@ def tr_svd(A: torch.Tensor, max_rank: int | None = None, eps: float | None = Non
 
     The first unfolding ``(n_1, n_2 ⋯ n_d)`` is truncated to a rank ``R = r_1 r_2`` split as evenly as its
     divisors allow; the rest, with ``r_2`` joined to ``n_2`` and ``r_1`` to ``n_d``, is the left-to-right TT-SVD of
-    :func:`~lowrankopt.formats.tt.tt_svd`, so its last core carries the ring rank ``r_1``.
+    :func:`~lowrankopt.formats.tt_svd`, so its last core carries the ring rank ``r_1``.
 
     Args:
         A: dense float32/float64 tensor, ``d ≥ 2`` dimensions.
