@@ -12,6 +12,15 @@ Start points: matrices start from the rank-r truncated SVD of the zero-filled ``
 from the best constant tensor with rank continuation (a few iterations at TT-rank 1, 2, …, each stage
 grown by a tiny random rank-1 term), because for d ≫ 2 a random TT-rank-r start is almost orthogonal to
 the target and its tangent space.
+
+:func:`complete` composes named pieces: ``checks.check_arguments`` (the argument checks);
+``problem.CompletionProblem`` (minimize's objective at each stage: the closed forms of
+``problem.MatrixLeastSquares`` for matrices, δ-trick autodiff of :func:`completion_loss` otherwise) and
+``problem.HeldOut`` (the test error); ``start`` (``matrix_start`` / ``spectral_start``, ``constant_start``,
+``zero_point``); ``continuation.Stages`` (one stage, or the rank continuation); ``history.History`` (minimize's
+callback and one history across the stages). Sums over processes go through a ``problem.Collectives``:
+``problem.SingleProcess``, or :class:`lowrankopt.distributed.ShardedRun` with ``distributed=True`` (which also holds
+the processes' agreement on the call).
 """
 
 from __future__ import annotations
