@@ -145,6 +145,7 @@ def test_a_model_pickled_with_the_0_1_class_paths_still_loads():
     ref = (tb(model(x)), lip(y))
     renames = {
         "lowrankopt.nn.spectral.sttp": "lowrankopt.nn.sttp",
+        "lowrankopt.nn.orthogonal.orthonormal_tt": "lowrankopt.nn.sttp",  # 0.1 defined OrthonormalTT in sttp
         "lowrankopt.nn.orthogonal.gsoft": "lowrankopt.nn.gsoft",
         "lowrankopt.nn.orthogonal.gs": "lowrankopt.nn.gs",
         "lowrankopt.nn.orthogonal.gs_conv": "lowrankopt.nn.gs_conv",

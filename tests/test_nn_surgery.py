@@ -138,6 +138,23 @@ def test_all_linear_is_every_linear_layer_but_the_output_layer_a_model_names():
     assert list(converted) == ["3"] and type(mixed[1]) is Conv1D
 
 
+def test_the_selection_is_peft_s():
+    """PEFT itself (when installed: the bench extra) as the reference: the same modules for suffixes, regexes,
+    "all-linear" on a plain module, and exclusions."""
+    peft = pytest.importorskip("peft")
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    model = Net()
+    for spec in (["q_proj"], ["mlp.2", "1.out"], r"layers\.\d+\.(q|kq)_proj", "q_proj", ["proj"]):
+        config = peft.LoraConfig(target_modules=spec)
+        expected = [n for n in LINEARS if check_target_module_exists(config, n)]
+        assert list(select_modules(model, spec, eligible=nn.Linear)) == expected, spec
+    for spec, exclude in (("all-linear", None), (["q_proj"], r"layers\.1\..*"), ("all-linear", ["out", "head"])):
+        adapted = peft.inject_adapter_in_model(peft.LoraConfig(target_modules=spec, exclude_modules=exclude), Net())
+        expected = [n for n, m in adapted.named_modules() if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)]
+        assert list(select_modules(model, spec, exclude)) == expected, (spec, exclude)
+
+
 def test_predicates_exclusions_and_the_outermost_selection():
     model = Net()
     seen = []

@@ -50,8 +50,8 @@ from .orthogonal.gsoft import (
     unmerge_adapter,
 )
 from .orthogonal.householder import householder_numel, householder_orthonormal, householder_params
+from .orthogonal.orthonormal_tt import OrthonormalTT
 from .spectral.sttp import (
-    OrthonormalTT,
     STTPConv2d,
     STTPLinear,
     SVDPConv2d,

@@ -1,5 +1,6 @@
 """Orthogonal parametrizations and adapters: Householder maps onto Stiefel manifolds (:mod:`.householder`),
-Group-and-Shuffle matrices and GS orthogonal matrices (:mod:`.gs`), skew-orthogonal and GS orthogonal convolutions for
+matrices with orthonormal columns as tensor trains of such cores (:mod:`.orthonormal_tt`), Group-and-Shuffle matrices
+and GS orthogonal matrices (:mod:`.gs`), skew-orthogonal and GS orthogonal convolutions for
 1-Lipschitz networks (:mod:`.gs_conv`), and GSOFT, orthogonal fine-tuning adapters in PEFT's style (:mod:`.gsoft`)."""
 
 from .gs import GSMatrix, GSOrthogonal, blockdiag_matmul, gs_matmul, gs_project, shuffle_index
@@ -25,6 +26,7 @@ from .gsoft import (
     unmerge_adapter,
 )
 from .householder import householder_numel, householder_orthonormal, householder_params
+from .orthonormal_tt import OrthonormalTT
 
 __all__ = [
     "GSMatrix",
@@ -34,6 +36,7 @@ __all__ = [
     "GSOrthogonalConv2d",
     "LipConvNet",
     "MaxMinPermuted",
+    "OrthonormalTT",
     "SkewOrthogonalConv2d",
     "blockdiag_matmul",
     "certified_accuracy",

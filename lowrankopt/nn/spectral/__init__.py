@@ -4,7 +4,6 @@ whose singular values are those of a small core conv (:mod:`.tt_conv`). The conv
 bounds, clipping) are :mod:`lowrankopt.spectral`."""
 
 from .sttp import (
-    OrthonormalTT,
     STTPConv2d,
     STTPLinear,
     SVDPConv2d,
@@ -15,7 +14,6 @@ from .sttp import (
 from .tt_conv import TTConv2d, convert_to_tt_conv, tt_conv_orthogonalize_, tt_conv_penalty
 
 __all__ = [
-    "OrthonormalTT",
     "STTPConv2d",
     "STTPLinear",
     "SVDPConv2d",
