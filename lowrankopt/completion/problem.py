@@ -45,6 +45,11 @@ def entries(X: Point, indices: torch.Tensor) -> torch.Tensor:
     a dense tensor's ``gather`` is torch's, with another meaning). Cost: one ``gather``."""
     if isinstance(X, torch.Tensor) or not hasattr(X, "gather"):
         raise TypeError(f"the point must be a LowRankMatrix or a TensorTrain, got {type(X).__name__}")
+    d = len(X.shape)
+    if isinstance(indices, torch.Tensor) and (indices.dim() != 2 or indices.shape[1] != d):
+        raise ValueError(
+            f"indices must have shape (N, {d}) for a point of shape {tuple(X.shape)}, got {tuple(indices.shape)}"
+        )
     return X.gather(indices)
 
 
