@@ -373,18 +373,3 @@ class LowRankManifold(ABC):
             raise ValueError(f"{name} must be float32 or float64, got {t.dtype}")
         if tuple(t.shape) != (self.numel,):
             raise ValueError(f"{name} must have shape ({self.numel},) (packed {self!r}), got {tuple(t.shape)}")
-
-    # ------------------------------------------------------------------ deprecated private names (0.1)
-    def _check_point(self, x, name: str = "x") -> None:
-        self.check_point(x, name)
-
-    def _check_tangent(self, x, v, name: str = "v") -> None:
-        self.check_tangent(x, v, name)
-
-    def _gauge(self, x, coords) -> Coords:
-        return self.gauge(x, coords)
-
-
-def default_dtype(dtype: torch.dtype | None) -> torch.dtype:
-    """``dtype``, or torch's default dtype when None (as torch's factories do)."""
-    return torch.get_default_dtype() if dtype is None else dtype
