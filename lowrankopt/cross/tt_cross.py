@@ -13,6 +13,10 @@ cores``: it reproduces A exactly on the pivot's fiber block and, after a complet
 core (a budget stop in mid-sweep leaves the other blocks reproduced only approximately). :func:`cross_forward`
 rebuilds the same tensor from the same fibers of a (possibly new, differentiable) function — the differentiable
 cross of C-PIC (Usvyatsov et al., ICCV 2021).
+
+This module checks the arguments and drives the sweeps; :mod:`.evaluator` calls f (cache, budget),
+:mod:`.fibers` holds the index sets and fiber matrices, and :mod:`.interpolation` the result (:class:`CrossInfo`,
+:func:`cross_forward`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import math
 import numbers
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,190 +39,22 @@ from .._checks import (
     check_tensor,
 )
 from ..formats.tt import TensorTrain
-from .maxvol import _maxvol, _rect_maxvol
+from .evaluator import _Budget, _Evaluator
+from .fibers import (
+    _EMPTY,
+    _grow_left,
+    _grow_right,
+    _left_core,
+    _left_matrix,
+    _right_core,
+    _right_matrix,
+    _select,
+    fiber_index,
+)
+from .interpolation import CrossInfo, cross_forward
+from .maxvol import _maxvol
 
 __all__ = ["CrossInfo", "tt_cross", "cross_forward"]
-
-_EMPTY = (1, 0)  # the index set of no modes: one empty multi-index
-
-
-@dataclass
-class CrossInfo:
-    """What :func:`tt_cross` did, and the fibers its result is built from.
-
-    Attributes:
-        shape: the tensor shape.
-        evaluations: entries of f computed (each distinct entry once, with the cache).
-        cache_hits: entries requested again and served by the cache.
-        sweeps: completed sweeps (one sweep = a left-to-right and a right-to-left pass).
-        ranks: the TT ranks of the result.
-        stop: why it stopped: ``"budget"``, ``"eps"`` (relative change between sweeps), ``"validation"``,
-            ``"sweeps"`` or ``"converged"`` (a whole sweep found every entry in the cache: nothing new to learn).
-        changes: relative change ``‖Y_s − Y_{s−1}‖ / ‖Y_s‖`` after each sweep.
-        validation_errors: relative error on the validation set after each sweep, and of the result at a budget stop
-            (when a validation set is given).
-        seconds: wall time.
-        fibers: per core, ``(I_{<k}, J_{>k})`` as int64 tensors ``(a, k)`` and ``(b, d − k − 1)``: the fiber block the
-            core was built from.
-        selected: per core, the rows of its fiber matrix that the core interpolates at (None for the pivot).
-        pivot: the core that holds fiber values; cores before it are left interpolation cores
-            (``(a n_k, b)`` matrix, rows selected), cores after it right ones (``(a, n_k b)``, columns selected).
-        domain: the coordinate grids when :func:`tt_cross` was called with ``domain=``.
-    """
-
-    shape: tuple[int, ...]
-    evaluations: int = 0
-    cache_hits: int = 0
-    sweeps: int = 0
-    ranks: tuple[int, ...] = ()
-    stop: str = ""
-    changes: list[float] = field(default_factory=list)
-    validation_errors: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    fibers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
-    selected: list[torch.Tensor | None] = field(default_factory=list, repr=False)
-    pivot: int = 0
-    domain: list[torch.Tensor] | None = field(default=None, repr=False)
-
-    @property
-    def fiber_entries(self) -> int:
-        """How many entries one :func:`cross_forward` evaluates: ``Σ_k |I_{<k}| n_k |J_{>k}|``."""
-        return sum(left.shape[0] * n * right.shape[0] for (left, right), n in zip(self.fibers, self.shape))
-
-
-class _Budget(Exception):
-    """The next block of evaluations would exceed the budget."""
-
-
-class _Evaluator:
-    """f on integer multi-indices with a cache of computed entries and counts of evaluations and hits.
-
-    Keys are linear indices in a sorted int64 tensor when ``prod(shape) < 2⁶²`` (vectorized lookups); otherwise a
-    dict keyed by the index tuple.
-    """
-
-    def __init__(self, f, shape, domain, budget, cache, dtype, device):
-        self.f, self.shape, self.domain, self.budget, self.cache = f, shape, domain, budget, cache
-        self.dtype, self.device = dtype, device
-        self.evaluations = self.hits = 0
-        self.linear = math.prod(shape) < 2**62
-        if self.linear:
-            strides = [math.prod(shape[k + 1 :]) for k in range(len(shape))]
-            self.strides = torch.tensor(strides, dtype=torch.int64, device=device)
-            self.keys = torch.empty(0, dtype=torch.int64, device=device)
-            self.values = torch.empty(0, dtype=dtype, device=device)
-        else:
-            self.table: dict[tuple[int, ...], float] = {}
-
-    def _call(self, index: torch.Tensor) -> torch.Tensor:
-        if self.budget is not None and self.evaluations + index.shape[0] > self.budget:
-            raise _Budget
-        y = _values(self.f, index, self.domain).to(dtype=self.dtype, device=self.device)
-        if not bool(torch.isfinite(y).all()):
-            bad = index[~torch.isfinite(y)][0].tolist()
-            raise ValueError(f"f returned a non-finite value (first at index {bad})")
-        self.evaluations += index.shape[0]
-        return y
-
-    def __call__(self, index: torch.Tensor) -> torch.Tensor:
-        """Values at ``index (N, d)``, whose rows are distinct (fiber blocks of distinct index sets are)."""
-        if not self.cache:
-            return self._call(index)
-        if not self.linear:
-            return self._call_dict(index)
-        keys = (index * self.strides).sum(1)  # no int64 matmul: CUDA has none
-        if not len(self.keys):
-            values = self._call(index)
-            self._insert(keys, values)
-            return values
-        pos = torch.searchsorted(self.keys, keys).clamp_max_(len(self.keys) - 1)
-        found = self.keys[pos] == keys
-        hits = int(found.sum())
-        if hits == len(keys):
-            values = self.values[pos]
-        elif hits == 0:
-            values = self._call(index)
-            self._insert(keys, values)
-        else:
-            values = self.values[pos]
-            new = ~found
-            values[new] = self._call(index[new])
-            self._insert(keys[new], values[new])
-        self.hits += hits  # after the call: a block the budget refused serves nothing
-        return values
-
-    def _insert(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Add new keys to the sorted table: one sort while it is small, then a merge (O(M + k log k), no re-sort of
-        the M stored keys)."""
-        if len(self.keys) < 4096:
-            self.keys, order = torch.sort(torch.cat([self.keys, keys]))
-            self.values = torch.cat([self.values, values])[order]
-            return
-        keys, order = torch.sort(keys)
-        slots = torch.searchsorted(self.keys, keys) + torch.arange(len(keys), device=self.device)
-        size = len(self.keys) + len(keys)
-        is_new = torch.zeros(size, dtype=torch.bool, device=self.device)
-        is_new[slots] = True
-        merged_keys = torch.empty(size, dtype=torch.int64, device=self.device)
-        merged_values = torch.empty(size, dtype=self.dtype, device=self.device)
-        merged_keys[slots], merged_values[slots] = keys, values[order]
-        merged_keys[~is_new], merged_values[~is_new] = self.keys, self.values
-        self.keys, self.values = merged_keys, merged_values
-
-    def _call_dict(self, index: torch.Tensor) -> torch.Tensor:
-        rows = [tuple(r) for r in index.tolist()]
-        missing = list(dict.fromkeys(r for r in rows if r not in self.table))
-        if missing:
-            y = self._call(torch.tensor(missing, dtype=torch.int64, device=self.device))
-            self.table.update(zip(missing, y.tolist()))
-        self.hits += len(rows) - len(missing)
-        return torch.tensor([self.table[r] for r in rows], dtype=self.dtype, device=self.device)
-
-
-def _argument(index: torch.Tensor, domain) -> torch.Tensor:
-    """What f receives: the indices, or on a domain the coordinates ``x[:, k] = domain[k][index[:, k]]``."""
-    return index if domain is None else torch.stack([g[index[:, k]] for k, g in enumerate(domain)], 1)
-
-
-def _values(f, index: torch.Tensor, domain) -> torch.Tensor:
-    """``f`` at ``index``, checked: a real ``(N,)`` tensor (arrays are converted)."""
-    y = f(_argument(index, domain))
-    if not isinstance(y, torch.Tensor):
-        try:
-            y = torch.as_tensor(y)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"f must return a tensor or an array of numbers, got {type(y).__name__}") from None
-    if y.shape != (index.shape[0],):
-        raise ValueError(f"f must return shape ({index.shape[0]},) for {index.shape[0]} indices, got {tuple(y.shape)}")
-    if y.is_complex():
-        raise TypeError(f"f must return real values, got {y.dtype}")
-    return y
-
-
-def fiber_index(left: torch.Tensor, n: int, right: torch.Tensor) -> torch.Tensor:
-    """The multi-indices ``(a·n·b, d)`` of the fiber block ``I_{<k} × [n] × J_{>k}``, in C order over (a, i, b)."""
-    a, b = left.shape[0], right.shape[0]
-    i = torch.arange(n, device=left.device)
-    return torch.cat(
-        [
-            left[:, None, None, :].expand(a, n, b, left.shape[1]),
-            i[None, :, None, None].expand(a, n, b, 1),
-            right[None, None, :, :].expand(a, n, b, right.shape[1]),
-        ],
-        dim=3,
-    ).reshape(a * n * b, -1)
-
-
-def _select(M: torch.Tensor, tol, dr, max_rank, maxvol_tol, maxvol_iters):
-    """Rows of the tall fiber matrix ``M`` and the coefficients B (``M ≈ B M[rows]``): QR, then rect-maxvol."""
-    Q = torch.linalg.qr(M).Q
-    m, r = Q.shape
-    if m <= r:
-        return torch.arange(m, device=M.device), torch.eye(m, dtype=M.dtype, device=M.device)
-    hi = min(r + dr[1], m, max(max_rank, r))
-    if hi == r:
-        return _maxvol(Q, maxvol_tol, maxvol_iters, check_rank=False)
-    return _rect_maxvol(Q, tol, min(r + dr[0], hi), hi, maxvol_tol, maxvol_iters, check_rank=False)
 
 
 def _check_function_args(shape, domain, dtype):
@@ -447,36 +282,6 @@ def _rank_increase(value) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-# Fiber matrices: the block ``(a, n, b)`` as ``(a n, b)`` (rows ``α·n + i``) for a left core and as ``(n b, a)``
-# (rows ``i·b + β``) for a right one.
-def _left_matrix(Z: torch.Tensor) -> torch.Tensor:
-    return Z.reshape(-1, Z.shape[2])
-
-
-def _left_core(B: torch.Tensor, a: int, n: int) -> torch.Tensor:
-    return B.reshape(a, n, -1)
-
-
-def _grow_left(left: torch.Tensor, n: int, rows: torch.Tensor) -> torch.Tensor:
-    """``I_{≤k}``: the chosen rows ``α·n + i`` of ``I_{<k} × [n]``."""
-    return torch.cat([left[rows // n], (rows % n)[:, None]], 1)
-
-
-def _right_matrix(Z: torch.Tensor) -> torch.Tensor:
-    return Z.reshape(Z.shape[0], -1).T
-
-
-def _right_core(B: torch.Tensor, n: int, b: int) -> torch.Tensor:
-    return B.T.reshape(-1, n, b)
-
-
-def _grow_right(right: torch.Tensor, n: int, rows: torch.Tensor) -> torch.Tensor:
-    """``J_{≥k}``: the chosen rows ``i·b + β`` of ``[n] × J_{>k}``."""
-    rows = rows.to(right.device)
-    b = right.shape[0]
-    return torch.cat([(rows // b)[:, None], right[rows % b]], 1)
-
-
 def _initial(init, shape, max_rank, dtype, device, generator) -> TensorTrain:
     if isinstance(init, TensorTrain):
         if init.shape != tuple(shape):
@@ -504,71 +309,3 @@ def _relative_distance(Y: TensorTrain, Y_old: TensorTrain) -> float:
 
 def _relative_error(Y: TensorTrain, index: torch.Tensor, values: torch.Tensor) -> float:
     return float((Y._gather(index) - values).norm() / values.norm().clamp_min(torch.finfo(values.dtype).tiny))
-
-
-def _singular(R: torch.Tensor) -> bool:
-    """Is the triangular factor R numerically singular (relative to its largest diagonal entry)?"""
-    diag = R.detach().diagonal().abs()
-    return bool((diag <= torch.finfo(R.dtype).eps * R.shape[-1] * diag.max()).any())
-
-
-def _interpolation_core(M: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``X = Q Q[rows]⁺`` for an orthonormal basis Q of the fiber matrix M, with ``X[rows] = I``: the coefficients
-    ``M = X M[rows]`` that :func:`tt_cross` computes (equal to ``M M[rows]⁺`` when M has full column rank, and
-    bounded when it does not, since ``Q[rows]`` is a maxvol submatrix). Differentiable through the two QRs."""
-    if len(rows) == M.shape[0]:  # every row is selected: the identity
-        return torch.eye(len(rows), dtype=M.dtype, device=M.device)
-    Q, R = torch.linalg.qr(M)
-    if M.requires_grad and _singular(R):  # QR's derivative divides by R's diagonal
-        raise ValueError(
-            "a fiber matrix is numerically rank-deficient, so the cross has no derivative there: f has lower "
-            "rank than the cross; rerun tt_cross with a smaller max_rank (or rank_increase=0)"
-        )
-    Qs, Rs = torch.linalg.qr(Q[rows])
-    if _singular(Rs):
-        raise ValueError(
-            "the selected rows of a fiber matrix are singular for this f (they were picked for another one): "
-            "refresh the fibers with tt_cross(f, ..., init=...)"
-        )
-    X = torch.linalg.solve_triangular(Rs, Q, upper=True, left=False) @ Qs.T
-    eye = torch.eye(len(rows), dtype=M.dtype, device=M.device)
-    return X.index_put((rows.to(M.device),), eye)
-
-
-def cross_forward(info: CrossInfo, f: Callable[[torch.Tensor], torch.Tensor]) -> TensorTrain:
-    """The cross interpolation of f on the fibers of ``info`` (differentiable cross, C-PIC).
-
-    Evaluates f once, batched, on the ``info.fiber_entries`` entries of the stored fiber blocks ``I_{<k} × [n_k] ×
-    J_{>k}`` and builds each core by the interpolation formula: left of the pivot ``G_k = M_k M_k[S_k]⁺`` (with
-    ``G_k[S_k] = I``) for the fiber matrix ``M_k (a n_k, b)`` and selected rows ``S_k``, right of it the mirror
-    image, and the fiber block itself at the pivot. For the f that :func:`tt_cross` saw this is its result (up to
-    roundoff); for a new f (say a network with new weights) it is the cross approximation on the same fibers, and
-    autograd carries gradients into f's parameters through the values of just these entries. Refresh the fibers
-    now and then by running :func:`tt_cross` again (``init=`` the current result).
-
-    Args:
-        info: from :func:`tt_cross`; its ``domain`` (if any) is used.
-        f: as for :func:`tt_cross`; its values keep their dtype and device (and autograd graph).
-
-    Cost: one call of f on ``info.fiber_entries`` entries, and O(d n r³) for the small QRs and solves.
-    """
-    if not isinstance(info, CrossInfo) or not info.fibers:
-        raise TypeError("info must be the CrossInfo returned by tt_cross")
-    blocks = [fiber_index(left, n, right) for (left, right), n in zip(info.fibers, info.shape)]
-    index = torch.cat(blocks)
-    y = _values(f, index, info.domain)
-    if y.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"f must return a float32 or float64 tensor (it carries the gradient), got {y.dtype}")
-    if not bool(torch.isfinite(y.detach()).all()):
-        raise ValueError("f returned a non-finite value on the fibers")
-    cores = []
-    for k, (V, ((left, right), n)) in enumerate(zip(y.split([len(b) for b in blocks]), zip(info.fibers, info.shape))):
-        a, b = left.shape[0], right.shape[0]
-        rows = info.selected[k]
-        if k == info.pivot:
-            cores.append(V.reshape(a, n, b))
-        elif k < info.pivot:
-            cores.append(_left_core(_interpolation_core(_left_matrix(V.reshape(a, n, b)), rows), a, n))
-        else:
-            cores.append(_right_core(_interpolation_core(_right_matrix(V.reshape(a, n, b)), rows), n, b))
-    return TensorTrain(cores)
