@@ -3,14 +3,16 @@
 Written against pymanopt 2.2.1 (the current release on PyPI; its optimizers have no public per-iteration
 callback, see :func:`run_pymanopt` for how iterations are monitored).
 
-``make_problem`` generates LRGeomCG-style data (Vandereycken 2013): ``A = L Rᵀ`` with Gaussian factors, a sampling set
-Ω of ``round(OS·k(m+n−k))`` entries drawn uniformly without repetition, an independent test set Γ of the same size,
-and the start point of LRGeomCG's ``make_start_x``: the rank-k truncated SVD of the zero-filled sparse ``P_Ω A``.
+``make_problem`` (:mod:`.completion_problem`) generates LRGeomCG-style data (Vandereycken 2013): ``A = L Rᵀ`` with
+Gaussian factors, a sampling set Ω of ``round(OS·k(m+n−k))`` entries drawn uniformly without repetition, an
+independent test set Γ of the same size, and the start point of LRGeomCG's ``make_start_x``: the rank-k truncated SVD
+of the zero-filled sparse ``P_Ω A``.
 
 ``run_pymanopt`` runs pymanopt on those data from that start point, the way a pymanopt user would write it (cost
 in the backend's array language, gradient by the backend's autodiff; hand-written for the NumPy backend, which has
 none), and records cost, gradient norm and the test error ``‖P_Γ(X − A)‖ / ‖P_Γ A‖`` at every iteration, against
-wall time and iteration count.
+wall time and iteration count. The cost functions are in :mod:`.pymanopt_cost`, the monitoring in
+:mod:`.pymanopt_monitor`.
 
 Caveats measured with pymanopt 2.2.1 (see the report in the docstring of :func:`run_pymanopt`): every iteration
 converts numpy ↔ torch; ``FixedRankEmbedded.transport``/``projection`` of a low-rank ambient vector evaluates
@@ -23,17 +25,15 @@ temporary); ``TrustRegions`` fails on ``FixedRankEmbedded`` (the autodiff Hessia
 
 from __future__ import annotations
 
-import math
-import os
-import sys
 import time
 import traceback
 
 import numpy as np
-import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 
 from . import PeerUnavailable
+from .completion_problem import make_problem, test_error
+from .pymanopt_cost import _make_cost
+from .pymanopt_monitor import _TARGET_MSG, _cpu_counters, _Monitor, _monitored, _other_process_cores
 
 __all__ = ["make_problem", "run_pymanopt", "test_error", "PeerUnavailable"]
 
@@ -46,293 +46,6 @@ def _import_pymanopt():
     except ImportError as exc:  # pymanopt missing (or broken)
         raise PeerUnavailable("install pymanopt") from exc
     return pymanopt, FixedRankEmbedded, ConjugateGradient, TrustRegions
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# data
-
-
-def _sample_without_replacement(rng: np.random.Generator, population: int, size: int) -> np.ndarray:
-    """``size`` distinct linear indices drawn uniformly from ``range(population)``, sorted (int64).
-
-    ``Generator.choice(population, size, replace=False)`` uses Floyd's algorithm with a hash set when
-    ``size <= population // 50`` (and ``population > 10000``), i.e. it does not materialize ``range(population)``
-    (m = n = 20000: population 4e8, size 2e6).  For denser samples it permutes the whole population, so there it
-    is only used when the population is small; otherwise draw with replacement, deduplicate and top up, then keep
-    a uniformly random subset of the right size (each subset of that size is equally likely by exchangeability).
-    """
-    if size > population:
-        raise ValueError(f"cannot draw {size} distinct entries out of {population}")
-    if population <= 10000 or size <= population // 50 or population <= 50_000_000:
-        idx = rng.choice(population, size=size, replace=False)
-    else:
-        idx = np.unique(rng.integers(0, population, size=size, dtype=np.int64))
-        while idx.size < size:
-            extra = rng.integers(0, population, size=2 * (size - idx.size) + 16, dtype=np.int64)
-            idx = np.union1d(idx, extra)
-        if idx.size > size:
-            idx = rng.choice(idx, size=size, replace=False)
-    return np.sort(idx.astype(np.int64, copy=False))
-
-
-def _entries(L: np.ndarray, R: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
-    """``(L Rᵀ)[rows, cols]`` without forming ``L Rᵀ``."""
-    out = np.empty(rows.shape[0], dtype=np.float64)
-    for a in range(0, rows.shape[0], chunk):
-        b = a + chunk
-        out[a:b] = np.einsum("ij,ij->i", L[rows[a:b]], R[cols[a:b]])
-    return out
-
-
-def make_problem(m: int, n: int, k: int, oversampling: float, seed: int, *, rescale_start: bool = False) -> dict:
-    """LRGeomCG-style random completion problem, generated with ``numpy.random.default_rng(seed)``.
-
-    In this order from the one generator: ``L`` (m×k) and ``R`` (n×k) i.i.d. N(0, 1), ``A = L Rᵀ`` (never formed);
-    Ω = ``round(oversampling·k(m+n−k))`` distinct linear indices (row-major, ``i·n + j``), uniform without
-    repetition, sorted; Γ = an independent draw of the same size (also without repetition; Γ may intersect Ω, as in
-    the LRGeomCG experiments); then the ARPACK start vector of the SVD below.
-
-    Start point: LRGeomCG's ``make_start_x`` takes the rank-k truncated SVD (``lansvd``, or ``svds`` in later
-    versions) of the zero-filled ``sparse(Ω_i, Ω_j, data)``, *without* rescaling by ``1/p`` (some derived copies of
-    that code divide by ``p = |Ω|/(mn)``).  We do the same with ``scipy.sparse.linalg.svds`` (ARPACK, default
-    tolerance) on a ``csr_matrix``; ``rescale_start=True`` divides ``s0`` by ``p`` instead (singular vectors are the
-    same either way).  ``s0`` is sorted in decreasing order.
-
-    Returns a dict of numpy arrays and scalars: ``m, n, k, oversampling, seed, p, L, R, rows, cols, vals,
-    test_rows, test_cols, test_vals, U0 (m×k), s0 (k,), Vt0 (k×n)`` (index arrays int64, values float64, all
-    C-contiguous), ``rescale_start``.
-    """
-    if not 0 < k < min(m, n):
-        raise ValueError(f"need 0 < k < min(m, n), got k={k}, m={m}, n={n}")
-    rng = np.random.default_rng(seed)
-    L = rng.standard_normal((m, k))
-    R = rng.standard_normal((n, k))
-    size = int(round(oversampling * k * (m + n - k)))
-    omega = _sample_without_replacement(rng, m * n, size)
-    gamma = _sample_without_replacement(rng, m * n, size)
-    rows, cols = np.divmod(omega, n)
-    test_rows, test_cols = np.divmod(gamma, n)
-    vals = _entries(L, R, rows, cols)
-    test_vals = _entries(L, R, test_rows, test_cols)
-
-    p = size / (m * n)
-    M = sp.csr_matrix((vals, (rows, cols)), shape=(m, n))
-    v0 = rng.standard_normal(min(m, n))
-    u, s, vt = spla.svds(M, k=k, v0=v0)  # ascending singular values
-    order = np.argsort(s)[::-1]
-    U0 = np.ascontiguousarray(u[:, order])
-    s0 = np.ascontiguousarray(s[order])
-    Vt0 = np.ascontiguousarray(vt[order, :])
-    if rescale_start:
-        s0 = s0 / p
-    return {
-        "m": m,
-        "n": n,
-        "k": k,
-        "oversampling": oversampling,
-        "seed": seed,
-        "p": p,
-        "L": L,
-        "R": R,
-        "rows": rows,
-        "cols": cols,
-        "vals": vals,
-        "test_rows": test_rows,
-        "test_cols": test_cols,
-        "test_vals": test_vals,
-        "U0": U0,
-        "s0": s0,
-        "Vt0": Vt0,
-        "rescale_start": rescale_start,
-    }
-
-
-def test_error(U, s, Vt, test_rows, test_cols, test_vals, chunk: int = 1 << 20) -> float:
-    """Relative test error ``‖P_Γ(U diag(s) Vt − A)‖ / ‖P_Γ A‖`` (numpy, chunked)."""
-    U = np.asarray(U)
-    Vt = np.asarray(Vt)
-    Us = U * np.asarray(s)
-    sq = 0.0
-    for a in range(0, test_rows.shape[0], chunk):
-        b = a + chunk
-        pred = np.einsum("ij,ji->i", Us[test_rows[a:b]], Vt[:, test_cols[a:b]])
-        d = pred - test_vals[a:b]
-        sq += float(d @ d)
-    return math.sqrt(sq) / float(np.linalg.norm(test_vals))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# costs as a pymanopt user writes them
-
-
-def _make_cost(pymanopt, manifold, m, n, rows, cols, vals, cost, backend):
-    """Returns ``(cost_function, euclidean_gradient_or_None)`` decorated for ``pymanopt.Problem``."""
-    if cost == "dense":
-        need = 6 * m * n * 8  # mask, A0, X, X - A0, masked residual, its gradient
-        if need > 16 * 2**30:
-            raise MemoryError(f"dense cost for {m}x{n} needs ~{need / 2**30:.0f} GiB; use cost='sparse'")
-        mask_np = np.zeros((m, n))
-        mask_np[rows, cols] = 1.0
-        A0_np = np.zeros((m, n))
-        A0_np[rows, cols] = vals
-
-    if backend == "pytorch":
-        import torch
-
-        if cost == "dense":
-            mask = torch.from_numpy(mask_np)
-            A0 = torch.from_numpy(A0_np)
-
-            @pymanopt.function.pytorch(manifold)
-            def f(u, s, vt):
-                X = u @ torch.diag(s) @ vt
-                return 0.5 * torch.sum((mask * (X - A0)) ** 2)
-
-        else:
-            rows_t = torch.from_numpy(rows)
-            cols_t = torch.from_numpy(cols)
-            vals_t = torch.from_numpy(vals)
-
-            @pymanopt.function.pytorch(manifold)
-            def f(u, s, vt):
-                pred = ((u[rows_t] * s) * vt[:, cols_t].T).sum(1)
-                return 0.5 * torch.sum((pred - vals_t) ** 2)
-
-        return f, None
-
-    # numpy: pymanopt's NumPy backend has no autodiff ("No autodiff support available for the NumPy backend"), so
-    # a numpy user supplies the Euclidean gradient w.r.t. the factors (u, s, vt) by hand, as in pymanopt's examples.
-    if cost == "dense":
-
-        @pymanopt.function.numpy(manifold)
-        def f(u, s, vt):
-            X = u @ np.diag(s) @ vt
-            return 0.5 * np.sum((mask_np * (X - A0_np)) ** 2)
-
-        @pymanopt.function.numpy(manifold)
-        def egrad(u, s, vt):
-            Rm = mask_np * (u @ np.diag(s) @ vt - A0_np)
-            RV = Rm @ vt.T
-            return [RV * s, np.sum(u * RV, axis=0), s[:, None] * (u.T @ Rm)]
-
-        return f, egrad
-
-    # sparse numpy: residual as a CSR matrix with the fixed pattern of Ω (structure built once, values refreshed)
-    perm_mat = sp.csr_matrix((np.arange(1, rows.shape[0] + 1, dtype=np.float64), (rows, cols)), shape=(m, n))
-    perm = perm_mat.data.astype(np.int64) - 1
-    Rm = sp.csr_matrix((np.zeros(rows.shape[0]), perm_mat.indices, perm_mat.indptr), shape=(m, n))
-
-    def _residual(u, s, vt):
-        return np.einsum("ij,ji->i", u[rows] * s, vt[:, cols]) - vals
-
-    @pymanopt.function.numpy(manifold)
-    def f(u, s, vt):
-        r = _residual(u, s, vt)
-        return 0.5 * float(r @ r)
-
-    @pymanopt.function.numpy(manifold)
-    def egrad(u, s, vt):
-        Rm.data = _residual(u, s, vt)[perm]
-        RV = Rm @ vt.T
-        return [RV * s, np.sum(u * RV, axis=0), s[:, None] * (Rm.T @ u).T]
-
-    return f, egrad
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# monitoring
-
-
-class _Monitor:
-    """Records (iter, time, fun, grad_norm, test_error); time spent here is excluded from the reported times."""
-
-    def __init__(self, test_rows, test_cols, test_vals, target):
-        self.test = (test_rows, test_cols, test_vals)
-        self.target = target
-        self.history: list[dict] = []
-        self.overhead = 0.0
-        self.t0 = None
-        self.reached = False
-
-    def start(self):
-        self.t0 = time.perf_counter()
-        self.overhead = 0.0
-
-    def elapsed(self, now=None):
-        return (time.perf_counter() if now is None else now) - self.t0 - self.overhead
-
-    def record(self, it, point, fun, grad_norm, elapsed=None):
-        now = time.perf_counter()
-        u, s, vt = point
-        err = test_error(u, s, vt, *self.test)
-        self.history.append(
-            {
-                "iter": int(it),
-                "time": self.elapsed(now) if elapsed is None else elapsed,
-                "fun": None if fun is None else float(fun),
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "test_error": err,
-            }
-        )
-        if err <= self.target:
-            self.reached = True
-        if self.t0 is not None:
-            self.overhead += time.perf_counter() - now
-
-
-_TARGET_MSG = "Terminated - target test error reached"
-
-
-def _monitored(base_cls, monitor: _Monitor, iter_offset: int):
-    """Subclass of a pymanopt optimizer that reports each iterate to ``monitor`` and stops at its target.
-
-    pymanopt 2.2.1 has no callback; its ``ConjugateGradient`` calls ``self._add_log_entry(iteration=i, point=x,
-    cost=..., gradient_norm=...)`` at the top of iteration i (x = iterate after i-1 steps) and then
-    ``self._check_stopping_criterion(start_time=..., ...)``.  ``TrustRegions`` never calls ``_add_log_entry``; there
-    the current iterate is read from the caller's frame (locals ``x``, ``fx``) in ``_check_stopping_criterion``,
-    which it calls after completing iteration i.  ``start_time`` is shifted by the monitoring time so that
-    pymanopt's own ``max_time`` also ignores it.
-    """
-
-    class Monitored(base_cls):
-        def _add_log_entry(self, *, iteration, point, cost, **kwargs):
-            monitor.record(iteration - iter_offset, point, cost, kwargs.get("gradient_norm"))
-
-        def _check_stopping_criterion(self, *, start_time, **kwargs):
-            it = kwargs.get("iteration", -1) - iter_offset
-            if not monitor.history or monitor.history[-1]["iter"] != it:
-                loc = sys._getframe(1).f_locals
-                if "x" in loc:
-                    monitor.record(it, loc["x"], loc.get("fx", loc.get("cost")), kwargs.get("gradient_norm"))
-            if monitor.reached:
-                return _TARGET_MSG
-            return super()._check_stopping_criterion(start_time=start_time + monitor.overhead, **kwargs)
-
-    Monitored.__name__ = base_cls.__name__
-    return Monitored
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the run
-
-
-def _cpu_counters():
-    """(machine busy CPU seconds, this process's CPU seconds) from /proc (Linux), or None."""
-    try:
-        with open("/proc/stat") as fh:
-            fields = [int(v) for v in fh.readline().split()[1:]]
-        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
-        own = time.process_time()
-        return busy / os.sysconf("SC_CLK_TCK"), own
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
-
-
-def _other_process_cores(before, after, wall):
-    """Mean number of cores other processes kept busy between two ``_cpu_counters`` samples."""
-    if before is None or after is None or wall <= 0:
-        return None
-    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / wall)
 
 
 def _short_path(path: str) -> str:
