@@ -174,9 +174,11 @@ def as_device(device: object) -> torch.device:
 def check_random_options(
     dtype: object, device: object, generator: object
 ) -> tuple[torch.dtype, torch.device | None, torch.device | None]:
-    """The checked ``(dtype, device, draw_device)`` of a random factory: ``dtype`` float32/float64, ``device`` None or
-    a valid torch device, ``generator`` None or a ``torch.Generator``; ``draw_device`` is where the generator draws
-    (its own device; ``device`` without one)."""
+    """The checked ``(dtype, device, draw_device)`` of a random factory: ``dtype`` float32/float64 (None: torch's
+    default dtype, as ``torch.randn`` does), ``device`` None or a valid torch device, ``generator`` None or a
+    ``torch.Generator``; ``draw_device`` is where the generator draws (its own device; ``device`` without one)."""
+    if dtype is None:
+        dtype = torch.get_default_dtype()
     check_dtype("dtype", dtype)
     device = None if device is None else as_device(device)
     if generator is not None and not isinstance(generator, torch.Generator):

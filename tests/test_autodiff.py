@@ -50,9 +50,9 @@ def matrix_problems(g):
 def tt_problems(g):
     idx = torch.stack([torch.randint(0, n, (60,), generator=g) for n in TSHAPE], 1)
     vals = torch.randn(60, dtype=DT, generator=g)
-    A = TTMatrix.random(TSHAPE, TSHAPE, 2, generator=g)
+    A = TTMatrix.random(TSHAPE, TSHAPE, 2, generator=g, dtype=torch.float64)
     Ad = A.full()
-    ws = [TensorTrain.random(TSHAPE, 1, generator=g) for _ in range(3)]
+    ws = [TensorTrain.random(TSHAPE, 1, generator=g, dtype=torch.float64) for _ in range(3)]
     wd = [w.full() for w in ws]
     y = torch.tensor([1.0, -1.0, 1.0], dtype=DT)
 
@@ -78,10 +78,10 @@ def setup(kind, seed=0):
     g = torch.Generator().manual_seed(seed)
     if kind == "matrix":
         M = FixedRankMatrices(*MSHAPE, MRANK)
-        x = M.random_point(generator=g)
+        x = M.random_point(generator=g, dtype=torch.float64)
         return M, x, lambda: matrix_projector(x.full(), MRANK), matrix_problems(g), g
     M = FixedTTRank(TSHAPE, TRANKS)
-    x = TensorTrain.random(TSHAPE, list(TRANKS), generator=g)
+    x = TensorTrain.random(TSHAPE, list(TRANKS), generator=g, dtype=torch.float64)
     return M, x, lambda: tt_projector(x), tt_problems(g), g
 
 
@@ -180,7 +180,7 @@ def test_hvp_is_symmetric_and_linear(kind, curvature):
 
 def test_linear_function_has_zero_projected_hessian():
     M, x, _, _, g = setup("tt")
-    w = TensorTrain.random(TSHAPE, 2, generator=g)
+    w = TensorTrain.random(TSHAPE, 2, generator=g, dtype=torch.float64)
     xi = M.random_tangent(x, generator=g)
     assert float(riemannian_hvp(lambda X: X.inner(w), x, xi, curvature=False).norm()) == 0.0
     assert float(riemannian_hvp(lambda X: X.inner(w), x, xi, curvature=True).norm()) > 0  # curvature remains

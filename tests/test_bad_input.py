@@ -111,13 +111,13 @@ def test_bool_zero_negative_and_float_sizes_are_refused(call, name):
 
 def test_numpy_and_torch_integer_scalars_are_accepted_as_sizes():
     A = torch.randn(3, 4, 5, dtype=DT, generator=gen())
-    x = TensorTrain.random(np.array([3, 4, 5]), np.int64(2), generator=gen())
+    x = TensorTrain.random(np.array([3, 4, 5]), np.int64(2), generator=gen(), dtype=torch.float64)
     assert x.shape == (3, 4, 5) and x.ranks == (2, 2)
-    assert TensorTrain.random(torch.tensor([3, 4]), torch.tensor(2)).shape == (3, 4)
+    assert TensorTrain.random(torch.tensor([3, 4]), torch.tensor(2), dtype=torch.float64).shape == (3, 4)
     assert TensorTrain.from_dense(A, max_rank=np.int32(2)).ranks == (2, 2)
     assert TensorRing.from_dense(A, max_rank=np.int64(1)).ranks == (1, 1, 1)
-    assert TensorRing.random((np.int64(3), 4), np.int16(2)).ranks == (2, 2)
-    assert LowRankMatrix.random(np.int64(5), np.int32(4), np.int64(2)).shape == (5, 4)
+    assert TensorRing.random((np.int64(3), 4), np.int16(2), dtype=torch.float64).ranks == (2, 2)
+    assert LowRankMatrix.random(np.int64(5), np.int32(4), np.int64(2), dtype=torch.float64).shape == (5, 4)
     assert LowRankMatrix.from_dense(A[0], np.int64(2)).rank == 2
     M = FixedTTRank((np.int64(3), 4, 5), np.int64(2))
     assert M.shape == (3, 4, 5) and M.ranks == (2, 2) and all(type(n) is int for n in M.shape + M.ranks)
@@ -135,7 +135,7 @@ def test_sample_indices_names_a_negative_shape():
 
 
 def test_lowrank_gather_with_rows_and_cols_of_different_lengths():
-    x = LowRankMatrix.random(5, 4, 2, generator=gen())
+    x = LowRankMatrix.random(5, 4, 2, generator=gen(), dtype=torch.float64)
     with pytest.raises(ValueError, match="rows and cols"):
         x.gather(torch.tensor([0, 1, 2]), torch.tensor([0, 1]))
     rows, cols = torch.tensor([0, 4, 2]), torch.tensor([3, 0, 1])
@@ -144,11 +144,11 @@ def test_lowrank_gather_with_rows_and_cols_of_different_lengths():
 
 def test_found_by_the_property_tests():
     """Defects the hypothesis tests below found (each was an exception from inside torch)."""
-    x = LowRankMatrix.random(5, 4, 2, generator=gen())
+    x = LowRankMatrix.random(5, 4, 2, generator=gen(), dtype=torch.float64)
     with pytest.raises(TypeError, match="other has dtype torch.float32 but X has torch.float64"):
         x.inner(torch.randn(5, 4))  # was torch's matmul dtype error
     assert x.gather([], []).shape == (0,)  # was "(rows, cols) must be an integer tensor, got torch.float32"
-    assert TensorTrain.random([3, 4], 2).gather([]).shape == (0,)
+    assert TensorTrain.random([3, 4], 2, dtype=torch.float64).gather([]).shape == (0,)
     with pytest.raises(ValueError, match="device must be a torch.device or a device string"):
         x.to("float64")  # a string is a device for Tensor.to; was torch's "Invalid device string"
 
@@ -158,8 +158,11 @@ def test_division_by_zero_and_by_tiny_scalars():
     finite, got inf": the reciprocal overflowed) even where the quotient is representable."""
     g = gen(2)
     M = FixedTTRank([3, 4], 2)
-    y = M.random_point(generator=g)
-    objects = [LowRankMatrix.random(5, 4, 2, generator=g), TensorTrain.random([3, 4], 2, generator=g)]
+    y = M.random_point(generator=g, dtype=torch.float64)
+    objects = [
+        LowRankMatrix.random(5, 4, 2, generator=g, dtype=torch.float64),
+        TensorTrain.random([3, 4], 2, generator=g, dtype=torch.float64),
+    ]
     for x in [*objects, M.random_tangent(y, generator=g)]:
         for zero in (0, 0.0, torch.tensor(0.0, dtype=DT)):
             with pytest.raises(ValueError, match="alpha must be nonzero"):
@@ -174,10 +177,10 @@ def test_division_by_zero_and_by_tiny_scalars():
 def points():
     g = gen(1)
     return {
-        "LowRankMatrix": LowRankMatrix.random(5, 4, 2, generator=g),
-        "TensorTrain": TensorTrain.random([3, 4, 2], 2, generator=g),
-        "TensorRing": TensorRing.random([3, 4, 2], 2, generator=g),
-        "TTMatrix": TTMatrix.random([2, 3], [3, 2], 2, generator=g),
+        "LowRankMatrix": LowRankMatrix.random(5, 4, 2, generator=g, dtype=torch.float64),
+        "TensorTrain": TensorTrain.random([3, 4, 2], 2, generator=g, dtype=torch.float64),
+        "TensorRing": TensorRing.random([3, 4, 2], 2, generator=g, dtype=torch.float64),
+        "TTMatrix": TTMatrix.random([2, 3], [3, 2], 2, generator=g, dtype=torch.float64),
     }
 
 
@@ -580,7 +583,7 @@ def test_property_proj_retr_transp(kind, point_dtype, other_dtype, z_kind, scale
     seed=st.integers(0, 999),
 )
 def test_property_low_rank_matrix_operations(rows, extra, index_kind, alpha, other_dtype, seed):
-    X = LowRankMatrix.random(6, 5, 2, generator=gen(seed))
+    X = LowRankMatrix.random(6, 5, 2, generator=gen(seed), dtype=torch.float64)
     D = X.U @ X.S @ X.V.T  # dense, from the factors
     cols = [(3 * i + 1) % 7 - 1 for i in range(len(rows) + extra)] if len(rows) + extra >= 0 else []
     convert = {"tensor": torch.tensor, "list": list, "float": lambda v: torch.tensor(v, dtype=torch.float64)}
@@ -641,14 +644,16 @@ def test_property_to_keeps_the_value_or_refuses_the_dtype(kind, dtype):
 )
 def test_property_tensor_train_operations(shape, other, alpha, index, max_rank, seed):
     g = gen(seed)
-    x = TensorTrain.random(shape, 2, generator=g)
+    x = TensorTrain.random(shape, 2, generator=g, dtype=torch.float64)
     X = tt_full(x.cores)
     d = len(shape)
     if other.startswith("dense"):
         y = torch.randn(shape, dtype=DT, generator=g)
         Y = y
     else:
-        y = TensorTrain.random(shape if other != "other shape" else [*shape[:-1], shape[-1] + 1], 2, generator=g)
+        y = TensorTrain.random(
+            shape if other != "other shape" else [*shape[:-1], shape[-1] + 1], 2, generator=g, dtype=torch.float64
+        )
         Y = tt_full(y.cores)
     if other.endswith("float32"):
         y = y.to(torch.float32)
@@ -701,7 +706,7 @@ def test_property_tensor_train_operations(shape, other, alpha, index, max_rank, 
 def test_property_low_rank_matrix_algebra(m, n, operand, side, other, seed):
     g = gen(seed)
     r = min(m, n, 2)
-    x = LowRankMatrix.random(m, n, r, generator=g)
+    x = LowRankMatrix.random(m, n, r, generator=g, dtype=torch.float64)
     X = x.U @ x.S @ x.V.T
     k = n if side == "right" else m  # the length the product needs
     B = {
@@ -721,7 +726,7 @@ def test_property_low_rank_matrix_algebra(m, n, operand, side, other, seed):
         ref = lambda: B @ X  # noqa: E731
     if out is not None:
         assert torch.allclose(out, ref(), atol=1e-12)
-    y = LowRankMatrix.random(m + (other == "other shape"), n, 1, generator=g)
+    y = LowRankMatrix.random(m + (other == "other shape"), n, 1, generator=g, dtype=torch.float64)
     if other == "float32":
         y = y.to(torch.float32)
     s = check_outcome(lambda: x - y, [] if other == "same" else ["shape", "operands"])

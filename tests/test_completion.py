@@ -74,7 +74,7 @@ def test_sample_indices_bad_count(count):
 # ---------------------------------------------------------------------------------------------- completion_loss
 def test_completion_loss_matches_a_dense_formula():
     g = torch.Generator().manual_seed(0)
-    tt = TensorTrain.random((3, 4, 5), 2, generator=g)
+    tt = TensorTrain.random((3, 4, 5), 2, generator=g, dtype=torch.float64)
     idx = sample_indices((3, 4, 5), 20, generator=g)
     vals = torch.randn(20, dtype=DT, generator=g)
     dense = tt_full(tt.cores)
@@ -218,7 +218,7 @@ def test_matrix_least_squares_closed_forms_match_dense_references():
     g = torch.Generator().manual_seed(0)
     m, n, r, N = 13, 9, 3, 70
     M = FixedRankMatrices(m, n, r)
-    x = M.random_point(generator=g)
+    x = M.random_point(generator=g, dtype=torch.float64)
     idx = torch.stack([torch.randint(0, m, (N,), generator=g), torch.randint(0, n, (N,), generator=g)], 1)
     vals = torch.randn(N, dtype=DT, generator=g)
     lsq = _MatrixLeastSquares(idx, vals, (m, n), M)
@@ -247,7 +247,7 @@ def test_reusing_a_start_point_across_calls_gives_each_call_its_own_loss():
     base = (L[idx[:, 0]] * R[idx[:, 1]]).sum(1)
     from lowrankopt import FixedRankMatrices
 
-    x0 = FixedRankMatrices(m, n, r).random_point(generator=g)
+    x0 = FixedRankMatrices(m, n, r).random_point(generator=g, dtype=torch.float64)
     X0 = x0.full()
     for scale in range(1, 8):
         vals = base * scale
@@ -281,7 +281,7 @@ def test_all_zero_values_complete_to_the_zero_tensor(shape, rank, method):
     test_idx = complement(idx, shape)
     test_vals = torch.randn(len(test_idx), dtype=DT, generator=g)
     zeros = torch.zeros(12, dtype=DT)
-    x0 = FixedTTRank(shape, rank).random_point(generator=g) if len(shape) > 2 else None
+    x0 = FixedTTRank(shape, rank).random_point(generator=g, dtype=torch.float64) if len(shape) > 2 else None
     res = complete(idx, zeros, shape, rank, method=method, test=(test_idx, test_vals), x0=x0, generator=g)
     assert res.success and res.nit == 0 and "all observed values are zero" in res.message
     assert torch.equal(res.x.full(), torch.zeros(shape, dtype=DT))
@@ -300,7 +300,7 @@ def test_all_zero_values_still_check_the_rank_and_x0():
     with pytest.raises(ValueError, match="rank"):
         complete(idx, torch.zeros(12, dtype=DT), (6, 5), 6)
     with pytest.raises(ValueError, match="x0"):
-        complete(idx, torch.zeros(12, dtype=DT), (6, 5), 2, x0=LowRankMatrix.random(6, 5, 3))
+        complete(idx, torch.zeros(12, dtype=DT), (6, 5), 2, x0=LowRankMatrix.random(6, 5, 3, dtype=DT))
     with pytest.raises(ValueError, match="underflow"):
         complete(idx, torch.full((12,), 1e-30), (6, 5), 2)  # nonzero, but their squares are 0 in float32
 

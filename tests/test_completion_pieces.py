@@ -39,7 +39,7 @@ def test_the_matrix_objective_is_the_closed_form_of_the_loss(method):
     without the curvature term); CG also gets the exact line search's ‖P_Ω ξ‖², computed densely here."""
     problem, g = _matrix_problem()
     M = FixedRankMatrices(11, 8, 3)
-    x = M.random_point(generator=g)
+    x = M.random_point(generator=g, dtype=torch.float64)
     f, opts = problem.objective(x, method, {"gtol": 0.0})
     assert opts["gtol"] == 0.0 and opts["manifold"] == M
     loss = completion_loss(problem.indices, problem.values)
@@ -61,17 +61,17 @@ def test_the_matrix_objective_is_the_closed_form_of_the_loss(method):
 
 def test_with_curvature_and_for_tensor_trains_minimize_differentiates_the_loss():
     problem, g = _matrix_problem(curvature=True)
-    x = FixedRankMatrices(11, 8, 3).random_point(generator=g)
+    x = FixedRankMatrices(11, 8, 3).random_point(generator=g, dtype=torch.float64)
     assert problem.objective(x, "cg", {"gtol": 0.0}) == (problem.loss, {"gtol": 0.0})
     idx = sample_indices((4, 5, 3), 30, generator=g)
     tt = _problem(idx, torch.randn(30, dtype=DT, generator=g), (4, 5, 3))
-    assert tt.objective(TensorTrain.random((4, 5, 3), 2, generator=g), "cg", {}) == (tt.loss, {})
+    assert tt.objective(TensorTrain.random((4, 5, 3), 2, generator=g, dtype=torch.float64), "cg", {}) == (tt.loss, {})
 
 
 def test_the_problem_and_held_out_norms():
     problem, g = _matrix_problem()
     assert problem.norm == pytest.approx(math.sqrt(float((problem.values**2).sum())), rel=1e-14)
-    X = LowRankMatrix.random(11, 8, 2, generator=g)
+    X = LowRankMatrix.random(11, 8, 2, generator=g, dtype=torch.float64)
     idx = sample_indices((11, 8), 20, generator=g)
     A = torch.randn(11, 8, dtype=DT, generator=g)
     held = HeldOut(idx, A[idx[:, 0], idx[:, 1]], SingleProcess())
@@ -94,7 +94,7 @@ def test_the_constant_start_is_the_mean_of_the_values():
 
 def test_the_matrix_start_checks_x0_and_the_rank():
     problem, g = _matrix_problem()
-    x0 = LowRankMatrix.random(11, 8, 3, generator=g)
+    x0 = LowRankMatrix.random(11, 8, 3, generator=g, dtype=torch.float64)
     assert matrix_start(problem, 3, x0, None) is x0
     with pytest.raises(ValueError, match="x0"):
         matrix_start(problem, 2, x0, None)
@@ -116,7 +116,7 @@ def test_continuation_ranks_climb_by_one_to_the_target(ranks):
 
 def test_grow_rank_keeps_the_tensor_and_reaches_the_ranks():
     g = torch.Generator().manual_seed(2)
-    x = TensorTrain.random((4, 5, 6, 3), 1, generator=g)
+    x = TensorTrain.random((4, 5, 6, 3), 1, generator=g, dtype=torch.float64)
     y = grow_rank(x, [2, 2, 2], g, eps=1e-4)
     assert y.ranks == (2, 2, 2)
     d = float(torch.linalg.vector_norm(tt_full(y.cores) - tt_full(x.cores)))
@@ -129,7 +129,7 @@ def test_the_history_numbers_the_continuation_stages_as_one_run():
     start record (the grown point, a repeat of the first stage's last iteration) dropped, counts summed."""
     g = torch.Generator().manual_seed(3)
     shape = (5, 4, 6)
-    T = TensorTrain.random(shape, 2, generator=g)
+    T = TensorTrain.random(shape, 2, generator=g, dtype=torch.float64)
     idx = sample_indices(shape, 80, generator=g)
     vals = T.gather(idx)
     problem = _problem(idx, vals, shape)

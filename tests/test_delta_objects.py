@@ -18,7 +18,7 @@ def objects(kind, g):
         M = FixedRankMatrices(6, 5, 2)
     else:
         M = FixedTTRank((3, 4, 3, 2), (2, 3, 2))
-    x = M.random_point(generator=g)
+    x = M.random_point(generator=g, dtype=torch.float64)
     xi = M.random_tangent(x, generator=g)
     deltas = [torch.randn(s, dtype=DT, generator=g).requires_grad_(True) for s in M.coord_shapes]
     lin = M.linearization(x, deltas)

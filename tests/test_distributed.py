@@ -40,10 +40,10 @@ def _shutdown():
 
 def _problems():
     g = torch.Generator().manual_seed(0)
-    T = TensorTrain.random((6, 5, 7, 4), 3, generator=g)
-    x_tt = TensorTrain.random((6, 5, 7, 4), 2, generator=g)
+    T = TensorTrain.random((6, 5, 7, 4), 3, generator=g, dtype=torch.float64)
+    x_tt = TensorTrain.random((6, 5, 7, 4), 2, generator=g, dtype=torch.float64)
     idx_tt = torch.stack([torch.randint(0, n, (300,), generator=g) for n in (6, 5, 7, 4)], 1)
-    X = LowRankMatrix.random(9, 8, 3, generator=g)
+    X = LowRankMatrix.random(9, 8, 3, generator=g, dtype=torch.float64)
     idx_m = torch.stack([torch.randint(0, 9, (40,), generator=g), torch.randint(0, 8, (40,), generator=g)], 1)
     A = torch.randn(9, 8, dtype=D, generator=g)
     return [("tt", x_tt, idx_tt, T.gather(idx_tt)), ("matrix", X, idx_m, A[idx_m[:, 0], idx_m[:, 1]])]
@@ -102,9 +102,9 @@ def test_shard_covers_every_entry_once():
 
 def _completion_problems():
     g = torch.Generator().manual_seed(3)
-    T = TensorTrain.random((8, 7, 8, 6), 2, generator=g)
+    T = TensorTrain.random((8, 7, 8, 6), 2, generator=g, dtype=torch.float64)
     idx = sample_indices(T.shape, 1500, generator=g)
-    A = LowRankMatrix.random(30, 25, 3, generator=g)
+    A = LowRankMatrix.random(30, 25, 3, generator=g, dtype=torch.float64)
     idx_m = sample_indices((30, 25), 400, generator=g)
     return [
         ("tt", idx, T.gather(idx), T.shape, 2),

@@ -50,14 +50,16 @@ def _run_worker(rank, world, init_file, out_dir):
         out["traffic after quiet"] = dict(run.traffic)
         v = torch.arange(1.0, 12.0, dtype=D)
         out["norm"] = run.norm(v[shard(len(v), rank, world)])
-        x = LowRankMatrix.random(6, 5, 2, generator=torch.Generator().manual_seed(rank))  # differs between ranks
+        x = LowRankMatrix.random(
+            6, 5, 2, generator=torch.Generator().manual_seed(rank), dtype=torch.float64
+        )  # differs between ranks
         run.check(x, 4)  # not a multiple of check_every: no comparison
         try:
             run.check(x, 6)
             out["check"] = "passed"
         except RuntimeError:
             out["check"] = "caught"
-        same = LowRankMatrix.random(6, 5, 2, generator=torch.Generator().manual_seed(0))
+        same = LowRankMatrix.random(6, 5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         out["shard value"] = float(run.reduce(run.value(lambda x: _fail_on(rank, x))(same)))
         out["stop all"] = run.stop_all()
         try:

@@ -27,7 +27,7 @@ def noisy_matrix(dtype, seed=0, shape=(120, 100), rank=5, frac=0.3, noise=1e-3):
 
 def noisy_tt(seed=0, shape=(6, 6, 6, 6), rank=2, count=700, noise=1e-3):
     g = torch.Generator().manual_seed(seed)
-    A = lro.FixedTTRank(list(shape), rank).random_point(generator=g)
+    A = lro.FixedTTRank(list(shape), rank).random_point(generator=g, dtype=torch.float64)
     idx = lro.sample_indices(list(shape), count, generator=g)
     eps = noise * torch.randn(count, dtype=torch.float64, generator=g)
     vals = A.gather(idx) + eps

@@ -22,8 +22,8 @@ def test_from_dense_is_best_approximation(g):
 
 
 def test_random_has_exact_rank_and_is_reproducible():
-    X1 = LowRankMatrix.random(8, 6, 3, generator=torch.Generator().manual_seed(5))
-    X2 = LowRankMatrix.random(8, 6, 3, generator=torch.Generator().manual_seed(5))
+    X1 = LowRankMatrix.random(8, 6, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    X2 = LowRankMatrix.random(8, 6, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     assert torch.equal(X1.full(), X2.full())
     assert torch.linalg.matrix_rank(X1.full()) == 3
     assert X1.shape == (8, 6) and X1.rank == 3
@@ -59,7 +59,7 @@ def test_operations_match_dense(g):
 
 
 def test_to_changes_dtype(g):
-    X = LowRankMatrix.random(5, 4, 2, generator=g)
+    X = LowRankMatrix.random(5, 4, 2, generator=g, dtype=torch.float64)
     assert X.to(torch.float32).dtype == torch.float32
     assert torch.allclose(X.to(torch.float32).full().double(), X.full(), atol=1e-6)
 
@@ -90,7 +90,7 @@ def test_bad_input_raises(g):
 
 
 def test_gather_takes_an_n_by_2_index_and_rows_cols_forward_to_it(g):
-    X = LowRankMatrix.random(8, 6, 3, generator=g)
+    X = LowRankMatrix.random(8, 6, 3, generator=g, dtype=torch.float64)
     Xd = X.U @ X.S @ X.V.T  # dense, from the factors
     index = torch.stack([torch.randint(0, 8, (30,), generator=g), torch.randint(0, 6, (30,), generator=g)], 1)
     want = Xd[index[:, 0], index[:, 1]]

@@ -23,7 +23,7 @@ def unfolding_tail(A: torch.Tensor, k: int, r: int) -> float:
 
 
 def random_tt(shape, ranks, g):
-    return TensorTrain.random(shape, ranks, generator=g)
+    return TensorTrain.random(shape, ranks, generator=g, dtype=torch.float64)
 
 
 def test_full_and_gather_match_reference(g):
@@ -116,7 +116,7 @@ def test_round_meets_its_error_bounds(g):
 
 
 def test_ttmatrix(g):
-    A = TTMatrix.random([2, 3, 2], [3, 2, 4], [2, 3], generator=g)
+    A = TTMatrix.random([2, 3, 2], [3, 2, 4], [2, 3], generator=g, dtype=torch.float64)
     D = A.full()
     assert D.shape == (12, 24) and A.shape == (12, 24)
     # full() against an independent contraction of the operator cores
@@ -279,7 +279,7 @@ def test_truncate_right_to_left_is_the_rounding_sweep(g):
 
 
 def test_ttmatrix_gather_takes_row_column_pairs(g):
-    A = TTMatrix.random([2, 3, 2], [3, 2, 4], [2, 3], generator=g)
+    A = TTMatrix.random([2, 3, 2], [3, 2, 4], [2, 3], generator=g, dtype=torch.float64)
     D = A.full()
     index = torch.stack([torch.randint(0, 12, (40,), generator=g), torch.randint(0, 24, (40,), generator=g)], 1)
     assert torch.allclose(A.gather(index), D[index[:, 0], index[:, 1]], atol=1e-13)

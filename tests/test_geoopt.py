@@ -357,10 +357,10 @@ def _regression(kind, seed=0, B=64):
     g = torch.Generator().manual_seed(seed)
     init = torch.Generator().manual_seed(100 + seed)
     if kind == "matrix":
-        target = LowRankMatrix.random(9, 12, 3, generator=g).full()
+        target = LowRankMatrix.random(9, 12, 3, generator=g, dtype=torch.float64).full()
         layer = LowRankLinear(12, 9, 3, bias=False, dtype=DT, generator=init)
     else:
-        target = TTMatrix.random((2, 2, 2), (2, 2, 2), 2, generator=g).full()
+        target = TTMatrix.random((2, 2, 2), (2, 2, 2), 2, generator=g, dtype=torch.float64).full()
         layer = TTLinear(8, 8, 2, bias=False, dtype=DT, generator=init)
     X = torch.randn(B, target.shape[1], dtype=DT, generator=g)
     return layer, X, X @ target.T, target

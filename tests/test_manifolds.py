@@ -14,10 +14,12 @@ DT = torch.float64
 def make(kind, g):
     if kind == "matrix":
         M = FixedRankMatrices(7, 5, 2)
-        x = M.random_point(generator=g)
+        x = M.random_point(generator=g, dtype=torch.float64)
         return M, x, matrix_projector(x.full(), 2), (7, 5)
     M = FixedTTRank((3, 4, 2, 3), (2, 3, 2))
-    x = TensorTrain.random(M.shape, list(M.ranks), generator=g)  # a generic (non-canonical) representation
+    x = TensorTrain.random(
+        M.shape, list(M.ranks), generator=g, dtype=torch.float64
+    )  # a generic (non-canonical) representation
     return M, x, tt_projector(x), M.shape
 
 
@@ -75,9 +77,9 @@ def test_proj_of_dense_equals_dense_projector(kind, g):
 def test_proj_of_formatted_input_equals_dense(kind, g):
     M, x, P, shape = make(kind, g)
     if kind == "matrix":
-        z = LowRankMatrix.random(*shape, 3, generator=g)
+        z = LowRankMatrix.random(*shape, 3, generator=g, dtype=torch.float64)
     else:
-        z = TensorTrain.random(shape, 3, generator=g)
+        z = TensorTrain.random(shape, 3, generator=g, dtype=torch.float64)
     assert rel(M.proj(x, z).to_ambient().full().reshape(-1), P @ z.full().reshape(-1)) < 1e-12
 
 
@@ -100,7 +102,7 @@ def test_tangent_arithmetic(kind, g):
     assert torch.allclose((u - 2 * v).to_ambient().full(), U - 2 * V, atol=1e-13)
     assert torch.allclose((-u / 4).to_ambient().full(), -U / 4, atol=1e-13)
     assert float(M.zero_tangent(x).norm()) == 0.0
-    y = M.random_point(generator=g)
+    y = M.random_point(generator=g, dtype=torch.float64)
     w = M.random_tangent(y, generator=g)
     with pytest.raises(ValueError, match="different base points"):
         u + w
@@ -185,7 +187,7 @@ def test_bad_input_raises(g):
         M.random_tangent(TensorTrain.random((3, 4, 3), (2, 3), generator=g))
     with pytest.raises(TypeError, match="x must be a TensorTrain"):
         M.zero_tangent(LowRankMatrix.random(3, 4, 2))
-    x = M.random_point(generator=g)
+    x = M.random_point(generator=g, dtype=torch.float64)
     with pytest.raises(ValueError, match="z must have shape"):
         M.proj(x, torch.randn(3, 3, 3, dtype=DT))
     with pytest.raises(ValueError, match="z contains NaN"):
@@ -213,7 +215,11 @@ def test_tangent_inputs_of_another_dtype_or_device_or_not_finite_are_refused(kin
         M.tangent(x, bad)
     with pytest.raises(TypeError, match="z has dtype torch.float64 but x has torch.float32"):
         M.proj(x32, torch.randn(shape, dtype=DT, generator=g))
-    z = LowRankMatrix.random(*shape, 3, generator=g) if kind == "matrix" else TensorTrain.random(shape, 2, generator=g)
+    z = (
+        LowRankMatrix.random(*shape, 3, generator=g, dtype=torch.float64)
+        if kind == "matrix"
+        else TensorTrain.random(shape, 2, generator=g, dtype=torch.float64)
+    )
     with pytest.raises(TypeError, match="z has dtype torch.float64 but x has torch.float32"):
         M.proj(x32, z)
     v = M.tangent(x, coords)
@@ -226,7 +232,7 @@ def test_tangent_inputs_of_another_dtype_or_device_or_not_finite_are_refused(kin
     with pytest.raises(ValueError, match=r"v.coords\[0\] contains NaN or Inf"):
         M.retr(x, overflowed)
     # transport is linear and factorization-free: not checked (no per-step cost), non-finite in, non-finite out
-    moved = M.transp(x, M.random_point(generator=g), overflowed)
+    moved = M.transp(x, M.random_point(generator=g, dtype=torch.float64), overflowed)
     assert not all(bool(torch.isfinite(c).all()) for c in moved.coords)
     hand_built = TangentVector(M, x, [c.float() for c in v.coords])  # the low-level constructor does not check
     for call in (lambda: M.inner(x, v, hand_built), lambda: M.retr(x, hand_built), lambda: v + hand_built):

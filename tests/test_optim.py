@@ -28,7 +28,11 @@ def matrix_problem(dtype=DT):
     U, s, Vh = torch.linalg.svd(A, full_matrices=False)
     fstar = 0.5 * float((s[MRANK:] ** 2).sum())
     Xstar = U[:, :MRANK] @ torch.diag(s[:MRANK]) @ Vh[:MRANK]
-    x0 = FixedRankMatrices(*MSHAPE, MRANK).random_point(generator=torch.Generator().manual_seed(1)).to(dtype)
+    x0 = (
+        FixedRankMatrices(*MSHAPE, MRANK)
+        .random_point(generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        .to(dtype)
+    )
     Ad = A.to(dtype)
     return (lambda X: 0.5 * ((X.full() - Ad) ** 2).sum()), x0, A, s, fstar, Xstar
 
@@ -39,9 +43,11 @@ TSHAPE, TRANKS = (4, 5, 4, 3), (2, 3, 2)
 def tt_problem(start_seed=1):
     """½‖X − A‖² over TT-ranks (2, 3, 2); A is a TT of exactly these ranks plus dense noise of size 1e-3."""
     g = torch.Generator().manual_seed(0)
-    A = tt_full(TensorTrain.random(TSHAPE, list(TRANKS), generator=g).cores)
+    A = tt_full(TensorTrain.random(TSHAPE, list(TRANKS), generator=g, dtype=torch.float64).cores)
     A = A + 1e-3 * torch.randn(TSHAPE, dtype=DT, generator=g)
-    x0 = FixedTTRank(TSHAPE, TRANKS).random_point(generator=torch.Generator().manual_seed(start_seed))
+    x0 = FixedTTRank(TSHAPE, TRANKS).random_point(
+        generator=torch.Generator().manual_seed(start_seed), dtype=torch.float64
+    )
     return (lambda X: 0.5 * ((X.full() - A) ** 2).sum()), x0, A
 
 
@@ -423,7 +429,7 @@ def test_a_gradient_that_depends_on_the_factorization_is_never_a_converged_floor
 
     res = minimize(
         f,
-        M.random_point(generator=g),
+        M.random_point(generator=g, dtype=torch.float64),
         method,
         grad=grad,
         hvp=lambda x, v: riemannian_hvp(f, x, v),

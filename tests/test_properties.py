@@ -53,7 +53,7 @@ SHAPE, RANK = (6, 5), 2
 def matrix_problem(seed):
     g = gen(seed)
     A = torch.randn(*SHAPE, dtype=DT, generator=g)
-    x0 = FixedRankMatrices(*SHAPE, RANK).random_point(generator=g)
+    x0 = FixedRankMatrices(*SHAPE, RANK).random_point(generator=g, dtype=torch.float64)
     fstar = 0.5 * float((torch.linalg.svdvals(A)[RANK:] ** 2).sum())
     return (lambda X: 0.5 * ((X.full() - A) ** 2).sum()), x0, A, fstar
 
@@ -304,7 +304,7 @@ def test_complete_and_sample_indices_refuse_a_generator_that_is_not_one():
 def test_completion_loss_names_indices_that_do_not_fit_the_point():
     """Was: (N, 3) indices with a matrix gave "gather() missing 1 required positional argument: 'cols'", and a
     dense tensor point torch's gather error."""
-    X = FixedRankMatrices(6, 5, 2).random_point(generator=gen(0))
+    X = FixedRankMatrices(6, 5, 2).random_point(generator=gen(0), dtype=torch.float64)
     idx3 = torch.zeros(4, 3, dtype=torch.int64)
     with pytest.raises(ValueError, match="indices"):
         completion_loss(idx3, torch.zeros(4, dtype=DT))(X)
@@ -552,7 +552,7 @@ def test_completion_loss(kind, n_entries, index, point, seed):
     """``completion_loss(indices, values)(X)`` is ½‖X[indices] − values‖² (dense reference), or a named error."""
     g = gen(seed)
     if kind == "matrix":
-        shape, X = (5, 4), FixedRankMatrices(5, 4, 2).random_point(generator=g)
+        shape, X = (5, 4), FixedRankMatrices(5, 4, 2).random_point(generator=g, dtype=torch.float64)
     else:
         shape, X = (3, 4, 2), TensorTrain.random([3, 4, 2], 2, dtype=DT, generator=g)
     idx = torch.stack([torch.randint(0, k, (n_entries,), generator=g) for k in shape], 1)

@@ -165,7 +165,7 @@ def test_cuda_matches_cpu():
     assert factory.tbasis.basis.device.type == "cuda"
     x = torch.randn(2, 1, 6, 6, dtype=D, generator=_gen(12))
     assert torch.allclose(gpu(x.cuda()).cpu(), cpu(x), rtol=1e-10, atol=1e-12)
-    X = TensorRing.random((3, 4, 5), 2, generator=_gen(13))
+    X = TensorRing.random((3, 4, 5), 2, generator=_gen(13), dtype=torch.float64)
     assert torch.allclose(X.to("cuda").full().cpu(), X.full(), atol=1e-12)
 
 

@@ -47,7 +47,7 @@ def test_full_gather_inner_norm_against_dense(shape, ranks):
 
 
 def test_a_tensor_train_is_a_ring_of_rank_one_closure():
-    T = TensorTrain.random((4, 3, 5), 2, generator=_gen(3))
+    T = TensorTrain.random((4, 3, 5), 2, generator=_gen(3), dtype=torch.float64)
     assert torch.allclose(TensorRing(T.cores).full(), T.full(), atol=1e-14)
 
 

@@ -42,7 +42,7 @@ class Counting:
 
 def test_recovers_a_random_low_rank_tt_exactly_from_few_entries():
     shape = (10, 9, 10, 8, 10, 9)
-    T = TensorTrain.random(shape, 3, generator=_gen(0))
+    T = TensorTrain.random(shape, 3, generator=_gen(0), dtype=torch.float64)
     f = Counting(T.gather)
     Y, info = tt_cross(f, shape, eps=1e-10, nswp=10, generator=_gen(1))
     assert info.stop == "eps"
@@ -59,7 +59,7 @@ def test_recovers_a_random_low_rank_tt_exactly_from_few_entries():
 
 def test_cache_off_counts_every_request_and_matches_cache_on():
     shape = (6, 5, 7, 6)
-    T = TensorTrain.random(shape, 2, generator=_gen(3))
+    T = TensorTrain.random(shape, 2, generator=_gen(3), dtype=torch.float64)
     on, off = Counting(T.gather), Counting(T.gather)
     Y_on, info_on = tt_cross(on, shape, nswp=3, generator=_gen(4))
     Y_off, info_off = tt_cross(off, shape, nswp=3, generator=_gen(4), cache=False)
@@ -121,7 +121,7 @@ def test_validation_stop_and_recorded_errors():
 
 def test_warm_start_from_a_previous_result_and_float32():
     shape = (6,) * 5
-    T = TensorTrain.random(shape, 2, generator=_gen(9))
+    T = TensorTrain.random(shape, 2, generator=_gen(9), dtype=torch.float64)
     Y, _ = tt_cross(T.gather, shape, nswp=1, generator=_gen(10))
     # with fixed ranks the start decides them: a rank-1 start stays rank 1, the previous result's rank-2 rounding
     # gives rank 2 and the exact tensor
@@ -296,7 +296,7 @@ def test_a_512_cubed_volume_on_disk_is_approximated_reading_under_one_percent(tm
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     shape = (6, 5, 7, 6)
-    T = TensorTrain.random(shape, 2, generator=_gen(20))
+    T = TensorTrain.random(shape, 2, generator=_gen(20), dtype=torch.float64)
     Tc = T.to("cuda")
     Y, info = tt_cross(T.gather, shape, nswp=3, generator=_gen(21))
     Yc, info_c = tt_cross(Tc.gather, shape, nswp=3, generator=_gen(21), device="cuda")

@@ -31,7 +31,7 @@ from .runner import Context, Timing, timing_row
 def _problem(params: dict, entries: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     shape, r = (params["n"],) * params["d"], params["r"]
-    T = TensorTrain.random(shape, r, generator=g)
+    T = TensorTrain.random(shape, r, generator=g, dtype=torch.float64)
     idx = sample_indices(shape, entries, generator=g)
     return idx, T.gather(idx), shape, r
 

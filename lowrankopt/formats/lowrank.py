@@ -80,13 +80,13 @@ class LowRankMatrix:
         n: int,
         rank: int,
         *,
-        dtype: torch.dtype = torch.float64,
+        dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ) -> LowRankMatrix:
         """A random rank-``rank`` matrix: Haar-like orthonormal ``U``, ``V`` and ``S = diag(s)`` with
         ``s`` sorted decreasingly in ``[1, 2)``. Sizes take Python or numpy/torch integers; ``dtype`` float32 or
-        float64. Cost ``O((m + n) r²)``.
+        float64 (None: ``torch.get_default_dtype()``). Cost ``O((m + n) r²)``.
         """
         dtype, device, gdev = check_random_options(dtype, device, generator)
         m, n = as_positive_int("m", m), as_positive_int("n", n)

@@ -67,12 +67,13 @@ class TensorRing(_CoreList):
         shape: Sequence[int],
         rank: int,
         *,
-        dtype: torch.dtype = torch.float64,
+        dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ) -> TensorRing:
         """A TR with every rank ``rank`` and i.i.d. Gaussian cores scaled by ``1/sqrt(r n_k)`` (entries O(1)).
-        ``shape`` and ``rank`` take Python or numpy/torch integers; ``dtype`` float32 or float64.
+        ``shape`` and ``rank`` take Python or numpy/torch integers; ``dtype`` float32 or float64
+        (None: ``torch.get_default_dtype()``).
         Cost ``O(d n r²)``."""
         dtype, device, gdev = check_random_options(dtype, device, generator)
         shape, rank = as_shape("shape", shape), as_positive_int("rank", rank)

@@ -132,16 +132,17 @@ class TensorTrain(_CoreList):
     def random(
         cls,
         shape: Sequence[int],
-        ranks,
+        ranks: int | Sequence[int],
         *,
-        dtype: torch.dtype = torch.float64,
+        dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ) -> TensorTrain:
         """A TT with i.i.d. Gaussian cores scaled by ``1/sqrt(r_{k-1} n_k)`` (so entries are O(1)).
 
         ``shape`` and ``ranks`` (an int or d − 1 ints) take Python or numpy/torch integers; ranks above what the
-        shape allows are clipped. ``dtype`` float32 or float64. Cost ``O(d n r²)``.
+        shape allows are clipped. ``dtype`` float32 or float64 (None: ``torch.get_default_dtype()``).
+        Cost ``O(d n r²)``.
         """
         dtype, device, gdev = check_random_options(dtype, device, generator)
         shape = list(as_shape("shape", shape))
@@ -365,7 +366,16 @@ class TTMatrix:
         return cls._trusted([c.reshape(c.shape[0], m, n, c.shape[2]) for c, m, n in zip(cores, row_shape, col_shape)])
 
     @classmethod
-    def random(cls, row_shape, col_shape, ranks, *, dtype=torch.float64, device=None, generator=None) -> TTMatrix:
+    def random(
+        cls,
+        row_shape: Sequence[int],
+        col_shape: Sequence[int],
+        ranks: int | Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> TTMatrix:
         """Gaussian cores scaled by ``1/sqrt(r_{k-1} n_k)``; arguments as in :meth:`TensorTrain.random`.
         Cost ``O(d m n r²)``."""
         row_shape, col_shape = _mode_shapes(row_shape, col_shape)

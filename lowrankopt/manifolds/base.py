@@ -115,7 +115,13 @@ class LowRankManifold(ABC):
         """The shapes of a tangent vector's coordinates (and of the factors :meth:`point_parts` returns)."""
 
     @abstractmethod
-    def random_point(self, *, dtype: torch.dtype | None = None, device=None, generator: torch.Generator | None = None):
+    def random_point(
+        self,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Any:
         """A random point (dtype defaults to ``torch.get_default_dtype()``)."""
 
     @abstractmethod

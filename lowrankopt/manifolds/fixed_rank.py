@@ -87,7 +87,13 @@ class FixedRankMatrices(LowRankManifold):
         x._cache["US"] = U @ S if US is None else US
         return x
 
-    def random_point(self, *, dtype=torch.float64, device=None, generator=None) -> LowRankMatrix:
+    def random_point(
+        self,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> LowRankMatrix:
         """See :meth:`LowRankMatrix.random`. Cost ``O((m + n) r²)``."""
         return LowRankMatrix.random(self.m, self.n, self.rank, dtype=dtype, device=device, generator=generator)
 

@@ -103,7 +103,13 @@ class FixedTTRank(LowRankManifold):
         x._cache["right"] = list(x.cores)
         return x
 
-    def random_point(self, *, dtype=torch.float64, device=None, generator=None) -> TensorTrain:
+    def random_point(
+        self,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> TensorTrain:
         """A Gaussian TT (see :meth:`TensorTrain.random`) in right-orthogonal form, scaled to unit
         norm. Cost ``O(d n r³)``."""
         x = TensorTrain.random(self.shape, list(self.ranks), dtype=dtype, device=device, generator=generator)
