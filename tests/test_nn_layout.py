@@ -144,9 +144,9 @@ def test_a_model_pickled_with_the_0_1_class_paths_still_loads():
     x, y = torch.randn(2, 2, 4, 4, dtype=D), torch.randn(2, 1, 8, 8, dtype=D)
     ref = (tb(model(x)), lip(y))
     renames = {
-        "lowrankopt.nn.spectral.sttp": "lowrankopt.nn.sttp",
+        "lowrankopt.nn.spectral.sttp_layers": "lowrankopt.nn.sttp",  # 0.1 defined the STTP layers in sttp
         "lowrankopt.nn.orthogonal.orthonormal_tt": "lowrankopt.nn.sttp",  # 0.1 defined OrthonormalTT in sttp
-        "lowrankopt.nn.orthogonal.gsoft": "lowrankopt.nn.gsoft",
+        "lowrankopt.nn.orthogonal.gsoft_layer": "lowrankopt.nn.gsoft",  # 0.1 defined GSOFTLinear in gsoft
         "lowrankopt.nn.orthogonal.gs": "lowrankopt.nn.gs",
         "lowrankopt.nn.orthogonal.gs_conv": "lowrankopt.nn.gs_conv",
         "lowrankopt.nn.compression.tbasis": "lowrankopt.nn.tbasis",

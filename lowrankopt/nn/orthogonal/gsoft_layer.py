@@ -1,0 +1,297 @@
+"""The GSOFT adapter layer (:mod:`.gsoft`): a frozen linear layer ``y = s ⊙ (Q_out W Q_in x) + b`` with GS orthogonal
+rotations, its merge into the base weight and back (in float64, checked, all layers or none), and its merge state in
+the ``state_dict``. Cost per vector ``O(n_in b)`` (+ ``O(n_out b)`` double) on top of the frozen ``W x``; a merge or
+unmerge ``O(n_out n_in b)``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .gs import GSMatrix, GSOrthogonal
+from .gsoft_config import GSOFTConfig
+
+__all__ = ["GSOFTLinear"]
+
+PREFIX = "gsoft_"  # the names of the adapter's parameters (what training changes)
+
+
+def _q_form(q: GSOrthogonal, L: torch.Tensor, R: torch.Tensor) -> GSMatrix:
+    """``Pᵀ L P R`` with ``q``'s shuffle P: Q itself (``q``'s blocks) or ``Q⁻ᵀ`` (blocks ``L⁻ᵀ, R⁻ᵀ``)."""
+    return GSMatrix([R, L], [None, q.perm, q.inverse_perm])
+
+
+def _reversed_form(q: GSOrthogonal, L: torch.Tensor, R: torch.Tensor) -> GSMatrix:
+    """``R Pᵀ L P`` with ``q``'s shuffle P: ``Qᵀ`` (blocks ``Lᵀ, Rᵀ``) or ``Q⁻¹`` (blocks ``L⁻¹, R⁻¹``)."""
+    return GSMatrix([L, R], [q.perm, q.inverse_perm, None])
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    """Merging and unmerging compute in float64 (where the device has it) and round once, at the end: the round
+    trip then restores a float32 weight to about one rounding (computing in float32 costs a few)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class GSOFTLinear(torch.nn.Module):
+    """A frozen linear layer with a GSOFT adapter (see :mod:`lowrankopt.nn.orthogonal.gsoft`). ``base_layer`` keeps the
+    original module; :meth:`merge` folds the adapter into its weight, :meth:`unmerge` takes it out again.
+
+    ``weight`` and ``bias`` read like those of the base layer, for code that reads them directly instead of
+    calling the layer (``nn.MultiheadAttention`` reads ``out_proj.weight``; torch's transformer fast path
+    reads ``linear1.weight``): ``weight`` is the adapted weight ``diag(s) Q_out W Q_in`` in the base layer's
+    layout, differentiable in the adapter (cost ``O(n_out n_in b)`` per read).
+
+    The merge state is part of the ``state_dict``: ``merged_flag`` (a 0-dim bool, whether
+    ``base_layer.weight`` holds the adapted weight) and ``merged_*``, the exact orthogonal blocks and scale
+    that were folded in (``2 n b`` entries per rotation + ``n_out``). A checkpoint saved merged loads merged,
+    one saved unmerged loads unmerged, whatever state the receiving model was in. :meth:`unmerge` undoes the
+    recorded blocks, so the adapter may change while merged (an optimizer step, loaded adapter weights) without
+    corrupting the base weight; the changed adapter takes effect when unmerged.
+    """
+
+    def __init__(self, base_layer: torch.nn.Module, config: GSOFTConfig, name: str = ""):
+        super().__init__()
+        w = base_layer.weight
+        # nn.Linear stores (out, in) whatever the config says (PEFT also ignores fan_in_fan_out for it)
+        self.fan_in_fan_out = config.fan_in_fan_out and not isinstance(base_layer, torch.nn.Linear)
+        out_f, in_f = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else tuple(w.shape)
+        kw = dict(map=config.map, neumann_terms=config.neumann_terms, dtype=w.dtype, device=w.device)
+        self.layer_name = name or "layer"
+        self.base_layer = base_layer
+        self.gsoft_in = GSOrthogonal(in_f, config.block_for(in_f, self.layer_name), **kw)
+        self.gsoft_out = GSOrthogonal(out_f, config.block_for(out_f, self.layer_name), **kw) if config.double else None
+        self.gsoft_scale = (
+            torch.nn.Parameter(torch.ones(out_f, dtype=w.dtype, device=w.device)) if config.scale else None
+        )
+        self.disabled = False
+        self.register_buffer("merged_flag", torch.tensor(False, device=w.device))
+        self._merged = False  # the flag as a Python bool: reading the buffer in forward would sync a GPU
+        for side, q in self._rotations():
+            blocks = torch.eye(q.block_size, dtype=w.dtype, device=w.device).expand(q.nblocks, -1, -1)
+            self.register_buffer(f"merged_{side}_L", blocks.clone())
+            self.register_buffer(f"merged_{side}_R", blocks.clone())
+        if self.gsoft_scale is not None:
+            self.register_buffer("merged_scale", torch.ones(out_f, dtype=w.dtype, device=w.device))
+
+    @property
+    def merged(self) -> bool:
+        """Whether the adapter is folded into ``base_layer.weight``."""
+        return self._merged
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight in effect, in the base layer's layout: the adapted ``diag(s) Q_out W Q_in``, differentiable
+        in the adapter (cost ``O(n_out n_in b)``), or the base layer's weight when merged or disabled. Read-only."""
+        self._check_not_disabled_while_merged()
+        if self.merged or self.disabled:
+            return self.base_layer.weight
+        W = self._adapt(self._weight(), self._adapter())
+        return W.T if self.fan_in_fan_out else W
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (the adapter leaves it as it is)."""
+        return getattr(self.base_layer, "bias", None)
+
+    def _rotations(self) -> Iterator[tuple[str, GSOrthogonal]]:
+        yield "in", self.gsoft_in
+        if self.gsoft_out is not None:
+            yield "out", self.gsoft_out
+
+    def _weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def _check_not_disabled_while_merged(self) -> None:
+        if self.disabled and self.merged:
+            raise RuntimeError("cannot disable a merged adapter; unmerge it first")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_not_disabled_while_merged()
+        if self.disabled or self.merged:
+            return self.base_layer(x)
+        y = F.linear(self.gsoft_in(x), self._weight())
+        if self.gsoft_out is not None:
+            y = self.gsoft_out(y)
+        # under autocast y has F.linear's dtype, as nn.Linear's output would: the scale and bias follow it
+        if self.gsoft_scale is not None:
+            y = y * self.gsoft_scale.to(y.dtype)
+        bias = self.bias
+        return y if bias is None else y + bias.to(y.dtype)
+
+    def _adapter(self) -> dict[str, torch.Tensor]:
+        """The adapter now: the rotations' orthogonal blocks (``in_L``, ``in_R``, ``out_L``, ``out_R``) and the
+        scale, keyed as the ``merged_*`` buffers that record them."""
+        adapter = {}
+        for side, q in self._rotations():
+            adapter[f"{side}_L"], adapter[f"{side}_R"] = q.blocks()
+        if self.gsoft_scale is not None:
+            adapter["scale"] = self.gsoft_scale
+        return adapter
+
+    def _adapt(self, W: torch.Tensor, a: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``diag(s) Q_out W Q_in`` for ``W: (out, in)``, one GS factor at a time: ``O(n_out n_in b)``."""
+        W = _reversed_form(self.gsoft_in, a["in_L"].mT, a["in_R"].mT).matmul(W)  # row i: w_iᵀ Q_in = (Q_inᵀ w_i)ᵀ
+        if self.gsoft_out is not None:
+            W = _q_form(self.gsoft_out, a["out_L"], a["out_R"]).matmul(W.T).T  # column j: Q_out w_j
+        return W if "scale" not in a else a["scale"][:, None] * W
+
+    def _unadapt(self, W: torch.Tensor, a: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The inverse of :meth:`_adapt` for the same blocks and scale, ``Q_out⁻¹ diag(s)⁻¹ W Q_in⁻¹``, by inverses
+        of the ``b × b`` blocks (exact also for the nearly orthogonal Neumann map): ``O(n_out n_in b)``."""
+        inv = self._inverted_blocks(a)
+        if "scale" in a:
+            W = W / a["scale"][:, None]
+        if self.gsoft_out is not None:
+            W = _reversed_form(self.gsoft_out, inv["out_L"], inv["out_R"]).matmul(W.T).T  # column j: Q_out⁻¹ w_j
+        inverse_t = _q_form(self.gsoft_in, inv["in_L"].mT, inv["in_R"].mT)
+        return inverse_t.matmul(W)  # row i: w_iᵀ Q_in⁻¹ = (Q_in⁻ᵀ w_i)ᵀ
+
+    def _inverted_blocks(self, a: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverses of the ``b × b`` blocks of ``a`` (``O(n b²)``); a singular one (a corrupted record of what
+        was merged) is refused with a ValueError."""
+        inverses = {}
+        for key, blocks in a.items():
+            if key != "scale":
+                inverses[key], info = torch.linalg.inv_ex(blocks)
+                if bool((info != 0).any()):
+                    raise ValueError(
+                        f"{self.layer_name}: the record of what was merged (merged_{key}) has a singular block; "
+                        "nothing was unmerged"
+                    )
+        return inverses
+
+    def _in_compute_dtype(self, fn, a: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``fn(W, a)`` on the base weight, in float64 and outside autocast, rounded to the weight's dtype."""
+        W = self._weight()
+        dtype = _compute_dtype(W.device)
+        with torch.autocast(W.device.type, enabled=False):
+            return fn(W.to(dtype), {k: v.to(dtype) for k, v in a.items()}).to(W.dtype)
+
+    @torch.no_grad()
+    def _merge_record(self) -> dict[str, torch.Tensor]:
+        """The adapter to fold in (detached copies of its blocks and scale), refused (ValueError) if a scale entry is
+        (nearly) 0: the merge could not be undone."""
+        a = {k: v.detach().clone() for k, v in self._adapter().items()}
+        if "scale" in a and (a["scale"].abs() < 1e-12).any():
+            raise ValueError(
+                f"{self.layer_name}: a scale entry is (nearly) 0: merging could not be undone; nothing was merged"
+            )
+        return a
+
+    def _recorded(self) -> dict[str, torch.Tensor]:
+        """The record of what was merged (the ``merged_*`` buffers), keyed as :meth:`_adapter`."""
+        return {key: getattr(self, f"merged_{key}") for key in self._adapter_keys()}
+
+    @torch.no_grad()
+    def _surely_finite(self, merge: bool) -> bool:
+        """Whether merging (``merge=True``; unmerging otherwise) is proven to give a finite weight, without computing
+        it. Every entry of the result and of every intermediate is at most
+        ``‖W‖_F · max(1, s) · Π_B max(1, max_i ‖B_i‖_F)``, with ``s`` the largest |scale| entry (unmerging: the
+        inverse of the smallest) and ``B`` the four (two) block factors applied (unmerging: their inverses): each
+        factor is block diagonal up to a permutation, so its 2-norm is ``max_i ‖B_i‖₂ ≤ max_i ‖B_i‖_F``. Below half
+        the largest float of the weight's dtype no rounding reaches infinity. False (not proven) also when a value is
+        not finite. Cost ``O(n_out n_in)`` (the norm of W) + ``O(n b²)`` (the blocks, or their inverses). Raises what
+        :meth:`_merge_record` and :meth:`_inverted_blocks` raise."""
+        a = self._merge_record() if merge else self._recorded()
+        W = self._weight()
+        dtype = _compute_dtype(W.device)
+        a = {k: v.to(dtype) for k, v in a.items()}
+        blocks = [v for k, v in a.items() if k != "scale"] if merge else list(self._inverted_blocks(a).values())
+        growth = [torch.linalg.matrix_norm(B).amax() for B in blocks]
+        if "scale" in a:
+            growth.append(a["scale"].abs().amax() if merge else 1 / a["scale"].abs().amin())
+        bound = torch.linalg.vector_norm(W, dtype=dtype) * torch.stack(growth).clamp_min(1).prod()
+        return bool(bound < min(torch.finfo(W.dtype).max, torch.finfo(dtype).max) / 2)
+
+    @torch.no_grad()
+    def _merge_result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The merged weight ``(out, in)`` and the adapter it folds in, checked; nothing is written."""
+        a = self._merge_record()
+        W = self._in_compute_dtype(self._adapt, a)
+        if not torch.isfinite(W).all():
+            raise ValueError(
+                f"{self.layer_name}: merging would write non-finite values into the weight; nothing was merged"
+            )
+        return W, a
+
+    @torch.no_grad()
+    def _unmerge_result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The base weight ``(out, in)`` recovered from the recorded (merged) blocks and scale, checked."""
+        W = self._in_compute_dtype(self._unadapt, self._recorded())
+        if not torch.isfinite(W).all():
+            raise ValueError(f"{self.layer_name}: unmerging produced non-finite values; nothing was unmerged")
+        return W, {}
+
+    def _adapter_keys(self) -> list[str]:
+        return [f"{side}_{f}" for side, _ in self._rotations() for f in "LR"] + (
+            ["scale"] if self.gsoft_scale is not None else []
+        )
+
+    @torch.no_grad()
+    def _write(self, W: torch.Tensor, record: dict[str, torch.Tensor], merged: bool) -> None:
+        self.base_layer.weight.copy_(W.T if self.fan_in_fan_out else W)
+        for key, value in record.items():
+            getattr(self, f"merged_{key}").copy_(value)
+        self.merged_flag.fill_(merged)
+        self._merged = merged
+
+    def merge(self) -> None:
+        """Fold the adapter into the base weight (forward then costs what the base layer costs) and record the
+        blocks and scale folded in. Cost ``O(n_out n_in b)``. Raises ``ValueError`` (nothing changed) if a scale
+        entry is (nearly) 0 or the merged weight would not be finite."""
+        merge_all([self], merge=True)
+
+    def unmerge(self) -> None:
+        """Restore the base weight, ``Q_out⁻¹ diag(s)⁻¹ W' Q_in⁻¹`` with the recorded (merged) blocks and scale —
+        to rounding (about 1e-7 relative in float32), whatever the adapter became since. Cost ``O(n_out n_in b)``."""
+        merge_all([self], merge=False)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # the base weight and the merge flag only make sense together; refuse what could load an inconsistent state
+        name = prefix.rstrip(".") or self.layer_name
+        flag, weight = prefix + "merged_flag", prefix + "base_layer.weight"
+        if (flag in state_dict) != (weight in state_dict):
+            raise ValueError(
+                f"{name}: the state dict must hold both {weight!r} and {flag!r} (whether that weight has the adapter "
+                "merged in) or neither; a state dict saved before the merge state was saved needs "
+                f"state_dict[{flag!r}] = torch.tensor(False) (unmerged) added"
+            )
+        if flag in state_dict and bool(state_dict[flag]):
+            absent = [prefix + f"merged_{k}" for k in self._adapter_keys() if prefix + f"merged_{k}" not in state_dict]
+            if absent:
+                raise ValueError(f"{name}: a merged state needs the record of what was merged; missing {absent}")
+        if flag not in state_dict and self.merged and any(k.startswith(prefix + PREFIX) for k in state_dict):
+            raise ValueError(
+                f"{name}: the adapter is merged; loading adapter parameters alone would not change the merged "
+                "weight: unmerge first (or load a full state dict)"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._merged = bool(self.merged_flag)
+
+
+def merge_all(layers: Sequence[GSOFTLinear], merge: bool) -> None:
+    """Merge (or unmerge) every layer or none, each new weight computed once where it can be.
+
+    First every layer is checked cheaply (``O(n_out n_in + n b²)`` each), before any weight is written: what
+    cannot be merged is refused (a (nearly) zero scale, a singular record) and a bound proves the result finite
+    (:meth:`GSOFTLinear._surely_finite`). Then each weight is computed and written in one ``O(n_out n_in b)`` pass.
+    A result the bound does not prove finite (weights near the largest float, non-finite values) is computed and
+    checked before any weight is written, and computed again to be written — a second pass for those layers only,
+    since holding the results instead would cost one weight per layer; the extra memory stays one weight.
+    """
+    todo = [layer for layer in layers if layer.merged != merge]
+    proven = [layer._surely_finite(merge) for layer in todo]  # every layer, before any write
+    result = GSOFTLinear._merge_result if merge else GSOFTLinear._unmerge_result
+    if len(todo) > 1:
+        for layer, ok in zip(todo, proven):
+            if not ok:
+                result(layer)  # raises (nothing written yet) if the result is not finite
+    for layer in todo:
+        layer._write(*result(layer), merged=merge)

@@ -1,0 +1,169 @@
+"""What the STTP layers (:mod:`.sttp`) share: the orthonormal factors U and V (tensor trains of Householder or Stiefel
+cores, :class:`~lowrankopt.nn.orthogonal.orthonormal_tt.OrthonormalTT`), the spectrum σ (identity, learned,
+Lipschitz-bounded) and its D-optimal penalty, the degrees of freedom, the loading of a dense weight (truncated SVD, then
+TT-SVD of the singular vectors), and the mode factorizations. The math and the costs are in :mod:`.sttp`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ..._checks import as_positive_int
+from ...formats.tt import tt_svd
+from .._common import _full_precision, _refuse_half
+from ..orthogonal.orthonormal_tt import OrthonormalTT
+
+__all__ = ["PARAMETRIZATIONS", "SPECTRA", "STTPBase", "prime_factors"]
+
+SPECTRA = ("identity", "learned", "learned+dopt")
+PARAMETRIZATIONS = ("householder", "stiefel")
+
+
+def prime_factors(n: int) -> list[int]:
+    """The prime factors of n in non-decreasing order (``[n]`` for n ≤ 3; ``[1]`` for n = 1)."""
+    out, p = [], 2
+    while p * p <= n:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    return out + [n] if n > 1 or not out else out
+
+
+def _spectrum(spectrum: str) -> str:
+    if spectrum not in SPECTRA:
+        raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
+    return spectrum
+
+
+class STTPBase(torch.nn.Module):
+    """What the linear and conv layers share: the factors U (out side), V (in side), σ, and their loading."""
+
+    def _init_factors(
+        self, d_out, d_in, rank, out_modes, in_modes, spectrum, lipschitz, parametrization, dtype, device, generator
+    ):
+        self.spectrum = _spectrum(spectrum)
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
+        self.max_rank = rank
+        rank = min(rank, d_out, d_in)  # the number of singular values
+        if lipschitz is not None and (
+            isinstance(lipschitz, bool) or not (isinstance(lipschitz, int | float) and 0 < lipschitz < math.inf)
+        ):
+            raise ValueError(f"lipschitz must be a positive number or None, got {lipschitz!r}")
+        self.rank, self.lipschitz, self.parametrization = rank, lipschitz, parametrization
+        learned = spectrum != "identity"
+        common = dict(max_rank=self.max_rank, parametrization=parametrization, dtype=dtype, generator=generator)
+        name = f"{type(self).__name__}(d_out={d_out}, d_in={d_in}, rank={self.max_rank})"
+        self.U = OrthonormalTT(out_modes, rank, last="full" if learned else "reduced", owner=f"{name}.U", **common)
+        self.V = OrthonormalTT(in_modes, rank, last="full", owner=f"{name}.V", **common)
+        self.s = torch.nn.Parameter(torch.ones(rank, dtype=dtype)) if learned else None
+        # identity spectrum: fixed signs ±1 (set by load_dense), so that both determinant components of
+        # U Vᵀ are reachable when the Householder maps alone reach one (square last cores)
+        self.register_buffer("signs", None if learned else torch.ones(rank, dtype=dtype))
+        self.to(device)
+
+    def singular_values(self) -> torch.Tensor:
+        """σ, the diagonal of the compact SVD ``W = U diag(σ) Vᵀ`` (signs may be negative). Cost ``O(r)``."""
+        if self.s is None:
+            return self.signs
+        if self.lipschitz is None:
+            return self.s
+        return self.lipschitz * self.s / self.s.abs().max().clamp_min(torch.finfo(self.s.dtype).tiny)
+
+    def dopt_penalty(self) -> torch.Tensor:
+        """The D-optimal regularizer ``−mean log |s / max|s||`` (≥ 0; 0 when all singular values are equal)."""
+        if self.s is None:
+            raise ValueError("dopt_penalty needs a learned spectrum")
+        eps = torch.finfo(self.s.dtype).eps
+        return -torch.log((self.s.abs() / self.s.abs().max().clamp_min(eps)).clamp_min(eps)).mean()
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U, σ, V)`` with ``U: (d_out, r)``, ``V: (d_in, r)``. Cost ``O((d_out + d_in) r Σ R_k)``."""
+        return self.U.matrix(), self.singular_values(), self.V.matrix()
+
+    def _forward_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`factors` for a forward on ``x``: refused in half precision, built with autocast off (in the
+        parameters' dtype; only the products with ``x`` autocast)."""
+        needs = "its orthonormal factors need QR (Householder products, Stiefel retractions)"
+        _refuse_half(self, self.U.params[0].dtype, needs)
+        with _full_precision(x):
+            return self.factors()
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The dense ``(d_out, d_in)`` weight (tests, ``to_dense``). Cost ``O(d_out d_in r)``."""
+        U, s, V = self.factors()
+        return (U * s) @ V.T
+
+    def dof(self) -> int:
+        """Degrees of freedom: ``Σ R_{k−1} n_k R_k − Σ R_k²`` over the TT of W (learned spectrum), minus
+        ``r (r + 1) / 2`` for the identity spectrum. Equals the trainable parameter count with the
+        Householder parameterization."""
+        ranks = list(self.U.bonds[1:]) + list(reversed(self.V.bonds[1:-1]))
+        modes = list(self.U.modes) + list(reversed(self.V.modes))
+        bonds = [1] + ranks + [1]
+        tt_dim = sum(bonds[k] * n * bonds[k + 1] for k, n in enumerate(modes)) - sum(b * b for b in ranks)
+        return tt_dim - (self.rank * (self.rank + 1) // 2 if self.s is None else 0)
+
+    @torch.no_grad()
+    def load_dense(self, weight: torch.Tensor) -> None:
+        """Set U, σ, V from a dense ``(d_out, d_in)`` weight: rank-r truncated SVD, then TT-SVD of U and V
+        (left-orthonormal cores; the last core re-orthonormalized by its polar factor). Exact when the rank
+        is ≥ the weight's rank and the TT ranks are maximal. With ``spectrum="identity"`` only the singular
+        vectors are kept; with ``lipschitz`` set, σ is scaled to max ``lipschitz``. Cost: a dense SVD."""
+        W = weight.detach().to(torch.float64).cpu()
+        if not torch.isfinite(W).all():
+            raise ValueError("weight has NaN or Inf entries")
+        if tuple(W.shape) != (math.prod(self.U.modes), math.prod(self.V.modes)):
+            raise ValueError(f"weight must have shape ({math.prod(self.U.modes)}, {math.prod(self.V.modes)})")
+        P, S, Qt = torch.linalg.svd(W, full_matrices=False)
+        P, S, Q = P[:, : self.rank], S[: self.rank], Qt[: self.rank].T
+        u_cores, v_cores = _tt_svd(P, self.U.shapes), _tt_svd(Q, self.V.shapes)
+        if self.s is None:  # U G (V G D)ᵀ with signs D: W = U G diag(D) (V G D)ᵀ
+            G = self.U.set_cores(u_cores)
+            d = torch.diagonal(self.V.set_cores(v_cores, right=G, allow_sign_flips=True))
+            self.signs.copy_(d.to(self.signs.dtype))
+            return
+        du = torch.diagonal(self.U.set_cores(u_cores, allow_sign_flips=True))
+        dv = torch.diagonal(self.V.set_cores(v_cores, allow_sign_flips=True))
+        s = S * du.to(S.dtype) * dv.to(S.dtype)  # U D_u diag(D_u D_v s) (V D_v)ᵀ = U diag(s) Vᵀ
+        self.s.copy_(s.to(self.s.dtype))
+
+    def _factor_modes(self) -> str:
+        return f"out_modes={self.U.modes}, in_modes={self.V.modes}, ranks={self.U.bonds[1:-1]}|{self.V.bonds[1:-1]}"
+
+
+def _tt_svd(M: torch.Tensor, shapes: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+    """Left-orthonormal TT cores of the ``d × r`` matrix M (rows over the modes) with the given shapes: the TT-SVD
+    (:func:`lowrankopt.formats.tt_svd`, exact ranks) of M as a tensor ``(n_1, …, n_{D−1}, n_D r)``; the last core is
+    replaced by its polar factor so that the product has orthonormal columns."""
+    modes, r = [n for _, n, _ in shapes], shapes[-1][2]
+    cores = tt_svd(M.reshape(*modes[:-1], modes[-1] * r), [r1 for _, _, r1 in shapes[:-1]], exact=True)
+    r0, n, _ = shapes[-1]
+    A, _, Bt = torch.linalg.svd(cores[-1].reshape(r0 * n, r), full_matrices=False)
+    cores[-1] = (A @ Bt).reshape(r0, n, r)  # polar factor: the nearest orthonormal matrix
+    return cores
+
+
+def parse_modes(name: str, d: int, given) -> list[int]:
+    if given is None:
+        return prime_factors(d)
+    given = [given] if isinstance(given, int) else given
+    if isinstance(given, str | bytes) or not isinstance(given, Sequence):
+        raise TypeError(f"{name} must be a sequence of positive ints, got {type(given).__name__}")
+    modes = [as_positive_int(f"{name}[{k}]", m) for k, m in enumerate(given)]
+    if math.prod(modes) != d:
+        raise ValueError(f"{name} {modes} has product {math.prod(modes)}, not {d}")
+    return modes
+
+
+def split_factorization(mode_factorization):
+    if isinstance(mode_factorization, str):
+        if mode_factorization != "auto":
+            raise ValueError(f"mode_factorization must be 'auto' or (out_modes, in_modes), got {mode_factorization!r}")
+        return None, None
+    if not isinstance(mode_factorization, Sequence) or len(mode_factorization) != 2:
+        raise ValueError("mode_factorization must be 'auto' or a pair (out_modes, in_modes)")
+    return mode_factorization
