@@ -20,7 +20,8 @@ pass through f. For matrices it equals Manopt's ``ehess2rhess`` terms ``(I − U
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -41,7 +42,11 @@ __all__ = [
 
 
 def grad_or_zeros(
-    out: torch.Tensor, inputs, create_graph: bool = False, grad_outputs=None, retain_graph: bool | None = None
+    out: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    create_graph: bool = False,
+    grad_outputs: torch.Tensor | None = None,
+    retain_graph: bool | None = None,
 ) -> list[torch.Tensor]:
     """torch.autograd.grad that returns zeros for inputs ``out`` does not depend on."""
     if out.requires_grad:
@@ -58,7 +63,7 @@ def grad_or_zeros(
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
 
 
-def check_scalar_output(val) -> torch.Tensor:
+def check_scalar_output(val: object) -> torch.Tensor:
     """``val`` as a 0-dim tensor; ``TypeError`` unless it is a one-element tensor (what f must return)."""
     if not isinstance(val, torch.Tensor) or val.numel() != 1:
         raise TypeError(
@@ -68,7 +73,9 @@ def check_scalar_output(val) -> torch.Tensor:
     return val.reshape(())
 
 
-def delta_grad(M: LowRankManifold, x, f: Callable, create_graph: bool = False):
+def delta_grad(
+    M: LowRankManifold, x: Any, f: Callable[[Any], torch.Tensor], create_graph: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """The δ-trick: ``(f(x), ∂f(x + T_x(δ))/∂δ at δ = 0, δ)`` — the raw (un-gauged) δ-gradient, from one evaluation
     of f on ``M.linearization(x, δ)`` and one backward pass (kept on the tape with ``create_graph``)."""
     deltas = M.zero_deltas(x, requires_grad=True)
@@ -102,7 +109,7 @@ def _check_invariance(M: LowRankManifold, f, x, val: torch.Tensor) -> None:
 
 
 def riemannian_grad(
-    f: Callable, x, *, manifold: LowRankManifold | None = None, check_invariance: bool = False
+    f: Callable[[Any], torch.Tensor], x: Any, *, manifold: LowRankManifold | None = None, check_invariance: bool = False
 ) -> tuple[torch.Tensor, TangentVector]:
     """Value and Riemannian gradient of ``f`` at ``x``.
 
@@ -140,7 +147,7 @@ def _weingarten(M: LowRankManifold, f: Callable, x, xi: TangentVector, grad: Tan
 
 
 def riemannian_grad_and_hessian(
-    f: Callable, x, *, curvature: bool = True, manifold: LowRankManifold | None = None
+    f: Callable[[Any], torch.Tensor], x: Any, *, curvature: bool = True, manifold: LowRankManifold | None = None
 ) -> tuple[torch.Tensor, TangentVector, Callable[[TangentVector], TangentVector]]:
     """``(f(x), grad f(x), hess)`` where ``hess(v)`` applies the Riemannian Hessian at x to tangent vectors.
 
@@ -175,8 +182,13 @@ def riemannian_grad_and_hessian(
 
 
 def riemannian_grad_and_hvp(
-    f: Callable, x, v: TangentVector, *, curvature: bool = True, manifold: LowRankManifold | None = None
-):
+    f: Callable[[Any], torch.Tensor],
+    x: Any,
+    v: TangentVector,
+    *,
+    curvature: bool = True,
+    manifold: LowRankManifold | None = None,
+) -> tuple[torch.Tensor, TangentVector, TangentVector]:
     """``(f(x), grad f(x), Hess f(x)[v])`` from one forward and a double backward pass; see
     :func:`riemannian_hvp`."""
     if manifold is None and isinstance(v, TangentVector):
@@ -186,7 +198,12 @@ def riemannian_grad_and_hvp(
 
 
 def riemannian_hvp(
-    f: Callable, x, v: TangentVector, *, curvature: bool = True, manifold: LowRankManifold | None = None
+    f: Callable[[Any], torch.Tensor],
+    x: Any,
+    v: TangentVector,
+    *,
+    curvature: bool = True,
+    manifold: LowRankManifold | None = None,
 ) -> TangentVector:
     """Riemannian Hessian of ``f`` at ``x`` applied to the tangent vector ``v``.
 

@@ -12,6 +12,7 @@ offset term, its backward pass one row-gather and one scatter per factor. Intern
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,7 @@ class DeltaLowRank(LowRankMatrix):
 
     __slots__ = ("families", "zero", "_shape", "_factors")
 
-    def __init__(self, shape: tuple[int, int], families, zero: bool = True):
+    def __init__(self, shape: tuple[int, int], families: Iterable[MatrixFamily], zero: bool = True) -> None:
         self._shape, self.families, self.zero = tuple(shape), tuple(families), zero
         self._factors = None
         self._cache = {}
@@ -55,20 +56,28 @@ class DeltaLowRank(LowRankMatrix):
             self._factors = (U, torch.eye(U.shape[1], dtype=U.dtype, device=U.device), V)
         return self._factors
 
-    U = property(lambda self: self._materialize()[0])
-    S = property(lambda self: self._materialize()[1])
-    V = property(lambda self: self._materialize()[2])
+    @property
+    def U(self) -> torch.Tensor:
+        return self._materialize()[0]
 
     @property
-    def shape(self):
+    def S(self) -> torch.Tensor:
+        return self._materialize()[1]
+
+    @property
+    def V(self) -> torch.Tensor:
+        return self._materialize()[2]
+
+    @property
+    def shape(self) -> tuple[int, int]:
         return self._shape
 
     @property
-    def dtype(self):
+    def dtype(self) -> torch.dtype:
         return self.families[0].P.dtype
 
     @property
-    def device(self):
+    def device(self) -> torch.device:
         return self.families[0].P.device
 
     def _deltas(self) -> list[torch.Tensor]:

@@ -22,6 +22,7 @@ plan inside :func:`shared_work`. Internal to autodiff.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,11 +48,11 @@ class Chain:
     parent: Chain | None = None
     B: tuple | None = None
 
-    def interfaces(self, plan: IndexPlan, d: int, dtype) -> list[torch.Tensor]:
+    def interfaces(self, plan: IndexPlan, d: int, dtype: torch.dtype) -> list[torch.Tensor]:
         """Interface vectors at every position k (``(N, width)`` in arrangement k), memoized."""
         return memo("interfaces", (self, plan), lambda: self._interfaces(plan, d, dtype))
 
-    def stream(self, plan: IndexPlan, d: int, dtype):
+    def stream(self, plan: IndexPlan, d: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
         """The left interfaces one position at a time, without keeping them (plain left chains); the
         memoized ones when already computed."""
         if self.parent is not None or self.side != "left" or is_memoized("interfaces", (self, plan)):
@@ -138,7 +139,7 @@ class TTFamily:
     E: tuple | None = None
     F: tuple | None = None
 
-    def EF(self, k):
+    def EF(self, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return (None if self.E is None else self.E[k]), (None if self.F is None else self.F[k])
 
 
@@ -189,13 +190,13 @@ class DeltaTT(TensorTrain):
 
     __slots__ = ("families", "zero", "_shape", "_cores")
 
-    def __init__(self, shape, families, zero: bool = True):
+    def __init__(self, shape: Sequence[int], families: Iterable[TTFamily], zero: bool = True) -> None:
         self._shape, self.families, self.zero = tuple(shape), tuple(families), zero
         self._cores = None
         self._cache = {}
 
     @property
-    def cores(self):
+    def cores(self) -> list[torch.Tensor]:
         if self._cores is None:
             d = len(self._shape)
             tt = None
@@ -206,19 +207,19 @@ class DeltaTT(TensorTrain):
         return self._cores
 
     @property
-    def shape(self):
+    def shape(self) -> tuple[int, ...]:
         return self._shape
 
     @property
-    def ndim(self):
+    def ndim(self) -> int:
         return len(self._shape)
 
     @property
-    def dtype(self):
+    def dtype(self) -> torch.dtype:
         return self._some_core().dtype
 
     @property
-    def device(self):
+    def device(self) -> torch.device:
         return self._some_core().device
 
     def _some_core(self):

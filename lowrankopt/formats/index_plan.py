@@ -13,6 +13,8 @@ and built once per gather call; everything is differentiable (slices, matmul, ca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -21,7 +23,7 @@ class IndexPlan:
 
     __slots__ = ("N", "order", "pos", "bounds")
 
-    def __init__(self, index: torch.Tensor, shape):
+    def __init__(self, index: torch.Tensor, shape: Sequence[int]) -> None:
         self.N = index.shape[0]
         self.order, self.pos, self.bounds = [], [], []
         arange = torch.arange(self.N, device=index.device)

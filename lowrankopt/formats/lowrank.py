@@ -7,6 +7,8 @@ No operation forms the dense ``m × n`` matrix except :meth:`LowRankMatrix.full`
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .._checks import (
@@ -35,7 +37,7 @@ class LowRankMatrix:
 
     __slots__ = ("U", "S", "V", "_cache")
 
-    def __init__(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor):
+    def __init__(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
         check_tensor("U", U, 2)
         check_tensor("V", V, 2)
         check_tensor("S", S)
@@ -115,7 +117,7 @@ class LowRankMatrix:
     def device(self) -> torch.device:
         return self.U.device
 
-    def to(self, *args, **kwargs) -> LowRankMatrix:
+    def to(self, *args: Any, **kwargs: Any) -> LowRankMatrix:
         """Move/cast the factors, as :meth:`torch.Tensor.to` (to float32 or float64 only)."""
         return LowRankMatrix._trusted(*cast_all((self.U, self.S, self.V), *args, **kwargs))
 

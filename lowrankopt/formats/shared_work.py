@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol, TypeVar
+
+import torch
+
+_T = TypeVar("_T")
+_F = TypeVar("_F", bound=type[torch.autograd.Function])
 
 _SCOPE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lowrankopt_shared_work", default=None)
 
 
 @contextlib.contextmanager
-def shared_work(store: dict | None = None):
+def shared_work(store: dict | None = None) -> Iterator[None]:
     """Memoize intermediate results inside this block in ``store`` (a new dict if None). Inside an
     active block this is a no-op: the outer memo is shared."""
     if _SCOPE.get() is not None:
@@ -28,7 +35,7 @@ def shared_work(store: dict | None = None):
         _SCOPE.reset(token)
 
 
-def memo(tag: str, objs: tuple, compute, extra: tuple = ()):
+def memo(tag: str, objs: tuple, compute: Callable[[], _T], extra: tuple = ()) -> _T:
     """``compute()``, memoized in the active scope under ``tag``, the identities of ``objs`` and the
     plain values ``extra``. The objects are kept alive by the memo, so identities cannot be reused."""
     scope = _SCOPE.get()
@@ -45,7 +52,7 @@ def is_memoized(tag: str, objs: tuple, extra: tuple = ()) -> bool:
     return scope is not None and (tag, tuple(id(o) for o in objs), extra) in scope
 
 
-def memoized_function(cls):
+def memoized_function(cls: _F) -> _F:
     """Class decorator for a ``torch.autograd.Function`` written as ``_forward(ctx, ...)`` and
     ``_backward(ctx, grad)``: both run inside one memo kept on ``ctx`` (nested under any active scope),
     so intermediate results of the forward pass are reused by the backward pass."""
@@ -64,7 +71,14 @@ def memoized_function(cls):
     return cls
 
 
-def unique_deltas(families) -> list:
+class _HasDeltas(Protocol):
+    """A family of a δ-object: its δ tensors, or None for a constant term."""
+
+    @property
+    def deltas(self) -> tuple[torch.Tensor, ...] | None: ...
+
+
+def unique_deltas(families: Iterable[_HasDeltas]) -> list[torch.Tensor]:
     """The δ tensors of ``families`` (objects with a ``deltas`` tuple or None), each once, in order."""
     seen = {}
     for fam in families:

@@ -43,7 +43,7 @@ class TensorRing(_CoreList):
 
     __slots__ = ("cores",)
 
-    def __init__(self, cores: Sequence[torch.Tensor]):
+    def __init__(self, cores: Sequence[torch.Tensor]) -> None:
         cores = _checked_cores(cores, 3)
         d = len(cores)
         for k in range(d):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -32,6 +33,8 @@ from .decompositions import left_orthogonalize, right_orthogonalize, truncate_ri
 from .index_plan import IndexPlan
 
 _svd_truncate_right_to_left = truncate_right_to_left  # the former private name, kept for one release
+
+_C = TypeVar("_C", bound="_CoreList")  # `to` keeps the format (autodiff's internal DeltaTT comes back a TensorTrain)
 
 
 def _checked_cores(cores: Sequence[torch.Tensor], ndim: int) -> list[torch.Tensor]:
@@ -68,7 +71,7 @@ class _CoreList:
     def device(self) -> torch.device:
         return self.cores[0].device
 
-    def to(self, *args, **kwargs):
+    def to(self: _C, *args: Any, **kwargs: Any) -> _C:
         """Move/cast every core, as :meth:`torch.Tensor.to` (to float32 or float64 only)."""
         return type(self)._trusted(cast_all(self.cores, *args, **kwargs))
 
@@ -89,7 +92,7 @@ class TensorTrain(_CoreList):
 
     __slots__ = ("cores", "_cache")
 
-    def __init__(self, cores: Sequence[torch.Tensor]):
+    def __init__(self, cores: Sequence[torch.Tensor]) -> None:
         cores = _checked_cores(cores, 3)
         if cores[0].shape[0] != 1 or cores[-1].shape[2] != 1:
             raise ValueError("cores[0] must have shape (1, n_1, r_1) and cores[-1] shape (r_{d-1}, n_d, 1)")
@@ -114,7 +117,9 @@ class TensorTrain(_CoreList):
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def from_dense(cls, A: torch.Tensor, max_rank=None, eps: float | None = None) -> TensorTrain:
+    def from_dense(
+        cls, A: torch.Tensor, max_rank: int | Sequence[int] | None = None, eps: float | None = None
+    ) -> TensorTrain:
         """TT-SVD of the dense tensor ``A`` (Oseledets 2011; :func:`tt_svd`, left to right: the last core carries
         the norm).
 
@@ -175,7 +180,7 @@ class TensorTrain(_CoreList):
             return TensorTrain._trusted(right_orthogonalize(self.cores))
         raise ValueError(f"direction must be 'left' or 'right', got {direction!r}")
 
-    def round(self, max_rank=None, eps: float | None = None) -> TensorTrain:
+    def round(self, max_rank: int | Sequence[int] | None = None, eps: float | None = None) -> TensorTrain:
         """TT-rounding: recompress to ranks <= ``max_rank`` and/or relative accuracy ``eps``.
 
         ``‖X − round(X)‖ <= eps ‖X‖`` when ``max_rank`` does not bind; with only ``max_rank`` the
@@ -296,7 +301,7 @@ class TTMatrix:
 
     __slots__ = ("cores",)
 
-    def __init__(self, cores: Sequence[torch.Tensor]):
+    def __init__(self, cores: Sequence[torch.Tensor]) -> None:
         cores = _checked_cores(cores, 4)
         if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
             raise ValueError("cores[0] must have shape (1, m_1, n_1, r_1) and cores[-1] (r_{d-1}, m_d, n_d, 1)")
@@ -335,7 +340,7 @@ class TTMatrix:
     def device(self) -> torch.device:
         return self.cores[0].device
 
-    def to(self, *args, **kwargs) -> TTMatrix:
+    def to(self, *args: Any, **kwargs: Any) -> TTMatrix:
         """Move/cast every core, as :meth:`torch.Tensor.to` (to float32 or float64 only)."""
         return TTMatrix._trusted(cast_all(self.cores, *args, **kwargs))
 
@@ -348,7 +353,7 @@ class TTMatrix:
         A: torch.Tensor,
         row_shape: Sequence[int],
         col_shape: Sequence[int],
-        max_rank=None,
+        max_rank: int | Sequence[int] | None = None,
         eps: float | None = None,
     ) -> TTMatrix:
         """TT-SVD of the dense ``(Π m_k, Π n_k)`` matrix ``A`` with modes ``(m_k, n_k)`` merged.

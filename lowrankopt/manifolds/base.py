@@ -75,7 +75,7 @@ def polar(M: torch.Tensor) -> torch.Tensor:
 _REGISTRY: list[type] = []  # manifold classes that can infer themselves from a point (see manifold_of)
 
 
-def manifold_of(x) -> LowRankManifold:
+def manifold_of(x: object) -> LowRankManifold:
     """The manifold a point lives on, inferred from the point (a LowRankMatrix: its shape and rank; a TensorTrain:
     its shape and TT-ranks). A manifold class takes part by defining the classmethod ``of(x)``. Points of manifolds
     that cannot be inferred (a plain tensor on a sphere) need ``manifold=`` where this is used."""
@@ -90,6 +90,8 @@ class LowRankManifold(ABC):
     """The manifold protocol (see the module docstring); subclasses set :attr:`point_type` and
     :attr:`ambient_shape` and implement the abstract methods."""
 
+    # Points are annotated ``Any``: their type is the subclass's ``point_type`` (a LowRankMatrix, a TensorTrain, a
+    # plain tensor on a sphere, ...), and so are frames and ambient objects, whose form each subclass chooses.
     point_type: type
     ambient_shape: tuple[int, ...]
 
@@ -100,7 +102,7 @@ class LowRankManifold(ABC):
 
     # ------------------------------------------------------------------ the protocol: points
     @abstractmethod
-    def check_point(self, x, name: str = "x") -> None:
+    def check_point(self, x: object, name: str = "x") -> None:
         """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``x`` is a point of this manifold (type, shape,
         ranks; metadata only, ``O(1)``)."""
 
@@ -125,66 +127,66 @@ class LowRankManifold(ABC):
         """A random point (dtype defaults to ``torch.get_default_dtype()``)."""
 
     @abstractmethod
-    def frames(self, x) -> Any:
+    def frames(self, x: Any) -> Any:
         """The canonical data of ``x`` (orthonormal frames) that coordinates refer to, computed once and cached on x."""
 
     @abstractmethod
-    def from_frames(self, frames) -> Any:
+    def from_frames(self, frames: Any) -> Any:
         """A point whose frames are ``frames``, taken as they are (no re-orthogonalization): coordinates at the
         result refer to exactly these frames. The inverse of :meth:`frames`."""
 
     # ------------------------------------------------------------------ the protocol: gauge and chart
     @abstractmethod
-    def gauge(self, x, coords: Sequence[torch.Tensor]) -> Coords:
+    def gauge(self, x: Any, coords: Sequence[torch.Tensor]) -> Coords:
         """The orthogonal projection of raw coordinates (of :attr:`coord_shapes`) onto the coordinates of tangent
         vectors at x. Linear and idempotent."""
 
-    def regauge(self, x, seed: int = 0):
+    def regauge(self, x: Any, seed: int = 0) -> Any:
         """``x`` in another factorization (the same point; ``None`` if points have only one), with random bond
         rotations drawn from ``seed``: what :mod:`lowrankopt.optim.precision` compares to measure rounding noise.
         Default: ``None``."""
         return None
 
     @abstractmethod
-    def linearization(self, x, deltas: Sequence[torch.Tensor]):
+    def linearization(self, x: Any, deltas: Sequence[torch.Tensor]) -> Any:
         """The object ``x + T_x(δ)`` (frames detached, linear in the δ of :attr:`coord_shapes`) on which autodiff
         evaluates f: ``∂f(x + T_x(δ))/∂δ`` at δ = 0, gauge-projected, is the Riemannian gradient."""
 
     @abstractmethod
-    def second_fundamental(self, x, xi: TangentVector, deltas: Sequence[torch.Tensor]) -> tuple[Any, Any]:
+    def second_fundamental(self, x: Any, xi: TangentVector, deltas: Sequence[torch.Tensor]) -> tuple[Any, Any]:
         """``(x + Y(η), Y(η))`` with ``Y(η) = D²φ[W(ξ), W(η)]`` linear in ``η = deltas`` (φ: the chart whose
         differential at 0 is ``T_x``). Autodiff's curvature term is the δ-gradient in η of
         ``f(x + Y(η)) − <P_x ∇f(x), Y(η)>`` (see :mod:`lowrankopt.autodiff`)."""
 
-    def ambient_inner(self, a, b) -> torch.Tensor:
+    def ambient_inner(self, a: Any, b: Any) -> torch.Tensor:
         """``<a, b>`` of two ambient objects (format objects: their ``inner``; tensors: the sum of products — not
         ``torch.Tensor.inner``, which contracts only the last dimension)."""
         return (a * b).sum() if isinstance(a, torch.Tensor) or not hasattr(a, "inner") else a.inner(b)
 
     # ------------------------------------------------------------------ the protocol: steps
     @abstractmethod
-    def to_ambient(self, x, v: TangentVector):
+    def to_ambient(self, x: Any, v: TangentVector) -> Any:
         """ξ as an ambient object (a format object of small rank, or a tensor)."""
 
     @abstractmethod
-    def retr(self, x, v: TangentVector):
+    def retr(self, x: Any, v: TangentVector) -> Any:
         """A retraction: a point near ``x + ξ``."""
 
-    def rank_defect(self, x) -> str | None:
+    def rank_defect(self, x: Any) -> str | None:
         """Why ``x``'s chart is singular (``" at bond k"``-style reason: a rank lower than the manifold's), or
         ``None``. Default: never."""
         return None
 
     # ------------------------------------------------------------------ the protocol: flat parameters
     @abstractmethod
-    def point_parts(self, x, like: Sequence[torch.Tensor] | None = None) -> Coords:
+    def point_parts(self, x: Any, like: Sequence[torch.Tensor] | None = None) -> Coords:
         """A canonical factorization of ``x`` whose factors have the :attr:`coord_shapes` (detached), such that
         :meth:`point_from_parts` gives x back with tangent coordinates in the frames of these factors. With
         ``like`` (the parts of a nearby point), the factorization closest to ``like`` (rotated within the gauge), so
         that coordinates of consecutive iterates stay comparable."""
 
     @abstractmethod
-    def point_from_parts(self, parts: Sequence[torch.Tensor]):
+    def point_from_parts(self, parts: Sequence[torch.Tensor]) -> Any:
         """The point with the factors ``parts`` (as :meth:`point_parts` returns them, taken as they are)."""
 
     @abstractmethod
@@ -205,7 +207,7 @@ class LowRankManifold(ABC):
         return hash(self._key())
 
     # ------------------------------------------------------------------ tangent vectors (generic)
-    def check_tangent(self, x, v, name: str = "v") -> None:
+    def check_tangent(self, x: Any, v: object, name: str = "v") -> None:
         """``v`` is a TangentVector at ``x`` whose coordinates have x's dtype and device (metadata only: no reduction,
         no host read, as this runs on every step; finiteness is checked where vectors are built, :meth:`tangent`, and
         named by :func:`naming_non_finite` where a retraction fails on it)."""
@@ -216,7 +218,7 @@ class LowRankManifold(ABC):
         for i, c in enumerate(v.coords):
             check_like(f"{name}.coords[{i}]", c, "x", x)
 
-    def tangent(self, x, coords: Sequence[torch.Tensor]) -> TangentVector:
+    def tangent(self, x: Any, coords: Sequence[torch.Tensor]) -> TangentVector:
         """The tangent vector with the given raw coordinates after the gauge projection.
 
         ``coords`` must have the :attr:`coord_shapes`, x's dtype and device, and finite entries (else
@@ -234,16 +236,16 @@ class LowRankManifold(ABC):
         check_finite([(f"coords[{i}]", c) for i, c in enumerate(coords)])
         return TangentVector(self, x, self.gauge(x, coords))
 
-    def zero_deltas(self, x, requires_grad: bool = False) -> Coords:
+    def zero_deltas(self, x: Any, requires_grad: bool = False) -> Coords:
         """Zero coordinates of :attr:`coord_shapes` with x's dtype and device. Cost ``O(numel)``."""
         return [torch.zeros(s, dtype=x.dtype, device=x.device, requires_grad=requires_grad) for s in self.coord_shapes]
 
-    def zero_tangent(self, x) -> TangentVector:
+    def zero_tangent(self, x: Any) -> TangentVector:
         """The zero vector of T_x. Cost ``O(numel)``."""
         self.check_point(x)
         return TangentVector(self, x, self.zero_deltas(x))
 
-    def random_tangent(self, x, generator: torch.Generator | None = None) -> TangentVector:
+    def random_tangent(self, x: Any, generator: torch.Generator | None = None) -> TangentVector:
         """A unit-norm tangent vector with Gaussian (isotropic in T_x) direction. Cost: one :meth:`gauge`."""
         self.check_point(x)
         _, _, gdev = check_random_options(x.dtype, x.device, generator)
@@ -251,19 +253,19 @@ class LowRankManifold(ABC):
         v = TangentVector(self, x, self.gauge(x, raw))
         return v / v.norm()
 
-    def inner(self, x, u: TangentVector, v: TangentVector) -> torch.Tensor:
+    def inner(self, x: Any, u: TangentVector, v: TangentVector) -> torch.Tensor:
         """Riemannian (Euclidean, induced) inner product; the coordinates are orthonormal so this is the coordinate
         dot product. Cost ``O(numel)``."""
         self.check_tangent(x, u, "u")
         self.check_tangent(x, v, "v")
         return u.inner(v)
 
-    def norm(self, x, u: TangentVector) -> torch.Tensor:
+    def norm(self, x: Any, u: TangentVector) -> torch.Tensor:
         """``‖u‖``. Cost ``O(numel)``."""
         self.check_tangent(x, u, "u")
         return u.norm()
 
-    def proj(self, x, z) -> TangentVector:
+    def proj(self, x: Any, z: Any) -> TangentVector:
         """Orthogonal projection of ``z`` onto T_x.
 
         ``z`` may be a dense tensor of the ambient shape, an object of the point format (never densified), or a
@@ -287,7 +289,7 @@ class LowRankManifold(ABC):
         coords = [torch.zeros_like(d) if g is None else g.detach() for g, d in zip(grads, deltas)]
         return TangentVector(self, x, self.gauge(x, coords))
 
-    def transp(self, x, y, v: TangentVector) -> TangentVector:
+    def transp(self, x: Any, y: Any, v: TangentVector) -> TangentVector:
         """Vector transport from T_x to T_y by orthogonal projection of the ambient vector (see :meth:`proj`).
 
         A linear map of v, computed without a factorization: coordinates with NaN/Inf give a vector with NaN/Inf
@@ -308,7 +310,7 @@ class LowRankManifold(ABC):
             raise ValueError(f"z must have shape {tuple(self.ambient_shape)}, got {tuple(z.shape)}")
         check_like("z", z, "x", x)
 
-    def check_full_rank(self, x, needed: str) -> None:
+    def check_full_rank(self, x: Any, needed: str) -> None:
         """Refuse a point at which the chart is singular (:meth:`rank_defect`): the curvature term of the exact
         Hessian divides by what vanishes there. Checked once per point: a pass is kept in x's cache, next to its
         frames, so Hessian-vector products at x (many per trust-region step) pay no factorization and no host read."""
@@ -345,13 +347,13 @@ class LowRankManifold(ABC):
         lead = torch.broadcast_shapes(*(p.shape[: p.dim() - len(s)] for p, s in zip(parts, shapes)))
         return torch.cat([p.expand(*lead, *s).reshape(*lead, -1) for p, s in zip(parts, shapes)], -1)
 
-    def pack_point(self, x) -> torch.Tensor:
+    def pack_point(self, x: Any) -> torch.Tensor:
         """``x`` as one flat tensor of :attr:`numel` entries: its canonical factors (:meth:`point_parts`; a point
         from :meth:`unpack_point` round-trips exactly). Detached."""
         self.check_point(x)
         return self.join(self.point_parts(x))
 
-    def unpack_point(self, flat: torch.Tensor):
+    def unpack_point(self, flat: torch.Tensor) -> Any:
         """The point of a packed tensor, with frames built from the packed factors as they are (a copy)."""
         self._check_flat("flat", flat)
         return self.point_from_parts([p.clone() for p in self.split(flat.detach())])
@@ -365,7 +367,7 @@ class LowRankManifold(ABC):
             raise ValueError(f"v lives on {v.manifold!r}, not on {self!r}")
         return self.join([c.detach() for c in v.coords])
 
-    def unpack_tangent(self, x, flat: torch.Tensor) -> TangentVector:
+    def unpack_tangent(self, x: Any, flat: torch.Tensor) -> TangentVector:
         """The tangent vector at ``x`` with the packed coordinates ``flat`` (projected onto the gauge)."""
         self.check_point(x)
         self._check_flat("flat", flat)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -25,7 +26,7 @@ class FixedRankMatrices(LowRankManifold):
 
     point_type = LowRankMatrix
 
-    def __init__(self, m: int, n: int, rank: int):
+    def __init__(self, m: int, n: int, rank: int) -> None:
         m, n, rank = as_positive_int("m", m), as_positive_int("n", n), as_positive_int("rank", rank)
         if rank > min(m, n):
             raise ValueError(f"rank must be <= min(m, n) = {min(m, n)}, got {rank}")
@@ -55,7 +56,7 @@ class FixedRankMatrices(LowRankManifold):
         return ((self.m, self.rank), (self.n, self.rank))
 
     # ------------------------------------------------------------------ points
-    def check_point(self, x, name: str = "x") -> None:
+    def check_point(self, x: object, name: str = "x") -> None:
         if not isinstance(x, LowRankMatrix):
             raise TypeError(f"{name} must be a LowRankMatrix, got {type(x).__name__}")
         if x.shape != (self.m, self.n) or x.rank != self.rank:
@@ -121,7 +122,9 @@ class FixedRankMatrices(LowRankManifold):
         U, _, V = self.frames(x)
         return DeltaLowRank(x.shape, [MatrixFamily(P=V, Q=U, A0=x._cache["US"], deltas=tuple(deltas))])
 
-    def second_fundamental(self, x: LowRankMatrix, xi: TangentVector, deltas: Sequence[torch.Tensor]):
+    def second_fundamental(
+        self, x: LowRankMatrix, xi: TangentVector, deltas: Sequence[torch.Tensor]
+    ) -> tuple[DeltaLowRank, DeltaLowRank]:
         """Chart ``φ(A, B) = (US + A)(V + B S⁻ᵀ)ᵀ``: ``D²φ[ξ, η] = A_η S⁻¹ B_ξᵀ + A_ξ S⁻¹ B_ηᵀ``.
         Cost ``O((m + n) r²)`` (and ``O(r³)`` once per point for ``S⁻¹``)."""
         _, _, V = self.frames(x)
@@ -141,7 +144,7 @@ class FixedRankMatrices(LowRankManifold):
         return x._cache["Sinv"]
 
     # ------------------------------------------------------------------ steps
-    def proj(self, x: LowRankMatrix, z) -> TangentVector:
+    def proj(self, x: LowRankMatrix, z: Any) -> TangentVector:
         """Orthogonal projection onto T_x (see :meth:`LowRankManifold.proj`). A LowRankMatrix
         ``z = Z_U Z_S Z_Vᵀ`` of rank ``r_z`` is projected in closed form: ``A = Z_U Z_S (Z_Vᵀ V)``,
         ``B = (I − V Vᵀ) Z_V Z_Sᵀ (Z_Uᵀ U)``, cost ``O((m + n) r r_z)``."""

@@ -29,6 +29,8 @@ optimizer or weight decay on them is an error.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import geoopt
 import torch
@@ -56,7 +58,7 @@ class GeooptManifold(geoopt.Manifold):
     lowrankopt_packed = True  # the step guard protects parameters on this manifold
     name = "Packed"
 
-    def __init__(self, base: LowRankManifold):
+    def __init__(self, base: LowRankManifold) -> None:
         super().__init__()
         if not isinstance(base, LowRankManifold):
             raise TypeError(f"base must be a LowRankManifold, got {type(base).__name__}")
@@ -142,10 +144,10 @@ class GeooptManifold(geoopt.Manifold):
         reason = None if ok else f"'{name}' on {self!r} must have last dimension {self.numel}, got shape {tuple(shape)}"
         return ok, reason
 
-    def assert_check_point(self, x: torch.Tensor):
+    def assert_check_point(self, x: torch.Tensor) -> None:
         self._check_packed("x", x)
 
-    def assert_check_vector(self, u: torch.Tensor):
+    def assert_check_vector(self, u: torch.Tensor) -> None:
         self._check_packed("u", u)
 
     def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
@@ -173,7 +175,9 @@ class GeooptManifold(geoopt.Manifold):
         return True, None
 
     # ------------------------------------------------------------------ metric (orthonormal coordinates)
-    def inner(self, x, u, v=None, *, keepdim=False):
+    def inner(
+        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None, *, keepdim: bool = False
+    ) -> torch.Tensor:
         """``<u, v>`` — the dot product of the packed coordinates (they are orthonormal). Cost ``O(numel)``."""
         self._check_packed("u", u)
         if v is None:
@@ -182,18 +186,18 @@ class GeooptManifold(geoopt.Manifold):
             self._check_packed("v", v, like=u)
         return (u * v).sum(-1, keepdim=keepdim)
 
-    def component_inner(self, x, u, v=None):
+    def component_inner(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
         """``u * v`` elementwise: per-coordinate second moments for ``RiemannianAdam``."""
         self._check_packed("u", u)
         if v is not None:
             self._check_packed("v", v, like=u)
         return u * (u if v is None else v)
 
-    def norm(self, x, u, *, keepdim=False):
+    def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
         return self.inner(x, u, keepdim=keepdim).clamp_min(0).sqrt()
 
     # ------------------------------------------------------------------ projections
-    def proju(self, x, u):
+    def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Orthogonal projection of the packed vector ``u`` onto the gauge subspace (the tangent coordinates at
         ``x``): the manifold's :meth:`~LowRankManifold.gauge`. Batched; cost one gauge per item."""
 
@@ -202,12 +206,12 @@ class GeooptManifold(geoopt.Manifold):
 
         return self._batched(one, ("x", "u"), x, u)
 
-    def egrad2rgrad(self, x, u):
+    def egrad2rgrad(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The Riemannian gradient from ``p.grad`` of a parameter used through :meth:`straight_through`:
         that gradient is the raw δ-gradient, so this is the gauge projection :meth:`proju`."""
         return self.proju(x, u)
 
-    def projx(self, x):
+    def projx(self, x: torch.Tensor) -> torch.Tensor:
         """Re-orthonormalize the packed factors without changing the point
         (:meth:`~LowRankManifold.canonical_parts`). Idempotent up to rounding on a packed point. Batched."""
 
@@ -230,7 +234,7 @@ class GeooptManifold(geoopt.Manifold):
         y1 = self._retr1(x1, u1)
         return y1, self._transp1(x1, y1, v1)
 
-    def retr(self, x, u):
+    def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Retraction: the manifold's retraction of ``x + ξ(u)``, packed with factors rotated to be closest to those
         of ``x`` (:meth:`~LowRankManifold.point_parts` with ``like``), so that coordinates of consecutive iterates
         stay comparable, which ``RiemannianAdam``'s per-coordinate statistics rely on. ``u`` is first projected
@@ -238,17 +242,17 @@ class GeooptManifold(geoopt.Manifold):
         items); not differentiable. Cost: one retraction."""
         return self._batched(self._retr1, ("x", "u"), x, u)
 
-    def expmap(self, x, u):
+    def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Not the exponential map (unknown in closed form here): the second-order retraction
         :meth:`retr`, which is what geoopt's optimizers need."""
         return self.retr(x, u)
 
-    def transp(self, x, y, v):
+    def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Vector transport from ``T_x`` to ``T_y``: the manifold's :meth:`~LowRankManifold.transp` (orthogonal
         projection of the ambient vector, never densified). ``v`` is first projected onto the gauge. Batched."""
         return self._batched(self._transp1, ("x", "y", "v"), x, y, v)
 
-    def retr_transp(self, x, u, v):
+    def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(retr(x, u), transp(x, retr(x, u), v))``."""
         return self._batched(self._retr_transp1, ("x", "u", "v"), x, u, v)
 
@@ -269,13 +273,13 @@ class GeooptManifold(geoopt.Manifold):
         self._check_packed("tensor", tensor)
         return tuple(self.base.split(tensor))
 
-    def unpack(self, p: torch.Tensor):
+    def unpack(self, p: torch.Tensor) -> Any:
         """The point as a LowRankMatrix / TensorTrain (a detached copy) whose frames are the packed factors, so that
         :class:`TangentVector` s at it have the packed coordinates."""
         self._check_packed("p", p, batched=False)
         return self._point(p.detach().clone())
 
-    def pack(self, x) -> torch.Tensor:
+    def pack(self, x: Any) -> torch.Tensor:
         """A point of the base manifold as a packed point (detached). Points from :meth:`unpack` round-trip exactly;
         others are brought to canonical form (:meth:`~LowRankManifold.point_parts`)."""
         return self.base.pack_point(x)
@@ -292,7 +296,7 @@ class GeooptManifold(geoopt.Manifold):
             v = self.base.proj(self._point(self.pack(v.base)), self.base.to_ambient(v.base, v))
         return self.base.pack_tangent(v)
 
-    def unpack_tangent(self, x, u: torch.Tensor) -> TangentVector:
+    def unpack_tangent(self, x: Any, u: torch.Tensor) -> TangentVector:
         """The packed tangent vector ``u`` at ``x`` as a :class:`TangentVector`: at ``x`` if ``x`` is an object returned
         by :meth:`unpack` or another point of the base manifold (then ξ is moved from the packed frames to x's by one
         :meth:`~LowRankManifold.proj`, exact: the tangent space is the same), else at ``unpack(x)`` for a packed point
@@ -320,7 +324,7 @@ class GeooptManifold(geoopt.Manifold):
             return False
         return True
 
-    def straight_through(self, p: torch.Tensor):
+    def straight_through(self, p: torch.Tensor) -> Any:
         """The user-facing object of the parameter ``p`` with straight-through zeros, so that ``p.grad`` comes out in
         δ-coordinates (see the module docstring): the manifold's linearization at the packed point with
         ``δ = p − p.detach()``. Its value is the point; use it with the format's operations (``@``, ``gather``,
@@ -331,7 +335,13 @@ class GeooptManifold(geoopt.Manifold):
         return self.base.linearization(self._point(pd), self.base.split(p - pd))
 
     # ------------------------------------------------------------------ sampling
-    def random(self, *size, dtype=None, device=None, generator: torch.Generator | None = None) -> ManifoldTensor:
+    def random(
+        self,
+        *size: int | Sequence[int],
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ManifoldTensor:
         """Random packed point(s) (see the base manifold's ``random_point``); ``size`` is empty or ends
         with :attr:`numel` (leading dims: a batch). dtype defaults to ``torch.get_default_dtype()``."""
         shape = size2shape(*size) if size else (self.numel,)
@@ -345,7 +355,13 @@ class GeooptManifold(geoopt.Manifold):
         pts = [self.pack(self.base.random_point(dtype=dtype, device=device, generator=generator)) for _ in range(n)]
         return ManifoldTensor(torch.stack(pts).reshape(shape), manifold=self)
 
-    def origin(self, *size, dtype=None, device=None, seed: int | None = 42) -> ManifoldTensor:
+    def origin(
+        self,
+        *size: int | Sequence[int],
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        seed: int | None = 42,
+    ) -> ManifoldTensor:
         """A deterministic random point (:meth:`random` with a generator seeded by ``seed``)."""
         g = torch.Generator()
         if seed is None:
@@ -361,7 +377,7 @@ class GeooptFixedRank(GeooptManifold):
 
     name = "FixedRank"
 
-    def __init__(self, m: int, n: int, rank: int):
+    def __init__(self, m: int, n: int, rank: int) -> None:
         super().__init__(FixedRankMatrices(m, n, rank))
         self.m, self.n, self.rank = self.base.m, self.base.n, self.base.rank
 
@@ -372,6 +388,6 @@ class GeooptFixedTTRank(GeooptManifold):
 
     name = "FixedTTRank"
 
-    def __init__(self, shape, ranks):
+    def __init__(self, shape: Sequence[int], ranks: int | Sequence[int]) -> None:
         super().__init__(FixedTTRank(shape, ranks))
         self.shape, self.ranks = self.base.shape, self.base.ranks

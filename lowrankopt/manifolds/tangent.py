@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 
 from .._checks import check_scalar
+
+# For an annotation only. base imports this module first; ``from . import`` then binds base while it is still being
+# initialized, which is harmless: the annotations are strings, evaluated after both modules are loaded.
+from . import base as _base
 
 
 class TangentVector:
@@ -23,7 +30,7 @@ class TangentVector:
 
     __slots__ = ("manifold", "base", "coords")
 
-    def __init__(self, manifold, base, coords):
+    def __init__(self, manifold: _base.LowRankManifold, base: Any, coords: Iterable[torch.Tensor]) -> None:
         self.manifold, self.base, self.coords = manifold, base, tuple(coords)
 
     def _check(self, other: TangentVector, op: str) -> None:
@@ -73,7 +80,7 @@ class TangentVector:
     def norm(self) -> torch.Tensor:
         return torch.sqrt(sum((a * a).sum() for a in self.coords))
 
-    def to_ambient(self):
+    def to_ambient(self) -> Any:
         """ξ as a rank-2r LowRankMatrix / TensorTrain (see the manifold's ``to_ambient``)."""
         return self.manifold.to_ambient(self.base, self)
 

@@ -28,7 +28,7 @@ class FixedTTRank(LowRankManifold):
 
     point_type = TensorTrain
 
-    def __init__(self, shape, ranks):
+    def __init__(self, shape: Sequence[int], ranks: int | Sequence[int]) -> None:
         shape = list(as_shape("shape", shape))
         d = len(shape)
         if d < 2:
@@ -71,7 +71,7 @@ class FixedTTRank(LowRankManifold):
         return tuple((full[k], n, full[k + 1]) for k, n in enumerate(self.shape))
 
     # ------------------------------------------------------------------ points
-    def check_point(self, x, name: str = "x") -> None:
+    def check_point(self, x: object, name: str = "x") -> None:
         if not isinstance(x, TensorTrain):
             raise TypeError(f"{name} must be a TensorTrain, got {type(x).__name__}")
         if x.shape != self.shape or x.ranks != self.ranks:
@@ -161,7 +161,9 @@ class FixedTTRank(LowRankManifold):
         """``x + Σ_k U_{<k} δ_k V_{>k}`` with detached frames. ``O(1)`` (a lazy object) after the frames."""
         return DeltaTT(self.shape, [self._family(x, deltas, offset=True)])
 
-    def second_fundamental(self, x: TensorTrain, xi: TangentVector, deltas: Sequence[torch.Tensor]):
+    def second_fundamental(
+        self, x: TensorTrain, xi: TangentVector, deltas: Sequence[torch.Tensor]
+    ) -> tuple[DeltaTT, DeltaTT]:
         """Chart ``φ(W) = TT(C_1 + W_1, V_2 + W_2, ..., V_d + W_d)`` with ``W_k = R_k⁻¹ δ_k``, so that
         ``Dφ[W(δ)] = T_x(δ)``: ``D²φ[W(ξ), W(η)] = Σ_{j<k} U_{<j} ξ_j V_{j+1:k-1} R_k⁻¹ η_k V_{>k}`` (family 1: η at
         the later slot) + the same with ξ and η swapped (family 2). Cost ``O(d n r³)``."""

@@ -25,6 +25,10 @@ Powell's test ``|⟨g_new, T g⟩| ≥ c ‖g_new‖²`` (RTTC uses c = 0.1).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
 
 from . import result as st
 from .objective import Objective
@@ -59,12 +63,12 @@ def _beta(rule: str, M, new, loc, Tg, Teta, threshold) -> float:
 def line_search_descent(
     obj: Objective,
     run: Run,
-    x,
+    x: Any,
     *,
     conjugate: bool,
     beta: str,
     restart_threshold: float | None,
-    initial_step: str,
+    initial_step: str | Callable[[Any, Any], float | torch.Tensor],
     c1: float,
     contraction: float,
     max_backtracks: int,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import torch
 
 from ..manifolds import LowRankManifold, manifold_of
 from .line_search import BETA_RULES, line_search_descent
@@ -37,15 +39,15 @@ _COLUMNS = {"sd": ("step_size",), "cg": ("step_size",), "trust-region": ("radius
 
 
 def minimize(
-    f: Callable,
-    x0,
+    f: Callable[[Any], torch.Tensor],
+    x0: Any,
     method: str = "trust-region",
     *,
-    manifold=None,
-    grad: Callable | None = None,
-    hvp: Callable | None = None,
+    manifold: Any = None,
+    grad: Callable[[Any], Any] | None = None,
+    hvp: Callable[[Any, Any], Any] | None = None,
     curvature: bool = True,
-    **options,
+    **options: Any,
 ) -> OptimizeResult:
     """Minimize ``f`` over a manifold of fixed-rank matrices or tensor trains, starting at ``x0``.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -37,7 +38,15 @@ class Objective:
     ``grad(x)`` returns the Riemannian gradient and ``hvp(x, v)`` the Riemannian Hessian applied to v.
     """
 
-    def __init__(self, f: Callable, manifold, *, grad=None, hvp=None, curvature: bool = True):
+    def __init__(
+        self,
+        f: Callable[[Any], torch.Tensor],
+        manifold: Any,
+        *,
+        grad: Callable[[Any], Any] | None = None,
+        hvp: Callable[[Any, Any], Any] | None = None,
+        curvature: bool = True,
+    ) -> None:
         if not callable(f):
             raise TypeError(f"f must be callable, got {type(f).__name__}")
         for name, fn in (("grad", grad), ("hvp", hvp)):
@@ -54,13 +63,13 @@ class Objective:
         self.has_hessian = hvp is not None or (autodiff and grad is None)
         self.nfev = self.ngev = self.nhev = 0
 
-    def value(self, x) -> float:
+    def value(self, x: Any) -> float:
         """``f(x)`` as a float, without building an autograd tape."""
         self.nfev += 1
         with torch.no_grad():
             return float(check_scalar_output(self.f(x)))
 
-    def local(self, x, *, hessian: bool = False) -> Local:
+    def local(self, x: Any, *, hessian: bool = False) -> Local:
         """Value and Riemannian gradient at x, and the Hessian operator at x if ``hessian``."""
         hess = None
         if self._grad is not None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..manifolds.base import LowRankManifold
+from .objective import Local, Objective
 
 # The gradient is rounding noise when ‖g‖ ≤ FLOOR_RATIO · ‖g − P_x g'‖. For pure noise the ratio is about
 # 1/√2; 10 leaves room for the sampling error of one comparison and for a gradient a few times its noise,
@@ -39,18 +40,18 @@ class Noise:
     grad: float
 
 
-def eps_of(x) -> float:
+def eps_of(x: object) -> float:
     """Machine epsilon of the point's dtype (float64 for points without one)."""
     dtype = getattr(x, "dtype", torch.float64)
     return torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float64).eps
 
 
-def f_tolerance(x, *values: float, f_noise: float = 0.0) -> float:
+def f_tolerance(x: object, *values: float, f_noise: float = 0.0) -> float:
     """Differences of f below this are rounding: ``F_ULPS`` ulps of the largest |value|, or 4× the measured noise."""
     return max(F_ULPS * eps_of(x) * max([abs(v) for v in values] + [math.ulp(0.0)]), 4 * f_noise)
 
 
-def measure_noise(obj, loc) -> Noise | None:
+def measure_noise(obj: Objective, loc: Local) -> Noise | None:
     """The rounding noise of f and of the Riemannian gradient at ``loc.x`` (a :class:`~.objective.Local`).
 
     f and its gradient at a second factorization x' give the gradient's noise ``‖g − P_x g'‖``; f at a third
@@ -74,7 +75,7 @@ def measure_noise(obj, loc) -> Noise | None:
     return Noise(fun=f_noise, grad=float(M.norm(loc.x, diff)))
 
 
-def at_floor(loc, noise: Noise | None) -> bool:
+def at_floor(loc: Local, noise: Noise | None) -> bool:
     """Whether the gradient at ``loc`` is rounding noise (False when the noise could not be measured)."""
     return noise is not None and loc.grad_norm <= FLOOR_RATIO * noise.grad
 
@@ -85,7 +86,7 @@ class Floor:
     estimate at later points, and a new one is made only to confirm a stop (or at a point's first doubt).
     Each measurement costs two evaluations of f and one of its gradient (see :func:`measure_noise`)."""
 
-    def __init__(self, obj):
+    def __init__(self, obj: Objective) -> None:
         self.obj = obj
         self._point = None  # the Local of the last measurement
         self._noise: Noise | None = None
@@ -94,7 +95,7 @@ class Floor:
         self._f_max = self._g_max = 0.0  # the largest |f| and gradient norm seen: the scales rounding is relative to
         self.inconsistent: Noise | None = None  # a measurement far above rounding (f or grad reads the factors)
 
-    def noise(self, loc) -> Noise | None:
+    def noise(self, loc: Local) -> Noise | None:
         """The noise measured at ``loc`` (measures it unless it was measured there already)."""
         if self._point is not loc:
             self._see(loc)
@@ -126,7 +127,7 @@ class Floor:
         self._f_max = max(self._f_max, abs(loc.fun))
         self._g_max = max(self._g_max, loc.grad_norm)
 
-    def suspect(self, loc, f_new: float, predicted: float) -> bool:
+    def suspect(self, loc: Local, f_new: float, predicted: float) -> bool:
         """Whether the change from ``loc.fun`` to ``f_new`` may be rounding: below √eps relative to |f| and off
         the ``predicted`` decrease (of the local model) by more than half of it. Costs nothing."""
         self._see(loc)
@@ -134,21 +135,21 @@ class Floor:
         small = abs(decrease) <= math.sqrt(eps_of(loc.x)) * max(abs(loc.fun), abs(f_new))
         return small and not abs(decrease - predicted) <= 0.5 * abs(predicted)
 
-    def reached(self, loc) -> bool:
+    def reached(self, loc: Local) -> bool:
         """Whether the gradient at ``loc`` is rounding noise, confirmed by a measurement at ``loc``."""
         estimate = self._estimate(loc)
         if estimate is None or loc.grad_norm > 2 * FLOOR_RATIO * estimate.grad:
             return False
         return at_floor(loc, self.noise(loc))
 
-    def unresolved(self, loc, f_new: float) -> bool:
+    def unresolved(self, loc: Local, f_new: float) -> bool:
         """Whether ``loc.fun`` and ``f_new`` are equal up to rounding (and ``f_new`` is not above the lowest f
         of the run by more than rounding: many steps within rounding must not add up to a rise)."""
         self._estimate(loc)
         tol = f_tolerance(loc.x, loc.fun, f_new, f_noise=self.f_noise)
         return abs(loc.fun - f_new) <= tol and not self.rises(loc, f_new)
 
-    def rises(self, loc, f_new: float) -> bool:
+    def rises(self, loc: Local, f_new: float) -> bool:
         """Whether ``f_new`` is above f at ``loc`` (or the lowest f of the run) by more than rounding."""
         self._see(loc)
         return f_new - self._best > f_tolerance(loc.x, loc.fun, f_new, f_noise=self.f_noise)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 from . import result as st
 from .objective import Local, Objective
@@ -29,7 +30,7 @@ class Run:
         callback: Callable | None,
         verbose: int,
         columns: tuple[str, ...] = (),
-    ):
+    ) -> None:
         self.method, self.obj = method, objective
         self.max_iter, self.gtol, self.ftol, self.max_time = max_iter, gtol, ftol, max_time
         self.callback, self.verbose, self.columns = callback, int(verbose), columns
@@ -49,7 +50,7 @@ class Run:
             return self.stop(st.NON_FINITE, "f or its gradient is NaN/Inf at the initial point")
         return self._record(local, accepted=True, extra={})
 
-    def accept(self, local: Local, **extra) -> bool:
+    def accept(self, local: Local, **extra: Any) -> bool:
         """A new iterate. If f or its gradient is not finite there, stop and keep the previous point."""
         if not local.finite:
             return self.stop(
@@ -60,7 +61,7 @@ class Run:
         self.nit += 1
         return self._record(local, accepted=True, extra=extra)
 
-    def reject(self, **extra) -> bool:
+    def reject(self, **extra: Any) -> bool:
         """A rejected step: the point stays, the iteration counts."""
         self.nit += 1
         return self._record(self.local, accepted=False, extra=extra)

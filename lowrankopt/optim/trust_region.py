@@ -16,6 +16,8 @@ same) tCG replays them and makes no new Hessian-vector products until it goes pa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 from . import result as st
 from .objective import Objective
@@ -33,7 +35,19 @@ _NEG_CURVATURE, _EXCEEDED, _LINEAR, _SUPERLINEAR, _MAX_INNER, _MODEL_INCREASED, 
 )
 
 
-def truncated_cg(M, x, grad, hess, radius: float, *, kappa, theta, min_inner, max_inner, gradient_scale=1.0):
+def truncated_cg(
+    M: Any,
+    x: Any,
+    grad: Any,
+    hess: Callable[[int, Any], Any],
+    radius: float,
+    *,
+    kappa: float,
+    theta: float,
+    min_inner: int,
+    max_inner: int,
+    gradient_scale: float = 1.0,
+) -> tuple[Any, Any, int, str]:
     """Steihaug–Toint tCG for ``min ⟨g, η⟩ + ½⟨η, Hη⟩, ‖η‖ ≤ radius`` (no preconditioner).
 
     ``hess(j, δ)`` gives H δ at inner iteration j (so that callers can cache). The residual test is
@@ -81,7 +95,7 @@ def truncated_cg(M, x, grad, hess, radius: float, *, kappa, theta, min_inner, ma
 def trust_region(
     obj: Objective,
     run: Run,
-    x,
+    x: Any,
     *,
     max_radius: float | None,
     initial_radius: float | None,
