@@ -76,7 +76,7 @@ def make_volumes(n: int, config: CPICConfig, generator: torch.Generator) -> tupl
 class PatchEncoder(nn.Module):
     """``φ_θ``: a voxel and its six face neighbours (edge-padded) → a number, by a two-layer MLP."""
 
-    def __init__(self, hidden: int = 16, *, mean_start: bool = True, generator: torch.Generator | None = None):
+    def __init__(self, hidden: int = 16, *, mean_start: bool = True, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(7, hidden), nn.Tanh(), nn.Linear(hidden, 1))
         if mean_start:  # start near tanh(patch mean): a smoothing prior, so the first crosses find bright spots

@@ -28,6 +28,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -51,8 +53,12 @@ DOMAINS = {
 }
 
 
-def benchmark_function(name: str, X, xp):
-    """The function ``name`` at the points ``X (N, d)``; ``xp`` is the array namespace (numpy or torch)."""
+_Array = TypeVar("_Array", np.ndarray, torch.Tensor)
+
+
+def benchmark_function(name: str, X: _Array, xp: ModuleType) -> _Array:
+    """The function ``name`` at the points ``X (N, d)``, one value per point ``(N,)``; ``xp`` is the array namespace
+    of X (numpy or torch)."""
     d = X.shape[1]
     if name == "Ackley":
         return -20 * xp.exp(-0.2 * xp.sqrt((X**2).mean(1))) - xp.exp(xp.cos(2 * math.pi * X).mean(1)) + 20 + math.e
@@ -240,7 +246,8 @@ def _write_volume(path: Path, N: int) -> None:
     volume.flush()
 
 
-def volume_field(X, Y, Z):
+def volume_field(X: np.ndarray, Y: np.ndarray, Z: np.ndarray) -> np.ndarray:
+    """The test volume at the coordinates ``(X, Y, Z)`` (broadcast together): two Gaussian blobs and a smooth wave."""
     blobs = np.exp(-((X - 0.3) ** 2 + (Y - 0.5) ** 2 + (Z - 0.6) ** 2) / 0.02)
     blobs = blobs + 0.5 * np.exp(-((X - 0.7) ** 2 + (Y - 0.3) ** 2 + (Z - 0.4) ** 2) / 0.05)
     return blobs + 0.2 * np.sin(3 * X) * np.cos(2 * Y + Z)

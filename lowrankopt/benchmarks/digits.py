@@ -10,7 +10,7 @@ import torch
 from .runner import Context
 
 
-def digits_split(ctx: Context):
+def digits_split(ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``(X_train, y_train, X_test, y_test)`` on ``ctx.device``: images ``(N, 1, 8, 8)`` in [0, 1], a fixed
     80/20 split drawn with ``ctx.generator()``; None without scikit-learn."""
     try:
@@ -26,9 +26,9 @@ def digits_split(ctx: Context):
 
 
 def fit(
-    model,
-    X,
-    y,
+    model: torch.nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
     epochs: int,
     ctx: Context,
     label: str,
@@ -59,7 +59,7 @@ def fit(
     return times
 
 
-def accuracy(model, X, y) -> float:
+def accuracy(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
     """Share of ``X`` whose arg-max prediction is ``y``."""
     with torch.no_grad():
         return (model(X).argmax(1) == y).float().mean().item()

@@ -45,9 +45,19 @@ class Context:
         repeats: timed rounds per measurement.
         seed: base random seed (use :meth:`generator`).
         max_time: seconds allowed to one solver run (convergence benchmarks).
+
+    ``status``, if given, receives each message of :meth:`status` (the runner shows it in its progress bar).
     """
 
-    def __init__(self, mode: str, device: torch.device, repeats: int, seed: int, max_time: float, status=None):
+    def __init__(
+        self,
+        mode: str,
+        device: torch.device,
+        repeats: int,
+        seed: int,
+        max_time: float,
+        status: Callable[[str], None] | None = None,
+    ) -> None:
         self.mode, self.device, self.repeats, self.seed, self.max_time = mode, device, repeats, seed, max_time
         self._status = status
 
@@ -91,7 +101,7 @@ def ratio(a: Timing, b: Timing) -> float:
     return statistics.median(x / y for x, y in zip(a.rounds, b.rounds, strict=True))
 
 
-def timing_row(variant: str, t: Timing, **extra) -> dict:
+def timing_row(variant: str, t: Timing, **extra: object) -> dict:
     """A result row from a :class:`Timing` (with the seconds of every round)."""
     return {
         "variant": variant,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import numpy.typing as npt
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
@@ -113,7 +114,15 @@ def make_problem(m: int, n: int, k: int, oversampling: float, seed: int, *, resc
     }
 
 
-def test_error(U, s, Vt, test_rows, test_cols, test_vals, chunk: int = 1 << 20) -> float:
+def test_error(
+    U: npt.ArrayLike,
+    s: npt.ArrayLike,
+    Vt: npt.ArrayLike,
+    test_rows: np.ndarray,
+    test_cols: np.ndarray,
+    test_vals: np.ndarray,
+    chunk: int = 1 << 20,
+) -> float:
     """Relative test error ``‖P_Γ(U diag(s) Vt − A)‖ / ‖P_Γ A‖`` (numpy, chunked)."""
     U = np.asarray(U)
     Vt = np.asarray(Vt)

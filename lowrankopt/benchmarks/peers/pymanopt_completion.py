@@ -29,6 +29,7 @@ import time
 import traceback
 
 import numpy as np
+import numpy.typing as npt
 
 from . import PeerUnavailable
 from .completion_problem import make_problem, test_error
@@ -56,18 +57,18 @@ def _short_path(path: str) -> str:
 
 
 def run_pymanopt(
-    m,
-    n,
-    k,
-    rows,
-    cols,
-    vals,
-    test_rows,
-    test_cols,
-    test_vals,
-    U0,
-    s0,
-    Vt0,
+    m: int,
+    n: int,
+    k: int,
+    rows: npt.ArrayLike,
+    cols: npt.ArrayLike,
+    vals: npt.ArrayLike,
+    test_rows: npt.ArrayLike,
+    test_cols: npt.ArrayLike,
+    test_vals: npt.ArrayLike,
+    U0: npt.ArrayLike,
+    s0: npt.ArrayLike,
+    Vt0: npt.ArrayLike,
     *,
     cost: str = "sparse",
     backend: str = "pytorch",
