@@ -28,6 +28,26 @@ class _PackedLinear(torch.nn.Module):
     """What :class:`LowRankLinear` and :class:`TTLinear` share: ``weight``, a ``ManifoldParameter`` on one of
     the packed geoopt manifolds, and an optional plain ``bias``."""
 
+    def __init__(self, in_features: int, out_features: int) -> None:
+        """Check and record the sizes (positive ints); the subclass then builds ``weight`` and ``bias``."""
+        super().__init__()
+        self.in_features = as_positive_int("in_features", in_features)
+        self.out_features = as_positive_int("out_features", out_features)
+
+    def _init_parameters(
+        self,
+        packed: torch.Tensor,
+        manifold: GeooptFixedRank | GeooptFixedTTRank,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device | None,
+        generator: torch.Generator | None,
+    ) -> None:
+        """``weight``, the packed point ``packed`` of ``manifold`` as a ``ManifoldParameter`` named after the layer,
+        and ``bias`` (``nn.Linear``'s initialization) if asked for."""
+        self.weight = manifold_parameter(packed, manifold, f"{self._name()}.weight")
+        self.bias = _init_bias(self.out_features, self.in_features, bias, dtype, device, generator)
+
     @property
     def manifold(self):
         return self.weight.manifold
@@ -83,22 +103,20 @@ class LowRankLinear(_PackedLinear):
         device=None,
         generator: torch.Generator | None = None,
     ):
-        super().__init__()
-        in_features = as_positive_int("in_features", in_features)
-        out_features = as_positive_int("out_features", out_features)
+        super().__init__(in_features, out_features)
         rank = as_positive_int("rank", rank)
-        if rank > min(in_features, out_features):
-            raise ValueError(f"rank must be <= min(in_features, out_features) = {min(in_features, out_features)}")
+        most = min(self.in_features, self.out_features)
+        if rank > most:
+            raise ValueError(f"rank must be <= min(in_features, out_features) = {most}")
         dtype, device, gdev = _kw(dtype, device, generator)
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        manifold = GeooptFixedRank(out_features, in_features, rank)
+        self.rank = rank
+        manifold = GeooptFixedRank(self.out_features, self.in_features, rank)
         kw = dict(dtype=dtype, device=gdev, generator=generator)
-        U = torch.linalg.qr(torch.randn(out_features, rank, **kw))[0]
-        V = torch.linalg.qr(torch.randn(in_features, rank, **kw))[0]
-        S = math.sqrt(out_features / (3 * rank)) * torch.eye(rank, dtype=dtype, device=gdev)
+        U = torch.linalg.qr(torch.randn(self.out_features, rank, **kw))[0]
+        V = torch.linalg.qr(torch.randn(self.in_features, rank, **kw))[0]
+        S = math.sqrt(self.out_features / (3 * rank)) * torch.eye(rank, dtype=dtype, device=gdev)
         packed = manifold.pack(LowRankMatrix._trusted(U, S, V)).to(device)
-        self.weight = manifold_parameter(packed, manifold, f"{self._name()}.weight")
-        self.bias = _init_bias(out_features, in_features, bias, dtype, device, generator)
+        self._init_parameters(packed, manifold, bias, dtype, device, generator)
 
     def extra_repr(self) -> str:
         return (
@@ -255,35 +273,31 @@ class TTLinear(_PackedLinear):
         device=None,
         generator: torch.Generator | None = None,
     ):
-        super().__init__()
-        in_features = as_positive_int("in_features", in_features)
-        out_features = as_positive_int("out_features", out_features)
+        super().__init__(in_features, out_features)
         if d is not None:
             d = as_positive_int("d", d)
-        in_f = _factors("in_factors", in_features, in_factors, d)
-        out_f = _factors("out_factors", out_features, out_factors, d)
+        in_f = _factors("in_factors", self.in_features, in_factors, d)
+        out_f = _factors("out_factors", self.out_features, out_factors, d)
         if in_f is not None and out_f is not None and len(in_f) != len(out_f):
             raise ValueError(f"in_factors has {len(in_f)} factors but out_factors has {len(out_f)}")
         d = len(in_f) if in_f is not None else len(out_f) if out_f is not None else (3 if d is None else d)
         if d < 2:
             raise ValueError(f"a TT-matrix layer needs d >= 2 cores, got d = {d}")
         if in_f is None:
-            in_f = _balanced_factors(in_features, d)
+            in_f = _balanced_factors(self.in_features, d)
         if out_f is None:
-            out_f = _balanced_factors(out_features, d)[::-1]
+            out_f = _balanced_factors(self.out_features, d)[::-1]
         modes = [o * i for o, i in zip(out_f, in_f)]
         ranks = self._ranks(rank, modes)
         dtype, device, _ = _kw(dtype, device, generator)
-        self.in_features, self.out_features = in_features, out_features
         self.in_factors, self.out_factors = tuple(in_f), tuple(out_f)
         manifold = GeooptFixedTTRank(modes, ranks)
         self.ranks = manifold.ranks
         x = TensorTrain.random(modes, list(ranks), dtype=dtype, device=device, generator=generator)
         packed = manifold.pack(x)
         C = manifold.unpack_tensor(packed)[0]  # ‖X‖ = ‖C_1‖ in right-orthogonal form
-        C.mul_(math.sqrt(out_features / 3) / torch.linalg.vector_norm(C))
-        self.weight = manifold_parameter(packed, manifold, f"{self._name()}.weight")
-        self.bias = _init_bias(out_features, in_features, bias, dtype, device, generator)
+        C.mul_(math.sqrt(self.out_features / 3) / torch.linalg.vector_norm(C))
+        self._init_parameters(packed, manifold, bias, dtype, device, generator)
 
     @staticmethod
     def _ranks(rank, modes) -> list[int]:

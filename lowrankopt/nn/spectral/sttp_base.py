@@ -12,7 +12,7 @@ import torch
 
 from ..._checks import as_positive_int
 from ...formats.tt import tt_svd
-from .._common import _full_precision, _refuse_half
+from .._common import _full_precision, _init_bias, _kw, _refuse_half
 from ..orthogonal.orthonormal_tt import OrthonormalTT
 
 __all__ = ["PARAMETRIZATIONS", "SPECTRA", "STTPBase", "prime_factors"]
@@ -41,9 +41,18 @@ def _spectrum(spectrum: str) -> str:
 class STTPBase(torch.nn.Module):
     """What the linear and conv layers share: the factors U (out side), V (in side), σ, and their loading."""
 
-    def _init_factors(
-        self, d_out, d_in, rank, out_modes, in_modes, spectrum, lipschitz, parametrization, dtype, device, generator
-    ):
+    def _init_parameters(
+        self, d_out, d_in, rank, mode_factorization, bias, spectrum, lipschitz, parametrization, dtype, device,
+        generator, auto_in_modes=None,
+    ):  # fmt: skip
+        """The factors U (``d_out`` rows), V (``d_in`` rows), σ and the bias of a new layer (``rank`` checked by the
+        caller). ``mode_factorization="auto"`` means the prime factors of ``d_out``, and ``auto_in_modes`` (default:
+        the prime factors of ``d_in``)."""
+        dtype, device, _ = _kw(dtype, device, generator)
+        out_modes, in_modes = _split_factorization(mode_factorization)
+        if in_modes is None:
+            in_modes = auto_in_modes
+        out_modes, in_modes = _modes("out_modes", d_out, out_modes), _modes("in_modes", d_in, in_modes)
         self.spectrum = _spectrum(spectrum)
         if parametrization not in PARAMETRIZATIONS:
             raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
@@ -64,6 +73,7 @@ class STTPBase(torch.nn.Module):
         # U Vᵀ are reachable when the Householder maps alone reach one (square last cores)
         self.register_buffer("signs", None if learned else torch.ones(rank, dtype=dtype))
         self.to(device)
+        self.bias = _init_bias(d_out, d_in, bias, dtype, device, generator)
 
     def singular_values(self) -> torch.Tensor:
         """σ, the diagonal of the compact SVD ``W = U diag(σ) Vᵀ`` (signs may be negative). Cost ``O(r)``."""
@@ -131,6 +141,14 @@ class STTPBase(torch.nn.Module):
         s = S * du.to(S.dtype) * dv.to(S.dtype)  # U D_u diag(D_u D_v s) (V D_v)ᵀ = U diag(s) Vᵀ
         self.s.copy_(s.to(self.s.dtype))
 
+    @torch.no_grad()
+    def _load_dense_and_bias(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """:meth:`load_dense` of a trained layer's ``(d_out, d_in)`` weight, and a copy of its bias (if any): what
+        ``from_linear`` / ``from_conv`` load."""
+        self.load_dense(weight)
+        if bias is not None:
+            self.bias.copy_(bias)
+
     def _factor_modes(self) -> str:
         return f"out_modes={self.U.modes}, in_modes={self.V.modes}, ranks={self.U.bonds[1:-1]}|{self.V.bonds[1:-1]}"
 
@@ -147,7 +165,7 @@ def _tt_svd(M: torch.Tensor, shapes: list[tuple[int, int, int]]) -> list[torch.T
     return cores
 
 
-def parse_modes(name: str, d: int, given) -> list[int]:
+def _modes(name: str, d: int, given) -> list[int]:
     if given is None:
         return prime_factors(d)
     given = [given] if isinstance(given, int) else given
@@ -159,7 +177,7 @@ def parse_modes(name: str, d: int, given) -> list[int]:
     return modes
 
 
-def split_factorization(mode_factorization):
+def _split_factorization(mode_factorization):
     if isinstance(mode_factorization, str):
         if mode_factorization != "auto":
             raise ValueError(f"mode_factorization must be 'auto' or (out_modes, in_modes), got {mode_factorization!r}")

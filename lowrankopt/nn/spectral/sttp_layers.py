@@ -16,11 +16,9 @@ from .._common import (
     _conv_padding,
     _dense_conv,
     _dense_linear,
-    _init_bias,
-    _kw,
     _pair,
 )
-from .sttp_base import STTPBase, parse_modes, prime_factors, split_factorization
+from .sttp_base import STTPBase, prime_factors
 
 __all__ = ["STTPConv2d", "STTPLinear", "SVDPConv2d", "SVDPLinear"]
 
@@ -63,14 +61,10 @@ class STTPLinear(STTPBase):
         super().__init__()
         self.in_features = as_positive_int("in_features", in_features)
         self.out_features = as_positive_int("out_features", out_features)
-        rank = as_positive_int("rank", rank)
-        dtype, device, _ = _kw(dtype, device, generator)
-        out_m, in_m = split_factorization(mode_factorization)
-        out_m, in_m = parse_modes("out_modes", out_features, out_m), parse_modes("in_modes", in_features, in_m)
-        self._init_factors(
-            out_features, in_features, rank, out_m, in_m, spectrum, lipschitz, parametrization, dtype, device, generator
-        )
-        self.bias = _init_bias(out_features, in_features, bias, dtype, device, generator)
+        self._init_parameters(
+            self.out_features, self.in_features, as_positive_int("rank", rank), mode_factorization, bias, spectrum,
+            lipschitz, parametrization, dtype, device, generator,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
@@ -107,10 +101,7 @@ class STTPLinear(STTPBase):
         w = linear.weight
         rank = math.prod(w.shape) if rank is None else rank  # None: every TT-rank maximal
         layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None, dtype=w.dtype, **kwargs)
-        layer.load_dense(w)
-        if linear.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(linear.bias)
+        layer._load_dense_and_bias(w, linear.bias)
         return layer.to(w.device)
 
 
@@ -173,17 +164,12 @@ class STTPConv2d(STTPBase):
         # explicit (left, right, top, bottom) pads, as nn.Conv2d computes them
         self.padding, self._pads = _conv_padding(padding, self.stride, self.kernel_size, self.dilation)
         self.padding_mode = padding_mode
-        dtype, device, _ = _kw(dtype, device, generator)
         kk = self.kernel_size[0] * self.kernel_size[1]
-        d_in = in_channels * kk
-        out_m, in_m = split_factorization(mode_factorization)
-        if in_m is None:
-            in_m = prime_factors(in_channels) + ([kk] if kk > 1 else [])
-        self._init_factors(
-            out_channels, d_in, as_positive_int("rank", rank), parse_modes("out_modes", out_channels, out_m),
-            parse_modes("in_modes", d_in, in_m), spectrum, lipschitz, parametrization, dtype, device, generator,
+        self._init_parameters(
+            self.out_channels, self.in_channels * kk, as_positive_int("rank", rank), mode_factorization, bias, spectrum,
+            lipschitz, parametrization, dtype, device, generator,
+            auto_in_modes=prime_factors(self.in_channels) + ([kk] if kk > 1 else []),  # C_in, then k_h k_w as one mode
         )  # fmt: skip
-        self.bias = _init_bias(out_channels, d_in, bias, dtype, device, generator)
 
     def extra_repr(self) -> str:
         return (
@@ -232,10 +218,7 @@ class STTPConv2d(STTPBase):
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             conv.groups, conv.bias is not None, conv.padding_mode, rank=rank, dtype=w.dtype, **kwargs,
         )  # fmt: skip
-        layer.load_dense(w.reshape(conv.out_channels, -1))
-        if conv.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(conv.bias)
+        layer._load_dense_and_bias(w.reshape(conv.out_channels, -1), conv.bias)
         return layer.to(w.device)
 
 
