@@ -13,7 +13,7 @@ import importlib
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -177,6 +177,11 @@ def _deprecated_alias(new: _F, old_name: str, replacement: str | None = None) ->
     alias.__name__ = alias.__qualname__ = old_name
     alias.__doc__ = f"Deprecated: use ``{replacement}`` (removed in the next release)."
     return alias  # type: ignore[return-value]
+
+
+LegacyPatterns = str | Iterable[str] | Callable[[str], Any]
+"""What the converters' deprecated ``include=`` / ``exclude=`` take: fnmatch patterns (one or several) or a predicate of
+the qualified name."""
 
 
 def _legacy_selection(target_modules, exclude_modules, include, exclude) -> tuple:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..._checks import as_device, check_random_options
 from ...formats.tr import TensorRing, tr_full
-from .._common import HALF_OR_FULL, _check_dtype, _check_image, _check_input, _legacy_selection
+from .._common import HALF_OR_FULL, LegacyPatterns, _check_dtype, _check_image, _check_input, _legacy_selection
 from ..surgery import Targets, replace_modules, select_modules
 
 __all__ = [
@@ -120,10 +120,10 @@ class TBasis(nn.Module):
         rank: int,
         mode_size: int,
         *,
-        dtype=None,
-        device=None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
-    ):
+    ) -> None:
         super().__init__()
         for name, v in (("basis_size", basis_size), ("rank", rank), ("mode_size", mode_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -180,9 +180,9 @@ class TBasisFactory(nn.Module):
         *,
         rank: int | None = None,
         mode_size: int | None = None,
-        dtype=None,
-        device=None,
-    ):
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         if basis is not None and not isinstance(basis, TBasis):
             raise TypeError(f"basis must be a TBasis or None, got {type(basis).__name__}")
@@ -313,7 +313,7 @@ class TBasisFactory(nn.Module):
 
 
 class _TBasisLayer(nn.Module):
-    def __init__(self, factory: TBasisFactory, key: str, bias: torch.Tensor | None):
+    def __init__(self, factory: TBasisFactory, key: str, bias: torch.Tensor | None) -> None:
         super().__init__()
         if key not in factory.plans:
             raise KeyError(f"the factory has no layer {key!r}")
@@ -341,7 +341,7 @@ class TBasisLinear(_TBasisLayer):
 class TBasisConv2d(_TBasisLayer):
     """``nn.Conv2d`` (groups = 1) whose weight is decompressed from the factory."""
 
-    def __init__(self, factory: TBasisFactory, key: str, conv: nn.Conv2d):
+    def __init__(self, factory: TBasisFactory, key: str, conv: nn.Conv2d) -> None:
         if conv.groups != 1:
             raise ValueError(f"only groups = 1 convolutions are supported, got groups={conv.groups}")
         super().__init__(factory, key, conv.bias)
@@ -366,8 +366,8 @@ def convert_to_tbasis(
     target_modules: Targets | None = None,
     exclude_modules: Targets | None = None,
     generator: torch.Generator | None = None,
-    include=None,
-    exclude=None,
+    include: LegacyPatterns | None = None,
+    exclude: LegacyPatterns | None = None,
 ) -> TBasisFactory:
     """Replace the ``nn.Linear`` and ``nn.Conv2d`` (groups = 1) submodules of ``model`` by T-Basis layers, in place.
 

@@ -49,7 +49,8 @@ class _PackedLinear(torch.nn.Module):
         self.bias = _init_bias(self.out_features, self.in_features, bias, dtype, device, generator)
 
     @property
-    def manifold(self):
+    def manifold(self) -> GeooptFixedRank | GeooptFixedTTRank:
+        """The packed manifold ``weight`` lives on."""
         return self.weight.manifold
 
     def _name(self) -> str:
@@ -100,9 +101,9 @@ class LowRankLinear(_PackedLinear):
         bias: bool = True,
         *,
         dtype: torch.dtype | None = None,
-        device=None,
+        device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
-    ):
+    ) -> None:
         super().__init__(in_features, out_features)
         rank = as_positive_int("rank", rank)
         most = min(self.in_features, self.out_features)
@@ -263,16 +264,16 @@ class TTLinear(_PackedLinear):
         self,
         in_features: int,
         out_features: int,
-        rank,
+        rank: int | Sequence[int],
         in_factors: Sequence[int] | None = None,
         out_factors: Sequence[int] | None = None,
         bias: bool = True,
         *,
         d: int | None = None,
         dtype: torch.dtype | None = None,
-        device=None,
+        device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
-    ):
+    ) -> None:
         super().__init__(in_features, out_features)
         if d is not None:
             d = as_positive_int("d", d)

@@ -29,7 +29,7 @@ __all__ = ["GSMatrix", "GSOrthogonal", "blockdiag_matmul", "gs_matmul", "gs_proj
 MAPS = ("cayley", "exp", "neumann")
 
 
-def shuffle_index(k: int, n: int, *, device=None) -> torch.Tensor:
+def shuffle_index(k: int, n: int, *, device: torch.device | str | None = None) -> torch.Tensor:
     """The index map of the shuffle ``P_(k, n)``: ``σ(i) = (i mod k)·(n/k) + ⌊i/k⌋`` (k must divide n)."""
     if k < 1 or n % k:
         raise ValueError(f"k must be a positive divisor of n, got k={k}, n={n}")
@@ -71,7 +71,7 @@ class GSMatrix:
     Shapes: A is ``(k_m b1_m) × (k_1 b2_1)``.
     """
 
-    def __init__(self, blocks: Sequence[torch.Tensor], perms: Sequence[torch.Tensor | None] | None = None):
+    def __init__(self, blocks: Sequence[torch.Tensor], perms: Sequence[torch.Tensor | None] | None = None) -> None:
         blocks = list(blocks)
         if not blocks or any(not isinstance(b, torch.Tensor) or b.dim() != 3 for b in blocks):
             raise ValueError("blocks must be a non-empty list of (k, b1, b2) tensors")
@@ -91,7 +91,14 @@ class GSMatrix:
         self.shape = (sizes[-1], sizes[0])
 
     @classmethod
-    def order2(cls, L: torch.Tensor, R: torch.Tensor, P=None, P_L=None, P_R=None) -> GSMatrix:
+    def order2(
+        cls,
+        L: torch.Tensor,
+        R: torch.Tensor,
+        P: torch.Tensor | None = None,
+        P_L: torch.Tensor | None = None,
+        P_R: torch.Tensor | None = None,
+    ) -> GSMatrix:
         """Definition 3.1: ``A = P_L (L P R) P_R``; ``P`` defaults to the shuffle over R's blocks."""
         n = R.shape[0] * R.shape[1]
         return cls([R, L], [P_R, shuffle_index(R.shape[0], n) if P is None else P, P_L])
@@ -120,12 +127,16 @@ class GSMatrix:
         return sum(b.numel() for b in self.blocks)
 
 
-def gs_matmul(x: torch.Tensor, blocks: Sequence[torch.Tensor], perms=None) -> torch.Tensor:
+def gs_matmul(
+    x: torch.Tensor, blocks: Sequence[torch.Tensor], perms: Sequence[torch.Tensor | None] | None = None
+) -> torch.Tensor:
     """``A x`` along the last dim for the GS matrix ``A = GSMatrix(blocks, perms)`` (functional form)."""
     return GSMatrix(blocks, perms).matmul(x)
 
 
-def gs_project(A: torch.Tensor, L_shape: Sequence[int], R_shape: Sequence[int], P=None) -> GSMatrix:
+def gs_project(
+    A: torch.Tensor, L_shape: Sequence[int], R_shape: Sequence[int], P: torch.Tensor | None = None
+) -> GSMatrix:
     """The Frobenius-nearest matrix of ``GS(I, P, I)`` (Algorithm 1): ``L P R`` with L, R of the given block
     shapes ``(k_L, b1_L, b2_L)`` and ``(k_R, b1_R, b2_R)``; ``P`` defaults to the shuffle over R's blocks.
 
@@ -219,9 +230,9 @@ class GSOrthogonal(torch.nn.Module):
         map: str = "cayley",
         parametrization: str = "skew",
         neumann_terms: int = 5,
-        dtype=None,
-        device=None,
-    ):
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         if (block_size is None) == (nblocks is None):
             raise ValueError("give exactly one of block_size and nblocks")

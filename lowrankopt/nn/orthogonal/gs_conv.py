@@ -16,6 +16,7 @@ parameters and FLOPs than an ungrouped SOC. :class:`MaxMinPermuted` is the match
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,10 +70,10 @@ class SkewOrthogonalConv2d(torch.nn.Module):
         max_norm: float | None = 2.0,
         bias: bool = True,
         init_scale: float = 0.1,
-        dtype=None,
-        device=None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
-    ):
+    ) -> None:
         super().__init__()
         channels, groups = as_positive_int("channels", channels), as_positive_int("groups", groups)
         if channels % groups:
@@ -160,8 +161,15 @@ class GSOrthogonalConv2d(torch.nn.Module):
     """
 
     def __init__(
-        self, channels: int, kernel_size: int = 3, groups=(4, 4), *, tol: float = 1e-6, bias: bool = True, **kw
-    ):
+        self,
+        channels: int,
+        kernel_size: int = 3,
+        groups: int | tuple[int, int] = (4, 4),
+        *,
+        tol: float = 1e-6,
+        bias: bool = True,
+        **kw: Any,
+    ) -> None:
         super().__init__()
         if isinstance(groups, (tuple, list)) and len(groups) == 2:
             g1, g2 = groups
@@ -204,7 +212,14 @@ class _OrthonormalRowsLinear(torch.nn.Module):
     """``y = W x + b`` with ``W = V / max(1, ‖V‖₂)``: at most 1-Lipschitz (exact spectral norm, a dense SVD of
     the small head matrix per forward)."""
 
-    def __init__(self, in_features: int, out_features: int, dtype=None, device=None, generator=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         dtype = torch.get_default_dtype() if dtype is None else dtype
         V = torch.randn(out_features, in_features, dtype=dtype, generator=generator) / math.sqrt(in_features)
@@ -246,12 +261,12 @@ class LipConvNet(torch.nn.Module):
         depth: int = 2,
         stages: int = 2,
         conv: str = "gs",
-        groups=(4, 4),
+        groups: int | tuple[int, int] = (4, 4),
         tol: float = 1e-6,
-        dtype=None,
-        device=None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
-    ):
+    ) -> None:
         super().__init__()
         if conv not in ("gs", "soc"):
             raise ValueError(f"conv must be 'gs' or 'soc', got {conv!r}")

@@ -143,7 +143,7 @@ def unload(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def disable_adapters(model: torch.nn.Module):
+def disable_adapters(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Within the context, the adapted layers compute the base model's outputs."""
     layers = [layer for _, layer in _adapted(model)]
     for layer in layers:

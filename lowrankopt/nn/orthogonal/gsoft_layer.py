@@ -51,7 +51,7 @@ class GSOFTLinear(torch.nn.Module):
     corrupting the base weight; the changed adapter takes effect when unmerged.
     """
 
-    def __init__(self, base_layer: torch.nn.Module, config: GSOFTConfig, name: str = ""):
+    def __init__(self, base_layer: torch.nn.Module, config: GSOFTConfig, name: str = "") -> None:
         super().__init__()
         w = base_layer.weight
         # nn.Linear stores (out, in) whatever the config says (PEFT also ignores fan_in_fan_out for it)

@@ -46,10 +46,10 @@ class OrthonormalTT(torch.nn.Module):
         max_rank: int | None = None,
         last: str,
         parametrization: str,
-        dtype,
-        generator=None,
+        dtype: torch.dtype,
+        generator: torch.Generator | None = None,
         owner: str = "OrthonormalTT",
-    ):
+    ) -> None:
         super().__init__()
         self.modes = tuple(modes)
         self.rank = rank

@@ -49,11 +49,12 @@ layers :mod:`.sttp_layers` (re-exported here).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ..._checks import as_positive_int
-from .._common import _legacy_selection
+from .._common import LegacyPatterns, _legacy_selection
 from ..orthogonal.orthonormal_tt import OrthonormalTT  # noqa: F401 (the 0.1 path lowrankopt.nn.sttp.OrthonormalTT)
 from ..surgery import Targets, replace_modules, select_modules
 from .sttp_base import PARAMETRIZATIONS, SPECTRA, STTPBase, prime_factors  # noqa: F401 (their path before the split)
@@ -82,9 +83,9 @@ def convert_to_sttp(
     target_modules: Targets | None = None,
     exclude_modules: Targets | None = None,
     svdp: bool = False,
-    include=None,
-    exclude=None,
-    **layer_kwargs,
+    include: LegacyPatterns | None = None,
+    exclude: LegacyPatterns | None = None,
+    **layer_kwargs: Any,
 ) -> dict[str, torch.nn.Module]:
     """Replace the ``nn.Linear`` / ``nn.Conv2d`` (groups = 1) submodules of ``model`` by STTP layers, in place.
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
@@ -15,10 +16,18 @@ from ...formats.tt import tt_svd
 from .._common import _full_precision, _init_bias, _kw, _refuse_half
 from ..orthogonal.orthonormal_tt import OrthonormalTT
 
-__all__ = ["PARAMETRIZATIONS", "SPECTRA", "STTPBase", "prime_factors"]
+__all__ = ["PARAMETRIZATIONS", "SPECTRA", "ModeFactorization", "Modes", "STTPBase", "prime_factors"]
 
 SPECTRA = ("identity", "learned", "learned+dopt")
 PARAMETRIZATIONS = ("householder", "stiefel")
+
+Modes = int | Sequence[int] | None
+"""The mode sizes of one factor: a sequence of positive ints with the factor's size as product, one int (one mode), or
+None (its prime factors)."""
+
+ModeFactorization = Literal["auto"] | Sequence[Modes]
+"""How the STTP layers factor their sizes: ``"auto"`` (prime factors) or a pair ``(out_modes, in_modes)`` of
+:data:`Modes`."""
 
 
 def prime_factors(n: int) -> list[int]:
@@ -42,9 +51,20 @@ class STTPBase(torch.nn.Module):
     """What the linear and conv layers share: the factors U (out side), V (in side), σ, and their loading."""
 
     def _init_parameters(
-        self, d_out, d_in, rank, mode_factorization, bias, spectrum, lipschitz, parametrization, dtype, device,
-        generator, auto_in_modes=None,
-    ):  # fmt: skip
+        self,
+        d_out: int,
+        d_in: int,
+        rank: int,
+        mode_factorization: ModeFactorization,
+        bias: bool,
+        spectrum: str,
+        lipschitz: float | None,
+        parametrization: str,
+        dtype: torch.dtype | None,
+        device: torch.device | str | None,
+        generator: torch.Generator | None,
+        auto_in_modes: list[int] | None = None,
+    ) -> None:
         """The factors U (``d_out`` rows), V (``d_in`` rows), σ and the bias of a new layer (``rank`` checked by the
         caller). ``mode_factorization="auto"`` means the prime factors of ``d_out``, and ``auto_in_modes`` (default:
         the prime factors of ``d_in``)."""
@@ -165,7 +185,7 @@ def _tt_svd(M: torch.Tensor, shapes: list[tuple[int, int, int]]) -> list[torch.T
     return cores
 
 
-def _modes(name: str, d: int, given) -> list[int]:
+def _modes(name: str, d: int, given: Modes) -> list[int]:
     if given is None:
         return prime_factors(d)
     given = [given] if isinstance(given, int) else given
@@ -177,7 +197,7 @@ def _modes(name: str, d: int, given) -> list[int]:
     return modes
 
 
-def _split_factorization(mode_factorization):
+def _split_factorization(mode_factorization: ModeFactorization) -> Sequence[Modes]:
     if isinstance(mode_factorization, str):
         if mode_factorization != "auto":
             raise ValueError(f"mode_factorization must be 'auto' or (out_modes, in_modes), got {mode_factorization!r}")

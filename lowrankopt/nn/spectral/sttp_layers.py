@@ -4,6 +4,7 @@ products (two convs) without forming W; :class:`SVDPLinear` and :class:`SVDPConv
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from .._common import (
     _dense_linear,
     _pair,
 )
-from .sttp_base import STTPBase, prime_factors
+from .sttp_base import ModeFactorization, STTPBase, prime_factors
 
 __all__ = ["STTPConv2d", "STTPLinear", "SVDPConv2d", "SVDPLinear"]
 
@@ -50,14 +51,14 @@ class STTPLinear(STTPBase):
         rank: int,
         bias: bool = True,
         *,
-        mode_factorization="auto",
+        mode_factorization: ModeFactorization = "auto",
         spectrum: str = "learned",
         lipschitz: float | None = 1.0,
         parametrization: str = "householder",
-        dtype=None,
-        device=None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
-    ):
+    ) -> None:
         super().__init__()
         self.in_features = as_positive_int("in_features", in_features)
         self.out_features = as_positive_int("out_features", out_features)
@@ -92,7 +93,7 @@ class STTPLinear(STTPBase):
             return _dense_linear(self.weight_matrix(), None if self.bias is None else self.bias.detach())
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, rank: int | None = None, **kwargs) -> STTPLinear:
+    def from_linear(cls, linear: torch.nn.Linear, rank: int | None = None, **kwargs: Any) -> STTPLinear:
         """An STTP layer initialized from a trained ``nn.Linear`` (see :meth:`load_dense`); ``rank``
         defaults to maximal TT-ranks, and ``lipschitz`` to None here, so that the outputs are reproduced."""
         if not isinstance(linear, torch.nn.Linear):
@@ -110,7 +111,9 @@ class SVDPLinear(STTPLinear):
     matrices): the SVD parameterization, STTP's maximal-rank case. ``rank`` defaults to
     ``min(in_features, out_features)``."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int | None = None, bias: bool = True, **kwargs):
+    def __init__(
+        self, in_features: int, out_features: int, rank: int | None = None, bias: bool = True, **kwargs: Any
+    ) -> None:
         if "mode_factorization" in kwargs:
             raise TypeError("SVDPLinear has no mode_factorization (it is one mode per side)")
         in_features = as_positive_int("in_features", in_features)
@@ -135,23 +138,23 @@ class STTPConv2d(STTPBase):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
         *,
         rank: int,
-        mode_factorization="auto",
+        mode_factorization: ModeFactorization = "auto",
         spectrum: str = "learned",
         lipschitz: float | None = 1.0,
         parametrization: str = "householder",
-        dtype=None,
-        device=None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
-    ):
+    ) -> None:
         super().__init__()
         if groups != 1:
             raise ValueError(f"STTPConv2d supports groups=1 only, got {groups}")
@@ -206,7 +209,7 @@ class STTPConv2d(STTPBase):
         return _dense_conv(self, self.weight_kernel().detach())
 
     @classmethod
-    def from_conv(cls, conv: torch.nn.Conv2d, rank: int | None = None, **kwargs) -> STTPConv2d:
+    def from_conv(cls, conv: torch.nn.Conv2d, rank: int | None = None, **kwargs: Any) -> STTPConv2d:
         """An STTP conv initialized from a trained ``nn.Conv2d`` (``rank`` defaults to the maximal one,
         ``lipschitz`` to None)."""
         if not isinstance(conv, torch.nn.Conv2d):
@@ -226,7 +229,15 @@ class SVDPConv2d(STTPConv2d):
     """:class:`STTPConv2d` with one core per factor (the SVD parameterization); ``rank`` defaults to
     ``min(C_out, C_in k_h k_w)``."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, *args, rank: int | None = None, **kwargs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        *args: Any,
+        rank: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         if "mode_factorization" in kwargs:
             raise TypeError("SVDPConv2d has no mode_factorization (it is one mode per side)")
         kh, kw = _pair(kernel_size, "kernel_size", 1)

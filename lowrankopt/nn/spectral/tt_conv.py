@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import geoopt
 import torch
@@ -57,6 +58,7 @@ from ...manifolds.base import qr_positive
 from ...manifolds.geoopt import manifold_parameter
 from ...spectral import clip_singular_values, conv_singular_values
 from .._common import (
+    LegacyPatterns,
     _check_dtype,
     _check_image,
     _conv_padding,
@@ -117,7 +119,7 @@ class TTConv2d(torch.nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
-    ):
+    ) -> None:
         super().__init__()
         self.in_channels = as_positive_int("in_channels", in_channels)
         self.out_channels = as_positive_int("out_channels", out_channels)
@@ -196,7 +198,7 @@ class TTConv2d(torch.nn.Module):
         return _dense_conv(self, self.weight_kernel().detach())
 
     @classmethod
-    def from_conv(cls, conv: torch.nn.Conv2d, rank: int, **kwargs) -> TTConv2d:
+    def from_conv(cls, conv: torch.nn.Conv2d, rank: int, **kwargs: Any) -> TTConv2d:
         """A TT conv approximating a dense ``nn.Conv2d`` by TT-SVD of its kernel ``W (c_out, c_in, k, k)``.
 
         ``M1 = W`` as ``c_in × (k k c_out)`` (index ``[i, (p, q, o)]``): SVD, ``first`` = the r1 leading left singular
@@ -342,9 +344,9 @@ def convert_to_tt_conv(
     *,
     target_modules: Targets | None = None,
     exclude_modules: Targets | None = None,
-    include=None,
-    exclude=None,
-    **layer_kwargs,
+    include: LegacyPatterns | None = None,
+    exclude: LegacyPatterns | None = None,
+    **layer_kwargs: Any,
 ) -> dict[str, TTConv2d]:
     """Replace the ``nn.Conv2d`` submodules of ``model`` by :class:`TTConv2d` layers (TT-SVD of the kernels,
     :meth:`TTConv2d.from_conv`), in place.
