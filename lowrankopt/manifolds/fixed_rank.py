@@ -10,6 +10,7 @@ import torch
 from .._checks import as_positive_int
 from ..formats.delta_lowrank import DeltaLowRank, MatrixFamily
 from ..formats.lowrank import LowRankMatrix
+from . import fixed_rank_kernels as kernels
 from .base import LowRankManifold, naming_non_finite, polar, qr_positive
 from .tangent import TangentVector
 
@@ -115,7 +116,7 @@ class FixedRankMatrices(LowRankManifold):
         """``(A, B) ↦ (A, (I − V Vᵀ) B)``. Cost ``O(n r²)``."""
         _, _, V = self.frames(x)
         A, B = coords
-        return [A, B - V @ (V.T @ B)]
+        return [A, kernels.gauge(V, B)]
 
     def linearization(self, x: LowRankMatrix, deltas: Sequence[torch.Tensor]) -> DeltaLowRank:
         """``(U S + A) Vᵀ + U Bᵀ`` with detached frames. ``O(1)`` (a lazy object)."""
@@ -147,15 +148,15 @@ class FixedRankMatrices(LowRankManifold):
     def proj(self, x: LowRankMatrix, z: Any) -> TangentVector:
         """Orthogonal projection onto T_x (see :meth:`LowRankManifold.proj`). A LowRankMatrix
         ``z = Z_U Z_S Z_Vᵀ`` of rank ``r_z`` is projected in closed form: ``A = Z_U Z_S (Z_Vᵀ V)``,
-        ``B = (I − V Vᵀ) Z_V Z_Sᵀ (Z_Uᵀ U)``, cost ``O((m + n) r r_z)``."""
+        ``B = (I − V Vᵀ) Z_V Z_Sᵀ (Z_Uᵀ U)``, cost ``O((m + n) r r_z)`` (the kernel
+        :func:`~lowrankopt.manifolds.fixed_rank_kernels.project`; with ``z = to_ambient(ξ)``, the transport)."""
         if not isinstance(z, LowRankMatrix) or isinstance(z, DeltaLowRank):
             return super().proj(x, z)
         self.check_point(x)
         self._check_ambient(x, z)
         U, _, V = self.frames(x)
-        A = z.U @ (z.S @ (z.V.T @ V))
-        B = z.V @ (z.S.T @ (z.U.T @ U))
-        return TangentVector(self, x, self.gauge(x, [A.detach(), B.detach()]))
+        A, B = kernels.project(z.U, z.V, U, V, S=z.S)
+        return TangentVector(self, x, [A.detach(), B.detach()])
 
     def to_ambient(self, x: LowRankMatrix, v: TangentVector) -> LowRankMatrix:
         """``ξ = [A U] [V B]ᵀ`` as a rank-2r LowRankMatrix. Cost ``O((m + n) r)``."""
@@ -169,19 +170,17 @@ class FixedRankMatrices(LowRankManifold):
         """Metric projection retraction: the best rank-r approximation of ``x + ξ``.
 
         ``x + ξ = [US + A, U] [V, B]ᵀ``; thin QRs of both ``(·, 2r)`` factors and the SVD of the
-        ``2r × 2r`` core give it in ``O((m + n) r² + r³)``. Second order. The result has orthonormal
-        factors and a diagonal, non-increasing S. NaN/Inf coordinates of ``v`` raise ``ValueError`` naming them (found
-        where the SVD fails on them: nothing is checked before).
+        ``2r × 2r`` core give it in ``O((m + n) r² + r³)`` (the batched kernel
+        :func:`~lowrankopt.manifolds.fixed_rank_kernels.retract`, shared with the stochastic optimizers). Second
+        order. The result has orthonormal factors and a diagonal, non-increasing S. NaN/Inf coordinates of ``v`` raise
+        ``ValueError`` naming them (found where the SVD fails on them: nothing is checked before).
         """
         self.check_tangent(x, v)
         U, S, V = self.frames(x)
         A, B = v.coords
         with naming_non_finite(v):
-            Ql, Rl = torch.linalg.qr(torch.cat([U @ S + A, U], 1))
-            Qr, Rr = torch.linalg.qr(torch.cat([V, B], 1))
-            Uk, s, Vkh = torch.linalg.svd(Rl @ Rr.T)
-        r = self.rank
-        return LowRankMatrix._trusted(Ql @ Uk[:, :r], torch.diag(s[:r]), Qr @ Vkh[:r].T)
+            Uk, s, Vk = kernels.retract(U @ S, U, V, A, B, self.rank)
+        return LowRankMatrix._trusted(Uk, torch.diag(s), Vk)
 
     # ------------------------------------------------------------------ flat parameters
     def point_parts(self, x: LowRankMatrix, like: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
