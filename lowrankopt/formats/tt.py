@@ -34,7 +34,7 @@ from .index_plan import IndexPlan
 
 _svd_truncate_right_to_left = truncate_right_to_left  # the former private name, kept for one release
 
-_C = TypeVar("_C", bound="_CoreList")  # `to` keeps the format (autodiff's internal DeltaTT comes back a TensorTrain)
+_C = TypeVar("_C", bound="_Cores")  # `to` keeps the format (autodiff's internal DeltaTT comes back a TensorTrain)
 
 
 def _checked_cores(cores: Sequence[torch.Tensor], ndim: int) -> list[torch.Tensor]:
@@ -49,19 +49,11 @@ def _checked_cores(cores: Sequence[torch.Tensor], ndim: int) -> list[torch.Tenso
     return cores
 
 
-class _CoreList:
-    """What the core-list formats (:class:`TensorTrain`, :class:`~lowrankopt.formats.tr.TensorRing`) share: cores
-    ``(r, n_k, r')``, hence ``shape``, ``ndim``, ``dtype``, ``device``, ``to`` and ``repr``."""
+class _Cores:
+    """What every format stored as a list of ``cores`` of one dtype and device (:class:`TensorTrain`,
+    :class:`TTMatrix`, :class:`~lowrankopt.formats.tr.TensorRing`) shares: ``dtype``, ``device`` and ``to``."""
 
     __slots__ = ()
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(c.shape[1] for c in self.cores)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.cores)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -74,6 +66,21 @@ class _CoreList:
     def to(self: _C, *args: Any, **kwargs: Any) -> _C:
         """Move/cast every core, as :meth:`torch.Tensor.to` (to float32 or float64 only)."""
         return type(self)._trusted(cast_all(self.cores, *args, **kwargs))
+
+
+class _CoreList(_Cores):
+    """What the core-list formats (:class:`TensorTrain`, :class:`~lowrankopt.formats.tr.TensorRing`) share: cores
+    ``(r, n_k, r')``, hence ``shape``, ``ndim`` and ``repr`` (and ``dtype``, ``device``, ``to`` of :class:`_Cores`)."""
+
+    __slots__ = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(c.shape[1] for c in self.cores)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.cores)
 
     def __repr__(self) -> str:
         name = type(self).__name__
@@ -290,7 +297,7 @@ class TensorTrain(_CoreList):
         return TensorTrain._trusted([self.cores[0] / alpha] + list(self.cores[1:]))
 
 
-class TTMatrix:
+class TTMatrix(_Cores):
     """A linear operator ``(Π n_k) → (Π m_k)`` in TT-matrix format.
 
     Args:
@@ -332,17 +339,9 @@ class TTMatrix:
     def ranks(self) -> tuple[int, ...]:
         return tuple(c.shape[3] for c in self.cores[:-1])
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.cores[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.cores[0].device
-
-    def to(self, *args: Any, **kwargs: Any) -> TTMatrix:
-        """Move/cast every core, as :meth:`torch.Tensor.to` (to float32 or float64 only)."""
-        return TTMatrix._trusted(cast_all(self.cores, *args, **kwargs))
+    def _merged(self) -> TensorTrain:
+        """The TensorTrain of the merged modes ``(m_k n_k)`` (row-major: ``i_k n_k + j_k``), each core reshaped."""
+        return TensorTrain._trusted([c.reshape(c.shape[0], -1, c.shape[3]) for c in self.cores])
 
     def __repr__(self) -> str:
         return f"TTMatrix(row_shape={self.row_shape}, col_shape={self.col_shape}, ranks={self.ranks})"
@@ -393,7 +392,7 @@ class TTMatrix:
     def full(self) -> torch.Tensor:
         """The dense ``(Π m_k, Π n_k)`` matrix. Cost ``O((mn)^d r)``."""
         d = len(self.cores)
-        merged = TensorTrain._trusted([c.reshape(c.shape[0], -1, c.shape[3]) for c in self.cores]).full()
+        merged = self._merged().full()
         T = merged.reshape([s for c in self.cores for s in c.shape[1:3]])
         T = T.permute([2 * k for k in range(d)] + [2 * k + 1 for k in range(d)])
         return T.reshape(self.shape)
@@ -409,8 +408,7 @@ class TTMatrix:
         for m, n in zip(reversed(self.row_shape), reversed(self.col_shape)):
             merged.append((rows % m) * n + cols % n)
             rows, cols = rows // m, cols // n
-        tt = TensorTrain._trusted([c.reshape(c.shape[0], -1, c.shape[3]) for c in self.cores])
-        return tt._gather(torch.stack(merged[::-1], 1))
+        return self._merged()._gather(torch.stack(merged[::-1], 1))
 
     def matvec(self, X: torch.Tensor) -> torch.Tensor:
         """``A`` applied to each row of the dense batch ``X: (B, Π n_k)``, giving ``(B, Π m_k)``.
