@@ -16,19 +16,22 @@ def rearrange(S: torch.Tensor, p: int, q: int) -> torch.Tensor:
     it is an isometry for the Frobenius norm and its inverse is its adjoint; the number of Kronecker terms of S
     is ``rank R(S)`` (Van Loan & Pitsianis 1993). Cost O(p²q²) (a copy).
     """
-    p, q = as_positive_int("p", p), as_positive_int("q", q)
-    S = check_tensor("S", S, finite=False)
-    if S.dim() < 2 or S.shape[-2:] != (p * q, p * q):
-        raise ValueError(f"S must have shape (..., {p * q}, {p * q}) for p = {p}, q = {q}, got {tuple(S.shape)}")
-    batch = S.shape[:-2]
-    return S.reshape(*batch, p, q, p, q).transpose(-3, -2).reshape(*batch, p * p, q * q)
+    return _swap_middle("S", S, p, q, inverse=False)
 
 
 def rearrange_inverse(R: torch.Tensor, p: int, q: int) -> torch.Tensor:
     """``R⁻¹``: ``(..., p², q²) → (..., pq, pq)``, the inverse (and adjoint) of :func:`rearrange`. Cost O(p²q²)."""
+    return _swap_middle("R", R, p, q, inverse=True)
+
+
+def _swap_middle(name: str, T: torch.Tensor, p: int, q: int, *, inverse: bool) -> torch.Tensor:
+    """The permutation behind both directions: split the last two axes of ``T`` as ``(a, b)`` and ``(c, e)``, swap
+    the ``b`` and ``c`` axes and merge back to ``(a c, b e)``; ``(a, b, c, e) = (p, q, p, q)`` is R and
+    ``(p, p, q, q)`` its inverse. Checks ``p``, ``q`` and the shape of ``T`` (named ``name`` in errors)."""
     p, q = as_positive_int("p", p), as_positive_int("q", q)
-    R = check_tensor("R", R, finite=False)
-    if R.dim() < 2 or R.shape[-2:] != (p * p, q * q):
-        raise ValueError(f"R must have shape (..., {p * p}, {q * q}) for p = {p}, q = {q}, got {tuple(R.shape)}")
-    batch = R.shape[:-2]
-    return R.reshape(*batch, p, p, q, q).transpose(-3, -2).reshape(*batch, p * q, p * q)
+    T = check_tensor(name, T, finite=False)
+    a, b, c, e = (p, p, q, q) if inverse else (p, q, p, q)
+    if T.dim() < 2 or T.shape[-2:] != (a * b, c * e):
+        raise ValueError(f"{name} must have shape (..., {a * b}, {c * e}) for p = {p}, q = {q}, got {tuple(T.shape)}")
+    batch = T.shape[:-2]
+    return T.reshape(*batch, a, b, c, e).transpose(-3, -2).reshape(*batch, a * c, b * e)
