@@ -1,13 +1,15 @@
-"""scikit-learn's bundled 8×8 digits for the layer benchmarks: a fixed split, a training loop, accuracy."""
+"""scikit-learn's bundled 8×8 digits for the layer benchmarks: a fixed split, a training loop, accuracy, and the
+pieces of their results (the row without scikit-learn, a row per trained model, the accuracy-vs-parameters plot)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from .runner import Context
+from .timing import Timing, timing_row
 
 
 def digits_split(ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -63,3 +65,29 @@ def accuracy(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
     """Share of ``X`` whose arg-max prediction is ``y``."""
     with torch.no_grad():
         return (model(X).argmax(1) == y).float().mean().item()
+
+
+def digits_skipped(variant: str = "digits CNN") -> dict:
+    """The result of a digits benchmark where scikit-learn (the data) is missing: one skipped row."""
+    return {"rows": [{"variant": variant, "skipped": "skipped: install scikit-learn"}]}
+
+
+def epoch_row(label: str, times: Sequence[float], epochs: int, figures: dict) -> dict:
+    """The row of a model trained ``epochs`` epochs by :func:`fit`: ``times`` its seconds per epoch, and ``figures``."""
+    return timing_row(label, Timing.of(times), figures=figures, status=f"{epochs} epochs; time: per epoch")
+
+
+def accuracy_plot(title: str, series: Iterable[tuple[str, Sequence[tuple[float, float]]]]) -> dict:
+    """An xy plot of test accuracy against % of the dense model's parameters (log x axis): one series per
+    ``(label, [(x, y), ...])``, empty ones left out."""
+    return {
+        "title": title,
+        "xlabel": "% of the dense model's parameters",
+        "ylabel": "test accuracy",
+        "xlog": True,
+        "series": [
+            {"label": label, "x": [x for x, _ in points], "y": [y for _, y in points]}
+            for label, points in series
+            if points
+        ],
+    }

@@ -24,9 +24,9 @@ import time
 import torch
 
 from ..nn import GSOFTConfig, LipConvNet, certified_accuracy, convert_to_gsoft
-from .digits import accuracy, digits_split, fit
+from .digits import accuracy, digits_skipped, digits_split, fit
 from .registry import Benchmark, Case
-from .runner import Context, Timing, ratio, timing_row
+from .runner import Context, Timing, ratio, ratios_to_first, timing_row
 
 
 class _One(torch.nn.Module):
@@ -70,7 +70,7 @@ def run_transfer(case: Case, ctx: Context) -> dict:
     """Pretrain an MLP on digits 0–4, then adapt its two hidden linears (and train the head) to digits 5–9."""
     data = digits_split(ctx)
     if data is None:
-        return {"rows": [{"variant": "digits transfer", "skipped": "skipped: install scikit-learn"}]}
+        return digits_skipped("digits transfer")
     Xtr, ytr, Xte, yte = data
     lo_tr, hi_tr, hi_te = ytr < 5, ytr >= 5, yte >= 5
     torch.manual_seed(ctx.seed)
@@ -103,18 +103,14 @@ def run_transfer(case: Case, ctx: Context) -> dict:
         }
         status = f"time: per epoch; {case.params['epochs']} epochs"
         rows.append(timing_row(label, Timing.of(times), figures=figures, status=status))
-    base_time = rows[0]["time"]
-    for r in rows:
-        if r.get("time") is not None:
-            r["ratio"] = r["time"] / base_time
-    return {"rows": rows}
+    return {"rows": ratios_to_first(rows)}
 
 
 def run_lipschitz(case: Case, ctx: Context) -> dict:
     """LipConvNet on digits with GS orthogonal convs vs plain skew-orthogonal convs: clean and certified accuracy."""
     data = digits_split(ctx)
     if data is None:
-        return {"rows": [{"variant": "LipConvNet", "skipped": "skipped: install scikit-learn"}]}
+        return digits_skipped("LipConvNet")
     Xtr, ytr, Xte, yte = data
     eps = 36 / 255  # on pixels in [0, 1]
     rows = []
@@ -225,10 +221,7 @@ def run_minilm(case: Case, ctx: Context) -> dict:
         }
         status = f"time: per step (batch 16), first step excluded; {case.params['steps']} steps"
         rows.append(timing_row(label, Timing.of(times[1:]), figures=figures, status=status))
-    timed = [r for r in rows if r.get("time") is not None]
-    for r in timed:
-        r["ratio"] = r["time"] / timed[0]["time"]
-    return {"rows": rows}
+    return {"rows": ratios_to_first(rows)}
 
 
 def _peft_model(model, method: str, targets, save):

@@ -1,11 +1,11 @@
 """The benchmark runner of ``lowrankopt bench``: checks the settings, runs every case of the selected benchmarks in
 this process (a case that raises is recorded with its error), shows progress, and writes the results after every case.
 
-The pieces: :mod:`.timing` (:class:`Context`, :class:`Timing`, :func:`ratio`, :func:`timing_row`), :mod:`.environment`
-(what is recorded about the machine; thread limits), :mod:`.report` (``results.json``, ``results.md``) and
-:mod:`.plots`. Output, in the ``out`` directory: ``results.json`` (everything, including the environment),
-``results.md`` (the tables) and PNG plots: convergence curves (error vs time and vs iterations) and scaling plots
-(time vs a size parameter, log axes).
+The pieces: :mod:`.timing` (:class:`Context`, :class:`Timing`, :func:`ratio`, :func:`timing_row`,
+:func:`ratios_to_first`), :mod:`.environment` (what is recorded about the machine; thread limits), :mod:`.report`
+(``results.json``, ``results.md``) and :mod:`.plots`. Output, in the ``out`` directory: ``results.json``
+(everything, including the environment), ``results.md`` (the tables) and PNG plots: convergence curves (error vs time
+and vs iterations) and scaling plots (time vs a size parameter, log axes).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from .registry import Benchmark, Case, registry
 from .report import _case_markdown, _write_json, to_markdown
 from .timing import Context, Timing
 from .timing import ratio as ratio
+from .timing import ratios_to_first as ratios_to_first
 from .timing import timing_row as timing_row
 
 __all__ = ["Context", "Timing", "environment", "run_benchmarks", "to_markdown"]

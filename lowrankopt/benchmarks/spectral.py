@@ -50,9 +50,9 @@ from ..spectral import (
     tensor_norm_bound,
     tensor_norm_estimate,
 )
-from .digits import accuracy, digits_split, fit
+from .digits import accuracy, accuracy_plot, digits_skipped, digits_split, epoch_row, fit
 from .registry import Benchmark, Case
-from .runner import Context, Timing, timing_row
+from .runner import Context, Timing, ratios_to_first, timing_row
 
 # ------------------------------------------------------------------------------------------------ conv-norms
 
@@ -180,7 +180,7 @@ def _conv_norms(model) -> tuple[list[float], list[float], list[float]]:
 def run_training(case: Case, ctx: Context) -> dict:
     data = digits_split(ctx)
     if data is None:
-        return {"rows": [{"variant": "digits CNN", "skipped": "skipped: install scikit-learn"}]}
+        return digits_skipped()
     Xtr, ytr, Xte, yte = data
     epochs, width = case.params["epochs"], case.params["width"]
     rows = []
@@ -211,10 +211,8 @@ def run_training(case: Case, ctx: Context) -> dict:
             "certified bounds (every n)": ", ".join(f"{v:.4f}" for v in certified),
             "product of conv norms": math.prod(norms),
         }
-        rows.append(timing_row(label, Timing.of(times), figures=figures, status=f"{epochs} epochs; time: per epoch"))
-    for r in rows:
-        r["ratio"] = r["time"] / rows[0]["time"]
-    return {"rows": rows}
+        rows.append(epoch_row(label, times, epochs, figures))
+    return {"rows": ratios_to_first(rows)}
 
 
 TRAINING = Benchmark(
@@ -351,7 +349,7 @@ TIGHTNESS = Benchmark(
 def run_tt_conv(case: Case, ctx: Context) -> dict:
     data = digits_split(ctx)
     if data is None:
-        return {"rows": [{"variant": "digits CNN", "skipped": "skipped: install scikit-learn"}]}
+        return digits_skipped()
     Xtr, ytr, Xte, yte = data
     epochs, width, ranks = case.params["epochs"], case.params["width"], case.params["ranks"]
 
@@ -399,22 +397,10 @@ def run_tt_conv(case: Case, ctx: Context) -> dict:
                     float(circular_spectral_norm(model[i].weight, n, model[i].stride[0]))
                     for i, n in zip((2, 4), _SIZES[1:], strict=True)
                 )
-        rows.append(timing_row(label, Timing.of(times), figures=figures, status=f"{epochs} epochs; time: per epoch"))
+        rows.append(epoch_row(label, times, epochs, figures))
         points.append((label, share, acc))
-    for r in rows:
-        r["ratio"] = r["time"] / rows[0]["time"]
-    return {
-        "rows": rows,
-        "xy": [
-            {
-                "title": f"digits CNN (width {width}), {epochs} epochs: TTConv2d vs dense",
-                "xlabel": "% of the dense model's parameters",
-                "ylabel": "test accuracy",
-                "xlog": True,
-                "series": [{"label": lbl, "x": [x], "y": [y]} for lbl, x, y in points],
-            }
-        ],
-    }
+    title = f"digits CNN (width {width}), {epochs} epochs: TTConv2d vs dense"
+    return {"rows": ratios_to_first(rows), "xy": [accuracy_plot(title, [(lbl, [(x, y)]) for lbl, x, y in points])]}
 
 
 TT_CONV = Benchmark(

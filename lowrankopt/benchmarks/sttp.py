@@ -20,9 +20,9 @@ import statistics
 import torch
 
 from ..nn import STTPLinear, convert_to_sttp, count_parameters
-from .digits import accuracy, digits_split, fit
+from .digits import accuracy, accuracy_plot, digits_skipped, digits_split, epoch_row, fit
 from .registry import Benchmark, Case
-from .runner import Context, Timing, ratio, timing_row
+from .runner import Context, ratio, ratios_to_first, timing_row
 
 
 def _cnn(seed: int) -> torch.nn.Sequential:
@@ -42,7 +42,7 @@ def _cnn(seed: int) -> torch.nn.Sequential:
 def run_digits(case: Case, ctx: Context) -> dict:
     data = digits_split(ctx)
     if data is None:
-        return {"rows": [{"variant": "digits CNN", "skipped": "skipped: install scikit-learn"}]}
+        return digits_skipped()
     Xtr, ytr, Xte, yte = data
     epochs, ranks = case.params["epochs"], case.params["ranks"]
     dense_params = count_parameters(_cnn(ctx.seed))
@@ -57,23 +57,10 @@ def run_digits(case: Case, ctx: Context) -> dict:
         acc = accuracy(model, Xte, yte)
         share = 100 * count_parameters(model) / dense_params
         figures = {"test accuracy": acc, "% parameters": share, "parameters": count_parameters(model)}
-        rows.append(timing_row(label, Timing.of(times), figures=figures, status=f"{epochs} epochs; time: per epoch"))
+        rows.append(epoch_row(label, times, epochs, figures))
         points.append((label, share, acc))
-    base = rows[0]["time"]
-    for r in rows:
-        r["ratio"] = r["time"] / base
-    return {
-        "rows": rows,
-        "xy": [
-            {
-                "title": f"digits CNN, {epochs} epochs: test accuracy vs parameters",
-                "xlabel": "% of the dense model's parameters",
-                "ylabel": "test accuracy",
-                "xlog": True,
-                "series": [{"label": lbl, "x": [x], "y": [y]} for lbl, x, y in points],
-            }
-        ],
-    }
+    title = f"digits CNN, {epochs} epochs: test accuracy vs parameters"
+    return {"rows": ratios_to_first(rows), "xy": [accuracy_plot(title, [(lbl, [(x, y)]) for lbl, x, y in points])]}
 
 
 def run_throughput(case: Case, ctx: Context) -> dict:

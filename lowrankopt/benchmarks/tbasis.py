@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from ..nn import TBasis, convert_to_tbasis, count_parameters, tbasis_penalty
-from .digits import accuracy, digits_split, fit
+from .digits import accuracy, accuracy_plot, digits_skipped, digits_split, epoch_row, fit
 from .registry import Benchmark, Case
-from .runner import Context, Timing, timing_row
+from .runner import Context, ratios_to_first
 
 
 def _cnn(seed: int) -> torch.nn.Sequential:
@@ -41,7 +41,7 @@ def _cnn(seed: int) -> torch.nn.Sequential:
 def run(case: Case, ctx: Context) -> dict:
     data = digits_split(ctx)
     if data is None:
-        return {"rows": [{"variant": "digits CNN", "skipped": "skipped: install scikit-learn"}]}
+        return digits_skipped()
     Xtr, ytr, Xte, yte = data
     epochs, penalty = case.params["epochs"], case.params["penalty"]
     dense_params = count_parameters(_cnn(ctx.seed))
@@ -66,7 +66,7 @@ def run(case: Case, ctx: Context) -> dict:
             "% parameters without the basis": 100 * without / dense_params,
             "parameters": total,
         }
-        rows.append(timing_row(label, Timing.of(times), figures=figures, status=f"{epochs} epochs; time: per epoch"))
+        rows.append(epoch_row(label, times, epochs, figures))
         if spec is None:
             series["dense"].append((100.0, acc))
         elif spec[0] is None:
@@ -74,24 +74,8 @@ def run(case: Case, ctx: Context) -> dict:
         else:
             series["T-Basis"].append((figures["% parameters"], acc))
             series["T-Basis (without the basis)"].append((figures["% parameters without the basis"], acc))
-    for r in rows:
-        r["ratio"] = r["time"] / rows[0]["time"]
-    return {
-        "rows": rows,
-        "xy": [
-            {
-                "title": f"digits CNN, {epochs} epochs: test accuracy vs parameters",
-                "xlabel": "% of the dense model's parameters",
-                "ylabel": "test accuracy",
-                "xlog": True,
-                "series": [
-                    {"label": name, "x": [x for x, _ in pts], "y": [y for _, y in pts]}
-                    for name, pts in series.items()
-                    if pts
-                ],
-            }
-        ],
-    }
+    title = f"digits CNN, {epochs} epochs: test accuracy vs parameters"
+    return {"rows": ratios_to_first(rows), "xy": [accuracy_plot(title, series.items())]}
 
 
 BENCHMARK = Benchmark(

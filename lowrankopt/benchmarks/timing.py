@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Context", "Timing", "ratio", "timing_row"]
+__all__ = ["Context", "Timing", "ratio", "ratios_to_first", "timing_row"]
 
 
 @dataclass(frozen=True)
@@ -112,3 +112,12 @@ def timing_row(variant: str, t: Timing, **extra: object) -> dict:
         "rounds": list(t.rounds),
         **extra,
     }
+
+
+def ratios_to_first(rows: list[dict]) -> list[dict]:
+    """Set each timed row's ``ratio`` to its ``time`` over the first timed row's (rows without a time, e.g. skipped
+    ones, get none); returns ``rows``."""
+    timed = [r for r in rows if r.get("time") is not None]
+    for r in timed:
+        r["ratio"] = r["time"] / timed[0]["time"]
+    return rows
