@@ -7,7 +7,9 @@ One sub-package per family — :mod:`.manifold` (layers on fixed-rank / TT manif
 parametrizations and adapters), :mod:`.spectral` (layers with controlled singular values), :mod:`.compression`
 (T-Basis) — and every public name here. Every converter (``convert_to_sttp``, ``convert_to_tt_conv``,
 ``convert_to_tbasis``, ``convert_to_gsoft``) selects and replaces modules through :mod:`lowrankopt.nn.surgery`
-(PEFT's ``target_modules`` / ``exclude_modules``); the layers' shared private helpers are in ``nn/_common.py``."""
+(PEFT's ``target_modules`` / ``exclude_modules``); the adapters (GSOFT, Riemannian LoRA) share one base class and
+one model-level API (:mod:`.adapters`: ``merge_adapter``, ``unload``, ``adapter_state_dict``, ...); the layers' shared
+private helpers are in ``nn/_common.py``."""
 
 from ._deprecated import (  # the 0.1 names, for one release
     inject_gsoft,
@@ -17,6 +19,7 @@ from ._deprecated import (  # the 0.1 names, for one release
     tbasis_parameter_count,
     tt_conv_convert,
 )
+from .adapters import AdapterLayer, adapter_layers, adapter_state_dict, load_adapter_state_dict
 from .compression.tbasis import (
     TBasis,
     TBasisConv2d,
@@ -69,6 +72,10 @@ from .surgery import (
 )
 
 __all__ = [
+    "AdapterLayer",
+    "adapter_layers",
+    "adapter_state_dict",
+    "load_adapter_state_dict",
     "OrthonormalTT",
     "blockdiag_matmul",
     "householder_numel",

@@ -14,19 +14,30 @@ Cost per adapted layer and vector: ``O(n_in b)`` (+ ``O(n_out b)`` double) on to
 parameters ``n_in (b − 1)`` (+ ``n_out (b − 1)``) + ``n_out`` (scale).
 
 This module is the model-level API; the adapter layer is :mod:`.gsoft_layer` and its configuration
-:mod:`.gsoft_config` (both re-exported here).
+:mod:`.gsoft_config` (both re-exported here). The merge, unload, disable and state-dict functions are the shared ones
+of :mod:`lowrankopt.nn.adapters` (they act on every adapter of a model, GSOFT or not); ``gsoft_state_dict`` and
+``load_gsoft_state_dict`` are their GSOFT-named aliases.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import torch
 
-from ..surgery import replace_modules, restore_modules, select_modules, tied_parameters
+from ..adapters.model import (
+    adapter_layers,
+    adapter_state_dict,
+    disable_adapters,
+    load_adapter_state_dict,
+    merge_adapter,
+    merge_and_unload,
+    unload,
+    unmerge_adapter,
+)
+from ..surgery import replace_modules, select_modules
 from .gsoft_config import GSOFTConfig
-from .gsoft_layer import PREFIX, GSOFTLinear, merge_all
+from .gsoft_layer import PREFIX, GSOFTLinear
 
 __all__ = [
     "GSOFTConfig",
@@ -46,17 +57,21 @@ def _adapted(model: torch.nn.Module) -> Iterator[tuple[str, GSOFTLinear]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, GSOFTLinear))
 
 
-def _gsoft_eligible(config: GSOFTConfig):
+def _gsoft_eligible(config: GSOFTConfig, model: torch.nn.Module):
     """What GSOFT adapts: ``nn.Linear``; with ``fan_in_fan_out``, also any module with a 2-D ``(in, out)`` weight but an
-    embedding (GPT-2's ``Conv1D``)."""
+    embedding (GPT-2's ``Conv1D``) — not the layers inside adapters already there (of another kind)."""
+    inside = {id(sub) for layer in adapter_layers(model).values() for sub in layer.modules()}
 
     def eligible(m: torch.nn.Module) -> bool:
         w = getattr(m, "weight", None)
-        return isinstance(m, torch.nn.Linear) or (
-            config.fan_in_fan_out
-            and isinstance(w, torch.Tensor)
-            and w.dim() == 2
-            and not isinstance(m, torch.nn.Embedding)
+        return id(m) not in inside and (
+            isinstance(m, torch.nn.Linear)
+            or (
+                config.fan_in_fan_out
+                and isinstance(w, torch.Tensor)
+                and w.dim() == 2
+                and not isinstance(m, torch.nn.Embedding)
+            )
         )
 
     return eligible
@@ -77,7 +92,9 @@ def convert_to_gsoft(model: torch.nn.Module, config: GSOFTConfig) -> dict[str, G
         raise TypeError(f"config must be a GSOFTConfig, got {type(config).__name__}")
     if any(True for _ in _adapted(model)):
         raise ValueError("model already has GSOFT adapters")
-    targets = select_modules(model, config.target_modules, config.exclude_modules, eligible=_gsoft_eligible(config))
+    targets = select_modules(
+        model, config.target_modules, config.exclude_modules, eligible=_gsoft_eligible(config, model)
+    )
     if not targets:
         raise ValueError(f"no module matches target_modules={config.target_modules!r}")
     wrapped = replace_modules(model, targets, lambda name, m: GSOFTLinear(m, config, name))
@@ -97,107 +114,17 @@ def convert_to_gsoft(model: torch.nn.Module, config: GSOFTConfig) -> dict[str, G
     return wrapped
 
 
-def _refuse_tied(model: torch.nn.Module, layers: list[tuple[str, GSOFTLinear]]) -> None:
-    """Merging writes the base weight in place: refused (``ValueError``, before any write) for a base weight tied to
-    another place of the model, which would change there too. Cost ``O(modules + parameters)`` per layer."""
-    for name, layer in layers:
-        others = tied_parameters(model, layer).get("base_layer.weight")
-        if others:
-            raise ValueError(
-                f"{name}.base_layer.weight is tied to {others[0]}: merging would change it there too; nothing was "
-                "merged (untie the weights first)"
-            )
-
-
-def merge_adapter(model: torch.nn.Module) -> None:
-    """Merge every GSOFT adapter into its base weight, all or none: if one cannot be merged (``ValueError``: a
-    (nearly) zero scale entry, a non-finite result), no weight has changed. Cost per layer: one ``O(n_out n_in b)``
-    pass (two for a weight near the largest float, whose result cannot be proven finite beforehand) plus
-    ``O(n_out n_in + n b²)`` of checks; extra memory: one weight."""
-    adapted = list(_adapted(model))
-    _refuse_tied(model, [(n, layer) for n, layer in adapted if not layer.merged])
-    merge_all([layer for _, layer in adapted], merge=True)
-
-
-def unmerge_adapter(model: torch.nn.Module) -> None:
-    """Undo :func:`merge_adapter` (all or none), restoring the base weights to rounding. Cost as
-    :func:`merge_adapter`'s."""
-    merge_all([layer for _, layer in _adapted(model)], merge=False)
-
-
-def merge_and_unload(model: torch.nn.Module) -> torch.nn.Module:
-    """Merge the adapters (all or none) and put the plain base layers back at every place (in place,
-    :func:`~lowrankopt.nn.surgery.restore_modules`); returns ``model``. Cost as :func:`merge_adapter`'s."""
-    merge_adapter(model)
-    restore_modules(model, GSOFTLinear, lambda name, layer: layer.base_layer)
-    return model
-
-
-def unload(model: torch.nn.Module) -> torch.nn.Module:
-    """Remove the adapters without merging them: merged ones are unmerged first (all or none), then the plain base
-    layers are put back at every place (in place); returns ``model``, the base model again (to rounding where a
-    layer was merged). Cost as :func:`unmerge_adapter`'s."""
-    unmerge_adapter(model)
-    restore_modules(model, GSOFTLinear, lambda name, layer: layer.base_layer)
-    return model
-
-
-@contextlib.contextmanager
-def disable_adapters(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Within the context, the adapted layers compute the base model's outputs."""
-    layers = [layer for _, layer in _adapted(model)]
-    for layer in layers:
-        layer.disabled = True
-    try:
-        yield model
-    finally:
-        for layer in layers:
-            layer.disabled = False
-
-
-def _key(module_name: str, leaf: str) -> str:
-    return f"{module_name}.{leaf}" if module_name else leaf
-
-
-def _adapter_entries(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State-dict key → live tensor of what training changes: the adapter parameters and every trainable one."""
-    keys = {k for k, p in model.named_parameters() if p.requires_grad}
-    for name, layer in _adapted(model):
-        keys.update(_key(name, k) for k, _ in layer.named_parameters() if k.startswith(PREFIX))
-    return {k: v for k, v in model.state_dict(keep_vars=True).items() if k in keys}
-
-
 def gsoft_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What training changes: the adapter parameters (``…gsoft_in.L``, ``…gsoft_scale``, …) and every other
     trainable parameter (``modules_to_save``, trainable biases), detached copies. The same whether the model is
     merged or not (the merge state stays out: the adapter file is applied to unmerged base weights); raises
-    ``ValueError`` if a trainable base weight holds a merged weight (unmerge first)."""
-    entries = _adapter_entries(model)
-    for name, layer in _adapted(model):
-        if layer.merged and _key(name, "base_layer.weight") in entries:
-            raise ValueError(
-                f"{_key(name, 'base_layer.weight')} is trainable and holds the merged weight: saved, it would apply "
-                "the adapter twice when loaded; unmerge the adapters first"
-            )
-    return {k: v.detach().clone() for k, v in entries.items()}
+    ``ValueError`` if a trainable base weight holds a merged weight (unmerge first). The same as
+    :func:`~lowrankopt.nn.adapter_state_dict` (every adapter of the model, of any kind)."""
+    return adapter_state_dict(model)
 
 
 def load_gsoft_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Load adapter parameters saved by :func:`gsoft_state_dict` into an unmerged model injected with the same
-    config. Raises ``ValueError`` (nothing loaded) if the model is merged or keys or shapes differ."""
-    adapted = list(_adapted(model))
-    if any(layer.merged for _, layer in adapted):
-        raise ValueError("unmerge the adapters before loading adapter weights")
-    expected = _adapter_entries(model)
-    missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
-    if missing or unexpected:
-        raise ValueError(f"adapter state mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-    for k, v in state_dict.items():
-        if not isinstance(v, torch.Tensor) or v.shape != expected[k].shape:
-            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"adapter state mismatch: {k} must have shape {tuple(expected[k].shape)}, got {got}")
-    state_dict = dict(state_dict)
-    for name, _ in adapted:  # a trainable base weight in the file is an unmerged one (gsoft_state_dict saw to it)
-        if _key(name, "base_layer.weight") in state_dict:
-            state_dict[_key(name, "merged_flag")] = torch.tensor(False)
-    model.load_state_dict(state_dict, strict=False)
+    config. Raises ``ValueError`` (nothing loaded) if the model is merged or keys or shapes differ. The same as
+    :func:`~lowrankopt.nn.load_adapter_state_dict`."""
+    load_adapter_state_dict(model, state_dict)

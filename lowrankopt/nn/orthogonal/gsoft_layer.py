@@ -5,11 +5,12 @@ unmerge ``O(n_out n_in b)``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from ..adapters.layer import AdapterLayer, merge_all
 from .gs import GSMatrix, GSOrthogonal
 from .gsoft_config import GSOFTConfig
 
@@ -34,7 +35,7 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-class GSOFTLinear(torch.nn.Module):
+class GSOFTLinear(AdapterLayer):
     """A frozen linear layer with a GSOFT adapter (see :mod:`lowrankopt.nn.orthogonal.gsoft`). ``base_layer`` keeps the
     original module; :meth:`merge` folds the adapter into its weight, :meth:`unmerge` takes it out again.
 
@@ -48,37 +49,31 @@ class GSOFTLinear(torch.nn.Module):
     that were folded in (``2 n b`` entries per rotation + ``n_out``). A checkpoint saved merged loads merged,
     one saved unmerged loads unmerged, whatever state the receiving model was in. :meth:`unmerge` undoes the
     recorded blocks, so the adapter may change while merged (an optimizer step, loaded adapter weights) without
-    corrupting the base weight; the changed adapter takes effect when unmerged.
+    corrupting the base weight; the changed adapter takes effect when unmerged. (The merge state, the state-dict
+    checks and the all-or-none merge are :class:`~lowrankopt.nn.adapters.AdapterLayer`'s.)
     """
 
+    adapter_prefix = PREFIX
+
     def __init__(self, base_layer: torch.nn.Module, config: GSOFTConfig, name: str = "") -> None:
-        super().__init__()
         w = base_layer.weight
         # nn.Linear stores (out, in) whatever the config says (PEFT also ignores fan_in_fan_out for it)
-        self.fan_in_fan_out = config.fan_in_fan_out and not isinstance(base_layer, torch.nn.Linear)
+        super().__init__(
+            base_layer, name, fan_in_fan_out=config.fan_in_fan_out and not isinstance(base_layer, torch.nn.Linear)
+        )
         out_f, in_f = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else tuple(w.shape)
         kw = dict(map=config.map, neumann_terms=config.neumann_terms, dtype=w.dtype, device=w.device)
-        self.layer_name = name or "layer"
-        self.base_layer = base_layer
         self.gsoft_in = GSOrthogonal(in_f, config.block_for(in_f, self.layer_name), **kw)
         self.gsoft_out = GSOrthogonal(out_f, config.block_for(out_f, self.layer_name), **kw) if config.double else None
         self.gsoft_scale = (
             torch.nn.Parameter(torch.ones(out_f, dtype=w.dtype, device=w.device)) if config.scale else None
         )
-        self.disabled = False
-        self.register_buffer("merged_flag", torch.tensor(False, device=w.device))
-        self._merged = False  # the flag as a Python bool: reading the buffer in forward would sync a GPU
         for side, q in self._rotations():
             blocks = torch.eye(q.block_size, dtype=w.dtype, device=w.device).expand(q.nblocks, -1, -1)
             self.register_buffer(f"merged_{side}_L", blocks.clone())
             self.register_buffer(f"merged_{side}_R", blocks.clone())
         if self.gsoft_scale is not None:
             self.register_buffer("merged_scale", torch.ones(out_f, dtype=w.dtype, device=w.device))
-
-    @property
-    def merged(self) -> bool:
-        """Whether the adapter is folded into ``base_layer.weight``."""
-        return self._merged
 
     @property
     def weight(self) -> torch.Tensor:
@@ -90,23 +85,10 @@ class GSOFTLinear(torch.nn.Module):
         W = self._adapt(self._weight(), self._adapter())
         return W.T if self.fan_in_fan_out else W
 
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """The base layer's bias (the adapter leaves it as it is)."""
-        return getattr(self.base_layer, "bias", None)
-
     def _rotations(self) -> Iterator[tuple[str, GSOrthogonal]]:
         yield "in", self.gsoft_in
         if self.gsoft_out is not None:
             yield "out", self.gsoft_out
-
-    def _weight(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        return w.T if self.fan_in_fan_out else w
-
-    def _check_not_disabled_while_merged(self) -> None:
-        if self.disabled and self.merged:
-            raise RuntimeError("cannot disable a merged adapter; unmerge it first")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_not_disabled_while_merged()
@@ -181,10 +163,6 @@ class GSOFTLinear(torch.nn.Module):
             )
         return a
 
-    def _recorded(self) -> dict[str, torch.Tensor]:
-        """The record of what was merged (the ``merged_*`` buffers), keyed as :meth:`_adapter`."""
-        return {key: getattr(self, f"merged_{key}") for key in self._adapter_keys()}
-
     @torch.no_grad()
     def _surely_finite(self, merge: bool) -> bool:
         """Whether merging (``merge=True``; unmerging otherwise) is proven to give a finite weight, without computing
@@ -230,14 +208,6 @@ class GSOFTLinear(torch.nn.Module):
             ["scale"] if self.gsoft_scale is not None else []
         )
 
-    @torch.no_grad()
-    def _write(self, W: torch.Tensor, record: dict[str, torch.Tensor], merged: bool) -> None:
-        self.base_layer.weight.copy_(W.T if self.fan_in_fan_out else W)
-        for key, value in record.items():
-            getattr(self, f"merged_{key}").copy_(value)
-        self.merged_flag.fill_(merged)
-        self._merged = merged
-
     def merge(self) -> None:
         """Fold the adapter into the base weight (forward then costs what the base layer costs) and record the
         blocks and scale folded in. Cost ``O(n_out n_in b)``. Raises ``ValueError`` (nothing changed) if a scale
@@ -248,50 +218,3 @@ class GSOFTLinear(torch.nn.Module):
         """Restore the base weight, ``Q_out⁻¹ diag(s)⁻¹ W' Q_in⁻¹`` with the recorded (merged) blocks and scale —
         to rounding (about 1e-7 relative in float32), whatever the adapter became since. Cost ``O(n_out n_in b)``."""
         merge_all([self], merge=False)
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        # the base weight and the merge flag only make sense together; refuse what could load an inconsistent state
-        name = prefix.rstrip(".") or self.layer_name
-        flag, weight = prefix + "merged_flag", prefix + "base_layer.weight"
-        if (flag in state_dict) != (weight in state_dict):
-            raise ValueError(
-                f"{name}: the state dict must hold both {weight!r} and {flag!r} (whether that weight has the adapter "
-                "merged in) or neither; a state dict saved before the merge state was saved needs "
-                f"state_dict[{flag!r}] = torch.tensor(False) (unmerged) added"
-            )
-        if flag in state_dict and bool(state_dict[flag]):
-            absent = [prefix + f"merged_{k}" for k in self._adapter_keys() if prefix + f"merged_{k}" not in state_dict]
-            if absent:
-                raise ValueError(f"{name}: a merged state needs the record of what was merged; missing {absent}")
-        if flag not in state_dict and self.merged and any(k.startswith(prefix + PREFIX) for k in state_dict):
-            raise ValueError(
-                f"{name}: the adapter is merged; loading adapter parameters alone would not change the merged "
-                "weight: unmerge first (or load a full state dict)"
-            )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        self._merged = bool(self.merged_flag)
-
-
-def merge_all(layers: Sequence[GSOFTLinear], merge: bool) -> None:
-    """Merge (or unmerge) every layer or none, each new weight computed once where it can be.
-
-    First every layer is checked cheaply (``O(n_out n_in + n b²)`` each), before any weight is written: what
-    cannot be merged is refused (a (nearly) zero scale, a singular record) and a bound proves the result finite
-    (:meth:`GSOFTLinear._surely_finite`). Then each weight is computed and written in one ``O(n_out n_in b)`` pass.
-    A result the bound does not prove finite (weights near the largest float, non-finite values) is computed and
-    checked before any weight is written, and computed again to be written — a second pass for those layers only,
-    since holding the results instead would cost one weight per layer; the extra memory stays one weight.
-    """
-    todo = [layer for layer in layers if layer.merged != merge]
-    proven = [layer._surely_finite(merge) for layer in todo]  # every layer, before any write
-    result = GSOFTLinear._merge_result if merge else GSOFTLinear._unmerge_result
-    if len(todo) > 1:
-        for layer, ok in zip(todo, proven):
-            if not ok:
-                result(layer)  # raises (nothing written yet) if the result is not finite
-    for layer in todo:
-        layer._write(*result(layer), merged=merge)
