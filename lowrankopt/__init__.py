@@ -1,10 +1,11 @@
 """lowrankopt: Riemannian optimization on low-rank matrix and tensor-train manifolds, in PyTorch.
 
-The core (formats, manifolds, autodiff, optim, completion) is imported with the package. The other subpackages
-(``lowrankopt.nn``, ``.spectral``, ``.stats``, ``.cross``, ``.distributed``, ``.benchmarks``) and the geoopt bridge
-(:class:`GeooptManifold`, :class:`GeooptFixedRank`, :class:`GeooptFixedTTRank`, which import geoopt) are loaded on
-first attribute access (PEP 562), so ``import lowrankopt as lro; lro.nn.STTPLinear`` works and ``import lowrankopt``
-stays light.
+The core (formats, manifolds, autodiff, optim — with the stochastic ``torch.optim`` optimizers ``RiemannianSGD``,
+``RiemannianAdam`` and ``Riemannion``, which import no geoopt — and completion) is imported with the package. The
+other subpackages (``lowrankopt.nn``, ``.spectral``, ``.stats``, ``.cross``, ``.distributed``, ``.benchmarks``) and the
+geoopt bridge (:class:`GeooptManifold`, :class:`GeooptFixedRank`, :class:`GeooptFixedTTRank`, which import geoopt) are
+loaded on first attribute access (PEP 562), so ``import lowrankopt as lro; lro.nn.STTPLinear`` works and
+``import lowrankopt`` stays light.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .autodiff import (
 from .completion import complete, completion_loss, sample_indices
 from .formats import LowRankMatrix, TensorRing, TensorTrain, TTMatrix
 from .manifolds import FixedRankMatrices, FixedTTRank, LowRankManifold, TangentVector, manifold_of
-from .optim import OptimizeResult, minimize
+from .optim import OptimizeResult, RiemannianAdam, RiemannianSGD, Riemannion, minimize
 
 if TYPE_CHECKING:  # what __getattr__ loads lazily, for type checkers and IDEs (`import x as x`: an explicit re-export)
     from . import benchmarks as benchmarks
@@ -48,6 +49,9 @@ __all__ = [
     "LowRankManifold",
     "LowRankMatrix",
     "OptimizeResult",
+    "RiemannianAdam",
+    "RiemannianSGD",
+    "Riemannion",
     "TTMatrix",
     "TangentVector",
     "TensorRing",

@@ -3,17 +3,23 @@ touches it.
 
 A parameter on a packed manifold (:class:`~lowrankopt.manifolds.geoopt.GeooptManifold`), or one made by
 :func:`manifold_parameter` (e.g. the ``geoopt.EuclideanStiefel`` parameters of the ``nn`` layers), must be stepped by
-a Riemannian optimizer (geoopt's ``RiemannianSGD`` / ``RiemannianAdam``), which moves it along its manifold by the
-retraction. An optimizer step pre-hook raises
+a Riemannian optimizer (geoopt's ``RiemannianSGD`` / ``RiemannianAdam``, or lowrankopt's own
+:class:`~lowrankopt.optim.RiemannianSGD` / :class:`~lowrankopt.optim.RiemannianAdam` /
+:class:`~lowrankopt.optim.Riemannion`), which moves it along its manifold by the retraction. An optimizer step pre-hook
+raises
 
 * ``TypeError`` when an optimizer that is not one of geoopt's Riemannian optimizers (``torch.optim.Adam``, ``SGD``,
   ...) is about to step such a parameter that has a gradient: a Euclidean step would leave the manifold silently. The
   message names the parameter (its layer and attribute, param group and position). Plain parameters can stay with any
   optimizer; give the manifold parameters to ``RiemannianSGD`` / ``RiemannianAdam``.
-* ``ValueError`` for any param group holding a packed parameter with ``weight_decay != 0``: decaying packed factors is
-  meaningless (it would shrink orthonormal frames; ``torch.optim.AdamW`` defaults to 0.01: give these parameters
-  their own group with ``weight_decay=0``), and for optimizer state whose tensors do not have their parameter's shape
-  (a checkpoint of another packed layout).
+* ``ValueError`` for any param group holding a packed parameter with ``weight_decay != 0`` under an optimizer that
+  decays the packed factors (geoopt's): that is meaningless (it would shrink orthonormal frames; give these parameters
+  their own group with ``weight_decay=0``). lowrankopt's optimizers decay on the manifold (the matrix is scaled, the
+  frames are not), so weight decay is allowed for them. Also for optimizer state whose tensors do not have their
+  parameter's shape (a checkpoint of another packed layout).
+
+An optimizer class takes part as a Riemannian optimizer that decays on the manifold by setting the class attribute
+``RIEMANNIAN`` (``lowrankopt_riemannian = True``).
 
 **Why global.** The optimizers that must be refused are the user's own (``torch.optim.Adam(model.parameters())``),
 made after and apart from our parameters; torch offers no hook on an optimizer's construction, and a per-optimizer
@@ -36,6 +42,9 @@ __all__ = ["manifold_parameter", "register_step_guard"]
 
 OWNER = "lowrankopt_owner"  # on the manifold (deep copies and pickles keep it): who made the parameter, an _Owner
 HINT = "lowrankopt_hint"  # on the manifold: a Euclidean way to train the same layer, if there is one
+# on an optimizer class: it steps manifold parameters by their retraction and decays them on the manifold (set by
+# lowrankopt.optim.stochastic, which does not import this module: it would import geoopt)
+RIEMANNIAN = "lowrankopt_riemannian"
 
 
 class _Owner(str):
@@ -76,8 +85,15 @@ def _is_packed(manifold) -> bool:
 
 def _is_riemannian(optimizer) -> bool:
     """geoopt's Riemannian optimizers (RiemannianSGD, RiemannianAdam, their sparse versions, the line search)
-    share ``OptimMixin``; they step a ManifoldTensor by its manifold's retraction."""
-    return isinstance(optimizer, geoopt.optim.mixin.OptimMixin)
+    share ``OptimMixin``; they step a ManifoldTensor by its manifold's retraction. So do lowrankopt's
+    (:func:`_decays_on_manifold`)."""
+    return isinstance(optimizer, geoopt.optim.mixin.OptimMixin) or _decays_on_manifold(optimizer)
+
+
+def _decays_on_manifold(optimizer) -> bool:
+    """lowrankopt's stochastic optimizers (the class attribute ``RIEMANNIAN``): Riemannian, and their weight
+    decay scales the point on its manifold instead of the packed factors."""
+    return getattr(type(optimizer), RIEMANNIAN, False) is True
 
 
 def _euclidean_step_error(optimizer, i: int, j: int, p) -> TypeError:
@@ -87,8 +103,11 @@ def _euclidean_step_error(optimizer, i: int, j: int, p) -> TypeError:
         f"{type(optimizer).__name__} is not a Riemannian optimizer, but param group {i}, parameter {j} "
         f"(shape {tuple(p.shape)}) is {owner}, a lowrankopt manifold parameter: a Euclidean step would move it off "
         "its manifold (its orthonormal factors would stop being orthonormal). Train manifold parameters with "
-        "geoopt.optim.RiemannianSGD or geoopt.optim.RiemannianAdam (plain parameters can keep any torch optimizer: "
-        "give the manifold parameters to a Riemannian one)" + (f"; or {hint}" if hint else "") + "."
+        "geoopt.optim.RiemannianSGD or geoopt.optim.RiemannianAdam, or lowrankopt.optim.RiemannianSGD / "
+        "RiemannianAdam / Riemannion, which also take the plain parameters and weight decay (plain parameters can "
+        "keep any torch optimizer: give the manifold parameters to a Riemannian one)"
+        + (f"; or {hint}" if hint else "")
+        + "."
     )
 
 
@@ -145,7 +164,8 @@ def _step_pre_hook(optimizer, args, kwargs):
 
     * A step of a non-Riemannian optimizer (``torch.optim.Adam``, ``SGD``, ...) on one of them, with a gradient,
       is an error (``TypeError``, naming the parameter): it would leave the manifold silently.
-    * Weight decay on packed parameters is an error (``ValueError``).
+    * Weight decay on packed parameters is an error (``ValueError``), except under lowrankopt's optimizers, which
+      decay on the manifold (:func:`_decays_on_manifold`).
     * ``torch.optim.Adam.__setstate__`` (run by ``load_state_dict``) turns geoopt's integer ``state["step"]``
       into a float32 tensor, so ``RiemannianAdam``'s bias corrections would change after a checkpoint round
       trip; turn it back into the int geoopt keeps (for every parameter of the optimizer), so that training
@@ -160,14 +180,14 @@ def _step_pre_hook(optimizer, args, kwargs):
         for i, j, p in plan.guarded:
             if p.grad is not None:
                 raise _euclidean_step_error(optimizer, i, j, p)
-    for i, group, p in plan.packed_groups:
+    for i, group, p in () if _decays_on_manifold(optimizer) else plan.packed_groups:
         wd = group.get("weight_decay", 0)
         if wd:
             raise ValueError(
                 f"{type(optimizer).__name__}: param group {i} has weight_decay={wd} but holds a lowrankopt "
                 f"manifold parameter (on {p.manifold!r}); decaying packed factors is meaningless and breaks "
                 "their orthonormality: use weight_decay=0 for lowrankopt manifold parameters (put them in their "
-                "own param group)."
+                "own param group), or lowrankopt.optim's optimizers, which decay on the manifold."
             )
     if plan.state is not optimizer.state:
         _check_state_shapes(optimizer, plan)
