@@ -558,7 +558,9 @@ def test_bad_hyperparameters_raise_naming_them(kwargs, message, g):
 
 # ---------------------------------------------------------------------- memory
 class _LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an aten op produces (forward, backward, step)."""
+    """Records the largest number of elements of any tensor an aten op produces (forward, backward, step). Stricter
+    than the profiler's memory events (which net allocations and frees within an op): every intermediate tensor of
+    every op, the autograd engine's included, is seen."""
 
     def __init__(self):
         super().__init__()
@@ -588,3 +590,25 @@ def test_a_step_on_a_4096_square_rank_8_layer_never_forms_a_dense_matrix(make):
         layer.weight_matrix().full()
     assert control.largest == N * N
     assert math.isfinite(float(layer(x).sum()))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: RiemannianSGD(p, lr=0.05, momentum=0.9, weight_decay=0.01),
+        lambda p: RiemannianAdam(p, lr=0.02, weight_decay=0.01),
+        lambda p: Riemannion(p, lr=0.02, weight_decay=0.01),
+    ],
+)
+def test_cuda_training_matches_cpu(make):
+    """The batched kernels on the device (three same-shape weights in one stack) follow the CPU run."""
+    model = Stack(torch.Generator().manual_seed(3))
+    model_c = copy.deepcopy(model).to("cuda")
+    g = torch.Generator().manual_seed(4)
+    X, Y = torch.randn(8, 6, dtype=DT, generator=g), torch.randn(8, 3, dtype=DT, generator=g)
+    train(model, make(model.parameters()), X, Y, 10)
+    train(model_c, make(model_c.parameters()), X.cuda(), Y.cuda(), 10)
+    for layer, layer_c in zip(model.layers, model_c.layers):
+        assert rel(dense_w(layer_c).cpu(), dense_w(layer)) < 1e-10
