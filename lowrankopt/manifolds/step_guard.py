@@ -21,6 +21,11 @@ raises
 An optimizer class takes part as a Riemannian optimizer that decays on the manifold by setting the class attribute
 ``RIEMANNIAN`` (``lowrankopt_riemannian = True``).
 
+A parameter whose manifold carries the mark ``MERGED`` (set by an adapter layer while its adapter is folded into the
+base weight, e.g. :class:`~lowrankopt.nn.RiemannianLoRALinear`) must not be stepped at all: any optimizer about to
+step it with a gradient raises ``RuntimeError`` naming the layer (the step would change an adapter whose effect
+is frozen in the weight; unmerge first).
+
 **Why global.** The optimizers that must be refused are the user's own (``torch.optim.Adam(model.parameters())``),
 made after and apart from our parameters; torch offers no hook on an optimizer's construction, and a per-optimizer
 ``register_step_pre_hook`` needs the optimizer object. So the hook is torch's global
@@ -42,6 +47,8 @@ __all__ = ["manifold_parameter", "register_step_guard"]
 
 OWNER = "lowrankopt_owner"  # on the manifold (deep copies and pickles keep it): who made the parameter, an _Owner
 HINT = "lowrankopt_hint"  # on the manifold: a Euclidean way to train the same layer, if there is one
+# on the manifold: the name of the merged adapter layer the parameter belongs to (None or absent: not merged)
+MERGED = "lowrankopt_merged"
 # on an optimizer class: it steps manifold parameters by their retraction and decays them on the manifold (set by
 # lowrankopt.optim.stochastic, which does not import this module: it would import geoopt)
 RIEMANNIAN = "lowrankopt_riemannian"
@@ -111,6 +118,15 @@ def _euclidean_step_error(optimizer, i: int, j: int, p) -> TypeError:
     )
 
 
+def _merged_step_error(optimizer, i: int, j: int, p) -> RuntimeError:
+    return RuntimeError(
+        f"{type(optimizer).__name__}: param group {i}, parameter {j} (shape {tuple(p.shape)}) is the adapter of "
+        f"{getattr(p.manifold, MERGED)!r}, which is merged into its base weight: a step would change an adapter "
+        "whose effect is frozen in the merged weight. Unmerge the adapters (lowrankopt.nn.unmerge_adapter) before "
+        "training, or clear the gradients (optimizer.zero_grad()) of a merged model."
+    )
+
+
 class _GuardPlan:
     """What the guard must look at in one optimizer, found by one scan of its parameters: the guarded parameters
     ``(group index, position, parameter)``, the groups holding packed ones ``(group index, group, a packed
@@ -166,6 +182,8 @@ def _step_pre_hook(optimizer, args, kwargs):
       is an error (``TypeError``, naming the parameter): it would leave the manifold silently.
     * Weight decay on packed parameters is an error (``ValueError``), except under lowrankopt's optimizers, which
       decay on the manifold (:func:`_decays_on_manifold`).
+    * Any step of a parameter of a merged adapter (the mark ``MERGED``), with a gradient, is an error
+      (``RuntimeError``, naming the layer).
     * ``torch.optim.Adam.__setstate__`` (run by ``load_state_dict``) turns geoopt's integer ``state["step"]``
       into a float32 tensor, so ``RiemannianAdam``'s bias corrections would change after a checkpoint round
       trip; turn it back into the int geoopt keeps (for every parameter of the optimizer), so that training
@@ -176,6 +194,9 @@ def _step_pre_hook(optimizer, args, kwargs):
     per ``optimizer.state`` object (``load_state_dict`` makes a new one).
     """
     plan = _plan(optimizer)
+    for i, j, p in plan.guarded:
+        if p.grad is not None and getattr(p.manifold, MERGED, None):
+            raise _merged_step_error(optimizer, i, j, p)
     if not _is_riemannian(optimizer):
         for i, j, p in plan.guarded:
             if p.grad is not None:

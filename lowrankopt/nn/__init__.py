@@ -1,15 +1,15 @@
-"""Layers whose weights live on low-rank manifolds: low-rank and TT linear layers (trained with geoopt's
-Riemannian optimizers), the spectral tensor-train parameterization (STTP) of linear and conv layers,
-Group-and-Shuffle (GS) matrices, TT convolutions with exactly controllable singular values, and T-Basis (all
-weights of a network as tensor rings over one shared basis).
+"""Layers whose weights live on low-rank manifolds: low-rank and TT linear layers (trained with geoopt's Riemannian
+optimizers), the spectral tensor-train parameterization (STTP) of linear and conv layers, Group-and-Shuffle (GS)
+matrices, TT convolutions with exactly controllable singular values, and T-Basis (all weights of a network as tensor
+rings over one shared basis).
 
-One sub-package per family — :mod:`.manifold` (layers on fixed-rank / TT manifolds), :mod:`.orthogonal` (orthogonal
-parametrizations and adapters), :mod:`.spectral` (layers with controlled singular values), :mod:`.compression`
-(T-Basis) — and every public name here. Every converter (``convert_to_sttp``, ``convert_to_tt_conv``,
-``convert_to_tbasis``, ``convert_to_gsoft``) selects and replaces modules through :mod:`lowrankopt.nn.surgery`
-(PEFT's ``target_modules`` / ``exclude_modules``); the adapters (GSOFT, Riemannian LoRA) share one base class and
-one model-level API (:mod:`.adapters`: ``merge_adapter``, ``unload``, ``adapter_state_dict``, ...); the layers' shared
-private helpers are in ``nn/_common.py``."""
+One sub-package per family — :mod:`.manifold` (layers and adapters on fixed-rank / TT manifolds), :mod:`.orthogonal`
+(orthogonal parametrizations and adapters), :mod:`.spectral` (layers with controlled singular values),
+:mod:`.compression` (T-Basis) — and every public name here. Every converter (``convert_to_sttp``,
+``convert_to_tt_conv``, ``convert_to_tbasis``, ``convert_to_gsoft``, ``convert_to_riemannian_lora``) selects and
+replaces modules through :mod:`lowrankopt.nn.surgery` (PEFT's ``target_modules`` / ``exclude_modules``); the adapters
+(GSOFT, Riemannian LoRA) share one base class and one model-level API (:mod:`.adapters`: ``merge_adapter``, ``unload``,
+``adapter_state_dict``, ...); the layers' shared private helpers are in ``nn/_common.py``."""
 
 from ._deprecated import (  # the 0.1 names, for one release
     inject_gsoft,
@@ -29,6 +29,7 @@ from .compression.tbasis import (
     convert_to_tbasis,
     tbasis_penalty,
 )
+from .manifold.lora import RiemannianLoRAConfig, RiemannianLoRALinear, convert_to_riemannian_lora
 from .manifold.lowrank import LowRankLinear, TTLinear
 from .orthogonal.gs import GSMatrix, GSOrthogonal, blockdiag_matmul, gs_matmul, gs_project, shuffle_index
 from .orthogonal.gs_conv import (
@@ -97,6 +98,8 @@ __all__ = [
     "GSOrthogonal",
     "LipConvNet",
     "LowRankLinear",
+    "RiemannianLoRAConfig",
+    "RiemannianLoRALinear",
     "MaxMinPermuted",
     "STTPConv2d",
     "SkewOrthogonalConv2d",
@@ -110,6 +113,7 @@ __all__ = [
     "channel_shuffle",
     "convert_to_dense",
     "convert_to_gsoft",
+    "convert_to_riemannian_lora",
     "convert_to_sttp",
     "convert_to_tbasis",
     "convert_to_tt_conv",

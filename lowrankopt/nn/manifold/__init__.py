@@ -1,7 +1,16 @@
 """Manifold-constrained layers: the weight is one point of a fixed-rank or fixed-TT-rank manifold, stored as a packed
 ``geoopt.ManifoldParameter`` and trained by geoopt's Riemannian optimizers (``RiemannianSGD``, ``RiemannianAdam``):
-:class:`LowRankLinear` (``W = C Vᵀ`` of rank r) and :class:`TTLinear` (a TT-matrix of fixed TT-ranks)."""
+:class:`LowRankLinear` (``W = C Vᵀ`` of rank r) and :class:`TTLinear` (a TT-matrix of fixed TT-ranks); and Riemannian
+LoRA adapters (:mod:`.lora`), a frozen linear layer plus a rank-r update on the fixed-rank manifold
+(:class:`RiemannianLoRALinear`, :func:`convert_to_riemannian_lora`, PEFT interop in :mod:`.lora_peft`)."""
 
+from .lora import RiemannianLoRAConfig, RiemannianLoRALinear, convert_to_riemannian_lora
 from .lowrank import LowRankLinear, TTLinear
 
-__all__ = ["LowRankLinear", "TTLinear"]
+__all__ = [
+    "LowRankLinear",
+    "RiemannianLoRAConfig",
+    "RiemannianLoRALinear",
+    "TTLinear",
+    "convert_to_riemannian_lora",
+]
