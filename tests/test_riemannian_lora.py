@@ -505,3 +505,126 @@ def test_stepping_a_merged_adapter_is_refused_by_name(optimizer):
     fresh.load_state_dict(merged.state_dict())
     with pytest.raises(RuntimeError, match="merged"):
         geoopt.optim.RiemannianAdam([p for p in fresh.parameters() if p.requires_grad]).step()
+
+
+# ---------------------------------------------------------------------- PEFT interop
+def _peft():
+    return pytest.importorskip("peft", reason="peft is not installed: the PEFT round trips are skipped")
+
+
+def test_our_model_exports_to_peft_with_the_same_outputs(tmp_path):
+    peft = _peft()
+    from lowrankopt.nn.manifold.lora_peft import save_peft, to_peft_config, to_peft_state_dict
+
+    model = make_model()
+    cfg = RiemannianLoRAConfig(r=3, target_modules=["q_proj", "v_proj", "mlp.0"], bias="lora_only", modules_to_save="2")
+    convert_to_riemannian_lora(model, cfg)
+    move_adapters(model, 11)
+    with torch.no_grad():  # trained biases and head travel too
+        for name, p in model.named_parameters():
+            if p.requires_grad and not name.endswith("lora_X"):
+                p.add_(0.1 * torch.randn(p.shape, dtype=D, generator=_gen(12)))
+    x = x_for()
+    ours = model(x)
+    sd, config = to_peft_state_dict(model), to_peft_config(model)
+    assert config.r == 6 and config.lora_alpha == 6 and config.bias == "lora_only" and config.modules_to_save == ["2"]
+    assert sd["base_model.model.0.q_proj.lora_A.weight"].shape == (6, 16)
+    assert sd["base_model.model.0.q_proj.lora_B.weight"].shape == (12, 6)
+    peft_model = peft.get_peft_model(make_model(), config)
+    result = peft.set_peft_model_state_dict(peft_model, sd)
+    assert not result.unexpected_keys
+    assert rel(peft_model(x), ours) < 1e-12
+    save_peft(model, tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(make_model(), tmp_path / "adapter")
+    assert rel(loaded(x), ours) < 1e-12
+    # a layer without an offset exports at rank r (rank_pattern for it)
+    layer = model[0].q_proj
+    layer.load_state_dict({**layer.state_dict(), "lora_C0": torch.zeros(12, 0), "lora_V0": torch.zeros(16, 0),
+                           "merged_left": torch.zeros(12, 3), "merged_right": torch.zeros(16, 3)})  # fmt: skip
+    config = to_peft_config(model)
+    assert config.r == 6 and config.rank_pattern == {r"0\.q_proj": 3} and config.alpha_pattern == {r"0\.q_proj": 3}
+    peft_model = peft.get_peft_model(make_model(), config)
+    peft.set_peft_model_state_dict(peft_model, to_peft_state_dict(model))
+    assert rel(peft_model(x), model(x)) < 1e-12
+
+
+def _peft_lora(peft, B_rank=None, **kw):
+    """A PEFT LoRA model of make_model with random ("trained") A and B; B of rank ``B_rank`` if given."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "mlp.0"], **kw)
+    peft_model = peft.get_peft_model(make_model(), config)
+    g = _gen(13)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, dtype=D, generator=g) * 0.3)
+                if B_rank is not None and "lora_B" in name:
+                    p[:, B_rank:] = 0.0
+    return peft_model
+
+
+@pytest.mark.parametrize("kind", ["trained", "rslora", "rank_pattern", "rank deficient", "fresh"])
+def test_a_peft_lora_model_converts_with_the_same_outputs(kind):
+    peft = _peft()
+    from lowrankopt.nn.manifold.lora_peft import from_peft
+
+    if kind == "fresh":
+        peft_model = peft.get_peft_model(make_model(), peft.LoraConfig(r=4, target_modules="all-linear"))
+    else:
+        kw = {"rslora": {"use_rslora": True}, "rank_pattern": {"rank_pattern": {"mlp.0": 2}}}.get(kind, {})
+        peft_model = _peft_lora(peft, B_rank=2 if kind == "rank deficient" else None, **kw)
+    x = x_for()
+    with torch.no_grad():
+        expected = peft_model(x)
+    model = from_peft(peft_model, seed=3)
+    assert not any(type(m).__module__.startswith("peft") for m in model.modules())
+    converted = layers(model)
+    assert converted and all(m.lora_X.requires_grad for m in converted)
+    if kind == "fresh":
+        assert torch.equal(model(x), expected) and all(m.has_offset for m in converted)
+        assert len(converted) == 9
+    else:
+        assert rel(model(x), expected) < 1e-12
+        assert all(m.has_offset == (kind == "rank deficient") for m in converted)
+        if kind == "rank_pattern":
+            assert model[0].mlp[0].rank == 2 and model[0].q_proj.rank == 4
+    # it trains, and exports back to PEFT with the same outputs
+    opt = geoopt.optim.RiemannianAdam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(x).square().mean().backward()
+    opt.step()
+    from lowrankopt.nn.manifold.lora_peft import to_peft_config, to_peft_state_dict
+
+    back = peft.get_peft_model(make_model(), to_peft_config(model))
+    peft.set_peft_model_state_dict(back, to_peft_state_dict(model))
+    assert rel(back(x), model(x)) < 1e-12
+
+
+def test_peft_models_that_cannot_convert_are_refused_untouched():
+    peft = _peft()
+    from lowrankopt.nn.manifold.lora_peft import from_peft, to_peft_state_dict
+
+    with pytest.raises(TypeError, match="peft_model must be a peft.PeftModel"):
+        from_peft(make_model())
+    for kw, exc, match in [
+        ({"use_dora": True}, ValueError, "DoRA"),
+        ({}, ValueError, "merged"),
+    ]:
+        peft_model = _peft_lora(peft, **kw)
+        if not kw:
+            peft_model.merge_adapter()
+        before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+        with pytest.raises(exc, match=match):
+            from_peft(peft_model)
+        assert all(torch.equal(v, before[k]) for k, v in peft_model.state_dict().items())
+    model = make_model()
+    convert_to_gsoft(model, GSOFTConfig(block_size=4, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="GSOFTLinear: only Riemannian LoRA adapters export"):
+        to_peft_state_dict(model)
+    with pytest.raises(ValueError, match="no Riemannian LoRA adapters"):
+        to_peft_state_dict(make_model())
+    # PEFT's modules_to_save matches name suffixes: "2" would also wrap the adapted 0.mlp.2
+    model = make_model()
+    convert_to_riemannian_lora(
+        model, RiemannianLoRAConfig(r=2, target_modules="all-linear", exclude_modules="2", modules_to_save="2")
+    )
+    with pytest.raises(ValueError, match="'0.mlp.2' ends with the saved module name '2'.*adapted layer"):
+        to_peft_state_dict(model)

@@ -30,6 +30,7 @@ from .compression.tbasis import (
     tbasis_penalty,
 )
 from .manifold.lora import RiemannianLoRAConfig, RiemannianLoRALinear, convert_to_riemannian_lora
+from .manifold.lora_peft import from_peft, save_peft, to_peft_config, to_peft_state_dict
 from .manifold.lowrank import LowRankLinear, TTLinear
 from .orthogonal.gs import GSMatrix, GSOrthogonal, blockdiag_matmul, gs_matmul, gs_project, shuffle_index
 from .orthogonal.gs_conv import (
@@ -120,6 +121,7 @@ __all__ = [
     "count_parameters",
     "disable_adapters",
     "dopt_penalty",
+    "from_peft",
     "gs_matmul",
     "gs_project",
     "gsoft_state_dict",
@@ -129,9 +131,12 @@ __all__ = [
     "merge_and_unload",
     "replace_modules",
     "restore_modules",
+    "save_peft",
     "select_modules",
     "sttp_convert",
     "sttp_to_dense",
+    "to_peft_config",
+    "to_peft_state_dict",
     "tt_conv_convert",
     "tt_conv_orthogonalize_",
     "tt_conv_penalty",

@@ -5,6 +5,7 @@ LoRA adapters (:mod:`.lora`), a frozen linear layer plus a rank-r update on the 
 (:class:`RiemannianLoRALinear`, :func:`convert_to_riemannian_lora`, PEFT interop in :mod:`.lora_peft`)."""
 
 from .lora import RiemannianLoRAConfig, RiemannianLoRALinear, convert_to_riemannian_lora
+from .lora_peft import from_peft, save_peft, to_peft_config, to_peft_state_dict
 from .lowrank import LowRankLinear, TTLinear
 
 __all__ = [
@@ -13,4 +14,8 @@ __all__ = [
     "RiemannianLoRALinear",
     "TTLinear",
     "convert_to_riemannian_lora",
+    "from_peft",
+    "save_peft",
+    "to_peft_config",
+    "to_peft_state_dict",
 ]
