@@ -233,6 +233,25 @@ def test_merge_unmerge_round_trip_and_merge_and_unload():
     assert all(rel(base.get_submodule(n).weight, w) < 1e-15 for n, w in pristine.items())
 
 
+def test_bfloat16_bases_merge_and_unmerge_to_bfloat16_rounding():
+    model = make_model(torch.bfloat16)
+    convert_to_riemannian_lora(model, RiemannianLoRAConfig(r=3, target_modules="all-linear"))
+    with torch.no_grad():
+        for layer in layers(model):  # the adapters compute in float32: a random point of that dtype
+            X = LowRankMatrix.random(layer.out_features, layer.in_features, 3, generator=_gen(16))
+            layer.lora_X.copy_(layer.manifold.pack(X * 0.1))
+    x = x_for(torch.bfloat16)
+    out = model(x)
+    assert out.dtype == torch.bfloat16 and model[0].q_proj.lora_X.dtype == torch.float32
+    pristine = [m.base_layer.weight.detach().clone() for m in layers(model)]
+    merge_adapter(model)
+    for m, w in zip(layers(model), pristine):  # W + ΔW rounded once to bfloat16
+        assert rel(m.base_layer.weight.double(), w.double() + dense_delta(m)) < 2**-8
+    assert rel(model(x).double(), out.double()) < 2e-2
+    unmerge_adapter(model)
+    assert all(rel(m.base_layer.weight.double(), w.double()) < 2**-8 for m, w in zip(layers(model), pristine))
+
+
 def test_unmerge_after_the_adapter_moved_restores_the_base_weight():
     model = adapted()
     pristine = [m.base_layer.weight.detach().clone() for m in layers(model)]
@@ -307,6 +326,51 @@ def test_a_mix_of_gsoft_and_riemannian_lora_merges_all_or_none():
     assert rel(model(x), out) < 1e-13
     unload(model)
     assert not any(hasattr(m, "merged_flag") for m in model.modules())
+
+
+def test_a_transformer_layer_starts_exactly_trains_and_merges():
+    """nn.MultiheadAttention reads out_proj.weight directly (the adapter's dense W + ΔW there), and torch's fast path
+    (eval, no grad) reads every .weight: all start at the base model exactly and agree with the merged model."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, dtype=D)
+    base = copy.deepcopy(layer).requires_grad_(False)  # torch's attention picks its kernel by requires_grad
+    x = torch.randn(3, 5, 16, dtype=D, generator=_gen(14))
+    wrapped = convert_to_riemannian_lora(layer, RiemannianLoRAConfig(r=2, target_modules="all-linear"))
+    assert sorted(wrapped) == ["linear1", "linear2", "self_attn.out_proj"]
+    assert torch.equal(layer(x), base(x))
+    layer.eval(), base.eval()
+    with torch.no_grad():
+        assert torch.equal(layer(x), base(x))
+    layer.train()
+    move_adapters(layer, 15)
+    out = layer(x)
+    out.square().sum().backward()
+    assert all(m.lora_X.grad is not None and m.lora_X.grad.abs().sum() > 0 for m in wrapped.values())
+    merge_adapter(layer)
+    assert rel(layer(x), out) < 1e-13
+
+
+def test_a_checkpoint_mid_training_continues_bit_identically(tmp_path):
+    model = adapted()
+    x = x_for()
+    opt = geoopt.optim.RiemannianAdam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def step(model, opt):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+    for _ in range(2):
+        step(model, opt)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    other = adapted(seed=8)
+    other.load_state_dict(ckpt["model"])
+    other_opt = geoopt.optim.RiemannianAdam([p for p in other.parameters() if p.requires_grad], lr=1e-2)
+    other_opt.load_state_dict(ckpt["opt"])
+    for _ in range(2):
+        step(model, opt), step(other, other_opt)
+    assert torch.equal(model(x), other(x))
 
 
 # ---------------------------------------------------------------------- selection and options
