@@ -302,6 +302,16 @@ def test_adapter_state_dict_round_trip_and_offsets_of_either_width():
     assert rel(fresh(x[:, :16]), layer.base_layer(x) + x @ (C @ V.T).T) < 1e-14
     fresh.load_state_dict(layer.state_dict())
     assert fresh.has_offset and torch.equal(fresh(x), layer(x))
+    # the same through the adapter files: one saved without offsets loads into a model with them
+    with torch.no_grad():
+        for m in layers(a):
+            C, V = m.manifold.unpack_tensor(m.lora_X.detach())
+            m.load_state_dict({**m.state_dict(), "lora_C0": C[:, :0], "lora_V0": V[:, :0],
+                               "merged_left": C.clone(), "merged_right": V.clone()})  # fmt: skip
+    load_adapter_state_dict(b, adapter_state_dict(a))
+    assert not any(m.has_offset for m in layers(b)) and torch.equal(a(x), b(x))
+    with pytest.raises(ValueError, match="lora_C0 must have shape"):
+        load_adapter_state_dict(b, {**adapter_state_dict(a), "0.q_proj.lora_C0": torch.zeros(12, 2, dtype=D)})
 
 
 def test_a_mix_of_gsoft_and_riemannian_lora_merges_all_or_none():

@@ -79,6 +79,14 @@ class AdapterLayer(torch.nn.Module):
         whose names start with :attr:`adapter_prefix`."""
         return [k for k, _ in self.named_parameters() if k.startswith(self.adapter_prefix)]
 
+    def _loadable(self, key: str, value: torch.Tensor) -> bool:
+        """Whether ``value`` can be loaded as the adapter entry ``key`` (local): by default, of the same shape."""
+        try:
+            current = self.get_parameter(key)
+        except AttributeError:
+            current = self.get_buffer(key)
+        return value.shape == current.shape
+
     # ------------------------------------------------------------------ the protocol (see the module docstring)
     def _adapter_keys(self) -> list[str]:
         """The keys of the record of what a merge folds in (buffers ``merged_<key>``)."""

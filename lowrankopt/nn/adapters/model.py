@@ -132,8 +132,12 @@ def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.
     missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
     if missing or unexpected:
         raise ValueError(f"adapter state mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    owners = {_key(n, k): (layer, k) for n, layer in adapted.items() for k in layer.adapter_state_keys()}
     for k, v in state_dict.items():
-        if not isinstance(v, torch.Tensor) or v.shape != expected[k].shape:
+        ok = isinstance(v, torch.Tensor) and (
+            owners[k][0]._loadable(owners[k][1], v) if k in owners else v.shape == expected[k].shape
+        )
+        if not ok:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"adapter state mismatch: {k} must have shape {tuple(expected[k].shape)}, got {got}")
     state_dict = dict(state_dict)

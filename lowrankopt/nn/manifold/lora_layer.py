@@ -157,6 +157,13 @@ class RiemannianLoRALinear(AdapterLayer):
         saves)."""
         return ["lora_X", "lora_C0", "lora_V0"]
 
+    def _loadable(self, key: str, value: torch.Tensor) -> bool:
+        """The offset loads with ``r`` columns or none (a layer with an offset takes one without, and back)."""
+        if key in ("lora_C0", "lora_V0"):
+            rows = self.out_features if key == "lora_C0" else self.in_features
+            return value.dim() == 2 and value.shape[0] == rows and value.shape[1] in (0, self.rank)
+        return super()._loadable(key, value)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.rank}, "
