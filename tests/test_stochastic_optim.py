@@ -155,9 +155,10 @@ def test_kernels_against_dense_references_batched(g):
         assert torch.allclose(M, M.T, atol=1e-14) and float(torch.linalg.eigvalsh(M).min()) > 0
 
 
+@pytest.mark.parametrize("m,n,r", [(9, 7, 3), (4, 16, 3), (16, 5, 3)], ids=["tall", "m<2r", "n<2r"])
 @pytest.mark.parametrize("deficient", [False, True])
-def test_ortho_is_the_reprojected_polar_factor_of_the_dense_tangent_matrix(deficient, g):
-    m, n, r = 9, 7, 3
+def test_ortho_is_the_reprojected_polar_factor_of_the_dense_tangent_matrix(deficient, m, n, r, g):
+    """Also when m or n < 2r: then ξ has rank ≤ min(m, n) < 2r and the core of Ortho is not square."""
     C, V, U, A, B = _point_and_tangent(g, None, m, n, r)
     if deficient:  # a rank-1 Euclidean gradient (batch 1): ξ = P_T(G) has rank 2 < 2r
         G = torch.randn(m, 1, dtype=DT, generator=g) @ torch.randn(1, n, dtype=DT, generator=g)
@@ -168,7 +169,7 @@ def test_ortho_is_the_reprojected_polar_factor_of_the_dense_tangent_matrix(defic
     W = C @ V.T
     expected = ortho_dense(xi, rtol)
     assert rel(P @ Q.T, expected) < 1e-12
-    assert int(torch.linalg.matrix_rank(P @ Q.T)) == (2 if deficient else 2 * r)
+    assert int(torch.linalg.matrix_rank(P @ Q.T)) == (2 if deficient else min(2 * r, m, n))
     dA, dB = K.project(P, Q, U, V)
     assert rel(from_coords(U, V, dA, dB), proj_dense(W, r, expected)) < 1e-12
     zero = K.ortho(torch.zeros_like(A), torch.zeros_like(B), U, V, rtol)  # ξ = 0: no direction, no NaN
@@ -267,12 +268,14 @@ def test_adam_two_steps_equal_the_coordinatewise_reference(g):
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_riemannion_two_steps_equal_the_dense_reference(nesterov, g):
-    layer, X, Y = problem(g)
+@pytest.mark.parametrize("m,n,r", [(7, 6, 2), (3, 16, 2)], ids=["square-ish", "out<2r"])
+def test_riemannion_two_steps_equal_the_dense_reference(nesterov, m, n, r, g):
+    """Also for a head with out_features < 2r (the tangent matrices' 2r × 2r core is then not square)."""
+    layer, X, Y = problem(g, m=m, n=n, r=r)
     W, b = dense_w(layer), layer.bias.detach().clone()
     opt = Riemannion(layer.parameters(), lr=ETA, momentum=MU, nesterov=nesterov, weight_decay=WD)
     got = _two_steps(layer, opt, X, Y)
-    c, r, rtol = 1 - ETA * WD, 2, 7 * EPS
+    c, rtol = 1 - ETA * WD, max(m, n) * EPS
     M = None
     mb = vb = torch.zeros_like(b)
     for t in range(1, 3):

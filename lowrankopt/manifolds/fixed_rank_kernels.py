@@ -60,7 +60,7 @@ def retract(
     ``O((m + n) r² + r³)``. ``U'``, ``V'`` orthonormal, ``s'`` non-increasing. Second order."""
     Ql, Rl = torch.linalg.qr(torch.cat([C + A, U], -1))
     Qr, Rr = torch.linalg.qr(torch.cat([V, B], -1))
-    Uk, s, Vkh = torch.linalg.svd(Rl @ Rr.mT)
+    Uk, s, Vkh = torch.linalg.svd(Rl @ Rr.mT, full_matrices=False)
     return Ql @ Uk[..., :rank], s[..., :rank], Qr @ Vkh[..., :rank, :].mT
 
 
@@ -86,6 +86,6 @@ def ortho(
     general: :func:`project` it. Cost ``O((m + n) r² + r³)``."""
     Ql, Tl = torch.linalg.qr(torch.cat([A, U], -1))
     Qr, Tr = torch.linalg.qr(torch.cat([V, B], -1))
-    W, sig, Zh = torch.linalg.svd(Tl @ Tr.mT)
+    W, sig, Zh = torch.linalg.svd(Tl @ Tr.mT, full_matrices=False)  # thin: the core is not square when m or n < 2r
     keep = (sig > rtol * sig[..., :1]).to(sig.dtype)
     return Ql @ (W * keep[..., None, :]), Qr @ Zh.mT
