@@ -30,6 +30,7 @@ from .compression.tbasis import (
     tbasis_penalty,
 )
 from .manifold.lora import RiemannianLoRAConfig, RiemannianLoRALinear, convert_to_riemannian_lora
+from .manifold.lora_init import locally_optimal_init
 from .manifold.lora_peft import from_peft, save_peft, to_peft_config, to_peft_state_dict
 from .manifold.lowrank import LowRankLinear, TTLinear
 from .orthogonal.gs import GSMatrix, GSOrthogonal, blockdiag_matmul, gs_matmul, gs_project, shuffle_index
@@ -127,6 +128,7 @@ __all__ = [
     "gsoft_state_dict",
     "inject_gsoft",
     "load_gsoft_state_dict",
+    "locally_optimal_init",
     "merge_adapter",
     "merge_and_unload",
     "replace_modules",

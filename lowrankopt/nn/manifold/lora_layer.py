@@ -70,6 +70,7 @@ class RiemannianLoRALinear(AdapterLayer):
                 f"{type(base_layer).__name__} ({n} -> {m}): choose r <= {min(m, n)} or exclude the layer"
             )
         self.in_features, self.out_features, self.rank = n, m, config.r
+        self.init_scale, self.seed = config.scale, config.seed  # the random start's, for re-drawing it later
         dtype = config.dtype_for(w.dtype)
         g = layer_generator(config.seed, self.layer_name)
         U = torch.linalg.qr(torch.randn(m, config.r, dtype=torch.float64, generator=g))[0]
@@ -151,6 +152,40 @@ class RiemannianLoRALinear(AdapterLayer):
     def point(self) -> LowRankMatrix:
         """``X``, the manifold point (a detached copy whose frames are the packed factors)."""
         return self.manifold.unpack(self.lora_X)
+
+    @torch.no_grad()
+    def set_point(self, C: torch.Tensor, V: torch.Tensor, *, offset: bool = True) -> None:
+        """Move the adapter to the point ``X = C Vᵀ`` (``C: (out, r)``, ``V: (in, r)``, any factors of a rank-r
+        product: they are brought to the packed form, ``V`` orthonormal, in float64 and rounded once to the compute
+        dtype). ``offset=True``: also ``X₀ := X`` bit for bit, so ``ΔW = 0`` and the layer computes its base layer's
+        outputs exactly (a new start, as at creation); ``offset=False``: no offset, ``ΔW = X``.
+
+        Raises ``ValueError`` (nothing changed) for a merged adapter, factors of the wrong shape, non-finite entries
+        or a product of rank below r. An optimizer's state for ``lora_X`` (momentum) refers to the old point: build
+        the optimizer after. Cost ``O((out + in) r²)``.
+        """
+        if self.merged:
+            raise ValueError(f"{self.layer_name}: the adapter is merged; unmerge it before setting its point")
+        m, n, r = self.out_features, self.in_features, self.rank
+        for name, t, rows in (("C", C, m), ("V", V, n)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (rows, r):
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{self.layer_name}: {name} must be a tensor of shape ({rows}, {r}), got {got}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{self.layer_name}: {name} has non-finite entries")
+        dtype = _merge_dtype(self.lora_X.device)
+        C, V = C.to(device=self.lora_X.device, dtype=dtype), V.to(device=self.lora_X.device, dtype=dtype)
+        s = torch.linalg.svdvals(torch.linalg.qr(C)[1] @ torch.linalg.qr(V)[1].T)
+        if not bool(s[-1] > s[0] * max(m, n) * torch.finfo(dtype).eps):
+            raise ValueError(f"{self.layer_name}: C Vᵀ has rank below r={r} (singular values {s.tolist()})")
+        eye = torch.eye(r, dtype=dtype, device=C.device)
+        packed = self.manifold.pack(LowRankMatrix._trusted(C, eye, V)).to(self.compute_dtype)
+        self.lora_X.copy_(packed)
+        if offset:
+            C, V = self.manifold.unpack_tensor(self.lora_X.detach())
+            self._set_offset(C.clone(), V.clone())  # X₀ = X, bit for bit: ΔW = 0 exactly
+        else:
+            self._set_offset(torch.zeros(m, 0), torch.zeros(n, 0))
 
     def adapter_state_keys(self) -> list[str]:
         """``lora_X`` and the offset ``lora_C0``, ``lora_V0`` (what :func:`~lowrankopt.nn.adapter_state_dict`
