@@ -18,7 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: Modules that define a ``BENCHMARK``, in the order ``lowrankopt bench`` runs them.
-MODULES = ("autodiff", "completion", "sttp", "gsoft", "spectral", "covariance", "cross", "tbasis", "distributed")
+MODULES = (
+    "autodiff",
+    "completion",
+    "sttp",
+    "gsoft",
+    "spectral",
+    "covariance",
+    "cross",
+    "tbasis",
+    "distributed",
+    "riemannian_lora",
+)
 
 
 @dataclass(frozen=True)
