@@ -5,6 +5,7 @@ cases (the MiniLM case with a tiny random BERT behind the real tokenizer)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 
 import pytest
@@ -166,6 +167,33 @@ def test_report_picks_the_best_lr_and_counts_steps_to_lora():
     assert set(rows["ours"]["sweep"]) == {"0.01", "0.03"} and "0.01:0.700" in rows["ours"]["status"]
     assert len(out["curves"]) == 3 and out["curves"][0]["error"][-1] == pytest.approx(0.55)
     assert [s["label"] for s in out["xy"][1]["series"]] == ["LoRA", "ours", "slow"]
+
+
+class _FakeTokenizer:
+    def __call__(self, texts, padding, truncation, max_length, return_tensors):
+        ids = torch.tensor([[len(t) % 7 + 1] * max_length for t in texts])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(8, 3)
+
+    def forward(self, batch):
+        return self.emb(batch["input_ids"]).mean(1)
+
+
+def test_a_diverging_run_ends_with_nan_losses_and_is_reported():
+    data = rl._Data(_FakeTokenizer(), ["a", "bb", "ccc", "dddd"], [0, 1, 2, 0], 4, torch.device("cpu"))
+    model = _Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=math.inf)  # the first step makes the weights non-finite
+    order = data.order(6, 2, torch.Generator().manual_seed(0))
+    run = rl._train(model, opt, order, data, data, 2, _ctx(), "diverging")
+    assert len(run["loss"]) == 6 and math.isfinite(run["loss"][0]) and all(map(math.isnan, run["loss"][1:]))
+    assert run["evals"][-1][0] == 6 and 0 <= run["evals"][-1][1] <= 1
+    out = minilm_result({"LoRA": {"runs": {1.0: [run]}, "memory": 1.0, "params": 24}}, "LoRA", 6)
+    assert out["rows"][0]["figures"]["test accuracy"] == run["evals"][-1][1]
 
 
 # ---------------------------------------------------------------------- smoke runs

@@ -345,7 +345,8 @@ BENCHMARK = Benchmark(
     name="riemannian-lora",
     summary="Riemannian LoRA (RiemannianAdam / Riemannion, ± locally optimal start) vs head-only, full fine-tuning, "
     "PEFT LoRA and PEFT's Riemannian preconditioner: MiniLM on stdlib docstrings; one large linear layer",
-    baseline="time per step of the row / PEFT LoRA's (same run, same rank)",
+    baseline="seconds per training step of the row / PEFT LoRA's, same run, same rank (MiniLM: the median over the "
+    "runs of the sweep — the repeats column — of each run's median step)",
     figures=("test accuracy (mean, std over seeds)", "time per step", "peak memory", "steps to LoRA's accuracy"),
     quick=(
         Case("minilm-docstrings", _minilm(24, 8, 32, 12, 1, 20, 1)),

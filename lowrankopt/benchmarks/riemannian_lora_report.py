@@ -60,7 +60,8 @@ def _loss_curve(runs: list[dict]) -> list[float]:
 
 def _per_step(runs: dict[float, list[dict]]) -> Timing:
     """Seconds per step: one value per run (its median step time), over the whole sweep."""
-    return Timing.of([statistics.median(r["times"]) for rs in runs.values() for r in rs if r["times"]])
+    medians = [statistics.median(r["times"]) for rs in runs.values() for r in rs if r["times"]]
+    return Timing.of(medians or [math.nan])  # NaN: every run diverged at its first steps
 
 
 def minilm_result(results: dict[str, dict], baseline: str, steps: int) -> dict:
