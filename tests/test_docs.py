@@ -19,7 +19,13 @@ def python_blocks(path: Path) -> list[str]:
 
 
 def test_the_tutorials_have_code():
-    for page in ("index.md", "tutorials/minimize.md", "tutorials/geoopt.md", "tutorials/fine-tuning.md", "tutorials/benchmarks.md"):
+    for page in (
+        "index.md",
+        "tutorials/minimize.md",
+        "tutorials/geoopt.md",
+        "tutorials/fine-tuning.md",
+        "tutorials/benchmarks.md",
+    ):
         assert python_blocks(ROOT / "docs" / page), page
 
 
