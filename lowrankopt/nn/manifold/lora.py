@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters.model import adapter_layers
+from ..adapters.setup import train_only_adapters
 from ..surgery import is_linear, replace_modules, select_modules
 from .lora_config import RiemannianLoRAConfig
 from .lora_layer import PREFIX, RiemannianLoRALinear
@@ -102,16 +103,5 @@ def convert_to_riemannian_lora(model: torch.nn.Module, config: RiemannianLoRACon
         if not saved:
             raise ValueError(f"no module matches modules_to_save={config.modules_to_save!r}")
     wrapped = replace_modules(model, targets, lambda name, m: RiemannianLoRALinear(m, config, name))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in wrapped.values():
-        for pname, p in layer.named_parameters():
-            p.requires_grad_(pname.startswith(PREFIX) or (config.bias == "lora_only" and pname == "base_layer.bias"))
-    if config.bias == "all":
-        for pname, p in model.named_parameters():
-            if pname.rsplit(".", 1)[-1] == "bias":
-                p.requires_grad_(True)
-    for m in saved.values():
-        for p in m.parameters():
-            p.requires_grad_(True)
+    train_only_adapters(model, wrapped.values(), PREFIX, config.bias, saved.values())
     return wrapped

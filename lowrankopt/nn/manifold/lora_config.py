@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..._checks import as_positive_int
+from ..adapters.setup import check_selection_fields
 from ..surgery import Targets
 
 __all__ = ["RiemannianLoRAConfig"]
@@ -56,17 +57,7 @@ class RiemannianLoRAConfig:
         self.r = as_positive_int("r", self.r)
         if self.bias not in BIAS:
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.target_modules is None:
-            raise ValueError("target_modules is required (names, a regex, 'all-linear' or a predicate)")
-        for name in ("target_modules", "exclude_modules", "modules_to_save"):
-            spec = getattr(self, name)
-            names = isinstance(spec, Sequence) and all(isinstance(s, str) for s in spec)
-            predicate = callable(spec) and name != "modules_to_save"
-            if spec is not None and not isinstance(spec, str) and not names and not predicate:
-                forms = "a regex string or a sequence of names (strings)" + (
-                    ", or a predicate" if name != "modules_to_save" else ""
-                )
-                raise TypeError(f"{name} must be {forms}, got {spec!r}")
+        check_selection_fields(self)
         if self.init_scale is not None:
             s = self.init_scale
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:

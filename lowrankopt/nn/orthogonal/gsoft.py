@@ -35,6 +35,7 @@ from ..adapters.model import (
     unload,
     unmerge_adapter,
 )
+from ..adapters.setup import train_only_adapters
 from ..surgery import replace_modules, select_modules
 from .gsoft_config import GSOFTConfig
 from .gsoft_layer import PREFIX, GSOFTLinear
@@ -98,19 +99,8 @@ def convert_to_gsoft(model: torch.nn.Module, config: GSOFTConfig) -> dict[str, G
     if not targets:
         raise ValueError(f"no module matches target_modules={config.target_modules!r}")
     wrapped = replace_modules(model, targets, lambda name, m: GSOFTLinear(m, config, name))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in wrapped.values():
-        for pname, p in layer.named_parameters():
-            p.requires_grad_(pname.startswith(PREFIX) or (config.bias == "gsoft_only" and pname == "base_layer.bias"))
-    if config.bias == "all":
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias"):
-                p.requires_grad_(True)
-    if config.modules_to_save is not None:
-        for m in select_modules(model, config.modules_to_save).values():
-            for p in m.parameters():
-                p.requires_grad_(True)
+    saved = select_modules(model, config.modules_to_save).values() if config.modules_to_save is not None else ()
+    train_only_adapters(model, wrapped.values(), PREFIX, config.bias, saved)
     return wrapped
 
 

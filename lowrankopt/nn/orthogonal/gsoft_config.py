@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..._checks import as_positive_int
+from ..adapters.setup import check_selection_fields
 from ..surgery import Targets
 from .gs import MAPS
 
@@ -55,17 +56,7 @@ class GSOFTConfig:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.bias not in ("none", "all", "gsoft_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'gsoft_only', got {self.bias!r}")
-        if self.target_modules is None:
-            raise ValueError("target_modules is required (names, a regex, 'all-linear' or a predicate)")
-        for name in ("target_modules", "exclude_modules", "modules_to_save"):
-            spec = getattr(self, name)
-            names = isinstance(spec, Sequence) and all(isinstance(s, str) for s in spec)
-            predicate = callable(spec) and name != "modules_to_save"
-            if spec is not None and not isinstance(spec, str) and not names and not predicate:
-                forms = "a regex string or a sequence of names (strings)" + (
-                    ", or a predicate" if name[0] != "m" else ""
-                )
-                raise TypeError(f"{name} must be {forms}, got {spec!r}")
+        check_selection_fields(self)
         for name in ("double", "scale", "fan_in_fan_out"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
