@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from allocations import LargestAllocation
 
 from lowrankopt.nn import RiemannianLoRAConfig, convert_to_riemannian_lora, locally_optimal_init
 
@@ -287,22 +286,6 @@ def test_reproducible_without_a_generator():
 
 
 # ---------------------------------------------------------------------- no dense gradient
-class _Allocations(TorchDispatchMode):
-    """The bytes of the largest tensor storage any op allocates (outputs that are not views of an input)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = (0, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        seen = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                nbytes = t.untyped_storage().nbytes()
-                if nbytes > self.largest[0]:
-                    self.largest = (nbytes, str(func))
-        return out
 
 
 @pytest.mark.parametrize("method", ["loi", "lora-ga"])
@@ -314,7 +297,7 @@ def test_no_dense_out_by_in_tensor(method):
     convert_to_riemannian_lora(model, RiemannianLoRAConfig(r=4, target_modules=["0"]))
     g = _gen(6)
     batches = [(torch.randn(8, n, dtype=D, generator=g), torch.randn(8, m, dtype=D, generator=g)) for _ in range(2)]
-    with _Allocations() as allocations:
+    with LargestAllocation() as allocations:
         stats = locally_optimal_init(model, loss_fn, batches, method=method)
     assert 0 < allocations.largest[0] < m * n * 8 / 8, allocations.largest  # the sketch [Ω | Ω'] is n x 2k
     S = torch.linalg.svdvals(dense_gradients(base, batches, names=["0"])["0"])

@@ -7,8 +7,7 @@ import copy
 import geoopt
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from allocations import LargestAllocation
 
 import lowrankopt.optim
 from lowrankopt.formats.lowrank import LowRankMatrix
@@ -149,24 +148,6 @@ def test_the_gradient_is_the_delta_gradient_and_projects_to_the_riemannian_gradi
     assert rel(layer.lora_X.grad, grad) < 1e-13
 
 
-class _Allocations(TorchDispatchMode):
-    """The bytes of the largest tensor storage any op allocates (outputs that are not views of an input)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = (0, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        seen = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                nbytes = t.untyped_storage().nbytes()
-                if nbytes > self.largest[0]:
-                    self.largest = (nbytes, str(func))
-        return out
-
-
 def test_no_dense_out_by_in_tensor_in_a_training_step():
     """A 2048 × 2048 layer at rank 4: forward, backward and a RiemannianAdam step allocate nothing near
     out · in entries (the largest allocation is O(B out + (out + in) r))."""
@@ -176,7 +157,7 @@ def test_no_dense_out_by_in_tensor_in_a_training_step():
     opt = geoopt.optim.RiemannianAdam([model[0].lora_X], lr=1e-3)
     x = torch.randn(8, n, generator=_gen(6))
     for _ in range(2):  # the second step has Adam's state
-        with _Allocations() as allocations:
+        with LargestAllocation() as allocations:
             model(x).square().mean().backward()
             opt.step()
             opt.zero_grad()
