@@ -126,13 +126,18 @@ def test_forward_is_the_dense_adapted_layer_and_delta_weight_is_low_rank():
     assert layer(torch.zeros(0, 16, dtype=D)).shape == (0, 12)
 
 
-def test_the_gradient_is_the_delta_gradient_and_projects_to_the_riemannian_gradient():
+@pytest.mark.parametrize("offset", [True, False])
+def test_the_gradient_is_the_delta_gradient_and_projects_to_the_riemannian_gradient(offset):
     model = adapted()
     layer = model[1].mlp[0]
-    x = torch.randn(9, 12, dtype=D, generator=_gen(4))
+    if not offset:  # ΔW = X: the product has r columns, not 2r
+        layer.set_point(*layer.manifold.unpack_tensor(layer.lora_X.detach().clone()), offset=False)
+    x = torch.randn(9, 12, dtype=D, generator=_gen(4)).requires_grad_()
     y = layer(x)
     g = torch.randn(y.shape, dtype=D, generator=_gen(5))
     (y * g).sum().backward()
+    assert rel(x.grad, g @ (layer.base_layer.weight + dense_delta(layer))) < 1e-14  # the input's gradient
+    x = x.detach()
     G = g.T @ x  # ∂L/∂ΔW, dense, in the test only
     X = layer.point()
     U, V = X.U, X.V

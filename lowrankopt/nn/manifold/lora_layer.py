@@ -16,6 +16,7 @@ from .._common import HALF_OR_FULL, _check_input
 from ..adapters.layer import AdapterLayer, merge_all
 from ..surgery import is_linear
 from .lora_config import RiemannianLoRAConfig
+from .lora_product import delta_product
 
 __all__ = ["RiemannianLoRALinear"]
 
@@ -222,19 +223,14 @@ class RiemannianLoRALinear(AdapterLayer):
             )
 
     def _delta(self, x2: torch.Tensor) -> torch.Tensor:
-        """``ΔW x`` for the rows of ``x2: (B, in)`` in the compute dtype, with the straight-through terms when a
-        gradient is needed: ``(x R) Lᵀ + (x V) z_Cᵀ + (x z_V) Uᵀ`` (``z = p − p.detach()``, value 0), so that
-        ``lora_X.grad = [G V | Gᵀ U]``. Cost ``O(B (out + in) r)`` (+ ``O(out r²)`` for U when training)."""
+        """``ΔW x`` for the rows of ``x2: (B, in)`` in the compute dtype; when a gradient is needed, through
+        :func:`~.lora_product.delta_product`, so that ``lora_X.grad = [G V | Gᵀ U]`` (δ-coordinates) without forming
+        ``G``. Cost ``O(B (out + in) r)`` (+ ``O(out r²)`` in the backward)."""
         p = self.lora_X
-        pd = p.detach()
-        L, R = self._factors(pd)
-        xr = x2 @ R
-        y = xr @ L.T
+        L, R = self._factors(p.detach())
         if torch.is_grad_enabled() and p.requires_grad:
-            zC, zV = self.manifold.unpack_tensor(p - pd)
-            U = qr_positive(self.manifold.unpack_tensor(pd)[0])[0]  # the frame the coordinates refer to
-            y = y + xr[:, : self.rank] @ zC.T + (x2 @ zV) @ U.T
-        return y
+            return delta_product(x2, p, L, R, self.rank)
+        return (x2 @ R) @ L.T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (..., in)`` -> ``(..., out)``: ``base(x) + ΔW x``, the adapter in the compute dtype (outside autocast)
