@@ -230,9 +230,9 @@ def _tokenizer():
 
 def test_minilm_case_smoke_with_a_tiny_bert(monkeypatch):
     monkeypatch.setattr(rl, "_encoder_and_tokenizer", _tiny_encoder_and_tokenizer)
-    methods = tuple(dataclasses.replace(m, quick_lrs=m.quick_lrs[:1]) for m in rl.METHODS)
-    params = dict(steps=3, batch=4, max_length=12, eval_every=2, seeds=1, max_test=2, loi_batches=1)
-    out = rl.run_minilm(Case("minilm-docstrings", params), _ctx(), methods)
+    # the sweep (two learning rates) on the first seed, the best one then run with the second seed too
+    params = rl._minilm(steps=3, batch=4, max_length=12, eval_every=2, seeds=2, sweep_seeds=1, max_test=2, loi=1)
+    out = rl.run_minilm(Case("minilm-docstrings", params), _ctx(), rl.METHODS)
     rows = {r["variant"]: r for r in out["rows"]}
     assert list(rows) == [m.label for m in rl.METHODS]
     peft_rows = [rl.BASELINE, "PEFT LoRA r=8 + Riemannian preconditioner"]
@@ -241,7 +241,11 @@ def test_minilm_case_smoke_with_a_tiny_bert(monkeypatch):
     for label in ran:
         figs = rows[label]["figures"]
         assert 0 <= figs["test accuracy"] <= 1 and figs["peak step memory (MB)"] > 0, label
-        assert rows[label]["seeds"] == 1 and len(rows[label]["sweep"]) == 1
+        assert rows[label]["seeds"] == 2 and len(rows[label]["sweep"]) == 2, label
+        best = rows[label]["figures"]["best lr"]
+        assert {k: len(v["accuracies"]) for k, v in rows[label]["sweep"].items()} == {
+            str(lr): 2 if lr == best else 1 for lr in next(m for m in rl.METHODS if m.label == label).quick_lrs
+        }
     if rl.BASELINE in ran:
         assert rows[rl.BASELINE]["ratio"] == 1
     else:
@@ -255,7 +259,7 @@ def test_minilm_case_skips_the_loi_rows_while_locally_optimal_init_is_absent(mon
     monkeypatch.setattr(rl, "_encoder_and_tokenizer", _tiny_encoder_and_tokenizer)
     monkeypatch.delattr(rl.lro_nn, "locally_optimal_init", raising=False)
     loi_rows = tuple(dataclasses.replace(m, quick_lrs=m.quick_lrs[:1]) for m in rl.METHODS if m.loi)
-    params = dict(steps=2, batch=4, max_length=12, eval_every=2, seeds=1, max_test=1, loi_batches=1)
+    params = rl._minilm(steps=2, batch=4, max_length=12, eval_every=2, seeds=1, sweep_seeds=1, max_test=1, loi=1)
     out = rl.run_minilm(Case("minilm-docstrings", params), _ctx(), loi_rows)
     expected = "skipped: lowrankopt.nn.locally_optimal_init is not available yet"
     assert [r["skipped"] for r in out["rows"]] == [expected] * 2

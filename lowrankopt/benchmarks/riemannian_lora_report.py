@@ -65,14 +65,15 @@ def _per_step(runs: dict[float, list[dict]]) -> Timing:
 
 
 def minilm_result(results: dict[str, dict], baseline: str, steps: int) -> dict:
-    """The benchmark's result dict from ``{label: {"runs": {lr: [run per seed]}, "memory", "params"}}`` (or
+    """The benchmark's result dict from ``{label: {"runs": {lr: [run per seed]}, "best_lr", "memory", "params"}}`` (or
     ``{label: {"skipped": reason}}``); each run has ``loss`` (per step), ``times`` (seconds per step), ``evals``
-    (``(step, test accuracy)``) and ``init_time``. Ratios and "steps to" are against ``baseline``'s row."""
+    (``(step, test accuracy)``) and ``init_time``; ``best_lr`` (optional) is the learning rate chosen by the sweep
+    (default: the best mean final accuracy). Ratios and "steps to" are against ``baseline``'s row."""
     best: dict[str, float] = {}
     for label, res in results.items():
         if "runs" in res:
             sweep = _sweep(res["runs"])
-            best[label] = max(sweep, key=lambda lr: (sweep[lr]["mean"], -lr))
+            best[label] = res.get("best_lr") or max(sweep, key=lambda lr: (sweep[lr]["mean"], -lr))
     target = None
     if baseline in best:
         target = statistics.fmean(_final(r) for r in results[baseline]["runs"][best[baseline]])
