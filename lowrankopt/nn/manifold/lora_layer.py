@@ -229,7 +229,8 @@ class RiemannianLoRALinear(AdapterLayer):
         p = self.lora_X
         L, R = self._factors(p.detach())
         if torch.is_grad_enabled() and p.requires_grad:
-            return delta_product(x2, p, L, R, self.rank)
+            C = self.manifold.unpack_tensor(p.detach())[0]
+            return delta_product(x2, p, L, R, C, self.manifold.pack_point)
         return (x2 @ R) @ L.T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

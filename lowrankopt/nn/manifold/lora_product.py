@@ -19,6 +19,8 @@ inputs for the backward; this node does the forward in two matmuls, saves only `
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -29,31 +31,39 @@ __all__ = ["delta_product"]
 
 class _DeltaProduct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, p, L, R, rows, rank):  # type: ignore[override]
+    def forward(ctx, x2, p, L, R, C, pack):  # type: ignore[override]
         xr = x2 @ R
-        ctx.save_for_backward(x2, xr, p, L, R)
-        ctx.rows, ctx.rank = rows, rank
+        ctx.save_for_backward(x2, xr, L, R, C)
+        ctx.pack = pack
         return xr @ L.T
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):  # type: ignore[override]
-        x2, xr, p, L, R = ctx.saved_tensors
-        m, r = ctx.rows, ctx.rank
+        x2, xr, L, R, C = ctx.saved_tensors
         dx = (g @ L) @ R.T if ctx.needs_input_grad[0] else None
         dp = None
         if ctx.needs_input_grad[1]:
-            U = qr_positive(p.detach()[: m * r].reshape(m, r))[0]  # the frame the δ-coordinates refer to
-            dC = g.T @ xr[:, :r]  # G V
+            U = qr_positive(C)[0]  # the frame the δ-coordinates refer to
+            dC = g.T @ xr[:, : C.shape[1]]  # G V
             dV = x2.T @ (g @ U)  # Gᵀ U
-            dp = torch.cat([dC.reshape(-1), dV.reshape(-1)])
+            dp = ctx.pack(dC, dV)
         return dx, dp, None, None, None, None
 
 
-def delta_product(x2: torch.Tensor, p: torch.Tensor, L: torch.Tensor, R: torch.Tensor, rank: int) -> torch.Tensor:
-    """``(x2 R) Lᵀ = ΔW x`` for the rows ``x2: (B, in)``, ``L: (out, k)``, ``R: (in, k)`` (``k = r`` or ``2r``, the
-    factors of ``ΔW`` at the packed point ``p = [C | V]`` of ``(out + in) r`` entries, detached), with the gradient
-    ``[G V | Gᵀ U]`` (δ-coordinates, packed like ``p``) flowing to ``p`` and ``g ΔW`` to ``x2``. The first ``r``
-    columns of ``R`` must be ``V``. Forward ``O(B (out + in) k)``; backward ``O(B (out + in) k + out r²)``; saved for
-    the backward: ``x2`` (no copy) and ``x2 R`` (``B × k``). Not twice differentiable."""
-    return _DeltaProduct.apply(x2, p, L, R, L.shape[0], rank)
+def delta_product(
+    x2: torch.Tensor,
+    p: torch.Tensor,
+    L: torch.Tensor,
+    R: torch.Tensor,
+    C: torch.Tensor,
+    pack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``(x2 R) Lᵀ = ΔW x`` for the rows ``x2: (B, in)``, with the gradient ``[G V | Gᵀ U]`` flowing to the packed point
+    ``p`` and ``g ΔW`` to ``x2``.
+
+    ``L: (out, k)``, ``R: (in, k)`` (``k = r`` or ``2r``) are the factors of ``ΔW`` at ``p`` and ``C: (out, r)`` its
+    left factor, all detached; the first ``r`` columns of ``R`` must be ``V``; ``pack(A, B)`` packs δ-coordinates like
+    ``p`` (the manifold's ``pack_point``). Forward ``O(B (out + in) k)``; backward ``O(B (out + in) k + out r²)``; saved
+    for the backward: ``x2`` (no copy), ``x2 R`` (``B × k``) and the factors. Not twice differentiable."""
+    return _DeltaProduct.apply(x2, p, L, R, C, pack)
