@@ -286,8 +286,6 @@ def test_reproducible_without_a_generator():
 
 
 # ---------------------------------------------------------------------- no dense gradient
-
-
 @pytest.mark.parametrize("method", ["loi", "lora-ga"])
 def test_no_dense_out_by_in_tensor(method):
     m = n = 1024

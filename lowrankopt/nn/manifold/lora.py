@@ -17,15 +17,16 @@ the pretrained ones, and ``unload`` needs no correction. ``ΔW`` is computed as
 ``X = X₀`` bit for bit, whatever the BLAS: at step 0 the outputs are the base model's exactly (``torch.equal``). The
 price: the forward carries a rank-2r product instead of rank r (see the costs).
 
-**Gradients.** The forward uses :class:`~lowrankopt.nn.LowRankLinear`'s straight-through form, so ``lora_X.grad`` is
-the δ-gradient ``[G V | Gᵀ U]`` (``G = ∂L/∂ΔW`` is never formed: ``G V = Σ_b g_b (x_bᵀ V)``), and a Riemannian
-optimizer (``geoopt.optim.RiemannianSGD`` / ``RiemannianAdam``, or lowrankopt's) projects it onto the tangent space,
-``P_T(G) = G V Vᵀ + U Uᵀ G (I − V Vᵀ)``, in ``O((out + in) r²)``. The single-backprop trick of the paper (§6) is this
-straight-through form.
+**Gradients.** The forward is one autograd node (:func:`~.lora_product.delta_product`) whose backward gives
+``lora_X.grad`` = the δ-gradient ``[G V | Gᵀ U]`` from the activations (``G = ∂L/∂ΔW`` is never formed:
+``G V = gᵀ (x V)``, ``Gᵀ U = xᵀ (g U)``) — the same gradient as :class:`~lowrankopt.nn.LowRankLinear`'s
+straight-through form, without its zero-valued products. A Riemannian optimizer (``geoopt.optim.RiemannianSGD`` /
+``RiemannianAdam``, or lowrankopt's) projects it onto the tangent space, ``P_T(G) = G V Vᵀ + U Uᵀ G (I − V Vᵀ)``, in
+``O((out + in) r²)``. This is the single-backprop trick of the paper (§6).
 
 **Costs** per adapted layer and batch of B rows: forward ``O(B (out + in) r)`` (``x [V | V − V₀]`` once, then
-``[C − C₀ | C₀]``); training adds the straight-through terms, ``O(B (out + in) r)``, and one ``O(out r²)`` QR;
-``ΔW`` is never formed. Parameters ``(out + in) r``; the offset ``(out + in) r`` more, frozen.
+``[C − C₀ | C₀]``); the backward ``O(B (out + in) r)`` more and one ``O(out r²)`` QR (for ``U``); ``ΔW`` is never
+formed. Parameters ``(out + in) r``; the offset ``(out + in) r`` more, frozen.
 
 **Merging** folds ``ΔW`` into the base weight (float64, checked finite before anything is written) and records the
 factors folded in, so unmerging subtracts exactly what was added even if the adapter moved since. While merged, any
