@@ -29,6 +29,7 @@ MODULES = (
     "tbasis",
     "distributed",
     "riemannian_lora",
+    "layers",
 )
 
 
