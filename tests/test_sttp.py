@@ -17,7 +17,12 @@ from lowrankopt.nn import (
     count_parameters,
     dopt_penalty,
 )
-from lowrankopt.nn.orthogonal.householder import householder_numel, householder_orthonormal, householder_params
+from lowrankopt.nn.orthogonal.householder import (
+    _reflectors,
+    householder_numel,
+    householder_orthonormal,
+    householder_params,
+)
 
 D = torch.float64
 
@@ -49,6 +54,43 @@ def test_householder_map_is_orthonormal_and_invertible(kind, n, c):
     assert torch.allclose(householder_orthonormal(h[None], n, c, kind)[0], Q @ G, atol=1e-12)
     if kind == "full":  # no gauge: G is a diagonal of signs
         assert torch.equal(G.abs(), torch.eye(c, dtype=D))
+
+
+def _householder_reference(h, n, c, kind):
+    """The dense product ``H_1 ⋯ H_c I_{n×c}`` of the reflectors, one at a time (independent of the WY form)."""
+    out = []
+    for p in h:
+        V = torch.eye(n, c, dtype=p.dtype)
+        if kind == "reduced":
+            V[c:] += p.reshape(n - c, c)
+        else:
+            rows, cols = torch.tril_indices(n, c, offset=-1)
+            V = V.index_put((rows, cols), p, accumulate=True)
+        Q = torch.eye(n, dtype=p.dtype)
+        for i in range(c):
+            v = V[:, i]
+            Q = Q @ (torch.eye(n, dtype=p.dtype) - 2 * torch.outer(v, v) / (v @ v))
+        out.append(Q[:, :c])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kind", ["full", "reduced"])
+@pytest.mark.parametrize("n,c", [(7, 3), (5, 5), (6, 1), (12, 6)])
+@pytest.mark.parametrize("scale", [0.01, 1.0, 30.0])
+def test_householder_wy_form_matches_the_reflector_product_and_its_gradient(kind, n, c, scale):
+    g = torch.Generator().manual_seed(n * 10 + c)
+    h = scale * torch.randn(2, householder_numel(n, c, kind), dtype=D, generator=g)
+    w = torch.randn(2, n, c, dtype=D, generator=g)
+    h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+    Q = householder_orthonormal(h1, n, c, kind)
+    ref = _householder_reference(h2, n, c, kind)
+    assert torch.allclose(Q, ref, atol=1e-12, rtol=0)
+    if h.numel():  # (reduced n = c has no parameters)
+        (Q * w).sum().backward()
+        (ref * w).sum().backward()
+        assert torch.allclose(h1.grad, h2.grad, atol=1e-10 * max(1.0, h2.grad.abs().max().item()), rtol=0)
+    A = _reflectors(h, n, c, kind)  # and the same Q as LAPACK's orgqr (torch.linalg.householder_product)
+    assert torch.allclose(Q, torch.linalg.householder_product(A, 2 / (1 + (A * A).sum(dim=1))), atol=1e-12, rtol=0)
 
 
 def test_householder_bad_input():
@@ -126,10 +168,14 @@ def test_forward_matches_the_dense_weight(parametrization, dtype):
 
 
 def test_cores_of_one_shape_are_built_in_one_householder_product(monkeypatch):
+    from lowrankopt.nn.orthogonal import orthonormal_tt
+
     layer = STTPLinear(2**6, 2**5, 4, dtype=D)  # many equally shaped (8, 4) reduced cores
     calls = []
-    real = torch.linalg.householder_product
-    monkeypatch.setattr(torch.linalg, "householder_product", lambda A, tau: calls.append(A.shape[0]) or real(A, tau))
+    real = orthonormal_tt.householder_orthonormal
+    monkeypatch.setattr(
+        orthonormal_tt, "householder_orthonormal", lambda p, *a: calls.append(p.shape[0]) or real(p, *a)
+    )
     layer(torch.zeros(1, 64, dtype=D))
     groups = [len(members) for tt in (layer.U, layer.V) for _, members in tt._groups]
     assert sorted(calls) == sorted(groups) and max(groups) >= 3  # one call per distinct shape, batched

@@ -11,8 +11,17 @@ parameters. Two layouts (Obukhov et al., STTP, AISTATS 2021):
   ``O(c)`` (every orthonormal Q is ``map(h) M`` for some h and an orthogonal M), which is how STTP fixes the
   gauge of TT cores.
 
-:func:`householder_orthonormal` builds a whole batch with one ``torch.linalg.householder_product``;
+:func:`householder_orthonormal` builds a whole batch at once in the compact WY form (below);
 :func:`householder_params` inverts it for one matrix.
+
+**Compact WY form** (Schreiber & Van Loan 1989; Puglisi 1992; Joffrain et al. 2006). With ``V = [v_1 … v_c]``
+(``n × c``, unit lower trapezoidal), ``H_1 ⋯ H_c = I − V T Vᵀ`` for the upper triangular ``T`` whose inverse is
+``T⁻¹ = triu(VᵀV) − diag(VᵀV) / 2`` (the strict upper triangle of the Gram matrix, and ``1 / τ_i = ‖v_i‖² / 2`` on
+the diagonal). So ``Q = I_{n×c} − V · T V_cᵀ`` (``V_c``: the top ``c × c`` block of V): one Gram product, one
+triangular solve and one product, ``O(n c²)`` in matrix–matrix operations, and as many for the backward pass.
+``torch.linalg.householder_product`` computes the same Q in ``O(n c²)`` too, but its backward applies the ``c``
+reflectors one at a time (``c`` sequential rank-1 updates of ``n × c``): at ``n = 1024``, ``c = 128``, one thread,
+its forward + backward took 1.36 s against 9.6 ms for the WY form (and 15 s against 0.67 s at ``c = n = 1024``).
 """
 
 from __future__ import annotations
@@ -48,13 +57,17 @@ def _reflectors(params: torch.Tensor, n: int, c: int, kind: str) -> torch.Tensor
 def householder_orthonormal(params: torch.Tensor, n: int, c: int, kind: str) -> torch.Tensor:
     """``(B, n, c)`` matrices with orthonormal columns from ``(B, householder_numel(n, c, kind))`` parameters.
 
-    One batched ``torch.linalg.householder_product`` (differentiable). Cost ``O(B n c²)``.
+    The compact WY form (module docstring) of the whole batch: ``V = A + I_{n×c}`` (A: the reflector entries),
+    ``Q = I_{n×c} − V T V_cᵀ`` with ``T⁻¹ = triu(VᵀV) − diag(VᵀV) / 2`` — batched GEMMs and one triangular
+    solve, differentiable. Cost ``O(B n c²)`` forward and backward.
     """
     if params.dim() != 2 or params.shape[1] != householder_numel(n, c, kind):
         raise ValueError(f"params must have shape (B, {householder_numel(n, c, kind)}), got {tuple(params.shape)}")
-    A = _reflectors(params, n, c, kind)
-    tau = 2 / (1 + (A * A).sum(dim=1))
-    return torch.linalg.householder_product(A, tau)
+    eye = torch.eye(n, c, dtype=params.dtype, device=params.device)
+    V = _reflectors(params, n, c, kind) + eye  # v_i = e_i + the free entries below row i
+    gram = V.mT @ V
+    t_inv = gram.triu() - torch.diag_embed(gram.diagonal(dim1=-2, dim2=-1) / 2)
+    return eye - V @ torch.linalg.solve_triangular(t_inv, V[:, :c].mT, upper=True)
 
 
 class NotRepresentable(ValueError):
