@@ -93,8 +93,8 @@ def check_index(name: str, idx: object, bounds: Sequence[int], device: torch.dev
         raise ValueError(f"{name} must have shape (N, {d}), got {tuple(idx.shape)}")
     idx = idx.to(device=device, dtype=torch.int64)
     if idx.numel():
-        hi = torch.tensor(list(bounds), device=device)
-        if bool((idx < 0).any()) or bool((idx >= hi).any()):
+        lo, top = torch.aminmax(idx)  # one pass: entries in [0, min(bounds)) need no per-column check
+        if int(lo) < 0 or (int(top) >= min(bounds) and bool((idx >= torch.tensor(list(bounds), device=device)).any())):
             raise ValueError(f"{name} has entries outside the shape {tuple(bounds)}")
     return idx
 

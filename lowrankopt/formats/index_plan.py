@@ -7,8 +7,10 @@ multiplies one contiguous block of vectors with a single GEMM; between positions
 carried from one sorted arrangement to the next with one permutation (``N r`` memory traffic).
 
 Arrangement ``k``: position ``p`` holds entry ``order[k][p]``. All functions below take and return
-vectors in the arrangement of the position they work on. Plans are cheap (d stable sorts of N ints)
-and built once per gather call; everything is differentiable (slices, matmul, cat).
+vectors in the arrangement of the position they work on. Plans are cheap (d sorts of N small ints, each
+done in the narrowest integer type that holds the mode's size, where torch sorts by radix) and built once per
+gather call; everything is differentiable (split, unbind, matmul, cat — whose backward passes cost O(N r), where
+per-block slices of v would cost O(n N r): each slice's backward writes a zero tensor of v's full size).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class IndexPlan:
         self.order, self.pos, self.bounds = [], [], []
         arange = torch.arange(self.N, device=index.device)
         for k, n in enumerate(shape):
-            order = torch.sort(index[:, k]).indices  # any order within a group will do
+            order = sort_order(index[:, k], n)
             pos = torch.empty_like(order)
             pos[order] = arange
             counts = torch.bincount(index[:, k], minlength=n).tolist()
@@ -67,13 +69,17 @@ class IndexPlan:
 
     def _per_slice(self, v, core, k, transpose):
         width = core.shape[0] if transpose else core.shape[2]
-        slices = [(s, e, core[:, j, :].T if transpose else core[:, j, :]) for j, s, e in self._segments(k)]
+        segments = self._segments(k)
         if torch.is_grad_enabled() and (v.requires_grad or core.requires_grad):
-            parts = [v[s:e] @ c for s, e, c in slices]  # differentiable
+            # split/unbind, not v[s:e] and core[:, j, :]: their backward is one cat/stack, not one full-size zero
+            # tensor per block
+            blocks = torch.split(v, [e - s for s, e in zip(self.bounds[k][:-1], self.bounds[k][1:])])
+            cs = core.unbind(1)
+            parts = [blocks[j] @ (cs[j].T if transpose else cs[j]) for j, _, _ in segments]  # differentiable
             return torch.cat(parts, 0) if parts else v.new_zeros(0, width)
         out = v.new_empty(self.N, width)  # no graph needed: write each block in place, no concatenation
-        for s, e, c in slices:
-            torch.matmul(v[s:e], c, out=out[s:e])
+        for j, s, e in segments:
+            torch.matmul(v[s:e], core[:, j, :].T if transpose else core[:, j, :], out=out[s:e])
         return out
 
     def outer_sum(self, left: torch.Tensor, right: torch.Tensor, k: int, n: int) -> torch.Tensor:
@@ -81,6 +87,21 @@ class IndexPlan:
         a, b = left.shape[1], right.shape[1]
         zero = left.new_zeros(a, b)
         slices = [zero] * n
-        for j, s, e in self._segments(k):
-            slices[j] = left[s:e].T @ right[s:e]
+        sizes = [e - s for s, e in zip(self.bounds[k][:-1], self.bounds[k][1:])]
+        ls, rs = torch.split(left, sizes), torch.split(right, sizes)  # split, not slices: see the module docstring
+        for j, _, _ in self._segments(k):
+            slices[j] = ls[j].T @ rs[j]
         return torch.stack(slices, 1)
+
+
+def sort_order(keys: torch.Tensor, size: int) -> torch.Tensor:
+    """A permutation sorting ``keys`` (integers in ``[0, size)``): any order within a group of equal keys.
+
+    The keys are cast to the narrowest integer type that holds ``size`` first: torch sorts uint8 and int16 by
+    radix (about 6× faster than int64 for 10⁵ keys on a CPU). Cost ``O(N)`` for ``size <= 2¹⁵``, else a comparison
+    sort."""
+    for dtype, top in ((torch.uint8, 256), (torch.int16, 2**15), (torch.int32, 2**31)):
+        if size <= top:
+            keys = keys.to(dtype)
+            break
+    return torch.sort(keys, stable=True).indices

@@ -1,0 +1,153 @@
+"""TensorTrain.gather on prefix/suffix tables, merged middle modes and padded blocks (formats/tt_gather.py), and the
+sorted index plans of the δ-objects (formats/index_plan.py): values, gradients and Hessian-vector products against a
+dense reference, on every layout the planner can choose."""
+
+import pytest
+import torch
+from reference import tt_full
+
+from lowrankopt import TensorTrain
+from lowrankopt.formats import tt_gather as tg
+from lowrankopt.formats.index_plan import IndexPlan, sort_order
+
+# (TABLE_ROWS, MERGED, SLICE_BUDGET): the defaults; no tables beyond the end modes (every other mode in the middle,
+# merged); single-mode middle chunks (a permutation between each); core slices gathered a few blocks at a time.
+SETTINGS = {
+    "default": (tg.TABLE_ROWS, tg.MERGED, tg.SLICE_BUDGET),
+    "merged-middle": (0, tg.MERGED, tg.SLICE_BUDGET),
+    "single-mode-middle": (0, 1, tg.SLICE_BUDGET),
+    "split-slices": (0, 1, 1),
+}
+SHAPES = [(5,), (4, 3), (3, 1, 4, 2, 3), (2, 3, 2, 3, 2, 2), (1, 1, 1)]
+
+
+@pytest.fixture(params=list(SETTINGS))
+def setting(request, monkeypatch):
+    rows, merged, budget = SETTINGS[request.param]
+    monkeypatch.setattr(tg, "TABLE_ROWS", rows)
+    monkeypatch.setattr(tg, "MERGED", merged)
+    monkeypatch.setattr(tg, "SLICE_BUDGET", budget)
+    return request.param
+
+
+def random_cores(shape, rank, dtype, g):
+    d = len(shape)
+    ranks = [1] + [rank] * (d - 1) + [1]
+    return [torch.randn(ranks[k], shape[k], ranks[k + 1], generator=g, dtype=dtype) for k in range(d)]
+
+
+def random_index(shape, N, g):
+    """N unsorted multi-indices with repetitions, plus an explicit duplicate of the first rows."""
+    idx = torch.stack([torch.randint(0, n, (N,), generator=g) for n in shape], 1)
+    return torch.cat([idx, idx[:3]], 0) if N else idx
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("N", [0, 1, 9, 700])
+def test_gather_matches_dense(setting, shape, N, dtype):
+    g = torch.Generator().manual_seed(N + len(shape))
+    cores = random_cores(shape, 3, dtype, g)
+    idx = random_index(shape, N, g)
+    got = TensorTrain(cores).gather(idx)
+    ref = tt_full([c.double() for c in cores])[tuple(idx.T)]
+    assert got.dtype == dtype and got.shape == (idx.shape[0],)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(got.double(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_gather_gradient_and_hvp_match_dense(setting, shape):
+    """Exact first and second derivatives of a completion loss in the cores (double backward through the gather)."""
+    g = torch.Generator().manual_seed(len(shape))
+    cores = [c.requires_grad_(True) for c in random_cores(shape, 3, torch.float64, g)]
+    idx = random_index(shape, 600, g)
+    vals = torch.randn(idx.shape[0], dtype=torch.float64, generator=g)
+    vs = [torch.randn(c.shape, dtype=torch.float64, generator=g) for c in cores]
+
+    def grad_and_hvp(entries):
+        loss = 0.5 * ((entries(cores) - vals) ** 2).sum()
+        grads = torch.autograd.grad(loss, cores, create_graph=True)
+        hvp = torch.autograd.grad(sum((a * v).sum() for a, v in zip(grads, vs)), cores)
+        return grads, hvp
+
+    got = grad_and_hvp(lambda cs: TensorTrain(cs).gather(idx))
+    ref = grad_and_hvp(lambda cs: tt_full(cs)[tuple(idx.T)])
+    for a, b in zip(got[0] + got[1], ref[0] + ref[1]):
+        assert torch.allclose(a, b, atol=1e-11, rtol=1e-11)
+
+
+def test_layout_of_the_t3f_instance_and_its_invariants():
+    assert tg.layout([20] * 10, 10, 100_000) == (4, 6, [(4, 6)])  # 20⁴-row tables, one merged mode of 400
+    assert tg.layout([7, 9], 5, 10) == (1, 1, [])  # d = 2: the end modes' tables meet
+    for shape, N in [([20] * 40, 100_000), ([3, 50, 2, 7, 1, 4], 300), ([1000] * 3, 50), ([2] * 30, 10**6)]:
+        a, b, chunks = tg.layout(shape, 10, N)
+        assert 1 <= a <= b <= len(shape) - 1
+        assert (a == b and not chunks) or (chunks[0][0] == a and chunks[-1][1] == b)  # the chunks tile [a, b)
+        assert all(c[1] == n[0] and c[0] < c[1] for c, n in zip(chunks, chunks[1:] + [(b, b)]))
+        for s, e in chunks:
+            size = 1
+            for n in shape[s:e]:
+                size *= n
+            assert e - s == 1 or size <= min(tg.MERGED, N // 16)
+
+
+@pytest.mark.parametrize(
+    "keys,R",
+    [
+        (torch.randint(0, 400, (5000,), generator=torch.Generator().manual_seed(0)), 400),  # spread
+        (torch.full((300,), 7), 20),  # one key drawn by every sample
+        (torch.randint(0, 10**5, (50,), generator=torch.Generator().manual_seed(1)), 10**5),  # sparse: R >> N
+        (torch.zeros(0, dtype=torch.int64), 5),
+    ],
+)
+def test_blocks_are_a_padded_arrangement(keys, R):
+    blk = tg.Blocks(keys, R)
+    N = keys.shape[0]
+    assert torch.equal(blk.src.index_select(0, blk.slot), torch.arange(N))  # slot and src invert each other
+    T = blk.block_key.shape[0]
+    assert blk.src.shape == (T * blk.B,) and T * blk.B >= N
+    block_of = torch.div(blk.slot, blk.B, rounding_mode="floor")
+    assert torch.equal(blk.block_key.index_select(0, block_of), keys)  # every sample sits in a block of its key
+    core = torch.randn(2, R, 3, dtype=torch.float64)
+    v = torch.randn(N, 2, dtype=torch.float64)
+    got = blk.times_core(v.index_select(0, blk.src) if N else v.new_zeros(T * blk.B, 2), core).index_select(0, blk.slot)
+    assert torch.allclose(got, torch.einsum("pa,apb->pb", v, core[:, keys, :]), atol=1e-13)
+
+
+@pytest.mark.parametrize("size", [1, 3, 255, 256, 257, 40_000, 2**33])
+def test_sort_order_sorts_in_every_key_width(size):
+    keys = torch.randint(0, size, (1000,), generator=torch.Generator().manual_seed(size % 1000))
+    order = sort_order(keys, size)
+    assert torch.equal(torch.sort(order).values, torch.arange(1000))
+    assert torch.equal(keys[order], torch.sort(keys).values)
+
+
+def test_index_plan_products_and_their_gradients_match_per_sample_products():
+    """times_core, core_times and outer_sum, differentiated (the split path) and not (the in-place path)."""
+    g = torch.Generator().manual_seed(3)
+    shape = (4, 1, 6)
+    idx = torch.stack([torch.randint(0, n, (80,), generator=g) for n in shape], 1)
+    plan = IndexPlan(idx, shape)
+    k, ik = 2, idx[:, 2]
+    core = torch.randn(3, 6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(80, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    u = torch.randn(80, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(80, 5, dtype=torch.float64, generator=g)
+    vs, us = plan.from_natural(v, k), plan.from_natural(u, k)
+    got = plan.to_natural(plan.times_core(vs, core, k), k)
+    ref = torch.einsum("pa,apb->pb", v, core[:, ik, :])
+    assert torch.allclose(got, ref, atol=1e-13)
+    with torch.no_grad():
+        assert torch.allclose(plan.to_natural(plan.times_core(vs, core, k), k), ref, atol=1e-13)
+    assert torch.allclose(
+        plan.to_natural(plan.core_times(core, us, k), k), torch.einsum("apb,pb->pa", core[:, ik, :], u), atol=1e-13
+    )
+    out = plan.outer_sum(vs, us, k, 6)
+    ref_out = torch.zeros(3, 6, 5, dtype=torch.float64).index_add(1, ik, torch.einsum("pa,pb->apb", v, u))
+    assert torch.allclose(out, ref_out, atol=1e-13)
+    for a, b in zip(
+        torch.autograd.grad((got * w).sum() + (out * core).sum(), (core, v, u)),
+        torch.autograd.grad((ref * w).sum() + (ref_out * core).sum(), (core, v, u)),
+    ):
+        assert torch.allclose(a, b, atol=1e-12)
