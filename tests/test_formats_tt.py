@@ -137,6 +137,50 @@ def test_ttmatrix(g):
         A.matvec(torch.randn(2, 12, dtype=DT))
 
 
+@pytest.mark.parametrize(
+    "rows,cols,ranks",
+    [
+        ([2, 3, 2], [3, 2, 4], [2, 3]),
+        ([4, 2, 2], [2, 2, 4], [3, 4]),
+        ([5], [7], []),
+        ([3, 1, 2, 2], [2, 2, 1, 3], [2, 3, 4]),
+    ],
+)
+@pytest.mark.parametrize("order", ["left", "right", "full", None])
+@pytest.mark.parametrize("batch", [0, 1, 6])
+def test_ttmatrix_matvec_orders_and_gradients(g, rows, cols, ranks, order, batch):
+    A = TTMatrix.random(rows, cols, ranks, generator=g, dtype=DT)
+    cores = [c.clone().requires_grad_() for c in A.cores]
+    X = torch.randn(batch, A.shape[1], dtype=DT, generator=g, requires_grad=True)
+    W = torch.randn(batch, A.shape[0], dtype=DT, generator=g)
+    Y = TTMatrix(cores).matvec(X, order)
+    # an independent reference: the dense operator by one einsum over the operator cores
+    ref_cores = [c.detach().clone().requires_grad_() for c in A.cores]
+    Xr = X.detach().clone().requires_grad_()
+    letters = "abcdefgh"
+    terms = [f"{letters[k]}{'ABCDEFG'[k]}{'OPQRSTU'[k]}{letters[k + 1]}" for k in range(len(rows))]
+    spec = ",".join(terms) + "->" + "ABCDEFG"[: len(rows)] + "OPQRSTU"[: len(rows)]
+    dense = torch.einsum(spec, *ref_cores).reshape(A.shape)
+    ref = Xr @ dense.T
+    assert Y.shape == (batch, A.shape[0])
+    assert torch.allclose(Y, ref, atol=1e-12, rtol=0)
+    (Y * W).sum().backward()
+    (ref * W).sum().backward()
+    assert torch.allclose(X.grad, Xr.grad, atol=1e-12, rtol=0)
+    for c, rc in zip(cores, ref_cores, strict=True):
+        assert torch.allclose(c.grad, rc.grad, atol=1e-11, rtol=0)
+
+
+def test_ttmatrix_matvec_cost_model_picks_the_cheapest_order(g):
+    A = TTMatrix.random([16, 8, 8], [8, 8, 16], [8, 8], generator=g)
+    costs = {o: A.matvec_cost(256, o) for o in ("left", "right", "full")}
+    assert costs == {"left": 335544320, "right": 100663296, "full": 8 * 16384 * 64 + 8 * 8 * 8192 + 256 * 1024 * 1024}
+    with pytest.raises(ValueError, match="order"):
+        A.matvec(torch.zeros(1, 1024), "middle")
+    with pytest.raises(ValueError, match="order"):
+        A.matvec_cost(1, "middle")
+
+
 def test_float32(g):
     x = TensorTrain.random([3, 4, 5], [2, 3], dtype=torch.float32, generator=g)
     assert x.dtype == torch.float32 and x.full().dtype == torch.float32

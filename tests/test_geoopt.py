@@ -353,6 +353,32 @@ def test_tt_linear_forward_equals_dense(g):
     assert TTLinear(16, 16, 100, d=2, dtype=DT).ranks == (16,)  # an int rank is clipped
 
 
+@pytest.mark.parametrize("order", ["left", "right", "full", None])
+@pytest.mark.parametrize("shape", [(12, 6, (3, 4), (2, 3)), (24, 20, (2, 3, 4), (5, 2, 2))])
+def test_tt_linear_gradients_in_every_contraction_order(g, monkeypatch, order, shape):
+    """The δ-gradient (``weight.grad``), ``x.grad`` and ``bias.grad`` of a training step are the same whatever
+    contraction order the matvec takes: against dense autograd through the straight-through rank-2r object, whose W
+    is formed here by one einsum of its cores."""
+    n_in, n_out, in_f, out_f = shape
+    layer = TTLinear(n_in, n_out, 3, in_factors=in_f, out_factors=out_f, dtype=DT, generator=g)
+    x = torch.randn(5, n_in, dtype=DT, generator=g, requires_grad=True)
+    w = torch.randn(5, n_out, dtype=DT, generator=g)
+    ref_layer = TTLinear(n_in, n_out, 3, in_factors=in_f, out_factors=out_f, dtype=DT)
+    ref_layer.load_state_dict(layer.state_dict())
+    xr = x.detach().clone().requires_grad_()
+    cores = ref_layer.manifold.straight_through(ref_layer.weight).materialize().cores
+    d = len(in_f)
+    ops = [c.reshape(c.shape[0], o, i, c.shape[2]) for c, o, i in zip(cores, out_f, in_f, strict=True)]
+    spec = ",".join(f"{'abcde'[k]}{'ABCD'[k]}{'PQRS'[k]}{'abcde'[k + 1]}" for k in range(d))
+    W = torch.einsum(spec + "->" + "ABCD"[:d] + "PQRS"[:d], *ops).reshape(n_out, n_in)
+    ((xr @ W.T + ref_layer.bias) * w).sum().backward()
+    real = TTMatrix.matvec
+    monkeypatch.setattr(TTMatrix, "matvec", lambda self, X, o=None: real(self, X, order))
+    (layer(x) * w).sum().backward()
+    for a, b in ((layer.weight.grad, ref_layer.weight.grad), (x.grad, xr.grad), (layer.bias.grad, ref_layer.bias.grad)):
+        assert torch.allclose(a, b, atol=1e-10 * max(1.0, float(b.abs().max())), rtol=0)
+
+
 def _regression(kind, seed=0, B=64):
     g = torch.Generator().manual_seed(seed)
     init = torch.Generator().manual_seed(100 + seed)
