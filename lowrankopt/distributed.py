@@ -30,6 +30,7 @@ Point = LowRankMatrix | TensorTrain  # a point of a manifold
 
 __all__ = [
     "Failures",
+    "ShardedObjective",
     "ShardedRun",
     "agree",
     "all_reduce_tangent",
@@ -100,6 +101,92 @@ def reducers(group: dist.ProcessGroup | None = None, traffic: dict | None = None
     return reduce, reduce_tangent
 
 
+class ShardedObjective:
+    """``Σ_ranks f_shard`` for :func:`~lowrankopt.minimize`, with the plain path's single pass per point.
+
+    At a point x, :meth:`grad` runs one δ-trick pass over this process's shard — f's value, the δ-gradient and the
+    Hessian operator's tape together (:func:`~lowrankopt.riemannian_grad_and_hessian`, which shares index plans and
+    frame interfaces between them) — and all-reduces ``[f_p(x), δ-gradient_p]`` in **one** collective of
+    ``#coordinates + 1`` numbers. The sums and the shard's Hessian operator are kept for the last two points (the
+    trust-region method returns to x after a rejected step), so that
+
+    - :meth:`f` at such a point is the kept sum (no pass, no collective): :class:`~lowrankopt.optim.objective.Objective`
+      asks for the gradient before the value for this reason; at any other point (a backtracking trial) it is one
+      forward pass without a tape and one all-reduce of a scalar;
+    - :meth:`hvp` applies the kept operator (the second backward pass only, as in the plain path) and all-reduces
+      the δ-coordinates (one collective of ``#coordinates`` numbers); at a point not kept it runs the pass first.
+
+    Cost per point beyond the single-process path: the two all-reduces above, ``O(d n r²)`` numbers for tensor trains
+    (``O((m + n) r)`` for matrices), whatever the number of entries. Every process must call the methods in the same
+    order at the same points (they do: the points are identical, :func:`check_identical`).
+
+    With ``failures`` (:class:`Failures`), an exception in this process's shard is kept there and NaN takes the
+    place of its value and coordinates in the sums, so that every process sees the same non-finite f and stops.
+    """
+
+    keep = 2  # points whose sums and Hessian operator are kept (x and a trust-region candidate)
+
+    def __init__(
+        self,
+        f_shard: Callable,
+        *,
+        curvature: bool = True,
+        group: dist.ProcessGroup | None = None,
+        traffic: dict | None = None,
+        failures: Failures | None = None,
+    ) -> None:
+        if not callable(f_shard):
+            raise TypeError(f"f_shard must be callable, got {type(f_shard).__name__}")
+        self.f_shard, self.curvature, self.group, self.failures = f_shard, curvature, group, failures
+        self._reduce, self._reduce_tangent = reducers(group, traffic)
+        self._kept: list[dict] = []  # newest last: {"x", "f", "grad", "hess"}
+
+    def _guard(self, fn: Callable, fallback: Callable) -> Any:
+        return fn() if self.failures is None else self.failures.guard(fn, fallback)
+
+    def _at(self, x: Point) -> dict:
+        """The kept pass at x, or a new one: the shard's pass, then one all-reduce of its value and δ-gradient."""
+        for entry in self._kept:
+            if entry["x"] is x:
+                return entry
+
+        def local():
+            return riemannian_grad_and_hessian(self.f_shard, x, curvature=self.curvature)
+
+        val, g, h = self._guard(local, lambda: (_nan_scalar(x), _nan_tangent(x), None))
+        total = self._reduce(torch.cat([val.reshape(1).to(g.coords[0].dtype), _flat(g.coords)]))
+        entry = {
+            "x": x,
+            "f": total[0],
+            "grad": TangentVector(g.manifold, g.base, _unflat(total[1:], g.coords)),
+            "hess": h,
+        }
+        self._kept = [*self._kept[-(self.keep - 1) :], entry] if self.keep > 1 else [entry]
+        return entry
+
+    def f(self, x: Point) -> torch.Tensor:
+        """``Σ f_p(x)`` (0-dim): kept from the gradient pass at x, else a forward pass and one scalar all-reduce."""
+        for entry in self._kept:
+            if entry["x"] is x:
+                return entry["f"]
+
+        def local():
+            with torch.no_grad():
+                return self.f_shard(x).detach().reshape(())
+
+        return self._reduce(self._guard(local, lambda: _nan_scalar(x)))
+
+    def grad(self, x: Point) -> TangentVector:
+        """``Σ grad f_p(x)`` (with ``Σ f_p(x)``: one pass, one collective; see the class docstring)."""
+        return self._at(x)["grad"]
+
+    def hvp(self, x: Point, v: TangentVector) -> TangentVector:
+        """``Σ Hess f_p(x)[v]``: the kept Hessian operator at x applied to v, then one all-reduce."""
+        entry = self._at(x)
+        hv = self._guard(lambda: entry["hess"](v), lambda: _nan_tangent(x))
+        return self._reduce_tangent(hv)
+
+
 def sharded_objective(
     f_shard: Callable,
     *,
@@ -108,37 +195,16 @@ def sharded_objective(
     traffic: dict | None = None,
     failures: Failures | None = None,
 ) -> tuple[Callable, Callable, Callable]:
-    """``(f, grad, hvp)`` for :func:`~lowrankopt.minimize` on ``Σ_ranks f_shard``: ``f(x)`` all-reduces the shard
-    values; ``grad(x)`` differentiates the shard once (gradient and Hessian operator, δ-trick) and all-reduces the
-    δ-coordinates; ``hvp(x, v)`` applies the shard's Hessian at the last ``grad`` point (recomputed for another
-    point) and all-reduces it. (f and the gradient are separate passes: about 1.4× the single-process cost.)
+    """``(f, grad, hvp)`` for :func:`~lowrankopt.minimize` (``minimize(f, x, grad=grad, hvp=hvp, ...)``) on
+    ``Σ_ranks f_shard``: the methods of a :class:`ShardedObjective`. ``grad(x)`` differentiates the shard once
+    (value, δ-gradient and the Hessian operator's tape, δ-trick) and all-reduces value and δ-coordinates in one
+    collective; ``f(x)`` at that point is the value from that pass (elsewhere one forward pass and a scalar
+    all-reduce); ``hvp(x, v)`` applies the shard's Hessian operator kept from the pass and all-reduces it.
 
     With ``failures``, an exception in this process's shard is kept there and NaN takes the shard's place in the
     sum, so that every process sees the same non-finite value and stops (see :class:`Failures`)."""
-    reduce, reduce_tangent = reducers(group, traffic)
-    value, tangent = (failures.value, failures.tangent) if failures is not None else (_as_is, _as_is)
-    last: dict = {}
-
-    def _local(x):
-        if last.get("x") is not x:
-            _, g, h = riemannian_grad_and_hessian(f_shard, x, curvature=curvature)
-            last.update(x=x, g=g, h=h)
-        return last
-
-    def f(x):
-        return reduce(value(lambda x: f_shard(x).detach().reshape(()))(x))
-
-    def grad(x):
-        return reduce_tangent(tangent(lambda x: _local(x)["g"])(x))
-
-    def hvp(x, v):
-        return reduce_tangent(tangent(lambda x, v: _local(x)["h"](v))(x, v))
-
-    return f, grad, hvp
-
-
-def _as_is(fn: Callable) -> Callable:
-    return fn
+    obj = ShardedObjective(f_shard, curvature=curvature, group=group, traffic=traffic, failures=failures)
+    return obj.f, obj.grad, obj.hvp
 
 
 def _nan_scalar(like) -> torch.Tensor:

@@ -73,7 +73,10 @@ class Objective:
         """Value and Riemannian gradient at x, and the Hessian operator at x if ``hessian``."""
         hess = None
         if self._grad is not None:
-            fun, g = self.value(x), self._grad(x)
+            # the gradient first: a grad that evaluates f in its own pass (the sharded objective of
+            # lowrankopt.distributed) keeps the value, and the f that follows returns it without a second pass
+            g = self._grad(x)
+            fun = self.value(x)
         elif hessian and self._hvp is None:
             self.nfev += 1
             val, g, h = riemannian_grad_and_hessian(self.f, x, curvature=self.curvature, manifold=self.manifold)
