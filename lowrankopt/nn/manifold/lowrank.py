@@ -16,11 +16,10 @@ import torch
 
 from ..._checks import as_positive_int
 from ...formats.lowrank import LowRankMatrix
-from ...formats.tt import MATVEC_ORDERS, TensorTrain, TTMatrix
+from ...formats.tt import TensorTrain, TTMatrix
 from ...manifolds.base import qr_positive
 from ...manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank, manifold_parameter
 from .._common import _autocast_output, _check_input, _dense_linear, _full_precision, _init_bias, _kw, _refuse_half
-from .tt_product import tt_delta_product, tt_delta_product_cost
 
 __all__ = ["LowRankLinear", "TTLinear"]
 
@@ -346,38 +345,20 @@ class TTLinear(_PackedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (..., in)`` -> ``(..., out)`` by the TT-matrix matvec in its cheapest order (class docstring: a sweep,
-        or W formed when that costs less). With a gradient needed, by the cheaper (cost model) of the δ-product node
-        (:func:`~lowrankopt.nn.manifold.tt_product.tt_delta_product`, rank-r sweeps) and the matvec on the
-        straight-through object (rank 2r); both make ``weight.grad`` the δ-gradient."""
+        or W formed when that costs less). With a gradient needed, the matvec runs on the straight-through object
+        (materialized at rank 2r), so that ``weight.grad`` is the δ-gradient whatever the order."""
         x2 = _check_input(x, self.in_features, self._weight())
         p = self.weight
         with _full_precision(x2):  # the frames (QR) in the parameters' dtype
             if torch.is_grad_enabled() and p.requires_grad:
-                y = self._training_product(x2.to(p.dtype), p)
+                # (a rank-r node for the δ-gradient, without the rank-2r object, was tried: commit 32cf5a6; its five
+                # rank-r sweeps ran slower than the dense-W order at batch 256)
+                cores = self.manifold.straight_through(p).materialize().cores
             else:
-                y = self._tt_matrix(self.manifold.unpack_tensor(p.detach())).matvec(x2.to(p.dtype))
-        # under autocast: the products in the parameters' dtype (they must not autocast), the output cast once
+                cores = self.manifold.unpack_tensor(p.detach())
+        # under autocast: the matvec in the parameters' dtype (its products must not autocast), the output cast once
+        y = self._tt_matrix(cores).matvec(x2.to(p.dtype))
         return self._output(_autocast_output(y), x)
-
-    def _training_product(self, x2: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """``x2 Wᵀ`` with the δ-gradient for ``p``: the δ-product node when its modelled cost (about 5 rank-r sweeps)
-        is below that of the straight-through matvec (3 rank-2r matvecs in their cheapest order), else the latter."""
-        point = self.manifold._point(p.detach())
-        cores = self._tt_matrix(point.cores).cores
-        delta_cost, pattern = tt_delta_product_cost(TTMatrix._trusted(cores), x2.shape[0])
-        doubled = TTMatrix._trusted(  # the straight-through object's shapes, for its cost (meta: nothing allocated)
-            [torch.empty(2 * c.shape[0] if k else 1, *c.shape[1:3], 2 * c.shape[3] if k + 1 < len(cores) else 1,
-                         device="meta") for k, c in enumerate(cores)]
-        )  # fmt: skip
-        straight_cost = 3 * min(doubled.matvec_cost(x2.shape[0], o) for o in MATVEC_ORDERS)
-        if delta_cost > straight_cost:
-            return self._tt_matrix(self.manifold.straight_through(p).materialize().cores).matvec(x2)
-        frames = self.manifold.base.frames(point)
-        d = len(cores)
-        U = self._tt_matrix(frames["U"][: d - 1]).cores if d > 1 else []
-        V = [c.reshape(c.shape[0], o, i, c.shape[2]) for c, o, i in
-             zip(frames["V"][1:], self.out_factors[1:], self.in_factors[1:], strict=True)]  # fmt: skip
-        return tt_delta_product(x2, p, cores, U, V, pattern)
 
     def weight_matrix(self) -> TTMatrix:
         """The weight as a TTMatrix with cores ``(r_{k-1}, out_k, in_k, r_k)`` (a detached copy)."""
