@@ -15,6 +15,8 @@ Applying A to a batch of B vectors costs ``O(B Σ_j k_j b1_j b2_j)`` — the num
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 
 import geoopt
@@ -24,7 +26,17 @@ from ..._checks import as_device
 from ...manifolds.geoopt import manifold_parameter
 from .._common import HALF, HALF_OR_FULL, _check_input, _full_precision, _refuse_half
 
-__all__ = ["GSMatrix", "GSOrthogonal", "blockdiag_matmul", "gs_matmul", "gs_project", "shuffle_index"]
+__all__ = [
+    "CayleyPool",
+    "GSMatrix",
+    "GSOrthogonal",
+    "blockdiag_matmul",
+    "gs_apply",
+    "gs_matmul",
+    "gs_project",
+    "share_cayley_pool",
+    "shuffle_index",
+]
 
 MAPS = ("cayley", "exp", "neumann")
 
@@ -195,6 +207,161 @@ def _orthogonal(K: torch.Tensor, kind: str, terms: int) -> torch.Tensor:
     return (eye + K) @ inv
 
 
+def gs_apply(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+    """``Q x`` (or ``Qᵀ x`` with ``transpose=True``) along the last dim of ``x: (..., n)`` for ``Q = Pᵀ L P R``
+    with square blocks ``L, R: (k, b, b)`` and the shuffle ``P = P_(k, n)`` — what :class:`GSOrthogonal` computes.
+
+    The same numbers as ``GSMatrix([R, L], [None, P, Pᵀ]).matmul(x)``, by two batched products over the blocks
+    and no index gathers: the shuffles are reshapes and transposes, and the products run on the vectors laid out
+    feature-major ``(k, b, B)``, so each shuffle is one strided copy (``P``: ``(k, b) → (b, k)``; ``Pᵀ``
+    together with the return to ``(B, n)``). Cost ``O(B n b)`` for B vectors (``2 B n b`` multiply-adds) plus
+    two copies of ``B n`` entries.
+    """
+    k, b, _ = L.shape
+    n = k * b
+    if x.shape[-1] != n:
+        raise ValueError(f"x must have last dim {n}, got {x.shape[-1]}")
+    lead = x.shape[:-1]
+    B = x.numel() // n if n else 0
+    xt = x.reshape(B, k, b)
+    if not transpose:  # Q x = Pᵀ L P R x
+        u = torch.bmm(R, xt.permute(1, 2, 0))  # (k, b, B): row kk·b + i of R x
+        u = u.transpose(0, 1).reshape(k, b, B)  # P: row i·k + kk ← kk·b + i
+        v = torch.bmm(L, u)  # (k, b, B): row m·b + r of L P R x
+        return v.reshape(b, k, B).permute(2, 1, 0).reshape(*lead, n)  # Pᵀ: row kk·b + j ← j·k + kk
+    # Qᵀ x = Rᵀ Pᵀ Lᵀ P x
+    u = xt.permute(2, 1, 0).reshape(k, b, B)  # P x, feature-major
+    v = torch.bmm(L.mT, u)
+    v = v.reshape(b, k, B).transpose(0, 1)  # Pᵀ (a strided view that bmm reads as it is)
+    return torch.bmm(R.mT, v).reshape(n, B).T.reshape(*lead, n)
+
+
+def _gj_inverse(A: torch.Tensor) -> torch.Tensor:
+    """The inverses of the ``(b, b)`` matrices ``A: (N, b, b)`` by Gauss–Jordan elimination without pivoting, in
+    place on a copy laid out ``(b, b, N)`` so that every step is one elementwise operation over all N matrices
+    (LAPACK's batched inverse handles one small matrix per call: about 4 µs per 8 × 8 block on a CPU core, against
+    under 1 µs here for thousands of blocks). For ``A = I − K``, K skew-symmetric, no pivot vanishes: every leading
+    block and every Schur complement has symmetric part positive definite, and elimination without pivoting is
+    stable for such matrices (growth ``O(1 + ‖K‖²)``; Golub & Van Loan, §4.4). Cost ``O(N b³)``."""
+    b = A.shape[-1]
+    X = A.permute(1, 2, 0).contiguous()
+    for i in range(b):
+        p = 1 / X[i, i]
+        col = X[:, i].clone()
+        col[i] = 0
+        X[:, i] = 0
+        X[i, i] = 1
+        X[i] *= p  # row i: the pivot row divided by the pivot, and column i holds 1 / pivot
+        X.addcmul_(col[:, None], X[i].clone()[None], value=-1)  # the other rows: minus their multiple of it
+    return X.permute(2, 0, 1).contiguous()  # (N, b, b) strides: batched products take one call, not one per block
+
+
+def _cayley_values(K: torch.Tensor) -> torch.Tensor:
+    """``(I + K)(I − K)⁻¹ = 2 (I − K)⁻¹ − I`` for skew-symmetric ``K: (N, b, b)``, by :func:`_gj_inverse`
+    (no autograd). Cost ``O(N b³)``."""
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+    return 2 * _gj_inverse(eye - K) - eye
+
+
+_SKEW_INDEX: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _skew_index(b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat positions ``(r b + c, c b + r)`` of the packed entries in a ``b × b`` block (r < c), cached."""
+    key = (b, str(device))
+    if key not in _SKEW_INDEX:
+        rows, cols = torch.triu_indices(b, b, offset=1, device=device)
+        _SKEW_INDEX[key] = (rows * b + cols, cols * b + rows)
+    return _SKEW_INDEX[key]
+
+
+def _cayley_grad(Q: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """The gradient in the packed skew parameters ``p: (N, b(b−1)/2)`` of ``⟨G, Q⟩`` for the Cayley blocks of p,
+    ``Q = 2 (I − K)⁻¹ − I``: ``dQ = 2 (I − K)⁻¹ dK (I − K)⁻¹`` and ``(I − K)⁻¹ = (Q + I) / 2``, so
+    ``∇_K = ½ (Qᵀ + I) G (Qᵀ + I)``, and ``K = S − Sᵀ`` (S the upper triangle holding p) gives
+    ``∇_p = ∇_K[r, c] − ∇_K[c, r]``. Cost ``O(N b³)`` (two batched products)."""
+    N, b, _ = Q.shape
+    A = Q.mT + torch.eye(b, dtype=Q.dtype, device=Q.device)
+    GK = torch.bmm(torch.bmm(A, G), A).reshape(N, b * b)
+    up, low = _skew_index(b, Q.device)
+    return 0.5 * (GK[:, up] - GK[:, low])
+
+
+class _PooledCayley(torch.autograd.Function):
+    """The Cayley blocks of the packed skew parameters ``(pL, pR)`` given their values ``Q`` (``(2k, b, b)``: L's
+    blocks, then R's), which :meth:`CayleyPool.refresh` computed for many modules at once; backward is
+    :func:`_cayley_grad`, for both factors in one call. Under ``create_graph`` the backward recomputes Q from the
+    parameters by differentiable operations, so higher derivatives stay exact."""
+
+    @staticmethod
+    def forward(pL, pR, Q):
+        k = pL.shape[0]
+        return Q[:k].clone(memory_format=torch.contiguous_format), Q[k:].clone(memory_format=torch.contiguous_format)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pL, pR, Q = inputs
+        ctx.save_for_backward(pL, pR, Q)
+
+    @staticmethod
+    def backward(ctx, gL, gR):
+        pL, pR, Q = ctx.saved_tensors
+        k, b = pL.shape[0], Q.shape[-1]
+        p = torch.cat([pL, pR])
+        if torch.is_grad_enabled():  # create_graph: Q as a differentiable function of the parameters
+            Q = _orthogonal(_skew(p, b), "cayley", 0)
+        G = torch.cat([torch.zeros_like(Q[:k]) if gL is None else gL, torch.zeros_like(Q[k:]) if gR is None else gR])
+        grad = _cayley_grad(Q, G.contiguous())
+        return grad[:k], grad[k:], None
+
+
+class CayleyPool:
+    """Modules whose Cayley blocks are computed together (:meth:`GSOrthogonal.blocks`): :func:`.convert_to_gsoft`
+    puts all rotations of a model in one pool; a :class:`GSOrthogonal` built alone has a pool of its own. Members
+    are held weakly; a pickled or deep-copied pool starts empty and its modules rejoin at their next call."""
+
+    def __init__(self) -> None:
+        self._members: weakref.WeakSet = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def add(self, module: GSOrthogonal) -> None:
+        self._members.add(module)
+
+    def refresh(self, trigger: GSOrthogonal) -> None:
+        """Recompute, in one batched Cayley map (:func:`_cayley_values`), the cached blocks of every member that
+        shares ``trigger``'s block size, dtype and device and whose cache is stale: an optimizer step changes every
+        member at once, so the first rotation of the next forward recomputes all of them. Cost ``O(N b³)`` for the
+        N blocks, plus ``O(N b²)`` to compare the members' parameters with their caches."""
+        key = trigger._pool_key()
+        with self._lock:
+            members = [q for q in list(self._members) if q is not trigger and q._pool_key() == key]
+            stale = [trigger] + [q for q in members if not q._cache_valid()]
+            with torch.no_grad(), torch.autocast(trigger.L.device.type, enabled=False):
+                params = [(q.L.detach().clone(), q.R.detach().clone()) for q in stale]
+                Q = _cayley_values(_skew(torch.cat([t for pair in params for t in pair]), trigger.block_size))
+                start = 0
+                for q, (pL, pR) in zip(stale, params):
+                    q._cayley_cache = (pL, pR, Q[start : start + 2 * q.nblocks])
+                    start += 2 * q.nblocks
+
+
+def share_cayley_pool(modules) -> CayleyPool:
+    """Put the :class:`GSOrthogonal` modules among ``modules`` into one new :class:`CayleyPool` (their Cayley blocks
+    are then computed in one batched call per block size) and return it."""
+    pool = CayleyPool()
+    for m in modules:
+        if isinstance(m, GSOrthogonal):
+            m._pool = pool
+            m._cayley_cache = None
+    return pool
+
+
 _QR_RETRACTION = "its blocks are retracted onto the orthogonal group by QR"  # why half precision is refused
 
 
@@ -269,16 +436,55 @@ class GSOrthogonal(torch.nn.Module):
             self.R = manifold_parameter(eye, geoopt.EuclideanStiefel(), f"{name}.R", hint)
         self.register_buffer("perm", shuffle_index(k, n, device=device), persistent=False)
         self.register_buffer("inverse_perm", torch.argsort(self.perm), persistent=False)
+        self._cayley_cache: tuple[torch.Tensor, ...] | None = None  # (L, R as they were, their blocks)
+        self._pool = CayleyPool()
 
     def extra_repr(self) -> str:
         return f"n={self.n}, block_size={self.block_size}, map={self.map!r}, parametrization={self.parametrization!r}"
 
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The orthogonal blocks ``(L, R)``, each ``(nblocks, b, b)``. Cost ``O(n b²)``."""
+        """The orthogonal blocks ``(L, R)``, each ``(nblocks, b, b)``. Cost ``O(n b²)``.
+
+        With the Cayley map (float32 / float64) the blocks of all modules of one :class:`CayleyPool` (a model's
+        rotations, see :func:`share_cayley_pool`) with one block size, dtype and device are computed together, in
+        one batched map, and cached with a copy of the parameters they came from: a module's blocks are recomputed
+        (with every other stale member's) only when its parameters changed, in place or not. The cache holds
+        values only; each call builds its own autograd node (backward ``O(n b²)``, two batched products), so
+        graphs are never shared between calls."""
         if self.parametrization == "orthogonal":
             return self.L, self.R
+        if self._poolable():
+            pool = getattr(self, "_pool", None)
+            if pool is None:  # a module pickled before pools existed
+                pool = self._pool = CayleyPool()
+            pool.add(self)  # here rather than in __init__: copies (deepcopy, pickle) join too
+            if not self._cache_valid():
+                pool.refresh(self)
+            return _PooledCayley.apply(self.L, self.R, self._cayley_cache[2])
         b = self.block_size
         return tuple(_orthogonal(_skew(p, b), self.map, self.neumann_terms) for p in (self.L, self.R))
+
+    def _poolable(self) -> bool:
+        return (
+            self.map == "cayley"
+            and self.L.dtype in (torch.float32, torch.float64)
+            and self.R.dtype == self.L.dtype
+            and not torch.compiler.is_compiling()
+        )
+
+    def _pool_key(self) -> tuple:
+        return self.block_size, self.L.dtype, self.L.device
+
+    def _cache_valid(self) -> bool:
+        """Whether the cached blocks belong to the parameters' current values (compared entry by entry: in-place
+        changes through ``.data`` do not show in version counters). Cost ``O(n b)``."""
+        c = getattr(self, "_cayley_cache", None)
+        if c is None:
+            return False
+        return all(
+            old.dtype == new.dtype and old.device == new.device and old.shape == new.shape and torch.equal(old, new)
+            for old, new in ((c[0], self.L), (c[1], self.R))
+        )
 
     def gs_matrix(self) -> GSMatrix:
         """Q as a :class:`GSMatrix` ``Pᵀ L P R``."""
@@ -292,8 +498,8 @@ class GSOrthogonal(torch.nn.Module):
             _refuse_half(self, self.L.dtype, _QR_RETRACTION)
         _check_input(x, self.n, self.L)
         with _full_precision(x):
-            Q = self.gs_matrix()
-        return Q.matmul(x)
+            L, R = self.blocks()
+        return gs_apply(x, L, R)
 
     def matrix(self) -> torch.Tensor:
         """The dense ``n × n`` Q (tests, merging into a weight). Cost ``O(n² b)``."""

@@ -37,6 +37,7 @@ from ..adapters.model import (
 )
 from ..adapters.setup import train_only_adapters
 from ..surgery import replace_modules, select_modules
+from .gs import share_cayley_pool
 from .gsoft_config import GSOFTConfig
 from .gsoft_layer import PREFIX, GSOFTLinear
 
@@ -87,7 +88,9 @@ def convert_to_gsoft(model: torch.nn.Module, config: GSOFTConfig) -> dict[str, G
     Raises ``ValueError`` if nothing matches or a size is not divisible by the block size (the model is then
     unchanged: :func:`~lowrankopt.nn.surgery.replace_modules`). A layer used at several places gets one adapter, used
     at all of them; the base layers keep their parameters, so tied weights stay tied (:func:`merge_adapter` refuses
-    to merge into a tied weight). Returns ``{name: adapter layer}``. Cost: building the adapters (``O(n b)`` each).
+    to merge into a tied weight). The rotations of all the adapters share one :class:`~.gs.CayleyPool`: a step
+    computes their Cayley blocks in one batched call. Returns ``{name: adapter layer}``. Cost: building the adapters
+    (``O(n b)`` each).
     """
     if not isinstance(config, GSOFTConfig):
         raise TypeError(f"config must be a GSOFTConfig, got {type(config).__name__}")
@@ -99,6 +102,7 @@ def convert_to_gsoft(model: torch.nn.Module, config: GSOFTConfig) -> dict[str, G
     if not targets:
         raise ValueError(f"no module matches target_modules={config.target_modules!r}")
     wrapped = replace_modules(model, targets, lambda name, m: GSOFTLinear(m, config, name))
+    share_cayley_pool(m for layer in wrapped.values() for m in layer.modules())  # one batched Cayley map per step
     saved = select_modules(model, config.modules_to_save).values() if config.modules_to_save is not None else ()
     train_only_adapters(model, wrapped.values(), PREFIX, config.bias, saved)
     return wrapped

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from .._common import _check_input, _full_precision
 from ..adapters.layer import AdapterLayer, merge_all
-from .gs import GSMatrix, GSOrthogonal
+from .gs import GSMatrix, GSOrthogonal, gs_apply
 from .gsoft_config import GSOFTConfig
 
 __all__ = ["GSOFTLinear"]
@@ -27,6 +28,30 @@ def _q_form(q: GSOrthogonal, L: torch.Tensor, R: torch.Tensor) -> GSMatrix:
 def _reversed_form(q: GSOrthogonal, L: torch.Tensor, R: torch.Tensor) -> GSMatrix:
     """``R Pᵀ L P`` with ``q``'s shuffle P: ``Qᵀ`` (blocks ``Lᵀ, Rᵀ``) or ``Q⁻¹`` (blocks ``L⁻¹, R⁻¹``)."""
     return GSMatrix([L, R], [q.perm, q.inverse_perm, None])
+
+
+def rotate_weight_cost(
+    tokens: int, n_in: int, n_out: int, b_in: int, b_out: int | None, *, training: bool, input_grad: bool
+) -> tuple[int, int]:
+    """Multiply-adds of one GSOFT layer call — rotating the activations vs rotating the weight — for ``tokens``
+    input vectors, a weight ``(n_out, n_in)`` and block sizes ``b_in`` (``b_out``: double GSOFT, else None).
+
+    A rotation of a vector of size n costs ``2 n b`` (two block-diagonal factors); the frozen product
+    ``tokens · n_out · n_in``. Activations: ``Q_in x`` (and ``Q_out y``) per token; weight: ``Q_out W Q_in`` once,
+    ``n_out`` rows (``n_in`` columns) of rotations. Training (``training``: grad mode on and the adapter trainable)
+    adds the backward: with rotated activations the frozen product's input gradient is always needed (it reaches
+    ``Q_in``), each rotation's block gradient costs its forward again and its input gradient too where needed;
+    with a rotated weight the rotated weight's gradient (``tokens · n_out · n_in`` more) replaces the rotations'
+    per-token backward, and the input gradient of the product is needed only with ``input_grad``. So in training the
+    weight wins only for tiny layers (about ``n_out < 6 b``); without gradients it wins when ``n_out < tokens``."""
+    mn = n_out * n_in
+    act = tokens * mn + 2 * tokens * n_in * b_in + (2 * tokens * n_out * b_out if b_out else 0)
+    wt = tokens * mn + 2 * mn * b_in + (2 * mn * b_out if b_out else 0)
+    if training:
+        act += tokens * mn + 2 * tokens * n_in * b_in * (2 if input_grad else 1)
+        act += 4 * tokens * n_out * b_out if b_out else 0  # block gradient and input gradient of Q_out
+        wt += tokens * mn * (2 if input_grad else 1) + 2 * mn * b_in + (4 * mn * b_out if b_out else 0)
+    return act, wt
 
 
 def _compute_dtype(device: torch.device) -> torch.dtype:
@@ -94,14 +119,39 @@ class GSOFTLinear(AdapterLayer):
         self._check_not_disabled_while_merged()
         if self.disabled or self.merged:
             return self.base_layer(x)
-        y = F.linear(self.gsoft_in(x), self._weight())
-        if self.gsoft_out is not None:
-            y = self.gsoft_out(y)
+        W = self._weight()
+        q_in, q_out = self.gsoft_in, self.gsoft_out
+        _check_input(x, q_in.n, q_in.L)
+        if self._rotate_weight(x, W):  # W ← Q_out W Q_in (rows: w_iᵀ Q_in = (Q_inᵀ w_i)ᵀ; columns: Q_out w_j)
+            with _full_precision(x):
+                W = gs_apply(W, *q_in.blocks(), transpose=True)
+                if q_out is not None:
+                    W = gs_apply(W.T, *q_out.blocks()).T
+            y = F.linear(x, W)
+        else:
+            y = F.linear(q_in(x), W)
+            if q_out is not None:
+                y = q_out(y)
         # under autocast y has F.linear's dtype, as nn.Linear's output would: the scale and bias follow it
         if self.gsoft_scale is not None:
             y = y * self.gsoft_scale.to(y.dtype)
         bias = self.bias
         return y if bias is None else y + bias.to(y.dtype)
+
+    def _rotate_weight(self, x: torch.Tensor, W: torch.Tensor) -> bool:
+        """Whether rotating the weight costs fewer multiply-adds than rotating the activations
+        (:func:`rotate_weight_cost`). Only with the skew parametrization: the orthogonal one rotates activations."""
+        q_in, q_out = self.gsoft_in, self.gsoft_out
+        if q_in.parametrization != "skew":
+            return False
+        rotations = (q_in,) if q_out is None else (q_in, q_out)
+        training = torch.is_grad_enabled() and any(q.L.requires_grad or q.R.requires_grad for q in rotations)
+        n_out, n_in = W.shape
+        act, wt = rotate_weight_cost(
+            x.numel() // n_in, n_in, n_out, q_in.block_size, None if q_out is None else q_out.block_size,
+            training=training, input_grad=x.requires_grad,
+        )  # fmt: skip
+        return wt < act
 
     def _adapter(self) -> dict[str, torch.Tensor]:
         """The adapter now: the rotations' orthogonal blocks (``in_L``, ``in_R``, ``out_L``, ``out_R``) and the
