@@ -151,3 +151,78 @@ def test_index_plan_products_and_their_gradients_match_per_sample_products():
         torch.autograd.grad((ref * w).sum() + (ref_out * core).sum(), (core, v, u)),
     ):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+def per_sample_interfaces(U, V, row, k):
+    """ℓ_k = U_1[i_1]⋯U_{k-1}[i_{k-1}] and ρ_k = V_{k+1}[i_{k+1}]⋯V_d[i_d] at one multi-index, by explicit products."""
+    ell = torch.ones(1, 1, dtype=torch.float64)
+    for j in range(k):
+        ell = ell @ U[j][:, row[j], :]
+    rho = torch.ones(1, 1, dtype=torch.float64)
+    for j in range(len(V) - 1, k, -1):
+        rho = V[j][:, row[j], :] @ rho
+    return ell[0], rho[:, 0]
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (3, 1, 4, 2, 3), (2, 3, 2, 3, 2, 2)])
+def test_linearization_grads_match_per_sample_outer_products(setting, shape):
+    """G_k[:, j, :] = Σ_{p: i_k = j} g_p ℓ_k(p) ⊗ ρ_k(p) on every layout, and its derivative in g (the HVP's)."""
+    g_ = torch.Generator().manual_seed(7)
+    d = len(shape)
+    ranks = [1] + [2 + k % 2 for k in range(d - 1)] + [1]
+    U = [torch.randn(ranks[k], shape[k], ranks[k + 1], generator=g_, dtype=torch.float64) for k in range(d - 1)]
+    V = [None] + [torch.randn(ranks[k], shape[k], ranks[k + 1], generator=g_, dtype=torch.float64) for k in range(1, d)]
+    idx = random_index(shape, 500, g_)
+    N = idx.shape[0]
+    weights = torch.randn(N, dtype=torch.float64, generator=g_, requires_grad=True)
+    plan = tg.SamplePlan(idx, list(shape), 3)
+    got = tg.linearization_grads(plan, U, V, weights)
+    ref = [torch.zeros(ranks[k], shape[k], ranks[k + 1], dtype=torch.float64) for k in range(d)]
+    outer = [[None] * d for _ in range(N)]
+    for p, row in enumerate(idx.tolist()):
+        for k in range(d):
+            ell, rho = per_sample_interfaces(U, V, row, k)
+            outer[p][k] = torch.outer(ell, rho)
+            ref[k][:, row[k], :] += weights[p].detach() * outer[p][k]
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, atol=1e-12)
+    Ws = [torch.randn(t.shape, dtype=torch.float64, generator=g_) for t in ref]
+    (dg,) = torch.autograd.grad(sum((a * w).sum() for a, w in zip(got, Ws)), weights)
+    ref_dg = torch.stack(
+        [sum((outer[p][k] * Ws[k][:, row[k], :]).sum() for k in range(d)) for p, row in enumerate(idx.tolist())]
+    )
+    assert torch.allclose(dg, ref_dg, atol=1e-12)
+
+
+def test_riemannian_grad_and_hvp_on_tables_match_the_general_gather(setting, monkeypatch):
+    """The gradient's object takes the table path (DeltaTT._plain_linearization); the sorted-plan path is the
+    reference for riemannian_grad and riemannian_hvp(curvature=False), and a dense projected gradient for the first."""
+    from reference import tt_projector
+
+    from lowrankopt import FixedTTRank, riemannian_grad, riemannian_hvp
+    from lowrankopt.formats.delta_tt import DeltaTT
+
+    monkeypatch.setattr(tg, "GRAD_TABLE_ROWS", tg.TABLE_ROWS)
+    shape = (3, 2, 3, 2, 3)
+    M = FixedTTRank(shape, (2, 3, 3, 2))
+    g_ = torch.Generator().manual_seed(11)
+    x, A = M.random_point(dtype=torch.float64, generator=g_), M.random_point(dtype=torch.float64, generator=g_)
+    idx = random_index(shape, 900, g_)
+    vals = A.gather(idx)
+
+    def f(Y):
+        return 0.5 * ((Y.gather(idx) - vals) ** 2).sum()
+
+    xi = M.random_tangent(x, generator=g_)
+    assert M.linearization(x, M.zero_deltas(x))._plain_linearization() is not None
+    _, grad = riemannian_grad(f, x)
+    hvp = riemannian_hvp(f, x, xi, curvature=False)
+    X = tt_full(x.cores)
+    E = torch.zeros_like(X).index_put_(tuple(idx.T), X[tuple(idx.T)] - vals, accumulate=True)  # dense ∇f
+    dense = (tt_projector(x) @ E.reshape(-1)).reshape(X.shape)
+    assert torch.allclose(M.to_ambient(x, grad).full(), dense, atol=1e-12)
+    monkeypatch.setattr(DeltaTT, "_plain_linearization", lambda self: None)
+    _, grad0 = riemannian_grad(f, x)
+    hvp0 = riemannian_hvp(f, x, xi, curvature=False)
+    for a, b in zip(grad.coords + hvp.coords, grad0.coords + hvp0.coords):
+        assert torch.allclose(a, b, atol=1e-12)

@@ -27,9 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import tt_gather
 from .index_plan import IndexPlan
 from .shared_work import is_memoized, memo, memoized_function, unique_deltas
 from .tt import TensorTrain
+from .tt_gather import SamplePlan, linearization_grads
 
 
 @dataclass(frozen=True, eq=False)
@@ -234,7 +236,21 @@ class DeltaTT(TensorTrain):
         return unique_deltas(self.families)
 
     def _gather(self, index):
+        fam = self._plain_linearization()
+        if fam is not None:
+            return _LinearizationGather.apply(fam.offsets[0], fam.left.cores, fam.right.cores, index, *fam.deltas)
         return _DeltaTTGather.apply(self, index, *self._deltas())
+
+    def _plain_linearization(self) -> TTFamily | None:
+        """The family when this object is ``x + Σ_k U_{<k} δ_k V_{>k}`` at δ = 0 (what the gradient and the HVP
+        without curvature differentiate), else None."""
+        if not self.zero or len(self.families) != 1 or self.ndim < 2:
+            return None
+        fam = self.families[0]
+        plain = fam.deltas is not None and fam.E is None and fam.F is None
+        plain = plain and fam.left.parent is None and fam.right.parent is None
+        plain = plain and fam.offsets[0] is not None and all(o is None for o in fam.offsets[1:])
+        return fam if plain and len({id(t) for t in fam.deltas}) == len(fam.deltas) else None
 
 
 def _plan(index, shape) -> IndexPlan:
@@ -300,3 +316,21 @@ class _DeltaTTGather(torch.autograd.Function):
                 G = _apply_EF_adjoint(E, G, F)
                 grads[id(t)] = G if id(t) not in grads else grads[id(t)] + G
         return (None, None, *(grads.get(id(t)) for t in obj._deltas()))
+
+
+class _LinearizationGather(torch.autograd.Function):
+    """``Y(δ) = x + Σ_k U_{<k} δ_k V_{>k}`` at δ = 0 gathered on prefix/suffix tables and padded blocks
+    (:mod:`.tt_gather`): the value is x's entries (``x = C_1 V_2 ⋯ V_d``), the backward pass the δ-gradient by
+    :func:`~.tt_gather.linearization_grads` — GEMMs on the tables and one U- and one V-sweep over the middle modes —
+    written in differentiable ops, so that a double backward gives the HVP."""
+
+    @staticmethod
+    def forward(ctx, C, U, V, index, *deltas):
+        shape, rank = [t.shape[1] for t in deltas], max(t.shape[2] for t in deltas)
+        plan = SamplePlan(index, shape, rank, tt_gather.GRAD_TABLE_ROWS)
+        ctx.plan, ctx.U, ctx.V = plan, U, V
+        return plan.gather([C, *V[1:]])
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, None, None, None, *linearization_grads(ctx.plan, ctx.U, ctx.V, g))

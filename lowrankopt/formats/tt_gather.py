@@ -36,25 +36,132 @@ def tt_gather(cores: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Tenso
 
     Cost: ``O((P + Q) r² + N r² · #middle modes)`` for prefix/suffix tables of P, Q rows (see the module
     docstring), never more than ``O(N d r²)``."""
-    d, N = len(cores), index.shape[0]
-    shape = [c.shape[1] for c in cores]
-    if d == 1:
+    if len(cores) == 1:
         return cores[0].reshape(-1).index_select(0, index[:, 0])
-    a, b, chunks = layout(shape, max(c.shape[2] for c in cores), N)
-    left = _prefix_table(cores[:a])
-    right = _suffix_table(cores[b:])
-    lkey = _digits(index, 0, a, shape)
-    rkey = _digits(index, b, d, shape, little=True)  # the suffix table's row order
-    if not chunks:  # the tables meet
-        return (left.index_select(0, lkey) * right.index_select(0, rkey)).sum(1)
-    blocks = [Blocks(_digits(index, s, e, shape), math.prod(shape[s:e])) for s, e in chunks]
-    v = left.index_select(0, lkey.index_select(0, blocks[0].src))
-    for c, (s, e) in enumerate(chunks):
-        if c:
-            v = v.index_select(0, blocks[c - 1].slot.index_select(0, blocks[c].src))
-        v = blocks[c].times_core(v, _merged_core(cores[s:e]))
-    last = blocks[-1]
-    return (v * right.index_select(0, rkey.index_select(0, last.src))).sum(1).index_select(0, last.slot)
+    return SamplePlan(index, [c.shape[1] for c in cores], max(c.shape[2] for c in cores)).gather(cores)
+
+
+class SamplePlan:
+    """How N multi-indices ``(N, d)`` (d >= 2) meet a TT of this shape: the :func:`layout`, each sample's row in the
+    prefix table (``lkey``) and in the suffix table (``rkey``, little-endian), and the :class:`Blocks` of every
+    middle chunk. Arrangement c is the padded arrangement of chunk c."""
+
+    __slots__ = ("a", "b", "chunks", "lkey", "rkey", "blocks", "shape")
+
+    def __init__(self, index: torch.Tensor, shape: Sequence[int], rank: int, table_rows: float | None = None) -> None:
+        d, self.shape = len(shape), list(shape)
+        self.a, self.b, self.chunks = layout(shape, rank, index.shape[0], table_rows)
+        self.lkey = _digits(index, 0, self.a, shape)
+        self.rkey = _digits(index, self.b, d, shape, little=True)  # the suffix table's row order
+        self.blocks = [Blocks(_digits(index, s, e, shape), math.prod(shape[s:e])) for s, e in self.chunks]
+
+    def gather(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The entries of the TT with these ``cores`` at the plan's indices, ``(N,)``."""
+        left, right = _prefix_table(cores[: self.a]), _suffix_table(cores[self.b :])
+        if not self.blocks:  # the tables meet
+            return (left.index_select(0, self.lkey) * right.index_select(0, self.rkey)).sum(1)
+        v = left.index_select(0, self.lkey.index_select(0, self.blocks[0].src))
+        for c, (s, e) in enumerate(self.chunks):
+            if c:
+                v = self.move(v, c - 1, c)
+            v = self.blocks[c].times_core(v, _merged_core(cores[s:e]))
+        last = self.blocks[-1]
+        return (v * right.index_select(0, self.rkey.index_select(0, last.src))).sum(1).index_select(0, last.slot)
+
+    def move(self, v: torch.Tensor, c: int, to: int) -> torch.Tensor:
+        """Rows of ``v`` from arrangement c to arrangement ``to`` (one permutation; padding rows get some row)."""
+        return v.index_select(0, self.blocks[c].slot.index_select(0, self.blocks[to].src))
+
+
+def linearization_grads(
+    plan: SamplePlan, U: Sequence[torch.Tensor], V: Sequence[torch.Tensor | None], g: torch.Tensor
+) -> list[torch.Tensor]:
+    """The cores ``G_k[:, j, :] = Σ_{p: i_k(p) = j} g_p ℓ_k(p) ⊗ ρ_k(p)``, k = 1..d, with the interfaces
+    ``ℓ_k = U_1[i_1]⋯U_{k-1}[i_{k-1}]`` and ``ρ_k = V_{k+1}[i_{k+1}]⋯V_d[i_d]`` at sample p: the gradient in δ of
+    ``Σ_p g_p Y(δ)[i(p)]`` for ``Y(δ) = x + Σ_k U_{<k} δ_k V_{>k}``. ``U``: d − 1 cores, ``V``: d entries (the first
+    unused); ``g: (N,)`` in natural order. Linear in g and differentiable in it (a double backward gives the HVP).
+
+    On the plan's layout: the left-table modes' gradients are ``Σ_u LU_k[u] ⊗ Z_k[u]`` over the U-prefix table rows,
+    with ``Z`` the samples' ``g ρ`` summed per prefix and swept down the table by GEMMs; the right-table modes
+    likewise with the V-suffix table; a middle chunk sums ``g ℓ ⊗ ρ`` per block in one batched GEMM, then per key
+    value, and distributes it to its modes through partial merged cores. Per-sample work: one U-sweep and one V-sweep
+    over the middle chunks. Cost ``O((P + Q) r² + N r² · (2 + 1) · #chunks + Σ_chunks R r³)``."""
+    d, a, b, shape = len(V), plan.a, plan.b, plan.shape
+    one = g.new_ones(1, 1)
+    LU = [one]  # LU[k]: (n_1⋯n_k rows, r_k), the U-prefix table over the first k modes
+    for k in range(a):
+        LU.append((LU[-1] @ U[k].reshape(U[k].shape[0], -1)).reshape(-1, U[k].shape[2]))
+    RV = {d - 1: one}  # RV[k]: the V-suffix table over the modes after k (little-endian rows), width r_{k+1}
+    for k in range(d - 1, b - 1, -1):
+        RV[k - 1] = (RV[k] @ V[k].permute(2, 1, 0).reshape(V[k].shape[2], -1)).reshape(-1, V[k].shape[0])
+    grads: list[torch.Tensor | None] = [None] * d
+    if not plan.blocks:  # ℓ at b = a and ρ at a − 1 = b − 1, in natural order
+        l_b, r_a = LU[a].index_select(0, plan.lkey), RV[b - 1].index_select(0, plan.rkey)
+        lkey_a, g_a, rkey_b, g_b = plan.lkey, g, plan.rkey, g
+    else:
+        blocks, C = plan.blocks, len(plan.blocks)
+        g_ext = torch.cat([g, g.new_zeros(1)])  # the padding slots get weight 0: their rows are arbitrary
+        gs = [g_ext.index_select(0, blk.src_or_end) for blk in blocks]
+        Ls = [LU[a].index_select(0, plan.lkey.index_select(0, blocks[0].src))]  # ℓ at each chunk's first mode
+        for c, (s, e) in enumerate(plan.chunks):
+            nxt = blocks[c].times_core(Ls[c], _merged_core(U[s:e]))
+            Ls.append(plan.move(nxt, c, c + 1) if c + 1 < C else nxt)
+        Rs = [None] * C  # ρ at each chunk's last mode
+        Rs[-1] = RV[b - 1].index_select(0, plan.rkey.index_select(0, blocks[-1].src))
+        for c in range(C - 1, -1, -1):
+            s, e = plan.chunks[c]
+            prev = blocks[c].times_core(Rs[c], _merged_core(V[s:e]).permute(2, 1, 0))
+            if c:
+                Rs[c - 1] = plan.move(prev, c, c - 1)
+            _chunk_grads(grads, blocks[c], Ls[c], Rs[c], gs[c], U, V, shape, s, e)
+        l_b, r_a = Ls[C], prev  # ℓ_b in the last arrangement, ρ_{a-1} in the first
+        lkey_a, g_a = plan.lkey.index_select(0, blocks[0].src), gs[0]
+        rkey_b, g_b = plan.rkey.index_select(0, blocks[-1].src), gs[-1]
+    Z = _sum_rows(lkey_a, LU[a].shape[0], g_a[:, None] * r_a)
+    X = _sum_rows(rkey_b, RV[b - 1].shape[0], g_b[:, None] * l_b)
+    _table_grads(grads, Z, X, LU, RV, U, V, a, b, shape)
+    return grads
+
+
+def _table_grads(grads, Z, X, LU, RV, U, V, a, b, shape):
+    """The gradients of the table modes from the per-prefix sums ``Z`` (P, r_a) and per-suffix sums ``X`` (Q, r_b).
+    Plain matrix products on the tables' rows (an einsum would transpose the (P, n, r) blocks first)."""
+    d = len(shape)
+    for k in range(a - 1, -1, -1):  # Z: rows = prefixes over the modes up to k; width r_{k+1}
+        rows = Z.reshape(LU[k].shape[0], -1)  # (prefixes over modes < k, n_k r_{k+1})
+        grads[k] = (LU[k].T @ rows).reshape(LU[k].shape[1], shape[k], -1)
+        if k:
+            Z = rows @ V[k].reshape(V[k].shape[0], -1).T
+    for k in range(b, d):  # X: rows = suffixes over the modes from k (little-endian); width r_k
+        rows = X.reshape(RV[k].shape[0], -1)  # (suffixes over modes > k, n_k r_k)
+        grads[k] = (rows.T @ RV[k]).reshape(shape[k], -1, RV[k].shape[1]).transpose(0, 1)
+        if k < d - 1:
+            X = rows @ U[k].transpose(0, 1).reshape(-1, U[k].shape[2])
+
+
+def _sum_rows(key: torch.Tensor, rows: int, src: torch.Tensor) -> torch.Tensor:
+    """``out[u] = Σ_{p: key[p] = u} src[p]``, ``(rows, width)``: one index_add over the flattened entries (torch's
+    row-wise index_add loops over rows)."""
+    width = src.shape[1]
+    flat = (key[:, None] * width + torch.arange(width, device=key.device)).reshape(-1)
+    return src.new_zeros(rows * width).index_add(0, flat, src.reshape(-1)).reshape(rows, width)
+
+
+def _chunk_grads(grads, blk, L, R, g, U, V, shape, s, e):
+    """The gradients of the modes ``[s, e)`` of a middle chunk from ℓ at its start and ρ at its end (arrangement of
+    ``blk``): ``Σ g ℓ ⊗ ρ`` per block (one bmm), per key value (index_add), then through partial merged cores."""
+    ra, rb = L.shape[1], R.shape[1]
+    W = torch.bmm((L * g[:, None]).reshape(-1, blk.B, ra).transpose(1, 2), R.reshape(-1, blk.B, rb))
+    Ck = W.new_zeros(math.prod(shape[s:e]), ra, rb).index_add(0, blk.block_key, W)
+
+    def eye(r):  # the merged core of no modes
+        return torch.eye(r, dtype=W.dtype, device=W.device).reshape(r, 1, r)
+
+    for k in range(s, e):
+        PU = _merged_core(U[s:k]) if k > s else eye(ra)
+        SV = _merged_core(V[k + 1 : e]) if k + 1 < e else eye(rb)
+        C5 = Ck.reshape(PU.shape[1], shape[k], SV.shape[1], ra, rb)
+        grads[k] = torch.einsum("aub,ujvae,cve->bjc", PU, C5, SV)
 
 
 class Blocks:
@@ -67,7 +174,7 @@ class Blocks:
     key drawn by every sample still makes full blocks. Cost: one sort of N keys (radix for R <= 2¹⁵) and
     ``O(N + R)`` integer work."""
 
-    __slots__ = ("src", "slot", "block_key", "B")
+    __slots__ = ("src", "src_or_end", "slot", "block_key", "B")
 
     def __init__(self, key: torch.Tensor, R: int) -> None:
         N, dev = key.shape[0], key.device
@@ -83,6 +190,8 @@ class Blocks:
         self.slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)
         T = int(nblk.sum())
         self.src = torch.zeros(T * B, dtype=torch.int64, device=dev).scatter_(0, slot_sorted, order)
+        # the same with N at the padding slots: the row of a zero appended to a per-sample vector
+        self.src_or_end = torch.full((T * B,), N, dtype=torch.int64, device=dev).scatter_(0, slot_sorted, order)
         self.block_key = torch.repeat_interleave(torch.arange(R, device=dev), nblk, output_size=T)
 
     def times_core(self, v: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
@@ -104,7 +213,9 @@ class Blocks:
         return torch.cat(parts, 0).reshape(-1, b)
 
 
-def layout(shape: Sequence[int], rank: int, N: int) -> tuple[int, int, list[tuple[int, int]]]:
+def layout(
+    shape: Sequence[int], rank: int, N: int, table_rows: float | None = None
+) -> tuple[int, int, list[tuple[int, int]]]:
     """``(a, b, chunks)``: modes ``[0, a)`` in the prefix table, ``[b, d)`` in the suffix table (d >= 2; each holds
     at least its end mode), the middle ``[a, b)`` cut into ``chunks`` of consecutive modes ``(start, stop)``;
     ``rank`` is the largest TT rank.
@@ -115,7 +226,7 @@ def layout(shape: Sequence[int], rank: int, N: int) -> tuple[int, int, list[tupl
     blocks of several samples, and merging costs less than one sweep."""
     d = len(shape)
     a, b, P, Q = 1, d - 1, shape[0], shape[-1]
-    cap = TABLE_ROWS * N
+    cap = (TABLE_ROWS if table_rows is None else table_rows) * N
     while a < b:
         left, right = P * shape[a], Q * shape[b - 1]
         if min(left, right) > cap:
@@ -136,6 +247,7 @@ def layout(shape: Sequence[int], rank: int, N: int) -> tuple[int, int, list[tupl
 
 
 TABLE_ROWS = 2  # a table's rows per sample (see layout)
+GRAD_TABLE_ROWS = 0.125  # the same for the δ-gradient, which sums rows into its tables (scattered adds)
 MERGED = 2048  # the largest merged middle mode (see layout)
 SLICE_BUDGET = 1 << 22  # numbers of gathered core slices held at once (see Blocks.times_core)
 
