@@ -8,13 +8,16 @@ process one torch thread). Rows:
 - strong scaling: the same |Ω| split over 1 and over 2 processes;
 - weak scaling: |Ω| / 2 entries per process, on 1 and 2 processes.
 
-Figures: time per iteration (``solve_time / nit`` of rank 0), iterations, bytes all-reduced per iteration by one
-process and all-reduce calls per iteration. The bytes are the δ-coordinates, O(d n r²): equal for every |Ω|.
+Figures: time per iteration (``solve_time / nit`` of rank 0; the median over ``repeats`` interleaved rounds, each
+round running every row once; the ratio is the median over the rounds of the per-round ratio to the plain run),
+iterations, bytes all-reduced per iteration by one process and all-reduce calls per iteration. The bytes are the
+δ-coordinates, O(d n r²): equal for every |Ω|.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 
 import torch
@@ -73,39 +76,40 @@ def run(case: Case, ctx: Context) -> dict:
     if not dist.is_available():
         return {"rows": [{"variant": "sharded completion", "skipped": "torch.distributed is not available"}]}
     p, entries, seed = case.params, case.params["entries"], ctx.seed
-    ctx.status("one process, no distributed")
-    with _threads(1):
-        res = _solve(*_problem(p, entries, seed), p, seed, False)
-    base = res.time / res.nit
-    rows = [
-        timing_row(
-            f"1 process, plain complete(), {entries} entries",
-            Timing.of([base]),
-            figures={"iterations": res.nit, "train error": res.train_error},
-            status="time: per iteration",
-        )
-    ]
     runs = [
+        (f"1 process, plain complete(), {entries} entries", 0, entries),
         (f"strong: 1 process, {entries} entries", 1, entries),
         (f"strong: 2 processes, {entries} entries ({entries // 2} each)", 2, entries),
         (f"weak: 1 process, {entries // 2} entries", 1, entries // 2),
         (f"weak: 2 processes, {entries} entries ({entries // 2} each)", 2, entries),
     ]
-    for label, world, n_entries in runs:
-        ctx.status(label)
-        out = _spawned(world, p, n_entries, seed)
-        per_iter = out["time"] / out["nit"]
-        figures = {
-            "iterations": out["nit"],
-            "train error": out["err"],
-            "bytes / iteration": out["comm"]["bytes"] / out["nit"],
-            "all-reduces / iteration": out["comm"]["calls"] / out["nit"],
-        }
-        row = timing_row(label, Timing.of([per_iter]), figures=figures, status="time: per iteration (rank 0)")
-        row["ratio"] = per_iter / base
+    # Interleaved rounds (every run once per round), so that a slow spell of a shared machine hits a round alike;
+    # the ratio of a run is the median over the rounds of its time over the plain run's time in that round.
+    times: list[list[float]] = [[] for _ in runs]
+    last: list[dict] = [{} for _ in runs]
+    for k in range(ctx.repeats):
+        for i, (label, world, n_entries) in enumerate(runs):
+            ctx.status(f"round {k + 1}/{ctx.repeats}: {label}")
+            last[i] = _plain(p, n_entries, seed) if world == 0 else _spawned(world, p, n_entries, seed)
+            times[i].append(last[i]["time"] / last[i]["nit"])
+    rows = []
+    for (label, world, _), out, t in zip(runs, last, times):
+        figures = {"iterations": out["nit"], "train error": out["err"]}
+        if world:
+            figures["bytes / iteration"] = out["comm"]["bytes"] / out["nit"]
+            figures["all-reduces / iteration"] = out["comm"]["calls"] / out["nit"]
+        status = "time: per iteration" + (" (rank 0)" if world else "")
+        row = timing_row(label, Timing.of(t), figures=figures, status=status)
+        row["ratio"] = statistics.median(a / b for a, b in zip(t, times[0]))
         rows.append(row)
-    rows[0]["ratio"] = 1.0
     return {"rows": rows}
+
+
+def _plain(params: dict, entries: int, seed: int) -> dict:
+    """The baseline: plain ``complete()`` in this process, one torch thread."""
+    with _threads(1):
+        res = _solve(*_problem(params, entries, seed), params, seed, False)
+    return {"time": res.time, "nit": res.nit, "err": res.train_error}
 
 
 class _threads:
@@ -128,4 +132,5 @@ BENCHMARK = Benchmark(
     quick=(Case("d6-n20-r4", dict(d=6, n=20, r=4, entries=40_000, max_iter=15)),),
     full=(Case("d8-n20-r5", dict(d=8, n=20, r=5, entries=200_000, max_iter=20)),),
     run=run,
+    repeats={"quick": 1, "full": 3},
 )
