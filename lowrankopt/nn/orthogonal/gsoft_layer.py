@@ -128,15 +128,16 @@ class GSOFTLinear(AdapterLayer):
                 if q_out is not None:
                     W = gs_apply(W.T, *q_out.blocks()).T
             y = F.linear(x, W)
-        else:
-            y = F.linear(q_in(x), W)
+        else:  # the rotations' own forward, less its checks and module call (the product checks the sizes)
+            y = F.linear(gs_apply(x, *q_in.full_precision_blocks(x)), W)
             if q_out is not None:
-                y = q_out(y)
+                y = gs_apply(y, *q_out.full_precision_blocks(y))
         # under autocast y has F.linear's dtype, as nn.Linear's output would: the scale and bias follow it
-        if self.gsoft_scale is not None:
-            y = y * self.gsoft_scale.to(y.dtype)
         bias = self.bias
-        return y if bias is None else y + bias.to(y.dtype)
+        if self.gsoft_scale is None:
+            return y if bias is None else y + bias.to(y.dtype)
+        scale = self.gsoft_scale.to(y.dtype)
+        return y * scale if bias is None else torch.addcmul(bias.to(y.dtype), y, scale)  # one pass: s ⊙ y + b
 
     def _rotate_weight(self, x: torch.Tensor, W: torch.Tensor) -> bool:
         """Whether rotating the weight costs fewer multiply-adds than rotating the activations
