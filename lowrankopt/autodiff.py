@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .formats.shared_work import shared_work
+from .formats.shared_work import CURVATURE_FOLLOWS, memo, shared_work
 from .manifolds.base import LowRankManifold, manifold_of
 from .manifolds.tangent import TangentVector
 
@@ -159,6 +159,8 @@ def riemannian_grad_and_hessian(
     M = _resolve(x, manifold)
     store: dict = {}
     with shared_work(store):  # the curvature passes reuse index plans, frame interfaces and f's value
+        if curvature:  # so the first pass takes the paths whose work they share (see formats.delta_tt)
+            memo(CURVATURE_FOLLOWS, (), lambda: True)
         val, g, deltas = delta_grad(M, x, f, create_graph=True)
     grad = TangentVector(M, x, M.gauge(x, [gi.detach() for gi in g]))
     live = [(gi, i) for i, gi in enumerate(g) if gi.requires_grad]

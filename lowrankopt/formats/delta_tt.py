@@ -14,8 +14,10 @@ constant offset core and ``δ_k`` the family's coordinates (a family without δ 
   They are stored as (parent chain, B = ξ cores, own cores) so that a sweep costs two GEMMs per mode.
 
 The class subclasses :class:`TensorTrain`: generic ops see materialized block cores (autograd
-through their construction), and ``gather`` has a native implementation on sorted index plans
-(:mod:`index_plan`): the forward pass at δ = 0 needs only the offset term (one sweep of the right
+through their construction), and ``gather`` has native implementations. The gradient's object (one plain
+family at δ = 0: what ``riemannian_grad`` and ``riemannian_hvp(curvature=False)`` differentiate) is gathered on
+prefix/suffix tables and padded blocks (:func:`.tt_gather.linearization_grads`). Every other object uses sorted
+index plans (:mod:`index_plan`): the forward pass at δ = 0 needs only the offset term (one sweep of the right
 chain), the backward pass the left chain and one GEMM per core slice. Interfaces are memoized per
 plan inside :func:`shared_work`. Internal to autodiff.
 """
@@ -29,7 +31,7 @@ import torch
 
 from . import tt_gather
 from .index_plan import IndexPlan
-from .shared_work import is_memoized, memo, memoized_function, unique_deltas
+from .shared_work import CURVATURE_FOLLOWS, is_memoized, memo, memoized_function, unique_deltas
 from .tt import TensorTrain
 from .tt_gather import SamplePlan, linearization_grads
 
@@ -243,9 +245,9 @@ class DeltaTT(TensorTrain):
 
     def _plain_linearization(self) -> TTFamily | None:
         """The family when this object is ``x + Σ_k U_{<k} δ_k V_{>k}`` at δ = 0 (what the gradient and the HVP
-        without curvature differentiate), else None."""
-        if not self.zero or len(self.families) != 1 or self.ndim < 2:
-            return None
+        without curvature differentiate) and no curvature pass follows in this scope, else None."""
+        if not self.zero or len(self.families) != 1 or self.ndim < 2 or is_memoized(CURVATURE_FOLLOWS, ()):
+            return None  # (the curvature passes reuse the sorted plans' interfaces: build them now)
         fam = self.families[0]
         plain = fam.deltas is not None and fam.E is None and fam.F is None
         plain = plain and fam.left.parent is None and fam.right.parent is None

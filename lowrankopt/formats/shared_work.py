@@ -20,6 +20,10 @@ _F = TypeVar("_F", bound=type[torch.autograd.Function])
 
 _SCOPE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lowrankopt_shared_work", default=None)
 
+# A memo tag set by a caller that will evaluate f again on curvature objects in the same scope: gathers then prefer
+# the implementations whose intermediate results (index plans, frame interfaces) those later passes reuse.
+CURVATURE_FOLLOWS = "curvature passes follow"
+
 
 @contextlib.contextmanager
 def shared_work(store: dict | None = None) -> Iterator[None]:

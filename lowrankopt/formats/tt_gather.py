@@ -18,7 +18,12 @@ tables meet no sort is needed at all. For d = 10, n = 20, r = 10, N = 10⁵: tab
 one merged middle mode of 400 values, about 3.4·10⁷ multiply-adds in the tables and 10⁷ in the sweep, against 10⁸
 sample by sample.
 
-Everything is differentiable (matmul, bmm, reshape, index_select, split, cat), to any order.
+The same layout serves the Riemannian gradient (:func:`linearization_grads`): the δ-gradient of the linearization
+``x + Σ_k U_{<k} δ_k V_{>k}`` sums ``g_p ℓ_k(p) ⊗ ρ_k(p)`` over the samples; on the table modes these sums are GEMMs
+over the table rows (after one scattered add of the samples' vectors into the table), on a middle chunk one batched
+GEMM per block. The δ-gradient uses smaller tables (``GRAD_TABLE_ROWS``) so that the scattered adds stay in cache.
+
+Everything is differentiable (matmul, bmm, reshape, index_select, index_add, split, cat), to any order.
 """
 
 from __future__ import annotations
