@@ -105,6 +105,8 @@ def test_blocks_are_a_padded_arrangement(keys, R):
     blk = tg.Blocks(keys, R)
     N = keys.shape[0]
     assert torch.equal(blk.src.index_select(0, blk.slot), torch.arange(N))  # slot and src invert each other
+    assert torch.equal(blk.src_or_end.index_select(0, blk.slot), torch.arange(N))
+    assert int((blk.src_or_end == N).sum()) == blk.src.shape[0] - N  # the padding slots point past the end
     T = blk.block_key.shape[0]
     assert blk.src.shape == (T * blk.B,) and T * blk.B >= N
     block_of = torch.div(blk.slot, blk.B, rounding_mode="floor")
@@ -175,8 +177,10 @@ def test_linearization_grads_match_per_sample_outer_products(setting, shape):
     idx = random_index(shape, 500, g_)
     N = idx.shape[0]
     weights = torch.randn(N, dtype=torch.float64, generator=g_, requires_grad=True)
-    plan = tg.SamplePlan(idx, list(shape), 3)
-    got = tg.linearization_grads(plan, U, V, weights)
+    C = torch.randn(1, shape[0], ranks[1], generator=g_, dtype=torch.float64)
+    lin = tg.Linearization(tg.SamplePlan(idx, list(shape), 3), C, U, V)
+    assert torch.allclose(lin.value, tt_full([C, *V[1:]])[tuple(idx.T)], atol=1e-12)  # x's entries
+    got = lin.grads(weights)
     ref = [torch.zeros(ranks[k], shape[k], ranks[k + 1], dtype=torch.float64) for k in range(d)]
     outer = [[None] * d for _ in range(N)]
     for p, row in enumerate(idx.tolist()):

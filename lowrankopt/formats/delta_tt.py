@@ -16,7 +16,7 @@ constant offset core and ``δ_k`` the family's coordinates (a family without δ 
 The class subclasses :class:`TensorTrain`: generic ops see materialized block cores (autograd
 through their construction), and ``gather`` has native implementations. The gradient's object (one plain
 family at δ = 0: what ``riemannian_grad`` and ``riemannian_hvp(curvature=False)`` differentiate) is gathered on
-prefix/suffix tables and padded blocks (:func:`.tt_gather.linearization_grads`). Every other object uses sorted
+prefix/suffix tables and padded blocks (:class:`.tt_gather.Linearization`). Every other object uses sorted
 index plans (:mod:`index_plan`): the forward pass at δ = 0 needs only the offset term (one sweep of the right
 chain), the backward pass the left chain and one GEMM per core slice. Interfaces are memoized per
 plan inside :func:`shared_work`. Internal to autodiff.
@@ -33,7 +33,7 @@ from . import tt_gather
 from .index_plan import IndexPlan
 from .shared_work import CURVATURE_FOLLOWS, is_memoized, memo, memoized_function, unique_deltas
 from .tt import TensorTrain
-from .tt_gather import SamplePlan, linearization_grads
+from .tt_gather import Linearization, SamplePlan
 
 
 @dataclass(frozen=True, eq=False)
@@ -322,17 +322,16 @@ class _DeltaTTGather(torch.autograd.Function):
 
 class _LinearizationGather(torch.autograd.Function):
     """``Y(δ) = x + Σ_k U_{<k} δ_k V_{>k}`` at δ = 0 gathered on prefix/suffix tables and padded blocks
-    (:mod:`.tt_gather`): the value is x's entries (``x = C_1 V_2 ⋯ V_d``), the backward pass the δ-gradient by
-    :func:`~.tt_gather.linearization_grads` — GEMMs on the tables and one U- and one V-sweep over the middle modes —
-    written in differentiable ops, so that a double backward gives the HVP."""
+    (:class:`.tt_gather.Linearization`): the forward pass computes x's entries and the V-side interfaces, the
+    backward pass the δ-gradient — GEMMs on the tables and one U-sweep over the middle modes — in differentiable ops,
+    so that a double backward gives the HVP."""
 
     @staticmethod
     def forward(ctx, C, U, V, index, *deltas):
         shape, rank = [t.shape[1] for t in deltas], max(t.shape[2] for t in deltas)
-        plan = SamplePlan(index, shape, rank, tt_gather.GRAD_TABLE_ROWS)
-        ctx.plan, ctx.U, ctx.V = plan, U, V
-        return plan.gather([C, *V[1:]])
+        ctx.lin = Linearization(SamplePlan(index, shape, rank, tt_gather.GRAD_TABLE_ROWS), C, U, V)
+        return ctx.lin.value
 
     @staticmethod
     def backward(ctx, g):
-        return (None, None, None, None, *linearization_grads(ctx.plan, ctx.U, ctx.V, g))
+        return (None, None, None, None, *ctx.lin.grads(g))

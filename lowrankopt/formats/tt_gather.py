@@ -18,7 +18,7 @@ tables meet no sort is needed at all. For d = 10, n = 20, r = 10, N = 10⁵: tab
 one merged middle mode of 400 values, about 3.4·10⁷ multiply-adds in the tables and 10⁷ in the sweep, against 10⁸
 sample by sample.
 
-The same layout serves the Riemannian gradient (:func:`linearization_grads`): the δ-gradient of the linearization
+The same layout serves the Riemannian gradient (:class:`Linearization`): the δ-gradient of the linearization
 ``x + Σ_k U_{<k} δ_k V_{>k}`` sums ``g_p ℓ_k(p) ⊗ ρ_k(p)`` over the samples; on the table modes these sums are GEMMs
 over the table rows (after one scattered add of the samples' vectors into the table), on a middle chunk one batched
 GEMM per block. The δ-gradient uses smaller tables (``GRAD_TABLE_ROWS``) so that the scattered adds stay in cache.
@@ -78,54 +78,72 @@ class SamplePlan:
         return v.index_select(0, self.blocks[c].slot.index_select(0, self.blocks[to].src))
 
 
-def linearization_grads(
-    plan: SamplePlan, U: Sequence[torch.Tensor], V: Sequence[torch.Tensor | None], g: torch.Tensor
-) -> list[torch.Tensor]:
-    """The cores ``G_k[:, j, :] = Σ_{p: i_k(p) = j} g_p ℓ_k(p) ⊗ ρ_k(p)``, k = 1..d, with the interfaces
-    ``ℓ_k = U_1[i_1]⋯U_{k-1}[i_{k-1}]`` and ``ρ_k = V_{k+1}[i_{k+1}]⋯V_d[i_d]`` at sample p: the gradient in δ of
-    ``Σ_p g_p Y(δ)[i(p)]`` for ``Y(δ) = x + Σ_k U_{<k} δ_k V_{>k}``. ``U``: d − 1 cores, ``V``: d entries (the first
-    unused); ``g: (N,)`` in natural order. Linear in g and differentiable in it (a double backward gives the HVP).
+class Linearization:
+    """``Y(δ) = x + Σ_k U_{<k} δ_k V_{>k}`` at δ = 0 on a :class:`SamplePlan`, ``x = C_1 V_2 ⋯ V_d``: its entries
+    (``value``) and, by :meth:`grads`, the δ-gradient of ``Σ_p g_p Y(δ)[i(p)]``. ``U``: d − 1 cores, ``V``: d entries
+    (the first unused). The V-side work (suffix tables, one V-sweep over the middle chunks) is done here and shared by
+    the value (rows of the ``[C_1, V_2, ...]`` prefix table dotted with the samples' V-interfaces) and the gradient.
+    Cost ``O((P + Q) r² + N r² · #chunks)``."""
 
-    On the plan's layout: the left-table modes' gradients are ``Σ_u LU_k[u] ⊗ Z_k[u]`` over the U-prefix table rows,
-    with ``Z`` the samples' ``g ρ`` summed per prefix and swept down the table by GEMMs; the right-table modes
-    likewise with the V-suffix table; a middle chunk sums ``g ℓ ⊗ ρ`` per block in one batched GEMM, then per key
-    value, and distributes it to its modes through partial merged cores. Per-sample work: one U-sweep and one V-sweep
-    over the middle chunks. Cost ``O((P + Q) r² + N r² · (2 + 1) · #chunks + Σ_chunks R r³)``."""
-    d, a, b, shape = len(V), plan.a, plan.b, plan.shape
-    one = g.new_ones(1, 1)
-    LU = [one]  # LU[k]: (n_1⋯n_k rows, r_k), the U-prefix table over the first k modes
-    for k in range(a):
-        LU.append((LU[-1] @ U[k].reshape(U[k].shape[0], -1)).reshape(-1, U[k].shape[2]))
-    RV = {d - 1: one}  # RV[k]: the V-suffix table over the modes after k (little-endian rows), width r_{k+1}
-    for k in range(d - 1, b - 1, -1):
-        RV[k - 1] = (RV[k] @ V[k].permute(2, 1, 0).reshape(V[k].shape[2], -1)).reshape(-1, V[k].shape[0])
-    grads: list[torch.Tensor | None] = [None] * d
-    if not plan.blocks:  # ℓ at b = a and ρ at a − 1 = b − 1, in natural order
-        l_b, r_a = LU[a].index_select(0, plan.lkey), RV[b - 1].index_select(0, plan.rkey)
-        lkey_a, g_a, rkey_b, g_b = plan.lkey, g, plan.rkey, g
-    else:
-        blocks, C = plan.blocks, len(plan.blocks)
-        g_ext = torch.cat([g, g.new_zeros(1)])  # the padding slots get weight 0: their rows are arbitrary
-        gs = [g_ext.index_select(0, blk.src_or_end) for blk in blocks]
-        Ls = [LU[a].index_select(0, plan.lkey.index_select(0, blocks[0].src))]  # ℓ at each chunk's first mode
-        for c, (s, e) in enumerate(plan.chunks):
-            nxt = blocks[c].times_core(Ls[c], _merged_core(U[s:e]))
-            Ls.append(plan.move(nxt, c, c + 1) if c + 1 < C else nxt)
-        Rs = [None] * C  # ρ at each chunk's last mode
+    __slots__ = ("plan", "U", "V", "RV", "Rs", "r_a", "value")
+
+    def __init__(self, plan: SamplePlan, C: torch.Tensor, U: Sequence[torch.Tensor], V: Sequence) -> None:
+        d, a, b = len(V), plan.a, plan.b
+        self.plan, self.U, self.V = plan, U, V
+        self.RV = RV = {d - 1: C.new_ones(1, 1)}  # RV[k]: V-suffix table over the modes after k, width r_{k+1}
+        for k in range(d - 1, b - 1, -1):
+            RV[k - 1] = (RV[k] @ V[k].permute(2, 1, 0).reshape(V[k].shape[2], -1)).reshape(-1, V[k].shape[0])
+        left = _prefix_table([C, *V[1:a]])
+        if not plan.blocks:  # ρ at a − 1 (= b − 1), natural order
+            self.Rs, self.r_a = [], RV[b - 1].index_select(0, plan.rkey)
+            self.value = (left.index_select(0, plan.lkey) * self.r_a).sum(1)
+            return
+        blocks = plan.blocks
+        self.Rs = Rs = [None] * len(blocks)  # ρ at each chunk's last mode, in its arrangement
         Rs[-1] = RV[b - 1].index_select(0, plan.rkey.index_select(0, blocks[-1].src))
-        for c in range(C - 1, -1, -1):
+        for c in range(len(blocks) - 1, -1, -1):
             s, e = plan.chunks[c]
             prev = blocks[c].times_core(Rs[c], _merged_core(V[s:e]).permute(2, 1, 0))
             if c:
                 Rs[c - 1] = plan.move(prev, c, c - 1)
-            _chunk_grads(grads, blocks[c], Ls[c], Rs[c], gs[c], U, V, shape, s, e)
-        l_b, r_a = Ls[C], prev  # ℓ_b in the last arrangement, ρ_{a-1} in the first
-        lkey_a, g_a = plan.lkey.index_select(0, blocks[0].src), gs[0]
-        rkey_b, g_b = plan.rkey.index_select(0, blocks[-1].src), gs[-1]
-    Z = _sum_rows(lkey_a, LU[a].shape[0], g_a[:, None] * r_a)
-    X = _sum_rows(rkey_b, RV[b - 1].shape[0], g_b[:, None] * l_b)
-    _table_grads(grads, Z, X, LU, RV, U, V, a, b, shape)
-    return grads
+        self.r_a = prev  # ρ_{a-1} in arrangement 0
+        lkey = plan.lkey.index_select(0, blocks[0].src)
+        self.value = (left.index_select(0, lkey) * prev).sum(1).index_select(0, blocks[0].slot)
+
+    def grads(self, g: torch.Tensor) -> list[torch.Tensor]:
+        """The cores ``G_k[:, j, :] = Σ_{p: i_k(p) = j} g_p ℓ_k(p) ⊗ ρ_k(p)``, k = 1..d, with the interfaces
+        ``ℓ_k = U_1[i_1]⋯U_{k-1}[i_{k-1}]`` and ``ρ_k = V_{k+1}[i_{k+1}]⋯V_d[i_d]`` at sample p; ``g: (N,)`` in
+        natural order. Linear in g and differentiable in it (a double backward gives the HVP).
+
+        The left-table modes' gradients are ``Σ_u LU_k[u] ⊗ Z_k[u]`` over the U-prefix table rows, with ``Z`` the
+        samples' ``g ρ`` summed per prefix and swept down the table by GEMMs; the right-table modes likewise with
+        the V-suffix table; a middle chunk sums ``g ℓ ⊗ ρ`` per block in one batched GEMM, then per key value, and
+        hands it to its modes through partial merged cores. Per-sample work: one U-sweep over the middle chunks."""
+        plan, U, V, RV = self.plan, self.U, self.V, self.RV
+        d, a, b, shape = len(V), plan.a, plan.b, plan.shape
+        LU = [g.new_ones(1, 1)]  # LU[k]: (n_1⋯n_k rows, r_k), the U-prefix table over the first k modes
+        for k in range(a):
+            LU.append((LU[-1] @ U[k].reshape(U[k].shape[0], -1)).reshape(-1, U[k].shape[2]))
+        grads: list[torch.Tensor | None] = [None] * d
+        if not plan.blocks:  # ℓ at b (= a), natural order
+            l_b = LU[a].index_select(0, plan.lkey)
+            lkey_a, g_a, rkey_b, g_b = plan.lkey, g, plan.rkey, g
+        else:
+            blocks, C = plan.blocks, len(plan.blocks)
+            g_ext = torch.cat([g, g.new_zeros(1)])  # the padding slots get weight 0: their rows are arbitrary
+            gs = [g_ext.index_select(0, blk.src_or_end) for blk in blocks]
+            Ls = [LU[a].index_select(0, plan.lkey.index_select(0, blocks[0].src))]  # ℓ at each chunk's first mode
+            for c, (s, e) in enumerate(plan.chunks):
+                nxt = blocks[c].times_core(Ls[c], _merged_core(U[s:e]))
+                Ls.append(plan.move(nxt, c, c + 1) if c + 1 < C else nxt)
+                _chunk_grads(grads, blocks[c], Ls[c], self.Rs[c], gs[c], U, V, shape, s, e)
+            l_b = Ls[C]  # in the last arrangement
+            lkey_a, g_a = plan.lkey.index_select(0, blocks[0].src), gs[0]
+            rkey_b, g_b = plan.rkey.index_select(0, blocks[-1].src), gs[-1]
+        Z = _sum_rows(lkey_a, LU[a].shape[0], g_a[:, None] * self.r_a)
+        X = _sum_rows(rkey_b, RV[b - 1].shape[0], g_b[:, None] * l_b)
+        _table_grads(grads, Z, X, LU, RV, U, V, a, b, shape)
+        return grads
 
 
 def _table_grads(grads, Z, X, LU, RV, U, V, a, b, shape):
@@ -179,7 +197,7 @@ class Blocks:
     key drawn by every sample still makes full blocks. Cost: one sort of N keys (radix for R <= 2¹⁵) and
     ``O(N + R)`` integer work."""
 
-    __slots__ = ("src", "src_or_end", "slot", "block_key", "B")
+    __slots__ = ("src", "slot", "block_key", "B", "_src_or_end")
 
     def __init__(self, key: torch.Tensor, R: int) -> None:
         N, dev = key.shape[0], key.device
@@ -195,9 +213,17 @@ class Blocks:
         self.slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)
         T = int(nblk.sum())
         self.src = torch.zeros(T * B, dtype=torch.int64, device=dev).scatter_(0, slot_sorted, order)
-        # the same with N at the padding slots: the row of a zero appended to a per-sample vector
-        self.src_or_end = torch.full((T * B,), N, dtype=torch.int64, device=dev).scatter_(0, slot_sorted, order)
+        self._src_or_end = None
         self.block_key = torch.repeat_interleave(torch.arange(R, device=dev), nblk, output_size=T)
+
+    @property
+    def src_or_end(self) -> torch.Tensor:
+        """``src`` with N at the padding slots: the row of a zero appended to a per-sample vector."""
+        if self._src_or_end is None:
+            N = self.slot.shape[0]
+            self._src_or_end = self.src.clone().index_fill_(0, self.slot, -1)  # -1 marks the real slots
+            self._src_or_end = torch.where(self._src_or_end < 0, self.src, N)
+        return self._src_or_end
 
     def times_core(self, v: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
         """``v[q] @ core[:, key(q), :]`` for v ``(T·B, a)`` in the padded arrangement; core ``(a, R, b)``.
