@@ -358,6 +358,7 @@ def share_cayley_pool(modules) -> CayleyPool:
         if isinstance(m, GSOrthogonal):
             m._pool = pool
             m._cayley_cache = None
+            pool.add(m)
     return pool
 
 
@@ -437,6 +438,7 @@ class GSOrthogonal(torch.nn.Module):
         self.register_buffer("inverse_perm", torch.argsort(self.perm), persistent=False)
         self._cayley_cache: tuple[torch.Tensor, ...] | None = None  # (L, R as they were, their blocks)
         self._pool = CayleyPool()
+        self._pool.add(self)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, block_size={self.block_size}, map={self.map!r}, parametrization={self.parametrization!r}"
