@@ -56,9 +56,10 @@ class SamplePlan:
     def __init__(self, index: torch.Tensor, shape: Sequence[int], rank: int, table_rows: float | None = None) -> None:
         d, self.shape = len(shape), list(shape)
         self.a, self.b, self.chunks = layout(shape, rank, index.shape[0], table_rows)
-        self.lkey = _digits(index, 0, self.a, shape)
-        self.rkey = _digits(index, self.b, d, shape, little=True)  # the suffix table's row order
-        self.blocks = [Blocks(_digits(index, s, e, shape), math.prod(shape[s:e])) for s, e in self.chunks]
+        # the suffix table's rows are little-endian
+        keys = _digits(index, shape, [(0, self.a, False), (self.b, d, True)] + [(s, e, False) for s, e in self.chunks])
+        self.lkey, self.rkey = keys[0], keys[1]
+        self.blocks = [Blocks(key, math.prod(shape[s:e])) for key, (s, e) in zip(keys[2:], self.chunks)]
 
     def gather(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
         """The entries of the TT with these ``cores`` at the plan's indices, ``(N,)``."""
@@ -283,20 +284,24 @@ MERGED = 2048  # the largest merged middle mode (see layout)
 SLICE_BUDGET = 1 << 22  # numbers of gathered core slices held at once (see Blocks.times_core)
 
 
-def _digits(index: torch.Tensor, start: int, stop: int, sizes: Sequence[int], little: bool = False) -> torch.Tensor:
-    """The mixed-radix number of the columns ``[start, stop)`` of each row of ``index`` (first column most
-    significant; last column with ``little``)."""
-    cols = list(range(start, stop))[:: -1 if little else 1]
-    if index.device.type == "cpu":  # one integer matrix-vector product: column by column, strided ops are slow
-        stride, strides = 1, index.new_zeros(index.shape[1])
-        for k in reversed(cols):
-            strides[k] = stride
+def _digits(index: torch.Tensor, sizes: Sequence[int], spans: Sequence[tuple[int, int, bool]]) -> list[torch.Tensor]:
+    """For each span ``(start, stop, little)``, the mixed-radix number of the columns ``[start, stop)`` of every row
+    of ``index`` (first column most significant; last column with ``little``)."""
+    strides = torch.zeros(index.shape[1], len(spans), dtype=torch.float64)
+    for j, (start, stop, little) in enumerate(spans):
+        stride = 1
+        for k in range(start, stop)[:: 1 if little else -1]:
+            strides[k, j] = stride
             stride *= sizes[k]
-        return index @ strides
-    key = index[:, cols[0]]
-    for k in cols[1:]:
-        key = key * sizes[k] + index[:, k]
-    return key
+    if index.device.type == "cpu":
+        # one float64 GEMM for all spans (exact: every key and partial sum is an integer below 2⁵³); integer
+        # column arithmetic on the strided columns of index is several times slower
+        keys = (index.to(torch.float64) @ strides).to(torch.int64)
+        return list(keys.T.contiguous())
+    cols = index.T.contiguous()
+    return [
+        (cols[start:stop] * strides[start:stop, j, None].to(cols)).sum(0) for j, (start, stop, _) in enumerate(spans)
+    ]
 
 
 def _prefix_table(cores: Sequence[torch.Tensor]) -> torch.Tensor:
