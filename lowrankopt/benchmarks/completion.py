@@ -15,6 +15,13 @@ truth has i.i.d. uniform [0, 2/r) cores; lowrankopt starts from the best constan
 continuation (``complete``'s default). There is no Python peer for Riemannian TT completion (t3f is
 TensorFlow and has no completion solver; TTeMPS is MATLAB).
 
+Cases with ``kappa`` (``-kappa1e2``, ``-kappa1e4``): the target has geometric singular values with condition number
+κ (:func:`.peers.pymanopt_completion.make_problem`), and lowrankopt starts from its own spectral start with the
+automatic rank continuation (``complete``'s default: the ranks the start resolves above the sampling noise, then one
+rank at a time; the time of the start counts in its clock), while pymanopt starts from LRGeomCG's start as in the
+other cases (its computation not counted). lowrankopt's rows with ``rank_continuation=False`` show plain CG /
+trust-region from the same spectral start, at the full rank.
+
 Reported per solver: the time and the iterations until the relative test error ``‖P_Γ(X − A)‖/‖P_Γ A‖``
 first reaches 1e-8 (the solver's own time; test-error evaluation excluded; with ``repeats`` > 1 the median over
 that many runs of every solver, not interleaved), the final test error, and the ratio of each solver's time to
@@ -72,7 +79,7 @@ def _row(variant: str, runs: list[dict], status: str, failed: bool = False) -> d
     return row
 
 
-def _ours(ctx: Context, method: str, idx, vals, shape, rank, test, x0) -> tuple[dict, dict]:
+def _ours(ctx: Context, method: str, idx, vals, shape, rank, test, x0, continuation=None) -> tuple[dict, dict]:
     def once(max_iter=100_000):
         return complete(
             idx,
@@ -85,6 +92,7 @@ def _ours(ctx: Context, method: str, idx, vals, shape, rank, test, x0) -> tuple[
             max_iter=max_iter,
             max_time=ctx.max_time,
             generator=ctx.generator(),
+            rank_continuation=continuation,
         )
 
     ctx.status(f"lowrankopt {method}: warm-up")
@@ -96,13 +104,15 @@ def _ours(ctx: Context, method: str, idx, vals, shape, rank, test, x0) -> tuple[
         hist = [{"iter": h["iter"], "time": h["solve_time"], "test_error": h.get("test_error")} for h in res.history]
         t, it = _first_below(hist)
         runs.append({"time_to_target": t, "iters_to_target": it, "final_test_error": res.test_error, "history": hist})
-    label = f"lowrankopt {method}"
-    return _row(label, runs, res.message), _curve(label, runs[0]["history"])
+    label = f"lowrankopt {method}" + (", no rank continuation" if continuation is False else "")
+    row = _row(label, runs, res.message)
+    row["figures"]["start rank"] = res.history[0]["rank"]
+    return row, _curve(label, runs[0]["history"])
 
 
-def _ours_both(ctx: Context, *problem) -> tuple[list[dict], list[dict]]:
-    """Rows and curves of lowrankopt's CG and trust-region on one problem."""
-    runs = [_ours(ctx, method, *problem) for method in OURS]
+def _ours_both(ctx: Context, *problem, continuation: tuple = (None,)) -> tuple[list[dict], list[dict]]:
+    """Rows and curves of lowrankopt's CG and trust-region on one problem (for each ``rank_continuation`` setting)."""
+    runs = [_ours(ctx, method, *problem, c) for c in continuation for method in OURS]
     return [row for row, _ in runs], [curve for _, curve in runs]
 
 
@@ -167,7 +177,7 @@ def _result(rows: list[dict], curves: list[dict], **extra) -> dict:
 def run_matrix(case: Case, ctx: Context) -> dict:
     p = case.params
     ctx.status("generating data")
-    P = make_problem(p["n"], p["n"], p["k"], p["os"], ctx.seed)
+    P = make_problem(p["n"], p["n"], p["k"], p["os"], ctx.seed, kappa=p.get("kappa"))
     dev = ctx.device
     idx = torch.from_numpy(np.stack([P["rows"], P["cols"]], 1)).to(dev)
     vals = torch.from_numpy(P["vals"]).to(dev)
@@ -176,7 +186,10 @@ def run_matrix(case: Case, ctx: Context) -> dict:
         torch.from_numpy(P["test_vals"]).to(dev),
     )
     x0 = LowRankMatrix(torch.from_numpy(P["U0"]), torch.from_numpy(P["s0"]), torch.from_numpy(P["Vt0"].T.copy()))
-    rows, curves = _ours_both(ctx, idx, vals, (p["n"], p["n"]), p["k"], test, x0.to(dev))
+    if p.get("kappa") is None:
+        rows, curves = _ours_both(ctx, idx, vals, (p["n"], p["n"]), p["k"], test, x0.to(dev))
+    else:  # lowrankopt's own start and default rank continuation, and plain CG / trust-region from that start
+        rows, curves = _ours_both(ctx, idx, vals, (p["n"], p["n"]), p["k"], test, None, continuation=(None, False))
     if p["n"] * p["n"] > PYMANOPT_MAX_ENTRIES:
         reason = "not run: pymanopt's FixedRankEmbedded transport forms dense m×n matrices (GBs at this size)"
         rows.append({"variant": "pymanopt cg", "skipped": reason})
@@ -207,7 +220,7 @@ def _completion_benchmark(name: str, summary: str, **kwargs) -> Benchmark:
         name=name,
         summary=f"{summary}: time to relative test error 1e-8, lowrankopt CG and trust-region{kwargs.pop('vs', '')}",
         baseline="time to 1e-8 of the row / time to 1e-8 of lowrankopt CG (> 1: slower than lowrankopt CG)",
-        figures=("time to 1e-8 (s)", "iterations to 1e-8", "final test error"),
+        figures=("time to 1e-8 (s)", "iterations to 1e-8", "final test error", "start rank"),
         **kwargs,
     )
 
@@ -223,6 +236,8 @@ BENCHMARKS = (
             Case("n1000-k40-os3", dict(n=1000, k=40, os=3.0)),
             Case("n5000-k10-os5", dict(n=5000, k=10, os=5.0)),
             Case("n20000-k10-os5", dict(n=20000, k=10, os=5.0)),
+            Case("n1000-k10-os5-kappa1e2", dict(n=1000, k=10, os=5.0, kappa=1e2)),
+            Case("n1000-k10-os5-kappa1e4", dict(n=1000, k=10, os=5.0, kappa=1e4)),
         ),
         run=run_matrix,
         scaling=("n",),

@@ -59,13 +59,14 @@ def complete(
     x0: LowRankMatrix | TensorTrain | None = None,
     tol: float | None = None,
     max_iter: int = 1000,
-    warmup_iters: int = 8,
+    warmup_iters: int | None = None,
     curvature: bool = False,
     generator: torch.Generator | None = None,
     monitor: Callable | None = None,
     distributed: bool = False,
     group: dist.ProcessGroup | None = None,
     check_every: int = 10,
+    rank_continuation: bool | None = None,
     **options: Any,
 ) -> OptimizeResult:
     """Complete a matrix (``len(shape) == 2``) or a tensor (tensor train) of rank ``rank`` from its
@@ -88,6 +89,16 @@ def complete(
             (default 1e-12 in float64, 1e-5 in float32).
         max_iter: iterations at the target rank (the rank-continuation stages take ``warmup_iters``
             each on top).
+        warmup_iters: iterations of each rank-continuation stage below the target rank (default 8 for tensor
+            trains, 4 for matrices, whose stages start from the greedy rank-one step).
+        rank_continuation: matrices only (a ValueError for tensors, which always climb from TT-rank 1 without
+            ``x0``), and only without ``x0``. None (default): start at the rank the spectral start resolves above
+            the sampling noise (``completion.start.signal_rank``; the full rank for a
+            well-conditioned target) and climb one rank at a time from there, each stage grown by the greedy
+            rank-one step (``completion.continuation.grow_matrix_rank``). Started at the full rank
+            from the spectral start, CG stalls at a wrong fit once the target's condition number κ reaches about 10
+            (docs/benchmarks.md, ``matrix-completion``, the κ cases). True: climb from rank 1; False: no
+            continuation.
         curvature: Hessian used by the quadratic-model steps and the trust-region method (see
             :func:`minimize`); the default False gives the exact line search of LRGeomCG / RTTC.
         generator: for the randomized start (deterministic given it).
@@ -124,6 +135,7 @@ def complete(
         args = check_arguments(
             indices, values, shape, test=test, x0=x0, tol=tol, warmup_iters=warmup_iters, check_every=check_every,
             generator=generator, monitor=monitor, distributed=distributed, options=options,
+            rank_continuation=rank_continuation,
         )  # fmt: skip
     except (TypeError, ValueError) as exc:
         if not distributed:
@@ -131,7 +143,16 @@ def complete(
         error = exc
     run = SingleProcess()
     if distributed:  # the processes agree on the call (or all raise), then sum over their shards
-        settings = (str(rank), method, max_iter, warmup_iters, curvature, check_every, x0 is not None)
+        settings = (
+            str(rank),
+            method,
+            max_iter,
+            warmup_iters,
+            curvature,
+            check_every,
+            x0 is not None,
+            rank_continuation,
+        )
         run = _sharded_run(error, args, values, settings, group=group, check_every=check_every)
     indices, shape, test, tol, options = args
     held_out = None if test is None else HeldOut(*test, run)
@@ -141,14 +162,20 @@ def complete(
     history = History(norm=problem.norm, tol=tol, held_out=held_out, run=run, monitor=monitor)
     stages = Stages(problem, history, method=method, curvature=curvature, options=options)
     if len(shape) == 2:
-        res = stages(matrix_start(problem, rank, x0, generator), rank, max_iter)
+        x = matrix_start(problem, rank, x0, generator, rank_continuation)
+        if x.rank < rank:
+            warmup = 4 if warmup_iters is None else warmup_iters
+            res = stages.matrix_continuation(x, rank, generator=generator, warmup_iters=warmup, max_iter=max_iter)
+        else:
+            res = stages(x, rank, max_iter)
     else:
         ranks = tt_ranks(shape, rank, x0)
         if x0 is not None:
             res = stages(x0, max(ranks), max_iter)
         else:
+            warmup = 8 if warmup_iters is None else warmup_iters
             res = stages.continuation(
-                constant_start(problem), ranks, generator=generator, warmup_iters=warmup_iters, max_iter=max_iter
+                constant_start(problem), ranks, generator=generator, warmup_iters=warmup, max_iter=max_iter
             )
     run.finish(res)  # with distributed: raises on every process or on none, checks that they hold one point
     history.finish(res)

@@ -33,12 +33,13 @@ def check_arguments(
     test: Any,
     x0: Any,
     tol: float | None,
-    warmup_iters: int,
+    warmup_iters: int | None,
     check_every: int,
     generator: torch.Generator | None,
     monitor: Callable | None,
     distributed: bool,
     options: dict,
+    rank_continuation: bool | None = None,
 ) -> Arguments:
     """Check complete()'s arguments (see there); raises on the first bad one. Cost O(N d) (the index range check)."""
     check_tensor("values", values, 1)
@@ -55,13 +56,21 @@ def check_arguments(
     tol = _DEFAULT_TOL.get(values.dtype, 1e-12) if tol is None else tol
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol must be a non-negative number, got {tol!r}")
-    if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or warmup_iters < 0:
-        raise ValueError(f"warmup_iters must be a non-negative int, got {warmup_iters!r}")
+    if warmup_iters is not None and (
+        isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or warmup_iters < 0
+    ):
+        raise ValueError(f"warmup_iters must be a non-negative int or None, got {warmup_iters!r}")
     check_random_options(values.dtype, None, generator)  # (checks the generator)
     if monitor is not None and not callable(monitor):
         raise TypeError(f"monitor must be callable or None, got {type(monitor).__name__}")
     if x0 is not None and getattr(x0, "dtype", None) != values.dtype:
         raise TypeError(f"x0 must have the dtype of values ({values.dtype}), got {getattr(x0, 'dtype', None)}")
+    if rank_continuation not in (None, True, False):
+        raise TypeError(f"rank_continuation must be None, True or False, got {rank_continuation!r}")
+    if rank_continuation is not None and len(shape) != 2:
+        raise ValueError("rank_continuation applies to matrices; tensor trains always climb from TT-rank 1 without x0")
+    if rank_continuation and x0 is not None:
+        raise ValueError("rank_continuation=True needs the spectral start: pass x0=None (x0 is used at its rank)")
     options = {"gtol": 0.0, **options}
     if distributed and "max_time" in options:
         raise ValueError("max_time would stop the processes at different iterations; use max_iter with distributed")

@@ -1,21 +1,23 @@
 """Stages of :func:`~lowrankopt.complete`: :class:`Stages` runs :func:`~lowrankopt.minimize` on the problem at one
-rank, and the rank continuation of tensor trains (TT-rank 1, 2, …, each stage grown from the last by a tiny random
-rank-1 term)."""
+rank, and the rank continuations: tensor trains climb TT-rank 1, 2, …, each stage grown from the last by a tiny random
+rank-1 term; matrices climb from the rank their spectral start resolves, each stage grown by the greedy rank-one step
+(Uschmajew–Vandereycken): the leading singular pair of the gradient's normal part, at the exact line-search step."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
+from ..formats.lowrank import LowRankMatrix
 from ..formats.tt import TensorTrain
 from ..manifolds import manifold_of
 from ..optim import OptimizeResult, minimize
 from .history import History
 from .problem import CompletionProblem, Point
 
-__all__ = ["Stages", "continuation_ranks", "grow_rank"]
+__all__ = ["Stages", "continuation_ranks", "grow_matrix_rank", "grow_rank"]
 
 
 def continuation_ranks(ranks: list[int]) -> list[list[int]]:
@@ -32,6 +34,51 @@ def grow_rank(
     z = TensorTrain.random(x.shape, 1, dtype=torch.float64, device=x.device, generator=generator).to(x.dtype)
     y = x + z * (eps * x.norm() / z.norm())
     return y if list(y.ranks) == list(ranks) else y.round(max_rank=list(ranks))
+
+
+def grow_matrix_rank(
+    problem: CompletionProblem,
+    x: LowRankMatrix,
+    generator: torch.Generator | None,
+    block: int = 4,
+    power_iters: int = 4,
+) -> LowRankMatrix:
+    """``X + α u vᵀ`` of rank r + 1: ``(u, v)`` the leading singular pair of the normal part
+    ``(I − UUᵀ) G (I − VVᵀ)`` of the Euclidean gradient ``G = P_Ω X − values`` (the rank-one direction in which f
+    falls fastest off the manifold), by a randomized range finder of ``block`` columns with ``power_iters`` power
+    iterations; ``α > 0`` minimizes f along it (f is quadratic: ``α = −⟨G, u vᵀ⟩ / ‖P_Ω(u vᵀ)‖²``, the sign of v
+    chosen to make it positive). If f does not fall along it (G's normal part is 0), ``α`` is 1e-4 ‖X‖.
+    The new columns are orthogonal to x's frames, so the result is ``[U u] diag(S, α) [V v]ᵀ`` with no QR.
+    Products with G are summed over the processes by ``problem.run``.
+    Cost ``O((N + (m + n) r) block · power_iters)``."""
+    run, lsq = problem.run, problem.least_squares(x)
+    U, S, V = lsq.M.frames(x)
+    G, Gt = lsq.euclidean_gradient(x)
+
+    def off(G, A, B, Z):  # (I − A Aᵀ) G (I − B Bᵀ) Z, G's product summed over the processes
+        Y = run.reduce(G @ (Z - B @ (B.T @ Z)))
+        return Y - A @ (A.T @ Y)
+
+    q = min(block, lsq.M.m - x.rank, lsq.M.n - x.rank)
+    gdev = generator.device if generator is not None else V.device
+    Z = torch.randn(V.shape[0], q, dtype=V.dtype, device=gdev, generator=generator).to(V.device)
+    Q = torch.linalg.qr(off(G, U, V, Z))[0]
+    for _ in range(power_iters):
+        Q = torch.linalg.qr(off(G, U, V, torch.linalg.qr(off(Gt, V, U, Q))[0]))[0]
+    ub, _, vh = torch.linalg.svd(off(Gt, V, U, Q).T, full_matrices=False)  # Qᵀ N = ub diag(σ) vh
+    u, v = Q @ ub[:, :1], vh[:1].T
+    u, v = (w - F @ (F.T @ w) for w, F in ((u, U), (v, V)))  # orthogonal to the frames to rounding
+    u, v = u / torch.linalg.vector_norm(u), v / torch.linalg.vector_norm(v)
+    a, b = run.reduce(lsq.line_coefficients(x, u, v)).tolist()
+    alpha = -a / b if b > 0 else 0.0
+    if alpha < 0:
+        v, alpha = -v, -alpha
+    if not 0 < alpha < float("inf"):
+        alpha = 1e-4 * float(torch.linalg.matrix_norm(S))
+    r = x.rank
+    S1 = torch.zeros(r + 1, r + 1, dtype=S.dtype, device=S.device)
+    S1[:r, :r], S1[r, r] = S, alpha
+    return LowRankMatrix._trusted(torch.cat([U, u], 1), S1, torch.cat([V, v], 1))
 
 
 class Stages:
@@ -63,15 +110,31 @@ class Stages:
     def continuation(
         self, x: TensorTrain, ranks: list[int], *, generator: torch.Generator | None, warmup_iters: int, max_iter: int
     ) -> OptimizeResult:
-        """From ``x`` (TT-rank 1) through the stages of :func:`continuation_ranks`: ``warmup_iters`` iterations at
-        each rank below ``ranks``, then ``max_iter`` at ``ranks``. A stage that reaches the history's ``tol``, fails
-        (negative status) or sees a process fail ends the run with its result (of lower rank, then)."""
+        """From ``x`` (TT-rank 1) through the stages of :func:`continuation_ranks`, each grown by :func:`grow_rank`
+        (see :meth:`climb`)."""
+        stages = continuation_ranks(ranks)
+        grow = lambda x, stage_ranks: grow_rank(x, stage_ranks, generator)  # noqa: E731
+        return self.climb(x, stages, grow, warmup_iters=warmup_iters, max_iter=max_iter)
+
+    def matrix_continuation(
+        self, x: LowRankMatrix, rank: int, *, generator: torch.Generator | None, warmup_iters: int, max_iter: int
+    ) -> OptimizeResult:
+        """From ``x`` (of rank below ``rank``) one rank at a time to ``rank``, each stage grown by
+        :func:`grow_matrix_rank` (see :meth:`climb`)."""
+        grow = lambda x, _: grow_matrix_rank(self.problem, x, generator)  # noqa: E731
+        return self.climb(x, list(range(x.rank, rank + 1)), grow, warmup_iters=warmup_iters, max_iter=max_iter)
+
+    def climb(self, x: Point, stages: list, grow: Callable, *, warmup_iters: int, max_iter: int) -> OptimizeResult:
+        """From ``x`` (at ``stages[0]``) through ``stages`` (ranks, or lists of TT-ranks), ``grow(x, stage)`` making
+        the next stage's start: ``warmup_iters`` iterations at each stage but the last, then ``max_iter``. A stage
+        that reaches the history's ``tol``, fails (negative status) or sees a process fail ends the run with its
+        result (of lower rank, then)."""
         res = None
-        for r, stage_ranks in enumerate(continuation_ranks(ranks), start=1):
-            if r > 1:
-                x = grow_rank(x, stage_ranks, generator)
-            final = stage_ranks == ranks
-            res = self(x, r, max_iter if final else warmup_iters)
+        for k, stage in enumerate(stages):
+            if k:
+                x = grow(x, stage)
+            final = k == len(stages) - 1
+            res = self(x, stage if isinstance(stage, int) else max(stage), max_iter if final else warmup_iters)
             x = res.x
             if final or res.status < 0 or self.history.failed or self.history.converged:
                 break

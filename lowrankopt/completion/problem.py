@@ -3,6 +3,7 @@ held-out error, and :class:`CompletionProblem`, which hands :func:`~lowrankopt.m
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -88,6 +89,13 @@ class MatrixLeastSquares:
         self.t_pattern = self._csr(cols[t_order], rows[t_order], n, m)
         self._last = (None, None)  # (point, residual): f and the gradient at one point share it
 
+    def on(self, manifold: FixedRankMatrices) -> MatrixLeastSquares:
+        """The same problem on ``manifold`` (another rank: a stage of the rank continuation), sharing the pattern
+        (no new sort). Cost O(1)."""
+        other = copy.copy(self)  # (the kept residual is keyed by its point, which has one rank)
+        other.M = manifold
+        return other
+
     def _weighted(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (values at the distinct positions) times the number of observations of each position."""
         return t if self.weights is None else t * self.weights
@@ -120,6 +128,20 @@ class MatrixLeastSquares:
             U, S, V = self.M.frames(x)
             self._last = (x, self._sample(U @ S, V) - self.vals)
         return self._last[1]
+
+    def euclidean_gradient(self, x: LowRankMatrix) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Euclidean gradient ``P_Ω X − values`` (weighted by the counts) as sparse CSR matrices ``(G, Gᵀ)``.
+        Cost :meth:`residual`, then ``O(N)``."""
+        g = self._weighted(self.residual(x))
+        return self._sparse(g), self._sparse(g[self.t_perm], transpose=True)
+
+    def line_coefficients(self, x: LowRankMatrix, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """``[a, b]`` with ``f(X + t L Rᵀ) = f(X) + a t + ½ b t²`` (exact: f is quadratic), i.e.
+        ``a = ⟨P_Ω X − values, P_Ω(L Rᵀ)⟩`` and ``b = ‖P_Ω(L Rᵀ)‖²`` (weighted by the counts). Cost ``O(N k)`` for
+        k columns of L and R, plus :meth:`residual`."""
+        d = self._sample(L, R)
+        w = self._weighted(d)
+        return torch.stack([(w * self.residual(x)).sum(), (w * d).sum()])
 
     def value(self, x: LowRankMatrix) -> torch.Tensor:
         """``f(x)``, a 0-dim tensor. Cost: :meth:`residual`."""
@@ -262,6 +284,15 @@ class CompletionProblem:
         self.indices, self.values, self.shape = indices, values, list(shape)
         self.loss, self.curvature, self.run = loss, curvature, run
         self.norm = math.sqrt(float(run.reduce(values.square().sum())))  # ‖values‖ over every process
+        self._least_squares: MatrixLeastSquares | None = None
+
+    def least_squares(self, x: LowRankMatrix) -> MatrixLeastSquares:
+        """The closed forms of this process's shard (:class:`MatrixLeastSquares`) on x's manifold; the pattern is
+        sorted once (``O(N log N)``) and shared by every stage."""
+        M = manifold_of(x)
+        if self._least_squares is None:
+            self._least_squares = MatrixLeastSquares(self.indices, self.values, self.shape, M)
+        return self._least_squares.on(M)
 
     def objective(self, x: Point, method: str, options: dict) -> tuple[Callable, dict]:
         """``(f, options)`` for :func:`~lowrankopt.minimize` from ``x`` with ``method``: ``options`` with the
@@ -277,7 +308,7 @@ class CompletionProblem:
         return f, options
 
     def _closed_form(self, x, method: str, options: dict) -> tuple[Callable, dict]:
-        lsq = MatrixLeastSquares(self.indices, self.values, self.shape, manifold_of(x))
+        lsq = self.least_squares(x)
         run = self.run
         options.update(
             grad=lambda x: run.reduce_tangent(run.tangent(lsq.grad)(x)),

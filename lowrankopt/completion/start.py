@@ -15,7 +15,16 @@ from ..manifolds.fixed_rank import FixedRankMatrices
 from ..manifolds.tt import FixedTTRank
 from .problem import CompletionProblem, Point
 
-__all__ = ["constant_start", "matrix_start", "spectral_start", "tt_ranks", "zero_message", "zero_point"]
+__all__ = [
+    "constant_start",
+    "matrix_start",
+    "signal_rank",
+    "spectral_factors",
+    "spectral_start",
+    "tt_ranks",
+    "zero_message",
+    "zero_point",
+]
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -36,6 +45,22 @@ def spectral_start(
     power iterations (Halko–Martinsson–Tropp). Cost ``O((N + (m + n) q) q · power_iters)``, q = rank +
     oversample; never forms the dense matrix. ``reduce`` sums each sparse product over the processes that hold
     the other shards of the entries (identity in one process)."""
+    U, s, V = spectral_factors(indices, values, shape, rank + oversample, generator, power_iters, reduce)
+    return LowRankMatrix._trusted(U[:, :rank], torch.diag(s[:rank]), V[:, :rank])
+
+
+def spectral_factors(
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    shape: Sequence[int],
+    q: int,
+    generator: torch.Generator | None,
+    power_iters: int = 4,
+    reduce: Callable = _identity,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading ``min(q, m, n)`` singular triplets ``(U (m, q), s (q,), V (n, q))`` of the zero-filled sparse
+    matrix of the entries (a repeated position with the mean of its observations), by a randomized range finder
+    with ``power_iters`` power iterations. Cost ``O((N + (m + n) q) q · power_iters)``."""
     m, n = shape
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the kernels used here are stable
         warnings.simplefilter("ignore", UserWarning)
@@ -45,7 +70,7 @@ def spectral_start(
         A = torch.sparse_coo_tensor(A.indices(), A.values() / counts.coalesce().values(), (m, n)).coalesce()
         At = A.t().coalesce().to_sparse_csr()
         A = A.to_sparse_csr()
-    q = min(rank + oversample, m, n)
+    q = min(q, m, n)
     gdev = generator.device if generator is not None else values.device
     omega = torch.randn(n, q, dtype=values.dtype, device=gdev, generator=generator).to(values.device)
     Q = torch.linalg.qr(reduce(A @ omega))[0]
@@ -53,20 +78,42 @@ def spectral_start(
         Q = torch.linalg.qr(reduce(A @ torch.linalg.qr(reduce(At @ Q))[0]))[0]
     B = reduce(At @ Q).T  # Qᵀ A, shape (q, n)
     Ub, s, Vh = torch.linalg.svd(B, full_matrices=False)
-    return LowRankMatrix._trusted(Q @ Ub[:, :rank], torch.diag(s[:rank]), Vh[:rank].T)
+    return Q @ Ub, s, Vh.T
+
+
+def signal_rank(s: torch.Tensor, rank: int, margin: float = 1.3) -> int:
+    """How many of the first ``rank`` spectral-start singular values ``s`` stand above the sampling noise: the
+    count of ``s[:rank] > margin · s[rank]``, at least 1 (``rank`` when ``s`` has no value beyond ``rank``).
+
+    For a rank-``rank`` target A observed on a uniform sample, the singular values of the zero-filled matrix past
+    the rank-th are the noise of the sampling (σ_{rank+1}(P_Ω A) ≈ ‖P_Ω A − p A‖); components of A below it are not
+    resolved by the start, and a solver started there at the full rank stalls at a wrong fit (measured in
+    docs/benchmarks.md, matrix completion with κ ≥ 10). They are then added one at a time (rank continuation)."""
+    if s.numel() <= rank:
+        return rank
+    return max(1, int((s[:rank] > margin * s[rank]).sum()))
 
 
 def matrix_start(
-    problem: CompletionProblem, rank: int, x0: LowRankMatrix | None, generator: torch.Generator | None
+    problem: CompletionProblem,
+    rank: int,
+    x0: LowRankMatrix | None,
+    generator: torch.Generator | None,
+    continuation: bool | None = False,
 ) -> LowRankMatrix:
     """``x0``, checked against the manifold of rank ``rank`` (which checks ``rank``), or the spectral start of the
-    problem's entries (all processes' entries: its products are summed by the problem's ``run``)."""
+    problem's entries (all processes' entries: its products are summed by the problem's ``run``): at rank ``rank``
+    (``continuation=False``), 1 (True), or the :func:`signal_rank` of its singular values (None), where a rank
+    continuation to ``rank`` then starts."""
     M = FixedRankMatrices(problem.shape[0], problem.shape[1], rank)  # validates rank
-    if x0 is None:
-        run = problem.run
-        x0 = spectral_start(problem.indices, problem.values, problem.shape, rank, generator, reduce=run.reduce)
-    M.check_point(x0, "x0")
-    return x0
+    if x0 is not None:
+        M.check_point(x0, "x0")
+        return x0
+    U, s, V = spectral_factors(
+        problem.indices, problem.values, problem.shape, rank + 10, generator, reduce=problem.run.reduce
+    )
+    start = rank if continuation is False else 1 if continuation else signal_rank(s, rank)
+    return LowRankMatrix._trusted(U[:, :start], torch.diag(s[:start]), V[:, :start])
 
 
 def tt_ranks(shape: Sequence[int], rank: int | Sequence[int], x0: TensorTrain | None) -> list[int]:

@@ -51,10 +51,14 @@ def _entries(L: np.ndarray, R: np.ndarray, rows: np.ndarray, cols: np.ndarray, c
     return out
 
 
-def make_problem(m: int, n: int, k: int, oversampling: float, seed: int, *, rescale_start: bool = False) -> dict:
+def make_problem(
+    m: int, n: int, k: int, oversampling: float, seed: int, *, rescale_start: bool = False, kappa: float | None = None
+) -> dict:
     """LRGeomCG-style random completion problem, generated with ``numpy.random.default_rng(seed)``.
 
-    In this order from the one generator: ``L`` (m×k) and ``R`` (n×k) i.i.d. N(0, 1), ``A = L Rᵀ`` (never formed);
+    In this order from the one generator: ``L`` (m×k) and ``R`` (n×k) i.i.d. N(0, 1), ``A = L Rᵀ`` (never formed;
+    with ``kappa``, ``A = Q_L diag(σ) Q_Rᵀ`` instead, ``Q`` the orthonormal factors of the QRs of L and R and
+    ``σ_i = √(mn) · kappa^{−(i−1)/(k−1)}`` geometric, so that the condition number of A is ``kappa``);
     Ω = ``round(oversampling·k(m+n−k))`` distinct linear indices (row-major, ``i·n + j``), uniform without
     repetition, sorted; Γ = an independent draw of the same size (also without repetition; Γ may intersect Ω, as in
     the LRGeomCG experiments); then the ARPACK start vector of the SVD below.
@@ -74,6 +78,9 @@ def make_problem(m: int, n: int, k: int, oversampling: float, seed: int, *, resc
     rng = np.random.default_rng(seed)
     L = rng.standard_normal((m, k))
     R = rng.standard_normal((n, k))
+    if kappa is not None:
+        sigma = math.sqrt(m * n) * float(kappa) ** -(np.arange(k) / max(k - 1, 1))
+        L, R = np.linalg.qr(L)[0] * sigma, np.linalg.qr(R)[0]
     size = int(round(oversampling * k * (m + n - k)))
     omega = _sample_without_replacement(rng, m * n, size)
     gamma = _sample_without_replacement(rng, m * n, size)
@@ -111,6 +118,7 @@ def make_problem(m: int, n: int, k: int, oversampling: float, seed: int, *, resc
         "s0": s0,
         "Vt0": Vt0,
         "rescale_start": rescale_start,
+        "kappa": kappa,
     }
 
 
