@@ -235,3 +235,29 @@ def test_torch_func_grad_runs_the_differentiable_map():
     blocks = [torch.linalg.solve(eye - K, eye + K) for K in (_skew_ref(L, 4), _skew_ref(R, 4))]
     (x @ dense_q(*blocks).T).square().sum().backward()
     assert (grads["L"] - L.grad).abs().max() < 1e-12 and (grads["R"] - R.grad).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_a_1x1_soc_is_the_exact_exponential_of_its_channel_mixing(groups):
+    from lowrankopt.nn import GSOrthogonalConv2d, SkewOrthogonalConv2d
+
+    g = torch.Generator().manual_seed(8)
+    soc = SkewOrthogonalConv2d(8, 1, groups, init_scale=2.0, dtype=D, generator=g)
+    with torch.no_grad():
+        soc.bias.copy_(torch.randn(8, dtype=D, generator=g))
+    x = torch.randn(3, 8, 5, 4, dtype=D, generator=g, requires_grad=True)
+    y = soc(x)
+    # reference: the series Σ_{i ≤ 60} Lⁱ x / i! of the 1×1 conv L (converged far below float64 rounding)
+    K = soc.skew_kernel()
+    term, ref = x, x
+    for i in range(1, 61):
+        term = torch.nn.functional.conv2d(term, K, groups=groups) / i
+        ref = ref + term
+    ref = ref + soc.bias[:, None, None]
+    assert (y - ref).abs().max() < 1e-12
+    w = torch.randn(y.shape, dtype=D, generator=g)
+    for a, c in zip(torch.autograd.grad(y, (x, soc.weight), w), torch.autograd.grad(ref, (x, soc.weight), w)):
+        assert (a - c).abs().max() < 1e-11
+    gs = GSOrthogonalConv2d(8, 3, (2, 4), dtype=D, generator=g)  # its second factor is a grouped 1×1 SOC
+    z = torch.randn(2, 8, 6, 6, dtype=D, generator=g)
+    assert abs(gs(z).norm() - z.norm()) < 1e-5 * z.norm()  # orthogonal up to the first factor's tol
