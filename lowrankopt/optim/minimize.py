@@ -14,7 +14,7 @@ from .line_search import BETA_RULES, line_search_descent
 from .objective import Objective
 from .result import OptimizeResult
 from .run import Run
-from .trust_region import trust_region
+from .trust_region import FORCING_RULES, trust_region
 
 METHODS = ("sd", "cg", "trust-region")
 
@@ -33,6 +33,7 @@ _DEFAULTS = {
         "max_inner": None,
         "rho_regularization": 1e3,
         "gradient_scale": None,
+        "forcing": None,
     },
 }
 _COLUMNS = {"sd": ("step_size",), "cg": ("step_size",), "trust-region": ("radius", "rho", "inner_iter", "accepted")}
@@ -89,7 +90,13 @@ def minimize(
     (max_radius / 8), ``rho_prime`` (0.1), ``kappa`` (0.1), ``theta`` (1.0), ``min_inner`` (1),
     ``max_inner`` (dim), ``rho_regularization`` (1e3), ``gradient_scale`` (None: Manopt's inner stopping test
     ``‖r‖ ≤ ‖r₀‖ min(‖r₀‖^θ, κ)``, which depends on the scale of f; a number s, or ``"initial"`` (the gradient
-    norm at x0), uses ``(‖r₀‖/s)^θ`` instead — for problems whose gradients are far from unit size).
+    norm at x0), uses ``(‖r₀‖/s)^θ`` instead — for problems whose gradients are far from unit size),
+    ``forcing`` (None: that test; ``"eisenstat-walker"``: ``‖r‖ ≤ η_k ‖r₀‖`` with Eisenstat–Walker's forcing
+    term ``η_k = 0.9 (‖g_k‖/‖g_{k−1}‖)²``, safeguarded, η₀ = 0.5 — loose solves while the gradient falls slowly,
+    quadratic convergence near a nondegenerate minimum, scale invariant; θ, κ and gradient_scale are then
+    unused; on TT completion it cut Hessian products 3× against the θ-test). ``initial_radius`` may also be
+    ``"cauchy"``: ``‖g‖³/⟨g, Hg⟩`` at x0, the length of the model's minimizer along −g (no extra Hessian
+    product), for problems whose scale the default Δ̄/8 misses.
 
     The floating-point floor: when a change of f is at its rounding level, the method measures the rounding
     noise of f and of the gradient at the current point (f and its gradient at other factorizations of the same
@@ -154,7 +161,10 @@ def _validate(method: str, o: dict, obj: Objective) -> None:
     number("verbose", integer=True)
     if method == "trust-region":
         number("max_radius", open_lo=True, open_hi=True, allow_none=True)
-        number("initial_radius", open_lo=True, open_hi=True, allow_none=True)
+        if o["initial_radius"] != "cauchy":
+            number("initial_radius", open_lo=True, open_hi=True, allow_none=True)
+        if o["forcing"] not in FORCING_RULES:
+            raise ValueError(f"option forcing must be one of {FORCING_RULES}, got {o['forcing']!r}")
         number("rho_prime", hi=0.25)
         number("kappa", open_lo=True, hi=1.0)
         number("theta", open_lo=True)

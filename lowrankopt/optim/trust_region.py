@@ -8,6 +8,14 @@ an increase of the model, or once ``‖r‖ ≤ ‖r₀‖ min(‖r₀‖^θ, κ
 (both regularized by ``max(1, |f|)·eps·rho_regularization``); Δ shrinks 4× when ρ < ¼ and doubles (up
 to Δ̄) when ρ > ¾ and tCG reached the boundary.
 
+Inner stopping (``forcing="eisenstat-walker"``): the test above is Manopt's; the alternative is an inexact-Newton
+forcing term ``‖r‖ ≤ η_k ‖r₀‖`` with Eisenstat and Walker's (1996) choice 2, ``η_k = γ (‖g_k‖ / ‖g_{k−1}‖)^α``
+(γ = 0.9, α = 2, η₀ = 0.5, at most 0.9, safeguarded by ``η_k ≥ γ η_{k−1}^α`` while that exceeds 0.1). It asks
+for an accurate model step only when the gradient falls fast (where the model is good: quadratic local
+convergence), loosely otherwise (far from the solution, where solving a poor model to 10 % wastes Hessian
+products), and it is invariant to the scale of f. Initial radius ``"cauchy"``: Δ₀ = ``‖g‖³ / ⟨g, H g⟩``, the
+length of the model's minimizer along −g (the Hessian product is tCG's first, so it costs nothing).
+
 Caching: tCG is deterministic given (x, g, Δ) and Δ only changes its boundary test, so the Hessian
 products of the inner iterations are kept for the current x. After a rejected step (Δ smaller, x the
 same) tCG replays them and makes no new Hessian-vector products until it goes past the cached ones.
@@ -24,7 +32,7 @@ from .objective import Objective
 from .precision import Floor, eps_of
 from .run import Run
 
-_NEG_CURVATURE, _EXCEEDED, _LINEAR, _SUPERLINEAR, _MAX_INNER, _MODEL_INCREASED, _NON_FINITE = (
+_NEG_CURVATURE, _EXCEEDED, _LINEAR, _SUPERLINEAR, _MAX_INNER, _MODEL_INCREASED, _NON_FINITE, _FORCING = (
     "negative curvature",
     "exceeded trust region",
     "linear convergence",
@@ -32,7 +40,9 @@ _NEG_CURVATURE, _EXCEEDED, _LINEAR, _SUPERLINEAR, _MAX_INNER, _MODEL_INCREASED, 
     "max inner iterations",
     "model increased",
     "non-finite Hessian product",
+    "forcing term",
 )
+FORCING_RULES = (None, "eisenstat-walker")
 
 
 def truncated_cg(
@@ -47,11 +57,14 @@ def truncated_cg(
     min_inner: int,
     max_inner: int,
     gradient_scale: float = 1.0,
+    forcing: float | None = None,
 ) -> tuple[Any, Any, int, str]:
     """Steihaug–Toint tCG for ``min ⟨g, η⟩ + ½⟨η, Hη⟩, ‖η‖ ≤ radius`` (no preconditioner).
 
     ``hess(j, δ)`` gives H δ at inner iteration j (so that callers can cache). The residual test is
-    ``‖r‖ ≤ ‖r₀‖ min((‖r₀‖ / gradient_scale)^θ, κ)``. Returns ``(η, Hη, inner_iterations, stop_reason)``.
+    ``‖r‖ ≤ ‖r₀‖ min((‖r₀‖ / gradient_scale)^θ, κ)``, or ``‖r‖ ≤ forcing · ‖r₀‖`` when ``forcing`` is given
+    (θ, κ and gradient_scale then unused). Returns ``(η, Hη, inner_iterations, stop_reason)``.
+    Cost: one Hessian product (``hess``) and O(1) inner products per inner iteration.
     """
     eta = grad * 0.0
     Heta = eta
@@ -83,7 +96,10 @@ def truncated_cg(
         r = r + Hdelta * alpha
         r_r_old, r_r = r_r, float(M.inner(x, r, r))
         r_norm = math.sqrt(r_r)
-        if j >= min_inner and r_norm <= r0_norm * min(target, kappa):
+        if forcing is not None:
+            if j >= min_inner and r_norm <= r0_norm * forcing:
+                return eta, Heta, j, _FORCING
+        elif j >= min_inner and r_norm <= r0_norm * min(target, kappa):
             return eta, Heta, j, (_LINEAR if kappa < target else _SUPERLINEAR)
         beta = r_r / r_r_old
         delta = -r + delta * beta
@@ -92,13 +108,25 @@ def truncated_cg(
     return eta, Heta, max_inner, _MAX_INNER
 
 
+def eisenstat_walker(
+    previous: float, grad_norm: float, previous_grad_norm: float, *, gamma: float = 0.9, alpha: float = 2.0
+) -> float:
+    """Eisenstat–Walker choice 2: ``η = γ (‖g_k‖ / ‖g_{k−1}‖)^α``, at least ``γ η_{k−1}^α`` while that exceeds
+    0.1 (so that η does not drop after one lucky step), at most 0.9. Cost O(1)."""
+    eta = gamma * (grad_norm / previous_grad_norm) ** alpha if previous_grad_norm > 0 else 0.0
+    safeguard = gamma * previous**alpha
+    if safeguard > 0.1:
+        eta = max(eta, safeguard)
+    return min(eta, 0.9) if math.isfinite(eta) else 0.9
+
+
 def trust_region(
     obj: Objective,
     run: Run,
     x: Any,
     *,
     max_radius: float | None,
-    initial_radius: float | None,
+    initial_radius: float | str | None,
     rho_prime: float,
     kappa: float,
     theta: float,
@@ -106,17 +134,21 @@ def trust_region(
     max_inner: int | None,
     rho_regularization: float,
     gradient_scale: float | str | None,
+    forcing: str | None = None,
 ) -> None:
     """Riemannian trust-region from x (defaults as Manopt: Δ̄ = √dim, Δ₀ = Δ̄/8, ρ′ = 0.1, κ = 0.1, θ = 1).
 
     ``gradient_scale``: the θ-test of tCG compares ``‖g‖^θ`` with κ, which is not scale invariant (Manopt's
     convention, ``None``: scale 1). A number, or ``"initial"`` (the gradient norm at x0), divides ‖g‖ first,
     so the inner solves tighten only once the gradient is small relative to that scale.
+    ``forcing="eisenstat-walker"`` replaces that test by the forcing term of the module doc; ``initial_radius=
+    "cauchy"`` takes Δ₀ = ‖g‖³ / ⟨g, H g⟩ at x0 (at most Δ̄; Δ̄/8 if ⟨g, H g⟩ ≤ 0).
     """
     M = obj.manifold
     dim = int(M.dim)
     max_radius = math.sqrt(dim) if max_radius is None else max_radius
-    radius = max_radius / 8 if initial_radius is None else initial_radius
+    cauchy = initial_radius == "cauchy"
+    radius = max_radius / 8 if initial_radius is None or cauchy else float(initial_radius)
     max_inner = dim if max_inner is None else max_inner
     loc = obj.local(x, hessian=True)
     if run.start(loc):
@@ -126,6 +158,13 @@ def trust_region(
     scale = 1.0 if gradient_scale is None else float(gradient_scale)
     cache: list = []
     floor = Floor(obj)
+    eta_k = 0.5 if forcing == "eisenstat-walker" else None
+    if cauchy:
+        # tCG's first direction is −g: its Hessian product goes to the cache, so this costs no extra product
+        cache.append(loc.hess(-loc.grad))
+        g_Hg = -float(M.inner(x, loc.grad, cache[0]))  # cache[0] = H(−g)
+        if g_Hg > 0 and math.isfinite(g_Hg):
+            radius = min(loc.grad_norm**3 / g_Hg, max_radius)
 
     def cached_hess(j, delta):
         if j == len(cache):
@@ -144,6 +183,7 @@ def trust_region(
             min_inner=min_inner,
             max_inner=max_inner,
             gradient_scale=scale,
+            forcing=eta_k,
         )
         if why == _NON_FINITE:
             run.stop(
@@ -183,6 +223,8 @@ def trust_region(
         if model_decreased and rho > rho_prime and not uphill:
             if run.accept(new, accepted=True, **info):
                 return
+            if eta_k is not None:
+                eta_k = eisenstat_walker(eta_k, new.grad_norm, loc.grad_norm)
             x, loc, cache = y, new, []
         else:
             if run.reject(accepted=False, **info):
