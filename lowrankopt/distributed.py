@@ -161,7 +161,7 @@ class ShardedObjective:
             "grad": TangentVector(g.manifold, g.base, _unflat(total[1:], g.coords)),
             "hess": h,
         }
-        self._kept = [*self._kept[-(self.keep - 1) :], entry] if self.keep > 1 else [entry]
+        self._kept = [*self._kept, entry][-self.keep :]
         return entry
 
     def f(self, x: Point) -> torch.Tensor:
@@ -329,7 +329,8 @@ class ShardedRun:
       errors are not part of the solve);
     - :attr:`value` / :attr:`tangent` / :meth:`guard`: shard-local computations guarded by :class:`Failures` (an
       exception is kept and NaN stands in, so that every process still joins the collectives);
-    - :meth:`objective`: ``(f, grad, hvp)`` of a sum of shard losses (:func:`sharded_objective`);
+    - :meth:`objective`: ``(f, grad, hvp)`` of a sum of shard losses (:func:`sharded_objective`: one pass of the
+      shard's loss and one collective per point, as the single-process path plus the all-reduces);
     - :meth:`check` (every ``check_every`` iterations, :func:`check_identical`), :meth:`stop_all` (one collective:
       did some process fail?) and :meth:`finish` (raise on every process if one failed, check the final point,
       record the traffic).
