@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,8 +82,50 @@ def as_index_tensor(idx: object) -> torch.Tensor:
     return idx.long() if idx.numel() == 0 else idx
 
 
+# Index tensors found valid, by id: (a weak reference, the state checked). An optimizer evaluates f at one index
+# tensor thousands of times; the range check reads all of it (a host sync on GPU), the lookup reads nothing.
+_VALID_INDICES: dict[int, tuple[weakref.ref, tuple]] = {}
+_VALID_INDICES_MAX = 64
+
+
+def _index_state(idx: torch.Tensor, bounds: Sequence[int]) -> tuple | None:
+    """What a validation of ``idx`` depends on: its version counter (bumped by every in-place write, through views
+    too), storage, shape, strides and the bounds; None where it cannot be read (inference tensors, functorch
+    wrappers), which are then checked on every call. Writes through ``.data`` bypass the version counter."""
+    try:
+        return (idx._version, idx.data_ptr(), idx.storage_offset(), tuple(idx.shape), idx.stride(), tuple(bounds))
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def check_index(name: str, idx: object, bounds: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Check an integer index tensor of shape (N, len(bounds)) (or (N,) when one bound) in range."""
+    """Check an integer index tensor of shape (N, len(bounds)) (or (N,) when one bound) in range.
+
+    An int64 ``(N, len(bounds))`` tensor on ``device`` that passed before and has not changed since (same version
+    counter, storage, shape, strides; see :func:`_index_state`) is returned at once: ``O(1)`` instead of ``O(N)``.
+    """
+    cacheable = (
+        isinstance(idx, torch.Tensor)
+        and idx.dtype == torch.int64
+        and idx.dim() == 2
+        and idx.shape[1] == len(bounds)
+        and idx.device == torch.device(device)
+        and not idx.is_inference()
+    )
+    state = _index_state(idx, bounds) if cacheable else None
+    if state is not None:
+        hit = _VALID_INDICES.get(id(idx))
+        if hit is not None and hit[0]() is idx and hit[1] == state:
+            return idx
+    idx = _check_index(name, idx, bounds, device)
+    if state is not None:
+        if len(_VALID_INDICES) >= _VALID_INDICES_MAX:
+            _VALID_INDICES.pop(next(iter(_VALID_INDICES)))
+        _VALID_INDICES[id(idx)] = (weakref.ref(idx), state)
+    return idx
+
+
+def _check_index(name: str, idx: object, bounds: Sequence[int], device: torch.device) -> torch.Tensor:
     idx = as_index_tensor(idx)
     if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"{name} must be an integer tensor, got {idx.dtype}")

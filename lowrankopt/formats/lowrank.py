@@ -24,6 +24,12 @@ from .._checks import (
 )
 
 
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(-1)`` for ``(N, r)`` operands, the reduction as a matrix-vector product with ones: a sum over a
+    short last dimension (r ~ 10) is ~5x slower than the product on CPU. Differentiable. Cost ``O(N r)``."""
+    return (a * b) @ torch.ones(a.shape[-1], dtype=a.dtype, device=a.device)
+
+
 class LowRankMatrix:
     """A matrix ``U @ S @ V.T`` of shape ``(m, n)`` and (representation) rank ``r``.
 
@@ -153,7 +159,9 @@ class LowRankMatrix:
 
     def _gather(self, index: torch.Tensor) -> torch.Tensor:
         """:meth:`gather` at a checked int64 ``(N, 2)`` index on the factors' device."""
-        return ((self.U @ self.S)[index[:, 0]] * self.V[index[:, 1]]).sum(-1)
+        # Row gathers of row-major factors: QR and SVD return column-major ones, whose rows are strided (~10x slower).
+        US, V = (self.U @ self.S).contiguous(), self.V.contiguous()
+        return rowdot(US.index_select(0, index[:, 0]), V.index_select(0, index[:, 1]))
 
     def __matmul__(self, B: torch.Tensor) -> torch.Tensor:
         """``X @ B`` for a dense ``(n,)`` vector or ``(n, k)`` matrix. Cost ``O((m + n) r k)``."""

@@ -1,7 +1,9 @@
 """Riemannian steepest descent and nonlinear conjugate gradients with an Armijo backtracking line search.
 
 Initial step (``initial_step="model"``): the minimizer of the quadratic model along the search
-direction, ``α = −⟨g, η⟩ / ⟨η, Hess f(x)[η]⟩``, one Hessian-vector product per iteration. A callable
+direction, ``α = −⟨g, η⟩ / ⟨η, Hess f(x)[η]⟩``, one Hessian quadratic form per iteration (with autodiff on
+fixed-rank matrices the second derivative of f along a curve through x, no Hessian tape at x: see
+:func:`~lowrankopt.autodiff.riemannian_hessian_form`; otherwise one Hessian-vector product). A callable
 ``initial_step(x, η)`` returning the curvature ``⟨η, H η⟩`` replaces the Hessian product (e.g.
 ``‖P_Ω η‖²`` for completion, which needs no autograd tape at all). For a
 least-squares loss with ``curvature=False`` this is the exact minimizer of f along the ambient line
@@ -76,8 +78,10 @@ def line_search_descent(
     """Steepest descent (``conjugate=False``) or nonlinear CG from x; reports to ``run``."""
     M = obj.manifold
     curvature_along = initial_step if callable(initial_step) else None
-    model = initial_step == "model"  # Hessian products needed (a callable supplies the curvature itself)
-    loc = obj.local(x, hessian=model)
+    model = initial_step == "model"  # the curvature ⟨η, Hη⟩ needed (a callable supplies it itself)
+    # a point's Hessian tape only where the curvature comes from a Hessian product (see Objective.hessian_form)
+    tape = model and not obj.form_without_tape
+    loc = obj.local(x, hessian=tape)
     if run.start(loc):
         return
     eta, f_prev, last_step = -loc.grad, None, None
@@ -88,7 +92,7 @@ def line_search_descent(
             eta, slope = -loc.grad, -(loc.grad_norm**2)
         alpha, from_model = None, False
         if model or curvature_along is not None:
-            curv = float(curvature_along(x, eta) if curvature_along is not None else M.inner(x, eta, loc.hess(eta)))
+            curv = float(curvature_along(x, eta)) if curvature_along is not None else obj.hessian_form(loc, eta)
             if curv > 0 and math.isfinite(curv):
                 alpha, from_model = -slope / curv, True
         if alpha is None:
@@ -110,7 +114,7 @@ def line_search_descent(
                 alpha *= contraction
                 continue
             y = M.retr(x, eta * alpha)
-            new = obj.local(y, hessian=model) if (from_model and k == 0) else None
+            new = obj.local(y, hessian=tape) if (from_model and k == 0) else None
             fy = new.fun if new is not None else obj.value(y)
             if not math.isfinite(fy):
                 run.non_finite_trial(fy)
@@ -122,7 +126,7 @@ def line_search_descent(
                     run.stop_at_floor(floor.noise(loc))
                     return
                 if not sufficient and floor.unresolved(loc, fy):
-                    new = new or obj.local(y, hessian=model)
+                    new = new or obj.local(y, hessian=tape)
                     if not new.finite:
                         run.accept(new)  # stops with the non-finite status and keeps x
                         return
@@ -142,7 +146,7 @@ def line_search_descent(
             )
             return
         if new is None:
-            new = obj.local(y, hessian=model)
+            new = obj.local(y, hessian=tape)
         if run.accept(new, step_size=alpha * eta_norm, backtracks=k):
             return
         if conjugate:

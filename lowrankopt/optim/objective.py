@@ -9,7 +9,13 @@ from typing import Any
 
 import torch
 
-from ..autodiff import check_scalar_output, riemannian_grad, riemannian_grad_and_hessian
+from ..autodiff import (
+    check_scalar_output,
+    has_chart_hessian_form,
+    riemannian_grad,
+    riemannian_grad_and_hessian,
+    riemannian_hessian_form,
+)
 from ..manifolds.base import LowRankManifold
 
 
@@ -61,6 +67,8 @@ class Objective:
         self.f, self.manifold, self.curvature = f, manifold, curvature
         self._grad, self._hvp = grad, hvp
         self.has_hessian = hvp is not None or (autodiff and grad is None)
+        # ⟨v, Hess f(x)[v]⟩ from a chart curve through x (no Hessian tape at x): autodiff on fixed-rank matrices
+        self.form_without_tape = autodiff and grad is None and hvp is None and has_chart_hessian_form(manifold)
         self.nfev = self.ngev = self.nhev = 0
 
     def value(self, x: Any) -> float:
@@ -89,6 +97,16 @@ class Objective:
             hess = self._counted(lambda v: self._hvp(x, v))
         self.ngev += 1
         return Local(x, fun, g, float(self.manifold.norm(x, g)), hess)
+
+    def hessian_form(self, loc: Local, v: Any) -> float:
+        """``⟨v, Hess f(x)[v]⟩`` at ``loc.x`` (counted in ``nhev``): from ``loc.hess`` when the point was evaluated
+        with ``hessian=True``, else (:attr:`form_without_tape`) from the second derivative of f along a chart
+        curve (:func:`~lowrankopt.autodiff.riemannian_hessian_form`), which needs no Hessian tape at x."""
+        if loc.hess is not None:
+            return float(self.manifold.inner(loc.x, v, loc.hess(v)))
+        self.nhev += 1
+        val = riemannian_hessian_form(self.f, loc.x, v, grad=loc.grad, curvature=self.curvature, manifold=self.manifold)
+        return float(val)
 
     def _counted(self, h: Callable) -> Callable:
         def hess(v):
