@@ -172,3 +172,21 @@ def test_index_validation_skips_tensors_whose_state_it_cannot_read():
         idx = torch.tensor([[0, 1], [4, 3]])
     for _ in range(2):
         assert rel(x.gather(idx), x.full()[idx[:, 0], idx[:, 1]]) < 1e-14
+
+
+def test_curve_gather_with_factors_of_different_widths():
+    """Terms of different ranks (no batched Gram product): term by term, against the dense polynomial."""
+    g = torch.Generator().manual_seed(9)
+    m, n = 6, 5
+    L0, R0 = torch.randn(m, 3, generator=g, dtype=DT), torch.randn(n, 3, generator=g, dtype=DT)
+    L1, R1 = torch.randn(m, 1, generator=g, dtype=DT), torch.randn(n, 1, generator=g, dtype=DT)
+    idx = torch.tensor([[5, 4], [0, 0], [5, 4], [2, 1]])
+    t = torch.tensor(-0.6, dtype=DT, requires_grad=True)
+    C = CurveLowRank.of(
+        torch.cat([L0, t * L1], 1), torch.eye(4, dtype=DT), torch.cat([R0, R1], 1), t, [(0, L0, R0), (1, L1, R1)]
+    )
+    D = L0 @ R0.T + float(t.detach()) * L1 @ R1.T
+    y = C.gather(idx)
+    assert rel(y.detach(), D[idx[:, 0], idx[:, 1]]) < 1e-14
+    (d1,) = torch.autograd.grad(y.sum(), t)
+    assert rel(d1, (L1 @ R1.T)[idx[:, 0], idx[:, 1]].sum()) < 1e-14

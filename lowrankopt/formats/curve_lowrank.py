@@ -38,19 +38,8 @@ class CurveLowRank(LowRankMatrix):
 
     def _gather(self, index: torch.Tensor) -> torch.Tensor:
         rows, cols = index[:, 0], index[:, 1]
-        picked: dict[int, torch.Tensor] = {}  # each factor's rows once (a factor may appear in several terms)
-
-        def pick(M: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            if id(M) not in picked:
-                # row-major first: frames from QR are column-major, whose row gathers are strided (~10x slower)
-                picked[id(M)] = M.detach().contiguous().index_select(0, idx)
-            return picked[id(M)]
-
-        coeffs: dict[int, torch.Tensor] = {}
         with torch.no_grad():
-            for p, L, R in self._terms:
-                y = rowdot(pick(L, rows), pick(R, cols))
-                coeffs[p] = y if p not in coeffs else coeffs[p] + y
+            coeffs = _coefficients(self._terms, rows, cols)
         # Horner in t: only (N,) vectors and the scalar t on the tape
         out = None
         for p in range(max(coeffs), -1, -1):
@@ -62,3 +51,37 @@ class CurveLowRank(LowRankMatrix):
             else:
                 out = out * self._t + c
         return out
+
+
+def _coefficients(
+    terms: Sequence[tuple[int, torch.Tensor, torch.Tensor]], rows: torch.Tensor, cols: torch.Tensor
+) -> dict[int, torch.Tensor]:
+    """``{p: Σ_{p_k = p} rowwise ⟨L_k[rows], R_k[cols]⟩}``. Factors of one width r: each distinct factor's rows
+    gathered once (from the factors side by side, row-major: QR's column-major frames have strided rows, ~10x slower
+    to gather) and all products from one batched ``(N, k_L, r) @ (N, r, k_R)`` Gram product; else term by term."""
+    Ls, Rs = _distinct(L for _, L, _ in terms), _distinct(R for _, _, R in terms)
+    widths = {M.shape[1] for M in (*Ls.values(), *Rs.values())}
+    coeffs: dict[int, torch.Tensor] = {}
+    if len(widths) == 1:
+        (r,) = widths
+        N = rows.shape[0]
+        Lr = torch.cat([M.detach() for M in Ls.values()], 1).index_select(0, rows).view(N, len(Ls), r)
+        Rc = torch.cat([M.detach() for M in Rs.values()], 1).index_select(0, cols).view(N, len(Rs), r)
+        gram = torch.bmm(Lr, Rc.transpose(1, 2))
+        iL, iR = {k: i for i, k in enumerate(Ls)}, {k: i for i, k in enumerate(Rs)}
+        for p, L, R in terms:
+            y = gram[:, iL[id(L)], iR[id(R)]]
+            coeffs[p] = y if p not in coeffs else coeffs[p] + y
+        return coeffs
+    for p, L, R in terms:
+        y = rowdot(L.detach().contiguous().index_select(0, rows), R.detach().contiguous().index_select(0, cols))
+        coeffs[p] = y if p not in coeffs else coeffs[p] + y
+    return coeffs
+
+
+def _distinct(factors) -> dict[int, torch.Tensor]:
+    """The factors by identity, each once, in order."""
+    out: dict[int, torch.Tensor] = {}
+    for M in factors:
+        out.setdefault(id(M), M)
+    return out
