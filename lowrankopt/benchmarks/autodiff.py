@@ -12,17 +12,23 @@ matrix product ``(m × m) @ (m × m)`` in the case's dtype, timed in the same in
 *naive* multiply-add count of evaluating the entries sample by sample — ``N d r²`` for a tensor train (d products
 of an r-vector with an r × r core slice per entry), ``N r`` for a matrix (one length-r dot product per entry).
 ``m = round(count^(1/3))``. Goals (issue 21): f within 4× and the gradient within 8× of that GEMM.
+
+Case ``cg-iteration`` (issue 21 item 1): the generic path end to end — ``minimize(f, x0, "cg")`` on a user-written
+gather loss (autodiff gradient and model step) against the closed form ``complete()`` on the same data, both per
+CG iteration (a fixed number of iterations, ``gtol=0``); goal: the generic iteration within 2× of the closed form.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import FixedRankMatrices, FixedTTRank, riemannian_grad, riemannian_hvp
+from .. import FixedRankMatrices, FixedTTRank, LowRankMatrix, minimize, riemannian_grad, riemannian_hvp
+from ..autodiff import riemannian_hessian_form
 from .registry import Benchmark, Case
 from .runner import Context, ratio, timing_row
+from .timing import Timing
 
-TARGETS = {"grad": 3.0, "hvp": 8.0}
+TARGETS = {"grad": 3.0, "hvp": 8.0, "cg": 2.0}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -39,10 +45,12 @@ def _tt_cases(base: dict, values: dict[str, tuple[int, ...]]) -> tuple[Case, ...
 QUICK = _tt_cases(dict(d=6, n=10, r=4, N=20_000), {"d": (4, 6, 10), "n": (5, 10, 20), "r": (2, 4, 8)}) + (
     Case("tt-float32", dict(kind="tt", d=6, n=10, r=4, N=20_000, dtype="float32")),
     Case("matrix", dict(kind="matrix", m=1000, n=800, r=10, N=100_000)),
+    Case("cg-iteration", dict(kind="cg-iteration", m=600, n=500, r=6, oversampling=4, iters=10)),
 )
 FULL = _tt_cases(dict(d=10, n=20, r=10, N=100_000), {"d": (5, 10, 20, 40), "n": (10, 20, 40), "r": (5, 10, 20, 40)}) + (
     Case("tt-float32", dict(kind="tt", d=10, n=20, r=10, N=100_000, dtype="float32")),
     Case("matrix", dict(kind="matrix", m=5000, n=5000, r=20, N=1_000_000)),
+    Case("cg-iteration", dict(kind="cg-iteration", m=600, n=500, r=6, oversampling=4, iters=30)),
 )
 
 
@@ -81,7 +89,58 @@ def _problem(p: dict, ctx: Context):
     return f, x, M.random_tangent(x, generator=g)
 
 
+def _per_iteration(t: Timing, iters: int) -> Timing:
+    return Timing.of([s / iters for s in t.rounds])
+
+
+def _run_cg_iteration(p: dict, ctx: Context) -> dict:
+    """``minimize(f, x0, "cg")`` on ``f = ½‖P_Ω(X) − a‖²`` written with ``gather`` vs ``complete()``, per iteration."""
+    from ..completion import complete, sample_indices
+
+    g, dev = ctx.generator(), ctx.device
+    m, n, r, k = p["m"], p["n"], p["r"], p["iters"]
+    A = LowRankMatrix.random(m, n, r, dtype=torch.float64, generator=g).to(dev)
+    idx = sample_indices((m, n), p["oversampling"] * (m + n - r) * r, generator=g).to(dev)
+    vals = A.gather(idx)
+    x0 = LowRankMatrix.random(m, n, r, dtype=torch.float64, generator=g).to(dev)
+
+    def f(X):
+        return 0.5 * ((X.gather(idx) - vals) ** 2).sum()
+
+    M = FixedRankMatrices(m, n, r)
+    eta = M.random_tangent(x0, generator=g)
+    t = ctx.time(
+        {
+            "f": lambda: f(x0),
+            "grad": lambda: riemannian_grad(f, x0),
+            "form": lambda: riemannian_hessian_form(f, x0, eta),
+            "cg": lambda: minimize(f, x0, "cg", max_iter=k, gtol=0),
+            "complete": lambda: complete(idx, vals, (m, n), r, x0=x0, max_iter=k, tol=0),
+            "gemm": _gemm(dict(kind="matrix", N=idx.shape[0], r=r), ctx),
+        }
+    )
+    t["cg"], t["complete"] = _per_iteration(t["cg"], k), _per_iteration(t["complete"], k)
+
+    def per_gemm(key: str) -> dict:
+        return {"figures": {"time / GEMM": ratio(t[key], t["gemm"])}}
+
+    # the split of an iteration: f, the gradient, the model step's ⟨η, Hess f η⟩ (ratios to f)
+    rows = [timing_row("f(x)", t["f"], status="baseline", **per_gemm("f"))]
+    rows.append(timing_row("riemannian_grad", t["grad"], ratio=ratio(t["grad"], t["f"]), **per_gemm("grad")))
+    label = "riemannian_hessian_form (the model step's curvature)"
+    rows.append(timing_row(label, t["form"], ratio=ratio(t["form"], t["f"]), **per_gemm("form")))
+    # then the iterations (ratio to the closed form)
+    rows.append(timing_row("complete() (closed form), per CG iteration", t["complete"], **per_gemm("complete")))
+    rt = ratio(t["cg"], t["complete"])
+    status = f"ratio to complete(), target ≤ {TARGETS['cg']:g}: " + ("met" if rt <= TARGETS["cg"] else "MISSED")
+    label = 'minimize(f, x0, "cg"), generic gather loss, per iteration'
+    rows.append(timing_row(label, t["cg"], ratio=rt, status=status, **per_gemm("cg")))
+    return {"rows": rows}
+
+
 def run(case: Case, ctx: Context) -> dict:
+    if case.params["kind"] == "cg-iteration":
+        return _run_cg_iteration(dict(case.params), ctx)
     f, x, xi = _problem(dict(case.params), ctx)
     t = ctx.time(
         {
