@@ -64,10 +64,10 @@ def test_grow_matrix_rank_is_the_greedy_rank_one_step_of_a_dense_reference():
         torch.testing.assert_close(F.T @ F, torch.eye(3, dtype=DT), rtol=0, atol=1e-13)
 
 
-def test_signal_rank_counts_the_values_above_the_noise_edge():
-    s = torch.tensor([10.0, 9.0, 3.0, 2.0, 1.9])
-    assert signal_rank(s, 3) == 3  # 3 > 1.3 · 2
-    assert signal_rank(torch.tensor([10.0, 2.5, 2.4, 2.0, 1.9]), 3) == 1
+def test_signal_rank_starts_at_the_rank_or_at_the_values_well_above_the_noise():
+    assert signal_rank(torch.tensor([10.0, 9.0, 3.0, 2.0, 1.9]), 3) == 3  # all above 1.3 · 2: no continuation
+    assert signal_rank(torch.tensor([10.0, 4.5, 2.5, 2.0, 1.9]), 3) == 2  # 2.5 < 2.6: climb from the two above 4
+    assert signal_rank(torch.tensor([10.0, 3.9, 2.5, 2.0, 1.9]), 3) == 1
     assert signal_rank(torch.tensor([2.1, 2.05, 2.0, 2.0]), 3) == 1  # nothing resolved: still one
     assert signal_rank(torch.tensor([3.0, 2.0]), 2) == 2  # no value past the rank: no evidence of noise
 

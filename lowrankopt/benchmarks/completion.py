@@ -15,12 +15,12 @@ truth has i.i.d. uniform [0, 2/r) cores; lowrankopt starts from the best constan
 continuation (``complete``'s default). There is no Python peer for Riemannian TT completion (t3f is
 TensorFlow and has no completion solver; TTeMPS is MATLAB).
 
-Cases with ``kappa`` (``-kappa1e2``, ``-kappa1e4``): the target has geometric singular values with condition number
-κ (:func:`.peers.pymanopt_completion.make_problem`), and lowrankopt starts from its own spectral start with the
-automatic rank continuation (``complete``'s default: the ranks the start resolves above the sampling noise, then one
-rank at a time; the time of the start counts in its clock), while pymanopt starts from LRGeomCG's start as in the
-other cases (its computation not counted). lowrankopt's rows with ``rank_continuation=False`` show plain CG /
-trust-region from the same spectral start, at the full rank.
+Cases with ``kappa`` (``-kappa1``, ``-kappa1e2``, ``-kappa1e4``): the target has geometric singular values with
+condition number κ (:func:`.peers.pymanopt_completion.make_problem`), and lowrankopt starts from its own spectral
+start with the automatic rank continuation (``complete``'s default: the ranks the start resolves above the sampling
+noise, then one rank at a time; the time of the start counts in its clock), while pymanopt starts from LRGeomCG's
+start as in the other cases (its computation not counted). lowrankopt's rows with ``rank_continuation=False`` show
+plain CG / trust-region from the same spectral start, at the full rank.
 
 Reported per solver: the time and the iterations until the relative test error ``‖P_Γ(X − A)‖/‖P_Γ A‖``
 first reaches 1e-8 (the solver's own time; test-error evaluation excluded; with ``repeats`` > 1 the median over
@@ -236,6 +236,7 @@ BENCHMARKS = (
             Case("n1000-k40-os3", dict(n=1000, k=40, os=3.0)),
             Case("n5000-k10-os5", dict(n=5000, k=10, os=5.0)),
             Case("n20000-k10-os5", dict(n=20000, k=10, os=5.0)),
+            Case("n1000-k10-os5-kappa1", dict(n=1000, k=10, os=5.0, kappa=1.0)),
             Case("n1000-k10-os5-kappa1e2", dict(n=1000, k=10, os=5.0, kappa=1e2)),
             Case("n1000-k10-os5-kappa1e4", dict(n=1000, k=10, os=5.0, kappa=1e4)),
         ),

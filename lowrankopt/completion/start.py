@@ -81,17 +81,22 @@ def spectral_factors(
     return Q @ Ub, s, Vh.T
 
 
-def signal_rank(s: torch.Tensor, rank: int, margin: float = 1.3) -> int:
-    """How many of the first ``rank`` spectral-start singular values ``s`` stand above the sampling noise: the
-    count of ``s[:rank] > margin · s[rank]``, at least 1 (``rank`` when ``s`` has no value beyond ``rank``).
+def signal_rank(s: torch.Tensor, rank: int, margin: float = 1.3, start_margin: float = 2.0) -> int:
+    """The rank to start the completion of a rank-``rank`` target at, from the spectral start's singular values
+    ``s`` (at least ``rank + 1`` of them; ``rank`` otherwise): ``rank`` when all of ``s[:rank]`` exceed
+    ``margin · s[rank]``, else the count of those above ``start_margin · s[rank]`` (at least 1).
 
-    For a rank-``rank`` target A observed on a uniform sample, the singular values of the zero-filled matrix past
-    the rank-th are the noise of the sampling (σ_{rank+1}(P_Ω A) ≈ ‖P_Ω A − p A‖); components of A below it are not
-    resolved by the start, and a solver started there at the full rank stalls at a wrong fit (measured in
-    docs/benchmarks.md, matrix completion with κ ≥ 10). They are then added one at a time (rank continuation)."""
+    For a rank-``rank`` target observed on a uniform sample, the singular values of the zero-filled matrix past the
+    rank-th are the noise of the sampling (σ_{rank+1}(P_Ω A) ≈ ‖P_Ω A − p A‖, the edge of a continuous noise
+    spectrum). A component of A near or below it is not resolved by the start: its direction is mixed with noise,
+    and a solver started there stalls at a wrong fit (measured in docs/benchmarks.md, matrix completion with
+    κ ≥ 10, also when started at a rank whose last value stands only 1.3× above σ_{rank+1}). Such targets start
+    from the components well above the noise and climb one rank at a time."""
     if s.numel() <= rank:
         return rank
-    return max(1, int((s[:rank] > margin * s[rank]).sum()))
+    if bool((s[:rank] > margin * s[rank]).all()):
+        return rank
+    return max(1, int((s[:rank] > start_margin * s[rank]).sum()))
 
 
 def matrix_start(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import geoopt
 import torch
@@ -350,7 +350,7 @@ class CayleyPool:
                     start += 2 * q.nblocks
 
 
-def share_cayley_pool(modules) -> CayleyPool:
+def share_cayley_pool(modules: Iterable[torch.nn.Module]) -> CayleyPool:
     """Put the :class:`GSOrthogonal` modules among ``modules`` into one new :class:`CayleyPool` (their Cayley blocks
     are then computed in one batched call per block size) and return it."""
     pool = CayleyPool()
