@@ -95,12 +95,13 @@ class Stages:
         """One stage: at most ``iters`` iterations from ``x``, recorded with ``rank``."""
         opts = dict(self.options)
         if self.method == "trust-region":
-            # Manopt's defaults assume unit scale; completion points and gradients have the data's scale
-            # (‖x‖ ~ ‖A‖ and tiny δ-gradients for large tensors). Inner solves to the Eisenstat–Walker forcing term: loose while the gradient falls slowly (far out, where
-            # the Gauss–Newton model is poor), tight near the solution. Matrices: the spectral start is not rescaled by
-            # 1/p, so it lies far inside the target (‖x₀‖ ≪ ‖A‖): a radius capped at ‖x₀‖ made most outer steps one
-            # short gradient step; they start at the Cauchy step's length, uncapped in effect. Tensor trains keep the
-            # cap ‖x‖ (measured better there: 37 outer steps against 43 at d = 10, r = 4).
+            # Manopt's defaults assume unit scale; completion points and gradients have the data's scale (‖x‖ ~ ‖A‖
+            # and tiny δ-gradients for large tensors). Inner solves to the Eisenstat–Walker forcing term: loose while
+            # the gradient falls slowly (far out, where the Gauss–Newton model is poor), tight near the solution.
+            # Matrices: the spectral start is not rescaled by 1/p, so it lies far inside the target (‖x₀‖ ≪ ‖A‖): a
+            # radius capped at ‖x₀‖ made most outer steps one short gradient step; they start at the Cauchy step's
+            # length, uncapped in effect. Tensor trains keep the cap ‖x‖ (measured better there: 37 outer steps
+            # against 43 at d = 10, r = 4).
             opts.setdefault("forcing", "eisenstat-walker")
             scale = max(float(x.norm()), math.sqrt(manifold_of(x).dim))
             if isinstance(x, LowRankMatrix):

@@ -76,11 +76,12 @@ def minimize(
         entries to ``intermediate_result.history[-1]``), verbose (0; k > 0 prints an iteration table
         every k iterations and a final line).
 
-    Options of ``"sd"`` and ``"cg"``: ``initial_step`` (``"model"``: one Hessian-vector product per
-    iteration for ``α = −⟨g, η⟩/⟨η, Hη⟩``, the exact line search for least squares with
-    ``curvature=False``; ``"secant"``: no Hessian; ``"auto"``: model when a Hessian is available; a callable
-    ``(x, η) -> ⟨η, Hη⟩``: the model step with a curvature you supply, no Hessian products),
-    ``c1`` (1e-4, Armijo constant), ``contraction`` (0.5), ``max_backtracks`` (25). ``"cg"`` also
+    Options of ``"sd"`` and ``"cg"``: ``initial_step`` (``"model"``: one Hessian quadratic form per
+    iteration for ``α = −⟨g, η⟩/⟨η, Hη⟩`` — on fixed-rank matrices by autodiff the second derivative of f along
+    a curve (:func:`~lowrankopt.autodiff.riemannian_hessian_form`), elsewhere one Hessian-vector product —
+    the exact line search for least squares with ``curvature=False``; ``"secant"``: no Hessian; ``"auto"``: model
+    when a Hessian is available; a callable ``(x, η) -> ⟨η, Hη⟩``: the model step with a curvature you supply, no
+    Hessian products), ``c1`` (1e-4, Armijo constant), ``contraction`` (0.5), ``max_backtracks`` (25). ``"cg"`` also
     takes ``beta`` (``"pr+"`` default, ``"hz"``, ``"hs"``, ``"fr"``) and ``restart_threshold`` (None;
     Powell restart when ``|⟨g_new, T g⟩| ≥ c‖g_new‖²``). Manopt's default is Hager–Zhang, but its lower
     bound ``−1/(‖η‖ min(0.01, ‖g‖))`` is not scale invariant: on TT completion (gradients ~1e-4) it stalled
@@ -112,7 +113,7 @@ def minimize(
         An :class:`OptimizeResult`. If f or its gradient becomes NaN/Inf, the run stops with
         ``success=False``, ``status=-1`` and the last point where both were finite.
 
-    Cost per iteration: sd/cg one gradient (≈ 2–3 f) plus one Hessian-vector product with model steps,
+    Cost per iteration: sd/cg one gradient (≈ 2–3 f) plus one Hessian quadratic form with model steps,
     one retraction and (cg) one or two transports; trust-region one gradient and one Hessian-vector
     product per inner tCG iteration (the first backward pass is shared by all of them).
     """
