@@ -76,3 +76,23 @@ def linear_map_matrix(f, c_in: int, n: int, dtype=torch.float64) -> torch.Tensor
     with torch.no_grad():
         Y = f(X) - f(torch.zeros(1, c_in, n, n, dtype=dtype))
     return Y.reshape(N, -1).T
+
+
+class Euclidean:
+    """ℝⁿ as a "manifold" for optimizer tests: the dot product, identity retraction and transport (the CG and
+    trust-region rules then reduce to their linear-algebra counterparts: an independent reference)."""
+
+    def __init__(self, n):
+        self.dim = n
+
+    def retr(self, x, v):
+        return x + v
+
+    def transp(self, x, y, v):
+        return v
+
+    def inner(self, x, u, v):
+        return u @ v
+
+    def norm(self, x, v):
+        return torch.linalg.vector_norm(v)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from reference import matrix_projector, rel, tt_full, tt_projector
+from reference import Euclidean, matrix_projector, rel, tt_full, tt_projector
 
 from lowrankopt import FixedRankMatrices, FixedTTRank, LowRankMatrix, TensorTrain, riemannian_grad, riemannian_hvp
 from lowrankopt.optim import minimize
@@ -663,25 +663,6 @@ def test_curvature_option(method, curvature):
     assert float(torch.linalg.vector_norm(tt_projector(res.x) @ (X - A).reshape(-1))) <= 2e-9
 
 
-class _Euclidean:
-    """ℝⁿ as a "manifold": identity retraction and transport (to test the CG rules against linear CG)."""
-
-    def __init__(self, n):
-        self.dim = n
-
-    def retr(self, x, v):
-        return x + v
-
-    def transp(self, x, y, v):
-        return v
-
-    def inner(self, x, u, v):
-        return u @ v
-
-    def norm(self, x, v):
-        return torch.linalg.vector_norm(v)
-
-
 def test_cg_rules_with_exact_steps_reproduce_linear_cg_on_a_quadratic():
     """On ½xᵀAx − bᵀx with exact line searches all four β rules coincide with linear CG (Hestenes–Stiefel
     1952), iterate by iterate: a hand-written CG below is the reference."""
@@ -704,7 +685,7 @@ def test_cg_rules_with_exact_steps_reproduce_linear_cg_on_a_quadratic():
             f,
             torch.zeros(n, dtype=DT),
             "cg",
-            manifold=_Euclidean(n),
+            manifold=Euclidean(n),
             grad=lambda x: A @ x - b,
             hvp=lambda x, v: A @ v,
             beta=beta,

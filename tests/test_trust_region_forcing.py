@@ -6,30 +6,12 @@ import math
 
 import pytest
 import torch
+from reference import Euclidean
 
 from lowrankopt.optim import minimize
 from lowrankopt.optim.trust_region import eisenstat_walker, truncated_cg
 
 DT = torch.float64
-
-
-class _Euclidean:
-    """ℝⁿ with the dot product (identity retraction and transport)."""
-
-    def __init__(self, n):
-        self.dim = n
-
-    def retr(self, x, v):
-        return x + v
-
-    def transp(self, x, y, v):
-        return v
-
-    def inner(self, x, u, v):
-        return u @ v
-
-    def norm(self, x, v):
-        return torch.linalg.vector_norm(v)
 
 
 def _quadratic(n=40, cond=1e3, seed=0):
@@ -58,7 +40,7 @@ def test_forcing_stops_at_the_first_cg_iterate_below_the_forcing_term(forcing):
     r0 = ref[0][1]
     k = next(k for k in range(1, len(ref)) if ref[k][1] <= forcing * r0)
     eta, Heta, inner, why = truncated_cg(
-        _Euclidean(40), None, grad, lambda j, d: H @ d, 1e30, kappa=0.1, theta=1.0, min_inner=1, max_inner=40,
+        Euclidean(40), None, grad, lambda j, d: H @ d, 1e30, kappa=0.1, theta=1.0, min_inner=1, max_inner=40,
         forcing=forcing,
     )  # fmt: skip
     assert why == "forcing term" and inner == k
@@ -71,7 +53,7 @@ def test_forcing_stops_at_the_first_cg_iterate_below_the_forcing_term(forcing):
 def test_tiny_forcing_solves_the_model_exactly():
     H, grad = _quadratic(n=20, cond=1e2)
     eta, _, inner, why = truncated_cg(
-        _Euclidean(20), None, grad, lambda j, d: H @ d, 1e30, kappa=0.1, theta=1.0, min_inner=1, max_inner=200,
+        Euclidean(20), None, grad, lambda j, d: H @ d, 1e30, kappa=0.1, theta=1.0, min_inner=1, max_inner=200,
         forcing=1e-10,
     )  # fmt: skip
     exact = -torch.linalg.solve(H, grad)
@@ -82,7 +64,7 @@ def test_forcing_still_stops_at_the_boundary():
     H, grad = _quadratic()
     radius = 0.1 * float(torch.linalg.vector_norm(torch.linalg.solve(H, grad)))
     eta, _, _, why = truncated_cg(
-        _Euclidean(40), None, grad, lambda j, d: H @ d, radius, kappa=0.1, theta=1.0, min_inner=1, max_inner=40,
+        Euclidean(40), None, grad, lambda j, d: H @ d, radius, kappa=0.1, theta=1.0, min_inner=1, max_inner=40,
         forcing=1e-8,
     )  # fmt: skip
     assert why == "exceeded trust region"
@@ -110,7 +92,7 @@ def test_eisenstat_walker_choice_2(previous, g, g_prev, expected):
 def _run(H, b, **options):
     f = lambda x: 0.5 * x @ H @ x - b @ x  # noqa: E731
     return minimize(
-        f, torch.zeros_like(b), "trust-region", manifold=_Euclidean(len(b)), grad=lambda x: H @ x - b,
+        f, torch.zeros_like(b), "trust-region", manifold=Euclidean(len(b)), grad=lambda x: H @ x - b,
         hvp=lambda x, v: H @ v, **options,
     )  # fmt: skip
 
