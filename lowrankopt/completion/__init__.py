@@ -90,7 +90,8 @@ def complete(
         max_iter: iterations at the target rank (the rank-continuation stages take ``warmup_iters``
             each on top).
         warmup_iters: iterations of each rank-continuation stage below the target rank (default 8 for tensor
-            trains, 4 for matrices, whose stages start from the greedy rank-one step).
+            trains; for matrices, whose stages start from the greedy rank-one step, 4 with CG and 2 with
+            trust-region).
         rank_continuation: matrices only (a ValueError for tensors, which always climb from TT-rank 1 without
             ``x0``), and only without ``x0``. None (default): start at the rank the spectral start resolves above
             the sampling noise (``completion.start.signal_rank``; the full rank for a
@@ -164,7 +165,8 @@ def complete(
     if len(shape) == 2:
         x = matrix_start(problem, rank, x0, generator, rank_continuation)
         if x.rank < rank:
-            warmup = 4 if warmup_iters is None else warmup_iters
+            # (a trust-region stage reaches the stage's stationary point in 2–3 steps; CG needs about 4)
+            warmup = (2 if method == "trust-region" else 4) if warmup_iters is None else warmup_iters
             res = stages.matrix_continuation(x, rank, generator=generator, warmup_iters=warmup, max_iter=max_iter)
         else:
             res = stages(x, rank, max_iter)
