@@ -106,7 +106,7 @@ class Stages:
             scale = max(float(x.norm()), math.sqrt(manifold_of(x).dim))
             if isinstance(x, LowRankMatrix):
                 opts.setdefault("initial_radius", "cauchy")
-                opts.setdefault("max_radius", 1e8 * scale)
+                opts.setdefault("max_radius", 1e4 * scale)  # (never reached: the radius peaked at 63 ‖x₀‖ at 5000²)
             else:
                 opts.setdefault("max_radius", scale)
         self.history.begin_stage(rank)
