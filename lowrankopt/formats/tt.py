@@ -425,11 +425,10 @@ class TTMatrix(_Cores):
         - ``"right"``: the sweep ``k = d … 1`` (state ``n_1⋯n_{k-1} r_{k-1} m_k⋯m_d``):
           ``B Σ_k n_1⋯n_k m_k⋯m_d r_{k-1} r_k``;
         - ``"full"``: form the dense A (:meth:`full`, ``Σ_{k<d} r_{k-1} (m_k n_k⋯m_d n_d) r_k``), then
-          one product ``B M N``. For a large batch and small modes this is the cheapest order: it costs what a dense
-          layer costs, plus the build (and ``M N`` memory).
+          one product ``B M N``: what a dense layer costs, plus the build and ``M N`` memory. Only on request: it
+          densifies, which the format exists to avoid.
 
-        ``None`` (default) takes the order of least modelled time: the multiply-adds, a sweep's weighted by
-        :data:`SWEEP_WEIGHT` and ``"full"``'s plus :data:`FULL_COPY` per entry of A (:meth:`matvec_time`). The sweeps'
+        ``None`` (default) takes the sweep of least modelled time (:meth:`matvec_time`; never ``"full"``). The sweeps'
         costs differ by large factors when the modes are unbalanced: ``m = (16, 8, 8)``, ``n = (8, 8, 16)``, ranks 8,
         B = 256: left 335M, right 101M (full 277M). Besides its product, each sweep step copies its state once (a
         transposition, so that the next core's mode sits next to the rank): ``O(B · state)``, ``r m_k`` times fewer
@@ -441,7 +440,7 @@ class TTMatrix(_Cores):
         if X.shape[1] != self.shape[1]:
             raise ValueError(f"X must have shape (B, {self.shape[1]}), got {tuple(X.shape)}")
         if order is None:
-            order = min(MATVEC_ORDERS, key=lambda o: self.matvec_time(X.shape[0], o))
+            order = min(("left", "right"), key=lambda o: self.matvec_time(X.shape[0], o))
         if order == "left":
             return _sweep_left(self.cores, X)
         if order == "right":

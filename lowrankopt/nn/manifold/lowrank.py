@@ -256,24 +256,17 @@ class TTLinear(_PackedLinear):
         generator: for the initialization: Gaussian cores, scaled so that the mean squared entry of W
             is ``1 / (3 in)`` (``nn.Linear``'s default).
 
-    **Cost.** The forward pass applies the TT-matrix to the batch in the cheapest of three contraction orders
+    **Cost.** The forward pass applies the TT-matrix to the batch by the cheaper of two sweeps
     (:meth:`TTMatrix.matvec`; multiply-adds for B rows, ``o_k``/``i_k`` the out/in factors, ``r_k`` the ranks):
 
-    - sweep left to right: ``B Σ_k o_1⋯o_k · i_k⋯i_d · r_{k-1} r_k``;
-    - sweep right to left: ``B Σ_k i_1⋯i_k · o_k⋯o_d · r_{k-1} r_k``;
-    - form the dense W (``Σ_{k≥2} (o_1 i_1⋯o_{k-1} i_{k-1}) r_{k-1} o_k i_k r_k``, a fraction of ``in · out · r``)
-      and apply it: ``+ B · in · out``, what ``nn.Linear`` costs. This order wins when ``r²`` is large against
-      the modes (a middle step of a sweep costs about ``B · in · o_k · r²`` for square modes): at ``1024 → 1024``
-      (factors ``(8, 8, 16)``, ``(16, 8, 8)``), B = 256: with the ranks 8 of inference the right-to-left sweep
-      (101M) beats W (277M), with the ranks 16 of training (below) W (287M) beats it (335M).
+    - left to right: ``B Σ_k o_1⋯o_k · i_k⋯i_d · r_{k-1} r_k``;
+    - right to left: ``B Σ_k i_1⋯i_k · o_k⋯o_d · r_{k-1} r_k``
 
-    The order is chosen per call from the shapes by modelled time (:meth:`TTMatrix.matvec_time`: a sweep's
-    multiply-adds run about 3× slower than one large product's on a CPU). Training runs the same matvec on the
-    straight-through TT-matrix, whose ranks are ``2 r_k`` (about 4× a sweep's cost, W's build 4× too, the
-    product with W unchanged), plus ``O(d n r³)`` for the frames; the backward pass costs twice the forward. So
-    with a large batch a training step costs what ``nn.Linear``'s does plus forming W and its gradient (measured,
-    batch 256, 1 thread: 1.4-1.8× ``nn.Linear`` at 1024² and 4096², rank 8), and less only when a sweep at ranks
-    ``2 r`` is cheaper than ``B · in · out``, e.g. for small batches.
+    (at ``1024 → 1024``, factors ``(8, 8, 16)``, ``(16, 8, 8)``, ranks 8, B = 256: 335M and 101M), chosen per call
+    from the shapes; the dense W is never formed (memory stays ``O(B · state + d n r²)``). Training runs the same
+    matvec on the straight-through TT-matrix, whose ranks are ``2 r_k`` (about 4× a sweep's cost), plus
+    ``O(d n r³)`` for the frames; the backward pass costs twice the forward. Measured against ``nn.Linear`` in
+    docs/benchmarks.md (``layers``).
     """
 
     def __init__(
@@ -346,15 +339,15 @@ class TTLinear(_PackedLinear):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: (..., in)`` -> ``(..., out)`` by the TT-matrix matvec in its cheapest order (class docstring: a sweep,
-        or W formed when that costs less). With a gradient needed, the matvec runs on the straight-through object
+        """``x: (..., in)`` -> ``(..., out)`` by the TT-matrix matvec, the cheaper sweep (class docstring), W never
+        formed. With a gradient needed, the matvec runs on the straight-through object
         (materialized at rank 2r), so that ``weight.grad`` is the δ-gradient whatever the order."""
         x2 = _check_input(x, self.in_features, self._weight())
         p = self.weight
         with _full_precision(x2):  # the frames (QR) in the parameters' dtype
             if torch.is_grad_enabled() and p.requires_grad:
                 # (a rank-r node for the δ-gradient, without the rank-2r object, was tried: commit 32cf5a6; its five
-                # rank-r sweeps ran slower than the dense-W order at batch 256)
+                # rank-r sweeps ran slower at batch 256 than forming W, an order no longer used since it densifies)
                 cores = self.manifold.straight_through(p).materialize().cores
             else:
                 cores = self.manifold.unpack_tensor(p.detach())
