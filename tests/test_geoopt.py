@@ -1,6 +1,7 @@
 """geoopt bridge: packed manifolds against dense references, and geoopt's optimizers training the
 low-rank layers unmodified."""
 
+import functools
 import io
 import math
 import os
@@ -13,6 +14,8 @@ from reference import matrix_projector, rel, tt_full, tt_projector
 from lowrankopt import LowRankMatrix, TensorTrain, TTMatrix, riemannian_grad
 from lowrankopt.manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank
 from lowrankopt.nn import LowRankLinear, TTLinear
+from lowrankopt.nn.manifold import lowrank as lowrank_layers
+from lowrankopt.nn.manifold import tt_product
 
 DT = torch.float64
 KINDS = ["matrix", "tt"]
@@ -353,12 +356,31 @@ def test_tt_linear_forward_equals_dense(g):
     assert TTLinear(16, 16, 100, d=2, dtype=DT).ranks == (16,)  # an int rank is clipped
 
 
-@pytest.mark.parametrize("order", ["left", "right", "full", None])
-@pytest.mark.parametrize("shape", [(12, 6, (3, 4), (2, 3)), (24, 20, (2, 3, 4), (5, 2, 2))])
-def test_tt_linear_gradients_in_every_contraction_order(g, monkeypatch, order, shape):
-    """The δ-gradient (``weight.grad``), ``x.grad`` and ``bias.grad`` of a training step are the same whatever
-    contraction order the matvec takes: against dense autograd through the straight-through rank-2r object, whose W
-    is formed here by one einsum of its cores."""
+def _straight_through_dense(layer: TTLinear) -> torch.Tensor:
+    """W + T(δ) of the layer as a dense (out, in) matrix, formed by one einsum of the straight-through cores: the
+    reference the δ-product node is checked against (its gradient in δ is the δ-gradient by definition)."""
+    cores = layer.manifold.straight_through(layer.weight).materialize().cores
+    in_f, out_f = layer.in_factors, layer.out_factors
+    d = len(in_f)
+    ops = [c.reshape(c.shape[0], o, i, c.shape[2]) for c, o, i in zip(cores, out_f, in_f, strict=True)]
+    spec = ",".join(f"{'abcde'[k]}{'ABCD'[k]}{'PQRS'[k]}{'abcde'[k + 1]}" for k in range(d))
+    return torch.einsum(spec + "->" + "ABCD"[:d] + "PQRS"[:d], *ops).reshape(layer.out_features, layer.in_features)
+
+
+def _force_pattern(monkeypatch, pattern: str | None) -> None:
+    """TTLinear's δ-product node with its sweep pattern forced (None: the cost model's choice)."""
+    forced = functools.partial(tt_product.tt_delta_product, pattern=pattern)
+    monkeypatch.setattr(lowrank_layers, "tt_delta_product", forced)
+
+
+_TT_SHAPES = [(12, 6, (3, 4), (2, 3)), (24, 20, (2, 3, 4), (5, 2, 2)), (32, 48, (2, 4, 2, 2), (3, 2, 4, 2))]
+
+
+@pytest.mark.parametrize("pattern", ["left", "right", None])
+@pytest.mark.parametrize("shape", _TT_SHAPES)
+def test_tt_linear_gradients_in_every_pattern(g, monkeypatch, pattern, shape):
+    """The δ-gradient (``weight.grad``), ``x.grad`` and ``bias.grad`` of a training step (the rank-r δ-product node,
+    either sweep pattern) equal dense autograd through the straight-through rank-2r object."""
     n_in, n_out, in_f, out_f = shape
     layer = TTLinear(n_in, n_out, 3, in_factors=in_f, out_factors=out_f, dtype=DT, generator=g)
     x = torch.randn(5, n_in, dtype=DT, generator=g, requires_grad=True)
@@ -366,17 +388,37 @@ def test_tt_linear_gradients_in_every_contraction_order(g, monkeypatch, order, s
     ref_layer = TTLinear(n_in, n_out, 3, in_factors=in_f, out_factors=out_f, dtype=DT)
     ref_layer.load_state_dict(layer.state_dict())
     xr = x.detach().clone().requires_grad_()
-    cores = ref_layer.manifold.straight_through(ref_layer.weight).materialize().cores
-    d = len(in_f)
-    ops = [c.reshape(c.shape[0], o, i, c.shape[2]) for c, o, i in zip(cores, out_f, in_f, strict=True)]
-    spec = ",".join(f"{'abcde'[k]}{'ABCD'[k]}{'PQRS'[k]}{'abcde'[k + 1]}" for k in range(d))
-    W = torch.einsum(spec + "->" + "ABCD"[:d] + "PQRS"[:d], *ops).reshape(n_out, n_in)
-    ((xr @ W.T + ref_layer.bias) * w).sum().backward()
-    real = TTMatrix.matvec
-    monkeypatch.setattr(TTMatrix, "matvec", lambda self, X, o=None: real(self, X, order))
+    ((xr @ _straight_through_dense(ref_layer).T + ref_layer.bias) * w).sum().backward()
+    _force_pattern(monkeypatch, pattern)
     (layer(x) * w).sum().backward()
     for a, b in ((layer.weight.grad, ref_layer.weight.grad), (x.grad, xr.grad), (layer.bias.grad, ref_layer.bias.grad)):
-        assert torch.allclose(a, b, atol=1e-10 * max(1.0, float(b.abs().max())), rtol=0)
+        assert torch.allclose(a, b, atol=1e-13 * max(1.0, float(b.abs().max())), rtol=0)
+    x.grad = None  # an input without a gradient, and an empty batch
+    (layer(x.detach()) * w).sum().backward()
+    assert layer(torch.zeros(0, n_in, dtype=DT)).shape == (0, n_out)
+    with pytest.raises(ValueError, match="pattern"):
+        tt_product.tt_delta_product(x, layer.weight, [], [], None, pattern="middle")
+
+
+@pytest.mark.parametrize("pattern", ["left", "right"])
+def test_tt_linear_second_derivatives_through_the_node(g, monkeypatch, pattern):
+    """Under ``create_graph`` the node's backward differentiates the straight-through matvec: a Hessian-vector product
+    in (x, δ) through the layer equals the dense reference's."""
+    n_in, n_out, in_f, out_f = _TT_SHAPES[1]
+    layer = TTLinear(n_in, n_out, 3, in_factors=in_f, out_factors=out_f, dtype=DT, generator=g)
+    x = torch.randn(4, n_in, dtype=DT, generator=g, requires_grad=True)
+    v = torch.randn(layer.weight.shape, dtype=DT, generator=g)
+    _force_pattern(monkeypatch, pattern)
+
+    def hvp(forward):
+        loss = forward(x).tanh().sum()
+        (gw,) = torch.autograd.grad(loss, layer.weight, create_graph=True)
+        return torch.autograd.grad((gw * v).sum(), (x, layer.weight))
+
+    got = hvp(layer)
+    expected = hvp(lambda t: t @ _straight_through_dense(layer).T + layer.bias)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.allclose(a, b, atol=1e-13 * max(1.0, float(b.abs().max())), rtol=0)
 
 
 def _regression(kind, seed=0, B=64):

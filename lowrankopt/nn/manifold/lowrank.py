@@ -2,9 +2,10 @@
 Riemannian optimizers (``RiemannianSGD``, ``RiemannianAdam``) unmodified.
 
 The weight is a ``geoopt.ManifoldParameter`` holding the packed factors (see
-:mod:`lowrankopt.manifolds.geoopt`); ``forward`` uses the straight-through form so that ``.grad`` is
-already in δ-coordinates. Never form the dense weight; use ``weight_decay=0`` for these parameters. A step of a
-Euclidean optimizer (``torch.optim.Adam``, ...) on the weight raises ``TypeError`` (it would leave the manifold).
+:mod:`lowrankopt.manifolds.geoopt`); ``forward`` makes ``.grad`` come out in δ-coordinates (the straight-through
+form; for TTLinear a node with the same gradient at rank r, :mod:`.tt_product`). Never form the dense weight; use
+``weight_decay=0`` for these parameters. A step of a Euclidean optimizer (``torch.optim.Adam``, ...) on the weight
+raises ``TypeError`` (it would leave the manifold).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ...formats.tt import TensorTrain, TTMatrix
 from ...manifolds.base import qr_positive
 from ...manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank, manifold_parameter
 from .._common import _autocast_output, _check_input, _dense_linear, _full_precision, _init_bias, _kw, _refuse_half
+from .tt_product import tt_delta_product
 
 __all__ = ["LowRankLinear", "TTLinear"]
 
@@ -263,10 +265,11 @@ class TTLinear(_PackedLinear):
     - right to left: ``B Σ_k i_1⋯i_k · o_k⋯o_d · r_{k-1} r_k``
 
     (at ``1024 → 1024``, factors ``(8, 8, 16)``, ``(16, 8, 8)``, ranks 8, B = 256: 335M and 101M), chosen per call
-    from the shapes; the dense W is never formed (memory stays ``O(B · state + d n r²)``). Training runs the same
-    matvec on the straight-through TT-matrix, whose ranks are ``2 r_k`` (about 4× a sweep's cost), plus
-    ``O(d n r³)`` for the frames; the backward pass costs twice the forward. Measured against ``nn.Linear`` in
-    docs/benchmarks.md (``layers``).
+    from the shapes; the dense W is never formed (memory stays ``O(B · state + d n r²)``). Training (a gradient for
+    the weight) runs one autograd node at the ranks r (:func:`~lowrankopt.nn.manifold.tt_product.tt_delta_product`):
+    three sweeps of the cheaper cost above in all, forward and backward, plus ``O(d n r³)`` for the frames — not the
+    matvec on the straight-through TT-matrix, whose ranks ``2 r_k`` make each sweep up to 4× dearer (that one serves
+    only a backward pass under ``create_graph``). Measured against ``nn.Linear`` in docs/benchmarks.md (``layers``).
     """
 
     def __init__(
@@ -340,20 +343,33 @@ class TTLinear(_PackedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (..., in)`` -> ``(..., out)`` by the TT-matrix matvec, the cheaper sweep (class docstring), W never
-        formed. With a gradient needed, the matvec runs on the straight-through object
-        (materialized at rank 2r), so that ``weight.grad`` is the δ-gradient whatever the order."""
+        formed. With a gradient needed for the weight, by the δ-product node, so that ``weight.grad`` is the
+        δ-gradient."""
         x2 = _check_input(x, self.in_features, self._weight())
         p = self.weight
+        # under autocast: the products in the parameters' dtype (they must not autocast), the output cast once
         with _full_precision(x2):  # the frames (QR) in the parameters' dtype
             if torch.is_grad_enabled() and p.requires_grad:
-                # (a rank-r node for the δ-gradient, without the rank-2r object, was tried: commit 32cf5a6; its five
-                # rank-r sweeps ran slower at batch 256 than forming W, an order no longer used since it densifies)
-                cores = self.manifold.straight_through(p).materialize().cores
+                y = self._delta_product(x2.to(p.dtype), p)
             else:
-                cores = self.manifold.unpack_tensor(p.detach())
-        # under autocast: the matvec in the parameters' dtype (its products must not autocast), the output cast once
-        y = self._tt_matrix(cores).matvec(x2.to(p.dtype))
+                y = self._tt_matrix(self.manifold.unpack_tensor(p.detach())).matvec(x2.to(p.dtype))
         return self._output(_autocast_output(y), x)
+
+    def _delta_product(self, x2: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """``x2 Wᵀ`` with ``p.grad`` the δ-gradient, by :func:`~lowrankopt.nn.manifold.tt_product.tt_delta_product`
+        (three rank-r sweeps, instead of three on the rank-2r straight-through object). Frames ``O(d n r³)``."""
+        point = self.manifold._point(p.detach())
+        frames = self.manifold.base.frames(point)
+        d = len(point.cores)
+        right = [frames["C"], *frames["V"][1:]]
+        left = [*frames["U"][: d - 1], torch.tensordot(frames["R"][d - 1], frames["V"][d - 1], dims=1)]
+        return tt_delta_product(
+            x2,
+            p,
+            self._tt_matrix(right).cores,
+            self._tt_matrix(left).cores,
+            lambda q: self._tt_matrix(self.manifold.straight_through(q).materialize().cores),
+        )
 
     def weight_matrix(self) -> TTMatrix:
         """The weight as a TTMatrix with cores ``(r_{k-1}, out_k, in_k, r_k)`` (a detached copy)."""
