@@ -24,6 +24,7 @@ def test_linear_case_rows():
     assert [r["variant"] for r in rows] == [
         "nn.Linear",
         "TTLinear rank 2",
+        "TTLinear rank 2, 2 cores",
         "LowRankLinear rank 2",
         "STTPLinear rank 2",
         "SVDPLinear rank 8",

@@ -4,12 +4,12 @@ Each case is one shape; every layer of the case is timed in the same process, in
 (one warm-up call each, then interleaved rounds), and its ratio is the median of the per-round ratios to the dense
 layer. One step is ``zero_grad``, the forward of a float32 batch, ``.square().mean().backward()``: what a training
 step costs the layer (its parameterization included: STTP/SVDP build U and V from Householder parameters, TTLinear
-and LowRankLinear their straight-through frames).
+and LowRankLinear the frames of their points).
 
 - ``linear-<in>x<out>``: batch 256 through ``nn.Linear(in, out)``, ``TTLinear(in, out, rank=8)`` (3 cores,
-  default balanced factors), ``LowRankLinear(in, out, 8)``, ``STTPLinear(in, out, 8)`` and ``SVDPLinear(in, out)``
-  (full rank ``min(in, out)``; skipped where its Householder products of ``min(in, out)`` reflectors of length
-  ``max(in, out)`` make one step take more than a few seconds).
+  default balanced factors; and with ``d=2``: fewer, larger modes, larger products), ``LowRankLinear(in, out, 8)``,
+  ``STTPLinear(in, out, 8)`` and ``SVDPLinear(in, out)`` (full rank ``min(in, out)``; skipped where its Householder
+  products of ``min(in, out)`` reflectors of length ``max(in, out)`` make one step take more than a few seconds).
 - ``conv-c<c>-s<s>``: ``nn.Conv2d(c, c, 3, padding=1)`` and ``TTConv2d(c, c, 3, rank=c/4, padding=1)`` on a
   batch of ``c × s × s`` images.
 """
@@ -49,6 +49,7 @@ def _layers(case: Case, g: torch.Generator) -> tuple[torch.nn.Module, dict[str, 
     dense = torch.nn.Linear(n_in, n_out)
     layers: dict[str, torch.nn.Module | str] = {
         f"TTLinear rank {r}": TTLinear(n_in, n_out, r, generator=g),
+        f"TTLinear rank {r}, 2 cores": TTLinear(n_in, n_out, r, d=2, generator=g),
         f"LowRankLinear rank {r}": LowRankLinear(n_in, n_out, r, generator=g),
         f"STTPLinear rank {r}": STTPLinear(n_in, n_out, r, generator=g),
     }

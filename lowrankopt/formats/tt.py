@@ -498,23 +498,19 @@ SWEEP_WEIGHT = 3
 FULL_COPY = 32
 
 
-def _sweep_left(cores: Sequence[torch.Tensor], X: torch.Tensor, states: list | None = None) -> torch.Tensor:
+def _sweep_left(cores: Sequence[torch.Tensor], X: torch.Tensor) -> torch.Tensor:
     """:meth:`TTMatrix.matvec` sweeping ``k = 1 … d``. The state before core k is a view of layout
     ``(n_{k+1}⋯n_d · B · m_1⋯m_{k-1}, r_{k-1}, n_k)``; its ``reshape`` to ``(·, r_{k-1} n_k)`` is the step's one copy.
     The product with the core as ``(r_{k-1} n_k, m_k r_k)`` is ``(n_{k+1} · n_{k+2}⋯n_d B m_1⋯m_k, r_k)``, whose
     leading mode is the next core's: rotating it to the end is a view. After the last core the product is
-    ``(B m_1⋯m_d, 1)``, the output as it is. ``states``: a list that receives the d states
-    ``(n_{k+1}⋯n_d · B · m_1⋯m_{k-1}, r_{k-1} n_k)``, k = 1 … d (what the δ-gradient of a TT layer contracts)."""
+    ``(B m_1⋯m_d, 1)``, the output as it is."""
     B, d = X.shape[0], len(cores)  # explicit sizes below, no -1: B may be 0
     n1 = cores[0].shape[2]
     rest = X.shape[1] // n1 * B  # n_{k+1}⋯n_d · B · m_1⋯m_{k-1}
     S = X.reshape(B, n1, X.shape[1] // n1).permute(2, 0, 1)  # (n_2⋯n_d, B, n_1): r_0 = 1
     for k, c in enumerate(cores):
         r0, m, n, r1 = c.shape
-        S = S.reshape(rest, r0 * n)
-        if states is not None:
-            states.append(S)
-        Y = S @ c.permute(0, 2, 1, 3).reshape(r0 * n, m * r1)
+        Y = S.reshape(rest, r0 * n) @ c.permute(0, 2, 1, 3).reshape(r0 * n, m * r1)
         if k + 1 < d:
             nxt = cores[k + 1].shape[2]
             rest = rest // nxt * m
@@ -522,21 +518,17 @@ def _sweep_left(cores: Sequence[torch.Tensor], X: torch.Tensor, states: list | N
     return Y.reshape(B, rest * m // B if B else math.prod(c.shape[1] for c in cores))
 
 
-def _sweep_right(cores: Sequence[torch.Tensor], X: torch.Tensor, states: list | None = None) -> torch.Tensor:
+def _sweep_right(cores: Sequence[torch.Tensor], X: torch.Tensor) -> torch.Tensor:
     """:meth:`TTMatrix.matvec` sweeping ``k = d … 1``, the mirror of :func:`_sweep_left`. The state before core k is a
     view of layout ``(m_{k+1}⋯m_d · B · n_1⋯n_{k-1}, n_k, r_k)`` (before core d: X itself, no copy). The product with
     the core as ``(n_k r_k, r_{k-1} m_k)`` is ``(·, r_{k-1}, m_k)``, and ``m_k`` rotates to the front (a view). After
-    core 1 the state is ``(m_1⋯m_d, B)``: its transpose is the output (a view). ``states``: a list that receives the
-    d states ``(m_{k+1}⋯m_d · B · n_1⋯n_{k-1}, n_k r_k)``, in the sweep's order k = d … 1."""
+    core 1 the state is ``(m_1⋯m_d, B)``: its transpose is the output (a view)."""
     B = X.shape[0]  # explicit sizes below, no -1: B may be 0
     rest = B * X.shape[1] // cores[-1].shape[2]  # m_{k+1}⋯m_d · B · n_1⋯n_{k-1}
     S = X.reshape(rest, cores[-1].shape[2])  # r_d = 1
     for k in range(len(cores) - 1, -1, -1):
         r0, m, n, r1 = cores[k].shape
-        S = S.reshape(rest, n * r1)
-        if states is not None:
-            states.append(S)
-        Y = S @ cores[k].permute(2, 3, 0, 1).reshape(n * r1, r0 * m)
+        Y = S.reshape(rest, n * r1) @ cores[k].permute(2, 3, 0, 1).reshape(n * r1, r0 * m)
         S = Y.reshape(rest, r0, m).permute(2, 0, 1)
         if k > 0:
             rest = rest // cores[k - 1].shape[2] * m

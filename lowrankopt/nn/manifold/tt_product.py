@@ -6,19 +6,25 @@ The layer's parameter is the packed point ``p = [C_1 | V_2 | … | V_d]`` of the
 δ-gradient: for the tangent vectors ``T(δ) = Σ_k U_{<k} δ_k V_{>k}`` (``U_k`` the left-orthogonal frames, ``V_k`` the
 right-orthogonal cores), ``∂L/∂δ_k = ⟨G, U_{<k} E V_{>k}⟩`` with ``G = Σ_b g_b x_bᵀ`` the Euclidean gradient in W
 (``g = ∂L/∂y``). The straight-through object ``W + T(δ)`` gives it too, but its TT-ranks are 2r: each of its sweeps
-costs up to 4× a rank-r sweep. Here (the ``"right"`` pattern; rows ``o_{k+1}⋯o_d · B · i_1⋯i_{k-1}``):
+costs up to 4× a rank-r sweep. Here (the ``"right"`` pattern):
 
 - forward: ``y = W x`` sweeping x from the right through ``V_d, …, V_2, C_1`` (W's right-orthogonal form); the state
-  before core k is ``Q_k = x`` through ``V_{>k}``, ``(rows, i_k r_k)``, kept;
+  before core k, ``Q_k`` = x through ``V_{>k}``, is kept;
 - backward: ``∂L/∂x = Wᵀ g`` sweeping g from the left through ``U_1ᵀ, …, U_{d-1}ᵀ, C_dᵀ`` (W's left-orthogonal form,
-  ``C_d = R_{d-1} V_d``); the state before core k is ``P_k = g`` through ``U_{<k}ᵀ``, ``(rows, r_{k-1} o_k)``, and
-  ``∂L/∂δ_k = P_kᵀ Q_k``, ``(r_{k-1} o_k, i_k r_k)``: the core's own layout.
+  ``C_d = R_{d-1} V_d``); with the state before core k, ``P_k`` = g through ``U_{<k}ᵀ``, ``∂L/∂δ_k = P_k Q_kᵀ``
+  summed over the modes both states still carry.
 
-Three sweeps of the cost of :meth:`TTMatrix.matvec`'s right-to-left order,
-``B Σ_k i_1⋯i_k · o_k⋯o_d · r_{k-1} r_k`` multiply-adds each (the two sweeps, and the d contractions together); the
-``"left"`` pattern mirrors it (x from the left through ``U``, g from the right through ``Vᵀ``) at three times the
-left-to-right cost, and the cheaper is taken. Memory: the d forward states, ``O(B · state)``. Under ``create_graph``
-the backward pass differentiates the straight-through matvec instead, so that higher derivatives stay exact.
+The ``"left"`` pattern mirrors it (x from the left through ``U``, g from the right through ``Vᵀ``). The sweeps keep
+the batch as the **last** dimension: a state is ``(a, r c, q)`` with ``a`` the modes already produced, ``r c`` the
+bond and the mode the next core consumes, ``q`` the modes still to consume times the batch; each step is one batched
+product ``(p × r c) · (r c × q)`` whose result is the next state as it lies (no transposition), and q ≥ B keeps the
+products wide. Only the batch's own transposition (in and out) is copied.
+
+**Cost** (multiply-adds, B rows): three times ``B Σ_k i_1⋯i_k · o_k⋯o_d · r_{k-1} r_k`` (the right pattern: the
+forward sweep, the backward sweep and the d contractions each cost that) or three times
+``B Σ_k o_1⋯o_k · i_k⋯i_d · r_{k-1} r_k`` (left), the cheaper taken. Memory: the d forward states, each at most
+``B · Π max(i_k, o_k) · r``. Under ``create_graph`` the backward pass differentiates the straight-through matvec
+instead, so that higher derivatives stay exact.
 """
 
 from __future__ import annotations
@@ -27,9 +33,54 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ...formats.tt import TTMatrix, _sweep_left, _sweep_right
+from ...formats.tt import TTMatrix
 
 __all__ = ["tt_delta_product"]
+
+
+def _apply(A: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """``A: (p, c)`` applied to each ``S[a]: (c, q)``: ``(a, p, q)``. One GEMM when a = 1; else a batched product
+    with A repeated (a contiguous batch runs ~1.5x faster than a stride-0 one on CPU; A is small)."""
+    if S.shape[0] == 1:
+        return (A @ S[0]).unsqueeze(0)
+    return torch.bmm(A.expand(S.shape[0], -1, -1).contiguous(), S)
+
+
+def _sweep_from_right(cores: Sequence[torch.Tensor], S: torch.Tensor, states: list) -> torch.Tensor:
+    """Operator cores ``(r, m_k, n_k, r')`` applied to ``S: (Π n, B)`` from ``k = d`` down; the state before core k,
+    ``(n_1⋯n_{k-1}, n_k r_k, m_{k+1}⋯m_d · B)``, is appended to ``states`` (k = d … 1). Returns ``(Π m, B)``."""
+    rest, B = S.shape  # explicit sizes, no -1: B may be 0
+    done = 1  # m_{k+1}⋯m_d
+    for c in reversed(cores):
+        r0, m, n, r1 = c.shape
+        rest //= n
+        S = S.reshape(rest, n * r1, done * B)
+        states.append(S)
+        S = _apply(c.reshape(r0 * m, n * r1), S)
+        done *= m
+    return S.reshape(done, B)
+
+
+def _sweep_from_left(cores: Sequence[torch.Tensor], S: torch.Tensor, states: list) -> torch.Tensor:
+    """The mirror of :func:`_sweep_from_right`: from ``k = 1`` up, the state before core k,
+    ``(m_1⋯m_{k-1}, r_{k-1} n_k, n_{k+1}⋯n_d · B)``, appended to ``states`` (k = 1 … d). Returns ``(Π m, B)``."""
+    rest, B = S.shape  # explicit sizes, no -1: B may be 0
+    a = 1  # m_1⋯m_{k-1}
+    for c in cores:
+        r0, m, n, r1 = c.shape
+        rest //= n
+        S = S.reshape(a, r0 * n, rest * B)
+        states.append(S)
+        S = _apply(c.permute(1, 3, 0, 2).reshape(m * r1, r0 * n), S)
+        a *= m
+    return S.reshape(a, B)
+
+
+def _contract(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``Σ_a L[a] R[a]ᵀ`` for the states ``(a, ·, q)`` of a left and a right sweep meeting at one core."""
+    if L.shape[0] == 1:
+        return L[0] @ R[0].T
+    return torch.bmm(L, R.mT).sum(0)
 
 
 def _transpose(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -43,9 +94,10 @@ class _TTDeltaProduct(torch.autograd.Function):
         ctx.save_for_backward(x2, p)
         ctx.right, ctx.left, ctx.pattern, ctx.straight = right, left, pattern, straight
         ctx.states = []
+        xt = x2.T.contiguous()  # the batch last (module docstring)
         if pattern == "right":
-            return _sweep_right(right, x2, ctx.states)
-        return _sweep_left(left, x2, ctx.states)
+            return _sweep_from_right(right, xt, ctx.states).T
+        return _sweep_from_left(left, xt, ctx.states).T
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
@@ -55,17 +107,17 @@ class _TTDeltaProduct(torch.autograd.Function):
                 y = ctx.straight(p).matvec(x2)
                 dx, dp = torch.autograd.grad(y, (x2, p), g, create_graph=True, allow_unused=True)
             return dx, dp, None, None, None, None
-        g = g.contiguous()
+        gt = g.T.contiguous()
         back: list[torch.Tensor] = []
-        if ctx.pattern == "right":
-            dx = _sweep_left(_transpose(ctx.left), g, back)  # P_k, k = 1 … d
-            deltas = [(P.T @ Q).reshape(c.shape) for P, Q, c in zip(back, reversed(ctx.states), ctx.right)]
-        else:
-            dx = _sweep_right(_transpose(ctx.right), g, back)  # R_k = g through V_{>k}ᵀ, k = d … 1
+        if ctx.pattern == "right":  # P_k (g from the left through Uᵀ) against Q_k (x from the right through V)
+            dx = _sweep_from_left(_transpose(ctx.left), gt, back).T
+            deltas = [_contract(P, Q).reshape(c.shape) for P, Q, c in zip(back, reversed(ctx.states), ctx.right)]
+        else:  # x from the left through U against g from the right through Vᵀ: (r, i, o, r') blocks
+            dx = _sweep_from_right(_transpose(ctx.right), gt, back).T
             deltas = []
             for L, R, c in zip(ctx.states, reversed(back), ctx.left):
                 r0, o, i, r1 = c.shape
-                deltas.append((L.T @ R).reshape(r0, i, o, r1).transpose(1, 2))
+                deltas.append(_contract(L, R).reshape(r0, i, o, r1).transpose(1, 2))
         del ctx.states
         dp = torch.cat([dk.reshape(-1) for dk in deltas]) if ctx.needs_input_grad[1] else None
         return (dx if ctx.needs_input_grad[0] else None), dp, None, None, None, None
