@@ -393,6 +393,13 @@ def test_tt_linear_gradients_in_every_pattern(g, monkeypatch, pattern, shape):
     (layer(x) * w).sum().backward()
     for a, b in ((layer.weight.grad, ref_layer.weight.grad), (x.grad, xr.grad), (layer.bias.grad, ref_layer.bias.grad)):
         assert torch.allclose(a, b, atol=1e-13 * max(1.0, float(b.abs().max())), rtol=0)
+    layer.weight.grad = None  # the graph kept and differentiated twice: the same gradient twice over
+    loss = (layer(x) * w).sum()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert torch.allclose(
+        layer.weight.grad, 2 * ref_layer.weight.grad, atol=1e-13 * float(ref_layer.weight.grad.abs().max()), rtol=0
+    )
     x.grad = None  # an input without a gradient, and an empty batch
     (layer(x.detach()) * w).sum().backward()
     assert layer(torch.zeros(0, n_in, dtype=DT)).shape == (0, n_out)

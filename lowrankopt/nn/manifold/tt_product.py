@@ -91,17 +91,16 @@ def _transpose(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 class _TTDeltaProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, p, right, left, pattern, straight):  # type: ignore[override]
-        ctx.save_for_backward(x2, p)
         ctx.right, ctx.left, ctx.pattern, ctx.straight = right, left, pattern, straight
-        ctx.states = []
+        states: list[torch.Tensor] = []
         xt = x2.T.contiguous()  # the batch last (module docstring)
-        if pattern == "right":
-            return _sweep_from_right(right, xt, ctx.states).T
-        return _sweep_from_left(left, xt, ctx.states).T
+        y = _sweep_from_right(right, xt, states) if pattern == "right" else _sweep_from_left(left, xt, states)
+        ctx.save_for_backward(x2, p, *states)  # freed after the backward pass, kept with retain_graph
+        return y.T
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        x2, p = ctx.saved_tensors
+        x2, p, *states = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the straight-through matvec, differentiable to any order
             with torch.enable_grad():
                 y = ctx.straight(p).matvec(x2)
@@ -111,14 +110,13 @@ class _TTDeltaProduct(torch.autograd.Function):
         back: list[torch.Tensor] = []
         if ctx.pattern == "right":  # P_k (g from the left through Uᵀ) against Q_k (x from the right through V)
             dx = _sweep_from_left(_transpose(ctx.left), gt, back).T
-            deltas = [_contract(P, Q).reshape(c.shape) for P, Q, c in zip(back, reversed(ctx.states), ctx.right)]
+            deltas = [_contract(P, Q).reshape(c.shape) for P, Q, c in zip(back, reversed(states), ctx.right)]
         else:  # x from the left through U against g from the right through Vᵀ: (r, i, o, r') blocks
             dx = _sweep_from_right(_transpose(ctx.right), gt, back).T
             deltas = []
-            for L, R, c in zip(ctx.states, reversed(back), ctx.left):
+            for L, R, c in zip(states, reversed(back), ctx.left):
                 r0, o, i, r1 = c.shape
                 deltas.append(_contract(L, R).reshape(r0, i, o, r1).transpose(1, 2))
-        del ctx.states
         dp = torch.cat([dk.reshape(-1) for dk in deltas]) if ctx.needs_input_grad[1] else None
         return (dx if ctx.needs_input_grad[0] else None), dp, None, None, None, None
 
