@@ -82,20 +82,56 @@ def as_index_tensor(idx: object) -> torch.Tensor:
     return idx.long() if idx.numel() == 0 else idx
 
 
-# Index tensors found valid, by id: (a weak reference, the state checked). An optimizer evaluates f at one index
-# tensor thousands of times; the range check reads all of it (a host sync on GPU), the lookup reads nothing.
-_VALID_INDICES: dict[int, tuple[weakref.ref, tuple]] = {}
-_VALID_INDICES_MAX = 64
-
-
-def _index_state(idx: torch.Tensor, bounds: Sequence[int]) -> tuple | None:
-    """What a validation of ``idx`` depends on: its version counter (bumped by every in-place write, through views
-    too), storage, shape, strides and the bounds; None where it cannot be read (inference tensors, functorch
-    wrappers), which are then checked on every call. Writes through ``.data`` bypass the version counter."""
+def _index_state(idx: torch.Tensor) -> tuple | None:
+    """What anything computed from ``idx`` depends on: its version counter (bumped by every in-place write, through
+    views too), storage, shape and strides; None where it cannot be read (inference tensors, functorch wrappers),
+    which are then never cached. Writes through ``.data`` bypass the version counter."""
     try:
-        return (idx._version, idx.data_ptr(), idx.storage_offset(), tuple(idx.shape), idx.stride(), tuple(bounds))
+        return (idx._version, idx.data_ptr(), idx.storage_offset(), tuple(idx.shape), idx.stride())
     except (RuntimeError, NotImplementedError):
         return None
+
+
+class IndexCache:
+    """Values computed from an index tensor (its validation, a sort plan), kept per tensor while it lives and is
+    unchanged (:func:`_index_state`): an optimizer evaluates f at one index thousands of times, and the lookup
+    reads none of it. Entries are keyed by the tensor's id with a weak reference, dropped when the tensor dies
+    or changes, at most ``maxsize`` tensors (the oldest out first)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._entries: dict[int, tuple[weakref.ref, tuple, dict]] = {}
+        self._maxsize = maxsize
+
+    def get(self, idx: torch.Tensor, key: Any, build: Any) -> Any:
+        """The value ``build()`` gave for ``(idx, key)``, computed now if ``idx`` is new, changed or not cacheable."""
+        state = _index_state(idx)
+        if state is None:
+            return build()
+        entry = self._entries.get(id(idx))
+        if entry is None or entry[0]() is not idx or entry[1] != state:
+            if len(self._entries) >= self._maxsize:
+                self._entries.pop(next(iter(self._entries)))
+            entry = (weakref.ref(idx, self._forget(id(idx))), state, {})
+            self._entries[id(idx)] = entry
+        if key not in entry[2]:
+            entry[2][key] = build()
+        return entry[2][key]
+
+    def _forget(self, key: int):
+        """The callback of an entry's weak reference: drop the entry when its tensor dies (if it is still this one's:
+        a later tensor may have the same id)."""
+        entries = self._entries
+
+        def forget(ref: weakref.ref) -> None:
+            entry = entries.get(key)
+            if entry is not None and entry[0] is ref:
+                del entries[key]
+
+        return forget
+
+
+# Index tensors found valid (the range check reads all of the index: a host sync on GPU)
+_VALID_INDICES = IndexCache(64)
 
 
 def check_index(name: str, idx: object, bounds: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -112,16 +148,9 @@ def check_index(name: str, idx: object, bounds: Sequence[int], device: torch.dev
         and idx.device == torch.device(device)
         and not idx.is_inference()
     )
-    state = _index_state(idx, bounds) if cacheable else None
-    if state is not None:
-        hit = _VALID_INDICES.get(id(idx))
-        if hit is not None and hit[0]() is idx and hit[1] == state:
-            return idx
-    idx = _check_index(name, idx, bounds, device)
-    if state is not None:
-        if len(_VALID_INDICES) >= _VALID_INDICES_MAX:
-            _VALID_INDICES.pop(next(iter(_VALID_INDICES)))
-        _VALID_INDICES[id(idx)] = (weakref.ref(idx), state)
+    if not cacheable:
+        return _check_index(name, idx, bounds, device)
+    _VALID_INDICES.get(idx, tuple(bounds), lambda: _check_index(name, idx, bounds, device) is idx)  # (int64, on device)
     return idx
 
 

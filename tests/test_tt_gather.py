@@ -230,3 +230,26 @@ def test_riemannian_grad_and_hvp_on_tables_match_the_general_gather(setting, mon
     hvp0 = riemannian_hvp(f, x, xi, curvature=False)
     for a, b in zip(grad.coords + hvp.coords, grad0.coords + hvp0.coords):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_sample_plans_are_kept_per_index_and_rebuilt_when_it_changes(monkeypatch):
+    """A gather's plan is built once per index tensor (what an optimizer's thousands of calls share), rebuilt after an
+    in-place write (through a view too) or under another layout setting, and dropped when the tensor dies."""
+    g = torch.Generator().manual_seed(5)
+    shape = (3, 4, 2, 3)
+    cores = random_cores(shape, 2, torch.float64, g)
+    X = TensorTrain(cores)
+    index = random_index(shape, 40, g)
+    plan = tg.sample_plan(index, shape, 2)
+    assert tg.sample_plan(index, shape, 2) is plan
+    assert tg.sample_plan(index, shape, 2, tg.GRAD_TABLE_ROWS) is not plan  # another table size, another plan
+    with monkeypatch.context() as m:
+        m.setattr(tg, "MERGED", 1)  # another layout setting
+        assert tg.sample_plan(index, shape, 2) is not plan
+    index[1:][0, 2] = (index[1, 2] + 1) % shape[2]  # in place, through a view
+    assert tg.sample_plan(index, shape, 2) is not plan
+    full = tt_full(cores)
+    assert torch.allclose(X.gather(index), full[tuple(index.T)], rtol=0, atol=1e-13)
+    before = len(tg._PLANS._entries)
+    del index, plan
+    assert len(tg._PLANS._entries) == before - 1  # the entry went with its tensor

@@ -33,7 +33,7 @@ from . import tt_gather
 from .index_plan import IndexPlan
 from .shared_work import CURVATURE_FOLLOWS, is_memoized, memo, memoized_function, unique_deltas
 from .tt import TensorTrain
-from .tt_gather import Linearization, SamplePlan
+from .tt_gather import Linearization
 
 
 @dataclass(frozen=True, eq=False)
@@ -329,7 +329,7 @@ class _LinearizationGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, C, U, V, index, *deltas):
         shape, rank = [t.shape[1] for t in deltas], max(t.shape[2] for t in deltas)
-        ctx.lin = Linearization(SamplePlan(index, shape, rank, tt_gather.GRAD_TABLE_ROWS), C, U, V)
+        ctx.lin = Linearization(tt_gather.sample_plan(index, shape, rank, tt_gather.GRAD_TABLE_ROWS), C, U, V)
         return ctx.lin.value
 
     @staticmethod

@@ -12,16 +12,14 @@ Duplicate entries sum, as in the scatter.
 from __future__ import annotations
 
 import warnings
-import weakref
 
 import torch
 
-from .._checks import _index_state
+from .._checks import IndexCache
 from .lowrank import rowdot
 
-# id(index) -> (weak reference, state, {(axis, size): plan}); a handful of live index tensors per process
-_PLANS: dict[int, tuple[weakref.ref, tuple, dict]] = {}
-_PLANS_MAX = 16
+# the plans of live index tensors, per (axis, size); a handful per process
+_PLANS = IndexCache(16)
 
 
 class SampledPlan:
@@ -48,18 +46,10 @@ def plan_for(index: torch.Tensor, axis: int, shape: tuple[int, int]) -> SampledP
     """The plan of ``G`` (``axis=0``, ``m × n``) or ``Gᵀ`` (``axis=1``) for the ``(N, 2)`` index, kept per index
     tensor (see the module docstring); a tensor whose state cannot be read gets a new plan each call."""
     size = (shape[axis], shape[1 - axis])
-    state = _index_state(index, shape)
-    entry = _PLANS.get(id(index)) if state is not None else None
-    if entry is None or entry[0]() is not index or entry[1] != state:
-        entry = None if state is None else (weakref.ref(index), state, {})
-        if entry is not None:
-            if len(_PLANS) >= _PLANS_MAX:
-                _PLANS.pop(next(iter(_PLANS)))
-            _PLANS[id(index)] = entry
-    plans = entry[2] if entry is not None else {}
-    if (axis, size) not in plans:
-        plans[(axis, size)] = SampledPlan(index[:, axis], index[:, 1 - axis], size)
-    return plans[(axis, size)]
+    # copies of the columns: a view would keep the index alive, and the cache holds its plan only while it lives
+    return _PLANS.get(
+        index, (axis, size), lambda: SampledPlan(index[:, axis].clone(), index[:, 1 - axis].clone(), size)
+    )
 
 
 def sampled_product(g: torch.Tensor, P: torch.Tensor, plan: SampledPlan) -> torch.Tensor:

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._checks import IndexCache
 from .index_plan import sort_order
 
 
@@ -43,7 +44,19 @@ def tt_gather(cores: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Tenso
     docstring), never more than ``O(N d r²)``."""
     if len(cores) == 1:
         return cores[0].reshape(-1).index_select(0, index[:, 0])
-    return SamplePlan(index, [c.shape[1] for c in cores], max(c.shape[2] for c in cores)).gather(cores)
+    return sample_plan(index, [c.shape[1] for c in cores], max(c.shape[2] for c in cores)).gather(cores)
+
+
+# the plans of live index tensors, per (shape, rank, table size): a plan holds a few int64 vectors of length N
+_PLANS = IndexCache(8)
+
+
+def sample_plan(index: torch.Tensor, shape: Sequence[int], rank: int, table_rows: float | None = None) -> SamplePlan:
+    """The :class:`SamplePlan` of ``index`` for this shape, rank and table size, built once per index tensor and kept
+    while the tensor lives and is unchanged (a sort and ``O(N d)`` integer work saved per call: at N = 10⁵, d = 10
+    about a quarter of the time of a gather)."""
+    key = (tuple(shape), rank, TABLE_ROWS if table_rows is None else table_rows, MERGED)  # what the layout reads
+    return _PLANS.get(index, key, lambda: SamplePlan(index, shape, rank, table_rows))
 
 
 class SamplePlan:
