@@ -15,10 +15,10 @@ costs up to 4× a rank-r sweep. Here (the ``"right"`` pattern):
   summed over the modes both states still carry.
 
 The ``"left"`` pattern mirrors it (x from the left through ``U``, g from the right through ``Vᵀ``). The sweeps keep
-the batch as the **last** dimension: a state is ``(a, r c, q)`` with ``a`` the modes already produced, ``r c`` the
-bond and the mode the next core consumes, ``q`` the modes still to consume times the batch; each step is one batched
-product ``(p × r c) · (r c × q)`` whose result is the next state as it lies (no transposition), and q ≥ B keeps the
-products wide. Only the batch's own transposition (in and out) is copied.
+the batch as the **last** dimension: a state is ``(a, c, q)`` with ``c`` the mode the next core consumes and its bond,
+``a`` the modes on the near side of it and ``q`` those on the far side (already produced, or still to consume) times
+the batch; each step is one batched product ``(p × c) · (c × q)`` whose result is the next state as it lies (no
+transposition), and q ≥ B keeps the products wide. Only the batch's own transposition (in and out) is copied.
 
 **Cost** (multiply-adds, B rows): three times ``B Σ_k i_1⋯i_k · o_k⋯o_d · r_{k-1} r_k`` (the right pattern: the
 forward sweep, the backward sweep and the d contractions each cost that) or three times
