@@ -83,9 +83,11 @@ def as_index_tensor(idx: object) -> torch.Tensor:
 
 
 def _index_state(idx: torch.Tensor) -> tuple | None:
-    """What anything computed from ``idx`` depends on: its version counter (bumped by every in-place write, through
-    views too), storage, shape and strides; None where it cannot be read (inference tensors, functorch wrappers),
-    which are then never cached. Writes through ``.data`` bypass the version counter."""
+    """What anything computed from ``idx`` depends on: its version counter (bumped by every in-place write by torch,
+    through views too), storage, shape and strides; None where it cannot be read (inference tensors, functorch
+    wrappers), which are then never cached. Writes that torch does not see — through ``.data``, through a NumPy
+    array or a DLPack capsule sharing the memory — leave the state unchanged: pass a new tensor (or ``.clone()``)
+    after such a write, as for a tensor saved for autograd."""
     try:
         return (idx._version, idx.data_ptr(), idx.storage_offset(), tuple(idx.shape), idx.stride())
     except (RuntimeError, NotImplementedError):
@@ -94,28 +96,32 @@ def _index_state(idx: torch.Tensor) -> tuple | None:
 
 class IndexCache:
     """Values computed from an index tensor (its validation, a sort plan), kept per tensor while it lives and is
-    unchanged (:func:`_index_state`): an optimizer evaluates f at one index thousands of times, and the lookup
-    reads none of it. Entries are keyed by the tensor's id with a weak reference, dropped when the tensor dies
-    or changes, at most ``maxsize`` tensors (the oldest out first)."""
+    unchanged (:func:`_index_state`, whose caveat applies): an optimizer evaluates f at one index thousands of
+    times, and the lookup reads none of it. Entries are keyed by the tensor's id with a weak reference, dropped when
+    the tensor dies or changes; at most ``maxsize`` tensors (the least recently used out first) and ``per_tensor``
+    values per tensor (the oldest out first: a rank-adaptive solver asks for a plan per rank)."""
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, per_tensor: int = 4) -> None:
         self._entries: dict[int, tuple[weakref.ref, tuple, dict]] = {}
-        self._maxsize = maxsize
+        self._maxsize, self._per_tensor = maxsize, per_tensor
 
     def get(self, idx: torch.Tensor, key: Any, build: Any) -> Any:
         """The value ``build()`` gave for ``(idx, key)``, computed now if ``idx`` is new, changed or not cacheable."""
         state = _index_state(idx)
         if state is None:
             return build()
-        entry = self._entries.get(id(idx))
+        entry = self._entries.pop(id(idx), None)  # re-inserted below: the most recently used last
         if entry is None or entry[0]() is not idx or entry[1] != state:
-            if len(self._entries) >= self._maxsize:
-                self._entries.pop(next(iter(self._entries)))
+            while len(self._entries) >= self._maxsize:
+                self._entries.pop(next(iter(self._entries)), None)
             entry = (weakref.ref(idx, self._forget(id(idx))), state, {})
-            self._entries[id(idx)] = entry
-        if key not in entry[2]:
-            entry[2][key] = build()
-        return entry[2][key]
+        self._entries[id(idx)] = entry
+        values = entry[2]
+        if key not in values:
+            while len(values) >= self._per_tensor:
+                values.pop(next(iter(values)))
+            values[key] = build()
+        return values[key]
 
     def _forget(self, key: int):
         """The callback of an entry's weak reference: drop the entry when its tensor dies (if it is still this one's:
@@ -125,7 +131,7 @@ class IndexCache:
         def forget(ref: weakref.ref) -> None:
             entry = entries.get(key)
             if entry is not None and entry[0] is ref:
-                del entries[key]
+                entries.pop(key, None)
 
         return forget
 

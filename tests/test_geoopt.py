@@ -426,6 +426,29 @@ def test_tt_linear_second_derivatives_through_the_node(g, monkeypatch, pattern):
     expected = hvp(lambda t: t @ _straight_through_dense(layer).T + layer.bias)
     for a, b in zip(got, expected, strict=True):
         assert torch.allclose(a, b, atol=1e-13 * max(1.0, float(b.abs().max())), rtol=0)
+    data = x.detach()  # an input without a gradient (data): only the weight is differentiated
+
+    def weight_hvp(forward):
+        (gw,) = torch.autograd.grad(forward(data).tanh().sum(), layer.weight, create_graph=True)
+        return torch.autograd.grad((gw * v).sum(), layer.weight)[0]
+
+    b = weight_hvp(lambda t: t @ _straight_through_dense(layer).T + layer.bias)
+    assert torch.allclose(weight_hvp(layer), b, atol=1e-13 * float(b.abs().max()), rtol=0)
+
+
+def test_tt_linear_backward_under_autocast_keeps_the_parameters_precision(g):
+    """Of one forward pass under autocast, a backward pass run inside the autocast block gives the gradient of one run
+    outside it (the node's products stay in the parameters' dtype, as in its forward pass)."""
+    layer = TTLinear(24, 20, 3, in_factors=(2, 3, 4), out_factors=(5, 2, 2), generator=g)
+    x = torch.randn(6, 24, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = layer(x).float().square().sum()
+    loss.backward()
+    outside = layer.weight.grad.clone()
+    layer.weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).float().square().sum().backward()
+    assert torch.allclose(layer.weight.grad, outside, rtol=1e-6, atol=1e-6 * float(outside.abs().max()))
 
 
 def _regression(kind, seed=0, B=64):

@@ -54,7 +54,8 @@ _PLANS = IndexCache(8)
 def sample_plan(index: torch.Tensor, shape: Sequence[int], rank: int, table_rows: float | None = None) -> SamplePlan:
     """The :class:`SamplePlan` of ``index`` for this shape, rank and table size, built once per index tensor and kept
     while the tensor lives and is unchanged (a sort and ``O(N d)`` integer work saved per call: at N = 10⁵, d = 10
-    about a quarter of the time of a gather)."""
+    about a quarter of the time of a gather). Writes torch does not see (through NumPy, ``.data``) need a new
+    tensor: see :func:`lowrankopt._checks._index_state`."""
     key = (tuple(shape), rank, TABLE_ROWS if table_rows is None else table_rows, MERGED)  # what the layout reads
     return _PLANS.get(index, key, lambda: SamplePlan(index, shape, rank, table_rows))
 

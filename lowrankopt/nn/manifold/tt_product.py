@@ -101,24 +101,33 @@ class _TTDeltaProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         x2, p, *states = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph: the straight-through matvec, differentiable to any order
+            inputs = [t for t, w in zip((x2, p), wanted) if w]
             with torch.enable_grad():
                 y = ctx.straight(p).matvec(x2)
-                dx, dp = torch.autograd.grad(y, (x2, p), g, create_graph=True, allow_unused=True)
-            return dx, dp, None, None, None, None
-        gt = g.T.contiguous()
-        back: list[torch.Tensor] = []
-        if ctx.pattern == "right":  # P_k (g from the left through Uᵀ) against Q_k (x from the right through V)
-            dx = _sweep_from_left(_transpose(ctx.left), gt, back).T
-            deltas = [_contract(P, Q).reshape(c.shape) for P, Q, c in zip(back, reversed(states), ctx.right)]
-        else:  # x from the left through U against g from the right through Vᵀ: (r, i, o, r') blocks
-            dx = _sweep_from_right(_transpose(ctx.right), gt, back).T
-            deltas = []
-            for L, R, c in zip(states, reversed(back), ctx.left):
-                r0, o, i, r1 = c.shape
-                deltas.append(_contract(L, R).reshape(r0, i, o, r1).transpose(1, 2))
-        dp = torch.cat([dk.reshape(-1) for dk in deltas]) if ctx.needs_input_grad[1] else None
-        return (dx if ctx.needs_input_grad[0] else None), dp, None, None, None, None
+                grads = iter(torch.autograd.grad(y, inputs, g, create_graph=True))
+            return (*(next(grads) if w else None for w in wanted), None, None, None, None)
+        # the products in the parameters' dtype even if the backward pass runs under autocast (as the forward's did)
+        with torch.autocast(g.device.type, enabled=False):
+            dx, dp = _backward_sweeps(ctx, g, states)
+        return (dx if wanted[0] else None), (dp if wanted[1] else None), None, None, None, None
+
+
+def _backward_sweeps(ctx, g: torch.Tensor, states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``∂L/∂x`` and the δ-gradient (packed) from the output gradient g and the forward states (module docstring)."""
+    gt = g.T.contiguous()
+    back: list[torch.Tensor] = []
+    if ctx.pattern == "right":  # P_k (g from the left through Uᵀ) against Q_k (x from the right through V)
+        dx = _sweep_from_left(_transpose(ctx.left), gt, back).T
+        deltas = [_contract(P, Q).reshape(c.shape) for P, Q, c in zip(back, reversed(states), ctx.right)]
+    else:  # x from the left through U against g from the right through Vᵀ: (r, i, o, r') blocks
+        dx = _sweep_from_right(_transpose(ctx.right), gt, back).T
+        deltas = []
+        for L, R, c in zip(states, reversed(back), ctx.left):
+            r0, o, i, r1 = c.shape
+            deltas.append(_contract(L, R).reshape(r0, i, o, r1).transpose(1, 2))
+    return dx, torch.cat([dk.reshape(-1) for dk in deltas])
 
 
 def delta_product_cost(right: Sequence[torch.Tensor], batch: int) -> dict[str, int]:
