@@ -108,6 +108,36 @@ def test_cache_follows_every_kind_of_parameter_change():
     assert y.dtype == torch.float32 and (y.double() - x @ dense_q(*reference_blocks(q.double())).T).abs().max() < 1e-5
 
 
+def test_a_pool_of_mixed_rotations_maps_only_its_cayley_members():
+    """Rotations with other maps or parametrizations may share a pool (share_cayley_pool takes a whole model): the
+    pooled map skips them, and every member still computes its own Q."""
+    g = torch.Generator().manual_seed(7)
+    a = GSOrthogonal(8, 4, dtype=D)
+    b = GSOrthogonal(8, 4, dtype=D, parametrization="orthogonal")
+    c = GSOrthogonal(8, 4, dtype=D, map="exp")
+    for q in (a, c):
+        randomize(q, g, 0.3)
+    gs_module.share_cayley_pool([a, b, c])
+    x = torch.randn(3, 8, dtype=D, generator=g)
+    assert (a(x) - x @ dense_q(*reference_blocks(a)).T).abs().max() < 1e-12
+    assert c._cayley_cache is None  # not computed for a module that does not use it
+    expm = [torch.linalg.matrix_exp(_skew_ref(p, 4)) for p in (c.L, c.R)]
+    assert (c(x) - x @ dense_q(*expm).T).abs().max() < 1e-12
+    assert torch.allclose(b(x), x)  # identity blocks
+
+
+def test_a_cache_built_under_inference_mode_serves_training():
+    g = torch.Generator().manual_seed(8)
+    q = GSOrthogonal(8, 4, dtype=D)
+    randomize(q, g, 0.3)
+    x = torch.randn(3, 8, dtype=D, generator=g)
+    with torch.inference_mode():
+        y0 = q(x)
+    y = q(x)  # the same parameters: the cache is reused, and must be saveable for backward
+    y.square().sum().backward()
+    assert torch.equal(y.detach(), y0) and q.L.grad is not None and torch.isfinite(q.L.grad).all()
+
+
 def test_two_forwards_keep_separate_graphs():
     g = torch.Generator().manual_seed(4)
     q = GSOrthogonal(16, 4, dtype=D)

@@ -339,9 +339,10 @@ class CayleyPool:
         N blocks, plus ``O(N b²)`` to compare the members' parameters with their caches."""
         key = trigger._pool_key()
         with self._lock:
-            members = [q for q in list(self._members) if q is not trigger and q._pool_key() == key]
+            members = [q for q in list(self._members) if q is not trigger and q._poolable() and q._pool_key() == key]
             stale = [trigger] + [q for q in members if not q._cache_valid()]
-            with torch.no_grad(), torch.autocast(trigger.L.device.type, enabled=False):
+            # not inference tensors even under inference_mode: a cache built there must serve later training too
+            with torch.inference_mode(False), torch.no_grad(), torch.autocast(trigger.L.device.type, enabled=False):
                 params = [(q.L.detach().clone(), q.R.detach().clone()) for q in stale]
                 Q = _cayley_values(_skew(torch.cat([t for pair in params for t in pair]), trigger.block_size))
                 start = 0
@@ -466,8 +467,10 @@ class GSOrthogonal(torch.nn.Module):
         return tuple(_orthogonal(_skew(p, b), self.map, self.neumann_terms) for p in (self.L, self.R))
 
     def _poolable(self) -> bool:
+        """Whether the blocks come from the pooled Cayley map (skew parameters, float32/64, eager mode)."""
         return (
-            self.map == "cayley"
+            self.parametrization != "orthogonal"
+            and self.map == "cayley"
             and self.L.dtype in (torch.float32, torch.float64)
             and self.R.dtype == self.L.dtype
             and not torch.compiler.is_compiling()
