@@ -104,8 +104,9 @@ def test_rank_continuation_rejects_what_it_cannot_do():
     g = torch.Generator().manual_seed(0)
     idx = sample_indices((8, 7), 40, generator=g)
     vals = torch.randn(40, generator=g, dtype=DT)
-    with pytest.raises(TypeError, match="rank_continuation"):
-        complete(idx, vals, (8, 7), 2, rank_continuation="auto")
+    for flag in ("auto", 1, 0.0):  # 1 == True, but not a flag
+        with pytest.raises(TypeError, match="rank_continuation"):
+            complete(idx, vals, (8, 7), 2, rank_continuation=flag)
     x0 = LowRankMatrix.random(8, 7, 2, dtype=DT, generator=g)
     with pytest.raises(ValueError, match="rank_continuation=True needs the spectral start"):
         complete(idx, vals, (8, 7), 2, x0=x0, rank_continuation=True)
@@ -151,3 +152,18 @@ def test_the_sharded_rank_continuation_equals_the_single_process_one():
     assert outs[0]["ranks"] == [h["rank"] for h in single.history]  # the same stages
     X = _dense(single.x)
     assert float((outs[0]["x"] - X).norm() / X.norm()) < 1e-10
+
+
+def test_trust_region_stages_honour_the_inner_test_options():
+    """Completion's trust-region stages default to the Eisenstat–Walker forcing term, unless the caller tunes the
+    θ-test it replaces: then that test runs (its "linear/superlinear convergence" stops appear in the history)."""
+    g = torch.Generator().manual_seed(3)
+    m, n, r = 30, 25, 2
+    A = torch.randn(m, r, generator=g, dtype=DT) @ torch.randn(r, n, generator=g, dtype=DT)
+    idx = sample_indices((m, n), 400, generator=g)
+    vals = A[idx[:, 0], idx[:, 1]]
+    stops = lambda res: {h.get("tcg_stop") for h in res.history} - {None}  # noqa: E731
+    default = complete(idx, vals, (m, n), r, method="trust-region", generator=torch.Generator().manual_seed(0))
+    tuned = complete(idx, vals, (m, n), r, method="trust-region", theta=0.5, generator=torch.Generator().manual_seed(0))
+    assert "forcing term" in stops(default) and "forcing term" not in stops(tuned)
+    assert stops(tuned) & {"linear convergence", "superlinear convergence"}

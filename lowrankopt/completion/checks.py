@@ -65,7 +65,7 @@ def check_arguments(
         raise TypeError(f"monitor must be callable or None, got {type(monitor).__name__}")
     if x0 is not None and getattr(x0, "dtype", None) != values.dtype:
         raise TypeError(f"x0 must have the dtype of values ({values.dtype}), got {getattr(x0, 'dtype', None)}")
-    if rank_continuation not in (None, True, False):
+    if rank_continuation is not None and not isinstance(rank_continuation, bool):  # (1 == True: not a flag)
         raise TypeError(f"rank_continuation must be None, True or False, got {rank_continuation!r}")
     if rank_continuation is not None and len(shape) != 2:
         raise ValueError("rank_continuation applies to matrices; tensor trains always climb from TT-rank 1 without x0")

@@ -16,6 +16,7 @@ from ..manifolds import manifold_of
 from ..optim import OptimizeResult, minimize
 from .history import History
 from .problem import CompletionProblem, Point
+from .start import randomized_svd
 
 __all__ = ["Stages", "continuation_ranks", "grow_matrix_rank", "grow_rank"]
 
@@ -60,13 +61,10 @@ def grow_matrix_rank(
         return Y - A @ (A.T @ Y)
 
     q = min(block, lsq.M.m - x.rank, lsq.M.n - x.rank)
-    gdev = generator.device if generator is not None else V.device
-    Z = torch.randn(V.shape[0], q, dtype=V.dtype, device=gdev, generator=generator).to(V.device)
-    Q = torch.linalg.qr(off(G, U, V, Z))[0]
-    for _ in range(power_iters):
-        Q = torch.linalg.qr(off(G, U, V, torch.linalg.qr(off(Gt, V, U, Q))[0]))[0]
-    ub, _, vh = torch.linalg.svd(off(Gt, V, U, Q).T, full_matrices=False)  # Qᵀ N = ub diag(σ) vh
-    u, v = Q @ ub[:, :1], vh[:1].T
+    left, _, right = randomized_svd(
+        lambda Z: off(G, U, V, Z), lambda Y: off(Gt, V, U, Y), V.shape[0], q, generator, power_iters, V
+    )
+    u, v = left[:, :1], right[:, :1]
     u, v = (w - F @ (F.T @ w) for w, F in ((u, U), (v, V)))  # orthogonal to the frames to rounding
     u, v = u / torch.linalg.vector_norm(u), v / torch.linalg.vector_norm(v)
     a, b = run.reduce(lsq.line_coefficients(x, u, v)).tolist()
@@ -102,7 +100,8 @@ class Stages:
             # radius capped at ‖x₀‖ made most outer steps one short gradient step; they start at the Cauchy step's
             # length, uncapped in effect. Tensor trains keep the cap ‖x‖ (measured better there: 37 outer steps
             # against 43 at d = 10, r = 4).
-            opts.setdefault("forcing", "eisenstat-walker")
+            if not {"theta", "kappa", "gradient_scale"} & set(opts):  # those options ask for the θ-test
+                opts.setdefault("forcing", "eisenstat-walker")
             scale = max(float(x.norm()), math.sqrt(manifold_of(x).dim))
             if isinstance(x, LowRankMatrix):
                 opts.setdefault("initial_radius", "cauchy")

@@ -18,6 +18,7 @@ from .problem import CompletionProblem, Point
 __all__ = [
     "constant_start",
     "matrix_start",
+    "randomized_svd",
     "signal_rank",
     "spectral_factors",
     "spectral_start",
@@ -25,6 +26,10 @@ __all__ = [
     "zero_message",
     "zero_point",
 ]
+
+
+#: extra columns of the spectral start's range finder beyond the rank (what its accuracy and signal_rank need)
+OVERSAMPLE = 10
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -37,7 +42,7 @@ def spectral_start(
     shape: Sequence[int],
     rank: int,
     generator: torch.Generator | None,
-    oversample: int = 10,
+    oversample: int = OVERSAMPLE,
     power_iters: int = 4,
     reduce: Callable = _identity,
 ) -> LowRankMatrix:
@@ -70,14 +75,30 @@ def spectral_factors(
         A = torch.sparse_coo_tensor(A.indices(), A.values() / counts.coalesce().values(), (m, n)).coalesce()
         At = A.t().coalesce().to_sparse_csr()
         A = A.to_sparse_csr()
-    q = min(q, m, n)
-    gdev = generator.device if generator is not None else values.device
-    omega = torch.randn(n, q, dtype=values.dtype, device=gdev, generator=generator).to(values.device)
-    Q = torch.linalg.qr(reduce(A @ omega))[0]
+    return randomized_svd(
+        lambda Z: reduce(A @ Z), lambda Y: reduce(At @ Y), n, min(q, m, n), generator, power_iters, values
+    )
+
+
+def randomized_svd(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    apply_t: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    q: int,
+    generator: torch.Generator | None,
+    power_iters: int,
+    like: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading ``q`` singular triplets ``(U (m, q), s (q,), V (n, q))`` of an ``m × n`` operator A given by its
+    products ``apply(Z) = A Z`` and ``apply_t(Y) = Aᵀ Y``, by a randomized range finder with ``power_iters`` power
+    iterations (Halko–Martinsson–Tropp) from a Gaussian ``(n, q)`` sketch drawn from ``generator``, in ``like``'s
+    dtype and on its device. Cost ``2 power_iters + 2`` products with q columns, plus ``O((m + n) q²)``."""
+    gdev = generator.device if generator is not None else like.device
+    omega = torch.randn(n, q, dtype=like.dtype, device=gdev, generator=generator).to(like.device)
+    Q = torch.linalg.qr(apply(omega))[0]
     for _ in range(power_iters):
-        Q = torch.linalg.qr(reduce(A @ torch.linalg.qr(reduce(At @ Q))[0]))[0]
-    B = reduce(At @ Q).T  # Qᵀ A, shape (q, n)
-    Ub, s, Vh = torch.linalg.svd(B, full_matrices=False)
+        Q = torch.linalg.qr(apply(torch.linalg.qr(apply_t(Q))[0]))[0]
+    Ub, s, Vh = torch.linalg.svd(apply_t(Q).T, full_matrices=False)  # Qᵀ A = Ub diag(s) Vh
     return Q @ Ub, s, Vh.T
 
 
@@ -115,7 +136,7 @@ def matrix_start(
         M.check_point(x0, "x0")
         return x0
     U, s, V = spectral_factors(
-        problem.indices, problem.values, problem.shape, rank + 10, generator, reduce=problem.run.reduce
+        problem.indices, problem.values, problem.shape, rank + OVERSAMPLE, generator, reduce=problem.run.reduce
     )
     start = rank if continuation is False else 1 if continuation else signal_rank(s, rank)
     return LowRankMatrix._trusted(U[:, :start], torch.diag(s[:start]), V[:, :start])

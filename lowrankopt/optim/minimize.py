@@ -124,6 +124,11 @@ def minimize(
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options: {sorted(allowed)}")
     opts = {**allowed, **options}
+    ignored = sorted({"theta", "kappa", "gradient_scale"} & set(options)) if options.get("forcing") else []
+    if ignored:  # the forcing term replaces the θ-test those options tune
+        raise ValueError(
+            f"option forcing={options['forcing']!r} replaces the inner test that {ignored} tune: pass one or the other"
+        )
     M = manifold_of(x0) if manifold is None else manifold
     obj = Objective(f, M, grad=grad, hvp=hvp, curvature=curvature)
     if isinstance(M, LowRankManifold):
