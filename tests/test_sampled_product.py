@@ -91,4 +91,10 @@ def test_delta_gather_gradient_and_hvp_after_the_index_changes_in_place(curvatur
         if not curvature:
             h = riemannian_hvp(f, x, xi, curvature=False)
             assert rel(h.to_ambient().full().reshape(-1), P @ dense_hvp(f_dense, X, Xi).reshape(-1)) < 1e-11
+        else:  # the Riemannian Hessian P_x D(grad f)[ξ]: central differences of the dense projected gradient
+            h = riemannian_hvp(f, x, xi)
+            t = 1e-4
+            ends = [M.retr(x, xi * s).full() for s in (t, -t)]
+            rg = [matrix_projector(Y, r) @ dense_grad(f_dense, Y).reshape(-1) for Y in ends]
+            assert rel(h.to_ambient().full().reshape(-1), P @ (rg[0] - rg[1]) / (2 * t)) < 1e-6
         index[::3, 0] = (index[::3, 0] + 1) % m  # in place, between calls
