@@ -94,10 +94,10 @@ def minimize(
     norm at x0), uses ``(‖r₀‖/s)^θ`` instead — for problems whose gradients are far from unit size),
     ``forcing`` (None: that test; ``"eisenstat-walker"``: ``‖r‖ ≤ η_k ‖r₀‖`` with Eisenstat–Walker's forcing
     term ``η_k = 0.9 (‖g_k‖/‖g_{k−1}‖)²``, safeguarded, η₀ = 0.5 — loose solves while the gradient falls slowly,
-    quadratic convergence near a nondegenerate minimum, scale invariant; θ, κ and gradient_scale are then
-    unused; on TT completion it cut Hessian products 3× against the θ-test). ``initial_radius`` may also be
-    ``"cauchy"``: ``‖g‖³/⟨g, Hg⟩`` at x0, the length of the model's minimizer along −g (no extra Hessian
-    product), for problems whose scale the default Δ̄/8 misses.
+    quadratic convergence near a nondegenerate minimum, scale invariant; θ, κ and gradient_scale, which tune
+    the θ-test, are refused with it; on TT completion it cut Hessian products 3× against the θ-test).
+    ``initial_radius`` may also be ``"cauchy"``: ``‖g‖³/⟨g, Hg⟩`` at x0, the length of the model's minimizer along
+    −g (no extra Hessian product), for problems whose scale the default Δ̄/8 misses.
 
     The floating-point floor: when a change of f is at its rounding level, the method measures the rounding
     noise of f and of the gradient at the current point (f and its gradient at other factorizations of the same
