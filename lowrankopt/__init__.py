@@ -3,9 +3,9 @@
 The core (formats, manifolds, autodiff, optim — with the stochastic ``torch.optim`` optimizers ``RiemannianSGD``,
 ``RiemannianAdam`` and ``Riemannion``, which import no geoopt — and completion) is imported with the package. The
 other subpackages (``lowrankopt.nn``, ``.spectral``, ``.stats``, ``.cross``, ``.distributed``, ``.benchmarks``) and the
-geoopt bridge (:class:`GeooptManifold`, :class:`GeooptFixedRank`, :class:`GeooptFixedTTRank`, which import geoopt) are
-loaded on first attribute access (PEP 562), so ``import lowrankopt as lro; lro.nn.STTPLinear`` works and
-``import lowrankopt`` stays light.
+geoopt bridge (:class:`GeooptManifold`, :class:`GeooptFixedRank`, :class:`GeooptFixedTTRank`,
+:class:`GeooptFixedTTMatrixRank`, which import geoopt) are loaded on first attribute access (PEP 562), so
+``import lowrankopt as lro; lro.nn.STTPLinear`` works and ``import lowrankopt`` stays light.
 """
 
 from __future__ import annotations
@@ -23,7 +23,14 @@ from .autodiff import (
 )
 from .completion import complete, completion_loss, sample_indices
 from .formats import LowRankMatrix, TensorRing, TensorTrain, TTMatrix
-from .manifolds import FixedRankMatrices, FixedTTRank, LowRankManifold, TangentVector, manifold_of
+from .manifolds import (
+    FixedRankMatrices,
+    FixedTTMatrixRank,
+    FixedTTRank,
+    LowRankManifold,
+    TangentVector,
+    manifold_of,
+)
 from .optim import OptimizeResult, RiemannianAdam, RiemannianSGD, Riemannion, minimize
 
 if TYPE_CHECKING:  # what __getattr__ loads lazily, for type checkers and IDEs (`import x as x`: an explicit re-export)
@@ -36,14 +43,16 @@ if TYPE_CHECKING:  # what __getattr__ loads lazily, for type checkers and IDEs (
     from . import optim as optim
     from . import spectral as spectral
     from . import stats as stats
-    from .manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank, GeooptManifold
+    from .manifolds.geoopt import GeooptFixedRank, GeooptFixedTTMatrixRank, GeooptFixedTTRank, GeooptManifold
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FixedRankMatrices",
+    "FixedTTMatrixRank",
     "FixedTTRank",
     "GeooptFixedRank",
+    "GeooptFixedTTMatrixRank",
     "GeooptFixedTTRank",
     "GeooptManifold",
     "LowRankManifold",
@@ -76,6 +85,7 @@ _SUBMODULES = frozenset(
 # Names of __all__ defined in a module loaded on first access: name -> module (relative to this package).
 _LAZY_NAMES = {
     "GeooptFixedRank": ".manifolds.geoopt",  # geoopt costs ~0.7 s at import, a third of `import lowrankopt`
+    "GeooptFixedTTMatrixRank": ".manifolds.geoopt",
     "GeooptFixedTTRank": ".manifolds.geoopt",
     "GeooptManifold": ".manifolds.geoopt",
 }

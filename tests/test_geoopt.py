@@ -12,10 +12,9 @@ import torch
 from reference import matrix_projector, rel, tt_full, tt_projector
 
 from lowrankopt import LowRankMatrix, TensorTrain, TTMatrix, riemannian_grad
+from lowrankopt.formats import delta_tt_matrix, tt_product
 from lowrankopt.manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank
 from lowrankopt.nn import LowRankLinear, TTLinear
-from lowrankopt.nn.manifold import lowrank as lowrank_layers
-from lowrankopt.nn.manifold import tt_product
 
 DT = torch.float64
 KINDS = ["matrix", "tt"]
@@ -359,10 +358,8 @@ def test_tt_linear_forward_equals_dense(g):
 def _straight_through_dense(layer: TTLinear) -> torch.Tensor:
     """W + T(δ) of the layer as a dense (out, in) matrix, formed by one einsum of the straight-through cores: the
     reference the δ-product node is checked against (its gradient in δ is the δ-gradient by definition)."""
-    cores = layer.manifold.straight_through(layer.weight).materialize().cores
-    in_f, out_f = layer.in_factors, layer.out_factors
-    d = len(in_f)
-    ops = [c.reshape(c.shape[0], o, i, c.shape[2]) for c, o, i in zip(cores, out_f, in_f, strict=True)]
+    ops = layer.manifold.straight_through(layer.weight).materialize().cores  # (r, out_k, in_k, r') operator cores
+    d = len(ops)
     spec = ",".join(f"{'abcde'[k]}{'ABCD'[k]}{'PQRS'[k]}{'abcde'[k + 1]}" for k in range(d))
     return torch.einsum(spec + "->" + "ABCD"[:d] + "PQRS"[:d], *ops).reshape(layer.out_features, layer.in_features)
 
@@ -370,7 +367,7 @@ def _straight_through_dense(layer: TTLinear) -> torch.Tensor:
 def _force_pattern(monkeypatch, pattern: str | None) -> None:
     """TTLinear's δ-product node with its sweep pattern forced (None: the cost model's choice)."""
     forced = functools.partial(tt_product.tt_delta_product, pattern=pattern)
-    monkeypatch.setattr(lowrank_layers, "tt_delta_product", forced)
+    monkeypatch.setattr(delta_tt_matrix, "tt_delta_product", forced)
 
 
 _TT_SHAPES = [(12, 6, (3, 4), (2, 3)), (24, 20, (2, 3, 4), (5, 2, 2)), (32, 48, (2, 4, 2, 2), (3, 2, 4, 2))]

@@ -14,7 +14,8 @@ import lowrankopt
 LAZY_SUBMODULES = ("benchmarks", "cross", "distributed", "nn", "spectral", "stats")
 HEAVY = ("lowrankopt.nn", "lowrankopt.spectral", "lowrankopt.stats", "lowrankopt.cross", "lowrankopt.distributed")
 HEAVY += ("lowrankopt.benchmarks", "lowrankopt.manifolds.geoopt", "geoopt")
-GEOOPT_NAMES = ("GeooptFixedRank", "GeooptFixedTTRank", "GeooptManifold")  # the bridge, loaded on first access
+# the bridge, loaded on first access
+GEOOPT_NAMES = ("GeooptFixedRank", "GeooptFixedTTMatrixRank", "GeooptFixedTTRank", "GeooptManifold")
 
 
 def _fresh(code: str) -> str:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import torch
 
 from .._checks import (
+    IndexCache,
     as_rank_list,
     as_shape,
     as_tolerance,
@@ -301,10 +302,12 @@ class TTMatrix(_Cores):
     Args:
         cores: d tensors ``cores[k]: (r_{k-1}, m_k, n_k, r_k)``, ``r_0 = r_d = 1``.
 
-    Row index ``(i_1..i_d)`` and column index ``(j_1..j_d)`` are flattened row-major.
+    Row index ``(i_1..i_d)`` and column index ``(j_1..j_d)`` are flattened row-major. The operator is the
+    TensorTrain of the merged modes ``(m_k n_k)`` (each core reshaped, :meth:`merged`): the linear algebra of the
+    vector space of TT-matrices (``inner``, ``norm``, ``+``, ``-``, scalar ``*``) is that of the merged tensor train.
     """
 
-    __slots__ = ("cores",)
+    __slots__ = ("cores", "_cache")
 
     def __init__(self, cores: Sequence[torch.Tensor]) -> None:
         cores = _checked_cores(cores, 4)
@@ -314,12 +317,27 @@ class TTMatrix(_Cores):
             if cores[k].shape[3] != cores[k + 1].shape[0]:
                 raise ValueError(f"cores[{k}] and cores[{k + 1}] have mismatched ranks")
         self.cores = cores
+        self._cache = {}
 
     @classmethod
     def _trusted(cls, cores) -> TTMatrix:
-        obj = cls.__new__(cls)
+        obj = TTMatrix.__new__(TTMatrix)
         obj.cores = list(cores)
+        obj._cache = {}
         return obj
+
+    @classmethod
+    def from_merged(cls, tt: TensorTrain, row_shape: Sequence[int], col_shape: Sequence[int]) -> TTMatrix:
+        """The TT-matrix whose merged tensor train (:meth:`merged`) is ``tt`` (of shape ``(m_k n_k)``): its cores
+        reshaped (views), ``tt`` kept as the merged object. ``O(d)``."""
+        row_shape, col_shape = _mode_shapes(row_shape, col_shape)
+        if not isinstance(tt, TensorTrain):
+            raise TypeError(f"tt must be a TensorTrain, got {type(tt).__name__}")
+        if tt.shape != tuple(m * n for m, n in zip(row_shape, col_shape)):
+            raise ValueError(f"tt of shape {tt.shape} is not merged from row_shape {row_shape}, col_shape {col_shape}")
+        A = cls._trusted([c.reshape(c.shape[0], m, n, c.shape[2]) for c, m, n in zip(tt.cores, row_shape, col_shape)])
+        A._cache["merged"] = tt
+        return A
 
     @property
     def row_shape(self) -> tuple[int, ...]:
@@ -337,9 +355,62 @@ class TTMatrix(_Cores):
     def ranks(self) -> tuple[int, ...]:
         return tuple(c.shape[3] for c in self.cores[:-1])
 
-    def _merged(self) -> TensorTrain:
-        """The TensorTrain of the merged modes ``(m_k n_k)`` (row-major: ``i_k n_k + j_k``), each core reshaped."""
-        return TensorTrain._trusted([c.reshape(c.shape[0], -1, c.shape[3]) for c in self.cores])
+    def merged(self) -> TensorTrain:
+        """The TensorTrain of the merged modes ``(m_k n_k)`` (row-major: ``i_k n_k + j_k``), each core reshaped
+        (views; kept: what is cached on it, a manifold point's frames, lives as long as this object). Cost ``O(d)``."""
+        if "merged" not in self._cache:
+            self._cache["merged"] = TensorTrain._trusted([c.reshape(c.shape[0], -1, c.shape[3]) for c in self.cores])
+        return self._cache["merged"]
+
+    def _check_compatible(self, other: TTMatrix) -> None:
+        if (other.row_shape, other.col_shape) != (self.row_shape, self.col_shape):
+            raise ValueError(
+                f"mode mismatch: row_shape {self.row_shape}, col_shape {self.col_shape} and row_shape "
+                f"{other.row_shape}, col_shape {other.col_shape}"
+            )
+
+    def inner(self, other: TTMatrix | torch.Tensor) -> torch.Tensor:
+        """The Frobenius inner product ``Σ A[i, j] B[i, j]`` with a TTMatrix of the same modes (cost
+        ``O(d m n r_A r_B (r_A + r_B))``) or a dense ``(Π m_k, Π n_k)`` tensor (cost ``O(M N r)``)."""
+        if isinstance(other, TTMatrix):
+            self._check_compatible(other)
+            return self.merged().inner(other.merged())
+        if isinstance(other, torch.Tensor):
+            if tuple(other.shape) != self.shape:
+                raise ValueError(f"other must have shape {self.shape}, got {tuple(other.shape)}")
+            return self.merged().inner(merge_modes(other, self.row_shape, self.col_shape))
+        raise TypeError(f"other must be a TTMatrix or a tensor, got {type(other).__name__}")
+
+    def norm(self) -> torch.Tensor:
+        """Frobenius norm (no QR, cheap to differentiate). Cost ``O(d m n r³)``."""
+        return self.merged().norm()
+
+    def __add__(self, other: TTMatrix) -> TTMatrix:
+        """Sum with ranks ``r_A + r_B`` (no recompression). Cost ``O(d m n (r_A + r_B)²)``."""
+        if not isinstance(other, TTMatrix):
+            return NotImplemented
+        self._check_compatible(other)
+        return TTMatrix.from_merged(self.merged() + other.merged(), self.row_shape, self.col_shape)
+
+    def __neg__(self) -> TTMatrix:
+        return TTMatrix.from_merged(-self.merged(), self.row_shape, self.col_shape)
+
+    def __sub__(self, other: TTMatrix) -> TTMatrix:
+        if not isinstance(other, TTMatrix):
+            return NotImplemented
+        return self + (-other)
+
+    def __mul__(self, alpha) -> TTMatrix:
+        """Scalar multiple. Cost ``O(m n r²)``."""
+        if isinstance(alpha, (TTMatrix, TensorTrain)):
+            return NotImplemented
+        return TTMatrix.from_merged(self.merged() * alpha, self.row_shape, self.col_shape)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, alpha) -> TTMatrix:
+        """``A / alpha`` (alpha nonzero). Cost ``O(m n r²)``."""
+        return TTMatrix.from_merged(self.merged() / alpha, self.row_shape, self.col_shape)
 
     def __repr__(self) -> str:
         return f"TTMatrix(row_shape={self.row_shape}, col_shape={self.col_shape}, ranks={self.ranks})"
@@ -357,14 +428,11 @@ class TTMatrix(_Cores):
         Same accuracy guarantee as :meth:`TensorTrain.from_dense`. Cost ``O((mn)^{d+1} r)``."""
         check_tensor("A", A, 2)
         row_shape, col_shape = _mode_shapes(row_shape, col_shape)
-        d = len(row_shape)
         if tuple(A.shape) != (math.prod(row_shape), math.prod(col_shape)):
             raise ValueError(
                 f"A of shape {tuple(A.shape)} does not match row_shape {row_shape} and col_shape {col_shape}"
             )
-        T = A.reshape(row_shape + col_shape)
-        T = T.permute([p for k in range(d) for p in (k, d + k)]).reshape([m * n for m, n in zip(row_shape, col_shape)])
-        cores = tt_svd(T, max_rank, eps)
+        cores = tt_svd(merge_modes(A, row_shape, col_shape), max_rank, eps)
         return cls._trusted([c.reshape(c.shape[0], m, n, c.shape[2]) for c, m, n in zip(cores, row_shape, col_shape)])
 
     @classmethod
@@ -405,15 +473,12 @@ class TTMatrix(_Cores):
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """Entries at ``index: (N, 2)`` integer ``(row, column)`` pairs of the ``(Π m_k, Π n_k)`` matrix, as
         ``(N,)`` (the ``(N, d)`` convention of every format's ``gather``, here with d = 2). Each pair is split into
-        its mode digits (row-major) and the merged TT of modes ``(m_k, n_k)`` is gathered.
-        Cost ``O(N d r²)``."""
+        its mode digits (row-major; kept per index tensor, so that a loss evaluated many times at one index splits
+        it once) and the merged TT of modes ``(m_k, n_k)`` is gathered. Cost ``O(N d r²)``."""
         index = check_index("index", index, self.shape, self.device)
-        rows, cols = index[:, 0], index[:, 1]
-        merged = []
-        for m, n in zip(reversed(self.row_shape), reversed(self.col_shape)):
-            merged.append((rows % m) * n + cols % n)
-            rows, cols = rows // m, cols // n
-        return self._merged()._gather(torch.stack(merged[::-1], 1))
+        rows, cols = self.row_shape, self.col_shape
+        merged = _MERGED_INDICES.get(index, (rows, cols), lambda: _merge_index(index, rows, cols))
+        return self.merged()._gather(merged)
 
     def matvec(self, X: torch.Tensor, order: str | None = None) -> torch.Tensor:
         """``A`` applied to each row of the dense batch ``X: (B, Π n_k)``, giving ``(B, Π m_k)``.
@@ -533,6 +598,27 @@ def _sweep_right(cores: Sequence[torch.Tensor], X: torch.Tensor) -> torch.Tensor
         if k > 0:
             rest = rest // cores[k - 1].shape[2] * m
     return S.reshape(math.prod(c.shape[1] for c in cores), B).T
+
+
+_MERGED_INDICES = IndexCache(16)
+
+
+def _merge_index(index: torch.Tensor, row_shape: Sequence[int], col_shape: Sequence[int]) -> torch.Tensor:
+    """``(N, 2)`` (row, column) pairs as ``(N, d)`` indices of the merged modes ``i_k n_k + j_k``. ``O(N d)``."""
+    rows, cols = index[:, 0], index[:, 1]
+    merged = []
+    for m, n in zip(reversed(row_shape), reversed(col_shape)):
+        merged.append((rows % m) * n + cols % n)
+        rows, cols = rows // m, cols // n
+    return torch.stack(merged[::-1], 1)
+
+
+def merge_modes(A: torch.Tensor, row_shape: Sequence[int], col_shape: Sequence[int]) -> torch.Tensor:
+    """The dense ``(Π m_k, Π n_k)`` matrix ``A`` as the tensor of merged modes ``(m_1 n_1, ..., m_d n_d)`` (one
+    permutation: a copy of ``M N`` entries), the layout of a TT-matrix's merged tensor train."""
+    d = len(row_shape)
+    T = A.reshape(*row_shape, *col_shape).permute([p for k in range(d) for p in (k, d + k)])
+    return T.reshape([m * n for m, n in zip(row_shape, col_shape)])
 
 
 def _mode_shapes(row_shape, col_shape) -> tuple[list[int], list[int]]:

@@ -43,8 +43,17 @@ from .fixed_rank import FixedRankMatrices
 from .step_guard import HINT, OWNER, manifold_parameter, register_step_guard
 from .tangent import TangentVector
 from .tt import FixedTTRank
+from .tt_matrix import FixedTTMatrixRank
 
-__all__ = ["GeooptFixedRank", "GeooptFixedTTRank", "GeooptManifold", "HINT", "OWNER", "manifold_parameter"]
+__all__ = [
+    "GeooptFixedRank",
+    "GeooptFixedTTMatrixRank",
+    "GeooptFixedTTRank",
+    "GeooptManifold",
+    "HINT",
+    "OWNER",
+    "manifold_parameter",
+]
 
 _PACKED = "geoopt_packed"  # cache flag: the point's frames are exactly the packed factors of this bridge
 
@@ -391,3 +400,16 @@ class GeooptFixedTTRank(GeooptManifold):
     def __init__(self, shape: Sequence[int], ranks: int | Sequence[int]) -> None:
         super().__init__(FixedTTRank(shape, ranks))
         self.shape, self.ranks = self.base.shape, self.base.ranks
+
+
+class GeooptFixedTTMatrixRank(GeooptManifold):
+    """``GeooptManifold(FixedTTMatrixRank(row_shape, col_shape, ranks))``: point ``[C_1 | V_2 | ... | V_d]`` (the
+    right-orthogonal merged cores ``(r_{k-1}, m_k n_k, r_k)``), tangent ``[δ_1 | ... | δ_d]``; the layout of
+    :class:`GeooptFixedTTRank` of shape ``(m_k n_k)``. :meth:`straight_through` gives a TT-matrix whose ``matvec``
+    runs the rank-r δ-product node (what :class:`~lowrankopt.nn.TTLinear` trains through)."""
+
+    name = "FixedTTMatrixRank"
+
+    def __init__(self, row_shape: Sequence[int], col_shape: Sequence[int], ranks: int | Sequence[int]) -> None:
+        super().__init__(FixedTTMatrixRank(row_shape, col_shape, ranks))
+        self.row_shape, self.col_shape, self.ranks = self.base.row_shape, self.base.col_shape, self.base.ranks

@@ -19,9 +19,8 @@ from ..._checks import as_positive_int
 from ...formats.lowrank import LowRankMatrix
 from ...formats.tt import TensorTrain, TTMatrix
 from ...manifolds.base import qr_positive
-from ...manifolds.geoopt import GeooptFixedRank, GeooptFixedTTRank, manifold_parameter
+from ...manifolds.geoopt import GeooptFixedRank, GeooptFixedTTMatrixRank, GeooptManifold, manifold_parameter
 from .._common import _autocast_output, _check_input, _dense_linear, _full_precision, _init_bias, _kw, _refuse_half
-from .tt_product import tt_delta_product
 
 __all__ = ["LowRankLinear", "TTLinear"]
 
@@ -39,7 +38,7 @@ class _PackedLinear(torch.nn.Module):
     def _init_parameters(
         self,
         packed: torch.Tensor,
-        manifold: GeooptFixedRank | GeooptFixedTTRank,
+        manifold: GeooptManifold,
         bias: bool,
         dtype: torch.dtype,
         device: torch.device | None,
@@ -51,7 +50,7 @@ class _PackedLinear(torch.nn.Module):
         self.bias = _init_bias(self.out_features, self.in_features, bias, dtype, device, generator)
 
     @property
-    def manifold(self) -> GeooptFixedRank | GeooptFixedTTRank:
+    def manifold(self) -> GeooptManifold:
         """The packed manifold ``weight`` lives on."""
         return self.weight.manifold
 
@@ -238,8 +237,9 @@ class TTLinear(_PackedLinear):
 
     ``W[(i_1..i_d), (j_1..j_d)] = G_1[i_1, j_1] ⋯ G_d[i_d, j_d]`` with cores
     ``G_k: (r_{k-1}, out_k, in_k, r_k)``, row and column indices flattened row-major
-    (``out = Π out_k``, ``in = Π in_k``; see :class:`TTMatrix`). The weight is stored as the TT
-    tensor of shape ``[out_k · in_k]`` on :class:`GeooptFixedTTRank`, packed in right-orthogonal form.
+    (``out = Π out_k``, ``in = Π in_k``; see :class:`TTMatrix`). The weight is a point of the manifold of
+    TT-matrices (:class:`~lowrankopt.manifolds.FixedTTMatrixRank`, on :class:`GeooptFixedTTMatrixRank`), packed as
+    its right-orthogonal merged cores ``(r_{k-1}, out_k · in_k, r_k)``.
 
     Args:
         in_features: size of the input.
@@ -266,7 +266,7 @@ class TTLinear(_PackedLinear):
 
     (at ``1024 → 1024``, factors ``(8, 8, 16)``, ``(16, 8, 8)``, ranks 8, B = 256: 335M and 101M), chosen per call
     from the shapes; the dense W is never formed (memory stays ``O(B · state + d n r²)``). Training (a gradient for
-    the weight) runs one autograd node at the ranks r (:func:`~lowrankopt.nn.manifold.tt_product.tt_delta_product`):
+    the weight) runs one autograd node at the ranks r (:func:`~lowrankopt.formats.tt_product.tt_delta_product`):
     three sweeps of the cheaper cost above in all, forward and backward, plus ``O(d n r³)`` for the frames — not the
     matvec on the straight-through TT-matrix, whose ranks ``2 r_k`` make each sweep up to 4× dearer (that one serves
     only a backward pass under ``create_graph``). Measured against ``nn.Linear`` in docs/benchmarks.md (``layers``).
@@ -304,10 +304,10 @@ class TTLinear(_PackedLinear):
         ranks = self._ranks(rank, modes)
         dtype, device, _ = _kw(dtype, device, generator)
         self.in_factors, self.out_factors = tuple(in_f), tuple(out_f)
-        manifold = GeooptFixedTTRank(modes, ranks)
+        manifold = GeooptFixedTTMatrixRank(out_f, in_f, ranks)
         self.ranks = manifold.ranks
         x = TensorTrain.random(modes, list(ranks), dtype=dtype, device=device, generator=generator)
-        packed = manifold.pack(x)
+        packed = manifold.pack(TTMatrix.from_merged(x, out_f, in_f))
         C = manifold.unpack_tensor(packed)[0]  # ‖X‖ = ‖C_1‖ in right-orthogonal form
         C.mul_(math.sqrt(self.out_features / 3) / torch.linalg.vector_norm(C))
         self._init_parameters(packed, manifold, bias, dtype, device, generator)
@@ -336,44 +336,24 @@ class TTLinear(_PackedLinear):
             f"out_factors={self.out_factors}, ranks={self.ranks}, bias={self.bias is not None}"
         )
 
-    def _tt_matrix(self, cores) -> TTMatrix:
-        return TTMatrix._trusted(
-            [c.reshape(c.shape[0], o, i, c.shape[2]) for c, o, i in zip(cores, self.out_factors, self.in_factors)]
-        )
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (..., in)`` -> ``(..., out)`` by the TT-matrix matvec, the cheaper sweep (class docstring), W never
-        formed. With a gradient needed for the weight, by the δ-product node, so that ``weight.grad`` is the
-        δ-gradient."""
+        formed. With a gradient needed for the weight, the matvec of the manifold's linearization (the δ-product
+        node), so that ``weight.grad`` is the δ-gradient."""
         x2 = _check_input(x, self.in_features, self._weight())
         p = self.weight
         # under autocast: the products in the parameters' dtype (they must not autocast), the output cast once
         with _full_precision(x2):  # the frames (QR) in the parameters' dtype
             if torch.is_grad_enabled() and p.requires_grad:
-                y = self._delta_product(x2.to(p.dtype), p)
+                W = self.manifold.straight_through(p)
             else:
-                y = self._tt_matrix(self.manifold.unpack_tensor(p.detach())).matvec(x2.to(p.dtype))
+                W = self.manifold.base.point_from_parts(self.manifold.unpack_tensor(p.detach()))
+            y = W.matvec(x2.to(p.dtype))
         return self._output(_autocast_output(y), x)
-
-    def _delta_product(self, x2: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """``x2 Wᵀ`` with ``p.grad`` the δ-gradient, by :func:`~lowrankopt.nn.manifold.tt_product.tt_delta_product`
-        (three rank-r sweeps, instead of three on the rank-2r straight-through object). Frames ``O(d n r³)``."""
-        point = self.manifold._point(p.detach())
-        frames = self.manifold.base.frames(point)
-        d = len(point.cores)
-        right = [frames["C"], *frames["V"][1:]]
-        left = [*frames["U"][: d - 1], torch.tensordot(frames["R"][d - 1], frames["V"][d - 1], dims=1)]
-        return tt_delta_product(
-            x2,
-            p,
-            self._tt_matrix(right).cores,
-            self._tt_matrix(left).cores,
-            lambda q: self._tt_matrix(self.manifold.straight_through(q).materialize().cores),
-        )
 
     def weight_matrix(self) -> TTMatrix:
         """The weight as a TTMatrix with cores ``(r_{k-1}, out_k, in_k, r_k)`` (a detached copy)."""
-        return self._tt_matrix(self.manifold.unpack(self.weight).cores)
+        return self.manifold.unpack(self.weight)
 
     def to_dense(self) -> torch.nn.Linear:
         """An equivalent ``nn.Linear`` (forms the dense weight: ``O(in · out · r)``)."""
