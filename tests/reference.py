@@ -32,8 +32,21 @@ def tt_full(cores) -> torch.Tensor:
     return res.squeeze(0).squeeze(-1)
 
 
+def tt_matrix_full(cores) -> torch.Tensor:
+    """Dense ``(Π m_k, Π n_k)`` matrix from TT-matrix cores ``(r, m_k, n_k, r')`` by explicit contraction and one
+    permutation (independent of TTMatrix.full and of the merged-mode layout)."""
+    d = len(cores)
+    res = cores[0]
+    for c in cores[1:]:
+        res = torch.tensordot(res, c, dims=([res.dim() - 1], [0]))
+    res = res.squeeze(0).squeeze(-1)  # (m_1, n_1, m_2, n_2, ...)
+    res = res.permute([2 * k for k in range(d)] + [2 * k + 1 for k in range(d)])
+    return res.reshape(math.prod(c.shape[1] for c in cores), math.prod(c.shape[2] for c in cores))
+
+
 def tt_projector(x) -> torch.Tensor:
-    return dense_tangent_projector(tt_full, list(x.cores))
+    """The tangent projector of a TensorTrain, or of a TTMatrix on the ``(M, N)`` matrices (row-major entries)."""
+    return dense_tangent_projector(tt_matrix_full if x.cores[0].dim() == 4 else tt_full, list(x.cores))
 
 
 def matrix_projector(X: torch.Tensor, rank: int) -> torch.Tensor:

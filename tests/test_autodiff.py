@@ -1,5 +1,7 @@
 """Riemannian gradient and Hessian against dense references written here."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ from test_manifolds import host_reads
 
 from lowrankopt import (
     FixedRankMatrices,
+    FixedTTMatrixRank,
     FixedTTRank,
     LowRankMatrix,
     TensorTrain,
@@ -21,6 +24,7 @@ from lowrankopt import (
 DT = torch.float64
 MSHAPE, MRANK = (7, 6), 2
 TSHAPE, TRANKS = (3, 4, 3, 4), (2, 3, 2)
+ROWS, COLS, ORANKS = (2, 3, 2), (3, 2, 2), (3, 4)  # a TT-matrix (12 × 12), merged modes (6, 6, 4)
 
 
 def matrix_problems(g):
@@ -74,20 +78,48 @@ def tt_problems(g):
     }
 
 
+def tt_matrix_problems(g):
+    """Functions of a TT-matrix X through each of its operations: entries, products with a batch, with a TT."""
+    m, n = math.prod(ROWS), math.prod(COLS)
+    idx = torch.stack([torch.randint(0, m, (50,), generator=g), torch.randint(0, n, (50,), generator=g)], 1)
+    vals = torch.randn(50, dtype=DT, generator=g)
+    B, C = torch.randn(6, n, dtype=DT, generator=g), torch.randn(6, m, dtype=DT, generator=g)
+    t = TensorTrain.random(COLS, 2, generator=g, dtype=DT)
+    td = t.full().reshape(-1)
+    A = torch.randn(m, n, dtype=DT, generator=g)
+    return {
+        "completion": (
+            lambda X: 0.5 * ((X.gather(idx) - vals) ** 2).sum(),
+            lambda X: 0.5 * ((X[idx[:, 0], idx[:, 1]] - vals) ** 2).sum(),
+        ),
+        "matvec": (lambda X: 0.5 * ((X.matvec(B) - C) ** 2).sum(), lambda X: 0.5 * ((B @ X.T - C) ** 2).sum()),
+        "logistic": (lambda X: F.softplus(X.matvec(B) * C).sum(), lambda X: F.softplus((B @ X.T) * C).sum()),
+        "operator": (lambda X: (X @ t).norm() ** 2 * X.inner(A), lambda X: ((X @ td) ** 2).sum() * (X * A).sum()),
+        "norm4": (lambda X: X.norm() ** 4, lambda X: torch.linalg.matrix_norm(X) ** 4),
+    }
+
+
 def setup(kind, seed=0):
     g = torch.Generator().manual_seed(seed)
     if kind == "matrix":
         M = FixedRankMatrices(*MSHAPE, MRANK)
         x = M.random_point(generator=g, dtype=torch.float64)
         return M, x, lambda: matrix_projector(x.full(), MRANK), matrix_problems(g), g
+    if kind == "ttmatrix":
+        M = FixedTTMatrixRank(ROWS, COLS, ORANKS)
+        x = TTMatrix.random(ROWS, COLS, list(ORANKS), generator=g, dtype=DT)
+        return M, x, lambda: tt_projector(x), tt_matrix_problems(g), g
     M = FixedTTRank(TSHAPE, TRANKS)
     x = TensorTrain.random(TSHAPE, list(TRANKS), generator=g, dtype=torch.float64)
     return M, x, lambda: tt_projector(x), tt_problems(g), g
 
 
-CASES = [("matrix", p) for p in matrix_problems(torch.Generator().manual_seed(0))] + [
-    ("tt", p) for p in tt_problems(torch.Generator().manual_seed(0))
+CASES = [
+    (kind, p)
+    for kind, problems in (("matrix", matrix_problems), ("tt", tt_problems), ("ttmatrix", tt_matrix_problems))
+    for p in problems(torch.Generator().manual_seed(0))
 ]
+KINDS = ["matrix", "tt", "ttmatrix"]
 
 
 @pytest.mark.parametrize("kind,name", CASES)
@@ -117,7 +149,17 @@ def dense_projector(kind, y):
 
 
 @pytest.mark.parametrize(
-    "kind,name", [("matrix", "completion"), ("matrix", "logistic"), ("tt", "completion"), ("tt", "xAx"), ("tt", "sin")]
+    "kind,name",
+    [
+        ("matrix", "completion"),
+        ("matrix", "logistic"),
+        ("tt", "completion"),
+        ("tt", "xAx"),
+        ("tt", "sin"),
+        ("ttmatrix", "completion"),
+        ("ttmatrix", "logistic"),
+        ("ttmatrix", "operator"),
+    ],
 )
 def test_exact_hessian_equals_dense_weingarten_formula(kind, name):
     """Hess f[ξ] = P ∇²f ξ + P (D_ξ P)[∇f], with D_ξ P by central differences of the dense projector."""
@@ -163,11 +205,11 @@ def test_taylor_test_detects_a_missing_curvature_term():
     assert loglog_slope(ts, errs) < 2.3
 
 
-@pytest.mark.parametrize("kind", ["matrix", "tt"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("curvature", [True, False])
 def test_hvp_is_symmetric_and_linear(kind, curvature):
     M, x, _, probs, g = setup(kind, seed=2)
-    f, _ = probs["sin"]
+    f, _ = probs["logistic" if kind == "ttmatrix" else "sin"]
     u, v = M.random_tangent(x, generator=g), M.random_tangent(x, generator=g)
     Hu = riemannian_hvp(f, x, u, curvature=curvature)
     Hv = riemannian_hvp(f, x, v, curvature=curvature)
@@ -186,7 +228,7 @@ def test_linear_function_has_zero_projected_hessian():
     assert float(riemannian_hvp(lambda X: X.inner(w), x, xi, curvature=True).norm()) > 0  # curvature remains
 
 
-@pytest.mark.parametrize("kind", ["matrix", "tt"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_representation_dependence_is_detected(kind):
     M, x, _, probs, _ = setup(kind)
 
@@ -208,7 +250,7 @@ def completion_on(kind, x, g):
     return lambda X: 0.5 * ((X.gather(idx) - vals) ** 2).sum()
 
 
-@pytest.mark.parametrize("kind", ["matrix", "tt"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_float32_agrees_with_float64(kind):
     M, x, _, _, g = setup(kind)
     f64 = completion_on(kind, x, torch.Generator().manual_seed(9))
@@ -233,7 +275,7 @@ def test_f_must_return_a_scalar():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["matrix", "tt"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_cuda_matches_cpu(kind):
     M, x, _, _, g = setup(kind)
     f_cpu = completion_on(kind, x, torch.Generator().manual_seed(4))
@@ -279,7 +321,7 @@ def test_curvature_at_a_rank_deficient_matrix_point_raises(small):
     assert rel(h.to_ambient().full().reshape(-1), P @ dense_hvp(f_dense, Y, Xi).reshape(-1)) < 1e-12
 
 
-@pytest.mark.parametrize("kind", ["matrix", "tt"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_exact_hessian_checks_the_rank_once_per_point(kind, monkeypatch):
     """Issue 18 review: every Hessian-vector product took the SVD of S (matrices) and read the full-rank verdict back
     to the host (a synchronization per product, per bond for TT), and solved with S (a synchronization on a GPU). The

@@ -6,7 +6,15 @@ import pytest
 import torch
 from reference import loglog_slope, matrix_projector, rel, tt_full, tt_projector
 
-from lowrankopt import FixedRankMatrices, FixedTTRank, LowRankMatrix, TangentVector, TensorTrain
+from lowrankopt import (
+    FixedRankMatrices,
+    FixedTTMatrixRank,
+    FixedTTRank,
+    LowRankMatrix,
+    TangentVector,
+    TensorTrain,
+    TTMatrix,
+)
 
 DT = torch.float64
 
@@ -16,6 +24,10 @@ def make(kind, g):
         M = FixedRankMatrices(7, 5, 2)
         x = M.random_point(generator=g, dtype=torch.float64)
         return M, x, matrix_projector(x.full(), 2), (7, 5)
+    if kind == "ttmatrix":  # merged modes (4, 6, 3): the ranks are not clipped by the merged modes alone
+        M = FixedTTMatrixRank((2, 3, 1), (2, 2, 3), (3, 3))
+        x = TTMatrix.random(M.row_shape, M.col_shape, list(M.ranks), generator=g, dtype=DT)  # generic cores
+        return M, x, tt_projector(x), M.ambient_shape
     M = FixedTTRank((3, 4, 2, 3), (2, 3, 2))
     x = TensorTrain.random(
         M.shape, list(M.ranks), generator=g, dtype=torch.float64
@@ -23,7 +35,34 @@ def make(kind, g):
     return M, x, tt_projector(x), M.shape
 
 
-KINDS = ["matrix", "tt"]
+def random_format(kind, M, rank, g):
+    """A random object of the point format (not on M: rank ``rank``), for projections."""
+    if kind == "matrix":
+        return LowRankMatrix.random(M.m, M.n, rank, generator=g, dtype=DT)
+    if kind == "ttmatrix":
+        return TTMatrix.random(M.row_shape, M.col_shape, rank, generator=g, dtype=DT)
+    return TensorTrain.random(M.shape, rank, generator=g, dtype=DT)
+
+
+def projector(kind, y):
+    return matrix_projector(y.full(), y.rank) if kind == "matrix" else tt_projector(y)
+
+
+def tt_unfolding_ranks(kind, Y, M):
+    """The ranks of the dense unfoldings of Y (of the merged modes for a TT-matrix): the TT-ranks."""
+    if kind == "ttmatrix":
+        d = len(M.row_shape)
+        Y = Y.reshape(*M.row_shape, *M.col_shape).permute([p for k in range(d) for p in (k, d + k)])
+        shape = [m * n for m, n in zip(M.row_shape, M.col_shape)]
+    else:
+        shape = M.shape
+    Y = Y.reshape(shape)
+    return tuple(
+        int(torch.linalg.matrix_rank(Y.reshape(int(torch.tensor(shape[:k]).prod()), -1))) for k in range(1, len(shape))
+    )
+
+
+KINDS = ["matrix", "tt", "ttmatrix"]
 
 _HOST_READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist")
 
@@ -76,10 +115,7 @@ def test_proj_of_dense_equals_dense_projector(kind, g):
 @pytest.mark.parametrize("kind", KINDS)
 def test_proj_of_formatted_input_equals_dense(kind, g):
     M, x, P, shape = make(kind, g)
-    if kind == "matrix":
-        z = LowRankMatrix.random(*shape, 3, generator=g, dtype=torch.float64)
-    else:
-        z = TensorTrain.random(shape, 3, generator=g, dtype=torch.float64)
+    z = random_format(kind, M, 3, g)
     assert rel(M.proj(x, z).to_ambient().full().reshape(-1), P @ z.full().reshape(-1)) < 1e-12
 
 
@@ -124,9 +160,7 @@ def test_retraction_is_second_order_and_keeps_ranks(kind, g):
             assert y.rank == 2 and torch.linalg.matrix_rank(Y) == 2
         else:
             assert y.ranks == M.ranks
-            for k in range(1, len(shape)):  # exact TT ranks: ranks of the dense unfoldings
-                unf = Y.reshape(int(torch.tensor(shape[:k]).prod()), -1)
-                assert torch.linalg.matrix_rank(unf) == M.ranks[k - 1]
+            assert tt_unfolding_ranks(kind, Y, M) == M.ranks  # exact TT ranks
         D = (Y - X - t * Xi).reshape(-1)
         first.append(float(D.norm()))
         tangential.append(float((P @ D).norm()))
@@ -141,7 +175,7 @@ def test_transport_lands_in_new_tangent_space(kind, g):
     y = M.retr(x, xi * 0.3)
     w = M.transp(x, y, xi)
     assert w.base is y
-    Py = matrix_projector(y.full(), 2) if kind == "matrix" else tt_projector(y)
+    Py = projector(kind, y)
     assert rel(w.to_ambient().full().reshape(-1), Py @ xi.to_ambient().full().reshape(-1)) < 1e-11
 
 
@@ -215,11 +249,7 @@ def test_tangent_inputs_of_another_dtype_or_device_or_not_finite_are_refused(kin
         M.tangent(x, bad)
     with pytest.raises(TypeError, match="z has dtype torch.float64 but x has torch.float32"):
         M.proj(x32, torch.randn(shape, dtype=DT, generator=g))
-    z = (
-        LowRankMatrix.random(*shape, 3, generator=g, dtype=torch.float64)
-        if kind == "matrix"
-        else TensorTrain.random(shape, 2, generator=g, dtype=torch.float64)
-    )
+    z = random_format(kind, M, 2, g)
     with pytest.raises(TypeError, match="z has dtype torch.float64 but x has torch.float32"):
         M.proj(x32, z)
     v = M.tangent(x, coords)

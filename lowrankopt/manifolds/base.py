@@ -94,6 +94,10 @@ class LowRankManifold(ABC):
     # plain tensor on a sphere, ...), and so are frames and ambient objects, whose form each subclass chooses.
     point_type: type
     ambient_shape: tuple[int, ...]
+    #: Whether ``c x`` (``c > 0``) is the point whose first packed part (:meth:`point_parts`) is scaled by ``c``, with
+    #: the same frames, so that tangent coordinates at x are coordinates at ``c x`` (what weight decay on a packed
+    #: parameter needs). True for factorizations whose frames a positive scale leaves as they are.
+    scales_by_first_part: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

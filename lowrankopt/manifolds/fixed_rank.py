@@ -26,6 +26,7 @@ class FixedRankMatrices(LowRankManifold):
     """
 
     point_type = LowRankMatrix
+    scales_by_first_part = True  # [C | V]: C scales, V stays
 
     def __init__(self, m: int, n: int, rank: int) -> None:
         m, n, rank = as_positive_int("m", m), as_positive_int("n", n), as_positive_int("rank", rank)

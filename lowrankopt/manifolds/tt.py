@@ -27,6 +27,7 @@ class FixedTTRank(LowRankManifold):
     """
 
     point_type = TensorTrain
+    scales_by_first_part = True  # [C_1 | V_2 | ...]: frames from positive-diagonal QRs, unchanged by c > 0
 
     def __init__(self, shape: Sequence[int], ranks: int | Sequence[int]) -> None:
         shape = list(as_shape("shape", shape))

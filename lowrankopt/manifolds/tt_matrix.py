@@ -37,6 +37,7 @@ class FixedTTMatrixRank(LowRankManifold):
     """
 
     point_type = TTMatrix
+    scales_by_first_part = True  # as FixedTTRank
 
     def __init__(self, row_shape: Sequence[int], col_shape: Sequence[int], ranks: int | Sequence[int]) -> None:
         row_shape, col_shape = as_shape("row_shape", row_shape), as_shape("col_shape", col_shape)

@@ -25,16 +25,14 @@ from ...manifolds import fixed_rank_kernels as kernels
 from ...manifolds.base import LowRankManifold
 from ...manifolds.fixed_rank import FixedRankMatrices
 from ...manifolds.tangent import TangentVector
-from ...manifolds.tt import FixedTTRank
 
 __all__ = ["EuclideanStack", "FixedRankStack", "GeooptStack", "ProtocolStack", "scalable"]
 
 
 def scalable(base: LowRankManifold) -> bool:
     """Whether ``c x`` (``c > 0``) is the point with the first packed part scaled by ``c`` and the same frames, so that
-    tangent coordinates at x are coordinates at ``c x``: fixed-rank matrices (``[C | V]``) and tensor trains
-    (``[C_1 | V_2 | ...]``, frames from positive-diagonal QRs, which a positive scale leaves as they are)."""
-    return isinstance(base, (FixedRankMatrices, FixedTTRank))
+    tangent coordinates at x are coordinates at ``c x`` (:attr:`LowRankManifold.scales_by_first_part`)."""
+    return base.scales_by_first_part
 
 
 class EuclideanStack:
