@@ -22,11 +22,12 @@ from .autodiff import (
     riemannian_hvp,
 )
 from .completion import complete, completion_loss, sample_indices
-from .formats import LowRankMatrix, TensorRing, TensorTrain, TTMatrix
+from .formats import LowRankMatrix, TensorRing, TensorTrain, TTMatrix, Tucker
 from .manifolds import (
     FixedRankMatrices,
     FixedTTMatrixRank,
     FixedTTRank,
+    FixedTuckerRank,
     LowRankManifold,
     TangentVector,
     manifold_of,
@@ -51,6 +52,7 @@ __all__ = [
     "FixedRankMatrices",
     "FixedTTMatrixRank",
     "FixedTTRank",
+    "FixedTuckerRank",
     "GeooptFixedRank",
     "GeooptFixedTTMatrixRank",
     "GeooptFixedTTRank",
@@ -65,6 +67,7 @@ __all__ = [
     "TangentVector",
     "TensorRing",
     "TensorTrain",
+    "Tucker",
     "complete",
     "completion_loss",
     "manifold_of",

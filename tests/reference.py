@@ -44,6 +44,19 @@ def tt_matrix_full(cores) -> torch.Tensor:
     return res.reshape(math.prod(c.shape[1] for c in cores), math.prod(c.shape[2] for c in cores))
 
 
+def tucker_full(parts) -> torch.Tensor:
+    """Dense tensor of a Tucker ``[core, U_1, ..., U_d]`` by one einsum (independent of Tucker.full)."""
+    core, *factors = parts
+    letters = "abcdefgh"[: core.dim()]
+    spec = f"{letters}," + ",".join(f"{'ijklmnop'[k]}{letters[k]}" for k in range(core.dim()))
+    return torch.einsum(f"{spec}->{'ijklmnop'[: core.dim()]}", core, *factors)
+
+
+def tucker_projector(x) -> torch.Tensor:
+    """The tangent projector of a Tucker tensor (range of the parametrization's Jacobian)."""
+    return dense_tangent_projector(tucker_full, [x.core, *x.factors])
+
+
 def tt_projector(x) -> torch.Tensor:
     """The tangent projector of a TensorTrain, or of a TTMatrix on the ``(M, N)`` matrices (row-major entries)."""
     return dense_tangent_projector(tt_matrix_full if x.cores[0].dim() == 4 else tt_full, list(x.cores))

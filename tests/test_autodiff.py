@@ -5,16 +5,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import dense_grad, dense_hvp, loglog_slope, matrix_projector, rel, tt_projector
+from reference import dense_grad, dense_hvp, loglog_slope, matrix_projector, rel, tt_projector, tucker_projector
 from test_manifolds import host_reads
 
 from lowrankopt import (
     FixedRankMatrices,
     FixedTTMatrixRank,
     FixedTTRank,
+    FixedTuckerRank,
     LowRankMatrix,
     TensorTrain,
     TTMatrix,
+    Tucker,
     riemannian_grad,
     riemannian_grad_and_hessian,
     riemannian_grad_and_hvp,
@@ -25,6 +27,7 @@ DT = torch.float64
 MSHAPE, MRANK = (7, 6), 2
 TSHAPE, TRANKS = (3, 4, 3, 4), (2, 3, 2)
 ROWS, COLS, ORANKS = (2, 3, 2), (3, 2, 2), (3, 4)  # a TT-matrix (12 × 12), merged modes (6, 6, 4)
+KSHAPE, KRANKS = (4, 5, 3, 3), (2, 3, 2, 3)  # Tucker
 
 
 def matrix_problems(g):
@@ -99,12 +102,41 @@ def tt_matrix_problems(g):
     }
 
 
+def tucker_problems(g):
+    idx = torch.stack([torch.randint(0, n, (60,), generator=g) for n in KSHAPE], 1)
+    vals = torch.randn(60, dtype=DT, generator=g)
+    A = torch.randn(KSHAPE, dtype=DT, generator=g)
+    w = Tucker.random(KSHAPE, 2, generator=g, dtype=DT)
+    wd = w.full()
+
+    def sel(X):
+        return X[tuple(idx.T)]
+
+    return {
+        "completion": (
+            lambda X: 0.5 * ((X.gather(idx) - vals) ** 2).sum(),
+            lambda X: 0.5 * ((sel(X) - vals) ** 2).sum(),
+        ),
+        "sin": (lambda X: torch.sin(3 * X.gather(idx)).sum(), lambda X: torch.sin(3 * sel(X)).sum()),
+        "logistic": (
+            lambda X: F.softplus(X.inner(A) * X.inner(w)),
+            lambda X: F.softplus((X * A).sum() * (X * wd).sum()),
+        ),
+        "norm4": (lambda X: (X - w).norm() ** 4, lambda X: ((X - wd) ** 2).sum() ** 2),
+    }
+
+
 def setup(kind, seed=0):
     g = torch.Generator().manual_seed(seed)
     if kind == "matrix":
         M = FixedRankMatrices(*MSHAPE, MRANK)
         x = M.random_point(generator=g, dtype=torch.float64)
         return M, x, lambda: matrix_projector(x.full(), MRANK), matrix_problems(g), g
+    if kind == "tucker":
+        M = FixedTuckerRank(KSHAPE, KRANKS)
+        factors = [torch.randn(n, r, dtype=DT, generator=g) for n, r in zip(KSHAPE, KRANKS)]
+        x = Tucker(torch.randn(KRANKS, dtype=DT, generator=g), factors)
+        return M, x, lambda: tucker_projector(x), tucker_problems(g), g
     if kind == "ttmatrix":
         M = FixedTTMatrixRank(ROWS, COLS, ORANKS)
         x = TTMatrix.random(ROWS, COLS, list(ORANKS), generator=g, dtype=DT)
@@ -116,10 +148,15 @@ def setup(kind, seed=0):
 
 CASES = [
     (kind, p)
-    for kind, problems in (("matrix", matrix_problems), ("tt", tt_problems), ("ttmatrix", tt_matrix_problems))
+    for kind, problems in (
+        ("matrix", matrix_problems),
+        ("tt", tt_problems),
+        ("ttmatrix", tt_matrix_problems),
+        ("tucker", tucker_problems),
+    )
     for p in problems(torch.Generator().manual_seed(0))
 ]
-KINDS = ["matrix", "tt", "ttmatrix"]
+KINDS = ["matrix", "tt", "ttmatrix", "tucker"]
 
 
 @pytest.mark.parametrize("kind,name", CASES)
@@ -145,6 +182,8 @@ def test_hvp_without_curvature_equals_dense_projected_hessian(kind, name):
 
 
 def dense_projector(kind, y):
+    if kind == "tucker":
+        return tucker_projector(y)
     return matrix_projector(y.full(), MRANK) if kind == "matrix" else tt_projector(y)
 
 
@@ -159,6 +198,9 @@ def dense_projector(kind, y):
         ("ttmatrix", "completion"),
         ("ttmatrix", "logistic"),
         ("ttmatrix", "operator"),
+        ("tucker", "completion"),
+        ("tucker", "sin"),
+        ("tucker", "logistic"),
     ],
 )
 def test_exact_hessian_equals_dense_weingarten_formula(kind, name):
@@ -209,7 +251,7 @@ def test_taylor_test_detects_a_missing_curvature_term():
 @pytest.mark.parametrize("curvature", [True, False])
 def test_hvp_is_symmetric_and_linear(kind, curvature):
     M, x, _, probs, g = setup(kind, seed=2)
-    f, _ = probs["logistic" if kind == "ttmatrix" else "sin"]
+    f, _ = probs["logistic" if kind == "ttmatrix" else "sin"]  # (every kind but the TT-matrix has "sin")
     u, v = M.random_tangent(x, generator=g), M.random_tangent(x, generator=g)
     Hu = riemannian_hvp(f, x, u, curvature=curvature)
     Hv = riemannian_hvp(f, x, v, curvature=curvature)
@@ -233,6 +275,8 @@ def test_representation_dependence_is_detected(kind):
     M, x, _, probs, _ = setup(kind)
 
     def bad(X):
+        if kind == "tucker":
+            return X.core.sum()
         return X.U.sum() if kind == "matrix" else sum(c.sum() for c in X.cores)
 
     with pytest.raises(ValueError, match="not a function of the tensor alone"):

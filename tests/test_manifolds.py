@@ -4,16 +4,18 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from reference import loglog_slope, matrix_projector, rel, tt_full, tt_projector
+from reference import loglog_slope, matrix_projector, rel, tt_full, tt_projector, tucker_projector
 
 from lowrankopt import (
     FixedRankMatrices,
     FixedTTMatrixRank,
     FixedTTRank,
+    FixedTuckerRank,
     LowRankMatrix,
     TangentVector,
     TensorTrain,
     TTMatrix,
+    Tucker,
 )
 
 DT = torch.float64
@@ -28,6 +30,11 @@ def make(kind, g):
         M = FixedTTMatrixRank((2, 3, 1), (2, 2, 3), (3, 3))
         x = TTMatrix.random(M.row_shape, M.col_shape, list(M.ranks), generator=g, dtype=DT)  # generic cores
         return M, x, tt_projector(x), M.ambient_shape
+    if kind == "tucker":
+        M = FixedTuckerRank((4, 3, 5), (2, 3, 3))
+        factors = [torch.randn(n, r, dtype=DT, generator=g) for n, r in zip(M.shape, M.ranks)]  # not orthonormal
+        x = Tucker(torch.randn(M.ranks, dtype=DT, generator=g), factors)
+        return M, x, tucker_projector(x), M.shape
     M = FixedTTRank((3, 4, 2, 3), (2, 3, 2))
     x = TensorTrain.random(
         M.shape, list(M.ranks), generator=g, dtype=torch.float64
@@ -41,15 +48,22 @@ def random_format(kind, M, rank, g):
         return LowRankMatrix.random(M.m, M.n, rank, generator=g, dtype=DT)
     if kind == "ttmatrix":
         return TTMatrix.random(M.row_shape, M.col_shape, rank, generator=g, dtype=DT)
+    if kind == "tucker":
+        return Tucker.random(M.shape, [min(rank, n) for n in M.shape], generator=g, dtype=DT)
     return TensorTrain.random(M.shape, rank, generator=g, dtype=DT)
 
 
 def projector(kind, y):
+    if kind == "tucker":
+        return tucker_projector(y)
     return matrix_projector(y.full(), y.rank) if kind == "matrix" else tt_projector(y)
 
 
 def tt_unfolding_ranks(kind, Y, M):
-    """The ranks of the dense unfoldings of Y (of the merged modes for a TT-matrix): the TT-ranks."""
+    """The ranks of the dense unfoldings of Y (of the merged modes for a TT-matrix): the TT-ranks; for Tucker the
+    ranks of the mode-k unfoldings, the multilinear ranks."""
+    if kind == "tucker":
+        return tuple(int(torch.linalg.matrix_rank(Y.movedim(k, 0).reshape(Y.shape[k], -1))) for k in range(Y.dim()))
     if kind == "ttmatrix":
         d = len(M.row_shape)
         Y = Y.reshape(*M.row_shape, *M.col_shape).permute([p for k in range(d) for p in (k, d + k)])
@@ -62,7 +76,7 @@ def tt_unfolding_ranks(kind, Y, M):
     )
 
 
-KINDS = ["matrix", "tt", "ttmatrix"]
+KINDS = ["matrix", "tt", "ttmatrix", "tucker"]
 
 _HOST_READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist")
 

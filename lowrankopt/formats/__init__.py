@@ -4,12 +4,14 @@ from .decompositions import truncate_right_to_left, tt_svd
 from .lowrank import LowRankMatrix
 from .tr import TensorRing, tr_full, tr_svd
 from .tt import TensorTrain, TTMatrix
+from .tucker import Tucker
 
 __all__ = [
     "LowRankMatrix",
     "TensorRing",
     "TensorTrain",
     "TTMatrix",
+    "Tucker",
     "tr_full",
     "tr_svd",
     "truncate_right_to_left",
