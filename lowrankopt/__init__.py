@@ -22,6 +22,7 @@ from .autodiff import (
     riemannian_hvp,
 )
 from .completion import complete, completion_loss, sample_indices
+from .diagnostics import check_gradient, check_hessian
 from .formats import LowRankMatrix, TensorRing, TensorTrain, TTMatrix, Tucker
 from .manifolds import (
     FixedRankMatrices,
@@ -68,6 +69,8 @@ __all__ = [
     "TensorRing",
     "TensorTrain",
     "Tucker",
+    "check_gradient",
+    "check_hessian",
     "complete",
     "completion_loss",
     "manifold_of",
