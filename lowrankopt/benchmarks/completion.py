@@ -44,7 +44,7 @@ from .registry import Benchmark, Case
 from .runner import Context
 
 TARGET = 1e-8
-OURS = ("cg", "trust-region")
+OURS = ("cg", "trust-region", "lbfgs")
 # pymanopt 2.2.1's FixedRankEmbedded.projection/transport evaluate U @ S @ V.T @ Z left to right: two dense
 # m × n temporaries per transport whatever the cost function; beyond this many entries we do not run it.
 PYMANOPT_MAX_ENTRIES = 5e7
@@ -111,7 +111,8 @@ def _ours(ctx: Context, method: str, idx, vals, shape, rank, test, x0, continuat
 
 
 def _ours_both(ctx: Context, *problem, continuation: tuple = (None,)) -> tuple[list[dict], list[dict]]:
-    """Rows and curves of lowrankopt's CG and trust-region on one problem (for each ``rank_continuation`` setting)."""
+    """Rows and curves of lowrankopt's CG, trust-region and L-BFGS on one problem (for each ``rank_continuation``
+    setting)."""
     runs = [_ours(ctx, method, *problem, c) for c in continuation for method in OURS]
     return [row for row, _ in runs], [curve for _, curve in runs]
 
@@ -218,7 +219,8 @@ def run_tt(case: Case, ctx: Context) -> dict:
 def _completion_benchmark(name: str, summary: str, **kwargs) -> Benchmark:
     return Benchmark(
         name=name,
-        summary=f"{summary}: time to relative test error 1e-8, lowrankopt CG and trust-region{kwargs.pop('vs', '')}",
+        summary=f"{summary}: time to relative test error 1e-8, lowrankopt CG, trust-region and L-BFGS"
+        f"{kwargs.pop('vs', '')}",
         baseline="time to 1e-8 of the row / time to 1e-8 of lowrankopt CG (> 1: slower than lowrankopt CG)",
         figures=("time to 1e-8 (s)", "iterations to 1e-8", "final test error", "start rank"),
         **kwargs,

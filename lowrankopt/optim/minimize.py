@@ -10,13 +10,14 @@ import numpy as np
 import torch
 
 from ..manifolds import LowRankManifold, manifold_of
+from .lbfgs import lbfgs
 from .line_search import BETA_RULES, line_search_descent
 from .objective import Objective
 from .result import OptimizeResult
 from .run import Run
 from .trust_region import FORCING_RULES, trust_region
 
-METHODS = ("sd", "cg", "trust-region")
+METHODS = ("sd", "cg", "trust-region", "lbfgs")
 
 _COMMON = {"max_iter": 1000, "gtol": 1e-6, "ftol": 0.0, "max_time": math.inf, "callback": None, "verbose": 0}
 _LINE_SEARCH = {"initial_step": "auto", "c1": 1e-4, "contraction": 0.5, "max_backtracks": 25}
@@ -35,8 +36,14 @@ _DEFAULTS = {
         "gradient_scale": None,
         "forcing": None,
     },
+    "lbfgs": {"memory": 10, "c1": 1e-4, "c2": 0.9, "max_linesearch": 25, "initial_step": "auto"},
 }
-_COLUMNS = {"sd": ("step_size",), "cg": ("step_size",), "trust-region": ("radius", "rho", "inner_iter", "accepted")}
+_COLUMNS = {
+    "sd": ("step_size",),
+    "cg": ("step_size",),
+    "trust-region": ("radius", "rho", "inner_iter", "accepted"),
+    "lbfgs": ("step_size", "memory", "evaluations"),
+}
 
 
 def minimize(
@@ -58,7 +65,8 @@ def minimize(
         x0: the initial point; its manifold is inferred from its shape and ranks unless ``manifold``
             is given.
         method: ``"trust-region"`` (Riemannian trust-region with truncated CG and the exact Riemannian
-            Hessian), ``"cg"`` (nonlinear conjugate gradients) or ``"sd"`` (steepest descent).
+            Hessian), ``"cg"`` (nonlinear conjugate gradients), ``"lbfgs"`` (limited-memory BFGS with a
+            strong-Wolfe line search; gradients only) or ``"sd"`` (steepest descent).
         manifold: any object with ``retr(x, v)``, ``transp(x, y, v)``, ``inner(x, u, v)``,
             ``norm(x, v)`` and ``dim`` whose tangent vectors support ``+``, ``-`` and scalar ``*``.
             For manifolds other than lowrankopt's, ``grad`` (and ``hvp``) must be given.
@@ -87,6 +95,14 @@ def minimize(
     bound ``−1/(‖η‖ min(0.01, ‖g‖))`` is not scale invariant: on TT completion (gradients ~1e-4) it stalled
     where PR+ converged (docs/benchmarks.md), so PR+ is ours.
 
+    Options of ``"lbfgs"`` (:mod:`~lowrankopt.optim.lbfgs`): ``memory`` (10 pairs (s, y), transported to each new
+    point by ``transp``; Manopt's default is 30, but each pair costs two transports per iteration), ``c1`` (1e-4)
+    and ``c2`` (0.9), the strong Wolfe constants (``0 < c1 < ½``, ``c1 < c2 < 1``; the derivative along the
+    retraction is ``⟨grad f(y), T_{x→y} p⟩``), ``max_linesearch`` (25 evaluations of f and its gradient per
+    line search), ``initial_step`` (as for sd/cg, for the first trial along −grad: the first iteration and after
+    a reset of the memory; along an L-BFGS direction the first trial is 1). Pairs with
+    ``⟨s, y⟩ ≤ √eps ‖s‖ ‖y‖`` are skipped; a direction that is not a descent direction resets the memory.
+
     Options of ``"trust-region"`` (Manopt's defaults): ``max_radius`` (√dim), ``initial_radius``
     (max_radius / 8), ``rho_prime`` (0.1), ``kappa`` (0.1), ``theta`` (1.0), ``min_inner`` (1),
     ``max_inner`` (dim), ``rho_regularization`` (1e3), ``gradient_scale`` (None: Manopt's inner stopping test
@@ -114,8 +130,9 @@ def minimize(
         ``success=False``, ``status=-1`` and the last point where both were finite.
 
     Cost per iteration: sd/cg one gradient (≈ 2–3 f) plus one Hessian quadratic form with model steps,
-    one retraction and (cg) one or two transports; trust-region one gradient and one Hessian-vector
-    product per inner tCG iteration (the first backward pass is shared by all of them).
+    one retraction and (cg) one or two transports; lbfgs one gradient and one retraction per line-search trial
+    (usually one), ``2·memory`` transports and ``O(memory)`` inner products; trust-region one gradient and one
+    Hessian-vector product per inner tCG iteration (the first backward pass is shared by all of them).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -136,11 +153,13 @@ def minimize(
     _validate(method, opts, obj)
     common = {k: opts.pop(k) for k in _COMMON}
     run = Run(method, obj, columns=_COLUMNS[method], **common)
+    if method != "trust-region" and opts["initial_step"] == "auto":
+        opts["initial_step"] = "model" if obj.has_hessian else "secant"
     if method == "trust-region":
         trust_region(obj, run, x0, **opts)
+    elif method == "lbfgs":
+        lbfgs(obj, run, x0, **opts)
     else:
-        if opts["initial_step"] == "auto":
-            opts["initial_step"] = "model" if obj.has_hessian else "secant"
         line_search_descent(obj, run, x0, conjugate=method == "cg", **{"beta": "fr", "restart_threshold": None, **opts})
     return run.result()
 
@@ -188,6 +207,14 @@ def _validate(method: str, o: dict, obj: Objective) -> None:
         )
     if o["initial_step"] == "model" and not obj.has_hessian:
         raise TypeError("initial_step='model' needs Hessian-vector products: pass hvp= or use initial_step='secant'")
+    if method == "lbfgs":
+        number("memory", 1, integer=True)
+        number("c1", open_lo=True, hi=0.5, open_hi=True)
+        number("c2", open_lo=True, hi=1.0, open_hi=True)
+        if not o["c1"] < o["c2"]:
+            raise ValueError(f"options c1 and c2 must satisfy c1 < c2, got c1={o['c1']!r}, c2={o['c2']!r}")
+        number("max_linesearch", 1, integer=True)
+        return
     number("c1", open_lo=True, hi=0.5)
     number("contraction", open_lo=True, hi=0.999)
     number("max_backtracks", integer=True)
