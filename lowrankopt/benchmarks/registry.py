@@ -21,6 +21,7 @@ from typing import Any
 MODULES = (
     "autodiff",
     "completion",
+    "approximation",
     "sttp",
     "gsoft",
     "spectral",
