@@ -22,6 +22,7 @@ MODULES = (
     "autodiff",
     "completion",
     "approximation",
+    "tucker",
     "sttp",
     "gsoft",
     "spectral",

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .tucker import Tucker, block_tucker
+from .tucker import Tucker, block_tucker, contract_rows
 
 Term = tuple[torch.Tensor, tuple[torch.Tensor, ...]]
 
@@ -71,7 +71,15 @@ class DeltaTucker(Tucker):
         return sum(t.full() for t in self._parts())
 
     def _gather(self, index: torch.Tensor) -> torch.Tensor:
-        return sum(t._gather(index) for t in self._parts())
+        """Term by term, each distinct factor's rows gathered once (most terms share the point's frames)."""
+        rows: dict[tuple[int, int], torch.Tensor] = {}
+
+        def row(U: torch.Tensor, k: int) -> torch.Tensor:
+            if (id(U), k) not in rows:
+                rows[id(U), k] = U[index[:, k]]
+            return rows[id(U), k]
+
+        return sum(contract_rows(G, [row(U, k) for k, U in enumerate(F)]) for G, F in self.terms)
 
     def inner(self, other: Tucker | torch.Tensor) -> torch.Tensor:
         """``<Y, other>``, term by term (T times the cost of one rank-r term's inner product)."""

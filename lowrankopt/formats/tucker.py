@@ -171,12 +171,7 @@ class Tucker:
         return self._gather(check_index("index", index, self.shape, self.device))
 
     def _gather(self, index: torch.Tensor) -> torch.Tensor:
-        N, ranks = index.shape[0], self.ranks
-        T = self.factors[0][index[:, 0]] @ self.core.reshape(ranks[0], -1)  # (N, r_2 ⋯ r_d)
-        for k in range(1, self.ndim):
-            rows = self.factors[k][index[:, k]]  # (N, r_k)
-            T = torch.bmm(rows.unsqueeze(1), T.reshape(N, ranks[k], -1)).reshape(N, -1)
-        return T.reshape(N)
+        return contract_rows(self.core, [U[index[:, k]] for k, U in enumerate(self.factors)])
 
     # ----------------------------------------------------------------- linear algebra
     def _check_compatible(self, other: Tucker) -> None:
@@ -245,6 +240,16 @@ class Tucker:
             if W.shape[1] < r:
                 raise ValueError(f"ranks[{k}] = {r} exceeds the rank {W.shape[1]} this representation has in mode {k}")
         return Tucker._trusted(multi_mode_product(core, [W.T for W in Ws]), [Q @ W for Q, W in zip(Qs, Ws)])
+
+
+def contract_rows(core: torch.Tensor, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``Σ_a G[a] Π_k rows_k[:, a_k]`` for the factor rows ``rows_k: (N, r_k)`` of N entries: the core contracted
+    with one row per mode, mode by mode. Cost ``O(N r^d)``."""
+    N, ranks = rows[0].shape[0], core.shape
+    T = rows[0] @ core.reshape(ranks[0], -1)  # (N, r_2 ⋯ r_d)
+    for k in range(1, len(rows)):
+        T = torch.bmm(rows[k].unsqueeze(1), T.reshape(N, ranks[k], -1)).reshape(N, -1)
+    return T.reshape(N)
 
 
 def block_tucker(terms: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor]]]) -> tuple[torch.Tensor, list]:
