@@ -318,3 +318,23 @@ def test_retr_of_any_non_finite_coordinate_names_it(kind, value, g):
             coords[i].view(-1)[j] = value
             with pytest.raises(ValueError, match=rf"v.coords\[{i}\] contains NaN or Inf"):
                 M.retr(x, TangentVector(M, x, coords))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_packed_points_with_frames_that_are_not_orthonormal_are_refused(kind, dtype, g):
+    """Issue 22 (bad input): a packed point is taken with its frames as they are; frames that are not orthonormal
+    would make every tangent coordinate at it wrong, silently. Canonical ones round-trip, in either precision."""
+    M, x, _, _ = make(kind, g)
+    x = x.to(dtype)
+    flat = M.pack_point(x)
+    assert rel(M.unpack_point(flat).full().double(), x.full().double()) < 1e-5
+    for i in range(1, len(M.coord_shapes)):  # (part 0, C / C_1 / the Tucker core, is no frame: any values do)
+        bad = flat.clone()
+        M.split(bad)[i].view(-1)[0] += 0.1  # a view of bad
+        with pytest.raises(ValueError, match=r"flat is not a canonical packed point.*part \d"):
+            M.unpack_point(bad)
+    nan = flat.clone()
+    nan[0] = float("nan")
+    with pytest.raises(ValueError, match="flat contains NaN"):
+        M.unpack_point(nan)

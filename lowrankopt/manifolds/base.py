@@ -358,9 +358,34 @@ class LowRankManifold(ABC):
         return self.join(self.point_parts(x))
 
     def unpack_point(self, flat: torch.Tensor) -> Any:
-        """The point of a packed tensor, with frames built from the packed factors as they are (a copy)."""
+        """The point of a packed tensor, with frames built from the packed factors as they are (a copy). The factors
+        must be canonical (:meth:`check_canonical`: e.g. orthonormal frames), else tangent coordinates at the result
+        would refer to frames that are not orthonormal: ``ValueError`` naming ``flat``. Cost: one
+        :meth:`canonical_parts` (``O(numel · r)``)."""
         self._check_flat("flat", flat)
-        return self.point_from_parts([p.clone() for p in self.split(flat.detach())])
+        parts = [p.clone() for p in self.split(flat.detach())]
+        self.check_canonical(parts, "flat")
+        return self.point_from_parts(parts)
+
+    def check_canonical(self, parts: Sequence[torch.Tensor], name: str = "parts") -> None:
+        """Raise ``ValueError`` naming ``name`` unless ``parts`` (of :attr:`coord_shapes`) are a canonical
+        factorization (what :meth:`point_from_parts` takes as it is): :meth:`canonical_parts` must leave each part
+        unchanged within ``√eps`` relative to its largest entry — orthonormal factors stay, any others are found.
+        NaN/Inf entries are refused too. Cost: one :meth:`canonical_parts` and one host read."""
+        for i, p in enumerate(parts):
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(f"{name} contains NaN or Inf (part {i})")
+        moved = [
+            float((c - p).abs().max() / p.abs().max().clamp_min(torch.finfo(p.dtype).tiny)) if p.numel() else 0.0
+            for p, c in zip(parts, self.canonical_parts(parts))
+        ]
+        worst = max(range(len(moved)), key=moved.__getitem__)
+        if moved[worst] > math.sqrt(torch.finfo(parts[0].dtype).eps):
+            raise ValueError(
+                f"{name} is not a canonical packed point of {self!r}: re-orthonormalizing moves part {worst} (shape "
+                f"{tuple(parts[worst].shape)}) by {moved[worst]:.3g} of its largest entry (the frames must be "
+                "orthonormal: pack points with pack_point, or bring factors to canonical form with canonical_parts)"
+            )
 
     def pack_tangent(self, v: TangentVector) -> torch.Tensor:
         """A tangent vector's coordinates as one flat tensor (at a point from :meth:`unpack_point`: in the frames

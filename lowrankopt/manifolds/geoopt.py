@@ -284,8 +284,10 @@ class GeooptManifold(geoopt.Manifold):
 
     def unpack(self, p: torch.Tensor) -> Any:
         """The point as a LowRankMatrix / TensorTrain (a detached copy) whose frames are the packed factors, so that
-        :class:`TangentVector` s at it have the packed coordinates."""
+        :class:`TangentVector` s at it have the packed coordinates. ``p`` must be canonical (orthonormal frames:
+        :meth:`~LowRankManifold.check_canonical`, one QR sweep), else ``ValueError`` naming ``p``."""
         self._check_packed("p", p, batched=False)
+        self.base.check_canonical(self.base.split(p.detach()), "p")
         return self._point(p.detach().clone())
 
     def pack(self, x: Any) -> torch.Tensor:
