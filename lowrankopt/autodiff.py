@@ -25,10 +25,8 @@ from typing import Any
 
 import torch
 
-from .formats.curve_lowrank import CurveLowRank
 from .formats.shared_work import CURVATURE_FOLLOWS, memo, shared_work
 from .manifolds.base import LowRankManifold, manifold_of
-from .manifolds.fixed_rank import FixedRankMatrices
 from .manifolds.tangent import TangentVector
 
 __all__ = [
@@ -227,9 +225,10 @@ def riemannian_hvp(
 
 
 def has_chart_hessian_form(manifold: object) -> bool:
-    """Whether :func:`riemannian_hessian_form` takes the chart-curve path on ``manifold`` (fixed-rank matrices)
-    rather than a Hessian-vector product."""
-    return isinstance(manifold, FixedRankMatrices)
+    """Whether :func:`riemannian_hessian_form` takes the chart-curve path on ``manifold`` (it implements
+    :meth:`~lowrankopt.manifolds.LowRankManifold.chart_curve`: fixed-rank matrices) rather than a Hessian-vector
+    product."""
+    return isinstance(manifold, LowRankManifold) and type(manifold).chart_curve is not LowRankManifold.chart_curve
 
 
 def riemannian_hessian_form(
@@ -243,50 +242,31 @@ def riemannian_hessian_form(
 ) -> torch.Tensor:
     """The quadratic form ``⟨v, Hess f(x)[v]⟩`` (a detached 0-dim tensor): the curvature a line search needs.
 
-    Fixed-rank matrices: the second derivative in one scalar t of f on a curve through x with velocity v,
+    On a manifold with a chart curve (:meth:`~lowrankopt.manifolds.LowRankManifold.chart_curve`; fixed-rank
+    matrices): the second derivative in one scalar t of f on a curve c through x with velocity v,
 
-    - ``curvature=True``: the chart curve ``c(t) = (US + tA)(V + tB S⁻ᵀ)ᵀ`` (rank r), ``c'(0) = v``,
-      ``c''(0) = 2 A S⁻¹ Bᵀ``; ``(f∘c)''(0) = ⟨∇²f(x) v, v⟩ + ⟨∇f(x), c''(0)⟩``, and the Gauss formula of the module
-      docstring gives ``⟨v, Hess f(x)[v]⟩ = (f∘c)''(0) − ⟨P_x ∇f(x), c''(0)⟩`` (the last term from ``grad``'s
-      coordinates in ``O((m + n) r²)``);
-    - ``curvature=False``: the line ``x + t v = [US + tA, U][V, tB]ᵀ`` (rank 2r), ``⟨v, P_x ∇²f(x) P_x v⟩``.
+    - ``curvature=True``: a chart curve; ``(f∘c)''(0) = ⟨∇²f(x) v, v⟩ + ⟨∇f(x), c''(0)⟩``, and the Gauss formula of
+      the module docstring gives ``⟨v, Hess f(x)[v]⟩ = (f∘c)''(0) − ⟨P_x ∇f(x), c''(0)⟩`` (the last term from
+      ``grad``'s coordinates, by the manifold);
+    - ``curvature=False``: the line ``x + t v``, ``⟨v, P_x ∇²f(x) P_x v⟩``.
 
     The value equals ``M.inner(x, v, hess(v))`` of :func:`riemannian_grad_and_hessian` in exact arithmetic, but needs
-    no tape at x: one evaluation of f on the curve and a double backward pass in the scalar t (for ``gather``: two
-    row gathers, then two scatters and two gathers per pass), instead of a first backward kept on the tape, a
-    double backward in the δ-coordinates and (``curvature=True``) the curvature pass. Nothing on the tape is an SVD
-    or a QR (the frames and ``S⁻¹`` are computed once per point, detached). Other manifolds: one Hessian-vector
+    no tape at x: one evaluation of f on the curve and a double backward pass in the scalar t (for ``gather`` on
+    matrices: two row gathers, then two scatters and two gathers per pass), instead of a first backward kept on the
+    tape, a double backward in the δ-coordinates and (``curvature=True``) the curvature pass. Nothing on the tape is
+    an SVD or a QR (frames and inverses are computed once per point, detached). Other manifolds: one Hessian-vector
     product. ``grad`` (``P_x ∇f(x)``) is computed when not given and ``curvature=True``.
     """
     M = _resolve(x, manifold)
     if not has_chart_hessian_form(M):
         return M.inner(x, v, riemannian_grad_and_hvp(f, x, v, curvature=curvature, manifold=M)[2]).detach()
-    M.check_tangent(x, v)
-    U, _, V = M.frames(x)
-    US = x._cache["US"]
-    A, B = (c.detach() for c in v.coords)
-    t = torch.zeros((), dtype=US.dtype, device=US.device, requires_grad=True)
-    r = US.shape[1]
-    with torch.enable_grad():  # generic factors for generic ops; gather uses the terms (formats.curve_lowrank)
-        if curvature:
-            Sinv = M._core_inverse(x)
-            BS = B @ Sinv.T
-            eye = torch.eye(r, dtype=US.dtype, device=US.device)
-            terms = [(0, US, V), (1, A, V), (1, US, BS), (2, A, BS)]
-            curve = CurveLowRank.of(US + t * A, eye, V + t * BS, t, terms)
-        else:
-            eye = torch.eye(2 * r, dtype=US.dtype, device=US.device)
-            terms = [(0, US, V), (1, A, V), (1, U, B)]
-            curve = CurveLowRank.of(torch.cat([US + t * A, U], 1), eye, torch.cat([V, t * B], 1), t, terms)
+    t = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True)
     with torch.enable_grad():
+        curve, tangential = M.chart_curve(x, v, t, curvature)
         d1 = grad_or_zeros(check_scalar_output(f(curve)), [t], create_graph=True)[0]
     d2 = grad_or_zeros(d1, [t])[0].detach()
     if not curvature:
         return d2
     if grad is None:
         grad = riemannian_grad(f, x, manifold=M)[1]
-    # ⟨A_g Vᵀ + U B_gᵀ, 2 A S⁻¹ Bᵀ⟩ = 2 tr(A_gᵀ A S⁻¹ · Bᵀ V) + 2 tr(Uᵀ A S⁻¹ · Bᵀ B_g)
-    Ag, Bg = (c.detach() for c in grad.coords)
-    ASinv = A @ Sinv
-    tangential = (Ag.T @ ASinv * (V.T @ B)).sum() + (U.T @ ASinv * (Bg.T @ B)).sum()
-    return d2 - 2 * tangential
+    return d2 - tangential(grad)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -161,6 +161,17 @@ class LowRankManifold(ABC):
         """``(x + Y(η), Y(η))`` with ``Y(η) = D²φ[W(ξ), W(η)]`` linear in ``η = deltas`` (φ: the chart whose
         differential at 0 is ``T_x``). Autodiff's curvature term is the δ-gradient in η of
         ``f(x + Y(η)) − <P_x ∇f(x), Y(η)>`` (see :mod:`lowrankopt.autodiff`)."""
+
+    def chart_curve(
+        self, x: Any, v: TangentVector, t: torch.Tensor, curvature: bool
+    ) -> tuple[Any, Callable[[TangentVector], torch.Tensor] | None] | None:
+        """Optional: a curve through ``x`` with velocity ``v`` as an object of the point format whose value depends on
+        the 0-dim ``t`` (on the autograd tape; built under ``enable_grad``), so that the quadratic form
+        ``⟨v, Hess f(x)[v]⟩`` is a second derivative in one scalar, without a first backward pass kept at x
+        (:func:`~lowrankopt.autodiff.riemannian_hessian_form`). With ``curvature``, a chart curve ``c`` (``c'(0) =
+        v``) and the map ``grad ↦ ⟨grad, c''(0)⟩`` (the tangential part of ``c''(0)``, subtracted); without, the line
+        ``x + t v`` and ``None``. Default ``None``: the form is taken from one Hessian-vector product."""
+        return None
 
     def ambient_inner(self, a: Any, b: Any) -> torch.Tensor:
         """``<a, b>`` of two ambient objects (format objects: their ``inner``; tensors: the sum of products — not

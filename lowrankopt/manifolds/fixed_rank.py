@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from .._checks import as_positive_int
+from ..formats.curve_lowrank import CurveLowRank
 from ..formats.delta_lowrank import DeltaLowRank, MatrixFamily
 from ..formats.lowrank import LowRankMatrix
 from . import fixed_rank_kernels as kernels
@@ -135,6 +136,37 @@ class FixedRankMatrices(LowRankManifold):
         curv = MatrixFamily(P=B @ Sinv.T, Q=A @ Sinv, deltas=tuple(deltas))
         point = MatrixFamily(P=V, Q=None, A0=x._cache["US"])  # the constant term x
         return DeltaLowRank(x.shape, [point, curv]), DeltaLowRank(x.shape, [curv])
+
+    def chart_curve(
+        self, x: LowRankMatrix, v: TangentVector, t: torch.Tensor, curvature: bool
+    ) -> tuple[CurveLowRank, Callable[[TangentVector], torch.Tensor] | None]:
+        """The curve of :meth:`LowRankManifold.chart_curve` (rank r, no SVD or QR on the tape):
+
+        - ``curvature=True``: the chart curve ``c(t) = (US + tA)(V + tB S⁻ᵀ)ᵀ``, ``c'(0) = v``, ``c''(0) =
+          2 A S⁻¹ Bᵀ``, and ``⟨A_g Vᵀ + U B_gᵀ, 2 A S⁻¹ Bᵀ⟩ = 2 tr(A_gᵀ A S⁻¹ · Bᵀ V) + 2 tr(Uᵀ A S⁻¹ · Bᵀ B_g)``
+          from a gradient's coordinates in ``O((m + n) r²)``;
+        - ``curvature=False``: the line ``x + t v = [US + tA, U][V, tB]ᵀ`` (rank 2r).
+
+        ``gather`` on the curve uses its terms (:class:`~lowrankopt.formats.curve_lowrank.CurveLowRank`)."""
+        self.check_tangent(x, v)
+        U, _, V = self.frames(x)
+        US, r = x._cache["US"], self.rank
+        A, B = (c.detach() for c in v.coords)
+        if not curvature:
+            eye = torch.eye(2 * r, dtype=US.dtype, device=US.device)
+            terms = [(0, US, V), (1, A, V), (1, U, B)]
+            return CurveLowRank.of(torch.cat([US + t * A, U], 1), eye, torch.cat([V, t * B], 1), t, terms), None
+        Sinv = self._core_inverse(x)
+        BS = B @ Sinv.T
+        eye = torch.eye(r, dtype=US.dtype, device=US.device)
+        terms = [(0, US, V), (1, A, V), (1, US, BS), (2, A, BS)]
+        ASinv, VB = A @ Sinv, V.T @ B
+
+        def tangential(grad: TangentVector) -> torch.Tensor:
+            Ag, Bg = (c.detach() for c in grad.coords)
+            return 2 * ((Ag.T @ ASinv * VB).sum() + (U.T @ ASinv * (Bg.T @ B)).sum())
+
+        return CurveLowRank.of(US + t * A, eye, V + t * BS, t, terms), tangential
 
     def _core_inverse(self, x: LowRankMatrix) -> torch.Tensor:
         """``S⁻¹`` of x's frames, once x is checked to have rank r exactly; cached on x, so the Hessian-vector products
