@@ -119,7 +119,19 @@ def test_best_rank_r_approximation_is_the_truncated_svd_in_few_iterations():
     assert res.nit == h[-1]["iter"] and (res.nfev, res.ngev, res.nhev) == (h[-1]["nfev"], h[-1]["ngev"], h[-1]["nhev"])
     assert res.nhev == 1  # one Hessian quadratic form: the model step of the first iteration
     assert max(rec["memory"] for rec in h[1:]) == 10 and [rec["memory"] for rec in h[1:4]] == [0, 1, 2]
-    assert all(rec["evaluations"] >= 1 and rec["step_size"] > 0 for rec in h[1:])
+    assert all(rec["evaluations"] >= 1 and rec["step_size"] > 0 and rec["wolfe"] for rec in h[1:])
+    # near the end f's changes are rounding: the zoom then interpolates φ' alone and stays short (it took 25 trials
+    # when it fitted a cubic to the rounding of f)
+    assert max(rec["evaluations"] for rec in h[1:]) <= 3
+
+
+def test_large_constant_in_f_still_reaches_gtol():
+    """f = 1e8 + ½‖X − A‖²: f's changes are rounding near the end; the derivative-based tests carry on."""
+    f, x0, Xstar, *_ = best_rank_r()
+    res = minimize(lambda X: 1e8 + f(X), x0, "lbfgs", gtol=1e-8)
+    assert (res.status, res.success) == (GTOL, True), res.message
+    assert rel(res.x.full(), Xstar) < 1e-7
+    assert max(rec["evaluations"] for rec in res.history[1:]) <= 3
 
 
 @pytest.mark.parametrize("memory", [1, 3])
@@ -174,6 +186,13 @@ def test_tt_completion_reaches_the_planted_tensor():
 
 
 # ---------------------------------------------------------------------------------------------- (d) Wolfe conditions
+def sufficient_decrease(f0, f1, slope0, slope1, c1):
+    """Armijo's condition, or where f's change is rounding (8 ulps) the documented approximate Wolfe condition
+    φ'(α) ≤ (2 c1 − 1) φ'(0) (Hager–Zhang)."""
+    rounding = abs(f1 - f0) <= 8 * torch.finfo(DT).eps * max(abs(f0), abs(f1))
+    return f1 <= f0 + c1 * slope0 or (rounding and slope1 <= (2 * c1 - 1) * slope0)
+
+
 @pytest.mark.parametrize("c1,c2", [(1e-4, 0.9), (0.3, 0.4)])
 def test_accepted_steps_satisfy_the_strong_wolfe_conditions_euclidean(c1, c2):
     """On ℝⁿ the step is s = x_new − x_old, so both conditions are recomputed here from f and its autograd gradient."""
@@ -193,7 +212,7 @@ def test_accepted_steps_satisfy_the_strong_wolfe_conditions_euclidean(c1, c2):
         s = new - old
         slope0, slope1 = float(grad(old) @ s), float(grad(new) @ s)
         assert slope0 < 0
-        assert float(rosenbrock(new)) <= float(rosenbrock(old)) + c1 * slope0
+        assert sufficient_decrease(float(rosenbrock(old)), float(rosenbrock(new)), slope0, slope1, c1)
         assert abs(slope1) <= c2 * abs(slope0) * (1 + 1e-10)
         assert rec["wolfe"] is True
     # the bracketing and zoom phases were exercised (more than one trial in some iterations)
@@ -215,7 +234,7 @@ def test_accepted_steps_satisfy_the_wolfe_conditions_along_the_retraction_on_the
         gx, gy = 2 * (B @ x - (x @ B @ x) * x), 2 * (B @ y - (y @ B @ y) * y)
         slope0, slope1 = float(gx @ v), float(gy @ (v - y * (y @ v)))
         assert slope0 < 0
-        assert float(y @ B @ y) <= float(x @ B @ x) + 1e-4 * slope0 + 1e-15
+        assert sufficient_decrease(float(x @ B @ x), float(y @ B @ y), slope0, slope1, 1e-4)
         assert abs(slope1) <= 0.9 * abs(slope0) * (1 + 1e-10)
 
 
@@ -262,14 +281,6 @@ def test_line_search_failure_is_no_progress():
     assert (res.status, res.success) == (NO_PROGRESS, False)
     assert "line search failed" in res.message and "not stationary" in res.message
     assert res.x is x0 and res.nit == 0
-
-
-def test_large_constant_in_f_still_reaches_gtol():
-    """f = 1e8 + ½‖X − A‖²: f's changes are rounding near the end; the derivative-based tests carry on."""
-    f, x0, Xstar, *_ = best_rank_r()
-    res = minimize(lambda X: 1e8 + f(X), x0, "lbfgs", gtol=1e-8)
-    assert (res.status, res.success) == (GTOL, True), res.message
-    assert rel(res.x.full(), Xstar) < 1e-7
 
 
 def test_float32_stops_converged():
