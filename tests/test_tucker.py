@@ -10,7 +10,7 @@ import pytest
 import torch
 from reference import rel, tucker_full, tucker_projector
 
-from lowrankopt import FixedTuckerRank, TensorTrain, Tucker, manifold_of, minimize, riemannian_hvp
+from lowrankopt import FixedTuckerRank, TensorTrain, Tucker, manifold_of, minimize, riemannian_grad, riemannian_hvp
 from lowrankopt.manifolds.geoopt import GeooptManifold
 
 DT = torch.float64
@@ -76,8 +76,10 @@ def test_format_bad_input(g):
         Tucker(torch.full((2, 2), float("nan"), dtype=DT), [torch.zeros(3, 2, dtype=DT)] * 2)
     with pytest.raises(TypeError, match="mix dtypes"):
         Tucker(torch.zeros(2, 2), [torch.zeros(3, 2, dtype=DT)] * 2)
-    with pytest.raises(ValueError, match=r"ranks\[1\] = 5 exceeds the mode size 4"):
+    with pytest.raises(ValueError, match=r"ranks\[1\] = 5 exceeds what mode 1 .* can have"):
         Tucker.from_dense(torch.zeros(3, 4, dtype=DT), (2, 5))
+    with pytest.raises(ValueError, match=r"ranks\[0\] = 5 exceeds what mode 0 of a tensor of shape \(6, 2, 2\)"):
+        Tucker.from_dense(torch.zeros(6, 2, 2, dtype=DT), (5, 2, 2))  # was: silently ranks (4, 2, 2)
     with pytest.raises(ValueError, match="3 positive ints"):
         Tucker.random((3, 4, 5), (2, 2), generator=g)
     X = planted((4, 3, 5), (2, 3, 2), g)
@@ -182,3 +184,26 @@ def test_geoopt_bridge_trains_a_tucker_parameter(g):
     assert losses[-1] < 0.5 * losses[0]
     ok, reason = M._check_point_on_manifold(p.detach())
     assert ok, reason
+
+
+@pytest.mark.parametrize(
+    "shape,ranks",
+    [((5, 4), (2, 2)), ((3, 3, 3), (3, 3, 3)), ((4, 2, 5), (2, 2, 4)), ((6, 1, 5), (1, 1, 1))],
+    ids=["d2", "full-rank", "r-is-product-of-others", "mode-of-size-1"],
+)
+def test_edge_shapes_gradient_dimension_and_retraction(shape, ranks, g):
+    """d = 2 (a matrix: r_1 = r_2), ranks equal to the modes, r_k = Π_(j≠k) r_j with n_k < 2 r_k in the
+    retraction's QR, a mode of size 1: the dimension is the dense tangent space's, the gradient the dense projected
+    one, the retraction keeps the ranks; an empty gather is empty."""
+    M = FixedTuckerRank(shape, ranks)
+    x = planted(shape, ranks, g)
+    P = tucker_projector(x)
+    assert M.dim == round(float(torch.trace(P)))
+    A = torch.randn(shape, dtype=DT, generator=g)
+    _, grad = riemannian_grad(lambda X: torch.sin(X.inner(A)) + X.norm() ** 3, x)
+    Xd = x.full().clone().requires_grad_()
+    (G,) = torch.autograd.grad(torch.sin((Xd * A).sum()) + ((Xd**2).sum()) ** 1.5, Xd)
+    assert rel(grad.to_ambient().full().reshape(-1), P @ G.reshape(-1)) < 1e-12
+    y = M.retr(x, grad * 0.1)
+    assert y.ranks == M.ranks and M.rank_defect(y) is None
+    assert x.gather(torch.zeros(0, len(shape), dtype=torch.long)).shape == (0,)

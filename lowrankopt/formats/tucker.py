@@ -9,6 +9,7 @@ ranks of the representation. The mode-k product ``T ×_k A`` multiplies the k-th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -134,8 +135,12 @@ class Tucker:
         check_tensor("A", A)
         ranks = as_multilinear_ranks("ranks", ranks, A.dim())
         for k, (r, n) in enumerate(zip(ranks, A.shape)):
-            if r > n:
-                raise ValueError(f"ranks[{k}] = {r} exceeds the mode size {n}")
+            others = math.prod(A.shape) // n
+            if r > n or r > others:
+                raise ValueError(
+                    f"ranks[{k}] = {r} exceeds what mode {k} of a tensor of shape {tuple(A.shape)} can have "
+                    f"(min(n_k, Π_(j≠k) n_j) = {min(n, others)})"
+                )
         factors = [torch.linalg.svd(unfold(A, k), full_matrices=False)[0][:, :r] for k, r in enumerate(ranks)]
         return cls._trusted(multi_mode_product(A, [U.T for U in factors]), factors)
 
@@ -245,10 +250,11 @@ class Tucker:
 def contract_rows(core: torch.Tensor, rows: Sequence[torch.Tensor]) -> torch.Tensor:
     """``Σ_a G[a] Π_k rows_k[:, a_k]`` for the factor rows ``rows_k: (N, r_k)`` of N entries: the core contracted
     with one row per mode, mode by mode. Cost ``O(N r^d)``."""
-    N, ranks = rows[0].shape[0], core.shape
-    T = rows[0] @ core.reshape(ranks[0], -1)  # (N, r_2 ⋯ r_d)
+    N, ranks = rows[0].shape[0], core.shape  # explicit sizes below, no -1: N may be 0
+    T = rows[0] @ core.reshape(ranks[0], math.prod(ranks[1:]))  # (N, r_2 ⋯ r_d)
     for k in range(1, len(rows)):
-        T = torch.bmm(rows[k].unsqueeze(1), T.reshape(N, ranks[k], -1)).reshape(N, -1)
+        rest = math.prod(ranks[k + 1 :])
+        T = torch.bmm(rows[k].unsqueeze(1), T.reshape(N, ranks[k], rest)).reshape(N, rest)
     return T.reshape(N)
 
 

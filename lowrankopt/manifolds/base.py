@@ -154,7 +154,12 @@ class LowRankManifold(ABC):
     @abstractmethod
     def linearization(self, x: Any, deltas: Sequence[torch.Tensor]) -> Any:
         """The object ``x + T_x(δ)`` (frames detached, linear in the δ of :attr:`coord_shapes`) on which autodiff
-        evaluates f: ``∂f(x + T_x(δ))/∂δ`` at δ = 0, gauge-projected, is the Riemannian gradient."""
+        evaluates f: ``∂f(x + T_x(δ))/∂δ`` at δ = 0, gauge-projected, is the Riemannian gradient.
+
+        The δ must be **zero-valued** (autodiff's zeros, the geoopt bridge's ``p − p.detach()``): the object's value
+        is x and only its derivatives in δ carry ``T_x``, so the formats' native operations on it (``gather``, a
+        TT-matrix's ``matvec``) evaluate x alone in the forward pass. For the value ``x + ξ`` at a nonzero ξ use
+        :meth:`to_ambient` (``x`` plus it) or :meth:`retr`."""
 
     @abstractmethod
     def second_fundamental(self, x: Any, xi: TangentVector, deltas: Sequence[torch.Tensor]) -> tuple[Any, Any]:
@@ -390,12 +395,13 @@ class LowRankManifold(ABC):
             float((c - p).abs().max() / p.abs().max().clamp_min(torch.finfo(p.dtype).tiny)) if p.numel() else 0.0
             for p, c in zip(parts, self.canonical_parts(parts))
         ]
-        worst = max(range(len(moved)), key=moved.__getitem__)
-        if moved[worst] > math.sqrt(torch.finfo(parts[0].dtype).eps):
+        tol = math.sqrt(torch.finfo(parts[0].dtype).eps)
+        bad = [f"part {i} (shape {tuple(parts[i].shape)}) by {m:.3g}" for i, m in enumerate(moved) if m > tol]
+        if bad:  # (all of them: the part that carries the scale absorbs the others' corrections and moves too)
             raise ValueError(
-                f"{name} is not a canonical packed point of {self!r}: re-orthonormalizing moves part {worst} (shape "
-                f"{tuple(parts[worst].shape)}) by {moved[worst]:.3g} of its largest entry (the frames must be "
-                "orthonormal: pack points with pack_point, or bring factors to canonical form with canonical_parts)"
+                f"{name} is not a canonical packed point of {self!r}: re-orthonormalizing moves {', '.join(bad)} "
+                "(relative to the part's largest entry; the frames must be orthonormal: pack points with pack_point, "
+                "or bring factors to canonical form with canonical_parts)"
             )
 
     def pack_tangent(self, v: TangentVector) -> torch.Tensor:

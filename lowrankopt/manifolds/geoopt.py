@@ -282,12 +282,13 @@ class GeooptManifold(geoopt.Manifold):
         self._check_packed("tensor", tensor)
         return tuple(self.base.split(tensor))
 
-    def unpack(self, p: torch.Tensor) -> Any:
+    def unpack(self, p: torch.Tensor, name: str = "p") -> Any:
         """The point as a LowRankMatrix / TensorTrain (a detached copy) whose frames are the packed factors, so that
         :class:`TangentVector` s at it have the packed coordinates. ``p`` must be canonical (orthonormal frames:
-        :meth:`~LowRankManifold.check_canonical`, one QR sweep), else ``ValueError`` naming ``p``."""
-        self._check_packed("p", p, batched=False)
-        self.base.check_canonical(self.base.split(p.detach()), "p")
+        :meth:`~LowRankManifold.check_canonical`, one QR sweep), else ``ValueError`` naming ``name`` (a parameter
+        written to by hand: bring it back with ``p.copy_(manifold.projx(p))``)."""
+        self._check_packed(name, p, batched=False)
+        self.base.check_canonical(self.base.split(p.detach()), name)
         return self._point(p.detach().clone())
 
     def pack(self, x: Any) -> torch.Tensor:

@@ -134,15 +134,16 @@ class FixedTTMatrixRank(LowRankManifold):
         """``x + Σ_k U_{<k} δ_k V_{>k}`` as a TT-matrix with detached frames; its ``matvec`` runs the rank-r
         δ-product node. ``O(d)`` after the frames, plus ``O(d n r³)`` once per point for the left-orthogonal last
         core the node's backward sweep needs."""
+        self.check_point(x)
         xm = x.merged()
         fr = self.tt.frames(xm)
         d = len(self.row_shape)
-        if "operator_forms" not in xm._cache:
+        if "operator_forms" not in x._cache:  # on x, not on its merged TT: the forms depend on the mode split
             last = torch.tensordot(fr["R"][d - 1], fr["V"][d - 1], dims=1)
             right = self._matrix(TensorTrain._trusted([fr["C"], *fr["V"][1:]])).cores
             left = self._matrix(TensorTrain._trusted([*fr["U"][: d - 1], last])).cores
-            xm._cache["operator_forms"] = (right, left)
-        return self._delta(self.tt.linearization(xm, deltas), xm._cache["operator_forms"])
+            x._cache["operator_forms"] = (right, left)
+        return self._delta(self.tt.linearization(xm, deltas), x._cache["operator_forms"])
 
     def second_fundamental(
         self, x: TTMatrix, xi: TangentVector, deltas: Sequence[torch.Tensor]

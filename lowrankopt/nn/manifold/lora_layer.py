@@ -152,7 +152,7 @@ class RiemannianLoRALinear(AdapterLayer):
 
     def point(self) -> LowRankMatrix:
         """``X``, the manifold point (a detached copy whose frames are the packed factors)."""
-        return self.manifold.unpack(self.lora_X)
+        return self.manifold.unpack(self.lora_X, f"{self.layer_name}.lora_X")
 
     @torch.no_grad()
     def set_point(self, C: torch.Tensor, V: torch.Tensor, *, offset: bool = True) -> None:

@@ -156,7 +156,7 @@ class LowRankLinear(_PackedLinear):
     def weight_matrix(self) -> LowRankMatrix:
         """The weight as a LowRankMatrix (a detached copy, orthonormal ``U``, ``V``). For a
         differentiable one use ``self.manifold.straight_through(self.weight)``."""
-        return self.manifold.unpack(self.weight)
+        return self.manifold.unpack(self.weight, f"{self._name()}.weight")
 
     def to_dense(self) -> torch.nn.Linear:
         """An equivalent ``nn.Linear`` (forms the dense weight: ``O(in · out · r)``)."""
@@ -353,7 +353,7 @@ class TTLinear(_PackedLinear):
 
     def weight_matrix(self) -> TTMatrix:
         """The weight as a TTMatrix with cores ``(r_{k-1}, out_k, in_k, r_k)`` (a detached copy)."""
-        return self.manifold.unpack(self.weight)
+        return self.manifold.unpack(self.weight, f"{self._name()}.weight")
 
     def to_dense(self) -> torch.nn.Linear:
         """An equivalent ``nn.Linear`` (forms the dense weight: ``O(in · out · r)``)."""
