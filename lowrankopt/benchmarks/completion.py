@@ -20,7 +20,7 @@ condition number κ (:func:`.peers.pymanopt_completion.make_problem`), and lowra
 start with the automatic rank continuation (``complete``'s default: the ranks the start resolves above the sampling
 noise, then one rank at a time; the time of the start counts in its clock), while pymanopt starts from LRGeomCG's
 start as in the other cases (its computation not counted). lowrankopt's rows with ``rank_continuation=False`` show
-plain CG / trust-region from the same spectral start, at the full rank.
+plain CG / trust-region / L-BFGS from the same spectral start, at the full rank.
 
 Reported per solver: the time and the iterations until the relative test error ``‖P_Γ(X − A)‖/‖P_Γ A‖``
 first reaches 1e-8 (the solver's own time; test-error evaluation excluded; with ``repeats`` > 1 the median over
@@ -189,7 +189,7 @@ def run_matrix(case: Case, ctx: Context) -> dict:
     x0 = LowRankMatrix(torch.from_numpy(P["U0"]), torch.from_numpy(P["s0"]), torch.from_numpy(P["Vt0"].T.copy()))
     if p.get("kappa") is None:
         rows, curves = _ours_both(ctx, idx, vals, (p["n"], p["n"]), p["k"], test, x0.to(dev))
-    else:  # lowrankopt's own start and default rank continuation, and plain CG / trust-region from that start
+    else:  # lowrankopt's own start and default rank continuation, and the plain methods from that start
         rows, curves = _ours_both(ctx, idx, vals, (p["n"], p["n"]), p["k"], test, None, continuation=(None, False))
     if p["n"] * p["n"] > PYMANOPT_MAX_ENTRIES:
         reason = "not run: pymanopt's FixedRankEmbedded transport forms dense m×n matrices (GBs at this size)"

@@ -21,11 +21,12 @@ transport (a projection: one backward pass through the tangent-space parametriza
 for the gradient of a completion loss (d = 10, n = 20, r = 4, 32 000 samples): with ``memory = 10`` the
 transports take about twice as long as the gradient.
 
-Curvature condition (cautious update): a pair is kept only while ``⟨s, y⟩ > √ε ‖s‖ ‖y‖`` (ε the machine
+Curvature condition (cautious update): a new pair is stored only if ``⟨s, y⟩ > √ε ‖s‖ ‖y‖`` (ε the machine
 epsilon of the point's dtype: about 1.5e-8 in float64). Positive curvature keeps H positive definite; the
 margin √ε asks that the sign of ``⟨s, y⟩`` be resolved above the rounding of an inner product (~ε ‖s‖ ‖y‖).
-Unlike Manopt's ``⟨s, y⟩ ≥ 10⁻⁴ ‖g‖ ‖s‖²`` (Li & Fukushima) the test is invariant to the scale of f and of the
-variables: on completion problems gradients are ~1e-4 (tensor trains) or ~‖A‖ (matrices) from the start.
+The test is invariant to the scale of f and of the variables, unlike Manopt's ``⟨s, y⟩/‖s‖² ≥ 10⁻⁴ ‖g‖`` (Li &
+Fukushima), whose sides scale differently when the variables are rescaled (``x → t x``: the left by 1/t², the
+right by 1/t) — completion points have the data's scale (‖x‖ ~ ‖A‖).
 
 Memory (``memory``, default 10; Manopt's is 30): L-BFGS gains little beyond 5–20 pairs on smooth problems
 (Liu & Nocedal 1989; SciPy's L-BFGS-B takes 10), while each pair costs two transports per iteration — on
@@ -102,7 +103,8 @@ class _Trial:
 
 @dataclass
 class _Pair:
-    """A stored (s, y) pair in the current tangent space with ``rho = 1/⟨s, y⟩`` and ``yy = ⟨y, y⟩``."""
+    """A stored (s, y) pair in the current tangent space, with ``rho = 1/⟨s, y⟩`` and ``yy = ⟨y, y⟩`` from the point
+    where it was formed."""
 
     s: Any
     y: Any
