@@ -464,12 +464,6 @@ def check_gradient(
     g = riemannian_grad(f, x, manifold=space.M)[1] if grad is None else grad(x)
     space.check_vector(g, "grad(x)", v)
     d = space.inner(g, v)
-    eps = torch.finfo(dtype).eps
-    t = _steps(steps, eps)
-    _options(window, slope_tol, t)
-    model = lambda tk: [tk * d]  # noqa: E731
-    E, S = _residuals(space, f, f0, v, t, model)
-    floor = ROUNDING * torch.clamp(eps * S, min=_noise(space, f, f0, v, t, model))
 
     def explain(slope: float, t0: float, e0: float) -> str:
         if slope < 1.5:
@@ -479,34 +473,9 @@ def check_gradient(
             )
         return "grad is close to the gradient of f but not equal to it (or f is not smooth along the curve)"
 
-    verdict = _verdict(t, E, floor, window, 2.0, slope_tol, "first-order", explain, _hint(dtype))
-    slope_ok, slope, win, reason, conclusive = verdict
-    tangency = space.tangency(g)
-    tol = math.sqrt(eps)
-    ok = slope_ok
-    if tangency is None:
-        reason += "; tangency not checked (the manifold has no proj)"
-    elif tangency > tol:
-        ok = False
-        reason += f"; grad(x) is not a tangent vector: relative distance {tangency:.1e} > {tol:.1e}"
-    res = GradientCheck(
-        ok=ok,
-        reason=reason,
-        slope=slope,
-        expected_slope=2.0,
-        slope_tol=float(slope_tol),
-        t=t,
-        E=E,
-        floor=floor,
-        window=win,
-        tangency=tangency,
-        tol=tol,
-        dtype=dtype,
-        conclusive=conclusive,
-    )
-    if plot:
-        res.figure = _plot(res, "Gradient check")
-    return res
+    fields = _taylor(space, f, f0, v, dtype, steps, window, slope_tol, [d], "first-order", explain)
+    _tangency(space, g, "grad(x)", fields)
+    return _result(GradientCheck, "Gradient check", plot, fields)
 
 
 def check_hessian(
@@ -588,13 +557,6 @@ def check_hessian(
     sym_den = space.norm(u) * space.norm(Hw) + space.norm(Hu) * space.norm(w)
     symmetry = abs(space.inner(u, Hw) - space.inner(Hu, w)) / sym_den if sym_den > 0 else 0.0
 
-    eps = torch.finfo(dtype).eps
-    t = _steps(steps, eps)
-    _options(window, slope_tol, t)
-    model = lambda tk: [tk * d, 0.5 * tk * tk * q]  # noqa: E731
-    E, S = _residuals(space, f, f0, v, t, model)
-    floor = ROUNDING * torch.clamp(eps * S, min=_noise(space, f, f0, v, t, model))
-
     def explain(slope: float, t0: float, e0: float) -> str:
         if slope < 1.5:
             return "the gradient in the model is wrong (run check_gradient)"
@@ -606,41 +568,61 @@ def check_hessian(
 
     # in float32 t³ rises above rounding for about one decade before higher-order terms take over: always rough
     rough = "float32: the t³ term is resolved over about one decade of steps" if dtype == torch.float32 else ""
+    fields = _taylor(space, f, f0, v, dtype, steps, window, slope_tol, [d, q], "second-order", explain, rough)
+    _tangency(space, Hv, "hvp(x, v)", fields)
+    for what, value in (("linear in v", linearity), ("symmetric", symmetry)):
+        if value > fields["tol"]:
+            fields["ok"] = False
+            fields["reason"] += f"; hvp is not {what}: relative residual {value:.1e} > {fields['tol']:.1e}"
+    return _result(HessianCheck, "Hessian check", plot, fields, linearity=linearity, symmetry=symmetry)
+
+
+def _taylor(space, f, f0, v, dtype, steps, window, slope_tol, derivatives, order, explain, rough="") -> dict:
+    """The Taylor residual of the model ``f(x) + Σ_k t^k/k! · derivatives[k−1]`` along ``R_x(t v)``, its floor and
+    the slope verdict (the expected slope is ``len(derivatives) + 1``), as the fields of a :class:`TaylorCheck`."""
+    eps = torch.finfo(dtype).eps
+    t = _steps(steps, eps)
+    _options(window, slope_tol, t)
+
+    def model(tk: float) -> list[float]:
+        return [tk**k / math.factorial(k) * dk for k, dk in enumerate(derivatives, 1)]
+
+    E, S = _residuals(space, f, f0, v, t, model)
+    floor = ROUNDING * torch.clamp(eps * S, min=_noise(space, f, f0, v, t, model))
+    expected = float(len(derivatives) + 1)
     ok, slope, win, reason, conclusive = _verdict(
-        t, E, floor, window, 3.0, slope_tol, "second-order", explain, _hint(dtype), rough
+        t, E, floor, window, expected, slope_tol, order, explain, _hint(dtype), rough
     )
-    tol = math.sqrt(eps)
-    tangency = space.tangency(Hv)
-    if tangency is None:
-        reason += "; tangency not checked (the manifold has no proj)"
-    elif tangency > tol:
-        ok = False
-        reason += f"; hvp(x, v) is not a tangent vector: relative distance {tangency:.1e} > {tol:.1e}"
-    if linearity > tol:
-        ok = False
-        reason += f"; hvp is not linear in v: relative residual {linearity:.1e} > {tol:.1e}"
-    if symmetry > tol:
-        ok = False
-        reason += f"; hvp is not symmetric: relative residual {symmetry:.1e} > {tol:.1e}"
-    res = HessianCheck(
+    return dict(
         ok=ok,
         reason=reason,
         slope=slope,
-        expected_slope=3.0,
+        expected_slope=expected,
         slope_tol=float(slope_tol),
         t=t,
         E=E,
         floor=floor,
         window=win,
-        tangency=tangency,
-        tol=tol,
+        tol=math.sqrt(eps),
         dtype=dtype,
-        linearity=linearity,
-        symmetry=symmetry,
         conclusive=conclusive,
     )
+
+
+def _tangency(space: _Space, vec: Any, name: str, fields: dict) -> None:
+    """Add ``vec``'s tangency (relative distance from the tangent space) to ``fields``; fail beyond ``tol``."""
+    fields["tangency"] = tangency = space.tangency(vec)
+    if tangency is None:
+        fields["reason"] += "; tangency not checked (the manifold has no proj)"
+    elif tangency > fields["tol"]:
+        fields["ok"] = False
+        fields["reason"] += f"; {name} is not a tangent vector: relative distance {tangency:.1e} > {fields['tol']:.1e}"
+
+
+def _result(cls: type, title: str, plot: bool, fields: dict, **extra: Any) -> Any:
+    res = cls(**fields, **extra)
     if plot:
-        res.figure = _plot(res, "Hessian check")
+        res.figure = _plot(res, title)
     return res
 
 

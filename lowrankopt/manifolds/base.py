@@ -427,3 +427,21 @@ class LowRankManifold(ABC):
             raise ValueError(f"{name} must be float32 or float64, got {t.dtype}")
         if tuple(t.shape) != (self.numel,):
             raise ValueError(f"{name} must have shape ({self.numel},) (packed {self!r}), got {tuple(t.shape)}")
+
+
+class ShapeAndRanks:
+    """What the manifolds given by a shape and ranks (:class:`~lowrankopt.manifolds.FixedTTRank`,
+    :class:`~lowrankopt.manifolds.FixedTuckerRank`) share: equality, the ambient shape and the repr."""
+
+    shape: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+    def _dims(self) -> tuple:
+        return (self.shape, self.ranks)
+
+    @property
+    def ambient_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, ranks={self.ranks})"

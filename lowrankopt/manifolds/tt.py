@@ -10,11 +10,11 @@ import torch
 from .._checks import as_rank_list, as_shape
 from ..formats.delta_tt import Chain, DeltaTT, TTFamily
 from ..formats.tt import TensorTrain, left_orthogonalize, truncate_right_to_left
-from .base import LowRankManifold, naming_non_finite, polar, qr_positive
+from .base import LowRankManifold, ShapeAndRanks, naming_non_finite, polar, qr_positive
 from .tangent import TangentVector
 
 
-class FixedTTRank(LowRankManifold):
+class FixedTTRank(ShapeAndRanks, LowRankManifold):
     """Tensors of shape ``shape`` with TT-ranks exactly ``ranks`` (the d − 1 inner ranks).
 
     Points are :class:`TensorTrain` objects. At a point with right-orthogonal form
@@ -50,16 +50,6 @@ class FixedTTRank(LowRankManifold):
     def of(cls, x: TensorTrain) -> FixedTTRank:
         """The manifold of ``x``'s shape and TT-ranks."""
         return cls(x.shape, list(x.ranks))
-
-    def _dims(self) -> tuple:
-        return (self.shape, self.ranks)
-
-    @property
-    def ambient_shape(self) -> tuple[int, ...]:
-        return self.shape
-
-    def __repr__(self) -> str:
-        return f"FixedTTRank(shape={self.shape}, ranks={self.ranks})"
 
     @property
     def dim(self) -> int:

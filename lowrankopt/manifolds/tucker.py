@@ -10,7 +10,7 @@ import torch
 from .._checks import as_shape
 from ..formats.delta_tucker import DeltaTucker
 from ..formats.tucker import Tucker, as_multilinear_ranks, mode_product, multi_mode_product, unfold
-from .base import LowRankManifold, naming_non_finite, polar, qr_positive
+from .base import LowRankManifold, ShapeAndRanks, naming_non_finite, polar, qr_positive
 from .tangent import TangentVector
 
 
@@ -20,7 +20,7 @@ def fold(M: torch.Tensor, k: int, shape: Sequence[int]) -> torch.Tensor:
     return M.reshape(shape[k], *rest).movedim(0, k)
 
 
-class FixedTuckerRank(LowRankManifold):
+class FixedTuckerRank(ShapeAndRanks, LowRankManifold):
     """Tensors of shape ``shape`` with multilinear ranks exactly ``ranks`` (Koch–Lubich 2010; Kressner, Steinlechner,
     Vandereycken 2014).
 
@@ -67,16 +67,6 @@ class FixedTuckerRank(LowRankManifold):
     def of(cls, x: Tucker) -> FixedTuckerRank:
         """The manifold of ``x``'s shape and multilinear ranks (of its representation)."""
         return cls(x.shape, list(x.ranks))
-
-    def _dims(self) -> tuple:
-        return (self.shape, self.ranks)
-
-    @property
-    def ambient_shape(self) -> tuple[int, ...]:
-        return self.shape
-
-    def __repr__(self) -> str:
-        return f"FixedTuckerRank(shape={self.shape}, ranks={self.ranks})"
 
     @property
     def dim(self) -> int:
