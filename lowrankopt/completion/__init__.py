@@ -80,7 +80,8 @@ def complete(
         rank: matrix rank, or TT-ranks (an int or the d − 1 inner ranks).
         method: ``"cg"`` (default; LRGeomCG / RTTC: PR+ CG with the exact linearized line search),
             ``"trust-region"`` (Riemannian Gauss–Newton in a trust region, or the exact Hessian with
-            ``curvature=True``) or ``"sd"`` — see :func:`minimize`. In docs/benchmarks.md (2026-12-03)
+            ``curvature=True``), ``"lbfgs"`` (Riemannian L-BFGS with a Wolfe line search) or ``"sd"`` — see
+            :func:`minimize`. In docs/benchmarks.md (2026-12-03)
             trust-region was the faster on matrices up to 5000² and at κ = 10⁴ (0.67–0.90× CG), 1.18× CG at
             20000², and within 5 % of CG on tensor trains.
         test: optional ``(indices, values)`` of held-out entries Γ; the relative test error
