@@ -67,6 +67,26 @@ def test_entries_and_linear_algebra_against_dense(g):
     assert rel(X.to(torch.float32).full().double(), Xd) < 1e-6
 
 
+@pytest.mark.parametrize("N", [1, 7, 20, 60, 2000])  # tables over 0, 0, 1, 2, 3 modes
+def test_gather_by_tables_and_by_rows_against_dense(N, g):
+    """Every contraction order of tucker_entries (no table for few samples, tables over the first 1, 2, 3 modes as
+    the samples grow) gives the dense entries, and the gradients of the dense reference."""
+    shape, ranks = (5, 4, 6, 3), (2, 3, 2, 3)
+    X = planted(shape, ranks, g)
+    idx = torch.stack([torch.randint(0, n, (N,), generator=g) for n in shape], 1)
+    w = torch.randn(N, dtype=DT, generator=g)
+    core = X.core.clone().requires_grad_()
+    factors = [U.clone().requires_grad_() for U in X.factors]
+    (Tucker(core, factors).gather(idx) * w).sum().backward()
+    core_d = X.core.clone().requires_grad_()
+    factors_d = [U.clone().requires_grad_() for U in X.factors]
+    dense = tucker_full([core_d, *factors_d])
+    (dense[tuple(idx.T)] * w).sum().backward()
+    assert rel(Tucker(core, factors).gather(idx), dense[tuple(idx.T)]) < 1e-13
+    for a, b in zip([core, *factors], [core_d, *factors_d]):
+        assert rel(a.grad, b.grad) < 1e-12
+
+
 def test_format_bad_input(g):
     with pytest.raises(ValueError, match=r"factors\[1\] has 2 columns but the core's mode 1 has size 3"):
         Tucker(torch.zeros(2, 3, dtype=DT), [torch.zeros(4, 2, dtype=DT), torch.zeros(5, 2, dtype=DT)])

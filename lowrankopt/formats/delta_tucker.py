@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .tucker import Tucker, block_tucker, contract_rows
+from .tucker import Tucker, block_tucker, tucker_entries
 
 Term = tuple[torch.Tensor, tuple[torch.Tensor, ...]]
 
@@ -79,7 +79,7 @@ class DeltaTucker(Tucker):
                 rows[id(U), k] = U[index[:, k]]
             return rows[id(U), k]
 
-        return sum(contract_rows(G, [row(U, k) for k, U in enumerate(F)]) for G, F in self.terms)
+        return sum(tucker_entries(G, F, index, row) for G, F in self.terms)
 
     def inner(self, other: Tucker | torch.Tensor) -> torch.Tensor:
         """``<Y, other>``, term by term (T times the cost of one rank-r term's inner product)."""
