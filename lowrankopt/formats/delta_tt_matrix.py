@@ -90,6 +90,22 @@ class DeltaTTMatrix(TTMatrix):
             obj = DeltaTT(self.delta.shape, [dataclasses.replace(fam, deltas=tuple(parts))])
             return TTMatrix.from_merged(obj.materialize(), *self._modes)
 
-        p = torch.cat([t.reshape(-1) for t in fam.deltas])
+        p = _flat_source(fam.deltas)
+        if p is None:
+            p = torch.cat([t.reshape(-1) for t in fam.deltas])
         right, left = self.product
         return tt_delta_product(X, p, right, left, straight)
+
+
+def _flat_source(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The flat tensor whose consecutive slices ``parts`` are, in order and covering it (as the geoopt bridge's
+    ``split(p − p.detach())`` makes them), else None: the node then takes it as it is, instead of concatenating the
+    parts (one copy and one autograd node fewer each way)."""
+    base, pos = parts[0]._base, 0
+    if base is None or base.dim() != 1 or not base.is_contiguous():
+        return None
+    for t in parts:
+        if t._base is not base or not t.is_contiguous() or t.storage_offset() - base.storage_offset() != pos:
+            return None
+        pos += t.numel()
+    return base if pos == base.numel() else None

@@ -335,6 +335,11 @@ class TTMatrix(_Cores):
             raise TypeError(f"tt must be a TensorTrain, got {type(tt).__name__}")
         if tt.shape != tuple(m * n for m, n in zip(row_shape, col_shape)):
             raise ValueError(f"tt of shape {tt.shape} is not merged from row_shape {row_shape}, col_shape {col_shape}")
+        return cls._trusted_merged(tt, row_shape, col_shape)
+
+    @classmethod
+    def _trusted_merged(cls, tt: TensorTrain, row_shape: Sequence[int], col_shape: Sequence[int]) -> TTMatrix:
+        """:meth:`from_merged` without validation (shapes produced by our own code: a manifold's steps)."""
         A = cls._trusted([c.reshape(c.shape[0], m, n, c.shape[2]) for c, m, n in zip(tt.cores, row_shape, col_shape)])
         A._cache["merged"] = tt
         return A

@@ -75,7 +75,7 @@ class FixedTTMatrixRank(LowRankManifold):
 
     # ------------------------------------------------------------------ between TT-matrices and merged TTs
     def _matrix(self, tt: TensorTrain) -> TTMatrix:
-        return TTMatrix.from_merged(tt, self.row_shape, self.col_shape)
+        return TTMatrix._trusted_merged(tt, self.row_shape, self.col_shape)  # (a TT of this manifold's merged shape)
 
     def _vector(self, x: TTMatrix, v: TangentVector) -> tuple[TensorTrain, TangentVector]:
         """``x``'s merged TT and ``v`` as a tangent vector there (the same coordinates), after checking ``v``."""
