@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from reference import Euclidean, rel, tt_full, tt_projector
+from test_optim import rayleigh as optim_rayleigh
 
 from lowrankopt import FixedRankMatrices, FixedTTRank, TensorTrain, riemannian_grad
 from lowrankopt.completion import complete, sample_indices
@@ -31,50 +32,10 @@ def best_rank_r(dtype=DT):
     return (lambda X: 0.5 * ((X.full() - Ad) ** 2).sum()), x0.to(dtype), Xstar, fstar, A
 
 
-class Sphere:
-    """The unit sphere in ℝⁿ (points unit vectors, tangent vectors tensors orthogonal to x), written here."""
-
-    def __init__(self, n):
-        self.dim = n - 1
-
-    def retr(self, x, v):
-        return (x + v) / torch.linalg.vector_norm(x + v)
-
-    def transp(self, x, y, v):
-        return v - y * (y @ v)
-
-    def inner(self, x, u, v):
-        return u @ v
-
-    def norm(self, x, v):
-        return torch.linalg.vector_norm(v)
-
-
 def rayleigh(n=12, counts=None):
-    """xᵀBx on the sphere with its Riemannian gradient (and Hessian) in closed form; counts the calls."""
-    g = torch.Generator().manual_seed(0)
-    B = torch.randn(n, n, dtype=DT, generator=g)
-    B = B + B.T
-    x0 = torch.randn(n, dtype=DT, generator=g)
-    counts = {} if counts is None else counts
-
-    def tick(name):
-        counts[name] = counts.get(name, 0) + 1
-
-    def f(x):
-        tick("f")
-        return x @ B @ x
-
-    def grad(x):
-        tick("grad")
-        return 2 * (B @ x - (x @ B @ x) * x)
-
-    def hvp(x, v):
-        tick("hvp")
-        w = 2 * (B @ v)
-        return w - x * (x @ w) - 2 * (x @ B @ x) * v
-
-    return Sphere(n), B, x0 / torch.linalg.vector_norm(x0), f, grad, hvp
+    """xᵀBx on the sphere with its Riemannian gradient and Hessian in closed form, counting the calls
+    (test_optim's problem)."""
+    return optim_rayleigh(n, 0, counts)
 
 
 def rosenbrock(x):
