@@ -209,6 +209,17 @@ def as_shape(name: str, shape: object) -> tuple[int, ...]:
     return tuple(as_positive_int(f"{name}[{k}]", n) for k, n in enumerate(shape))
 
 
+def as_mode_shapes(row_shape: object, col_shape: object) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The checked mode sizes of a TT-matrix: two sequences of positive ints of one length."""
+    row_shape, col_shape = as_shape("row_shape", row_shape), as_shape("col_shape", col_shape)
+    if len(row_shape) != len(col_shape):
+        raise ValueError(
+            f"row_shape and col_shape must have one entry per mode each, got {len(row_shape)} and "
+            f"{len(col_shape)} entries ({list(row_shape)} and {list(col_shape)})"
+        )
+    return row_shape, col_shape
+
+
 def as_rank_list(name: str, ranks: object, d: int) -> list[int]:
     """An int-like or a sequence of ``d - 1`` int-likes as the list of the ``d - 1`` inner ranks (positive ints)."""
     what = f"a positive int or {d - 1} positive ints" if d > 1 else "a positive int or [] (one mode has no inner rank)"

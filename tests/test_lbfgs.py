@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from reference import Euclidean, rel, tt_full, tt_projector
+from test_optim import nan_after
 from test_optim import rayleigh as optim_rayleigh
 
 from lowrankopt import FixedRankMatrices, FixedTTRank, TensorTrain, riemannian_grad
@@ -252,15 +253,6 @@ def test_float32_stops_converged():
 
 
 # ---------------------------------------------------------------------------------------------- (f) non-finite
-def nan_after(f, n):
-    calls = [0]
-
-    def g(X):
-        calls[0] += 1
-        loss = f(X)
-        return loss * float("nan") if calls[0] >= n else loss
-
-    return g
 
 
 @pytest.mark.parametrize("n", [1, 2, 9])

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 import torch
 
-from .._checks import check_same, check_tensor
 from .delta_tt import DeltaTT
 from .tt import TTMatrix
 from .tt_product import tt_delta_product
@@ -75,10 +74,7 @@ class DeltaTTMatrix(TTMatrix):
         cores (ranks up to a few times r)."""
         if self.product is None or order is not None:
             return super().matvec(X, order)
-        check_tensor("X", X, 2, finite=False)
-        check_same("A and X", (self.product[0][0], X))
-        if X.shape[1] != self.shape[1]:
-            raise ValueError(f"X must have shape (B, {self.shape[1]}), got {tuple(X.shape)}")
+        self._check_batch(X)
         (fam,) = self.delta.families
         shapes = [tuple(t.shape) for t in fam.deltas]
 

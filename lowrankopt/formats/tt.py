@@ -20,11 +20,13 @@ import torch
 
 from .._checks import (
     IndexCache,
+    as_mode_shapes,
     as_rank_list,
     as_shape,
     as_tolerance,
     cast_all,
     check_index,
+    check_like,
     check_random_options,
     check_same,
     check_scalar,
@@ -330,7 +332,7 @@ class TTMatrix(_Cores):
     def from_merged(cls, tt: TensorTrain, row_shape: Sequence[int], col_shape: Sequence[int]) -> TTMatrix:
         """The TT-matrix whose merged tensor train (:meth:`merged`) is ``tt`` (of shape ``(m_k n_k)``): its cores
         reshaped (views), ``tt`` kept as the merged object. ``O(d)``."""
-        row_shape, col_shape = _mode_shapes(row_shape, col_shape)
+        row_shape, col_shape = as_mode_shapes(row_shape, col_shape)
         if not isinstance(tt, TensorTrain):
             raise TypeError(f"tt must be a TensorTrain, got {type(tt).__name__}")
         if tt.shape != tuple(m * n for m, n in zip(row_shape, col_shape)):
@@ -432,7 +434,7 @@ class TTMatrix(_Cores):
         """TT-SVD of the dense ``(Π m_k, Π n_k)`` matrix ``A`` with modes ``(m_k, n_k)`` merged.
         Same accuracy guarantee as :meth:`TensorTrain.from_dense`. Cost ``O((mn)^{d+1} r)``."""
         check_tensor("A", A, 2)
-        row_shape, col_shape = _mode_shapes(row_shape, col_shape)
+        row_shape, col_shape = as_mode_shapes(row_shape, col_shape)
         if tuple(A.shape) != (math.prod(row_shape), math.prod(col_shape)):
             raise ValueError(
                 f"A of shape {tuple(A.shape)} does not match row_shape {row_shape} and col_shape {col_shape}"
@@ -453,7 +455,7 @@ class TTMatrix(_Cores):
     ) -> TTMatrix:
         """Gaussian cores scaled by ``1/sqrt(r_{k-1} n_k)``; arguments as in :meth:`TensorTrain.random`.
         Cost ``O(d m n r²)``."""
-        row_shape, col_shape = _mode_shapes(row_shape, col_shape)
+        row_shape, col_shape = as_mode_shapes(row_shape, col_shape)
         merged = [m * n for m, n in zip(row_shape, col_shape)]
         tt = TensorTrain.random(merged, ranks, dtype=dtype, device=device, generator=generator)
         return cls._trusted(
@@ -505,10 +507,7 @@ class TTMatrix(_Cores):
         numbers than the product's multiply-adds but strided. Differentiable in X and the cores whatever the order (the
         backward pass costs twice the forward).
         """
-        check_tensor("X", X, 2, finite=False)
-        check_same("A and X", (self.cores[0], X))
-        if X.shape[1] != self.shape[1]:
-            raise ValueError(f"X must have shape (B, {self.shape[1]}), got {tuple(X.shape)}")
+        self._check_batch(X)
         if order is None:
             order = min(("left", "right"), key=lambda o: self.matvec_time(X.shape[0], o))
         if order == "left":
@@ -518,6 +517,14 @@ class TTMatrix(_Cores):
         if order == "full":
             return X @ self.full().T
         raise ValueError(f"order must be one of {MATVEC_ORDERS} or None, got {order!r}")
+
+    def _check_batch(self, X: torch.Tensor) -> None:
+        """``X`` is a float ``(B, Π n_k)`` batch of A's dtype and device (read from the properties: a δ-object's cores
+        are not built for this)."""
+        check_tensor("X", X, 2, finite=False)
+        check_like("X", X, "A", self)
+        if X.shape[1] != self.shape[1]:
+            raise ValueError(f"X must have shape (B, {self.shape[1]}), got {tuple(X.shape)}")
 
     def matvec_cost(self, batch: int, order: str) -> int:
         """Multiply-adds of :meth:`matvec` on ``batch`` rows in ``order`` (``"left"``, ``"right"`` or ``"full"``): the
@@ -624,14 +631,3 @@ def merge_modes(A: torch.Tensor, row_shape: Sequence[int], col_shape: Sequence[i
     d = len(row_shape)
     T = A.reshape(*row_shape, *col_shape).permute([p for k in range(d) for p in (k, d + k)])
     return T.reshape([m * n for m, n in zip(row_shape, col_shape)])
-
-
-def _mode_shapes(row_shape, col_shape) -> tuple[list[int], list[int]]:
-    """The checked mode sizes of a TT-matrix: two sequences of positive ints of one length."""
-    row_shape, col_shape = list(as_shape("row_shape", row_shape)), list(as_shape("col_shape", col_shape))
-    if len(row_shape) != len(col_shape):
-        raise ValueError(
-            f"row_shape and col_shape must have one entry per mode each, got {len(row_shape)} and "
-            f"{len(col_shape)} entries ({row_shape} and {col_shape})"
-        )
-    return row_shape, col_shape

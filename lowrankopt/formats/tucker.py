@@ -47,14 +47,23 @@ def multi_mode_product(T: torch.Tensor, mats: Sequence[torch.Tensor | None]) -> 
     return T
 
 
-def as_multilinear_ranks(name: str, ranks: object, d: int) -> list[int]:
-    """One positive int or ``d`` positive ints as the list of the d multilinear ranks."""
+def as_multilinear_ranks(name: str, ranks: object, shape: Sequence[int]) -> list[int]:
+    """One positive int or ``d`` positive ints as the list of the d multilinear ranks, each at most what a tensor of
+    ``shape`` can have in its mode (``min(n_k, Π_(j≠k) n_j)``, the ranks of its unfoldings), else ``ValueError``."""
+    d = len(shape)
     if isinstance(ranks, (str, bytes)) or not _is_sequence(ranks):
-        return [as_positive_int(name, ranks)] * d
-    ranks = as_shape(name, ranks)
+        ranks = [as_positive_int(name, ranks)] * d
+    ranks = list(as_shape(name, ranks))
     if len(ranks) != d:
-        raise ValueError(f"{name} must be a positive int or {d} positive ints (one per mode), got {list(ranks)}")
-    return list(ranks)
+        raise ValueError(f"{name} must be a positive int or {d} positive ints (one per mode), got {ranks}")
+    for k, (r, n) in enumerate(zip(ranks, shape)):
+        most = min(n, math.prod(shape) // n)
+        if r > most:
+            raise ValueError(
+                f"{name}[{k}] = {r} exceeds what mode {k} of a tensor of shape {tuple(shape)} can have "
+                f"(min(n_k, Π_(j≠k) n_j) = {most})"
+            )
+    return ranks
 
 
 class Tucker:
@@ -134,14 +143,7 @@ class Tucker:
         singular vectors of the unfolding ``A_(k)``, ``G = A ×_k U_kᵀ``. Quasi-optimal: ``‖A − X‖ ≤ √d`` times the
         best multilinear-rank-``ranks`` error. Orthonormal factors. Cost ``O(d n^{d+1})``."""
         check_tensor("A", A)
-        ranks = as_multilinear_ranks("ranks", ranks, A.dim())
-        for k, (r, n) in enumerate(zip(ranks, A.shape)):
-            others = math.prod(A.shape) // n
-            if r > n or r > others:
-                raise ValueError(
-                    f"ranks[{k}] = {r} exceeds what mode {k} of a tensor of shape {tuple(A.shape)} can have "
-                    f"(min(n_k, Π_(j≠k) n_j) = {min(n, others)})"
-                )
+        ranks = as_multilinear_ranks("ranks", ranks, A.shape)
         factors = [torch.linalg.svd(unfold(A, k), full_matrices=False)[0][:, :r] for k, r in enumerate(ranks)]
         return cls._trusted(multi_mode_product(A, [U.T for U in factors]), factors)
 
@@ -157,10 +159,7 @@ class Tucker:
     ) -> Tucker:
         """Orthonormal factors (QR of Gaussian matrices) and a standard Gaussian core. Cost ``O(d n r² + r^d)``."""
         shape = as_shape("shape", shape)
-        ranks = as_multilinear_ranks("ranks", ranks, len(shape))
-        for k, (r, n) in enumerate(zip(ranks, shape)):
-            if r > n:
-                raise ValueError(f"ranks[{k}] = {r} exceeds shape[{k}] = {n}")
+        ranks = as_multilinear_ranks("ranks", ranks, shape)
         dtype, device, gdev = check_random_options(dtype, device, generator)
         kw = dict(dtype=dtype, device=gdev, generator=generator)
         factors = [torch.linalg.qr(torch.randn(n, r, **kw))[0].to(device) for n, r in zip(shape, ranks)]
@@ -236,10 +235,7 @@ class Tucker:
         """Truncation to multilinear ranks ``ranks`` by the HOSVD of the core after orthonormalizing the factors
         (QR): quasi-optimal (``√d`` times the best error), orthonormal factors. Cost ``O(d n R² + d R^{d+1})``, R the
         ranks of this representation."""
-        ranks = as_multilinear_ranks("ranks", ranks, self.ndim)
-        for k, (r, n) in enumerate(zip(ranks, self.shape)):
-            if r > n:
-                raise ValueError(f"ranks[{k}] = {r} exceeds shape[{k}] = {n}")
+        ranks = as_multilinear_ranks("ranks", ranks, self.shape)
         Qs, Rs = zip(*(torch.linalg.qr(U) for U in self.factors))
         core = multi_mode_product(self.core, Rs)
         Ws = [torch.linalg.svd(unfold(core, k), full_matrices=False)[0][:, :r] for k, r in enumerate(ranks)]

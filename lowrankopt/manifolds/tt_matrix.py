@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._checks import as_shape
+from .._checks import as_mode_shapes
 from ..formats.delta_tt_matrix import DeltaTTMatrix
 from ..formats.tt import TensorTrain, TTMatrix
 from .base import LowRankManifold
@@ -40,13 +40,7 @@ class FixedTTMatrixRank(LowRankManifold):
     scales_by_first_part = True  # as FixedTTRank
 
     def __init__(self, row_shape: Sequence[int], col_shape: Sequence[int], ranks: int | Sequence[int]) -> None:
-        row_shape, col_shape = as_shape("row_shape", row_shape), as_shape("col_shape", col_shape)
-        if len(row_shape) != len(col_shape):
-            raise ValueError(
-                f"row_shape and col_shape must have one entry per mode each, got {len(row_shape)} and "
-                f"{len(col_shape)} entries ({list(row_shape)} and {list(col_shape)})"
-            )
-        self.row_shape, self.col_shape = tuple(row_shape), tuple(col_shape)
+        self.row_shape, self.col_shape = as_mode_shapes(row_shape, col_shape)
         self.tt = FixedTTRank([m * n for m, n in zip(self.row_shape, self.col_shape)], ranks)
         self.ranks = self.tt.ranks
 

@@ -53,13 +53,13 @@ class FixedTuckerRank(ShapeAndRanks, LowRankManifold):
         shape = as_shape("shape", shape)
         if len(shape) < 2:
             raise ValueError(f"shape must have at least 2 modes, got {list(shape)}")
-        ranks = as_multilinear_ranks("ranks", ranks, len(shape))
-        for k, (r, n) in enumerate(zip(ranks, shape)):
+        ranks = as_multilinear_ranks("ranks", ranks, shape)
+        for k, r in enumerate(ranks):
             others = math.prod(ranks) // r
-            if r > n or r > others:
+            if r > others:
                 raise ValueError(
-                    f"ranks[{k}] = {r} is not attainable: need r_k <= n_k = {n} and r_k <= the product of the other "
-                    f"ranks = {others}"
+                    f"ranks[{k}] = {r} is not attainable: need r_k <= the product of the other ranks = {others} "
+                    "(else no core has full multilinear rank)"
                 )
         self.shape, self.ranks = tuple(shape), tuple(ranks)
 
@@ -94,11 +94,10 @@ class FixedTuckerRank(ShapeAndRanks, LowRankManifold):
         self.check_point(x)
         if "frames" not in x._cache:
             with torch.no_grad():
-                core, factors = x.core.detach(), [U.detach() for U in x.factors]
+                parts = [x.core.detach(), *(U.detach() for U in x.factors)]
                 if not x._cache.get("orthonormal"):
-                    Qs, Rs = zip(*(qr_positive(U) for U in factors))
-                    factors, core = list(Qs), multi_mode_product(core, Rs)
-                x._cache["frames"] = _frames(core, factors)
+                    parts = self.canonical_parts(parts)
+                x._cache["frames"] = _frames(parts[0], parts[1:])
         return x._cache["frames"]
 
     def from_frames(self, frames: dict) -> Tucker:
@@ -197,9 +196,8 @@ class FixedTuckerRank(ShapeAndRanks, LowRankManifold):
         y = DeltaTucker(self._terms(x, v.coords, offset=True)).materialize()
         with naming_non_finite(v):
             z = y.round(self.ranks)
-        out = Tucker._trusted(z.core, z.factors)
-        out._cache["orthonormal"] = True
-        return out
+        z._cache["orthonormal"] = True
+        return z
 
     # ------------------------------------------------------------------ flat parameters
     def point_parts(self, x: Tucker, like: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
