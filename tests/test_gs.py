@@ -109,8 +109,12 @@ def test_gs_orthogonal_is_orthogonal_and_identity_at_init(map):
     x = torch.randn(3, 32, dtype=D, generator=g)
     assert torch.allclose(Q(x), x @ M.T, atol=1e-13)
     L, R = Q.blocks()
-    P = dense_perm(shuffle_index(8, 32))  # P_(nblocks, n) as a dense matrix, for this check only
+    P = dense_perm(shuffle_index(4, 32))  # the paper's P_(nblocks, n): gathers by shuffle_index(b, n)
     assert torch.allclose(M, P.T @ torch.block_diag(*L) @ P @ torch.block_diag(*R), atol=1e-13)
+    Q_legacy = GSOrthogonal(32, 4, map=map, dtype=D, shuffle="legacy")
+    Q_legacy.load_state_dict(Q.state_dict())
+    P = dense_perm(shuffle_index(8, 32))  # the legacy shuffle: its transpose
+    assert torch.allclose(Q_legacy.matrix(), P.T @ torch.block_diag(*L) @ P @ torch.block_diag(*R), atol=1e-13)
 
 
 def test_neumann_map_converges_to_cayley():

@@ -17,10 +17,11 @@ from lowrankopt.nn.orthogonal.gsoft_layer import GSOFTLinear, rotate_weight_cost
 D = torch.float64
 
 
-def dense_q(L, R):
-    """``Pᵀ diag(L) P diag(R)`` as a dense matrix, P the shuffle ``P_(k, n)`` as a permutation matrix."""
+def dense_q(L, R, shuffle="paper"):
+    """``Pᵀ diag(L) P diag(R)`` as a dense matrix, P the shuffle as a permutation matrix: the paper's ``P_(k, n)``
+    gathers by ``shuffle_index(b, n)``, the legacy one by ``shuffle_index(k, n)``."""
     k, b, _ = L.shape
-    P = torch.eye(k * b, dtype=L.dtype)[shuffle_index(k, k * b)]
+    P = torch.eye(k * b, dtype=L.dtype)[shuffle_index(b if shuffle == "paper" else k, k * b)]
     return P.T @ torch.block_diag(*L) @ P @ torch.block_diag(*R)
 
 
@@ -46,14 +47,15 @@ def randomize(q, g, scale=1.0):
 
 @pytest.mark.parametrize("n, b", [(24, 4), (12, 3), (16, 8), (8, 1), (10, 10), (48, 8)])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_gs_apply_matches_the_dense_product_and_its_gradients(n, b, transpose):
+@pytest.mark.parametrize("shuffle", ["paper", "legacy"])
+def test_gs_apply_matches_the_dense_product_and_its_gradients(n, b, transpose, shuffle):
     g = torch.Generator().manual_seed(n + b)
     k = n // b
     L = torch.randn(k, b, b, dtype=D, generator=g, requires_grad=True)
     R = torch.randn(k, b, b, dtype=D, generator=g, requires_grad=True)
     x = torch.randn(2, 3, n, dtype=D, generator=g, requires_grad=True)
-    y = gs_apply(x, L, R, transpose=transpose)
-    Q = dense_q(L, R)
+    y = gs_apply(x, L, R, transpose=transpose, shuffle=shuffle)
+    Q = dense_q(L, R, shuffle)
     ref = x @ (Q if transpose else Q.T)
     assert y.shape == x.shape and (y - ref).abs().max() < 1e-12
     w = torch.randn(y.shape, dtype=D, generator=g)
@@ -61,7 +63,7 @@ def test_gs_apply_matches_the_dense_product_and_its_gradients(n, b, transpose):
     want = torch.autograd.grad(ref, (x, L, R), w)
     for a, c in zip(got, want, strict=True):
         assert (a - c).abs().max() < 1e-12
-    assert gs_apply(torch.zeros(0, n, dtype=D), L, R, transpose=transpose).shape == (0, n)
+    assert gs_apply(torch.zeros(0, n, dtype=D), L, R, transpose=transpose, shuffle=shuffle).shape == (0, n)
 
 
 @pytest.mark.parametrize("scale", [0.1, 1.0, 10.0])

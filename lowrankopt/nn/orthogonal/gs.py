@@ -7,8 +7,20 @@ Parametrization*, NeurIPS 2024 (re-derived). A GS matrix of order m is
 
 with block-diagonal factors ``B_j = diag(B_j1, …, B_jk)`` (blocks ``(b1, b2)``, all of one shape per factor)
 and permutations ``P_j``. Definition 3.1 is order 2: ``A = P_L (L P R) P_R``. Permutations are index maps
-(``(P x)_i = x[idx[i]]``, applied by indexing), never dense n × n matrices; the shuffle
-``P_(k, n)``: ``σ(i) = (i mod k)·n/k + ⌊i/k⌋`` is a reshape to ``(k, n/k)`` and a transpose.
+(``(P x)_i = x[idx[i]]``, applied by indexing), never dense n × n matrices; :func:`shuffle_index` ``(k, n)`` is
+the index map ``σ(i) = (i mod k)·n/k + ⌊i/k⌋``, a reshape to ``(k, n/k)`` and a transpose.
+
+**Which shuffle is the paper's.** The paper (Definition 5.2) gives ``P_(k, n)`` by the same σ, and its matrix is the
+one with ``P[σ(i), i] = 1`` (Proposition 1: "a nonzero element in the position (2, 4) as i = 4 and σ(4) = 2"), i.e.
+``(P x)_{σ(i)} = x_i``: entry i is *sent* to σ(i). As an index map that is the inverse of σ, which is
+``shuffle_index(n/k, n)``. GSOFT uses ``Q = Pᵀ L P R`` with ``P = P_(r, br)`` (r blocks of size b, §6.1), so
+``P x = x[shuffle_index(b, n)]`` — exactly what the authors' code computes (``gsoft_demo``'s
+``BlockdiagButterflyMultiply``: ``'b (r l) -> b (l r)'`` with ``l`` = the number of blocks), and the paired channel
+shuffle of Appendix F is the reference's ``channel_shuffle`` only in this reading. (Definition 5.2's prose, "reshape
+to k × n/k, transpose, flatten", reads the other way; it is the transpose, which lowrankopt used before.) So
+:class:`GSOrthogonal` and :func:`gs_apply` take ``shuffle="paper"`` (default: ``P`` gathers by
+``shuffle_index(b, n)``) or ``shuffle="legacy"`` (``P`` gathers by ``shuffle_index(r, n)``: the transpose, the
+permutation of earlier lowrankopt versions — pass it to load their checkpoints). The two coincide when ``b = r``.
 
 Applying A to a batch of B vectors costs ``O(B Σ_j k_j b1_j b2_j)`` — the number of block entries per vector.
 """
@@ -31,6 +43,7 @@ __all__ = [
     "GSMatrix",
     "GSOrthogonal",
     "blockdiag_matmul",
+    "block_shuffle_index",
     "gs_apply",
     "gs_matmul",
     "gs_project",
@@ -39,6 +52,7 @@ __all__ = [
 ]
 
 MAPS = ("cayley", "exp", "neumann")
+SHUFFLES = ("paper", "legacy")  # see the module docstring
 
 
 def shuffle_index(k: int, n: int, *, device: torch.device | str | None = None) -> torch.Tensor:
@@ -46,6 +60,24 @@ def shuffle_index(k: int, n: int, *, device: torch.device | str | None = None) -
     if k < 1 or n % k:
         raise ValueError(f"k must be a positive divisor of n, got k={k}, n={n}")
     return torch.arange(n, device=device).reshape(k, n // k).T.reshape(-1)
+
+
+def block_shuffle_index(
+    nblocks: int, n: int, shuffle: str = "paper", *, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The index map of the GSOFT shuffle ``P`` of ``Q = Pᵀ L P R`` with ``nblocks`` blocks of size
+    ``b = n / nblocks`` (``(P x)_i = x[idx[i]]``): ``shuffle="paper"`` — the paper's ``P_(r, br)`` (sends entry i
+    to ``σ(i)``), ``idx = shuffle_index(b, n)``, as gsoft_demo computes it; ``shuffle="legacy"`` — its transpose,
+    ``idx = shuffle_index(nblocks, n)``, lowrankopt's earlier choice (see the module docstring)."""
+    _check_shuffle(shuffle)
+    if nblocks < 1 or n % nblocks:
+        raise ValueError(f"nblocks must be a positive divisor of n, got nblocks={nblocks}, n={n}")
+    return shuffle_index(n // nblocks if shuffle == "paper" else nblocks, n, device=device)
+
+
+def _check_shuffle(shuffle: str) -> None:
+    if shuffle not in SHUFFLES:
+        raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
 
 
 def blockdiag_matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -207,16 +239,19 @@ def _orthogonal(K: torch.Tensor, kind: str, terms: int) -> torch.Tensor:
     return (eye + K) @ inv
 
 
-def gs_apply(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+def gs_apply(
+    x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, *, transpose: bool = False, shuffle: str = "paper"
+) -> torch.Tensor:
     """``Q x`` (or ``Qᵀ x`` with ``transpose=True``) along the last dim of ``x: (..., n)`` for ``Q = Pᵀ L P R``
-    with square blocks ``L, R: (k, b, b)`` and the shuffle ``P = P_(k, n)`` — what :class:`GSOrthogonal` computes.
+    with square blocks ``L, R: (k, b, b)`` and the shuffle ``P`` of :func:`block_shuffle_index` (``shuffle``:
+    ``"paper"``, the default, or ``"legacy"``) — what :class:`GSOrthogonal` computes.
 
     The same numbers as ``GSMatrix([R, L], [None, P, Pᵀ]).matmul(x)``, by two batched products over the blocks
     and no index gathers: the shuffles are reshapes and transposes, and the products run on the vectors laid out
-    feature-major ``(k, b, B)``, so each shuffle is one strided copy (``P``: ``(k, b) → (b, k)``; ``Pᵀ``
-    together with the return to ``(B, n)``). Cost ``O(B n b)`` for B vectors (``2 B n b`` multiply-adds) plus
-    two copies of ``B n`` entries.
+    feature-major ``(k, b, B)``, so each shuffle is one strided view or copy. Cost ``O(B n b)`` for B vectors
+    (``2 B n b`` multiply-adds) plus two copies of ``B n`` entries.
     """
+    _check_shuffle(shuffle)
     k, b, _ = L.shape
     n = k * b
     if x.shape[-1] != n:
@@ -224,7 +259,18 @@ def gs_apply(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, *, transpose: bo
     lead = x.shape[:-1]
     B = x.numel() // n if n else 0
     xt = x.reshape(B, k, b)
-    if not transpose:  # Q x = Pᵀ L P R x
+    if shuffle == "paper":  # P: row m·b + r ← r·k + m (block m of P u takes entry m of every block of u)
+        if not transpose:  # Q x = Pᵀ L P R x
+            u = torch.bmm(R, xt.permute(1, 2, 0))  # (k, b, B): row kk·b + i of R x
+            u = u.reshape(b, k, B).transpose(0, 1)  # P u, a strided view
+            v = torch.bmm(L, u)  # (k, b, B): row m·b + t of L P R x
+            return v.permute(2, 1, 0).reshape(*lead, n)  # Pᵀ: row t·k + m ← m·b + t
+        # Qᵀ x = Rᵀ Pᵀ Lᵀ P x
+        u = x.reshape(B, b, k).permute(2, 1, 0)  # P x, feature-major (k, b, B)
+        v = torch.bmm(L.mT, u)
+        v = v.transpose(0, 1).reshape(k, b, B)  # Pᵀ, regrouped into R's blocks (one copy)
+        return torch.bmm(R.mT, v).reshape(n, B).T.reshape(*lead, n)
+    if not transpose:  # legacy: Q x = Pᵀ L P R x, P: row i·k + kk ← kk·b + i
         u = torch.bmm(R, xt.permute(1, 2, 0))  # (k, b, B): row kk·b + i of R x
         u = u.transpose(0, 1).reshape(k, b, B)  # P: row i·k + kk ← kk·b + i
         v = torch.bmm(L, u)  # (k, b, B): row m·b + r of L P R x
@@ -369,7 +415,8 @@ _QR_RETRACTION = "its blocks are retracted onto the orthogonal group by QR"  # w
 class GSOrthogonal(torch.nn.Module):
     """An ``n × n`` orthogonal GS matrix ``Q = Pᵀ L P R`` with orthogonal blocks, applied as ``y = Q x``.
 
-    L and R are block-diagonal with ``nblocks`` blocks of size ``b = n / nblocks``; ``P = P_(nblocks, n)``.
+    L and R are block-diagonal with ``nblocks`` blocks of size ``b = n / nblocks``; ``P`` is the paper's
+    ``P_(nblocks, n)`` (:func:`block_shuffle_index`; ``shuffle="legacy"``: its transpose, see below).
     Every orthogonal matrix of this GS class has such a representation (Theorem 1 of the paper), so
     orthogonal blocks lose nothing. Initialized at ``Q = I``.
 
@@ -384,9 +431,16 @@ class GSOrthogonal(torch.nn.Module):
         parametrization: ``"skew"`` (Euclidean parameters, any torch optimizer) or ``"orthogonal"`` (each
             factor's blocks a ``geoopt.ManifoldParameter`` on the orthogonal group, ``EuclideanStiefel`` with
             QR retraction, for RiemannianSGD / RiemannianAdam; ``map`` is then unused).
+        shuffle: ``"paper"`` (default since issue 23: the paper's ``P_(r, br)``, as the authors' gsoft_demo code
+            computes it, so its checkpoints load with :meth:`load_reference`) or ``"legacy"`` (the transpose,
+            which earlier lowrankopt versions used: build with ``shuffle="legacy"`` to load their state dicts — the
+            parameters are the same, only the permutation differs, and it is not stored). Outputs differ by O(1)
+            between the two unless ``b = n / b``.
 
     Parameters: ``n (b − 1)`` with ``"skew"`` (two factors of ``nblocks · b(b−1)/2``), ``2 n b`` stored entries
-    with ``"orthogonal"``. Applying Q costs ``O(B n b)`` for B vectors plus ``O(n b²)`` to build the blocks.
+    with ``"orthogonal"``; the paper counts ``2 n b`` either way (its code stores full ``b × b`` matrices and
+    skew-symmetrizes them): :meth:`parameter_counts` gives both. Applying Q costs ``O(B n b)`` for B vectors plus
+    ``O(n b²)`` to build the blocks.
     """
 
     def __init__(
@@ -398,10 +452,12 @@ class GSOrthogonal(torch.nn.Module):
         map: str = "cayley",
         parametrization: str = "skew",
         neumann_terms: int = 5,
+        shuffle: str = "paper",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        _check_shuffle(shuffle)
         if (block_size is None) == (nblocks is None):
             raise ValueError("give exactly one of block_size and nblocks")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -425,7 +481,7 @@ class GSOrthogonal(torch.nn.Module):
             )
         device = None if device is None else as_device(device)
         self.n, self.block_size, self.nblocks = n, b, n // b
-        self.map, self.parametrization, self.neumann_terms = map, parametrization, neumann_terms
+        self.map, self.parametrization, self.neumann_terms, self.shuffle = map, parametrization, neumann_terms, shuffle
         k = self.nblocks
         if parametrization == "skew":
             self.L = torch.nn.Parameter(torch.zeros(k, b * (b - 1) // 2, dtype=dtype, device=device))
@@ -435,14 +491,17 @@ class GSOrthogonal(torch.nn.Module):
             name, hint = f"GSOrthogonal(n={n}, block_size={b})", "use parametrization='skew' (any torch optimizer)"
             self.L = manifold_parameter(eye.clone(), geoopt.EuclideanStiefel(), f"{name}.L", hint)
             self.R = manifold_parameter(eye, geoopt.EuclideanStiefel(), f"{name}.R", hint)
-        self.register_buffer("perm", shuffle_index(k, n, device=device), persistent=False)
+        self.register_buffer("perm", block_shuffle_index(k, n, shuffle, device=device), persistent=False)
         self.register_buffer("inverse_perm", torch.argsort(self.perm), persistent=False)
         self._cayley_cache: tuple[torch.Tensor, ...] | None = None  # (L, R as they were, their blocks)
         self._pool = CayleyPool()
         self._pool.add(self)
 
     def extra_repr(self) -> str:
-        return f"n={self.n}, block_size={self.block_size}, map={self.map!r}, parametrization={self.parametrization!r}"
+        return (
+            f"n={self.n}, block_size={self.block_size}, map={self.map!r}, parametrization={self.parametrization!r}, "
+            f"shuffle={self.shuffle!r}"
+        )
 
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The orthogonal blocks ``(L, R)``, each ``(nblocks, b, b)``. Cost ``O(n b²)``.
@@ -502,7 +561,7 @@ class GSOrthogonal(torch.nn.Module):
         if self.parametrization == "orthogonal":
             _refuse_half(self, self.L.dtype, _QR_RETRACTION)
         _check_input(x, self.n, self.L)
-        return gs_apply(x, *self.full_precision_blocks(x))
+        return gs_apply(x, *self.full_precision_blocks(x), shuffle=self._shuffle())
 
     def full_precision_blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`blocks`, built with autocast off on ``x``'s device (entering that context only under autocast:
@@ -516,7 +575,43 @@ class GSOrthogonal(torch.nn.Module):
         """The dense ``n × n`` Q (tests, merging into a weight). Cost ``O(n² b)``."""
         return self.gs_matrix().to_dense()
 
+    def _shuffle(self) -> str:
+        return getattr(self, "shuffle", "legacy")  # a module pickled before the choice existed used the legacy one
+
     @staticmethod
     def num_parameters(n: int, block_size: int) -> int:
         """``n (b − 1)``: the skew parameters of both factors."""
         return 2 * (n // block_size) * block_size * (block_size - 1) // 2
+
+    @staticmethod
+    def parameter_counts(n: int, block_size: int) -> dict[str, int]:
+        """The trainable parameters of one rotation, two ways: ``"stored"`` — what this module stores with
+        ``parametrization="skew"``, the packed skew entries ``2 · (n/b) · b(b−1)/2 = n (b − 1)``; ``"paper"`` — how
+        the paper's tables count them, the entries of the two block-diagonal factors ``2 · (n/b) · b² = 2 n b`` (the
+        authors' code stores each block as a full ``b × b`` matrix A and uses ``K = (A − Aᵀ)/2``)."""
+        if n % block_size:
+            raise ValueError(f"block_size must divide n, got n={n}, block_size={block_size}")
+        return {"stored": GSOrthogonal.num_parameters(n, block_size), "paper": 2 * n * block_size}
+
+    @torch.no_grad()
+    def load_reference(self, L: torch.Tensor, R: torch.Tensor) -> None:
+        """Load the parameters of the authors' ``GSOrthogonal`` (gsoft_demo: ``L``, ``R`` in
+        ``gsoft_diffusion/gsoft/model/gs_orthogonal.py``, ``gsoft_L``, ``gsoft_R`` in
+        ``glue/models/layers/gs_orthogonal.py``): full ``(nblocks, b, b)`` matrices A whose blocks are
+        ``cayley((A − Aᵀ)/2)`` (or ``matrix_exp`` with ``method="exp"``) and whose product is
+        ``BlockdiagButterflyMultiply(x, R, L)`` = ``Pᵀ L P R x`` with the paper's P. Stores the packed skew entries
+        of ``(A − Aᵀ)/2``, so this module then computes the same Q (with the same ``map``). Needs
+        ``parametrization="skew"`` and ``shuffle="paper"`` (``ValueError`` otherwise, or on a shape mismatch).
+        Cost ``O(n b)``."""
+        if self.parametrization != "skew":
+            raise ValueError("load_reference needs parametrization='skew' (the reference stores skew generators)")
+        if self._shuffle() != "paper":
+            raise ValueError("load_reference needs shuffle='paper' (the reference's permutation)")
+        k, b = self.nblocks, self.block_size
+        rows, cols = torch.triu_indices(b, b, offset=1, device=self.L.device)
+        for name, A, target in (("L", L, self.L), ("R", R, self.R)):
+            if not isinstance(A, torch.Tensor) or tuple(A.shape) != (k, b, b):
+                raise ValueError(f"{name} must be a tensor of shape ({k}, {b}, {b}), got {getattr(A, 'shape', A)}")
+            K = 0.5 * (A - A.mT).to(device=target.device, dtype=torch.float64)
+            target.copy_(K[:, rows, cols].to(target.dtype))
+        self._cayley_cache = None

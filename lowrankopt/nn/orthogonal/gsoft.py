@@ -46,6 +46,7 @@ __all__ = [
     "GSOFTLinear",
     "convert_to_gsoft",
     "disable_adapters",
+    "gsoft_parameter_counts",
     "gsoft_state_dict",
     "load_gsoft_state_dict",
     "merge_adapter",
@@ -106,6 +107,18 @@ def convert_to_gsoft(model: torch.nn.Module, config: GSOFTConfig) -> dict[str, G
     saved = select_modules(model, config.modules_to_save).values() if config.modules_to_save is not None else ()
     train_only_adapters(model, wrapped.values(), PREFIX, config.bias, saved)
     return wrapped
+
+
+def gsoft_parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """The trainable parameters of a model's GSOFT adapters, ``{"stored": …, "paper": …}``: as stored here (packed
+    skew, ``n (b − 1)`` per rotation) and as the paper's tables count them (``2 n b`` per rotation), each plus the
+    scales (:meth:`GSOFTLinear.parameter_counts`). Other trainable parameters (``modules_to_save``, biases) are not
+    counted. Raises ``ValueError`` if the model has no GSOFT adapter."""
+    layers = [m for _, m in _adapted(model)]
+    if not layers:
+        raise ValueError("the model has no GSOFT adapters")
+    counts = [layer.parameter_counts() for layer in layers]
+    return {key: sum(c[key] for c in counts) for key in ("stored", "paper")}
 
 
 def gsoft_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..._checks import as_positive_int
 from ..adapters.setup import check_selection_fields
 from ..surgery import Targets
-from .gs import MAPS
+from .gs import MAPS, SHUFFLES
 
 __all__ = ["GSOFTConfig"]
 
@@ -33,6 +33,9 @@ class GSOFTConfig:
         fan_in_fan_out: the base weight is stored ``(in, out)`` (GPT-2's ``Conv1D``).
         map: ``"cayley"``, ``"exp"`` or ``"neumann"`` (see :class:`~.gs.GSOrthogonal`).
         neumann_terms: series terms of the ``"neumann"`` map.
+        shuffle: the GS permutation, ``"paper"`` (default since issue 23: the paper's ``P_(r, br)``, as the authors'
+            code computes it) or ``"legacy"`` (its transpose, used by earlier lowrankopt versions: give it to load
+            adapters saved by them; see :class:`~.gs.GSOrthogonal`).
     """
 
     block_size: int | None = None
@@ -46,6 +49,7 @@ class GSOFTConfig:
     fan_in_fan_out: bool = False
     map: str = "cayley"
     neumann_terms: int = 5
+    shuffle: str = "paper"
 
     def __post_init__(self):
         if (self.block_size is None) == (self.r is None):
@@ -63,6 +67,8 @@ class GSOFTConfig:
         as_positive_int("neumann_terms", self.neumann_terms)
         if self.map not in MAPS:
             raise ValueError(f"map must be one of {MAPS}, got {self.map!r}")
+        if self.shuffle not in SHUFFLES:
+            raise ValueError(f"shuffle must be one of {SHUFFLES}, got {self.shuffle!r}")
 
     def block_for(self, n: int, name: str) -> int:
         b = self.block_size if self.block_size is not None else (n // self.r if n % self.r == 0 else 0)

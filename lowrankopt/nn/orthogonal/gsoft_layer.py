@@ -87,7 +87,9 @@ class GSOFTLinear(AdapterLayer):
             base_layer, name, fan_in_fan_out=config.fan_in_fan_out and not isinstance(base_layer, torch.nn.Linear)
         )
         out_f, in_f = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else tuple(w.shape)
-        kw = dict(map=config.map, neumann_terms=config.neumann_terms, dtype=w.dtype, device=w.device)
+        kw = dict(
+            map=config.map, neumann_terms=config.neumann_terms, shuffle=config.shuffle, dtype=w.dtype, device=w.device
+        )
         self.gsoft_in = GSOrthogonal(in_f, config.block_for(in_f, self.layer_name), **kw)
         self.gsoft_out = GSOrthogonal(out_f, config.block_for(out_f, self.layer_name), **kw) if config.double else None
         self.gsoft_scale = (
@@ -110,6 +112,47 @@ class GSOFTLinear(AdapterLayer):
         W = self._adapt(self._weight(), self._adapter())
         return W.T if self.fan_in_fan_out else W
 
+    def parameter_counts(self) -> dict[str, int]:
+        """The adapter's trainable parameters, ``{"stored": …, "paper": …}``: as stored here (packed skew,
+        ``n (b − 1)`` per rotation) and as the paper's tables count them (``2 n b`` per rotation), each plus the
+        scale's ``n_out`` (:meth:`GSOrthogonal.parameter_counts`)."""
+        counts = {"stored": 0, "paper": 0}
+        for _, q in self._rotations():
+            for key, value in GSOrthogonal.parameter_counts(q.n, q.block_size).items():
+                counts[key] += value
+        scale = 0 if self.gsoft_scale is None else self.gsoft_scale.numel()
+        return {key: value + scale for key, value in counts.items()}
+
+    @torch.no_grad()
+    def load_reference(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a GSOFT layer of the authors' code (gsoft_demo, ``glue/models/layers/gsoft.py``, ``GSOFTLayer``:
+        ``y = s ⊙ (W · GS(x)) + b``) from its ``state_dict``: ``gs_ort.gsoft_L``, ``gs_ort.gsoft_R`` (full
+        ``(nblocks, b, b)`` generators, see :meth:`GSOrthogonal.load_reference`) and ``gsoft_s`` (the scale; its
+        ``pre_layer.*`` entries, the frozen base layer, are not read). The diffusion code's layout is accepted too:
+        ``ort_gs.L``, ``ort_gs.R`` (its scale lives in the attention processor, as ``q_scale`` etc.: pass it as
+        ``gsoft_s``). One-sided layers only (the reference's double GSOFT is two such layers around the weight: load
+        the output side with ``layer.gsoft_out.load_reference``). Needs ``shuffle="paper"``; raises ``ValueError``
+        on missing or extra adapter keys or mismatched shapes (nothing loaded then)."""
+        layouts = (("gs_ort.gsoft_L", "gs_ort.gsoft_R"), ("ort_gs.L", "ort_gs.R"))
+        found = [pair for pair in layouts if pair[0] in state and pair[1] in state]
+        if len(found) != 1:
+            raise ValueError(f"state must hold exactly one of the reference layouts {layouts}, got {sorted(state)}")
+        known = set(found[0]) | {"gsoft_s"}
+        extra = [key for key in state if key not in known and not key.startswith("pre_layer.")]
+        if extra:
+            raise ValueError(f"unexpected keys in the reference state: {extra}")
+        scale = state.get("gsoft_s")
+        if (scale is None) != (self.gsoft_scale is None):
+            raise ValueError("the reference state has a scale 'gsoft_s' iff the layer has one (config.scale)")
+        if scale is not None and tuple(scale.shape) != tuple(self.gsoft_scale.shape):
+            raise ValueError(f"gsoft_s must have shape {tuple(self.gsoft_scale.shape)}, got {tuple(scale.shape)}")
+        if self.merged:
+            raise ValueError(f"{self.layer_name}: unmerge before loading reference parameters")
+        L, R = (state[key] for key in found[0])
+        self.gsoft_in.load_reference(L, R)  # checks shapes and the shuffle before anything else is written
+        if scale is not None:
+            self.gsoft_scale.copy_(scale.to(self.gsoft_scale))
+
     def _rotations(self) -> Iterator[tuple[str, GSOrthogonal]]:
         yield "in", self.gsoft_in
         if self.gsoft_out is not None:
@@ -124,14 +167,14 @@ class GSOFTLinear(AdapterLayer):
         _check_input(x, q_in.n, q_in.L)
         if self._rotate_weight(x, W):  # W ← Q_out W Q_in (rows: w_iᵀ Q_in = (Q_inᵀ w_i)ᵀ; columns: Q_out w_j)
             with _full_precision(x):
-                W = gs_apply(W, *q_in.blocks(), transpose=True)
+                W = gs_apply(W, *q_in.blocks(), transpose=True, shuffle=q_in._shuffle())
                 if q_out is not None:
-                    W = gs_apply(W.T, *q_out.blocks()).T
+                    W = gs_apply(W.T, *q_out.blocks(), shuffle=q_out._shuffle()).T
             y = F.linear(x, W)
         else:  # the rotations' own forward, less its checks and module call (the product checks the sizes)
-            y = F.linear(gs_apply(x, *q_in.full_precision_blocks(x)), W)
+            y = F.linear(gs_apply(x, *q_in.full_precision_blocks(x), shuffle=q_in._shuffle()), W)
             if q_out is not None:
-                y = gs_apply(y, *q_out.full_precision_blocks(y))
+                y = gs_apply(y, *q_out.full_precision_blocks(y), shuffle=q_out._shuffle())
         # under autocast y has F.linear's dtype, as nn.Linear's output would: the scale and bias follow it
         bias = self.bias
         if self.gsoft_scale is None:
