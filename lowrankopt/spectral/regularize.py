@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 from torch.nn.utils import parametrize
@@ -210,8 +211,22 @@ class _ConvSpectralNorm(torch.nn.Module):
 NORMALIZATIONS = ("power", "tensor-norm")
 
 
+def _tt_core_conv(layer) -> SimpleNamespace:
+    """The attributes of the core conv of a TT conv (``r1 → r2`` channels, the layer's kernel, stride, padding and
+    padding mode), as :func:`_padding` and :class:`_ConvSpectralNorm` read them from an ``nn.Conv2d``."""
+    left, right, top, bottom = layer._pads
+    if left != right or top != bottom:
+        raise ValueError(
+            f"the TT conv pads asymmetrically {layer._pads} (padding='same' with an even kernel): not supported"
+        )
+    return SimpleNamespace(
+        weight=layer.core, groups=1, dilation=(1, 1), stride=layer.stride, padding_mode=layer.padding_mode,
+        kernel_size=layer.kernel_size, padding=(top, left),
+    )  # fmt: skip
+
+
 def conv_spectral_normalization(
-    conv: torch.nn.Conv2d,
+    conv: torch.nn.Module,
     n: int | None = None,
     *,
     method: str = "power",
@@ -219,7 +234,7 @@ def conv_spectral_normalization(
     iters: int | None = None,
     refresh_every: int = 100,
     generator: torch.Generator | None = None,
-) -> torch.nn.Conv2d:
+) -> torch.nn.Module:
     """Keep the conv's operator norm at most ``max_norm``: ``W ← W · min(1, max_norm / σ)``.
 
     - ``method="power"``: σ is the conv's norm on ``n × n`` inputs with its own padding: exact for
@@ -245,11 +260,28 @@ def conv_spectral_normalization(
     Unlike ``torch.nn.utils.spectral_norm``, which normalizes the reshaped ``c_out × c_in h w`` matrix (not a
     bound on the conv's norm), this uses the conv operator.
 
+    **TT convs.** ``conv`` may be a :class:`~lowrankopt.nn.TTConv2d` (Senderovich et al. 2022): then its *core*
+    ``(r2, r1, k, k)`` is divided, ``core ← core · min(1, max_norm / σ)``, σ the norm of the core conv (``r1 → r2``
+    channels, the layer's stride, padding and padding mode) — what the reference code's ``constrain_conv`` does to
+    ``K2`` in its "divide-by-largest" (power iteration) and "divide-by-exact-largest" (exact, FFT) modes
+    (``practical_svd_conv``, ``src/utils.py``), there in place every ``clip_freq`` steps, here at every forward
+    as for an ``nn.Conv2d``. With orthonormal outer cores (``orthogonality="stiefel"``, or ``"gauge"`` after
+    ``orthogonalize_()``, which keeps working under the parametrization) the layer's norm is exactly the core's,
+    so it becomes ``min(σ, max_norm)`` (for circular padding exactly; with zero padding up to the power
+    estimate). With ``"penalty"`` the raw core is divided, as in the reference with its orthogonality loss: the
+    layer's norm is then at most ``max_norm · ‖first‖₂ ‖last‖₂``.
+
     Returns ``conv``. Cost per training forward: ``iters + 1`` convs at resolution n (power), ``iters`` HOPM
-    sweeps O(c_out c_in h w) (tensor-norm), or the exact circular norm.
+    sweeps O(c_out c_in h w) (tensor-norm), or the exact circular norm — for a TT conv, of the small core conv.
     """
-    if not isinstance(conv, torch.nn.Conv2d):
-        raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+    from ..nn.spectral.tt_conv import TTConv2d  # lowrankopt.nn builds on this package
+
+    if isinstance(conv, TTConv2d):
+        target, name = _tt_core_conv(conv), "core"
+    elif isinstance(conv, torch.nn.Conv2d):
+        target, name = conv, "weight"
+    else:
+        raise TypeError(f"conv must be an nn.Conv2d or a TTConv2d, got {type(conv).__name__}")
     if method not in NORMALIZATIONS:
         raise ValueError(f"method must be one of {NORMALIZATIONS}, got {method!r}")
     if method == "power":
@@ -258,6 +290,6 @@ def conv_spectral_normalization(
         raise ValueError(f"max_norm must be positive, got {max_norm}")
     iters = as_positive_int("iters", (1 if method == "power" else 5) if iters is None else iters)
     refresh_every = as_positive_int("refresh_every", refresh_every)
-    module = _ConvSpectralNorm(conv, n, method, max_norm, iters, refresh_every, generator)
-    parametrize.register_parametrization(conv, "weight", module)
+    module = _ConvSpectralNorm(target, n, method, max_norm, iters, refresh_every, generator)
+    parametrize.register_parametrization(conv, name, module)
     return conv

@@ -32,10 +32,15 @@ then ``first ← Q1``, ``last ← Q3``, ``core[:, :, p, q] ← R3 · core[:, :, 
   attached to the parameters).
 * ``"stiefel"`` — ``first`` and ``last`` are ``geoopt.ManifoldParameter`` on ``geoopt.EuclideanStiefel``,
   trained with ``geoopt.optim.RiemannianAdam`` / ``RiemannianSGD``: orthonormal after every step.
-* ``"penalty"`` — plain parameters and the soft constraint :meth:`TTConv2d.orthogonality_penalty` (sum over a
-  model: :func:`tt_conv_penalty`), added as ``λ · penalty`` to the loss. The outer cores then drift off
-  orthonormality, but :meth:`TTConv2d.effective_core` (the core of the gauge-equivalent layer with orthonormal
-  outer cores) still gives the exact singular values.
+* ``"penalty"`` — plain parameters and the soft constraint :func:`tt_conv_penalty` over a model, added as
+  ``λ · penalty`` to the loss. By default it is normalized as in the reference code, so the paper's λ
+  (``--orthogonal-k``) transfers (see :func:`tt_conv_penalty`). The outer cores then drift off orthonormality,
+  but :meth:`TTConv2d.effective_core` (the core of the gauge-equivalent layer with orthonormal outer cores) still
+  gives the exact singular values.
+
+**Spectral division.** ``lowrankopt.spectral.conv_spectral_normalization(layer, n, max_norm=c)`` accepts a
+TTConv2d: it divides the *core* by ``max(1, σ / c)``, σ the norm of the core conv (as the reference's
+``constrain_conv`` divides ``K2``), so with orthonormal outer cores the layer's norm is ``min(σ, c)``.
 
 **Cost.** Forward ``O(B (H W c_in r1 + H' W' (r1 r2 k² + r2 c_out)))`` for a batch of B inputs ``H × W`` and
 outputs ``H' × W'`` (the dense conv: ``O(B H' W' c_in c_out k²)``); parameters
@@ -51,6 +56,7 @@ from typing import Any
 import geoopt
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from ..._checks import as_positive_int
 from ...formats.tt import tt_svd
@@ -73,6 +79,8 @@ from .._common import (
 from ..surgery import Targets, replace_modules, select_modules
 
 __all__ = ["TTConv2d", "convert_to_tt_conv", "tt_conv_orthogonalize_", "tt_conv_penalty"]
+
+PENALTY_NORMALIZATIONS = ("reference", "layer")
 
 ORTHOGONALITIES = ("gauge", "stiefel", "penalty")
 PADDING_MODES = ("zeros", "circular")
@@ -239,12 +247,19 @@ class TTConv2d(torch.nn.Module):
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """``(‖firstᵀ first − I‖_F² + ‖lastᵀ last − I‖_F²) / (2 rank²)`` (differentiable; ~0 when both are
-        orthonormal, as in the "gauge" and "stiefel" modes). Add ``λ ·`` it to the loss. Cost
-        ``O(c_in r1² + c_out r2²)``."""
-        r1, r2 = self.ranks
-        e1 = self.first.T @ self.first - torch.eye(r1, dtype=self.first.dtype, device=self.first.device)
-        e2 = self.last.T @ self.last - torch.eye(r2, dtype=self.last.dtype, device=self.last.device)
-        return (e1.square().sum() + e2.square().sum()) / (2 * self.rank**2)
+        orthonormal, as in the "gauge" and "stiefel" modes): this layer's term of
+        ``tt_conv_penalty(model, normalization="layer")``. For the reference's normalization (the paper's λ) use
+        :func:`tt_conv_penalty`. Cost ``O(c_in r1² + c_out r2²)``."""
+        return self._orthogonality_residual() / (2 * self.rank**2)
+
+    def _orthogonality_residual(self) -> torch.Tensor:
+        """``‖firstᵀ first − I‖_F² + ‖lastᵀ last − I‖_F²``. Cost ``O(c_in r1² + c_out r2²)``."""
+        return _residual(self.first) + _residual(self.last)
+
+    def _raw_core(self) -> torch.Tensor:
+        """The stored core: the parameter, or the original under a parametrization of ``core`` (e.g.
+        ``conv_spectral_normalization``), which in-place updates must write (``self.core`` is then computed)."""
+        return self.parametrizations.core.original if parametrize.is_parametrized(self, "core") else self.core
 
     @torch.no_grad()
     def orthogonalize_(self) -> TTConv2d:
@@ -253,10 +268,16 @@ class TTConv2d(torch.nn.Module):
         ``first = Q1 R1``, ``last = Q3 R3`` (reduced QR, ``diag(R) ≥ 0``); ``first ← Q1``, ``last ← Q3``,
         ``core[:, :, p, q] ← R3 core[:, :, p, q] R1ᵀ``. In place (``copy_``), so optimizer state stays attached.
         Cost ``O(c_in r1² + c_out r2² + r1 r2 k² (r1 + r2))``. Returns self.
+
+        Under a parametrization of ``core`` (``conv_spectral_normalization``) the stored original is moved to the
+        new gauge and the parametrization then acts on it: the function is kept exactly when the division is
+        inactive before and after; otherwise the layer's norm becomes exactly the cap (the division's σ is the
+        norm of the core conv, which is the layer's only in the orthonormal gauge).
         """
         Q1, R1 = qr_positive(self.first)
         Q3, R3 = qr_positive(self.last)
-        self.core.copy_(torch.einsum("ab,bcpq,dc->adpq", R3, self.core, R1))
+        core = self._raw_core()
+        core.copy_(torch.einsum("ab,bcpq,dc->adpq", R3, core, R1))
         self.first.copy_(Q1)
         self.last.copy_(Q3)
         return self
@@ -306,7 +327,7 @@ class TTConv2d(torch.nn.Module):
         """
         s = self._square_stride()
         self.orthogonalize_()
-        self.core.copy_(clip_singular_values(self.core.detach(), n, max_sv, stride=s))
+        self._raw_core().copy_(clip_singular_values(self.core.detach(), n, max_sv, stride=s))
         return self
 
 
@@ -394,10 +415,18 @@ def convert_to_tt_conv(
     return replace_modules(model, targets, build)
 
 
-def _tt_layers(model: torch.nn.Module) -> list[TTConv2d]:
+def _residual(M: torch.Tensor | None) -> torch.Tensor | float:
+    """``‖Mᵀ M − I‖_F²`` (0 for an absent core). Cost ``O(rows · cols²)``."""
+    if M is None:
+        return 0.0
+    return (M.T @ M - torch.eye(M.shape[1], dtype=M.dtype, device=M.device)).square().sum()
+
+
+def _tt_layers(model: torch.nn.Module, kinds: tuple[type, ...] | None = None) -> list[torch.nn.Module]:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return [m for m in model.modules() if isinstance(m, TTConv2d)]  # modules() yields a shared layer once
+    kinds = (TTConv2d,) if kinds is None else kinds
+    return [m for m in model.modules() if isinstance(m, kinds)]  # modules() yields a shared layer once
 
 
 def tt_conv_orthogonalize_(model: torch.nn.Module) -> int:
@@ -409,11 +438,39 @@ def tt_conv_orthogonalize_(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-def tt_conv_penalty(model: torch.nn.Module) -> torch.Tensor:
-    """Sum of :meth:`TTConv2d.orthogonality_penalty` over the TT convs of ``model`` (a 0-dim zero if none): add
-    ``λ · tt_conv_penalty(model)`` to the loss in the ``"penalty"`` mode."""
-    layers = _tt_layers(model)
+def tt_conv_penalty(model: torch.nn.Module, normalization: str = "reference") -> torch.Tensor:
+    """The orthogonality penalty of the outer cores of the TT convs (:class:`TTConv2d` and
+    :class:`~lowrankopt.nn.spectral.sott.SOTTConv2d`) of ``model``: add ``λ · tt_conv_penalty(model)`` to the loss
+    in the ``"penalty"`` mode. Differentiable; a 0-dim zero if there is no such layer. A layer shared under several
+    names counts once.
+
+    With ``E_l = ‖firstᵀ first − I‖_F² + ‖lastᵀ last − I‖_F²`` of layer l (``r2_l = min(c_out, rank)``):
+
+    - ``normalization="reference"`` (default since issue 23): ``Σ_l E_l / Σ_l 2 r2_l²``, over the layers with
+      ``rank < max(c_in, c_out)`` — the reference code's ``orthogonal_loss(model)`` divided by its ``shapes``
+      (``practical_svd_conv``, ``src/SOTT.py``, ``orthogonal_loss``; ``src/train.py`` and
+      ``src/SOC/train_robust.py`` add ``orthogonal_k / shapes · loss``), so the paper's λ (``--orthogonal-k``)
+      is our λ. A layer with ``rank ≥ c_in`` and ``rank ≥ c_out`` has no outer cores in the reference (its
+      kernel is the core alone) and is left out here (its square outer cores, if any, are invertible: they do
+      not change what the layer can represent).
+    - ``normalization="layer"`` (the default before issue 23): ``Σ_l E_l / (2 rank_l²)`` over every layer, i.e.
+      the sum of :meth:`TTConv2d.orthogonality_penalty`. For L penalized layers with one rank r ≤ c_out and no
+      full-rank layer, ``"reference" = "layer" / L``, so λ_layer = λ_paper / L; in general the two weight the
+      layers differently and no single factor converts them.
+
+    Cost ``O(Σ_l c_in r1² + c_out r2²)``.
+    """
+    if normalization not in PENALTY_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {PENALTY_NORMALIZATIONS}, got {normalization!r}")
+    from .sott import SOTTConv2d  # sott builds on this module
+
+    layers = _tt_layers(model, (TTConv2d, SOTTConv2d))
+    if normalization == "reference":
+        layers = [m for m in layers if m.rank < max(m.in_channels, m.out_channels)]
     if not layers:
         p = next(model.parameters(), None)
         return torch.zeros((), dtype=p.dtype if p is not None else None, device=p.device if p is not None else None)
-    return torch.stack([m.orthogonality_penalty() for m in layers]).sum()
+    if normalization == "layer":
+        return torch.stack([m.orthogonality_penalty() for m in layers]).sum()
+    shapes = sum(2 * min(m.out_channels, m.rank) ** 2 for m in layers)
+    return torch.stack([m._orthogonality_residual() for m in layers]).sum() / shapes
