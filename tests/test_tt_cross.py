@@ -177,6 +177,64 @@ def test_cross_forward_gradient_matches_finite_differences():
         assert theta.grad[j].item() == pytest.approx(fd.item(), rel=1e-6, abs=1e-8)
 
 
+def _rank3(d, n, seed):
+    """A rank-3 function of d indices (a sum of three products of random factors) and a rank-1 one."""
+    g = _gen(seed)
+    F = [torch.randn(n, 4, dtype=D, generator=g) for _ in range(d)]
+
+    def product(index, columns):
+        out = torch.ones(len(index), len(columns), dtype=D)
+        for k in range(d):
+            out = out * F[k][index[:, k]][:, columns]
+        return out.sum(1)
+
+    return (lambda i: product(i, [0, 1, 2])), (lambda i: product(i, [3]))
+
+
+@pytest.mark.parametrize("stop", ["eps", "budget mid-sweep", "budget during the cut"])
+def test_cross_forward_differentiates_after_a_rank_adaptive_cross_of_a_low_rank_function(stop):
+    # issue 23.7: the passes grow the ranks of a rank-3 function to ~7; its fiber matrices are then rank-deficient
+    # and their interpolation had no derivative. tt_cross now cuts them to the numerical rank.
+    d, n = 5, 8
+    f0, g = _rank3(d, n, 30)
+    shape = (n,) * d
+    dense = f0(_dense_index(shape)).reshape(shape)
+    _, uncut = tt_cross(f0, shape, eps=1e-10, rank_tol=0.0, generator=_gen(31))
+    assert max(uncut.ranks) > 3  # the overshoot this test is about
+    theta0 = torch.tensor([0.0, 0.0], dtype=D)
+    f = lambda i, t=theta0: (1 + t[1]) * f0(i) + t[0] * g(i)  # noqa: E731
+    E = uncut.evaluations
+    budget = {"eps": None, "budget mid-sweep": int(0.75 * E), "budget during the cut": E}
+    Y, info = tt_cross(f0, shape, eps=1e-10, budget=budget[stop], generator=_gen(31))
+    assert info.stop == ("budget" if stop == "budget mid-sweep" else "eps")
+    assert _relative_error(Y, dense) < 1e-12
+    if stop == "eps":  # enough budget for the cut blocks: the ranks come back to the function's
+        assert info.ranks == (3,) * (d - 1) and info.evaluations > uncut.evaluations
+    else:  # no new entry: only the columns are cut, the bonds stay
+        assert info.evaluations <= budget[stop]
+        assert stop == "budget mid-sweep" or (info.ranks, info.evaluations) == (uncut.ranks, uncut.evaluations)
+    assert _relative_error(cross_forward(info, f0), Y.full()) < 1e-12  # the fibers rebuild the result
+    probe = torch.randint(0, n, (60, d), generator=_gen(32))
+    weights = torch.randn(60, dtype=D, generator=_gen(33))
+
+    def loss(t):
+        Z = cross_forward(info, lambda i: f(i, t))
+        return (Z.gather(probe) * weights).sum() + Z.norm() ** 2 / 1000
+
+    theta = torch.tensor([0.05, 0.1], dtype=D, requires_grad=True)  # f_θ has rank 4: the cut fibers approximate it
+    loss(theta).backward()
+    h = 1e-6
+    for j in range(2):
+        e = torch.zeros(2, dtype=D)
+        e[j] = h
+        with torch.no_grad():
+            fd = (loss(theta.detach() + e) - loss(theta.detach() - e)) / (2 * h)
+        assert theta.grad[j].item() == pytest.approx(fd.item(), rel=1e-6, abs=1e-8)
+    # without the cut the same fibers have no derivative: what this test guards
+    with pytest.raises(ValueError, match="rank-deficient"):
+        cross_forward(uncut, lambda i: f(i, theta))
+
+
 def test_sparse_functions_and_huge_shapes_never_ask_twice():
     # a δ at the origin: most fiber matrices are zero, rect-maxvol must still add distinct rows
     delta = Counting(lambda i: (i == 0).all(1).double())
@@ -208,6 +266,9 @@ def test_bad_input_is_refused_with_the_argument_named():
     f = lambda i: i.sum(1).double()  # noqa: E731
     with pytest.raises(ValueError, match="stopping rule"):
         tt_cross(f, (3, 3))
+    for bad in (-1e-3, 1.0, math.nan):
+        with pytest.raises(ValueError, match="rank_tol"):
+            tt_cross(f, (3, 3), nswp=1, rank_tol=bad)
     with pytest.raises(ValueError, match="shape"):
         tt_cross(f, (3, 0), nswp=1)
     with pytest.raises(ValueError, match="shape or domain"):

@@ -77,7 +77,8 @@ def _interpolation_core(M: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     if M.requires_grad and _singular(R):  # QR's derivative divides by R's diagonal
         raise ValueError(
             "a fiber matrix is numerically rank-deficient, so the cross has no derivative there: f has lower "
-            "rank than the cross; rerun tt_cross with a smaller max_rank (or rank_increase=0)"
+            "rank than these fibers; refresh them with tt_cross on this f (it cuts the fibers to their numerical "
+            "ranks unless rank_tol=0)"
         )
     Qs, Rs = torch.linalg.qr(Q[rows])
     if _singular(Rs):

@@ -53,6 +53,7 @@ from .fibers import (
 )
 from .interpolation import CrossInfo, cross_forward
 from .maxvol import _maxvol
+from .truncation import cut_columns, default_rank_tol, truncate_fibers
 
 __all__ = ["CrossInfo", "tt_cross", "cross_forward"]
 
@@ -104,6 +105,7 @@ def tt_cross(
     tol: float = 1.1,
     maxvol_tol: float = 1.05,
     maxvol_iters: int = 100,
+    rank_tol: float | None = None,
     cache: bool = True,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
@@ -130,6 +132,13 @@ def tt_cross(
         tol: rect-maxvol's row-norm tolerance τ ≥ 1.
         maxvol_tol: :func:`maxvol`'s dominance tolerance.
         maxvol_iters: :func:`maxvol`'s swap limit.
+        rank_tol: after the last sweep, each fiber matrix is cut to its numerical rank — its singular values above
+            ``rank_tol · σ_max`` (default ``100 ε`` of dtype) — and the fiber sets with it, consistently from the last
+            core to the first (:mod:`lowrankopt.cross.truncation`): ranks that the rank-adaptive passes overshot
+            come back down, and :func:`cross_forward` can differentiate on the fibers. A few new entries are
+            evaluated where ranks are cut; where they would exceed ``budget`` (and after a ``"budget"`` stop in
+            mid-sweep) only the columns of the fiber matrices are cut, so the ranks stay and nothing new is read.
+            ``rank_tol=0`` cuts nothing but exact zeros.
         cache: keep every computed entry and never ask f twice for one (the budget counts distinct entries).
         dtype: of the result (f's values are cast to it).
         device: of the result and of the indices f receives (default: the domain's, else CPU).
@@ -161,6 +170,7 @@ def tt_cross(
     if not isinstance(cache, bool):
         raise TypeError(f"cache must be a bool, got {cache!r}")
     dr = _rank_increase(rank_increase)
+    rank_tol = default_rank_tol(dtype) if rank_tol is None else _rank_tol(rank_tol)
     for name, value in (("tol", tol), ("maxvol_tol", maxvol_tol)):
         if not check_scalar(name, value) >= 1:
             raise ValueError(f"{name} must be ≥ 1, got {value}")
@@ -179,7 +189,7 @@ def tt_cross(
     Y0 = _initial(init, shape, max_rank, dtype, device, generator)
     stops = (budget, eps, nswp, validation_tol, None if validation is None else (val_index, val_values))
     with torch.inference_mode():  # no autograd bookkeeping: a fifth of the time of small problems
-        Y = _sweeps(evaluate, Y0, info, stops, (tol, dr, max_rank, maxvol_tol, maxvol_iters))
+        Y = _sweeps(evaluate, Y0, info, stops, (tol, dr, max_rank, maxvol_tol, maxvol_iters, rank_tol))
     # Hand out ordinary tensors (inference tensors cannot enter autograd graphs later).
     Y = TensorTrain._trusted([c.clone() for c in Y.cores])
     info.fibers = [(left.clone(), right.clone()) for left, right in info.fibers]
@@ -193,7 +203,7 @@ def tt_cross(
 def _sweeps(evaluate: _Evaluator, Y0: TensorTrain, info: CrossInfo, stops, selection) -> TensorTrain:
     """The sweeps of :func:`tt_cross`; fills ``info`` and returns the TT."""
     budget, eps, nswp, validation_tol, validation = stops
-    tol, dr, max_rank, maxvol_tol, maxvol_iters = selection
+    tol, dr, max_rank, maxvol_tol, maxvol_iters, rank_tol = selection
     shape, d, dtype, device = info.shape, len(info.shape), Y0.dtype, Y0.device
     # Right sets from the starting TT by a right-to-left maxvol pass over its cores (no evaluations).
     left = [torch.empty(_EMPTY, dtype=torch.int64, device=device)] * (d + 1)
@@ -212,6 +222,7 @@ def _sweeps(evaluate: _Evaluator, Y0: TensorTrain, info: CrossInfo, stops, selec
         carry = (Q[rows] @ R).T
 
     cores: list[torch.Tensor] = [torch.empty(0)] * d
+    blocks: list[torch.Tensor] = [torch.empty(0)] * d  # the fiber block of each core's latest pass
     info.fibers = [(left[k], right[k + 1]) for k in range(d)]
     info.selected = [None] * d
     Y_old = None
@@ -225,6 +236,7 @@ def _sweeps(evaluate: _Evaluator, Y0: TensorTrain, info: CrossInfo, stops, selec
                     n = shape[k]
                     Z = evaluate(fiber_index(left[k], n, right[k + 1])).reshape(left[k].shape[0], n, -1)
                     a, _, b = Z.shape
+                    blocks[k] = Z
                     info.fibers[k] = (left[k], right[k + 1])
                     last = (k, Z)
                     if k == (d - 1 if forward else 0):
@@ -257,6 +269,17 @@ def _sweeps(evaluate: _Evaluator, Y0: TensorTrain, info: CrossInfo, stops, selec
                 info.stop = "sweeps"
             if info.stop:
                 break
+        try:
+            cores, info.fibers, info.selected = truncate_fibers(
+                evaluate, blocks, left, right, info.selected, cores, rank_tol, maxvol_tol, maxvol_iters
+            )
+        except _Budget:  # the cut blocks do not fit in the budget: cut columns only
+            cores, info.fibers = cut_columns(
+                blocks, info.fibers, info.selected, cores, 0, rank_tol, maxvol_tol, maxvol_iters
+            )
+        Y = TensorTrain._trusted(cores)
+        if validation is not None:  # the record is of the result
+            info.validation_errors[-1] = _relative_error(Y, *validation)
     except _Budget:
         info.stop = "budget"
         done = sum(c.numel() > 0 for c in cores)
@@ -267,10 +290,19 @@ def _sweeps(evaluate: _Evaluator, Y0: TensorTrain, info: CrossInfo, stops, selec
             ) from None
         k, Z = last
         cores[k], info.selected[k], info.pivot = Z, None, k
+        cores, info.fibers = cut_columns(
+            blocks, info.fibers, info.selected, cores, k, rank_tol, maxvol_tol, maxvol_iters
+        )
         Y = TensorTrain._trusted(cores)
         if validation is not None:
             info.validation_errors.append(_relative_error(Y, *validation))
     return Y
+
+
+def _rank_tol(value) -> float:
+    if not 0 <= check_scalar("rank_tol", value) < 1:
+        raise ValueError(f"rank_tol must be in [0, 1), got {value}")
+    return float(value)
 
 
 def _rank_increase(value) -> tuple[int, int]:
