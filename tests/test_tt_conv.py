@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from reference import linear_map_matrix
 
 from lowrankopt.nn import TTConv2d, convert_to_tt_conv, tt_conv_orthogonalize_, tt_conv_penalty
+from lowrankopt.nn.spectral.sott import SOTTConv2d
+from lowrankopt.spectral import conv_spectral_normalization
 
 D = torch.float64
 
@@ -136,6 +138,59 @@ def test_clip_caps_the_norm(stride, n):
     y = layer(x)
     layer.clip_(2 * cap, n)
     torch.testing.assert_close(layer(x), y, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# spectral division (the reference's "divide-by-largest" on K2)
+
+
+def dense_norm(layer, c_in, n):
+    return svdvals_sorted(linear_map_matrix(layer, c_in, n))[0]
+
+
+@pytest.mark.parametrize("orthogonality", ["gauge", "stiefel"])
+@pytest.mark.parametrize("stride,n", [(1, 6), (2, 8)])
+def test_spectral_division_of_a_tt_conv_gives_max_norm(orthogonality, stride, n):
+    c_in, cap = 5, 0.5
+    layer = TTConv2d(
+        c_in, 4, 3, 3, stride, 1, True, "circular", orthogonality=orthogonality, dtype=D, generator=gen(30)
+    )  # fmt: skip
+    with torch.no_grad():
+        layer.core.mul_(10.0)
+    raw = layer.core.detach().clone()
+    # the reference divides K2 by the norm of its conv: σ here from the dense core operator, in the test
+    sigma = svdvals_sorted(linear_map_matrix(core_conv(raw, stride, layer._pads), layer.ranks[0], n))[0]
+    assert dense_norm(layer, c_in, n) > 3 * cap
+    assert conv_spectral_normalization(layer, n, max_norm=cap) is layer
+    torch.testing.assert_close(layer.core, raw * (cap / sigma), rtol=0, atol=1e-13)
+    torch.testing.assert_close(dense_norm(layer, c_in, n), torch.tensor(cap, dtype=D), rtol=0, atol=1e-12)
+    # gradients reach the stored core through the division
+    layer(torch.randn(2, c_in, n, n, dtype=D, generator=gen(31))).square().sum().backward()
+    assert layer.parametrizations.core.original.grad.abs().max() > 0
+    if orthogonality == "gauge":  # drift off the gauge, come back: the cap holds again, exactly
+        perturb_(layer, 0.3)
+        assert abs(dense_norm(layer, c_in, n) - cap) > 1e-2
+        assert layer.orthogonalize_() is layer and is_orthonormal(layer.first, 1e-13)
+        torch.testing.assert_close(dense_norm(layer, c_in, n), torch.tensor(cap, dtype=D), rtol=0, atol=1e-12)
+        layer.clip_(0.3, n)  # clip_ writes the stored core too
+        torch.testing.assert_close(dense_norm(layer, c_in, n), torch.tensor(0.3, dtype=D), rtol=0, atol=1e-10)
+
+
+def test_spectral_division_of_a_tt_conv_zero_padding_and_refusals():
+    c_in, n, cap = 4, 7, 0.7
+    layer = TTConv2d(c_in, 6, 3, 3, padding=1, dtype=D, generator=gen(32))
+    with torch.no_grad():
+        layer.core.mul_(5.0)
+    conv_spectral_normalization(layer, n, max_norm=cap, iters=3000, generator=gen(33))
+    norm = dense_norm(layer, c_in, n)  # zero padding: the power estimate approaches from below
+    assert cap * (1 - 1e-6) <= norm <= cap * (1 + 1e-4)
+    layer32 = TTConv2d(c_in, 6, 3, 2, padding=1, generator=gen(34))
+    conv_spectral_normalization(layer32, method="tensor-norm", max_norm=cap)
+    assert layer32(torch.randn(1, c_in, 5, 5)).dtype == torch.float32
+    with pytest.raises(ValueError, match="asymmetrically"):
+        conv_spectral_normalization(TTConv2d(3, 4, 4, 2, padding="same"), 6)
+    with pytest.raises(TypeError, match="nn.Conv2d or a TTConv2d"):
+        conv_spectral_normalization(torch.nn.Linear(2, 2), 6)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -300,6 +355,55 @@ def test_penalty_training_reduces_the_penalty():
     assert tt_conv_penalty(model).item() < 0.1 * p0
     assert loss().item() < l0
     assert tt_conv_penalty(torch.nn.Linear(2, 2)).item() == 0
+
+
+def reference_penalty(model):
+    """``practical_svd_conv`` (src/SOTT.py ``orthogonal_loss``; src/train.py adds ``orthogonal_k / shapes · loss``),
+    re-implemented: the TT and SOTT children with outer cores (``K1 (c_in, r1)``, ``K3 = lastᵀ (r2, c_out)``)."""
+    loss, shapes = 0, 0
+    for m in model.children():
+        if m.rank >= m.in_channels and m.rank >= m.out_channels:  # the reference's K1 is None: no outer cores
+            continue
+        K1, K3 = m.first, m.last.T
+        loss = loss + F.mse_loss(K1.T @ K1, torch.eye(K1.shape[1], dtype=D), reduction="sum")
+        loss = loss + F.mse_loss(K3 @ K3.T, torch.eye(K3.shape[0], dtype=D), reduction="sum")
+        shapes += 2 * K3.shape[0] ** 2
+    return loss / shapes
+
+
+def test_penalty_reference_normalization():
+    model = torch.nn.Sequential(
+        TTConv2d(6, 4, 3, 5, orthogonality="penalty", dtype=D, generator=gen(40)),  # rank > c_out: r2 = 4
+        TTConv2d(4, 8, 3, 3, orthogonality="penalty", dtype=D, generator=gen(41)),
+        TTConv2d(3, 3, 3, 4, orthogonality="penalty", dtype=D, generator=gen(42)),  # full rank: not penalized
+        SOTTConv2d(8, 5, 3, 2, orthogonality="penalty", dtype=D, generator=gen(43)),
+    )
+    for i, m in enumerate(model):
+        g = gen(50 + i)
+        with torch.no_grad():
+            m.first.add_(0.3 * torch.randn(m.first.shape, dtype=D, generator=g))
+            m.last.add_(0.3 * torch.randn(m.last.shape, dtype=D, generator=g))
+    ours = tt_conv_penalty(model)
+    torch.testing.assert_close(ours, reference_penalty(model), rtol=0, atol=1e-12)
+    torch.testing.assert_close(tt_conv_penalty(model, normalization="reference"), ours, rtol=0, atol=0)
+    # the gradients are the reference's too
+    (g_ours,) = torch.autograd.grad(ours, model[0].last)
+    (g_ref,) = torch.autograd.grad(reference_penalty(model), model[0].last)
+    torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=1e-12)
+    # "layer" (the normalization before issue 23): the sum of the per-layer penalties over every layer
+    layer = tt_conv_penalty(model, normalization="layer")
+    torch.testing.assert_close(layer, sum(m.orthogonality_penalty() for m in model), rtol=0, atol=1e-12)
+    assert abs(layer.item() - ours.item()) > 0.1 * ours.item()
+    # L equal-rank layers, none full rank: reference = layer / L
+    same = torch.nn.Sequential(*(TTConv2d(6, 5, 3, 3, orthogonality="penalty", dtype=D) for _ in range(3)))
+    for m in same:
+        with torch.no_grad():
+            m.first.mul_(1.2)
+    torch.testing.assert_close(tt_conv_penalty(same), tt_conv_penalty(same, "layer") / 3, rtol=1e-14, atol=0)
+    # only full-rank layers: nothing to penalize in the reference
+    assert tt_conv_penalty(torch.nn.Sequential(model[2])).item() == 0
+    with pytest.raises(ValueError, match="normalization"):
+        tt_conv_penalty(model, normalization="mean")
 
 
 # ------------------------------------------------------------------------------------------------------------

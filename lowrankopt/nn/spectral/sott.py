@@ -55,7 +55,6 @@ from ..._checks import as_positive_int
 from ...manifolds.geoopt import manifold_parameter
 from .._common import _check_dtype, _check_image, _kw, _pair, _random_orthonormal, _uniform
 from ..orthogonal.gs_conv import SkewOrthogonalConv2d
-from .tt_conv import _residual
 
 __all__ = ["SOTTConv2d"]
 
@@ -186,7 +185,13 @@ class SOTTConv2d(torch.nn.Module):
         return torch.as_tensor(self._orthogonality_residual(), dtype=self.core.weight.dtype) / (2 * self.rank**2)
 
     def _orthogonality_residual(self) -> torch.Tensor | float:
-        return _residual(self.first) + _residual(self.last)
+        """``‖firstᵀ first − I‖_F² + ‖lastᵀ last − I‖_F²`` (0 without outer cores), read by ``tt_conv_penalty``."""
+        if self.first is None:
+            return 0.0
+        return sum(
+            (M.T @ M - torch.eye(M.shape[1], dtype=M.dtype, device=M.device)).square().sum()
+            for M in (self.first, self.last)
+        )
 
     @torch.no_grad()
     def lipschitz_bound(self) -> torch.Tensor:
