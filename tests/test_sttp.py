@@ -403,3 +403,234 @@ def test_bad_arguments():
         bad.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         STTPLinear.from_linear(bad)
+
+
+# ------------------------------------------------------------------------------------------------ mode factorizations
+# Issue 23: the conv layers factor as STTP's eq. 9 by default; the authors' code's layout and lowrankopt's old default
+# stay selectable by name. Everything below is derived in the test from the mode sequence of W's TT.
+
+
+def _primes(n):
+    """Prime factors with repetition, non-decreasing (written here, not the library's)."""
+    out, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    return out
+
+
+def _w_tt(c_out, c_in, kernel, name):
+    """``(out part, in part)`` of W's TT modes, Σ between them, as each layout is defined: the paper's eq. 9 (C_in k²
+    factored into primes, in-modes reversed), the authors' code (spectral_tensors_factory.py: p(C_in), then k² as one
+    mode), lowrankopt's old default (k² as one mode next to Σ, then p(C_in) reversed)."""
+    K = kernel[0] * kernel[1]
+    kk = [K] if K > 1 else []
+    ins = {
+        "paper": _primes(c_in * K)[::-1],
+        "reference": _primes(c_in) + kk,
+        "legacy": kk + _primes(c_in)[::-1],
+    }[name]
+    return _primes(c_out), ins
+
+
+def _tt_ranks(modes, R):
+    return [min(R, math.prod(modes[:k]), math.prod(modes[k:])) for k in range(len(modes) + 1)]
+
+
+def _count_per_core(out, ins, R):
+    """The parameter count as the authors' code adds it up: one Stiefel frame per core — the left unfolding
+    ``(R_{k−1} n_k) × R_k`` on the output side, the right one ``(n_k R_k) × R_{k−1}`` on the input side — full
+    (``a b − b (b + 1) / 2``) for the two cores next to Σ, reduced (``(a − b) b``) for the others, plus r singular
+    values."""
+    modes, s = out + ins, len(out)
+    ranks = _tt_ranks(modes, R)
+    total = ranks[s]
+    for i, m in enumerate(modes):
+        a, b = (ranks[i] * m, ranks[i + 1]) if i < s else (m * ranks[i + 1], ranks[i])
+        total += a * b - b * (b + 1) // 2 if i in (s - 1, s) else (a - b) * b
+    return total
+
+
+PARAMETER_COUNTS = [  # C_out, C_in, rank: paper, reference, legacy (issue 23)
+    (64, 64, 8, {"paper": 704, "reference": 648, "legacy": 960}),
+    (128, 64, 16, {"paper": 2560, "reference": 2336, "legacy": 3584}),
+    (16, 8, 4, {"paper": 128, "reference": 116, "legacy": 192}),
+]
+
+
+@pytest.mark.parametrize("c_out,c_in,rank,counts", PARAMETER_COUNTS)
+@pytest.mark.parametrize("name", ["paper", "reference", "legacy"])
+def test_named_factorizations_have_the_papers_and_the_references_parameter_counts(c_out, c_in, rank, counts, name):
+    out, ins = _w_tt(c_out, c_in, (3, 3), name)
+    assert _count_per_core(out, ins, rank) == counts[name]
+    layer = STTPConv2d(c_in, c_out, 3, rank=rank, bias=False, mode_factorization=name, dtype=D)
+    assert list(layer.U.modes) == out and list(layer.V.modes)[::-1] == ins  # W's TT: U's modes, Σ, V's reversed
+    assert count_parameters(layer) == layer.dof() == counts[name]
+    if name == "paper":  # the default, also under its old name "auto"
+        for default in (STTPConv2d(c_in, c_out, 3, rank=rank, bias=False), STTPConv2d(
+            c_in, c_out, 3, rank=rank, bias=False, mode_factorization="auto"
+        )):  # fmt: skip
+            assert (default.U.modes, default.V.modes) == (layer.U.modes, layer.V.modes)
+
+
+def test_the_papers_section_8_example():
+    """STTP's Sec. 8: a 16 × 8 · 3 · 3 conv at r = 4 — W's TT has R = (1, 2, 4, 4, 4, 4, 4, 4, 2, 1) and
+    n = (2, 2, 2, 2, 3, 3, 2, 2, 2), matricized cores {(2×2)², (4×4)², (8×4)³, (12×4)²}; 128 parameters."""
+    layer = STTPConv2d(8, 16, 3, rank=4, bias=False, dtype=D)
+    n = list(layer.U.modes) + list(layer.V.modes)[::-1]
+    R = list(layer.U.bonds) + list(layer.V.bonds)[::-1][1:]
+    assert n == [2, 2, 2, 2, 3, 3, 2, 2, 2] and R == [1, 2, 4, 4, 4, 4, 4, 4, 2, 1]
+    sizes = sorted((r0 * m, r1) for r0, m, r1 in layer.U.shapes + layer.V.shapes)
+    assert sizes == sorted([(2, 2)] * 2 + [(4, 4)] * 2 + [(8, 4)] * 3 + [(12, 4)] * 2)
+    assert [tuple(c.shape) for c in layer.V.cores()] == [(1, 2, 2), (2, 2, 4), (4, 2, 4), (4, 3, 4), (4, 3, 4)]
+    assert count_parameters(layer) == 128
+
+
+def _chain(cores):
+    """Contract TT cores ``(R_{k−1}, n_k, R_k)`` left to right into a tensor ``(n_1, …, n_D)`` (R_0 = R_D = 1)."""
+    T = cores[0]
+    for c in cores[1:]:
+        T = torch.tensordot(T, c, dims=1)
+    return T.reshape(T.shape[1:-1])
+
+
+@pytest.mark.parametrize("name", ["paper", "reference", "legacy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_weight_is_the_tt_contraction_reshaped_per_the_mode_order(name, dtype):
+    g = torch.Generator().manual_seed(11)
+    c_in, c_out, kernel = 6, 4, (3, 2)
+    layer = STTPConv2d(c_in, c_out, kernel, padding=1, rank=3, mode_factorization=name, dtype=dtype, generator=g)
+    with torch.no_grad():
+        layer.s.copy_(torch.tensor([1.0, -0.6, 0.3], dtype=dtype))
+    # W's TT in float64: U's cores, σ folded into the last one, then V's cores reversed and transposed
+    u = [c.detach().to(D) for c in layer.U.cores()]
+    u[-1] = u[-1] * layer.singular_values().detach().to(D)
+    v = [c.detach().to(D).permute(2, 1, 0) for c in reversed(layer.V.cores())]
+    T = _chain(u + v)  # (n_out..., then the in-modes as W's TT orders them)
+    d_out_modes, n_in = len(layer.U.modes), len(layer.V.modes)
+    if name != "reference":  # the paper's and the old layout: V's rows row-major over V's modes, the reverse of W's TT
+        T = T.permute(*range(d_out_modes), *range(d_out_modes + n_in - 1, d_out_modes - 1, -1))
+    kernel_ref = T.reshape(c_out, c_in, *kernel)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(layer.weight_kernel().to(D), kernel_ref, atol=tol, rtol=0)
+    x = torch.randn(2, c_in, 7, 6, dtype=dtype, generator=g)
+    ref = torch.nn.functional.conv2d(x.to(D), kernel_ref, layer.bias.detach().to(D), padding=1)
+    assert layer(x).dtype == dtype and torch.allclose(layer(x).to(D), ref, atol=10 * tol, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["paper", "reference", "legacy"])
+def test_named_factorizations_load_dense_weights_exactly(name):
+    torch.manual_seed(12)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(6, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(64, 18)
+    ).double()
+    x = torch.randn(2, 6, 4, 4, dtype=D, generator=torch.Generator().manual_seed(12))
+    ref = model(x)
+    convert_to_sttp(model, rank=10**6, mode_factorization=name)  # full rank: exact, through both layers
+    assert model[0].V.modes == {"paper": (2, 3, 3, 3), "reference": (9, 3, 2), "legacy": (2, 3, 9)}[name]
+    assert model[2].V.modes == {"paper": (2, 2, 2, 2, 2, 2), "reference": (2,) * 6, "legacy": (2,) * 6}[name]
+    assert torch.allclose(model(x), ref, atol=1e-12)
+
+
+def test_reference_factorization_of_a_linear_layer():
+    """For a linear layer the paper's and the old layout coincide; the authors' code orders the input primes the other
+    way along W's TT (increasing away from Σ)."""
+    lin = torch.nn.Linear(12, 10).double()
+    paper = STTPLinear(12, 10, 3, bias=False, dtype=D)
+    reference = STTPLinear(12, 10, 3, bias=False, mode_factorization="reference", dtype=D)
+    assert paper.V.modes == (2, 2, 3) and reference.V.modes == (3, 2, 2)
+    out, ins = _primes(10), _primes(12)
+    assert count_parameters(paper) == _count_per_core(out, ins[::-1], 3)
+    assert count_parameters(reference) == _count_per_core(out, ins, 3)
+    x = torch.randn(5, 12, dtype=D, generator=torch.Generator().manual_seed(13))
+    full = STTPLinear.from_linear(lin, mode_factorization="reference")
+    assert torch.allclose(full(x), lin(x), atol=1e-12)
+    with pytest.raises(ValueError, match="mode_factorization"):
+        STTPLinear(12, 10, 3, mode_factorization="eq9")
+    with pytest.raises(ValueError, match="mode_factorization"):
+        STTPConv2d(4, 4, 3, rank=2, mode_factorization="kernel-first")
+
+
+# A state dict saved by lowrankopt before issue 23 (STTPConv2d(2, 3, 3, rank=2), then the default factorization: V's
+# modes (2, 9)), with its kernel as that version computed it.
+_OLD_STATE = {
+    "s": [1.0, 0.375],
+    "bias": [0.5, -0.25, 0.125],
+    "U.params.0": ("sin", 0.5, 3),  # 0.5 sin(1..3)
+    "V.params.1": ("cos", 0.3, 33),  # 0.3 cos(1..33)
+}
+_OLD_KERNEL = [
+    -0.207963693288235, -0.062895234454561, -0.008541900596838, 0.153933660352300, -0.119576110990626,
+    -0.054411219721582, 0.164862224910242, -0.082802567003459, -0.095946172277297, 0.162657959147468,
+    -0.039433017999569, -0.129838107755414, 0.147496453610934, 0.007077742611189, -0.153387214006016,
+    0.120585465139577, 0.053024694303215, -0.164717582725901, 0.039381957205850, -0.135413510114180,
+    0.161574810533946, 0.085574396008362, -0.232797838910571, 0.108181772426928, 0.142758834175513,
+    -0.226999046889523, 0.046171036349071, 0.188571185455986, -0.203117640931976, -0.019517658014465,
+    0.219362064211034, -0.163056000145281, -0.083651586930056, 0.232678686691462, -0.110005411867136,
+    -0.141121878388314, -0.140023587404050, -0.118357109879133, 0.076775856767617, 0.162834988122925,
+    -0.212302387140710, 0.013862945477102, 0.200764345329667, -0.180957839877900, -0.050154280102483,
+    0.222700929885794, -0.135198294833678, -0.110176244482588, 0.226897286041826, -0.078668931132287,
+    -0.161421632391333, 0.213019134472145, -0.015872845477854, -0.199808265606924,
+]  # fmt: skip
+
+
+def test_a_state_dict_of_the_old_default_loads_with_the_legacy_name():
+    state = {"V.params.0": torch.zeros(1, 0, dtype=D)}
+    for key, value in _OLD_STATE.items():
+        if isinstance(value, tuple):
+            fn, scale, n = value
+            value = (scale * getattr(torch, fn)(torch.arange(1, n + 1, dtype=D)))[None]
+        state[key] = torch.as_tensor(value, dtype=D)
+    layer = STTPConv2d(2, 3, 3, rank=2, mode_factorization="legacy", dtype=D)
+    layer.load_state_dict(state)
+    kernel = torch.tensor(_OLD_KERNEL, dtype=D).reshape(3, 2, 3, 3)
+    assert torch.allclose(layer.weight_kernel(), kernel, atol=1e-14, rtol=0)
+    with pytest.raises(RuntimeError, match="state_dict"):  # the new default has other cores: a loud mismatch
+        STTPConv2d(2, 3, 3, rank=2, dtype=D).load_state_dict(state)
+    # a layer pickled before the factorization names existed has no _in_reversed: the class default reads it as built
+    del layer.__dict__["_in_reversed"]
+    assert torch.allclose(layer.weight_kernel(), kernel, atol=1e-14, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ D-optimal pooling
+
+
+def test_dopt_penalty_pools_all_singular_values_as_the_reference():
+    """The authors' spectral_penalty_d_optimal: ``−Σ_layers Σ_i log(|s_i| / max|s|) / (total number of s_i)``, over
+    the layers with the D-optimal spectrum (here ranks 3, 2 and 4: pooling weighs a layer by its rank)."""
+    g = torch.Generator().manual_seed(14)
+    model = torch.nn.Sequential(
+        STTPLinear(8, 6, 3, spectrum="learned+dopt", dtype=D, generator=g),
+        STTPConv2d(6, 4, 3, rank=2, spectrum="learned+dopt", dtype=D, generator=g),
+        STTPLinear(6, 4, 3, spectrum="learned", dtype=D, generator=g),  # not regularized
+        STTPLinear(8, 8, 4, spectrum="learned+dopt", lipschitz=None, dtype=D, generator=g),
+    )
+    values = {0: [2.0, -1.0, 0.5], 1: [0.3, -0.03], 2: [5.0, 0.01, 1.0], 3: [1.0, 0.9, -0.2, 0.7]}
+    with torch.no_grad():
+        for i, s in values.items():
+            model[i].s.copy_(torch.tensor(s, dtype=D))
+    regularized = [values[i] for i in (0, 1, 3)]
+    logs = [[-math.log(abs(x) / max(abs(y) for y in s)) for x in s] for s in regularized]
+    pooled = sum(map(sum, logs)) / sum(map(len, logs))
+    layer_mean = sum(sum(t) / len(t) for t in logs) / len(logs)
+    assert pooled != pytest.approx(layer_mean, rel=1e-3)  # the two reductions differ here
+    assert dopt_penalty(model).item() == pytest.approx(pooled, rel=1e-14)
+    assert dopt_penalty(model, reduction="pooled").item() == pytest.approx(pooled, rel=1e-14)
+    assert dopt_penalty(model, reduction="layer-mean").item() == pytest.approx(layer_mean, rel=1e-14)
+    penalty = dopt_penalty(model)
+    penalty.backward()  # differentiable in every regularized layer's s, not in the others'
+    assert all(model[i].s.grad is not None for i in (0, 1, 3)) and model[2].s.grad is None
+    f32 = torch.nn.Sequential(
+        STTPLinear(8, 6, 3, spectrum="learned+dopt", dtype=torch.float32),
+        STTPLinear(6, 4, 2, spectrum="learned+dopt", dtype=torch.float32),
+    )
+    with torch.no_grad():
+        f32[0].s.copy_(torch.tensor([2.0, -1.0, 0.5]))
+        f32[1].s.copy_(torch.tensor([0.3, -0.03]))
+    out = dopt_penalty(f32)
+    ref = (-math.log(0.5) - math.log(0.25) - math.log(0.1)) / 5
+    assert out.dtype == torch.float32 and out.item() == pytest.approx(ref, rel=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        dopt_penalty(model, reduction="sum")

@@ -11,6 +11,12 @@ and U, V are each a tensor train over a factorization of their rows, ``d = n_1 �
 ``rank`` argument, the maximal TT-rank; ``r = min(R, d_out, d_in)``), whose left unfoldings
 ``(R_{k−1} n_k) × R_k`` have orthonormal columns — then U has orthonormal columns (STTP's Prop. 1).
 
+**Modes.** By default (``mode_factorization="paper"``) the modes are the prime factors of ``d_out`` and of ``d_in``
+— for a conv, of the whole ``C_in k_h k_w``, as STTP's eq. 9 — and W's TT reads ``U``'s modes, σ, then ``V``'s modes
+reversed (the largest input prime next to σ). ``"reference"`` is the authors' code's layout (``k_h k_w`` one mode at
+the far end, the input primes increasing away from σ) and ``"legacy"`` the default of lowrankopt before issue 23
+(``k_h k_w`` one mode next to σ); see :data:`~.sttp_base.FACTORIZATIONS` for each one's TT and parameter count.
+
 **Non-redundant gauge.** Each core is a Householder product (:mod:`lowrankopt.nn.orthogonal.householder`): the
 *reduced* layout (Grassmann, ``(R_{k−1} n_k − R_k) R_k`` parameters) for every core except the two next to σ, which
 are full Stiefel; with ``spectrum="identity"`` the last U core is reduced too (``(U, V) ~ (UQ, VQ)``). The parameter
@@ -28,7 +34,8 @@ default: a 1-Lipschitz layer; the overall scale of s is then one redundant param
 ``lipschitz=None``, ``σ = s`` (unconstrained). For :class:`STTPConv2d` the bound holds for the reshaped
 kernel matrix (as in spectral normalization, Miyato et al.), not for the conv operator, whose norm can be
 up to ``sqrt(k_h k_w)`` times larger. ``"learned+dopt"``: as learned, and
-:func:`dopt_penalty` adds the D-optimal regularizer ``−mean log |s / max|s||`` of the layer.
+:func:`dopt_penalty` adds the D-optimal regularizer ``−log |s / max|s||``, averaged over the singular values of all
+such layers of the model together (as the authors' code; ``reduction="layer-mean"`` averages each layer first).
 
 **Two ways to train the same layer** (``parametrization``): ``"householder"`` — Euclidean parameters
 (the reflector entries, exactly the degrees of freedom above), any ``torch.optim`` optimizer, U and V
@@ -125,11 +132,29 @@ def convert_to_sttp(
     return replace_modules(model, targets, build)
 
 
-def dopt_penalty(model: torch.nn.Module) -> torch.Tensor:
-    """Mean of :meth:`~STTPBase.dopt_penalty` over the layers of ``model`` with ``spectrum="learned+dopt"``
-    (0 if there are none): add ``λ · dopt_penalty(model)`` to the loss."""
-    terms = [m.dopt_penalty() for m in model.modules() if isinstance(m, STTPBase) and m.spectrum == "learned+dopt"]
-    if not terms:
+DOPT_REDUCTIONS = ("pooled", "layer-mean")
+
+
+def dopt_penalty(model: torch.nn.Module, *, reduction: str = "pooled") -> torch.Tensor:
+    """The D-optimal regularizer of the layers of ``model`` with ``spectrum="learned+dopt"`` (0 if there are none): add
+    ``λ · dopt_penalty(model)`` to the loss.
+
+    With ``σ̂_i = |s_i| / max_j |s_j|`` the normalized singular values of each layer (r_ℓ of them in layer ℓ):
+
+    - ``"pooled"`` (default; the authors' code, toshas/sttp ``spectral_penalties.py``): the mean of ``−log σ̂_i``
+      over all singular values of all those layers together, ``−Σ_ℓ Σ_i log σ̂_{ℓ,i} / Σ_ℓ r_ℓ`` — a layer weighs
+      by its rank;
+    - ``"layer-mean"`` (the default of lowrankopt before issue 23): the mean over layers of each layer's mean,
+      :meth:`~lowrankopt.nn.spectral.sttp_base.STTPBase.dopt_penalty` — every layer weighs the same.
+
+    They agree when all those layers have the same rank. Cost ``O(Σ_ℓ r_ℓ)``.
+    """
+    if reduction not in DOPT_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {DOPT_REDUCTIONS}, got {reduction!r}")
+    layers = [m for m in model.modules() if isinstance(m, STTPBase) and m.spectrum == "learned+dopt"]
+    if not layers:
         p = next(model.parameters(), None)
         return torch.zeros((), dtype=p.dtype if p is not None else None)
-    return torch.stack(terms).mean()
+    if reduction == "pooled":
+        return torch.cat([m._dopt_terms() for m in layers]).mean()
+    return torch.stack([m.dopt_penalty() for m in layers]).mean()

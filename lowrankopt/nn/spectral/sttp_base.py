@@ -16,18 +16,37 @@ from ...formats.tt import tt_svd
 from .._common import _full_precision, _init_bias, _kw, _refuse_half
 from ..orthogonal.orthonormal_tt import OrthonormalTT
 
-__all__ = ["PARAMETRIZATIONS", "SPECTRA", "ModeFactorization", "Modes", "STTPBase", "prime_factors"]
+__all__ = ["FACTORIZATIONS", "PARAMETRIZATIONS", "SPECTRA", "ModeFactorization", "Modes", "STTPBase", "prime_factors"]
 
 SPECTRA = ("identity", "learned", "learned+dopt")
 PARAMETRIZATIONS = ("householder", "stiefel")
+FACTORIZATIONS = ("paper", "reference", "legacy")
+"""The named mode factorizations of the STTP layers (``"auto"`` is ``"paper"``). With ``p(n)`` the prime factors of
+n in non-decreasing order, ``↓`` the same reversed, and ``K = k_h k_w`` (1 for a linear layer), the TT of W reads,
+from the output end to the input end:
+
+- ``"paper"`` (the default; STTP's eq. 9): ``p(C_out), Σ, p(C_in K)↓`` — the whole input size ``C_in k_h k_w``
+  factored into primes, the largest next to Σ. V's rows are row-major over ``p(C_in K)``: a plain reshape of the
+  kernel's flat input index ``c K + i k_w + j``.
+- ``"reference"`` (the authors' code, toshas/sttp ``spectral_tensors_factory.py``): ``p(C_out), Σ, p(C_in), K`` —
+  the input primes in non-decreasing order away from Σ and ``k_h k_w`` one mode at the far end (omitted when 1). The
+  kernel's input index is row-major in this order, so V's TT (``V.modes = K, p(C_in)↓``) indexes its rows in
+  reversed mode order; the layer permutes them (a reshape and a transpose, ``O(d_in r)``).
+- ``"legacy"`` (the default of lowrankopt before issue 23, to rebuild its checkpoints): ``p(C_out), Σ, K,
+  p(C_in)↓`` — ``k_h k_w`` one mode next to Σ. V's rows are row-major over ``p(C_in), K``.
+
+For a linear layer ``"paper"`` and ``"legacy"`` coincide. In every case the trainable parameter count (learned
+spectrum, Householder) is ``Σ_k R_{k−1} n_k R_k − Σ_k R_k²`` over the TT above, ``R_k = min(R, n_1 ⋯ n_k,
+n_{k+1} ⋯ n_D)`` (:meth:`STTPBase.dof`). E.g. at ``C_out × C_in × 3 × 3`` (paper / reference / legacy):
+64×64, R = 8: 704 / 648 / 960; 128×64, R = 16: 2560 / 2336 / 3584; 16×8, R = 4: 128 / 116 / 192."""
 
 Modes = int | Sequence[int] | None
 """The mode sizes of one factor: a sequence of positive ints with the factor's size as product, one int (one mode), or
 None (its prime factors)."""
 
-ModeFactorization = Literal["auto"] | Sequence[Modes]
-"""How the STTP layers factor their sizes: ``"auto"`` (prime factors) or a pair ``(out_modes, in_modes)`` of
-:data:`Modes`."""
+ModeFactorization = Literal["auto", "paper", "reference", "legacy"] | Sequence[Modes]
+"""How the STTP layers factor their sizes: a name of :data:`FACTORIZATIONS` (``"auto"``: ``"paper"``) or a pair
+``(out_modes, in_modes)`` of :data:`Modes` (V's rows row-major over ``in_modes``)."""
 
 
 def prime_factors(n: int) -> list[int]:
@@ -50,6 +69,10 @@ def _spectrum(spectrum: str) -> str:
 class STTPBase(torch.nn.Module):
     """What the linear and conv layers share: the factors U (out side), V (in side), σ, and their loading."""
 
+    #: V's TT indexes its rows row-major over its modes reversed (the ``"reference"`` factorization); a class default
+    #: so that layers pickled before it existed read their rows as they were built
+    _in_reversed: bool = False
+
     def _init_parameters(
         self,
         d_out: int,
@@ -63,15 +86,12 @@ class STTPBase(torch.nn.Module):
         dtype: torch.dtype | None,
         device: torch.device | str | None,
         generator: torch.Generator | None,
-        auto_in_modes: list[int] | None = None,
+        kernel_numel: int = 1,
     ) -> None:
-        """The factors U (``d_out`` rows), V (``d_in`` rows), σ and the bias of a new layer (``rank`` checked by the
-        caller). ``mode_factorization="auto"`` means the prime factors of ``d_out``, and ``auto_in_modes`` (default:
-        the prime factors of ``d_in``)."""
+        """The factors U (``d_out`` rows), V (``d_in = C_in · kernel_numel`` rows), σ and the bias of a new layer
+        (``rank`` checked by the caller); ``mode_factorization`` as :data:`ModeFactorization`."""
         dtype, device, _ = _kw(dtype, device, generator)
-        out_modes, in_modes = _split_factorization(mode_factorization)
-        if in_modes is None:
-            in_modes = auto_in_modes
+        out_modes, in_modes, self._in_reversed = _factorization(mode_factorization, d_out, d_in, kernel_numel)
         out_modes, in_modes = _modes("out_modes", d_out, out_modes), _modes("in_modes", d_in, in_modes)
         self.spectrum = _spectrum(spectrum)
         if parametrization not in PARAMETRIZATIONS:
@@ -104,15 +124,25 @@ class STTPBase(torch.nn.Module):
         return self.lipschitz * self.s / self.s.abs().max().clamp_min(torch.finfo(self.s.dtype).tiny)
 
     def dopt_penalty(self) -> torch.Tensor:
-        """The D-optimal regularizer ``−mean log |s / max|s||`` (≥ 0; 0 when all singular values are equal)."""
+        """The D-optimal regularizer ``−mean log |s / max|s||`` of this layer (≥ 0; 0 when all singular values are
+        equal). Cost ``O(r)``."""
+        return self._dopt_terms().mean()
+
+    def _dopt_terms(self) -> torch.Tensor:
+        """``−log |s_i / max|s||`` for each of the r learned singular values (both clamped below at the dtype's
+        eps): what :meth:`dopt_penalty` and :func:`~lowrankopt.nn.spectral.sttp.dopt_penalty` average."""
         if self.s is None:
             raise ValueError("dopt_penalty needs a learned spectrum")
         eps = torch.finfo(self.s.dtype).eps
-        return -torch.log((self.s.abs() / self.s.abs().max().clamp_min(eps)).clamp_min(eps)).mean()
+        return -torch.log((self.s.abs() / self.s.abs().max().clamp_min(eps)).clamp_min(eps))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(U, σ, V)`` with ``U: (d_out, r)``, ``V: (d_in, r)``. Cost ``O((d_out + d_in) r Σ R_k)``."""
-        return self.U.matrix(), self.singular_values(), self.V.matrix()
+        """``(U, σ, V)`` with ``U: (d_out, r)``, ``V: (d_in, r)`` (rows in the order of the dense weight's columns).
+        Cost ``O((d_out + d_in) r Σ R_k)``."""
+        V = self.V.matrix()
+        if self._in_reversed:
+            V = _reverse_rows(V, self.V.modes)
+        return self.U.matrix(), self.singular_values(), V
 
     def _forward_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`factors` for a forward on ``x``: refused in half precision, built with autocast off (in the
@@ -150,6 +180,8 @@ class STTPBase(torch.nn.Module):
             raise ValueError(f"weight must have shape ({math.prod(self.U.modes)}, {math.prod(self.V.modes)})")
         P, S, Qt = torch.linalg.svd(W, full_matrices=False)
         P, S, Q = P[:, : self.rank], S[: self.rank], Qt[: self.rank].T
+        if self._in_reversed:  # V's TT holds the rows in reversed mode order
+            Q = _reverse_rows(Q, self.V.modes[::-1])
         u_cores, v_cores = _tt_svd(P, self.U.shapes), _tt_svd(Q, self.V.shapes)
         if self.s is None:  # U G (V G D)ᵀ with signs D: W = U G diag(D) (V G D)ᵀ
             G = self.U.set_cores(u_cores)
@@ -170,7 +202,9 @@ class STTPBase(torch.nn.Module):
             self.bias.copy_(bias)
 
     def _factor_modes(self) -> str:
-        return f"out_modes={self.U.modes}, in_modes={self.V.modes}, ranks={self.U.bonds[1:-1]}|{self.V.bonds[1:-1]}"
+        order = ", in_order='reversed'" if self._in_reversed else ""
+        ranks = f"{self.U.bonds[1:-1]}|{self.V.bonds[1:-1]}"
+        return f"out_modes={self.U.modes}, in_modes={self.V.modes}{order}, ranks={ranks}"
 
 
 def _tt_svd(M: torch.Tensor, shapes: list[tuple[int, int, int]]) -> list[torch.Tensor]:
@@ -197,11 +231,36 @@ def _modes(name: str, d: int, given: Modes) -> list[int]:
     return modes
 
 
-def _split_factorization(mode_factorization: ModeFactorization) -> Sequence[Modes]:
+def _reverse_rows(M: torch.Tensor, modes: Sequence[int]) -> torch.Tensor:
+    """The ``d × r`` matrix M, rows row-major over ``modes``, with its rows row-major over the modes reversed (the
+    digits of each row index reversed). Its own inverse with ``modes[::-1]``. Cost: one copy, ``O(d r)``."""
+    D = len(modes)
+    return M.reshape(*modes, M.shape[-1]).permute(*range(D - 1, -1, -1), D).reshape(M.shape)
+
+
+def _factorization(
+    mode_factorization: ModeFactorization, d_out: int, d_in: int, kernel_numel: int
+) -> tuple[Modes, Modes, bool]:
+    """``(out_modes, in_modes, in_reversed)`` of a named factorization (:data:`FACTORIZATIONS`) of a layer
+    ``d_out × (C_in · kernel_numel)``, or the given pair (``in_reversed`` False)."""
     if isinstance(mode_factorization, str):
-        if mode_factorization != "auto":
-            raise ValueError(f"mode_factorization must be 'auto' or (out_modes, in_modes), got {mode_factorization!r}")
-        return None, None
+        name = "paper" if mode_factorization == "auto" else mode_factorization
+        if name not in FACTORIZATIONS:
+            raise ValueError(
+                f"mode_factorization must be one of {FACTORIZATIONS}, 'auto' or (out_modes, in_modes), "
+                f"got {mode_factorization!r}"
+            )
+        c_in, kk = d_in // kernel_numel, kernel_numel
+        if name == "paper":  # eq. 9: C_in k_h k_w factored as a whole
+            return None, prime_factors(d_in), False
+        if name == "legacy":  # C_in's primes, then k_h k_w as one mode (next to Σ)
+            return None, prime_factors(c_in) + ([kk] if kk > 1 else []), False
+        # reference: Σ, p(C_in), k_h k_w along W's TT; V's TT runs the other way (its last core next to Σ)
+        primes = [p for p in prime_factors(c_in) if p > 1]
+        return None, ([kk] if kk > 1 else []) + primes[::-1] or [1], True
     if not isinstance(mode_factorization, Sequence) or len(mode_factorization) != 2:
-        raise ValueError("mode_factorization must be 'auto' or a pair (out_modes, in_modes)")
-    return mode_factorization
+        raise ValueError(
+            f"mode_factorization must be one of {FACTORIZATIONS}, 'auto' or a pair (out_modes, in_modes), "
+            f"got {mode_factorization!r}"
+        )
+    return mode_factorization[0], mode_factorization[1], False

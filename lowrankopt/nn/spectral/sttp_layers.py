@@ -19,7 +19,7 @@ from .._common import (
     _dense_linear,
     _pair,
 )
-from .sttp_base import ModeFactorization, STTPBase, prime_factors
+from .sttp_base import ModeFactorization, STTPBase
 
 __all__ = ["STTPConv2d", "STTPLinear", "SVDPConv2d", "SVDPLinear"]
 
@@ -33,7 +33,10 @@ class STTPLinear(STTPBase):
         rank: the maximal TT-rank R; the number of singular values is ``r = min(R, in, out)``. Ranks at
             least as large as every maximal TT-rank give SVDP (any weight is representable).
         bias: learn an additive bias.
-        mode_factorization: ``"auto"`` (prime factors of d_out and d_in) or ``(out_modes, in_modes)``.
+        mode_factorization: ``"paper"`` (the default; ``"auto"`` is the same: the prime factors of d_out and d_in,
+            as STTP's eq. 9), ``"reference"`` (the authors' code: the input primes in the opposite order along the
+            TT), ``"legacy"`` (here the same as ``"paper"``), or ``(out_modes, in_modes)``; see
+            :data:`~lowrankopt.nn.spectral.sttp_base.FACTORIZATIONS`.
         spectrum: ``"identity"``, ``"learned"`` or ``"learned+dopt"``.
         lipschitz: bound on ``‖W‖₂`` for the learned spectra (``None``: unconstrained σ).
         parametrization: ``"householder"`` (Euclidean, any torch optimizer) or ``"stiefel"`` (geoopt).
@@ -128,10 +131,20 @@ class STTPConv2d(STTPBase):
     """``nn.Conv2d`` with its kernel, reshaped to ``C_out × (C_in k_h k_w)``, in STTP form.
 
     Arguments as ``nn.Conv2d``, in its order (``groups=1`` only), plus the keyword-only ``rank`` and the other
-    keywords of :class:`STTPLinear`. ``"auto"`` modes: the
-    prime factors of C_out, and of C_in followed by one mode ``k_h k_w``. Computed as a conv with the r
-    kernels of V (``O(B H W C_in k_h k_w r)``), a scaling by σ, and a 1×1 conv with U (``O(B H' W' r C_out)``);
-    the full kernel is never formed.
+    keywords of :class:`STTPLinear`. ``mode_factorization`` (:data:`~lowrankopt.nn.spectral.sttp_base.FACTORIZATIONS`;
+    with ``p(n)`` the prime factors of n, non-decreasing, ``p(n)↓`` decreasing, and ``K = k_h k_w``, W's TT from
+    output to input):
+
+    - ``"paper"`` (default; ``"auto"`` is the same): ``p(C_out), Σ, p(C_in K)↓`` — STTP's eq. 9, the whole
+      ``C_in k_h k_w`` factored into primes. A 16×8×3×3 kernel at rank 4 has 128 parameters (the paper's Sec. 8).
+    - ``"reference"``: ``p(C_out), Σ, p(C_in), K`` — the authors' code (toshas/sttp), ``k_h k_w`` one mode at the
+      far end; 116 parameters in the example.
+    - ``"legacy"``: ``p(C_out), Σ, K, p(C_in)↓`` — the default of lowrankopt before issue 23 (changed: it matched
+      neither); 192 parameters in the example. Build with it to load a state dict saved then.
+    - ``(out_modes, in_modes)``: V's rows row-major over ``in_modes`` (None: ``p(C_in K)``, as ``"paper"``).
+
+    Computed as a conv with the r kernels of V (``O(B H W C_in k_h k_w r)``), a scaling by σ, and a 1×1 conv with U
+    (``O(B H' W' r C_out)``); the full kernel is never formed.
     """
 
     def __init__(
@@ -170,8 +183,7 @@ class STTPConv2d(STTPBase):
         kk = self.kernel_size[0] * self.kernel_size[1]
         self._init_parameters(
             self.out_channels, self.in_channels * kk, as_positive_int("rank", rank), mode_factorization, bias, spectrum,
-            lipschitz, parametrization, dtype, device, generator,
-            auto_in_modes=prime_factors(self.in_channels) + ([kk] if kk > 1 else []),  # C_in, then k_h k_w as one mode
+            lipschitz, parametrization, dtype, device, generator, kernel_numel=kk,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
