@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lowrankopt.nn import GSOrthogonalConv2d, MaxMinPermuted, SkewOrthogonalConv2d, certified_radius, channel_shuffle
+from lowrankopt.nn.orthogonal.gs_conv import LipConvNet, MaxMin
 
 D = torch.float64
 
@@ -34,22 +35,61 @@ def test_soc_is_the_exponential_of_a_skew_conv_and_orthogonal(groups):
     assert torch.allclose(J, torch.linalg.matrix_exp(Lmat), atol=1e-9)
 
 
-def test_gs_orthogonal_conv_is_orthogonal_and_cheaper():
-    conv = GSOrthogonalConv2d(8, 3, (4, 2), tol=1e-10, bias=True, dtype=D, generator=torch.Generator().manual_seed(3))
-    J = jacobian(lambda x: conv(x) - conv.conv2.bias[:, None, None], (8, 4, 4))
-    assert (J.T @ J - torch.eye(128, dtype=D)).abs().max() < 1e-9
-    C, k = 8, 3
+@pytest.mark.parametrize("shuffle, C", [("paper", 16), ("legacy", 8)])
+def test_gs_orthogonal_conv_is_orthogonal_and_cheaper(shuffle, C):
+    g = torch.Generator().manual_seed(3)
+    conv = GSOrthogonalConv2d(C, 3, (4, 2), tol=1e-10, bias=True, shuffle=shuffle, dtype=D, generator=g)
+    assert conv.paired == (shuffle == "paper")
+    J = jacobian(lambda x: conv(x) - conv.conv2.bias[:, None, None], (C, 4, 4))
+    assert (J.T @ J - torch.eye(16 * C, dtype=D)).abs().max() < 1e-9
+    k = 3
     assert sum(p.numel() for p in conv.parameters()) == C * C * k * k // 4 + C * C // 2 + C
     # the shuffles make every output channel depend on every input channel (groups 4 then 2 still mix)
-    dep = J.reshape(8, 16, 8, 16).abs().sum(dim=(1, 3))
+    dep = J.reshape(C, 16, C, 16).abs().sum(dim=(1, 3))
     assert (dep > 0).all()
-    assert sum(p.numel() for p in SkewOrthogonalConv2d(8, 3, bias=False).parameters()) == C * C * k * k
+    assert sum(p.numel() for p in SkewOrthogonalConv2d(C, 3, bias=False).parameters()) == C * C * k * k
+
+
+def reference_channel_shuffle(x, groups, paired=False):
+    """gsoft_demo's ``channel_shuffle`` (gs_conv/skew_ortho_conv.py), re-implemented: view as (B, c, g) channels
+    (pairs kept together with ``paired``), swap the two, flatten."""
+    B, C, H, W = x.shape
+    if paired:
+        return x.reshape(B, C // groups // 2, groups, 2, H, W).transpose(1, 2).reshape(B, C, H, W)
+    return x.reshape(B, C // groups, groups, H, W).transpose(1, 2).reshape(B, C, H, W)
+
+
+@pytest.mark.parametrize("C, groups", [(12, 2), (12, 3), (24, 4), (16, 4)])
+def test_channel_shuffle_is_the_papers_and_the_references(C, groups):
+    x = torch.randn(2, C, 3, 3, dtype=D, generator=torch.Generator().manual_seed(C + groups))
+    assert torch.equal(channel_shuffle(x, groups), reference_channel_shuffle(x, groups))
+    assert torch.equal(channel_shuffle(x, groups, paired=True), reference_channel_shuffle(x, groups, paired=True))
+    # the paper's σ with its matrix convention (channel i is sent to σ(i)), Definition 5.2 and Appendix F
+    k, n = groups, C
+    sigma = [(i % k) * (n // k) + i // k for i in range(n)]
+    paired = [((i // 2) % k) * (n // k) + 2 * (i // (2 * k)) + i % 2 for i in range(n)]
+    for perm, kwargs in ((sigma, {}), (paired, {"paired": True})):
+        want = torch.empty_like(x)
+        want[:, perm] = x
+        assert torch.equal(channel_shuffle(x, groups, **kwargs), want)
+        back = channel_shuffle(channel_shuffle(x, groups, **kwargs), groups, shuffle="legacy", **kwargs)
+        assert torch.equal(back, x)  # legacy is the inverse
 
 
 def test_channel_shuffle_and_maxmin():
     x = torch.arange(12, dtype=D).reshape(1, 6, 1, 2)
-    y = channel_shuffle(x, 2)  # channel i·2 + j = old j·3 + i
+    y = channel_shuffle(x, 2, shuffle="legacy")  # channel i·2 + j = old j·3 + i
     assert [int(v) for v in y[0, :, 0, 0]] == [0, 6, 2, 8, 4, 10]
+    y = channel_shuffle(x, 2)  # channel j·3 + i = old i·2 + j
+    assert [int(v) for v in y[0, :, 0, 0]] == [0, 4, 8, 2, 6, 10]
+    with pytest.raises(ValueError, match="shuffle"):
+        channel_shuffle(x, 2, shuffle="inverse")
+    with pytest.raises(ValueError, match="pairs"):
+        channel_shuffle(x, 2, paired=True)
+    z = torch.randn(3, 6, 4, 4, dtype=D, generator=torch.Generator().manual_seed(4))
+    mm = MaxMin()(z)
+    assert torch.equal(mm[:, :3], torch.maximum(z[:, :3], z[:, 3:]))
+    assert torch.equal(mm[:, 3:], torch.minimum(z[:, :3], z[:, 3:]))
     act = MaxMinPermuted()
     z = torch.randn(3, 6, 4, 4, dtype=D, generator=torch.Generator().manual_seed(4))
     out = act(z)
@@ -108,3 +148,129 @@ def test_lipconvnet_is_1_lipschitz(conv):
         LipConvNet(1, 10, 8, conv="dense")
     with pytest.raises(ValueError, match="input"):
         net(torch.zeros(1, 3, 8, 8, dtype=D))
+
+
+def dense_operator(layer, shape):
+    """The matrix of ``x ↦ layer(x) − layer(0)`` (columns: the images of the basis images)."""
+    n = math.prod(shape)
+    basis = torch.eye(n, dtype=D).reshape(n, *shape)
+    with torch.no_grad():
+        out = layer(basis) - layer(torch.zeros(1, *shape, dtype=D))
+    return out.reshape(n, -1).T
+
+
+def reference_strided_soc(conv, x):
+    """SOC's forward (singlasahil14/SOC skew_ortho_conv.py) for a stride / channel change, re-implemented densely:
+    the rearrange ``b c (w k1) (h k2) -> b (c k1 k2) w h``, zero channels up to C, the exponential of the dense
+    skew conv matrix, the first out_channels."""
+    s = conv.stride
+    B, c, H, W = x.shape
+    u = x.reshape(B, c, H // s, s, W // s, s).permute(0, 1, 3, 5, 2, 4).reshape(B, c * s * s, H // s, W // s)
+    C = conv.width
+    u = torch.cat([u, u.new_zeros(B, C - u.shape[1], H // s, W // s)], dim=1)
+    K = conv.skew_kernel().detach()
+    shape = (C, H // s, W // s)
+    eye = torch.eye(math.prod(shape), dtype=D).reshape(-1, *shape)
+    Lmat = F.conv2d(eye, K, padding=conv.kernel_size // 2, groups=conv.groups).reshape(eye.shape[0], -1).T
+    z = (u.reshape(B, -1) @ torch.linalg.matrix_exp(Lmat).T).reshape(B, *shape)
+    return z[:, : conv.out_channels]
+
+
+@pytest.mark.parametrize(
+    "c_in, c_out, stride, k, groups",
+    [(2, 16, 2, 3, 1), (4, 8, 2, 3, 2), (3, 8, 1, 3, 1), (8, 3, 1, 3, 1), (4, 6, 2, 1, 2), (6, 4, 1, 1, 1)],
+)
+def test_strided_and_channel_changing_soc_is_isometric_or_coisometric(c_in, c_out, stride, k, groups):
+    g = torch.Generator().manual_seed(c_in * 10 + c_out)
+    conv = SkewOrthogonalConv2d(
+        c_in, k, groups, out_channels=c_out, stride=stride, tol=1e-12, init_scale=0.5, dtype=D, generator=g
+    )
+    with torch.no_grad():
+        conv.bias.normal_(generator=g)
+    shape = (c_in, 4, 4)
+    A = dense_operator(conv, shape)
+    m, n = A.shape
+    assert (m, n) == (c_out * 16 // stride**2, c_in * 16)
+    if stride**2 * c_in <= c_out:  # isometric: ‖W x‖ = ‖x‖
+        assert (A.T @ A - torch.eye(n, dtype=D)).abs().max() < 1e-10
+    else:  # co-isometric: every singular value 1
+        assert (A @ A.T - torch.eye(m, dtype=D)).abs().max() < 1e-10
+    assert (torch.linalg.svdvals(A) - 1).abs().max() < 1e-10
+    x = torch.randn(3, *shape, dtype=D, generator=g)
+    with torch.no_grad():
+        want = reference_strided_soc(conv, x) + conv.bias[:, None, None]
+        assert (conv(x) - want).abs().max() < 1e-10
+    assert sum(p.numel() for p in conv.parameters()) == conv.width**2 // groups * k * k + c_out
+
+
+@pytest.mark.parametrize("c_in, c_out, groups", [(4, 8, (4, 2)), (2, 16, (4, 4)), (8, 8, (2, 4))])
+def test_strided_gs_conv_is_isometric_or_coisometric(c_in, c_out, groups):
+    g = torch.Generator().manual_seed(c_in + c_out)
+    conv = GSOrthogonalConv2d(c_in, 3, groups, out_channels=c_out, stride=2, tol=1e-12, dtype=D, generator=g)
+    A = dense_operator(conv, (c_in, 4, 4))
+    m, n = A.shape
+    if 4 * c_in <= c_out:
+        assert (A.T @ A - torch.eye(n, dtype=D)).abs().max() < 1e-10
+    else:
+        assert (A @ A.T - torch.eye(m, dtype=D)).abs().max() < 1e-10
+    # the reference's composition: shuffle (when the input divides), conv1, shuffle with g2, conv2 — built here
+    x = torch.randn(2, c_in, 4, 4, dtype=D, generator=g)
+    g1, g2 = groups
+    u = reference_channel_shuffle(x, g1, paired=True) if c_in % (2 * g1) == 0 else x
+    u = reference_channel_shuffle(conv.conv1(u), g2, paired=True)
+    with torch.no_grad():
+        assert (conv(x) - conv.conv2(u)).abs().max() < 1e-13
+
+
+def test_bad_strided_arguments():
+    with pytest.raises(ValueError, match="stride"):
+        SkewOrthogonalConv2d(4, 3, stride=3)
+    with pytest.raises(ValueError, match="divisible by groups"):
+        SkewOrthogonalConv2d(3, 3, 4, out_channels=6)  # max(3, 6) = 6 channels in 4 groups
+    with pytest.raises(ValueError, match="divisible by the stride"):
+        SkewOrthogonalConv2d(2, 3, stride=2)(torch.zeros(1, 2, 5, 4))
+    with pytest.raises(ValueError, match="pairs"):
+        GSOrthogonalConv2d(4, 3, (2, 4), out_channels=4, paired=True)  # 4 channels are not 4 groups of pairs
+    assert not GSOrthogonalConv2d(4, 3, (2, 4), out_channels=4).paired  # the default falls back to unpaired
+    with pytest.raises(ValueError, match="architecture"):
+        LipConvNet(1, 10, 8, architecture="resnet")
+    with pytest.raises(ValueError, match="activation"):
+        LipConvNet(1, 10, 8, activation="relu")
+
+
+def reference_lipconvnet_layout(in_ch, width, depth, stages):
+    """(in, out, stride, kernel) of every conv of SOC's LipConvNet (lip_convnets.py, ``_make_layer``), with
+    ``stages`` blocks instead of 5, re-derived: block s has planes = width·2ˢ, depth − 1 stride-1 3×3 convs, then a
+    stride-2 conv to 2·planes (kernel 1 in the last block); in_planes carries over."""
+    layout, in_planes = [], in_ch
+    for s in range(stages):
+        planes = width * 2**s
+        for i in range(depth):
+            last = i == depth - 1
+            stride = 2 if last else 1
+            layout.append((in_planes, planes * stride, stride, 1 if last and s == stages - 1 else 3))
+            in_planes = planes * stride
+    return layout, in_planes
+
+
+@pytest.mark.parametrize("conv", ["soc", "gs"])
+def test_reference_lipconvnet_layout_and_lipschitz(conv):
+    g = torch.Generator().manual_seed(9)
+    net = LipConvNet(1, 10, 8, width=4, depth=2, stages=3, conv=conv, groups=(2, 2), architecture="reference",
+                     dtype=D, generator=g)  # fmt: skip
+    layout, flat = reference_lipconvnet_layout(1, 4, 2, 3)
+    convs = [m for m in net.features if isinstance(m, (SkewOrthogonalConv2d, GSOrthogonalConv2d))]
+    got = []
+    for m in convs:
+        first = m.conv1 if conv == "gs" else m
+        got.append((first.channels, first.out_channels, first.stride, first.kernel_size))
+    assert got == layout
+    acts = [m for m in net.features if not isinstance(m, (SkewOrthogonalConv2d, GSOrthogonalConv2d))]
+    assert all(isinstance(a, MaxMin if conv == "soc" else MaxMinPermuted) for a in acts) and len(acts) == len(convs)
+    head = net.head  # the final 1×1 SOC: flat features → classes
+    assert isinstance(head, SkewOrthogonalConv2d) and head.kernel_size == 1 and head.groups == 1
+    assert (head.channels, head.out_channels) == (flat, 10)
+    x = torch.randn(64, dtype=D, generator=g)
+    J = torch.autograd.functional.jacobian(lambda v: net(v.reshape(1, 1, 8, 8)).reshape(-1), x)
+    assert torch.linalg.matrix_norm(J, 2) <= 1 + 1e-6
+    assert net(torch.zeros(2, 1, 8, 8, dtype=D)).shape == (2, 10)
