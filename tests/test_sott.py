@@ -31,16 +31,11 @@ def make(c_in, c_out, rank, stride, seed=0, scale=0.4, **kw):
     return layer
 
 
-def space_to_depth(x, s):
-    B, c, H, W = x.shape
-    return x.reshape(B, c, H // s, s, W // s, s).permute(0, 1, 3, 5, 2, 4).reshape(B, c * s * s, H // s, W // s)
-
-
 def dense_reference(layer, x):
     """``last · T · exp(L) · P · S(firstᵀ x) + bias`` with L's dense matrix built from the weight."""
     s, r2, m = layer.stride[0], layer.ranks[1], layer.channels
     y = x if layer.first is None else torch.einsum("ia,zihw->zahw", layer.first, x)
-    y = space_to_depth(y, s)
+    y = F.pixel_unshuffle(y, s)  # the reference's einops "b c (w k1) (h k2) -> b (c k1 k2) w h"
     y = torch.cat([y, y.new_zeros(y.shape[0], m - y.shape[1], *y.shape[2:])], 1)
     M = layer.core.weight.detach()
     K = M - M.transpose(0, 1).flip(-1, -2)
@@ -146,6 +141,11 @@ def test_no_bias_parameter_count_and_repr():
     assert sum(p.numel() for p in layer.parameters()) == 6 * r1 + m * m * 9 + 5 * r2
     assert "rank=3" in repr(layer) and "orthogonality='stiefel'" in repr(layer)
     assert layer(torch.zeros(1, 6, 4, 4, dtype=D)).shape == (1, 5, 2, 2)
+    assert layer(torch.zeros(0, 6, 4, 4, dtype=D)).shape == (0, 5, 2, 2)  # an empty batch too
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as nn.Conv2d: the output in the autocast dtype
+        assert layer.float()(torch.zeros(1, 6, 4, 4)).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="SOTTConv2d does not support torch.float16"):
+        layer.half()(torch.zeros(1, 6, 4, 4, dtype=torch.half))
 
 
 def test_bad_inputs():

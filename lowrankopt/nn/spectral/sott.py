@@ -10,10 +10,11 @@ the stride s) the layer is
 
     y = last · T · exp(L) · P · S(firstᵀ x) + bias,
 
-with ``S`` the space-to-depth rearrangement (``torch.nn.functional.pixel_unshuffle``: r1 channels at H × W →
-``r1 s²`` channels at ``H/s × W/s``, a permutation), ``m = max(r1 s², r2)`` the SOC's channels, ``P`` the zero
-padding of the channels to m and ``T`` the truncation to the first r2 channels. ``S`` and ``exp(L)`` are orthogonal,
-``P`` is an isometry and ``T`` a co-isometry, so with orthonormal columns in ``first`` and ``last``:
+with ``S`` the space-to-depth rearrangement (in the order of ``torch.nn.functional.pixel_unshuffle``: r1
+channels at H × W → ``r1 s²`` channels at ``H/s × W/s``, a permutation), ``m = max(r1 s², r2)`` the SOC's
+channels, ``P`` the zero padding of the channels to m and ``T`` the truncation to the first r2 channels. ``S`` and
+``exp(L)`` are orthogonal, ``P`` is an isometry and ``T`` a co-isometry, so with orthonormal columns in ``first``
+and ``last``:
 
 - the layer's linear part has norm ≤ 1 (1-Lipschitz), and
 - all its singular values are 1 — it is an isometry — when ``rank ≥ c_in`` and ``r1 s² ≤ r2``
@@ -53,7 +54,16 @@ import torch.nn.functional as F
 
 from ..._checks import as_positive_int
 from ...manifolds.geoopt import manifold_parameter
-from .._common import _check_dtype, _check_image, _kw, _pair, _random_orthonormal, _uniform
+from .._common import (
+    _autocast_output,
+    _check_dtype,
+    _check_image,
+    _kw,
+    _pair,
+    _random_orthonormal,
+    _refuse_half,
+    _uniform,
+)
 from ..orthogonal.gs_conv import SkewOrthogonalConv2d
 
 __all__ = ["SOTTConv2d"]
@@ -163,20 +173,23 @@ class SOTTConv2d(torch.nn.Module):
         """``x: (B, c_in, H, W) → (B, c_out, H/s, W/s)`` (H, W divisible by the stride s). Cost in the module
         docstring."""
         _check_image(x, self.in_channels)
+        _refuse_half(self, self.core.weight.dtype, "its core's certified series needs the spectral norms of its taps")
         _check_dtype(x, self.core.weight)
         s = self.stride[0]
         if x.shape[-2] % s or x.shape[-1] % s:
             raise ValueError(f"input height and width must be divisible by the stride {s}, got {tuple(x.shape[-2:])}")
         r1, r2 = self.ranks
         y = x if self.first is None else F.conv2d(x, self.first.T.reshape(r1, self.in_channels, 1, 1))
-        if s > 1:
-            y = F.pixel_unshuffle(y, s)  # channel c·s² + a·s + b = pixel (a, b) of each s × s block of channel c
+        if s > 1:  # channel c·s² + a·s + b = pixel (a, b) of each s × s block of channel c (as pixel_unshuffle,
+            # which returns an empty batch unchanged in shape)
+            B, c, H, W = y.shape
+            y = y.reshape(B, c, H // s, s, W // s, s).permute(0, 1, 3, 5, 2, 4).reshape(B, c * s * s, H // s, W // s)
         if self.channels > y.shape[1]:
             y = F.pad(y, (0, 0, 0, 0, 0, self.channels - y.shape[1]))
         y = self.core(y)[:, :r2]
-        if self.last is not None:
-            y = F.conv2d(y, self.last.reshape(self.out_channels, r2, 1, 1))
-        return y if self.bias is None else y + self.bias[:, None, None]
+        if self.last is not None:  # the bias in the conv: under autocast it comes out in the autocast dtype
+            return F.conv2d(y, self.last.reshape(self.out_channels, r2, 1, 1), self.bias)
+        return _autocast_output(y if self.bias is None else y + self.bias[:, None, None])
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """``(‖firstᵀ first − I‖_F² + ‖lastᵀ last − I‖_F²) / (2 rank²)`` (0 without outer cores), this layer's term of
