@@ -25,6 +25,7 @@ MODULES = (
     "tucker",
     "sttp",
     "gsoft",
+    "lipconvnet",
     "spectral",
     "covariance",
     "cross",
