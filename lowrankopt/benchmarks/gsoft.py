@@ -14,6 +14,9 @@ Configurations with about ``8 n`` trainable parameters: LoRA r = 4, OFT block 16
 butterfly factors (as PEFT applies it), GSOFT block 8 (and double GSOFT, about ``15 n``). Also reported:
 trainable parameters and the bytes of the adapter's buffers (PEFT's BOFT keeps dense n × n permutation
 matrices; GSOFT keeps index maps), and on CUDA the peak memory of a step.
+
+Trainable parameters are given as stored (GSOFT: packed skew entries, ``n (b − 1)`` per rotation) and as the
+paper's tables count them (GSOFT: ``2 n b`` per rotation, ``gsoft_parameter_counts``; other rows: the same number).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 import torch
 
 from ..nn import GSOFTConfig, LipConvNet, certified_accuracy, convert_to_gsoft
+from ..nn.orthogonal.gsoft import GSOFTLinear, gsoft_parameter_counts
 from .digits import accuracy, digits_skipped, digits_split, fit
 from .registry import Benchmark, Case
 from .runner import Context, Timing, ratio, ratios_to_first, timing_row
@@ -58,6 +62,17 @@ def _ours(n: int, double: bool, device):
     model = _One(n, device)
     convert_to_gsoft(model, GSOFTConfig(block_size=8, target_modules=["lin"], double=double))
     return model
+
+
+def _parameter_figures(model: torch.nn.Module) -> dict[str, int]:
+    """``trainable parameters`` as stored, and ``trainable parameters (paper's count)``: the same with every GSOFT
+    rotation counted as the paper does, ``2 n b`` instead of ``n (b − 1)``."""
+    stored = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    paper = stored
+    if any(isinstance(m, GSOFTLinear) for m in model.modules()):
+        counts = gsoft_parameter_counts(model)
+        paper += counts["paper"] - counts["stored"]
+    return {"trainable parameters": stored, "trainable parameters (paper's count)": paper}
 
 
 def _mlp() -> torch.nn.Sequential:
@@ -100,7 +115,7 @@ def run_transfer(case: Case, ctx: Context) -> dict:
         times = fit(model, X, y, case.params["epochs"], ctx, label)
         figures = {
             "accuracy on 5-9": accuracy(model, Xt, yt),
-            "trainable parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            **_parameter_figures(model),
         }
         status = f"time: per epoch; {case.params['epochs']} epochs"
         rows.append(timing_row(label, Timing.of(times), figures=figures, status=status))
@@ -227,7 +242,7 @@ def run_minilm(case: Case, ctx: Context) -> dict:
             acc = (model(test_batch).argmax(1).cpu() == test_y).float().mean().item()
         figures = {
             "test accuracy": acc,
-            "trainable parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            **_parameter_figures(model),
         }
         status = f"time: per step (batch 16), first step excluded; {case.params['steps']} steps, methods in turn"
         rows.append(timing_row(label, Timing.of(times[1:]), figures=figures, status=status))
@@ -295,7 +310,7 @@ def run(case: Case, ctx: Context) -> dict:
     base = t["full fine-tuning"]
     for name, m in models.items():
         figures = {
-            "trainable parameters": sum(p.numel() for p in m.parameters() if p.requires_grad),
+            **_parameter_figures(m),
             "buffer bytes": sum(b.numel() * b.element_size() for b in m.buffers()),
         }
         if ctx.device.type == "cuda":  # the step's own peak, above what is resident (all models' weights)
@@ -399,6 +414,7 @@ BENCHMARK = Benchmark(
         "median seconds per step",
         "time / PEFT OFT",
         "trainable parameters",
+        "trainable parameters (paper's count)",
         "buffer bytes",
         "peak memory (CUDA)",
         "epoch time / SOC",
