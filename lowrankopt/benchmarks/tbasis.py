@@ -3,7 +3,7 @@
 The CNN has three 3×3 convs (1→32, 32→64 stride 2, 64→64 stride 2) and a linear layer 256→10 (58k parameters),
 trained with Adam (lr 3·10⁻³, batches of 64) on scikit-learn's 8×8 digits. Every layer but the first conv (kept
 dense, as in the paper) becomes a tensor ring of 5 modes (the linear layer: 6) of size N = 9 (``convert_to_tbasis``,
-variance-matching start):
+the paper's start: decompressed weights of standard deviation √(2 / fan_in)):
 
 - T-Basis at (B, R) ∈ {(4, 4), (8, 8), (16, 16), (32, 16)}: one shared basis, per layer only coefficients and rank
   adapters; the decompressed-weight L2 penalty 3·10⁻⁴ of the paper;

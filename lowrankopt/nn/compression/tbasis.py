@@ -13,10 +13,18 @@ so a layer owns only its coefficients ``α (m, B)`` and rank adapters ``λ (m, R
 :class:`TBasisFactory` holds the basis and every layer's coefficients and decompresses all weights in one batched pass
 per forward (layers with the same m contract together, by :func:`lowrankopt.formats.tr_full`, the ring
 contraction of :class:`~lowrankopt.formats.TensorRing`), after which ordinary ``F.linear`` / ``F.conv2d`` run.
+
+Initialization (the paper's Sec. 4.2 and the reference code ``toshas/tbasis``): basis entries ``N(0, 1/(B R))`` and
+coefficients ``N(0, σ_ℓ^{2/m})`` (Eq. 13; both drawn clamped at 3 standard deviations, as the reference), rank
+adapters the identity; then each layer's coefficients are rescaled by ``(σ_ℓ / std(W_ℓ))^{1/m}`` so that the
+decompressed, cropped weight has standard deviation exactly ``σ_ℓ = √(2 / fan_in)`` (He et al., 2015). The basis can
+be fixed (a buffer, :class:`TBasis` ``trainable=False`` or :meth:`TBasis.freeze`) and shared by several models
+(``convert_to_tbasis(model, basis=...)``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -50,6 +58,21 @@ def _digits(size: int, n: int) -> int:
     while n**d < size:
         d += 1
     return d
+
+
+def _clamped_randn(*shape: int, dtype: torch.dtype, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal entries clamped to [-3, 3] (the reference's draw for the basis and the coefficients)."""
+    return torch.randn(*shape, dtype=dtype, generator=generator, device=_gen_device(generator)).clamp_(-3.0, 3.0)
+
+
+def _he_std(shape: tuple[int, ...]) -> float:
+    """He et al. (2015) standard deviation ``√(2 / fan_in)`` of a weight ``(c_out, c_in, *kernel)``, ``fan_in = c_in ·
+    ∏ kernel`` (``torch.nn.init.kaiming_normal_`` with its defaults; the reference's ``gain / √fan`` with the ReLU
+    gain √2 and fan mode ``fan_in``, of the unpadded weight)."""
+    return math.sqrt(2.0 / math.prod(shape[1:]))
+
+
+_INITS = ("he", "match")
 
 
 @dataclass(frozen=True)
@@ -102,16 +125,25 @@ class Tensorization:
 
 
 class TBasis(nn.Module):
-    """The shared basis: ``B`` cores ``(R, N, R)``, initialized i.i.d. ``N(0, 1/(B R))`` (the paper's choice: a core
-    ``Σ_β α_β B_β`` with ``α ~ N(0, σ²)`` then has entries of variance ``σ² / R``).
+    """The shared basis: ``B`` cores ``(R, N, R)``, initialized i.i.d. ``N(0, 1/(B R))`` clamped at 3 standard
+    deviations (the paper's Eq. 13 and the reference's clamp: a core ``Σ_β α_β B_β`` with ``α ~ N(0, σ²)`` then has
+    entries of variance ``σ² / R``, whatever B).
+
+    A trainable basis is a parameter ``basis (B, R, N, R)``; a fixed one (``trainable=False``, or :meth:`freeze`) is a
+    buffer of the same name, as in the reference (``TBasis(..., is_trainable=False)``): it is saved in the state dict
+    and moved by ``.to()``, but it is not among ``parameters()``, so no optimizer updates it and
+    :func:`~lowrankopt.nn.count_parameters` does not count it. One :class:`TBasis` given to several factories (or to
+    :func:`convert_to_tbasis` for several models, ``basis=``) is one tensor shared by all of them; a pre-trained
+    basis is loaded with ``load_state_dict`` (the key ``basis`` is the same, trainable or fixed).
 
     Args:
         basis_size: B.
         rank: R.
         mode_size: N, a perfect square n² (4 for linear layers, 9 for nets of 3×3 convs).
         dtype: of the basis (default: torch's default dtype).
-        device: of the basis (drawn on the CPU generator, then moved).
+        device: of the basis (drawn on the generator's device, then moved).
         generator: for the initialization.
+        trainable: False makes the basis a fixed buffer (default True: a parameter).
     """
 
     def __init__(
@@ -123,6 +155,7 @@ class TBasis(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
+        trainable: bool = True,
     ) -> None:
         super().__init__()
         for name, v in (("basis_size", basis_size), ("rank", rank), ("mode_size", mode_size)):
@@ -131,24 +164,38 @@ class TBasis(nn.Module):
         n = math.isqrt(mode_size)
         if n * n != mode_size or n < 2:
             raise ValueError(f"mode_size must be a square n² with n ≥ 2 (4, 9, 16, ...), got {mode_size}")
+        if not isinstance(trainable, bool):
+            raise TypeError(f"trainable must be a bool, got {trainable!r}")
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if dtype not in HALF_OR_FULL:
             raise TypeError(f"dtype must be one of {HALF_OR_FULL}, got {dtype}")
         _, device, _ = check_random_options(torch.float32, device, generator)  # (the device and the generator)
         self.basis_size, self.rank, self.mode_size, self.n = basis_size, rank, mode_size, n
-        b = torch.randn(
-            basis_size,
-            rank,
-            mode_size,
-            rank,
-            dtype=dtype,
-            generator=generator,
-            device=_gen_device(generator),
-        )
-        self.basis = nn.Parameter((b / math.sqrt(basis_size * rank)).to(device))
+        b = _clamped_randn(basis_size, rank, mode_size, rank, dtype=dtype, generator=generator)
+        b = (b / math.sqrt(basis_size * rank)).to(device)
+        if trainable:
+            self.basis = nn.Parameter(b)
+        else:
+            self.register_buffer("basis", b)
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the basis is a parameter (True) or a fixed buffer (False)."""
+        return "basis" in self._parameters
+
+    def freeze(self) -> TBasis:
+        """Make the basis a fixed buffer, in place, keeping its values and storage (e.g. a basis learned with one
+        model, then shared, fixed, by others). Optimizers built before still hold the old parameter: build them
+        afterwards. Returns ``self``."""
+        if self.trainable:
+            b = self.basis.detach()
+            del self.basis
+            self.register_buffer("basis", b)
+        return self
 
     def extra_repr(self) -> str:
-        return f"basis_size={self.basis_size}, rank={self.rank}, mode_size={self.mode_size}"
+        kind = "trainable" if self.trainable else "fixed"
+        return f"basis_size={self.basis_size}, rank={self.rank}, mode_size={self.mode_size}, {kind}"
 
 
 class TBasisFactory(nn.Module):
@@ -156,9 +203,9 @@ class TBasisFactory(nn.Module):
     decompression of all weights.
 
     ``weight(key)`` returns layer ``key``'s decompressed, cropped weight. All weights are decompressed together on
-    the first request and kept until :meth:`refresh` (the model that :func:`tbasis_convert` converted calls it
-    before every forward), until a backward pass runs through them, or until the grad mode or a parameter
-    (identity, in-place version, dtype, device) changes.
+    the first request and kept until :meth:`refresh` (the model that :func:`convert_to_tbasis` converted calls it
+    before every forward), until a backward pass runs through them, or until the grad mode or a parameter or
+    buffer (a fixed basis; identity, in-place version, dtype, device) changes.
 
     Cost of one decompression: ``O(Σ_ℓ N^{m_ℓ} R²)`` flops — the padded weights times R² — plus
     ``O(Σ_ℓ m_ℓ B N R²)`` for the cores; memory ``O(Σ_ℓ N^{m_ℓ})`` (each ring is closed by one contraction of its
@@ -166,8 +213,9 @@ class TBasisFactory(nn.Module):
     1024 → 10 linear layer with n = 3: 2187² ≈ 4.8·10⁶ for 10⁴ weights).
 
     Args:
-        basis: a :class:`TBasis`, or None for plain tensor rings: every layer then owns its cores ``(m, R, N, R)``
-            (the no-sharing baseline).
+        basis: a :class:`TBasis` (trainable or fixed; one basis may serve several factories, sharing its
+            tensor), or None for plain tensor rings: every layer then owns its cores ``(m, R, N, R)`` (the no-sharing
+            baseline).
         rank: of the plain rings when ``basis`` is None.
         mode_size: of the plain rings when ``basis`` is None.
         dtype: of the plain rings' cores (default: torch's default dtype).
@@ -207,25 +255,44 @@ class TBasisFactory(nn.Module):
         self._cache: dict[str, torch.Tensor] | None = None
         self._versions: tuple | None = None
 
-    def add(self, key: str, shape: tuple[int, ...], std: float, generator: torch.Generator | None = None) -> None:
-        """Register a weight of ``shape`` whose decompressed entries get standard deviation ``std`` (variance
-        matching: ``α ~ N(0, std^{2/m})``, then α is rescaled by ``(std / actual)^{1/m}``)."""
+    def add(
+        self,
+        key: str,
+        shape: tuple[int, ...],
+        std: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Register a weight of ``shape`` ``(c_out, c_in)`` or ``(c_out, c_in, k_h, k_w)`` whose decompressed,
+        cropped entries get standard deviation ``std``.
+
+        The paper's two steps (Sec. 4.2): coefficients ``α ~ N(0, std^{2/m})`` clamped at 3 standard deviations
+        (Eq. 13; plain rings: cores ``N(0, std^{2/m} / R)``), rank adapters the identity; then α is rescaled by
+        ``(std / std(W))^{1/m}``, so the weight's (unbiased) standard deviation is ``std`` exactly, whatever the
+        basis (a pre-trained one included). Cost: one decompression of this layer, ``O(N^m R²)``.
+
+        Args:
+            key: the layer's name in the factory.
+            shape: the weight's shape.
+            std: the target standard deviation; None (default): He's ``√(2 / fan_in)``, ``fan_in = c_in k_h k_w``
+                (the paper's and the reference's choice; ``std`` used to be required).
+            generator: for the coefficients.
+        """
         plan = Tensorization(tuple(shape), self.n)
+        if std is None:
+            std = _he_std(plan.shape)
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not (0 < std < math.inf):
+            raise ValueError(f"std must be a positive finite number or None, got {std!r}")
         m, R, dtype = plan.modes, self.rank, self.dtype
         if self.tbasis is not None:
-            B = self.tbasis.basis_size
-            alpha = torch.randn(m, B, dtype=dtype, generator=generator, device=_gen_device(generator)) * std ** (1 / m)
+            alpha = _clamped_randn(m, self.tbasis.basis_size, dtype=dtype, generator=generator) * std ** (1 / m)
         else:  # plain rings: cores with entries of variance std^{2/m} / R
-            alpha = (
-                torch.randn(m, R, self.mode_size, R, dtype=dtype, generator=generator, device=_gen_device(generator))
-                * std ** (1 / m)
-                / math.sqrt(R)
-            )
+            alpha = _clamped_randn(m, R, self.mode_size, R, dtype=dtype, generator=generator)
+            alpha = alpha * (std ** (1 / m) / math.sqrt(R))
         self.coefficients[key] = nn.Parameter(alpha.to(self.device))
         self.log_adapters[key] = nn.Parameter(torch.zeros(m, R, dtype=dtype, device=self.device))
         self.plans[key] = plan
         self._cache = None
-        with torch.no_grad():  # the per-layer variance correction
+        with torch.no_grad():  # the per-layer variance correction (W is homogeneous of degree m in α)
             actual = float(self._decompress([key])[key].std())
             if actual > 0:
                 self.coefficients[key].mul_((std / actual) ** (1 / m))
@@ -233,7 +300,7 @@ class TBasisFactory(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to(), .double(), .cuda(): follow the parameters, decompress afresh
         out = super()._apply(fn, recurse)
-        ref = next(self.parameters(), None)
+        ref = next(itertools.chain(self.parameters(), self.buffers()), None)  # a fixed basis is a buffer
         if ref is not None:
             self.dtype, self.device = ref.dtype, ref.device
         self.refresh()
@@ -248,16 +315,19 @@ class TBasisFactory(nn.Module):
         self._cache = None
 
     def _state(self) -> tuple:
-        """What the decompressed weights depend on: grad mode and every parameter's identity, version, dtype, device."""
-        params = tuple((id(p), p._version, p.dtype, p.device) for p in self.parameters())
+        """What the decompressed weights depend on: grad mode and every parameter's and buffer's (a fixed basis)
+        identity, version, dtype, device."""
+        params = tuple(
+            (id(p), p._version, p.dtype, p.device) for p in itertools.chain(self.parameters(), self.buffers())
+        )
         return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), params)
 
     def weight(self, key: str) -> torch.Tensor:
         """Layer ``key``'s weight, decompressed with all others in one pass when needed.
 
-        The weights are reused while nothing they depend on changes (grad mode, parameter identity, in-place
-        version, dtype, device) and until a backward pass runs through them (so an optimizer step, fused or not,
-        and the next accumulation step see fresh ones)."""
+        The weights are reused while nothing they depend on changes (grad mode, parameter or buffer identity,
+        in-place version, dtype, device) and until a backward pass runs through them (so an optimizer step, fused or
+        not, and the next accumulation step see fresh ones)."""
         state = self._state()
         if self._cache is None or state != self._versions:
             # autocast off: the weights in the parameters' dtype whatever the caller's autocast (the layers' products
@@ -359,9 +429,11 @@ class TBasisConv2d(_TBasisLayer):
 
 def convert_to_tbasis(
     model: nn.Module,
-    basis_size: int | None,
-    rank: int,
+    basis_size: int | None = None,
+    rank: int | None = None,
     *,
+    basis: TBasis | None = None,
+    init: str = "he",
     mode_size: int | None = None,
     target_modules: Targets | None = None,
     exclude_modules: Targets | None = None,
@@ -375,22 +447,48 @@ def convert_to_tbasis(
         model: the network; the factory becomes a submodule of every converted layer (``<name>.factory``, one
             object) and a forward pre-hook on ``model`` refreshes the decompressed weights before every forward. A
             module used at several places becomes one T-Basis layer used at all of them.
-        basis_size: B; None converts to plain tensor rings with no shared basis (each layer owns its cores).
-        rank: R.
-        mode_size: N = n²; default 9 when a converted conv has a 3×3 kernel, else 4.
+        basis_size: B of a new basis; None (and no ``basis``): plain tensor rings with no shared basis (each layer
+            owns its cores).
+        rank: R (required unless ``basis`` gives it).
+        basis: an existing :class:`TBasis` to build on instead of a new one (e.g. a pre-trained, fixed basis shared
+            by several models: ``TBasis(B, R, N, trainable=False)`` then ``load_state_dict``, or :meth:`TBasis.freeze`
+            on a learned one). Its B, R and N are used (``basis_size``, ``rank`` and ``mode_size``, if given, must
+            agree) and its dtype and device must be the model's. The models then share one basis tensor: move them
+            together, and a trainable shared basis is updated by every model's optimizer.
+        init: the decompressed weights' standard deviation at the start. ``"he"`` (default, the paper's Sec. 4.2
+            and the reference code's): ``√(2 / fan_in)`` with ``fan_in = c_in k_h k_w`` of each layer. ``"match"``:
+            the standard deviation of the weight each layer replaces (the default before issue 23: with PyTorch's
+            default initialization, ``1/√(3 fan_in)``, √6 ≈ 2.45 times smaller than He's; useful to start from a
+            trained model's scales).
+        mode_size: N = n²; default 9 when a converted conv has a 3×3 kernel, else 4 (with ``basis``: its N).
         target_modules: which layers (:func:`~lowrankopt.nn.surgery.select_modules`: module-name suffixes, a regex,
             ``"all-linear"``, a predicate ``fn(name, module)``); None: all. A selected grouped conv is an error.
         exclude_modules: the same forms, for layers to leave dense (e.g. the first conv: ``exclude_modules=["0"]``).
-        generator: for the basis and the coefficients.
+        generator: for a new basis and the coefficients.
         include: deprecated (fnmatch patterns or a predicate of the name); use ``target_modules``.
         exclude: deprecated; use ``exclude_modules``.
 
-    Each converted layer's decompressed weight gets the standard deviation of the weight it replaces (variance
-    matching); biases are kept. All or nothing (:func:`~lowrankopt.nn.surgery.replace_modules`): an error leaves the
-    model untouched, and a weight tied to another place is refused rather than silently untied. Returns the factory
-    (``factory.penalty()`` is the decompressed-weight L2 penalty). Cost: one decompression per converted layer (the
-    variance correction).
+    Each layer starts as :meth:`TBasisFactory.add` describes: coefficients drawn by the paper's Eq. 13, then
+    rescaled so that its decompressed weight has exactly the standard deviation ``init`` asks for (computed against
+    the basis it is built on, a pre-trained one included); rank adapters start at the identity; biases are kept.
+    All or nothing (:func:`~lowrankopt.nn.surgery.replace_modules`): an error leaves the model untouched, and a
+    weight tied to another place is refused rather than silently untied. Returns the factory (``factory.penalty()``
+    is the decompressed-weight L2 penalty). Cost: one decompression per converted layer (the variance correction).
     """
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+    if basis is not None:
+        if not isinstance(basis, TBasis):
+            raise TypeError(f"basis must be a TBasis or None, got {type(basis).__name__}")
+        for name, given, own in (
+            ("basis_size", basis_size, basis.basis_size),
+            ("rank", rank, basis.rank),
+            ("mode_size", mode_size, basis.mode_size),
+        ):
+            if given is not None and given != own:
+                raise ValueError(f"{name}={given!r} disagrees with the basis ({name}={own}); leave it out")
+    elif rank is None:
+        raise ValueError("rank must be given (a positive int) when no basis is given")
     target_modules, exclude_modules = _legacy_selection(target_modules, exclude_modules, include, exclude)
     targets = select_modules(model, target_modules, exclude_modules, eligible=(nn.Linear, nn.Conv2d))
     for name, m in targets.items():
@@ -402,18 +500,30 @@ def convert_to_tbasis(
     first = modules[0].weight
     if first.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"the model must be float32 or float64, got {first.dtype}")
-    if mode_size is None:
-        mode_size = 9 if any(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in modules) else 4
     dtype, device = first.dtype, first.device
-    if basis_size is None:
-        factory = TBasisFactory(None, rank=rank, mode_size=mode_size, dtype=dtype, device=device)
+    if basis is not None:
+        if basis.basis.dtype != dtype or basis.basis.device != device:
+            raise ValueError(
+                f"basis is {basis.basis.dtype} on {basis.basis.device}, the model {dtype} on {device}: "
+                "convert the basis (basis.to(...)) or the model first"
+            )
+        factory = TBasisFactory(basis)
     else:
-        factory = TBasisFactory(TBasis(basis_size, rank, mode_size, dtype=dtype, device=device, generator=generator))
+        if mode_size is None:
+            mode_size = 9 if any(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in modules) else 4
+        if basis_size is None:
+            factory = TBasisFactory(None, rank=rank, mode_size=mode_size, dtype=dtype, device=device)
+        else:
+            new = TBasis(basis_size, rank, mode_size, dtype=dtype, device=device, generator=generator)
+            factory = TBasisFactory(new)
 
     def build(name: str, m: nn.Module) -> nn.Module:
-        std = float(m.weight.detach().std()) if m.weight.numel() > 1 else 0.0
-        if not std > 0:  # a constant (or one-entry) weight: PyTorch's default scale 1/sqrt(3 fan_in)
-            std = 1 / math.sqrt(3 * m.weight[0].numel())
+        if init == "he":
+            std = None  # the factory's default, √(2 / fan_in)
+        else:
+            std = float(m.weight.detach().std()) if m.weight.numel() > 1 else 0.0
+            if not std > 0:  # a constant (or one-entry) weight: PyTorch's default scale 1/sqrt(3 fan_in)
+                std = 1 / math.sqrt(3 * m.weight[0].numel())
         key = name.replace(".", "/")
         factory.add(key, tuple(m.weight.shape), std, generator=generator)
         return TBasisConv2d(factory, key, m) if isinstance(m, nn.Conv2d) else TBasisLinear(factory, key, m.bias)
