@@ -13,6 +13,7 @@ from lowrankopt.nn import (
     GSOrthogonalConv2d,
     LowRankLinear,
     SkewOrthogonalConv2d,
+    SOTTConv2d,
     STTPConv2d,
     STTPLinear,
     SVDPConv2d,
@@ -101,6 +102,7 @@ LAYERS = {
         (8, 5, 5),
     ),
     "TTConv2d": (lambda dt, s: TTConv2d(4, 6, 3, 2, padding=1, dtype=dt, generator=_gen(s)), (4, 5, 5)),
+    "SOTTConv2d": (lambda dt, s: SOTTConv2d(4, 6, 3, 2, 2, dtype=dt, generator=_gen(s)), (4, 6, 6)),
     "TTConv2d-stiefel": (
         lambda dt, s: TTConv2d(4, 6, 3, 2, stride=2, orthogonality="stiefel", dtype=dt, generator=_gen(s)),
         (4, 5, 5),
@@ -307,7 +309,14 @@ def _assert_round_trip_continues_identically(make, x, kind, path, after_step=Non
 
 
 # layers with manifold parameters: also trained by one RiemannianAdam for all parameters
-ON_MANIFOLDS = {"LowRankLinear", "TTLinear", "STTPLinear-stiefel", "TTConv2d-stiefel", "GSOrthogonal-orthogonal"}
+ON_MANIFOLDS = {
+    "LowRankLinear",
+    "TTLinear",
+    "STTPLinear-stiefel",
+    "TTConv2d-stiefel",
+    "SOTTConv2d",
+    "GSOrthogonal-orthogonal",
+}
 
 
 @pytest.mark.parametrize(

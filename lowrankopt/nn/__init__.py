@@ -57,6 +57,7 @@ from .orthogonal.gsoft import (
 )
 from .orthogonal.householder import householder_numel, householder_orthonormal, householder_params
 from .orthogonal.orthonormal_tt import OrthonormalTT
+from .spectral.sott import SOTTConv2d
 from .spectral.sttp import (
     STTPConv2d,
     STTPLinear,
@@ -108,6 +109,7 @@ __all__ = [
     "STTPLinear",
     "SVDPConv2d",
     "SVDPLinear",
+    "SOTTConv2d",
     "TTConv2d",
     "TTLinear",
     "certified_accuracy",
