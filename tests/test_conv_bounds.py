@@ -139,7 +139,7 @@ def test_lipgrid_equals_the_reference_grid_maximum_times_the_certified_factor():
         for per_channel in (False, True):
             value = lipgrid_bound(K, samples=N, per_channel=per_channel).item()
             ref = lipgrid_reference(K, N, per_channel) * factor
-            assert ref <= value <= ref * (1 + 1e-12), (co, ci, h, w, per_channel)
+            assert ref <= value <= ref * (1 + 1e-10), (co, ci, h, w, per_channel)  # the rounding allowance
         # the Frobenius form is never above the per-channel form, and the circular grid norm never above either
         assert lipgrid_bound(K, samples=N).item() <= lipgrid_bound(K, samples=N, per_channel=True).item()
 
@@ -276,3 +276,16 @@ def test_bad_input():
             fn(torch.ones(1, 1, 3, 3, dtype=torch.int64))
     # the n-independent bounds hold for every n, so the circular grid norm at any size is below them
     assert circular_spectral_norm(K, 64).item() <= zero_padding_gram_bound(K).item()
+
+
+def test_gram_bound_in_blocks_and_with_autograd_equals_one_block(monkeypatch):
+    import lowrankopt.spectral.toeplitz as toeplitz
+
+    g = torch.Generator().manual_seed(11)
+    K = torch.randn(2, 6, 5, 3, 3, dtype=D, generator=g)
+    whole = zero_padding_gram_bound(K, iters=3)
+    monkeypatch.setattr(toeplitz, "_BLOCK_ELEMENTS", 50)  # one frequency row, one kernel row per block
+    blocked = zero_padding_gram_bound(K, iters=3)
+    tracked = zero_padding_gram_bound(K.clone().requires_grad_(True), iters=3)  # the out-of-place path
+    assert torch.equal(whole, blocked) and torch.equal(whole, tracked.detach())
+    assert whole[1].item() == pytest.approx(gram_reference(K[1], 3, "smaller"), rel=1e-12)

@@ -39,8 +39,7 @@ import math
 import torch
 
 from .._checks import as_positive_int
-from ._kernel import _gamma, check_kernel, check_stride, polyphase_kernel, round_up, trim_zero_taps
-from .circular import _symbol_blocks
+from ._kernel import _gamma, check_kernel, check_stride, fourier_vectors, polyphase_kernel, round_up, trim_zero_taps
 
 __all__ = ["lipgrid_bound", "lipgrid_factor"]
 
@@ -63,19 +62,21 @@ def lipgrid_bound(K: torch.Tensor, stride: int = 1, *, samples: int = 50, per_ch
     ``max`` over the grid ``ω ∈ (2π/N)·{0, …, N − 1}²`` of ``‖K̂(ω)‖_F`` (or, with ``per_channel``, the root of the
     sum over the rows of the smaller channel side of each row's maximum of ``Σ_j |K̂(ω)_{ij}|²``), times
     :func:`lipgrid_factor`. The kernel is first the polyphase kernel of the stride and loses its border rows and
-    columns of zero taps (a shift, which changes no ``‖K̂(ω)‖``; it lowers ``h, w`` in the factor). The symbol is
-    evaluated by small DFTs in float64, in blocks of frequencies (the half grid ``ω₂ ≤ π`` suffices:
-    ``K̂(−ω) = conj K̂(ω)``); the computed norms carry an allowance for their rounding (about
-    ``(hw + 32(h + w))·u·√(hw)·‖K‖_F`` absolute for the DFT and Higham's ``γ_{c_out c_in + 2}`` relative for the
-    sums of squares), and the result is rounded up into K's
-    dtype: a guaranteed upper bound on ``sup_ω ‖K̂(ω)‖_F ≥ sup_ω ‖K̂(ω)‖₂`` — hence on the conv's norm for zero
-    padding of any amount at any n, and for circular padding up to "same" at n divisible by the stride — not on
-    larger circular paddings (:mod:`lowrankopt.spectral.bounds`).
+    columns of zero taps (a shift, which changes no ``‖K̂(ω)‖``; it lowers ``h, w`` in the factor). No symbol is
+    formed: ``Σ_j |K̂(ω)_{ij}|² = z(ω)ᵀ R_i z̄(ω)`` with ``z_a = e^{−iω·x_a}`` over the taps ``x_a`` and
+    ``R_i = Σ_j K_ij K_ijᵀ`` the ``hw × hw`` Gram matrix of row i's taps (summed over the rows for the Frobenius
+    form) — the paper's trigonometric polynomial, whose coefficients are the autocorrelation of K — evaluated in
+    float64 on the half grid ``ω₂ ≤ π`` (``‖K̂(−ω)‖ = ‖K̂(ω)‖``). The computed values carry an allowance for their
+    rounding (about ``(c + (hw)² + 128(h + w))·u·hw·‖K‖²_F`` absolute on the squared norm, ``u = 2⁻⁵³``), and
+    the result is rounded up into K's dtype: a guaranteed upper bound on
+    ``sup_ω ‖K̂(ω)‖_F ≥ sup_ω ‖K̂(ω)‖₂`` — hence on the conv's norm for zero padding of any amount at any n, and
+    for circular padding up to "same" at n divisible by the stride — not on larger circular paddings
+    (:mod:`lowrankopt.spectral.bounds`).
 
     Tightness: the factor tends to 1 as ``samples`` grows, the value to ``sup_ω ‖K̂(ω)‖_F``, which equals the
     conv's n-independent norm ``sup_ω ‖K̂(ω)‖₂`` only when ``K̂(ω)`` has rank one at its peak (one input or one
     output channel). For many channels ``‖K̂‖_F`` can be up to ``√min(c_out, c_in s²)`` times ``‖K̂‖₂``: on
-    He-initialized ``c × c × 3 × 3`` kernels the bound is about 0.55·√c times the norm (the ``conv-norms``
+    He-initialized ``c × c × 3 × 3`` kernels the bound is about √c / 2 times the norm (the ``conv-norms``
     benchmark measures it), looser than :func:`~lowrankopt.spectral.tensor_norm_bound`.
 
     Args:
@@ -85,8 +86,9 @@ def lipgrid_bound(K: torch.Tensor, stride: int = 1, *, samples: int = 50, per_ch
         per_channel: the paper's theorem's form (sum over rows of per-row maxima) instead of the Frobenius form.
 
     Returns ``(...)`` in K's dtype; differentiable in K (through the grid point that gives the maximum).
-    Cost: the symbol on the half grid, ``O(c_out c_in s² N² (h' + w'))`` for the polyphase ``h' × w'``, and its
-    norms, ``O(c_out c_in s² N²)``; no SVD; independent of the input size.
+    Cost: the Gram matrices, ``O(c_out c_in s² (h'w')²)`` for the polyphase ``h' × w'``, and the forms on the grid,
+    ``O(N² (h'w')²)`` (times ``min(c_out, c_in s²)`` with ``per_channel``); no SVD, no FFT; independent of the
+    input size.
     """
     K = check_kernel(K)
     if not isinstance(per_channel, bool):
@@ -94,23 +96,31 @@ def lipgrid_bound(K: torch.Tensor, stride: int = 1, *, samples: int = 50, per_ch
     K = trim_zero_taps(polyphase_kernel(K, check_stride(stride)))
     *batch, co, ci, h, w = K.shape
     factor = lipgrid_factor(h, w, samples)
-    Kd = K.to(torch.float64)
-    rows_dim = -2 if co <= ci else -1  # per_channel: the rows of the smaller side (the smaller sum of maxima)
-    maxima = []
-    for A in _symbol_blocks(Kd, samples, onesided=True):  # (..., ω₁ block, ω₂ ≤ π, co, ci)
-        power = A.real.square() + A.imag.square()
-        if per_channel:
-            maxima.append(power.sum(-1 if rows_dim == -2 else -2).flatten(-3, -2).amax(-2))  # (..., rows)
-        else:
-            maxima.append(power.sum((-2, -1)).flatten(-2).amax(-1))
-    squared = torch.stack(maxima, -1).amax(-1)
-    if per_channel:
-        squared = squared.sum(-1)
-    # rounding: each symbol entry is a DFT of h·w taps with phases exp(−iωp) good to (32·(h + w) + 4) ulps (ω
-    # and ω·p rounded, then cos and sin): |error| ≤ (γ_{hw+2} + that)·Σ|K_ij|, whose root-sum of squares over the
-    # entries is at most √(hw)·‖K‖_F (for the rows too); then γ_{co·ci+2} relative for the sums of squares
+    M = K.to(torch.float64).reshape(*batch, co, ci, h * w)
+    if per_channel:  # one Gram matrix of the taps per row of the smaller side, summed over the other side
+        if co > ci:
+            M = M.transpose(-3, -2)
+        gram = M.mT @ M  # (..., rows, hw, hw)
+        summed = M.shape[-2]
+    else:
+        gram = (M.flatten(-3, -2).mT @ M.flatten(-3, -2))[..., None, :, :]  # (..., 1, hw, hw)
+        summed = co * ci
+    # ‖row(ω)‖² = z(ω)ᵀ·gram·conj z(ω) with z_a = exp(−iω·x_a) over the taps x_a: a quadratic form per frequency, on
+    # the half grid ω₂ ≤ π (‖K̂(−ω)‖ = ‖K̂(ω)‖ and the grid is symmetric)
+    omega1 = 2 * math.pi * torch.arange(samples if h > 1 else 1, dtype=torch.float64, device=K.device) / samples
+    omega2 = (
+        2 * math.pi * torch.arange(samples // 2 + 1 if w > 1 else 1, dtype=torch.float64, device=K.device) / samples
+    )
+    E1, E2 = fourier_vectors(omega1, h, torch.float64), fourier_vectors(omega2, w, torch.float64)
+    z = (E1[:, None, :, None] * E2[None, :, None, :]).reshape(-1, h * w)  # (F, hw)
+    values = ((z @ gram.to(z.dtype)) * z.conj()).real.sum(-1)  # (..., rows, F)
+    squared = values.amax(-1).sum(-1)
+    # rounding: each computed quadratic form is within e·Σ_ab|gram_ab| of the exact one, with e covering the Gram
+    # products (γ over the summed channels), the form's (h w)² terms, and the phases, each good to 32(h + w) + 8
+    # ulps (ω and ω·p rounded, then cos and sin, then the product of two); Σ_ab|gram_ab| ≤ h w ‖K‖²_F, summed over
+    # the rows too. The allowance is doubled, which covers its own rounding.
     u = torch.finfo(torch.float64).eps / 2
-    fro = torch.linalg.vector_norm(Kd.detach().flatten(-4), dim=-1)
-    dft_error = (_gamma(h * w + 2) + (32 * (h + w) + 4) * u) * math.sqrt(h * w) * fro
-    value = squared.sqrt() * (1 + _gamma(co * ci + 2)) + dft_error
+    e = _gamma(summed + 2) + _gamma((h * w) ** 2 + 4) + 4 * (32 * (h + w) + 8) * u
+    allowance = 2 * e * h * w * M.detach().square().sum((-3, -2, -1))
+    value = (squared.clamp_min(0) + allowance).sqrt()
     return round_up(value * factor * (1 + 16 * u), K.dtype)

@@ -70,7 +70,8 @@ def zero_padding_gram_bound(K: torch.Tensor, stride: int = 1, iters: int = 4, *,
     Returns ``(...)`` in K's dtype; differentiable in K.
     Cost: ``S₁ S₂ / 2`` frequencies with ``S_k = 2^t(t_k − 1) + 1`` (561 for 3 × 3 at t = 4, 8385 at t = 6), t
     products of ``c × c`` matrices at each, ``O(t S₁ S₂ c³)`` with ``c`` the chosen side's channels, plus the FFTs;
-    memory ``O(S₁ S₂ c²)`` (about 2.4 GB in complex128 for c = 512, 3 × 3, t = 4); independent of the input size.
+    memory one copy of the Gram symbols, ``S₁ S₂ c² / 2`` complex128 numbers (2.4 GB for c = 512, 3 × 3, t = 4; a
+    second one, and one per step, when K requires a gradient); independent of the input size.
     """
     K = check_kernel(K)
     iters = as_positive_int("iters", iters)
@@ -83,18 +84,33 @@ def zero_padding_gram_bound(K: torch.Tensor, stride: int = 1, iters: int = 4, *,
     sizes = ((1 << iters) * (h - 1) + 1, (1 << iters) * (w - 1) + 1)
     A = torch.fft.rfft2(K.to(torch.float64), s=sizes).movedim((-2, -1), (-4, -3))  # (..., S₁, S₂//2+1, c, c')
     G = A @ A.mH  # Ĝ₁ on the half grid
+    del A
+    in_place = not G.requires_grad  # without autograd the squarings overwrite Ĝ: one copy in memory
+    c = G.shape[-1]
     log_scale = torch.zeros(batch, dtype=torch.float64, device=K.device)
-    per_block = max(1, _BLOCK_ELEMENTS // (G.shape[-3] * G.shape[-1] ** 2 * max(1, math.prod(batch))))
+    per_block = max(1, _BLOCK_ELEMENTS // (G.shape[-3] * c * c * max(1, math.prod(batch))))
     for _ in range(iters - 1):
         # a common scale per kernel (a power of two: exact) keeps Ĝ² in range; the polynomial structure needs
         # the same scale at every frequency
         top = G.detach().abs().flatten(-4).amax(-1)
         exponent = torch.frexp(top)[1]  # top = m·2^e, m ∈ [1/2, 1) (e = 0 for a zero kernel)
-        G = G * torch.ldexp(torch.ones_like(top), -exponent)[..., None, None, None, None].to(G.dtype)
+        scale = torch.ldexp(torch.ones_like(top), -exponent)[..., None, None, None, None].to(G.dtype)
         log_scale = 2 * (log_scale + exponent.to(torch.float64) * math.log(2))
-        G = torch.cat([B @ B for B in G.split(per_block, dim=-4)], dim=-4)  # Ĝ Hermitian: Ĝ Ĝᴴ = Ĝ²
-    coefficients = torch.fft.irfft2(G.movedim((-4, -3), (-2, -1)), s=sizes)  # (..., c, c, S₁, S₂), real
-    rows = coefficients.abs().sum((-3, -2, -1)).amax(-1)  # the largest absolute row sum
+        if in_place:
+            G.mul_(scale)
+            for start in range(0, G.shape[-4], per_block):
+                B = G[..., start : start + per_block, :, :, :]
+                B.copy_(B @ B)  # Ĝ Hermitian: Ĝ Ĝᴴ = Ĝ²
+        else:
+            G = G * scale
+            G = torch.cat([B @ B for B in G.split(per_block, dim=-4)], dim=-4)
+    # G_t's kernel by an inverse real FFT, a block of rows a at a time, and its largest absolute row sum
+    rows_per_block = max(1, _BLOCK_ELEMENTS // (G.shape[-4] * G.shape[-3] * c * max(1, math.prod(batch))))
+    sums = []
+    for start in range(0, c, rows_per_block):
+        rows = G[..., start : start + rows_per_block, :].movedim((-4, -3), (-2, -1))  # (..., a, b, S₁, S₂//2+1)
+        sums.append(torch.fft.irfft2(rows, s=sizes).abs().sum((-3, -2, -1)))
+    rows = torch.cat(sums, -1).amax(-1)
     tiny = torch.finfo(torch.float64).tiny  # a zero kernel: 0, not NaN
     value = torch.exp((log_scale + rows.clamp_min(tiny).log()) / 2**iters)
     value = torch.where(rows > 0, value, torch.zeros_like(value))
