@@ -206,7 +206,7 @@ def test_conv_norms_rows_and_extrapolated_skips():
     spectral._LAST.clear()
     ctx = Context("quick", torch.device("cpu"), 1, 0, max_time=1e-9)  # no budget: only first measurements run
     rows = {r["variant"]: r for r in spectral.run_norms(Case("a", dict(c=8, n=8)), ctx)["rows"]}
-    assert len(rows) == 7 and not any("skipped" in r for r in rows.values())
+    assert len(rows) == 10 and not any("skipped" in r for r in rows.values())
     K = torch.randn(8, 8, 3, 3, generator=ctx.generator(8)) * math.sqrt(2 / 72)
     exact = rows["exact circular (FFT + SVD)"]
     assert exact["figures"]["value"] == pytest.approx(circular_spectral_norm(K, 8).item(), rel=1e-6)

@@ -289,3 +289,33 @@ def test_gram_bound_in_blocks_and_with_autograd_equals_one_block(monkeypatch):
     tracked = zero_padding_gram_bound(K.clone().requires_grad_(True), iters=3)  # the out-of-place path
     assert torch.equal(whole, blocked) and torch.equal(whole, tracked.detach())
     assert whole[1].item() == pytest.approx(gram_reference(K[1], 3, "smaller"), rel=1e-12)
+
+
+def test_conv_norms_benchmark_rows_of_the_new_bounds():
+    from lowrankopt.benchmarks import spectral
+    from lowrankopt.benchmarks.registry import Case
+    from lowrankopt.benchmarks.runner import Context
+
+    spectral._LAST.clear()
+    try:
+        ctx = Context("quick", torch.device("cpu"), 1, 0, max_time=1e-9)  # no budget: only first measurements run
+        rows = {r["variant"]: r for r in spectral.run_norms(Case("a", dict(c=8, n=8)), ctx)["rows"]}
+        K = torch.randn(8, 8, 3, 3, generator=ctx.generator(8)) * math.sqrt(2 / 72)
+        exact = circular_spectral_norm(K, 8).item()
+        expected = {
+            "LipGrid (Araujo 2021, sup ‖K̂‖_F, 50² grid)": lipgrid_bound(K).item(),
+            "LipGrid per channel (Araujo 2021 theorem)": lipgrid_bound(K, per_channel=True).item(),
+            "Gram iteration t=4, zero padding (Delattre 2024)": zero_padding_gram_bound(K).item(),
+        }
+        for name, value in expected.items():
+            figures = rows[name]["figures"]
+            assert figures["value"] == pytest.approx(value, rel=1e-6)
+            assert figures["value / exact"] == pytest.approx(value / exact, rel=1e-5) and value >= exact
+            assert rows[name]["time"] > 0
+        # the same c at another n: re-timed; a larger c: the n-independent ones extrapolated as c³, not run
+        rows = {r["variant"]: r for r in spectral.run_norms(Case("b", dict(c=8, n=16)), ctx)["rows"]}
+        assert all(rows[name]["time"] > 0 for name in expected)
+        rows = {r["variant"]: r for r in spectral.run_norms(Case("c", dict(c=16, n=8)), ctx)["rows"]}
+        assert all("the c³ trend from c = 8" in rows[name]["skipped"] for name in expected)
+    finally:
+        spectral._LAST.clear()
