@@ -53,9 +53,11 @@ def zero_padding_gram_bound(K: torch.Tensor, stride: int = 1, iters: int = 4, *,
     of ``O(c³ S⁴)``.
 
     **Side.** ``side="smaller"`` (default) takes the Gram operator on the side with fewer channels
-    (``K̂ᴴK̂`` when ``c_in s² < c_out``): cheaper, and tighter on every kernel we measured (e.g. 1.045 against
-    1.075 times the norm for a random 16 × 4 × 3 × 3 kernel at t = 4). The reference code always takes the
-    larger side (it transposes K when ``c_in > c_out``); ``side="larger"`` reproduces it.
+    (``K̂ᴴK̂`` when ``c_in s² < c_out``): ``c_min³`` instead of ``c_max³`` per frequency and step, and usually a
+    little tighter — on 57 random non-square 3 × 3 kernels with 1 to 32 channels, its value over the larger
+    side's is 0.60 to 0.99 at t = 1 (median 0.87) and 0.96 to 1.01 at t = 4 (median 0.99; above 1 for 10 of
+    them). The reference code always takes the larger side (it transposes K when ``c_in > c_out``);
+    ``side="larger"`` reproduces it.
 
     Exact arithmetic bound; computed in float64 (relative rounding about 1e-14 on the tested sizes, no
     allowance added) and rounded up into K's dtype.
