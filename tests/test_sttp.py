@@ -589,6 +589,7 @@ def test_a_state_dict_of_the_old_default_loads_with_the_legacy_name():
     assert torch.allclose(layer.weight_kernel(), kernel, atol=1e-14, rtol=0)
     with pytest.raises(RuntimeError, match="state_dict"):  # the new default has other cores: a loud mismatch
         STTPConv2d(2, 3, 3, rank=2, dtype=D).load_state_dict(state)
+    assert torch.equal(layer.state_dict()["_extra_state"], torch.tensor([0, 2, 9]))  # now saved with its layout
     # a layer pickled before the factorization names existed has no _in_reversed: the class default reads it as built
     del layer.__dict__["_in_reversed"]
     assert torch.allclose(layer.weight_kernel(), kernel, atol=1e-14, rtol=0)
@@ -634,3 +635,29 @@ def test_dopt_penalty_pools_all_singular_values_as_the_reference():
     assert out.dtype == torch.float32 and out.item() == pytest.approx(ref, rel=1e-6)
     with pytest.raises(ValueError, match="reduction"):
         dopt_penalty(model, reduction="sum")
+
+
+def test_layouts_with_equally_shaped_cores_do_not_load_into_each_other():
+    """A 1-channel 3×3 conv at rank 4: in_modes (1, 9) under "legacy", (3, 3) under "paper" — the same core shapes, so
+    without the layout record in the state dict one would load into the other silently, as another kernel."""
+    g = torch.Generator().manual_seed(15)
+    legacy = STTPConv2d(1, 4, 3, rank=4, mode_factorization="legacy", dtype=D, generator=g)
+    paper = STTPConv2d(1, 4, 3, rank=4, dtype=D, generator=g)
+    assert legacy.V.modes == (1, 9) and paper.V.modes == (3, 3)
+    saved = legacy.state_dict()
+    old = {k: v for k, v in saved.items() if k != "_extra_state"}  # as saved before issue 23
+    assert {k: v.shape for k, v in old.items()} == {k: v.shape for k, v in paper.state_dict().items() if k in old}
+    with pytest.raises(RuntimeError, match="in_modes=\\(1, 9\\)"):
+        paper.load_state_dict(saved)
+    with pytest.raises(RuntimeError, match="mode_factorization='legacy'"):
+        paper.load_state_dict(old)
+    for state in (saved, old):  # into the layout it was saved with: exact
+        twin = STTPConv2d(1, 4, 3, rank=4, mode_factorization="legacy", dtype=D)
+        twin.load_state_dict(state)
+        assert torch.equal(twin.weight_kernel(), legacy.weight_kernel())
+    given = STTPConv2d(1, 4, 3, rank=4, mode_factorization=(None, [1, 9]), dtype=D)  # a given pair: unchecked
+    given.load_state_dict(old)
+    assert torch.equal(given.weight_kernel(), legacy.weight_kernel())
+    model = torch.nn.Sequential(STTPConv2d(1, 4, 3, rank=4, mode_factorization="reference", dtype=D))
+    with pytest.raises(RuntimeError, match="reversed"):  # named in the error with its place in the model
+        model.load_state_dict({f"0.{k}": v for k, v in saved.items()})

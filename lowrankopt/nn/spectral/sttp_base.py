@@ -72,6 +72,10 @@ class STTPBase(torch.nn.Module):
     #: V's TT indexes its rows row-major over its modes reversed (the ``"reference"`` factorization); a class default
     #: so that layers pickled before it existed read their rows as they were built
     _in_reversed: bool = False
+    #: V's modes under the default of lowrankopt before issue 23 ("legacy"), which a state dict without a layout record
+    #: was saved with, when this layer was built with a named factorization; None: not checked (a given pair of modes,
+    #: or a layer pickled before the record existed)
+    _unrecorded_in_modes: tuple[int, ...] | None = None
 
     def _init_parameters(
         self,
@@ -93,6 +97,8 @@ class STTPBase(torch.nn.Module):
         dtype, device, _ = _kw(dtype, device, generator)
         out_modes, in_modes, self._in_reversed = _factorization(mode_factorization, d_out, d_in, kernel_numel)
         out_modes, in_modes = _modes("out_modes", d_out, out_modes), _modes("in_modes", d_in, in_modes)
+        if isinstance(mode_factorization, str):
+            self._unrecorded_in_modes = tuple(_factorization("legacy", d_out, d_in, kernel_numel)[1])
         self.spectrum = _spectrum(spectrum)
         if parametrization not in PARAMETRIZATIONS:
             raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
@@ -200,6 +206,47 @@ class STTPBase(torch.nn.Module):
         self.load_dense(weight)
         if bias is not None:
             self.bias.copy_(bias)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The layout of V's rows, saved in the state dict (key ``_extra_state``): int64 ``[in_reversed, *in_modes]``.
+        Layouts with equally shaped cores (e.g. ``in_modes`` (1, 9) and (3, 3), a 1-channel 3×3 conv under
+        ``"legacy"`` and ``"paper"``) would otherwise load into each other silently."""
+        return torch.tensor([int(self._in_reversed), *self.V.modes], dtype=torch.int64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        """Nothing to set: the layout is fixed at construction; :meth:`_load_from_state_dict` checks the saved one."""
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        """torch's loading, plus a check of the saved layout of V's rows against this layer's: a mismatch is an error
+        of ``load_state_dict``. A state dict without the record (saved before issue 23) is taken to have the old
+        default layout (``"legacy"``); it loads into a layer built with a given pair of modes unchecked."""
+        key = f"{prefix}_extra_state"
+        saved = state_dict.get(key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if key in missing_keys:  # a state dict of lowrankopt before issue 23: checked below instead
+            missing_keys.remove(key)
+        own = (bool(self._in_reversed), tuple(self.V.modes))
+        name = f"{type(self).__name__} {prefix.rstrip('.') or '(root)'}"
+        if saved is not None:
+            record = [int(x) for x in torch.as_tensor(saved).reshape(-1).tolist()]
+            if (bool(record[0]), tuple(record[1:])) != own:
+                order = "reversed" if record[0] else "row-major"
+                error_msgs.append(
+                    f"{name}: the state dict was saved with in_modes={tuple(record[1:])} ({order} rows), this layer "
+                    f"has in_modes={own[1]} ({'reversed' if own[0] else 'row-major'} rows); build it with the "
+                    "mode_factorization the state dict was saved with"
+                )
+        elif self._unrecorded_in_modes is not None and own != (False, self._unrecorded_in_modes):
+            error_msgs.append(
+                f"{name}: the state dict records no mode factorization (saved by lowrankopt before issue 23, whose "
+                f"default, now mode_factorization='legacy', gave in_modes={self._unrecorded_in_modes}); this layer has "
+                f"in_modes={own[1]}. Build it with mode_factorization='legacy' (or the (out_modes, in_modes) pair "
+                "used then)"
+            )
 
     def _factor_modes(self) -> str:
         order = ", in_order='reversed'" if self._in_reversed else ""
