@@ -1329,11 +1329,10 @@ def test_gs_orthogonal(n, block, by_count, map_, parametrization, batch, seed):
         return
     perturb_(layer, seed, scale=0.2 if map_ != "neumann" else 0.02)  # (the Neumann series needs ‖K‖_F < 1)
     b = layer.block_size
-    k = n // b
     with torch.no_grad():
         Lb, Rb = layer.blocks()
         L, R = torch.block_diag(*Lb), torch.block_diag(*Rb)
-        P = shuffle_matrix(k, n)
+        P = shuffle_matrix(b, n)  # the paper's P_(k, n) (sends entry i to σ(i)), gsoft_demo's
         Q = P.T @ L @ P @ R
         x = torch.randn(*batch, n, dtype=DT, generator=gen(seed + 1))
         y = layer(x)
@@ -1346,7 +1345,7 @@ def test_gs_orthogonal(n, block, by_count, map_, parametrization, batch, seed):
 def gs_matrix_dense(q):
     """A GSOrthogonal's Q = Pᵀ L P R, assembled here from its blocks."""
     Lb, Rb = q.blocks()
-    P = shuffle_matrix(q.nblocks, q.n)
+    P = shuffle_matrix(q.block_size, q.n)  # the paper's P_(r, br), the default since issue 23
     return P.T @ torch.block_diag(*Lb) @ P @ torch.block_diag(*Rb)
 
 
@@ -1495,8 +1494,8 @@ def small_net(kind, seed):
     seed=st.integers(0, 20),
 )
 def test_converted_models(kind, converter, rank, seed):
-    """Converters at full rank reproduce the model's outputs (STTP / SVDP, TT conv); T-Basis keeps each converted
-    weight's standard deviation (its variance matching); a bad rank is named and leaves the model unchanged."""
+    """Converters at full rank reproduce the model's outputs (STTP / SVDP, TT conv); T-Basis with init="match" keeps
+    each converted weight's standard deviation; a bad rank is named and leaves the model unchanged."""
     model, shape = small_net(kind, seed)
     x = torch.randn(*shape, dtype=DT, generator=gen(seed))
     with torch.no_grad():
@@ -1506,7 +1505,7 @@ def test_converted_models(kind, converter, rank, seed):
         "sttp": lambda: lnn.convert_to_sttp(model, rank),
         "svdp": lambda: lnn.convert_to_sttp(model, rank, svdp=True),
         "tt_conv": lambda: lnn.convert_to_tt_conv(model, rank),
-        "tbasis": lambda: lnn.convert_to_tbasis(model, 3, rank if rank != 64 else 2, generator=gen(seed)),
+        "tbasis": lambda: lnn.convert_to_tbasis(model, 3, rank if rank != 64 else 2, init="match", generator=gen(seed)),
     }[converter]
     out = check_outcome(convert, [] if positive(rank) else ["rank"])
     with torch.no_grad():

@@ -33,10 +33,19 @@ from .manifold.lora import RiemannianLoRAConfig, RiemannianLoRALinear, convert_t
 from .manifold.lora_init import locally_optimal_init
 from .manifold.lora_peft import from_peft, save_peft, to_peft_config, to_peft_state_dict
 from .manifold.lowrank import LowRankLinear, TTLinear
-from .orthogonal.gs import GSMatrix, GSOrthogonal, blockdiag_matmul, gs_matmul, gs_project, shuffle_index
+from .orthogonal.gs import (
+    GSMatrix,
+    GSOrthogonal,
+    block_shuffle_index,
+    blockdiag_matmul,
+    gs_matmul,
+    gs_project,
+    shuffle_index,
+)
 from .orthogonal.gs_conv import (
     GSOrthogonalConv2d,
     LipConvNet,
+    MaxMin,
     MaxMinPermuted,
     SkewOrthogonalConv2d,
     certified_accuracy,
@@ -48,6 +57,7 @@ from .orthogonal.gsoft import (
     GSOFTLinear,
     convert_to_gsoft,
     disable_adapters,
+    gsoft_parameter_counts,
     gsoft_state_dict,
     load_gsoft_state_dict,
     merge_adapter,
@@ -81,6 +91,7 @@ __all__ = [
     "adapter_state_dict",
     "load_adapter_state_dict",
     "OrthonormalTT",
+    "block_shuffle_index",
     "blockdiag_matmul",
     "householder_numel",
     "householder_orthonormal",
@@ -103,6 +114,7 @@ __all__ = [
     "LowRankLinear",
     "RiemannianLoRAConfig",
     "RiemannianLoRALinear",
+    "MaxMin",
     "MaxMinPermuted",
     "STTPConv2d",
     "SkewOrthogonalConv2d",
@@ -127,6 +139,7 @@ __all__ = [
     "from_peft",
     "gs_matmul",
     "gs_project",
+    "gsoft_parameter_counts",
     "gsoft_state_dict",
     "inject_gsoft",
     "load_gsoft_state_dict",

@@ -3,10 +3,19 @@ matrices with orthonormal columns as tensor trains of such cores (:mod:`.orthono
 and GS orthogonal matrices (:mod:`.gs`), skew-orthogonal and GS orthogonal convolutions for
 1-Lipschitz networks (:mod:`.gs_conv`), and GSOFT, orthogonal fine-tuning adapters in PEFT's style (:mod:`.gsoft`)."""
 
-from .gs import GSMatrix, GSOrthogonal, blockdiag_matmul, gs_matmul, gs_project, shuffle_index
+from .gs import (
+    GSMatrix,
+    GSOrthogonal,
+    block_shuffle_index,
+    blockdiag_matmul,
+    gs_matmul,
+    gs_project,
+    shuffle_index,
+)
 from .gs_conv import (
     GSOrthogonalConv2d,
     LipConvNet,
+    MaxMin,
     MaxMinPermuted,
     SkewOrthogonalConv2d,
     certified_accuracy,
@@ -18,6 +27,7 @@ from .gsoft import (
     GSOFTLinear,
     convert_to_gsoft,
     disable_adapters,
+    gsoft_parameter_counts,
     gsoft_state_dict,
     load_gsoft_state_dict,
     merge_adapter,
@@ -35,9 +45,11 @@ __all__ = [
     "GSOrthogonal",
     "GSOrthogonalConv2d",
     "LipConvNet",
+    "MaxMin",
     "MaxMinPermuted",
     "OrthonormalTT",
     "SkewOrthogonalConv2d",
+    "block_shuffle_index",
     "blockdiag_matmul",
     "certified_accuracy",
     "certified_radius",
@@ -46,6 +58,7 @@ __all__ = [
     "disable_adapters",
     "gs_matmul",
     "gs_project",
+    "gsoft_parameter_counts",
     "gsoft_state_dict",
     "householder_numel",
     "householder_orthonormal",
