@@ -177,6 +177,21 @@ def test_cross_forward_gradient_matches_finite_differences():
         assert theta.grad[j].item() == pytest.approx(fd.item(), rel=1e-6, abs=1e-8)
 
 
+def test_cross_forward_rebuilds_a_core_whose_rows_are_all_selected_in_another_order():
+    # rect-maxvol may select every row of a fiber matrix, permuted: the core is then that permutation, not I
+    from lowrankopt.cross.interpolation import _interpolation_core
+
+    M = torch.randn(4, 3, dtype=D, generator=_gen(40))
+    rows = torch.tensor([1, 2, 0, 3])
+    X = _interpolation_core(M, rows)
+    assert torch.equal(X[rows], torch.eye(4, dtype=D)) and torch.allclose(X @ M[rows], M, atol=1e-15)
+    f = lambda i: torch.cos(i.double().sum(1)) + 1  # noqa: E731  (its fibers at (3, 1, 4) select every row)
+    shape = (3, 1, 4)
+    Y, info = tt_cross(f, shape, nswp=3, generator=_gen(0))
+    dense = f(_dense_index(shape)).reshape(shape)
+    assert _relative_error(Y, dense) < 1e-14 and _relative_error(cross_forward(info, f), dense) < 1e-14
+
+
 def _rank3(d, n, seed):
     """A rank-3 function of d indices (a sum of three products of random factors) and a rank-1 one."""
     g = _gen(seed)
@@ -204,12 +219,16 @@ def test_cross_forward_differentiates_after_a_rank_adaptive_cross_of_a_low_rank_
     theta0 = torch.tensor([0.0, 0.0], dtype=D)
     f = lambda i, t=theta0: (1 + t[1]) * f0(i) + t[0] * g(i)  # noqa: E731
     E = uncut.evaluations
+    if stop == "budget during the cut":  # without the cache every cut block is new: it cannot fit in E
+        _, uncut = tt_cross(f0, shape, eps=1e-10, rank_tol=0.0, cache=False, generator=_gen(31))
+        E = uncut.evaluations
     budget = {"eps": None, "budget mid-sweep": int(0.75 * E), "budget during the cut": E}
-    Y, info = tt_cross(f0, shape, eps=1e-10, budget=budget[stop], generator=_gen(31))
+    cache = stop != "budget during the cut"
+    Y, info = tt_cross(f0, shape, eps=1e-10, budget=budget[stop], cache=cache, generator=_gen(31))
     assert info.stop == ("budget" if stop == "budget mid-sweep" else "eps")
     assert _relative_error(Y, dense) < 1e-12
     if stop == "eps":  # enough budget for the cut blocks: the ranks come back to the function's
-        assert info.ranks == (3,) * (d - 1) and info.evaluations > uncut.evaluations
+        assert info.ranks == (3,) * (d - 1) and info.evaluations >= uncut.evaluations
     else:  # no new entry: only the columns are cut, the bonds stay
         assert info.evaluations <= budget[stop]
         assert stop == "budget mid-sweep" or (info.ranks, info.evaluations) == (uncut.ranks, uncut.evaluations)

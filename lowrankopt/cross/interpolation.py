@@ -71,8 +71,9 @@ def _interpolation_core(M: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``X = Q Q[rows]⁺`` for an orthonormal basis Q of the fiber matrix M, with ``X[rows] = I``: the coefficients
     ``M = X M[rows]`` that :func:`tt_cross` computes (equal to ``M M[rows]⁺`` when M has full column rank, and
     bounded when it does not, since ``Q[rows]`` is a maxvol submatrix). Differentiable through the two QRs."""
-    if len(rows) == M.shape[0]:  # every row is selected: the identity
-        return torch.eye(len(rows), dtype=M.dtype, device=M.device)
+    if len(rows) == M.shape[0]:  # every row is selected, maybe in another order: the permutation with X[rows] = I
+        eye = torch.eye(len(rows), dtype=M.dtype, device=M.device)
+        return eye[torch.argsort(rows.to(M.device))]
     Q, R = torch.linalg.qr(M)
     if M.requires_grad and _singular(R):  # QR's derivative divides by R's diagonal
         raise ValueError(

@@ -133,12 +133,13 @@ def tt_cross(
         maxvol_tol: :func:`maxvol`'s dominance tolerance.
         maxvol_iters: :func:`maxvol`'s swap limit.
         rank_tol: after the last sweep, each fiber matrix is cut to its numerical rank — its singular values above
-            ``rank_tol · σ_max`` (default ``100 ε`` of dtype) — and the fiber sets with it, consistently from the last
-            core to the first (:mod:`lowrankopt.cross.truncation`): ranks that the rank-adaptive passes overshot
-            come back down, and :func:`cross_forward` can differentiate on the fibers. A few new entries are
-            evaluated where ranks are cut; where they would exceed ``budget`` (and after a ``"budget"`` stop in
-            mid-sweep) only the columns of the fiber matrices are cut, so the ranks stay and nothing new is read.
-            ``rank_tol=0`` cuts nothing but exact zeros.
+            ``rank_tol · σ_max`` (default 2.2e-14 in float64, 1.2e-6 in float32: above the rounding noise of the
+            values) — and the fiber sets with it, consistently from the last core to the first
+            (:mod:`lowrankopt.cross.truncation`): ranks that the rank-adaptive passes overshot come back down, and
+            :func:`cross_forward` can differentiate on the fibers. A few new entries are evaluated where ranks are
+            cut; where they would exceed ``budget`` (and after a ``"budget"`` stop in mid-sweep) only the columns of
+            the fiber matrices are cut, so the ranks stay and nothing new is read. After a ``"validation"`` stop the
+            cut is kept only if the validation error stays within ``validation_tol``. ``rank_tol=0``: no cut.
         cache: keep every computed entry and never ask f twice for one (the budget counts distinct entries).
         dtype: of the result (f's values are cast to it).
         device: of the result and of the indices f receives (default: the domain's, else CPU).
@@ -269,17 +270,8 @@ def _sweeps(evaluate: _Evaluator, Y0: TensorTrain, info: CrossInfo, stops, selec
                 info.stop = "sweeps"
             if info.stop:
                 break
-        try:
-            cores, info.fibers, info.selected = truncate_fibers(
-                evaluate, blocks, left, right, info.selected, cores, rank_tol, maxvol_tol, maxvol_iters
-            )
-        except _Budget:  # the cut blocks do not fit in the budget: cut columns only
-            cores, info.fibers = cut_columns(
-                blocks, info.fibers, info.selected, cores, 0, rank_tol, maxvol_tol, maxvol_iters
-            )
-        Y = TensorTrain._trusted(cores)
-        if validation is not None:  # the record is of the result
-            info.validation_errors[-1] = _relative_error(Y, *validation)
+        if rank_tol > 0:
+            Y = _cut(evaluate, blocks, left, right, cores, info, validation, validation_tol, selection)
     except _Budget:
         info.stop = "budget"
         done = sum(c.numel() > 0 for c in cores)
@@ -290,12 +282,35 @@ def _sweeps(evaluate: _Evaluator, Y0: TensorTrain, info: CrossInfo, stops, selec
             ) from None
         k, Z = last
         cores[k], info.selected[k], info.pivot = Z, None, k
-        cores, info.fibers = cut_columns(
-            blocks, info.fibers, info.selected, cores, k, rank_tol, maxvol_tol, maxvol_iters
-        )
+        if rank_tol > 0:
+            cores, info.fibers = cut_columns(
+                blocks, info.fibers, info.selected, cores, k, rank_tol, maxvol_tol, maxvol_iters
+            )
         Y = TensorTrain._trusted(cores)
         if validation is not None:
             info.validation_errors.append(_relative_error(Y, *validation))
+    return Y
+
+
+def _cut(evaluate, blocks, left, right, cores, info, validation, validation_tol, selection) -> TensorTrain:
+    """The fibers of a complete sweep cut to their numerical ranks (:mod:`.truncation`); only their columns when the
+    new blocks do not fit in the budget. A validation stop keeps the uncut result if the cut one misses the tolerance
+    (the fibers then stay as the sweeps left them)."""
+    _, _, _, maxvol_tol, maxvol_iters, rank_tol = selection
+    try:
+        cut_cores, fibers, selected = truncate_fibers(
+            evaluate, blocks, left, right, info.selected, cores, rank_tol, maxvol_tol, maxvol_iters
+        )
+    except _Budget:  # the cut blocks do not fit in the budget: cut columns only
+        selected = info.selected
+        cut_cores, fibers = cut_columns(blocks, info.fibers, selected, cores, 0, rank_tol, maxvol_tol, maxvol_iters)
+    Y = TensorTrain._trusted(cut_cores)
+    if validation is not None:
+        error = _relative_error(Y, *validation)
+        if info.stop == "validation" and error > validation_tol:
+            return TensorTrain._trusted(cores)
+        info.validation_errors[-1] = error  # the record is of the result
+    info.fibers, info.selected = fibers, selected
     return Y
 
 
