@@ -263,9 +263,12 @@ def conv_spectral_normalization(
     **TT convs.** ``conv`` may be a :class:`~lowrankopt.nn.TTConv2d` (Senderovich et al. 2022): then its *core*
     ``(r2, r1, k, k)`` is divided, ``core ← core · min(1, max_norm / σ)``, σ the norm of the core conv (``r1 → r2``
     channels, the layer's stride, padding and padding mode) — what the reference code's ``constrain_conv`` does to
-    ``K2`` in its "divide-by-largest" (power iteration) and "divide-by-exact-largest" (exact, FFT) modes
-    (``practical_svd_conv``, ``src/utils.py``), there in place every ``clip_freq`` steps, here at every forward
-    as for an ``nn.Conv2d``. With orthonormal outer cores (``orthogonality="stiefel"``, or ``"gauge"`` after
+    ``K2`` in its "divide-by-largest" (power iteration) and "divide-by-exact-largest" modes (``practical_svd_conv``,
+    ``src/utils.py``), there in place every ``clip_freq`` steps, here at every forward as for an ``nn.Conv2d``.
+    The reference's "exact" mode takes the circular (FFT) norm at the input size even for a zero-padded layer;
+    here σ follows the layer's padding (``method="power"``: exact for circular padding, power iteration for zero
+    padding; or the tensor-norm estimate), so that ``max_norm`` refers to the layer as it is applied.
+    With orthonormal outer cores (``orthogonality="stiefel"``, or ``"gauge"`` after
     ``orthogonalize_()``, which keeps working under the parametrization) the layer's norm is exactly the core's,
     so it becomes ``min(σ, max_norm)`` (for circular padding exactly; with zero padding up to the power
     estimate). With ``"penalty"`` the raw core is divided, as in the reference with its orthogonality loss: the

@@ -184,11 +184,12 @@ class TBasis(nn.Module):
         return "basis" in self._parameters
 
     def freeze(self) -> TBasis:
-        """Make the basis a fixed buffer, in place, keeping its values and storage (e.g. a basis learned with one
-        model, then shared, fixed, by others). Optimizers built before still hold the old parameter: build them
-        afterwards. Returns ``self``."""
+        """Make the basis a fixed buffer, in place, keeping its values (e.g. a basis learned with one model, then
+        shared, fixed, by others). The buffer is a copy: an optimizer built before still holds the old parameter,
+        and its later steps (momentum, weight decay) change that parameter, never the fixed basis. Returns
+        ``self``."""
         if self.trainable:
-            b = self.basis.detach()
+            b = self.basis.detach().clone()
             del self.basis
             self.register_buffer("basis", b)
         return self
@@ -358,6 +359,14 @@ class TBasisFactory(nn.Module):
         return cores * rho[..., None, None]  # ρ_k on the left rank index
 
     def _decompress(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        if self.tbasis is not None:
+            basis, coefficients = self.tbasis.basis, next(iter(self.coefficients.values()), None)
+            if coefficients is not None and (basis.dtype, basis.device) != (coefficients.dtype, coefficients.device):
+                raise RuntimeError(
+                    f"the shared basis is {basis.dtype} on {basis.device} but this model's coefficients are "
+                    f"{coefficients.dtype} on {coefficients.device}: a model that shares the basis was moved or cast "
+                    "alone; move or cast every model built on it together"
+                )
         groups: dict[int, list[str]] = {}
         for k in keys:
             groups.setdefault(self.plans[k].modes, []).append(k)

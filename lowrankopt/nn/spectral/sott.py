@@ -195,7 +195,10 @@ class SOTTConv2d(torch.nn.Module):
         """``(‖firstᵀ first − I‖_F² + ‖lastᵀ last − I‖_F²) / (2 rank²)`` (0 without outer cores), this layer's term of
         ``tt_conv_penalty(model, normalization="layer")``; for the reference's normalization use
         :func:`~.tt_conv.tt_conv_penalty`. Cost ``O(c_in r1² + c_out r2²)``."""
-        return torch.as_tensor(self._orthogonality_residual(), dtype=self.core.weight.dtype) / (2 * self.rank**2)
+        residual = torch.as_tensor(
+            self._orthogonality_residual(), dtype=self.core.weight.dtype, device=self.core.weight.device
+        )
+        return residual / (2 * self.rank**2)
 
     def _orthogonality_residual(self) -> torch.Tensor | float:
         """``‖firstᵀ first − I‖_F² + ‖lastᵀ last − I‖_F²`` (0 without outer cores), read by ``tt_conv_penalty``."""
