@@ -637,27 +637,35 @@ def test_dopt_penalty_pools_all_singular_values_as_the_reference():
         dopt_penalty(model, reduction="sum")
 
 
-def test_layouts_with_equally_shaped_cores_do_not_load_into_each_other():
-    """A 1-channel 3×3 conv at rank 4: in_modes (1, 9) under "legacy", (3, 3) under "paper" — the same core shapes, so
-    without the layout record in the state dict one would load into the other silently, as another kernel."""
+def test_layouts_with_equally_shaped_cores_load_only_with_the_same_row_order():
+    """ "paper" and "reference" on a 2-channel 1×2 conv: in_modes (2, 2) both, the same core shapes, V's rows in
+    another order — without the layout record one would load into the other silently, as another kernel. Layouts
+    whose rows are in the same order load (a 1-channel 3×3 conv: (1, 9) under "legacy", (3, 3) under "paper")."""
     g = torch.Generator().manual_seed(15)
-    legacy = STTPConv2d(1, 4, 3, rank=4, mode_factorization="legacy", dtype=D, generator=g)
-    paper = STTPConv2d(1, 4, 3, rank=4, dtype=D, generator=g)
-    assert legacy.V.modes == (1, 9) and paper.V.modes == (3, 3)
-    saved = legacy.state_dict()
-    old = {k: v for k, v in saved.items() if k != "_extra_state"}  # as saved before issue 23
-    assert {k: v.shape for k, v in old.items()} == {k: v.shape for k, v in paper.state_dict().items() if k in old}
-    with pytest.raises(RuntimeError, match="in_modes=\\(1, 9\\)"):
-        paper.load_state_dict(saved)
+    paper = STTPConv2d(2, 4, (1, 2), rank=3, dtype=D, generator=g)
+    with torch.no_grad():
+        for p in paper.parameters():
+            p.add_(0.3 * torch.randn(p.shape, dtype=D, generator=g))
+    reference = STTPConv2d(2, 4, (1, 2), rank=3, mode_factorization="reference", dtype=D)
+    assert paper.V.modes == reference.V.modes == (2, 2)
+    saved = paper.state_dict()
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="in_modes=\\(2, 2\\) \\(row-major rows\\)"):
+            reference.load_state_dict(saved, strict=strict)
+    old = {k: v for k, v in saved.items() if k != "_extra_state"}  # as saved before issue 23: row-major rows
     with pytest.raises(RuntimeError, match="mode_factorization='legacy'"):
-        paper.load_state_dict(old)
-    for state in (saved, old):  # into the layout it was saved with: exact
-        twin = STTPConv2d(1, 4, 3, rank=4, mode_factorization="legacy", dtype=D)
-        twin.load_state_dict(state)
-        assert torch.equal(twin.weight_kernel(), legacy.weight_kernel())
-    given = STTPConv2d(1, 4, 3, rank=4, mode_factorization=(None, [1, 9]), dtype=D)  # a given pair: unchecked
-    given.load_state_dict(old)
-    assert torch.equal(given.weight_kernel(), legacy.weight_kernel())
-    model = torch.nn.Sequential(STTPConv2d(1, 4, 3, rank=4, mode_factorization="reference", dtype=D))
-    with pytest.raises(RuntimeError, match="reversed"):  # named in the error with its place in the model
+        reference.load_state_dict(old)
+    model = torch.nn.Sequential(STTPConv2d(2, 4, (1, 2), rank=3, mode_factorization="reference", dtype=D))
+    with pytest.raises(RuntimeError, match="0: the state dict"):  # named with its place in the model
         model.load_state_dict({f"0.{k}": v for k, v in saved.items()})
+    # the same row order: (1, 9) and (3, 3) are both row-major over the 9 input indices, and the kernel is the same
+    legacy = STTPConv2d(1, 4, 3, rank=4, mode_factorization="legacy", dtype=D, generator=g)
+    with torch.no_grad():
+        for p in legacy.parameters():
+            p.add_(0.3 * torch.randn(p.shape, dtype=D, generator=g))
+    for state in (legacy.state_dict(), {k: v for k, v in legacy.state_dict().items() if k != "_extra_state"}):
+        twin = STTPConv2d(1, 4, 3, rank=4, dtype=D)
+        assert twin.V.modes == (3, 3) and legacy.V.modes == (1, 9)
+        twin.load_state_dict(state)
+        assert torch.allclose(twin.weight_kernel(), legacy.weight_kernel(), rtol=0, atol=1e-14)

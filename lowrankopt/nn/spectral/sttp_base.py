@@ -209,8 +209,9 @@ class STTPBase(torch.nn.Module):
 
     def get_extra_state(self) -> torch.Tensor:
         """The layout of V's rows, saved in the state dict (key ``_extra_state``): int64 ``[in_reversed, *in_modes]``.
-        Layouts with equally shaped cores (e.g. ``in_modes`` (1, 9) and (3, 3), a 1-channel 3×3 conv under
-        ``"legacy"`` and ``"paper"``) would otherwise load into each other silently."""
+        ``"paper"`` and ``"reference"`` can have the same core shapes and the same modes with V's rows in another
+        order (a 2-channel 1×2 conv: in_modes (2, 2) both); without the record one would load into the other
+        silently, as another kernel."""
         return torch.tensor([int(self._in_reversed), *self.V.modes], dtype=torch.int64)
 
     def set_extra_state(self, state: torch.Tensor) -> None:
@@ -221,7 +222,7 @@ class STTPBase(torch.nn.Module):
     ) -> None:
         """torch's loading, plus a check of the saved layout of V's rows against this layer's: a mismatch is an error
         of ``load_state_dict``. A state dict without the record (saved before issue 23) is taken to have the old
-        default layout (``"legacy"``); it loads into a layer built with a given pair of modes unchecked."""
+        default layout (``"legacy"``, rows row-major); it loads into a layer whose rows are row-major too."""
         key = f"{prefix}_extra_state"
         saved = state_dict.get(key)
         super()._load_from_state_dict(
@@ -233,14 +234,14 @@ class STTPBase(torch.nn.Module):
         name = f"{type(self).__name__} {prefix.rstrip('.') or '(root)'}"
         if saved is not None:
             record = [int(x) for x in torch.as_tensor(saved).reshape(-1).tolist()]
-            if (bool(record[0]), tuple(record[1:])) != own:
+            if _row_order(bool(record[0]), record[1:]) != _row_order(*own):
                 order = "reversed" if record[0] else "row-major"
                 error_msgs.append(
                     f"{name}: the state dict was saved with in_modes={tuple(record[1:])} ({order} rows), this layer "
                     f"has in_modes={own[1]} ({'reversed' if own[0] else 'row-major'} rows); build it with the "
                     "mode_factorization the state dict was saved with"
                 )
-        elif self._unrecorded_in_modes is not None and own != (False, self._unrecorded_in_modes):
+        elif self._unrecorded_in_modes is not None and _row_order(*own) != _row_order(False, ()):
             error_msgs.append(
                 f"{name}: the state dict records no mode factorization (saved by lowrankopt before issue 23, whose "
                 f"default, now mode_factorization='legacy', gave in_modes={self._unrecorded_in_modes}); this layer has "
@@ -276,6 +277,14 @@ def _modes(name: str, d: int, given: Modes) -> list[int]:
     if math.prod(modes) != d:
         raise ValueError(f"{name} {modes} has product {math.prod(modes)}, not {d}")
     return modes
+
+
+def _row_order(reversed_: bool, modes: Sequence[int]) -> tuple:
+    """What the layout record protects: the order of V's rows, row-major over the kernel's input index (any
+    factorization) or its digits reversed over the modes — a permutation only with two modes of size > 1. Equal
+    parameter shapes with equal row orders compute the same kernel (torch checks the shapes)."""
+    digits = tuple(int(m) for m in modes if m > 1)
+    return ("reversed", digits) if reversed_ and len(digits) > 1 else ("row-major",)
 
 
 def _reverse_rows(M: torch.Tensor, modes: Sequence[int]) -> torch.Tensor:
