@@ -11,17 +11,23 @@ import torch
 
 from lowrankopt.nn import GSOFTConfig, GSOrthogonal, convert_to_gsoft
 from lowrankopt.nn.orthogonal import gs as gs_module
-from lowrankopt.nn.orthogonal.gs import gs_apply, shuffle_index
+from lowrankopt.nn.orthogonal.gs import gs_apply
 from lowrankopt.nn.orthogonal.gsoft_layer import GSOFTLinear, rotate_weight_cost
 
 D = torch.float64
 
 
 def dense_q(L, R, shuffle="paper"):
-    """``Pᵀ diag(L) P diag(R)`` as a dense matrix, P the shuffle as a permutation matrix: the paper's ``P_(k, n)``
-    gathers by ``shuffle_index(b, n)``, the legacy one by ``shuffle_index(k, n)``."""
+    """``Pᵀ diag(L) P diag(R)`` as a dense matrix, P built here from the paper: ``P_(k, n)`` (k blocks of size b,
+    n = k b) has a 1 at ``(σ(i), i)``, ``σ(i) = (i mod k)·b + ⌊i/k⌋`` (Definition 5.2, Prop. 1's convention);
+    the legacy P is its transpose."""
     k, b, _ = L.shape
-    P = torch.eye(k * b, dtype=L.dtype)[shuffle_index(b if shuffle == "paper" else k, k * b)]
+    n = k * b
+    P = torch.zeros(n, n, dtype=L.dtype)
+    for i in range(n):
+        P[(i % k) * b + i // k, i] = 1.0
+    if shuffle != "paper":
+        P = P.T
     return P.T @ torch.block_diag(*L) @ P @ torch.block_diag(*R)
 
 

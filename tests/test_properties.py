@@ -18,7 +18,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import event, given
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 from lro_testing import check_outcome, examples
 from reference import matrix_projector, tt_full
@@ -1298,10 +1298,12 @@ def test_gs_orthogonal_conv_is_orthogonal(channels, kernel, groups, size, seed):
 
 
 def shuffle_matrix(k, n):
-    """P_(k, n) as a dense matrix: ``(P x)_i = x[σ(i)]``, ``σ(i) = (i mod k)·(n/k) + ⌊i/k⌋`` (the documented map)."""
+    """The paper's P_(k, n) as a dense matrix (Definition 5.2 with the paper's matrix convention, Prop. 1): a 1 at
+    ``(σ(i), i)``, ``σ(i) = (i mod k)·(n/k) + ⌊i/k⌋``, so ``(P x)_{σ(i)} = x_i``. (The legacy shuffle is its
+    transpose.)"""
     P = torch.zeros(n, n, dtype=DT)
     for i in range(n):
-        P[i, (i % k) * (n // k) + i // k] = 1.0
+        P[(i % k) * (n // k) + i // k, i] = 1.0
     return P
 
 
@@ -1315,6 +1317,8 @@ def shuffle_matrix(k, n):
     batch=st.sampled_from([(), (0,), (3,), (2, 2)]),
     seed=st.integers(0, 20),
 )
+@example(n=12, block=3, by_count=False, map_="cayley", parametrization="skew", batch=(3,), seed=0)  # b ≠ n/b
+@example(n=8, block=4, by_count=True, map_="exp", parametrization="orthogonal", batch=(2, 2), seed=1)  # b = 2
 def test_gs_orthogonal(n, block, by_count, map_, parametrization, batch, seed):
     """``Q = Pᵀ L P R`` with P the shuffle and L, R block-diagonal (assembled here from the layer's blocks): the forward
     is ``Q x``, the blocks orthogonal (except the Neumann map's, approximately); or a named error when the blocks do
@@ -1332,7 +1336,7 @@ def test_gs_orthogonal(n, block, by_count, map_, parametrization, batch, seed):
     with torch.no_grad():
         Lb, Rb = layer.blocks()
         L, R = torch.block_diag(*Lb), torch.block_diag(*Rb)
-        P = shuffle_matrix(b, n)  # the paper's P_(k, n) (sends entry i to σ(i)), gsoft_demo's
+        P = shuffle_matrix(n // b, n)  # the paper's P_(r, br), r = n/b blocks (sends entry i to σ(i)), gsoft_demo's
         Q = P.T @ L @ P @ R
         x = torch.randn(*batch, n, dtype=DT, generator=gen(seed + 1))
         y = layer(x)
@@ -1342,10 +1346,45 @@ def test_gs_orthogonal(n, block, by_count, map_, parametrization, batch, seed):
         assert torch.allclose(Q.T @ Q, torch.eye(n, dtype=DT), atol=1e-12)
 
 
+@examples(30)
+@given(
+    ks=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    b1s=st.lists(st.integers(1, 4), min_size=3, max_size=3),
+    b2=st.integers(1, 4),
+    shuffle=st.sampled_from([None, "paper", "legacy"]),
+    seed=st.integers(0, 20),
+)
+@example(ks=[2, 2], b1s=[4, 2, 1], b2=2, shuffle=None, seed=0)  # 8 entries, next blocks of width 4: P's differ
+@example(ks=[2, 2], b1s=[4, 2, 1], b2=2, shuffle="legacy", seed=0)
+def test_gs_matrix_default_perms(ks, b1s, b2, shuffle, seed):
+    """``GSMatrix(blocks)`` with default perms is ``B_m P_(k_m, n_m) ⋯ P_(k_2, n_2) B_1``: between two factors the
+    paper's P over the next factor's blocks; with ``shuffle="legacy"`` the transpose of P over the previous factor's
+    blocks (the earlier default); assembled here. The drawn chain stops at the first k that does not divide the
+    previous factor's outputs."""
+    g = gen(seed)
+    blocks, size = [], None
+    for j, k in enumerate(ks):
+        inputs = b2 * k if size is None else size
+        if inputs % k:  # the chain cannot continue with k blocks: stop there
+            break
+        blocks.append(torch.randn(k, b1s[j], inputs // k, dtype=DT, generator=g))
+        size = k * b1s[j]
+    kw = {} if shuffle is None else {"shuffle": shuffle}
+    A = lnn.GSMatrix(blocks, **kw)
+    ref = torch.block_diag(*blocks[0])
+    for prev, B in zip(blocks, blocks[1:]):
+        n = prev.shape[0] * prev.shape[1]
+        P = shuffle_matrix(prev.shape[0], n).T if shuffle == "legacy" else shuffle_matrix(B.shape[0], n)
+        ref = torch.block_diag(*B) @ P @ ref
+    assert A.shape == tuple(ref.shape) and torch.allclose(A.to_dense(), ref, atol=1e-12)
+    x = torch.randn(3, ref.shape[1], dtype=DT, generator=gen(seed + 1))
+    assert torch.allclose(lnn.gs_matmul(x, blocks, **kw), x @ ref.T, atol=1e-12)
+
+
 def gs_matrix_dense(q):
     """A GSOrthogonal's Q = Pᵀ L P R, assembled here from its blocks."""
     Lb, Rb = q.blocks()
-    P = shuffle_matrix(q.block_size, q.n)  # the paper's P_(r, br), the default since issue 23
+    P = shuffle_matrix(q.nblocks, q.n)  # the paper's P_(r, br), the default since issue 23
     return P.T @ torch.block_diag(*Lb) @ P @ torch.block_diag(*Rb)
 
 

@@ -13,14 +13,25 @@ the index map ``σ(i) = (i mod k)·n/k + ⌊i/k⌋``, a reshape to ``(k, n/k)`` 
 **Which shuffle is the paper's.** The paper (Definition 5.2) gives ``P_(k, n)`` by the same σ, and its matrix is the
 one with ``P[σ(i), i] = 1`` (Proposition 1: "a nonzero element in the position (2, 4) as i = 4 and σ(4) = 2"), i.e.
 ``(P x)_{σ(i)} = x_i``: entry i is *sent* to σ(i). As an index map that is the inverse of σ, which is
-``shuffle_index(n/k, n)``. GSOFT uses ``Q = Pᵀ L P R`` with ``P = P_(r, br)`` (r blocks of size b, §6.1), so
-``P x = x[shuffle_index(b, n)]`` — exactly what the authors' code computes (``gsoft_demo``'s
-``BlockdiagButterflyMultiply``: ``'b (r l) -> b (l r)'`` with ``l`` = the number of blocks), and the paired channel
-shuffle of Appendix F is the reference's ``channel_shuffle`` only in this reading. (Definition 5.2's prose, "reshape
-to k × n/k, transpose, flatten", reads the other way; it is the transpose, which lowrankopt used before.) So
-:class:`GSOrthogonal` and :func:`gs_apply` take ``shuffle="paper"`` (default: ``P`` gathers by
-``shuffle_index(b, n)``) or ``shuffle="legacy"`` (``P`` gathers by ``shuffle_index(r, n)``: the transpose, the
-permutation of earlier lowrankopt versions — pass it to load their checkpoints). The two coincide when ``b = r``.
+``shuffle_index(n/k, n)`` (:func:`block_shuffle_index` ``(k, n)``). GSOFT uses ``Q = Pᵀ L P R`` with
+``P = P_(r, br)`` (r blocks of size b, §6.1), so ``P x = x[shuffle_index(b, n)]`` — exactly what the authors' code
+computes (``gsoft_demo``'s ``BlockdiagButterflyMultiply``: ``'b (r l) -> b (l r)'`` with ``l`` = the number of
+blocks), and the paired channel shuffle of Appendix F is the reference's ``channel_shuffle`` only in this reading.
+(Definition 5.2's prose, "reshape to k × n/k, transpose, flatten", reads the other way; it is the transpose, which
+lowrankopt used before.) So every default permutation here is the paper's, and each takes ``shuffle="legacy"``
+for the one of earlier lowrankopt versions (pass it to rebuild their matrices or load their checkpoints):
+
+- :class:`GSOrthogonal`, :func:`gs_apply`: ``P = P_(r, br)`` gathers by ``shuffle_index(b, n)``; legacy: its
+  transpose, gather by ``shuffle_index(r, n)``. The two coincide when ``b = r``.
+- :class:`GSMatrix`, :meth:`GSMatrix.order2`, :func:`gs_matmul`, :func:`gs_project` (rectangular blocks allowed):
+  between a factor with ``k_R`` blocks and the next one, with ``k_L`` blocks of width ``b2_L`` (n entries), the
+  paper's ``P_(k_L, n)``: entry i is sent to ``σ(i)``, so consecutive outputs of one block go to different blocks of
+  the next — gather by ``shuffle_index(b2_L, n)``. That is the authors' kernel for rectangular blocks (Monarch's
+  ``blockdiag_butterfly_multiply``, which gsoft_demo calls as ``(x, R, L)``: ``'b (r l) -> b (l r)'`` with ``l`` =
+  the number of blocks of the second factor), and GSOrthogonal's P when ``k_L = k_R``. Legacy: gather by
+  ``shuffle_index(k_R, n)`` (the transpose of ``P_(k_R, n)``); the same index when ``b2_L = k_R``.
+
+A permutation given explicitly (``perms=``, ``P=``) is always a gather index map, whatever ``shuffle`` says.
 
 Applying A to a batch of B vectors costs ``O(B Σ_j k_j b1_j b2_j)`` — the number of block entries per vector.
 """
@@ -80,6 +91,13 @@ def _check_shuffle(shuffle: str) -> None:
         raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
 
 
+def _between(k_prev: int, k_next: int, n: int, shuffle: str, device: torch.device) -> torch.Tensor:
+    """The default gather index between a factor with ``k_prev`` blocks and the next, with ``k_next`` blocks, over
+    ``n`` entries (see the module docstring): ``"paper"`` — ``P_(k_next, n)``, sending consecutive outputs to
+    different blocks of the next factor; ``"legacy"`` — gather by ``σ_(k_prev, n)``, the earlier default."""
+    return block_shuffle_index(k_next if shuffle == "paper" else k_prev, n, shuffle, device=device)
+
+
 def blockdiag_matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``diag(B_1, …, B_k) x`` along the last dim: ``x: (..., k b2)``, ``blocks: (k, b1, b2)`` → ``(..., k b1)``.
 
@@ -108,14 +126,27 @@ class GSMatrix:
     Args:
         blocks: ``[B_1, …, B_m]``, each ``(k_j, b1_j, b2_j)``; consecutive sizes must chain:
             ``k_j b2_j = k_{j−1} b1_{j−1}``.
-        perms: ``[P_0, …, P_m]`` (m + 1 index tensors, or None for the identity). Default: identity outside,
-            and between factors the shuffle ``P_(k_j, ·)`` over the previous factor's blocks, so that
-            consecutive blocks mix.
+        perms: ``[P_0, …, P_m]`` (m + 1 gather index tensors, ``(P x)_i = x[idx[i]]``, or None for the identity).
+            Default: identity outside, and between ``B_{j−1}`` and ``B_j`` (``n_j = k_j b2_j`` entries) a shuffle
+            that makes consecutive blocks mix, chosen by ``shuffle``.
+        shuffle: the default ``perms`` between factors: ``"paper"`` (default since issue 23) — the paper's
+            ``P_(k_j, n_j)`` over the *next* factor's ``k_j`` blocks, which sends entry i to ``σ(i)`` (gather by
+            ``shuffle_index(b2_j, n_j)``; the authors' Monarch kernel, and :class:`GSOrthogonal`'s P); ``"legacy"``
+            — gather by ``shuffle_index(k_{j−1}, n_j)`` over the previous factor's blocks, the default of earlier
+            lowrankopt versions (the transpose of the paper's P when ``k_{j−1} = k_j``). Only the default is
+            affected: given ``perms`` keep their meaning.
 
     Shapes: A is ``(k_m b1_m) × (k_1 b2_1)``.
     """
 
-    def __init__(self, blocks: Sequence[torch.Tensor], perms: Sequence[torch.Tensor | None] | None = None) -> None:
+    def __init__(
+        self,
+        blocks: Sequence[torch.Tensor],
+        perms: Sequence[torch.Tensor | None] | None = None,
+        *,
+        shuffle: str = "paper",
+    ) -> None:
+        _check_shuffle(shuffle)
         blocks = list(blocks)
         if not blocks or any(not isinstance(b, torch.Tensor) or b.dim() != 3 for b in blocks):
             raise ValueError("blocks must be a non-empty list of (k, b1, b2) tensors")
@@ -127,7 +158,11 @@ class GSMatrix:
                     f"gives {sizes[j]} outputs"
                 )
         if perms is None:
-            perms = [None] + [shuffle_index(blocks[j - 1].shape[0], sizes[j]) for j in range(1, len(blocks))] + [None]
+            inner = [
+                _between(blocks[j - 1].shape[0], blocks[j].shape[0], sizes[j], shuffle, blocks[j].device)
+                for j in range(1, len(blocks))
+            ]
+            perms = [None, *inner, None]
         if len(perms) != len(blocks) + 1:
             raise ValueError(f"perms must have {len(blocks) + 1} entries (one more than blocks), got {len(perms)}")
         self.blocks = blocks
@@ -142,10 +177,18 @@ class GSMatrix:
         P: torch.Tensor | None = None,
         P_L: torch.Tensor | None = None,
         P_R: torch.Tensor | None = None,
+        *,
+        shuffle: str = "paper",
     ) -> GSMatrix:
-        """Definition 3.1: ``A = P_L (L P R) P_R``; ``P`` defaults to the shuffle over R's blocks."""
-        n = R.shape[0] * R.shape[1]
-        return cls([R, L], [P_R, shuffle_index(R.shape[0], n) if P is None else P, P_L])
+        """Definition 3.1: ``A = P_L (L P R) P_R`` for ``L: (k_L, b1_L, b2_L)``, ``R: (k_R, b1_R, b2_R)``; the
+        permutations are gather index maps (None: the identity). ``P`` defaults, as in :class:`GSMatrix`, to the
+        paper's ``P_(k_L, n)`` (``n = k_L b2_L``: gather by ``shuffle_index(b2_L, n)``) or, with
+        ``shuffle="legacy"``, to the default before issue 23 (gather by ``shuffle_index(k_R, n)``); a given ``P`` is
+        used as it is."""
+        _check_shuffle(shuffle)
+        if P is None:
+            P = _between(R.shape[0], L.shape[0], R.shape[0] * R.shape[1], shuffle, R.device)
+        return cls([R, L], [P_R, P, P_L])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``A x`` along the last dim of ``x: (..., n)`` → ``(..., m)``. Cost ``O(Σ_j k_j b1_j b2_j)`` per vector."""
@@ -172,34 +215,49 @@ class GSMatrix:
 
 
 def gs_matmul(
-    x: torch.Tensor, blocks: Sequence[torch.Tensor], perms: Sequence[torch.Tensor | None] | None = None
+    x: torch.Tensor,
+    blocks: Sequence[torch.Tensor],
+    perms: Sequence[torch.Tensor | None] | None = None,
+    *,
+    shuffle: str = "paper",
 ) -> torch.Tensor:
-    """``A x`` along the last dim for the GS matrix ``A = GSMatrix(blocks, perms)`` (functional form)."""
-    return GSMatrix(blocks, perms).matmul(x)
+    """``A x`` along the last dim for the GS matrix ``A = GSMatrix(blocks, perms, shuffle=shuffle)`` (functional
+    form; ``shuffle`` chooses the default ``perms`` only)."""
+    return GSMatrix(blocks, perms, shuffle=shuffle).matmul(x)
 
 
 def gs_project(
-    A: torch.Tensor, L_shape: Sequence[int], R_shape: Sequence[int], P: torch.Tensor | None = None
+    A: torch.Tensor,
+    L_shape: Sequence[int],
+    R_shape: Sequence[int],
+    P: torch.Tensor | None = None,
+    *,
+    shuffle: str = "paper",
 ) -> GSMatrix:
     """The Frobenius-nearest matrix of ``GS(I, P, I)`` (Algorithm 1): ``L P R`` with L, R of the given block
-    shapes ``(k_L, b1_L, b2_L)`` and ``(k_R, b1_R, b2_R)``; ``P`` defaults to the shuffle over R's blocks.
+    shapes ``(k_L, b1_L, b2_L)`` and ``(k_R, b1_R, b2_R)``, ``A: (k_L b1_L, k_R b2_R)``. ``P`` is a gather index
+    map (``(P x)_t = x[P[t]]``); it defaults, as in :meth:`GSMatrix.order2`, to the paper's ``P_(k_L, n)``
+    (``shuffle="paper"``) or the default before issue 23 (``shuffle="legacy"``). Returns
+    ``GSMatrix.order2(L, R, P)``.
 
-    Block ``(k1, k2)`` of ``L P R`` is a sum of the rank-one terms ``l_t r_{σ(t)}ᵀ`` over the inner indices t
-    joining L-block k1 to R-block k2 (Prop. 1), so the blocks are independent and each is projected by a
-    truncated SVD to that count. Cost: one SVD per ``b1_L × b2_R`` block.
+    Block ``(k1, k2)`` of ``L P R`` is the sum of the rank-one terms ``l_t r_{P[t]}ᵀ`` (column t of L, row
+    ``P[t]`` of R) over the inner indices t of L-block k1 whose source ``P[t]`` lies in R-block k2 (Prop. 1), so
+    the blocks are independent and each is projected by its SVD truncated to that count (Eckart–Young). Cost:
+    one SVD per ``b1_L × b2_R`` block.
     """
+    _check_shuffle(shuffle)
     kL, b1L, b2L = L_shape
     kR, b1R, b2R = R_shape
     m, n, inner = kL * b1L, kR * b2R, kR * b1R
     if A.shape != (m, n) or kL * b2L != inner:
         raise ValueError(f"A must be ({m}, {n}) and k_L b2_L = k_R b1_R, got A {tuple(A.shape)}, {L_shape}, {R_shape}")
-    sigma = shuffle_index(kR, inner, device=A.device) if P is None else _check_perm("P", P, inner)
+    idx = _between(kR, kL, inner, shuffle, A.device) if P is None else _check_perm("P", P, inner)
     L = A.new_zeros(kL, b1L, b2L)
     R = A.new_zeros(kR, b1R, b2R)
     for k1 in range(kL):
         ts = torch.arange(k1 * b2L, (k1 + 1) * b2L, device=A.device)
         for k2 in range(kR):
-            joined = ts[(sigma[ts] // b1R) == k2]  # inner L-inputs t whose P-source is in R-block k2
+            joined = ts[(idx[ts] // b1R) == k2]  # inner L-inputs t whose P-source is in R-block k2
             if len(joined) == 0:
                 continue
             block = A[k1 * b1L : (k1 + 1) * b1L, k2 * b2R : (k2 + 1) * b2R]
@@ -209,9 +267,9 @@ def gs_project(
             for j in range(c):
                 t = int(joined[j])
                 L[k1, :, t - k1 * b2L] = U[:, j] * root[j]
-                src = int(sigma[t])
+                src = int(idx[t])
                 R[k2, src - k2 * b1R, :] = Vh[j] * root[j]
-    return GSMatrix.order2(L, R, sigma)
+    return GSMatrix.order2(L, R, idx)
 
 
 def _skew(params: torch.Tensor, b: int) -> torch.Tensor:
@@ -551,7 +609,9 @@ class GSOrthogonal(torch.nn.Module):
         )
 
     def gs_matrix(self) -> GSMatrix:
-        """Q as a :class:`GSMatrix` ``Pᵀ L P R``."""
+        """Q as a :class:`GSMatrix` ``Pᵀ L P R`` with this module's permutation (either ``shuffle``): its middle
+        ``P`` is the default of ``GSMatrix([R, L], shuffle=self.shuffle)`` (square blocks, ``k_L = k_R``), and
+        ``P_L = Pᵀ``."""
         L, R = self.blocks()
         return GSMatrix([R, L], [None, self.perm, self.inverse_perm])
 
