@@ -669,3 +669,8 @@ def test_layouts_with_equally_shaped_cores_load_only_with_the_same_row_order():
         assert twin.V.modes == (3, 3) and legacy.V.modes == (1, 9)
         twin.load_state_dict(state)
         assert torch.allclose(twin.weight_kernel(), legacy.weight_kernel(), rtol=0, atol=1e-14)
+    # an old state whose parameters the new default shapes differently: the error says how to load it
+    old = STTPConv2d(8, 8, 3, rank=4, mode_factorization="legacy", dtype=D).state_dict()
+    old.pop("_extra_state")
+    with pytest.raises(RuntimeError, match="mode_factorization='legacy'"):
+        STTPConv2d(8, 8, 3, rank=4, dtype=D).load_state_dict(old)

@@ -241,13 +241,20 @@ class STTPBase(torch.nn.Module):
                     f"has in_modes={own[1]} ({'reversed' if own[0] else 'row-major'} rows); build it with the "
                     "mode_factorization the state dict was saved with"
                 )
-        elif self._unrecorded_in_modes is not None and _row_order(*own) != _row_order(False, ()):
+        elif self._unrecorded_in_modes is not None and (
+            _row_order(*own) != _row_order(False, ()) or self._shapes_differ(state_dict, prefix)
+        ):  # reversed rows, or parameters shaped by the old default factorization
             error_msgs.append(
                 f"{name}: the state dict records no mode factorization (saved by lowrankopt before issue 23, whose "
                 f"default, now mode_factorization='legacy', gave in_modes={self._unrecorded_in_modes}); this layer has "
                 f"in_modes={own[1]}. Build it with mode_factorization='legacy' (or the (out_modes, in_modes) pair "
                 "used then)"
             )
+
+    def _shapes_differ(self, state_dict, prefix: str) -> bool:
+        """Does the state dict lack one of this layer's tensors or hold it in another shape?"""
+        own = {k: v for k, v in self.state_dict().items() if k != "_extra_state"}
+        return any(prefix + k not in state_dict or state_dict[prefix + k].shape != v.shape for k, v in own.items())
 
     def _factor_modes(self) -> str:
         order = ", in_order='reversed'" if self._in_reversed else ""
