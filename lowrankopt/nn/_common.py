@@ -15,9 +15,11 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+import geoopt
 import torch
 
 from .._checks import check_random_options
+from ..manifolds.geoopt import manifold_parameter
 
 
 def _kw(dtype, device, generator=None) -> tuple[torch.dtype, torch.device | None, torch.device | None]:
@@ -154,6 +156,31 @@ def _random_orthonormal(rows: int, cols: int, generator) -> torch.Tensor:
     """A Haar-random ``rows × cols`` matrix with orthonormal columns (float64, CPU generator)."""
     Q, R = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=generator))
     return Q * torch.sign(torch.diagonal(R))
+
+
+def _outer_cores(
+    name: str,
+    in_channels: int,
+    out_channels: int,
+    ranks: tuple[int, int],
+    stiefel: bool,
+    hint: str,
+    dtype,
+    device,
+    generator,
+) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    """The outer cores of a TT conv (TTConv2d, SOTTConv2d): Haar-random ``first (c_in, r1)`` then ``last (c_out,
+    r2)`` with orthonormal columns, as parameters on geoopt's Stiefel manifold (``stiefel``; ``name.first`` /
+    ``name.last`` and ``hint`` in the error if another optimizer moves them off it) or plain ones."""
+    first = _random_orthonormal(in_channels, ranks[0], generator).to(dtype=dtype, device=device)
+    last = _random_orthonormal(out_channels, ranks[1], generator).to(dtype=dtype, device=device)
+    if not stiefel:
+        return torch.nn.Parameter(first), torch.nn.Parameter(last)
+    stiefel_manifold = geoopt.EuclideanStiefel()
+    return (
+        manifold_parameter(first, stiefel_manifold, f"{name}.first", hint),
+        manifold_parameter(last, stiefel_manifold, f"{name}.last", hint),
+    )
 
 
 _F = TypeVar("_F", bound=Callable)

@@ -48,19 +48,17 @@ from __future__ import annotations
 
 import math
 
-import geoopt
 import torch
 import torch.nn.functional as F
 
 from ..._checks import as_positive_int
-from ...manifolds.geoopt import manifold_parameter
 from .._common import (
     _autocast_output,
     _check_dtype,
     _check_image,
     _kw,
+    _outer_cores,
     _pair,
-    _random_orthonormal,
     _refuse_half,
     _uniform,
 )
@@ -142,16 +140,12 @@ class SOTTConv2d(torch.nn.Module):
             self.register_parameter("first", None)
             self.register_parameter("last", None)
         else:
-            first = _random_orthonormal(self.in_channels, r1, generator).to(dtype=dtype, device=device)
-            last = _random_orthonormal(self.out_channels, r2, generator).to(dtype=dtype, device=device)
-            if orthogonality == "stiefel":
-                name = f"SOTTConv2d({self.in_channels}, {self.out_channels}, kernel_size={kh}, rank={self.rank})"
-                hint = "build the layer with orthogonality='penalty' and add λ · tt_conv_penalty(model) to the loss"
-                self.first = manifold_parameter(first, geoopt.EuclideanStiefel(), f"{name}.first", hint)
-                self.last = manifold_parameter(last, geoopt.EuclideanStiefel(), f"{name}.last", hint)
-            else:
-                self.first = torch.nn.Parameter(first)
-                self.last = torch.nn.Parameter(last)
+            self.first, self.last = _outer_cores(
+                f"SOTTConv2d({self.in_channels}, {self.out_channels}, kernel_size={kh}, rank={self.rank})",
+                self.in_channels, self.out_channels, self.ranks, orthogonality == "stiefel",
+                "build the layer with orthogonality='penalty' and add λ · tt_conv_penalty(model) to the loss",
+                dtype, device, generator,
+            )  # fmt: skip
         self.core = SkewOrthogonalConv2d(
             self.channels, kh, tol=tol, max_terms=max_terms, max_norm=max_norm, bias=False, init_scale=init_scale,
             dtype=dtype, device=device, generator=generator,

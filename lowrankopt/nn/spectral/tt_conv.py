@@ -53,7 +53,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import geoopt
 import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
@@ -61,7 +60,6 @@ from torch.nn.utils import parametrize
 from ..._checks import as_positive_int
 from ...formats.tt import tt_svd
 from ...manifolds.base import qr_positive
-from ...manifolds.geoopt import manifold_parameter
 from ...spectral import clip_singular_values, conv_singular_values
 from .._common import (
     LegacyPatterns,
@@ -72,8 +70,8 @@ from .._common import (
     _init_bias,
     _kw,
     _legacy_selection,
+    _outer_cores,
     _pair,
-    _random_orthonormal,
     _refuse_half,
 )
 from ..surgery import Targets, replace_modules, select_modules
@@ -153,20 +151,15 @@ class TTConv2d(torch.nn.Module):
             raise ValueError(f"generator must be a CPU generator, got one on {generator.device}")
         r1, r2 = min(self.in_channels, self.rank), min(self.out_channels, self.rank)
         self.ranks = (r1, r2)
-        first = _random_orthonormal(self.in_channels, r1, generator)
-        last = _random_orthonormal(self.out_channels, r2, generator)
+        self.first, self.last = _outer_cores(
+            f"TTConv2d({self.in_channels}, {self.out_channels}, kernel_size={kh}, rank={self.rank})",
+            self.in_channels, self.out_channels, self.ranks, orthogonality == "stiefel",
+            "build the layer with orthogonality='gauge' (any torch optimizer, then tt_conv_orthogonalize_)",
+            dtype, device, generator,
+        )  # fmt: skip
         std = math.sqrt(self.out_channels / (r1 * r2 * kh * kw))
         core = torch.randn(r2, r1, kh, kw, dtype=torch.float64, generator=generator) * std
-        first, core, last = (t.to(dtype=dtype, device=device) for t in (first, core, last))
-        if orthogonality == "stiefel":
-            name = f"TTConv2d({self.in_channels}, {self.out_channels}, kernel_size={kh}, rank={self.rank})"
-            hint = "build the layer with orthogonality='gauge' (any torch optimizer, then tt_conv_orthogonalize_)"
-            self.first = manifold_parameter(first, geoopt.EuclideanStiefel(), f"{name}.first", hint)
-            self.last = manifold_parameter(last, geoopt.EuclideanStiefel(), f"{name}.last", hint)
-        else:
-            self.first = torch.nn.Parameter(first)
-            self.last = torch.nn.Parameter(last)
-        self.core = torch.nn.Parameter(core)
+        self.core = torch.nn.Parameter(core.to(dtype=dtype, device=device))
         b = _init_bias(self.out_channels, self.in_channels * kh * kw, bias, dtype, None, generator)
         self.bias = None if b is None else torch.nn.Parameter(b.detach().to(device))
 
