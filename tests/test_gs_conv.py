@@ -1,5 +1,6 @@
 """Skew-orthogonal and GS orthogonal convolutions: dense Jacobian checks; MaxMin; certified radius."""
 
+import io
 import math
 
 import pytest
@@ -213,11 +214,13 @@ def test_strided_gs_conv_is_isometric_or_coisometric(c_in, c_out, groups):
         assert (A.T @ A - torch.eye(n, dtype=D)).abs().max() < 1e-10
     else:
         assert (A @ A.T - torch.eye(m, dtype=D)).abs().max() < 1e-10
-    # the reference's composition: shuffle (when the input divides), conv1, shuffle with g2, conv2 — built here
+    # the reference's composition: shuffle (skipped only when the input's channels do not divide into g1 groups),
+    # conv1, shuffle with g2, conv2 — built here; paired by default where both shuffles can move pairs
     x = torch.randn(2, c_in, 4, 4, dtype=D, generator=g)
     g1, g2 = groups
-    u = reference_channel_shuffle(x, g1, paired=True) if c_in % (2 * g1) == 0 else x
-    u = reference_channel_shuffle(conv.conv1(u), g2, paired=True)
+    assert conv.paired == (c_in % g1 != 0 or c_in % (2 * g1) == 0)  # (4, 8, (4, 2)): 4 channels, not 4 pairs
+    u = reference_channel_shuffle(x, g1, paired=conv.paired) if c_in % g1 == 0 else x
+    u = reference_channel_shuffle(conv.conv1(u), g2, paired=conv.paired)
     with torch.no_grad():
         assert (conv(x) - conv.conv2(u)).abs().max() < 1e-13
 
@@ -232,6 +235,8 @@ def test_bad_strided_arguments():
     with pytest.raises(ValueError, match="pairs"):
         GSOrthogonalConv2d(4, 3, (2, 4), out_channels=4, paired=True)  # 4 channels are not 4 groups of pairs
     assert not GSOrthogonalConv2d(4, 3, (2, 4), out_channels=4).paired  # the default falls back to unpaired
+    with pytest.raises(ValueError, match="paired=True.*groups"):
+        GSOrthogonalConv2d(4, 3, (4, 2), out_channels=8, paired=True)  # the input's 4 channels are not 4 pairs
     with pytest.raises(ValueError, match="architecture"):
         LipConvNet(1, 10, 8, architecture="resnet")
     with pytest.raises(ValueError, match="activation"):
@@ -286,3 +291,77 @@ def test_reference_lipconvnet_15_has_the_papers_parameter_counts():
         net = LipConvNet(3, 100, 32, width=32, depth=3, stages=5, architecture="reference", **kw)
         count = sum(p.numel() for p in net.parameters())
         assert abs(count - want) < 0.006 * want, (groups, count)
+
+
+def randomized_gs_conv(c, groups=(4, 2), seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    conv = GSOrthogonalConv2d(c, 3, groups, dtype=D, generator=g, **kw)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.normal_(generator=g)
+    return conv
+
+
+def round_trip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_gs_conv_state_records_its_shuffles():
+    """The shuffles are not in the parameters' shapes: the state dict records (shuffle, paired) and loading checks
+    them. A state without the record (lowrankopt before issue 23: legacy, unpaired) loads into a legacy layer with its
+    outputs and is refused (strict or not, nothing loaded) by a paper layer, naming shuffle='legacy'; a paired state
+    is refused by an unpaired layer, naming paired; with one group (all shuffles the identity) everything loads."""
+    x = torch.randn(2, 16, 4, 4, dtype=D, generator=torch.Generator().manual_seed(1))
+    old = randomized_gs_conv(16, shuffle="legacy")
+    sd = round_trip({k: v for k, v in old.state_dict().items() if k != "_extra_state"})
+    legacy = GSOrthogonalConv2d(16, 3, (4, 2), shuffle="legacy", dtype=D)
+    legacy.load_state_dict(sd)
+    with torch.no_grad():
+        assert (legacy(x) - old(x)).abs().max() < 1e-12
+    paper = randomized_gs_conv(16, seed=2)
+    before = {k: v.clone() for k, v in paper.state_dict().items()}
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="before issue 23.*shuffle='legacy'") as error:
+            paper.load_state_dict(sd, strict=strict)
+        assert "Missing key" not in str(error.value)
+    assert all(torch.equal(v, before[k]) for k, v in paper.state_dict().items())
+    new = round_trip(paper.state_dict())  # int64 record, weights_only
+    assert torch.equal(new["_extra_state"], torch.tensor([1, 1]))
+    GSOrthogonalConv2d(16, 3, (4, 2), dtype=D).load_state_dict(new)
+    with pytest.raises(RuntimeError, match="paired=True.*paired=True"):
+        GSOrthogonalConv2d(16, 3, (4, 2), paired=False, dtype=D).load_state_dict(new)
+    one_group = randomized_gs_conv(8, groups=1, shuffle="legacy")
+    plain = {k: v for k, v in one_group.state_dict().items() if k != "_extra_state"}
+    GSOrthogonalConv2d(8, 3, 1, dtype=D).load_state_dict(plain)
+
+
+def test_old_lipconvnet_checkpoint_needs_legacy():
+    x = torch.randn(2, 3, 8, 8, dtype=D, generator=torch.Generator().manual_seed(4))
+    old = LipConvNet(3, 5, 8, width=16, depth=1, stages=2, conv="gs", dtype=D, shuffle="legacy")
+    sd = {k: v for k, v in old.state_dict().items() if not k.endswith("_extra_state")}
+    with pytest.raises(RuntimeError, match="features.0: .*shuffle='legacy'"):
+        LipConvNet(3, 5, 8, width=16, depth=1, stages=2, conv="gs", dtype=D).load_state_dict(sd)
+    net = LipConvNet(3, 5, 8, width=16, depth=1, stages=2, conv="gs", dtype=D, shuffle="legacy")
+    net.load_state_dict(sd)
+    with torch.no_grad():
+        assert torch.equal(net(x), old(x))
+
+
+def test_gs_conv_paired_default_and_input_shuffle_are_explicit():
+    """paired=None resolves to paired only where both shuffles can move pairs; the choice shows in repr and the
+    record. The input shuffle is skipped exactly when the input's channels do not divide into g1 groups (the
+    reference's rule): for 12 channels and groups (4, 2) it is applied, unpaired."""
+    conv = randomized_gs_conv(12)  # 12 = 4 groups of 3 channels: not of pairs
+    assert not conv.paired and conv.shuffles_input
+    assert "paired=False" in repr(conv) and torch.equal(conv.get_extra_state(), torch.tensor([1, 0]))
+    x = torch.randn(2, 12, 5, 5, dtype=D, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = conv.conv2(reference_channel_shuffle(conv.conv1(reference_channel_shuffle(x, 4)), 2))
+        assert (conv(x) - want).abs().max() < 1e-13
+    image = GSOrthogonalConv2d(3, 3, (4, 4), out_channels=16, dtype=D)  # 3 channels: not shuffled, paired after
+    assert image.paired and not image.shuffles_input and "shuffles_input=False" in repr(image)
+    with pytest.raises(ValueError, match="paired"):
+        GSOrthogonalConv2d(12, 3, (4, 2), paired=True)

@@ -2,12 +2,15 @@
 few lines from its formulas, against our default (``shuffle="paper"``), the reference loader, and the two parameter
 counts. All in float64."""
 
+import io
+import pickle
+
 import pytest
 import torch
 
 from lowrankopt.nn import GSOFTConfig, GSOrthogonal, convert_to_gsoft
 from lowrankopt.nn.orthogonal.gs import block_shuffle_index, gs_apply, shuffle_index
-from lowrankopt.nn.orthogonal.gsoft import gsoft_parameter_counts
+from lowrankopt.nn.orthogonal.gsoft import gsoft_parameter_counts, gsoft_state_dict, load_gsoft_state_dict
 from lowrankopt.nn.orthogonal.gsoft_layer import GSOFTLinear
 
 D = torch.float64
@@ -150,28 +153,214 @@ def test_paper_count_reproduces_the_glue_table():
     assert 12 * per_layer == 1_410_048  # 1.41M by the paper's count (ours stores 12 · … = 0.74M)
 
 
-def test_legacy_shuffle_config_round_trip():
-    """A state dict saved with the legacy permutation loads into a shuffle='legacy' model and gives its outputs."""
-    g = torch.Generator().manual_seed(3)
-    models = []
-    for shuffle in ("legacy", "legacy", "paper"):
-        m = torch.nn.Sequential(torch.nn.Linear(24, 6, dtype=D))
-        torch.manual_seed(0)
-        m[0].reset_parameters()
-        convert_to_gsoft(m, GSOFTConfig(block_size=4, target_modules=["0"], shuffle=shuffle))
-        models.append(m)
+def randomized_gsoft(shuffle, n_in=24, n_out=8, b=4, double=False, seed=3):
+    """A one-layer model with a GSOFT adapter (base weight from seed 0) and random adapter parameters."""
+    m = torch.nn.Sequential(torch.nn.Linear(n_in, n_out, dtype=D))
+    torch.manual_seed(0)
+    m[0].reset_parameters()
+    convert_to_gsoft(m, GSOFTConfig(block_size=b, target_modules=["0"], double=double, shuffle=shuffle))
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in models[0].parameters():
+        for p in m.parameters():
             if p.requires_grad:
                 p.add_(0.3 * torch.randn(p.shape, dtype=D, generator=g))
-    sd = {k: v for k, v in models[0].state_dict().items()}
-    models[1].load_state_dict(sd)
-    models[2].load_state_dict(sd)
-    x = torch.randn(4, 24, dtype=D, generator=g)
+    return m
+
+
+def without_records(state):
+    """A state dict as lowrankopt saved it before issue 23: no permutation records (their absence marks it old)."""
+    return {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+
+
+def round_trip(state):
+    """``torch.save`` then ``torch.load(..., weights_only=True)``."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_legacy_shuffle_config_round_trip():
+    """A state dict saved with the legacy permutation loads into a shuffle='legacy' model and gives its outputs; into
+    a 'paper' model (same parameter shapes, another permutation) it is refused, naming shuffle='legacy', also with
+    strict=False, and nothing of the adapter is loaded."""
+    saved, same, other = randomized_gsoft("legacy"), randomized_gsoft("legacy", seed=4), randomized_gsoft("paper")
+    sd = round_trip(saved.state_dict())
+    assert torch.equal(sd["0.gsoft_in._extra_state"], torch.tensor([0]))  # int64 tensors: weights_only loads them
+    same.load_state_dict(sd)
+    x = torch.randn(4, 24, dtype=D, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        assert (models[1](x) - models[0](x)).abs().max() < 1e-13
-        assert (models[2](x) - models[0](x)).abs().max() > 1e-3  # same parameters, the other permutation
+        assert (same(x) - saved(x)).abs().max() < 1e-13
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="saved with shuffle='legacy'.*Build it with shuffle='legacy'"):
+            other.load_state_dict(sd, strict=strict)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
     with pytest.raises(ValueError, match="shuffle"):
         GSOFTConfig(block_size=4, target_modules=["0"], shuffle="monarch")
     with pytest.raises(ValueError, match="shuffle"):
         GSOrthogonal(8, 2, shuffle="gather")
+
+
+@pytest.mark.parametrize("n, b", [(24, 4), (16, 4)])
+def test_state_dict_without_the_record_is_the_legacy_one(n, b):
+    """A state dict saved before issue 23 (no record) is the legacy permutation's: it loads into a 'legacy' module
+    with its outputs, and into a 'paper' one only where the two permutations coincide (b = n/b); otherwise it is
+    refused (strict or not) naming shuffle='legacy'. The same for a whole GSOFT model's state."""
+    g = torch.Generator().manual_seed(n + b)
+    old = GSOrthogonal(n, b, dtype=D, shuffle="legacy")
+    with torch.no_grad():
+        for p in old.parameters():
+            p.normal_(generator=g)
+    sd = round_trip(without_records(old.state_dict()))
+    assert set(sd) == {"L", "R"}
+    x = torch.randn(3, n, dtype=D, generator=g)
+    legacy, paper = GSOrthogonal(n, b, dtype=D, shuffle="legacy"), GSOrthogonal(n, b, dtype=D)
+    legacy.load_state_dict(sd)
+    with torch.no_grad():
+        assert (legacy(x) - old(x)).abs().max() < 1e-13
+    if b * b == n:  # the same permutation: loads, same outputs
+        paper.load_state_dict(sd)
+        with torch.no_grad():
+            assert (paper(x) - old(x)).abs().max() < 1e-13
+    else:
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match="before issue 23.*shuffle='legacy'"):
+                paper.load_state_dict(sd, strict=strict)
+        assert not paper.L.any() and not paper.R.any()  # nothing loaded
+    saved = randomized_gsoft("legacy", n_in=n, n_out=2 * b, b=b, double=True)
+    model = randomized_gsoft("paper", n_in=n, n_out=2 * b, b=b, double=True, seed=7)
+    if b * b != n:
+        with pytest.raises(RuntimeError, match="0.gsoft_in: .*before issue 23.*shuffle='legacy'"):
+            model.load_state_dict(without_records(saved.state_dict()), strict=False)
+    legacy_model = randomized_gsoft("legacy", n_in=n, n_out=2 * b, b=b, double=True, seed=7)
+    legacy_model.load_state_dict(without_records(saved.state_dict()))
+    xs = torch.randn(3, n, dtype=D, generator=g)
+    with torch.no_grad():
+        assert (legacy_model(xs) - saved(xs)).abs().max() < 1e-13
+
+
+def test_unreadable_or_paper_records():
+    """A 'paper' record loads into 'paper'; an unreadable record is refused."""
+    a, b = GSOrthogonal(12, 2, dtype=D), GSOrthogonal(12, 2, dtype=D)
+    with torch.no_grad():
+        a.L.fill_(0.1)
+    b.load_state_dict(round_trip(a.state_dict()))
+    assert torch.equal(a.L, b.L) and torch.equal(a.get_extra_state(), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="unreadable record"):
+        b.load_state_dict(dict(a.state_dict(), _extra_state=torch.tensor([7])))
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_gsoft_adapter_files_carry_and_check_the_permutation(double):
+    """gsoft_state_dict saves each rotation's record; load_gsoft_state_dict refuses (ValueError, nothing loaded) a file
+    with another permutation or an old file (no records) into adapters whose permutation is not the legacy one, and
+    loads an old file into legacy adapters with the saved outputs."""
+    saved = randomized_gsoft("legacy", double=double)
+    sides = ["in", "out"] if double else ["in"]
+    adapters = round_trip(gsoft_state_dict(saved))
+    assert {k for k in adapters if k.endswith("_extra_state")} == {f"0.gsoft_{s}._extra_state" for s in sides}
+    x = torch.randn(4, 24, dtype=D, generator=torch.Generator().manual_seed(6))
+    for file in (adapters, without_records(adapters)):
+        paper = randomized_gsoft("paper", double=double, seed=8)
+        before = {k: v.clone() for k, v in gsoft_state_dict(paper).items()}
+        with pytest.raises(ValueError, match="shuffle='legacy'"):
+            load_gsoft_state_dict(paper, file)
+        assert all(torch.equal(v, before[k]) for k, v in gsoft_state_dict(paper).items())
+        legacy = randomized_gsoft("legacy", double=double, seed=8)
+        load_gsoft_state_dict(legacy, file)
+        with torch.no_grad():
+            assert (legacy(x) - saved(x)).abs().max() < 1e-13
+    paper_file = gsoft_state_dict(randomized_gsoft("paper", double=double))
+    with pytest.raises(ValueError, match="saved with shuffle='paper'.*Build it with shuffle='paper'"):
+        load_gsoft_state_dict(randomized_gsoft("legacy", double=double), paper_file)
+
+
+def test_old_merged_record_is_checked_before_unmerging():
+    """A model merged by lowrankopt before issue 23 (legacy permutation, no record): its full state dict is refused by
+    a 'paper' model (unmerging the record with the other permutation would corrupt the base weight), also when it
+    holds only the base weight and the merge record; a 'legacy' model loads it and unmerges to the base weight."""
+    saved = randomized_gsoft("legacy", double=True)
+    w0 = saved[0].base_layer.weight.detach().clone()
+    saved[0].merge()
+    full = without_records(saved.state_dict())
+    record_only = {k: v for k, v in full.items() if not k.startswith("0.gsoft_")}
+    for sd, strict in ((full, True), (full, False), (record_only, False)):
+        paper = randomized_gsoft("paper", double=True, seed=9)
+        before = {k: v.clone() for k, v in paper.state_dict().items()}
+        with pytest.raises(RuntimeError, match="before issue 23.*shuffle='legacy'") as error:
+            paper.load_state_dict(sd, strict=strict)
+        assert "Missing key" not in str(error.value)  # the refusal is the only error
+        assert all(torch.equal(v, before[k]) for k, v in paper.state_dict().items())  # nothing of it loaded
+        assert not paper[0].merged
+        legacy = randomized_gsoft("legacy", double=True, seed=9)
+        legacy.load_state_dict(sd, strict=False)
+        assert legacy[0].merged
+        legacy[0].unmerge()
+        assert (legacy[0].base_layer.weight - w0).abs().max() < 1e-13
+
+
+def test_pickled_modules_keep_their_permutation():
+    """Whole modules pickle and unpickle with their permutation; a module pickled before the choice existed (no
+    ``shuffle`` attribute) is the legacy one, and its state dict says so."""
+    for shuffle in ("paper", "legacy"):
+        m = randomized_gsoft(shuffle)
+        copy = pickle.loads(pickle.dumps(m))
+        x = torch.randn(2, 24, dtype=D)
+        with torch.no_grad():
+            assert torch.equal(copy(x), m(x))
+        assert torch.equal(copy.state_dict()["0.gsoft_in._extra_state"], m.state_dict()["0.gsoft_in._extra_state"])
+    old = GSOrthogonal(12, 2, dtype=D, shuffle="legacy")
+    del old.shuffle
+    old = pickle.loads(pickle.dumps(old))
+    assert torch.equal(old.state_dict()["_extra_state"], torch.tensor([0]))
+    GSOrthogonal(12, 2, dtype=D, shuffle="legacy").load_state_dict(old.state_dict())
+
+
+def test_load_reference_checks_everything_before_writing():
+    """L and R (and GSOFTLinear's scale) are checked fully before anything is written: a bad R, a NaN / Inf entry or
+    a bad scale leaves every parameter as it was; map='neumann' (not a map of the reference) is refused."""
+    g = torch.Generator().manual_seed(11)
+    A = torch.randn(4, 3, 3, dtype=D, generator=g)
+    q = GSOrthogonal(12, block_size=3, dtype=D)
+    nan, inf = A.clone(), A.clone()
+    nan[0, 0, 1], inf[1, 2, 0] = float("nan"), float("inf")
+    for (L, R), match in [
+        ((A, torch.randn(4, 3, 2, dtype=D)), "R must be a tensor of shape"),
+        ((nan, A), "L has non-finite"),
+        ((A, inf), "R has non-finite"),
+        ((A, A.to(torch.int64)), "R must be a real floating tensor"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            q.load_reference(L, R)
+        assert not q.L.any() and not q.R.any()
+    q32 = GSOrthogonal(12, block_size=3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="L has non-finite.*range"):
+        q32.load_reference(A * 1e300, A)  # finite in float64, not in float32
+    with pytest.raises(ValueError, match="map='neumann'"):
+        GSOrthogonal(12, block_size=3, dtype=D, map="neumann").load_reference(A, A)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 6, dtype=D))
+    convert_to_gsoft(model, GSOFTConfig(block_size=3, target_modules=["0"]))
+    layer = model[0]
+    before = {k: v.detach().clone() for k, v in layer.named_parameters() if "gsoft" in k}
+    s_nan = torch.ones(6, dtype=D)
+    s_nan[2] = float("nan")
+    bad_states = [
+        ({"gs_ort.gsoft_L": A, "gs_ort.gsoft_R": torch.randn(4, 2, 3, dtype=D), "gsoft_s": 2 * s_nan.nan_to_num()},
+         "R must be"),
+        ({"gs_ort.gsoft_L": A, "gs_ort.gsoft_R": nan, "gsoft_s": torch.ones(6, dtype=D)}, "R has non-finite"),
+        ({"gs_ort.gsoft_L": A, "gs_ort.gsoft_R": A, "gsoft_s": s_nan}, "gsoft_s has non-finite"),
+        ({"gs_ort.gsoft_L": A, "gs_ort.gsoft_R": A, "gsoft_s": [1.0] * 6}, "gsoft_s must be a tensor"),
+    ]  # fmt: skip
+    for state, match in bad_states:
+        with pytest.raises(ValueError, match=match):
+            layer.load_reference(state)
+        assert all(torch.equal(v, before[k]) for k, v in layer.named_parameters() if "gsoft" in k)
+
+
+@pytest.mark.parametrize("args", [(12, 0), (12, -3), (True, 1), (12, True), (12, 5), (12.0, 3), (0, 1)])
+def test_parameter_counts_refuse_bad_sizes(args):
+    with pytest.raises(ValueError, match="n|block_size"):
+        GSOrthogonal.parameter_counts(*args)
+    with pytest.raises(ValueError, match="n|block_size"):
+        GSOrthogonal.num_parameters(*args)

@@ -45,7 +45,7 @@ from collections.abc import Iterable, Sequence
 import geoopt
 import torch
 
-from ..._checks import as_device
+from ..._checks import as_device, as_positive_int
 from ...manifolds.geoopt import manifold_parameter
 from .._common import HALF, HALF_OR_FULL, _autocasting, _check_input, _full_precision, _refuse_half
 
@@ -64,6 +64,7 @@ __all__ = [
 
 MAPS = ("cayley", "exp", "neumann")
 SHUFFLES = ("paper", "legacy")  # see the module docstring
+SHUFFLE_CODES = {"legacy": 0, "paper": 1}  # the permutation's record in state dicts (GSOrthogonal.get_extra_state)
 
 
 def shuffle_index(k: int, n: int, *, device: torch.device | str | None = None) -> torch.Tensor:
@@ -491,9 +492,12 @@ class GSOrthogonal(torch.nn.Module):
             QR retraction, for RiemannianSGD / RiemannianAdam; ``map`` is then unused).
         shuffle: ``"paper"`` (default since issue 23: the paper's ``P_(r, br)``, as the authors' gsoft_demo code
             computes it, so its checkpoints load with :meth:`load_reference`) or ``"legacy"`` (the transpose,
-            which earlier lowrankopt versions used: build with ``shuffle="legacy"`` to load their state dicts — the
-            parameters are the same, only the permutation differs, and it is not stored). Outputs differ by O(1)
-            between the two unless ``b = n / b``.
+            which earlier lowrankopt versions used: build with ``shuffle="legacy"`` to load their state dicts).
+            Outputs differ by O(1) between the two unless ``b = n / b``, while the parameters have the same shapes:
+            the state dict therefore records the permutation (``_extra_state``, :meth:`get_extra_state`) and
+            ``load_state_dict`` refuses (also with ``strict=False``) a state saved with another permutation, or one
+            without the record (saved before issue 23, hence ``"legacy"``) into a module whose permutation is not the
+            legacy one, naming the ``shuffle`` to build with.
 
     Parameters: ``n (b − 1)`` with ``"skew"`` (two factors of ``nblocks · b(b−1)/2``), ``2 n b`` stored entries
     with ``"orthogonal"``; the paper counts ``2 n b`` either way (its code stores full ``b × b`` matrices and
@@ -640,7 +644,9 @@ class GSOrthogonal(torch.nn.Module):
 
     @staticmethod
     def num_parameters(n: int, block_size: int) -> int:
-        """``n (b − 1)``: the skew parameters of both factors."""
+        """``n (b − 1)``: the skew parameters of both factors (``ValueError`` unless n, b are positive ints and b
+        divides n)."""
+        n, block_size = _checked_sizes(n, block_size)
         return 2 * (n // block_size) * block_size * (block_size - 1) // 2
 
     @staticmethod
@@ -648,9 +654,9 @@ class GSOrthogonal(torch.nn.Module):
         """The trainable parameters of one rotation, two ways: ``"stored"`` — what this module stores with
         ``parametrization="skew"``, the packed skew entries ``2 · (n/b) · b(b−1)/2 = n (b − 1)``; ``"paper"`` — how
         the paper's tables count them, the entries of the two block-diagonal factors ``2 · (n/b) · b² = 2 n b`` (the
-        authors' code stores each block as a full ``b × b`` matrix A and uses ``K = (A − Aᵀ)/2``)."""
-        if n % block_size:
-            raise ValueError(f"block_size must divide n, got n={n}, block_size={block_size}")
+        authors' code stores each block as a full ``b × b`` matrix A and uses ``K = (A − Aᵀ)/2``). ``ValueError`` unless
+        n and b are positive ints (bools refused) and b divides n."""
+        n, block_size = _checked_sizes(n, block_size)
         return {"stored": GSOrthogonal.num_parameters(n, block_size), "paper": 2 * n * block_size}
 
     @torch.no_grad()
@@ -661,17 +667,100 @@ class GSOrthogonal(torch.nn.Module):
         ``cayley((A − Aᵀ)/2)`` (or ``matrix_exp`` with ``method="exp"``) and whose product is
         ``BlockdiagButterflyMultiply(x, R, L)`` = ``Pᵀ L P R x`` with the paper's P. Stores the packed skew entries
         of ``(A − Aᵀ)/2``, so this module then computes the same Q (with the same ``map``). Needs
-        ``parametrization="skew"`` and ``shuffle="paper"`` (``ValueError`` otherwise, or on a shape mismatch).
-        Cost ``O(n b)``."""
+        ``parametrization="skew"``, ``shuffle="paper"`` and ``map="cayley"`` or ``"exp"`` (the reference's two maps).
+        Raises ``ValueError`` otherwise, on a shape mismatch, or on non-finite (NaN / Inf) entries, naming the
+        argument; both L and R are checked before anything is written (nothing loaded then). Cost ``O(n b)``."""
         if self.parametrization != "skew":
             raise ValueError("load_reference needs parametrization='skew' (the reference stores skew generators)")
         if self._shuffle() != "paper":
             raise ValueError("load_reference needs shuffle='paper' (the reference's permutation)")
+        if self.map not in ("cayley", "exp"):
+            raise ValueError(
+                f"load_reference needs map='cayley' or map='exp' (the reference's maps), this module has "
+                f"map={self.map!r}"
+            )
         k, b = self.nblocks, self.block_size
         rows, cols = torch.triu_indices(b, b, offset=1, device=self.L.device)
-        for name, A, target in (("L", L, self.L), ("R", R, self.R)):
+        packed = []
+        for name, A, target in (("L", L, self.L), ("R", R, self.R)):  # check both before writing either
             if not isinstance(A, torch.Tensor) or tuple(A.shape) != (k, b, b):
                 raise ValueError(f"{name} must be a tensor of shape ({k}, {b}, {b}), got {getattr(A, 'shape', A)}")
+            if not A.is_floating_point():
+                raise ValueError(f"{name} must be a real floating tensor, got dtype {A.dtype}")
             K = 0.5 * (A - A.mT).to(device=target.device, dtype=torch.float64)
-            target.copy_(K[:, rows, cols].to(target.dtype))
+            values = K[:, rows, cols].to(target.dtype)
+            if not (torch.isfinite(A).all() and torch.isfinite(values).all()):
+                raise ValueError(f"{name} has non-finite entries (NaN or Inf, or beyond the range of {target.dtype})")
+            packed.append(values)
+        for target, values in zip((self.L, self.R), packed):
+            target.copy_(values)
         self._cayley_cache = None
+
+    # ---------------------------------------------------------------- the permutation's record in state dicts
+    def get_extra_state(self) -> torch.Tensor:
+        """The permutation's setting, saved in the state dict (key ``_extra_state``): int64 ``[code]``, 1 for
+        ``shuffle="paper"``, 0 for ``"legacy"`` (``SHUFFLE_CODES``). The parameters have the same shapes under
+        both, so without the record a state dict would load into a module with the other permutation silently
+        (outputs O(1) apart unless ``b = n / b``)."""
+        return torch.tensor([SHUFFLE_CODES[self._shuffle()]], dtype=torch.int64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        """Nothing to set: the permutation is fixed at construction; :meth:`_load_from_state_dict` checks the saved
+        one."""
+
+    def _permutation_mismatch(self, saved: object, name: str) -> str | None:
+        """None if a state saved with the record ``saved`` (None: no record, a state dict of lowrankopt before issue
+        23, whose permutation is now ``shuffle="legacy"``) has this module's permutation; else the error message.
+        Compares the permutations, not the names: ``"paper"`` and ``"legacy"`` coincide when ``b = n / b``."""
+        own = self._shuffle()
+        if saved is None:
+            shuffle = "legacy"
+        else:
+            try:
+                record = [int(v) for v in torch.as_tensor(saved).reshape(-1).tolist()]
+            except (TypeError, ValueError, RuntimeError):
+                record = None
+            names = {code: key for key, code in SHUFFLE_CODES.items()}
+            if record is None or len(record) != 1 or record[0] not in names:
+                return f"{name}: unreadable record of the GS permutation in the state dict: {saved!r}"
+            shuffle = names[record[0]]
+        if torch.equal(block_shuffle_index(self.nblocks, self.n, shuffle), self.perm.cpu()):
+            return None
+        sizes = f"n={self.n}, block_size={self.block_size}"
+        if saved is None:
+            return (
+                f"{name}: the state dict records no GS permutation: it was saved by lowrankopt before issue 23, whose "
+                f"permutation is now shuffle='legacy'; this module has shuffle={own!r}, another permutation for "
+                f"{sizes}. Build it with shuffle='legacy' (GSOFT: GSOFTConfig(..., shuffle='legacy'))"
+            )
+        return (
+            f"{name}: the state dict was saved with shuffle={shuffle!r}, this module has shuffle={own!r}, another "
+            f"permutation for {sizes}. Build it with shuffle={shuffle!r}"
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        """torch's loading, after a check of the saved permutation (:meth:`_permutation_mismatch`) when the state
+        dict loads anything into this module: a mismatch is an error of ``load_state_dict`` (also with
+        ``strict=False``), and nothing of this module is loaded then."""
+        key = f"{prefix}_extra_state"
+        if any(k in state_dict for k in (f"{prefix}L", f"{prefix}R", key)):
+            error = self._permutation_mismatch(state_dict.get(key), f"GSOrthogonal {prefix.rstrip('.') or '(root)'}")
+            if error is not None:
+                if error not in error_msgs:  # an enclosing GSOFT layer may have reported it already
+                    error_msgs.append(error)
+                return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if key in missing_keys:  # a state dict of lowrankopt before issue 23: checked above instead
+            missing_keys.remove(key)
+
+
+def _checked_sizes(n: object, block_size: object) -> tuple[int, int]:
+    """``(n, b)`` as positive Python ints with b dividing n, else ``ValueError`` naming the argument."""
+    n, block_size = as_positive_int("n", n), as_positive_int("block_size", block_size)
+    if n % block_size:
+        raise ValueError(f"block_size must divide n, got n={n}, block_size={block_size}")
+    return n, block_size

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..._checks import as_positive_int, check_scalar
 from .._common import _autocast_output, _check_dtype, _check_image, _full_precision, _kw, _refuse_half
+from .gs import SHUFFLE_CODES
 
 __all__ = [
     "GSOrthogonalConv2d",
@@ -264,13 +265,23 @@ class GSOrthogonalConv2d(torch.nn.Module):
             or ``"legacy"`` (earlier lowrankopt: the inverse shuffle, with g1 groups before both factors — for their
             checkpoints; unpaired).
         paired: move channel pairs together in the shuffles (the paper's "paired" permutation, Appendix F, which
-            keeps the pairs of :class:`MaxMinPermuted` in one group). Default (None): paired with
-            ``shuffle="paper"`` (the setting of the paper's Table 3) when ``out_channels`` divides into g2 groups of
-            pairs, else unpaired; unpaired with ``"legacy"``.
+            keeps the pairs of :class:`MaxMinPermuted` in one group). Default (None): paired with ``shuffle="paper"``
+            (the setting of the paper's Table 3) when both shuffles can move pairs — the input shuffle's channels
+            divide into g1 groups of pairs (or are not shuffled, see below) and ``out_channels`` into g2 groups of
+            pairs — else unpaired; unpaired with ``"legacy"``. The choice made is the attribute ``paired``, shown by
+            ``repr`` and recorded in the state dict. ``paired=True`` where a shuffle cannot move pairs is a
+            ``ValueError`` naming ``paired`` and ``groups``.
 
-    As in the reference, the input shuffle is skipped when the input channels are not divisible into g1 groups
-    (of pairs) — e.g. the 3 (or 1) channels of an image. Parameters: ``C²k²/g1 + C_out²/g2`` (plus the bias), with
-    ``C = max(stride² · channels, out_channels)``, against ``C²k²`` for an ungrouped SOC.
+    The input shuffle is skipped, as in the reference (gsoft_demo ``GS_SOC_Accelerated``), exactly when the input
+    channels are not divisible by g1 — e.g. the 3 (or 1) channels of an image (``shuffles_input`` says which).
+    Parameters: ``C²k²/g1 + C_out²/g2`` (plus the bias), with ``C = max(stride² · channels, out_channels)``, against
+    ``C²k²`` for an ungrouped SOC.
+
+    **Checkpoints.** The parameters have the same shapes whatever ``shuffle`` and ``paired`` are, so the state dict
+    records them (``_extra_state``, int64 ``[shuffle code, paired]``: :meth:`get_extra_state`) and loading checks
+    the record against the layer: a state dict saved with other permutations — or one without the record (saved by
+    lowrankopt before issue 23, whose layer is now ``shuffle="legacy"``, unpaired) into a layer whose shuffles differ
+    from that one — is an error of ``load_state_dict`` (also with ``strict=False``) naming the setting to build with.
     """
 
     def __init__(
@@ -301,29 +312,133 @@ class GSOrthogonalConv2d(torch.nn.Module):
         self.conv1 = SkewOrthogonalConv2d(
             channels, kernel_size, g1, tol=tol, bias=False, out_channels=out_channels, stride=stride, **kw
         )
-        if paired is None:
-            paired = shuffle == "paper" and self.conv1.out_channels % (2 * g2) == 0
         self.conv2 = SkewOrthogonalConv2d(self.conv1.out_channels, 1, g2, tol=tol, bias=bias, **kw)
         self.g1, self.g2 = self.conv1.groups, self.conv2.groups
+        c_in, c_mid = self.conv1.channels, self.conv1.out_channels
+        second = self.g2 if shuffle == "paper" else self.g1  # legacy: interleave conv1's g1 groups
+        input_pairs = not self.shuffles_input or c_in % (2 * self.g1) == 0
+        if paired is None:  # the paper's setting where both shuffles can move pairs (documented, recorded)
+            paired = shuffle == "paper" and input_pairs and c_mid % (2 * second) == 0
+        if paired and not input_pairs:
+            raise ValueError(
+                f"paired=True: the input's {c_in} channels divide into groups[0]={self.g1} groups (so they are "
+                f"shuffled) but not into {self.g1} groups of pairs; use paired=False or other groups"
+            )
         self.shuffle, self.paired = shuffle, paired
         unit = 2 if paired else 1
-        second = self.g2 if shuffle == "paper" else self.g1
-        if self.conv1.out_channels % (second * unit):
+        if c_mid % (second * unit):
             raise ValueError(
-                f"out_channels {self.conv1.out_channels} must be divisible into {second} groups"
-                + (" of pairs (paired=True)" if paired else "")
+                f"out_channels {c_mid} must be divisible into {second} groups"
+                + (" of pairs (paired=True; use paired=False or other groups)" if paired else "")
             )
+
+    @property
+    def shuffles_input(self) -> bool:
+        """Whether the input is shuffled before the first factor: when its channels divide into g1 groups (the
+        reference's rule; an image's 3 channels are not shuffled)."""
+        return self.conv1.channels % self.g1 == 0
+
+    def extra_repr(self) -> str:
+        shuffle, paired = self._setting()
+        return (
+            f"groups=({self.g1}, {self.g2}), shuffle={shuffle!r}, paired={paired}, shuffles_input={self.shuffles_input}"
+        )
+
+    def _setting(self) -> tuple[str, bool]:
+        """``(shuffle, paired)``; a module pickled before they existed is the legacy, unpaired layer."""
+        return getattr(self, "shuffle", "legacy"), getattr(self, "paired", False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_image(x, self.conv1.channels)
         _refuse_half(self, self.conv1.weight.dtype, "its certified series need the spectral norms of their taps (SVD)")
-        shuffle, paired = getattr(self, "shuffle", "legacy"), getattr(self, "paired", False)
-        unit = 2 if paired else 1
-        if x.shape[1] % (self.g1 * unit) == 0:  # as the reference: an image's few channels are not shuffled
+        shuffle, paired = self._setting()
+        if self.shuffles_input:  # as the reference: an image's few channels are not shuffled
             x = channel_shuffle(x, self.g1, shuffle=shuffle, paired=paired)
         x = self.conv1(x)
         second = self.g2 if shuffle == "paper" else self.g1  # legacy: interleave conv1's g1 groups
         return self.conv2(channel_shuffle(x, second, shuffle=shuffle, paired=paired))
+
+    # ---------------------------------------------------------------- the shuffles' record in state dicts
+    def get_extra_state(self) -> torch.Tensor:
+        """The shuffles' setting, saved in the state dict (key ``_extra_state``): int64 ``[shuffle code, paired]``
+        (code 1 ``"paper"``, 0 ``"legacy"``)."""
+        shuffle, paired = self._setting()
+        return torch.tensor([SHUFFLE_CODES[shuffle], int(paired)], dtype=torch.int64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        """Nothing to set: the shuffles are fixed at construction; :meth:`_load_from_state_dict` checks the saved
+        ones."""
+
+    def _permutations(self, shuffle: str, paired: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The channel permutations (input shuffle or None, middle shuffle) of this layer's sizes under a setting;
+        ``ValueError`` if the setting cannot apply to them."""
+
+        def perm(c: int, groups: int) -> torch.Tensor:
+            ids = torch.arange(c, dtype=torch.float64).reshape(1, c, 1, 1)
+            return channel_shuffle(ids, groups, shuffle=shuffle, paired=paired).reshape(-1)
+
+        first = perm(self.conv1.channels, self.g1) if self.shuffles_input else None
+        return first, perm(self.conv1.out_channels, self.g2 if shuffle == "paper" else self.g1)
+
+    def _permutation_mismatch(self, saved: object, name: str) -> str | None:
+        """None if a state saved with the record ``saved`` (None: no record, lowrankopt before issue 23: the legacy,
+        unpaired layer) has this layer's channel permutations; else the error message. Compares the permutations,
+        not the names (with one group the shuffles are all the identity)."""
+        own = self._setting()
+        if saved is None:
+            setting = ("legacy", False)
+        else:
+            try:
+                record = [int(v) for v in torch.as_tensor(saved).reshape(-1).tolist()]
+            except (TypeError, ValueError, RuntimeError):
+                record = None
+            names = {code: key for key, code in SHUFFLE_CODES.items()}
+            if record is None or len(record) != 2 or record[0] not in names or record[1] not in (0, 1):
+                return f"{name}: unreadable record of the channel shuffles in the state dict: {saved!r}"
+            setting = (names[record[0]], bool(record[1]))
+        try:
+            saved_perms = self._permutations(*setting)
+        except ValueError:
+            saved_perms = None
+        mine = self._permutations(*own)
+        if saved_perms is not None and all(
+            (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+            for a, b in zip(saved_perms, mine)
+        ):
+            return None
+        layer = f"this layer has shuffle={own[0]!r}, paired={own[1]} (other channel permutations)"
+        if saved is None:
+            return (
+                f"{name}: the state dict records no channel shuffle: it was saved by lowrankopt before issue 23, whose "
+                f"layer is now shuffle='legacy', paired=False; {layer}. Build it with shuffle='legacy' (LipConvNet: "
+                "shuffle='legacy')"
+            )
+        return (
+            f"{name}: the state dict was saved with shuffle={setting[0]!r}, paired={setting[1]}; {layer}. Build it "
+            f"with shuffle={setting[0]!r}, paired={setting[1]}"
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        """torch's loading, after a check of the saved shuffles (:meth:`_permutation_mismatch`) when the state dict
+        loads anything into this layer: a mismatch is an error of ``load_state_dict`` (also with ``strict=False``), and
+        nothing of the layer (``conv1``, ``conv2`` included) is loaded then."""
+        key = f"{prefix}_extra_state"
+        if any(k.startswith(prefix) for k in state_dict):
+            error = self._permutation_mismatch(state_dict.get(key), f"{type(self).__name__} {prefix[:-1] or '(root)'}")
+            if error is not None:
+                error_msgs.append(error)
+                current = self.state_dict(prefix=prefix)  # conv1 and conv2 (loaded after this) keep what they hold
+                for k in list(state_dict):
+                    if k in current:
+                        state_dict[k] = current[k]
+                return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if key in missing_keys:  # a state dict of lowrankopt before issue 23: checked above instead
+            missing_keys.remove(key)
 
 
 class MaxMin(torch.nn.Module):

@@ -122,16 +122,33 @@ def gsoft_parameter_counts(model: torch.nn.Module) -> dict[str, int]:
 
 
 def gsoft_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What training changes: the adapter parameters (``…gsoft_in.L``, ``…gsoft_scale``, …) and every other
-    trainable parameter (``modules_to_save``, trainable biases), detached copies. The same whether the model is
-    merged or not (the merge state stays out: the adapter file is applied to unmerged base weights); raises
-    ``ValueError`` if a trainable base weight holds a merged weight (unmerge first). The same as
-    :func:`~lowrankopt.nn.adapter_state_dict` (every adapter of the model, of any kind)."""
+    """What training changes: the adapter parameters (``…gsoft_in.L``, ``…gsoft_scale``, …), the record of each
+    rotation's permutation (``…gsoft_in._extra_state``, an int64 tensor: :meth:`GSOrthogonal.get_extra_state`) and
+    every other trainable parameter (``modules_to_save``, trainable biases), detached copies (tensors only:
+    ``torch.load(..., weights_only=True)`` reads them). The same whether the model is merged or not (the merge state
+    stays out: the adapter file is applied to unmerged base weights); raises ``ValueError`` if a trainable base weight
+    holds a merged weight (unmerge first). The same as :func:`~lowrankopt.nn.adapter_state_dict` (every adapter of the
+    model, of any kind)."""
     return adapter_state_dict(model)
 
 
 def load_gsoft_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Load adapter parameters saved by :func:`gsoft_state_dict` into an unmerged model injected with the same
-    config. Raises ``ValueError`` (nothing loaded) if the model is merged or keys or shapes differ. The same as
-    :func:`~lowrankopt.nn.load_adapter_state_dict`."""
+    config. Raises ``ValueError`` (nothing loaded) if the model is merged, keys or shapes differ, or a rotation's
+    permutation differs from the saved one: a file saved with another ``shuffle``, or one without the records
+    (``…gsoft_in._extra_state``: saved by lowrankopt before issue 23, whose permutation is now ``shuffle="legacy"``)
+    into adapters whose permutation is not the legacy one — the error names the ``shuffle`` to build with
+    (``GSOFTConfig(..., shuffle="legacy")`` for old files). A file without records loads into adapters with the
+    legacy permutation. Otherwise the same as :func:`~lowrankopt.nn.load_adapter_state_dict`."""
+    state_dict = dict(state_dict)
+    for name, layer in _adapted(model):
+        for side, q in layer._rotations():
+            prefix = f"{name}.gsoft_{side}." if name else f"gsoft_{side}."
+            key = f"{prefix}_extra_state"
+            if key in state_dict or not any(k.startswith(prefix) for k in state_dict):
+                continue  # a record: checked when loaded (GSOFTLinear._loadable); no entry at all: reported missing
+            error = q._permutation_mismatch(None, f"GSOrthogonal {prefix[:-1]}")  # a file of before issue 23
+            if error is not None:
+                raise ValueError(error)
+            state_dict[key] = q.get_extra_state()
     load_adapter_state_dict(model, state_dict)

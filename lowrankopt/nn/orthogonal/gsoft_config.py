@@ -35,7 +35,9 @@ class GSOFTConfig:
         neumann_terms: series terms of the ``"neumann"`` map.
         shuffle: the GS permutation, ``"paper"`` (default since issue 23: the paper's ``P_(r, br)``, as the authors'
             code computes it) or ``"legacy"`` (its transpose, used by earlier lowrankopt versions: give it to load
-            adapters saved by them; see :class:`~.gs.GSOrthogonal`).
+            adapters saved by them; see :class:`~.gs.GSOrthogonal`). State dicts record it: loading one saved with
+            another permutation, or an old one (no record: ``"legacy"``) into adapters with another permutation, is
+            refused with an error naming the ``shuffle`` to build with.
     """
 
     block_size: int | None = None

@@ -54,6 +54,16 @@ def rotate_weight_cost(
     return act, wt
 
 
+def _keep_current(module: torch.nn.Module, state_dict: dict, prefix: str) -> None:
+    """Replace the entries of ``module`` (under ``prefix``) in the state dict being loaded by their current values:
+    after a refused check, its submodules — which torch loads after it, from the same (copied) state dict — then
+    load nothing new, and report no missing key for the refusal."""
+    current = module.state_dict(prefix=prefix)
+    for key in list(state_dict):
+        if key in current:
+            state_dict[key] = current[key]
+
+
 def _compute_dtype(device: torch.device) -> torch.dtype:
     """Merging and unmerging compute in float64 (where the device has it) and round once, at the end: the round
     trip then restores a float32 weight to about one rounding (computing in float32 costs a few)."""
@@ -76,6 +86,13 @@ class GSOFTLinear(AdapterLayer):
     recorded blocks, so the adapter may change while merged (an optimizer step, loaded adapter weights) without
     corrupting the base weight; the changed adapter takes effect when unmerged. (The merge state, the state-dict
     checks and the all-or-none merge are :class:`~lowrankopt.nn.adapters.AdapterLayer`'s.)
+
+    The permutation of each rotation (``shuffle``) is recorded too, as the rotation's ``gsoft_in._extra_state``
+    (:meth:`GSOrthogonal.get_extra_state`), and checked on load — for the rotation's parameters and for the merge
+    record, whose blocks are undone with the layer's permutation: a state dict saved with another permutation, or
+    without a record (lowrankopt before issue 23, now ``shuffle="legacy"``) into a layer with another permutation, is
+    an error of ``load_state_dict`` (also with ``strict=False``) naming the ``shuffle`` to build with, and nothing of
+    the layer is loaded.
     """
 
     adapter_prefix = PREFIX
@@ -123,6 +140,46 @@ class GSOFTLinear(AdapterLayer):
         scale = 0 if self.gsoft_scale is None else self.gsoft_scale.numel()
         return {key: value + scale for key, value in counts.items()}
 
+    def adapter_state_keys(self) -> list[str]:
+        """The adapter's parameters (``gsoft_in.L``, ``gsoft_in.R``, …, ``gsoft_scale``) and its rotations' records of
+        their permutation (``gsoft_in._extra_state``, …): what :func:`~lowrankopt.nn.adapter_state_dict` saves."""
+        return super().adapter_state_keys() + [f"gsoft_{side}._extra_state" for side, _ in self._rotations()]
+
+    def _loadable(self, key: str, value: torch.Tensor) -> bool:
+        """A rotation's permutation record loads only if it is the rotation's permutation: ``ValueError`` naming the
+        ``shuffle`` to build with otherwise (raised before anything is loaded)."""
+        for side, q in self._rotations():
+            if key == f"gsoft_{side}._extra_state":
+                error = q._permutation_mismatch(value, f"GSOrthogonal {self.layer_name}.gsoft_{side}")
+                if error is not None:
+                    raise ValueError(error)
+                return True
+        return super()._loadable(key, value)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        """:class:`~lowrankopt.nn.adapters.AdapterLayer`'s loading, after a check of the permutations: where the
+        state dict holds a rotation's parameters or its merge record (``merged_in_L``, …), the saved permutation
+        (the rotation's ``_extra_state``; none: lowrankopt before issue 23, ``"legacy"``) must be the rotation's. A
+        mismatch is an error of ``load_state_dict`` (also with ``strict=False``); nothing of this layer (its base layer
+        included) is loaded then: unmerging an old merged record with another permutation would corrupt the base
+        weight."""
+        errors = []
+        for side, q in self._rotations():
+            sub = f"{prefix}gsoft_{side}."
+            if any(k.startswith(sub) or k.startswith(f"{prefix}merged_{side}_") for k in state_dict):
+                error = q._permutation_mismatch(state_dict.get(f"{sub}_extra_state"), f"GSOrthogonal {sub[:-1]}")
+                if error is not None:
+                    errors.append(error)
+        if errors:
+            error_msgs.extend(e for e in errors if e not in error_msgs)
+            _keep_current(self, state_dict, prefix)  # the submodules (base layer, rotations) load what they hold
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     @torch.no_grad()
     def load_reference(self, state: dict[str, torch.Tensor]) -> None:
         """Load a GSOFT layer of the authors' code (gsoft_demo, ``glue/models/layers/gsoft.py``, ``GSOFTLayer``:
@@ -131,8 +188,9 @@ class GSOFTLinear(AdapterLayer):
         ``pre_layer.*`` entries, the frozen base layer, are not read). The diffusion code's layout is accepted too:
         ``ort_gs.L``, ``ort_gs.R`` (its scale lives in the attention processor, as ``q_scale`` etc.: pass it as
         ``gsoft_s``). One-sided layers only (the reference's double GSOFT is two such layers around the weight: load
-        the output side with ``layer.gsoft_out.load_reference``). Needs ``shuffle="paper"``; raises ``ValueError``
-        on missing or extra adapter keys or mismatched shapes (nothing loaded then)."""
+        the output side with ``layer.gsoft_out.load_reference``). Needs ``shuffle="paper"`` and ``map="cayley"`` or
+        ``"exp"``; raises ``ValueError`` on missing or extra adapter keys, mismatched shapes or non-finite (NaN / Inf)
+        entries, naming the entry; everything is checked before anything is written (nothing loaded then)."""
         layouts = (("gs_ort.gsoft_L", "gs_ort.gsoft_R"), ("ort_gs.L", "ort_gs.R"))
         found = [pair for pair in layouts if pair[0] in state and pair[1] in state]
         if len(found) != 1:
@@ -144,14 +202,23 @@ class GSOFTLinear(AdapterLayer):
         scale = state.get("gsoft_s")
         if (scale is None) != (self.gsoft_scale is None):
             raise ValueError("the reference state has a scale 'gsoft_s' iff the layer has one (config.scale)")
-        if scale is not None and tuple(scale.shape) != tuple(self.gsoft_scale.shape):
-            raise ValueError(f"gsoft_s must have shape {tuple(self.gsoft_scale.shape)}, got {tuple(scale.shape)}")
+        if scale is not None:
+            if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != tuple(self.gsoft_scale.shape):
+                got = tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__
+                raise ValueError(f"gsoft_s must be a tensor of shape {tuple(self.gsoft_scale.shape)}, got {got}")
+            if not scale.is_floating_point():
+                raise ValueError(f"gsoft_s must be a real floating tensor, got dtype {scale.dtype}")
+            scale = scale.to(self.gsoft_scale)
+            if not torch.isfinite(scale).all():
+                raise ValueError(
+                    f"gsoft_s has non-finite entries (NaN or Inf, or beyond the range of {self.gsoft_scale.dtype})"
+                )
         if self.merged:
             raise ValueError(f"{self.layer_name}: unmerge before loading reference parameters")
         L, R = (state[key] for key in found[0])
-        self.gsoft_in.load_reference(L, R)  # checks shapes and the shuffle before anything else is written
+        self.gsoft_in.load_reference(L, R)  # checks L and R fully (and the shuffle, the map) before writing them
         if scale is not None:
-            self.gsoft_scale.copy_(scale.to(self.gsoft_scale))
+            self.gsoft_scale.copy_(scale)
 
     def _rotations(self) -> Iterator[tuple[str, GSOrthogonal]]:
         yield "in", self.gsoft_in
