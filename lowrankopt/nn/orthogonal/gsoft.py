@@ -142,13 +142,5 @@ def load_gsoft_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Te
     legacy permutation. Otherwise the same as :func:`~lowrankopt.nn.load_adapter_state_dict`."""
     state_dict = dict(state_dict)
     for name, layer in _adapted(model):
-        for side, q in layer._rotations():
-            prefix = f"{name}.gsoft_{side}." if name else f"gsoft_{side}."
-            key = f"{prefix}_extra_state"
-            if key in state_dict or not any(k.startswith(prefix) for k in state_dict):
-                continue  # a record: checked when loaded (GSOFTLinear._loadable); no entry at all: reported missing
-            error = q._permutation_mismatch(None, f"GSOrthogonal {prefix[:-1]}")  # a file of before issue 23
-            if error is not None:
-                raise ValueError(error)
-            state_dict[key] = q.get_extra_state()
+        layer._fill_absent_records(state_dict, name)  # a file of before issue 23: checked, then completed
     load_adapter_state_dict(model, state_dict)

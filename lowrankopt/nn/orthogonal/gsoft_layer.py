@@ -156,6 +156,22 @@ class GSOFTLinear(AdapterLayer):
                 return True
         return super()._loadable(key, value)
 
+    def _fill_absent_records(self, state_dict: dict[str, torch.Tensor], name: str) -> None:
+        """For an adapter file (keys ``{name}.gsoft_in.L``, …) that holds a rotation's entries without its permutation
+        record — saved by lowrankopt before issue 23, so with the legacy permutation —: ``ValueError`` naming
+        ``shuffle="legacy"`` unless the rotation's permutation is that one, else the record is added to
+        ``state_dict`` (in place) so that the file loads as a current one. Rotations with a record, or with no entry,
+        are left alone (checked, or reported missing, when loaded)."""
+        for side, q in self._rotations():
+            prefix = f"{name}.gsoft_{side}." if name else f"gsoft_{side}."
+            key = f"{prefix}_extra_state"
+            if key in state_dict or not any(k.startswith(prefix) for k in state_dict):
+                continue
+            error = q._permutation_mismatch(None, f"GSOrthogonal {prefix[:-1]}")
+            if error is not None:
+                raise ValueError(error)
+            state_dict[key] = q.get_extra_state()
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
