@@ -3,12 +3,13 @@ few lines from its formulas, against our default (``shuffle="paper"``), the refe
 counts. All in float64."""
 
 import io
+import itertools
 import pickle
 
 import pytest
 import torch
 
-from lowrankopt.nn import GSOFTConfig, GSOrthogonal, convert_to_gsoft
+from lowrankopt.nn import GSOFTConfig, GSOrthogonal, convert_to_gsoft, load_adapter_state_dict
 from lowrankopt.nn.orthogonal.gs import block_shuffle_index, gs_apply, shuffle_index
 from lowrankopt.nn.orthogonal.gsoft import gsoft_parameter_counts, gsoft_state_dict, load_gsoft_state_dict
 from lowrankopt.nn.orthogonal.gsoft_layer import GSOFTLinear
@@ -262,14 +263,16 @@ def test_gsoft_adapter_files_carry_and_check_the_permutation(double):
     adapters = round_trip(gsoft_state_dict(saved))
     assert {k for k in adapters if k.endswith("_extra_state")} == {f"0.gsoft_{s}._extra_state" for s in sides}
     x = torch.randn(4, 24, dtype=D, generator=torch.Generator().manual_seed(6))
-    for file in (adapters, without_records(adapters)):
+    for file, load in itertools.product(
+        (adapters, without_records(adapters)), (load_gsoft_state_dict, load_adapter_state_dict)
+    ):
         paper = randomized_gsoft("paper", double=double, seed=8)
         before = {k: v.clone() for k, v in gsoft_state_dict(paper).items()}
         with pytest.raises(ValueError, match="shuffle='legacy'"):
-            load_gsoft_state_dict(paper, file)
+            load(paper, file)
         assert all(torch.equal(v, before[k]) for k, v in gsoft_state_dict(paper).items())
         legacy = randomized_gsoft("legacy", double=double, seed=8)
-        load_gsoft_state_dict(legacy, file)
+        load(legacy, file)
         with torch.no_grad():
             assert (legacy(x) - saved(x)).abs().max() < 1e-13
     paper_file = gsoft_state_dict(randomized_gsoft("paper", double=double))

@@ -124,10 +124,17 @@ def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Load what :func:`adapter_state_dict` saved into an unmerged model adapted with the same configuration. Raises
-    ``ValueError`` (nothing loaded) if the model is merged or keys or shapes differ."""
+    ``ValueError`` (nothing loaded) if the model is merged or keys or shapes differ. Records a file of an earlier
+    version lacks are completed by the layer first where it knows them (GSOFT: the permutation of a file saved
+    before issue 23, checked against the layer's)."""
     adapted = adapter_layers(model)
     if any(layer.merged for layer in adapted.values()):
         raise ValueError("unmerge the adapters before loading adapter weights")
+    state_dict = dict(state_dict)
+    for name, layer in adapted.items():
+        fill = getattr(layer, "_fill_absent_records", None)
+        if fill is not None:
+            fill(state_dict, name)
     expected = _adapter_entries(model)
     missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
     if missing or unexpected:
@@ -140,7 +147,6 @@ def load_adapter_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.
         if not ok:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"adapter state mismatch: {k} must have shape {tuple(expected[k].shape)}, got {got}")
-    state_dict = dict(state_dict)
     for name in adapted:  # a trainable base weight in the file is an unmerged one (adapter_state_dict saw to it)
         if _key(name, "base_layer.weight") in state_dict:
             state_dict[_key(name, "merged_flag")] = torch.tensor(False)

@@ -139,8 +139,6 @@ def load_gsoft_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Te
     (``…gsoft_in._extra_state``: saved by lowrankopt before issue 23, whose permutation is now ``shuffle="legacy"``)
     into adapters whose permutation is not the legacy one — the error names the ``shuffle`` to build with
     (``GSOFTConfig(..., shuffle="legacy")`` for old files). A file without records loads into adapters with the
-    legacy permutation. Otherwise the same as :func:`~lowrankopt.nn.load_adapter_state_dict`."""
-    state_dict = dict(state_dict)
-    for name, layer in _adapted(model):
-        layer._fill_absent_records(state_dict, name)  # a file of before issue 23: checked, then completed
+    legacy permutation. The same as :func:`~lowrankopt.nn.load_adapter_state_dict` (which checks and completes the
+    records of such a file through the layers)."""
     load_adapter_state_dict(model, state_dict)
