@@ -650,9 +650,18 @@ def test_layouts_with_equally_shaped_cores_load_only_with_the_same_row_order():
     assert paper.V.modes == reference.V.modes == (2, 2)
     saved = paper.state_dict()
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
     for strict in (True, False):
         with pytest.raises(RuntimeError, match="in_modes=\\(2, 2\\) \\(row-major rows\\)"):
             reference.load_state_dict(saved, strict=strict)
+        assert all(torch.equal(v, before[k]) for k, v in reference.state_dict().items())  # nothing loaded
+    # a state dict without the layer's entries (a backbone checkpoint, strict=False) leaves it alone
+    for layer in (reference, paper):
+        model = torch.nn.Sequential(torch.nn.Linear(3, 3).double(), layer)
+        result = model.load_state_dict(
+            {"0.weight": torch.eye(3, dtype=D), "0.bias": torch.zeros(3, dtype=D)}, strict=False
+        )
+        assert torch.equal(model[0].weight, torch.eye(3, dtype=D)) and "1._extra_state" not in result.missing_keys
     old = {k: v for k, v in saved.items() if k != "_extra_state"}  # as saved before issue 23: row-major rows
     with pytest.raises(RuntimeError, match="mode_factorization='legacy'"):
         reference.load_state_dict(old)

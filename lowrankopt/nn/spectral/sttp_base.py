@@ -220,41 +220,58 @@ class STTPBase(torch.nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
-        """torch's loading, plus a check of the saved layout of V's rows against this layer's: a mismatch is an error
-        of ``load_state_dict``. A state dict without the record (saved before issue 23) is taken to have the old
-        default layout (``"legacy"``, rows row-major); it loads into a layer whose rows are row-major too."""
+        """torch's loading, after a check of the saved layout of V's rows against this layer's when the state dict
+        holds any of the layer's entries: a mismatch is an error of ``load_state_dict`` (also with ``strict=False``)
+        and nothing of the layer is loaded then. A state dict without the record (saved before issue 23) is taken to
+        have the old default layout (``"legacy"``, rows row-major); it loads into a layer whose rows are row-major
+        too."""
         key = f"{prefix}_extra_state"
-        saved = state_dict.get(key)
+        if any(k.startswith(prefix) for k in state_dict):
+            error = self._layout_mismatch(state_dict.get(key), state_dict, prefix)
+            if error is not None:
+                error_msgs.append(error)
+                current = self.state_dict(prefix=prefix)  # U and V (loaded after this) keep what they hold
+                for k in [k for k in state_dict if k in current]:
+                    state_dict[k] = current[k]
+                return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if key in missing_keys:  # a state dict of lowrankopt before issue 23: checked below instead
+        if key in missing_keys:  # a state dict of lowrankopt before issue 23: checked above instead
             missing_keys.remove(key)
+
+    def _layout_mismatch(self, saved, state_dict, prefix: str) -> str | None:
+        """The error for a state dict whose layout of V's rows is not this layer's, else None."""
         own = (bool(self._in_reversed), tuple(self.V.modes))
         name = f"{type(self).__name__} {prefix.rstrip('.') or '(root)'}"
         if saved is not None:
-            record = [int(x) for x in torch.as_tensor(saved).reshape(-1).tolist()]
-            if _row_order(bool(record[0]), record[1:]) != _row_order(*own):
-                order = "reversed" if record[0] else "row-major"
-                error_msgs.append(
-                    f"{name}: the state dict was saved with in_modes={tuple(record[1:])} ({order} rows), this layer "
-                    f"has in_modes={own[1]} ({'reversed' if own[0] else 'row-major'} rows); build it with the "
-                    "mode_factorization the state dict was saved with"
-                )
-        elif self._unrecorded_in_modes is not None and (
-            _row_order(*own) != _row_order(False, ()) or self._shapes_differ(state_dict, prefix)
-        ):  # reversed rows, or parameters shaped by the old default factorization
-            error_msgs.append(
-                f"{name}: the state dict records no mode factorization (saved by lowrankopt before issue 23, whose "
-                f"default, now mode_factorization='legacy', gave in_modes={self._unrecorded_in_modes}); this layer has "
-                f"in_modes={own[1]}. Build it with mode_factorization='legacy' (or the (out_modes, in_modes) pair "
-                "used then)"
+            saved = torch.as_tensor(saved)
+            if saved.is_floating_point() or saved.is_complex() or saved.numel() < 1:
+                return f"{name}: unreadable record of the mode factorization in the state dict: {saved!r}"
+            record = [int(x) for x in saved.reshape(-1).tolist()]
+            if _row_order(bool(record[0]), record[1:]) == _row_order(*own):
+                return None
+            order = "reversed" if record[0] else "row-major"
+            return (
+                f"{name}: the state dict was saved with in_modes={tuple(record[1:])} ({order} rows), this layer "
+                f"has in_modes={own[1]} ({'reversed' if own[0] else 'row-major'} rows); build it with the "
+                "mode_factorization the state dict was saved with"
             )
+        if self._unrecorded_in_modes is None or (
+            _row_order(*own) == _row_order(False, ()) and not self._shapes_differ(state_dict, prefix)
+        ):
+            return None
+        return (  # reversed rows, or parameters shaped by the old default factorization
+            f"{name}: the state dict records no mode factorization (saved by lowrankopt before issue 23, whose "
+            f"default, now mode_factorization='legacy', gave in_modes={self._unrecorded_in_modes}); this layer has "
+            f"in_modes={own[1]}. Build it with mode_factorization='legacy' (or the (out_modes, in_modes) pair "
+            "used then)"
+        )
 
     def _shapes_differ(self, state_dict, prefix: str) -> bool:
-        """Does the state dict lack one of this layer's tensors or hold it in another shape?"""
+        """Does the state dict hold one of this layer's tensors in another shape? (Absent ones torch reports.)"""
         own = {k: v for k, v in self.state_dict().items() if k != "_extra_state"}
-        return any(prefix + k not in state_dict or state_dict[prefix + k].shape != v.shape for k, v in own.items())
+        return any(prefix + k in state_dict and state_dict[prefix + k].shape != v.shape for k, v in own.items())
 
     def _factor_modes(self) -> str:
         order = ", in_order='reversed'" if self._in_reversed else ""
