@@ -365,3 +365,16 @@ def test_gs_conv_paired_default_and_input_shuffle_are_explicit():
     assert image.paired and not image.shuffles_input and "shuffles_input=False" in repr(image)
     with pytest.raises(ValueError, match="paired"):
         GSOrthogonalConv2d(12, 3, (4, 2), paired=True)
+
+
+def test_a_soc_pickled_before_stride_and_out_channels_existed_still_works():
+    # the pickle of lowrankopt before issue 23 has no stride / out_channels / width: unpickling fills them in
+    soc = SkewOrthogonalConv2d(6, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    state = dict(soc.__dict__)
+    for name in ("stride", "out_channels", "width"):
+        del state[name]
+    old = SkewOrthogonalConv2d.__new__(SkewOrthogonalConv2d)
+    old.__setstate__(state)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    assert torch.equal(old(x), soc(x)) and repr(old) == repr(soc)
+    old.load_state_dict(soc.state_dict())

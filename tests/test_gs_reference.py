@@ -368,3 +368,25 @@ def test_parameter_counts_refuse_bad_sizes(args):
         GSOrthogonal.parameter_counts(*args)
     with pytest.raises(ValueError, match="n|block_size"):
         GSOrthogonal.num_parameters(*args)
+
+
+def test_permutation_check_on_meta_and_to_empty_modules_and_malformed_records():
+    # built on the meta device (or moved to empty memory), the perm buffer holds no values: the check must not read it
+    src = GSOrthogonal(12, block_size=3, dtype=D)
+    with torch.no_grad():
+        src.L.normal_(generator=torch.Generator().manual_seed(1))
+        src.R.normal_(generator=torch.Generator().manual_seed(2))
+    x = torch.randn(2, 12, dtype=D)
+    with torch.device("meta"):
+        meta = GSOrthogonal(12, block_size=3, dtype=D)
+    meta.load_state_dict(src.state_dict(), assign=True)
+    with torch.device("meta"):
+        empty = GSOrthogonal(12, block_size=3, dtype=D)
+    empty = empty.to_empty(device="cpu")
+    empty.load_state_dict(src.state_dict())
+    for q in (meta, empty):
+        assert torch.allclose(q(x), src(x), rtol=0, atol=1e-14)
+    with pytest.raises(RuntimeError, match="unreadable record"):  # a float record is not a code
+        GSOrthogonal(12, block_size=3, dtype=D).load_state_dict(
+            dict(src.state_dict(), _extra_state=torch.tensor([1.7]))
+        )

@@ -717,14 +717,18 @@ class GSOrthogonal(torch.nn.Module):
             shuffle = "legacy"
         else:
             try:
-                record = [int(v) for v in torch.as_tensor(saved).reshape(-1).tolist()]
+                saved_tensor = torch.as_tensor(saved)
+                integral = not (saved_tensor.is_floating_point() or saved_tensor.is_complex())
+                record = [int(v) for v in saved_tensor.reshape(-1).tolist()] if integral else None
             except (TypeError, ValueError, RuntimeError):
                 record = None
             names = {code: key for key, code in SHUFFLE_CODES.items()}
             if record is None or len(record) != 1 or record[0] not in names:
                 return f"{name}: unreadable record of the GS permutation in the state dict: {saved!r}"
             shuffle = names[record[0]]
-        if torch.equal(block_shuffle_index(self.nblocks, self.n, shuffle), self.perm.cpu()):
+        # the permutations themselves (not the buffer: on the meta device or after to_empty it holds no values)
+        k, n = self.nblocks, self.n
+        if torch.equal(block_shuffle_index(k, n, shuffle), block_shuffle_index(k, n, own)):
             return None
         sizes = f"n={self.n}, block_size={self.block_size}"
         if saved is None:

@@ -159,6 +159,11 @@ class SkewOrthogonalConv2d(torch.nn.Module):
         self.weight = torch.nn.Parameter((init_scale / math.sqrt(c * kernel_size**2) * M).to(device))
         self.bias = torch.nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device)) if bias else None
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for name, default in (("stride", 1), ("width", self.channels), ("out_channels", self.channels)):
+            self.__dict__.setdefault(name, default)  # a module pickled before stride / out_channels existed
+
     def extra_repr(self) -> str:
         return (
             f"{self.channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -168,9 +173,9 @@ class SkewOrthogonalConv2d(torch.nn.Module):
     def skew_kernel(self) -> torch.Tensor:
         """The kernel of L: ``M − M*`` per group (scaled down to ``max_norm`` if its bound exceeds it),
         ``(C, C/groups, k, k)``."""
-        g, c, k = self.groups, self._width() // self.groups, self.kernel_size
+        g, c, k = self.groups, self.width // self.groups, self.kernel_size
         M = self.weight.reshape(g, c, c, k, k)
-        K = (M - M.transpose(1, 2).flip(-1, -2)).reshape(self._width(), c, k, k)
+        K = (M - M.transpose(1, 2).flip(-1, -2)).reshape(self.width, c, k, k)
         if self.max_norm is not None:
             lam = self._bound(K)
             if lam > self.max_norm:
@@ -182,11 +187,8 @@ class SkewOrthogonalConv2d(torch.nn.Module):
         over groups."""
         return self._bound(self.skew_kernel() if kernel is None else kernel).detach()
 
-    def _width(self) -> int:
-        return getattr(self, "width", self.channels)  # modules pickled before stride / out_channels existed
-
     def _bound(self, K: torch.Tensor) -> torch.Tensor:
-        g, c, k = self.groups, self._width() // self.groups, self.kernel_size
+        g, c, k = self.groups, self.width // self.groups, self.kernel_size
         taps = K.reshape(g, c, c, k * k).permute(0, 3, 1, 2)  # (g, k², c, c)
         return torch.linalg.matrix_norm(taps, ord=2).sum(dim=1).max()
 
@@ -206,7 +208,7 @@ class SkewOrthogonalConv2d(torch.nn.Module):
         _check_image(x, self.channels)
         _refuse_half(self, self.weight.dtype, "its certified series needs the spectral norms of its taps (SVD)")
         _check_dtype(x, self.weight)
-        stride, width = getattr(self, "stride", 1), self._width()
+        stride, width = self.stride, self.width
         if stride > 1:
             if x.shape[-1] % stride or x.shape[-2] % stride:
                 raise ValueError(f"input height and width must be divisible by the stride {stride}, got {x.shape}")
@@ -214,7 +216,7 @@ class SkewOrthogonalConv2d(torch.nn.Module):
         if x.shape[1] < width:
             x = F.pad(x, (0, 0, 0, 0, 0, width - x.shape[1]))  # zero channels: an isometric embedding
         out = self._exp(x)
-        out_channels = getattr(self, "out_channels", width)
+        out_channels = self.out_channels
         if out_channels < width:
             out = out[:, :out_channels]  # the first channels: a co-isometry
         return _autocast_output(out if self.bias is None else out + self.bias[:, None, None])
@@ -239,7 +241,7 @@ class SkewOrthogonalConv2d(torch.nn.Module):
         ``c × c`` exponentials ``exp(K_g)`` (``torch.linalg.matrix_exp``: exact to rounding, no truncated series and
         no term count), applied as one batched product over the groups — one pass over x instead of T grouped 1×1
         convolutions (slow kernels on CPUs). Cost ``O(g c³)`` for the exponentials + ``O(B H W C c)``."""
-        g, c = self.groups, self._width() // self.groups
+        g, c = self.groups, self.width // self.groups
         with _full_precision(x):
             E = torch.linalg.matrix_exp(self.skew_kernel().reshape(g, c, c))
         B, C, H, W = x.shape
@@ -389,7 +391,9 @@ class GSOrthogonalConv2d(torch.nn.Module):
             setting = ("legacy", False)
         else:
             try:
-                record = [int(v) for v in torch.as_tensor(saved).reshape(-1).tolist()]
+                saved_tensor = torch.as_tensor(saved)
+                integral = not (saved_tensor.is_floating_point() or saved_tensor.is_complex())
+                record = [int(v) for v in saved_tensor.reshape(-1).tolist()] if integral else None
             except (TypeError, ValueError, RuntimeError):
                 record = None
             names = {code: key for key, code in SHUFFLE_CODES.items()}
