@@ -226,6 +226,7 @@ def test_cross_forward_differentiates_after_a_rank_adaptive_cross_of_a_low_rank_
     cache = stop != "budget during the cut"
     Y, info = tt_cross(f0, shape, eps=1e-10, budget=budget[stop], cache=cache, generator=_gen(31))
     assert info.stop == ("budget" if stop == "budget mid-sweep" else "eps")
+    assert info.cut == ("ranks" if stop == "eps" else "columns") and uncut.cut == "off"
     assert _relative_error(Y, dense) < 1e-12
     if stop == "eps":  # enough budget for the cut blocks: the ranks come back to the function's
         assert info.ranks == (3,) * (d - 1) and info.evaluations >= uncut.evaluations

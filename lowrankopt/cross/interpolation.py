@@ -39,6 +39,10 @@ class CrossInfo:
         pivot: the core that holds fiber values; cores before it are left interpolation cores
             (``(a n_k, b)`` matrix, rows selected), cores after it right ones (``(a, n_k b)``, columns selected).
         domain: the coordinate grids when :func:`tt_cross` was called with ``domain=``.
+        cut: how the fibers were cut to the numerical ranks of their matrices after the sweeps
+            (:mod:`lowrankopt.cross.truncation`): ``"ranks"`` (index sets and ranks), ``"columns"`` (the columns
+            only: a budget stop, or the new entries would not fit the budget), ``"off"`` (``rank_tol=0``) or
+            ``"kept"`` (a validation stop whose cut result missed ``validation_tol``: the uncut result is returned).
     """
 
     shape: tuple[int, ...]
@@ -54,6 +58,7 @@ class CrossInfo:
     selected: list[torch.Tensor | None] = field(default_factory=list, repr=False)
     pivot: int = 0
     domain: list[torch.Tensor] | None = field(default=None, repr=False)
+    cut: str = ""
 
     @property
     def fiber_entries(self) -> int:
@@ -79,7 +84,7 @@ def _interpolation_core(M: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             "a fiber matrix is numerically rank-deficient, so the cross has no derivative there: f has lower "
             "rank than these fibers; refresh them with tt_cross on this f (it cuts the fibers to their numerical "
-            "ranks unless rank_tol=0)"
+            "ranks unless rank_tol=0; info.cut says what it did)"
         )
     Qs, Rs = torch.linalg.qr(Q[rows])
     if _singular(Rs):

@@ -140,6 +140,7 @@ def tt_cross(
             cut; where they would exceed ``budget`` (and after a ``"budget"`` stop in mid-sweep) only the columns of
             the fiber matrices are cut, so the ranks stay and nothing new is read. After a ``"validation"`` stop the
             cut is kept only if the validation error stays within ``validation_tol``. ``rank_tol=0``: no cut.
+            ``info.cut`` says which happened.
         cache: keep every computed entry and never ask f twice for one (the budget counts distinct entries).
         dtype: of the result (f's values are cast to it).
         device: of the result and of the indices f receives (default: the domain's, else CPU).
@@ -272,6 +273,8 @@ def _sweeps(evaluate: _Evaluator, Y0: TensorTrain, info: CrossInfo, stops, selec
                 break
         if rank_tol > 0:
             Y = _cut(evaluate, blocks, left, right, cores, info, validation, validation_tol, selection)
+        else:
+            info.cut = "off"
     except _Budget:
         info.stop = "budget"
         done = sum(c.numel() > 0 for c in cores)
@@ -286,6 +289,7 @@ def _sweeps(evaluate: _Evaluator, Y0: TensorTrain, info: CrossInfo, stops, selec
             cores, info.fibers = cut_columns(
                 blocks, info.fibers, info.selected, cores, k, rank_tol, maxvol_tol, maxvol_iters
             )
+        info.cut = "columns" if rank_tol > 0 else "off"
         Y = TensorTrain._trusted(cores)
         if validation is not None:
             info.validation_errors.append(_relative_error(Y, *validation))
@@ -301,16 +305,19 @@ def _cut(evaluate, blocks, left, right, cores, info, validation, validation_tol,
         cut_cores, fibers, selected = truncate_fibers(
             evaluate, blocks, left, right, info.selected, cores, rank_tol, maxvol_tol, maxvol_iters
         )
+        cut = "ranks"
     except _Budget:  # the cut blocks do not fit in the budget: cut columns only
         selected = info.selected
         cut_cores, fibers = cut_columns(blocks, info.fibers, selected, cores, 0, rank_tol, maxvol_tol, maxvol_iters)
+        cut = "columns"
     Y = TensorTrain._trusted(cut_cores)
     if validation is not None:
         error = _relative_error(Y, *validation)
         if info.stop == "validation" and error > validation_tol:
+            info.cut = "kept"
             return TensorTrain._trusted(cores)
         info.validation_errors[-1] = error  # the record is of the result
-    info.fibers, info.selected = fibers, selected
+    info.fibers, info.selected, info.cut = fibers, selected, cut
     return Y
 
 
