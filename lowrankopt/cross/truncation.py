@@ -85,8 +85,9 @@ def truncate_fibers(
         rank_tol: singular values at most ``rank_tol · σ_max`` of a fiber matrix are dropped.
 
     Returns ``(cores, fibers, selected)`` for the cut cross. Raises the evaluator's budget exception if a new fiber
-    block would exceed the budget (the caller then cuts columns only, :func:`cut_columns`). Cost: an SVD of each ``(n_k b, a)``
-    fiber matrix, O(d n r³), plus f on the new blocks — about ``Σ_k ρ_{k−1} n_k ρ_k`` entries when ranks are cut.
+    block would exceed the budget (the caller then cuts columns only, :func:`cut_columns`). Cost: an SVD of each
+    ``(n_k b, a)`` fiber matrix, O(d n r³), plus f on the new blocks — about ``Σ_k ρ_{k−1} n_k ρ_k`` entries when
+    ranks are cut.
     """
     d = len(blocks)
     shape = [Z.shape[1] for Z in blocks]
