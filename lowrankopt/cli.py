@@ -159,10 +159,12 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     table = registry()
     if args.list:
+        width = max(map(len, table))  # one column for the descriptions, however long the names
         for name, b in table.items():
             peers = f" [peers: {', '.join(b.peers)}]" if b.peers else ""
-            print(f"{name:20s} {b.summary}{peers}")
-            print(f"{'':20s} quick: {', '.join(c.name for c in b.quick)}; full: {', '.join(c.name for c in b.full)}")
+            print(f"{name:{width}s} {b.summary}{peers}")
+            quick, full = (", ".join(c.name for c in cases) for cases in (b.quick, b.full))
+            print(f"{'':{width}s} quick: {quick}; full: {full}")
         return 0
     unknown = [n for n in args.names if n not in table]
     if unknown:

@@ -160,6 +160,10 @@ def test_bench_list_and_quick_run_in_a_subprocess(tmp_path):
     assert listed.returncode == 0, listed.stderr
     for name in ("autodiff", "matrix-completion", "tt-completion"):
         assert name in listed.stdout
+    lines = listed.stdout.splitlines()
+    starts = {len(line) - len(line.split(" ", 1)[1].lstrip()) for line in lines[::2]}  # where each summary begins
+    starts |= {len(line) - len(line.lstrip()) for line in lines[1::2]}  # and each case list
+    assert len(starts) == 1, starts  # one column, however long a name
     out = tmp_path / "res"
     run = _run_module("bench", "--quick", "autodiff", "--repeats", "1", "--out", str(out), "--no-progress")
     assert run.returncode == 0, run.stderr
