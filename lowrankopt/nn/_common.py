@@ -183,6 +183,44 @@ def _outer_cores(
     )
 
 
+def _int_record(saved: object) -> list[int] | None:
+    """The integers of a record a layer saved as ``_extra_state`` (an int64 tensor), or None if ``saved`` is not
+    one (a float, complex or empty tensor, or no tensor at all)."""
+    try:
+        tensor = torch.as_tensor(saved)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.numel() < 1:
+        return None
+    return [int(v) for v in tensor.reshape(-1).tolist()]
+
+
+def _load_with_record(
+    module: torch.nn.Module, load: Callable, check: Callable, state_dict, prefix: str, *args, error_msgs: list
+) -> None:
+    """A layer's ``_load_from_state_dict`` with a record: ``check(saved)`` (the state's ``_extra_state``, None when
+    absent) when the state dict holds any of the layer's entries, then ``load`` (torch's loading of its own
+    entries). A mismatch (``check`` returns the message) is an error of ``load_state_dict``, also with
+    ``strict=False``, and nothing of the layer is loaded: its entries, its children's included (torch loads them
+    after this), are replaced by their current values. A state without the record (an earlier version's) is not
+    missing a key: ``check(None)`` decided it. ``args``: torch's ``local_metadata, strict, missing_keys,
+    unexpected_keys``."""
+    key = f"{prefix}_extra_state"
+    if any(k.startswith(prefix) for k in state_dict):
+        error = check(state_dict.get(key))
+        if error is not None:
+            if error not in error_msgs:  # an enclosing layer may have reported it already
+                error_msgs.append(error)
+            current = module.state_dict(prefix=prefix)
+            for k in [k for k in state_dict if k in current]:
+                state_dict[k] = current[k]
+            return
+    load(state_dict, prefix, *args, error_msgs)
+    missing_keys = args[2]
+    if key in missing_keys:
+        missing_keys.remove(key)
+
+
 _F = TypeVar("_F", bound=Callable)
 
 

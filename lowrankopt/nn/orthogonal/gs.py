@@ -47,7 +47,16 @@ import torch
 
 from ..._checks import as_device, as_positive_int
 from ...manifolds.geoopt import manifold_parameter
-from .._common import HALF, HALF_OR_FULL, _autocasting, _check_input, _full_precision, _refuse_half
+from .._common import (
+    HALF,
+    HALF_OR_FULL,
+    _autocasting,
+    _check_input,
+    _full_precision,
+    _int_record,
+    _load_with_record,
+    _refuse_half,
+)
 
 __all__ = [
     "CayleyPool",
@@ -716,12 +725,7 @@ class GSOrthogonal(torch.nn.Module):
         if saved is None:
             shuffle = "legacy"
         else:
-            try:
-                saved_tensor = torch.as_tensor(saved)
-                integral = not (saved_tensor.is_floating_point() or saved_tensor.is_complex())
-                record = [int(v) for v in saved_tensor.reshape(-1).tolist()] if integral else None
-            except (TypeError, ValueError, RuntimeError):
-                record = None
+            record = _int_record(saved)
             names = {code: key for key, code in SHUFFLE_CODES.items()}
             if record is None or len(record) != 1 or record[0] not in names:
                 return f"{name}: unreadable record of the GS permutation in the state dict: {saved!r}"
@@ -748,18 +752,11 @@ class GSOrthogonal(torch.nn.Module):
         """torch's loading, after a check of the saved permutation (:meth:`_permutation_mismatch`) when the state
         dict loads anything into this module: a mismatch is an error of ``load_state_dict`` (also with
         ``strict=False``), and nothing of this module is loaded then."""
-        key = f"{prefix}_extra_state"
-        if any(k in state_dict for k in (f"{prefix}L", f"{prefix}R", key)):
-            error = self._permutation_mismatch(state_dict.get(key), f"GSOrthogonal {prefix.rstrip('.') or '(root)'}")
-            if error is not None:
-                if error not in error_msgs:  # an enclosing GSOFT layer may have reported it already
-                    error_msgs.append(error)
-                return
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if key in missing_keys:  # a state dict of lowrankopt before issue 23: checked above instead
-            missing_keys.remove(key)
+        name = f"GSOrthogonal {prefix.rstrip('.') or '(root)'}"
+        _load_with_record(
+            self, super()._load_from_state_dict, lambda saved: self._permutation_mismatch(saved, name), state_dict,
+            prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs=error_msgs,
+        )  # fmt: skip
 
 
 def _checked_sizes(n: object, block_size: object) -> tuple[int, int]:

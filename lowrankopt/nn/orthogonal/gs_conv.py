@@ -36,7 +36,16 @@ import torch
 import torch.nn.functional as F
 
 from ..._checks import as_positive_int, check_scalar
-from .._common import _autocast_output, _check_dtype, _check_image, _full_precision, _kw, _refuse_half
+from .._common import (
+    _autocast_output,
+    _check_dtype,
+    _check_image,
+    _full_precision,
+    _int_record,
+    _kw,
+    _load_with_record,
+    _refuse_half,
+)
 from .gs import SHUFFLE_CODES
 
 __all__ = [
@@ -390,12 +399,7 @@ class GSOrthogonalConv2d(torch.nn.Module):
         if saved is None:
             setting = ("legacy", False)
         else:
-            try:
-                saved_tensor = torch.as_tensor(saved)
-                integral = not (saved_tensor.is_floating_point() or saved_tensor.is_complex())
-                record = [int(v) for v in saved_tensor.reshape(-1).tolist()] if integral else None
-            except (TypeError, ValueError, RuntimeError):
-                record = None
+            record = _int_record(saved)
             names = {code: key for key, code in SHUFFLE_CODES.items()}
             if record is None or len(record) != 2 or record[0] not in names or record[1] not in (0, 1):
                 return f"{name}: unreadable record of the channel shuffles in the state dict: {saved!r}"
@@ -428,21 +432,11 @@ class GSOrthogonalConv2d(torch.nn.Module):
         """torch's loading, after a check of the saved shuffles (:meth:`_permutation_mismatch`) when the state dict
         loads anything into this layer: a mismatch is an error of ``load_state_dict`` (also with ``strict=False``), and
         nothing of the layer (``conv1``, ``conv2`` included) is loaded then."""
-        key = f"{prefix}_extra_state"
-        if any(k.startswith(prefix) for k in state_dict):
-            error = self._permutation_mismatch(state_dict.get(key), f"{type(self).__name__} {prefix[:-1] or '(root)'}")
-            if error is not None:
-                error_msgs.append(error)
-                current = self.state_dict(prefix=prefix)  # conv1 and conv2 (loaded after this) keep what they hold
-                for k in list(state_dict):
-                    if k in current:
-                        state_dict[k] = current[k]
-                return
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if key in missing_keys:  # a state dict of lowrankopt before issue 23: checked above instead
-            missing_keys.remove(key)
+        name = f"{type(self).__name__} {prefix[:-1] or '(root)'}"
+        _load_with_record(
+            self, super()._load_from_state_dict, lambda saved: self._permutation_mismatch(saved, name), state_dict,
+            prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs=error_msgs,
+        )  # fmt: skip
 
 
 class MaxMin(torch.nn.Module):

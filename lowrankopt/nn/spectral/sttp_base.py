@@ -13,7 +13,7 @@ import torch
 
 from ..._checks import as_positive_int
 from ...formats.tt import tt_svd
-from .._common import _full_precision, _init_bias, _kw, _refuse_half
+from .._common import _full_precision, _init_bias, _int_record, _kw, _load_with_record, _refuse_half
 from ..orthogonal.orthonormal_tt import OrthonormalTT
 
 __all__ = ["FACTORIZATIONS", "PARAMETRIZATIONS", "SPECTRA", "ModeFactorization", "Modes", "STTPBase", "prime_factors"]
@@ -225,30 +225,19 @@ class STTPBase(torch.nn.Module):
         and nothing of the layer is loaded then. A state dict without the record (saved before issue 23) is taken to
         have the old default layout (``"legacy"``, rows row-major); it loads into a layer whose rows are row-major
         too."""
-        key = f"{prefix}_extra_state"
-        if any(k.startswith(prefix) for k in state_dict):
-            error = self._layout_mismatch(state_dict.get(key), state_dict, prefix)
-            if error is not None:
-                error_msgs.append(error)
-                current = self.state_dict(prefix=prefix)  # U and V (loaded after this) keep what they hold
-                for k in [k for k in state_dict if k in current]:
-                    state_dict[k] = current[k]
-                return
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if key in missing_keys:  # a state dict of lowrankopt before issue 23: checked above instead
-            missing_keys.remove(key)
+        _load_with_record(
+            self, super()._load_from_state_dict, lambda saved: self._layout_mismatch(saved, state_dict, prefix),
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs=error_msgs,
+        )  # fmt: skip
 
     def _layout_mismatch(self, saved, state_dict, prefix: str) -> str | None:
         """The error for a state dict whose layout of V's rows is not this layer's, else None."""
         own = (bool(self._in_reversed), tuple(self.V.modes))
         name = f"{type(self).__name__} {prefix.rstrip('.') or '(root)'}"
         if saved is not None:
-            saved = torch.as_tensor(saved)
-            if saved.is_floating_point() or saved.is_complex() or saved.numel() < 1:
+            record = _int_record(saved)
+            if record is None:
                 return f"{name}: unreadable record of the mode factorization in the state dict: {saved!r}"
-            record = [int(x) for x in saved.reshape(-1).tolist()]
             if _row_order(bool(record[0]), record[1:]) == _row_order(*own):
                 return None
             order = "reversed" if record[0] else "row-major"
