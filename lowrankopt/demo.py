@@ -62,18 +62,62 @@ def _prepare(dim, total, *, samples, oversampling, test_samples, tol, dtype, see
     return min(samples, total), min(test_samples, total), tol, emit, torch.Generator().manual_seed(seed)
 
 
+def _stages(history: list[dict]) -> list[tuple[int, int]]:
+    """``(rank, iterations)`` per stage, in order: consecutive iterations at one rank. Record 0 is the start point;
+    record k ≥ 1 is iteration k, made at ``record["rank"]``."""
+    stages: list[tuple[int, int]] = []
+    for rec in history[1:]:
+        if stages and stages[-1][0] == rec["rank"]:
+            stages[-1] = (rec["rank"], stages[-1][1] + 1)
+        else:
+            stages.append((rec["rank"], 1))
+    return stages
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    """``[1, 2, 3]`` → ``"ranks 1-3"``, ``[2]`` → ``"rank 2"``, ``[1, 3]`` → ``"ranks 1, 3"``."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return "ranks " + ", ".join(map(str, ranks))
+
+
+def _summary(res, stages: list[tuple[int, int]], *, iters: int, converged: bool) -> str:
+    """The final line: iterations in all, split into the rank-continuation stages and the final rank, and why the
+    run stopped (``iters`` is the limit at the final rank, as ``complete``'s ``max_iter``)."""
+    final_rank, final_its = stages[-1] if stages else (res.history[0]["rank"], 0)
+    lower = stages[:-1]
+    split = f"{final_its} at rank {final_rank}"
+    if lower:
+        split = (
+            f"{sum(k for _, k in lower)} in rank-continuation stages at {_ranks_text([r for r, _ in lower])}, {split}"
+        )
+    reason = res.message
+    if not converged and final_its == iters and res.message.startswith("reached max_iter"):
+        reason = f"reached iters = {iters} at rank {final_rank}"
+    return (
+        f"{'converged' if converged else 'stopped'} after {res.nit} iterations in {res.time:.2f}s ({split}; {reason})"
+    )
+
+
 def _solve(idx, vals, test, shape, rank, *, method, tol, iters, warmup_iters, generator, print_every, emit, progress):
     """``complete`` with progress lines (or a tqdm bar) and the final summary; returns the result dict."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc=f"{method} (rank {rank})", unit="it", dynamic_ncols=True, mininterval=0.2)
-    last = [0]
+        bar = tqdm(desc=f"{method}, rank ≤ {rank}", unit="it", dynamic_ncols=True, mininterval=0.2)
+    last, described = [0], []
 
     def monitor(res):
         rec = res.history[-1]
         if bar is not None:
+            if not described:  # the start's rank is known now: say whether rank continuation climbs
+                described.append(True)
+                start = res.history[0]["rank"]
+                grows = f"rank {start}→{rank}, growing" if start < rank else f"rank {rank}"
+                bar.set_description(f"{method} ({grows})", refresh=False)
             bar.set_postfix(
                 rank=rec["rank"], train=f"{rec['train_error']:.2e}", test=f"{rec['test_error']:.2e}", refresh=False
             )
@@ -94,12 +138,14 @@ def _solve(idx, vals, test, shape, rank, *, method, tol, iters, warmup_iters, ge
         if bar is not None:
             bar.close()
     converged = res.train_error <= tol
-    emit(f"{'converged' if converged else 'stopped'} after {res.nit} iterations in {res.time:.2f}s ({res.message})")
+    stages = _stages(res.history)
+    emit(_summary(res, stages, iters=iters, converged=converged))
     emit(f"final test relative error: {res.test_error:.1e}")
     return {
         "train_error": res.train_error,
         "test_error": res.test_error,
         "iterations": res.nit,
+        "stages": [{"rank": r, "iterations": k} for r, k in stages],
         "converged": converged,
         "time": res.time,
         "history": [
@@ -135,7 +181,10 @@ def run_tt_completion(
             ``dim`` is the dimension of the TT-rank-``rank`` manifold.
         oversampling: used when ``samples`` is ``None``.
         test_samples: number of held-out entries on which the test error is measured.
-        iters: maximum number of iterations at the target rank; ``warmup_iters`` per lower rank.
+        iters: the iteration limit at the target rank (``complete``'s ``max_iter``); the rank-continuation
+            stages below it run ``warmup_iters`` each on top, so a run makes at most
+            ``iters + warmup_iters · (rank − 1)`` iterations.
+        warmup_iters: iterations of each rank-continuation stage (TT-ranks 1, …, ``rank`` − 1).
         method: ``"cg"`` or ``"trust-region"`` (see :func:`lowrankopt.complete`).
         tol: stop once the relative training residual ``‖P_Ω(X − A)‖ / ‖P_Ω A‖`` is below ``tol``
             (default ``1e-12`` for float64, ``1e-5`` for float32).
@@ -147,15 +196,21 @@ def run_tt_completion(
         log: where the header, progress lines and summary go (``None``: silent).
 
     Returns:
-        A dict with ``train_error`` and ``test_error`` (final relative errors), ``iterations``,
-        ``converged`` (tolerance reached), ``time`` (solver seconds, excluding data generation), ``samples``,
-        ``dim`` and ``history`` (per iteration: ``iter, rank, train_error, test_error, grad_norm, solve_time``).
+        A dict with ``train_error`` and ``test_error`` (final relative errors), ``iterations`` (all stages),
+        ``stages`` (``{"rank", "iterations"}`` per stage, in order: the rank-continuation stages, then the final
+        rank; the iterations add up to ``iterations``), ``converged`` (tolerance reached), ``time`` (solver
+        seconds, excluding data generation), ``samples``, ``dim``, ``history`` (record 0 the start point, record
+        k ≥ 1 iteration k: ``iter, rank, train_error, test_error, grad_norm, solve_time``) and ``settings`` (the
+        arguments as used: ``problem``, sizes, ``rank``, ``samples`` and ``test_samples`` after the defaults and
+        the cap at the number of entries, ``oversampling`` (None when ``samples`` was given), ``iters``,
+        ``warmup_iters``, ``method``, ``tol``, ``seed``, ``dtype``).
     """
     _check_common(dtype, test_samples, print_every, iters)
     d, n, rank = as_int("d", d, 2), as_int("n", n), as_int("rank", rank)
     as_int("warmup_iters", warmup_iters, 0)
     shape = [n] * d
     dim = FixedTTRank(shape, rank).dim
+    from_oversampling = samples is None
     samples, test_samples, tol, emit, g = _prepare(
         dim, n**d, samples=samples, oversampling=oversampling, test_samples=test_samples, tol=tol, dtype=dtype,
         seed=seed, log=log,
@@ -170,7 +225,12 @@ def run_tt_completion(
         idx, truth.gather(idx), (test_idx, truth.gather(test_idx)), shape, rank, method=method, tol=tol,
         iters=iters, warmup_iters=warmup_iters, generator=g, print_every=print_every, emit=emit, progress=progress,
     )  # fmt: skip
-    return {**result, "samples": samples, "dim": dim}
+    settings = {
+        "problem": "tt-completion", "d": d, "n": n, "rank": rank, "samples": samples, "test_samples": test_samples,
+        "oversampling": oversampling if from_oversampling else None, "iters": iters, "warmup_iters": warmup_iters,
+        "method": method, "tol": tol, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
+    }  # fmt: skip
+    return {**result, "samples": samples, "dim": dim, "settings": settings}
 
 
 def run_matrix_completion(
@@ -182,6 +242,7 @@ def run_matrix_completion(
     oversampling: float = 5.0,
     test_samples: int = 10_000,
     iters: int = 500,
+    warmup_iters: int | None = None,
     method: str = "cg",
     tol: float | None = None,
     seed: int = 0,
@@ -193,10 +254,17 @@ def run_matrix_completion(
     """Complete a random rank-``rank`` matrix ``L Rᵀ`` (``L: (m, r)``, ``R: (n, r)`` standard Gaussian)
     from ``samples`` distinct random entries (default ``oversampling · r (m + n − r)``).
 
-    Arguments as :func:`run_tt_completion`; returns the same dict.
+    Arguments as :func:`run_tt_completion`; returns the same dict. The start is at the rank the spectral start
+    resolves (the full rank for this well-conditioned target), so there is usually no rank continuation;
+    ``warmup_iters`` (default ``complete``'s: 4 with CG, 2 with trust-region) is for the stages below ``rank``
+    when there is.
     """
     _check_common(dtype, test_samples, print_every, iters)
+    if warmup_iters is None:  # complete()'s default for matrices, resolved here so that settings records it
+        warmup_iters = 2 if method == "trust-region" else 4
+    as_int("warmup_iters", warmup_iters, 0)
     dim = FixedRankMatrices(m, n, rank).dim  # validates m, n, rank
+    from_oversampling = samples is None
     samples, test_samples, tol, emit, g = _prepare(
         dim, m * n, samples=samples, oversampling=oversampling, test_samples=test_samples, tol=tol, dtype=dtype,
         seed=seed, log=log,
@@ -214,9 +282,15 @@ def run_matrix_completion(
     )
     result = _solve(
         idx, entries(idx), (test_idx, entries(test_idx)), (m, n), rank, method=method, tol=tol, iters=iters,
-        warmup_iters=0, generator=g, print_every=print_every, emit=emit, progress=progress,
+        warmup_iters=warmup_iters, generator=g, print_every=print_every, emit=emit, progress=progress,
     )  # fmt: skip
-    return {**result, "samples": samples, "dim": dim}
+    settings = {
+        "problem": "matrix-completion", "m": m, "n": n, "rank": rank, "samples": samples,
+        "test_samples": test_samples, "oversampling": oversampling if from_oversampling else None, "iters": iters,
+        "warmup_iters": warmup_iters, "method": method, "tol": tol, "seed": seed,
+        "dtype": str(dtype).removeprefix("torch."),
+    }  # fmt: skip
+    return {**result, "samples": samples, "dim": dim, "settings": settings}
 
 
 PROBLEMS = {"tt-completion": run_tt_completion, "matrix-completion": run_matrix_completion}

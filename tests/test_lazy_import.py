@@ -32,6 +32,31 @@ def test_import_lowrankopt_imports_no_lazy_submodule_nor_geoopt():
     assert json.loads(out) == []
 
 
+def test_import_lowrankopt_imports_no_torch_until_a_name_is_used():
+    """The ``lowrankopt`` command's import (a submodule's) runs ``lowrankopt/__init__`` first: it must not load torch
+    (1.5 s) before the arguments are parsed. The first name used loads it."""
+    code = """
+import sys, lowrankopt
+loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("lowrankopt."))
+assert loaded == [], loaded
+from lowrankopt import FixedTTRank
+import torch
+assert FixedTTRank.__module__ == "lowrankopt.manifolds.tt" and isinstance(lowrankopt.TensorTrain, type)
+print("ok")
+"""
+    assert _fresh(code).split() == ["ok"]
+
+
+def test_every_name_and_public_submodule_is_reachable_lazily():
+    import pkgutil
+
+    public = {m.name for m in pkgutil.iter_modules(lowrankopt.__path__) if not m.name.startswith("_")}
+    assert set(lowrankopt._SUBMODULES) == public
+    assert set(lowrankopt._LAZY_NAMES) == set(lowrankopt.__all__)
+    for name, module in lowrankopt._LAZY_NAMES.items():  # each name is defined where the table says
+        assert getattr(lowrankopt, name) is getattr(sys.modules[f"lowrankopt{module}"], name), name
+
+
 def test_submodules_are_attributes_of_the_package_in_a_fresh_process():
     code = """
 import sys, lowrankopt as lro
