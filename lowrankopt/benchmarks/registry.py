@@ -23,6 +23,7 @@ MODULES = (
     "completion",
     "approximation",
     "tucker",
+    "tt_completion_phase",
     "sttp",
     "gsoft",
     "lipconvnet",

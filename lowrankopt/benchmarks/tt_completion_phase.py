@@ -1,0 +1,371 @@
+"""Benchmark ``tt-completion-phase``: where random tensor trains become recoverable from their entries (issue 24 §2).
+
+For each case (target kind, order d, mode size n, TT-rank r) and each level ``|Ω|/dim`` of a ladder
+(``dim = FixedTTRank(shape, r).dim``, the manifold's exact dimension; ``|Ω|/(d n r²)`` is reported too), every
+solver of :data:`SOLVERS` is run on ``seeds`` problems and a run counts as a *success* when the relative test error
+``‖P_Γ(X − A)‖ / ‖P_Γ A‖`` of its answer is below ``1e-6`` (:data:`SUCCESS`).
+
+Targets (float64): ``"gaussian"``, :meth:`FixedTTRank.random_point` (Gaussian cores, right-orthogonalized, unit
+Frobenius norm: the tensor family of TTeMPS's ``TTeMPS_rand`` used in the RTTC paper) scaled by ``√(Π shape)`` to a
+unit RMS entry; ``"uniform"``, i.i.d. uniform ``[0, 2/r_{k−1})`` cores (the demo's and ``tt-completion``'s target:
+nonnegative, mean entry 1).
+
+Per seed and level: one target (the same at every level of a seed), Ω of ``|Ω| = round(level · dim)`` distinct
+entries and a disjoint test set Γ of 1000 entries (fewer when the tensor has too few; :data:`TEST_SAMPLES`), drawn
+together by :func:`sample_indices`; and one random start ``x0`` (a ``random_point`` of the target's ranks, the same at
+every level of a seed, scaled to the RMS of the observed values) shared by the solvers that take a start.
+
+Solvers (:data:`SOLVERS`, ``name -> solver(problem) -> TensorTrain``; add entries to compare more):
+
+- ``complete-cg`` / ``complete-tr``: :func:`complete` with ``method="cg"`` / ``"trust-region"`` and its own start
+  (rank continuation from the best constant tensor), ``max_iter`` iterations at the target rank;
+- ``minimize-cg``: plain :func:`minimize` ``method="cg"`` (its defaults: the exact-Hessian step model) on
+  :func:`completion_loss` from the shared random ``x0``, stopped once the relative training residual is ≤ 1e-12
+  (``complete``'s default ``tol``) or after ``max_iter`` iterations;
+- ``teneva-als``: teneva's TT-ALS (``teneva.als``) from the same ``x0``, at most ``als_sweeps`` sweeps, plain least
+  squares per slice (``lamb=None``: its default Tikhonov term ``lamb=1e-3`` biases the fit far above 1e-6),
+  ``allow_skip_cores=True`` (a slice without samples keeps its start value instead of raising); skipped with a
+  message when teneva is not installed.
+
+Caps per run: ``max_iter`` (1000 in the shipped cases; ALS: ``als_sweeps``, 200) and a wall-clock cap, the runner's
+``--max-time`` (``ctx.max_time``: 60 s in quick mode, 300 s in full mode). A run that stops at a cap is a failure
+like any other and is counted in the ``capped`` figure (so slowness can be told from convergence to a wrong point).
+Optionally ``budget`` seconds bound a whole case: once spent, the remaining cells are recorded as not run (checked
+before each solver's level, so a case can overrun by one level of one solver: ``seeds`` runs). The ``--full`` cases
+have a budget of one hour each: unbounded, they were estimated (2026-12-03, 1 thread, from per-iteration costs) at
+about 1–1.5 h (d = 6, n = 10) up to about 7 h (d = 10, n = 20, r = 6; most failed runs at the 300 s cap, a teneva
+ALS sweep alone ≈ 20 s at ``|Ω|/dim = 8``) per case.
+
+Ladder pruning (to keep ``--full`` affordable): each solver walks the ladder *downwards* from the largest level; once
+it has failed on every seed at two consecutive levels, its lower levels are not run and are recorded as ``(0/S)`` —
+assumed, not measured (``assumed`` in results.json; success is taken to be monotone in ``|Ω|``). Downwards, because a
+failed run costs a whole cap (in the quick case's measurements 10–60 s at 1000 iterations, d = 6, n = 10) while a
+successful one stops after some tens of iterations: the walk runs the cheap successes, the transition and two failed
+levels.
+
+Reported per case and solver: the success count ``k/S`` at each level with the median time of the successful runs,
+and the transition points ``transition ≥9/10`` (and ``≥5/10``): the smallest level from which on the success rate is
+≥ 0.9 (≥ 0.5) at that level and at every higher level of the ladder; ``—`` when no level qualifies (not even the
+largest). The plot: success rate against ``|Ω|/dim`` (log axis), one line per solver (measured levels only).
+Deterministic given ``--seed``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..completion import complete, completion_loss, sample_indices
+from ..formats.tt import TensorTrain
+from ..manifolds import FixedTTRank
+from ..optim import minimize
+from .peers import PeerUnavailable
+from .registry import Benchmark, Case
+from .runner import Context
+
+SUCCESS = 1e-6  # a run succeeds when its relative test error is below this
+TEST_SAMPLES = 1000
+TRAIN_TOL = 1e-12  # relative training residual at which minimize-cg stops (complete()'s default tol in float64)
+LADDER = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
+TARGETS = ("gaussian", "uniform")
+
+
+@dataclass
+class Problem:
+    """One completion problem as a solver gets it.
+
+    Attributes:
+        indices: ``(N, d)`` int64 observed positions Ω; ``values``: ``(N,)`` float64 observed entries.
+        shape: the tensor's shape; ``rank``: its TT-rank (int).
+        x0: the shared random start (TT-rank ``rank``, scaled to the RMS of ``values``).
+        generator: a CPU generator for the solver's own randomness (seeded per seed and level).
+        max_iter: iteration cap (``als_sweeps`` for ALS); ``max_time``: wall-clock cap in seconds;
+            ``als_sweeps``: sweep cap of ALS solvers.
+        info: the solver may record ``iterations`` (int), ``capped`` (bool: stopped by a cap) and ``message``.
+    """
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    shape: list[int]
+    rank: int
+    x0: TensorTrain
+    generator: torch.Generator
+    max_iter: int
+    max_time: float
+    als_sweeps: int = 200
+    info: dict = field(default_factory=dict)
+
+
+def _complete(method: str) -> Callable[[Problem], TensorTrain]:
+    def solve(p: Problem) -> TensorTrain:
+        res = complete(
+            p.indices, p.values, p.shape, p.rank, method=method, generator=p.generator, max_iter=p.max_iter,
+            max_time=p.max_time,
+        )  # fmt: skip
+        p.info.update(iterations=res.nit, capped=not res.success, message=res.message)
+        return res.x
+
+    return solve
+
+
+def _minimize_cg(p: Problem) -> TensorTrain:
+    norm = float(torch.linalg.vector_norm(p.values))
+
+    def converged(res) -> bool:  # complete()'s stopping rule: the relative training residual reaches TRAIN_TOL
+        return math.sqrt(2 * max(res.fun, 0.0)) <= TRAIN_TOL * norm
+
+    res = minimize(
+        completion_loss(p.indices, p.values), p.x0, method="cg", max_iter=p.max_iter, max_time=p.max_time, gtol=0.0,
+        callback=converged,
+    )  # fmt: skip
+    p.info.update(iterations=res.nit, capped=not res.success, message=res.message)
+    return res.x
+
+
+def _teneva_als(p: Problem) -> TensorTrain:
+    try:
+        teneva = importlib.import_module("teneva")
+    except ImportError as exc:
+        raise PeerUnavailable("teneva is not installed (pip install teneva)") from exc
+    t0 = time.perf_counter()
+    state = {"over": False}
+
+    def out_of_time(Y, info, opts) -> bool:
+        state["over"] = time.perf_counter() - t0 > p.max_time
+        return state["over"]
+
+    info: dict = {}
+    cores = teneva.als(
+        p.indices.cpu().numpy(), p.values.cpu().numpy(), [c.cpu().numpy() for c in p.x0.cores], nswp=p.als_sweeps,
+        info=info, lamb=None, allow_skip_cores=True, cb=out_of_time,
+    )  # fmt: skip
+    # stopped by the sweep cap or the time cap (teneva's own stop on e: the cores stopped changing)
+    p.info.update(iterations=info.get("nswp"), capped=info.get("stop") in ("nswp", "cb"), message=str(info.get("stop")))
+    return TensorTrain([torch.from_numpy(c).to(p.values) for c in cores])
+
+
+#: The compared solvers, ``name -> solver(problem) -> TensorTrain`` (a solver may raise ``PeerUnavailable``: its row
+#: is then skipped with the message). Add entries to compare other solvers or options on the same problems.
+SOLVERS: dict[str, Callable[[Problem], TensorTrain]] = {
+    "complete-cg": _complete("cg"),
+    "complete-tr": _complete("trust-region"),
+    "minimize-cg": _minimize_cg,
+    "teneva-als": _teneva_als,
+}
+
+
+def make_target(kind: str, shape: list[int], r: int, g: torch.Generator) -> TensorTrain:
+    """The target of ``kind`` (``"gaussian"``: unit RMS entry; ``"uniform"``: mean entry 1), float64, TT-rank r."""
+    if kind == "gaussian":
+        x = FixedTTRank(shape, r).random_point(generator=g, dtype=torch.float64)  # unit Frobenius norm
+        return x * math.sqrt(math.prod(shape))
+    if kind == "uniform":  # as lowrankopt.demo's target: i.i.d. uniform [0, 2/r_{k-1}) cores
+        ranks = [1] + [r] * (len(shape) - 1) + [1]
+        return TensorTrain(
+            [torch.rand(ranks[k], n, ranks[k + 1], dtype=torch.float64, generator=g) * (2 / ranks[k])
+             for k, n in enumerate(shape)]
+        )  # fmt: skip
+    raise ValueError(f"target must be one of {TARGETS}, got {kind!r}")
+
+
+def _relative_test_error(x: TensorTrain, tidx: torch.Tensor, tvals: torch.Tensor) -> float:
+    err = float(torch.linalg.vector_norm(x.gather(tidx) - tvals) / torch.linalg.vector_norm(tvals))
+    return err if math.isfinite(err) else math.inf
+
+
+def _seed_data(kind: str, shape: list[int], r: int, ctx: Context, s: int) -> tuple[TensorTrain, TensorTrain]:
+    """The target and the unscaled random start of seed ``s`` (the same at every level)."""
+    g = ctx.generator(s)
+    target = make_target(kind, shape, r, g)
+    x0 = FixedTTRank(shape, r).random_point(generator=g, dtype=torch.float64)
+    return target, x0
+
+
+def _problem(target, x0_unit, shape, r, level_index: int, N: int, s: int, ctx: Context, caps: dict):
+    """Ω, Γ (disjoint) and the scaled start of seed ``s`` at ladder level ``level_index``."""
+    g = ctx.generator(1_000_003 * (level_index + 1) + s)  # independent of the other levels and seeds
+    T = min(TEST_SAMPLES, math.prod(shape) - N)
+    both = sample_indices(shape, N + T, generator=g)
+    idx, tidx = both[:N], both[N:]
+    vals, tvals = target.gather(idx), target.gather(tidx)
+    rms = float(torch.linalg.vector_norm(vals)) / math.sqrt(N)
+    x0 = x0_unit * (rms * math.sqrt(math.prod(shape)))  # x0_unit has unit norm: its RMS entry becomes rms
+    dev = ctx.device
+    p = Problem(idx.to(dev), vals.to(dev), list(shape), r, x0.to(dev), g, **caps)
+    return p, (tidx.to(dev), tvals.to(dev))
+
+
+def _transition(levels: list[float], cells: list[dict], seeds: int, rate: float) -> float | None:
+    """The smallest level from which on every cell's success rate is ≥ ``rate`` (a cell not run, assumed failed or
+    not run for the case's time budget, ends the search); None if none."""
+    found = None
+    for level, cell in zip(reversed(levels), reversed(cells), strict=True):
+        ok = cell.get("successes") is not None and cell["successes"] >= rate * seeds
+        if not ok:
+            break
+        found = level
+    return found
+
+
+def run(case: Case, ctx: Context) -> dict:
+    p = case.params
+    kind, d, n, r, seeds = p["target"], p["d"], p["n"], p["r"], p["seeds"]
+    levels = [float(x) for x in p.get("levels", LADDER)]
+    solvers = {name: SOLVERS[name] for name in p.get("solvers", SOLVERS)}
+    caps = dict(max_iter=p.get("max_iter", 1000), max_time=ctx.max_time, als_sweeps=p.get("als_sweeps", 200))
+    budget = p.get("budget")
+    shape = [n] * d
+    dim = FixedTTRank(shape, r).dim
+    counts = [round(level * dim) for level in levels]
+    if counts[-1] + 1 > math.prod(shape):
+        raise ValueError(f"level {levels[-1]} asks for {counts[-1]} of the {math.prod(shape)} entries (and a test set)")
+    ctx.status("generating data")
+    per_seed = [_seed_data(kind, shape, r, ctx, s) for s in range(seeds)]
+    t_case = time.perf_counter()
+
+    cells: dict[str, dict[int, dict]] = {name: {} for name in solvers}
+    skipped: dict[str, str] = {}
+    streak = dict.fromkeys(solvers, 0)  # consecutive levels (from the top) at which every seed failed
+    for li in reversed(range(len(levels))):  # downwards: failed runs (at a cap) cost far more than successes
+        level, N = levels[li], counts[li]
+        problems = None
+        for name, solve in solvers.items():
+            if name in skipped:
+                continue
+            if streak[name] >= 2:
+                cells[name][li] = {"level": level, "samples": N, "assumed": 0}
+                continue
+            if budget is not None and time.perf_counter() - t_case > budget:
+                cells[name][li] = {"level": level, "samples": N, "not_run": "case time budget spent"}
+                continue
+            if problems is None:
+                problems = [_problem(*per_seed[s], shape, r, li, N, s, ctx, caps) for s in range(seeds)]
+            runs = []
+            for s, (prob, (tidx, tvals)) in enumerate(problems):
+                ctx.status(f"{name}: |Ω|/dim = {level:g}, seed {s + 1}/{seeds}")
+                prob.info = {}
+                prob.generator = ctx.generator(1_000_003 * (li + 1) + s + 7 * seeds)  # the same for every solver
+                t0 = time.perf_counter()
+                try:
+                    x = solve(prob)
+                except PeerUnavailable as exc:
+                    skipped[name] = f"skipped: {exc}"
+                    break
+                elapsed = time.perf_counter() - t0
+                err = _relative_test_error(x, tidx, tvals)
+                capped = bool(prob.info.get("capped")) or elapsed > caps["max_time"]
+                runs.append({"seed": s, "test_error": err, "time": elapsed, "success": err < SUCCESS,
+                             "capped": capped, "iterations": prob.info.get("iterations"),
+                             "message": prob.info.get("message")})  # fmt: skip
+            if name in skipped:
+                continue
+            wins = [run_ for run_ in runs if run_["success"]]
+            cells[name][li] = {
+                "level": level, "samples": N, "successes": len(wins), "capped": sum(r_["capped"] for r_ in runs),
+                "median_success_time": statistics.median(r_["time"] for r_ in wins) if wins else None, "runs": runs,
+            }  # fmt: skip
+            streak[name] = streak[name] + 1 if not wins else 0
+    ordered = {name: [by_level[li] for li in sorted(by_level)] for name, by_level in cells.items()}
+    return _result(levels, counts, ordered, skipped, seeds, d, n, r, dim, case, caps, budget)
+
+
+def _cell_text(cell: dict, seeds: int) -> str:
+    if "assumed" in cell:
+        return f"({cell['assumed']}/{seeds})"
+    if "not_run" in cell:
+        return "not run"
+    t = cell["median_success_time"]
+    return f"{cell['successes']}/{seeds}" + ("" if t is None else f" · {t:.2g} s")
+
+
+def _key(level: float) -> str:
+    # the report sorts figure names as strings: pad the level so that " 8" sorts before "12"; no "|" (a table cell)
+    return f"#Ω/dim={level:>3g}"
+
+
+def _result(levels, counts, cells, skipped, seeds, d, n, r, dim, case, caps, budget) -> dict:
+    rows = [{
+        "variant": "#Ω (#Ω/(d·n·r²))",
+        "figures": {_key(lv): f"{N} ({N / (d * n * r * r):.2g})" for lv, N in zip(levels, counts, strict=True)},
+        "status": f"manifold dimension {dim}; d·n·r² = {d * n * r * r}; {seeds} seeds per cell",
+    }]  # fmt: skip
+    series = []
+    for name, row_cells in cells.items():
+        if name in skipped:
+            rows.append({"variant": name, "skipped": skipped[name]})
+            continue
+        wins = [run_["time"] for c in row_cells for run_ in c.get("runs", []) if run_["success"]]
+        t9, t5 = (_transition(levels, row_cells, seeds, rate) for rate in (0.9, 0.5))
+        notes = []
+        if any("assumed" in c for c in row_cells):
+            notes.append(f"(0/{seeds}): not run, assumed (every seed failed at the two levels above)")
+        capped = sum(c.get("capped", 0) for c in row_cells)
+        notes.append(f"{capped} run(s) stopped at a cap")
+        if any("not_run" in c for c in row_cells):
+            notes.append("not run: case time budget spent")
+        figures = {_key(c["level"]): _cell_text(c, seeds) for c in row_cells}
+        figures["transition ≥5/10 (#Ω/dim)"] = t5
+        figures["transition ≥9/10 (#Ω/dim)"] = t9
+        rows.append({
+            "variant": name, "time": statistics.median(wins) if wins else None,
+            "time_min": min(wins) if wins else None, "time_max": max(wins) if wins else None, "repeats": seeds,
+            "figures": figures, "status": "; ".join(notes), "cells": row_cells,
+        })  # fmt: skip
+        measured = [c for c in row_cells if c.get("successes") is not None]
+        if measured:
+            series.append({"label": name, "x": [c["level"] for c in measured],
+                           "y": [c["successes"] / seeds for c in measured]})  # fmt: skip
+    p = case.params
+    title = f"tt-completion-phase: {p['target']} target, d={d}, n={n}, r={r} ({seeds} seeds)"
+    return {
+        "rows": rows,
+        "xy": [
+            {
+                "title": title,
+                "xlabel": "|Ω| / dim",
+                "ylabel": f"success rate (test error < {SUCCESS:g})",
+                "xlog": True,
+                "series": series,
+            }
+        ]
+        if series
+        else [],  # fmt: skip
+        "levels": levels,
+        "samples": counts,
+        "dimension": dim,
+        "caps": {**caps, "budget": budget, "success": SUCCESS, "test_samples": TEST_SAMPLES},
+    }
+
+
+def _case(target: str, d: int, n: int, r: int, **extra) -> Case:
+    return Case(f"{target}-d{d}-n{n}-r{r}", dict(target=target, d=d, n=n, r=r, **extra))
+
+
+BENCHMARK = Benchmark(
+    name="tt-completion-phase",
+    summary="Phase transition of TT completion: success rate (test error < 1e-6) vs |Ω|/dim, "
+    "complete() CG / trust-region, minimize from a random start, teneva ALS",
+    baseline="no ratios; time column: median time of the successful runs (all levels); cells: successes/seeds · "
+    "median time of the successful runs at that level",
+    figures=("successes per #Ω/dim level", "transition ≥9/10 (#Ω/dim)", "transition ≥5/10 (#Ω/dim)"),
+    # quick: a smoke run of the pipeline with small caps (a failed run at 1000 iterations costs 10-60 s here)
+    quick=tuple(
+        _case("gaussian", 6, 10, r, seeds=3, levels=(4.0, 16.0, 64.0), max_iter=100, als_sweeps=10, budget=35.0)
+        for r in (2, 4)
+    ),
+    full=tuple(
+        _case(target, d, n, r, seeds=10, budget=3600.0)
+        for target in TARGETS
+        for d in (6, 10)
+        for n in (10, 20)
+        for r in (2, 4, 6)
+    ),
+    run=run,
+    peers=("teneva",),
+)

@@ -1,0 +1,101 @@
+"""Benchmark ``tt-completion-phase``: a tiny case run end to end, its recorded successes checked against a dense
+reconstruction of the target, the downward ladder pruning, the transition points and the skipped teneva row."""
+
+import math
+import sys
+
+import pytest
+import torch
+
+from lowrankopt.benchmarks import registry
+from lowrankopt.benchmarks import tt_completion_phase as phase
+from lowrankopt.benchmarks.registry import Case
+from lowrankopt.benchmarks.runner import Context
+
+D, N_MODE, R = 4, 5, 2
+LEVELS = (0.25, 0.5, 0.75, 10.0)  # below 1 there are fewer samples than unknowns: no solver can recover the target
+
+
+def _dense_uniform_target(seed: int) -> torch.Tensor:
+    """The ``uniform`` target of ``seed`` built here, densely: the same draws, contracted by einsum."""
+    g = torch.Generator().manual_seed(seed)
+    ranks = [1] + [R] * (D - 1) + [1]
+    cores = [torch.rand(ranks[k], N_MODE, ranks[k + 1], dtype=torch.float64, generator=g) * (2 / ranks[k])
+             for k in range(D)]  # fmt: skip
+    return torch.einsum("aib,bjc,ckd,dle->ijkl", *cores)
+
+
+def test_tiny_case_recovers_where_determined_and_prunes_below(monkeypatch):
+    monkeypatch.setitem(sys.modules, "teneva", None)  # import teneva now raises ImportError
+    captured = []
+    solve = phase.SOLVERS["complete-cg"]
+
+    def spy(problem):
+        x = solve(problem)
+        captured.append((problem.indices.clone(), problem.values.clone(), x))
+        return x
+
+    monkeypatch.setitem(phase.SOLVERS, "complete-cg", spy)
+    params = dict(target="uniform", d=D, n=N_MODE, r=R, seeds=2, levels=LEVELS, max_iter=200,
+                  solvers=("complete-cg", "teneva-als"))  # fmt: skip
+    ctx = Context("quick", torch.device("cpu"), repeats=1, seed=0, max_time=30.0)
+    res = phase.run(Case("tiny", params), ctx)
+
+    dim = phase.FixedTTRank([N_MODE] * D, R).dim
+    assert dim == (D - 2) * N_MODE * R * R + 2 * N_MODE * R - (D - 1) * R * R  # 48
+    assert res["samples"] == [round(level * dim) for level in LEVELS]
+    rows = {row["variant"]: row for row in res["rows"]}
+    assert rows["teneva-als"]["skipped"].startswith("skipped: teneva is not installed")
+    cg = rows["complete-cg"]
+    cells = cg["cells"]
+    assert [c["level"] for c in cells] == list(LEVELS)
+    # downwards: the top level succeeds, 0.75 and 0.5 fail on every seed, so 0.25 is not run but assumed 0/2
+    assert cells[3]["successes"] == 2 and cells[2]["successes"] == 0 and cells[1]["successes"] == 0
+    assert cells[0] == {"level": 0.25, "samples": round(0.25 * dim), "assumed": 0}
+    assert cg["figures"]["transition ≥9/10 (#Ω/dim)"] == 10.0 == cg["figures"]["transition ≥5/10 (#Ω/dim)"]
+    assert cg["figures"][phase._key(0.25)] == "(0/2)" and cg["figures"][phase._key(10.0)].startswith("2/2 · ")
+    assert res["xy"][0]["series"] == [{"label": "complete-cg", "x": [0.5, 0.75, 10.0], "y": [0.0, 0.0, 1.0]}]
+
+    # every run's recorded outcome, checked against the target rebuilt densely here (all entries, not only Γ)
+    runs = [run for c in reversed(cells) if "runs" in c for run in c["runs"]]  # the order they ran in
+    assert len(runs) == len(captured) == 6
+    for run, (idx, vals, x) in zip(runs, captured, strict=True):
+        dense = _dense_uniform_target(run["seed"])
+        torch.testing.assert_close(vals, dense[tuple(idx.T)], rtol=1e-13, atol=0)  # the target's entries
+        held_out = torch.ones_like(dense, dtype=torch.bool)
+        held_out[tuple(idx.T)] = False
+        err = float(torch.linalg.vector_norm((x.full() - dense)[held_out]) / torch.linalg.vector_norm(dense[held_out]))
+        if run["success"]:
+            assert err < 1e-6 and run["test_error"] < phase.SUCCESS
+        else:
+            assert err > 1e-3 and run["test_error"] >= phase.SUCCESS
+        assert math.isfinite(run["time"]) and run["time"] > 0
+
+
+def test_registered_and_quick_cases_are_small():
+    bench = registry()["tt-completion-phase"]
+    assert bench is phase.BENCHMARK
+    assert len(bench.full) == 2 * 2 * 2 * 3
+    for case in bench.quick:
+        p = case.params
+        assert p["target"] in phase.TARGETS and p["seeds"] == 3 and len(p["levels"]) == 3
+    with pytest.raises(ValueError, match="target"):
+        phase.make_target("cauchy", [3, 3], 2, torch.Generator())
+
+
+def test_gaussian_target_has_unit_rms_entry():
+    x = phase.make_target("gaussian", [4, 5, 6], 2, torch.Generator().manual_seed(3))
+    dense = x.full()
+    assert list(x.ranks) == [2, 2]
+    assert float(dense.pow(2).mean().sqrt()) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_every_solver_recovers_a_well_sampled_tiny_target():
+    pytest.importorskip("teneva")
+    params = dict(target="uniform", d=D, n=N_MODE, r=R, seeds=2, levels=(10.0,), max_iter=200, als_sweeps=100)
+    ctx = Context("quick", torch.device("cpu"), repeats=1, seed=0, max_time=30.0)
+    rows = {row["variant"]: row for row in phase.run(Case("tiny", params), ctx)["rows"]}
+    for name in phase.SOLVERS:
+        (cell,) = rows[name]["cells"]
+        assert cell["successes"] == 2, (name, cell["runs"])
+        assert all(run["test_error"] < phase.SUCCESS and not run["capped"] for run in cell["runs"]), name
