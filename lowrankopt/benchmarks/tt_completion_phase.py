@@ -27,14 +27,19 @@ Solvers (:data:`SOLVERS`, ``name -> solver(problem) -> TensorTrain``; add entrie
   ``allow_skip_cores=True`` (a slice without samples keeps its start value instead of raising); skipped with a
   message when teneva is not installed.
 
-Caps per run: ``max_iter`` (1000 in the shipped cases; ALS: ``als_sweeps``, 200) and a wall-clock cap, the runner's
-``--max-time`` (``ctx.max_time``: 60 s in quick mode, 300 s in full mode). A run that stops at a cap is a failure
-like any other and is counted in the ``capped`` figure (so slowness can be told from convergence to a wrong point).
-Optionally ``budget`` seconds bound a whole case: once spent, the remaining cells are recorded as not run (checked
-before each solver's level, so a case can overrun by one level of one solver: ``seeds`` runs). The ``--full`` cases
-have a budget of one hour each: unbounded, they were estimated (2026-12-03, 1 thread, from per-iteration costs) at
-about 1–1.5 h (d = 6, n = 10) up to about 7 h (d = 10, n = 20, r = 6; most failed runs at the 300 s cap, a teneva
-ALS sweep alone ≈ 20 s at ``|Ω|/dim = 8``) per case.
+The ladder (:data:`LADDER`): ``|Ω|/dim`` = 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, and on to 192 and 256 for
+r = 2 (:data:`LADDER_R2`: there complete-cg recovered the Gaussian target, d = 6, n = 10, on 0/3 seeds up to 128·dim).
+The ``--quick`` run is a smoke run of the pipeline (Gaussian, d = 6, n = 10, r ∈ {2, 4}, 3 seeds, levels 4, 16, 64,
+100 iterations, 10 ALS sweeps, a 35 s budget per case): its counts are not the transition.
+
+Caps per run: ``max_iter`` (1000 in the ``--full`` cases, 100 in ``--quick``; ALS: ``als_sweeps``, 200 / 10) and a
+wall-clock cap, the runner's ``--max-time`` (``ctx.max_time``: 60 s in quick mode, 300 s in full mode). A run that
+stops at a cap is a failure like any other and is counted in the ``capped`` figure (so slowness can be told from
+convergence to a wrong point). Optionally ``budget`` seconds bound a whole case: once spent, the remaining cells are
+recorded as not run (checked before each solver's level, so a case can overrun by one level of one solver: ``seeds``
+runs). The ``--full`` cases have a budget of one hour each: unbounded, they were estimated (2026-12-03, 1 thread, from
+per-iteration costs, for the ladder up to 64) at about 1–1.5 h (d = 6, n = 10) up to about 7 h (d = 10, n = 20, r = 6;
+most failed runs at the 300 s cap, a teneva ALS sweep alone ≈ 20 s at ``|Ω|/dim = 8``) per case.
 
 Ladder pruning (to keep ``--full`` affordable): each solver walks the ladder *downwards* from the largest level; once
 it has failed on every seed at two consecutive levels, its lower levels are not run and are recorded as ``(0/S)`` —
@@ -72,7 +77,10 @@ from .runner import Context
 SUCCESS = 1e-6  # a run succeeds when its relative test error is below this
 TEST_SAMPLES = 1000
 TRAIN_TOL = 1e-12  # relative training residual at which minimize-cg stops (complete()'s default tol in float64)
-LADDER = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
+# (measured 2026-12-03, gaussian target, d = 6, n = 10, 3 seeds, max_iter 1000: complete-cg recovered r = 4 on 2/3
+# seeds at 32·dim and 3/3 at 48·dim, but r = 2 on 0/3 up to 128·dim and 2/3 at 256·dim: the r = 2 cases climb higher)
+LADDER = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0)
+LADDER_R2 = (*LADDER, 192.0, 256.0)
 TARGETS = ("gaussian", "uniform")
 
 
@@ -360,7 +368,7 @@ BENCHMARK = Benchmark(
         for r in (2, 4)
     ),
     full=tuple(
-        _case(target, d, n, r, seeds=10, budget=3600.0)
+        _case(target, d, n, r, seeds=10, budget=3600.0, levels=LADDER_R2 if r == 2 else LADDER)
         for target in TARGETS
         for d in (6, 10)
         for n in (10, 20)
