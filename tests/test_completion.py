@@ -9,6 +9,7 @@ from reference import rel, tt_full
 
 from lowrankopt import FixedTTRank, LowRankMatrix, TensorTrain
 from lowrankopt.completion import complete, completion_loss, sample_indices
+from lowrankopt.completion.scaling import balance_modes
 
 DT = torch.float64
 
@@ -153,7 +154,12 @@ def test_tt_completion_recovers_the_target(method):
     assert res.success and res.train_error <= 1e-12 and res.test_error < 1e-8
     assert res.x.ranks == (T_RANK,) * (len(T_SHAPE) - 1)
     assert rel(tt_full(res.x.cores), A) < 1e-8
-    check_history(res, {1, T_RANK}, vals)  # rank continuation: a rank-1 stage first
+    # rank continuation: a rank-1 stage first; train_error and f are those of the balanced problem (values ∘ w)
+    check_history(res, {1, T_RANK}, vals * balance_modes(idx, vals, T_SHAPE).weights(idx))
+    g = torch.Generator().manual_seed(3)
+    plain = complete(idx, vals, T_SHAPE, T_RANK, method=method, test=test, balance=False, generator=g)
+    assert plain.train_error <= 1e-12 and rel(tt_full(plain.x.cores), A) < 1e-8
+    check_history(plain, {1, T_RANK}, vals)  # without balancing: the plain residual
     # deterministic given the generator
     assert [h["fun"] for h in runs[1].history] == [h["fun"] for h in res.history]
     assert torch.equal(tt_full(runs[1].x.cores), tt_full(res.x.cores))

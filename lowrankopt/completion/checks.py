@@ -40,6 +40,8 @@ def check_arguments(
     distributed: bool,
     options: dict,
     rank_continuation: bool | None = None,
+    balance: bool | None = None,
+    starts: int | None = None,
 ) -> Arguments:
     """Check complete()'s arguments (see there); raises on the first bad one. Cost O(N d) (the index range check)."""
     check_tensor("values", values, 1)
@@ -69,6 +71,14 @@ def check_arguments(
         raise TypeError(f"rank_continuation must be None, True or False, got {rank_continuation!r}")
     if rank_continuation is not None and len(shape) != 2:
         raise ValueError("rank_continuation applies to matrices; tensor trains always climb from TT-rank 1 without x0")
+    if balance is not None and not isinstance(balance, bool):
+        raise TypeError(f"balance must be None, True or False, got {balance!r}")
+    if balance and len(shape) == 2:
+        raise ValueError("balance applies to tensor trains (len(shape) > 2); matrices are not rescaled")
+    if starts is not None and (isinstance(starts, bool) or not isinstance(starts, int) or starts < 1):
+        raise ValueError(f"starts must be a positive int or None, got {starts!r}")
+    if starts is not None and starts > 1 and (len(shape) == 2 or x0 is not None):
+        raise ValueError("starts > 1 applies to tensor trains without x0 (each run climbs from the constant tensor)")
     if rank_continuation and x0 is not None:
         raise ValueError("rank_continuation=True needs the spectral start: pass x0=None (x0 is used at its rank)")
     options = {"gtol": 0.0, **options}

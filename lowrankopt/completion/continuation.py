@@ -16,7 +16,7 @@ from ..manifolds import manifold_of
 from ..optim import OptimizeResult, minimize
 from .history import History
 from .problem import CompletionProblem, Point
-from .start import randomized_svd
+from .start import constant_start, randomized_svd
 
 __all__ = ["Stages", "continuation_ranks", "grow_matrix_rank", "grow_rank"]
 
@@ -117,13 +117,42 @@ class Stages:
         return res
 
     def continuation(
-        self, x: TensorTrain, ranks: list[int], *, generator: torch.Generator | None, warmup_iters: int, max_iter: int
+        self,
+        x: TensorTrain,
+        ranks: list[int],
+        *,
+        generator: torch.Generator | None,
+        warmup_iters: int,
+        max_iter: int,
+        watch_stall: bool = False,
     ) -> OptimizeResult:
         """From ``x`` (TT-rank 1) through the stages of :func:`continuation_ranks`, each grown by :func:`grow_rank`
         (see :meth:`climb`)."""
         stages = continuation_ranks(ranks)
         grow = lambda x, stage_ranks: grow_rank(x, stage_ranks, generator)  # noqa: E731
-        return self.climb(x, stages, grow, warmup_iters=warmup_iters, max_iter=max_iter)
+        return self.climb(x, stages, grow, warmup_iters=warmup_iters, max_iter=max_iter, watch_stall=watch_stall)
+
+    def attempts(
+        self, ranks: list[int], starts: int, *, generator: torch.Generator | None, warmup_iters: int, max_iter: int
+    ) -> tuple[OptimizeResult, int]:
+        """Up to ``starts`` runs of :meth:`continuation` from the best constant tensor, each drawing its own growth
+        terms from ``generator`` (so each follows its own path). Every run but the last stops once it stalls at the
+        target rank (see :class:`History`), and only a stalled run is followed by another. Returns the run with the
+        lowest training residual and the index of its last record in the history."""
+        best: tuple[float, OptimizeResult, int] | None = None
+        for attempt in range(starts):
+            self.history.attempt, self.history.stalled = attempt, False
+            res = self.continuation(
+                constant_start(self.problem), ranks, generator=generator, warmup_iters=warmup_iters,
+                max_iter=max_iter, watch_stall=attempt < starts - 1,
+            )  # fmt: skip
+            last = len(self.history.records) - 1
+            if best is None or self.history.records[last]["train_error"] < best[0]:
+                best = (self.history.records[last]["train_error"], res, last)
+            if not self.history.stalled or res.status < 0 or self.history.failed:
+                break
+        assert best is not None
+        return best[1], best[2]
 
     def matrix_continuation(
         self, x: LowRankMatrix, rank: int, *, generator: torch.Generator | None, warmup_iters: int, max_iter: int
@@ -133,16 +162,19 @@ class Stages:
         grow = lambda x, _: grow_matrix_rank(self.problem, x, generator)  # noqa: E731
         return self.climb(x, list(range(x.rank, rank + 1)), grow, warmup_iters=warmup_iters, max_iter=max_iter)
 
-    def climb(self, x: Point, stages: list, grow: Callable, *, warmup_iters: int, max_iter: int) -> OptimizeResult:
+    def climb(
+        self, x: Point, stages: list, grow: Callable, *, warmup_iters: int, max_iter: int, watch_stall: bool = False
+    ) -> OptimizeResult:
         """From ``x`` (at ``stages[0]``) through ``stages`` (ranks, or lists of TT-ranks), ``grow(x, stage)`` making
-        the next stage's start: ``warmup_iters`` iterations at each stage but the last, then ``max_iter``. A stage
-        that reaches the history's ``tol``, fails (negative status) or sees a process fail ends the run with its
-        result (of lower rank, then)."""
+        the next stage's start: ``warmup_iters`` iterations at each stage but the last, then ``max_iter`` (stopped
+        early if it stalls, with ``watch_stall``: see :class:`History`). A stage that reaches the history's ``tol``,
+        fails (negative status) or sees a process fail ends the run with its result (of lower rank, then)."""
         res = None
         for k, stage in enumerate(stages):
             if k:
                 x = grow(x, stage)
             final = k == len(stages) - 1
+            self.history.watch_stall = final and watch_stall
             res = self(x, stage if isinstance(stage, int) else max(stage), max_iter if final else warmup_iters)
             x = res.x
             if final or res.status < 0 or self.history.failed or self.history.converged:

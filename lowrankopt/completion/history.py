@@ -15,6 +15,9 @@ from .problem import Collectives, HeldOut, relative
 __all__ = ["History"]
 
 _COUNTS = ("iter", "nfev", "ngev", "nhev", "time")  # numbered on across the stages
+#: an attempt of complete(starts=k) stalls when its training residual at the target rank fell by less than
+#: 1 − STALL_FACTOR over the last STALL_WINDOW iterations (a run that converges falls by orders of magnitude there)
+STALL_WINDOW, STALL_FACTOR = 50, 0.9
 
 
 class History:
@@ -24,13 +27,25 @@ class History:
     ``test_error`` (with ``held_out``) and ``solve_time`` (seconds since this object was made, without the time spent
     on test errors and ``monitor``); ``iter``, ``nfev``, ``ngev``, ``nhev`` and ``time`` continue from the previous
     stage. :meth:`callback` returns True (stop) once ``train_error <= tol`` or when some process failed (``run``).
+    ``point`` maps the solver's point to the caller's (balanced coordinates) for ``monitor``.
     Cost per record: O(1), plus a held-out error (one gather) and ``run``'s checks.
     """
 
     def __init__(
-        self, *, norm: float, tol: float, held_out: HeldOut | None, run: Collectives, monitor: Callable | None
+        self,
+        *,
+        norm: float,
+        tol: float,
+        held_out: HeldOut | None,
+        run: Collectives,
+        monitor: Callable | None,
+        point: Callable | None = None,
     ) -> None:
         self.norm, self.tol, self.held_out, self.run, self.monitor = norm, tol, held_out, run, monitor
+        self.point = point  # the solver's point -> the caller's (balanced coordinates), for monitor
+        self.attempt = 0  # complete(starts=k): the attempt the records belong to
+        self.watch_stall = False  # stop the current stage when it stalls (set by the caller per stage)
+        self.stalled = False  # the last watched stage stalled
         self.records: list[dict] = []
         self.base = {"iter": 0, "nfev": 0, "ngev": 0, "nhev": 0, "time": 0.0, "rank": 0}
         self.failed = False  # some process failed (distributed): stop every stage
@@ -48,15 +63,20 @@ class History:
         rec = res.history[-1]
         for key in _COUNTS:
             rec[key] += self.base[key]
-        rec["rank"] = self.base["rank"]
+        rec["rank"], rec["attempt"] = self.base["rank"], self.attempt
         rec["train_error"] = relative(math.sqrt(2 * max(res.fun, 0.0)), self.norm)
         if self.held_out is not None:
             rec["test_error"] = self.held_out.error(res.x)
         self.run.check(res.x, rec["iter"])
         rec["solve_time"] = t - self.t_start - self.overhead
         if self.monitor is not None:
-            self.run.guard(lambda: self.monitor(res), lambda: None)
+            seen = res if self.point is None else OptimizeResult({**res, "x": self.point(res.x)})
+            self.run.guard(lambda: self.monitor(seen), lambda: None)
         stop = rec["train_error"] <= self.tol
+        if self.watch_stall and len(res.history) > STALL_WINDOW:
+            before = res.history[-1 - STALL_WINDOW].get("train_error", math.inf)
+            if rec["train_error"] > STALL_FACTOR * before:  # (the same on every process: the errors are reduced)
+                stop = self.stalled = True
         if self.run.stop_all():  # one collective per iteration (distributed): every process stops here together
             stop = self.failed = True
         self.overhead += time.perf_counter() - t
@@ -78,12 +98,18 @@ class History:
             res[key] += start["iter" if key == "nit" else key]
         self.base.update(iter=res.nit, nfev=res.nfev, ngev=res.ngev, nhev=res.nhev, time=self.records[-1]["time"])
 
-    def finish(self, res: OptimizeResult) -> OptimizeResult:
-        """``res`` (the last stage's) with the whole history and the final ``train_error``, ``test_error``, ``time``."""
+    def finish(self, res: OptimizeResult, last: int = -1) -> OptimizeResult:
+        """``res`` (the last stage's of the returned attempt) with the whole history, and ``train_error``,
+        ``test_error`` from the record ``last`` (that stage's last), ``time`` from the last record."""
         res.history = self.records
-        res.train_error = self.records[-1]["train_error"]
-        if res.status == CALLBACK:
+        res.train_error = self.records[last]["train_error"]
+        if res.status == CALLBACK and res.train_error <= self.tol:
             res.message = f"relative training residual {res.train_error:.3e} <= tol = {self.tol:g}"
-        res.test_error = self.records[-1].get("test_error")
+        elif res.status == CALLBACK and not self.failed:  # stopped by the stall test
+            res.message = (
+                f"stalled: relative training residual {res.train_error:.3e} fell by less than "
+                f"{1 - STALL_FACTOR:.0%} in {STALL_WINDOW} iterations"
+            )
+        res.test_error = self.records[last].get("test_error")
         res.time = self.records[-1]["solve_time"]
         return res

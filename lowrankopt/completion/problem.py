@@ -240,12 +240,17 @@ class HeldOut:
     """Held-out entries Γ (this process's shard of them): :meth:`error` is ``‖P_Γ(X − A)‖ / ‖P_Γ A‖`` (+inf when
     the held-out values are all zero and X is not there). Cost: one ``gather`` (and one uncounted all-reduce)."""
 
-    def __init__(self, indices: torch.Tensor, values: torch.Tensor, run: Collectives) -> None:
-        self.indices, self.values, self.run = indices, values, run
+    def __init__(
+        self, indices: torch.Tensor, values: torch.Tensor, run: Collectives, point: Callable | None = None
+    ) -> None:
+        self.indices, self.values, self.run, self.point = indices, values, run, point
         self.norm = run.norm(values)
 
     def error(self, x: Point) -> float:
-        """The relative held-out error of ``x`` (over every process's held-out entries)."""
+        """The relative held-out error of ``x`` (over every process's held-out entries); ``point(x)`` first, when
+        the solver's points are in other coordinates (:mod:`~lowrankopt.completion.scaling`)."""
+        if self.point is not None:
+            x = self.point(x)
         with torch.no_grad():
             sq = self.run.value(lambda x: (entries(x, self.indices) - self.values).square().sum())(x)
             return relative(math.sqrt(float(self.run.quiet(sq))), self.norm)
