@@ -17,8 +17,11 @@ every level of a seed, scaled to the RMS of the observed values) shared by the s
 
 Solvers (:data:`SOLVERS`, ``name -> solver(problem) -> TensorTrain``; add entries to compare more):
 
-- ``complete-cg`` / ``complete-tr``: :func:`complete` with ``method="cg"`` / ``"trust-region"`` and its own start
-  (rank continuation from the best constant tensor), ``max_iter`` iterations at the target rank;
+- ``complete-cg`` / ``complete-tr``: :func:`complete` with ``method="cg"`` / ``"trust-region"`` and its defaults
+  (mode balancing, up to 4 runs of the rank continuation from the best constant tensor), ``max_iter`` iterations at
+  the target rank;
+- ``complete-cg-1run``: ``complete(method="cg", balance=False, starts=1)``, the solver before issue 24 (one run of
+  the continuation, no balancing): what the defaults gained;
 - ``minimize-cg``: plain :func:`minimize` ``method="cg"`` (its defaults: the exact-Hessian step model) on
   :func:`completion_loss` from the shared random ``x0``, stopped once the relative training residual is ≤ 1e-12
   (``complete``'s default ``tol``) or after ``max_iter`` iterations;
@@ -32,7 +35,7 @@ r = 2 (:data:`LADDER_R2`: there complete-cg recovered the Gaussian target, d = 6
 The ``--quick`` run is a smoke run of the pipeline (Gaussian, d = 6, n = 10, r ∈ {2, 4}, 3 seeds, levels 4, 16, 64,
 100 iterations, 10 ALS sweeps, a 35 s budget per case): its counts are not the transition.
 
-Caps per run: ``max_iter`` (1000 in the ``--full`` cases, 100 in ``--quick``; ALS: ``als_sweeps``, 200 / 10) and a
+Caps per run: ``max_iter`` (500 in the ``--full`` cases, 100 in ``--quick``; ALS: ``als_sweeps``, 100 / 10) and a
 wall-clock cap, the runner's ``--max-time`` (``ctx.max_time``: 60 s in quick mode, 300 s in full mode). A run that
 stops at a cap is a failure like any other and is counted in the ``capped`` figure (so slowness can be told from
 convergence to a wrong point). Optionally ``budget`` seconds bound a whole case: once spent, the remaining cells are
@@ -106,15 +109,15 @@ class Problem:
     generator: torch.Generator
     max_iter: int
     max_time: float
-    als_sweeps: int = 200
+    als_sweeps: int = 100
     info: dict = field(default_factory=dict)
 
 
-def _complete(method: str) -> Callable[[Problem], TensorTrain]:
+def _complete(method: str, **options) -> Callable[[Problem], TensorTrain]:
     def solve(p: Problem) -> TensorTrain:
         res = complete(
             p.indices, p.values, p.shape, p.rank, method=method, generator=p.generator, max_iter=p.max_iter,
-            max_time=p.max_time,
+            max_time=p.max_time, **options,
         )  # fmt: skip
         p.info.update(iterations=res.nit, capped=not res.success, message=res.message)
         return res.x
@@ -163,6 +166,8 @@ def _teneva_als(p: Problem) -> TensorTrain:
 SOLVERS: dict[str, Callable[[Problem], TensorTrain]] = {
     "complete-cg": _complete("cg"),
     "complete-tr": _complete("trust-region"),
+    # complete() before issue 24: no mode balancing, one run of the continuation
+    "complete-cg-1run": _complete("cg", balance=False, starts=1),
     "minimize-cg": _minimize_cg,
     "teneva-als": _teneva_als,
 }
@@ -226,7 +231,7 @@ def run(case: Case, ctx: Context) -> dict:
     kind, d, n, r, seeds = p["target"], p["d"], p["n"], p["r"], p["seeds"]
     levels = [float(x) for x in p.get("levels", LADDER)]
     solvers = {name: SOLVERS[name] for name in p.get("solvers", SOLVERS)}
-    caps = dict(max_iter=p.get("max_iter", 1000), max_time=ctx.max_time, als_sweeps=p.get("als_sweeps", 200))
+    caps = dict(max_iter=p.get("max_iter", 500), max_time=ctx.max_time, als_sweeps=p.get("als_sweeps", 100))
     budget = p.get("budget")
     shape = [n] * d
     dim = FixedTTRank(shape, r).dim
