@@ -11,13 +11,17 @@ Start points: matrices start from the rank-r truncated SVD of the zero-filled ``
 ``make_start_x``, computed matrix-free by a randomized range finder on the sparse matrix); tensor trains
 from the best constant tensor with rank continuation (a few iterations at TT-rank 1, 2, …, each stage
 grown by a tiny random rank-1 term), because for d ≫ 2 a random TT-rank-r start is almost orthogonal to
-the target and its tangent space.
+the target and its tangent space. Tensor trains are solved in balanced coordinates (``scaling``: a positive
+scaling of each mode's slices, undone on return) and a continuation that stalls at the target rank is run again
+with new growth terms (``starts``); both lower the sampling at which tensors with Gaussian cores are recovered
+(docs/benchmarks.md, ``tt-completion-phase``).
 
 :func:`complete` composes named pieces: ``checks.check_arguments`` (the argument checks);
 ``problem.CompletionProblem`` (minimize's objective at each stage: the closed forms of
 ``problem.MatrixLeastSquares`` for matrices, δ-trick autodiff of :func:`completion_loss` otherwise) and
 ``problem.HeldOut`` (the test error); ``start`` (``matrix_start`` / ``spectral_start``, ``constant_start``,
-``zero_point``); ``continuation.Stages`` (one stage, or the rank continuation); ``history.History`` (minimize's
+``zero_point``); ``scaling`` (``balance_modes``, ``ModeScaling``); ``continuation.Stages`` (one stage, the rank
+continuation, or several runs of it); ``history.History`` (minimize's
 callback and one history across the stages). Sums over processes go through a ``problem.Collectives``:
 ``problem.SingleProcess``, or :class:`lowrankopt.distributed.ShardedRun` with ``distributed=True`` (which also holds
 the processes' agreement on the call).
@@ -142,10 +146,11 @@ def complete(
         **options: passed to :func:`minimize` (``gtol`` defaults to 0 here: ``tol`` decides).
 
     Returns:
-        The :class:`OptimizeResult` of the final stage, with ``train_error`` and ``test_error`` (final
-        relative errors; test only with ``test``), and ``history`` covering all stages; each record has
-        ``rank``, ``train_error``, ``test_error`` (+inf when the held-out values are all zero and X is not there)
-        and ``solve_time`` (seconds since the call, including the
+        The :class:`OptimizeResult` of the final stage of the returned run, with ``train_error`` and ``test_error``
+        (its final relative errors; test only with ``test``), ``attempt`` (tensor trains without ``x0``: which run
+        of ``starts`` it is, from 0), and ``history`` covering all stages of all runs; each record has ``rank``,
+        ``attempt``, ``train_error`` (of the balanced problem with ``balance``), ``test_error`` (+inf when the
+        held-out values are all zero and X is not there) and ``solve_time`` (seconds since the call, including the
         start-point computation, without the time spent on test errors and ``monitor``). With ``distributed``,
         ``communication`` holds the ``bytes`` all-reduced by this process and the number of ``calls``. If a
         rank-continuation stage already reaches ``tol``, its point — of lower TT-rank — is returned (check
