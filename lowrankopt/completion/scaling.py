@@ -89,10 +89,12 @@ def balance_modes(
             stats[0].index_add_(0, indices[:, k], w2 * y2)
             stats[1].index_add_(0, indices[:, k], torch.ones_like(y2))
             energy, count = reduce(stats)
-            total = float(energy.sum()) / max(float(count.sum()), 1.0)
             seen = (count > 0) & (energy > 0)
-            if total == 0 or not bool(seen.any()):
+            if not bool(seen.any()):
                 return ModeScaling(factors)
+            # the mean square over the slices that can be balanced (an all-zero slice cannot reach any target: counting
+            # its entries would shrink the others every sweep, without a fixed point)
+            total = float(energy[seen].sum()) / float(count[seen].sum())
             ms = torch.where(seen, energy / count.clamp(min=1) / total, torch.ones_like(energy))
             D = factors[k] / ms.sqrt()
             D = D / torch.exp(torch.log(D).mean())  # geometric mean 1: the scale of the values is kept
