@@ -2,13 +2,14 @@
 
 - ``tt-completion``: the ground truth is a random nonnegative tensor of TT-rank r and shape ``n^d`` (i.i.d.
   uniform cores), observed on a random set Ω of entries; Riemannian CG (RTTC) with rank continuation from
-  the best constant tensor.
+  the best constant tensor, restarted (up to 4 runs) when a run stalls at the target rank; the best run is returned.
 - ``matrix-completion``: an m × n matrix ``L Rᵀ`` of rank r with Gaussian factors observed on
   ``oversampling · r (m + n − r)`` entries (LRGeomCG's setup); Riemannian CG (LRGeomCG) from the rank-r
   truncated SVD of the zero-filled observations.
 
 Both report the relative error on held-out entries. Progress goes to ``log`` every ``print_every``
-iterations, or to a tqdm progress bar with ``progress=True``.
+iterations (and when a new run of the rank continuation starts), or to a tqdm progress bar with ``progress=True``
+(which shows the run from the second on).
 """
 
 from __future__ import annotations
@@ -62,31 +63,58 @@ def _prepare(dim, total, *, samples, oversampling, test_samples, tol, dtype, see
     return min(samples, total), min(test_samples, total), tol, emit, torch.Generator().manual_seed(seed)
 
 
-def _stages(history: list[dict]) -> list[tuple[int, int]]:
-    """``(rank, iterations)`` per stage, in order: consecutive iterations at one rank. Record 0 is the start point;
-    record k ≥ 1 is iteration k, made at ``record["rank"]``."""
-    stages: list[tuple[int, int]] = []
+def _runs(history: list[dict]) -> list[tuple[int, list[tuple[int, int]]]]:
+    """``(attempt, stages)`` per run of the rank continuation (``complete``'s ``starts``), in order; ``stages`` holds
+    ``(rank, iterations)`` per stage: consecutive iterations at one rank. Record 0 is the start point; record k ≥ 1 is
+    iteration k, made at ``record["rank"]`` in run ``record["attempt"]`` (a later run's start point has no record:
+    its first record is its first iteration). Without iterations: one run without stages."""
+    runs: list[tuple[int, list[tuple[int, int]]]] = [(history[0].get("attempt", 0), [])]
     for rec in history[1:]:
+        attempt = rec.get("attempt", 0)
+        if runs[-1][0] != attempt:
+            runs.append((attempt, []))
+        stages = runs[-1][1]
         if stages and stages[-1][0] == rec["rank"]:
             stages[-1] = (rec["rank"], stages[-1][1] + 1)
         else:
             stages.append((rec["rank"], 1))
-    return stages
+    return runs
+
+
+def _numbers_text(word: str, numbers: list[int]) -> str:
+    """``("rank", [1, 2, 3])`` → ``"ranks 1-3"``, ``[2]`` → ``"rank 2"``, ``[1, 3]`` → ``"ranks 1, 3"``."""
+    if len(numbers) == 1:
+        return f"{word} {numbers[0]}"
+    if numbers == list(range(numbers[0], numbers[-1] + 1)):
+        return f"{word}s {numbers[0]}-{numbers[-1]}"
+    return f"{word}s " + ", ".join(map(str, numbers))
 
 
 def _ranks_text(ranks: list[int]) -> str:
     """``[1, 2, 3]`` → ``"ranks 1-3"``, ``[2]`` → ``"rank 2"``, ``[1, 3]`` → ``"ranks 1, 3"``."""
-    if len(ranks) == 1:
-        return f"rank {ranks[0]}"
-    if ranks == list(range(ranks[0], ranks[-1] + 1)):
-        return f"ranks {ranks[0]}-{ranks[-1]}"
-    return "ranks " + ", ".join(map(str, ranks))
+    return _numbers_text("rank", ranks)
 
 
-def _summary(res, stages: list[tuple[int, int]], *, iters: int, converged: bool) -> str:
-    """The final line: iterations in all, split into the rank-continuation stages and the final rank, and why the
-    run stopped (``iters`` is the limit at the final rank, as ``complete``'s ``max_iter``)."""
-    final_rank, final_its = stages[-1] if stages else (res.history[0]["rank"], 0)
+def _final_rank(stages: list[tuple[int, int]], history: list[dict]) -> int:
+    """The rank of a run's last stage (the start's rank if it made no iteration)."""
+    return stages[-1][0] if stages else history[0]["rank"]
+
+
+def _returned(res, runs: list[tuple[int, list[tuple[int, int]]]]) -> tuple[int, list[tuple[int, int]]]:
+    """The returned run's ``(attempt, stages)``: ``res.attempt`` (set by ``complete`` for TT rank continuation), else
+    the only run."""
+    attempt = getattr(res, "attempt", None)
+    return next(run for run in runs if run[0] == attempt) if attempt is not None else runs[-1]
+
+
+def _summary(res, runs: list[tuple[int, list[tuple[int, int]]]], *, iters: int, converged: bool) -> str:
+    """The final line: iterations in all (every run: ``len(res.history) − 1``), the returned run's split into the
+    rank-continuation stages and the final rank, and why it stopped (``iters`` is the limit at the final rank, as
+    ``complete``'s ``max_iter``). With several runs it also says which stalled and were restarted, how the last
+    ended if it is not the returned one, and which is returned (runs numbered from 1: run k is ``attempt`` k − 1)."""
+    returned, stages = _returned(res, runs)
+    final_rank = _final_rank(stages, res.history)
+    final_its = stages[-1][1] if stages else 0
     lower = stages[:-1]
     split = f"{final_its} at rank {final_rank}"
     if lower:
@@ -96,9 +124,20 @@ def _summary(res, stages: list[tuple[int, int]], *, iters: int, converged: bool)
     reason = res.message
     if not converged and final_its == iters and res.message.startswith("reached max_iter"):
         reason = f"reached iters = {iters} at rank {final_rank}"
-    return (
-        f"{'converged' if converged else 'stopped'} after {res.nit} iterations in {res.time:.2f}s ({split}; {reason})"
-    )
+    if len(runs) > 1:
+        # complete() follows a run by another only when it stalled at the target rank
+        stalled = _numbers_text("run", [a + 1 for a, _ in runs[:-1]])
+        at = _ranks_text(sorted({_final_rank(st, res.history) for _, st in runs[:-1]}))
+        were = "were" if len(runs) > 2 else "was"
+        parts = [f"{len(runs)} runs of the rank continuation: {stalled} stalled at {at} and {were} restarted"]
+        last, last_stages = runs[-1]
+        if last != returned:
+            parts.append(
+                f"run {last + 1} ended at rank {_final_rank(last_stages, res.history)} with a higher training residual"
+            )
+        split = "; ".join(parts) + f"; run {returned + 1} returned: {split}"
+    outcome = "converged" if converged else "stopped"
+    return f"{outcome} after {len(res.history) - 1} iterations in {res.time:.2f}s ({split}; {reason})"
 
 
 def _solve(idx, vals, test, shape, rank, *, method, tol, iters, warmup_iters, generator, print_every, emit, progress):
@@ -108,26 +147,37 @@ def _solve(idx, vals, test, shape, rank, *, method, tol, iters, warmup_iters, ge
         from tqdm.auto import tqdm
 
         bar = tqdm(desc=f"{method}, rank ≤ {rank}", unit="it", dynamic_ncols=True, mininterval=0.2)
-    last, described = [0], []
+    last, seen = [0], {"attempt": None, "rank": None}  # the last record seen: its run and rank
 
     def monitor(res):
         rec = res.history[-1]
+        attempt = rec.get("attempt", 0)
+        restart = seen["attempt"] is not None and attempt != seen["attempt"]
+        if restart and bar is None:  # a run stalled at the target rank; complete() starts the next from TT-rank 1
+            emit(
+                f"run {attempt + 1}: restarting the rank continuation from rank {res.history[0]['rank']} "
+                f"(run {seen['attempt'] + 1} stalled at rank {seen['rank']})"
+            )
         if bar is not None:
-            if not described:  # the start's rank is known now: say whether rank continuation climbs
-                described.append(True)
+            # the start's rank is known now: say whether rank continuation climbs (again, in a new run)
+            if seen["attempt"] is None or restart:
                 start = res.history[0]["rank"]
                 grows = f"rank {start}→{rank}, growing" if start < rank else f"rank {rank}"
-                bar.set_description(f"{method} ({grows})", refresh=False)
+                run = f"run {attempt + 1}: " if attempt else ""
+                bar.set_description(f"{method} ({run}{grows})", refresh=False)
+            postfix = {"run": attempt + 1} if attempt else {}
             bar.set_postfix(
-                rank=rec["rank"], train=f"{rec['train_error']:.2e}", test=f"{rec['test_error']:.2e}", refresh=False
-            )
+                **postfix, rank=rec["rank"], train=f"{rec['train_error']:.2e}", test=f"{rec['test_error']:.2e}",
+                refresh=False,
+            )  # fmt: skip
             bar.update(rec["iter"] - bar.n)  # redraws at most every mininterval
-        elif rec["iter"] - last[0] >= print_every or rec["iter"] == 0:
+        elif rec["iter"] - last[0] >= print_every or rec["iter"] == 0 or restart:
             last[0] = rec["iter"]
             emit(
                 f"iter {rec['iter']:4d}  rank {rec['rank']}  train {rec['train_error']:.3e}  "
                 f"test {rec['test_error']:.3e}  |grad| {rec['grad_norm']:.3e}  {rec['solve_time']:6.2f}s"
             )
+        seen.update(attempt=attempt, rank=rec["rank"])
 
     try:
         res = complete(
@@ -138,18 +188,30 @@ def _solve(idx, vals, test, shape, rank, *, method, tol, iters, warmup_iters, ge
         if bar is not None:
             bar.close()
     converged = res.train_error <= tol
-    stages = _stages(res.history)
-    emit(_summary(res, stages, iters=iters, converged=converged))
+    runs = _runs(res.history)
+    returned, stages = _returned(res, runs)
+    emit(_summary(res, runs, iters=iters, converged=converged))
     emit(f"final test relative error: {res.test_error:.1e}")
     return {
         "train_error": res.train_error,
         "test_error": res.test_error,
-        "iterations": res.nit,
+        # every run's iterations (res.nit counts only those up to the end of the returned run)
+        "iterations": len(res.history) - 1,
         "stages": [{"rank": r, "iterations": k} for r, k in stages],
+        "attempt": returned,
+        "runs": [
+            {
+                "attempt": a,
+                "stages": [{"rank": r, "iterations": k} for r, k in st],
+                "iterations": sum(k for _, k in st),
+                "stalled": i < len(runs) - 1,
+            }
+            for i, (a, st) in enumerate(runs)
+        ],
         "converged": converged,
         "time": res.time,
         "history": [
-            {k: rec.get(k) for k in ("iter", "rank", "train_error", "test_error", "grad_norm", "solve_time")}
+            {k: rec.get(k) for k in ("iter", "attempt", "rank", "train_error", "test_error", "grad_norm", "solve_time")}
             for rec in res.history
         ],
     }
@@ -182,8 +244,11 @@ def run_tt_completion(
         oversampling: used when ``samples`` is ``None``.
         test_samples: number of held-out entries on which the test error is measured.
         iters: the iteration limit at the target rank (``complete``'s ``max_iter``); the rank-continuation
-            stages below it run ``warmup_iters`` each on top, so a run makes at most
-            ``iters + warmup_iters · (rank − 1)`` iterations.
+            stages below it run ``warmup_iters`` each on top, so one run of the rank continuation makes at most
+            ``iters + warmup_iters · (rank − 1)`` iterations. ``complete`` makes up to ``starts`` = 4 runs (a run
+            that stalls at the target rank is stopped and followed by a fresh one from TT-rank 1; the one with the
+            lowest training residual is returned), so the demo makes at most
+            ``4 · (iters + warmup_iters · (rank − 1))`` iterations.
         warmup_iters: iterations of each rank-continuation stage (TT-ranks 1, …, ``rank`` − 1).
         method: ``"cg"`` or ``"trust-region"`` (see :func:`lowrankopt.complete`).
         tol: stop once the relative training residual ``‖P_Ω(X − A)‖ / ‖P_Ω A‖`` is below ``tol``
@@ -196,14 +261,18 @@ def run_tt_completion(
         log: where the header, progress lines and summary go (``None``: silent).
 
     Returns:
-        A dict with ``train_error`` and ``test_error`` (final relative errors), ``iterations`` (all stages),
-        ``stages`` (``{"rank", "iterations"}`` per stage, in order: the rank-continuation stages, then the final
-        rank; the iterations add up to ``iterations``), ``converged`` (tolerance reached), ``time`` (solver
-        seconds, excluding data generation), ``samples``, ``dim``, ``history`` (record 0 the start point, record
-        k ≥ 1 iteration k: ``iter, rank, train_error, test_error, grad_norm, solve_time``) and ``settings`` (the
-        arguments as used: ``problem``, sizes, ``rank``, ``samples`` and ``test_samples`` after the defaults and
-        the cap at the number of entries, ``oversampling`` (None when ``samples`` was given), ``iters``,
-        ``warmup_iters``, ``method``, ``tol``, ``seed``, ``dtype``).
+        A dict with ``train_error`` and ``test_error`` (final relative errors, of the returned run),
+        ``iterations`` (all stages of all runs: ``len(history) − 1``), ``attempt`` (the returned run, from 0),
+        ``stages`` (the returned run's ``{"rank", "iterations"}`` per stage, in order: the rank-continuation stages,
+        then the final rank), ``runs`` (every run of the rank continuation, in order: ``{"attempt", "stages",
+        "iterations", "stalled"}``, ``stalled`` true for each run that stalled at the target rank and was followed by
+        another; the runs' iterations add up to ``iterations``; a single run when the first does not stall),
+        ``converged`` (tolerance reached), ``time`` (solver seconds over all runs, excluding data generation),
+        ``samples``, ``dim``, ``history`` (every run's records; record 0 the start point, record k ≥ 1 iteration k:
+        ``iter, attempt, rank, train_error, test_error, grad_norm, solve_time``; a later run's start point has no
+        record) and ``settings`` (the arguments as used: ``problem``, sizes, ``rank``, ``samples`` and
+        ``test_samples`` after the defaults and the cap at the number of entries, ``oversampling`` (None when
+        ``samples`` was given), ``iters``, ``warmup_iters``, ``method``, ``tol``, ``seed``, ``dtype``).
     """
     _check_common(dtype, test_samples, print_every, iters)
     d, n, rank = as_int("d", d, 2), as_int("n", n), as_int("rank", rank)

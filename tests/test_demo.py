@@ -147,3 +147,86 @@ def test_iters_help_states_its_meaning():
     demo = build_parser()._subparsers._group_actions[0].choices["demo"]
     text = " ".join(demo.format_help().split())
     assert "iteration limit at the final (target) rank" in text and "--warmup-iters each on top" in text
+
+
+def _stalling_problem():
+    """A TT-rank-4 target (uniform cores, 6^4) completed at TT-rank 2 from 600 entries: the residual cannot vanish,
+    so ``complete`` restarts every run of the rank continuation but the last (see test_completion_restarts.py)."""
+    from lowrankopt import TensorTrain
+    from lowrankopt.completion import sample_indices
+
+    shape, g = [6, 6, 6, 6], torch.Generator().manual_seed(0)
+    ranks = [1, 4, 4, 4, 1]
+    A = TensorTrain([torch.rand(a, n, b, generator=g, dtype=torch.float64) for a, n, b in zip(ranks, shape, ranks[1:])])
+    idx = sample_indices(shape, 600, generator=g)
+    test = sample_indices(shape, 200, generator=g)
+    return shape, A, idx, test
+
+
+def test_summary_and_runs_of_a_completion_that_restarts():
+    from lowrankopt.completion import complete
+    from lowrankopt.demo import _runs, _solve, _summary
+
+    shape, A, idx, test = _stalling_problem()
+    res = complete(
+        idx, A.gather(idx), shape, 2, max_iter=120, warmup_iters=8, generator=torch.Generator().manual_seed(1)
+    )  # fmt: skip
+    runs = _runs(res.history)
+    n = len(runs)
+    assert n > 1 and [a for a, _ in runs] == list(range(n)) and res.attempt == n - 1  # the last run is the best here
+    # the split, checked against the records grouped here by attempt and rank
+    for a, stages in runs:
+        ranks = [rec["rank"] for rec in res.history[1:] if rec["attempt"] == a]
+        assert ranks == [1] * 8 + [2] * (len(ranks) - 8) and stages == [(1, 8), (2, len(ranks) - 8)]
+        # a stalled run stops after more than the stall window (50) and before max_iter; the last runs to max_iter
+        assert 50 < stages[-1][1] < 120 if a < n - 1 else stages[-1][1] == 120
+    assert sum(k for _, st in runs for _, k in st) == res.nit == len(res.history) - 1
+    line = _summary(res, runs, iters=120, converged=False)
+    assert line.startswith(f"stopped after {res.nit} iterations in ")
+    assert line.endswith(
+        f"({n} runs of the rank continuation: runs 1-{n - 1} stalled at rank 2 and were restarted; run {n} returned: "
+        "8 in rank-continuation stages at rank 1, 120 at rank 2; reached iters = 120 at rank 2)"
+    )
+    # the demo's result and progress lines: the same runs (same generator seed), and a line for each restart
+    lines = []
+    out = _solve(
+        idx, A.gather(idx), (test, A.gather(test)), shape, 2, method="cg", tol=1e-12, iters=120, warmup_iters=8,
+        generator=torch.Generator().manual_seed(1), print_every=1000, emit=lines.append, progress=False,
+    )  # fmt: skip
+    assert out["iterations"] == res.nit and out["attempt"] == n - 1
+    assert lines[-2] == line.replace(f"{res.time:.2f}s", f"{out['time']:.2f}s")
+    assert out["runs"] == [
+        {
+            "attempt": a,
+            "stages": [{"rank": r, "iterations": k} for r, k in st],
+            "iterations": sum(k for _, k in st),
+            "stalled": a < n - 1,
+        }
+        for a, st in runs
+    ]
+    assert out["stages"] == out["runs"][-1]["stages"] and sum(r["iterations"] for r in out["runs"]) == out["iterations"]
+    restarts = [s for s in lines if "restarting" in s]
+    assert restarts == [
+        f"run {k + 1}: restarting the rank continuation from rank 1 (run {k} stalled at rank 2)" for k in range(1, n)
+    ]
+
+
+def test_summary_when_an_earlier_run_is_returned():
+    """Synthetic records: run 1 (attempt 0) stalled with the lowest residual, run 2 ended higher; the line names both,
+    and the iterations are all records' (``len(history) − 1``), not only those up to the returned run."""
+    from types import SimpleNamespace
+
+    from lowrankopt.demo import _runs, _summary
+
+    def recs(attempt, ranks):
+        return [{"attempt": attempt, "rank": r, "train_error": 0.5} for r in ranks]
+
+    history = recs(0, [1]) + recs(0, [1] * 3 + [3] * 60) + recs(1, [1] * 3 + [2] * 2 + [3] * 70)
+    res = SimpleNamespace(history=history, attempt=0, time=1.25, message="stalled: relative training residual ...")
+    runs = _runs(history)
+    assert runs == [(0, [(1, 3), (3, 60)]), (1, [(1, 3), (2, 2), (3, 70)])]
+    assert _summary(res, runs, iters=70, converged=False) == (
+        "stopped after 138 iterations in 1.25s (2 runs of the rank continuation: run 1 stalled at rank 3 and was "
+        "restarted; run 2 ended at rank 3 with a higher training residual; run 1 returned: 3 in rank-continuation "
+        "stages at rank 1, 60 at rank 3; stalled: relative training residual ...)"
+    )
