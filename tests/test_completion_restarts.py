@@ -44,6 +44,7 @@ def test_stalled_runs_are_restarted_and_the_best_is_returned():
     finals = {k: recs[-1]["train_error"] for k, recs in runs.items()}
     assert res.attempt == min(finals, key=finals.get)
     assert res.train_error == finals[res.attempt]
+    assert res.nit == len(res.history) - 1 == res.history[-1]["iter"]  # every run's iterations, whichever is returned
     # its point: the plain residual recomputed here from res.x
     resid = float(torch.linalg.vector_norm(res.x.gather(idx) - vals) / torch.linalg.vector_norm(vals))
     assert resid == pytest.approx(res.train_error, rel=1e-9)
@@ -75,3 +76,14 @@ def test_bad_starts():
     m_idx = torch.tensor([[0, 0], [1, 1], [2, 0]])
     with pytest.raises(ValueError, match="starts > 1"):
         complete(m_idx, torch.ones(3, dtype=torch.float64), (3, 3), 1, starts=2)
+
+
+def test_the_counts_cover_every_run_when_an_earlier_one_is_returned():
+    A, idx, vals = data(4, 600)
+    res = complete(
+        idx, vals, SHAPE, 2, starts=2, max_iter=60, balance=False, generator=torch.Generator().manual_seed(9)
+    )
+    assert res.attempt == 0  # the first run is the better one here: the second ran on after it
+    assert {rec["attempt"] for rec in res.history} == {0, 1}
+    assert res.nit == len(res.history) - 1 == res.history[-1]["iter"]
+    assert res.nfev >= res.history[-1]["nfev"]

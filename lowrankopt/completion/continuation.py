@@ -138,7 +138,8 @@ class Stages:
         """Up to ``starts`` runs of :meth:`continuation` from the best constant tensor, each drawing its own growth
         terms from ``generator`` (so each follows its own path). Every run but the last stops once it stalls at the
         target rank (see :class:`History`), and only a stalled run is followed by another. Returns the run with the
-        lowest training residual and the index of its last record in the history."""
+        lowest training residual (its counts ``nit``, ``nfev``, … the totals over every run) and the index of its last
+        record in the history."""
         best: tuple[float, OptimizeResult, int] | None = None
         for attempt in range(starts):
             self.history.attempt, self.history.stalled = attempt, False
@@ -152,7 +153,10 @@ class Stages:
             if not self.history.stalled or res.status < 0 or self.history.failed:
                 break
         assert best is not None
-        return best[1], best[2]
+        res = best[1]
+        base = self.history.base  # the counts over every run (an earlier run's res has its own totals only)
+        res.nit, res.nfev, res.ngev, res.nhev = base["iter"], base["nfev"], base["ngev"], base["nhev"]
+        return res, best[2]
 
     def matrix_continuation(
         self, x: LowRankMatrix, rank: int, *, generator: torch.Generator | None, warmup_iters: int, max_iter: int
