@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_nonnegative_int,
         default=None,
         help="iteration limit at the final (target) rank; the rank-continuation stages below it run --warmup-iters "
-        "each on top, and the summary reports the split (default: 300 for TT, 500 for matrices)",
+        "each on top (for TT, a run that stalls at the target rank is restarted, up to 4 runs, each with these "
+        "limits), and the summary reports the split (default: 300 for TT, 500 for matrices)",
     )
     demo.add_argument(
         "--warmup-iters",
