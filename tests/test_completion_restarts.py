@@ -87,3 +87,54 @@ def test_the_counts_cover_every_run_when_an_earlier_one_is_returned():
     assert {rec["attempt"] for rec in res.history} == {0, 1}
     assert res.nit == len(res.history) - 1 == res.history[-1]["iter"]
     assert res.nfev >= res.history[-1]["nfev"]
+
+
+def test_a_returned_stalled_run_is_not_a_success():
+    A, idx, vals = data(4, 600)
+    one = complete(
+        idx, vals, SHAPE, 2, starts=1, max_iter=60, balance=False, generator=torch.Generator().manual_seed(9)
+    )
+    two = complete(
+        idx, vals, SHAPE, 2, starts=2, max_iter=60, balance=False, generator=torch.Generator().manual_seed(9)
+    )
+    assert not one.success and one.train_error > 1e-3
+    assert two.attempt == 0 and not two.success and two.status == 5 and two.message.startswith("stalled")
+    assert [r for r in two.history if r["attempt"] == 0][-1]["stalled"]
+
+
+def test_a_run_that_reaches_tol_where_it_would_also_stall_is_not_repeated():
+    A, idx, vals = data(4, 600)
+    kw = dict(max_iter=120, balance=False)
+    ref = complete(idx, vals, SHAPE, 2, starts=1, tol=0.0, generator=torch.Generator().manual_seed(1), **kw)
+    e = [r["train_error"] for r in ref.history if r["rank"] == 2]
+    # a tol first reached at a record where the stall rule holds too
+    i = next(i for i in range(51, len(e)) if e[i] > 0.9 * e[i - 50] and e[i] < min(e[:i]))
+    res = complete(idx, vals, SHAPE, 2, starts=3, tol=e[i], generator=torch.Generator().manual_seed(1), **kw)
+    assert {r["attempt"] for r in res.history} == {0} and res.success and res.train_error <= e[i]
+
+
+def test_a_monitor_that_stops_is_not_reported_as_a_stall():
+    A, idx, vals = data(4, 600)
+
+    def monitor(res):
+        if res.nit >= 20:
+            raise StopIteration
+
+    res = complete(idx, vals, SHAPE, 2, starts=1, monitor=monitor, generator=torch.Generator().manual_seed(1))
+    assert "stalled" not in res.message
+
+
+def test_one_run_at_tt_rank_one():
+    A, idx, vals = data(3, 400)
+    res = complete(idx, vals, SHAPE, 1, max_iter=120, generator=torch.Generator().manual_seed(0))
+    assert {r["attempt"] for r in res.history} == {0}  # no growth terms: further runs would repeat this one
+
+
+def test_attempt_and_grad_on_every_path():
+    A, idx, vals = data(2, 300)
+    zero = complete(idx, torch.zeros_like(vals), SHAPE, 2)
+    assert zero.attempt == 0 and zero.success
+    res = complete(idx, vals, SHAPE, 2, generator=torch.Generator().manual_seed(0))
+    assert res.grad is None  # balanced: the solver's gradient is a tangent vector at another point, not returned
+    plain = complete(idx, vals, SHAPE, 2, balance=False, generator=torch.Generator().manual_seed(0))
+    assert plain.grad is not None and plain.attempt == 0

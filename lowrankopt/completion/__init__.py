@@ -94,8 +94,8 @@ def complete(
         test: optional ``(indices, values)`` of held-out entries Γ; the relative test error
             ``‖P_Γ(X − A)‖ / ‖P_Γ A‖`` is recorded in the history (its cost is not counted in ``time``).
         x0: start point (LowRankMatrix / TensorTrain of the target rank); default as in the module doc.
-        tol: stop when the relative training residual ``‖P_Ω X − values‖ / ‖values‖ ≤ tol``
-            (default 1e-12 in float64, 1e-5 in float32).
+        tol: stop when the relative training residual ``‖P_Ω X − values‖ / ‖values‖ ≤ tol`` (of the balanced
+            problem with ``balance``: see there) (default 1e-12 in float64, 1e-5 in float32).
         max_iter: iterations at the target rank (the rank-continuation stages take ``warmup_iters``
             each on top).
         warmup_iters: iterations of each rank-continuation stage below the target rank (default 8 for tensor
@@ -117,16 +117,19 @@ def complete(
             changed nothing on nonnegative cores) — docs/benchmarks.md, ``tt-completion-phase``. ``tol``,
             ``train_error`` and ``fun`` then refer to the balanced problem: ``train_error = ‖w ∘ (P_Ω X − values)‖ /
             ‖w ∘ values‖`` (``w`` the product of the scalings at Ω; 0 exactly where the plain residual is 0); test
-            errors, ``monitor`` and ``res.x`` are in the caller's coordinates. False: no scaling.
+            errors, ``monitor`` and ``res.x`` are in the caller's coordinates; ``grad_norm`` is the balanced
+            gradient's, and ``res.grad`` (and the ``grad`` that ``monitor`` sees) is None. False: no scaling.
         starts: tensor trains without ``x0`` (a ValueError otherwise, if above 1); None (default) means 4: up to
-            this many runs of the rank continuation, each from the best
-            constant tensor with its own random growth terms (drawn from ``generator``); a run that stalls at the
-            target rank (training residual down by less than 10 % in 50 iterations) is followed by the next (the last
-            is never stopped early), and the run with the lowest training residual is returned (``res.attempt``; the
-            records carry ``attempt``). Near the sampling limit the runs' outcomes differ: at d = 6, n = 10,
-            Gaussian cores, 2 runs in 16 recovered the tensor at TT-rank 4 from 15 × dim entries, 7 in 16 at TT-rank 2
-            from 64 × dim (docs/benchmarks.md). A run that converges is not repeated, so this costs time only where
-            the first run fails.
+            this many runs of the rank continuation, each from the best constant tensor with its own random growth
+            terms (drawn from ``generator``). A run that stalls at the target rank (training residual down by less
+            than 10 % in 50 iterations; its last record has ``stalled``) or that minimize stops on its own above
+            ``tol`` is followed by the next (the last is never stopped early), and the run with the lowest training
+            residual is returned (``res.attempt``; the records carry ``attempt``); a returned run that stalled is not
+            a success (status 5, the message says so). At TT-rank 1 there is one run (no growth terms to differ).
+            Near the sampling limit the runs' outcomes differ: at d = 6, n = 10, Gaussian cores, 2 runs in 16
+            recovered the tensor at TT-rank 4 from 15 × dim entries, 7 in 16 at TT-rank 2 from 64 × dim
+            (docs/benchmarks.md). A run that converges is not repeated, so this costs time only where the first run
+            fails.
         curvature: Hessian used by the quadratic-model steps and the trust-region method (see
             :func:`minimize`); the default False gives the exact line search of LRGeomCG / RTTC.
         generator: for the randomized start (deterministic given it).
@@ -210,15 +213,17 @@ def complete(
         ranks = tt_ranks(shape, rank, x0)
         if x0 is not None:
             res = stages(x0 if scaling is None else scaling.apply(x0), max(ranks), max_iter)
+            res.attempt = 0
         else:
             warmup = 8 if warmup_iters is None else warmup_iters
-            runs = 4 if starts is None else starts
+            # (at TT-rank 1 there are no growth terms: every run would repeat the first)
+            runs = 1 if max(ranks) == 1 else 4 if starts is None else starts
             res, last = stages.attempts(ranks, runs, generator=generator, warmup_iters=warmup, max_iter=max_iter)
             res.attempt = history.records[last]["attempt"]
     run.finish(res)  # with distributed: raises on every process or on none, checks that they hold one point
     history.finish(res, last)
-    if scaling is not None:
-        res.x = scaling.undo(res.x)
+    if scaling is not None:  # the caller's coordinates (the gradient, at the balanced point, is not returned)
+        res.x, res.grad = scaling.undo(res.x), None
     if problem.norm == 0:
         res.message = zero_message(len(shape)) + res.message
     return res

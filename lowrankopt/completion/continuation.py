@@ -14,6 +14,7 @@ from ..formats.lowrank import LowRankMatrix
 from ..formats.tt import TensorTrain
 from ..manifolds import manifold_of
 from ..optim import OptimizeResult, minimize
+from ..optim.result import MAX_ITER, MAX_TIME
 from .history import History
 from .problem import CompletionProblem, Point
 from .start import constant_start, randomized_svd
@@ -137,7 +138,8 @@ class Stages:
     ) -> tuple[OptimizeResult, int]:
         """Up to ``starts`` runs of :meth:`continuation` from the best constant tensor, each drawing its own growth
         terms from ``generator`` (so each follows its own path). Every run but the last stops once it stalls at the
-        target rank (see :class:`History`), and only a stalled run is followed by another. Returns the run with the
+        target rank (see :class:`History`); a run that stalled, or that minimize stopped on its own above ``tol``
+        (floating-point floor, no progress), is followed by another. Returns the run with the
         lowest training residual (its counts ``nit``, ``nfev``, … the totals over every run) and the index of its last
         record in the history."""
         best: tuple[float, OptimizeResult, int] | None = None
@@ -150,7 +152,10 @@ class Stages:
             last = len(self.history.records) - 1
             if best is None or self.history.records[last]["train_error"] < best[0]:
                 best = (self.history.records[last]["train_error"], res, last)
-            if not self.history.stalled or res.status < 0 or self.history.failed:
+            # another run after a stall, or after minimize's own stop (floating-point floor, no progress, ftol) at a
+            # fit above tol; not after convergence, max_iter, max_time (the time is spent), a failure or NaN
+            ended = self.history.converged or res.status in (MAX_ITER, MAX_TIME) or res.status < 0
+            if ended or self.history.failed:
                 break
         assert best is not None
         res = best[1]

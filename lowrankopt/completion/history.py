@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from ..optim import OptimizeResult
-from ..optim.result import CALLBACK
+from ..optim.result import CALLBACK, NO_PROGRESS
 from .problem import Collectives, HeldOut, relative
 
 __all__ = ["History"]
@@ -26,7 +26,9 @@ class History:
     Each record gets ``rank`` (the stage's), ``train_error`` (``‖P_Ω X − values‖ / ‖values‖ = √(2f) / ‖values‖``),
     ``test_error`` (with ``held_out``) and ``solve_time`` (seconds since this object was made, without the time spent
     on test errors and ``monitor``); ``iter``, ``nfev``, ``ngev``, ``nhev`` and ``time`` continue from the previous
-    stage. :meth:`callback` returns True (stop) once ``train_error <= tol`` or when some process failed (``run``).
+    stage. :meth:`callback` returns True (stop) once ``train_error <= tol``, when some process failed (``run``), or,
+    with ``watch_stall``, once the stage stalls (its record gets ``stalled``: see ``STALL_WINDOW``). ``train_error``
+    is that of the problem solved (the balanced one with ``complete(balance=...)``).
     ``point`` maps the solver's point to the caller's (balanced coordinates) for ``monitor``.
     Cost per record: O(1), plus a held-out error (one gather) and ``run``'s checks.
     """
@@ -70,13 +72,14 @@ class History:
         self.run.check(res.x, rec["iter"])
         rec["solve_time"] = t - self.t_start - self.overhead
         if self.monitor is not None:
-            seen = res if self.point is None else OptimizeResult({**res, "x": self.point(res.x)})
+            # in the caller's coordinates: x mapped back, the gradient (a tangent vector at the solver's point) left out
+            seen = res if self.point is None else OptimizeResult({**res, "x": self.point(res.x), "grad": None})
             self.run.guard(lambda: self.monitor(seen), lambda: None)
         stop = rec["train_error"] <= self.tol
-        if self.watch_stall and len(res.history) > STALL_WINDOW:
+        if not stop and self.watch_stall and len(res.history) > STALL_WINDOW:
             before = res.history[-1 - STALL_WINDOW].get("train_error", math.inf)
             if rec["train_error"] > STALL_FACTOR * before:  # (the same on every process: the errors are reduced)
-                stop = self.stalled = True
+                stop = self.stalled = rec["stalled"] = True
         if self.run.stop_all():  # one collective per iteration (distributed): every process stops here together
             stop = self.failed = True
         self.overhead += time.perf_counter() - t
@@ -105,7 +108,8 @@ class History:
         res.train_error = self.records[last]["train_error"]
         if res.status == CALLBACK and res.train_error <= self.tol:
             res.message = f"relative training residual {res.train_error:.3e} <= tol = {self.tol:g}"
-        elif res.status == CALLBACK and not self.failed:  # stopped by the stall test
+        elif self.records[last].get("stalled"):  # stopped by the stall test: not a success
+            res.success, res.status = False, NO_PROGRESS
             res.message = (
                 f"stalled: relative training residual {res.train_error:.3e} fell by less than "
                 f"{1 - STALL_FACTOR:.0%} in {STALL_WINDOW} iterations"

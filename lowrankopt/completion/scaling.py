@@ -71,10 +71,12 @@ def balance_modes(
     ``sweeps`` alternating passes over the modes, each setting ``D_k[i] ← D_k[i] / rms_k[i]`` (``rms_k[i]``: the
     root mean square of the scaled observed values with ``i_k = i``, relative to their overall one), then
     normalized to geometric mean 1 per mode. Slices without observations, or whose observed values are all zero,
-    keep ``D_k[i]``. Each ``D_k`` is clipped to ``[c⁻¹, c]`` with ``c = max_ratio^(1/(2d))``, so that no weight
-    ``Π_k D_k[i_k]`` exceeds ``√max_ratio`` or falls below its inverse (a slice seen a few times cannot
-    dominate, and the weights stay finite in float32 for any d). ``reduce`` sums the slice statistics over the
-    processes that hold the other shards (identity in one process). Computed in float64.
+    are not updated (they move only with that normalization and the clip; their factor does not change the loss)
+    and do not count in the overall mean square. Each ``D_k`` is clipped to ``[c⁻¹, c]`` with
+    ``c = max_ratio^(1/(2d))``, so that no weight ``Π_k D_k[i_k]`` exceeds ``√max_ratio`` or falls below its
+    inverse (a slice seen a few times cannot dominate, and the weights stay finite in float32 for any d).
+    ``reduce`` sums the slice statistics over the processes that hold the other shards (identity in one process).
+    Computed in float64.
     Cost ``O(sweeps · d · N)`` and ``sweeps · d`` reductions of ``2 n_k`` numbers.
     """
     d = len(shape)
