@@ -134,7 +134,7 @@ def test_attempt_and_grad_on_every_path():
     A, idx, vals = data(2, 300)
     zero = complete(idx, torch.zeros_like(vals), SHAPE, 2)
     assert zero.attempt == 0 and zero.success
-    res = complete(idx, vals, SHAPE, 2, generator=torch.Generator().manual_seed(0))
-    assert res.grad is None  # balanced: the solver's gradient is a tangent vector at another point, not returned
-    plain = complete(idx, vals, SHAPE, 2, balance=False, generator=torch.Generator().manual_seed(0))
-    assert plain.grad is not None and plain.attempt == 0
+    for balance in (True, False):  # after balancing, the last stage is on the plain problem at the returned point
+        res = complete(idx, vals, SHAPE, 2, balance=balance, generator=torch.Generator().manual_seed(0))
+        assert res.attempt == 0 and res.grad is not None and res.grad.manifold.ranks == (2, 2, 2)
+        assert float(res.grad.norm()) == pytest.approx(res.grad_norm, rel=1e-9)

@@ -94,8 +94,8 @@ def complete(
         test: optional ``(indices, values)`` of held-out entries Γ; the relative test error
             ``‖P_Γ(X − A)‖ / ‖P_Γ A‖`` is recorded in the history (its cost is not counted in ``time``).
         x0: start point (LowRankMatrix / TensorTrain of the target rank); default as in the module doc.
-        tol: stop when the relative training residual ``‖P_Ω X − values‖ / ‖values‖ ≤ tol`` (of the balanced
-            problem with ``balance``: see there) (default 1e-12 in float64, 1e-5 in float32).
+        tol: stop when the relative training residual ``‖P_Ω X − values‖ / ‖values‖ ≤ tol`` (default 1e-12 in
+            float64, 1e-5 in float32; the balanced stages of ``balance`` test their own residual).
         max_iter: iterations at the target rank (the rank-continuation stages take ``warmup_iters``
             each on top).
         warmup_iters: iterations of each rank-continuation stage below the target rank (default 8 for tensor
@@ -109,16 +109,19 @@ def complete(
             from the spectral start, CG stalls at a wrong fit once the target's condition number κ reaches about 10
             (docs/benchmarks.md, ``matrix-completion``, the κ cases). True: climb from rank 1; False: no
             continuation.
-        balance: tensor trains only (a ValueError for matrices if True). None (default) or True: solve for the
-            balanced tensor ``B = A ×_1 diag(D_1) ⋯ ×_d diag(D_d)``, the positive mode scalings ``D_k`` chosen so that
-            every slice has the same mean square over its observed entries (``completion.scaling.balance_modes``;
-            the TT-ranks are those of A), and return A (the cores divided back). A preconditioner: at d = 6, n = 10,
-            TT-rank 4, Gaussian cores, it raised the success rate at ``|Ω| = 20 dim`` from 0 to 3 of 4 seeds (and
-            changed nothing on nonnegative cores) — docs/benchmarks.md, ``tt-completion-phase``. ``tol``,
-            ``train_error`` and ``fun`` then refer to the balanced problem: ``train_error = ‖w ∘ (P_Ω X − values)‖ /
-            ‖w ∘ values‖`` (``w`` the product of the scalings at Ω; 0 exactly where the plain residual is 0); test
-            errors, ``monitor`` and ``res.x`` are in the caller's coordinates; ``grad_norm`` is the balanced
-            gradient's, and ``res.grad`` (and the ``grad`` that ``monitor`` sees) is None. False: no scaling.
+        balance: tensor trains only (a ValueError for matrices if True). None (default) or True: first solve for
+            the balanced tensor ``B = A ×_1 diag(D_1) ⋯ ×_d diag(D_d)``, the positive mode scalings ``D_k`` chosen so
+            that every slice has the same mean square over its observed entries (``completion.scaling.balance_modes``;
+            the TT-ranks are those of A), then map the result back (the cores divided by the scalings) and finish
+            on the plain problem: one more stage of at most ``max_iter`` iterations at the target rank (a single one
+            where the balanced run has fitted exact data). So the answer minimizes the plain least squares; the
+            balancing only chose where to look. At d = 6, n = 10, TT-rank 4, Gaussian cores, it raised the success
+            rate at ``|Ω| = 20 dim`` from 0 to 3 of 4 seeds and changed nothing on nonnegative cores
+            (docs/benchmarks.md, ``tt-completion-phase``). The records of the balanced stages have ``balanced``
+            True: their ``fun``, ``grad_norm`` and ``train_error`` are the balanced problem's
+            (``‖w ∘ (P_Ω X − values)‖ / ‖w ∘ values‖``, ``w`` the product of the scalings at Ω), and ``tol`` stops
+            them on it; test errors and ``monitor``'s ``x`` are in the caller's coordinates throughout (``monitor``
+            sees ``grad`` None there). False: no scaling.
         starts: tensor trains without ``x0`` (a ValueError otherwise, if above 1); None (default) means 4: up to
             this many runs of the rank continuation, each from the best constant tensor with its own random growth
             terms (drawn from ``generator``). A run that stalls at the target rank (training residual down by less
@@ -152,8 +155,8 @@ def complete(
         The :class:`OptimizeResult` of the final stage of the returned run, with ``train_error`` and ``test_error``
         (its final relative errors; test only with ``test``), ``attempt`` (tensor trains without ``x0``: which run
         of ``starts`` it is, from 0), and ``history`` covering all stages of all runs; each record has ``rank``,
-        ``attempt``, ``train_error`` (of the balanced problem with ``balance``), ``test_error`` (+inf when the
-        held-out values are all zero and X is not there) and ``solve_time`` (seconds since the call, including the
+        ``attempt``, ``balanced``, ``train_error`` (of the balanced problem in its stages), ``test_error`` (+inf when
+        the held-out values are all zero and X is not there) and ``solve_time`` (seconds since the call, including the
         start-point computation, without the time spent on test errors and ``monitor``). With ``distributed``,
         ``communication`` holds the ``bytes`` all-reduced by this process and the number of ``calls``. If a
         rank-continuation stage already reaches ``tol``, its point — of lower TT-rank — is returned (check
@@ -220,10 +223,22 @@ def complete(
             runs = 1 if max(ranks) == 1 else 4 if starts is None else starts
             res, last = stages.attempts(ranks, runs, generator=generator, warmup_iters=warmup, max_iter=max_iter)
             res.attempt = history.records[last]["attempt"]
+        if scaling is not None and problem.norm > 0 and res.status >= 0 and not history.failed:
+            # back to the caller's problem: balancing only chose where to look; the answer minimizes the plain
+            # least squares (the same point where the data are exact, the plain estimator where they are noisy)
+            attempt = res.attempt
+            problem = CompletionProblem(indices, values, shape, completion_loss(indices, values), curvature=curvature,
+                                        run=run)  # fmt: skip
+            history.plain(problem.norm)
+            res = Stages(problem, history, method=method, curvature=curvature, options=options)(
+                scaling.undo(res.x), max(ranks), max_iter
+            )
+            res.attempt, last = attempt, -1
     run.finish(res)  # with distributed: raises on every process or on none, checks that they hold one point
-    history.finish(res, last)
-    if scaling is not None:  # the caller's coordinates (the gradient, at the balanced point, is not returned)
-        res.x, res.grad = scaling.undo(res.x), None
+    # after balancing, the last record may be a balanced one (the plain stage stops at its start where the balanced
+    # run has fitted exact data, and a start makes no record): the plain residual of res.x, one gather
+    plain = HeldOut(indices, values, run).error(res.x) if scaling is not None and problem.norm > 0 else None
+    history.finish(res, last, train_error=plain)
     if problem.norm == 0:
         res.message = zero_message(len(shape)) + res.message
     return res

@@ -65,7 +65,7 @@ class History:
         rec = res.history[-1]
         for key in _COUNTS:
             rec[key] += self.base[key]
-        rec["rank"], rec["attempt"] = self.base["rank"], self.attempt
+        rec["rank"], rec["attempt"], rec["balanced"] = self.base["rank"], self.attempt, self.point is not None
         rec["train_error"] = relative(math.sqrt(2 * max(res.fun, 0.0)), self.norm)
         if self.held_out is not None:
             rec["test_error"] = self.held_out.error(res.x)
@@ -85,6 +85,13 @@ class History:
         self.overhead += time.perf_counter() - t
         return stop
 
+    def plain(self, norm: float) -> None:
+        """The stages that follow solve the caller's problem (``‖values‖ = norm``), in the caller's coordinates:
+        no more mapping of points for ``monitor`` and the held-out errors."""
+        self.norm, self.point, self.watch_stall = norm, None, False
+        if self.held_out is not None:
+            self.held_out.point = None
+
     def begin_stage(self, rank: int) -> None:
         """The records that follow belong to a stage at rank ``rank``."""
         self.base["rank"] = rank
@@ -101,11 +108,11 @@ class History:
             res[key] += start["iter" if key == "nit" else key]
         self.base.update(iter=res.nit, nfev=res.nfev, ngev=res.ngev, nhev=res.nhev, time=self.records[-1]["time"])
 
-    def finish(self, res: OptimizeResult, last: int = -1) -> OptimizeResult:
-        """``res`` (the last stage's of the returned attempt) with the whole history, and ``train_error``,
-        ``test_error`` from the record ``last`` (that stage's last), ``time`` from the last record."""
+    def finish(self, res: OptimizeResult, last: int = -1, train_error: float | None = None) -> OptimizeResult:
+        """``res`` (the last stage's of the returned attempt) with the whole history, and ``train_error`` (given, or
+        from the record ``last``: that stage's last), ``test_error`` from that record, ``time`` from the last one."""
         res.history = self.records
-        res.train_error = self.records[last]["train_error"]
+        res.train_error = self.records[last]["train_error"] if train_error is None else train_error
         if res.status == CALLBACK and res.train_error <= self.tol:
             res.message = f"relative training residual {res.train_error:.3e} <= tol = {self.tol:g}"
         elif self.records[last].get("stalled"):  # stopped by the stall test: not a success
