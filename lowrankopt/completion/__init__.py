@@ -230,6 +230,7 @@ def complete(
             problem = CompletionProblem(indices, values, shape, completion_loss(indices, values), curvature=curvature,
                                         run=run)  # fmt: skip
             history.plain(problem.norm)
+            history.attempt = attempt  # (its records continue the returned run)
             res = Stages(problem, history, method=method, curvature=curvature, options=options)(
                 scaling.undo(res.x), max(ranks), max_iter
             )
