@@ -72,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--iters",
         type=_nonnegative_int,
         default=None,
-        help="iteration limit at the final (target) rank; the rank-continuation stages below it run --warmup-iters "
-        "each on top (for TT, a run that stalls at the target rank is restarted, up to 4 runs, each with these "
-        "limits), and the summary reports the split (default: 300 for TT, 500 for matrices)",
+        help="iteration limit of each stage at the final (target) rank: for TT, the balanced stage of each run and "
+        "the final stage on the plain problem each; the rank-continuation stages below it run --warmup-iters each on "
+        "top (for TT, a run that stalls at the target rank is restarted, up to 4 runs, each with these limits, so at "
+        "most 4 x (iters + warmup-iters x (rank - 1)) + iters iterations in all), and the summary reports the split "
+        "(default: 300 for TT, 500 for matrices)",
     )
     demo.add_argument(
         "--warmup-iters",

@@ -2,20 +2,24 @@
 
 - ``tt-completion``: the ground truth is a random nonnegative tensor of TT-rank r and shape ``n^d`` (i.i.d.
   uniform cores), observed on a random set Ω of entries; Riemannian CG (RTTC) with rank continuation from
-  the best constant tensor, restarted (up to 4 runs) when a run stalls at the target rank; the best run is returned.
+  the best constant tensor on the balanced problem (``complete``'s ``balance``), restarted (up to 4 runs) when a run
+  stalls at the target rank; the best run's point is mapped back and finished by one more stage at the target rank on
+  the plain problem (no iteration where the balanced run already fitted the data to ``tol``).
 - ``matrix-completion``: an m × n matrix ``L Rᵀ`` of rank r with Gaussian factors observed on
   ``oversampling · r (m + n − r)`` entries (LRGeomCG's setup); Riemannian CG (LRGeomCG) from the rank-r
   truncated SVD of the zero-filled observations.
 
 Both report the relative error on held-out entries. Progress goes to ``log`` every ``print_every``
-iterations (and when a new run of the rank continuation starts), or to a tqdm progress bar with ``progress=True``
-(which shows the run from the second on).
+iterations (and when a new run of the rank continuation or the plain stage starts), or to a tqdm progress bar with
+``progress=True`` (which shows the run from the second on). The training errors of the balanced stages are the
+balanced problem's (see :func:`lowrankopt.complete`); the final one is the plain residual.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -63,22 +67,31 @@ def _prepare(dim, total, *, samples, oversampling, test_samples, tol, dtype, see
     return min(samples, total), min(test_samples, total), tol, emit, torch.Generator().manual_seed(seed)
 
 
-def _runs(history: list[dict]) -> list[tuple[int, list[tuple[int, int]]]]:
-    """``(attempt, stages)`` per run of the rank continuation (``complete``'s ``starts``), in order; ``stages`` holds
-    ``(rank, iterations)`` per stage: consecutive iterations at one rank. Record 0 is the start point; record k ≥ 1 is
-    iteration k, made at ``record["rank"]`` in run ``record["attempt"]`` (a later run's start point has no record:
-    its first record is its first iteration). Without iterations: one run without stages."""
-    runs: list[tuple[int, list[tuple[int, int]]]] = [(history[0].get("attempt", 0), [])]
+class Stage(NamedTuple):
+    """Consecutive iterations of one run at one rank, on the balanced problem or on the caller's plain one."""
+
+    rank: int
+    iterations: int
+    balanced: bool
+
+
+def _runs(history: list[dict]) -> list[tuple[int, list[Stage]]]:
+    """``(attempt, stages)`` per run of the rank continuation (``complete``'s ``starts``), in the order they started;
+    ``stages`` holds a :class:`Stage` per group of consecutive records of the run with one ``(rank, balanced)``.
+    Record 0 is the start point; record k ≥ 1 is iteration k, made at ``record["rank"]`` in run
+    ``record["attempt"]`` (a later run's start point has no record: its first record is its first iteration). With
+    ``complete``'s ``balance`` the runs solve the balanced problem and the last records (if any) are the final stage
+    on the plain problem (``balanced`` False): they carry the returned run's attempt, which may be an earlier run's,
+    and join that run as its last stage. Without iterations: one run without stages."""
+    runs: dict[int, list[Stage]] = {history[0].get("attempt", 0): []}
     for rec in history[1:]:
-        attempt = rec.get("attempt", 0)
-        if runs[-1][0] != attempt:
-            runs.append((attempt, []))
-        stages = runs[-1][1]
-        if stages and stages[-1][0] == rec["rank"]:
-            stages[-1] = (rec["rank"], stages[-1][1] + 1)
+        stages = runs.setdefault(rec.get("attempt", 0), [])
+        balanced = bool(rec.get("balanced", False))
+        if stages and (stages[-1].rank, stages[-1].balanced) == (rec["rank"], balanced):
+            stages[-1] = stages[-1]._replace(iterations=stages[-1].iterations + 1)
         else:
-            stages.append((rec["rank"], 1))
-    return runs
+            stages.append(Stage(rec["rank"], 1, balanced))
+    return list(runs.items())
 
 
 def _numbers_text(word: str, numbers: list[int]) -> str:
@@ -95,45 +108,63 @@ def _ranks_text(ranks: list[int]) -> str:
     return _numbers_text("rank", ranks)
 
 
-def _final_rank(stages: list[tuple[int, int]], history: list[dict]) -> int:
-    """The rank of a run's last stage (the start's rank if it made no iteration)."""
-    return stages[-1][0] if stages else history[0]["rank"]
+def _split(stages: list[Stage]) -> tuple[list[Stage], Stage | None, Stage | None]:
+    """A run's stages as ``(lower, final, plain)``: the rank-continuation stages, the last stage of the rank
+    continuation (at the target rank unless a lower rank already reached ``tol``; None without iterations) and the
+    final stage on the plain problem after balanced ones (None if it made no iteration, or without balancing)."""
+    plain = None
+    if len(stages) > 1 and not stages[-1].balanced and stages[-2].balanced:
+        stages, plain = stages[:-1], stages[-1]
+    return stages[:-1], (stages[-1] if stages else None), plain
 
 
-def _returned(res, runs: list[tuple[int, list[tuple[int, int]]]]) -> tuple[int, list[tuple[int, int]]]:
+def _final_rank(stages: list[Stage], history: list[dict]) -> int:
+    """The rank at which a run's rank continuation ended: its last stage's but for a final stage on the plain problem
+    (the start's rank if it made no iteration)."""
+    final = _split(stages)[1]
+    return final.rank if final is not None else history[0]["rank"]
+
+
+def _returned(res, runs: list[tuple[int, list[Stage]]]) -> tuple[int, list[Stage]]:
     """The returned run's ``(attempt, stages)``: ``res.attempt`` (set by ``complete`` for TT rank continuation), else
     the only run."""
     attempt = getattr(res, "attempt", None)
     return next(run for run in runs if run[0] == attempt) if attempt is not None else runs[-1]
 
 
-def _summary(res, runs: list[tuple[int, list[tuple[int, int]]]], *, iters: int, converged: bool) -> str:
+def _summary(res, runs: list[tuple[int, list[Stage]]], *, iters: int, converged: bool) -> str:
     """The final line: iterations in all (every run: ``len(res.history) − 1``), the returned run's split into the
-    rank-continuation stages and the final rank, and why it stopped (``iters`` is the limit at the final rank, as
-    ``complete``'s ``max_iter``). With several runs it also says which stalled and were restarted, how the last
-    ended if it is not the returned one, and which is returned (runs numbered from 1: run k is ``attempt`` k − 1)."""
+    rank-continuation stages, the final rank and (with ``complete``'s ``balance``, if it made any iteration) the final
+    stage on the plain problem, and why it stopped (``iters`` is the limit of each stage at the final rank, as
+    ``complete``'s ``max_iter``: "reached iters" names the stage that hit it). With several runs it also says which
+    stalled and were restarted, how the last ended if it is not the returned one, and which is returned (runs
+    numbered from 1: run k is ``attempt`` k − 1)."""
     returned, stages = _returned(res, runs)
+    lower, final, plain = _split(stages)
     final_rank = _final_rank(stages, res.history)
-    final_its = stages[-1][1] if stages else 0
-    lower = stages[:-1]
-    split = f"{final_its} at rank {final_rank}"
+    split = f"{final.iterations if final is not None else 0} at rank {final_rank}"
+    if plain is not None:
+        split += f" (balanced), {plain.iterations} at rank {plain.rank} on the plain problem"
     if lower:
-        split = (
-            f"{sum(k for _, k in lower)} in rank-continuation stages at {_ranks_text([r for r, _ in lower])}, {split}"
-        )
+        ranks = _ranks_text([s.rank for s in lower])
+        split = f"{sum(s.iterations for s in lower)} in rank-continuation stages at {ranks}, {split}"
     reason = res.message
-    if not converged and final_its == iters and res.message.startswith("reached max_iter"):
-        reason = f"reached iters = {iters} at rank {final_rank}"
+    # res is the last stage's result: the plain one if it made iterations, else the rank continuation's last
+    last = plain if plain is not None else final
+    if not converged and last is not None and last.iterations == iters and res.message.startswith("reached max_iter"):
+        where = " on the plain problem" if last is plain else ""
+        reason = f"reached iters = {iters} at rank {last.rank}{where}"
     if len(runs) > 1:
         # complete() follows a run by another only when it stalled at the target rank
         stalled = _numbers_text("run", [a + 1 for a, _ in runs[:-1]])
         at = _ranks_text(sorted({_final_rank(st, res.history) for _, st in runs[:-1]}))
         were = "were" if len(runs) > 2 else "was"
         parts = [f"{len(runs)} runs of the rank continuation: {stalled} stalled at {at} and {were} restarted"]
-        last, last_stages = runs[-1]
-        if last != returned:
+        ending, last_stages = runs[-1]
+        if ending != returned:
             parts.append(
-                f"run {last + 1} ended at rank {_final_rank(last_stages, res.history)} with a higher training residual"
+                f"run {ending + 1} ended at rank {_final_rank(last_stages, res.history)} "
+                "with a higher training residual"
             )
         split = "; ".join(parts) + f"; run {returned + 1} returned: {split}"
     outcome = "converged" if converged else "stopped"
@@ -147,37 +178,48 @@ def _solve(idx, vals, test, shape, rank, *, method, tol, iters, warmup_iters, ge
         from tqdm.auto import tqdm
 
         bar = tqdm(desc=f"{method}, rank ≤ {rank}", unit="it", dynamic_ncols=True, mininterval=0.2)
-    last, seen = [0], {"attempt": None, "rank": None}  # the last record seen: its run and rank
+    last, seen = [0], {"attempt": None, "rank": None, "balanced": False, "runs": 0}  # the last record seen: its run
+    # and rank, whether it was balanced, and how many runs started
 
     def monitor(res):
         rec = res.history[-1]
-        attempt = rec.get("attempt", 0)
-        restart = seen["attempt"] is not None and attempt != seen["attempt"]
+        attempt, balanced = rec.get("attempt", 0), bool(rec.get("balanced", False))
+        # complete(balance): after the balanced runs, one stage on the plain problem (records of the returned run)
+        plain = seen["balanced"] and not balanced
+        restart = not plain and seen["attempt"] is not None and attempt != seen["attempt"]
         if restart and bar is None:  # a run stalled at the target rank; complete() starts the next from TT-rank 1
             emit(
                 f"run {attempt + 1}: restarting the rank continuation from rank {res.history[0]['rank']} "
                 f"(run {seen['attempt'] + 1} stalled at rank {seen['rank']})"
             )
+        if plain and bar is None:
+            point = f"run {attempt + 1}'s point" if seen["runs"] > 1 else "the balanced run's point"
+            # (the monitor sees the plain stage's start point, which repeats the last iteration's number)
+            emit(
+                f"finishing on the plain problem at rank {rec['rank']} from {point}, mapped back (next line: its start)"
+            )
         if bar is not None:
             # the start's rank is known now: say whether rank continuation climbs (again, in a new run)
+            run = f"run {attempt + 1}: " if seen["runs"] > 1 or attempt else ""
             if seen["attempt"] is None or restart:
                 start = res.history[0]["rank"]
                 grows = f"rank {start}→{rank}, growing" if start < rank else f"rank {rank}"
-                run = f"run {attempt + 1}: " if attempt else ""
                 bar.set_description(f"{method} ({run}{grows})", refresh=False)
+            elif plain:
+                bar.set_description(f"{method} ({run}plain problem, rank {rec['rank']})", refresh=False)
             postfix = {"run": attempt + 1} if attempt else {}
             bar.set_postfix(
                 **postfix, rank=rec["rank"], train=f"{rec['train_error']:.2e}", test=f"{rec['test_error']:.2e}",
                 refresh=False,
             )  # fmt: skip
             bar.update(rec["iter"] - bar.n)  # redraws at most every mininterval
-        elif rec["iter"] - last[0] >= print_every or rec["iter"] == 0 or restart:
+        elif rec["iter"] - last[0] >= print_every or rec["iter"] == 0 or restart or plain:
             last[0] = rec["iter"]
             emit(
                 f"iter {rec['iter']:4d}  rank {rec['rank']}  train {rec['train_error']:.3e}  "
                 f"test {rec['test_error']:.3e}  |grad| {rec['grad_norm']:.3e}  {rec['solve_time']:6.2f}s"
             )
-        seen.update(attempt=attempt, rank=rec["rank"])
+        seen.update(attempt=attempt, rank=rec["rank"], balanced=balanced, runs=max(seen["runs"], attempt + 1))
 
     try:
         res = complete(
@@ -195,15 +237,15 @@ def _solve(idx, vals, test, shape, rank, *, method, tol, iters, warmup_iters, ge
     return {
         "train_error": res.train_error,
         "test_error": res.test_error,
-        # every run's iterations (res.nit counts only those up to the end of the returned run)
+        # every run's iterations and the plain stage's
         "iterations": len(res.history) - 1,
-        "stages": [{"rank": r, "iterations": k} for r, k in stages],
+        "stages": [stage._asdict() for stage in stages],
         "attempt": returned,
         "runs": [
             {
                 "attempt": a,
-                "stages": [{"rank": r, "iterations": k} for r, k in st],
-                "iterations": sum(k for _, k in st),
+                "stages": [stage._asdict() for stage in st],
+                "iterations": sum(stage.iterations for stage in st),
                 "stalled": i < len(runs) - 1,
             }
             for i, (a, st) in enumerate(runs)
@@ -211,7 +253,10 @@ def _solve(idx, vals, test, shape, rank, *, method, tol, iters, warmup_iters, ge
         "converged": converged,
         "time": res.time,
         "history": [
-            {k: rec.get(k) for k in ("iter", "attempt", "rank", "train_error", "test_error", "grad_norm", "solve_time")}
+            {
+                k: rec.get(k)
+                for k in ("iter", "attempt", "rank", "balanced", "train_error", "test_error", "grad_norm", "solve_time")
+            }
             for rec in res.history
         ],
     }
@@ -243,12 +288,13 @@ def run_tt_completion(
             ``dim`` is the dimension of the TT-rank-``rank`` manifold.
         oversampling: used when ``samples`` is ``None``.
         test_samples: number of held-out entries on which the test error is measured.
-        iters: the iteration limit at the target rank (``complete``'s ``max_iter``); the rank-continuation
-            stages below it run ``warmup_iters`` each on top, so one run of the rank continuation makes at most
+        iters: the iteration limit of each stage at the target rank (``complete``'s ``max_iter``): the balanced
+            one of each run and the final one on the plain problem; the rank-continuation stages below it run
+            ``warmup_iters`` each on top, so one run of the rank continuation makes at most
             ``iters + warmup_iters · (rank − 1)`` iterations. ``complete`` makes up to ``starts`` = 4 runs (a run
             that stalls at the target rank is stopped and followed by a fresh one from TT-rank 1; the one with the
-            lowest training residual is returned), so the demo makes at most
-            ``4 · (iters + warmup_iters · (rank − 1))`` iterations.
+            lowest training residual is returned) and then the plain stage, so the demo makes at most
+            ``4 · (iters + warmup_iters · (rank − 1)) + iters`` iterations.
         warmup_iters: iterations of each rank-continuation stage (TT-ranks 1, …, ``rank`` − 1).
         method: ``"cg"`` or ``"trust-region"`` (see :func:`lowrankopt.complete`).
         tol: stop once the relative training residual ``‖P_Ω(X − A)‖ / ‖P_Ω A‖`` is below ``tol``
@@ -263,16 +309,19 @@ def run_tt_completion(
     Returns:
         A dict with ``train_error`` and ``test_error`` (final relative errors, of the returned run),
         ``iterations`` (all stages of all runs: ``len(history) − 1``), ``attempt`` (the returned run, from 0),
-        ``stages`` (the returned run's ``{"rank", "iterations"}`` per stage, in order: the rank-continuation stages,
-        then the final rank), ``runs`` (every run of the rank continuation, in order: ``{"attempt", "stages",
-        "iterations", "stalled"}``, ``stalled`` true for each run that stalled at the target rank and was followed by
-        another; the runs' iterations add up to ``iterations``; a single run when the first does not stall),
+        ``stages`` (the returned run's ``{"rank", "iterations", "balanced"}`` per stage, in order: the
+        rank-continuation stages, the final rank, then the stage on the plain problem, ``balanced`` false, if it made
+        any iteration), ``runs`` (every run of the rank continuation, in the order they started: ``{"attempt",
+        "stages", "iterations", "stalled"}``, the plain stage in the returned run's; ``stalled`` true for each run
+        that stalled at the target rank and was followed by another; the runs' iterations add up to ``iterations``; a
+        single run when the first does not stall),
         ``converged`` (tolerance reached), ``time`` (solver seconds over all runs, excluding data generation),
         ``samples``, ``dim``, ``history`` (every run's records; record 0 the start point, record k ≥ 1 iteration k:
-        ``iter, attempt, rank, train_error, test_error, grad_norm, solve_time``; a later run's start point has no
-        record) and ``settings`` (the arguments as used: ``problem``, sizes, ``rank``, ``samples`` and
-        ``test_samples`` after the defaults and the cap at the number of entries, ``oversampling`` (None when
-        ``samples`` was given), ``iters``, ``warmup_iters``, ``method``, ``tol``, ``seed``, ``dtype``).
+        ``iter, attempt, rank, balanced, train_error, test_error, grad_norm, solve_time``, the ``train_error`` of a
+        balanced record the balanced problem's; a later run's start point and the plain stage's have no record)
+        and ``settings`` (the arguments as used: ``problem``, sizes, ``rank``, ``samples`` and ``test_samples``
+        after the defaults and the cap at the number of entries, ``oversampling`` (None when ``samples`` was
+        given), ``iters``, ``warmup_iters``, ``method``, ``tol``, ``seed``, ``dtype``).
     """
     _check_common(dtype, test_samples, print_every, iters)
     d, n, rank = as_int("d", d, 2), as_int("n", n), as_int("rank", rank)

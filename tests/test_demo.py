@@ -8,8 +8,28 @@ from lowrankopt.demo import run_tt_completion
 
 
 def test_small_completion_recovers_the_tensor():
-    res = run_tt_completion(d=4, n=6, rank=2, seed=1, log=None)
+    """The balanced run fits the exact data to tol, so the plain stage makes no iteration: no record, no stage, and
+    the summary says nothing about it."""
+    lines = []
+    res = run_tt_completion(d=4, n=6, rank=2, seed=1, log=lines.append)
     assert res["converged"] and res["test_error"] < 1e-8
+    assert all(rec["balanced"] for rec in res["history"]) and res["attempt"] == 0
+    ranks = [rec["rank"] for rec in res["history"][1:]]
+    k = len(ranks) - 8
+    assert ranks == [1] * 8 + [2] * k and k > 0
+    assert res["stages"] == [
+        {"rank": 1, "iterations": 8, "balanced": True},
+        {"rank": 2, "iterations": k, "balanced": True},
+    ]
+    assert lines[-2].startswith(f"converged after {8 + k} iterations in ")
+    assert f"(8 in rank-continuation stages at rank 1, {k} at rank 2; relative training residual " in lines[-2]
+    assert "plain" not in lines[-2] and "balanced" not in lines[-2]
+    # the progress lines still show the plain stage's start (the plain residual of the mapped-back point)
+    assert (
+        lines[-4]
+        == "finishing on the plain problem at rank 2 from the balanced run's point, mapped back (next line: its start)"
+    )
+    assert lines[-3].startswith(f"iter {8 + k:4d}  rank 2  train ")
 
 
 def test_demo_is_deterministic():
@@ -74,16 +94,33 @@ def test_demo_writes_its_summary_file(tmp_path):
 
 
 def test_iters_is_the_limit_at_the_target_rank_and_the_summary_splits_the_stages():
-    """TT-rank 3 climbs from 1: two rank-continuation stages of ``warmup_iters`` each, then ``iters`` at rank 3 (a
-    run this short cannot reach the tolerance, so every stage runs to its limit)."""
+    """TT-rank 3 climbs from 1: two rank-continuation stages of ``warmup_iters`` each, then ``iters`` at rank 3 on
+    the balanced problem, then ``iters`` more at rank 3 on the plain problem (a run this short cannot reach the
+    tolerance, so every stage runs to its limit)."""
     lines = []
     res = run_tt_completion(d=4, n=6, rank=3, samples=300, iters=5, warmup_iters=3, seed=1, log=lines.append)
-    assert not res["converged"]
-    assert res["stages"] == [{"rank": 1, "iterations": 3}, {"rank": 2, "iterations": 3}, {"rank": 3, "iterations": 5}]
-    assert res["iterations"] == 11 == len(res["history"]) - 1 == res["history"][-1]["iter"]
-    assert [rec["rank"] for rec in res["history"][1:]] == [1] * 3 + [2] * 3 + [3] * 5
-    assert lines[-2].startswith("stopped after 11 iterations in ")
-    assert lines[-2].endswith("(6 in rank-continuation stages at ranks 1-2, 5 at rank 3; reached iters = 5 at rank 3)")
+    assert not res["converged"] and res["attempt"] == 0
+    # the records: attempt, rank and balanced per iteration
+    assert [(rec["attempt"], rec["rank"], rec["balanced"]) for rec in res["history"][1:]] == (
+        [(0, 1, True)] * 3 + [(0, 2, True)] * 3 + [(0, 3, True)] * 5 + [(0, 3, False)] * 5
+    )
+    assert res["stages"] == [
+        {"rank": 1, "iterations": 3, "balanced": True},
+        {"rank": 2, "iterations": 3, "balanced": True},
+        {"rank": 3, "iterations": 5, "balanced": True},
+        {"rank": 3, "iterations": 5, "balanced": False},
+    ]
+    assert res["runs"] == [{"attempt": 0, "stages": res["stages"], "iterations": 16, "stalled": False}]
+    assert res["iterations"] == 16 == len(res["history"]) - 1 == res["history"][-1]["iter"]
+    assert lines[-2].startswith("stopped after 16 iterations in ")
+    assert lines[-2].endswith(
+        "(6 in rank-continuation stages at ranks 1-2, 5 at rank 3 (balanced), 5 at rank 3 on the plain problem; "
+        "reached iters = 5 at rank 3 on the plain problem)"
+    )
+    assert (
+        "finishing on the plain problem at rank 3 from the balanced run's point, mapped back (next line: its start)"
+        in lines
+    )
 
 
 def test_summary_of_a_run_without_rank_continuation():
@@ -91,7 +128,8 @@ def test_summary_of_a_run_without_rank_continuation():
 
     lines = []
     res = run_matrix_completion(m=60, n=50, rank=3, iters=4, seed=1, log=lines.append)
-    assert res["stages"] == [{"rank": 3, "iterations": 4}] and res["iterations"] == 4 == len(res["history"]) - 1
+    assert res["stages"] == [{"rank": 3, "iterations": 4, "balanced": False}]
+    assert res["iterations"] == 4 == len(res["history"]) - 1
     assert lines[-2].endswith(" (4 at rank 3; reached iters = 4 at rank 3)")
     assert res["settings"]["warmup_iters"] == 4 and res["settings"]["oversampling"] == 5.0
     assert res["settings"]["samples"] == 5 * 3 * (60 + 50 - 3) == res["samples"]
@@ -109,9 +147,18 @@ def test_demo_out_records_the_settings_used(tmp_path, capsys):
     expected |= {"dtype": "float64", "threads": 1, "progress": False}
     assert res["settings"] == expected
     assert res["samples"] == 20 * dim and res["dim"] == dim
-    assert res["stages"] == [{"rank": 1, "iterations": 8}, {"rank": 2, "iterations": 3}]
-    assert res["iterations"] == 11 == len(res["history"]) - 1
-    assert "stopped after 11 iterations" in out and "(8 in rank-continuation stages at rank 1, 3 at rank 2;" in out
+    assert res["stages"] == [
+        {"rank": 1, "iterations": 8, "balanced": True},
+        {"rank": 2, "iterations": 3, "balanced": True},
+        {"rank": 2, "iterations": 3, "balanced": False},
+    ]
+    assert [rec["balanced"] for rec in res["history"]] == [True] * 12 + [False] * 3
+    assert res["iterations"] == 14 == len(res["history"]) - 1 == sum(st["iterations"] for st in res["stages"])
+    assert "stopped after 14 iterations" in out
+    assert (
+        "(8 in rank-continuation stages at rank 1, 3 at rank 2 (balanced), 3 at rank 2 on the plain problem; "
+        "reached iters = 3 at rank 2 on the plain problem)"
+    ) in out
     assert f"{20 * dim} training / 10000 test entries" in out
 
 
@@ -146,7 +193,9 @@ def test_iters_help_states_its_meaning():
 
     demo = build_parser()._subparsers._group_actions[0].choices["demo"]
     text = " ".join(demo.format_help().split())
-    assert "iteration limit at the final (target) rank" in text and "--warmup-iters each on top" in text
+    assert "iteration limit of each stage at the final (target) rank" in text and "--warmup-iters each on top" in text
+    assert "the balanced stage of each run and the final stage on the plain problem each" in text
+    assert "at most 4 x (iters + warmup-iters x (rank - 1)) + iters iterations in all" in text
 
 
 def _stalling_problem():
@@ -164,69 +213,102 @@ def _stalling_problem():
 
 
 def test_summary_and_runs_of_a_completion_that_restarts():
-    from lowrankopt.completion import complete
-    from lowrankopt.demo import _runs, _solve, _summary
+    """Every run but the last stalls at TT-rank 2 on the balanced problem; the last (the best here) runs to ``iters``,
+    then the plain stage continues it (records with its attempt, last in the history) up to ``iters`` more."""
+    from lowrankopt.demo import _solve
 
     shape, A, idx, test = _stalling_problem()
-    res = complete(
-        idx, A.gather(idx), shape, 2, max_iter=120, warmup_iters=8, generator=torch.Generator().manual_seed(1)
-    )  # fmt: skip
-    runs = _runs(res.history)
-    n = len(runs)
-    assert n > 1 and [a for a, _ in runs] == list(range(n)) and res.attempt == n - 1  # the last run is the best here
-    # the split, checked against the records grouped here by attempt and rank
-    for a, stages in runs:
-        ranks = [rec["rank"] for rec in res.history[1:] if rec["attempt"] == a]
-        assert ranks == [1] * 8 + [2] * (len(ranks) - 8) and stages == [(1, 8), (2, len(ranks) - 8)]
-        # a stalled run stops after more than the stall window (50) and before max_iter; the last runs to max_iter
-        assert 50 < stages[-1][1] < 120 if a < n - 1 else stages[-1][1] == 120
-    assert sum(k for _, st in runs for _, k in st) == res.nit == len(res.history) - 1
-    line = _summary(res, runs, iters=120, converged=False)
-    assert line.startswith(f"stopped after {res.nit} iterations in ")
-    assert line.endswith(
-        f"({n} runs of the rank continuation: runs 1-{n - 1} stalled at rank 2 and were restarted; run {n} returned: "
-        "8 in rank-continuation stages at rank 1, 120 at rank 2; reached iters = 120 at rank 2)"
-    )
-    # the demo's result and progress lines: the same runs (same generator seed), and a line for each restart
     lines = []
     out = _solve(
-        idx, A.gather(idx), (test, A.gather(test)), shape, 2, method="cg", tol=1e-12, iters=120, warmup_iters=8,
+        idx, A.gather(idx), (test, A.gather(test)), shape, 2, method="cg", tol=1e-12, iters=80, warmup_iters=8,
         generator=torch.Generator().manual_seed(1), print_every=1000, emit=lines.append, progress=False,
     )  # fmt: skip
-    assert out["iterations"] == res.nit and out["attempt"] == n - 1
-    assert lines[-2] == line.replace(f"{res.time:.2f}s", f"{out['time']:.2f}s")
-    assert out["runs"] == [
-        {
-            "attempt": a,
-            "stages": [{"rank": r, "iterations": k} for r, k in st],
-            "iterations": sum(k for _, k in st),
-            "stalled": a < n - 1,
-        }
-        for a, st in runs
-    ]
-    assert out["stages"] == out["runs"][-1]["stages"] and sum(r["iterations"] for r in out["runs"]) == out["iterations"]
+    runs, records = out["runs"], out["history"][1:]
+    n = len(runs)
+    assert 1 < n <= 4 and [run["attempt"] for run in runs] == list(range(n)) and out["attempt"] == n - 1
+    # the plain stage comes last in the history, with the returned run's attempt and the target rank
+    p = sum(not rec["balanced"] for rec in records)
+    assert p > 0 and [(rec["attempt"], rec["rank"], rec["balanced"]) for rec in records[-p:]] == [(n - 1, 2, False)] * p
+    # the split, checked against the records grouped here by attempt, rank and balanced
+    for run in runs:
+        a = run["attempt"]
+        ranks = [rec["rank"] for rec in records if rec["attempt"] == a and rec["balanced"]]
+        k = len(ranks) - 8
+        assert ranks == [1] * 8 + [2] * k
+        stages = [{"rank": 1, "iterations": 8, "balanced": True}, {"rank": 2, "iterations": k, "balanced": True}]
+        if a < n - 1:  # a stalled run stops after more than the stall window (50) and before iters; no plain stage
+            assert 50 < k < 80 and run["stalled"]
+        else:  # the last runs to iters on the balanced problem, then the plain stage
+            assert k == 80 and not run["stalled"]
+            stages.append({"rank": 2, "iterations": p, "balanced": False})
+        assert run["stages"] == stages and run["iterations"] == 8 + k + (p if a == n - 1 else 0)
+    assert out["stages"] == runs[-1]["stages"]
+    assert sum(run["iterations"] for run in runs) == out["iterations"] == len(records) == records[-1]["iter"]
+    assert p == 80  # the noisy fit's plain stage runs to its limit too
+    stalled = f"runs 1-{n - 1} stalled at rank 2 and were" if n > 2 else "run 1 stalled at rank 2 and was"
+    assert lines[-2] == (
+        f"stopped after {len(records)} iterations in {out['time']:.2f}s ({n} runs of the rank continuation: "
+        f"{stalled} restarted; run {n} returned: 8 in rank-continuation stages at rank 1, 80 at rank 2 (balanced), "
+        "80 at rank 2 on the plain problem; reached iters = 80 at rank 2 on the plain problem)"
+    )
     restarts = [s for s in lines if "restarting" in s]
     assert restarts == [
         f"run {k + 1}: restarting the rank continuation from rank 1 (run {k} stalled at rank 2)" for k in range(1, n)
     ]
+    finishing = [s for s in lines if "plain problem" in s]
+    assert (
+        finishing[0]
+        == f"finishing on the plain problem at rank 2 from run {n}'s point, mapped back (next line: its start)"
+    )
+    assert len(finishing) == 2  # and the summary
 
 
 def test_summary_when_an_earlier_run_is_returned():
     """Synthetic records: run 1 (attempt 0) stalled with the lowest residual, run 2 ended higher; the line names both,
-    and the iterations are all records' (``len(history) − 1``), not only those up to the returned run."""
+    and the iterations are all records' (``len(history) − 1``), not only those up to the returned run. With
+    balancing, the plain stage's records come last with the returned run's attempt: they join run 1."""
     from types import SimpleNamespace
 
-    from lowrankopt.demo import _runs, _summary
+    from lowrankopt.demo import Stage, _runs, _summary
 
-    def recs(attempt, ranks):
-        return [{"attempt": attempt, "rank": r, "train_error": 0.5} for r in ranks]
+    def recs(attempt, ranks, **balanced):
+        return [{"attempt": attempt, "rank": r, "train_error": 0.5, **balanced} for r in ranks]
 
+    # without balancing (records without "balanced", as from balance=False: not balanced)
     history = recs(0, [1]) + recs(0, [1] * 3 + [3] * 60) + recs(1, [1] * 3 + [2] * 2 + [3] * 70)
     res = SimpleNamespace(history=history, attempt=0, time=1.25, message="stalled: relative training residual ...")
     runs = _runs(history)
-    assert runs == [(0, [(1, 3), (3, 60)]), (1, [(1, 3), (2, 2), (3, 70)])]
+    assert runs == [(0, [(1, 3, False), (3, 60, False)]), (1, [(1, 3, False), (2, 2, False), (3, 70, False)])]
     assert _summary(res, runs, iters=70, converged=False) == (
         "stopped after 138 iterations in 1.25s (2 runs of the rank continuation: run 1 stalled at rank 3 and was "
         "restarted; run 2 ended at rank 3 with a higher training residual; run 1 returned: 3 in rank-continuation "
         "stages at rank 1, 60 at rank 3; stalled: relative training residual ...)"
     )
+    # with balancing: the same runs on the balanced problem, then 70 iterations on the plain one from run 1's point
+    history = (
+        recs(0, [1], balanced=True)
+        + recs(0, [1] * 3 + [3] * 60, balanced=True)
+        + recs(1, [1] * 3 + [2] * 2 + [3] * 70, balanced=True)
+        + recs(0, [3] * 70, balanced=False)
+    )
+    res = SimpleNamespace(history=history, attempt=0, time=1.25, message="reached max_iter = 70")
+    runs = _runs(history)
+    assert runs == [
+        (0, [Stage(1, 3, True), Stage(3, 60, True), Stage(3, 70, False)]),
+        (1, [Stage(1, 3, True), Stage(2, 2, True), Stage(3, 70, True)]),
+    ]
+    assert _summary(res, runs, iters=70, converged=False) == (
+        "stopped after 208 iterations in 1.25s (2 runs of the rank continuation: run 1 stalled at rank 3 and was "
+        "restarted; run 2 ended at rank 3 with a higher training residual; run 1 returned: 3 in rank-continuation "
+        "stages at rank 1, 60 at rank 3 (balanced), 70 at rank 3 on the plain problem; reached iters = 70 at rank 3 "
+        "on the plain problem)"
+    )
+    # the plain stage stopped short of iters: its own message; the balanced stage at the limit says nothing more
+    res.message = "relative training residual 9.000e-13 <= tol = 1e-12"
+    res.history = history = history[: -70 + 12]
+    runs = _runs(history)
+    assert _summary(res, runs, iters=60, converged=True).endswith(
+        "run 1 returned: 3 in rank-continuation stages at rank 1, 60 at rank 3 (balanced), 12 at rank 3 on the plain "
+        "problem; relative training residual 9.000e-13 <= tol = 1e-12)"
+    )
+    assert _summary(res, runs, iters=60, converged=True).startswith("converged after 150 iterations in 1.25s (")
