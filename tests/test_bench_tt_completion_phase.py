@@ -1,5 +1,5 @@
 """Benchmark ``tt-completion-phase``: a tiny case run end to end, its recorded successes checked against a dense
-reconstruction of the target, the downward ladder pruning, the transition points and the skipped teneva row."""
+reconstruction of the target, the bisection over the ladder, the transition points and the skipped teneva row."""
 
 import math
 import sys
@@ -25,7 +25,7 @@ def _dense_uniform_target(seed: int) -> torch.Tensor:
     return torch.einsum("aib,bjc,ckd,dle->ijkl", *cores)
 
 
-def test_tiny_case_recovers_where_determined_and_prunes_below(monkeypatch):
+def test_tiny_case_recovers_where_determined_and_bisects(monkeypatch):
     monkeypatch.setitem(sys.modules, "teneva", None)  # import teneva now raises ImportError
     captured = []
     solve = phase.SOLVERS["complete-cg"]
@@ -48,16 +48,16 @@ def test_tiny_case_recovers_where_determined_and_prunes_below(monkeypatch):
     assert rows["teneva-als"]["skipped"].startswith("skipped: teneva is not installed")
     cg = rows["complete-cg"]
     cells = cg["cells"]
-    assert [c["level"] for c in cells] == list(LEVELS)
-    # downwards: the top level succeeds, 0.75 and 0.5 fail on every seed, so 0.25 is not run but assumed 0/2
-    assert cells[3]["successes"] == 2 and cells[2]["successes"] == 0 and cells[1]["successes"] == 0
-    assert cells[0] == {"level": 0.25, "samples": round(0.25 * dim), "assumed": 0}
+    # bisection from the middle: 0.5 fails on every seed, then 0.75 fails, then 10 succeeds; 0.25 below a failed
+    # level is never measured (success is taken to be monotone in |Ω|)
+    assert [c["level"] for c in cells] == [0.5, 0.75, 10.0]
+    assert cells[2]["successes"] == 2 and cells[1]["successes"] == 0 and cells[0]["successes"] == 0
     assert cg["figures"]["transition ≥9/10 (#Ω/dim)"] == 10.0 == cg["figures"]["transition ≥5/10 (#Ω/dim)"]
-    assert cg["figures"][phase._key(0.25)] == "(0/2)" and cg["figures"][phase._key(10.0)].startswith("2/2 · ")
+    assert cg["figures"][phase._key(0.25)] == "—" and cg["figures"][phase._key(10.0)].startswith("2/2 · ")
     assert res["xy"][0]["series"] == [{"label": "complete-cg", "x": [0.5, 0.75, 10.0], "y": [0.0, 0.0, 1.0]}]
 
     # every run's recorded outcome, checked against the target rebuilt densely here (all entries, not only Γ)
-    runs = [run for c in reversed(cells) if "runs" in c for run in c["runs"]]  # the order they ran in
+    runs = [run for c in cells for run in c["runs"]]  # the order they ran in (0.5, 0.75, 10)
     assert len(runs) == len(captured) == 6
     for run, (idx, vals, x) in zip(runs, captured, strict=True):
         dense = _dense_uniform_target(run["seed"])
@@ -99,3 +99,15 @@ def test_every_solver_recovers_a_well_sampled_tiny_target():
         (cell,) = rows[name]["cells"]
         assert cell["successes"] == 2, (name, cell["runs"])
         assert all(run["test_error"] < phase.SUCCESS and not run["capped"] for run in cell["runs"]), name
+
+
+def test_bisection_finds_the_smallest_passing_level_of_a_monotone_ladder():
+    for threshold in range(0, 14):  # successes: 0 below index `threshold`, 10 from it on (13 levels)
+        seen = []
+
+        def measure(i, threshold=threshold, seen=seen):
+            seen.append(i)
+            return 10 if i >= threshold else 0
+
+        assert phase._bisect(measure, -1, 13, lambda k: k >= 9) == threshold
+        assert len(seen) <= 4 and len(set(seen)) == len(seen)

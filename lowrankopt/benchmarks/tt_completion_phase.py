@@ -44,17 +44,15 @@ runs). The ``--full`` cases have a budget of one hour each: unbounded, they were
 per-iteration costs, for the ladder up to 64) at about 1–1.5 h (d = 6, n = 10) up to about 7 h (d = 10, n = 20, r = 6;
 most failed runs at the 300 s cap, a teneva ALS sweep alone ≈ 20 s at ``|Ω|/dim = 8``) per case.
 
-Ladder pruning (to keep ``--full`` affordable): each solver walks the ladder *downwards* from the largest level; once
-it has failed on every seed at two consecutive levels, its lower levels are not run and are recorded as ``(0/S)`` —
-assumed, not measured (``assumed`` in results.json; success is taken to be monotone in ``|Ω|``). Downwards, because a
-failed run costs a whole cap (in the quick case's measurements 10–60 s at 1000 iterations, d = 6, n = 10) while a
-successful one stops after some tens of iterations: the walk runs the cheap successes, the transition and two failed
-levels.
+Search (to keep ``--full`` affordable): success is taken to be monotone in ``|Ω|``, and each solver's transition
+points are found by bisection over the ladder — the ≥ 9/10 point first (from the middle level), then the ≥ 5/10 point
+below it, bracketed by the levels already measured — so a solver runs about 4–6 of the 13 levels; the others are
+shown as ``—`` (not measured). Every solver sees the same problems at a level (the same Ω, Γ, target and start).
 
-Reported per case and solver: the success count ``k/S`` at each level with the median time of the successful runs,
-and the transition points ``transition ≥9/10`` (and ``≥5/10``): the smallest level from which on the success rate is
-≥ 0.9 (≥ 0.5) at that level and at every higher level of the ladder; ``—`` when no level qualifies (not even the
-largest). The plot: success rate against ``|Ω|/dim`` (log axis), one line per solver (measured levels only).
+Reported per case and solver: the success count ``k/S`` at each measured level with the median time of the
+successful runs, and the transition points ``transition ≥9/10`` (and ``≥5/10``): the smallest ladder level whose
+success rate is ≥ 0.9 (≥ 0.5), found by the bisection; None when not even the largest level qualifies. The plot:
+success rate against ``|Ω|/dim`` (log axis), one line per solver (measured levels only).
 Deterministic given ``--seed``.
 """
 
@@ -214,18 +212,6 @@ def _problem(target, x0_unit, shape, r, level_index: int, N: int, s: int, ctx: C
     return p, (tidx.to(dev), tvals.to(dev))
 
 
-def _transition(levels: list[float], cells: list[dict], seeds: int, rate: float) -> float | None:
-    """The smallest level from which on every cell's success rate is ≥ ``rate`` (a cell not run, assumed failed or
-    not run for the case's time budget, ends the search); None if none."""
-    found = None
-    for level, cell in zip(reversed(levels), reversed(cells), strict=True):
-        ok = cell.get("successes") is not None and cell["successes"] >= rate * seeds
-        if not ok:
-            break
-        found = level
-    return found
-
-
 def run(case: Case, ctx: Context) -> dict:
     p = case.params
     kind, d, n, r, seeds = p["target"], p["d"], p["n"], p["r"], p["seeds"]
@@ -242,57 +228,81 @@ def run(case: Case, ctx: Context) -> dict:
     per_seed = [_seed_data(kind, shape, r, ctx, s) for s in range(seeds)]
     t_case = time.perf_counter()
 
+    cache: dict[int, list] = {}  # the problems of a level: the same samples and starts for every solver
+
+    def problems_at(li: int) -> list:
+        if li not in cache:
+            cache[li] = [_problem(*per_seed[s], shape, r, li, counts[li], s, ctx, caps) for s in range(seeds)]
+        return cache[li]
+
     cells: dict[str, dict[int, dict]] = {name: {} for name in solvers}
+    transitions: dict[str, dict[float, float | None]] = {}
     skipped: dict[str, str] = {}
-    streak = dict.fromkeys(solvers, 0)  # consecutive levels (from the top) at which every seed failed
-    for li in reversed(range(len(levels))):  # downwards: failed runs (at a cap) cost far more than successes
-        level, N = levels[li], counts[li]
-        problems = None
-        for name, solve in solvers.items():
-            if name in skipped:
-                continue
-            if streak[name] >= 2:
-                cells[name][li] = {"level": level, "samples": N, "assumed": 0}
-                continue
+    for name, solve in solvers.items():
+        measured = cells[name]
+
+        def measure(li: int, name=name, solve=solve, measured=measured) -> int:
+            if li in measured:
+                return measured[li]["successes"]
             if budget is not None and time.perf_counter() - t_case > budget:
-                cells[name][li] = {"level": level, "samples": N, "not_run": "case time budget spent"}
-                continue
-            if problems is None:
-                problems = [_problem(*per_seed[s], shape, r, li, N, s, ctx, caps) for s in range(seeds)]
+                raise _OutOfBudget
+            level, N = levels[li], counts[li]
             runs = []
-            for s, (prob, (tidx, tvals)) in enumerate(problems):
+            for s, (prob, (tidx, tvals)) in enumerate(problems_at(li)):
                 ctx.status(f"{name}: |Ω|/dim = {level:g}, seed {s + 1}/{seeds}")
                 prob.info = {}
                 prob.generator = ctx.generator(1_000_003 * (li + 1) + s + 7 * seeds)  # the same for every solver
                 t0 = time.perf_counter()
-                try:
-                    x = solve(prob)
-                except PeerUnavailable as exc:
-                    skipped[name] = f"skipped: {exc}"
-                    break
+                x = solve(prob)  # (PeerUnavailable: the row is skipped)
                 elapsed = time.perf_counter() - t0
                 err = _relative_test_error(x, tidx, tvals)
                 capped = bool(prob.info.get("capped")) or elapsed > caps["max_time"]
                 runs.append({"seed": s, "test_error": err, "time": elapsed, "success": err < SUCCESS,
                              "capped": capped, "iterations": prob.info.get("iterations"),
                              "message": prob.info.get("message")})  # fmt: skip
-            if name in skipped:
-                continue
             wins = [run_ for run_ in runs if run_["success"]]
-            cells[name][li] = {
+            measured[li] = {
                 "level": level, "samples": N, "successes": len(wins), "capped": sum(r_["capped"] for r_ in runs),
                 "median_success_time": statistics.median(r_["time"] for r_ in wins) if wins else None, "runs": runs,
             }  # fmt: skip
-            streak[name] = streak[name] + 1 if not wins else 0
+            return len(wins)
+
+        found: dict[float, float | None] = {0.9: None, 0.5: None}
+        try:
+            hi = _bisect(measure, -1, len(levels), lambda k: k >= 0.9 * seeds)
+            found[0.9] = levels[hi] if hi < len(levels) else None
+            # the ≥ 5/10 point lies at or below it: bracket it with what is measured already, then bisect
+            lo = max((li for li, c in measured.items() if li < hi and c["successes"] < 0.5 * seeds), default=-1)
+            top = min((li for li, c in measured.items() if lo < li < hi and c["successes"] >= 0.5 * seeds), default=hi)
+            hi5 = _bisect(measure, lo, top, lambda k: k >= 0.5 * seeds)
+            found[0.5] = levels[hi5] if hi5 < len(levels) else None
+        except PeerUnavailable as exc:
+            skipped[name] = f"skipped: {exc}"
+        except _OutOfBudget:
+            found["budget"] = True  # type: ignore[index]
+        transitions[name] = found
     ordered = {name: [by_level[li] for li in sorted(by_level)] for name, by_level in cells.items()}
-    return _result(levels, counts, ordered, skipped, seeds, d, n, r, dim, case, caps, budget)
+    return _result(levels, counts, ordered, transitions, skipped, seeds, d, n, r, dim, case, caps, budget)
+
+
+class _OutOfBudget(Exception):
+    """The case's time budget is spent: the search stops where it is."""
+
+
+def _bisect(measure: Callable[[int], int], lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+    """The smallest ladder index in ``(lo, hi]`` whose success count satisfies ``ok``, by bisection: success is
+    taken to be monotone in ``|Ω|``, index ``lo`` failing and ``hi`` passing (``hi`` may be one past the ladder: no
+    level passes). Measures about ``log2(hi − lo)`` levels."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(measure(mid)):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def _cell_text(cell: dict, seeds: int) -> str:
-    if "assumed" in cell:
-        return f"({cell['assumed']}/{seeds})"
-    if "not_run" in cell:
-        return "not run"
     t = cell["median_success_time"]
     return f"{cell['successes']}/{seeds}" + ("" if t is None else f" · {t:.2g} s")
 
@@ -302,7 +312,7 @@ def _key(level: float) -> str:
     return f"#Ω/dim={level:>3g}"
 
 
-def _result(levels, counts, cells, skipped, seeds, d, n, r, dim, case, caps, budget) -> dict:
+def _result(levels, counts, cells, transitions, skipped, seeds, d, n, r, dim, case, caps, budget) -> dict:
     rows = [{
         "variant": "#Ω (#Ω/(d·n·r²))",
         "figures": {_key(lv): f"{N} ({N / (d * n * r * r):.2g})" for lv, N in zip(levels, counts, strict=True)},
@@ -314,15 +324,13 @@ def _result(levels, counts, cells, skipped, seeds, d, n, r, dim, case, caps, bud
             rows.append({"variant": name, "skipped": skipped[name]})
             continue
         wins = [run_["time"] for c in row_cells for run_ in c.get("runs", []) if run_["success"]]
-        t9, t5 = (_transition(levels, row_cells, seeds, rate) for rate in (0.9, 0.5))
-        notes = []
-        if any("assumed" in c for c in row_cells):
-            notes.append(f"(0/{seeds}): not run, assumed (every seed failed at the two levels above)")
+        t9, t5 = transitions[name][0.9], transitions[name][0.5]
         capped = sum(c.get("capped", 0) for c in row_cells)
-        notes.append(f"{capped} run(s) stopped at a cap")
-        if any("not_run" in c for c in row_cells):
-            notes.append("not run: case time budget spent")
-        figures = {_key(c["level"]): _cell_text(c, seeds) for c in row_cells}
+        notes = [f"{capped} run(s) stopped at a cap", "levels not measured: —"]
+        if transitions[name].get("budget"):
+            notes.append("search stopped: case time budget spent")
+        figures = {_key(lv): "—" for lv in levels}
+        figures.update({_key(c["level"]): _cell_text(c, seeds) for c in row_cells})
         figures["transition ≥5/10 (#Ω/dim)"] = t5
         figures["transition ≥9/10 (#Ω/dim)"] = t9
         rows.append({
