@@ -238,7 +238,8 @@ def complete(
     run.finish(res)  # with distributed: raises on every process or on none, checks that they hold one point
     # after balancing, the last record may be a balanced one (the plain stage stops at its start where the balanced
     # run has fitted exact data, and a start makes no record): the plain residual of res.x, one gather
-    plain = HeldOut(indices, values, run).error(res.x) if scaling is not None and problem.norm > 0 else None
+    last_balanced = scaling is not None and problem.norm > 0 and history.records[-1]["balanced"]
+    plain = HeldOut(indices, values, run).error(res.x) if last_balanced else None
     history.finish(res, last, train_error=plain)
     if problem.norm == 0:
         res.message = zero_message(len(shape)) + res.message
