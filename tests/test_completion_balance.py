@@ -260,3 +260,25 @@ def test_balanced_completion_from_a_given_start():
     assert {h["rank"] for h in res.history} == {RANK}
     assert res.history[0]["test_error"] == pytest.approx(held_out_error(x0, test), rel=1e-9)  # x0 itself, first
     assert rel(res.x.full(), A) < 1e-8 and res.test_error < 1e-8
+
+
+def test_a_failed_balanced_run_returns_its_point_in_the_callers_coordinates(monkeypatch):
+    # minimize reports a non-finite value (status -1) at the first stage: no plain stage follows, and res.x is that
+    # stage's point mapped back (B's cores divided by the scalings)
+    from lowrankopt.completion import continuation
+
+    X, A, idx, vals, test = tt_problem()
+    real, seen = continuation.minimize, []
+
+    def failing(*args, **kwargs):
+        res = real(*args, **{**kwargs, "max_iter": 2})
+        res.status, res.success = -1, False
+        seen.append(res.x)
+        return res
+
+    monkeypatch.setattr(continuation, "minimize", failing)
+    res = complete(idx, vals, SHAPE, RANK, generator=torch.Generator().manual_seed(2))
+    assert res.status == -1 and len(seen) == 1
+    scaling = balance_modes(idx, vals, SHAPE)
+    torch.testing.assert_close(scaling.apply(res.x).full(), seen[0].full(), rtol=1e-12, atol=1e-14)
+    assert res.train_error == pytest.approx(rel(res.x.gather(idx), vals), rel=1e-9)

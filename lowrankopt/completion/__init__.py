@@ -235,6 +235,8 @@ def complete(
                 scaling.undo(res.x), max(ranks), max_iter
             )
             res.attempt, last = attempt, -1
+        elif scaling is not None:  # (a failed or empty run: its point, in the caller's coordinates)
+            res.x, res.grad = scaling.undo(res.x), None
     run.finish(res)  # with distributed: raises on every process or on none, checks that they hold one point
     # after balancing, the last record may be a balanced one (the plain stage stops at its start where the balanced
     # run has fitted exact data, and a start makes no record): the plain residual of res.x, one gather
