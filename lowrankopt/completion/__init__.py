@@ -116,10 +116,11 @@ def complete(
             on the plain problem: one more stage of at most ``max_iter`` iterations at the target rank (a single one
             where the balanced run has fitted exact data). So the answer minimizes the plain least squares; the
             balancing only chose where to look. At d = 6, n = 10, TT-rank 4, Gaussian cores, it raised the success
-            rate at ``|Ω| = 20 dim`` from 0 to 3 of 4 seeds and changed nothing on nonnegative cores
-            (docs/benchmarks.md, ``tt-completion-phase``). The records of the balanced stages have ``balanced``
-            True: their ``fun``, ``grad_norm`` and ``train_error`` are the balanced problem's
-            (``‖w ∘ (P_Ω X − values)‖ / ‖w ∘ values‖``, ``w`` the product of the scalings at Ω), and ``tol`` stops
+            rate at ``|Ω| = 20 dim`` from 0 to 3 of 4 seeds (with the restarts); on nonnegative cores the
+            transition stayed at 3 dim (docs/benchmarks.md, ``tt-completion-phase``). The records of the
+            balanced stages have ``balanced`` True: their ``fun``, ``grad_norm`` and ``train_error`` are the
+            balanced problem's (``‖w ∘ (P_Ω X − values)‖ / ‖w ∘ values‖``, ``w`` the product of the scalings at Ω),
+            and ``tol`` stops
             them on it; test errors and ``monitor``'s ``x`` are in the caller's coordinates throughout (``monitor``
             sees ``grad`` None there). False: no scaling.
         starts: tensor trains without ``x0`` (a ValueError otherwise, if above 1); None (default) means 4: up to

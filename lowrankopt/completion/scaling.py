@@ -84,9 +84,9 @@ def balance_modes(
     y2 = values.to(torch.float64).square()
     factors = [torch.ones(n, **kw) for n in shape]
     bound = max_ratio ** (1 / (2 * d))
+    w2 = torch.ones_like(y2)  # the squared weights Π_k D_k[i_k]², updated one mode at a time (O(N) per update)
     for _ in range(sweeps):
         for k in range(d):
-            w2 = ModeScaling(factors).weights(indices).square()
             stats = torch.zeros(2, shape[k], **kw)
             stats[0].index_add_(0, indices[:, k], w2 * y2)
             stats[1].index_add_(0, indices[:, k], torch.ones_like(y2))
@@ -100,5 +100,7 @@ def balance_modes(
             ms = torch.where(seen, energy / count.clamp(min=1) / total, torch.ones_like(energy))
             D = factors[k] / ms.sqrt()
             D = D / torch.exp(torch.log(D).mean())  # geometric mean 1: the scale of the values is kept
-            factors[k] = D.clamp(1 / bound, bound)
+            D = D.clamp(1 / bound, bound)
+            w2 = w2 * (D / factors[k]).square()[indices[:, k]]
+            factors[k] = D
     return ModeScaling(factors)
