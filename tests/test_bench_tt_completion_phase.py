@@ -56,20 +56,70 @@ def test_tiny_case_recovers_where_determined_and_bisects(monkeypatch):
     assert cg["figures"][phase._key(0.25)] == "—" and cg["figures"][phase._key(10.0)].startswith("2/2 · ")
     assert res["xy"][0]["series"] == [{"label": "complete-cg", "x": [0.5, 0.75, 10.0], "y": [0.0, 0.0, 1.0]}]
 
-    # every run's recorded outcome, checked against the target rebuilt densely here (all entries, not only Γ)
-    runs = [run for c in cells for run in c["runs"]]  # the order they ran in (0.5, 0.75, 10)
-    assert len(runs) == len(captured) == 6
-    for run, (idx, vals, x) in zip(runs, captured, strict=True):
-        dense = _dense_uniform_target(run["seed"])
-        torch.testing.assert_close(vals, dense[tuple(idx.T)], rtol=1e-13, atol=0)  # the target's entries
-        held_out = torch.ones_like(dense, dtype=torch.bool)
-        held_out[tuple(idx.T)] = False
-        err = float(torch.linalg.vector_norm((x.full() - dense)[held_out]) / torch.linalg.vector_norm(dense[held_out]))
-        if run["success"]:
-            assert err < 1e-6 and run["test_error"] < phase.SUCCESS
-        else:
-            assert err > 1e-3 and run["test_error"] >= phase.SUCCESS
-        assert math.isfinite(run["time"]) and run["time"] > 0
+    # the seeds run only until a level's question is decided (2 seeds: "≥ 9/10" needs both to succeed, so one
+    # failure decides it; "≥ 5/10" needs one success): 0.5 and 0.75 fail seed 0 in the ≥ 9/10 search, then the
+    # ≥ 5/10 search runs their seed 1
+    assert [[run["seed"] for run in c["runs"]] for c in cells] == [[0, 1], [0, 1], [0, 1]]
+    assert cg["figures"][phase._key(0.5)] == "0/2"
+
+    # every run's recorded outcome, checked against the target rebuilt densely here (all entries, not only Γ); the
+    # solver saw a level's seeds in order, so its calls at a level (same |Ω|) match that cell's runs in order
+    assert len(captured) == 6
+    for cell in cells:
+        calls = [c for c in captured if c[0].shape[0] == cell["samples"]]
+        for run, (idx, vals, x) in zip(cell["runs"], calls, strict=True):
+            dense = _dense_uniform_target(run["seed"])
+            torch.testing.assert_close(vals, dense[tuple(idx.T)], rtol=1e-13, atol=0)  # the target's entries
+            held_out = torch.ones_like(dense, dtype=torch.bool)
+            held_out[tuple(idx.T)] = False
+            err = float(
+                torch.linalg.vector_norm((x.full() - dense)[held_out]) / torch.linalg.vector_norm(dense[held_out])
+            )
+            if run["success"]:
+                assert err < 1e-6 and run["test_error"] < phase.SUCCESS
+            else:
+                assert err > 1e-3 and run["test_error"] >= phase.SUCCESS
+            assert math.isfinite(run["time"]) and run["time"] > 0
+
+
+def test_seeds_run_until_the_question_is_decided(monkeypatch):
+    """A scripted solver (seed s at ladder index i succeeds iff (3 s + i) mod 10 < WINS[i]): the transitions equal
+    those of all 10 seeds at every level, and each level ran exactly the seeds needed to decide what was asked."""
+    wins = [0, 0, 1, 3, 4, 5, 6, 8, 9, 10]  # successes of the 10 seeds per level: 5/10 first at index 5, 9/10 at 8
+    levels = tuple(float(2 + i) for i in range(len(wins)))
+    dim = phase.FixedTTRank([N_MODE] * D, R).dim
+    level_of = {round(level * dim): i for i, level in enumerate(levels)}
+    calls: dict[int, int] = {}
+    outcome = {}
+
+    def scripted(problem):
+        i = level_of[problem.indices.shape[0]]
+        s = calls[i] = calls.get(i, -1) + 1  # the solver is called with a level's seeds in order
+        outcome["success"] = (3 * s + i) % 10 < wins[i]
+        return problem.x0
+
+    monkeypatch.setitem(phase.SOLVERS, "scripted", scripted)
+    monkeypatch.setattr(phase, "_relative_test_error", lambda x, tidx, tvals: 0.0 if outcome["success"] else 1.0)
+    params = dict(target="uniform", d=D, n=N_MODE, r=R, seeds=10, levels=levels, solvers=("scripted",))
+    ctx = Context("quick", torch.device("cpu"), repeats=1, seed=0, max_time=30.0)
+    (_, row) = phase.run(Case("scripted", params), ctx)["rows"]
+    assert row["figures"]["transition ≥9/10 (#Ω/dim)"] == levels[8]
+    assert row["figures"]["transition ≥5/10 (#Ω/dim)"] == levels[5]
+
+    def seeds_to_decide(i: int, need: int) -> int:  # brute force over the scripted outcomes
+        won = lost = 0
+        for s in range(10):
+            won, lost = won + ((3 * s + i) % 10 < wins[i]), lost + ((3 * s + i) % 10 >= wins[i])
+            if won >= need or lost > 10 - need:
+                return s + 1
+        raise AssertionError
+
+    ran = {levels.index(c["level"]): len(c["runs"]) for c in row["cells"]}
+    assert sum(ran.values()) < 10 * len(ran)  # fewer runs than full levels
+    for i, m in ran.items():
+        asked = [seeds_to_decide(i, 9)] + ([seeds_to_decide(i, 5)] if i < 8 else [])
+        assert m in (asked[0], max(asked)), (i, m, asked)  # the ≥ 9/10 search, maybe continued by the ≥ 5/10 one
+        assert row["cells"][list(ran).index(i)]["successes"] == sum((3 * s + i) % 10 < wins[i] for s in range(m))
 
 
 def test_registered_and_quick_cases_are_small():
@@ -109,5 +159,5 @@ def test_bisection_finds_the_smallest_passing_level_of_a_monotone_ladder():
             seen.append(i)
             return 10 if i >= threshold else 0
 
-        assert phase._bisect(measure, -1, 13, lambda k: k >= 9) == threshold
+        assert phase._bisect(lambda i, measure=measure: measure(i) >= 9, -1, 13) == threshold
         assert len(seen) <= 4 and len(set(seen)) == len(seen)

@@ -36,25 +36,27 @@ The ``--quick`` run is a smoke run of the pipeline (Gaussian, d = 6, n = 10, r �
 100 iterations, 10 ALS sweeps, a 35 s budget per case): its counts are not the transition.
 
 Caps per run: ``max_iter`` (500 in the ``--full`` cases, 100 in ``--quick``; ALS: ``als_sweeps``, 100 / 10) and a
-wall-clock cap, the runner's ``--max-time`` (``ctx.max_time``: 60 s in quick mode, 300 s in full mode). A run that
-stops at a cap is a failure like any other and is counted in the ``capped`` figure (so slowness can be told from
-convergence to a wrong point). Optionally ``budget`` seconds bound a whole case: once spent, the remaining cells are
-recorded as not run (checked before each solver's level, so a case can overrun by one level of one solver: ``seeds``
-runs). The ``--full`` cases have a budget of one hour each: unbounded, they were estimated (2026-12-03, 1 thread, from
-per-iteration costs, for the ladder up to 64) at about 1–1.5 h (d = 6, n = 10) up to about 7 h (d = 10, n = 20, r = 6;
-most failed runs at the 300 s cap, a teneva ALS sweep alone ≈ 20 s at ``|Ω|/dim = 8``) per case.
+wall-clock cap, the runner's ``--max-time`` (``ctx.max_time``: 60 s in quick mode, 300 s in full mode). A run that stops
+at a cap is a failure like any other and is counted in the ``capped`` figure (so slowness can be told from convergence
+to a wrong point). Optionally ``budget`` seconds bound a whole case: once spent, the remaining cells are recorded as not
+run (checked before each run, so a case overruns it by at most one run). The ``--full`` cases have a budget of one hour
+each: unbounded, they were estimated (2026-12-03, 1 thread, from per-iteration costs, for the ladder up to 64) at about
+1–1.5 h (d = 6, n = 10) up to about 7 h (d = 10, n = 20, r = 6; most failed runs at the 300 s cap, a teneva ALS sweep
+alone ≈ 20 s at ``|Ω|/dim = 8``) per case.
 
 Search (to keep ``--full`` affordable): success is taken to be monotone in ``|Ω|``, and each solver's transition
 points are found by bisection over the ladder — the ≥ 9/10 point first (from the middle level), then the ≥ 5/10 point
-below it, bracketed by the levels already measured — so a solver runs about 4–6 of the 13 levels; the others are
-shown as ``—`` (not measured). Every solver sees the same problems at a level (the same Ω, Γ, target and start).
+below it, bracketed by the levels already decided — so a solver runs about 4–6 of the 13 levels; the others are
+shown as ``—`` (not measured). At a level the seeds run in order (0, 1, …) only until the question asked there is
+decided: "≥ 9 of 10 succeed" is settled by the 9th success or the 2nd failure, "≥ 5 of 10" by the 5th success or the
+6th failure (a level first asked the one question runs on where the other needs more seeds), so a level where every
+run fails costs 2 runs for the ≥ 9/10 search (6 for ≥ 5/10), not 10; a cell ``k/m`` reports the m seeds run. Every
+solver sees the same problems at a level (the same Ω, Γ, target and start).
 
-Reported per case and solver: the success count ``k/S`` at each measured level with the median time of the
-successful runs, and the transition points ``transition ≥9/10`` (and ``≥5/10``): the smallest ladder level whose
-success rate is ≥ 0.9 (≥ 0.5), found by the bisection; None when not even the largest level qualifies. The plot:
-success rate against ``|Ω|/dim`` (log axis), one line per solver (measured levels only).
-Deterministic given ``--seed``.
-"""
+Reported per case and solver: the success count ``k/m`` (of the m seeds run) at each measured level with the median time
+of the successful runs, and the transition points ``transition ≥9/10`` (and ``≥5/10``): the smallest ladder level whose
+success rate is ≥ 0.9 (≥ 0.5), found by the bisection; None when not even the largest level qualifies. The plot: success
+rate against ``|Ω|/dim`` (log axis), one line per solver (measured levels only). Deterministic given ``--seed``."""
 
 from __future__ import annotations
 
@@ -238,73 +240,92 @@ def run(case: Case, ctx: Context) -> dict:
     cells: dict[str, dict[int, dict]] = {name: {} for name in solvers}
     transitions: dict[str, dict[float, float | None]] = {}
     skipped: dict[str, str] = {}
+    need = {0.9: math.ceil(0.9 * seeds - 1e-9), 0.5: math.ceil(0.5 * seeds - 1e-9)}  # successes for each rate
     for name, solve in solvers.items():
         measured = cells[name]
 
-        def measure(li: int, name=name, solve=solve, measured=measured) -> int:
-            if li in measured:
-                return measured[li]["successes"]
-            if budget is not None and time.perf_counter() - t_case > budget:
-                raise _OutOfBudget
-            level, N = levels[li], counts[li]
-            runs = []
-            for s, (prob, (tidx, tvals)) in enumerate(problems_at(li)):
-                ctx.status(f"{name}: |Ω|/dim = {level:g}, seed {s + 1}/{seeds}")
-                prob.info = {}
-                prob.generator = ctx.generator(1_000_003 * (li + 1) + s + 7 * seeds)  # the same for every solver
-                t0 = time.perf_counter()
-                x = solve(prob)  # (PeerUnavailable: the row is skipped)
-                elapsed = time.perf_counter() - t0
-                err = _relative_test_error(x, tidx, tvals)
-                capped = bool(prob.info.get("capped")) or elapsed > caps["max_time"]
-                runs.append({"seed": s, "test_error": err, "time": elapsed, "success": err < SUCCESS,
-                             "capped": capped, "iterations": prob.info.get("iterations"),
-                             "message": prob.info.get("message")})  # fmt: skip
-            wins = [run_ for run_ in runs if run_["success"]]
-            measured[li] = {
-                "level": level, "samples": N, "successes": len(wins), "capped": sum(r_["capped"] for r_ in runs),
-                "median_success_time": statistics.median(r_["time"] for r_ in wins) if wins else None, "runs": runs,
-            }  # fmt: skip
-            return len(wins)
+        def passes(li: int, rate: float, name=name, solve=solve, measured=measured) -> bool:
+            """Whether level ``li`` has ≥ ``rate`` successes: seeds run in order until the answer is decided."""
+            cell = measured.setdefault(li, {"level": levels[li], "samples": counts[li], "runs": []})
+            runs = cell["runs"]
+            try:
+                while _decision(runs, need[rate], seeds) is None:  # seeds 0, 1, ... in order
+                    s = len(runs)
+                    if budget is not None and time.perf_counter() - t_case > budget:
+                        raise _OutOfBudget
+                    prob, (tidx, tvals) = problems_at(li)[s]
+                    ctx.status(f"{name}: |Ω|/dim = {levels[li]:g}, seed {s + 1}/{seeds}")
+                    prob.info = {}
+                    prob.generator = ctx.generator(1_000_003 * (li + 1) + s + 7 * seeds)  # the same for every solver
+                    t0 = time.perf_counter()
+                    x = solve(prob)  # (PeerUnavailable: the row is skipped)
+                    elapsed = time.perf_counter() - t0
+                    err = _relative_test_error(x, tidx, tvals)
+                    capped = bool(prob.info.get("capped")) or elapsed > caps["max_time"]
+                    runs.append({"seed": s, "test_error": err, "time": elapsed, "success": err < SUCCESS,
+                                 "capped": capped, "iterations": prob.info.get("iterations"),
+                                 "message": prob.info.get("message")})  # fmt: skip
+            finally:  # (also when the budget runs out mid-level: the runs done are reported)
+                _summarize(cell)
+            return bool(_decision(runs, need[rate], seeds))
+
+        def decided(li: int, rate: float, measured=measured) -> bool | None:
+            return _decision(measured[li]["runs"], need[rate], seeds)
 
         found: dict[float, float | None] = {0.9: None, 0.5: None}
         try:
-            hi = _bisect(measure, -1, len(levels), lambda k: k >= 0.9 * seeds)
+            hi = _bisect(lambda li: passes(li, 0.9), -1, len(levels))
             found[0.9] = levels[hi] if hi < len(levels) else None
-            # the ≥ 5/10 point lies at or below it: bracket it with what is measured already, then bisect
-            lo = max((li for li, c in measured.items() if li < hi and c["successes"] < 0.5 * seeds), default=-1)
-            top = min((li for li, c in measured.items() if lo < li < hi and c["successes"] >= 0.5 * seeds), default=hi)
-            hi5 = _bisect(measure, lo, top, lambda k: k >= 0.5 * seeds)
+            # the ≥ 5/10 point lies at or below it: bracket it with what is decided already, then bisect
+            lo = max((li for li in measured if li < hi and decided(li, 0.5) is False), default=-1)
+            top = min((li for li in measured if lo < li < hi and decided(li, 0.5)), default=hi)
+            hi5 = _bisect(lambda li: passes(li, 0.5), lo, top)
             found[0.5] = levels[hi5] if hi5 < len(levels) else None
         except PeerUnavailable as exc:
             skipped[name] = f"skipped: {exc}"
         except _OutOfBudget:
             found["budget"] = True  # type: ignore[index]
         transitions[name] = found
-    ordered = {name: [by_level[li] for li in sorted(by_level)] for name, by_level in cells.items()}
+    ordered = {
+        name: [by_level[li] for li in sorted(by_level) if by_level[li]["runs"]] for name, by_level in cells.items()
+    }
     return _result(levels, counts, ordered, transitions, skipped, seeds, d, n, r, dim, case, caps, budget)
+
+
+def _decision(runs: list[dict], need: int, seeds: int) -> bool | None:
+    """Whether ``need`` of ``seeds`` runs succeed, from the ``runs`` done so far; None while undecided."""
+    wins = sum(run_["success"] for run_ in runs)
+    return True if wins >= need else False if len(runs) - wins > seeds - need else None
+
+
+def _summarize(cell: dict) -> None:
+    wins = [run_ for run_ in cell["runs"] if run_["success"]]
+    cell.update(
+        successes=len(wins), capped=sum(run_["capped"] for run_ in cell["runs"]),
+        median_success_time=statistics.median(run_["time"] for run_ in wins) if wins else None,
+    )  # fmt: skip
 
 
 class _OutOfBudget(Exception):
     """The case's time budget is spent: the search stops where it is."""
 
 
-def _bisect(measure: Callable[[int], int], lo: int, hi: int, ok: Callable[[int], bool]) -> int:
-    """The smallest ladder index in ``(lo, hi]`` whose success count satisfies ``ok``, by bisection: success is
-    taken to be monotone in ``|Ω|``, index ``lo`` failing and ``hi`` passing (``hi`` may be one past the ladder: no
-    level passes). Measures about ``log2(hi − lo)`` levels."""
+def _bisect(passes: Callable[[int], bool], lo: int, hi: int) -> int:
+    """The smallest ladder index in ``(lo, hi]`` that ``passes``, by bisection: success is taken to be monotone in
+    ``|Ω|``, index ``lo`` failing and ``hi`` passing (``hi`` may be one past the ladder: no level passes). Measures
+    about ``log2(hi − lo)`` levels."""
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if ok(measure(mid)):
+        if passes(mid):
             hi = mid
         else:
             lo = mid
     return hi
 
 
-def _cell_text(cell: dict, seeds: int) -> str:
+def _cell_text(cell: dict) -> str:
     t = cell["median_success_time"]
-    return f"{cell['successes']}/{seeds}" + ("" if t is None else f" · {t:.2g} s")
+    return f"{cell['successes']}/{len(cell['runs'])}" + ("" if t is None else f" · {t:.2g} s")
 
 
 def _key(level: float) -> str:
@@ -330,7 +351,7 @@ def _result(levels, counts, cells, transitions, skipped, seeds, d, n, r, dim, ca
         if transitions[name].get("budget"):
             notes.append("search stopped: case time budget spent")
         figures = {_key(lv): "—" for lv in levels}
-        figures.update({_key(c["level"]): _cell_text(c, seeds) for c in row_cells})
+        figures.update({_key(c["level"]): _cell_text(c) for c in row_cells})
         figures["transition ≥5/10 (#Ω/dim)"] = t5
         figures["transition ≥9/10 (#Ω/dim)"] = t9
         rows.append({
@@ -338,10 +359,10 @@ def _result(levels, counts, cells, transitions, skipped, seeds, d, n, r, dim, ca
             "time_min": min(wins) if wins else None, "time_max": max(wins) if wins else None, "repeats": seeds,
             "figures": figures, "status": "; ".join(notes), "cells": row_cells,
         })  # fmt: skip
-        measured = [c for c in row_cells if c.get("successes") is not None]
+        measured = [c for c in row_cells if c["runs"]]  # (a level the budget stopped before its first run: none)
         if measured:
             series.append({"label": name, "x": [c["level"] for c in measured],
-                           "y": [c["successes"] / seeds for c in measured]})  # fmt: skip
+                           "y": [c["successes"] / len(c["runs"]) for c in measured]})  # fmt: skip
     p = case.params
     title = f"tt-completion-phase: {p['target']} target, d={d}, n={n}, r={r} ({seeds} seeds)"
     return {
@@ -372,7 +393,7 @@ BENCHMARK = Benchmark(
     name="tt-completion-phase",
     summary="Phase transition of TT completion: success rate (test error < 1e-6) vs |Ω|/dim, "
     "complete() CG / trust-region, minimize from a random start, teneva ALS",
-    baseline="no ratios; time column: median time of the successful runs (all levels); cells: successes/seeds · "
+    baseline="no ratios; time column: median time of the successful runs (all levels); cells: successes/seeds run · "
     "median time of the successful runs at that level",
     figures=("successes per #Ω/dim level", "transition ≥9/10 (#Ω/dim)", "transition ≥5/10 (#Ω/dim)"),
     # quick: a smoke run of the pipeline with small caps (a failed run at 1000 iterations costs 10-60 s here)
