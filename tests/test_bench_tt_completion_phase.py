@@ -82,10 +82,8 @@ def test_tiny_case_recovers_where_determined_and_bisects(monkeypatch):
             assert math.isfinite(run["time"]) and run["time"] > 0
 
 
-def test_seeds_run_until_the_question_is_decided(monkeypatch):
-    """A scripted solver (seed s at ladder index i succeeds iff (3 s + i) mod 10 < WINS[i]): the transitions equal
-    those of all 10 seeds at every level, and each level ran exactly the seeds needed to decide what was asked."""
-    wins = [0, 0, 1, 3, 4, 5, 6, 8, 9, 10]  # successes of the 10 seeds per level: 5/10 first at index 5, 9/10 at 8
+def _run_scripted(monkeypatch, wins: list[int]) -> tuple[tuple[float, ...], dict]:
+    """The phase search with a scripted solver: seed s at ladder index i succeeds iff (3 s + i) mod 10 < wins[i]."""
     levels = tuple(float(2 + i) for i in range(len(wins)))
     dim = phase.FixedTTRank([N_MODE] * D, R).dim
     level_of = {round(level * dim): i for i, level in enumerate(levels)}
@@ -103,23 +101,43 @@ def test_seeds_run_until_the_question_is_decided(monkeypatch):
     params = dict(target="uniform", d=D, n=N_MODE, r=R, seeds=10, levels=levels, solvers=("scripted",))
     ctx = Context("quick", torch.device("cpu"), repeats=1, seed=0, max_time=30.0)
     (_, row) = phase.run(Case("scripted", params), ctx)["rows"]
+    return levels, row
+
+
+def _seeds_to_decide(wins: list[int], i: int, need: int) -> int:
+    """Brute force over the scripted outcomes: the seeds to run at index i before "≥ need of 10" is decided."""
+    won = lost = 0
+    for s in range(10):
+        won, lost = won + ((3 * s + i) % 10 < wins[i]), lost + ((3 * s + i) % 10 >= wins[i])
+        if won >= need or lost > 10 - need:
+            return s + 1
+    raise AssertionError
+
+
+def test_seeds_run_until_the_question_is_decided(monkeypatch):
+    """The transitions equal those of all 10 seeds at every level, and each level ran exactly the seeds needed to
+    decide what was asked there."""
+    wins = [0, 0, 1, 3, 4, 5, 6, 8, 9, 10]  # successes of the 10 seeds per level: 5/10 first at index 5, 9/10 at 8
+    levels, row = _run_scripted(monkeypatch, wins)
     assert row["figures"]["transition ≥9/10 (#Ω/dim)"] == levels[8]
     assert row["figures"]["transition ≥5/10 (#Ω/dim)"] == levels[5]
-
-    def seeds_to_decide(i: int, need: int) -> int:  # brute force over the scripted outcomes
-        won = lost = 0
-        for s in range(10):
-            won, lost = won + ((3 * s + i) % 10 < wins[i]), lost + ((3 * s + i) % 10 >= wins[i])
-            if won >= need or lost > 10 - need:
-                return s + 1
-        raise AssertionError
 
     ran = {levels.index(c["level"]): len(c["runs"]) for c in row["cells"]}
     assert sum(ran.values()) < 10 * len(ran)  # fewer runs than full levels
     for i, m in ran.items():
-        asked = [seeds_to_decide(i, 9)] + ([seeds_to_decide(i, 5)] if i < 8 else [])
+        asked = [_seeds_to_decide(wins, i, 9)] + ([_seeds_to_decide(wins, i, 5)] if i < 8 else [])
         assert m in (asked[0], max(asked)), (i, m, asked)  # the ≥ 9/10 search, maybe continued by the ≥ 5/10 one
         assert row["cells"][list(ran).index(i)]["successes"] == sum((3 * s + i) % 10 < wins[i] for s in range(m))
+
+
+def test_a_ladder_where_nothing_passes_ends_at_its_top_level(monkeypatch):
+    wins = [0, 0, 0, 0, 0, 1, 1, 2, 3, 4]  # never 5/10
+    levels, row = _run_scripted(monkeypatch, wins)
+    assert row["figures"]["transition ≥9/10 (#Ω/dim)"] is None is row["figures"]["transition ≥5/10 (#Ω/dim)"]
+    # the ≥ 9/10 bisection (indices 4, 7, 8, 9: until two failures each), then index 9 asked ≥ 5/10: done
+    expected = [(i, _seeds_to_decide(wins, i, 9)) for i in (4, 7, 8)] + [(9, _seeds_to_decide(wins, 9, 5))]
+    assert [(levels.index(c["level"]), len(c["runs"])) for c in row["cells"]] == expected
+    assert expected[0] == (4, 2) and expected[-1][1] >= 6
 
 
 def test_registered_and_quick_cases_are_small():

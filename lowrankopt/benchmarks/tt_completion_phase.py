@@ -46,7 +46,8 @@ alone ≈ 20 s at ``|Ω|/dim = 8``) per case.
 
 Search (to keep ``--full`` affordable): success is taken to be monotone in ``|Ω|``, and each solver's transition
 points are found by bisection over the ladder — the ≥ 9/10 point first (from the middle level), then the ≥ 5/10 point
-below it, bracketed by the levels already decided — so a solver runs about 4–6 of the 13 levels; the others are
+below it, bracketed by the levels already decided (when no level reached 9/10, the top level is asked first: if it
+fails ≥ 5/10 too, no level passes) — so a solver runs about 4–6 of the 13 levels; the others are
 shown as ``—`` (not measured). At a level the seeds run in order (0, 1, …) only until the question asked there is
 decided: "≥ 9 of 10 succeed" is settled by the 9th success or the 2nd failure, "≥ 5 of 10" by the 5th success or the
 6th failure (a level first asked the one question runs on where the other needs more seeds), so a level where every
@@ -276,11 +277,16 @@ def run(case: Case, ctx: Context) -> dict:
         try:
             hi = _bisect(lambda li: passes(li, 0.9), -1, len(levels))
             found[0.9] = levels[hi] if hi < len(levels) else None
-            # the ≥ 5/10 point lies at or below it: bracket it with what is decided already, then bisect
+            # the ≥ 5/10 point lies at or below it: bracket it with what is decided already, then bisect; when no
+            # level reached 9/10, the top level first (no level at all may pass: then it settles the search)
+            if hi == len(levels) and not passes(hi - 1, 0.5):
+                raise _NoneQualifies
             lo = max((li for li in measured if li < hi and decided(li, 0.5) is False), default=-1)
             top = min((li for li in measured if lo < li < hi and decided(li, 0.5)), default=hi)
             hi5 = _bisect(lambda li: passes(li, 0.5), lo, top)
             found[0.5] = levels[hi5] if hi5 < len(levels) else None
+        except _NoneQualifies:
+            pass
         except PeerUnavailable as exc:
             skipped[name] = f"skipped: {exc}"
         except _OutOfBudget:
@@ -304,6 +310,10 @@ def _summarize(cell: dict) -> None:
         successes=len(wins), capped=sum(run_["capped"] for run_ in cell["runs"]),
         median_success_time=statistics.median(run_["time"] for run_ in wins) if wins else None,
     )  # fmt: skip
+
+
+class _NoneQualifies(Exception):
+    """Not even the top level of the ladder reaches the rate asked: the search ends."""
 
 
 class _OutOfBudget(Exception):
