@@ -279,14 +279,11 @@ def run(case: Case, ctx: Context) -> dict:
             found[0.9] = levels[hi] if hi < len(levels) else None
             # the ≥ 5/10 point lies at or below it: bracket it with what is decided already, then bisect; when no
             # level reached 9/10, the top level first (no level at all may pass: then it settles the search)
-            if hi == len(levels) and not passes(hi - 1, 0.5):
-                raise _NoneQualifies
-            lo = max((li for li in measured if li < hi and decided(li, 0.5) is False), default=-1)
-            top = min((li for li in measured if lo < li < hi and decided(li, 0.5)), default=hi)
-            hi5 = _bisect(lambda li: passes(li, 0.5), lo, top)
-            found[0.5] = levels[hi5] if hi5 < len(levels) else None
-        except _NoneQualifies:
-            pass
+            if hi < len(levels) or passes(hi - 1, 0.5):
+                lo = max((li for li in measured if li < hi and decided(li, 0.5) is False), default=-1)
+                top = min((li for li in measured if lo < li < hi and decided(li, 0.5)), default=hi)
+                hi5 = _bisect(lambda li: passes(li, 0.5), lo, top)
+                found[0.5] = levels[hi5] if hi5 < len(levels) else None
         except PeerUnavailable as exc:
             skipped[name] = f"skipped: {exc}"
         except _OutOfBudget:
@@ -310,10 +307,6 @@ def _summarize(cell: dict) -> None:
         successes=len(wins), capped=sum(run_["capped"] for run_ in cell["runs"]),
         median_success_time=statistics.median(run_["time"] for run_ in wins) if wins else None,
     )  # fmt: skip
-
-
-class _NoneQualifies(Exception):
-    """Not even the top level of the ladder reaches the rate asked: the search ends."""
 
 
 class _OutOfBudget(Exception):
