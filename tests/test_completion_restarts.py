@@ -56,6 +56,24 @@ def test_stalled_runs_are_restarted_and_the_best_is_returned():
     assert [r["fun"] for r in again.history] == [r["fun"] for r in res.history]
 
 
+@pytest.mark.parametrize("method", ["lbfgs", "sd"])
+def test_lbfgs_and_steepest_descent_make_one_run_unless_asked(method):
+    # the stalling fit of the test above: CG makes 3 runs with starts=3; these methods one by default (their plateaus
+    # outlast the stall test), and as many as asked otherwise
+    A, idx, vals = data(4, 600)
+    kw = dict(method=method, max_iter=60, balance=False)
+    res = complete(idx, vals, SHAPE, 2, generator=torch.Generator().manual_seed(1), **kw)
+    assert sorted(attempt_records(res)) == [0] and res.attempt == 0
+    res = complete(idx, vals, SHAPE, 2, starts=2, generator=torch.Generator().manual_seed(1), **kw)
+    assert sorted(attempt_records(res)) == [0, 1]
+
+
+def test_cg_restarts_by_default():
+    A, idx, vals = data(4, 600)
+    res = complete(idx, vals, SHAPE, 2, max_iter=60, balance=False, generator=torch.Generator().manual_seed(1))
+    assert sorted(attempt_records(res)) == [0, 1, 2, 3]
+
+
 def test_a_run_that_converges_is_not_repeated():
     A, idx, vals = data(2, 800)
     res = complete(idx, vals, SHAPE, 2, starts=5, generator=torch.Generator().manual_seed(0))

@@ -48,6 +48,8 @@ from .start import matrix_start, spectral_start, tt_ranks, zero_message, zero_po
 
 __all__ = ["complete", "sample_indices", "completion_loss"]
 
+_RESTARTED = ("cg", "trust-region")  # the methods whose runs complete(starts=None) restarts after a stall
+
 # earlier private names of the pieces (tests reach them)
 _MatrixLeastSquares = MatrixLeastSquares
 _spectral_start = spectral_start
@@ -123,9 +125,12 @@ def complete(
             and ``tol`` stops
             them on it; test errors and ``monitor``'s ``x`` are in the caller's coordinates throughout (``monitor``
             sees ``grad`` None there). False: no scaling.
-        starts: tensor trains without ``x0`` (a ValueError otherwise, if above 1); None (default) means 4: up to
-            this many runs of the rank continuation, each from the best constant tensor with its own random growth
-            terms (drawn from ``generator``). A run that stalls at the target rank (training residual down by less
+        starts: tensor trains without ``x0`` (a ValueError otherwise, if above 1); None (default) means 4 with CG
+            and trust-region, 1 with L-BFGS and steepest descent (their plateaus outlast the stall test: at d = 10,
+            n = 20, TT-rank 8, L-BFGS's residual fell by less than 10 % for about 70 iterations before it converged,
+            and with restarts that run was cut short and the call used up its 60 s). Up to this many runs of the
+            rank continuation, each from the best constant tensor with its own random growth terms (drawn from
+            ``generator``). A run that stalls at the target rank (training residual down by less
             than 10 % in 50 iterations; its last record has ``stalled``) or that minimize stops on its own above
             ``tol`` is followed by the next (the last is never stopped early), and the run with the lowest training
             residual is returned (``res.attempt``; the records carry ``attempt``); a returned run that stalled is not
@@ -221,7 +226,8 @@ def complete(
         else:
             warmup = 8 if warmup_iters is None else warmup_iters
             # (at TT-rank 1 there are no growth terms: every run would repeat the first)
-            runs = 1 if max(ranks) == 1 else 4 if starts is None else starts
+            # (L-BFGS's and steepest descent's plateaus outlast the stall test: one run unless asked)
+            runs = 1 if max(ranks) == 1 else starts if starts is not None else 4 if method in _RESTARTED else 1
             res, last = stages.attempts(ranks, runs, generator=generator, warmup_iters=warmup, max_iter=max_iter)
             res.attempt = history.records[last]["attempt"]
         if scaling is not None and problem.norm > 0 and res.status >= 0 and not history.failed:
