@@ -68,6 +68,17 @@ def test_lbfgs_and_steepest_descent_make_one_run_unless_asked(method):
     assert sorted(attempt_records(res)) == [0, 1]
 
 
+@pytest.mark.parametrize("method", ["lbfgs", "sd"])
+def test_lbfgs_and_steepest_descent_are_not_balanced_unless_asked(method):
+    A, idx, vals = data(2, 400)
+    res = complete(idx, vals, SHAPE, 2, method=method, max_iter=5, generator=torch.Generator().manual_seed(1))
+    assert not any(rec["balanced"] for rec in res.history)
+    res = complete(
+        idx, vals, SHAPE, 2, method=method, max_iter=5, balance=True, generator=torch.Generator().manual_seed(1)
+    )
+    assert res.history[0]["balanced"]
+
+
 def test_cg_restarts_by_default():
     A, idx, vals = data(4, 600)
     res = complete(idx, vals, SHAPE, 2, max_iter=60, balance=False, generator=torch.Generator().manual_seed(1))

@@ -48,7 +48,8 @@ from .start import matrix_start, spectral_start, tt_ranks, zero_message, zero_po
 
 __all__ = ["complete", "sample_indices", "completion_loss"]
 
-_RESTARTED = ("cg", "trust-region")  # the methods whose runs complete(starts=None) restarts after a stall
+# the methods that complete(balance=None, starts=None) balances and restarts after a stall (measured there)
+_BALANCED_AND_RESTARTED = ("cg", "trust-region")
 
 # earlier private names of the pieces (tests reach them)
 _MatrixLeastSquares = MatrixLeastSquares
@@ -111,7 +112,8 @@ def complete(
             from the spectral start, CG stalls at a wrong fit once the target's condition number κ reaches about 10
             (docs/benchmarks.md, ``matrix-completion``, the κ cases). True: climb from rank 1; False: no
             continuation.
-        balance: tensor trains only (a ValueError for matrices if True). None (default) or True: first solve for
+        balance: tensor trains only (a ValueError for matrices if True). True, or None (the default) with CG and
+            trust-region: first solve for
             the balanced tensor ``B = A ×_1 diag(D_1) ⋯ ×_d diag(D_d)``, the positive mode scalings ``D_k`` chosen so
             that every slice has the same mean square over its observed entries (``completion.scaling.balance_modes``;
             the TT-ranks are those of A), then map the result back (the cores divided by the scalings) and finish
@@ -122,16 +124,17 @@ def complete(
             transition stayed at 3 dim (docs/benchmarks.md, ``tt-completion-phase``). The records of the
             balanced stages have ``balanced`` True: their ``fun``, ``grad_norm`` and ``train_error`` are the
             balanced problem's (``‖w ∘ (P_Ω X − values)‖ / ‖w ∘ values‖``, ``w`` the product of the scalings at Ω),
-            and ``tol`` stops
-            them on it; test errors and ``monitor``'s ``x`` are in the caller's coordinates throughout (``monitor``
-            sees ``grad`` None there). False: no scaling.
+            and ``tol`` stops them on it; test errors and ``monitor``'s ``x`` are in the caller's coordinates
+            throughout (``monitor`` sees ``grad`` None there). False, or None with L-BFGS and steepest descent: no
+            scaling (see ``starts``).
         starts: tensor trains without ``x0`` (a ValueError otherwise, if above 1); None (default) means 4 with CG
-            and trust-region, 1 with L-BFGS and steepest descent (their plateaus outlast the stall test: at d = 10,
-            n = 20, TT-rank 8, L-BFGS's residual fell by less than 10 % for about 70 iterations before it converged,
-            and with restarts that run was cut short and the call used up its 60 s). Up to this many runs of the
-            rank continuation, each from the best constant tensor with its own random growth terms (drawn from
-            ``generator``). A run that stalls at the target rank (training residual down by less
-            than 10 % in 50 iterations; its last record has ``stalled``) or that minimize stops on its own above
+            and trust-region, 1 with L-BFGS and steepest descent: their plateaus outlast the stall test, and on
+            ``tt-completion`` (d = 10, n = 20, TT-ranks 4 / 6 / 8, one seed, 2026-12-04) L-BFGS with balancing and
+            restarts missed r = 8 (a run cut on a 70-iteration plateau), with balancing and one run r = 6, without
+            balancing and with restarts r = 6, while without either (its defaults) it reached all three. Up to this
+            many runs of the rank continuation, each from the best constant tensor with its own random growth terms
+            (drawn from ``generator``). A run that stalls at the target rank (training residual down by less than
+            10 % in 50 iterations; its last record has ``stalled``) or that minimize stops on its own above
             ``tol`` is followed by the next (the last is never stopped early), and the run with the lowest training
             residual is returned (``res.attempt``; the records carry ``attempt``); a returned run that stalled is not
             a success (status 5, the message says so). At TT-rank 1 there is one run (no growth terms to differ).
@@ -199,7 +202,7 @@ def complete(
         run = _sharded_run(error, args, values, settings, group=group, check_every=check_every)
     indices, shape, test, tol, options = args
     scaling, solved = None, values  # (balance: the solver's values are B's, w ∘ values)
-    if len(shape) > 2 and balance is not False:
+    if len(shape) > 2 and (balance or (balance is None and method in _BALANCED_AND_RESTARTED)):
         scaling = balance_modes(indices, values, shape, reduce=run.reduce)
         solved = (values.to(torch.float64) * scaling.weights(indices)).to(values.dtype)
     undo = None if scaling is None else scaling.undo
@@ -226,8 +229,15 @@ def complete(
         else:
             warmup = 8 if warmup_iters is None else warmup_iters
             # (at TT-rank 1 there are no growth terms: every run would repeat the first)
-            # (L-BFGS's and steepest descent's plateaus outlast the stall test: one run unless asked)
-            runs = 1 if max(ranks) == 1 else starts if starts is not None else 4 if method in _RESTARTED else 1
+            runs = (
+                1
+                if max(ranks) == 1
+                else starts
+                if starts is not None
+                else 4
+                if method in _BALANCED_AND_RESTARTED
+                else 1
+            )
             res, last = stages.attempts(ranks, runs, generator=generator, warmup_iters=warmup, max_iter=max_iter)
             res.attempt = history.records[last]["attempt"]
         if scaling is not None and problem.norm > 0 and res.status >= 0 and not history.failed:
