@@ -362,10 +362,9 @@ def _result(levels, counts, cells, transitions, skipped, seeds, d, n, r, dim, ca
             "time_min": min(wins) if wins else None, "time_max": max(wins) if wins else None, "repeats": seeds,
             "figures": figures, "status": "; ".join(notes), "cells": row_cells,
         })  # fmt: skip
-        measured = [c for c in row_cells if c["runs"]]  # (a level the budget stopped before its first run: none)
-        if measured:
-            series.append({"label": name, "x": [c["level"] for c in measured],
-                           "y": [c["successes"] / len(c["runs"]) for c in measured]})  # fmt: skip
+        if row_cells:  # (every cell has a run: run() drops the levels the budget stopped before their first)
+            series.append({"label": name, "x": [c["level"] for c in row_cells],
+                           "y": [c["successes"] / len(c["runs"]) for c in row_cells]})  # fmt: skip
     p = case.params
     title = f"tt-completion-phase: {p['target']} target, d={d}, n={n}, r={r} ({seeds} seeds)"
     return {

@@ -11,10 +11,10 @@ Start points: matrices start from the rank-r truncated SVD of the zero-filled ``
 ``make_start_x``, computed matrix-free by a randomized range finder on the sparse matrix); tensor trains
 from the best constant tensor with rank continuation (a few iterations at TT-rank 1, 2, …, each stage
 grown by a tiny random rank-1 term), because for d ≫ 2 a random TT-rank-r start is almost orthogonal to
-the target and its tangent space. Tensor trains are solved in balanced coordinates (``scaling``: a positive
-scaling of each mode's slices, undone on return) and a continuation that stalls at the target rank is run again
-with new growth terms (``starts``); both lower the sampling at which tensors with Gaussian cores are recovered
-(docs/benchmarks.md, ``tt-completion-phase``).
+the target and its tangent space. With CG and trust-region, tensor trains are solved in balanced coordinates
+(``scaling``: a positive scaling of each mode's slices, undone on return) and a continuation that stalls at the
+target rank is run again with new growth terms (``starts``); both lower the sampling at which tensors with
+Gaussian cores are recovered (docs/benchmarks.md, ``tt-completion-phase``).
 
 :func:`complete` composes named pieces: ``checks.check_arguments`` (the argument checks);
 ``problem.CompletionProblem`` (minimize's objective at each stage: the closed forms of
