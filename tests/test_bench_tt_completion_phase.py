@@ -179,3 +179,30 @@ def test_bisection_finds_the_smallest_passing_level_of_a_monotone_ladder():
 
         assert phase._bisect(lambda i, measure=measure: measure(i) >= 9, -1, 13) == threshold
         assert len(seen) <= 4 and len(set(seen)) == len(seen)
+
+
+def test_start_families():
+    """``start="uniform"`` draws RTTC's nonnegative start (unit norm, the target's ranks); Gaussian starts are the
+    default, a full case starts from its target's family and its name says so; an unknown start is refused."""
+    ctx = Context("quick", torch.device("cpu"), repeats=1, seed=0, max_time=30.0)
+    shape = [N_MODE] * D
+    target, x0 = phase._seed_data("uniform", shape, R, ctx, 1, "uniform")
+    dense = x0.full()
+    assert list(x0.ranks) == [R] * (D - 1)
+    assert float(torch.linalg.vector_norm(dense)) == pytest.approx(1.0, rel=1e-12)
+    assert bool((dense >= 0).all())
+    # the target does not depend on the start (drawn first from the seed's generator)
+    same_target, gaussian_x0 = phase._seed_data("uniform", shape, R, ctx, 1)
+    torch.testing.assert_close(same_target.full(), target.full(), rtol=0, atol=0)
+    assert float(torch.linalg.vector_norm(gaussian_x0.full())) == pytest.approx(1.0, rel=1e-12)
+    # a nonnegative start is far from orthogonal to a nonnegative target (the reason RTTC's script starts there)
+    t = target.full() / torch.linalg.vector_norm(target.full())
+    assert float((t * dense).sum()) > 0.3 > 10 * abs(float((t * gaussian_x0.full()).sum()))  # 0.47, 0.006
+
+    for case in phase.BENCHMARK.full:
+        p = case.params
+        assert p["start"] == p["target"]
+        assert case.name.endswith("-uniform-start") == (p["target"] == "uniform")
+    params = dict(target="uniform", d=D, n=N_MODE, r=R, seeds=1, levels=(10.0,), start="sobol")
+    with pytest.raises(ValueError, match="start"):
+        phase.run(Case("bad", params), ctx)

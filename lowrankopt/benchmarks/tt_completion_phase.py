@@ -6,14 +6,23 @@ solver of :data:`SOLVERS` is run on ``seeds`` problems and a run counts as a *su
 ``‖P_Γ(X − A)‖ / ‖P_Γ A‖`` of its answer is below ``1e-6`` (:data:`SUCCESS`).
 
 Targets (float64): ``"gaussian"``, :meth:`FixedTTRank.random_point` (Gaussian cores, right-orthogonalized, unit
-Frobenius norm: the tensor family of TTeMPS's ``TTeMPS_rand`` used in the RTTC paper) scaled by ``√(Π shape)`` to a
-unit RMS entry; ``"uniform"``, i.i.d. uniform ``[0, 2/r_{k−1})`` cores (the demo's and ``tt-completion``'s target:
-nonnegative, mean entry 1).
+Frobenius norm: the family of Manopt's ``TTeMPS_randn``) scaled by ``√(Π shape)`` to a unit RMS entry; ``"uniform"``,
+i.i.d. uniform ``[0, 2/r_{k−1})`` cores (the demo's and ``tt-completion``'s target: nonnegative, mean entry 1; up to a
+scalar the family of TTeMPS's ``TTeMPS_rand``, i.i.d. uniform ``[0, 1]`` cores, which is the target *and* the start
+of the RTTC paper's comparison script ``ex_completion_compare_als_riemann.m``; Manopt's copy of TTeMPS drew Gaussian
+cores there for two days in January 2021 and went back to uniform ones on Steinlechner's word, adding
+``TTeMPS_randn``).
 
 Per seed and level: one target (the same at every level of a seed), Ω of ``|Ω| = round(level · dim)`` distinct
 entries and a disjoint test set Γ of 1000 entries (fewer when the tensor has too few; :data:`TEST_SAMPLES`), drawn
-together by :func:`sample_indices`; and one random start ``x0`` (a ``random_point`` of the target's ranks, the same at
-every level of a seed, scaled to the RMS of the observed values) shared by the solvers that take a start.
+together by :func:`sample_indices`; and one random start ``x0`` of the target's ranks, the same at every level of a
+seed, scaled to the RMS of the observed values and shared by the solvers that take a start. The case parameter
+``start`` (:data:`STARTS`) says how ``x0`` is drawn: ``"gaussian"`` (the default), a ``random_point`` — a start
+with no sign bias, as teneva's ``teneva.rand`` (uniform ``[−1, 1]`` cores) draws; ``"uniform"``, the ``"uniform"``
+target's family — RTTC's ``TTeMPS_rand`` start, nonnegative like that target, so that its inner product with a
+nonnegative target is far from 0 (plain CG and ALS then recover the uniform target at a few times dim, where from a
+Gaussian start they need over 100 × dim). The ``--full`` cases start the solvers as RTTC's script does: from a draw
+of the target's own family. :func:`complete` ignores ``x0`` (it starts from the best constant tensor).
 
 Solvers (:data:`SOLVERS`, ``name -> solver(problem) -> TensorTrain``; add entries to compare more):
 
@@ -86,6 +95,7 @@ TRAIN_TOL = 1e-12  # relative training residual at which minimize-cg stops (comp
 LADDER = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0)
 LADDER_R2 = (*LADDER, 192.0, 256.0)
 TARGETS = ("gaussian", "uniform")
+STARTS = TARGETS  # the families x0 can be drawn from (make_target's kinds)
 
 
 @dataclass
@@ -193,11 +203,17 @@ def _relative_test_error(x: TensorTrain, tidx: torch.Tensor, tvals: torch.Tensor
     return err if math.isfinite(err) else math.inf
 
 
-def _seed_data(kind: str, shape: list[int], r: int, ctx: Context, s: int) -> tuple[TensorTrain, TensorTrain]:
-    """The target and the unscaled random start of seed ``s`` (the same at every level)."""
+def _seed_data(
+    kind: str, shape: list[int], r: int, ctx: Context, s: int, start: str = "gaussian"
+) -> tuple[TensorTrain, TensorTrain]:
+    """The target and the random start of seed ``s`` (the same at every level), the start of unit norm."""
     g = ctx.generator(s)
     target = make_target(kind, shape, r, g)
-    x0 = FixedTTRank(shape, r).random_point(generator=g, dtype=torch.float64)
+    if start == "gaussian":  # (drawn from g after the target: the starts measured before ``start`` existed)
+        x0 = FixedTTRank(shape, r).random_point(generator=g, dtype=torch.float64)
+    else:
+        x0 = make_target(start, shape, r, g)
+        x0 = x0 * (1.0 / float(x0.norm()))
     return target, x0
 
 
@@ -218,6 +234,9 @@ def _problem(target, x0_unit, shape, r, level_index: int, N: int, s: int, ctx: C
 def run(case: Case, ctx: Context) -> dict:
     p = case.params
     kind, d, n, r, seeds = p["target"], p["d"], p["n"], p["r"], p["seeds"]
+    start = p.get("start", "gaussian")
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
     levels = [float(x) for x in p.get("levels", LADDER)]
     solvers = {name: SOLVERS[name] for name in p.get("solvers", SOLVERS)}
     caps = dict(max_iter=p.get("max_iter", 500), max_time=ctx.max_time, als_sweeps=p.get("als_sweeps", 100))
@@ -228,7 +247,7 @@ def run(case: Case, ctx: Context) -> dict:
     if counts[-1] + 1 > math.prod(shape):
         raise ValueError(f"level {levels[-1]} asks for {counts[-1]} of the {math.prod(shape)} entries (and a test set)")
     ctx.status("generating data")
-    per_seed = [_seed_data(kind, shape, r, ctx, s) for s in range(seeds)]
+    per_seed = [_seed_data(kind, shape, r, ctx, s, start) for s in range(seeds)]
     t_case = time.perf_counter()
 
     cache: dict[int, list] = {}  # the problems of a level: the same samples and starts for every solver
@@ -366,7 +385,8 @@ def _result(levels, counts, cells, transitions, skipped, seeds, d, n, r, dim, ca
             series.append({"label": name, "x": [c["level"] for c in row_cells],
                            "y": [c["successes"] / len(c["runs"]) for c in row_cells]})  # fmt: skip
     p = case.params
-    title = f"tt-completion-phase: {p['target']} target, d={d}, n={n}, r={r} ({seeds} seeds)"
+    start = p.get("start", "gaussian")
+    title = f"tt-completion-phase: {p['target']} target, {start} start, d={d}, n={n}, r={r} ({seeds} seeds)"
     return {
         "rows": rows,
         "xy": [
@@ -388,7 +408,10 @@ def _result(levels, counts, cells, transitions, skipped, seeds, d, n, r, dim, ca
 
 
 def _case(target: str, d: int, n: int, r: int, **extra) -> Case:
-    return Case(f"{target}-d{d}-n{n}-r{r}", dict(target=target, d=d, n=n, r=r, **extra))
+    """The case ``<target>-d<d>-n<n>-r<r>``, with ``-<start>-start`` appended when ``start`` is not Gaussian."""
+    start = extra.get("start", "gaussian")
+    suffix = "" if start == "gaussian" else f"-{start}-start"
+    return Case(f"{target}-d{d}-n{n}-r{r}{suffix}", dict(target=target, d=d, n=n, r=r, **extra))
 
 
 BENCHMARK = Benchmark(
@@ -404,7 +427,7 @@ BENCHMARK = Benchmark(
         for r in (2, 4)
     ),
     full=tuple(
-        _case(target, d, n, r, seeds=10, budget=3600.0, levels=LADDER_R2 if r == 2 else LADDER)
+        _case(target, d, n, r, seeds=10, budget=3600.0, levels=LADDER_R2 if r == 2 else LADDER, start=target)
         for target in TARGETS
         for d in (6, 10)
         for n in (10, 20)
