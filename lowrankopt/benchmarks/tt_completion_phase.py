@@ -20,7 +20,7 @@ seed, scaled to the RMS of the observed values and shared by the solvers that ta
 ``start`` (:data:`STARTS`) says how ``x0`` is drawn: ``"gaussian"`` (the default), a ``random_point`` — a start
 with no sign bias, as teneva's ``teneva.rand`` (uniform ``[−1, 1]`` cores) draws; ``"uniform"``, the ``"uniform"``
 target's family — RTTC's ``TTeMPS_rand`` start, nonnegative like that target, so that its inner product with a
-nonnegative target is far from 0 (on the uniform target teneva's ALS then needed 3–6 × dim and plain CG 6–96 ×,
+nonnegative target is far from 0 (on the uniform target teneva's ALS then needed 3–12 × dim and plain CG 6–96 ×,
 from a Gaussian start 8 to more than 256 ×: docs/benchmarks.md, 2026-12-04). The ``--full`` cases start the
 solvers as RTTC's script does: from a draw of the target's own family. :func:`complete` ignores ``x0`` (it starts
 from the best constant tensor).
