@@ -13,7 +13,7 @@ from reference import rel, tt_full
 import lowrankopt
 from lowrankopt import FixedRankMatrices, LowRankMatrix, TensorTrain, riemannian_grad, riemannian_hvp
 from lowrankopt.completion import completion_loss, sample_indices
-from lowrankopt.completion.continuation import Stages, continuation_ranks, grow_rank
+from lowrankopt.completion.continuation import Stages, continuation_ranks, grow_rank, grow_rank_greedy, rank_one_fit
 from lowrankopt.completion.history import History
 from lowrankopt.completion.problem import CompletionProblem, HeldOut, SingleProcess
 from lowrankopt.completion.start import constant_start, matrix_start
@@ -121,6 +121,83 @@ def test_grow_rank_keeps_the_tensor_and_reaches_the_ranks():
     assert y.ranks == (2, 2, 2)
     d = float(torch.linalg.vector_norm(tt_full(y.cores) - tt_full(x.cores)))
     assert 1e-6 < d / float(torch.linalg.vector_norm(tt_full(x.cores))) <= 1e-4 * (1 + 1e-8)
+
+
+def _dense_hopm(W, vectors, sweeps):
+    """The higher-order power method on a dense tensor W, written here with einsum: u_k ← W ×_{j≠k} u_j / ‖·‖."""
+    us = [u.clone() for u in vectors]
+    letters = "abcdefgh"[: W.dim()]
+    for _ in range(sweeps):
+        for k in range(W.dim()):
+            others = [j for j in range(W.dim()) if j != k]
+            spec = f"{letters},{','.join(letters[j] for j in others)}->{letters[k]}"
+            v = torch.einsum(spec, W, *[us[j] for j in others])
+            us[k] = v / torch.linalg.vector_norm(v)
+    return us
+
+
+def _outer(us):
+    out = us[0]
+    for u in us[1:]:
+        out = torch.tensordot(out, u, dims=0)
+    return out
+
+
+def test_rank_one_fit_is_the_power_method_on_the_zero_filled_tensor_and_its_least_squares_step():
+    """Against a dense HOPM from the same Gaussian vectors (a repeated position counts twice, as in the loss), and
+    the step α = ⟨w, z_Ω⟩ / ‖z_Ω‖² computed densely."""
+    g = torch.Generator().manual_seed(4)
+    shape = (4, 5, 3, 6)
+    idx = torch.cat([sample_indices(shape, 150, generator=g), sample_indices(shape, 20, generator=g)])  # repeats
+    w = torch.randn(len(idx), dtype=DT, generator=g)
+    g0 = torch.Generator().manual_seed(9)
+    start = [torch.randn(n, dtype=DT, generator=g0) for n in shape]
+    z = rank_one_fit(_problem(idx, w, shape), w, torch.Generator().manual_seed(9), sweeps=7)
+    W = torch.zeros(shape, dtype=DT).index_put_(tuple(idx.T), w, accumulate=True)
+    us = _dense_hopm(W, start, 7)
+    Z = _outer(us)
+    zo = Z[tuple(idx.T)]
+    alpha = float(w @ zo) / float(zo @ zo)
+    assert z.ranks == (1, 1, 1) and rel(tt_full(z.cores), alpha * Z) < 1e-12
+
+
+def test_rank_one_fit_of_a_fully_observed_rank_one_tensor_is_that_tensor():
+    g = torch.Generator().manual_seed(5)
+    shape = (3, 4, 5)
+    T = TensorTrain.random(shape, 1, generator=g, dtype=torch.float64)
+    idx = torch.cartesian_prod(*[torch.arange(n) for n in shape])
+    z = rank_one_fit(_problem(idx, T.gather(idx), shape), T.gather(idx), g, sweeps=2)
+    assert rel(tt_full(z.cores), tt_full(T.cores)) < 1e-13
+
+
+def test_rank_one_fit_of_zero_values_is_none():
+    g = torch.Generator().manual_seed(5)
+    idx = sample_indices((3, 4, 5), 20, generator=g)
+    assert rank_one_fit(_problem(idx, torch.ones(20, dtype=DT), (3, 4, 5)), torch.zeros(20, dtype=DT), g) is None
+
+
+def test_the_greedy_growth_adds_the_rank_one_fit_of_the_residual_at_the_exact_line_search_step():
+    """Without rounding (TT-ranks 1 → 2): y = x + z with f minimal at t = 1 along x + t z (⟨P_Ω y − values, P_Ω z⟩ = 0,
+    dense); with the ranks capped, the result is x + z rounded to them. A zero residual grows by a tiny random term."""
+    g = torch.Generator().manual_seed(6)
+    shape = (5, 4, 6, 3)
+    T = TensorTrain.random(shape, 2, generator=g, dtype=torch.float64)
+    idx = sample_indices(shape, 200, generator=g)
+    vals = T.gather(idx)
+    problem = _problem(idx, vals, shape)
+    x = TensorTrain.random(shape, 1, generator=g, dtype=torch.float64)
+    y = grow_rank_greedy(problem, x, [2, 2, 2], torch.Generator().manual_seed(1))
+    z = rank_one_fit(problem, vals - x.gather(idx), torch.Generator().manual_seed(1))
+    assert y.ranks == (2, 2, 2) and rel(tt_full(y.cores), tt_full(x.cores) + tt_full(z.cores)) < 1e-12
+    Y, Z = tt_full(y.cores)[tuple(idx.T)], tt_full(z.cores)[tuple(idx.T)]
+    assert abs(float((Y - vals) @ Z)) < 1e-12 * float(torch.linalg.vector_norm(Y - vals) * torch.linalg.vector_norm(Z))
+    assert float(torch.linalg.vector_norm(Y - vals)) < float(torch.linalg.vector_norm(x.gather(idx) - vals))
+    capped = grow_rank_greedy(problem, x, [1, 2, 1], torch.Generator().manual_seed(1))
+    assert capped.ranks == (1, 2, 1)
+    assert rel(tt_full(capped.cores), tt_full(y.round(max_rank=[1, 2, 1]).cores)) < 1e-12
+    exact = _problem(idx, x.gather(idx), shape)
+    grown = grow_rank_greedy(exact, x, [2, 2, 2], g)
+    assert grown.ranks == (2, 2, 2) and rel(tt_full(grown.cores), tt_full(x.cores)) <= 1e-4 * (1 + 1e-8)
 
 
 # ---------------------------------------------------------------------------------------------- history

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from lowrankopt import TensorTrain
-from lowrankopt.completion import complete, sample_indices
+from lowrankopt.completion import complete, completion_loss, sample_indices
+from lowrankopt.completion.continuation import rank_one_fit
+from lowrankopt.completion.problem import CompletionProblem, SingleProcess
+
+
+def rel(a, b):
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
 
 SHAPE = [6, 6, 6, 6]
 
@@ -110,8 +117,9 @@ def test_bad_starts():
 def test_the_counts_cover_every_run_when_an_earlier_one_is_returned():
     A, idx, vals = data(4, 600)
     res = complete(
-        idx, vals, SHAPE, 2, starts=2, max_iter=60, balance=False, generator=torch.Generator().manual_seed(9)
-    )
+        idx, vals, SHAPE, 2, starts=2, max_iter=60, balance=False, growth="random",
+        generator=torch.Generator().manual_seed(9),
+    )  # fmt: skip
     assert res.attempt == 0  # the first run is the better one here: the second ran on after it
     assert {rec["attempt"] for rec in res.history} == {0, 1}
     assert res.nit == len(res.history) - 1 == res.history[-1]["iter"]
@@ -124,8 +132,9 @@ def test_a_returned_stalled_run_is_not_a_success():
         idx, vals, SHAPE, 2, starts=1, max_iter=60, balance=False, generator=torch.Generator().manual_seed(9)
     )
     two = complete(
-        idx, vals, SHAPE, 2, starts=2, max_iter=60, balance=False, generator=torch.Generator().manual_seed(9)
-    )
+        idx, vals, SHAPE, 2, starts=2, max_iter=60, balance=False, growth="random",
+        generator=torch.Generator().manual_seed(9),
+    )  # fmt: skip
     assert not one.success and one.train_error > 1e-3
     assert two.attempt == 0 and not two.success and two.status == 5 and two.message.startswith("stalled")
     assert [r for r in two.history if r["attempt"] == 0][-1]["stalled"]
@@ -167,3 +176,56 @@ def test_attempt_and_grad_on_every_path():
         res = complete(idx, vals, SHAPE, 2, balance=balance, generator=torch.Generator().manual_seed(0))
         assert res.attempt == 0 and res.grad is not None and res.grad.manifold.ranks == (2, 2, 2)
         assert float(res.grad.norm()) == pytest.approx(res.grad_norm, rel=1e-9)
+
+
+def _rank_one_start(idx, vals, generator):
+    problem = CompletionProblem(idx, vals, SHAPE, completion_loss(idx, vals), curvature=False, run=SingleProcess())
+    return rank_one_fit(problem, vals, generator)
+
+
+def _first_points(seen):
+    """The first point minimize saw in each run (its start), from monitor's calls."""
+    first = {}
+    for attempt, x in seen:
+        first.setdefault(attempt, x)
+    return first
+
+
+def test_greedy_runs_start_from_the_rank_one_fit_of_the_values():
+    """growth="greedy": the run starts at the rank-1 fit of the values (not the constant tensor); "alternate" (the
+    default): run 0 at the constant tensor, run 1 at the rank-1 fit, drawn after run 0's growth terms."""
+    A, idx, vals = data(4, 600)
+    seen = []
+    kw = dict(max_iter=60, balance=False, monitor=lambda r: seen.append((r.history[-1]["attempt"], r.x)))
+    complete(idx, vals, SHAPE, 2, starts=1, growth="greedy", generator=torch.Generator().manual_seed(1), **kw)
+    expected = _rank_one_start(idx, vals, torch.Generator().manual_seed(1))
+    assert rel(_first_points(seen)[0].full(), expected.full()) < 1e-14
+    seen.clear()
+    complete(idx, vals, SHAPE, 2, starts=2, generator=torch.Generator().manual_seed(1), **kw)
+    first = _first_points(seen)
+    assert sorted(first) == [0, 1]
+    assert rel(first[0].full(), torch.full(SHAPE, float(vals.mean()), dtype=torch.float64)) < 1e-14
+    g = torch.Generator().manual_seed(1)
+    complete(idx, vals, SHAPE, 2, starts=1, growth="random", generator=g, max_iter=60, balance=False)  # run 0's draws
+    assert rel(first[1].full(), _rank_one_start(idx, vals, g).full()) < 1e-14
+
+
+def test_greedy_growth_recovers_a_tensor():
+    A, idx, vals = data(2, 800)
+    res = complete(idx, vals, SHAPE, 2, starts=1, growth="greedy", generator=torch.Generator().manual_seed(0))
+    assert res.success and res.train_error <= 1e-12
+    test = sample_indices(SHAPE, 300, generator=torch.Generator().manual_seed(5))
+    err = torch.linalg.vector_norm(res.x.gather(test) - A.gather(test)) / torch.linalg.vector_norm(A.gather(test))
+    assert float(err) < 1e-8
+
+
+def test_bad_growth():
+    A, idx, vals = data(2, 300)
+    for bad in ("spectral", "", 1, True):
+        with pytest.raises(ValueError, match="growth must be None or one of 'alternate', 'random', 'greedy'"):
+            complete(idx, vals, SHAPE, 2, growth=bad)
+    with pytest.raises(ValueError, match="growth applies to tensor trains without x0"):
+        complete(idx, vals, SHAPE, 2, growth="greedy", x0=A)
+    m_idx = torch.tensor([[0, 0], [1, 1], [2, 0]])
+    with pytest.raises(ValueError, match="growth applies to tensor trains"):
+        complete(m_idx, torch.ones(3, dtype=torch.float64), (3, 3), 1, growth="random")

@@ -107,15 +107,16 @@ def _completion_problems():
     A = LowRankMatrix.random(30, 25, 3, generator=g, dtype=torch.float64)
     idx_m = sample_indices((30, 25), 400, generator=g)
     return [
-        ("tt", idx, T.gather(idx), T.shape, 2),
-        ("matrix", idx_m, A.gather(idx_m[:, 0], idx_m[:, 1]), (30, 25), 3),
+        ("tt", idx, T.gather(idx), T.shape, 2, {}),
+        ("tt-greedy", idx, T.gather(idx), T.shape, 2, {"growth": "greedy"}),  # rank-1 fits summed over the shards
+        ("matrix", idx_m, A.gather(idx_m[:, 0], idx_m[:, 1]), (30, 25), 3, {}),
     ]
 
 
 def _complete_worker(rank, world, init_file, out_dir):
     _init(rank, world, init_file)
     try:
-        for name, idx, vals, shape, r in _completion_problems():
+        for name, idx, vals, shape, r, kw in _completion_problems():
             part = shard(len(vals), rank, world)
             res = complete(
                 idx[part],
@@ -125,6 +126,7 @@ def _complete_worker(rank, world, init_file, out_dir):
                 distributed=True,
                 max_iter=300,
                 generator=torch.Generator().manual_seed(5),
+                **kw,
             )
             cores = [res.x.U, res.x.S, res.x.V] if name == "matrix" else list(res.x.cores)
             torch.save(
@@ -138,8 +140,8 @@ def _complete_worker(rank, world, init_file, out_dir):
 def test_sharded_completion_on_two_gloo_processes_equals_the_single_process_run():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_complete_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        for name, idx, vals, shape, r in _completion_problems():
-            single = complete(idx, vals, shape, r, max_iter=300, generator=torch.Generator().manual_seed(5))
+        for name, idx, vals, shape, r, kw in _completion_problems():
+            single = complete(idx, vals, shape, r, max_iter=300, generator=torch.Generator().manual_seed(5), **kw)
             full = single.x.full()
             outs = [torch.load(os.path.join(tmp, f"{name}-{k}.pt")) for k in range(2)]
             for a, b in zip(outs[0]["cores"], outs[1]["cores"]):
@@ -150,7 +152,7 @@ def test_sharded_completion_on_two_gloo_processes_equals_the_single_process_run(
 
 
 def test_distributed_without_a_process_group_is_refused():
-    idx, vals, shape, r = _completion_problems()[0][1:]
+    idx, vals, shape, r = _completion_problems()[0][1:5]
     with pytest.raises(RuntimeError, match="init_process_group"):
         complete(idx, vals, shape, r, distributed=True)
 
@@ -211,13 +213,14 @@ def test_ddp_training_of_manifold_layers_with_a_geoopt_optimizer_equals_the_sing
 def _mismatch_worker(rank, world, init_file, out_dir):
     _init(rank, world, init_file)
     try:
-        name, idx, vals, shape, r = _completion_problems()[0]
+        name, idx, vals, shape, r, _ = _completion_problems()[0]
         part = shard(len(vals), rank, world)
         outcomes = []
         cases = [
             {"test": (idx[:10], vals[:10])} if rank == 0 else {},  # a test set on one process only
             {"indices": idx[part] + (100 if rank == 1 else 0)},  # one process's indices out of range
             {"max_iter": 5 + rank},  # different options
+            {"growth": "greedy"} if rank == 1 else {},  # different growth of the rank continuation
         ]
         for case in cases:
             kwargs = {"indices": idx[part], "max_iter": 5, **case}
@@ -244,7 +247,7 @@ def test_a_process_that_rejects_its_input_stops_all_of_them():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_mismatch_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
         for rank in range(2):
-            assert torch.load(os.path.join(tmp, f"mismatch-{rank}.pt")) == ["refused"] * 3
+            assert torch.load(os.path.join(tmp, f"mismatch-{rank}.pt")) == ["refused"] * 4
 
 
 class _Boom(Exception):
@@ -286,7 +289,7 @@ def _failing_worker(rank, world, init_file, out_dir):
         problems = {p[0]: p for p in _completion_problems()}
         outcomes = []
         for kind, where, at in FAILURES:
-            _, idx, vals, shape, r = problems[kind]
+            _, idx, vals, shape, r, _ = problems[kind]
             part = shard(len(vals), rank, world)
             seen = []
 

@@ -10,10 +10,11 @@ same Hessian (Gauss–Newton); ``curvature=True`` uses the exact Riemannian Hess
 Start points: matrices start from the rank-r truncated SVD of the zero-filled ``P_Ω A`` (LRGeomCG's
 ``make_start_x``, computed matrix-free by a randomized range finder on the sparse matrix); tensor trains
 from the best constant tensor with rank continuation (a few iterations at TT-rank 1, 2, …, each stage
-grown by a tiny random rank-1 term), because for d ≫ 2 a random TT-rank-r start is almost orthogonal to
-the target and its tangent space. With CG and trust-region, tensor trains are solved in balanced coordinates
-(``scaling``: a positive scaling of each mode's slices, undone on return) and a continuation that stalls at the
-target rank is run again with new growth terms (``starts``); both lower the sampling at which tensors with
+grown by a tiny random rank-1 term), or from a rank-1 fit of the values, each stage grown by the rank-1 fit of
+the residual (``growth``; by default runs of both kinds alternate), because for d ≫ 2 a random TT-rank-r start
+is almost orthogonal to the target and its tangent space. With CG and trust-region, tensor trains are solved in
+balanced coordinates (``scaling``: a positive scaling of each mode's slices, undone on return) and a continuation
+that stalls at the target rank is run again (``starts``); all three lower the sampling at which tensors with
 Gaussian cores are recovered (docs/benchmarks.md, ``tt-completion-phase``).
 
 :func:`complete` composes named pieces: ``checks.check_arguments`` (the argument checks);
@@ -77,6 +78,7 @@ def complete(
     rank_continuation: bool | None = None,
     balance: bool | None = None,
     starts: int | None = None,
+    growth: str | None = None,
     **options: Any,
 ) -> OptimizeResult:
     """Complete a matrix (``len(shape) == 2``) or a tensor (tensor train) of rank ``rank`` from its
@@ -132,16 +134,29 @@ def complete(
             ``tt-completion`` (d = 10, n = 20, TT-ranks 4 / 6 / 8, one seed, 2026-12-04) L-BFGS with balancing and
             restarts missed r = 8 (a run cut on a 70-iteration plateau), with balancing and one run r = 6, without
             balancing and with restarts r = 6, while without either (its defaults) it reached all three. Up to this
-            many runs of the rank continuation, each from the best constant tensor with its own random growth terms
-            (drawn from ``generator``). A run that stalls at the target rank (training residual down by less than
+            many runs of the rank continuation, each with its own random draws from ``generator`` (its start and
+            growth as ``growth`` says). A run that stalls at the target rank (training residual down by less than
             10 % in 50 iterations; its last record has ``stalled``) or that minimize stops on its own above
             ``tol`` is followed by the next (the last is never stopped early), and the run with the lowest training
             residual is returned (``res.attempt``; the records carry ``attempt``); a returned run that stalled is not
             a success (status 5, the message says so). At TT-rank 1 there is one run (no growth terms to differ).
-            Near the sampling limit the runs' outcomes differ: at d = 6, n = 10, Gaussian cores, 2 runs in 16
+            Near the sampling limit the runs' outcomes differ: at d = 6, n = 10, Gaussian cores, 2 random runs in 16
             recovered the tensor at TT-rank 4 from 15 × dim entries, 7 in 16 at TT-rank 2 from 64 × dim
             (docs/benchmarks.md). A run that converges is not repeated, so this costs time only where the first run
             fails.
+        growth: tensor trains without ``x0`` (a ValueError otherwise): how each run of the rank continuation starts
+            and grows. ``"random"``: from the best constant tensor, each stage grown by a tiny random rank-1 term
+            (``completion.continuation.grow_rank``). ``"greedy"``: from a rank-1 fit of the values
+            (``completion.continuation.rank_one_fit``: the higher-order power method on the zero-filled tensor, then
+            the least-squares scale), each stage grown by the same fit of the residual at the exact line-search step
+            (``grow_rank_greedy``: the greedy rank-one update of Uschmajew–Vandereycken, for tensor trains; one
+            rank-1 fit costs ``O(10 d (N + n))``). None (default) or ``"alternate"``: runs 0, 2, … random and 1,
+            3, … greedy (see ``starts``), so a first run that converges is the random one, and a failed one is
+            followed by the other kind. Neither kind wins everywhere: at d = 6, n = 10, Gaussian cores, TT-rank 2,
+            64 × dim entries, the greedy runs recovered the tensor where the random ones mostly did not (10/10 seeds
+            with ``"alternate"``, 4/10 with ``"random"``), while on nonnegative cores near 3 × dim the data's
+            rank-1 fit is spiky and greedy runs alone fail where random ones succeed (docs/benchmarks.md,
+            ``tt-completion-phase``).
         curvature: Hessian used by the quadratic-model steps and the trust-region method (see
             :func:`minimize`); the default False gives the exact line search of LRGeomCG / RTTC.
         generator: for the randomized start (deterministic given it).
@@ -179,7 +194,7 @@ def complete(
         args = check_arguments(
             indices, values, shape, test=test, x0=x0, tol=tol, warmup_iters=warmup_iters, check_every=check_every,
             generator=generator, monitor=monitor, distributed=distributed, options=options,
-            rank_continuation=rank_continuation, balance=balance, starts=starts,
+            rank_continuation=rank_continuation, balance=balance, starts=starts, growth=growth,
         )  # fmt: skip
     except (TypeError, ValueError) as exc:
         if not distributed:
@@ -198,6 +213,7 @@ def complete(
             rank_continuation,
             balance,
             starts,
+            growth,
         )
         run = _sharded_run(error, args, values, settings, group=group, check_every=check_every)
     indices, shape, test, tol, options = args
@@ -238,7 +254,9 @@ def complete(
                 if method in _BALANCED_AND_RESTARTED
                 else 1
             )
-            res, last = stages.attempts(ranks, runs, generator=generator, warmup_iters=warmup, max_iter=max_iter)
+            res, last = stages.attempts(
+                ranks, runs, growth=growth or "alternate", generator=generator, warmup_iters=warmup, max_iter=max_iter
+            )
             res.attempt = history.records[last]["attempt"]
         if scaling is not None and problem.norm > 0 and res.status >= 0 and not history.failed:
             # back to the caller's problem: balancing only chose where to look; the answer minimizes the plain

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .._checks import as_shape, check_index, check_random_options, check_tensor
+from .continuation import GROWTH
 
 __all__ = ["Arguments", "check_arguments"]
 
@@ -42,6 +43,7 @@ def check_arguments(
     rank_continuation: bool | None = None,
     balance: bool | None = None,
     starts: int | None = None,
+    growth: str | None = None,
 ) -> Arguments:
     """Check complete()'s arguments (see there); raises on the first bad one. Cost O(N d) (the index range check)."""
     check_tensor("values", values, 1)
@@ -79,6 +81,12 @@ def check_arguments(
         raise ValueError(f"starts must be a positive int or None, got {starts!r}")
     if starts is not None and starts > 1 and (len(shape) == 2 or x0 is not None):
         raise ValueError("starts > 1 applies to tensor trains without x0 (each run climbs from the constant tensor)")
+    if growth is not None and growth not in GROWTH:
+        raise ValueError(f"growth must be None or one of {', '.join(map(repr, GROWTH))}, got {growth!r}")
+    if growth is not None and (len(shape) == 2 or x0 is not None):
+        raise ValueError(
+            "growth applies to tensor trains without x0 (matrices grow by the greedy rank-one step; x0 is used as is)"
+        )
     if rank_continuation and x0 is not None:
         raise ValueError("rank_continuation=True needs the spectral start: pass x0=None (x0 is used at its rank)")
     options = {"gtol": 0.0, **options}

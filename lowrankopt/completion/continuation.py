@@ -1,7 +1,9 @@
 """Stages of :func:`~lowrankopt.complete`: :class:`Stages` runs :func:`~lowrankopt.minimize` on the problem at one
 rank, and the rank continuations: tensor trains climb TT-rank 1, 2, …, each stage grown from the last by a tiny random
-rank-1 term; matrices climb from the rank their spectral start resolves, each stage grown by the greedy rank-one step
-(Uschmajew–Vandereycken): the leading singular pair of the gradient's normal part, at the exact line-search step."""
+rank-1 term (:func:`grow_rank`) or by the greedy rank-one step (:func:`grow_rank_greedy`: the rank-1 fit of the
+residual, at the exact line-search step); matrices climb from the rank their spectral start resolves, each stage grown
+by the greedy rank-one step (Uschmajew–Vandereycken): the leading singular pair of the gradient's normal part, at the
+exact line-search step."""
 
 from __future__ import annotations
 
@@ -16,10 +18,13 @@ from ..manifolds import manifold_of
 from ..optim import OptimizeResult, minimize
 from ..optim.result import MAX_ITER, MAX_TIME
 from .history import History
-from .problem import CompletionProblem, Point
+from .problem import CompletionProblem, Point, entries
 from .start import constant_start, randomized_svd
 
-__all__ = ["Stages", "continuation_ranks", "grow_matrix_rank", "grow_rank"]
+__all__ = ["Stages", "continuation_ranks", "grow_matrix_rank", "grow_rank", "grow_rank_greedy", "rank_one_fit"]
+
+#: complete(growth=...): how each run of the TT rank continuation starts and grows
+GROWTH = ("alternate", "random", "greedy")
 
 
 def continuation_ranks(ranks: list[int]) -> list[list[int]]:
@@ -36,6 +41,60 @@ def grow_rank(
     z = TensorTrain.random(x.shape, 1, dtype=torch.float64, device=x.device, generator=generator).to(x.dtype)
     y = x + z * (eps * x.norm() / z.norm())
     return y if list(y.ranks) == list(ranks) else y.round(max_rank=list(ranks))
+
+
+def rank_one_fit(
+    problem: CompletionProblem, w: torch.Tensor, generator: torch.Generator | None, sweeps: int = 10
+) -> TensorTrain | None:
+    """A rank-1 fit ``α u_1 ∘ ⋯ ∘ u_d`` of the sparse tensor ``W`` with the values ``w (N,)`` at the problem's indices
+    Ω (zero elsewhere): ``sweeps`` sweeps of the higher-order power method (De Lathauwer–De Moor–Vandewalle 2000),
+    ``u_k ← W ×_{j≠k} u_j / ‖·‖`` for k = 1, …, d, from Gaussian vectors drawn from ``generator``; then
+    ``α = ⟨w, z⟩ / ‖z‖²`` with ``z`` the entries of ``u_1 ∘ ⋯ ∘ u_d`` at Ω — the least-squares step along it (with
+    ``w`` the residual ``values − P_Ω X``: the exact line search of ``f`` along the term). Every sum over Ω goes
+    through ``problem.run.reduce`` (all processes' entries). None where a product ``W ×_{j≠k} u_j`` or ``z``
+    vanishes (no rank-1 direction to add). Cost ``O(sweeps · d (N + n))`` and ``O(d N)`` memory (the products of
+    the later modes' factors, per entry)."""
+    idx, run = problem.indices, problem.run
+    d, kw = len(problem.shape), dict(dtype=w.dtype, device=w.device)
+    gdev = generator.device if generator is not None else w.device
+    us = [torch.randn(n, dtype=w.dtype, device=gdev, generator=generator).to(w.device) for n in problem.shape]
+    for _ in range(sweeps):
+        after = [torch.ones_like(w)]  # after[j]: the product of the factors of modes > d − 1 − j at each entry
+        for k in range(d - 1, 0, -1):
+            after.append(after[-1] * us[k][idx[:, k]])
+        before = w  # w times the product of the (updated) factors of the modes before k
+        for k in range(d):
+            v = run.reduce(torch.zeros(problem.shape[k], **kw).index_add_(0, idx[:, k], before * after[d - 1 - k]))
+            norm = torch.linalg.vector_norm(v)
+            if not 0 < float(norm) < float("inf"):
+                return None
+            us[k] = v / norm
+            before = before * us[k][idx[:, k]]
+    z = us[0][idx[:, 0]]
+    for k in range(1, d):
+        z = z * us[k][idx[:, k]]
+    a, b = run.reduce(torch.stack([w @ z, z @ z])).tolist()
+    if not (b > 0 and math.isfinite(a / b)) or a == 0:
+        return None
+    cores = [u.reshape(1, -1, 1) for u in us]
+    cores[0] = cores[0] * (a / b)
+    return TensorTrain._trusted(cores)
+
+
+def grow_rank_greedy(
+    problem: CompletionProblem, x: TensorTrain, ranks: Sequence[int], generator: torch.Generator | None
+) -> TensorTrain:
+    """``x`` plus the :func:`rank_one_fit` of the residual ``values − P_Ω x`` (the rank-1 term along which ``f``
+    falls most, as far as the power method finds it, at its exact line-search step: the greedy rank-one update of
+    Uschmajew–Vandereycken for tensor trains), rounded to TT-ranks ``ranks`` (each one more than x's or equal). Where
+    the fit is None (a zero residual), the random term of :func:`grow_rank`.
+    Cost ``O(d N r² + sweeps · d (N + n) + d n r³)``."""
+    with torch.no_grad():
+        z = rank_one_fit(problem, problem.values - entries(x, problem.indices), generator)
+        if z is None:
+            return grow_rank(x, ranks, generator)
+        y = x + z
+        return y if list(y.ranks) == list(ranks) else y.round(max_rank=list(ranks))
 
 
 def grow_matrix_rank(
@@ -126,28 +185,43 @@ class Stages:
         warmup_iters: int,
         max_iter: int,
         watch_stall: bool = False,
+        greedy: bool = False,
     ) -> OptimizeResult:
         """From ``x`` (TT-rank 1) through the stages of :func:`continuation_ranks`, each grown by :func:`grow_rank`
-        (see :meth:`climb`)."""
+        or, with ``greedy``, by :func:`grow_rank_greedy` (see :meth:`climb`)."""
         stages = continuation_ranks(ranks)
-        grow = lambda x, stage_ranks: grow_rank(x, stage_ranks, generator)  # noqa: E731
+        if greedy:
+            grow = lambda x, stage_ranks: grow_rank_greedy(self.problem, x, stage_ranks, generator)  # noqa: E731
+        else:
+            grow = lambda x, stage_ranks: grow_rank(x, stage_ranks, generator)  # noqa: E731
         return self.climb(x, stages, grow, warmup_iters=warmup_iters, max_iter=max_iter, watch_stall=watch_stall)
 
     def attempts(
-        self, ranks: list[int], starts: int, *, generator: torch.Generator | None, warmup_iters: int, max_iter: int
+        self,
+        ranks: list[int],
+        starts: int,
+        *,
+        growth: str,
+        generator: torch.Generator | None,
+        warmup_iters: int,
+        max_iter: int,
     ) -> tuple[OptimizeResult, int]:
-        """Up to ``starts`` runs of :meth:`continuation` from the best constant tensor, each drawing its own growth
-        terms from ``generator`` (so each follows its own path). Every run but the last stops once it stalls at the
-        target rank (see :class:`History`); a run that stalled, or that minimize stopped on its own above ``tol``
-        (floating-point floor, no progress), is followed by another. Returns the run with the
-        lowest training residual (its counts ``nit``, ``nfev``, … the totals over every run) and the index of its last
-        record in the history."""
+        """Up to ``starts`` runs of :meth:`continuation`, each drawing its own random terms from ``generator`` (so
+        each follows its own path). ``growth`` (one of :data:`GROWTH`): ``"random"`` runs start from the best constant
+        tensor and grow by tiny random terms; ``"greedy"`` ones start from the :func:`rank_one_fit` of the values and
+        grow by :func:`grow_rank_greedy`; ``"alternate"`` makes runs 0, 2, … random and 1, 3, … greedy. Every run but
+        the last stops once it stalls at the target rank (see :class:`History`); a run that stalled, or that minimize
+        stopped on its own above ``tol`` (floating-point floor, no progress), is followed by another. Returns the run
+        with the lowest training residual (its counts ``nit``, ``nfev``, … the totals over every run) and the index of
+        its last record in the history."""
         best: tuple[float, OptimizeResult, int] | None = None
         for attempt in range(starts):
             self.history.attempt, self.history.stalled = attempt, False
+            greedy = growth == "greedy" or (growth == "alternate" and attempt % 2 == 1)
+            x = rank_one_fit(self.problem, self.problem.values, generator) if greedy else None
             res = self.continuation(
-                constant_start(self.problem), ranks, generator=generator, warmup_iters=warmup_iters,
-                max_iter=max_iter, watch_stall=attempt < starts - 1,
+                constant_start(self.problem) if x is None else x, ranks, generator=generator,
+                warmup_iters=warmup_iters, max_iter=max_iter, watch_stall=attempt < starts - 1, greedy=greedy,
             )  # fmt: skip
             last = len(self.history.records) - 1
             if best is None or self.history.records[last]["train_error"] < best[0]:
