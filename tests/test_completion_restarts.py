@@ -8,7 +8,7 @@ import torch
 
 from lowrankopt import TensorTrain
 from lowrankopt.completion import complete, completion_loss, sample_indices
-from lowrankopt.completion.continuation import rank_one_fit
+from lowrankopt.completion.continuation import default_growth, rank_one_fit
 from lowrankopt.completion.problem import CompletionProblem, SingleProcess
 
 
@@ -192,8 +192,8 @@ def _first_points(seen):
 
 
 def test_greedy_runs_start_from_the_rank_one_fit_of_the_values():
-    """growth="greedy": the run starts at the rank-1 fit of the values (not the constant tensor); "alternate" (the
-    default): run 0 at the constant tensor, run 1 at the rank-1 fit, drawn after run 0's growth terms."""
+    """growth="greedy": the run starts at the rank-1 fit of the values (not the constant tensor); "alternate": run 0
+    at the constant tensor, run 1 at the rank-1 fit, drawn after run 0's growth terms."""
     A, idx, vals = data(4, 600)
     seen = []
     kw = dict(max_iter=60, balance=False, monitor=lambda r: seen.append((r.history[-1]["attempt"], r.x)))
@@ -201,13 +201,31 @@ def test_greedy_runs_start_from_the_rank_one_fit_of_the_values():
     expected = _rank_one_start(idx, vals, torch.Generator().manual_seed(1))
     assert rel(_first_points(seen)[0].full(), expected.full()) < 1e-14
     seen.clear()
-    complete(idx, vals, SHAPE, 2, starts=2, generator=torch.Generator().manual_seed(1), **kw)
+    complete(idx, vals, SHAPE, 2, starts=2, growth="alternate", generator=torch.Generator().manual_seed(1), **kw)
     first = _first_points(seen)
     assert sorted(first) == [0, 1]
     assert rel(first[0].full(), torch.full(SHAPE, float(vals.mean()), dtype=torch.float64)) < 1e-14
     g = torch.Generator().manual_seed(1)
     complete(idx, vals, SHAPE, 2, starts=1, growth="random", generator=g, max_iter=60, balance=False)  # run 0's draws
     assert rel(first[1].full(), _rank_one_start(idx, vals, g).full()) < 1e-14
+
+
+def test_the_default_growth_alternates_on_zero_mean_values_only():
+    """growth=None: "random" for values of one sign (the constant start explains most of them), "alternate" for
+    zero-mean ones (it explains < 1/2 of their energy); res.growth says which, None from x0."""
+    A, idx, vals = data(2, 300)  # nonnegative cores
+    problem = CompletionProblem(idx, vals, SHAPE, completion_loss(idx, vals), curvature=False, run=SingleProcess())
+    assert default_growth(problem) == "random"
+    # v = (1, t, 0): (Σ v)² = ½ N Σ v² at t = 2 − √3; just above it "random", just below "alternate"
+    for factor, expected in ((1.001, "random"), (0.999, "alternate")):
+        v = torch.tensor([1.0, (2 - 3**0.5) * factor, 0.0], dtype=torch.float64)
+        p = CompletionProblem(idx[:3], v, SHAPE, completion_loss(idx[:3], v), curvature=False, run=SingleProcess())
+        assert default_growth(p) == expected
+    kw = dict(max_iter=3, starts=1, generator=torch.Generator().manual_seed(0))
+    assert complete(idx, vals, SHAPE, 2, **kw).growth == "random"
+    assert complete(idx, vals - vals.mean(), SHAPE, 2, **kw).growth == "alternate"
+    assert complete(idx, vals, SHAPE, 2, growth="greedy", **kw).growth == "greedy"
+    assert complete(idx, vals, SHAPE, 2, x0=A, max_iter=3).growth is None
 
 
 def test_greedy_growth_recovers_a_tensor():

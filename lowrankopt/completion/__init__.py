@@ -11,7 +11,7 @@ Start points: matrices start from the rank-r truncated SVD of the zero-filled ``
 ``make_start_x``, computed matrix-free by a randomized range finder on the sparse matrix); tensor trains
 from the best constant tensor with rank continuation (a few iterations at TT-rank 1, 2, …, each stage
 grown by a tiny random rank-1 term), or from a rank-1 fit of the values, each stage grown by the rank-1 fit of
-the residual (``growth``; by default runs of both kinds alternate), because for d ≫ 2 a random TT-rank-r start
+the residual (``growth``; for zero-mean data runs of both kinds alternate), because for d ≫ 2 a random TT-rank-r start
 is almost orthogonal to the target and its tangent space. With CG and trust-region, tensor trains are solved in
 balanced coordinates (``scaling``: a positive scaling of each mode's slices, undone on return) and a continuation
 that stalls at the target rank is run again (``starts``); all three lower the sampling at which tensors with
@@ -40,7 +40,7 @@ from ..formats.lowrank import LowRankMatrix
 from ..formats.tt import TensorTrain
 from ..optim import OptimizeResult
 from .checks import Arguments, check_arguments
-from .continuation import Stages
+from .continuation import Stages, default_growth
 from .history import History
 from .problem import Collectives, CompletionProblem, HeldOut, MatrixLeastSquares, SingleProcess, completion_loss
 from .sampling import sample_indices
@@ -150,13 +150,15 @@ def complete(
             (``completion.continuation.rank_one_fit``: the higher-order power method on the zero-filled tensor, then
             the least-squares scale), each stage grown by the same fit of the residual at the exact line-search step
             (``grow_rank_greedy``: the greedy rank-one update of Uschmajew–Vandereycken, for tensor trains; one
-            rank-1 fit costs ``O(10 d (N + n))``). None (default) or ``"alternate"``: runs 0, 2, … random and 1,
-            3, … greedy (see ``starts``), so a first run that converges is the random one, and a failed one is
-            followed by the other kind. Neither kind wins everywhere: at d = 6, n = 10, Gaussian cores, TT-rank 2,
-            64 × dim entries, the greedy runs recovered the tensor where the random ones mostly did not (10/10 seeds
-            with ``"alternate"``, 4/10 with ``"random"``), while on nonnegative cores near 3 × dim the data's
-            rank-1 fit is spiky and greedy runs alone fail where random ones succeed (docs/benchmarks.md,
-            ``tt-completion-phase``).
+            rank-1 fit costs ``O(10 d (N + n))``). ``"alternate"``: runs 0, 2, … random and 1, 3, … greedy (see
+            ``starts``). None (default): ``"alternate"`` where the best constant tensor explains less than half of
+            the values' energy (zero-mean data, such as Gaussian cores), ``"random"`` otherwise
+            (``completion.continuation.default_growth``; ``res.growth`` says which). Measured on
+            ``tt-completion-phase`` (docs/benchmarks.md): on Gaussian cores at d = 6, n = 10, TT-rank 2 the
+            alternating runs lowered the 9/10 point from 128 to 64 × dim with CG and from 96 to 48 × with
+            trust-region; on nonnegative cores near 2–3 × dim the data's rank-1 fit is spiky, greedy runs fail
+            where random ones succeed, and alternating raised trust-region's 9/10 point at d = 6, n = 10, TT-rank 2
+            from 3 to 4 × dim — hence the default.
         curvature: Hessian used by the quadratic-model steps and the trust-region method (see
             :func:`minimize`); the default False gives the exact line search of LRGeomCG / RTTC.
         generator: for the randomized start (deterministic given it).
@@ -178,16 +180,16 @@ def complete(
     Returns:
         The :class:`OptimizeResult` of the final stage of the returned run, with ``train_error`` and ``test_error``
         (its final relative errors; test only with ``test``), ``attempt`` (tensor trains without ``x0``: which run
-        of ``starts`` it is, from 0), and ``history`` covering all stages of all runs; each record has ``rank``,
-        ``attempt``, ``balanced``, ``train_error`` (of the balanced problem in its stages), ``test_error`` (+inf when
-        the held-out values are all zero and X is not there) and ``solve_time`` (seconds since the call, including the
-        start-point computation, without the time spent on test errors and ``monitor``). With ``distributed``,
-        ``communication`` holds the ``bytes`` all-reduced by this process and the number of ``calls``. If a
-        rank-continuation stage already reaches ``tol``, its point — of lower TT-rank — is returned (check
-        ``res.x.ranks``): the data are explained by fewer parameters. If all ``values`` are zero, the answer is
-        the zero tensor, returned at once (``nit == 0``, success, the message says so) in the format of rank
-        ``rank`` with a zero ``S`` / first core: it has rank 0, so it is not a point of the fixed-rank manifold
-        (its exact Hessian is undefined); ``x0`` is then only checked.
+        of ``starts`` it is, from 0), ``growth`` (tensor trains: the runs' kind, see ``growth``; None from ``x0``),
+        and ``history`` covering all stages of all runs; each record has ``rank``, ``attempt``, ``balanced``,
+        ``train_error`` (of the balanced problem in its stages), ``test_error`` (+inf when the held-out values are all
+        zero and X is not there) and ``solve_time`` (seconds since the call, including the start-point computation,
+        without the time spent on test errors and ``monitor``). With ``distributed``, ``communication`` holds the
+        ``bytes`` all-reduced by this process and the number of ``calls``. If a rank-continuation stage already reaches
+        ``tol``, its point — of lower TT-rank — is returned (check ``res.x.ranks``): the data are explained by fewer
+        parameters. If all ``values`` are zero, the answer is the zero tensor, returned at once (``nit == 0``, success,
+        the message says so) in the format of rank ``rank`` with a zero ``S`` / first core: it has rank 0, so it is not
+        a point of the fixed-rank manifold (its exact Hessian is undefined); ``x0`` is then only checked.
     """
     error, args = None, None
     try:  # with distributed, a process that rejects its input must not leave the others waiting in a collective
@@ -254,8 +256,9 @@ def complete(
                 if method in _BALANCED_AND_RESTARTED
                 else 1
             )
+            growth = growth or default_growth(problem)
             res, last = stages.attempts(
-                ranks, runs, growth=growth or "alternate", generator=generator, warmup_iters=warmup, max_iter=max_iter
+                ranks, runs, growth=growth, generator=generator, warmup_iters=warmup, max_iter=max_iter
             )
             res.attempt = history.records[last]["attempt"]
         if scaling is not None and problem.norm > 0 and res.status >= 0 and not history.failed:
@@ -278,6 +281,8 @@ def complete(
     last_balanced = scaling is not None and problem.norm > 0 and history.records[-1]["balanced"]
     plain = HeldOut(indices, values, run).error(res.x) if last_balanced else None
     history.finish(res, last, train_error=plain)
+    if len(shape) > 2:
+        res.growth = growth  # (None from x0)
     if problem.norm == 0:
         res.message = zero_message(len(shape)) + res.message
     return res

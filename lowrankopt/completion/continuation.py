@@ -21,10 +21,31 @@ from .history import History
 from .problem import CompletionProblem, Point, entries
 from .start import constant_start, randomized_svd
 
-__all__ = ["Stages", "continuation_ranks", "grow_matrix_rank", "grow_rank", "grow_rank_greedy", "rank_one_fit"]
+__all__ = [
+    "Stages",
+    "continuation_ranks",
+    "default_growth",
+    "grow_matrix_rank",
+    "grow_rank",
+    "grow_rank_greedy",
+    "rank_one_fit",
+]
 
 #: complete(growth=...): how each run of the TT rank continuation starts and grows
 GROWTH = ("alternate", "random", "greedy")
+
+
+def default_growth(problem: CompletionProblem) -> str:
+    """complete()'s ``growth=None``: ``"alternate"`` where the best constant tensor explains less than half of the
+    energy of the problem's values (``(Σ v)² < ½ N Σ v²``: zero-mean data, such as tensors with Gaussian cores, where
+    the constant start holds almost nothing of the target), ``"random"`` otherwise (data of one sign, where it holds
+    most of it). On ``tt-completion-phase``'s data the constant explained 78–99 % of the balanced values of the
+    uniform-core targets and at most 1.1 % of the Gaussian-core ones, so the half is far from both. One collective,
+    cost O(N)."""
+    v = problem.values.to(torch.float64)
+    count = torch.tensor(float(len(v)), dtype=torch.float64, device=v.device)
+    total, squares, count = problem.run.reduce(torch.stack([v.sum(), v @ v, count])).tolist()
+    return "alternate" if total**2 < 0.5 * count * squares else "random"
 
 
 def continuation_ranks(ranks: list[int]) -> list[list[int]]:
