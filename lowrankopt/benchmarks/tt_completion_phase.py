@@ -23,13 +23,13 @@ target's family — RTTC's ``TTeMPS_rand`` start, nonnegative like that target, 
 nonnegative target is far from 0 (on the uniform target teneva's ALS then needed 3–12 × dim and plain CG 6–96 ×,
 from a Gaussian start 8 to more than 256 ×: docs/benchmarks.md, 2026-12-04). The ``--full`` cases start the
 solvers as RTTC's script does: from a draw of the target's own family. :func:`complete` ignores ``x0`` (it starts
-from the best constant tensor).
+from the best constant tensor, or from a rank-1 fit of the values: its ``growth``).
 
 Solvers (:data:`SOLVERS`, ``name -> solver(problem) -> TensorTrain``; add entries to compare more):
 
 - ``complete-cg`` / ``complete-tr``: :func:`complete` with ``method="cg"`` / ``"trust-region"`` and its defaults
-  (mode balancing, up to 4 runs of the rank continuation from the best constant tensor), ``max_iter`` iterations at
-  the target rank;
+  (mode balancing, up to 4 runs of the rank continuation — on zero-mean data random and greedy runs alternate),
+  ``max_iter`` iterations at the target rank;
 - ``complete-cg-1run``: ``complete(method="cg", balance=False, starts=1)``, the solver before issue 24 (one run of
   the continuation, no balancing): what the defaults gained;
 - ``minimize-cg``: plain :func:`minimize` ``method="cg"`` (its defaults: the exact-Hessian step model) on
