@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import rel
 
 from lowrankopt import TensorTrain
 from lowrankopt.completion import complete, completion_loss, sample_indices
 from lowrankopt.completion.continuation import default_growth, rank_one_fit
 from lowrankopt.completion.problem import CompletionProblem, SingleProcess
-
-
-def rel(a, b):
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
-
 
 SHAPE = [6, 6, 6, 6]
 
@@ -178,9 +174,12 @@ def test_attempt_and_grad_on_every_path():
         assert float(res.grad.norm()) == pytest.approx(res.grad_norm, rel=1e-9)
 
 
+def _problem(idx, vals):
+    return CompletionProblem(idx, vals, SHAPE, completion_loss(idx, vals), curvature=False, run=SingleProcess())
+
+
 def _rank_one_start(idx, vals, generator):
-    problem = CompletionProblem(idx, vals, SHAPE, completion_loss(idx, vals), curvature=False, run=SingleProcess())
-    return rank_one_fit(problem, vals, generator)
+    return rank_one_fit(_problem(idx, vals), vals, generator)
 
 
 def _first_points(seen):
@@ -214,13 +213,11 @@ def test_the_default_growth_alternates_on_zero_mean_values_only():
     """growth=None: "random" for values of one sign (the constant start explains most of them), "alternate" for
     zero-mean ones (it explains < 1/2 of their energy); res.growth says which, None from x0."""
     A, idx, vals = data(2, 300)  # nonnegative cores
-    problem = CompletionProblem(idx, vals, SHAPE, completion_loss(idx, vals), curvature=False, run=SingleProcess())
-    assert default_growth(problem) == "random"
+    assert default_growth(_problem(idx, vals)) == "random"
     # v = (1, t, 0): (Σ v)² = ½ N Σ v² at t = 2 − √3; just above it "random", just below "alternate"
     for factor, expected in ((1.001, "random"), (0.999, "alternate")):
         v = torch.tensor([1.0, (2 - 3**0.5) * factor, 0.0], dtype=torch.float64)
-        p = CompletionProblem(idx[:3], v, SHAPE, completion_loss(idx[:3], v), curvature=False, run=SingleProcess())
-        assert default_growth(p) == expected
+        assert default_growth(_problem(idx[:3], v)) == expected
     kw = dict(max_iter=3, starts=1, generator=torch.Generator().manual_seed(0))
     assert complete(idx, vals, SHAPE, 2, **kw).growth == "random"
     assert complete(idx, vals - vals.mean(), SHAPE, 2, **kw).growth == "alternate"
