@@ -150,10 +150,12 @@ def complete(
             (``completion.continuation.rank_one_fit``: the higher-order power method on the zero-filled tensor, then
             the least-squares scale), each stage grown by the same fit of the residual at the exact line-search step
             (``grow_rank_greedy``: the greedy rank-one update of Uschmajew–Vandereycken, for tensor trains; one
-            rank-1 fit costs ``O(10 d (N + n))``). ``"alternate"``: runs 0, 2, … random and 1, 3, … greedy (see
-            ``starts``). None (default): ``"alternate"`` where the best constant tensor explains less than half of
-            the values' energy (zero-mean data, such as Gaussian cores), ``"random"`` otherwise
-            (``completion.continuation.default_growth``; ``res.growth`` says which). Measured on
+            rank-1 fit costs ``O(10 d (N + n))``). From samples as sparse as ``tt-completion-phase``'s the fit is a
+            single observed entry (a spike), so a greedy run starts at one large sample and grows by one more; at
+            d = 10 those runs do not move off it (docs/benchmarks.md). ``"alternate"``: runs 0, 2, … random and
+            1, 3, … greedy (see ``starts``). None (default): ``"alternate"`` where the best constant tensor
+            explains less than half of the values' energy (zero-mean data, such as Gaussian cores), ``"random"``
+            otherwise (``completion.continuation.default_growth``; ``res.growth`` says which). Measured on
             ``tt-completion-phase`` (docs/benchmarks.md): on Gaussian cores at d = 6, n = 10, TT-rank 2 the
             alternating runs lowered the 9/10 point from 128 to 64 × dim with CG and from 96 to 48 × with
             trust-region; on nonnegative cores near 2–3 × dim the data's rank-1 fit is spiky, greedy runs fail

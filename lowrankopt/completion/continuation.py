@@ -74,7 +74,11 @@ def rank_one_fit(
     ``w`` the residual ``values − P_Ω X``: the exact line search of ``f`` along the term). Every sum over Ω goes
     through ``problem.run.reduce`` (all processes' entries). None where a product ``W ×_{j≠k} u_j`` or ``z``
     vanishes (no rank-1 direction to add). Cost ``O(sweeps · d (N + n))`` and ``O(d N)`` memory (the products of
-    the later modes' factors, per entry)."""
+    the later modes' factors, per entry).
+
+    From sparse samples the leading rank-1 term of the zero-filled tensor is one of its entries: on
+    ``tt-completion-phase``'s data (d = 6 and 10, uniform and Gaussian cores, 3–256 × dim) the sweeps ended at a
+    single observed entry, each ``u_k`` a unit vector (docs/benchmarks.md)."""
     idx, run = problem.indices, problem.run
     d, kw = len(problem.shape), dict(dtype=w.dtype, device=w.device)
     gdev = generator.device if generator is not None else w.device
